@@ -1,0 +1,43 @@
+# dpsweep: `make sweep` runs the embedded default sweep, `make test` runs the tests.
+# Both create .venv and install the project on first use; nothing else needs to run first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SPEC ?= sweeps/smoke.yaml
+PYTEST_ARGS ?=
+
+.PHONY: help setup sweep test test-fast bench ui lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install dpsweep with its dev tools
+
+sweep: $(STAMP)  ## run (or resume) the sweep in SPEC (default: the embedded synthetic smoke sweep)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dpsweep sweep $(SPEC)
+
+test: $(STAMP)  ## run all tests (fast and slow tiers)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## run the fast tier only
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
+	$(PY) benchmarks/bench_bootstrap.py
+	$(PY) benchmarks/bench_loader.py
+
+ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:5000
+	$(VENV)/bin/dpsweep ui --runs runs
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check trainables sweeps analysis tests benchmarks
+
+clean:  ## remove outputs (runs/, data/) and the venv
+	rm -rf runs data $(VENV) *.egg-info

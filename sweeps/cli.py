@@ -1,0 +1,166 @@
+"""`dpsweep` command line: sweep, plan, pretrain, prepare, ui.
+
+User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters) print one clear
+message and exit with status 2, before Ray or any trial starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_SPEC = "sweeps/smoke.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpsweep", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sweep = commands.add_parser("sweep", help="run (or resume) a sweep end to end")
+    _spec_args(sweep)
+    sweep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--fresh", action="store_true", help="delete this sweep's previous results and start over")
+    sweep.add_argument("--dry-run", action="store_true", help="plan only: print trials and sigma, run nothing")
+
+    pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
+    _spec_args(pretrain)
+
+    prepare = commands.add_parser("prepare", help="turn a real dataset into the preprocessing cache")
+    prepare.add_argument("dataset")
+    prepare.add_argument("--root", required=True, type=Path, help="the dataset's folder as distributed")
+    prepare.add_argument("--size", type=int, default=224)
+    prepare.add_argument("--out", type=Path, default=Path("data"))
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare.add_argument("--uncertain", choices=("drop", "zeros", "ones"), default="drop")
+    prepare.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
+    prepare.add_argument("--no-equalize", action="store_true", help="skip histogram equalization")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--patients-csv", type=Path, help="MIMIC-IV patients.csv (mimic-cxr demographics)")
+
+    ui = commands.add_parser("ui", help="serve the MLflow UI for the sweeps' runs on 127.0.0.1")
+    ui.add_argument("--runs", default="runs")
+    ui.add_argument("--port", type=int, default=5000)
+
+    args = parser.parse_args(argv)
+    try:
+        return {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "ui": _ui}[args.command](args)
+    except UserError as error:
+        print(f"dpsweep: error: {error}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    pass
+
+
+def _spec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"sweep file (default {DEFAULT_SPEC})")
+    parser.add_argument("--runs", help="output folder (default: the spec's `runs`, or $DPSWEEP_RUNS)")
+    parser.add_argument("--data", help="prepared-data folder (default: the spec's data.root, or $DPSWEEP_DATA)")
+
+
+def _load(args):
+    from sweeps.launch import SweepPaths
+    from sweeps.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as error:
+        raise UserError(str(error)) from None
+    return spec, SweepPaths.for_spec(spec, args.runs, args.data)
+
+
+def _sweep(args) -> int:
+    from sweeps.launch import describe_plan, plan_sweep, run_sweep
+    from sweeps.spec import SpecError
+
+    spec, paths = _load(args)
+    try:
+        if args.dry_run:
+            plan = plan_sweep(spec, paths, run_pretrain_stage=False)
+            print(describe_plan(plan))
+            for trial in plan.trials:
+                print(f"  {trial.key}: sigma={trial.config.privacy.noise_multiplier:.4f}")
+            return 0
+        trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
+    except SpecError as error:
+        raise UserError(str(error)) from None
+    print_summary(trials, paths)
+    return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
+
+
+def print_summary(trials: pd.DataFrame, paths) -> None:
+    from trainables import metrics as M
+
+    columns = {"trial": "trial", "status": "status", "target_epsilon": "eps target", M.EPSILON: "eps spent",
+               "noise_multiplier": "sigma", M.VAL_AUROC_MACRO: "val AUROC", M.TEST_AUROC_MACRO: "test AUROC",
+               M.auroc_gap("test", "age"): "age gap", M.auroc_gap("test", "sex"): "sex gap"}
+    external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
+    columns.update({c: c.split("/")[1] for c in external})
+    table = trials[[c for c in columns if c in trials.columns]].rename(columns=columns)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        print(table.to_string(index=False))
+    print(f"\ntables: {paths.runs_root}/<sweep>/trials.parquet, epochs.parquet")
+    print(f"MLflow: {paths.tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
+    if M.EPSILON in trials:
+        private = trials[trials["target_epsilon"].map(math.isfinite)]
+        over = private[private[M.EPSILON] > private["target_epsilon"]]
+        if len(over):
+            print(f"WARNING: {len(over)} trials spent more epsilon than their target")
+
+
+def _pretrain(args) -> int:
+    from sweeps.launch import ensure_pretrained
+    from sweeps.spec import SpecError
+
+    spec, paths = _load(args)
+    if spec.pretrain is None:
+        raise UserError(f"{spec.source} has no `pretrain:` section")
+    try:
+        from trainables.data.registry import ensure_prepared
+
+        ensure_prepared(spec.pretrain.dataset, paths.data_root, spec.data.image_size)
+        print(ensure_pretrained(spec, paths))
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
+def _prepare(args) -> int:
+    from trainables.data.prepare import DatasetError, format_card, prepare_dataset
+
+    options = {"patients_csv": args.patients_csv} if args.patients_csv else {}
+    try:
+        folder = prepare_dataset(
+            args.dataset, args.root, size=args.size, out=args.out, workers=args.workers,
+            uncertain=args.uncertain, letterbox=args.letterbox, equalize=not args.no_equalize, seed=args.seed,
+            **options,
+        )
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from None
+    import json
+
+    print(format_card(json.loads((folder / "card.json").read_text())))
+    print(f"prepared: {folder}")
+    return 0
+
+
+def _ui(args) -> int:
+    runs = Path(args.runs).resolve()
+    db = runs / "mlflow.db"
+    if not db.exists():
+        raise UserError(f"no MLflow database at {db}; run `make sweep` first")
+    command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+               "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    os.execvp(command[0], command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""MLflow tracking from the driver: one parent run per sweep, one child run per trial, no duplicates.
+
+Trials only report to Ray; this callback (running in the driver) is the single MLflow writer. Runs are
+found again by tags (``dpsweep.sweep``, ``dpsweep.trial_key``), so a resumed sweep reuses its parent and
+child runs and never logs an epoch twice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from trainables import metrics as M
+from trainables.trial import DONE, FINAL_FILE
+
+SWEEP_TAG = "dpsweep.sweep"
+ROLE_TAG = "dpsweep.role"
+TRIAL_KEY_TAG = "dpsweep.trial_key"
+PARENT_TAG = "mlflow.parentRunId"
+_INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_key(name: str) -> str:
+    """MLflow allows letters, digits, ``_ - . / : `` and spaces in names; map anything else to ``_``."""
+    return _INVALID.sub("_", name)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The sweep's experiment; artifacts go under ``artifact_root/<name>`` (not MLflow's cwd default)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
+
+
+def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
+    """The sweep's parent run, reused when the sweep is resumed."""
+    found = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep, ROLE_TAG: "sweep", **tags})
+    return run.info.run_id
+
+
+class MlflowSweepCallback(tune.Callback):
+    """Ray Tune callback logging every trial as a child run of the sweep's parent run.
+
+    Args:
+        tracking_uri: MLflow tracking URI (sqlite file or server).
+        experiment_id: the sweep's experiment.
+        parent_run_id: the sweep's parent run.
+        sweep: sweep name (tag on every run).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}
+        self._logged_epochs: dict[str, set[int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
+        return {**self.__dict__, "_client": None, "_runs": {}, "_logged_epochs": {}}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def run_for(self, trial) -> str:
+        """The trial's child run: found by its key under this sweep's parent, else created with params."""
+        point = trial.config["point"]
+        key = point["key"]
+        if key in self._runs:
+            return self._runs[key]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = '{key}'",
+        )
+        if found:
+            run_id = found[0].info.run_id
+            history = self.client.get_metric_history(run_id, M.EPOCH)
+            self._logged_epochs[run_id] = {int(m.value) for m in history}
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {PARENT_TAG: self.parent_run_id, SWEEP_TAG: self.sweep, ROLE_TAG: "trial",
+                    TRIAL_KEY_TAG: key, "ray.trial_id": trial.trial_id, **point["tags"]}
+            run = self.client.create_run(self.experiment_id, run_name=key, tags=tags)
+            run_id = run.info.run_id
+            params = [Param(k, str(v)) for k, v in point["params"].items()]
+            self.client.log_batch(run_id, params=params)
+            self._logged_epochs[run_id] = set()
+        self._runs[key] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_for(trial)
+        is_final = bool(result.get(DONE))
+        epoch = int(result.get(M.EPOCH, 0))
+        if not is_final and epoch in self._logged_epochs[run_id]:
+            return  # reported again after a resume: already logged
+        step = epoch
+        metrics = [
+            Metric(metric_key(k), _finite(v), int(result.get("timestamp", 0)) * 1000, step)
+            for k, v in result.items()
+            if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(run_id, metrics=metrics[start : start + 900])
+        if not is_final:
+            self._logged_epochs[run_id].add(epoch)
+        else:
+            self.client.set_tag(run_id, "dpsweep.epsilon_spent", str(result.get(M.EPSILON)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.run_for(trial)
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                if (Path(folder) / FINAL_FILE).exists():
+                    self._log_tables(run_id, Path(folder))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.client.set_terminated(self.run_for(trial), "FAILED")
+
+    def _log_tables(self, run_id: str, folder: Path) -> None:
+        existing = {a.path for a in self.client.list_artifacts(run_id, "evaluation")}
+        for table in sorted(folder.glob("*.parquet")):
+            if f"evaluation/{table.name}" not in existing:
+                self.client.log_artifact(run_id, str(table), "evaluation")
+
+
+def finish_parent(tracking_uri: str, parent_run_id: str, status: str, summary: dict[str, float] | None = None,
+                  artifacts: list[Path] = ()) -> None:
+    client = MlflowClient(tracking_uri)
+    if summary:
+        client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), _finite(v), 0, 0) for k, v in summary.items()])
+    for path in artifacts:
+        client.log_artifact(parent_run_id, str(path))
+    client.set_terminated(parent_run_id, status)
+
+
+def _finite(value: float) -> float:
+    """MLflow's SQL stores cannot hold inf; they (and we) store +/-1e308 instead, e.g. for non-private epsilon."""
+    value = float(value)
+    if math.isinf(value):
+        return math.copysign(1e308, value)
+    return value

@@ -1,0 +1,6 @@
+"""Shared test setup: keep every test single-threaded and offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,0 +1,1 @@
+"""Everything one DP training trial needs. Never imports `sweeps` or `analysis`."""

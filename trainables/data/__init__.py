@@ -1,0 +1,1 @@
+"""Datasets: the synthetic twin, real-dataset adapters, the preprocessing cache and loaders."""

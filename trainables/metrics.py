@@ -1,0 +1,51 @@
+"""Metric names: the one place where the keys trials report, MLflow stores and analysis reads are defined.
+
+Names follow ``split/family/name`` (``family`` omitted for headline numbers). Sweep objectives and
+analysis refer to these constants, never to string literals; a test ties them to what trials report.
+"""
+
+from __future__ import annotations
+
+from trainables.data.labels import LABELS
+
+# Per-epoch, reported to Ray every epoch.
+EPOCH = "epoch"
+TRAIN_LOSS = "train/loss"
+VAL_AUROC_MACRO = "val/auroc_macro"
+VAL_LOSS = "val/loss"
+EPSILON = "privacy/epsilon"  # epsilon spent so far under the trial's accountant, at the trial's delta
+STEPS = "privacy/steps"  # DP-SGD steps taken so far (logical batches)
+TEST_AUROC_MACRO_AT_EPOCH = "test/auroc_macro_at_epoch"  # for epsilon-binned tables; never used to select
+
+# Final, reported once after training.
+TEST_AUROC_MACRO = "test/auroc_macro"
+BEST_EPOCH = "val/best_epoch"
+EPSILON_AT_BEST_EPOCH = "privacy/epsilon_at_best_epoch"
+EPSILON_CROSS_CHECK_RDP = "privacy/epsilon_dp_accounting_rdp"
+EPSILON_CROSS_CHECK_PLD = "privacy/epsilon_dp_accounting_pld"
+
+
+def test_auroc(label: str) -> str:
+    """Test AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""
+    _check_label(label)
+    return f"test/auroc/{label}"
+
+
+def subgroup_auroc(split: str, attribute: str, group: str) -> str:
+    """Macro AUROC inside one subgroup, e.g. ``test/subgroup_auroc/age/[70,100)``."""
+    return f"{split}/subgroup_auroc/{attribute}/{group}"
+
+
+def auroc_gap(split: str, attribute: str) -> str:
+    """Max minus min subgroup macro AUROC over one attribute's groups, e.g. ``test/fairness/auroc_gap/age``."""
+    return f"{split}/fairness/auroc_gap/{attribute}"
+
+
+def external_auroc(dataset: str) -> str:
+    """Macro AUROC of the final model on an external dataset's test split, e.g. ``external/synthetic-b/auroc_macro``."""
+    return f"external/{dataset}/auroc_macro"
+
+
+def _check_label(label: str) -> None:
+    if label not in LABELS:
+        raise KeyError(f"unknown label {label!r}; expected one of {LABELS}")

@@ -1,0 +1,289 @@
+"""The training loop of one trial: plain PyTorch + Opacus, no Ray. Read it top to bottom.
+
+    load data -> build model from its init -> (private) wrap it, verify per-sample gradients
+    -> for each epoch: Poisson-sampled DP-SGD steps -> validation AUROC + epsilon spent -> report/checkpoint
+    -> final: pick the epoch (best validation AUROC), evaluate on test and external test sets.
+
+`report(metrics, state)` is called once per epoch with a checkpointable ``state`` dict; the final metrics
+and evaluation tables are returned. Resuming from a ``state`` continues with exactly the
+same step count, accountant history and RNG streams.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from trainables import metrics as M
+from trainables.config import TrialConfig
+from trainables.data.cache import open_cache
+from trainables.data.labels import LABELS
+from trainables.data.loaders import CacheSplitDataset, evaluation_batches
+from trainables.evaluate.report import evaluate_split, fit_thresholds
+from trainables.evaluate.utility import macro_auroc
+from trainables.models import ResolvedInit, create_model
+from trainables.privacy.accounting import cross_check_epsilon, epsilon_spent
+from trainables.privacy.engine import (
+    check_per_sample_gradients,
+    make_accountant,
+    make_dp_optimizer,
+    poisson_batches,
+    private_step,
+    wrap_model,
+)
+
+GRAD_CHECK_SAMPLES = 4
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+
+
+class BudgetError(RuntimeError):
+    """Training would spend more epsilon than the trial's target."""
+
+
+@dataclass
+class TrialData:
+    """The splits one trial uses, as memory-mapped datasets plus the demographics evaluation needs."""
+
+    train: CacheSplitDataset
+    val: CacheSplitDataset
+    test: CacheSplitDataset
+    external: dict[str, CacheSplitDataset] = field(default_factory=dict)
+
+
+def dataset_path(data_root: str | Path, dataset: str, image_size: int) -> Path:
+    return Path(data_root) / dataset / str(image_size)
+
+
+def load_trial_data(cfg: TrialConfig) -> TrialData:
+    cache = open_cache(dataset_path(cfg.data_root, cfg.dataset, cfg.image_size))
+    external = {
+        name: CacheSplitDataset(open_cache(dataset_path(cfg.data_root, name, cfg.image_size)).split("test"))
+        for name in cfg.external_datasets
+    }
+    return TrialData(*(CacheSplitDataset(cache.split(s)) for s in ("train", "val", "test")), external=external)
+
+
+def label_pos_weight(cfg: TrialConfig, train_labels: np.ndarray) -> torch.Tensor | None:
+    """Per-label positive weights for BCE.
+
+    ``uniform``: none. ``train``: negatives/positives on the training split, as the study did; this reads
+    label counts of the private training set outside the DP mechanism, so such runs are tagged
+    ``pos_weight=train`` and the guarantee covers the model updates only.
+    """
+    if cfg.pos_weight == "uniform":
+        return None
+    if cfg.pos_weight == "train":
+        positives = train_labels.sum(axis=0)
+        return torch.tensor((len(train_labels) - positives) / np.maximum(positives, 1), dtype=torch.float32)
+    raise ValueError(f"pos_weight={cfg.pos_weight!r}; choose 'uniform' or 'train'")
+
+
+def per_sample_bce(pos_weight: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Multi-label BCE with logits, averaged over labels: one loss per sample."""
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=pos_weight, reduction="none"
+        ).mean(dim=1)
+
+    return loss
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CacheSplitDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores [n, k] and labels [n, k] over a whole split."""
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for x, y in evaluation_batches(dataset, batch_size):
+        scores.append(torch.sigmoid(model(x)).numpy())
+        labels.append(y.numpy())
+    model.train(was_training)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dict[str, Any] | None = None,
+                data: TrialData | None = None) -> dict[str, Any]:
+    """Train and evaluate one trial.
+
+    Returns:
+        ``{"metrics": final metrics, "tables": {name: DataFrame}, "model": the selected epoch's model}``.
+    """
+    torch.set_num_threads(cfg.speed.threads)
+    privacy = cfg.privacy
+    data = data or load_trial_data(cfg)
+    n_train = len(data.train)
+    steps_per_epoch = math.ceil(n_train / privacy.expected_batch_size)
+    planned_steps = privacy.epochs * steps_per_epoch
+    if privacy.is_private:
+        _check_planned_budget(cfg, n_train, planned_steps)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, init)
+    model.train()
+    loss_fn = per_sample_bce(label_pos_weight(cfg, data.train.split.labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+    noise_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+
+    accountant = None
+    if privacy.is_private:
+        wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
+        check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
+        check_per_sample_gradients(wrapped, loss_fn, *data.train.batch(np.sort(check_rows.numpy())))
+        accountant = make_accountant(privacy.accountant)
+        optimizer = make_dp_optimizer(
+            optimizer,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=privacy.expected_batch_size,
+            noise_generator=noise_rng,
+            accountant=accountant,
+            sample_rate=privacy.sample_rate,
+        )
+        net: nn.Module = wrapped
+    else:
+        net = model
+
+    epoch, steps, history, best = 0, 0, [], {"val_auroc": -math.inf, "epoch": 0, "weights": None}
+    if state is not None:
+        epoch, steps, history, best = _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng)
+
+    while epoch < privacy.epochs:
+        losses = []
+        if privacy.is_private:
+            for indices in poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, sampler_rng):
+                if steps >= planned_steps:
+                    raise BudgetError(f"step {steps + 1} would exceed the {planned_steps} planned steps")
+                batch = data.train.batch(np.sort(indices.numpy()))
+                losses.append(private_step(net, optimizer, loss_fn, batch, cfg.speed.max_physical_batch_size))
+                steps += 1
+        else:
+            order = torch.randperm(n_train, generator=sampler_rng)
+            for start in range(0, n_train, privacy.expected_batch_size):
+                x, y = data.train.batch(np.sort(order[start : start + privacy.expected_batch_size].numpy()))
+                loss = loss_fn(model(x), y).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                steps += 1
+        epoch += 1
+
+        val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
+        epoch_metrics = {
+            M.EPOCH: epoch,
+            M.STEPS: steps,
+            M.TRAIN_LOSS: float(np.nanmean(losses)) if losses else math.nan,
+            M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
+            M.EPSILON: accountant.get_epsilon(privacy.delta) if accountant else math.inf,
+        }
+        if cfg.eval_test_every_epoch:
+            test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
+            epoch_metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
+        if privacy.is_private and epoch_metrics[M.EPSILON] > privacy.target_epsilon:
+            raise BudgetError(f"epsilon spent {epoch_metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
+        history.append(epoch_metrics)
+        if epoch_metrics[M.VAL_AUROC_MACRO] > best["val_auroc"] or cfg.model_selection == "last":
+            best = {"val_auroc": epoch_metrics[M.VAL_AUROC_MACRO], "epoch": epoch,
+                    "weights": copy.deepcopy(model.state_dict())}
+        report(epoch_metrics, _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant,
+                                        sampler_rng, noise_rng))
+
+    return _final_evaluation(cfg, data, model, best, history, accountant, steps)
+
+
+def _check_planned_budget(cfg: TrialConfig, n_train: int, planned_steps: int) -> None:
+    """Refuse to start unless the driver's (sigma, q, steps) really end at or below the target epsilon."""
+    privacy = cfg.privacy
+    expected_q = 1 / math.ceil(n_train / privacy.expected_batch_size)
+    if not math.isclose(privacy.sample_rate, expected_q, rel_tol=1e-12) or privacy.steps != planned_steps:
+        raise BudgetError(
+            f"trial config was calibrated for q={privacy.sample_rate}, steps={privacy.steps} but the data gives "
+            f"q={expected_q}, steps={planned_steps} (N={n_train}); re-run the sweep so sigma is recalibrated"
+        )
+    planned = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, planned_steps, privacy.delta,
+                            privacy.accountant)
+    if planned > privacy.target_epsilon:
+        raise BudgetError(f"sigma={privacy.noise_multiplier} spends epsilon {planned:.4f} > target "
+                          f"{privacy.target_epsilon} over {planned_steps} steps")
+
+
+def _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant, sampler_rng, noise_rng
+              ) -> dict[str, Any]:
+    """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams."""
+    original = getattr(optimizer, "original_optimizer", optimizer)
+    return {
+        "config": cfg.to_flat(),
+        "epoch": epoch,
+        "steps": steps,
+        "history": history,
+        "best": best,
+        "model": model.state_dict(),
+        "optimizer": original.state_dict(),
+        "accountant": accountant.state_dict() if accountant else None,
+        "sampler_rng": sampler_rng.get_state(),
+        "noise_rng": noise_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng):
+    if state["config"] != cfg.to_flat():
+        raise ValueError("checkpoint belongs to a different trial configuration; refusing to resume from it")
+    model.load_state_dict(state["model"])
+    getattr(optimizer, "original_optimizer", optimizer).load_state_dict(state["optimizer"])
+    if accountant is not None:
+        accountant.load_state_dict(state["accountant"])
+    sampler_rng.set_state(state["sampler_rng"])
+    noise_rng.set_state(state["noise_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["steps"], list(state["history"]), state["best"]
+
+
+def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dict[str, Any]:
+    """Test and external-test metrics of the selected epoch's weights; thresholds fitted on validation."""
+    privacy = cfg.privacy
+    model.load_state_dict(best["weights"])
+    val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
+    thresholds = fit_thresholds(val_labels, val_scores)
+    test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
+    split = data.test.split
+    evaluation = evaluate_split(
+        test_labels, test_scores, sex=split.sex, age=split.age, thresholds=thresholds,
+        age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=_dataset_seed(cfg.dataset), prefix="test",
+    )
+    metrics = dict(evaluation.metrics)
+    metrics[M.BEST_EPOCH] = best["epoch"]
+    metrics[M.STEPS] = steps
+    if privacy.is_private:
+        metrics[M.EPSILON] = accountant.get_epsilon(privacy.delta)
+        metrics[M.EPSILON_AT_BEST_EPOCH] = history[best["epoch"] - 1][M.EPSILON]
+        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta)
+        metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
+        metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
+    else:
+        metrics[M.EPSILON] = math.inf
+        metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
+    for name, dataset in data.external.items():
+        ext_scores, ext_labels = predict(model, dataset, cfg.speed.eval_batch_size)
+        metrics[M.external_auroc(name)] = macro_auroc(ext_labels, ext_scores)
+    tables = {"groups": evaluation.groups, "bootstrap": evaluation.bootstrap,
+              "epochs": pd.DataFrame(history)}
+    return {"metrics": metrics, "tables": tables, "model": model}
+
+
+def _dataset_seed(dataset: str) -> int:
+    """A fixed bootstrap seed per dataset, so every trial of a sweep resamples its test set identically."""
+    import zlib
+
+    return zlib.crc32(dataset.encode())

@@ -1,0 +1,69 @@
+"""The Ray Tune function trainable: a thin adapter around `trainables.train.train_trial`.
+
+The only module that imports ``ray.tune``. It turns Ray's config into a `TrialConfig`, resumes from Ray's
+latest checkpoint (weights, optimizer, privacy ledger, RNG streams), and persists one checkpoint per
+epoch plus a final one holding the evaluation tables.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from ray import tune
+
+from trainables.config import TrialConfig
+from trainables.models import ResolvedInit
+from trainables.train import train_trial
+
+STATE_FILE = "state.pt"
+FINAL_FILE = "final.json"
+DONE = "done"
+"""Key set to True in a trial's final report (and only there)."""
+
+
+def dp_trial(config: dict[str, Any]) -> None:
+    """Ray entry point. ``config["point"]`` holds ``trial`` (flat TrialConfig) and ``init`` (ResolvedInit)."""
+    point = config["point"]
+    cfg = TrialConfig.from_flat(point["trial"])
+    init = ResolvedInit(**point["init"])
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            final_file = Path(folder) / FINAL_FILE
+            if final_file.exists():  # finished before the restart: report the same result again
+                tune.report(json.loads(final_file.read_text()), checkpoint=checkpoint)
+                return
+            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+
+    def report_epoch(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(epoch_state, Path(folder) / STATE_FILE)
+            tune.report({**metrics, DONE: False}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    final = train_trial(cfg, init, report_epoch, state)
+    metrics = {**_json_safe(final["metrics"]), DONE: True}
+    with tempfile.TemporaryDirectory() as folder:
+        write_tables(Path(folder), final["tables"])
+        (Path(folder) / FINAL_FILE).write_text(json.dumps(metrics))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Evaluation tables as parquet files (``groups``, ``bootstrap``, ``epochs``)."""
+    for name, table in tables.items():
+        if table is not None:
+            table.to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Plain Python numbers; infinities stay floats (json writes them as Infinity)."""
+    return {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in metrics.items()
+            if v is None or isinstance(v, int | float | str | bool) or hasattr(v, "item")}
+
