@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from trainables.privacy.engine import ACCOUNTANT_CLASSES, GRAD_SAMPLE_MODES
+from trainables.privacy.accounting import ACCOUNTANTS
+from trainables.privacy.engine import GRAD_SAMPLE_MODES
 
 SEARCH_MODES = ("grid",)
 PRIVACY_UNITS = ("image",)
@@ -252,8 +253,7 @@ def _validate(spec: SweepSpec) -> None:
         _require(clip > 0 and math.isfinite(clip), spec, f"privacy.clip_norms[{i}] = {clip} must be a finite number > 0")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
-    _require(p.accountant in ACCOUNTANT_CLASSES, spec,
-             f"privacy.accountant = {p.accountant!r}; choose one of {tuple(ACCOUNTANT_CLASSES)}")
+    _require(p.accountant in ACCOUNTANTS, spec, f"privacy.accountant = {p.accountant!r}; choose one of {ACCOUNTANTS}")
     _require(p.privacy_unit in PRIVACY_UNITS, spec,
              f"privacy.privacy_unit = {p.privacy_unit!r}; supported: {PRIVACY_UNITS} (patient-level is planned)")
     _require(not p.secure_mode, spec,

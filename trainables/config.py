@@ -106,11 +106,12 @@ class TrialConfig:
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Inverse of `to_flat`; unknown keys are an error (they mean a spec/trial version mismatch)."""
         nested: dict[str, dict[str, Any]] = {"privacy": {}, "speed": {}}
+        nested_known = {"privacy": {f.name for f in fields(PrivacyConfig)}, "speed": {f.name for f in fields(SpeedConfig)}}
         top: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         for key, value in flat.items():
             head, _, rest = key.partition(".")
-            if rest and head in nested:
+            if rest and head in nested and rest in nested_known[head]:
                 nested[head][rest] = value
             elif key in known:
                 top[key] = tuple(value) if isinstance(value, list) else value

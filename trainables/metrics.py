@@ -32,12 +32,17 @@ def test_auroc(label: str) -> str:
 
 
 def subgroup_auroc(split: str, attribute: str, group: str) -> str:
-    """Macro AUROC inside one subgroup, e.g. ``test/subgroup_auroc/age/[70,100)``."""
+    """Macro AUROC inside one subgroup, e.g. ``test/subgroup_auroc/age/70-100`` (group keys avoid brackets,
+    which MLflow refuses in metric names)."""
     return f"{split}/subgroup_auroc/{attribute}/{group}"
 
 
 def auroc_gap(split: str, attribute: str) -> str:
-    """Max minus min subgroup macro AUROC over one attribute's groups, e.g. ``test/fairness/auroc_gap/age``."""
+    """Max minus min subgroup macro AUROC over one attribute's groups, e.g. ``test/fairness/auroc_gap/age``.
+
+    The protocol's per-label variant (gap per label, then averaged over labels) is
+    ``<split>/fairness/auroc_gap_label_mean/<attribute>`` (`trainables.evaluate.names`).
+    """
     return f"{split}/fairness/auroc_gap/{attribute}"
 
 

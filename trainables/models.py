@@ -56,19 +56,32 @@ class ResolvedInit:
 
 
 def timm_tag_for(init: str, model: str) -> str | None:
-    """The full timm name ``<arch>.<tag>`` an init refers to, or None for random/domain."""
+    """The full timm name ``<arch>.<tag>`` an init refers to (checked to exist in timm), or None for
+    random/domain."""
+    if init in ("random", "domain"):
+        return None
     if init in TIMM_TAG_ALIASES:
-        return f"{model}.{TIMM_TAG_ALIASES[init]}"
-    if "." in init:
+        timm_name = f"{model}.{TIMM_TAG_ALIASES[init]}"
+    elif "." in init:
         arch = init.split(".", 1)[0]
         if arch != model:
             raise InitError(f"init {init!r} is a weight tag for {arch!r} but the sweep's model is {model!r}")
-        return init
-    if init in ("random", "domain"):
+        timm_name = init
+    else:
+        raise InitError(
+            f"unknown init {init!r}; choose one of {INIT_NAMES} or a timm tag like '{model}.dinov3_lvd1689m'"
+        )
+    if _pretrained_cfg(timm_name) is None:
+        tags = [name for name in timm.list_pretrained(f"{model}.*")]
+        raise InitError(f"timm has no pretrained weights {timm_name!r} (init {init!r}); {model} has {tags}")
+    return timm_name
+
+
+def _pretrained_cfg(timm_name: str):
+    try:
+        return get_pretrained_cfg(timm_name)
+    except RuntimeError:  # timm raises for a tag its architecture does not have
         return None
-    raise InitError(
-        f"unknown init {init!r}; choose one of {INIT_NAMES} or a timm tag like '{model}.dinov3_lvd1689m'"
-    )
 
 
 def find_in_hf_cache(timm_name: str) -> Path | None:
@@ -108,8 +121,6 @@ def resolve_init(init: str, model: str, weights_file: str | None = None, domain_
         return ResolvedInit(init, "checkpoint", model, str(domain_checkpoint))
     timm_name = timm_tag_for(init, model)
     assert timm_name is not None
-    if get_pretrained_cfg(timm_name) is None:
-        raise InitError(f"timm has no pretrained weights named {timm_name!r} (init {init!r})")
     if weights_file is not None:
         if not Path(weights_file).is_file():
             raise InitError(

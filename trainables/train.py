@@ -29,12 +29,16 @@ from trainables.data.cache import open_cache
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, evaluation_batches
 from trainables.evaluate.report import evaluate_split, fit_thresholds
-from trainables.evaluate.utility import macro_auroc
+from trainables.evaluate.utility import auroc_per_label, macro_mean
 from trainables.models import ResolvedInit, create_model
-from trainables.privacy.accounting import cross_check_epsilon, epsilon_spent
+from trainables.privacy.accounting import (
+    create_accountant,
+    cross_check_epsilon,
+    epsilon_spent,
+    sample_rate_and_steps,
+)
 from trainables.privacy.engine import (
     check_per_sample_gradients,
-    make_accountant,
     make_dp_optimizer,
     poisson_batches,
     private_step,
@@ -98,6 +102,11 @@ def per_sample_bce(pos_weight: torch.Tensor | None) -> Callable[[torch.Tensor, t
     return loss
 
 
+def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Unweighted mean over labels of per-label AUROC (labels with one class in the split are skipped)."""
+    return macro_mean(auroc_per_label(labels, scores))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: CacheSplitDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores [n, k] and labels [n, k] over a whole split."""
@@ -122,10 +131,10 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     privacy = cfg.privacy
     data = data or load_trial_data(cfg)
     n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / privacy.expected_batch_size)
-    planned_steps = privacy.epochs * steps_per_epoch
     if privacy.is_private:
-        _check_planned_budget(cfg, n_train, planned_steps)
+        _check_planned_budget(cfg, n_train)
+        planned_steps = privacy.steps
+        steps_per_epoch = planned_steps // privacy.epochs
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, init)
@@ -140,7 +149,7 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
         check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
         check_per_sample_gradients(wrapped, loss_fn, *data.train.batch(np.sort(check_rows.numpy())))
-        accountant = make_accountant(privacy.accountant)
+        accountant = create_accountant(privacy.accountant)
         optimizer = make_dp_optimizer(
             optimizer,
             noise_multiplier=privacy.noise_multiplier,
@@ -202,11 +211,11 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     return _final_evaluation(cfg, data, model, best, history, accountant, steps)
 
 
-def _check_planned_budget(cfg: TrialConfig, n_train: int, planned_steps: int) -> None:
-    """Refuse to start unless the driver's (sigma, q, steps) really end at or below the target epsilon."""
+def _check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
+    """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target."""
     privacy = cfg.privacy
-    expected_q = 1 / math.ceil(n_train / privacy.expected_batch_size)
-    if not math.isclose(privacy.sample_rate, expected_q, rel_tol=1e-12) or privacy.steps != planned_steps:
+    expected_q, planned_steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
+    if privacy.sample_rate != expected_q or privacy.steps != planned_steps:
         raise BudgetError(
             f"trial config was calibrated for q={privacy.sample_rate}, steps={privacy.steps} but the data gives "
             f"q={expected_q}, steps={planned_steps} (N={n_train}); re-run the sweep so sigma is recalibrated"
@@ -274,11 +283,19 @@ def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dic
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
+    tables = {"groups": [evaluation.groups.assign(dataset=cfg.dataset)],
+              "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)]}
     for name, dataset in data.external.items():
         ext_scores, ext_labels = predict(model, dataset, cfg.speed.eval_batch_size)
-        metrics[M.external_auroc(name)] = macro_auroc(ext_labels, ext_scores)
-    tables = {"groups": evaluation.groups, "bootstrap": evaluation.bootstrap,
-              "epochs": pd.DataFrame(history)}
+        external = evaluate_split(
+            ext_labels, ext_scores, sex=dataset.split.sex, age=dataset.split.age, thresholds=thresholds,
+            age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=_dataset_seed(name), prefix=f"external/{name}",
+        )
+        metrics.update(external.metrics)
+        tables["groups"].append(external.groups.assign(dataset=name))
+        tables["bootstrap"].append(external.bootstrap.reset_index().assign(dataset=name))
+    tables = {name: pd.concat(parts, ignore_index=True) for name, parts in tables.items()}
+    tables["epochs"] = pd.DataFrame(history)
     return {"metrics": metrics, "tables": tables, "model": model}
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
@@ -31,8 +30,6 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
 """Allowed per-sample-gradient modes. Stock Opacus ``hooks`` and ``ghost`` are wrong on timm ConvNeXt
 (channels-last inputs to the downsample convs); our ``hooks`` uses the corrected conv sampler below.
 ``ew`` fails on ConvNeXt. ``functorch`` is correct as shipped (every module through ``torch.func``)."""
-
-ACCOUNTANT_CLASSES: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits [n, k], targets [n, k]) -> per-sample loss [n]."""
@@ -163,12 +160,6 @@ def check_per_sample_gradients(
             "clipping would not bound each sample's contribution, so this trial refuses to train"
         )
     return check
-
-
-def make_accountant(name: str) -> IAccountant:
-    if name not in ACCOUNTANT_CLASSES:
-        raise ValueError(f"accountant={name!r} is unknown; choose one of {tuple(ACCOUNTANT_CLASSES)}")
-    return ACCOUNTANT_CLASSES[name]()
 
 
 def make_dp_optimizer(
