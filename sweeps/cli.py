@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
     prepare.add_argument("--no-equalize", action="store_true", help="skip histogram equalization")
     prepare.add_argument("--seed", type=int, default=0)
-    prepare.add_argument("--patients-csv", type=Path, help="MIMIC-IV patients.csv (mimic-cxr demographics)")
+    prepare.add_argument("--patients-csv", type=Path, help="mimic-cxr: MIMIC-IV patients.csv(.gz) for sex and age")
+    prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
+    prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
     ui = commands.add_parser("ui", help="serve the MLflow UI for the sweeps' runs on 127.0.0.1")
     ui.add_argument("--runs", default="runs")
@@ -124,7 +126,7 @@ def _pretrain(args) -> int:
     try:
         from trainables.data.registry import ensure_prepared
 
-        ensure_prepared(spec.pretrain.dataset, paths.data_root, spec.data.image_size)
+        ensure_prepared(spec.pretrain.dataset, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
         print(ensure_pretrained(spec, paths))
     except (SpecError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
@@ -134,7 +136,9 @@ def _pretrain(args) -> int:
 def _prepare(args) -> int:
     from trainables.data.prepare import DatasetError, format_card, prepare_dataset
 
-    options = {"patients_csv": args.patients_csv} if args.patients_csv else {}
+    options = {"patients_csv": args.patients_csv, "master_list": args.master_list,
+               "image_pattern": args.image_pattern}
+    options = {k: v for k, v in options.items() if v is not None}
     try:
         folder = prepare_dataset(
             args.dataset, args.root, size=args.size, out=args.out, workers=args.workers,

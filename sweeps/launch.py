@@ -100,7 +100,7 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
     image_size = spec.data.image_size
     for name in (spec.data.train, *spec.data.external, *([spec.pretrain.dataset] if spec.pretrain else [])):
         try:
-            ensure_prepared(name, paths.data_root, image_size)
+            ensure_prepared(name, paths.data_root, image_size, spec.data.synthetic_images)
         except (FileNotFoundError, ValueError) as error:
             raise SpecError(f"{spec.source}: data: {error}") from None
     manifest = pd.read_parquet(paths.data_root / spec.data.train / str(image_size) / MANIFEST_FILE, columns=["split"])
@@ -204,14 +204,13 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     _write_state(state_file, fingerprint, "running")
     log(describe_plan(plan))
 
+    import mlflow.tracking
     import ray
+    from mlflow.entities import Param
     from ray import tune
 
     from sweeps.tracking import MlflowSweepCallback, finish_parent, get_or_create_experiment, get_or_create_parent_run
     from trainables.trial import dp_trial
-
-    import mlflow.tracking
-    from mlflow.entities import Param
 
     client = mlflow.tracking.MlflowClient(paths.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,

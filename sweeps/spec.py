@@ -36,6 +36,7 @@ class DataSpec:
     external: tuple[str, ...] = ()
     root: str = "data"
     image_size: int = 64
+    synthetic_images: int | None = None  # images per synthetic dataset (None: the generator's default)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,8 @@ def _validate(spec: SweepSpec) -> None:
                  f"privacy.epsilons[{i}] = {eps} must be > 0 (use .inf for the non-private baseline)")
     _require(0 < p.delta < 1, spec, f"privacy.delta = {p.delta} must be in (0, 1), and below 1/N_train")
     for i, clip in enumerate(p.clip_norms):
-        _require(clip > 0 and math.isfinite(clip), spec, f"privacy.clip_norms[{i}] = {clip} must be a finite number > 0")
+        _require(clip > 0 and math.isfinite(clip), spec,
+                 f"privacy.clip_norms[{i}] = {clip} must be a finite number > 0")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
     _require(p.accountant in ACCOUNTANTS, spec, f"privacy.accountant = {p.accountant!r}; choose one of {ACCOUNTANTS}")

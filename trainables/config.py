@@ -106,7 +106,8 @@ class TrialConfig:
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Inverse of `to_flat`; unknown keys are an error (they mean a spec/trial version mismatch)."""
         nested: dict[str, dict[str, Any]] = {"privacy": {}, "speed": {}}
-        nested_known = {"privacy": {f.name for f in fields(PrivacyConfig)}, "speed": {f.name for f in fields(SpeedConfig)}}
+        nested_known = {name: {f.name for f in fields(kind)}
+                        for name, kind in (("privacy", PrivacyConfig), ("speed", SpeedConfig))}
         top: dict[str, Any] = {}
         known = {f.name for f in fields(cls)}
         for key, value in flat.items():

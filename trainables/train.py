@@ -26,7 +26,6 @@ from torch import nn
 from trainables import metrics as M
 from trainables.config import TrialConfig
 from trainables.data.cache import open_cache
-from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, evaluation_batches
 from trainables.evaluate.report import evaluate_split, fit_thresholds
 from trainables.evaluate.utility import auroc_per_label, macro_mean

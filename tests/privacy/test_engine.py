@@ -107,7 +107,8 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch():
 
 def test_poisson_batch_sizes_follow_binomial():
     n, q, steps = 1000, 0.03, 4000
-    sizes = torch.tensor([len(b) for b in poisson_batches(n, q, steps, torch.Generator().manual_seed(0))], dtype=torch.float64)
+    batches = poisson_batches(n, q, steps, torch.Generator().manual_seed(0))
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
     assert len(sizes) == steps
     mean_se = math.sqrt(n * q * (1 - q) / steps)
     assert sizes.mean().item() == pytest.approx(n * q, abs=4 * mean_se)

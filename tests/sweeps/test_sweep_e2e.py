@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 TINY = """
 name: tiny
-data: {train: synthetic-a, external: [synthetic-b], image_size: 32}
+data: {train: synthetic-a, external: [synthetic-b], image_size: 32, synthetic_images: 600}
 model: test_convnext
 inits: [random, domain]
 pretrain: {dataset: synthetic-source, epochs: 1, lr: 0.002, batch_size: 128}

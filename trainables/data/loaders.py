@@ -23,13 +23,13 @@ class CacheSplitDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = np.asarray(self.split.images[self.split.rows[i]], dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels)[None], torch.from_numpy(self.split.labels[i])
+        return torch.from_numpy(pixels)[None], torch.tensor(self.split.labels[i])
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather several rows at once (sorted reads from the memmap are the fast path)."""
         rows = self.split.rows[indices]
         pixels = np.asarray(self.split.images[rows], dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels)[:, None], torch.from_numpy(self.split.labels[indices])
+        return torch.from_numpy(pixels)[:, None], torch.tensor(self.split.labels[indices])
 
 
 def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):

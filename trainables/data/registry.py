@@ -18,12 +18,12 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; choose one of {dataset_names()}")
 
 
-def ensure_prepared(name: str, data_root: Path, image_size: int) -> Path:
+def ensure_prepared(name: str, data_root: Path, image_size: int, synthetic_images: int | None = None) -> Path:
     """The prepared cache folder of a dataset: synthetic twins are generated here; real datasets must
     have been prepared with `dpsweep prepare` (an error says the exact command otherwise)."""
     check_dataset_name(name)
     if name in SYNTHETIC_DATASETS:
-        return prepare_synthetic(name, data_root, size=image_size)
+        return prepare_synthetic(name, data_root, size=image_size, n_images=synthetic_images)
     folder = data_root / name / str(image_size)
     if not (folder / MANIFEST_FILE).exists():
         raise FileNotFoundError(

@@ -126,7 +126,8 @@ def check_per_sample_gradients(
 ) -> GradientCheck:
     """Verify the wrapped model's per-sample gradients against ``torch.func``; raise on any mismatch.
 
-    Runs one forward/backward through the engine on ``x`` (a few samples, in the model's own dtype), compares every trainable parameter's ``grad_sample`` with the reference, then clears all
+    Runs one forward/backward through the engine on ``x`` (a few samples, in the model's own dtype),
+    compares every trainable parameter's ``grad_sample`` with the reference, then clears all
     gradients. Nothing is updated and no privacy budget is spent.
 
     Raises:

@@ -1,0 +1,157 @@
+"""PadChest (BIMCV): the 160K labels CSV and 16-bit PNGs in numbered folders; PA / AP / AP_horizontal.
+
+Root: the folder holding ``PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (or ``.csv.gz``) and
+the image folders ``0/`` ... ``54/`` named by the ``ImageDir`` column.
+
+- Labels: ``Labels`` is a stringified Python list of report terms (e.g. ``"['pleural effusion',
+  'cardiomegaly']"``); terms are stripped and lower-cased. A harmonized label is positive iff the list
+  contains one of its terms (`LABEL_TERMS`: the PadChest term and its more specific sub-terms, e.g.
+  ``lobar atelectasis``); no_finding = ``normal`` listed. There is no uncertain code. A row whose
+  ``Labels`` is blank or an empty list is skipped and listed in the card; a value that is not a list
+  literal is an error.
+- Demographics: ``PatientSex_DICOM`` M/F (blank or O = unknown); age = year of ``StudyDate_DICOM`` minus
+  ``PatientBirth`` (a year), in whole years.
+- Views: ``Projection`` PA, AP, AP_horizontal kept (the group's choice); others excluded and counted.
+- Split: none official; the study used a custom 20 % test split, so ``prepare`` draws a seeded
+  patient-disjoint split.
+- Ids: patient ``PatientID``; image ``ImageID``; file ``<ImageDir>/<ImageID>``.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from trainables.data.adapters.base import (
+    Adapter,
+    DatasetError,
+    SourceTable,
+    check_unique,
+    clean_ages,
+    line,
+    make_records,
+    map_values,
+    parse_numbers,
+    read_table,
+)
+
+NAME = "padchest"
+CSV_STEM = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19"
+LABEL_TERMS: dict[str, frozenset[str]] = {
+    "atelectasis": frozenset(
+        {
+            "atelectasis",
+            "lobar atelectasis",
+            "segmental atelectasis",
+            "laminar atelectasis",
+            "round atelectasis",
+            "total atelectasis",
+        }
+    ),
+    "cardiomegaly": frozenset({"cardiomegaly"}),
+    "pleural_effusion": frozenset(
+        {"pleural effusion", "loculated pleural effusion", "loculated fissural effusion"}
+    ),
+    "pneumonia": frozenset({"pneumonia", "atypical pneumonia"}),
+    "no_finding": frozenset({"normal"}),
+}
+"""Harmonized label -> PadChest report terms that make it positive."""
+
+REQUIRED = (
+    "ImageID",
+    "ImageDir",
+    "StudyDate_DICOM",
+    "PatientID",
+    "PatientBirth",
+    "PatientSex_DICOM",
+    "Projection",
+    "Labels",
+)
+PROJECTIONS_KEPT = ("PA", "AP", "AP_horizontal")
+SEX_CODES = {"M": "M", "F": "F", "O": "unknown", "": "unknown"}
+
+
+def load(root: Path) -> SourceTable:
+    """Read the PadChest labels CSV under ``root``."""
+    candidates = [root / f"{CSV_STEM}.csv", root / f"{CSV_STEM}.csv.gz"]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        raise DatasetError(
+            f"{NAME}: neither {candidates[0].name} nor {candidates[1].name} found under {root}"
+        )
+    table = read_table(path, REQUIRED)
+    image_ids = table["ImageID"].str.strip()
+    check_unique(image_ids, path, "ImageID")
+    source_paths = (table["ImageDir"].str.strip() + "/" + image_ids).to_numpy(dtype=object)
+
+    projection = table["Projection"].astype(str).str.strip()
+    kept = projection.isin(PROJECTIONS_KEPT).to_numpy()
+    excluded: Counter[str] = Counter(f"projection {value or '(blank)'}" for value in projection[~kept])
+    table, image_ids, source_paths = table[kept], image_ids[kept], source_paths[kept]
+
+    terms = _parse_terms(table, path)
+    has_labels = np.array([len(row) > 0 for row in terms])
+    skipped = [{"source_path": str(p), "reason": "no labels in the CSV"} for p in source_paths[~has_labels]]
+    table, image_ids, source_paths = table[has_labels], image_ids[has_labels], source_paths[has_labels]
+    terms = [row for row, keep in zip(terms, has_labels, strict=True) if keep]
+
+    study_date = parse_numbers(table, "StudyDate_DICOM", path, "study date")
+    bad_date = ~np.isnan(study_date) & ((study_date < 1e7) | (study_date >= 1e8))
+    if bad_date.any():
+        i = int(np.flatnonzero(bad_date)[0])
+        raise DatasetError(
+            f"{path}: line {line(table.index[i])}, column 'StudyDate_DICOM': "
+            f"{table['StudyDate_DICOM'].iloc[i]!r} is not a YYYYMMDD date"
+        )
+    birth_year = parse_numbers(table, "PatientBirth", path, "birth year")
+    age, implausible = clean_ages(np.floor(study_date / 10000) - birth_year)
+    records = make_records(
+        image_id=image_ids,
+        patient_id=table["PatientID"].str.strip(),
+        labels={
+            label: np.array([not row.isdisjoint(wanted) for row in terms], dtype=np.int8)
+            for label, wanted in LABEL_TERMS.items()
+        },
+        sex=map_values(table, "PatientSex_DICOM", SEX_CODES, path, "sex"),
+        age=age,
+        view=table["Projection"].str.strip().tolist(),
+        site=NAME,
+        source_path=source_paths,
+    )
+    notes = (
+        "labels from the 'Labels' term list: "
+        + "; ".join(f"{k} <- {sorted(v)}" for k, v in LABEL_TERMS.items()),
+        "a term not listed is negative (no uncertain code); no_finding = 'normal' listed",
+        "sex from 'PatientSex_DICOM'; age = study year - 'PatientBirth'",
+        "projections PA, AP, AP_horizontal; no official split (seeded patient-wise split)",
+    )
+    issues = Counter({"age outside [0, 120] set to missing": implausible})
+    return SourceTable(records=records, excluded=+excluded, skipped=skipped, notes=notes, issues=+issues)
+
+
+def _parse_terms(table: pd.DataFrame, path: Path) -> list[frozenset[str]]:
+    """The set of stripped, lower-cased terms of each row's ``Labels`` list (empty set: no labels)."""
+    out = []
+    for index, value in zip(table.index, table["Labels"].astype(str), strict=True):
+        text = value.strip()
+        if text in ("", "nan", "None"):
+            out.append(frozenset())
+            continue
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parsed = None
+        if not isinstance(parsed, list | tuple) or not all(isinstance(term, str) for term in parsed):
+            raise DatasetError(
+                f"{path}: line {line(index)}, column 'Labels': {value!r} is outside the coding; expected "
+                "a list of terms like \"['pleural effusion', 'cardiomegaly']\""
+            )
+        out.append(frozenset(term.strip().lower() for term in parsed if term.strip()))
+    return out
+
+
+ADAPTER = Adapter(name=NAME, title="PadChest (160K, 01.02.19)", load=load, options={})

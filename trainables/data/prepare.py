@@ -1,0 +1,518 @@
+"""``dpsweep prepare``: a real dataset's official files -> the preprocessing cache of `trainables.data.cache`.
+
+Pipeline (`prepare_dataset`):
+
+1. The dataset's adapter (`trainables.data.adapters`) reads the official label/metadata files into one
+   record per candidate image: harmonized labels with the uncertain code -1, official split (if any),
+   sex F/M/unknown, age in years (NaN = missing), view, path. View filtering happens there.
+2. Splits (`assign_splits`) are drawn *before* the uncertain policy, so the test patients do not depend
+   on it: official splits are kept; otherwise a seeded ``test_fraction`` of patients is the test split.
+   Unless the dataset has an official validation split, ``val_fraction`` of the training patients
+   become validation. Fractions are of patients, rounded to the nearest whole patient; splits are
+   patient-disjoint.
+3. The uncertain policy (`apply_uncertain_policy`): ``drop`` removes every image with -1 in any of the
+   five labels; ``zeros`` / ``ones`` recode -1 as 0 / 1. Blank ("not mentioned") is already 0.
+4. Pixels (`trainables.data.preprocess`), in parallel over images, into a preallocated memmap under
+   ``<out>/<name>/<size>/.partial/`` with a done-mask saved every `FLUSH_EVERY` images / `FLUSH_SECONDS`
+   and on any interruption. Running the same command again resumes: done images are not read again.
+   Unreadable images are skipped and listed in the card with the reason.
+5. `write_cache` writes ``images.npy``, ``manifest.parquet`` and ``card.json``; ``.partial`` is removed
+   and the card is printed (`format_card`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from trainables.data import preprocess
+from trainables.data.adapters import ADAPTERS, PREPARABLE, DatasetError, get_adapter
+from trainables.data.adapters.base import UNCERTAIN
+from trainables.data.cache import CARD_FILE, MANIFEST_COLUMNS, write_cache
+from trainables.data.labels import LABELS, SEXES, SPLITS
+from trainables.data.preprocess import PreprocessSettings, UnreadableImage
+
+UNCERTAIN_POLICIES: tuple[str, ...] = ("drop", "zeros", "ones")
+"""How the uncertain label code (-1) is resolved: drop the image, or read it as 0 or as 1."""
+
+PARTIAL_DIR = ".partial"
+FLUSH_EVERY = 500
+"""Images processed between saves of the done-mask (and at most `FLUSH_SECONDS` apart)."""
+FLUSH_SECONDS = 30.0
+PENDING, DONE, SKIPPED = 0, 1, 2
+"""Done-mask states of one image."""
+
+__all__ = [
+    "ADAPTERS",
+    "PREPARABLE",
+    "UNCERTAIN_POLICIES",
+    "DatasetError",
+    "PrepareInterrupted",
+    "apply_uncertain_policy",
+    "assign_splits",
+    "format_card",
+    "prepare_dataset",
+]
+
+
+class PrepareInterrupted(RuntimeError):
+    """Preprocessing stopped early (``stop_after``); the work so far is kept and the next run resumes it."""
+
+
+def prepare_dataset(
+    name: str,
+    root: Path,
+    *,
+    size: int = 224,
+    out: Path = Path("data"),
+    workers: int = 2,
+    uncertain: str = "drop",
+    letterbox: bool = False,
+    equalize: bool = True,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    stop_after: int | None = None,
+    **adapter_options: object,
+) -> Path:
+    """Prepare one real dataset into ``<out>/<name>/<size>/`` (images.npy, manifest.parquet, card.json).
+
+    Args:
+        name: a registry name, one of `PREPARABLE`.
+        root: the dataset's folder as distributed (see ``docs/datasets.md``).
+        size: output image side in pixels.
+        out: data root; the cache goes to ``out/name/size``.
+        workers: processes decoding images in parallel (1 = in this process). Never changes the result.
+        uncertain: uncertain-label policy, one of `UNCERTAIN_POLICIES`.
+        letterbox: keep the aspect ratio and pad with black instead of stretching.
+        equalize: histogram equalization (the study: on).
+        seed: seed of the patient-wise split draws (only where no official split exists, and for validation).
+        val_fraction: share of training patients moved to validation (when no official validation split).
+        test_fraction: share of patients in the test split (only when no official split exists).
+        stop_after: preprocess at most this many images in this call, then keep the work and raise
+            `PrepareInterrupted` (for resumable chunked runs and tests).
+        **adapter_options: dataset-specific options, e.g. ``patients_csv`` for ``mimic-cxr`` (see
+            ``ADAPTERS[name].options``). Options set to None count as not given.
+
+    Returns:
+        The cache folder ``out/name/size``.
+
+    Raises:
+        DatasetError: unknown dataset or option, bad setting, missing root or file, malformed files, or
+            a split left empty.
+        PrepareInterrupted: ``stop_after`` images were processed and more remain.
+    """
+    adapter = get_adapter(name)
+    settings = _check_settings(size, letterbox, equalize)
+    _check_options(workers, uncertain, seed, val_fraction, test_fraction, stop_after)
+    root = Path(root)
+    table = adapter.read(root, **adapter_options)
+    records = table.records
+    if records.empty:
+        raise DatasetError(
+            f"{name}: no images left after filtering ({dict(table.excluded)}); check the files in {root}"
+        )
+
+    split, split_method = assign_splits(
+        records["patient_id"].to_numpy(dtype=str),
+        records["official_split"].to_numpy(dtype=str),
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
+    uncertain_counts = {label: int((records[label] == UNCERTAIN).sum()) for label in LABELS}
+    labels, keep = apply_uncertain_policy(records[list(LABELS)].to_numpy(dtype=np.int8), uncertain)
+    manifest = records.assign(split=split, **{label: labels[:, i] for i, label in enumerate(LABELS)})
+    manifest = manifest[keep].reset_index(drop=True)
+    excluded = {**table.excluded}
+    if uncertain == "drop":
+        excluded["uncertain label (policy drop)"] = int((~keep).sum())
+    _check_splits_not_empty(manifest, name, f"after the uncertain policy {uncertain!r}; excluded {excluded}")
+
+    out_dir = Path(out) / name / str(size)
+    fingerprint = {
+        "dataset": name,
+        "root": str(root.resolve()),
+        "size": settings.size,
+        "letterbox": settings.letterbox,
+        "equalize": settings.equalize,
+        "preprocess_version": preprocess.PREPROCESS_VERSION,
+        "n_images": len(manifest),
+        "sources_sha256": hashlib.sha256("\n".join(manifest["source_path"]).encode()).hexdigest(),
+    }
+    partial = _Partial.open(out_dir / PARTIAL_DIR, fingerprint, settings.size)
+    _preprocess_all(partial, root, manifest["source_path"].tolist(), settings, workers, stop_after, name)
+
+    done = partial.status == DONE
+    skipped = [*table.skipped] + [
+        {"source_path": manifest["source_path"].iloc[i], "reason": partial.reasons[i]}
+        for i in np.flatnonzero(partial.status == SKIPPED)
+    ]
+    manifest = manifest[done].reset_index(drop=True)
+    _check_splits_not_empty(manifest, name, f"after skipping {len(skipped)} unreadable image(s)")
+    images = partial.images if done.all() else partial.compact(np.flatnonzero(done))
+    card = {
+        "dataset": name,
+        "title": adapter.title,
+        "root": str(root),
+        "settings": {
+            "size": settings.size,
+            "letterbox": settings.letterbox,
+            "equalize": settings.equalize,
+            "uncertain": uncertain,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "adapter_options": {k: str(v) for k, v in adapter_options.items() if v is not None},
+        },
+        "split_method": split_method,
+        "notes": list(table.notes),
+        "uncertain_labels_before_policy": uncertain_counts,
+        "excluded": excluded,
+        "metadata_issues": dict(table.issues),
+        "demographics": demographic_coverage(manifest),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+    }
+    write_cache(out_dir, images, manifest[list(MANIFEST_COLUMNS)], card)
+    del images
+    partial.remove()
+    print(format_card(json.loads((out_dir / CARD_FILE).read_text())))
+    return out_dir
+
+
+def assign_splits(
+    patient_id: np.ndarray,
+    official_split: np.ndarray,
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+) -> tuple[np.ndarray, str]:
+    """Patient-disjoint train/val/test per image.
+
+    Official splits are kept as they are. Without one (every ``official_split`` is ``""``), the test
+    patients are the first ``round(test_fraction * P)`` of a permutation of the sorted unique patient ids
+    drawn with ``numpy.random.default_rng([seed, 0])``. Without an official validation split, the first
+    ``round(val_fraction * P_train)`` training patients of a ``default_rng([seed, 1])`` permutation become
+    validation. ``round`` is to the nearest integer, halves up.
+
+    Args:
+        patient_id: str [n].
+        official_split: str [n], each ``"train"``, ``"val"``, ``"test"``, or ``""`` for none.
+        seed: seed of both draws.
+        val_fraction: share of training patients moved to validation.
+        test_fraction: share of all patients in test (only without an official split).
+
+    Returns:
+        (split per image, a one-line description of the method for the dataset card).
+    """
+    patient_id = np.asarray(patient_id, dtype=str)
+    official = np.asarray(official_split, dtype=str)
+    has_official = official != ""
+    if has_official.any() and not has_official.all():
+        raise ValueError(
+            f"official_split is given for {int(has_official.sum())} of {len(official)} images only"
+        )
+    if has_official.any():
+        unknown = sorted(set(official) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"official splits {unknown} are not in {SPLITS}")
+        split = official.astype(object)
+        method = "official split"
+    else:
+        split = np.full(len(patient_id), "train", dtype=object)
+        test_patients = _draw_patients(np.unique(patient_id), test_fraction, seed, stream=0)
+        split[np.isin(patient_id, test_patients)] = "test"
+        method = f"seeded patient-wise split: test = {test_fraction:g} of patients (seed {seed})"
+    if not (split == "val").any():
+        train = split == "train"
+        val_patients = _draw_patients(np.unique(patient_id[train]), val_fraction, seed, stream=1)
+        split[train & np.isin(patient_id, val_patients)] = "val"
+        method += f"; validation = {val_fraction:g} of training patients (seed {seed})"
+    else:
+        method += "; official validation split"
+    return split.astype(str), method
+
+
+def _draw_patients(patients: np.ndarray, fraction: float, seed: int, stream: int) -> np.ndarray:
+    count = int(np.floor(fraction * len(patients) + 0.5))
+    return np.random.default_rng([seed, stream]).permutation(patients)[:count]
+
+
+def apply_uncertain_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Resolve the uncertain code -1 in a label matrix.
+
+    Args:
+        labels: int8 [n, len(LABELS)] with values in {1, 0, -1}.
+        policy: ``drop`` (remove every image with -1 in any label), ``zeros`` (-1 -> 0) or ``ones`` (-1 -> 1).
+
+    Returns:
+        (labels with only 0/1, bool mask [n] of the images kept).
+    """
+    if policy not in UNCERTAIN_POLICIES:
+        raise DatasetError(f"uncertain policy {policy!r} is not one of {UNCERTAIN_POLICIES}")
+    labels = np.asarray(labels, dtype=np.int8).copy()
+    uncertain = labels == UNCERTAIN
+    keep = ~uncertain.any(axis=1) if policy == "drop" else np.ones(len(labels), dtype=bool)
+    labels[uncertain] = 1 if policy == "ones" else 0
+    return labels, keep
+
+
+def demographic_coverage(manifest: pd.DataFrame) -> dict:
+    """Per split: sex counts, number of images with a known age, and age median/min/max in years."""
+    coverage = {}
+    for split in SPLITS:
+        part = manifest[manifest["split"] == split]
+        age = part["age"].to_numpy(dtype=np.float64)
+        known = age[~np.isnan(age)]
+        coverage[split] = {
+            "sex": {sex: int((part["sex"] == sex).sum()) for sex in SEXES},
+            "age_known": int(len(known)),
+            "age_years": (
+                {"min": float(known.min()), "median": float(np.median(known)), "max": float(known.max())}
+                if len(known)
+                else None
+            ),
+        }
+    return coverage
+
+
+def format_card(card: dict, max_skipped: int = 20) -> str:
+    """The dataset card as text: counts and prevalence per split, demographics, exclusions, skipped images.
+
+    Args:
+        card: the content of ``card.json`` (keys missing from cards of other origins are left out).
+        max_skipped: skipped images listed one per line; the rest are counted.
+    """
+    lines = [
+        f"{card.get('dataset', '?')} ({card.get('title', '')}) at {card.get('size')} px: "
+        f"{card.get('n_images')} images, {card.get('n_patients')} patients"
+    ]
+    header = f"  {'split':<6}{'images':>9}{'patients':>10}" + "".join(f"{label:>18}" for label in LABELS)
+    lines.append(header)
+    for split, entry in card.get("splits", {}).items():
+        prevalence = entry.get("prevalence", {})
+        cells = "".join(
+            f"{'-' if prevalence.get(label) is None else f'{100 * prevalence[label]:.1f}%':>18}"
+            for label in LABELS
+        )
+        lines.append(f"  {split:<6}{entry['images']:>9}{entry['patients']:>10}{cells}")
+    if "sex" in card:
+        lines.append("  sex: " + ", ".join(f"{k} {v}" for k, v in card["sex"].items()))
+    if "age_missing" in card:
+        lines.append(f"  age missing: {card['age_missing']} of {card.get('n_images')} images")
+    for split, entry in card.get("demographics", {}).items():
+        ages = entry.get("age_years")
+        span = (
+            f"median {ages['median']:.1f} (range {ages['min']:.1f}-{ages['max']:.1f}) years"
+            if ages
+            else "no ages"
+        )
+        lines.append(f"  {split}: age known for {entry['age_known']} images, {span}")
+    if "views" in card:
+        lines.append("  views: " + ", ".join(f"{k} {v}" for k, v in card["views"].items()))
+    if "split_method" in card:
+        lines.append(f"  split: {card['split_method']}")
+    for key, title in (("excluded", "excluded"), ("metadata_issues", "metadata issues")):
+        entries = {k: v for k, v in card.get(key, {}).items() if v}
+        if entries:
+            lines.append(f"  {title}: " + "; ".join(f"{k}: {v}" for k, v in entries.items()))
+    skipped = card.get("skipped", [])
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} image(s):")
+        lines.extend(f"    {entry['source_path']}: {entry['reason']}" for entry in skipped[:max_skipped])
+        if len(skipped) > max_skipped:
+            lines.append(f"    ... and {len(skipped) - max_skipped} more (see card.json)")
+    else:
+        lines.append("  skipped: none")
+    return "\n".join(lines)
+
+
+def _check_splits_not_empty(manifest: pd.DataFrame, name: str, context: str) -> None:
+    counts = manifest["split"].value_counts()
+    empty = [split for split in SPLITS if counts.get(split, 0) == 0]
+    if empty:
+        raise DatasetError(
+            f"{name}: split(s) {empty} would be empty ({len(manifest)} usable images {context}); check the "
+            "dataset files, or for a very small dataset raise val_fraction/test_fraction"
+        )
+
+
+def _check_settings(size: int, letterbox: bool, equalize: bool) -> PreprocessSettings:
+    try:
+        return PreprocessSettings(size=size, letterbox=bool(letterbox), equalize=bool(equalize))
+    except ValueError as error:
+        raise DatasetError(f"size: {error}") from error
+
+
+def _check_options(
+    workers: int, uncertain: str, seed: int, val_fraction: float, test_fraction: float, stop_after: int | None
+) -> None:
+    if not isinstance(workers, int) or workers < 1:
+        raise DatasetError(f"workers must be an integer >= 1, got {workers!r}")
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise DatasetError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if not isinstance(seed, int | np.integer):
+        raise DatasetError(f"seed must be an integer, got {seed!r}")
+    for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise DatasetError(f"{field} must be in (0, 1), got {value!r}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+        raise DatasetError(f"stop_after must be None or an integer >= 0, got {stop_after!r}")
+
+
+class _Partial:
+    """The resumable work area: a preallocated image memmap plus a done-mask with skip reasons.
+
+    Files in ``.partial/``: ``plan.json`` (fingerprint of dataset, root, settings and image list),
+    ``images.npy`` (uint8 [n, size, size], written in place) and ``progress.npz`` (``status`` uint8 [n]
+    in PENDING/DONE/SKIPPED, skip reasons). `flush` writes the image pages first and then replaces
+    ``progress.npz`` atomically, so an image marked done on disk always has its pixels on disk.
+    """
+
+    def __init__(self, path: Path, images: np.ndarray, status: np.ndarray, reasons: dict[int, str]):
+        self.path, self.images, self.status, self.reasons = path, images, status, reasons
+
+    @classmethod
+    def open(cls, path: Path, fingerprint: dict, size: int) -> _Partial:
+        n = fingerprint["n_images"]
+        plan = path / "plan.json"
+        if plan.is_file():
+            if json.loads(plan.read_text()) == fingerprint and (path / "images.npy").is_file():
+                images = np.load(path / "images.npy", mmap_mode="r+")
+                status, reasons = np.zeros(n, dtype=np.uint8), {}
+                if (path / "progress.npz").is_file():
+                    with np.load(path / "progress.npz") as progress:
+                        status = progress["status"].copy()
+                        reasons = dict(
+                            zip(
+                                progress["skip_index"].tolist(), progress["skip_reason"].tolist(), strict=True
+                            )
+                        )
+                if images.shape == (n, size, size) and status.shape == (n,):
+                    _say(f"resuming {path}: {int((status != PENDING).sum())} of {n} images already done")
+                    return cls(path, images, status, reasons)
+            _say(f"discarding {path}: it holds partial work for other settings or another image list")
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        images = np.lib.format.open_memmap(
+            path / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size)
+        )
+        plan.write_text(json.dumps(fingerprint, indent=2))
+        return cls(path, images, np.zeros(n, dtype=np.uint8), {})
+
+    def flush(self) -> None:
+        self.images.flush()
+        skip_index = np.array(sorted(self.reasons), dtype=np.int64)
+        skip_reason = np.array([self.reasons[i] for i in skip_index.tolist()], dtype=str)
+        tmp = self.path / "progress.tmp.npz"
+        np.savez(tmp, status=self.status, skip_index=skip_index, skip_reason=skip_reason)
+        os.replace(tmp, self.path / "progress.npz")
+
+    def compact(self, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """Copy the given rows into a new memmap (skipped images removed), chunk by chunk."""
+        out = np.lib.format.open_memmap(
+            self.path / "compact.npy", mode="w+", dtype=np.uint8, shape=(len(rows), *self.images.shape[1:])
+        )
+        for start in range(0, len(rows), chunk):
+            out[start : start + chunk] = self.images[rows[start : start + chunk]]
+        out.flush()
+        return out
+
+    def remove(self) -> None:
+        self.images = None
+        shutil.rmtree(self.path)
+
+
+def _preprocess_all(
+    partial: _Partial,
+    root: Path,
+    source_paths: list[str],
+    settings: PreprocessSettings,
+    workers: int,
+    stop_after: int | None,
+    name: str,
+) -> None:
+    """Fill every PENDING row of ``partial``, saving progress as it goes (see `_Partial`)."""
+    pending = np.flatnonzero(partial.status == PENDING)
+    todo = pending if stop_after is None else pending[:stop_after]
+    jobs = [(int(i), str(root / source_paths[i])) for i in todo]
+    bar = tqdm(
+        total=len(partial.status),
+        initial=len(partial.status) - len(pending),
+        desc=f"prepare {name}",
+        unit="img",
+        disable=None,
+    )
+    since_flush, last_flush = 0, time.monotonic()
+    results = _run_jobs(jobs, settings, workers)
+    try:
+        for index, pixels, reason in results:
+            if pixels is None:
+                partial.reasons[index] = reason
+                partial.status[index] = SKIPPED
+            else:
+                partial.images[index] = pixels
+                partial.status[index] = DONE
+            since_flush += 1
+            bar.update(1)
+            if since_flush >= FLUSH_EVERY or time.monotonic() - last_flush > FLUSH_SECONDS:
+                partial.flush()
+                since_flush, last_flush = 0, time.monotonic()
+    except BaseException:
+        results.close()  # stops the worker pool now, not at garbage collection
+        partial.flush()
+        bar.close()
+        remaining = int((partial.status == PENDING).sum())
+        _say(f"interrupted with {remaining} images left; run the same command again to resume")
+        raise
+    partial.flush()
+    bar.close()
+    if len(todo) < len(pending):
+        raise PrepareInterrupted(
+            f"{name}: stopped after {len(todo)} images as requested (stop_after); {len(pending) - len(todo)} "
+            "left; run again to resume"
+        )
+
+
+def _run_jobs(
+    jobs: list[tuple[int, str]], settings: PreprocessSettings, workers: int
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Results in completion order: in this process for ``workers == 1``, else in a spawn process pool."""
+    work = functools.partial(_preprocess_one, settings=settings)
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(work, jobs)
+        return
+    processes = min(workers, len(jobs))
+    chunksize = max(1, min(32, len(jobs) // (processes * 8)))
+    # spawn: workers must not inherit the parent's threads (tqdm, pyarrow, Ray) or its locks
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        yield from pool.imap_unordered(work, jobs, chunksize=chunksize)
+
+
+def _preprocess_one(
+    job: tuple[int, str], settings: PreprocessSettings
+) -> tuple[int, np.ndarray | None, str | None]:
+    index, path = job
+    try:
+        return index, preprocess.load_and_preprocess(Path(path), settings), None
+    except UnreadableImage as error:
+        return index, None, str(error)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
