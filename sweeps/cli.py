@@ -92,11 +92,11 @@ def _sweep(args) -> int:
         trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     except SpecError as error:
         raise UserError(str(error)) from None
-    print_summary(trials, paths)
+    print_summary(trials, paths.sweep_dir(spec), paths.tracking_uri)
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
 
 
-def print_summary(trials: pd.DataFrame, paths) -> None:
+def print_summary(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> None:
     from trainables import metrics as M
 
     columns = {"trial": "trial", "status": "status", "target_epsilon": "eps target", M.EPSILON: "eps spent",
@@ -107,8 +107,8 @@ def print_summary(trials: pd.DataFrame, paths) -> None:
     table = trials[[c for c in columns if c in trials.columns]].rename(columns=columns)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))
-    print(f"\ntables: {paths.runs_root}/<sweep>/trials.parquet, epochs.parquet")
-    print(f"MLflow: {paths.tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
+    print(f"\ntables: {sweep_dir / 'trials.parquet'}, {sweep_dir / 'epochs.parquet'}")
+    print(f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
     if M.EPSILON in trials:
         private = trials[trials["target_epsilon"].map(math.isfinite)]
         over = private[private[M.EPSILON] > private["target_epsilon"]]

@@ -133,6 +133,7 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
                 sample_rate=sample_rate if math.isfinite(eps) else 0.0, steps=steps,
             ),
             speed=SpeedConfig(**asdict(spec.speed)), weight_decay=spec.training.weight_decay,
+            input_mean=spec.data.input_mean, input_std=spec.data.input_std,
             pos_weight=spec.training.pos_weight, external_datasets=spec.data.external,
             model_selection=spec.training.model_selection, eval_test_every_epoch=spec.evaluation.test_every_epoch,
             n_boot=spec.evaluation.n_boot, age_edges=spec.evaluation.age_edges,
@@ -166,7 +167,8 @@ def _resolve(spec: SweepSpec, paths: SweepPaths, init: str, run_pretrain_stage: 
 def ensure_pretrained(spec: SweepSpec, paths: SweepPaths, run_if_missing: bool = True, log=print) -> Path:
     """The domain init's checkpoint; runs the pretrain stage first when it is absent."""
     assert spec.pretrain is not None
-    pretrain = PretrainConfig(**asdict(spec.pretrain))
+    pretrain = PretrainConfig(**asdict(spec.pretrain), input_mean=spec.data.input_mean,
+                              input_std=spec.data.input_std)
     out_dir = pretrain_dir(paths.runs_root, pretrain, spec.model, spec.data.image_size)
     checkpoint = out_dir / CHECKPOINT_FILE
     if checkpoint.exists() or not run_if_missing:
@@ -208,9 +210,22 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     import ray
     from mlflow.entities import Param
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from sweeps.tracking import MlflowSweepCallback, finish_parent, get_or_create_experiment, get_or_create_parent_run
+    from sweeps.tracking import (
+        MlflowSweepCallback,
+        ProgressCallback,
+        finish_parent,
+        get_or_create_experiment,
+        get_or_create_parent_run,
+    )
     from trainables.trial import dp_trial
+
+    # Ray's TensorBoard logger warns on every infinite epsilon (the non-private baseline): keep only the
+    # CSV/JSON result logs, which Ray's results read. Per-epoch checkpoints with num_to_keep=1 force a state
+    # snapshot on each report; that is intended here (tiny state), so Ray's warning about it is off.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     client = mlflow.tracking.MlflowClient(paths.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,
@@ -236,7 +251,9 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
             param_space={"point": tune.grid_search([t.as_ray_point() for t in plan.trials])},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent or None),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(paths.ray_storage), callbacks=[callback], verbose=1,
+                name=spec.name, storage_path=str(paths.ray_storage),
+                callbacks=[callback, ProgressCallback(), CSVLoggerCallback(), JsonLoggerCallback()],
+                verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             ),

@@ -37,6 +37,8 @@ class DataSpec:
     root: str = "data"
     image_size: int = 64
     synthetic_images: int | None = None  # images per synthetic dataset (None: the generator's default)
+    input_mean: float = 0.0  # inputs are (x - mean) / std with x in [0, 1]; 0 and 1 = the study's plain [0, 1]
+    input_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ def _validate(spec: SweepSpec) -> None:
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")
     _require(spec.data.image_size >= 32, spec, f"data.image_size = {spec.data.image_size} must be >= 32")
+    _require(spec.data.input_std > 0, spec, f"data.input_std = {spec.data.input_std} must be > 0")
     edges = spec.evaluation.age_edges
     _require(len(edges) >= 2 and list(edges) == sorted(set(edges)), spec,
              f"evaluation.age_edges = {list(edges)} must be strictly increasing, e.g. [0, 40, 70, 100]")

@@ -7,6 +7,7 @@ child runs and never logs an epoch twice.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -142,6 +143,26 @@ class MlflowSweepCallback(tune.Callback):
         for table in sorted(folder.glob("*.parquet")):
             if f"evaluation/{table.name}" not in existing:
                 self.client.log_artifact(run_id, str(table), "evaluation")
+
+
+class ProgressCallback(tune.Callback):
+    """One line per trial epoch and per finished trial, instead of Ray's wide status tables."""
+
+    def __init__(self, log=None):
+        self.log = log or functools.partial(print, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = trial.config["point"]["key"]
+        if result.get(DONE):
+            self.log(f"  done  {key}: test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}, "
+                     f"epsilon {result.get(M.EPSILON, math.nan):.3f}")
+        else:
+            self.log(f"  epoch {int(result.get(M.EPOCH, 0))} {key}: "
+                     f"val AUROC {result.get(M.VAL_AUROC_MACRO, math.nan):.3f}, "
+                     f"epsilon {result.get(M.EPSILON, math.nan):.3f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"  FAILED {trial.config['point']['key']}: see {trial.local_path}")
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, status: str, summary: dict[str, float] | None = None,

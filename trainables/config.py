@@ -81,6 +81,8 @@ class TrialConfig:
     privacy: PrivacyConfig
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     weight_decay: float = 0.01
+    input_mean: float = 0.0
+    input_std: float = 1.0
     pos_weight: str = "uniform"
     external_datasets: tuple[str, ...] = ()
     model_selection: str = "best_val"

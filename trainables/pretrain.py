@@ -29,6 +29,7 @@ class PretrainConfig:
         dataset: a prepared public dataset (e.g. ``synthetic-source``, ``mimic-cxr``).
         init: the init pretraining starts from (``random`` or a timm tag such as ``dinov3``).
         epochs, lr, batch_size, weight_decay, seed: non-private AdamW training settings.
+        input_mean, input_std: input normalization; must equal the sweep's, so the init fits its inputs.
     """
 
     dataset: str
@@ -38,6 +39,8 @@ class PretrainConfig:
     batch_size: int = 64
     weight_decay: float = 0.01
     seed: int = 0
+    input_mean: float = 0.0
+    input_std: float = 1.0
 
 
 def pretrain_dir(runs_root: Path, pretrain: PretrainConfig, model: str, image_size: int) -> Path:
@@ -56,6 +59,7 @@ def run_pretrain(pretrain: PretrainConfig, init: ResolvedInit, model: str, image
         privacy=PrivacyConfig(target_epsilon=math.inf, expected_batch_size=pretrain.batch_size,
                               epochs=pretrain.epochs),
         speed=SpeedConfig(threads=threads), weight_decay=pretrain.weight_decay, eval_test_every_epoch=False,
+        input_mean=pretrain.input_mean, input_std=pretrain.input_std,
         n_boot=0,
     )
 

@@ -67,12 +67,12 @@ def dataset_path(data_root: str | Path, dataset: str, image_size: int) -> Path:
 
 
 def load_trial_data(cfg: TrialConfig) -> TrialData:
-    cache = open_cache(dataset_path(cfg.data_root, cfg.dataset, cfg.image_size))
-    external = {
-        name: CacheSplitDataset(open_cache(dataset_path(cfg.data_root, name, cfg.image_size)).split("test"))
-        for name in cfg.external_datasets
-    }
-    return TrialData(*(CacheSplitDataset(cache.split(s)) for s in ("train", "val", "test")), external=external)
+    def dataset(name: str, split: str) -> CacheSplitDataset:
+        cache = open_cache(dataset_path(cfg.data_root, name, cfg.image_size))
+        return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
+
+    return TrialData(*(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
+                     external={name: dataset(name, "test") for name in cfg.external_datasets})
 
 
 def label_pos_weight(cfg: TrialConfig, train_labels: np.ndarray) -> torch.Tensor | None:

@@ -10,26 +10,33 @@ from trainables.data.cache import SplitData
 
 
 class CacheSplitDataset(Dataset):
-    """One split as (image, labels): image float32 [1, H, W] in [0, 1], labels float32 [n_labels].
+    """One split as (image, labels): image float32 [1, H, W], labels float32 [n_labels].
 
-    No mean/std normalization and no augmentation, as in the study under DP.
+    Pixels are scaled to [0, 1], then ``(x - mean) / std`` with fixed, public constants (default 0 and 1:
+    the study's plain [0, 1] inputs). No augmentation, as in the study under DP.
     """
 
-    def __init__(self, split: SplitData):
+    def __init__(self, split: SplitData, mean: float = 0.0, std: float = 1.0):
+        if std <= 0:
+            raise ValueError(f"input std must be > 0, got {std}")
         self.split = split
+        self.mean, self.std = mean, std
+
+    def _pixels(self, rows) -> torch.Tensor:
+        pixels = np.asarray(self.split.images[rows], dtype=np.float32) / 255.0
+        if self.mean != 0.0 or self.std != 1.0:
+            pixels = (pixels - np.float32(self.mean)) / np.float32(self.std)
+        return torch.from_numpy(pixels)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = np.asarray(self.split.images[self.split.rows[i]], dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels)[None], torch.tensor(self.split.labels[i])
+        return self._pixels(self.split.rows[i])[None], torch.tensor(self.split.labels[i])
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather several rows at once (sorted reads from the memmap are the fast path)."""
-        rows = self.split.rows[indices]
-        pixels = np.asarray(self.split.images[rows], dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels)[:, None], torch.tensor(self.split.labels[indices])
+        return self._pixels(self.split.rows[indices])[:, None], torch.tensor(self.split.labels[indices])
 
 
 def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):

@@ -45,10 +45,6 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.privacy_accountant import NeighboringRelation
-from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
 __all__ = [
@@ -397,6 +393,12 @@ def cross_check_epsilon(
         return {"rdp": 0.0, "pld": 0.0}
     if noise_multiplier == 0:
         return {"rdp": math.inf, "pld": math.inf}
+    # Imported here: only the final cross-check needs Google's package (keeps trial start-up light).
+    from dp_accounting import dp_event
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
     event = dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(float(sample_rate), dp_event.GaussianDpEvent(float(noise_multiplier))),
         int(steps),

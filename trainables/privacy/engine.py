@@ -135,7 +135,11 @@ def check_per_sample_gradients(
             sample's gradient exceeds ``tolerance``.
     """
     module = wrapped._module  # in train mode, as in training (Opacus captures activations only then);
-    try:  # the forward must be deterministic (no dropout, drop_path 0), which DP-SGD requires anyway
+    # the forward must be deterministic (no dropout, drop_path 0), which DP-SGD requires anyway. TF32 is
+    # off during the check so that GPU rounding (~1e-3) cannot hide or fake a mismatch.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         wrapped.zero_grad(set_to_none=True)
         loss_fn(wrapped(x), y).mean().backward()
@@ -154,6 +158,7 @@ def check_per_sample_gradients(
         for p in module.parameters():
             p.grad_sample = None
             p.grad = None
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     check = GradientCheck(worst, worst_name, len(x), len(reference))
     if worst > tolerance:
         raise PerSampleGradientError(

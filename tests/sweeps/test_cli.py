@@ -1,0 +1,76 @@
+"""`dpsweep` user errors: one clear message, exit status 2, nothing launched."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.cli import main
+from sweeps.launch import SweepPaths, plan_sweep
+from sweeps.spec import SpecError, parse_spec
+
+SMALL = {
+    "name": "small",
+    "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 60},
+    "model": "test_convnext",
+    "inits": ["random"],
+    "privacy": {"epsilons": [1, 8], "expected_batch_size": 8, "epochs": 2},
+}
+
+
+def write(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_bad_yaml_exits_2_naming_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    assert main(["sweep", str(bad)]) == 2
+    assert "malformed YAML at line" in capsys.readouterr().err
+
+
+def test_epsilon_zero_exits_2_before_anything_runs(tmp_path, capsys):
+    spec = {**SMALL, "privacy": {**SMALL["privacy"], "epsilons": [0]}}
+    assert main(["sweep", str(write(tmp_path, spec)), "--runs", str(tmp_path / "runs")]) == 2
+    assert "privacy.epsilons[0] = 0.0 must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_delta_at_least_one_over_n_is_refused_once_n_is_known(tmp_path):
+    spec = parse_spec({**SMALL, "privacy": {**SMALL["privacy"], "delta": 0.05}}, source="small.yaml")
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    with pytest.raises(SpecError, match=r"delta.*0\.05.*1/N"):
+        plan_sweep(spec, paths)
+
+
+def test_missing_weight_file_is_refused_before_ray(tmp_path):
+    spec = parse_spec({**SMALL, "model": "convnext_tiny", "inits": ["imagenet"],
+                       "init_weights": {"imagenet": str(tmp_path / "missing.safetensors")}}, source="small.yaml")
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    with pytest.raises(SpecError, match=r"inits: init_weights\.imagenet: file .*missing\.safetensors does not exist"):
+        plan_sweep(spec, paths)
+
+
+def test_unprepared_real_dataset_names_the_prepare_command(tmp_path):
+    spec = parse_spec({**SMALL, "data": {"train": "chexpert", "image_size": 224}}, source="small.yaml")
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    with pytest.raises(SpecError, match=r"run `dpsweep prepare chexpert --root /path/to/chexpert --size 224"):
+        plan_sweep(spec, paths)
+
+
+def test_dry_run_prints_each_trial_with_its_calibrated_sigma(tmp_path):
+    path = write(tmp_path, SMALL)
+    result = run_cli("sweep", str(path), "--dry-run", "--runs", str(tmp_path / "runs"), "--data",
+                     str(tmp_path / "data"), cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert "random-eps1-clip1-lr0.001-seed0: sigma=" in result.stdout
+    assert "random-eps8-clip1-lr0.001-seed0: sigma=" in result.stdout
+    assert not (tmp_path / "runs" / "ray").exists()
