@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= sweeps/smoke.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help setup sweep test test-fast bench ui lint clean
+.PHONY: help setup sweep test test-fast prepare bench ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,9 +29,14 @@ test: $(STAMP)  ## run all tests (fast and slow tiers)
 test-fast: $(STAMP)  ## run the fast tier only
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+prepare: $(STAMP)  ## prepare a real dataset: make prepare DATASET=chexpert ROOT=/data/CheXpert-v1.0 [SIZE=224]
+	@test -n "$(DATASET)" -a -n "$(ROOT)" || { echo "usage: make prepare DATASET=<name> ROOT=<folder> [SIZE=224]"; exit 2; }
+	$(VENV)/bin/dpsweep prepare $(DATASET) --root $(ROOT) --size $(or $(SIZE),224) --out data
+
 bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 	$(PY) benchmarks/bench_bootstrap.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_dp_step.py
 
 ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:5000
 	$(VENV)/bin/dpsweep ui --runs runs

@@ -74,3 +74,26 @@ def test_dry_run_prints_each_trial_with_its_calibrated_sigma(tmp_path):
     assert "random-eps1-clip1-lr0.001-seed0: sigma=" in result.stdout
     assert "random-eps8-clip1-lr0.001-seed0: sigma=" in result.stdout
     assert not (tmp_path / "runs" / "ray").exists()
+
+
+def test_prepare_command_writes_a_cache_a_sweep_can_name(tmp_path, capsys):
+    from tests.data import fixtures
+    from trainables.data.cache import open_cache
+
+    root = fixtures.build_uka(tmp_path / "src")
+    out = tmp_path / "data"
+    pattern = "UKA_preprocessed/{subset}/{image_id}.jpg"  # the fixture's layout (the group's folders)
+    assert main(["prepare", "uka-cxr", "--root", str(root), "--size", "32", "--out", str(out), "--workers", "1",
+                 "--image-pattern", pattern]) == 0
+    assert "prepared:" in capsys.readouterr().out
+    cache = open_cache(out / "uka-cxr" / "32")
+    assert cache.images.shape[1:] == (32, 32) and len(cache.manifest) == len(cache.images)
+    spec = parse_spec({**SMALL, "data": {"train": "synthetic-a", "external": ["uka-cxr"], "image_size": 32,
+                                         "synthetic_images": 60}}, source="small.yaml")
+    plan = plan_sweep(spec, SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(out)))
+    assert plan.trials[0].config.external_datasets == ("uka-cxr",)
+
+
+def test_prepare_missing_root_exits_2(tmp_path, capsys):
+    assert main(["prepare", "chexpert", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "data")]) == 2
+    assert "nope" in capsys.readouterr().err
