@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= sweeps/smoke.yaml
 PYTEST_ARGS ?=
 
-.PHONY: help setup sweep test test-fast prepare bench ui lint clean
+.PHONY: help setup sweep test test-fast prepare report bench ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP)  ## run all tests (fast and slow tiers)
 
 test-fast: $(STAMP)  ## run the fast tier only
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+report: $(STAMP)  ## write runs/<sweep>/report/index.html for SPEC (after `make sweep`)
+	$(VENV)/bin/dpsweep report $(SPEC)
 
 prepare: $(STAMP)  ## prepare a real dataset: make prepare DATASET=chexpert ROOT=/data/CheXpert-v1.0 [SIZE=224]
 	@test -n "$(DATASET)" -a -n "$(ROOT)" || { echo "usage: make prepare DATASET=<name> ROOT=<folder> [SIZE=224]"; exit 2; }

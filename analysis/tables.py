@@ -12,7 +12,9 @@ per-epoch metrics (``epoch``, ``privacy/epsilon``, ``val/auroc_macro``, ...).
 
 from __future__ import annotations
 
+import json
 import subprocess
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,8 @@ def build_tables(records: list[dict[str, Any]], mlflow_runs: dict[str, str] | No
     if len(epochs) and "epoch" in epochs:
         epochs = epochs.sort_values(["trial", "epoch"]).drop_duplicates(["trial", "epoch"], keep="last")
         epochs["epoch"] = epochs["epoch"].astype("int64")
+        # Ray's per-report frames carry every key ever reported; drop final-only metrics (all NaN per epoch).
+        epochs = epochs.dropna(axis="columns", how="all")
     return trials.reset_index(drop=True), epochs.reset_index(drop=True)
 
 
@@ -80,4 +84,200 @@ def _version_keys() -> tuple[str, ...]:
 
 
 def _is_metric(key: str) -> bool:
-    return "/" in key or key == "epoch"
+    """Our metric names (``split/family/name`` and ``epoch``), not Ray's flattened ``config/...`` keys."""
+    return ("/" in key and not key.startswith("config/")) or key == "epoch"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a finished sweep back: the two sweep tables plus the per-trial evaluation tables.
+
+GROUPS_FILE = "groups.parquet"
+BOOTSTRAP_FILE = "bootstrap.parquet"
+FINAL_CHECKPOINT_FILE = "final.json"  # `trainables.trial.FINAL_FILE`; a checkpoint holding it is a trial's last
+RAY_PARAMS_FILE = "params.json"
+FINISHED = "TERMINATED"
+"""``status`` of a trial that ran to the end and reported its final metrics."""
+
+
+class TableError(ValueError):
+    """A sweep's tables are missing, or not in the schema this module writes."""
+
+
+@dataclass(frozen=True)
+class EvaluationTables:
+    """Per-trial evaluation tables of a sweep, each with a leading ``trial`` column.
+
+    Attributes:
+        groups: one row per (trial, dataset, attribute, group, label): the subgroup counts, AUROC and
+            thresholded rates of `trainables.evaluate.fairness.group_table`, for the test split
+            (``dataset`` = the training dataset) and every external test set.
+        bootstrap: one row per (trial, dataset, replicate): float32 ``auroc_macro`` and one AUROC column per
+            label. Replicate ``b`` of one dataset used the same resampled indices in every trial of the
+            sweep (fixed seed per dataset), so two trials' rows pair up by ``replicate``.
+        source: where the tables were read from (a folder), for the report.
+    """
+
+    groups: pd.DataFrame
+    bootstrap: pd.DataFrame
+    source: str
+
+
+@dataclass(frozen=True)
+class SweepTables:
+    """Everything analysis reads about one sweep.
+
+    Attributes:
+        sweep_dir: ``runs/<sweep>``.
+        trials: ``trials.parquet`` (schema in this module's docstring).
+        epochs: ``epochs.parquet``.
+        evaluation: the per-trial evaluation tables, or None when neither ``sweep_dir`` nor the Ray
+            experiment folder holds them (see `load_tables`); ``evaluation_note`` says why.
+        evaluation_note: where ``evaluation`` came from, or why it is missing.
+    """
+
+    sweep_dir: Path
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    evaluation: EvaluationTables | None
+    evaluation_note: str
+
+    @property
+    def name(self) -> str:
+        return self.sweep_dir.name
+
+
+def default_ray_experiment_dir(sweep_dir: str | Path) -> Path:
+    """Where `sweeps.launch` keeps a sweep's Ray experiment: ``<runs>/ray/<sweep>`` for ``<runs>/<sweep>``."""
+    sweep_dir = Path(sweep_dir)
+    return sweep_dir.parent / "ray" / sweep_dir.name
+
+
+def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = None) -> SweepTables:
+    """Read a sweep's trial and epoch tables, and its per-trial evaluation tables where they exist.
+
+    The evaluation tables are looked up in this order, and `SweepTables.evaluation_note` records which
+    one was used: (1) the final checkpoints under ``ray_experiment_dir`` when it is given (it must exist);
+    (2) ``sweep_dir/groups.parquet`` and ``sweep_dir/bootstrap.parquet`` (as written by
+    `write_evaluation_tables`); (3) the final checkpoints under `default_ray_experiment_dir`; (4) none
+    (``evaluation`` is None).
+
+    Raises:
+        TableError: ``trials.parquet`` or ``epochs.parquet`` is missing or lacks its key columns, a trial
+            key repeats, or an explicitly given Ray folder does not exist.
+    """
+    sweep_dir = Path(sweep_dir)
+    trials = _read_table(sweep_dir / TRIALS_FILE, ("trial", "status"))
+    epochs = _read_table(sweep_dir / EPOCHS_FILE, ("trial",))
+    repeated = trials["trial"][trials["trial"].duplicated()].tolist()
+    if repeated:
+        raise TableError(f"{sweep_dir / TRIALS_FILE}: trial keys repeat ({repeated[:5]}); one row per trial expected")
+    default_ray_dir = default_ray_experiment_dir(sweep_dir)
+    evaluation = None
+    if ray_experiment_dir is not None:
+        if not Path(ray_experiment_dir).is_dir():
+            raise TableError(f"Ray experiment folder {ray_experiment_dir} does not exist; pass the folder that holds "
+                             "the sweep's trial folders (runs/ray/<sweep>)")
+        evaluation = collect_trial_tables(ray_experiment_dir)
+        note = f"per-trial evaluation tables collected from the final checkpoints under {ray_experiment_dir}"
+    elif (sweep_dir / GROUPS_FILE).exists() and (sweep_dir / BOOTSTRAP_FILE).exists():
+        evaluation = EvaluationTables(
+            groups=_read_table(sweep_dir / GROUPS_FILE, ("trial", "dataset")),
+            bootstrap=_read_table(sweep_dir / BOOTSTRAP_FILE, ("trial", "dataset", "replicate")),
+            source=str(sweep_dir),
+        )
+        note = f"per-trial evaluation tables read from {sweep_dir}"
+    elif default_ray_dir.is_dir():
+        evaluation = collect_trial_tables(default_ray_dir)
+        note = f"per-trial evaluation tables collected from the final checkpoints under {default_ray_dir}"
+    else:
+        note = (f"no per-trial evaluation tables: neither {sweep_dir / BOOTSTRAP_FILE} nor the Ray experiment "
+                f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out")
+    return SweepTables(sweep_dir, trials, epochs, evaluation, note)
+
+
+def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
+    """Gather ``groups.parquet`` and ``bootstrap.parquet`` from every finished trial's final Ray checkpoint.
+
+    A trial folder is a subfolder holding Ray's ``params.json``; its trial key is ``point.key`` there. Its
+    final checkpoint is the highest-numbered ``checkpoint_*`` folder holding ``final.json`` (written only
+    at the end of training). Trials without one (failed or unfinished) contribute no rows.
+
+    Raises:
+        TableError: the folder does not exist, two trial folders carry the same key, or a final checkpoint
+            lacks one of the two tables.
+    """
+    ray_dir = Path(ray_experiment_dir)
+    if not ray_dir.is_dir():
+        raise TableError(f"Ray experiment folder {ray_dir} does not exist")
+    parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
+    seen: dict[str, Path] = {}
+    for trial_dir in sorted(p for p in ray_dir.iterdir() if (p / RAY_PARAMS_FILE).is_file()):
+        key = _ray_trial_key(trial_dir)
+        if key in seen:
+            raise TableError(f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial_dir.name}; "
+                             "remove the stale folder (or re-run the sweep with --fresh)")
+        seen[key] = trial_dir
+        finals = sorted(p.parent for p in trial_dir.glob(f"checkpoint_*/{FINAL_CHECKPOINT_FILE}"))
+        if not finals:
+            continue
+        for file, frames in parts.items():
+            path = finals[-1] / file
+            if not path.is_file():
+                raise TableError(f"{finals[-1]} holds {FINAL_CHECKPOINT_FILE} but not {file}; the trial's final "
+                                 "checkpoint is incomplete: re-run that trial")
+            table = pd.read_parquet(path)
+            table.insert(0, "trial", key)
+            frames.append(table)
+    groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
+                         for f in (GROUPS_FILE, BOOTSTRAP_FILE))
+    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=str(ray_dir))
+
+
+def write_evaluation_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = None) -> list[Path]:
+    """Collect the per-trial evaluation tables (`collect_trial_tables`) into ``sweep_dir``; returns the files.
+
+    After this the sweep folder alone is enough for every analysis view, e.g. once the Ray folder is gone.
+    """
+    sweep_dir = Path(sweep_dir)
+    ray_dir = Path(ray_experiment_dir) if ray_experiment_dir is not None else default_ray_experiment_dir(sweep_dir)
+    tables = collect_trial_tables(ray_dir)
+    written = []
+    for file, table in ((GROUPS_FILE, tables.groups), (BOOTSTRAP_FILE, tables.bootstrap)):
+        table.to_parquet(sweep_dir / file, index=False)
+        written.append(sweep_dir / file)
+    return written
+
+
+def _ray_trial_key(trial_dir: Path) -> str:
+    try:
+        return str(json.loads((trial_dir / RAY_PARAMS_FILE).read_text())["point"]["key"])
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise TableError(f"{trial_dir / RAY_PARAMS_FILE}: no trial key at point.key ({error!r}); is this a "
+                         "dpsweep Ray experiment?") from None
+
+
+def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise TableError(f"{path} does not exist; run the sweep first (`dpsweep sweep <spec>`), or pass the folder "
+                         "runs/<sweep> that holds it")
+    table = pd.read_parquet(path)
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {missing}; was it written by dpsweep?")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m analysis.tables runs/<sweep> [ray folder]``: copy the evaluation tables into the sweep folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("ray_experiment_dir", type=Path, nargs="?", default=None)
+    args = parser.parse_args(argv)
+    for path in write_evaluation_tables(args.sweep_dir, args.ray_experiment_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -44,13 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
+    report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
+    _spec_args(report)
+
     ui = commands.add_parser("ui", help="serve the MLflow UI for the sweeps' runs on 127.0.0.1")
     ui.add_argument("--runs", default="runs")
     ui.add_argument("--port", type=int, default=5000)
 
     args = parser.parse_args(argv)
     try:
-        return {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "ui": _ui}[args.command](args)
+        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "report": _report, "ui": _ui}
+        return commands_by_name[args.command](args)
     except UserError as error:
         print(f"dpsweep: error: {error}", file=sys.stderr)
         return 2
@@ -151,6 +155,22 @@ def _prepare(args) -> int:
 
     print(format_card(json.loads((folder / "card.json").read_text())))
     print(f"prepared: {folder}")
+    return 0
+
+
+def _report(args) -> int:
+    from analysis.report import write_report
+    from analysis.tables import TableError
+
+    spec, paths = _load(args)
+    sweep_dir = paths.sweep_dir(spec)
+    if not (sweep_dir / "trials.parquet").exists():
+        raise UserError(f"no trial table at {sweep_dir / 'trials.parquet'}; run `dpsweep sweep {args.spec}` first")
+    try:
+        index = write_report(sweep_dir, ray_experiment_dir=paths.ray_storage / spec.name)
+    except TableError as error:
+        raise UserError(str(error)) from None
+    print(f"report: {index}")
     return 0
 
 

@@ -76,7 +76,7 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    n_boot: int = 200
+    n_boot: int = 1000
     age_edges: tuple[float, ...] = (0, 40, 70, 100)
     test_every_epoch: bool = True
 
@@ -92,6 +92,7 @@ class ResourcesSpec:
 @dataclass(frozen=True)
 class SpeedSpec:
     grad_sample_mode: str = "hooks"
+    device: str = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1
     eval_batch_size: int = 256
@@ -274,6 +275,8 @@ def _validate(spec: SweepSpec) -> None:
              f"speed.grad_sample_mode = {spec.speed.grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES} "
              "(stock Opacus hooks/ghost are wrong on ConvNeXt)")
     _require(spec.speed.max_physical_batch_size >= 1, spec, "speed.max_physical_batch_size must be >= 1")
+    _require(spec.speed.device in ("auto", "cpu", "cuda"), spec,
+             f"speed.device = {spec.speed.device!r}; choose auto, cpu or cuda")
     _require(spec.speed.threads >= 1, spec, "speed.threads must be >= 1")
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")

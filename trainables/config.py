@@ -54,12 +54,14 @@ class SpeedConfig:
 
     Attributes:
         grad_sample_mode: ``hooks`` (Opacus hooks with our corrected conv sampler) or ``functorch``.
+        device: ``auto`` (the trial's GPU when Ray gave it one, else CPU), ``cpu`` or ``cuda``.
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
     """
 
     grad_sample_mode: str = "hooks"
+    device: str = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1
     eval_batch_size: int = 256

@@ -106,14 +106,24 @@ def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return macro_mean(auroc_per_label(labels, scores))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when visible (Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("speed.device = cuda but no GPU is visible to this trial; give trials resources.gpu > 0")
+    return torch.device(name)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: CacheSplitDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid scores [n, k] and labels [n, k] over a whole split."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     scores, labels = [], []
     for x, y in evaluation_batches(dataset, batch_size):
-        scores.append(torch.sigmoid(model(x)).numpy())
+        scores.append(torch.sigmoid(model(x.to(device))).cpu().numpy())
         labels.append(y.numpy())
     model.train(was_training)
     return np.concatenate(scores), np.concatenate(labels)
@@ -127,6 +137,7 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         ``{"metrics": final metrics, "tables": {name: DataFrame}, "model": the selected epoch's model}``.
     """
     torch.set_num_threads(cfg.speed.threads)
+    device = resolve_device(cfg.speed.device)
     privacy = cfg.privacy
     data = data or load_trial_data(cfg)
     n_train = len(data.train)
@@ -136,18 +147,23 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         steps_per_epoch = planned_steps // privacy.epochs
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, init)
+    model = create_model(cfg.model, init).to(device)
     model.train()
-    loss_fn = per_sample_bce(label_pos_weight(cfg, data.train.split.labels))
+    pos_weight = label_pos_weight(cfg, data.train.split.labels)
+    loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
-    noise_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)  # Poisson sampling runs on the CPU
+    noise_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2)  # noise where the gradients are
+
+    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = data.train.batch(np.sort(indices))
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     accountant = None
     if privacy.is_private:
         wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
         check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
-        check_per_sample_gradients(wrapped, loss_fn, *data.train.batch(np.sort(check_rows.numpy())))
+        check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
         accountant = create_accountant(privacy.accountant)
         optimizer = make_dp_optimizer(
             optimizer,
@@ -172,13 +188,13 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
             for indices in poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, sampler_rng):
                 if steps >= planned_steps:
                     raise BudgetError(f"step {steps + 1} would exceed the {planned_steps} planned steps")
-                batch = data.train.batch(np.sort(indices.numpy()))
-                losses.append(private_step(net, optimizer, loss_fn, batch, cfg.speed.max_physical_batch_size))
+                losses.append(private_step(net, optimizer, loss_fn, batch(indices.numpy()),
+                                           cfg.speed.max_physical_batch_size))
                 steps += 1
         else:
             order = torch.randperm(n_train, generator=sampler_rng)
             for start in range(0, n_train, privacy.expected_batch_size):
-                x, y = data.train.batch(np.sort(order[start : start + privacy.expected_batch_size].numpy()))
+                x, y = batch(order[start : start + privacy.expected_batch_size].numpy())
                 loss = loss_fn(model(x), y).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -201,9 +217,10 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         if privacy.is_private and epoch_metrics[M.EPSILON] > privacy.target_epsilon:
             raise BudgetError(f"epsilon spent {epoch_metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         history.append(epoch_metrics)
-        if epoch_metrics[M.VAL_AUROC_MACRO] > best["val_auroc"] or cfg.model_selection == "last":
-            best = {"val_auroc": epoch_metrics[M.VAL_AUROC_MACRO], "epoch": epoch,
-                    "weights": copy.deepcopy(model.state_dict())}
+        val_auroc = epoch_metrics[M.VAL_AUROC_MACRO]
+        score = -math.inf if math.isnan(val_auroc) else val_auroc  # NaN: validation has a single class
+        if best["weights"] is None or score > best["val_auroc"] or cfg.model_selection == "last":
+            best = {"val_auroc": score, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
         report(epoch_metrics, _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant,
                                         sampler_rng, noise_rng))
 
@@ -245,17 +262,40 @@ def _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant, sa
     }
 
 
+RESUME_IGNORED_KEYS = ("data_root",)
+"""Config keys that may differ between a checkpoint and its resume (a moved data folder changes nothing)."""
+
+
 def _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng):
-    if state["config"] != cfg.to_flat():
-        raise ValueError("checkpoint belongs to a different trial configuration; refusing to resume from it")
+    saved, current = state["config"], cfg.to_flat()
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUME_IGNORED_KEYS and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+        raise ValueError(f"checkpoint belongs to a different trial configuration ({details}); refusing to resume")
     model.load_state_dict(state["model"])
     getattr(optimizer, "original_optimizer", optimizer).load_state_dict(state["optimizer"])
     if accountant is not None:
         accountant.load_state_dict(state["accountant"])
+        _check_ledger(accountant, cfg, state["steps"])
     sampler_rng.set_state(state["sampler_rng"])
     noise_rng.set_state(state["noise_rng"])
     torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["steps"], list(state["history"]), state["best"]
+
+
+def _check_ledger(accountant, cfg: TrialConfig, steps: int) -> None:
+    """The restored accountant must account for exactly the steps taken, at the trial's (sigma, q): a lost or
+    foreign ledger would under-report epsilon silently."""
+    history = accountant.history
+    recorded = sum(n for _, _, n in history)
+    mechanisms = {(sigma, q) for sigma, q, _ in history}
+    expected = {(cfg.privacy.noise_multiplier, cfg.privacy.sample_rate)}
+    if recorded != steps or (history and mechanisms != expected):
+        raise BudgetError(
+            f"checkpoint's privacy ledger records {recorded} steps at {sorted(mechanisms)} but the trial took {steps} "
+            f"steps at {sorted(expected)}; refusing to resume with an inconsistent ledger"
+        )
 
 
 def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dict[str, Any]:
@@ -274,6 +314,7 @@ def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dic
     metrics[M.BEST_EPOCH] = best["epoch"]
     metrics[M.STEPS] = steps
     if privacy.is_private:
+        _check_ledger(accountant, cfg, steps)
         metrics[M.EPSILON] = accountant.get_epsilon(privacy.delta)
         metrics[M.EPSILON_AT_BEST_EPOCH] = history[best["epoch"] - 1][M.EPSILON]
         cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta)

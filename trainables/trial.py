@@ -40,7 +40,7 @@ def dp_trial(config: dict[str, Any]) -> None:
             if final_file.exists():  # finished before the restart: report the same result again
                 tune.report(json.loads(final_file.read_text()), checkpoint=checkpoint)
                 return
-            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
 
     def report_epoch(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as folder:

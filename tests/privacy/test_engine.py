@@ -150,3 +150,28 @@ def test_accountant_counts_every_logical_batch():
         private_step(wrapped, optimizer, LOSS, (x[indices], y[indices]), max_physical_batch_size=2)
     assert sum(steps for _, _, steps in accountant.history) == 5
     assert all(q == 0.4 and s == 1.0 for s, q, _ in accountant.history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["convnext_atto", "convnext_tiny", "convnext_small"])
+def test_study_architectures_get_exact_per_sample_gradients_for_every_parameter(model_name):
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=5, in_chans=1, drop_path_rate=0.0)
+    x, y = inputs(2, size=32)
+    for mode in ("hooks", "functorch"):
+        wrapped = wrap_model(model, mode)
+        check = check_per_sample_gradients(wrapped, LOSS, x, y)
+        wrapped._close()  # remove the hooks before wrapping the same model again
+        assert check.max_relative_error < 1e-4, (mode, check)
+        assert check.n_parameters == sum(1 for p in model.parameters() if p.requires_grad)
+    stock = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    with pytest.raises(PerSampleGradientError):
+        check_per_sample_gradients(stock, LOSS, x, y)
+    stock._close()
+    # every trainable parameter is also updated by the DP optimizer
+    optimizer = make_dp_optimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=2, noise_generator=torch.Generator().manual_seed(0), accountant=RDPAccountant(),
+        sample_rate=0.1,
+    )
+    assert {id(p) for p in optimizer.params} == {id(p) for p in model.parameters() if p.requires_grad}

@@ -1,0 +1,430 @@
+"""The study's tables as DataFrames: AUROC by init and epsilon bin, cross-dataset AUROC, subgroup AUROC,
+fairness gaps and paired bootstrap p-values between inits.
+
+**Epsilon bins.** The study reports results in bins of *spent* epsilon: (0, 1], (1, 3], (3, 10] and the
+non-private baseline (epsilon = inf). A bin holds the epsilons ``low < epsilon <= high``; the non-private
+bin holds exactly ``inf``. An epsilon in no bin (e.g. 12) is left out of the binned views.
+
+**Two kinds of rows.**
+
+- *Per-epoch* (`best_epochs_by_bin`, `auroc_by_bin`): every epoch's checkpoint counts, binned by the
+  epsilon spent when it was written (``privacy/epsilon`` in ``epochs.parquet``), as in the study. For one
+  trial and one bin, the selected epoch is the one with the highest validation macro AUROC
+  (``val/auroc_macro``) among the trial's epochs whose spent epsilon lies in the bin; ties go to the
+  earliest epoch. Its test AUROC (``test/auroc_macro_at_epoch``) is reported and never used to choose.
+  Selecting among epochs ``<= k`` uses nothing released after epoch ``k``, so the selected model's
+  guarantee is the epsilon spent at the bin's last epoch of that trial, which lies in the bin (this
+  treats the validation split as the study treats its selection split: outside the accounting).
+- *Final-model* (`final_selection` and the views built on it): the metrics each trial reports at the
+  end (``trials.parquet``), for the epoch its training selected on validation. The model's bin is that of
+  the epsilon spent by the *whole* run (``privacy/epsilon``), because the choice of epoch looked at the
+  validation scores of every epoch.
+
+**Choosing among trials.** Where several trials (other learning rates, clip norms, seeds or target
+epsilons) fall into one cell (dataset, init, bin), the reported one is the trial with the highest
+validation macro AUROC at its selected epoch; ties go to the lower spent epsilon, then to the trial key
+in sort order. Every view keeps ``trial`` so a number can be traced back, and ``candidate_trials``
+counts the trials the cell chose from. Only finished trials (``status == "TERMINATED"``) take part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+from analysis.tables import FINISHED
+from trainables import metrics
+from trainables.evaluate import names
+from trainables.evaluate.bootstrap import paired_p_value
+from trainables.evaluate.fairness import ATTRIBUTES
+
+BIN = "bin"
+TRIAL = "trial"
+CANDIDATE_TRIALS = "candidate_trials"
+CANDIDATE_EPOCHS = "candidate_epochs"
+DEFAULT_BY: tuple[str, ...] = ("dataset", "init")
+"""Cells of the study's tables: one per training dataset and init (and bin)."""
+FAIRNESS_EXTRAS: tuple[str, ...] = ("auroc_gap_label_mean", "worst_group_auroc")
+"""Fairness columns besides `trainables.evaluate.names.FAIRNESS_METRICS`."""
+
+
+@dataclass(frozen=True)
+class EpsilonBin:
+    """A range of spent epsilon: ``low < epsilon <= high``; ``low = high = inf`` is the non-private bin.
+
+    Attributes:
+        label: name used as column/row label, e.g. ``"(1, 3]"``.
+        low: exclusive lower edge (>= 0).
+        high: inclusive upper edge (> low, or inf for the non-private bin).
+    """
+
+    label: str
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not (self.low >= 0 and (self.low < self.high or (math.isinf(self.low) and math.isinf(self.high)))):
+            raise ValueError(f"EpsilonBin {self.label!r}: need 0 <= low < high (or low = high = inf for the "
+                             f"non-private bin), got low={self.low}, high={self.high}")
+
+    @property
+    def is_non_private(self) -> bool:
+        return math.isinf(self.low)
+
+    def contains(self, epsilon: ArrayLike) -> np.ndarray:
+        """Boolean mask of the epsilons in this bin (NaN is in no bin)."""
+        epsilon = np.asarray(epsilon, dtype=np.float64)
+        if self.is_non_private:
+            return np.isposinf(epsilon)
+        return (epsilon > self.low) & (epsilon <= self.high)
+
+
+STUDY_BINS: tuple[EpsilonBin, ...] = (
+    EpsilonBin("(0, 1]", 0.0, 1.0),
+    EpsilonBin("(1, 3]", 1.0, 3.0),
+    EpsilonBin("(3, 10]", 3.0, 10.0),
+    EpsilonBin("inf", math.inf, math.inf),
+)
+"""The study's bins: 0 < eps <= 1, 1 < eps <= 3, 3 < eps <= 10, and the non-private baseline."""
+
+
+def check_bins(bins: Sequence[EpsilonBin]) -> tuple[EpsilonBin, ...]:
+    """Validate that bins have distinct labels and do not overlap; returns them as a tuple."""
+    bins = tuple(bins)
+    if not bins:
+        raise ValueError("epsilon bins: give at least one EpsilonBin")
+    labels = [b.label for b in bins]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"epsilon bins: labels must be distinct, got {labels}")
+    ordered = sorted(bins, key=lambda b: (b.low, b.high))
+    for before, after in itertools.pairwise(ordered):
+        if after.low < before.high and not (before.is_non_private or after.is_non_private):
+            raise ValueError(f"epsilon bins {before.label!r} and {after.label!r} overlap; each epsilon must fall "
+                             "in at most one bin")
+        if before.is_non_private and after.is_non_private:
+            raise ValueError(f"epsilon bins {before.label!r} and {after.label!r} are both the non-private bin")
+    return bins
+
+
+def assign_bins(epsilon: ArrayLike, bins: Sequence[EpsilonBin] = STUDY_BINS) -> pd.Categorical:
+    """The bin of each epsilon, as an ordered categorical (categories in the order of ``bins``; NaN: none)."""
+    bins = check_bins(bins)
+    epsilon = np.asarray(epsilon, dtype=np.float64)
+    codes = np.full(epsilon.shape, -1, dtype=np.int64)
+    for code, epsilon_bin in enumerate(bins):
+        codes[epsilon_bin.contains(epsilon)] = code
+    return pd.Categorical.from_codes(codes, categories=[b.label for b in bins], ordered=True)
+
+
+def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS) -> pd.DataFrame:
+    """For each trial and bin, the epoch with the best validation AUROC among those spent within the bin.
+
+    Epochs whose ``val/auroc_macro`` is NaN cannot be selected. Ties in validation AUROC go to the earliest
+    epoch. See the module docstring for why this does not peek at test. Every trial in ``epochs`` takes part;
+    `auroc_by_bin` passes only the epochs of finished trials.
+
+    Args:
+        epochs: ``epochs.parquet`` rows (``trial``, ``epoch``, ``privacy/epsilon``, ``val/auroc_macro``,
+            ``test/auroc_macro_at_epoch``).
+        bins: the epsilon bins.
+
+    Returns:
+        One row per (trial, bin) that has a selectable epoch: ``trial``, ``bin`` (categorical), ``epoch``,
+        the three metric columns of that epoch, and ``candidate_epochs`` (selectable epochs in the bin).
+    """
+    columns = [TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO, metrics.TEST_AUROC_MACRO_AT_EPOCH]
+    _require(epochs, columns, "epochs table",
+             hint={metrics.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`"})
+    frame = epochs[columns].copy()
+    frame[BIN] = assign_bins(frame[metrics.EPSILON], bins)
+    frame = frame[frame[BIN].notna() & frame[metrics.VAL_AUROC_MACRO].notna()]
+    frame = frame.sort_values([TRIAL, BIN, metrics.VAL_AUROC_MACRO, metrics.EPOCH],
+                              ascending=[True, True, False, True], kind="stable")
+    keys = [TRIAL, BIN]
+    best = frame.groupby(keys, observed=True, sort=False).head(1)
+    counts = frame.groupby(keys, observed=True).size().rename(CANDIDATE_EPOCHS).reset_index()
+    best = best.merge(counts, on=keys, how="left")
+    return best[[TRIAL, BIN, *columns[1:], CANDIDATE_EPOCHS]].reset_index(drop=True)
+
+
+def auroc_by_bin(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    by: Sequence[str] = DEFAULT_BY,
+) -> pd.DataFrame:
+    """On-domain test AUROC per cell (dataset, init, bin) from every epoch's spent epsilon.
+
+    Per trial and bin the epoch is chosen as in `best_epochs_by_bin`; per cell, the trial as in the module
+    docstring (best validation AUROC of its chosen epoch).
+
+    Returns:
+        One row per cell that has a selectable epoch: the ``by`` columns, ``bin``, ``trial``, ``epoch``,
+        ``privacy/epsilon``, ``val/auroc_macro``, ``test/auroc_macro_at_epoch``, ``candidate_epochs`` (of
+        the chosen trial) and ``candidate_trials``; sorted by ``by`` then bin.
+    """
+    finished = _finished(trials, by)
+    best = best_epochs_by_bin(epochs[epochs[TRIAL].isin(finished[TRIAL])], bins)
+    frame = best.merge(finished[[TRIAL, *by]], on=TRIAL, how="inner")
+    return _choose(frame, [*by, BIN], score=metrics.VAL_AUROC_MACRO)[
+        [*by, BIN, TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO,
+         metrics.TEST_AUROC_MACRO_AT_EPOCH, CANDIDATE_EPOCHS, CANDIDATE_TRIALS]
+    ]
+
+
+def bin_table(frame: pd.DataFrame, value: str, index: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """Wide view of a binned long table: rows ``index``, one column per bin (every bin, NaN when empty)."""
+    _require(frame, [*index, BIN, value], "binned table")
+    wide = frame.pivot_table(index=list(index), columns=BIN, values=value, aggfunc="first", observed=False,
+                             dropna=False)
+    categories = frame[BIN].cat.categories if isinstance(frame[BIN].dtype, pd.CategoricalDtype) else wide.columns
+    wide = wide.reindex(columns=list(categories))
+    wide.columns.name = BIN
+    return wide
+
+
+def final_selection(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    by: Sequence[str] = DEFAULT_BY,
+) -> pd.DataFrame:
+    """The finished trial reported per cell (dataset, init, bin) in the final-model views.
+
+    A trial's bin is that of its final ``privacy/epsilon`` (spent by the whole run). Its selection score is
+    ``val/auroc_macro`` of its selected epoch (``val/best_epoch``), read from the epochs table; a trial
+    without one ranks after every trial that has one.
+
+    Returns:
+        One row per non-empty cell: the ``by`` columns, ``bin``, ``trial``, ``privacy/epsilon``,
+        ``val/best_epoch``, ``val/auroc_macro`` and ``candidate_trials``; sorted by ``by`` then bin.
+    """
+    finished = _finished(trials, by, extra=(metrics.EPSILON,))
+    frame = finished[[TRIAL, *by, metrics.EPSILON]].copy()
+    frame[BIN] = assign_bins(frame[metrics.EPSILON], bins)
+    frame = frame[frame[BIN].notna()]
+    if metrics.BEST_EPOCH in finished.columns and {TRIAL, metrics.EPOCH, metrics.VAL_AUROC_MACRO} <= set(epochs):
+        best = finished[[TRIAL, metrics.BEST_EPOCH]].dropna()
+        scores = best.merge(epochs[[TRIAL, metrics.EPOCH, metrics.VAL_AUROC_MACRO]],
+                            left_on=[TRIAL, metrics.BEST_EPOCH], right_on=[TRIAL, metrics.EPOCH], how="inner")
+        frame = frame.merge(scores[[TRIAL, metrics.BEST_EPOCH, metrics.VAL_AUROC_MACRO]], on=TRIAL, how="left")
+    else:
+        frame[metrics.BEST_EPOCH] = np.nan
+        frame[metrics.VAL_AUROC_MACRO] = np.nan
+    return _choose(frame, [*by, BIN], score=metrics.VAL_AUROC_MACRO)[
+        [*by, BIN, TRIAL, metrics.EPSILON, metrics.BEST_EPOCH, metrics.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
+    ]
+
+
+def external_datasets(trials: pd.DataFrame) -> list[str]:
+    """External test sets that have a macro AUROC column (``external/<name>/auroc_macro``), in column order."""
+    found = []
+    for column in trials.columns:
+        if column.startswith("external/"):
+            name = column.removeprefix("external/").rpartition("/")[0]
+            if name and metrics.external_auroc(name) == column:
+                found.append(name)
+    return found
+
+
+def external_auroc_matrix(trials: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
+    """Macro test AUROC of each selected trial on its own test split and on every external test set.
+
+    Args:
+        trials: the trial table (needs ``dataset``, ``test/auroc_macro`` and ``external/<name>/auroc_macro``).
+        selection: `final_selection` output (its cells must include ``dataset``).
+
+    Returns:
+        Index = the selection's cell columns + ``trial``; one column per test dataset (``columns.name`` is
+        ``"test dataset"``): training datasets first, then the other external sets. The on-domain entry
+        (test dataset = training dataset) is ``test/auroc_macro``; a dataset a trial was not tested on is NaN.
+    """
+    _require(trials, [TRIAL, "dataset", metrics.TEST_AUROC_MACRO], "trial table")
+    cells = _cell_columns(selection)
+    if "dataset" not in cells:
+        raise ValueError("external_auroc_matrix: the selection must have a 'dataset' cell column (by=('dataset', ...))")
+    rows = selection[[*cells, TRIAL]].merge(
+        trials[[TRIAL, metrics.TEST_AUROC_MACRO, *(metrics.external_auroc(d) for d in external_datasets(trials))]],
+        on=TRIAL, how="left")
+    test_sets = list(dict.fromkeys([*selection["dataset"].astype(str), *external_datasets(trials)]))
+    values = np.full((len(rows), len(test_sets)), np.nan)
+    on_domain = rows[metrics.TEST_AUROC_MACRO].to_numpy(dtype=float)
+    for j, test_set in enumerate(test_sets):
+        column = metrics.external_auroc(test_set)
+        external = rows[column].to_numpy(dtype=float) if column in rows else np.full(len(rows), np.nan)
+        values[:, j] = np.where(rows["dataset"].astype(str) == test_set, on_domain, external)
+    matrix = pd.DataFrame(values, index=pd.MultiIndex.from_frame(rows[[*cells, TRIAL]]), columns=test_sets)
+    matrix.columns.name = "test dataset"
+    return matrix
+
+
+def subgroup_auroc_table(trials: pd.DataFrame, selection: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Macro AUROC inside each demographic subgroup for each selected trial.
+
+    Returns:
+        Index = the selection's cell columns + ``trial``; columns a MultiIndex (attribute, group) over the
+        ``<split>/subgroup_auroc/<attribute>/<group>`` columns of the trial table (attributes in
+        `trainables.evaluate.fairness.ATTRIBUTES` order, groups in the order the trial table lists them).
+    """
+    columns = {}
+    for attribute in ATTRIBUTES:
+        prefix = names.subgroup_auroc(split, attribute, "")
+        for column in trials.columns:
+            group = column.removeprefix(prefix)
+            if column.startswith(prefix) and group and names.subgroup_auroc(split, attribute, group) == column:
+                columns[(attribute, group)] = column
+    return _selected_columns(trials, selection, columns, ("attribute", "group"))
+
+
+def fairness_table(trials: pd.DataFrame, selection: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Label-averaged fairness gaps per attribute for each selected trial.
+
+    Columns are a MultiIndex (attribute, metric): every family of `trainables.evaluate.names.FAIRNESS_METRICS`
+    (``auroc_gap`` is the gap of the groups' *macro* AUROC; the others are per-label gaps averaged over
+    labels; definitions in `trainables.evaluate.fairness`), then ``auroc_gap_label_mean`` and
+    ``worst_group_auroc``. Columns absent from the trial table are left out.
+    """
+    columns = {}
+    for attribute in ATTRIBUTES:
+        for family in names.FAIRNESS_METRICS:
+            columns[(attribute, family)] = names.fairness(split, family, attribute)
+        columns[(attribute, "auroc_gap_label_mean")] = names.auroc_gap_label_mean(split, attribute)
+        columns[(attribute, "worst_group_auroc")] = names.worst_group_auroc(split, attribute)
+    present = {key: column for key, column in columns.items() if column in trials.columns}
+    return _selected_columns(trials, selection, present, ("attribute", "metric"))
+
+
+def paired_p_values(
+    trials: pd.DataFrame,
+    selection: pd.DataFrame,
+    bootstrap: pd.DataFrame,
+    compare: str = "init",
+) -> pd.DataFrame:
+    """Paired bootstrap p-values between the selected trials of two values of ``compare`` (e.g. two inits).
+
+    Within each cell of the selection that differs only in ``compare`` (e.g. one training dataset and one
+    bin), every pair of ``compare`` values (in order of first appearance) is compared on every test set
+    both trials were bootstrapped on. ``p_1_better`` is `trainables.evaluate.bootstrap.paired_p_value`
+    for "trial 1 has a higher macro AUROC than trial 2": the share of paired replicates with
+    ``AUROC_1 <= AUROC_2``; ``p_2_better`` is the reverse. One-sided, no correction for the number of
+    comparisons. Replicates pair by index because every trial of a sweep resamples a dataset's test set
+    with that dataset's fixed seed.
+
+    Args:
+        trials: the trial table (point estimates, and ``<split>/n_images`` to check the pairing).
+        selection: `final_selection` output.
+        bootstrap: per-trial replicates (``trial``, ``dataset``, ``replicate``, ``auroc_macro``), e.g.
+            `analysis.tables.EvaluationTables.bootstrap`.
+        compare: the cell column whose values are compared.
+
+    Returns:
+        One row per (cell, test dataset, pair): the other cell columns, ``bin``, ``test dataset``,
+        ``<compare>_1``, ``<compare>_2``, ``trial_1``, ``trial_2``, ``auroc_1``, ``auroc_2`` (point
+        estimates), ``p_1_better``, ``p_2_better`` and ``n_replicates`` (defined, paired replicates).
+
+    Raises:
+        ValueError: a selected trial has no replicates, or two trials' replicates do not pair up
+            (different replicate indices or test-set sizes).
+    """
+    _require(bootstrap, [TRIAL, "dataset", "replicate", "auroc_macro"], "bootstrap table")
+    _require(trials, [TRIAL, "dataset"], "trial table")
+    cells = _cell_columns(selection)
+    if compare not in cells:
+        raise ValueError(f"paired_p_values: compare={compare!r} is not a cell column of the selection ({cells})")
+    fixed = [c for c in cells if c != compare]
+    by_trial = trials.set_index(TRIAL)
+    replicates = {key: frame.sort_values("replicate") for key, frame in bootstrap.groupby([TRIAL, "dataset"])}
+    rows = []
+    for fixed_values, cell in selection.groupby(fixed, observed=True, sort=False):
+        fixed_values = fixed_values if isinstance(fixed_values, tuple) else (fixed_values,)
+        for first, second in itertools.combinations(cell.itertuples(index=False), 2):
+            trial_1, trial_2 = getattr(first, TRIAL), getattr(second, TRIAL)
+            for trial in (trial_1, trial_2):
+                if not any(key[0] == trial for key in replicates):
+                    raise ValueError(f"paired_p_values: no bootstrap replicates for selected trial {trial!r}; "
+                                     "collect them with analysis.tables.collect_trial_tables")
+            own = by_trial.at[trial_1, "dataset"]
+            datasets = sorted((d for (t, d) in replicates if t == trial_1 and (trial_2, d) in replicates),
+                              key=lambda d: (d != own, d))
+            for dataset in datasets:
+                reps_1, reps_2 = replicates[(trial_1, dataset)], replicates[(trial_2, dataset)]
+                _check_paired(by_trial, trial_1, trial_2, dataset, reps_1, reps_2)
+                split = "test" if dataset == own else f"external/{dataset}"
+                auroc_column = names.auroc_macro(split)
+                a, b = reps_1["auroc_macro"].to_numpy(), reps_2["auroc_macro"].to_numpy()
+                rows.append({
+                    **dict(zip(fixed, fixed_values, strict=True)),
+                    "test dataset": dataset,
+                    f"{compare}_1": getattr(first, compare),
+                    f"{compare}_2": getattr(second, compare),
+                    "trial_1": trial_1,
+                    "trial_2": trial_2,
+                    "auroc_1": by_trial[auroc_column].get(trial_1, np.nan) if auroc_column in by_trial else np.nan,
+                    "auroc_2": by_trial[auroc_column].get(trial_2, np.nan) if auroc_column in by_trial else np.nan,
+                    "p_1_better": paired_p_value(a, b),
+                    "p_2_better": paired_p_value(b, a),
+                    "n_replicates": int((~np.isnan(a.astype(np.float64))).sum()),
+                })
+    columns = [*fixed, "test dataset", f"{compare}_1", f"{compare}_2", "trial_1", "trial_2", "auroc_1", "auroc_2",
+               "p_1_better", "p_2_better", "n_replicates"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _check_paired(by_trial: pd.DataFrame, trial_1: str, trial_2: str, dataset: str, reps_1: pd.DataFrame,
+                  reps_2: pd.DataFrame) -> None:
+    if not np.array_equal(reps_1["replicate"].to_numpy(), reps_2["replicate"].to_numpy()):
+        raise ValueError(f"paired_p_values: trials {trial_1!r} and {trial_2!r} have different bootstrap replicates on "
+                         f"{dataset!r} ({len(reps_1)} vs {len(reps_2)}); compare trials run with the same n_boot")
+    split = "test" if dataset == by_trial.at[trial_1, "dataset"] else f"external/{dataset}"
+    column = names.n_images(split)
+    if column in by_trial.columns:
+        n_1, n_2 = by_trial.at[trial_1, column], by_trial.at[trial_2, column]
+        if not (pd.isna(n_1) or pd.isna(n_2)) and n_1 != n_2:
+            raise ValueError(f"paired_p_values: {dataset!r} had {n_1:g} test images for {trial_1!r} but {n_2:g} for "
+                             f"{trial_2!r}; replicates of different test sets do not pair")
+
+
+def _selected_columns(trials: pd.DataFrame, selection: pd.DataFrame, columns: dict[tuple[str, str], str],
+                      level_names: tuple[str, str]) -> pd.DataFrame:
+    cells = _cell_columns(selection)
+    values = selection[[*cells, TRIAL]].merge(trials[[TRIAL, *columns.values()]], on=TRIAL, how="left")
+    out = pd.DataFrame(values[list(columns.values())].to_numpy(dtype=float),
+                       index=pd.MultiIndex.from_frame(values[[*cells, TRIAL]]),
+                       columns=pd.MultiIndex.from_tuples(list(columns), names=list(level_names)))
+    return out
+
+
+def _cell_columns(selection: pd.DataFrame) -> list[str]:
+    """The selection's cell columns: everything before ``trial`` (the ``by`` columns, then ``bin``)."""
+    _require(selection, [TRIAL, BIN], "selection")
+    columns = list(selection.columns)
+    return columns[: columns.index(TRIAL)]
+
+
+def _choose(frame: pd.DataFrame, cell: list[str], score: str) -> pd.DataFrame:
+    """Per cell, the row with the highest ``score`` (NaN last); ties: lower epsilon, then trial key."""
+    ordered = frame.sort_values([*cell, score, metrics.EPSILON, TRIAL],
+                                ascending=[True] * len(cell) + [False, True, True], na_position="last",
+                                kind="stable")
+    counts = frame.groupby(cell, observed=True, dropna=False).size().rename(CANDIDATE_TRIALS).reset_index()
+    chosen = ordered.groupby(cell, observed=True, sort=False, dropna=False).head(1)
+    chosen = chosen.merge(counts, on=cell, how="left")
+    return chosen.sort_values(cell, kind="stable").reset_index(drop=True)
+
+
+def _finished(trials: pd.DataFrame, by: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
+    _require(trials, [TRIAL, "status", *by, *extra], "trial table")
+    return trials[trials["status"] == FINISHED]
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str, hint: dict[str, str] | None = None) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        fix = "; ".join((hint or {}).get(c, "") for c in missing if (hint or {}).get(c))
+        raise KeyError(f"{what}: missing column(s) {missing}" + (f"; {fix}" if fix else ""))

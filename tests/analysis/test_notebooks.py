@@ -1,0 +1,61 @@
+"""The notebooks run headless against a small sweep and reproduce the report's views; stored without outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from tests.analysis.fixtures import make_sweep  # noqa: E402
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "analysis" / "notebooks").glob("*.ipynb"))
+KERNEL = "dpsweep-test-venv"
+
+
+def test_there_is_a_notebook():
+    assert [p.name for p in NOTEBOOKS] == ["study_views.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+    parameters = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(parameters) == 1 and "DPSWEEP_SWEEP_DIR" in parameters[0].source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes_on_a_fixture_sweep(path, tmp_path, monkeypatch):
+    sweep_dir = make_sweep(tmp_path / "runs")
+    # A kernel spec that runs this very interpreter (the venv's python), found through JUPYTER_PATH.
+    spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "dpsweep test venv", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("DPSWEEP_SWEEP_DIR", str(sweep_dir))
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, kernel_name=KERNEL, timeout=120,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError on any failing cell
+
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 5  # the report's five figures
+    text = "\n".join(str(o.get("data", {}).get("text/html", "")) + str(o.get("text", "")) for o in outputs)
+    assert "fixture: 9 trials" in text
+    assert "<td>0.61</td>" in text  # random init, bin (0, 1]: test AUROC of the validation-selected epoch
+    assert "<td>0.211</td>" in text  # paired bootstrap p-value 4/19
+    assert "ext-b" in text

@@ -1,0 +1,123 @@
+"""Reading a sweep back: trial/epoch tables and the per-trial evaluation tables from Ray checkpoints."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analysis.tables import (
+    BOOTSTRAP_FILE,
+    GROUPS_FILE,
+    TRIALS_FILE,
+    TableError,
+    collect_trial_tables,
+    default_ray_experiment_dir,
+    load_tables,
+    main,
+    write_evaluation_tables,
+)
+from tests.analysis.fixtures import N_BOOT, SWEEP, TRIALS, FakeTrial, make_sweep, write_ray_trial
+
+FINISHED_KEYS = sorted(t.key for t in TRIALS if t.status == "TERMINATED")
+
+
+def test_load_tables_collects_from_the_default_ray_folder(tmp_path):
+    sweep_dir = make_sweep(tmp_path)
+    tables = load_tables(sweep_dir)
+    assert tables.name == SWEEP
+    assert len(tables.trials) == len(TRIALS) and tables.trials["trial"].is_unique
+    assert len(tables.epochs) == sum(len(t.epsilon) for t in TRIALS)
+    assert tables.evaluation is not None
+    assert str(tmp_path / "ray" / SWEEP) in tables.evaluation_note
+    bootstrap = tables.evaluation.bootstrap
+    assert list(bootstrap.columns[:1]) == ["trial"]
+    assert sorted(bootstrap["trial"].unique()) == FINISHED_KEYS  # the failed trial has no final checkpoint
+    assert (bootstrap.groupby(["trial", "dataset"]).size() == N_BOOT).all()
+    assert sorted(tables.evaluation.groups["trial"].unique()) == FINISHED_KEYS
+
+
+def test_default_ray_folder_follows_the_launcher_layout(tmp_path):
+    assert default_ray_experiment_dir(tmp_path / "runs" / "smoke") == tmp_path / "runs" / "ray" / "smoke"
+
+
+def test_collect_reads_the_highest_final_checkpoint(tmp_path):
+    folder = tmp_path / "ray" / "trial_a"
+    write_ray_trial(folder, TRIALS[0])
+    (folder / "checkpoint_000002").rename(folder / "checkpoint_000003")
+    stale = folder / "checkpoint_000002"  # an older final checkpoint with other numbers must be ignored
+    stale.mkdir()
+    (stale / "final.json").write_text("{}")
+    pd.DataFrame({"replicate": [0], "auroc_macro": [0.0], "dataset": ["x"]}).to_parquet(stale / BOOTSTRAP_FILE)
+    pd.DataFrame({"dataset": ["x"]}).to_parquet(stale / GROUPS_FILE)
+    tables = collect_trial_tables(tmp_path / "ray")
+    assert set(tables.bootstrap["dataset"]) == {"synthetic-a", "ext-b"}
+    assert len(tables.bootstrap) == 2 * N_BOOT
+
+
+def test_collect_errors(tmp_path):
+    with pytest.raises(TableError, match="does not exist"):
+        collect_trial_tables(tmp_path / "missing")
+    write_ray_trial(tmp_path / "ray" / "one", TRIALS[0])
+    write_ray_trial(tmp_path / "ray" / "two", TRIALS[0])
+    with pytest.raises(TableError, match="'random-eps1' appears twice .* one and two"):
+        collect_trial_tables(tmp_path / "ray")
+    (tmp_path / "ray" / "two" / "checkpoint_000002" / GROUPS_FILE).unlink()
+    (tmp_path / "ray" / "one").rename(tmp_path / "one")
+    with pytest.raises(TableError, match="holds final.json but not groups.parquet"):
+        collect_trial_tables(tmp_path / "ray")
+    (tmp_path / "ray" / "bad").mkdir()
+    (tmp_path / "ray" / "bad" / "params.json").write_text('{"lr": 1}')
+    with pytest.raises(TableError, match="no trial key at point.key"):
+        collect_trial_tables(tmp_path / "ray")
+
+
+def test_collect_with_no_finished_trial(tmp_path):
+    write_ray_trial(tmp_path / "ray" / "failed", FakeTrial("x", "random", 1.0, (0.5,), (0.5,), (0.5,),
+                                                           status="ERROR"))
+    tables = collect_trial_tables(tmp_path / "ray")
+    assert tables.bootstrap.empty and list(tables.bootstrap.columns) == ["trial"]
+
+
+def test_written_evaluation_tables_take_precedence(tmp_path):
+    sweep_dir = make_sweep(tmp_path)
+    written = write_evaluation_tables(sweep_dir)
+    assert written == [sweep_dir / GROUPS_FILE, sweep_dir / BOOTSTRAP_FILE]
+    assert f"read from {sweep_dir}" in load_tables(sweep_dir).evaluation_note
+    explicit = load_tables(sweep_dir, tmp_path / "ray" / SWEEP)  # an explicit Ray folder wins
+    assert "collected from the final checkpoints" in explicit.evaluation_note
+    collected = explicit.evaluation.bootstrap
+    import shutil
+
+    shutil.rmtree(tmp_path / "ray")
+    tables = load_tables(sweep_dir)
+    assert f"read from {sweep_dir}" in tables.evaluation_note
+    pd.testing.assert_frame_equal(tables.evaluation.bootstrap, collected)
+
+
+def test_missing_evaluation_tables_are_reported_not_invented(tmp_path):
+    sweep_dir = make_sweep(tmp_path, with_ray=False)
+    tables = load_tables(sweep_dir)
+    assert tables.evaluation is None
+    assert "no per-trial evaluation tables" in tables.evaluation_note
+    with pytest.raises(TableError, match="Ray experiment folder .*elsewhere does not exist"):
+        load_tables(sweep_dir, tmp_path / "elsewhere")
+
+
+def test_load_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(TableError, match=f"{TRIALS_FILE} does not exist; run the sweep first"):
+        load_tables(tmp_path / "nothing")
+    sweep_dir = make_sweep(tmp_path, with_ray=False)
+    trials = pd.read_parquet(sweep_dir / TRIALS_FILE)
+    pd.concat([trials, trials.iloc[:1]]).to_parquet(sweep_dir / TRIALS_FILE)
+    with pytest.raises(TableError, match="trial keys repeat .*random-eps1"):
+        load_tables(sweep_dir)
+    trials.drop(columns="status").to_parquet(sweep_dir / TRIALS_FILE)
+    with pytest.raises(TableError, match=r"missing column\(s\) \['status'\]"):
+        load_tables(sweep_dir)
+
+
+def test_cli_copies_the_tables(tmp_path, capsys):
+    sweep_dir = make_sweep(tmp_path)
+    main([str(sweep_dir)])
+    assert (sweep_dir / BOOTSTRAP_FILE).exists() and (sweep_dir / GROUPS_FILE).exists()
+    assert str(sweep_dir / BOOTSTRAP_FILE) in capsys.readouterr().out
