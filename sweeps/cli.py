@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
+    table = commands.add_parser("table", help="rebuild trials.parquet/epochs.parquet from Ray results (any state)")
+    _spec_args(table)
+
     report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
     _spec_args(report)
 
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "report": _report, "ui": _ui}
+        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "table": _table,
+                            "report": _report, "ui": _ui}
         return commands_by_name[args.command](args)
     except UserError as error:
         print(f"dpsweep: error: {error}", file=sys.stderr)
@@ -155,6 +159,20 @@ def _prepare(args) -> int:
 
     print(format_card(json.loads((folder / "card.json").read_text())))
     print(f"prepared: {folder}")
+    return 0
+
+
+def _table(args) -> int:
+    from sweeps.launch import rebuild_tables
+    from sweeps.spec import SpecError
+
+    spec, paths = _load(args)
+    try:
+        trials, epochs = rebuild_tables(spec, paths)
+    except SpecError as error:
+        raise UserError(str(error)) from None
+    print_summary(trials, paths.sweep_dir(spec), paths.tracking_uri)
+    print(f"{len(trials)} trials ({dict(trials['status'].value_counts())}), {len(epochs)} epoch rows")
     return 0
 
 

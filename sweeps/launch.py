@@ -259,7 +259,7 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
             ),
         )
     results = tuner.fit()
-    trials, epochs = build_tables(results_to_records(results, plan), run_ids(client, experiment_id, parent))
+    trials, epochs = build_tables(results_to_records(results), run_ids(client, experiment_id, parent))
     trials.to_parquet(sweep_dir / TRIALS_FILE, index=False)
     epochs.to_parquet(sweep_dir / EPOCHS_FILE, index=False)
     complete = bool(len(trials)) and (trials["status"] == "TERMINATED").all() and len(trials) == len(plan.trials)
@@ -269,27 +269,75 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     return trials
 
 
-def results_to_records(results, plan: SweepPlan) -> list[dict[str, Any]]:
-    """Ray results as plain records for `analysis.tables.build_tables` (analysis never imports Ray)."""
+def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataFrame | None, status: str,
+                 error: str | None) -> dict[str, Any]:
+    """One trial as a plain record for `analysis.tables.build_tables` (analysis never imports Ray).
+
+    ``status``: TERMINATED (final report received), ERROR (failed after its retries) or INCOMPLETE (pending or
+    running when the driver stopped; a resumed sweep continues it).
+    """
     from trainables.trial import DONE
 
-    planned = {t.key: t for t in plan.trials}
+    finished = bool(final.get(DONE))
+    epoch_rows = []
+    if history is not None and len(history):
+        done = history[DONE].fillna(False).astype(bool) if DONE in history else False
+        epoch_rows = history[~done].to_dict("records")
+    return {"key": point["key"], "status": "TERMINATED" if finished and status != "ERROR" else status,
+            "error": error, "params": point["params"], "tags": point["tags"], "final": final if finished else {},
+            "epochs": epoch_rows}
+
+
+def results_to_records(results) -> list[dict[str, Any]]:
+    """Records of a finished `Tuner.fit()`."""
+    return [
+        trial_record(result.config["point"], result.metrics or {}, result.metrics_dataframe,
+                     "ERROR" if result.error is not None else "INCOMPLETE",
+                     None if result.error is None else str(result.error).splitlines()[0][:500])
+        for result in results
+    ]
+
+
+def rebuild_tables(spec: SweepSpec, paths: SweepPaths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trial and epoch tables from the sweep's Ray experiment folder, finished or not (`dpsweep table`).
+
+    Works on a partially finished, interrupted or resumed sweep: trials that never sent their final report are
+    INCOMPLETE, failed ones ERROR. Writes ``trials.parquet`` and ``epochs.parquet`` and returns them.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    experiment = paths.ray_storage / spec.name
+    if not experiment.exists():
+        raise SpecError(f"no Ray results for sweep {spec.name!r} at {experiment}; run `dpsweep sweep {spec.source}`")
+    analysis = ExperimentAnalysis(str(experiment))
+    frames = analysis.trial_dataframes
     records = []
-    for result in results:
-        key = result.config["point"]["key"]
-        history = result.metrics_dataframe
-        epoch_rows = [] if history is None else history[~history.get(DONE, False).astype(bool)].to_dict("records")
-        final = result.metrics or {}
-        records.append({
-            "key": key,
-            "status": "TERMINATED" if final.get(DONE) and result.error is None else "ERROR",
-            "error": None if result.error is None else str(result.error).splitlines()[0][:500],
-            "params": planned[key].params if key in planned else result.config["point"]["params"],
-            "tags": planned[key].tags if key in planned else result.config["point"]["tags"],
-            "final": final if final.get(DONE) else {},
-            "epochs": epoch_rows,
-        })
-    return records
+    for trial in analysis.trials:
+        status = {"ERROR": "ERROR"}.get(trial.status, "INCOMPLETE")
+        error = f"failed; see {getattr(trial, 'path', trial.trial_id)}" if trial.status == "ERROR" else None
+        history = frames.get(trial.trial_id)
+        records.append(trial_record(trial.config["point"], trial.last_result or {}, history, status, error))
+    mlflow_runs = {}
+    try:
+        import mlflow.tracking
+
+        client = mlflow.tracking.MlflowClient(paths.tracking_uri)
+        experiment_meta = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
+        if experiment_meta is not None:
+            from sweeps.tracking import ROLE_TAG, SWEEP_TAG
+
+            parents = client.search_runs([experiment_meta.experiment_id],
+                                         f"tags.`{SWEEP_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'sweep'")
+            if parents:
+                mlflow_runs = run_ids(client, experiment_meta.experiment_id, parents[0].info.run_id)
+    except Exception as error:  # noqa: BLE001 - tables are still useful without run ids; say so
+        print(f"warning: MLflow run ids not added ({error})")
+    trials, epochs = build_tables(records, mlflow_runs)
+    sweep_dir = paths.sweep_dir(spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    trials.to_parquet(sweep_dir / TRIALS_FILE, index=False)
+    epochs.to_parquet(sweep_dir / EPOCHS_FILE, index=False)
+    return trials, epochs
 
 
 def run_ids(client, experiment_id: str, parent: str) -> dict[str, str]:

@@ -98,3 +98,17 @@ def test_running_again_duplicates_nothing(tiny_sweep, capsys):
     client = MlflowClient(paths.tracking_uri)
     experiment = client.get_experiment_by_name("tiny")
     assert len(client.search_runs([experiment.experiment_id])) == len(trials) + 1
+
+
+def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
+    from sweeps.launch import rebuild_tables
+
+    spec, paths, trials = tiny_sweep
+    rebuilt, epochs = rebuild_tables(spec, paths)
+    assert set(rebuilt["trial"]) == set(trials["trial"])
+    merged = rebuilt.merge(trials, on="trial", suffixes=("", "_sweep"))
+    assert (merged["status"] == "TERMINATED").all()
+    assert (merged[M.TEST_AUROC_MACRO] == merged[M.TEST_AUROC_MACRO + "_sweep"]).all()
+    assert (merged["mlflow_run_id"] == merged["mlflow_run_id_sweep"]).all()
+    assert len(epochs) == len(trials) * 2
+    assert not any(c.startswith("config/") for c in epochs.columns)
