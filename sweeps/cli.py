@@ -117,6 +117,11 @@ def print_summary(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> N
         print(table.to_string(index=False))
     print(f"\ntables: {sweep_dir / 'trials.parquet'}, {sweep_dir / 'epochs.parquet'}")
     print(f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
+    from sweeps.launch import tuning_cost
+
+    cost = tuning_cost(trials)
+    if cost is not None:
+        print(f"privacy of releasing the best trial of this sweep (not the per-trial epsilon): {cost.sentence}")
     if M.EPSILON in trials:
         private = trials[trials["target_epsilon"].map(math.isfinite)]
         over = private[private[M.EPSILON] > private["target_epsilon"]]

@@ -20,6 +20,7 @@ import pandas as pd
 
 from analysis.tables import EPOCHS_FILE, TRIALS_FILE, build_tables, provenance
 from sweeps.spec import SpecError, SweepSpec
+from trainables import metrics as M
 from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.data.cache import MANIFEST_FILE
 from trainables.data.registry import ensure_prepared
@@ -264,9 +265,28 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     epochs.to_parquet(sweep_dir / EPOCHS_FILE, index=False)
     complete = bool(len(trials)) and (trials["status"] == "TERMINATED").all() and len(trials) == len(plan.trials)
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
-    finish_parent(paths.tracking_uri, parent, "FINISHED" if complete else "FAILED",
+    cost = tuning_cost(trials)
+    summary = {} if cost is None else {M.TUNING_EPSILON: cost.epsilon}
+    finish_parent(paths.tracking_uri, parent, "FINISHED" if complete else "FAILED", summary=summary,
                   artifacts=[sweep_dir / TRIALS_FILE, sweep_dir / EPOCHS_FILE])
     return trials
+
+
+def tuning_cost(trials: pd.DataFrame):
+    """Epsilon of releasing the best trial after the whole grid (RDP composition of every private trial run
+    on the same data: the grid's trial count is fixed, so Papernot-Steinke random-count bounds do not apply).
+    None when the sweep has no private trial."""
+    from trainables.privacy.tuning import TrialMechanism, tuning_epsilon
+
+    ran = trials[trials["status"] != "INCOMPLETE"] if "status" in trials else trials
+    private = ran[ran["noise_multiplier"] > 0]
+    if private.empty:
+        return None
+    q = float(private["sample_rate"].iloc[0])  # non-private rows carry q = 0; their sigma 0 is what matters
+    mechanisms = [TrialMechanism(float(r.noise_multiplier), float(r.sample_rate) or q, int(r.steps))
+                  for r in ran.itertuples()]
+    return tuning_epsilon(mechanisms, float(private["delta"].iloc[0]), "fixed",
+                          private_trials_only=len(private) < len(ran))
 
 
 def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataFrame | None, status: str,

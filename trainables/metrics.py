@@ -24,6 +24,9 @@ EPSILON_AT_BEST_EPOCH = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD = "privacy/epsilon_dp_accounting_pld"
 
+# Sweep-level, on the MLflow parent run.
+TUNING_EPSILON = "privacy/tuning_epsilon"  # releasing the best private trial after the whole grid (RDP composition)
+
 
 def test_auroc(label: str) -> str:
     """Test AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""

@@ -100,6 +100,20 @@ def test_running_again_duplicates_nothing(tiny_sweep, capsys):
     assert len(client.search_runs([experiment.experiment_id])) == len(trials) + 1
 
 
+def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
+    from sweeps.launch import tuning_cost
+
+    _, paths, trials = tiny_sweep
+    cost = tuning_cost(trials)
+    private = trials[trials["target_epsilon"].map(math.isfinite)]
+    assert cost.epsilon > private[M.EPSILON].max()  # two private trials composed cost more than either
+    assert cost.n_non_private_excluded == 2 and "Private trials only" in cost.sentence
+    client = MlflowClient(paths.tracking_uri)
+    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                f"tags.`{ROLE_TAG}` = 'sweep'")[0]
+    assert parent.data.metrics[M.TUNING_EPSILON] == pytest.approx(cost.epsilon)
+
+
 def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
     from sweeps.launch import rebuild_tables
 
