@@ -205,6 +205,8 @@ def _ui(args) -> int:
     command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
                "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    # MLflow 3's server otherwise starts a job runner and 7 GenAI job consumers this UI never uses.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execvp(command[0], command)
     return 0
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 import torch
 from ray import tune
 
@@ -24,6 +25,9 @@ STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 DONE = "done"
 """Key set to True in a trial's final report (and only there)."""
+NODE_ID = "ray/node_id"
+"""Key of the final report holding the hex id of the Ray node that ran the trial's final evaluation (a string: kept
+as a trials.parquet column, not logged to MLflow, which takes numbers only)."""
 
 
 def dp_trial(config: dict[str, Any]) -> None:
@@ -48,7 +52,7 @@ def dp_trial(config: dict[str, Any]) -> None:
             tune.report({**metrics, DONE: False}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     final = train_trial(cfg, init, report_epoch, state)
-    metrics = {**_json_safe(final["metrics"]), DONE: True}
+    metrics = {**_json_safe(final["metrics"]), NODE_ID: ray.get_runtime_context().get_node_id(), DONE: True}
     with tempfile.TemporaryDirectory() as folder:
         write_tables(Path(folder), final["tables"])
         (Path(folder) / FINAL_FILE).write_text(json.dumps(metrics))
