@@ -148,16 +148,17 @@ def served_sweep(tmp_path_factory) -> Iterator[ServedSweep]:
     import ray
 
     root = tmp_path_factory.mktemp("served")
-    server = MlflowServer(root)  # starts while Ray does
+    server = MlflowServer(root)
     try:
         raw = yaml.safe_load(SPEC)
         raw["tracking"] = {"uri": server.url}
         spec = parse_spec(raw, source="served.yaml")
         paths = SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data"))
         assert paths.tracking_uri == server.url
+        # Ready before Ray starts: Ray binds random ports and once took the one picked for the server.
+        server.wait_until_ready()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            server.wait_until_ready()
             trials = run_sweep(spec, paths)
         finally:
             ray.shutdown()
