@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from trainables.data.cache import SplitData
 
@@ -45,7 +45,3 @@ def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):
     for start in range(0, n, batch_size):
         yield dataset.batch(np.arange(start, min(start + batch_size, n)))
 
-
-def shuffled_loader(dataset: CacheSplitDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Non-private loader: a seeded shuffle, fixed batch size (the non-private baseline and pretraining)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
