@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,10 @@ import yaml
 from trainables.privacy.accounting import ACCOUNTANTS
 from trainables.privacy.engine import GRAD_SAMPLE_MODES
 
-SEARCH_MODES = ("grid",)
+SEARCH_MODES = ("grid", "optuna")
+OBJECTIVES = ("auroc", "auroc_gap_sex", "auroc_gap_age")  # optuna objectives (validation split, selected epoch)
+OPTUNA_SAMPLERS = ("tpe", "random")
+EARLY_STOPPING = ("asha",)
 PRIVACY_UNITS = ("image",)
 POS_WEIGHTS = ("uniform", "train")
 MODEL_SELECTIONS = ("best_val", "last")
@@ -32,7 +35,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    train: str
+    train: tuple[str, ...]  # one dataset or a list (a grid axis); each trial trains on one
     external: tuple[str, ...] = ()
     root: str = "data"
     image_size: int = 64
@@ -58,6 +61,7 @@ class PrivacySpec:
     delta: float = 6e-6
     accountant: str = "rdp"
     clip_norms: tuple[float, ...] = (1.0,)
+    clip_norms_by_model: dict[str, tuple[float, ...]] = field(default_factory=dict)  # `clip_norms` as a mapping
     expected_batch_size: int = 32
     epochs: int = 3
     privacy_unit: str = "image"
@@ -99,6 +103,34 @@ class SpeedSpec:
 
 
 @dataclass(frozen=True)
+class OptunaSpec:
+    """`search: optuna`: per (model, dataset, init, target epsilon) cell, an Optuna study over these ranges.
+
+    Each range is ``[low, high]`` (searched; log scale for all but epochs) or ``[value]`` (fixed)."""
+
+    trials_per_target: int = 8
+    max_concurrent: int = 2
+    objectives: tuple[str, ...] = ("auroc",)
+    noise_multiplier: tuple[float, ...] = (0.3, 5.0)
+    expected_batch_size: tuple[int, ...] = (16, 256)
+    epochs: tuple[int, ...] = (1, 5)
+    learning_rate: tuple[float, ...] = (1e-4, 1e-2)
+    clip_norm: tuple[float, ...] = (0.5, 5.0)
+    sampler: str = "tpe"
+    seed: int = 0
+    max_proposals: int = 200  # infeasible proposals tolerated per launched trial before giving up
+
+
+@dataclass(frozen=True)
+class EarlyStoppingSpec:
+    """ASHA on the per-epoch validation macro AUROC (off unless this section is given)."""
+
+    method: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
 class TrackingSpec:
     uri: str | None = None  # default: sqlite:///<runs>/mlflow.db
     experiment: str | None = None  # default: the sweep's name
@@ -110,7 +142,7 @@ class SweepSpec:
 
     name: str
     data: DataSpec
-    model: str
+    models: tuple[str, ...]  # YAML `model:` (one name or a list) or `models:`
     inits: tuple[str, ...]
     privacy: PrivacySpec
     training: TrainingSpec = field(default_factory=TrainingSpec)
@@ -121,20 +153,41 @@ class SweepSpec:
     pretrain: PretrainSpec | None = None
     init_weights: dict[str, str] = field(default_factory=dict)
     search: str = "grid"
+    optuna: OptunaSpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
     runs: str = "runs"
     description: str = ""
     source: str = ""
 
+    def clip_norms_for(self, model: str) -> tuple[float, ...]:
+        return self.privacy.clip_norms_by_model.get(model, self.privacy.clip_norms)
+
+    def cells(self) -> list[dict[str, Any]]:
+        """model x dataset x init x target epsilon: the grid's outer axes, and Optuna mode's studies."""
+        axes = itertools.product(self.models, self.data.train, self.inits, self.privacy.epsilons)
+        return [dict(model=m, dataset=d, init=i, target_epsilon=e) for m, d, i, e in axes]
+
     def grid(self) -> list[dict[str, Any]]:
-        """The grid points: init x epsilon x clip x lr x seed, in a stable order."""
-        axes = itertools.product(self.inits, self.privacy.epsilons, self.privacy.clip_norms,
-                                 self.training.learning_rates, self.training.seeds)
-        return [dict(init=i, target_epsilon=e, max_grad_norm=c, lr=lr, seed=s) for i, e, c, lr, s in axes]
+        """The grid points: model x dataset x init x epsilon x clip x lr x seed, in a stable order."""
+        return [dict(cell, max_grad_norm=c, lr=lr, seed=s) for cell in self.cells()
+                for c in self.clip_norms_for(cell["model"])
+                for lr in self.training.learning_rates for s in self.training.seeds]
+
+    def init_weights_for(self, init: str, model: str) -> str | None:
+        """The weight file given for ``init`` (``{model}`` in it is replaced by the architecture)."""
+        path = self.init_weights.get(init)
+        return None if path is None else path.replace("{model}", model)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataSpec, "pretrain": PretrainSpec, "privacy": PrivacySpec, "training": TrainingSpec,
     "evaluation": EvaluationSpec, "resources": ResourcesSpec, "speed": SpeedSpec, "tracking": TrackingSpec,
+    "optuna": OptunaSpec, "early_stopping": EarlyStoppingSpec,
+}
+OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping")
+GRID_AXES_REPLACED_BY_OPTUNA = {
+    "privacy.clip_norms": "optuna.clip_norm", "training.learning_rates": "optuna.learning_rate",
+    "privacy.expected_batch_size": "optuna.expected_batch_size", "privacy.epochs": "optuna.epochs",
 }
 
 
@@ -156,25 +209,57 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
     """Build a validated `SweepSpec` from a plain dict (the parsed YAML)."""
+    raw = dict(raw)
+    if "model" in raw:
+        if "models" in raw:
+            raise SpecError(f"{source}: give either `model` or `models`, not both")
+        raw["models"] = raw.pop("model")
     top = {f.name: f for f in fields(SweepSpec) if f.name != "source"}
     _reject_unknown(raw, top, "", source)
     values: dict[str, Any] = {"source": source}
     for key, value in raw.items():
         if key in SECTIONS:
-            if value is None and key == "pretrain":
+            if value is None and key in OPTIONAL_SECTIONS:
                 values[key] = None
                 continue
             if not isinstance(value, dict):
                 raise SpecError(f"{source}: `{key}` must be a mapping of settings, got {value!r}")
+            by_model = None
+            if key == "privacy" and isinstance(value.get("clip_norms"), dict):
+                value, by_model = _split_clip_norms_by_model(value, source)
+            if key == "privacy" and "clip_norms_by_model" in value:
+                raise SpecError(f"{source}: unknown field `privacy.clip_norms_by_model`; give `privacy.clip_norms` "
+                                "as a mapping {model: clip} instead")
             values[key] = _build(SECTIONS[key], value, key, source)
+            if by_model is not None:
+                values[key] = replace(values[key], clip_norms_by_model=by_model)
         else:
             values[key] = _coerce(value, top[key].type, key, source)
-    for required in ("name", "data", "model", "inits", "privacy"):
+    if raw.get("search") == "optuna":
+        for axis, replacement in GRID_AXES_REPLACED_BY_OPTUNA.items():
+            section, name = axis.split(".")
+            if name in (raw.get(section) or {}):
+                raise SpecError(f"{source}: `{axis}` is a grid setting; with `search: optuna` give the range "
+                                f"`{replacement}` instead (e.g. [low, high], or [value] to fix it)")
+        values.setdefault("optuna", OptunaSpec())
+    for required in ("name", "data", "models", "inits", "privacy"):
         if required not in values:
-            raise SpecError(f"{source}: required field `{required}` is missing")
+            shown = "model" if required == "models" else required
+            raise SpecError(f"{source}: required field `{shown}` is missing")
     spec = SweepSpec(**values)
     _validate(spec)
     return spec
+
+
+def _split_clip_norms_by_model(privacy: dict[str, Any], source: str) -> tuple[dict[str, Any], dict]:
+    """``privacy.clip_norms: {convnext_small: 4, convnext_tiny: 3.5}``: one clip list per model."""
+    privacy = dict(privacy)
+    by_model = {str(model): _coerce(value, "tuple[float, ...]", f"privacy.clip_norms.{model}", source)
+                for model, value in privacy.pop("clip_norms").items()}
+    if not by_model:
+        raise SpecError(f"{source}: `privacy.clip_norms` is an empty mapping; give {{model: clip}} or a list")
+    privacy["clip_norms"] = [c for clips in by_model.values() for c in clips]  # range-checked like a list
+    return privacy, by_model
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
@@ -210,10 +295,12 @@ def _coerce(value: Any, annotation: str, where: str, source: str) -> Any:
             inner = kind[len("tuple[") : -len(",...]")]
             items = value if isinstance(value, list) else [value]
             return tuple(_coerce(v, inner, f"{where}[{i}]", source) for i, v in enumerate(items))
-        if kind.startswith("dict["):
+        if kind == "dict[str,str]":
             if not isinstance(value, dict):
                 raise TypeError
             return {str(k): str(v) for k, v in value.items()}
+        if kind.startswith("dict["):  # filled by a dedicated parser (e.g. privacy.clip_norms as a mapping)
+            raise TypeError
         if kind == "float":
             if isinstance(value, bool):
                 raise TypeError
@@ -248,6 +335,8 @@ def _validate(spec: SweepSpec) -> None:
     p, t = spec.privacy, spec.training
     _require(spec.search in SEARCH_MODES, spec, f"search = {spec.search!r}; choose one of {SEARCH_MODES}")
     _require(bool(spec.name) and "/" not in spec.name, spec, f"name = {spec.name!r} must be a non-empty folder name")
+    _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
+    _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
     _require(len(p.epsilons) > 0, spec, "privacy.epsilons is empty; list targets such as [1, 3, 8, .inf]")
     for i, eps in enumerate(p.epsilons):
         _require(eps > 0 and not math.isnan(eps), spec,
@@ -256,6 +345,13 @@ def _validate(spec: SweepSpec) -> None:
     for i, clip in enumerate(p.clip_norms):
         _require(clip > 0 and math.isfinite(clip), spec,
                  f"privacy.clip_norms[{i}] = {clip} must be a finite number > 0")
+    for model in p.clip_norms_by_model:
+        _require(model in spec.models, spec,
+                 f"privacy.clip_norms.{model}: {model!r} is not one of the sweep's models {list(spec.models)}")
+    if p.clip_norms_by_model:
+        for model in spec.models:
+            _require(model in p.clip_norms_by_model, spec,
+                     f"privacy.clip_norms has no entry for model {model!r}; add `{model}: C` to the mapping")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
     _require(p.accountant in ACCOUNTANTS, spec, f"privacy.accountant = {p.accountant!r}; choose one of {ACCOUNTANTS}")
@@ -287,17 +383,21 @@ def _validate(spec: SweepSpec) -> None:
              f"evaluation.age_edges = {list(edges)} must be strictly increasing, e.g. [0, 40, 70, 100]")
     _require(spec.evaluation.n_boot >= 0, spec, "evaluation.n_boot must be >= 0")
     _require(len(spec.inits) > 0, spec, "inits is empty; list inits such as [random, domain]")
-    for field_name, name in [("data.train", spec.data.train),
+    _require(len(spec.data.train) > 0, spec, "data.train is empty; name the dataset(s) to train on")
+    _require(len(set(spec.data.train)) == len(spec.data.train), spec,
+             f"data.train lists a dataset twice: {list(spec.data.train)}")
+    for field_name, name in [*((f"data.train[{i}]", n) for i, n in enumerate(spec.data.train)),
                              *((f"data.external[{i}]", n) for i, n in enumerate(spec.data.external))]:
         try:
             check_dataset_name(name)
         except ValueError as error:
             raise SpecError(f"{spec.source}: {field_name}: {error}") from None
-    for i, init in enumerate(spec.inits):
-        try:
-            timm_tag_for(init, spec.model)
-        except InitError as error:
-            raise SpecError(f"{spec.source}: inits[{i}]: {error}") from None
+    for model in spec.models:
+        for i, init in enumerate(spec.inits):
+            try:
+                timm_tag_for(init, model)
+            except InitError as error:
+                raise SpecError(f"{spec.source}: inits[{i}]: {error}") from None
     for name in spec.init_weights:
         _require(name in spec.inits or (spec.pretrain is not None and name == spec.pretrain.init), spec,
                  f"init_weights.{name} names an init that the sweep does not use; inits are {list(spec.inits)}")
@@ -307,10 +407,43 @@ def _validate(spec: SweepSpec) -> None:
     if spec.pretrain is not None:
         try:
             check_dataset_name(spec.pretrain.dataset)
-            timm_tag_for(spec.pretrain.init, spec.model)
+            for model in spec.models:
+                timm_tag_for(spec.pretrain.init, model)
         except ValueError as error:
             raise SpecError(f"{spec.source}: pretrain: {error}") from None
         _require(spec.pretrain.init != "domain", spec, "pretrain.init cannot be 'domain' (it is what pretrain makes)")
-        _require(spec.pretrain.dataset != spec.data.train, spec,
-                 f"pretrain.dataset = {spec.pretrain.dataset!r} is the private training set; pretraining must use "
-                 "a public dataset, or the domain init leaks the private data outside DP")
+        _require(spec.pretrain.dataset not in spec.data.train, spec,
+                 f"pretrain.dataset = {spec.pretrain.dataset!r} is a private training set (data.train); pretraining "
+                 "must use a public dataset, or the domain init leaks the private data outside DP")
+    _validate_search(spec)
+
+
+def _validate_search(spec: SweepSpec) -> None:
+    o, stop = spec.optuna, spec.early_stopping
+    if spec.search == "grid":
+        _require(o is None, spec, "an `optuna:` section is given but search = 'grid'; set `search: optuna`, "
+                 "or remove the section")
+    else:
+        assert o is not None
+        _require(o.trials_per_target >= 1, spec, f"optuna.trials_per_target = {o.trials_per_target} must be >= 1")
+        _require(o.max_concurrent >= 1, spec, f"optuna.max_concurrent = {o.max_concurrent} must be >= 1")
+        _require(o.max_proposals >= 1, spec, f"optuna.max_proposals = {o.max_proposals} must be >= 1")
+        _require(o.sampler in OPTUNA_SAMPLERS, spec, f"optuna.sampler = {o.sampler!r}; choose one of {OPTUNA_SAMPLERS}")
+        _require(len(o.objectives) >= 1 and len(set(o.objectives)) == len(o.objectives), spec,
+                 f"optuna.objectives = {list(o.objectives)}: give one or more distinct objectives from {OBJECTIVES}")
+        for i, objective in enumerate(o.objectives):
+            _require(objective in OBJECTIVES, spec,
+                     f"optuna.objectives[{i}] = {objective!r}; choose from {OBJECTIVES} (all on the validation split)")
+        _require(len(spec.training.seeds) == 1, spec,
+                 f"training.seeds = {list(spec.training.seeds)}: search: optuna uses one seed per study; give one")
+        for name in ("noise_multiplier", "expected_batch_size", "epochs", "learning_rate", "clip_norm"):
+            bounds = getattr(o, name)
+            _require(len(bounds) in (1, 2) and all(b > 0 and math.isfinite(b) for b in bounds)
+                     and list(bounds) == sorted(bounds), spec,
+                     f"optuna.{name} = {list(bounds)}: give [low, high] with 0 < low <= high, or [value]")
+    if stop is not None:
+        _require(stop.method in EARLY_STOPPING, spec,
+                 f"early_stopping.method = {stop.method!r}; choose one of {EARLY_STOPPING}")
+        _require(stop.grace_period >= 1, spec, f"early_stopping.grace_period = {stop.grace_period} must be >= 1 epoch")
+        _require(stop.reduction_factor >= 2, spec,
+                 f"early_stopping.reduction_factor = {stop.reduction_factor} must be >= 2")

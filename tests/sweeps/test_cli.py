@@ -97,3 +97,24 @@ def test_prepare_command_writes_a_cache_a_sweep_can_name(tmp_path, capsys):
 def test_prepare_missing_root_exits_2(tmp_path, capsys):
     assert main(["prepare", "chexpert", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "data")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
+    """The reference grid validates here: estimated N per unprepared dataset, sigma per trial, GPU-hours, and
+    what to fix (datasets to prepare, weights to provide) - and exits 0 without writing Ray state."""
+    root = Path(__file__).resolve().parents[2]
+    result = run_cli("sweep", str(root / "sweeps" / "paper.yaml"), "--dry-run", "--runs", str(tmp_path / "runs"),
+                     "--data", str(tmp_path / "data"), cwd=root)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "sweep 'paper': 240 trials (grid)" in out
+    assert "vindr-cxr: N_train~13500 (estimate: not prepared), q=0.0047619, steps=4200" in out
+    trial_lines = [line for line in out.splitlines() if line.startswith("  convnext_")]
+    assert len(trial_lines) == 240
+    assert "  convnext_small-vindr-cxr-imagenet-eps1-clip4-lr5e-06-seed0: sigma=1.4922" in out
+    assert "  convnext_tiny-uka-cxr-domain-epsinf-clip3.5-lr1e-05-seed0: sigma=0.0000" in out
+    assert "GPU-hours estimate (one NVIDIA H200 per trial):" in out
+    assert "run `dpsweep prepare chexpert --root /path/to/chexpert --size 224" in out
+    assert "weights for init 'dinov3' (convnext_tiny.dinov3_lvd1689m) are not available offline" in out
+    assert "pretrain stage (convnext_small on mimic-cxr" in out
+    assert not (tmp_path / "runs" / "ray").exists()

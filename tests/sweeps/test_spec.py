@@ -45,7 +45,11 @@ def edit(path: str, value) -> dict:
         ("privacy.epochs", 0, r"privacy\.epochs = 0 must be >= 1"),
         ("privacy.expected_batch_size", "lots", r"`privacy\.expected_batch_size` = 'lots' is not a valid int"),
         ("inits", ["random", "imagenett"], r"inits\[1\]: unknown init 'imagenett'"),
-        ("data.train", "chexpertt", r"data\.train: unknown dataset 'chexpertt'"),
+        ("data.train", "chexpertt", r"data\.train\[0\]: unknown dataset 'chexpertt'"),
+        ("data.train", ["synthetic-a", "synthetic-a"], r"data\.train lists a dataset twice"),
+        ("model", ["test_convnext", "test_convnext"], r"model lists a name twice"),
+        ("privacy.clip_norms", {"convnext_tiny": 1.0}, r"privacy\.clip_norms\.convnext_tiny: 'convnext_tiny' is not"),
+        ("search", "bayes", r"search = 'bayes'; choose one of \('grid', 'optuna'\)"),
         ("speed.grad_sample_mode", "ghost", r"speed\.grad_sample_mode = 'ghost'; choose one of"),
         ("training.learning_rates", [0.001, -1], r"training\.learning_rates\[1\] = -1\.0 must be > 0"),
         ("evaluation.age_edges", [0, 70, 40], r"evaluation\.age_edges = \[0\.0, 70\.0, 40\.0\] must be strictly"),
@@ -75,7 +79,7 @@ def test_domain_init_needs_a_public_pretrain_dataset():
     del raw["pretrain"]
     with pytest.raises(SpecError, match="init 'domain' needs a `pretrain:` section"):
         parse_spec(raw)
-    with pytest.raises(SpecError, match="is the private training set"):
+    with pytest.raises(SpecError, match="is a private training set"):
         parse_spec(edit("pretrain.dataset", "synthetic-a"))
 
 
@@ -106,3 +110,71 @@ def test_non_mapping_yaml(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(SpecError, match="expected a mapping of sections"):
         load_spec(bad)
+
+
+PAPER = Path(__file__).resolve().parents[2] / "sweeps" / "paper.yaml"
+
+
+def test_paper_spec_is_the_reference_grid():
+    spec = load_spec(PAPER)
+    assert spec.models == ("convnext_small", "convnext_tiny")
+    assert spec.data.train == ("vindr-cxr", "chestxray14", "padchest", "chexpert", "uka-cxr")
+    assert spec.inits == ("imagenet", "dinov3", "domain") and spec.pretrain.dataset == "mimic-cxr"
+    assert spec.privacy.delta == 6e-6 and spec.training.learning_rates == (5e-6, 1e-5)
+    grid = spec.grid()
+    assert len(grid) == 2 * 5 * 3 * 4 * 2
+    assert {(p["model"], p["max_grad_norm"]) for p in grid} == {("convnext_small", 4.0), ("convnext_tiny", 3.5)}
+    bins = sorted({p["target_epsilon"] for p in grid})
+    assert bins[0] <= 1 < bins[1] <= 3 < bins[2] <= 10 and math.isinf(bins[3])
+    assert spec.resources.gpu == 1
+
+
+def test_clip_norms_as_a_mapping_needs_every_model():
+    raw = yaml.safe_load(PAPER.read_text())
+    raw["privacy"]["clip_norms"] = {"convnext_small": 4.0}
+    with pytest.raises(SpecError, match=r"privacy\.clip_norms has no entry for model 'convnext_tiny'; add"):
+        parse_spec(raw)
+
+
+def test_init_weights_can_name_one_file_per_model():
+    raw = {**yaml.safe_load(PAPER.read_text()), "init_weights": {"imagenet": "/w/{model}.fb_in1k.safetensors"}}
+    spec = parse_spec(raw)
+    assert spec.init_weights_for("imagenet", "convnext_tiny") == "/w/convnext_tiny.fb_in1k.safetensors"
+    assert spec.init_weights_for("dinov3", "convnext_tiny") is None
+
+
+OPTUNA = Path(__file__).resolve().parents[2] / "sweeps" / "optuna-smoke.yaml"
+
+
+def test_optuna_smoke_spec_is_valid():
+    spec = load_spec(OPTUNA)
+    assert spec.search == "optuna" and spec.optuna.objectives == ("auroc",)
+    assert len(spec.cells()) == 2 and spec.early_stopping.method == "asha"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("privacy", "clip_norms", [1.0], r"`privacy\.clip_norms` is a grid setting; with `search: optuna` give the "
+                                         r"range `optuna\.clip_norm`"),
+        ("training", "learning_rates", [1e-3], r"`training\.learning_rates` is a grid setting"),
+        ("optuna", "noise_multiplier", [3.0, 1.0], r"optuna\.noise_multiplier = \[3\.0, 1\.0\]: give \[low, high\]"),
+        ("optuna", "objectives", ["auroc", "loss"], r"optuna\.objectives\[1\] = 'loss'; choose from"),
+        ("optuna", "sampler", "cmaes", r"optuna\.sampler = 'cmaes'"),
+        ("optuna", "trials_per_target", 0, r"optuna\.trials_per_target = 0 must be >= 1"),
+        ("training", "seeds", [0, 1], r"training\.seeds = \[0, 1\]: search: optuna uses one seed"),
+        ("early_stopping", "reduction_factor", 1, r"early_stopping\.reduction_factor = 1 must be >= 2"),
+    ],
+)
+def test_bad_optuna_settings_are_named(section, key, value, expected):
+    raw = yaml.safe_load(OPTUNA.read_text())
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(SpecError, match=expected):
+        parse_spec(raw, source="optuna-smoke.yaml")
+
+
+def test_optuna_section_needs_search_optuna():
+    raw = yaml.safe_load(OPTUNA.read_text())
+    raw["search"] = "grid"
+    with pytest.raises(SpecError, match=r"an `optuna:` section is given but search = 'grid'"):
+        parse_spec(raw)

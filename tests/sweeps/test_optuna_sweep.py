@@ -1,0 +1,93 @@
+"""An Optuna-mode sweep on a real local Ray: every launched trial within its target, ASHA on, studies persisted."""
+
+import math
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.launch import OPTUNA_DB, SweepPaths, run_sweep
+from sweeps.spec import parse_spec
+from sweeps.tracking import ROLE_TAG, SWEEP_TAG
+from trainables import metrics as M
+from trainables.privacy.accounting import epsilon_spent
+
+pytestmark = pytest.mark.slow
+
+TINY_OPTUNA = """
+name: tiny-optuna
+data: {train: synthetic-a, external: [synthetic-b], image_size: 32, synthetic_images: 400,
+       input_mean: 0.5, input_std: 0.25}
+model: test_convnext
+inits: [random]
+search: optuna
+privacy: {epsilons: [2, .inf], delta: 1.0e-5}
+optuna:
+  trials_per_target: 3
+  max_concurrent: 2
+  objectives: [auroc, auroc_gap_age]
+  noise_multiplier: [0.3, 3.0]
+  expected_batch_size: [16, 128]
+  epochs: [1, 2]
+  learning_rate: [5.0e-4, 3.0e-3]
+  clip_norm: [0.5, 2.0]
+early_stopping: {grace_period: 1, reduction_factor: 2}
+evaluation: {n_boot: 10}
+resources: {cpu: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(tmp_path_factory):
+    import ray
+
+    root = tmp_path_factory.mktemp("optuna")
+    spec = parse_spec(yaml.safe_load(TINY_OPTUNA), source="tiny-optuna.yaml")
+    paths = SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield spec, paths, run_sweep(spec, paths)
+    finally:
+        ray.shutdown()
+
+
+def test_every_launched_trial_meets_its_target(optuna_sweep):
+    spec, _, trials = optuna_sweep
+    assert len(trials) == 2 * 3
+    assert trials["status"].isin(["TERMINATED", "STOPPED"]).all(), trials[["trial", "status", "error"]]
+    private = trials[trials["target_epsilon"].map(math.isfinite)]
+    assert len(private) == 3
+    for row in private.itertuples():
+        planned = epsilon_spent(row.noise_multiplier, row.sample_rate, row.steps, row.delta, "rdp")
+        assert planned <= row.target_epsilon  # the proposal was feasible before it ran
+        assert 0.3 <= row.noise_multiplier <= 3.0 and 0.5 <= row.max_grad_norm <= 2.0
+    finished = private[private["status"] == "TERMINATED"]
+    assert (finished[M.EPSILON] <= finished["target_epsilon"]).all()
+    assert {t.split("-t")[0] for t in trials["trial"]} == {"random-eps2", "random-epsinf"}
+
+
+def test_studies_are_persisted_with_validation_objectives(optuna_sweep):
+    spec, paths, trials = optuna_sweep
+    storage = f"sqlite:///{paths.sweep_dir(spec) / OPTUNA_DB}"
+    study = optuna.load_study(study_name="tiny-optuna/random-eps2", storage=storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    launched = [t for t in study.trials if "planned_epsilon" in t.user_attrs and not t.constraints]
+    assert len(launched) == 3 and all(t.user_attrs["planned_epsilon"] <= 2 for t in launched)
+    rejected = [t for t in study.trials if t.constraints]
+    assert all(t.user_attrs["planned_epsilon"] > 2 for t in rejected)  # infeasible proposals: never trained
+    done = trials[(trials["status"] == "TERMINATED") & trials["trial"].str.startswith("random-eps2")]
+    by_number = {t.number: t for t in study.trials}
+    for row in done.itertuples():
+        expected = trials.loc[row.Index, M.VAL_SELECTED_AUROC_MACRO]
+        assert by_number[int(row.optuna_trial)].values[0] == pytest.approx(expected)
+
+
+def test_mlflow_has_one_child_per_trial_and_running_again_does_nothing(optuna_sweep, capsys):
+    spec, paths, trials = optuna_sweep
+    client = MlflowClient(paths.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny-optuna")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = 'tiny-optuna'")
+    assert sum(r.data.tags[ROLE_TAG] == "trial" for r in runs) == len(trials)
+    run_sweep(spec, paths)
+    assert "is complete" in capsys.readouterr().out
