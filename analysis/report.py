@@ -61,6 +61,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     page = _Page(out_dir)
     _summary(page, tables)
     _binned_auroc(page, tables)
+    _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
     _final_models(page, tables, selection)
     _pareto(page, tables)
@@ -135,6 +136,28 @@ def _binned_auroc(page: _Page, tables: SweepTables) -> None:
     page.table(views.bin_table(binned, metrics.TEST_AUROC_MACRO_AT_EPOCH))
     page.note("Chosen trial and epoch per cell:")
     page.table(binned, index=False)
+
+
+def _binned_fairness(page: _Page, tables: SweepTables) -> None:
+    page.heading("Test fairness gap by init and epsilon bin (every epoch)")
+    attributes = views.per_epoch_fairness_attributes(tables.epochs)
+    if not attributes:
+        page.note(
+            f"The epoch table has no per-epoch fairness gaps (<code>{metrics.auroc_gap_at_epoch('&lt;attribute&gt;')}"
+            "</code>): the trials did not report them (they need <code>evaluation.test_every_epoch: true</code> "
+            "and a dpsweep version that reports them)."
+        )
+        return
+    page.note(
+        "Subgroup macro-AUROC gap (max - min over the attribute's groups; lower is fairer) on test, of the same "
+        "model per cell as the AUROC table above: per trial and bin the epoch with the best validation AUROC among "
+        "the epochs whose spent epsilon lies in the bin, per cell the trial with the best such validation AUROC. "
+        "The gap never selects."
+    )
+    binned = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes)
+    for attribute in attributes:
+        page.note(f"Attribute <b>{html.escape(attribute)}</b>:")
+        page.table(views.bin_table(binned, metrics.auroc_gap_at_epoch(attribute)))
 
 
 def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> None:

@@ -1,6 +1,10 @@
 """The trial and epoch tables: one schema, one row per trial (or per trial epoch), with provenance.
 
-``trials.parquet`` columns: ``trial`` (the grid point's key), ``status`` (TERMINATED / ERROR / RUNNING),
+Both sources of a sweep's results give these tables through `build_tables`: Ray's results
+(`sweeps.launch`) and the MLflow tracking store (`analysis.mlflow_source`).
+
+``trials.parquet`` columns: ``trial`` (the grid point's key), ``status`` (TERMINATED: final report received;
+ERROR: failed; INCOMPLETE: pending or running when the sweep stopped),
 ``error``, ``mlflow_run_id``, the trial's parameters (``init``, ``target_epsilon``, ``noise_multiplier``,
 ``sample_rate``, ``steps``, ``delta``, ``accountant``, ``max_grad_norm``, ``lr``, ``seed``, ``model``,
 ``privacy_unit``, ...), provenance (``git_commit``, ``*_version``) and every final metric under its
@@ -231,6 +235,20 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
     groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
                          for f in (GROUPS_FILE, BOOTSTRAP_FILE))
     return EvaluationTables(groups=groups, bootstrap=bootstrap, source=str(ray_dir))
+
+
+def write_sweep_tables(sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame,
+                       evaluation: EvaluationTables | None = None) -> list[Path]:
+    """Write ``trials.parquet`` and ``epochs.parquet`` (and, when given, the evaluation tables) into
+    ``sweep_dir`` (created if needed); returns the files written."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tables = {TRIALS_FILE: trials, EPOCHS_FILE: epochs}
+    if evaluation is not None:
+        tables |= {GROUPS_FILE: evaluation.groups, BOOTSTRAP_FILE: evaluation.bootstrap}
+    for file, table in tables.items():
+        table.to_parquet(sweep_dir / file, index=False)
+    return [sweep_dir / file for file in tables]
 
 
 def write_evaluation_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = None) -> list[Path]:

@@ -122,25 +122,29 @@ def assign_bins(epsilon: ArrayLike, bins: Sequence[EpsilonBin] = STUDY_BINS) -> 
     return pd.Categorical.from_codes(codes, categories=[b.label for b in bins], ordered=True)
 
 
-def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS) -> pd.DataFrame:
+def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS,
+                       values: Sequence[str] = (metrics.TEST_AUROC_MACRO_AT_EPOCH,)) -> pd.DataFrame:
     """For each trial and bin, the epoch with the best validation AUROC among those spent within the bin.
 
     Epochs whose ``val/auroc_macro`` is NaN cannot be selected. Ties in validation AUROC go to the earliest
     epoch. See the module docstring for why this does not peek at test. Every trial in ``epochs`` takes part;
-    `auroc_by_bin` passes only the epochs of finished trials.
+    `auroc_by_bin` passes only the epochs of finished trials. The ``values`` columns are only reported: a NaN
+    there never changes which epoch is selected.
 
     Args:
-        epochs: ``epochs.parquet`` rows (``trial``, ``epoch``, ``privacy/epsilon``, ``val/auroc_macro``,
-            ``test/auroc_macro_at_epoch``).
+        epochs: ``epochs.parquet`` rows (``trial``, ``epoch``, ``privacy/epsilon``, ``val/auroc_macro`` and
+            the ``values`` columns).
         bins: the epsilon bins.
+        values: per-epoch columns to report for the selected epoch (default: ``test/auroc_macro_at_epoch``).
 
     Returns:
         One row per (trial, bin) that has a selectable epoch: ``trial``, ``bin`` (categorical), ``epoch``,
-        the three metric columns of that epoch, and ``candidate_epochs`` (selectable epochs in the bin).
+        ``privacy/epsilon``, ``val/auroc_macro``, the ``values`` columns of that epoch, and
+        ``candidate_epochs`` (selectable epochs in the bin).
     """
-    columns = [TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO, metrics.TEST_AUROC_MACRO_AT_EPOCH]
-    _require(epochs, columns, "epochs table",
-             hint={metrics.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`"})
+    columns = [TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO,
+               *(v for v in values if v not in (metrics.EPSILON, metrics.VAL_AUROC_MACRO))]
+    _require(epochs, columns, "epochs table", hint=_PER_EPOCH_HINTS)
     frame = epochs[columns].copy()
     frame[BIN] = assign_bins(frame[metrics.EPSILON], bins)
     frame = frame[frame[BIN].notna() & frame[metrics.VAL_AUROC_MACRO].notna()]
@@ -169,13 +173,85 @@ def auroc_by_bin(
         ``privacy/epsilon``, ``val/auroc_macro``, ``test/auroc_macro_at_epoch``, ``candidate_epochs`` (of
         the chosen trial) and ``candidate_trials``; sorted by ``by`` then bin.
     """
+    return epochs_by_bin(trials, epochs, (metrics.TEST_AUROC_MACRO_AT_EPOCH,), bins, by)
+
+
+def epochs_by_bin(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    values: Sequence[str],
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    by: Sequence[str] = DEFAULT_BY,
+) -> pd.DataFrame:
+    """Per cell (``by`` columns and bin), the chosen trial's chosen epoch, reporting the per-epoch ``values``.
+
+    The one selection rule of the per-epoch views (`auroc_by_bin`, `fairness_gap_by_bin`): per finished
+    trial and bin, the epoch of `best_epochs_by_bin`; per cell, the trial whose chosen epoch has the best
+    validation AUROC (ties: lower epsilon, then trial key). ``values`` are reported, never used to choose,
+    so every per-epoch view shows the same (trial, epoch) in a cell.
+
+    Returns:
+        One row per cell that has a selectable epoch: the ``by`` columns, ``bin``, ``trial``, ``epoch``,
+        ``privacy/epsilon``, ``val/auroc_macro``, the ``values`` columns, ``candidate_epochs`` (of the chosen
+        trial) and ``candidate_trials``; sorted by ``by`` then bin.
+    """
     finished = _finished(trials, by)
-    best = best_epochs_by_bin(epochs[epochs[TRIAL].isin(finished[TRIAL])], bins)
+    best = best_epochs_by_bin(epochs[epochs[TRIAL].isin(finished[TRIAL])], bins, values)
     frame = best.merge(finished[[TRIAL, *by]], on=TRIAL, how="inner")
+    reported = [v for v in values if v not in (metrics.EPSILON, metrics.VAL_AUROC_MACRO)]
     return _choose(frame, [*by, BIN], score=metrics.VAL_AUROC_MACRO)[
-        [*by, BIN, TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO,
-         metrics.TEST_AUROC_MACRO_AT_EPOCH, CANDIDATE_EPOCHS, CANDIDATE_TRIALS]
+        [*by, BIN, TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO, *reported, CANDIDATE_EPOCHS,
+         CANDIDATE_TRIALS]
     ]
+
+
+def per_epoch_fairness_attributes(epochs: pd.DataFrame) -> list[str]:
+    """Attributes with a per-epoch test AUROC gap column in ``epochs``, in `ATTRIBUTES` order."""
+    return [a for a in ATTRIBUTES if metrics.auroc_gap_at_epoch(a) in epochs.columns]
+
+
+def fairness_gap_by_bin(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    attributes: Sequence[str] | None = None,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    by: Sequence[str] = DEFAULT_BY,
+) -> pd.DataFrame:
+    """Test subgroup AUROC gap per cell (dataset, init, bin) from every epoch's spent epsilon.
+
+    The gap is ``max - min`` subgroup macro AUROC over one attribute's groups (lower is fairer), of the
+    model of one epoch. Cells, trials and epochs are chosen exactly as in `auroc_by_bin` (by validation
+    AUROC, see `epochs_by_bin`): this view shows the fairness of the models whose test AUROC that view
+    shows. A NaN gap (a subgroup without both classes) is reported as NaN; it never moves the choice.
+
+    Args:
+        trials: the trial table.
+        epochs: the epoch table, with ``test/fairness/auroc_gap_at_epoch/<attribute>`` per attribute (and,
+            when present, ``val/fairness/auroc_gap/<attribute>`` and ``test/auroc_macro_at_epoch``, which
+            are reported too).
+        attributes: the attributes to report (default: every attribute with a per-epoch test gap column).
+
+    Returns:
+        `epochs_by_bin` rows whose value columns are ``test/auroc_macro_at_epoch`` (when present), then per
+        attribute the test gap and (when present) the validation gap.
+
+    Raises:
+        KeyError: no per-epoch test gap column (sweeps run before trials reported them), or one of
+            ``attributes`` has none.
+    """
+    attributes = list(per_epoch_fairness_attributes(epochs) if attributes is None else attributes)
+    if not attributes:
+        raise KeyError(f"epochs table: no per-epoch fairness gap columns ({metrics.auroc_gap_at_epoch('<attribute>')}"
+                       f" for an attribute of {ATTRIBUTES}); {_PER_EPOCH_HINTS['fairness']}")
+    values = [metrics.TEST_AUROC_MACRO_AT_EPOCH] if metrics.TEST_AUROC_MACRO_AT_EPOCH in epochs.columns else []
+    for attribute in attributes:
+        values.append(metrics.auroc_gap_at_epoch(attribute))
+        if metrics.auroc_gap("val", attribute) in epochs.columns:
+            values.append(metrics.auroc_gap("val", attribute))
+    missing = [v for v in values if v not in epochs.columns]
+    if missing:
+        raise KeyError(f"epochs table: missing column(s) {missing}; {_PER_EPOCH_HINTS['fairness']}")
+    return epochs_by_bin(trials, epochs, values, bins, by)
 
 
 def bin_table(frame: pd.DataFrame, value: str, index: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
@@ -421,6 +497,13 @@ def _choose(frame: pd.DataFrame, cell: list[str], score: str) -> pd.DataFrame:
 def _finished(trials: pd.DataFrame, by: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
     _require(trials, [TRIAL, "status", *by, *extra], "trial table")
     return trials[trials["status"] == FINISHED]
+
+
+_PER_EPOCH_HINTS = {
+    metrics.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`",
+    "fairness": "per-epoch fairness gaps are reported by trials run with `evaluation.test_every_epoch: true` "
+                "on a dpsweep version that reports them; rebuild the tables with `dpsweep table`",
+}
 
 
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str, hint: dict[str, str] | None = None) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 DEFAULT_SPEC = "sweeps/smoke.yaml"
+TABLE_SOURCES = ("auto", "ray", "mlflow")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
-    table = commands.add_parser("table", help="rebuild trials.parquet/epochs.parquet from Ray results (any state)")
+    table = commands.add_parser("table", help="rebuild trials.parquet/epochs.parquet from Ray results or MLflow "
+                                "(any state)")
     _spec_args(table)
+    table.add_argument("--source", choices=TABLE_SOURCES, default="auto",
+                       help="ray: the Ray experiment folder (<runs>/ray/<sweep>); mlflow: the tracking store alone "
+                            "(trials that never started are absent); auto (default): ray if that folder exists, "
+                            "else mlflow")
 
     report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
     _spec_args(report)
@@ -168,17 +174,45 @@ def _prepare(args) -> int:
 
 
 def _table(args) -> int:
-    from sweeps.launch import rebuild_tables
+    from analysis.tables import TableError
     from sweeps.spec import SpecError
 
     spec, paths = _load(args)
+    experiment_dir = paths.ray_storage / spec.name
+    source = args.source
+    if source == "auto":
+        source = "ray" if experiment_dir.is_dir() else "mlflow"
     try:
-        trials, epochs = rebuild_tables(spec, paths)
-    except SpecError as error:
+        if source == "ray":
+            from sweeps.launch import rebuild_tables
+
+            trials, epochs = rebuild_tables(spec, paths)
+            origin = f"Ray results at {experiment_dir}"
+        else:
+            trials, epochs = _tables_from_mlflow(spec, paths)
+            origin = f"MLflow runs at {paths.tracking_uri} (experiment {spec.tracking.experiment or spec.name!r})"
+    except (SpecError, TableError) as error:
         raise UserError(str(error)) from None
     print_summary(trials, paths.sweep_dir(spec), paths.tracking_uri)
-    print(f"{len(trials)} trials ({dict(trials['status'].value_counts())}), {len(epochs)} epoch rows")
+    print(f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, "
+          f"from {origin}")
     return 0
+
+
+def _tables_from_mlflow(spec, paths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trial and epoch tables (and the finished trials' evaluation tables) from the sweep's MLflow runs alone."""
+    from analysis.mlflow_source import evaluation_tables_from_mlflow, read_sweep
+    from analysis.tables import FINISHED, build_tables, write_sweep_tables
+
+    found = read_sweep(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name)
+    trials, epochs = build_tables(found.records, found.run_ids)
+    done = trials[trials["status"] == FINISHED]
+    finished = dict(zip(done["trial"], done["mlflow_run_id"], strict=True))
+    evaluation = evaluation_tables_from_mlflow(paths.tracking_uri, finished) if finished else None
+    if evaluation is not None and (evaluation.groups.empty or evaluation.bootstrap.empty):
+        evaluation = None  # no finished run logged its evaluation artifacts
+    write_sweep_tables(paths.sweep_dir(spec), trials, epochs, evaluation)
+    return trials, epochs
 
 
 def _report(args) -> int:

@@ -16,7 +16,9 @@ The numbers are chosen so that the tests can state every expected answer by hand
 | domain-epsinf  | domain | inf x 3            | .85 .86 .84      | .84 .85 .86         |
 | domain-eps8    | domain | 4.0 (then ERROR)   | .99              | .99                 |
 
-Final metrics of each finished trial are those of its best validation epoch (first on ties).
+Final metrics of each finished trial are those of its best validation epoch (first on ties). Per-epoch fairness
+gaps (`FakeTrial.test_gap`, `FakeTrial.val_gap`) follow a formula in the epoch and the key's length;
+``domain-eps1`` has a NaN test gap at epoch 1 (its selected epoch in bin (0, 1]).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class FakeTrial:
     lr: float = 0.001
     status: str = "TERMINATED"
     extra: dict[str, float] = field(default_factory=dict)
+    nan_test_gap_epochs: tuple[int, ...] = ()
 
     @property
     def best_epoch(self) -> int:
@@ -93,12 +96,25 @@ class FakeTrial:
                 out[names.fairness("test", family, attribute, LABELS[0])] = 0.5  # per label: not in the tables
         return out | self.extra
 
+    def test_gap(self, attribute: str, epoch: int) -> float:
+        """Per-epoch test subgroup AUROC gap: sex 0.01 * epoch; age 0.1 * epoch + 0.01 * (len(key) % 7)."""
+        if epoch in self.nan_test_gap_epochs:
+            return NAN
+        return round(0.01 * epoch if attribute == "sex" else 0.1 * epoch + 0.01 * (len(self.key) % 7), 6)
+
+    def val_gap(self, attribute: str, epoch: int) -> float:
+        return round(0.2 + 0.01 * epoch if attribute == "age" else 0.05, 6)
+
     def epochs(self) -> list[dict[str, float]]:
-        return [
-            {metrics.EPOCH: i + 1, metrics.EPSILON: e, metrics.VAL_AUROC_MACRO: v,
-             metrics.TEST_AUROC_MACRO_AT_EPOCH: t, metrics.STEPS: 10 * (i + 1)}
-            for i, (e, v, t) in enumerate(zip(self.epsilon, self.val, self.test, strict=True))
-        ]
+        rows = []
+        for i, (e, v, t) in enumerate(zip(self.epsilon, self.val, self.test, strict=True)):
+            row = {metrics.EPOCH: i + 1, metrics.EPSILON: e, metrics.VAL_AUROC_MACRO: v,
+                   metrics.TEST_AUROC_MACRO_AT_EPOCH: t, metrics.STEPS: 10 * (i + 1)}
+            for attribute in ("sex", "age"):
+                row[metrics.auroc_gap_at_epoch(attribute)] = self.test_gap(attribute, i + 1)
+                row[metrics.auroc_gap("val", attribute)] = self.val_gap(attribute, i + 1)
+            rows.append(row)
+        return rows
 
 
 TRIALS: tuple[FakeTrial, ...] = (
@@ -107,7 +123,8 @@ TRIALS: tuple[FakeTrial, ...] = (
     FakeTrial("random-eps3", "random", 3.0, (0.9, 2.0, 2.95), (0.70, 0.66, 0.68), (0.61, 0.67, 0.69)),
     FakeTrial("random-eps20", "random", 20.0, (5.0, 12.0, 19.5), (0.50, 0.90, 0.90), (0.52, 0.91, 0.92)),
     FakeTrial("random-epsinf", "random", INF, (INF, INF, INF), (0.80, 0.82, 0.82), (0.79, 0.81, 0.83)),
-    FakeTrial("domain-eps1", "domain", 1.0, (0.5, 0.8, 0.99), (0.75, 0.75, 0.74), (0.73, 0.76, 0.77)),
+    FakeTrial("domain-eps1", "domain", 1.0, (0.5, 0.8, 0.99), (0.75, 0.75, 0.74), (0.73, 0.76, 0.77),
+              nan_test_gap_epochs=(1,)),
     FakeTrial("domain-eps3", "domain", 3.0, (0.9, 2.0, 2.95), (0.70, 0.78, NAN), (0.71, 0.77, 0.80)),
     FakeTrial("domain-epsinf", "domain", INF, (INF, INF, INF), (0.85, 0.86, 0.84), (0.84, 0.85, 0.86)),
     FakeTrial("domain-eps8", "domain", 8.0, (4.0,), (0.99,), (0.99,), status="ERROR"),

@@ -58,4 +58,5 @@ def test_notebook_executes_on_a_fixture_sweep(path, tmp_path, monkeypatch):
     assert "fixture: 9 trials" in text
     assert "<td>0.61</td>" in text  # random init, bin (0, 1]: test AUROC of the validation-selected epoch
     assert "<td>0.211</td>" in text  # paired bootstrap p-value 4/19
+    assert "test AUROC gap by bin, attribute: age" in text and "<td>0.14</td>" in text  # per-epoch fairness view
     assert "ext-b" in text

@@ -28,12 +28,16 @@ def test_report_is_written_in_the_sweep_folder(report):
 def test_report_holds_the_tables(report):
     _, _, page, _ = report
     assert page.startswith("<!DOCTYPE html>") and f"dpsweep report: {SWEEP}" in page
-    for heading in ("On-domain test AUROC by init and epsilon bin", "Final models", "Cross-dataset generalization",
+    for heading in ("On-domain test AUROC by init and epsilon bin", "Test fairness gap by init and epsilon bin",
+                    "Final models", "Cross-dataset generalization",
                     "Subgroup test AUROC", "Fairness gaps on test", "Paired bootstrap comparison of inits",
                     "Pareto front", "Failed or unfinished trials", "Privacy spent per epoch"):
         assert f"<h2>{heading}" in page, heading
     assert page.count("<table") >= 10
     assert "<td>0.610</td>" in page  # random init, bin (0, 1]
+    fairness = page.split("Test fairness gap by init and epsilon bin")[1].split("<h2>")[0]
+    assert "<b>sex</b>" in fairness and "<b>age</b>" in fairness
+    assert "<td>0.140</td>" in fairness  # age gap of random-eps3's epoch 1, the model chosen for random, (0, 1]
     assert "<td>0.211</td>" in page and "<td>0.842</td>" in page  # p-values 4/19 and 16/19
     assert "BudgetError: fake" in page  # the failed trial and its error
     assert "abc123" in page  # provenance: git commit
@@ -55,6 +59,17 @@ def test_report_without_bootstrap_tables_says_so(tmp_path):
     page = write_report(sweep_dir, out_dir=tmp_path / "elsewhere").read_text()
     assert "no per-trial evaluation tables" in page
     assert "p_1_better" not in page.split("Paired bootstrap")[1].split("<h2>")[0]
+
+
+def test_report_without_per_epoch_fairness_gaps_says_so(tmp_path):
+    import pandas as pd
+
+    sweep_dir = make_sweep(tmp_path / "runs", with_ray=False)
+    epochs = pd.read_parquet(sweep_dir / "epochs.parquet")
+    epochs.drop(columns=[c for c in epochs.columns if "/fairness/" in c]).to_parquet(sweep_dir / "epochs.parquet")
+    page = write_report(sweep_dir).read_text()
+    section = page.split("Test fairness gap by init and epsilon bin")[1].split("<h2>")[0]
+    assert "no per-epoch fairness gaps" in section and "<table" not in section
 
 
 def test_cli(tmp_path, capsys):

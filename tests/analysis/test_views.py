@@ -206,3 +206,62 @@ def test_views_on_a_sweep_without_finished_trials(tables):
 def test_fixture_table_is_what_the_docstring_says():
     assert sum(t.status == "TERMINATED" for t in TRIALS) == 8
     assert BY_KEY["domain-eps3"].best_epoch == 2
+
+
+# --- per-epoch fairness gap by bin -----------------------------------------------------------------------------
+
+
+def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
+    gaps = views.fairness_gap_by_bin(tables.trials, tables.epochs)
+    binned = views.auroc_by_bin(tables.trials, tables.epochs)
+    cells = ["dataset", "init", "bin", "trial", metrics.EPOCH, views.CANDIDATE_EPOCHS, views.CANDIDATE_TRIALS]
+    pd.testing.assert_frame_equal(gaps[cells], binned[cells])  # one selection rule, not a second copy
+    gap_columns = [metrics.auroc_gap_at_epoch("sex"), metrics.auroc_gap("val", "sex"),
+                   metrics.auroc_gap_at_epoch("age"), metrics.auroc_gap("val", "age")]
+    assert list(gaps.columns[7:-2]) == [TEST_AT_EPOCH, *gap_columns]
+    for _, row in gaps.iterrows():
+        trial, epoch = BY_KEY[row["trial"]], row[metrics.EPOCH]
+        for attribute in ("sex", "age"):
+            np.testing.assert_equal(row[metrics.auroc_gap_at_epoch(attribute)], trial.test_gap(attribute, epoch))
+            assert row[metrics.auroc_gap("val", attribute)] == trial.val_gap(attribute, epoch)
+    # random (0, 1]: random-eps3's epoch 1 (best val AUROC .70 in the bin); age gap 0.1 * 1 + 0.01 * (11 % 7).
+    assert cell(gaps, "random", "(0, 1]")[metrics.auroc_gap_at_epoch("age")] == pytest.approx(0.14)
+    # domain (0, 1]: domain-eps1's epoch 1 has a NaN gap; it stays the chosen model (the gap never selects).
+    row = cell(gaps, "domain", "(0, 1]")
+    assert (row["trial"], row[metrics.EPOCH]) == ("domain-eps1", 1)
+    assert math.isnan(row[metrics.auroc_gap_at_epoch("age")])
+
+    wide = views.bin_table(gaps, metrics.auroc_gap_at_epoch("sex"))
+    assert list(wide.columns) == [b.label for b in STUDY_BINS]
+    assert wide.loc[(DATASET, "random")].tolist() == pytest.approx([0.01, 0.03, 0.01, 0.02])
+
+
+def test_fairness_gap_by_bin_on_a_hand_made_table():
+    """Two trials in one cell; the lower gap loses because validation AUROC chooses, and test columns are optional."""
+    gap = metrics.auroc_gap_at_epoch("age")
+    trials = pd.DataFrame({"trial": ["a", "b"], "status": ["TERMINATED"] * 2, "dataset": ["d"] * 2,
+                           "init": ["random"] * 2})
+    epochs = pd.DataFrame({
+        "trial": ["a", "a", "b", "b"],
+        metrics.EPOCH: [1, 2, 1, 2],
+        EPS: [0.5, 2.0, 0.6, 0.9],
+        VAL: [0.70, 0.80, 0.60, 0.75],
+        gap: [0.30, 0.05, 0.01, 0.20],
+    })
+    gaps = views.fairness_gap_by_bin(trials, epochs)
+    assert gaps[["bin", "trial", metrics.EPOCH, gap]].astype({"bin": str}).values.tolist() == [
+        ["(0, 1]", "b", 2, 0.20],  # b's epoch 2 (val .75) beats a's epoch 1 (val .70); b's epoch 1 has the lowest gap
+        ["(1, 3]", "a", 2, 0.05],
+    ]
+    assert TEST_AT_EPOCH not in gaps.columns
+
+
+def test_fairness_gap_by_bin_says_what_is_missing(tables):
+    gap_columns = [c for c in tables.epochs.columns if "/fairness/" in c]
+    with pytest.raises(KeyError, match="no per-epoch fairness gap columns.*test_every_epoch"):
+        views.fairness_gap_by_bin(tables.trials, tables.epochs.drop(columns=gap_columns))
+    with pytest.raises(KeyError, match="auroc_gap_at_epoch/race"):
+        views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes=["race"])
+    only_age = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes=["age"])
+    assert metrics.auroc_gap_at_epoch("sex") not in only_age.columns
+    assert views.per_epoch_fairness_attributes(tables.epochs) == ["sex", "age"]

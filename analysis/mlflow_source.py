@@ -1,0 +1,237 @@
+"""Trial records read back from the MLflow tracking store alone, for `analysis.tables.build_tables`.
+
+`dpsweep table --source mlflow` uses this when the Ray experiment folder is gone (or was never on this
+machine): the MLflow store that `sweeps.tracking.MlflowSweepCallback` wrote during the sweep is enough to
+rebuild ``trials.parquet`` and ``epochs.parquet`` in the same schema as the Ray path.
+
+**What the callback wrote, and how it is read back.**
+
+- The sweep's parent run carries the tags ``dpsweep.sweep = <sweep>`` and ``dpsweep.role = sweep``; when
+  several match (it should not happen), the most recently started one is used, as the callback does.
+- One child run per *started* trial (``mlflow.parentRunId`` = the parent, ``dpsweep.trial_key`` = the
+  grid point's key), with the trial's parameters as MLflow params (strings; parsed back to ``int``,
+  ``float``, ``bool``, ``None`` or ``str`` as Python wrote them, ``inf`` included) and its provenance tags.
+  Trials of the plan that never started have no child run and are **absent** from the tables (the Ray
+  path lists them as ``INCOMPLETE``).
+- Per-epoch reports are logged at MLflow step = ``epoch`` (1, 2, ...). The final report has no ``epoch``
+  key and is logged at step 0, its marker metric ``val/best_epoch`` (`FINAL_MARKER`) in the last batch; so
+  the step-0 values are the final metrics, every step >= 1 is one epoch row. A value logged twice at one
+  step counts once, the latest.
+- MLflow's SQL stores hold ``+-inf`` as ``+-1e308``; they are turned back into ``+-inf`` (the non-private
+  epsilon). Counts the trials report as ``int`` (`INTEGER_METRICS`) become ``int`` again; every other
+  metric is a float, as in Ray's results. Only numbers reach MLflow: a trial's string-valued results
+  (``ray/node_id``) are not in these tables.
+
+**Status**, as `sweeps.launch.trial_record` decides it from Ray's results: ``TERMINATED`` when the final
+report arrived (`FINAL_MARKER` at step 0) and the run is not ``FAILED``;
+``ERROR`` for a ``FAILED`` run; ``INCOMPLETE`` for anything else (``RUNNING`` when the driver stopped,
+``KILLED``, or ``FINISHED`` without a final report, e.g. stopped early by a scheduler).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.tables import BOOTSTRAP_FILE, GROUPS_FILE, EvaluationTables, TableError, build_tables
+from trainables import metrics
+
+# The names `sweeps.tracking` writes (it imports Ray, which analysis never does; a test ties them together).
+SWEEP_TAG = "dpsweep.sweep"
+ROLE_TAG = "dpsweep.role"
+TRIAL_KEY_TAG = "dpsweep.trial_key"
+PARENT_TAG = "mlflow.parentRunId"
+RAY_TRIAL_ID_TAG = "ray.trial_id"
+FINAL_MARKER = metrics.BEST_EPOCH
+"""A metric only a trial's final report carries, logged in its last batch: present = final metrics complete."""
+FINAL_STEP = 0
+"""MLflow step of the final report (it carries no ``epoch``); epochs are logged at step = epoch >= 1."""
+STORED_INF = 1e308
+"""What MLflow's SQL stores keep for an infinite metric (they cannot hold inf)."""
+INTEGER_METRICS: tuple[str, ...] = (metrics.EPOCH, metrics.STEPS, metrics.BEST_EPOCH)
+"""Metrics the trials report as ``int`` (MLflow returns every metric as a float)."""
+EVALUATION_ARTIFACT_DIR = "evaluation"
+"""Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
+_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class MlflowSweep:
+    """A sweep as the tracking store holds it.
+
+    Attributes:
+        records: one `analysis.tables.build_tables` record per child run, in Ray's trial order (by the
+            ``ray.trial_id`` tag, which ends in the trial's index in the grid), then by start time.
+        run_ids: trial key -> child run id.
+        parent_run_id: the sweep's parent run.
+    """
+
+    records: list[dict[str, Any]]
+    run_ids: dict[str, str]
+    parent_run_id: str
+
+
+def read_sweep(tracking_uri: str, experiment: str, sweep: str) -> MlflowSweep:
+    """Read a sweep's parent run, its child runs and their metric histories (see the module docstring).
+
+    Args:
+        tracking_uri: the sweep's tracking URI (``sqlite:///.../mlflow.db`` or a server URL).
+        experiment: the MLflow experiment name (the spec's ``tracking.experiment``, default the sweep name).
+        sweep: the sweep's name (``dpsweep.sweep`` tag).
+
+    Raises:
+        TableError: the experiment or the parent run does not exist, or two child runs carry one trial key.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _check_store_exists(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    meta = client.get_experiment_by_name(experiment)
+    if meta is None:
+        raise TableError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run the sweep first, or give the "
+                         "tracking URI the sweep used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)")
+    parents = _search(client, meta.experiment_id, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'")
+    if not parents:
+        raise TableError(f"MLflow experiment {experiment!r} at {tracking_uri} has no parent run of sweep {sweep!r} "
+                         f"(tags {SWEEP_TAG}={sweep}, {ROLE_TAG}=sweep)")
+    parent = parents[0].info.run_id
+    children = [r for r in _search(client, meta.experiment_id, f"tags.`{PARENT_TAG}` = '{parent}'")
+                if TRIAL_KEY_TAG in r.data.tags]
+    by_key: dict[str, list[str]] = {}
+    for run in children:
+        by_key.setdefault(run.data.tags[TRIAL_KEY_TAG], []).append(run.info.run_id)
+    repeated = {key: ids for key, ids in by_key.items() if len(ids) > 1}
+    if repeated:
+        raise TableError(f"sweep {sweep!r}: several MLflow child runs carry one trial key ({repeated}); delete the "
+                         "stray runs (the callback reuses a trial's run, so this is not a normal state)")
+    if not children:
+        raise TableError(f"sweep {sweep!r}: its MLflow parent run {parent} has no trial runs yet; nothing to tabulate")
+    children.sort(key=lambda r: (r.data.tags.get(RAY_TRIAL_ID_TAG, ""), r.info.start_time or 0))
+    records = [_record(client, run) for run in children]
+    return MlflowSweep(records, {r["key"]: r["run_id"] for r in records}, parent)
+
+
+def tables_from_mlflow(tracking_uri: str, experiment: str, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``trials.parquet`` and ``epochs.parquet`` of a sweep, built from its MLflow runs alone."""
+    found = read_sweep(tracking_uri, experiment, sweep)
+    return build_tables(found.records, found.run_ids)
+
+
+def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) -> EvaluationTables:
+    """The per-trial evaluation tables (as `analysis.tables.collect_trial_tables` gathers them from Ray's final
+    checkpoints) from the ``evaluation/`` artifacts of the given child runs; runs without them (unfinished,
+    failed) contribute no rows.
+
+    Args:
+        tracking_uri: the sweep's tracking URI.
+        run_ids: trial key -> child run id, e.g. `MlflowSweep.run_ids` of the finished trials.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
+    with tempfile.TemporaryDirectory() as folder:
+        for key, run_id in run_ids.items():
+            present = {a.path for a in client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
+            for file, frames in parts.items():
+                path = f"{EVALUATION_ARTIFACT_DIR}/{file}"
+                if path in present:
+                    local = client.download_artifacts(run_id, path, str(Path(folder) / run_id))
+                    table = pd.read_parquet(local)
+                    table.insert(0, "trial", key)
+                    frames.append(table)
+    groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
+                         for f in (GROUPS_FILE, BOOTSTRAP_FILE))
+    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=f"MLflow artifacts at {tracking_uri}")
+
+
+def parse_param(text: str) -> Any:
+    """An MLflow param back as the Python value whose ``str()`` it is (``"inf"`` -> inf, ``"None"`` -> None,
+    ``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"True"`` -> True); anything else stays the string."""
+    if text in ("inf", "-inf", "nan"):
+        return float(text)
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value if isinstance(value, int | float | bool | type(None)) else text
+
+
+def _record(client, run) -> dict[str, Any]:
+    run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
+    by_step = _values_by_step(client, run)
+    final = by_step.pop(FINAL_STEP, {})
+    final = final if FINAL_MARKER in final else {}  # without it the driver died while logging: not arrived
+    epochs = [{metrics.EPOCH: step, **values} for step, values in sorted(by_step.items())]
+    finished = bool(final) and status != "FAILED"
+    return {
+        "key": tags[TRIAL_KEY_TAG],
+        "run_id": run_id,
+        "status": "TERMINATED" if finished else "ERROR" if status == "FAILED" else "INCOMPLETE",
+        "error": f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
+        "params": {k: parse_param(v) for k, v in run.data.params.items()},
+        "tags": dict(tags),
+        "final": final,
+        "epochs": epochs,
+    }
+
+
+def _values_by_step(client, run) -> dict[int, dict[str, Any]]:
+    """step -> {metric: value}. A metric whose latest entry sits at the final step was logged only there
+    (epochs use steps >= 1), so that entry is all there is; only the per-epoch metrics need their history
+    (a handful of calls per run instead of one per final metric)."""
+    run_id = run.info.run_id
+    latest = getattr(run.data, "_metric_objs", None)  # MLflow's latest entry per key, with its step
+    if latest is None:
+        latest_steps = dict.fromkeys(run.data.metrics, FINAL_STEP + 1)  # unknown: read every history
+        values = {}
+    else:
+        latest_steps = {m.key: int(m.step) for m in latest}
+        values = {m.key: m.value for m in latest}
+    steps: dict[int, dict[str, Any]] = {}
+    for key, step in latest_steps.items():
+        if step == FINAL_STEP:
+            steps.setdefault(FINAL_STEP, {})[key] = _value(key, values[key])
+            continue
+        entries = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        for entry in entries:  # the later of two entries at one step wins
+            steps.setdefault(int(entry.step), {})[key] = _value(key, entry.value)
+    return steps
+
+
+def _value(key: str, value: float) -> float | int:
+    value = float(value)
+    if abs(value) >= STORED_INF:
+        return math.copysign(math.inf, value)
+    if key in INTEGER_METRICS and value.is_integer():
+        return int(value)
+    return value
+
+
+def _search(client, experiment_id: str, filter_string: str) -> list:
+    """Every run matching the filter, newest first (MLflow pages its answers)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=_PAGE,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _check_store_exists(tracking_uri: str) -> None:
+    """Reading a ``sqlite:///`` URI whose file is missing would create an empty store: refuse instead."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        if not path.is_file():
+            raise TableError(f"no MLflow database at {path} (tracking URI {tracking_uri}); run the sweep first, or "
+                             "give the tracking URI it used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)")

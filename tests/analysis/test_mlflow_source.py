@@ -1,0 +1,388 @@
+"""Trial tables rebuilt from the MLflow tracking store alone equal those rebuilt from Ray's results.
+
+Two tiers. Fast: the real `sweeps.tracking.MlflowSweepCallback` writes runs for hand-made trial results (finished,
+non-private, failed, running, never reported, and a resumed driver) into a temporary sqlite store, and the tables
+read back must equal `build_tables` of the same results given directly, as the Ray path gives them. Slow: a real
+two-trial sweep run by `dpsweep sweep` in a subprocess is SIGKILLed (driver and the Ray it started, one process
+group) once one trial has finished and the other is running; `dpsweep table --source ray|mlflow` must both mark
+them TERMINATED and INCOMPLETE. The sweep is then resumed to the end and both sources must agree on every key,
+status, parameter, epsilon, final test AUROC and per-epoch validation AUROC.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from analysis import mlflow_source
+from analysis.mlflow_source import parse_param, read_sweep, tables_from_mlflow
+from analysis.tables import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE, TableError, build_tables
+from trainables import metrics as M
+
+SWEEP = "mlsrc"
+NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow does not store
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast tier: the real callback, fake trials.
+
+
+def point(key: str, epsilon: float) -> dict:
+    params = {"init": "random", "target_epsilon": epsilon, "noise_multiplier": 0.0 if math.isinf(epsilon) else 1.25,
+              "sample_rate": 0.0 if math.isinf(epsilon) else 0.25, "steps": 8, "delta": 6e-6, "accountant": "rdp",
+              "max_grad_norm": 1.0, "lr": 0.002, "seed": 0, "model": "test_convnext", "privacy_unit": "image",
+              "pos_weight": "uniform", "n_train": 256}
+    tags = {"dpsweep.git_commit": "abc123", "dpsweep.torch_version": "2.0", "dpsweep.init": "random"}
+    return {"key": key, "params": params, "tags": tags}
+
+
+def epoch_result(epoch: int, epsilon: float, val: float) -> dict:
+    return {M.EPOCH: epoch, M.STEPS: 4 * epoch, M.TRAIN_LOSS: 0.7 - 0.1 * epoch, M.VAL_AUROC_MACRO: val,
+            M.EPSILON: epsilon, M.TEST_AUROC_MACRO_AT_EPOCH: val - 0.01, M.auroc_gap("val", "age"): 0.1 * epoch,
+            "done": False, "timestamp": 1_700_000_000 + epoch, "training_iteration": epoch}
+
+
+def final_result(epsilon: float, test: float) -> dict:
+    return {M.TEST_AUROC_MACRO: test, M.BEST_EPOCH: 2, M.STEPS: 8, M.EPSILON: epsilon,
+            M.EPSILON_AT_BEST_EPOCH: epsilon, M.auroc_gap("test", "age"): 0.125, NODE_ID: "f00d",
+            "done": True, "timestamp": 1_700_000_100}
+
+
+# key -> (target epsilon, what happens); per-epoch epsilons and AUROCs are arbitrary exact binary fractions.
+SCRIPT = {
+    "random-eps2": (2.0, "finished"),
+    "random-epsinf": (math.inf, "finished"),
+    "random-eps8": (8.0, "failed"),
+    "random-eps4": (4.0, "running"),
+    "random-eps1": (1.0, "started"),
+}
+
+
+def _trial(key: str, index: int) -> SimpleNamespace:
+    return SimpleNamespace(config={"point": point(key, SCRIPT[key][0])}, trial_id=f"abc_{index:05d}", checkpoint=None)
+
+
+def _script_results(key: str) -> tuple[list[dict], dict]:
+    epsilon, fate = SCRIPT[key]
+    if fate == "started":
+        return [], {}
+    per_epoch = [epoch_result(e, epsilon if math.isinf(epsilon) else epsilon * e / 2, 0.5 + e / 8) for e in (1, 2)]
+    if fate in ("failed", "running"):
+        return per_epoch[:1], {}
+    return per_epoch, final_result(epsilon, 0.75 if math.isinf(epsilon) else 0.625)
+
+
+@pytest.fixture(scope="module")
+def fake_store(tmp_path_factory):
+    """Runs logged by the real callback, and the records the Ray path would build from the same results."""
+    pytest.importorskip("ray")
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import MlflowSweepCallback, get_or_create_experiment, get_or_create_parent_run
+
+    runs = tmp_path_factory.mktemp("store") / "runs"
+    runs.mkdir()
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = get_or_create_experiment(client, SWEEP, runs / "mlartifacts")
+    parent = get_or_create_parent_run(client, experiment, SWEEP, {})
+    callback = MlflowSweepCallback(uri, experiment, parent, SWEEP)
+    trials = {key: _trial(key, i) for i, key in enumerate(SCRIPT)}
+    records = []
+    for key, trial in trials.items():
+        per_epoch, final = _script_results(key)
+        callback.on_trial_start(0, [], trial)
+        for result in (*per_epoch, *([final] if final else [])):
+            callback.on_trial_result(0, [], trial, result)
+        fate = SCRIPT[key][1]
+        if fate == "finished":
+            callback.on_trial_complete(0, [], trial)
+        elif fate == "failed":
+            callback.on_trial_error(0, [], trial)
+        status = {"finished": "TERMINATED", "failed": "ERROR"}.get(fate, "INCOMPLETE")
+        records.append({**trial.config["point"], "status": status, "error": None, "final": final,
+                        "epochs": [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]})
+    # A resumed driver: a new callback re-reads the runs; the finished trial reports its final result again.
+    resumed = MlflowSweepCallback(uri, experiment, parent, SWEEP)
+    resumed.on_trial_result(0, [], trials["random-eps2"], final_result(2.0, 0.625))
+    resumed.on_trial_complete(0, [], trials["random-eps2"])
+    return SimpleNamespace(uri=uri, runs=runs, parent=parent, records=records, client=client)
+
+
+def test_names_match_the_writer():
+    tracking = pytest.importorskip("sweeps.tracking")
+    for name in ("SWEEP_TAG", "ROLE_TAG", "TRIAL_KEY_TAG", "PARENT_TAG"):
+        assert getattr(mlflow_source, name) == getattr(tracking, name), name
+    if hasattr(tracking, "FINAL_MARKER"):
+        assert mlflow_source.FINAL_MARKER == tracking.FINAL_MARKER
+    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH and tracking._finite(math.inf) == mlflow_source.STORED_INF
+
+
+def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
+    trials, epochs = tables_from_mlflow(fake_store.uri, SWEEP, SWEEP)
+    expected_trials, expected_epochs = build_tables(fake_store.records)
+    assert trials["trial"].tolist() == list(SCRIPT)  # Ray's trial order (trial ids)
+    assert dict(zip(trials["trial"], trials["status"], strict=True)) == {
+        "random-eps2": "TERMINATED", "random-epsinf": "TERMINATED", "random-eps8": "ERROR",
+        "random-eps4": "INCOMPLETE", "random-eps1": "INCOMPLETE"}
+    assert set(trials.columns) == set(expected_trials.columns) - {NODE_ID}  # strings never reach MLflow
+    shared = [c for c in expected_trials.columns if c not in (NODE_ID, "mlflow_run_id", "error")]
+    pd.testing.assert_frame_equal(trials[shared], expected_trials[shared])  # values and dtypes (ints, inf, None)
+    pd.testing.assert_frame_equal(epochs[expected_epochs.columns], expected_epochs)
+    assert sorted(epochs.columns) == sorted(expected_epochs.columns)
+    assert trials.loc[trials["trial"] == "random-epsinf", M.EPSILON].item() == math.inf
+    assert trials.loc[trials["trial"] == "random-eps8", "error"].item().startswith("failed; see MLflow run")
+    assert trials["error"].isna().sum() == 4
+
+
+def test_records_name_their_runs(fake_store):
+    found = read_sweep(fake_store.uri, SWEEP, SWEEP)
+    assert found.parent_run_id == fake_store.parent
+    children = fake_store.client.search_runs([fake_store.client.get_experiment_by_name(SWEEP).experiment_id],
+                                             f"tags.`mlflow.parentRunId` = '{fake_store.parent}'")
+    assert found.run_ids == {r.data.tags["dpsweep.trial_key"]: r.info.run_id for r in children}
+
+
+def test_final_metrics_without_their_marker_are_not_a_final_report(fake_store):
+    from mlflow.entities import Metric
+
+    run_id = read_sweep(fake_store.uri, SWEEP, SWEEP).run_ids["random-eps4"]
+    # The driver died while logging the final report: its first batch arrived, not the marker's.
+    fake_store.client.log_batch(run_id, metrics=[Metric(M.TEST_AUROC_MACRO, 0.5, 0, 0)])
+    trials, _ = tables_from_mlflow(fake_store.uri, SWEEP, SWEEP)
+    row = trials.set_index("trial").loc["random-eps4"]
+    assert row["status"] == "INCOMPLETE" and math.isnan(row[M.TEST_AUROC_MACRO])
+
+
+def test_missing_store_experiment_or_sweep_is_a_clear_error(fake_store, tmp_path):
+    missing = tmp_path / "nothing" / "mlflow.db"
+    with pytest.raises(TableError, match="no MLflow database at"):
+        read_sweep(f"sqlite:///{missing}", SWEEP, SWEEP)
+    assert not missing.exists()  # reading never creates a store
+    with pytest.raises(TableError, match="no MLflow experiment 'other'"):
+        read_sweep(fake_store.uri, "other", SWEEP)
+    with pytest.raises(TableError, match="no parent run of sweep 'other'"):
+        read_sweep(fake_store.uri, SWEEP, "other")
+
+
+def test_parse_param_inverts_str():
+    for value in (3, 0.5, 6e-06, math.inf, -math.inf, True, False, None, "rdp", "uniform", "1e-3x", "[1, 2]"):
+        parsed = parse_param(str(value))
+        assert parsed == value and type(parsed) is type(value), value
+    assert math.isnan(parse_param("nan"))
+
+
+def test_cli_table_from_mlflow_when_the_ray_folder_is_absent(fake_store, tmp_path, monkeypatch, capsys):
+    from sweeps.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DPSWEEP_RUNS", raising=False)
+    spec = tmp_path / "mlsrc.yaml"
+    spec.write_text(TINY_SPEC.replace("name: tinyml", f"name: {SWEEP}"))
+    assert main(["table", str(spec), "--runs", str(fake_store.runs)]) == 0  # auto: no Ray folder -> MLflow
+    out = capsys.readouterr().out
+    assert "from MLflow runs at sqlite:///" in out and "5 trials" in out
+    trials = pd.read_parquet(fake_store.runs / SWEEP / TRIALS_FILE)
+    assert len(trials) == len(SCRIPT) and (trials["status"] == "INCOMPLETE").sum() == 2
+    assert (fake_store.runs / SWEEP / EPOCHS_FILE).exists()
+    assert main(["table", str(spec), "--runs", str(fake_store.runs), "--source", "ray"]) == 2
+    assert "no Ray results" in capsys.readouterr().err
+    assert main(["table", str(spec), "--runs", str(tmp_path / "empty")]) == 2
+    assert "no MLflow database at" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Slow tier: a real sweep, interrupted, then resumed.
+
+TINY_SPEC = """
+name: tinyml
+data: {train: synthetic-a, image_size: 32, synthetic_images: 400}
+model: test_convnext
+inits: [random]
+privacy: {epsilons: [2, .inf], clip_norms: [1.0], expected_batch_size: 64, epochs: 2}
+training: {learning_rates: [0.002]}
+evaluation: {n_boot: 10}
+resources: {cpu: 1, max_concurrent: 1}
+"""
+INTERRUPT_TIMEOUT_S = 240
+RESUME_TIMEOUT_S = 240
+POLL_S = 0.1
+STOP_GRACE_S = 10
+
+
+class SweepProcess:
+    """`dpsweep sweep` in a process session of its own, with Ray's temp folder under ``marker`` (a short
+    private path): every process it starts is in its process group or names ``marker`` on its command line."""
+
+    def __init__(self, spec: Path, runs: Path, data: Path, marker: Path, log: Path):
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DPSWEEP_RUNS")}
+        env.update(RAY_TMPDIR=str(marker), HF_HUB_OFFLINE="1")
+        self.marker, self.log = marker, log
+        command = [sys.executable, "-m", "sweeps.cli", "sweep", str(spec), "--runs", str(runs), "--data", str(data)]
+        with log.open("a") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+        self.group = self.process.pid
+
+    def processes(self) -> set[int]:
+        found, marker = set(), str(self.marker).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            state, _ppid, pgid = stat.rsplit(")", 1)[1].split()[:3]
+            if state != "Z" and (int(pgid) == self.group or marker in cmdline):
+                found.add(int(entry.name))
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL the driver and every process of its Ray at once; wait until none is left."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        while True:
+            for pid in self.processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if self.process.poll() is None:
+                try:
+                    self.process.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not self.processes() and self.process.poll() is not None:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"processes {sorted(self.processes())} of the test sweep outlived SIGKILL")
+            time.sleep(0.2)
+
+
+def trial_folders(ray_dir: Path) -> dict[str, Path]:
+    if not ray_dir.is_dir():
+        return {}
+    folders = {}
+    for params in ray_dir.glob("*/params.json"):
+        try:
+            folders[json.loads(params.read_text())["point"]["key"]] = params.parent
+        except (json.JSONDecodeError, KeyError):
+            continue  # being written
+    return folders
+
+
+def finished(folder: Path) -> bool:
+    return any(folder.glob("checkpoint_*/final.json"))
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory):
+    """The interrupted sweep's two tables (Ray, MLflow), then the resumed sweep's two tables."""
+    work = tmp_path_factory.mktemp("real")
+    spec, runs, data = work / "tinyml.yaml", work / "runs", work / "data"
+    spec.write_text(TINY_SPEC)
+    marker = Path(tempfile.mkdtemp(prefix="dpsw-", dir="/tmp"))
+    ray_dir = runs / "ray" / "tinyml"
+    out = SimpleNamespace(spec=spec, runs=runs, log=work / "sweep.log")
+    sweep = SweepProcess(spec, runs, data, marker, out.log)
+    start = time.monotonic()
+    try:
+        while True:  # one trial finished, the other has written a checkpoint (it is running)
+            folders = trial_folders(ray_dir)
+            done = [k for k, f in folders.items() if finished(f)]
+            running = [k for k, f in folders.items() if not finished(f) and any(f.glob("checkpoint_*"))]
+            if done and running:
+                break
+            assert sweep.process.poll() is None, f"the sweep ended before it could be interrupted:\n" \
+                                                 f"{out.log.read_text()[-4000:]}"
+            assert time.monotonic() - start < INTERRUPT_TIMEOUT_S, out.log.read_text()[-4000:]
+            time.sleep(POLL_S)
+        sweep.kill()
+        out.interrupt_s = time.monotonic() - start
+        out.finished, out.running = done[0], running[0]
+        assert not finished(trial_folders(ray_dir)[out.running]), "the running trial finished while being killed"
+        out.interrupted = {source: table_via_cli(spec, runs, source) for source in ("ray", "mlflow")}
+
+        resume = SweepProcess(spec, runs, data, marker, out.log)
+        try:
+            resume.process.wait(timeout=RESUME_TIMEOUT_S)
+        finally:
+            resume.kill()
+        assert resume.process.returncode == 0, out.log.read_text()[-4000:]
+        out.resumed = {source: table_via_cli(spec, runs, source) for source in ("ray", "mlflow")}
+        out.total_s = time.monotonic() - start
+        yield out
+    finally:
+        sweep.kill()
+        import shutil
+
+        shutil.rmtree(marker, ignore_errors=True)
+
+
+def table_via_cli(spec: Path, runs: Path, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`dpsweep table SPEC --source SOURCE` (in this process: it starts no Ray) and the tables it wrote."""
+    from sweeps.cli import main
+
+    sweep_dir = runs / "tinyml"
+    for file in (TRIALS_FILE, EPOCHS_FILE):
+        (sweep_dir / file).unlink(missing_ok=True)
+    assert main(["table", str(spec), "--runs", str(runs), "--source", source]) == 0
+    return pd.read_parquet(sweep_dir / TRIALS_FILE), pd.read_parquet(sweep_dir / EPOCHS_FILE)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_finished_and_running_trials_from_both_sources(real_sweep):
+    for source, (trials, epochs) in real_sweep.interrupted.items():
+        status = dict(zip(trials["trial"], trials["status"], strict=True))
+        assert status[real_sweep.finished] == "TERMINATED", (source, status)
+        assert status[real_sweep.running] == "INCOMPLETE", (source, status)
+        row = trials.set_index("trial").loc[real_sweep.finished]
+        assert math.isfinite(row[M.TEST_AUROC_MACRO]) and row["mlflow_run_id"], source
+        assert len(epochs[epochs["trial"] == real_sweep.finished]) == 2, source
+
+
+@pytest.mark.slow
+def test_resumed_sweep_tables_agree_between_ray_and_mlflow(real_sweep):
+    (ray_trials, ray_epochs), (ml_trials, ml_epochs) = real_sweep.resumed["ray"], real_sweep.resumed["mlflow"]
+    assert sorted(ray_trials["trial"]) == sorted(ml_trials["trial"]) and len(ml_trials) == 2
+    assert (ml_trials["status"] == "TERMINATED").all() and (ray_trials["status"] == "TERMINATED").all()
+    assert set(ml_trials.columns) == set(ray_trials.columns) - {NODE_ID}
+    ray_trials, ml_trials = (t.set_index("trial").sort_index() for t in (ray_trials, ml_trials))
+    params = ["init", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "delta", "accountant",
+              "max_grad_norm", "lr", "seed", "model", "privacy_unit", "mlflow_run_id", "git_commit", "torch_version"]
+    exact = [*params, M.EPSILON, M.TEST_AUROC_MACRO, M.BEST_EPOCH, M.EPSILON_AT_BEST_EPOCH,
+             M.auroc_gap("test", "age")]
+    pd.testing.assert_frame_equal(ml_trials[exact], ray_trials[exact])
+    shared = [c for c in ray_trials.columns if c in ml_trials.columns and c != "error"]
+    pd.testing.assert_frame_equal(ml_trials[shared], ray_trials[shared])  # every final metric, dtypes included
+    assert ml_trials.loc[ml_trials["target_epsilon"].map(math.isinf), M.EPSILON].map(math.isinf).all()
+
+    keys = ["trial", "epoch"]
+    ray_epochs, ml_epochs = (e.sort_values(keys).reset_index(drop=True) for e in (ray_epochs, ml_epochs))
+    assert len(ml_epochs) == 4 and sorted(ml_epochs.columns) == sorted(ray_epochs.columns)
+    pd.testing.assert_frame_equal(ml_epochs[ray_epochs.columns], ray_epochs)  # val AUROC, epsilon per epoch, ...
+
+
+@pytest.mark.slow
+def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
+    from analysis.tables import collect_trial_tables
+
+    sweep_dir = real_sweep.runs / "tinyml"
+    from_ray = collect_trial_tables(real_sweep.runs / "ray" / "tinyml")
+    for file, expected in ((GROUPS_FILE, from_ray.groups), (BOOTSTRAP_FILE, from_ray.bootstrap)):
+        table, expected = (t.sort_values(list(expected.columns), kind="stable").reset_index(drop=True)
+                           for t in (pd.read_parquet(sweep_dir / file), expected))
+        assert len(table) and set(table["trial"]) == set(from_ray.bootstrap["trial"])
+        pd.testing.assert_frame_equal(table, expected)
+    print(f"interrupted after {real_sweep.interrupt_s:.0f} s; whole fixture {real_sweep.total_s:.0f} s")
