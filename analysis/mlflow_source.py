@@ -24,8 +24,9 @@ rebuild ``trials.parquet`` and ``epochs.parquet`` in the same schema as the Ray 
 
 **Status**, as `sweeps.launch.trial_record` decides it from Ray's results: ``TERMINATED`` when the final
 report arrived (`FINAL_MARKER` at step 0) and the run is not ``FAILED``;
-``ERROR`` for a ``FAILED`` run; ``INCOMPLETE`` for anything else (``RUNNING`` when the driver stopped,
-``KILLED``, or ``FINISHED`` without a final report, e.g. stopped early by a scheduler).
+``ERROR`` for a ``FAILED`` run; ``STOPPED`` for a ``FINISHED`` run without a final report (stopped early by
+the ASHA scheduler: the callback ends it when Ray does); ``INCOMPLETE`` for anything else (``RUNNING`` when the
+driver stopped, ``KILLED``).
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def _record(client, run) -> dict[str, Any]:
     return {
         "key": tags[TRIAL_KEY_TAG],
         "run_id": run_id,
-        "status": "TERMINATED" if finished else "ERROR" if status == "FAILED" else "INCOMPLETE",
+        "status": ("TERMINATED" if finished else "ERROR" if status == "FAILED"
+                   else "STOPPED" if status == "FINISHED" else "INCOMPLETE"),
         "error": f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
         "params": {k: parse_param(v) for k, v in run.data.params.items()},
         "tags": dict(tags),

@@ -92,16 +92,13 @@ def _load(args):
 
 
 def _sweep(args) -> int:
-    from sweeps.launch import describe_plan, plan_sweep, run_sweep
+    from sweeps.launch import dry_run_report, plan_sweep, run_sweep
     from sweeps.spec import SpecError
 
     spec, paths = _load(args)
     try:
         if args.dry_run:
-            plan = plan_sweep(spec, paths, run_pretrain_stage=False)
-            print(describe_plan(plan))
-            for trial in plan.trials:
-                print(f"  {trial.key}: sigma={trial.config.privacy.noise_multiplier:.4f}")
+            print(dry_run_report(plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)))
             return 0
         trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     except SpecError as error:
@@ -123,11 +120,16 @@ def print_summary(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> N
         print(table.to_string(index=False))
     print(f"\ntables: {sweep_dir / 'trials.parquet'}, {sweep_dir / 'epochs.parquet'}")
     print(f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
-    from sweeps.launch import tuning_cost
+    from sweeps.launch import adaptive_tuning_bounds, tuning_costs
 
-    cost = tuning_cost(trials)
-    if cost is not None:
-        print(f"privacy of releasing the best trial of this sweep (not the per-trial epsilon): {cost.sentence}")
+    costs = tuning_costs(trials)
+    adaptive = adaptive_tuning_bounds(trials)
+    for dataset, cost in costs.items():
+        where = f" on {dataset}" if len(costs) > 1 else ""
+        print(f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
+              f"{cost.sentence}")
+        if dataset in adaptive:
+            print(f"  Optuna chose trials adaptively; the bound that covers that: {adaptive[dataset]}")
     if M.EPSILON in trials:
         private = trials[trials["target_epsilon"].map(math.isfinite)]
         over = private[private[M.EPSILON] > private["target_epsilon"]]
@@ -146,7 +148,8 @@ def _pretrain(args) -> int:
         from trainables.data.registry import ensure_prepared
 
         ensure_prepared(spec.pretrain.dataset, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
-        print(ensure_pretrained(spec, paths))
+        for model in spec.models:
+            print(ensure_pretrained(spec, paths, model))
     except (SpecError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
     return 0
@@ -224,7 +227,8 @@ def _report(args) -> int:
     if not (sweep_dir / "trials.parquet").exists():
         raise UserError(f"no trial table at {sweep_dir / 'trials.parquet'}; run `dpsweep sweep {args.spec}` first")
     try:
-        index = write_report(sweep_dir, ray_experiment_dir=paths.ray_storage / spec.name)
+        ray_dir = paths.ray_storage / spec.name  # absent for tables rebuilt from MLflow alone
+        index = write_report(sweep_dir, ray_experiment_dir=ray_dir if ray_dir.is_dir() else None)
     except TableError as error:
         raise UserError(str(error)) from None
     print(f"report: {index}")

@@ -508,6 +508,8 @@ def experiment_records(experiment: Path) -> list[dict[str, Any]]:
     """Records of every trial in a Ray experiment folder, finished or not."""
     from ray.tune import ExperimentAnalysis
 
+    from trainables.trial import DONE
+
     analysis = ExperimentAnalysis(str(experiment))
     frames = analysis.trial_dataframes
     records = []
@@ -517,8 +519,27 @@ def experiment_records(experiment: Path) -> list[dict[str, Any]]:
         status = {"ERROR": "ERROR", "TERMINATED": "STOPPED"}.get(trial.status, "INCOMPLETE")
         error = f"failed; see {getattr(trial, 'path', trial.trial_id)}" if trial.status == "ERROR" else None
         history = frames.get(trial.trial_id)
-        records.append(trial_record(trial.config["point"], trial.last_result or {}, history, status, error))
+        final = trial.last_result or {}
+        if not final.get(DONE) and status != "ERROR":
+            # The driver's snapshot of results can lag the trial's own checkpoint (a driver killed right after a
+            # trial finished): the final checkpoint then holds the final report and the whole epoch history.
+            saved = _final_checkpoint(Path(trial.path))
+            if saved is not None:
+                final, history = saved
+        records.append(trial_record(trial.config["point"], final, history, status, error))
     return records
+
+
+def _final_checkpoint(trial_dir: Path) -> tuple[dict[str, Any], pd.DataFrame | None] | None:
+    """The final report (``final.json``) and epoch history of a trial's final checkpoint, if it wrote one."""
+    from trainables.trial import FINAL_FILE
+
+    found = sorted(trial_dir.glob(f"checkpoint_*/{FINAL_FILE}"))
+    if not found:
+        return None
+    epochs_file = found[-1].parent / "epochs.parquet"
+    history = pd.read_parquet(epochs_file) if epochs_file.exists() else None
+    return json.loads(found[-1].read_text()), history
 
 
 def rebuild_tables(spec: SweepSpec, paths: SweepPaths) -> tuple[pd.DataFrame, pd.DataFrame]:

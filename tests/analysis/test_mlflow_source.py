@@ -66,6 +66,7 @@ SCRIPT = {
     "random-eps8": (8.0, "failed"),
     "random-eps4": (4.0, "running"),
     "random-eps1": (1.0, "started"),
+    "random-eps3": (3.0, "stopped"),  # stopped early by ASHA: ended by Ray without a final report
 }
 
 
@@ -78,7 +79,7 @@ def _script_results(key: str) -> tuple[list[dict], dict]:
     if fate == "started":
         return [], {}
     per_epoch = [epoch_result(e, epsilon if math.isinf(epsilon) else epsilon * e / 2, 0.5 + e / 8) for e in (1, 2)]
-    if fate in ("failed", "running"):
+    if fate in ("failed", "running", "stopped"):
         return per_epoch[:1], {}
     return per_epoch, final_result(epsilon, 0.75 if math.isinf(epsilon) else 0.625)
 
@@ -106,11 +107,11 @@ def fake_store(tmp_path_factory):
         for result in (*per_epoch, *([final] if final else [])):
             callback.on_trial_result(0, [], trial, result)
         fate = SCRIPT[key][1]
-        if fate == "finished":
+        if fate in ("finished", "stopped"):
             callback.on_trial_complete(0, [], trial)
         elif fate == "failed":
             callback.on_trial_error(0, [], trial)
-        status = {"finished": "TERMINATED", "failed": "ERROR"}.get(fate, "INCOMPLETE")
+        status = {"finished": "TERMINATED", "failed": "ERROR", "stopped": "STOPPED"}.get(fate, "INCOMPLETE")
         records.append({**trial.config["point"], "status": status, "error": None, "final": final,
                         "epochs": [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]})
     # A resumed driver: a new callback re-reads the runs; the finished trial reports its final result again.
@@ -135,7 +136,7 @@ def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
     assert trials["trial"].tolist() == list(SCRIPT)  # Ray's trial order (trial ids)
     assert dict(zip(trials["trial"], trials["status"], strict=True)) == {
         "random-eps2": "TERMINATED", "random-epsinf": "TERMINATED", "random-eps8": "ERROR",
-        "random-eps4": "INCOMPLETE", "random-eps1": "INCOMPLETE"}
+        "random-eps4": "INCOMPLETE", "random-eps1": "INCOMPLETE", "random-eps3": "STOPPED"}
     assert set(trials.columns) == set(expected_trials.columns) - {NODE_ID}  # strings never reach MLflow
     shared = [c for c in expected_trials.columns if c not in (NODE_ID, "mlflow_run_id", "error")]
     pd.testing.assert_frame_equal(trials[shared], expected_trials[shared])  # values and dtypes (ints, inf, None)
@@ -143,7 +144,7 @@ def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
     assert sorted(epochs.columns) == sorted(expected_epochs.columns)
     assert trials.loc[trials["trial"] == "random-epsinf", M.EPSILON].item() == math.inf
     assert trials.loc[trials["trial"] == "random-eps8", "error"].item().startswith("failed; see MLflow run")
-    assert trials["error"].isna().sum() == 4
+    assert trials["error"].isna().sum() == 5
 
 
 def test_records_name_their_runs(fake_store):
@@ -192,7 +193,7 @@ def test_cli_table_from_mlflow_when_the_ray_folder_is_absent(fake_store, tmp_pat
     spec.write_text(TINY_SPEC.replace("name: tinyml", f"name: {SWEEP}"))
     assert main(["table", str(spec), "--runs", str(fake_store.runs)]) == 0  # auto: no Ray folder -> MLflow
     out = capsys.readouterr().out
-    assert "from MLflow runs at sqlite:///" in out and "5 trials" in out
+    assert "from MLflow runs at sqlite:///" in out and "6 trials" in out
     trials = pd.read_parquet(fake_store.runs / SWEEP / TRIALS_FILE)
     assert len(trials) == len(SCRIPT) and (trials["status"] == "INCOMPLETE").sum() == 2
     assert (fake_store.runs / SWEEP / EPOCHS_FILE).exists()
