@@ -1,12 +1,32 @@
-"""Guards in the trial loop that protect the privacy ledger."""
+"""Guards in the trial loop that protect the privacy ledger, and what a tiny trial reports every epoch."""
 
+import copy
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from trainables import metrics as M
 from trainables.config import PrivacyConfig, TrialConfig
-from trainables.train import BudgetError, _check_ledger
+from trainables.data.cache import open_cache
+from trainables.data.labels import LABELS
+from trainables.data.synthetic import prepare_synthetic
+from trainables.evaluate.report import evaluate_split
+from trainables.models import resolve_init
+from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
+from trainables.train import (
+    BudgetError,
+    _check_ledger,
+    load_trial_data,
+    predict,
+    subgroup_auroc_gaps,
+    train_trial,
+)
 
 
 def config(sigma=1.2, q=0.1) -> TrialConfig:
@@ -38,3 +58,102 @@ def test_epsilon_of_a_lost_ledger_would_be_under_reported():
     full, short = accountant((1.2, 0.1, 30)), accountant((1.2, 0.1, 20))
     assert short.get_epsilon(1e-5) < full.get_epsilon(1e-5)
     assert not math.isclose(short.get_epsilon(1e-5), full.get_epsilon(1e-5))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny trial end to end (also used by tests/privacy/test_secure.py)
+
+TINY_DATASET, TINY_SIZE, TINY_IMAGES, TINY_BATCH = "synthetic-a", 32, 200, 16  # 144 training images, q = 1/9
+
+
+def prepare_tiny_site(data_root: Path) -> Path:
+    """The tiny synthetic site the end-to-end trial tests train on (32 px, 200 images)."""
+    prepare_synthetic(TINY_DATASET, data_root, size=TINY_SIZE, n_images=TINY_IMAGES)
+    return data_root
+
+
+def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int = 2, **changes) -> TrialConfig:
+    """A `test_convnext` trial on the tiny site, calibrated like the sweep launcher does; ``changes`` replace
+    TrialConfig fields, or PrivacyConfig fields when prefixed ``privacy_``."""
+    n_train = len(open_cache(data_root / TINY_DATASET / str(TINY_SIZE)).split("train"))
+    sample_rate, steps = sample_rate_and_steps(n_train, TINY_BATCH, epochs)
+    private = math.isfinite(target_epsilon)
+    sigma = calibrate_noise_multiplier(target_epsilon, 1e-5, sample_rate, steps) if private else 0.0
+    privacy_changes = {k.removeprefix("privacy_"): v for k, v in changes.items() if k.startswith("privacy_")}
+    privacy = PrivacyConfig(target_epsilon=target_epsilon, delta=1e-5, expected_batch_size=TINY_BATCH, epochs=epochs,
+                            noise_multiplier=sigma, sample_rate=sample_rate if private else 0.0, steps=steps,
+                            **privacy_changes)
+    top = {k: v for k, v in changes.items() if not k.startswith("privacy_")}
+    return TrialConfig(**{**dict(sweep="tiny", dataset=TINY_DATASET, data_root=str(data_root), image_size=TINY_SIZE,
+                                 model="test_convnext", init="random", init_weights=None, lr=1e-3, seed=0, n_boot=0),
+                          **top}, privacy=privacy)
+
+
+@dataclass
+class TinyRun:
+    epochs: list[dict[str, Any]]
+    states: list[dict[str, Any]]
+    result: dict[str, Any]
+
+
+def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None) -> TinyRun:
+    """Train ``cfg`` in this process (optionally resuming ``state``), keeping every epoch's report."""
+    epochs, states = [], []
+
+    def report(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
+        epochs.append(metrics)
+        states.append(copy.deepcopy(epoch_state))
+
+    result = train_trial(cfg, resolve_init("random", cfg.model), report, state)
+    return TinyRun(epochs, states, result)
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory) -> Path:
+    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
+
+
+ATTRIBUTES = ("sex", "age")
+
+
+def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(tiny_site):
+    cfg = tiny_trial_config(tiny_site, math.inf, model_selection="last")
+    run = run_tiny_trial(cfg)
+    gap_keys = {M.auroc_gap("val", a) for a in ATTRIBUTES} | {M.auroc_gap_at_epoch(a) for a in ATTRIBUTES}
+    assert gap_keys == {"val/fairness/auroc_gap/sex", "val/fairness/auroc_gap/age",
+                        "test/fairness/auroc_gap_at_epoch/sex", "test/fairness/auroc_gap_at_epoch/age"}
+    for epoch in run.epochs:
+        assert gap_keys <= epoch.keys()
+    last = run.epochs[-1]
+    # model_selection=last: the final evaluation scores the last epoch's weights, so its headline test gaps
+    # (evaluate_split, with bootstrap and thresholds) must equal what that epoch reported.
+    for attribute in ATTRIBUTES:
+        assert last[M.auroc_gap_at_epoch(attribute)] == run.result["metrics"][M.auroc_gap("test", attribute)]
+    # and the validation gaps equal evaluate_split's on the validation predictions of the same weights
+    data = load_trial_data(cfg)
+    scores, labels = predict(run.result["model"], data.val, 256)
+    val = evaluate_split(labels, scores, sex=data.val.split.sex, age=data.val.split.age, age_edges=cfg.age_edges,
+                         n_boot=0, prefix="val").metrics
+    for attribute in ATTRIBUTES:
+        assert last[M.auroc_gap("val", attribute)] == val[M.auroc_gap("val", attribute)]
+    assert all(math.isfinite(last[key]) for key in gap_keys), "fixture too small: the comparison proves nothing"
+
+
+def test_test_split_gaps_follow_eval_test_every_epoch(tiny_site):
+    run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=1, eval_test_every_epoch=False))
+    assert M.auroc_gap("val", "age") in run.epochs[0]
+    assert not any(key.startswith("test/") for key in run.epochs[0])
+
+
+def test_subgroup_gap_is_nan_without_two_evaluable_groups():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, len(LABELS))) < 0.5).astype(np.float32)
+    scores = rng.random((40, len(LABELS)))
+    split = SimpleNamespace(sex=np.array(["F"] * 20 + ["unknown"] * 20, dtype=object),  # one sex group
+                            age=np.r_[np.full(20, 50.0), np.full(20, np.nan)])  # one age bin
+    assert all(math.isnan(gap) for gap in subgroup_auroc_gaps(labels, scores, split, (0, 40, 70, 100)).values())
+    split.sex[20:] = "M"
+    split.age[20:] = 80.0
+    gaps = subgroup_auroc_gaps(labels, scores, split, (0, 40, 70, 100))
+    assert gaps.keys() == set(ATTRIBUTES) and all(math.isfinite(gap) for gap in gaps.values())
+    assert gaps["sex"] == gaps["age"]  # the same two halves of the images, grouped under both attributes

@@ -16,6 +16,7 @@ VAL_LOSS = "val/loss"
 EPSILON = "privacy/epsilon"  # epsilon spent so far under the trial's accountant, at the trial's delta
 STEPS = "privacy/steps"  # DP-SGD steps taken so far (logical batches)
 TEST_AUROC_MACRO_AT_EPOCH = "test/auroc_macro_at_epoch"  # for epsilon-binned tables; never used to select
+# also per epoch: auroc_gap("val", attribute) and, with eval_test_every_epoch, auroc_gap_at_epoch(attribute)
 
 # Final, reported once after training.
 TEST_AUROC_MACRO = "test/auroc_macro"
@@ -47,6 +48,15 @@ def auroc_gap(split: str, attribute: str) -> str:
     ``<split>/fairness/auroc_gap_label_mean/<attribute>`` (`trainables.evaluate.names`).
     """
     return f"{split}/fairness/auroc_gap/{attribute}"
+
+
+def auroc_gap_at_epoch(attribute: str) -> str:
+    """`auroc_gap` on the test split after every epoch, e.g. ``test/fairness/auroc_gap_at_epoch/age``.
+
+    Reported per epoch when ``eval_test_every_epoch`` is on, for epsilon-binned tables; never used to select.
+    The validation split's per-epoch gap is ``auroc_gap("val", attribute)``.
+    """
+    return f"test/fairness/auroc_gap_at_epoch/{attribute}"
 
 
 def external_auroc(dataset: str) -> str:

@@ -7,6 +7,14 @@
 `report(metrics, state)` is called once per epoch with a checkpointable ``state`` dict; the final metrics
 and evaluation tables are returned. Resuming from a ``state`` continues with exactly the
 same step count, accountant history and RNG streams.
+
+Secure mode (``privacy.secure_mode``, private trials only): Poisson sampling and noise come from a
+`SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key) instead of seeded generators. There is nothing to
+seed, checkpoint or restore for them: a resumed trial draws from a new key. That keeps the guarantee: the
+steps lost with a killed process released nothing (a trial reports only together with its checkpoint), and
+the steps after the resume use randomness that is independent of everything released so far and secret;
+the step count and the accountant history are restored exactly as in the default mode, so the epsilon is
+the same. What is lost is bit-for-bit reproducibility, on purpose.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ from torch import nn
 
 from trainables import metrics as M
 from trainables.config import TrialConfig
-from trainables.data.cache import open_cache
+from trainables.data.cache import SplitData, open_cache
+from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, evaluation_batches
+from trainables.evaluate.fairness import attribute_fairness, make_grouping
 from trainables.evaluate.report import evaluate_split, fit_thresholds
 from trainables.evaluate.utility import auroc_per_label, macro_mean
 from trainables.models import ResolvedInit, create_model
@@ -43,6 +53,7 @@ from trainables.privacy.engine import (
     private_step,
     wrap_model,
 )
+from trainables.privacy.secure import SecureRandom
 
 GRAD_CHECK_SAMPLES = 4
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
@@ -106,6 +117,20 @@ def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return macro_mean(auroc_per_label(labels, scores))
 
 
+def subgroup_auroc_gaps(labels: np.ndarray, scores: np.ndarray, split: SplitData,
+                        age_edges: tuple[float, ...]) -> dict[str, float]:
+    """Per attribute (``sex``, ``age``): max minus min of the groups' macro AUROCs.
+
+    The definition of the final ``test/fairness/auroc_gap/<attribute>`` (`fairness.attribute_fairness`'s
+    ``macro_auroc_gap``, on the same groupings as `evaluate_split`); NaN unless two groups have a defined macro
+    AUROC. No thresholds and no bootstrap, so it is cheap enough for every epoch.
+    """
+    no_thresholds = np.full(labels.shape[1], np.nan)  # AUROC needs none; the thresholded columns come out NaN
+    groupings = (make_grouping("sex", split.sex), make_grouping("age", split.age, edges=age_edges))
+    return {grouping.attribute: attribute_fairness(labels, scores, no_thresholds, grouping, LABELS).macro_auroc_gap
+            for grouping in groupings}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when visible (Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs), else CPU."""
     if name == "auto":
@@ -152,8 +177,13 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     pos_weight = label_pos_weight(cfg, data.train.split.labels)
     loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)  # Poisson sampling runs on the CPU
-    noise_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2)  # noise where the gradients are
+    sampler_rng: torch.Generator | SecureRandom
+    noise_rng: torch.Generator | SecureRandom
+    if privacy.is_private and privacy.secure_mode:
+        sampler_rng = noise_rng = SecureRandom()  # fresh OS key: nothing to seed or restore (module docstring)
+    else:
+        sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)  # Poisson sampling runs on the CPU
+        noise_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2)  # noise where the gradients are
 
     def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data.train.batch(np.sort(indices))
@@ -211,9 +241,14 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
             M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
             M.EPSILON: accountant.get_epsilon(privacy.delta) if accountant else math.inf,
         }
+        for attribute, gap in subgroup_auroc_gaps(val_labels, val_scores, data.val.split, cfg.age_edges).items():
+            epoch_metrics[M.auroc_gap("val", attribute)] = gap
         if cfg.eval_test_every_epoch:
             test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
             epoch_metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
+            test_gaps = subgroup_auroc_gaps(test_labels, test_scores, data.test.split, cfg.age_edges)
+            for attribute, gap in test_gaps.items():
+                epoch_metrics[M.auroc_gap_at_epoch(attribute)] = gap
         if privacy.is_private and epoch_metrics[M.EPSILON] > privacy.target_epsilon:
             raise BudgetError(f"epsilon spent {epoch_metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         history.append(epoch_metrics)
@@ -245,7 +280,8 @@ def _check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
 
 def _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant, sampler_rng, noise_rng
               ) -> dict[str, Any]:
-    """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams."""
+    """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams (None for a
+    `SecureRandom`, which has no state to save)."""
     original = getattr(optimizer, "original_optimizer", optimizer)
     return {
         "config": cfg.to_flat(),
@@ -256,10 +292,14 @@ def _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant, sa
         "model": model.state_dict(),
         "optimizer": original.state_dict(),
         "accountant": accountant.state_dict() if accountant else None,
-        "sampler_rng": sampler_rng.get_state(),
-        "noise_rng": noise_rng.get_state(),
+        "sampler_rng": _generator_state(sampler_rng),
+        "noise_rng": _generator_state(noise_rng),
         "torch_rng": torch.get_rng_state(),
     }
+
+
+def _generator_state(rng: torch.Generator | SecureRandom) -> torch.Tensor | None:
+    return rng.get_state() if isinstance(rng, torch.Generator) else None
 
 
 RESUME_IGNORED_KEYS = ("data_root",)
@@ -278,8 +318,9 @@ def _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng):
     if accountant is not None:
         accountant.load_state_dict(state["accountant"])
         _check_ledger(accountant, cfg, state["steps"])
-    sampler_rng.set_state(state["sampler_rng"])
-    noise_rng.set_state(state["noise_rng"])
+    for rng, saved_rng in ((sampler_rng, state["sampler_rng"]), (noise_rng, state["noise_rng"])):
+        if isinstance(rng, torch.Generator):  # a SecureRandom keeps its fresh key (module docstring)
+            rng.set_state(saved_rng)
     torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["steps"], list(state["history"]), state["best"]
 

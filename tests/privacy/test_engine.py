@@ -8,6 +8,7 @@ import timm
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
 
 from trainables.privacy.engine import (
     PerSampleGradientError,
@@ -103,6 +104,13 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch():
     assert noise.numel() > 100_000
     assert noise.mean().item() == pytest.approx(0.0, abs=5 * sigma * clip / expected_batch / math.sqrt(noise.numel()))
     assert noise.std().item() == pytest.approx(sigma * clip / expected_batch, rel=0.01)
+
+
+def test_default_noise_is_opacus_own_from_the_seeded_generator():
+    # Secure mode must not leak into the default path: Opacus' DPOptimizer, our generator, reproducible noise.
+    _, _, optimizer, _ = _dp_setup(1.0, 1.0, 8)
+    assert type(optimizer) is DPOptimizer and not optimizer.secure_mode
+    assert optimizer.generator.initial_seed() == 7
 
 
 def test_poisson_batch_sizes_follow_binomial():

@@ -10,6 +10,10 @@ Why not `PrivacyEngine.make_private`: we need the sampler's RNG state in checkpo
 changing accounting, and a grad-sample module whose conv sampler is correct on ConvNeXt (see
 `VerifiedGradSampleModule`). The pieces are Opacus's own: `GradSampleModule`, `DPOptimizer`,
 `RDPAccountant`/`PRVAccountant`.
+
+Randomness: by default noise and Poisson sampling come from seeded ``torch.Generator`` streams (reproducible,
+checkpointed). In secure mode both come from a `trainables.privacy.secure.SecureRandom` (ChaCha20 under a fresh
+``os.urandom`` key, Opacus' 4-Gaussian noise recipe): same distributions, not reproducible.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from opacus import GradSampleModule
 from opacus.accountants.accountant import IAccountant
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from trainables.privacy.secure import SecureRandom
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
 """Allowed per-sample-gradient modes. Stock Opacus ``hooks`` and ``ghost`` are wrong on timm ConvNeXt
@@ -168,38 +175,71 @@ def check_per_sample_gradients(
     return check
 
 
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer whose noise comes from a `SecureRandom` instead of a torch generator.
+
+    ``add_noise`` is Opacus 1.6's, line for line, with ``_generate_noise(std, p.summed_grad, generator,
+    secure_mode=True)`` replaced by ``noise_source.gaussian_noise(std, p.summed_grad)`` (the same recipe: one
+    draw thrown away, sum of 4 N(0, std^2) draws / 2). Clipping, std = noise_multiplier * max_grad_norm, the
+    division by the expected batch size (``scale_grad``), virtual steps and the accountant hook are Opacus'.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom, **kwargs):
+        super().__init__(optimizer, generator=None, secure_mode=True, **kwargs)
+        self.noise_source = noise_source
+
+    def add_noise(self):
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.noise_source.gaussian_noise(std=self.noise_multiplier * self.max_grad_norm,
+                                                     reference=p.summed_grad)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def make_dp_optimizer(
     optimizer: torch.optim.Optimizer,
     *,
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: int,
-    noise_generator: torch.Generator,
+    noise_generator: torch.Generator | SecureRandom,
     accountant: IAccountant,
     sample_rate: float,
 ) -> DPOptimizer:
     """Wrap an optimizer so each step clips per-sample gradients, adds noise once per logical batch, and
-    records the step (sigma, q) in the accountant."""
-    dp_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        loss_reduction="mean",
-        generator=noise_generator,
-    )
+    records the step (sigma, q) in the accountant.
+
+    Args:
+        noise_generator: a seeded ``torch.Generator`` on the gradients' device (reproducible, Opacus'
+            default noise), or a `SecureRandom` (secure mode: `SecureDPOptimizer`).
+    """
+    common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                  expected_batch_size=expected_batch_size, loss_reduction="mean")
+    if isinstance(noise_generator, SecureRandom):
+        dp_optimizer: DPOptimizer = SecureDPOptimizer(optimizer, noise_source=noise_generator, **common)
+    else:
+        dp_optimizer = DPOptimizer(optimizer, generator=noise_generator, **common)
     dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return dp_optimizer
 
 
-def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def poisson_batches(
+    n: int, sample_rate: float, steps: int, generator: torch.Generator | SecureRandom
+) -> Iterator[torch.Tensor]:
     """Indices of ``steps`` Poisson-sampled logical batches: each record in independently with prob. q.
 
-    Same draws as Opacus's ``UniformWithReplacementSampler`` (``torch.rand(n) < q``), but with an exact
-    step count. Empty batches are yielded too: they still cost a noisy step and privacy budget.
+    With a ``torch.Generator``: the same draws as Opacus's ``UniformWithReplacementSampler``
+    (``torch.rand(n) < q``), but with an exact step count. With a `SecureRandom`: its
+    `~SecureRandom.inclusion_mask`. Empty batches are yielded too: they still cost a noisy step and
+    privacy budget.
     """
     for _ in range(steps):
-        yield (torch.rand(n, generator=generator) < sample_rate).nonzero(as_tuple=False).reshape(-1)
+        if isinstance(generator, SecureRandom):
+            mask = generator.inclusion_mask(n, sample_rate)
+        else:
+            mask = torch.rand(n, generator=generator) < sample_rate
+        yield mask.nonzero(as_tuple=False).reshape(-1)
 
 
 def private_step(
