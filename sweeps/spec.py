@@ -357,8 +357,6 @@ def _validate(spec: SweepSpec) -> None:
     _require(p.accountant in ACCOUNTANTS, spec, f"privacy.accountant = {p.accountant!r}; choose one of {ACCOUNTANTS}")
     _require(p.privacy_unit in PRIVACY_UNITS, spec,
              f"privacy.privacy_unit = {p.privacy_unit!r}; supported: {PRIVACY_UNITS} (patient-level is planned)")
-    _require(not p.secure_mode, spec,
-             "privacy.secure_mode = true needs torchcsprng, which is not supported yet; set it to false")
     _require(0 < p.calibration_tolerance < 1, spec,
              f"privacy.calibration_tolerance = {p.calibration_tolerance} must be in (0, 1)")
     for i, lr in enumerate(t.learning_rates):

@@ -139,6 +139,17 @@ def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(t
     assert all(math.isfinite(last[key]) for key in gap_keys), "fixture too small: the comparison proves nothing"
 
 
+def test_final_report_carries_the_selected_epochs_validation_numbers(tiny_site):
+    """Optuna's objectives: validation numbers of the epoch the trial selected, never test."""
+    run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=3))
+    final = run.result["metrics"]
+    selected = run.epochs[final[M.BEST_EPOCH] - 1]
+    assert final[M.VAL_SELECTED_AUROC_MACRO] == selected[M.VAL_AUROC_MACRO] == max(
+        e[M.VAL_AUROC_MACRO] for e in run.epochs)
+    for attribute in ATTRIBUTES:
+        assert final[M.val_selected_auroc_gap(attribute)] == selected[M.auroc_gap("val", attribute)]
+
+
 def test_test_split_gaps_follow_eval_test_every_epoch(tiny_site):
     run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=1, eval_test_every_epoch=False))
     assert M.auroc_gap("val", "age") in run.epochs[0]

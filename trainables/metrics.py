@@ -21,6 +21,7 @@ TEST_AUROC_MACRO_AT_EPOCH = "test/auroc_macro_at_epoch"  # for epsilon-binned ta
 # Final, reported once after training.
 TEST_AUROC_MACRO = "test/auroc_macro"
 BEST_EPOCH = "val/best_epoch"
+VAL_SELECTED_AUROC_MACRO = "val/selected/auroc_macro"  # validation macro AUROC of the selected epoch (Optuna)
 EPSILON_AT_BEST_EPOCH = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD = "privacy/epsilon_dp_accounting_pld"
@@ -57,6 +58,12 @@ def auroc_gap_at_epoch(attribute: str) -> str:
     The validation split's per-epoch gap is ``auroc_gap("val", attribute)``.
     """
     return f"test/fairness/auroc_gap_at_epoch/{attribute}"
+
+
+def val_selected_auroc_gap(attribute: str) -> str:
+    """Validation subgroup AUROC gap of the selected epoch (final report; an Optuna objective), e.g.
+    ``val/selected/fairness/auroc_gap/age``."""
+    return f"val/selected/fairness/auroc_gap/{attribute}"
 
 
 def external_auroc(dataset: str) -> str:

@@ -354,6 +354,10 @@ def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dic
     metrics = dict(evaluation.metrics)
     metrics[M.BEST_EPOCH] = best["epoch"]
     metrics[M.STEPS] = steps
+    selected = history[best["epoch"] - 1]  # the selected epoch's validation numbers: Optuna's objectives
+    metrics[M.VAL_SELECTED_AUROC_MACRO] = selected[M.VAL_AUROC_MACRO]
+    for attribute in ("sex", "age"):
+        metrics[M.val_selected_auroc_gap(attribute)] = selected.get(M.auroc_gap("val", attribute), math.nan)
     if privacy.is_private:
         _check_ledger(accountant, cfg, steps)
         metrics[M.EPSILON] = accountant.get_epsilon(privacy.delta)

@@ -118,3 +118,11 @@ def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
     assert "weights for init 'dinov3' (convnext_tiny.dinov3_lvd1689m) are not available offline" in out
     assert "pretrain stage (convnext_small on mimic-cxr" in out
     assert not (tmp_path / "runs" / "ray").exists()
+
+
+def test_secure_mode_reaches_every_trial_and_its_tags(tmp_path):
+    spec = parse_spec({**SMALL, "privacy": {**SMALL["privacy"], "secure_mode": True}}, source="small.yaml")
+    plan = plan_sweep(spec, SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data")))
+    assert all(t.config.privacy.secure_mode for t in plan.trials)
+    assert {t.tags["dpsweep.secure_mode"] for t in plan.trials} == {"true"}
+    assert {t.params["secure_mode"] for t in plan.trials} == {True}
