@@ -364,7 +364,8 @@ ENDED = ("TERMINATED", "STOPPED")
 
 def _tune_config(plan: SweepPlan):
     """Grid: one Ray trial per grid point. Optuna: `PrivateOptunaSearch` behind a concurrency limit.
-    Either may use ASHA early stopping on the per-epoch validation macro AUROC."""
+    Either may use ASHA early stopping on the validation macro AUROC the trial would select so far (reported every
+    epoch and in the final report, as Ray requires of a scheduler's metric)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -374,7 +375,7 @@ def _tune_config(plan: SweepPlan):
     if spec.early_stopping is not None:
         max_epochs = max(spec.optuna.epochs) if spec.search == "optuna" else spec.privacy.epochs
         # stop_last_trials=False: a trial that reaches its last epoch still sends its final evaluation.
-        scheduler = ASHAScheduler(time_attr=M.EPOCH, metric=M.VAL_AUROC_MACRO, mode="max", max_t=max_epochs,
+        scheduler = ASHAScheduler(time_attr=M.EPOCH, metric=M.VAL_SELECTED_AUROC_MACRO, mode="max", max_t=max_epochs,
                                   grace_period=spec.early_stopping.grace_period,
                                   reduction_factor=spec.early_stopping.reduction_factor, stop_last_trials=False)
     if spec.search == "grid":

@@ -144,8 +144,9 @@ class PrivateOptunaSearch(Searcher):
         self.objectives = objectives
         metrics = [f"objective/{o}" for o in objectives]
         modes = [objective_mode(o) for o in objectives]
-        super().__init__(metric=metrics[0] if len(metrics) == 1 else None,
-                         mode=modes[0] if len(modes) == 1 else None)
+        # No metric at the Ray level: trials report validation keys that this class maps to the objectives
+        # (Ray would otherwise insist that every report carries "objective/...").
+        super().__init__(metric=None, mode=None)
         self.cells, self.make_point, self.trials_per_cell = cells, make_point, trials_per_cell
         self.storage_url = storage_url
         self.searchers = {
@@ -185,7 +186,9 @@ class PrivateOptunaSearch(Searcher):
         values = None
         if result:
             values = self._objective_values(result, selected=bool(result.get("done")))
-        self.searchers[self.trial_cell[trial_id]].on_trial_complete(trial_id, values, error=error)
+        # An objective that is undefined (NaN: e.g. a validation split without two evaluable age groups) makes the
+        # trial FAIL in Optuna, which the samplers ignore; PRUNED would need intermediate values.
+        self.searchers[self.trial_cell[trial_id]].on_trial_complete(trial_id, values, error=error or values is None)
 
     def _objective_values(self, result: dict[str, Any], selected: bool) -> dict[str, float] | None:
         values = {}

@@ -21,7 +21,9 @@ TEST_AUROC_MACRO_AT_EPOCH = "test/auroc_macro_at_epoch"  # for epsilon-binned ta
 # Final, reported once after training.
 TEST_AUROC_MACRO = "test/auroc_macro"
 BEST_EPOCH = "val/best_epoch"
-VAL_SELECTED_AUROC_MACRO = "val/selected/auroc_macro"  # validation macro AUROC of the selected epoch (Optuna)
+VAL_SELECTED_AUROC_MACRO = "val/selected/auroc_macro"
+"""Validation macro AUROC of the epoch the trial selects: in the final report (an Optuna objective) and, per epoch,
+of the epoch it would select if stopped now (ASHA's metric)."""
 EPSILON_AT_BEST_EPOCH = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD = "privacy/epsilon_dp_accounting_pld"

@@ -256,6 +256,8 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         score = -math.inf if math.isnan(val_auroc) else val_auroc  # NaN: validation has a single class
         if best["weights"] is None or score > best["val_auroc"] or cfg.model_selection == "last":
             best = {"val_auroc": score, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
+        # What the trial would deliver if stopped now (ASHA's metric; the final report's selected value).
+        epoch_metrics[M.VAL_SELECTED_AUROC_MACRO] = history[best["epoch"] - 1][M.VAL_AUROC_MACRO]
         report(epoch_metrics, _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant,
                                         sampler_rng, noise_rng))
 
