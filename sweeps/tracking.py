@@ -2,7 +2,8 @@
 
 Trials only report to Ray; this callback (running in the driver) is the single MLflow writer. Runs are
 found again by tags (``dpsweep.sweep``, ``dpsweep.trial_key``), so a resumed sweep reuses its parent and
-child runs and never logs an epoch twice.
+child runs and never logs an epoch, or a trial's final metrics, twice (a trial that had finished before the driver
+was killed is restarted by Ray from its final checkpoint and reports the same final result again).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SWEEP_TAG = "dpsweep.sweep"
 ROLE_TAG = "dpsweep.role"
 TRIAL_KEY_TAG = "dpsweep.trial_key"
 PARENT_TAG = "mlflow.parentRunId"
+FINAL_MARKER = M.BEST_EPOCH
+"""A metric only a trial's final report carries; logged last, so a child run holding it has its final metrics."""
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
@@ -67,9 +70,10 @@ class MlflowSweepCallback(tune.Callback):
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._logged_epochs: dict[str, set[int]] = {}
+        self._logged_final: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "_runs": {}, "_logged_epochs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_logged_epochs": {}, "_logged_final": set()}
 
     @property
     def client(self) -> MlflowClient:
@@ -91,6 +95,8 @@ class MlflowSweepCallback(tune.Callback):
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, M.EPOCH)
             self._logged_epochs[run_id] = {int(m.value) for m in history}
+            if FINAL_MARKER in found[0].data.metrics:
+                self._logged_final.add(run_id)
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
@@ -111,19 +117,22 @@ class MlflowSweepCallback(tune.Callback):
         run_id = self.run_for(trial)
         is_final = bool(result.get(DONE))
         epoch = int(result.get(M.EPOCH, 0))
-        if not is_final and epoch in self._logged_epochs[run_id]:
-            return  # reported again after a resume: already logged
+        logged = run_id in self._logged_final if is_final else epoch in self._logged_epochs[run_id]
+        if logged:
+            return  # reported again after a restart (a finished trial re-reports its final result): logged already
         step = epoch
         metrics = [
             Metric(metric_key(k), _finite(v), int(result.get("timestamp", 0)) * 1000, step)
             for k, v in result.items()
             if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool)
         ]
+        metrics.sort(key=lambda metric: metric.key == FINAL_MARKER)  # the marker goes last (in the last batch)
         for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(run_id, metrics=metrics[start : start + 900])
         if not is_final:
             self._logged_epochs[run_id].add(epoch)
         else:
+            self._logged_final.add(run_id)
             self.client.set_tag(run_id, "dpsweep.epsilon_spent", str(result.get(M.EPSILON)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

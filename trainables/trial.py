@@ -18,13 +18,16 @@ import torch
 from ray import tune
 
 from trainables.config import TrialConfig
+from trainables.metrics import BEST_EPOCH
 from trainables.models import ResolvedInit
 from trainables.train import train_trial
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 DONE = "done"
-"""Key set to True in a trial's final report (and only there)."""
+"""Key set to True in a trial's final report (and only there). It is Ray Tune's own ``done``: Tune ends the trial on
+that report, so its saved experiment state records the end together with the final checkpoint and a resumed sweep
+does not restart a finished trial."""
 NODE_ID = "ray/node_id"
 """Key of the final report holding the hex id of the Ray node that ran the trial's final evaluation (a string: kept
 as a trials.parquet column, not logged to MLflow, which takes numbers only)."""
@@ -41,8 +44,11 @@ def dp_trial(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             final_file = Path(folder) / FINAL_FILE
-            if final_file.exists():  # finished before the restart: report the same result again
-                tune.report(json.loads(final_file.read_text()), checkpoint=checkpoint)
+            if final_file.exists():
+                # Finished before the restart (Ray restarts a trial whose end its saved experiment state had not
+                # recorded yet): report the same final result again, trained nothing. The checkpoint stays Ray's
+                # latest, so it is not saved a second time; MLflow's callback does not log the result twice.
+                tune.report(json.loads(final_file.read_text()))
                 return
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
 
@@ -71,3 +77,8 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in metrics.items()
             if v is None or isinstance(v, int | float | str | bool) or hasattr(v, "item")}
 
+
+def is_final_report(result: dict[str, Any]) -> bool:
+    """Whether a result is a trial's final report. ``done`` alone is not enough: Ray also sets it on the last
+    epoch report of a trial its scheduler stops early (ASHA); only the final report carries ``val/best_epoch``."""
+    return bool(result.get(DONE)) and BEST_EPOCH in result
