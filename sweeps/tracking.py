@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from trainables import metrics as M
-from trainables.trial import DONE, FINAL_FILE
+from trainables.trial import FINAL_FILE, is_final_report
 
 SWEEP_TAG = "dpsweep.sweep"
 ROLE_TAG = "dpsweep.role"
@@ -115,7 +115,7 @@ class MlflowSweepCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_for(trial)
-        is_final = bool(result.get(DONE))
+        is_final = is_final_report(result)  # not `done` alone: Ray sets it on an early-stopped trial's epoch
         epoch = int(result.get(M.EPOCH, 0))
         logged = run_id in self._logged_final if is_final else epoch in self._logged_epochs[run_id]
         if logged:
@@ -162,7 +162,7 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key = trial.config["point"]["key"]
-        if result.get(DONE):
+        if is_final_report(result):
             self.log(f"  done  {key}: test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}, "
                      f"epsilon {result.get(M.EPSILON, math.nan):.3f}")
         else:
