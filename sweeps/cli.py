@@ -111,7 +111,7 @@ def print_summary(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> N
     from trainables import metrics as M
 
     columns = {"trial": "trial", "status": "status", "target_epsilon": "eps target", M.EPSILON: "eps spent",
-               "noise_multiplier": "sigma", M.VAL_AUROC_MACRO: "val AUROC", M.TEST_AUROC_MACRO: "test AUROC",
+               "noise_multiplier": "sigma", M.VAL_SELECTED_AUROC_MACRO: "val AUROC", M.TEST_AUROC_MACRO: "test AUROC",
                M.auroc_gap("test", "age"): "age gap", M.auroc_gap("test", "sex"): "sex gap"}
     external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
     columns.update({c: c.split("/")[1] for c in external})

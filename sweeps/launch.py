@@ -493,13 +493,15 @@ def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataF
     (failed after its retries) or INCOMPLETE (pending or running when the driver stopped; a resumed sweep
     continues it).
     """
-    from trainables.trial import DONE
+    from trainables.trial import is_final_report
 
-    finished = bool(final.get(DONE))
+    finished = is_final_report(final)
     epoch_rows = []
     if history is not None and len(history):
-        done = history[DONE].fillna(False).astype(bool) if DONE in history else False
-        epoch_rows = history[~done].to_dict("records")
+        # Epoch rows: those without the final report's marker (Ray sets `done` on a stopped trial's last epoch).
+        final_rows = (history[M.BEST_EPOCH].notna() if M.BEST_EPOCH in history
+                      else pd.Series(False, index=history.index))  # `~False` is -1, not a row mask
+        epoch_rows = history[~final_rows].to_dict("records")
     return {"key": point["key"], "status": "TERMINATED" if finished and status != "ERROR" else status,
             "error": error, "params": point["params"], "tags": point["tags"], "final": final if finished else {},
             "epochs": epoch_rows}
@@ -509,7 +511,7 @@ def experiment_records(experiment: Path) -> list[dict[str, Any]]:
     """Records of every trial in a Ray experiment folder, finished or not."""
     from ray.tune import ExperimentAnalysis
 
-    from trainables.trial import DONE
+    from trainables.trial import is_final_report
 
     analysis = ExperimentAnalysis(str(experiment))
     frames = analysis.trial_dataframes
@@ -521,7 +523,7 @@ def experiment_records(experiment: Path) -> list[dict[str, Any]]:
         error = f"failed; see {getattr(trial, 'path', trial.trial_id)}" if trial.status == "ERROR" else None
         history = frames.get(trial.trial_id)
         final = trial.last_result or {}
-        if not final.get(DONE) and status != "ERROR":
+        if not is_final_report(final) and status != "ERROR":
             # The driver's snapshot of results can lag the trial's own checkpoint (a driver killed right after a
             # trial finished): the final checkpoint then holds the final report and the whole epoch history.
             saved = _final_checkpoint(Path(trial.path))

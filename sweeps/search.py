@@ -35,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from trainables import metrics as M
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
+from trainables.trial import is_final_report
 
 TRAINING_ITERATION = "training_iteration"
 CONSTRAINT = "epsilon_over_target"
@@ -185,7 +186,7 @@ class PrivateOptunaSearch(Searcher):
             return
         values = None
         if result:
-            values = self._objective_values(result, selected=bool(result.get("done")))
+            values = self._objective_values(result, selected=is_final_report(result))
         # An objective that is undefined (NaN: e.g. a validation split without two evaluable age groups) makes the
         # trial FAIL in Optuna, which the samplers ignore; PRUNED would need intermediate values.
         self.searchers[self.trial_cell[trial_id]].on_trial_complete(trial_id, values, error=error or values is None)

@@ -8,6 +8,7 @@ import pytest
 from sweeps.search import CONSTRAINT, Cell, FeasibleOptunaSearch, PrivateOptunaSearch, Ranges
 from trainables import metrics as M
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
+from trainables.trial import DONE
 
 N_TRAIN = 2000
 DELTA = 1e-5
@@ -38,7 +39,7 @@ def make_searcher(cells, storage_url=None, trials=6, objectives=("auroc",)):
 
 
 def finish(searcher, trial_id: str, auroc: float, gap: float = 0.1) -> None:
-    searcher.on_trial_complete(trial_id, {"done": True, M.VAL_SELECTED_AUROC_MACRO: auroc,
+    searcher.on_trial_complete(trial_id, {DONE: True, M.BEST_EPOCH: 1, M.VAL_SELECTED_AUROC_MACRO: auroc,
                                           M.val_selected_auroc_gap("age"): gap, M.TEST_AUROC_MACRO: 0.99})
 
 
@@ -80,7 +81,8 @@ def test_objective_is_the_selected_epochs_validation_auroc_never_test():
 def test_early_stopped_trial_is_told_its_last_validation_value():
     searcher = make_searcher([cell(8.0)], trials=1)
     searcher.suggest("t0")
-    searcher.on_trial_complete("t0", {M.EPOCH: 1, M.VAL_AUROC_MACRO: 0.55, "done": False})
+    # Ray sets its `done` on the last report of a trial ASHA stops; that is not a final report (no best epoch).
+    searcher.on_trial_complete("t0", {M.EPOCH: 1, M.VAL_AUROC_MACRO: 0.55, DONE: True})
     assert searcher.searchers["random-eps8"]._ot_study.trials[-1].value == 0.55
 
 

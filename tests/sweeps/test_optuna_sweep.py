@@ -64,6 +64,10 @@ def test_every_launched_trial_meets_its_target(optuna_sweep):
         assert 0.3 <= row.noise_multiplier <= 3.0 and 0.5 <= row.max_grad_norm <= 2.0
     finished = private[private["status"] == "TERMINATED"]
     assert (finished[M.EPSILON] <= finished["target_epsilon"]).all()
+    done = trials[trials["status"] == "TERMINATED"]
+    assert done[M.TEST_AUROC_MACRO].notna().all()  # a final evaluation, not an early-stopped epoch report
+    stopped = trials[trials["status"] == "STOPPED"]
+    assert stopped[M.TEST_AUROC_MACRO].isna().all()
     assert {t.split("-t")[0] for t in trials["trial"]} == {"random-eps2", "random-epsinf"}
 
 
