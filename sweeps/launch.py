@@ -323,7 +323,8 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            # address="local": always a private Ray, never one an earlier `ray start` left in /tmp/ray.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     trainable = tune.with_resources(dp_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     experiment_path = paths.ray_storage / spec.name
     if tune.Tuner.can_restore(str(experiment_path)):
