@@ -166,7 +166,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
     page.note(
         "The final-model tables use each trial's end-of-training evaluation (the epoch its training selected on "
         f"validation), binned by the epsilon spent by the whole run (<code>{metrics.EPSILON}</code>). Per cell "
-        "(training dataset, init, bin) the trial with the best validation AUROC at its selected epoch is shown."
+        "(model, training dataset, init, bin) the trial with the best validation AUROC at its selected epoch is shown."
     )
     page.table(selection, index=False)
     page.figure("auroc_vs_epsilon", lambda p: plots.auroc_vs_epsilon(trials, save_to=p),

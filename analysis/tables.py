@@ -4,7 +4,8 @@ Both sources of a sweep's results give these tables through `build_tables`: Ray'
 (`sweeps.launch`) and the MLflow tracking store (`analysis.mlflow_source`).
 
 ``trials.parquet`` columns: ``trial`` (the grid point's key), ``status`` (TERMINATED: final report received;
-ERROR: failed; INCOMPLETE: pending or running when the sweep stopped),
+STOPPED: stopped early by ASHA, epsilon and steps of its last epoch; ERROR: failed; INCOMPLETE: pending or
+running when the sweep stopped),
 ``error``, ``mlflow_run_id``, the trial's parameters (``init``, ``target_epsilon``, ``noise_multiplier``,
 ``sample_rate``, ``steps``, ``delta``, ``accountant``, ``max_grad_norm``, ``lr``, ``seed``, ``model``,
 ``privacy_unit``, ...), provenance (``git_commit``, ``*_version``) and every final metric under its
@@ -28,7 +29,7 @@ import pandas as pd
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 PROVENANCE_PACKAGES = ("torch", "opacus", "timm", "ray", "mlflow", "numpy", "scikit-learn")
-EPOCH_ID_COLUMNS = ("trial", "init", "target_epsilon", "max_grad_norm", "lr", "seed")
+EPOCH_ID_COLUMNS = ("trial", "model", "dataset", "init", "target_epsilon", "max_grad_norm", "lr", "seed")
 
 
 def provenance() -> dict[str, str]:
@@ -69,6 +70,10 @@ def build_tables(records: list[dict[str, Any]], mlflow_runs: dict[str, str] | No
                "mlflow_run_id": mlflow_runs.get(record["key"]), **record["params"],
                **{k: tags[k] for k in ("git_commit", *_version_keys()) if k in tags}}
         row.update({k: v for k, v in record.get("final", {}).items() if _is_metric(k)})
+        if record["status"] == STOPPED and record.get("epochs"):
+            # Stopped early (no final report): the privacy it spent is its last epoch's.
+            last = max(record["epochs"], key=lambda epoch: epoch.get("epoch", 0))
+            row.update({k: last[k] for k in ("privacy/epsilon", "privacy/steps") if k in last})
         trial_rows.append(row)
         ids = {c: row.get(c) for c in EPOCH_ID_COLUMNS}
         for epoch in record.get("epochs", []):
@@ -101,6 +106,9 @@ FINAL_CHECKPOINT_FILE = "final.json"  # `trainables.trial.FINAL_FILE`; a checkpo
 RAY_PARAMS_FILE = "params.json"
 FINISHED = "TERMINATED"
 """``status`` of a trial that ran to the end and reported its final metrics."""
+STOPPED = "STOPPED"
+"""``status`` of a trial the scheduler (ASHA) stopped early: no final evaluation; its epsilon and steps are its
+last epoch's."""
 
 
 class TableError(ValueError):

@@ -21,7 +21,7 @@ bin holds exactly ``inf``. An epsilon in no bin (e.g. 12) is left out of the bin
   validation scores of every epoch.
 
 **Choosing among trials.** Where several trials (other learning rates, clip norms, seeds or target
-epsilons) fall into one cell (dataset, init, bin), the reported one is the trial with the highest
+epsilons) fall into one cell (model, dataset, init, bin), the reported one is the trial with the highest
 validation macro AUROC at its selected epoch; ties go to the lower spent epsilon, then to the trial key
 in sort order. Every view keeps ``trial`` so a number can be traced back, and ``candidate_trials``
 counts the trials the cell chose from. Only finished trials (``status == "TERMINATED"``) take part.
@@ -48,8 +48,8 @@ BIN = "bin"
 TRIAL = "trial"
 CANDIDATE_TRIALS = "candidate_trials"
 CANDIDATE_EPOCHS = "candidate_epochs"
-DEFAULT_BY: tuple[str, ...] = ("dataset", "init")
-"""Cells of the study's tables: one per training dataset and init (and bin)."""
+DEFAULT_BY: tuple[str, ...] = ("model", "dataset", "init")
+"""Cells of the study's tables: one per model, training dataset and init (and bin)."""
 FAIRNESS_EXTRAS: tuple[str, ...] = ("auroc_gap_label_mean", "worst_group_auroc")
 """Fairness columns besides `trainables.evaluate.names.FAIRNESS_METRICS`."""
 
@@ -163,7 +163,7 @@ def auroc_by_bin(
     bins: Sequence[EpsilonBin] = STUDY_BINS,
     by: Sequence[str] = DEFAULT_BY,
 ) -> pd.DataFrame:
-    """On-domain test AUROC per cell (dataset, init, bin) from every epoch's spent epsilon.
+    """On-domain test AUROC per cell (model, dataset, init, bin) from every epoch's spent epsilon.
 
     Per trial and bin the epoch is chosen as in `best_epochs_by_bin`; per cell, the trial as in the module
     docstring (best validation AUROC of its chosen epoch).
@@ -217,7 +217,7 @@ def fairness_gap_by_bin(
     bins: Sequence[EpsilonBin] = STUDY_BINS,
     by: Sequence[str] = DEFAULT_BY,
 ) -> pd.DataFrame:
-    """Test subgroup AUROC gap per cell (dataset, init, bin) from every epoch's spent epsilon.
+    """Test subgroup AUROC gap per cell (model, dataset, init, bin) from every epoch's spent epsilon.
 
     The gap is ``max - min`` subgroup macro AUROC over one attribute's groups (lower is fairer), of the
     model of one epoch. Cells, trials and epochs are chosen exactly as in `auroc_by_bin` (by validation
@@ -271,7 +271,7 @@ def final_selection(
     bins: Sequence[EpsilonBin] = STUDY_BINS,
     by: Sequence[str] = DEFAULT_BY,
 ) -> pd.DataFrame:
-    """The finished trial reported per cell (dataset, init, bin) in the final-model views.
+    """The finished trial reported per cell (model, dataset, init, bin) in the final-model views.
 
     A trial's bin is that of its final ``privacy/epsilon`` (spent by the whole run). Its selection score is
     ``val/auroc_macro`` of its selected epoch (``val/best_epoch``), read from the epochs table; a trial

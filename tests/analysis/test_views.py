@@ -28,6 +28,7 @@ def tables(tmp_path):
 @pytest.fixture
 def selection(tables):
     return views.final_selection(tables.trials, tables.epochs)
+MODEL = "test_convnext"  # the fixtures' model (`tests.analysis.fixtures`)
 
 
 def cell(frame: pd.DataFrame, init: str, bin_label: str) -> pd.Series:
@@ -99,13 +100,13 @@ def test_auroc_by_init_and_bin(tables):
 
     wide = views.bin_table(binned, TEST_AT_EPOCH)
     assert list(wide.columns) == [b.label for b in STUDY_BINS]
-    assert list(wide.index) == [(DATASET, "domain"), (DATASET, "random")]
-    assert wide.loc[(DATASET, "random")].tolist() == [0.61, 0.69, 0.52, 0.81]
-    assert math.isnan(wide.loc[(DATASET, "domain"), "(3, 10]"])
+    assert list(wide.index) == [(MODEL, DATASET, "domain"), (MODEL, DATASET, "random")]
+    assert wide.loc[(MODEL, DATASET, "random")].tolist() == [0.61, 0.69, 0.52, 0.81]
+    assert math.isnan(wide.loc[(MODEL, DATASET, "domain"), "(3, 10]"])
 
 
 def test_final_selection(selection):
-    assert selection.columns[:4].tolist() == ["dataset", "init", "bin", "trial"]
+    assert selection.columns[:5].tolist() == ["model", "dataset", "init", "bin", "trial"]
     row = cell(selection, "random", "(0, 1]")
     # random-eps1 (val .65 at its best epoch) beats random-eps1-lr (.63); both spent <= 1 in total.
     assert (row["trial"], row[views.CANDIDATE_TRIALS], row[VAL]) == ("random-eps1", 2, 0.65)
@@ -130,9 +131,9 @@ def test_final_selection_tie_goes_to_lower_epsilon_then_key(tables):
 def test_external_auroc_matrix(tables, selection):
     matrix = views.external_auroc_matrix(tables.trials, selection)
     assert list(matrix.columns) == [DATASET, EXTERNAL] and matrix.columns.name == "test dataset"
-    assert matrix.index.names == ["dataset", "init", "bin", "trial"]
+    assert matrix.index.names == ["model", "dataset", "init", "bin", "trial"]
     final = tables.trials.set_index("trial")
-    for (_, _, _, trial), row in matrix.iterrows():
+    for (_, _, _, _, trial), row in matrix.iterrows():
         assert row[DATASET] == final.at[trial, metrics.TEST_AUROC_MACRO]
         assert row[EXTERNAL] == final.at[trial, metrics.external_auroc(EXTERNAL)]
     assert matrix.xs("random-eps1", level="trial")[DATASET].item() == 0.62
@@ -214,11 +215,12 @@ def test_fixture_table_is_what_the_docstring_says():
 def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
     gaps = views.fairness_gap_by_bin(tables.trials, tables.epochs)
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
-    cells = ["dataset", "init", "bin", "trial", metrics.EPOCH, views.CANDIDATE_EPOCHS, views.CANDIDATE_TRIALS]
+    cells = ["model", "dataset", "init", "bin", "trial", metrics.EPOCH, views.CANDIDATE_EPOCHS,
+             views.CANDIDATE_TRIALS]
     pd.testing.assert_frame_equal(gaps[cells], binned[cells])  # one selection rule, not a second copy
     gap_columns = [metrics.auroc_gap_at_epoch("sex"), metrics.auroc_gap("val", "sex"),
                    metrics.auroc_gap_at_epoch("age"), metrics.auroc_gap("val", "age")]
-    assert list(gaps.columns[7:-2]) == [TEST_AT_EPOCH, *gap_columns]
+    assert list(gaps.columns[8:-2]) == [TEST_AT_EPOCH, *gap_columns]
     for _, row in gaps.iterrows():
         trial, epoch = BY_KEY[row["trial"]], row[metrics.EPOCH]
         for attribute in ("sex", "age"):
@@ -233,14 +235,14 @@ def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
 
     wide = views.bin_table(gaps, metrics.auroc_gap_at_epoch("sex"))
     assert list(wide.columns) == [b.label for b in STUDY_BINS]
-    assert wide.loc[(DATASET, "random")].tolist() == pytest.approx([0.01, 0.03, 0.01, 0.02])
+    assert wide.loc[(MODEL, DATASET, "random")].tolist() == pytest.approx([0.01, 0.03, 0.01, 0.02])
 
 
 def test_fairness_gap_by_bin_on_a_hand_made_table():
     """Two trials in one cell; the lower gap loses because validation AUROC chooses, and test columns are optional."""
     gap = metrics.auroc_gap_at_epoch("age")
-    trials = pd.DataFrame({"trial": ["a", "b"], "status": ["TERMINATED"] * 2, "dataset": ["d"] * 2,
-                           "init": ["random"] * 2})
+    trials = pd.DataFrame({"trial": ["a", "b"], "status": ["TERMINATED"] * 2, "model": ["m"] * 2,
+                           "dataset": ["d"] * 2, "init": ["random"] * 2})
     epochs = pd.DataFrame({
         "trial": ["a", "a", "b", "b"],
         metrics.EPOCH: [1, 2, 1, 2],

@@ -68,6 +68,8 @@ def test_every_launched_trial_meets_its_target(optuna_sweep):
     assert done[M.TEST_AUROC_MACRO].notna().all()  # a final evaluation, not an early-stopped epoch report
     stopped = trials[trials["status"] == "STOPPED"]
     assert stopped[M.TEST_AUROC_MACRO].isna().all()
+    stopped_private = stopped[stopped["target_epsilon"].map(math.isfinite)]
+    assert (stopped_private[M.EPSILON] <= stopped_private["target_epsilon"]).all()  # its last epoch's, spent
     assert {t.split("-t")[0] for t in trials["trial"]} == {"random-eps2", "random-epsinf"}
 
 
