@@ -6,7 +6,6 @@ is recalibrated on it); the GPU-hours come from our own benchmark on one H200.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 ESTIMATED_TRAIN_IMAGES: dict[str, int] = {
@@ -85,4 +84,4 @@ def describe_gpu_hours(total_seconds: float, unknown: list[str], bases: set[str]
             f"(from our H200 benchmark x{REAL_TRIAL_OVERHEAD} real-trial overhead; {'; '.join(sorted(bases))})")
     if unknown:
         text += f"; no estimate for {', '.join(sorted(set(unknown)))} (not benchmarked)"
-    return text if math.isfinite(total_seconds) else "GPU-hours estimate: unknown"
+    return text

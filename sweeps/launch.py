@@ -500,9 +500,9 @@ def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataF
     epoch_rows = []
     if history is not None and len(history):
         # Epoch rows: those without the final report's marker (Ray sets `done` on a stopped trial's last epoch).
-        final_rows = (history[M.BEST_EPOCH].notna() if M.BEST_EPOCH in history
-                      else pd.Series(False, index=history.index))  # `~False` is -1, not a row mask
-        epoch_rows = history[~final_rows].to_dict("records")
+        if M.BEST_EPOCH in history:
+            history = history[history[M.BEST_EPOCH].isna()]
+        epoch_rows = history.to_dict("records")
     return {"key": point["key"], "status": "TERMINATED" if finished and status != "ERROR" else status,
             "error": error, "params": point["params"], "tags": point["tags"], "final": final if finished else {},
             "epochs": epoch_rows}

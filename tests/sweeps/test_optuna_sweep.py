@@ -4,12 +4,11 @@ import math
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from sweeps.launch import OPTUNA_DB, SweepPaths, run_sweep
-from sweeps.spec import parse_spec
+from sweeps.launch import OPTUNA_DB, run_sweep
 from sweeps.tracking import ROLE_TAG, SWEEP_TAG
+from tests.sweeps.local_sweep import local_sweep
 from trainables import metrics as M
 from trainables.privacy.accounting import epsilon_spent
 
@@ -40,16 +39,8 @@ resources: {cpu: 1}
 
 @pytest.fixture(scope="module")
 def optuna_sweep(tmp_path_factory):
-    import ray
-
-    root = tmp_path_factory.mktemp("optuna")
-    spec = parse_spec(yaml.safe_load(TINY_OPTUNA), source="tiny-optuna.yaml")
-    paths = SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield spec, paths, run_sweep(spec, paths)
-    finally:
-        ray.shutdown()
+    with local_sweep(tmp_path_factory, TINY_OPTUNA, "tiny-optuna.yaml") as sweep:
+        yield sweep
 
 
 def test_every_launched_trial_meets_its_target(optuna_sweep):

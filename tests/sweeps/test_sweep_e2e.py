@@ -4,12 +4,11 @@ import math
 
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from sweeps.launch import SweepPaths, run_sweep
-from sweeps.spec import parse_spec
+from sweeps.launch import run_sweep
 from sweeps.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG
+from tests.sweeps.local_sweep import local_sweep
 from trainables import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -29,17 +28,8 @@ resources: {cpu: 1}
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    import ray
-
-    root = tmp_path_factory.mktemp("sweep")
-    spec = parse_spec(yaml.safe_load(TINY), source="tiny.yaml")
-    paths = SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        trials = run_sweep(spec, paths)
-        yield spec, paths, trials
-    finally:
-        ray.shutdown()
+    with local_sweep(tmp_path_factory, TINY, "tiny.yaml") as sweep:
+        yield sweep
 
 
 def test_every_grid_point_finishes_within_its_budget(tiny_sweep):
