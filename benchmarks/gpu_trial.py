@@ -51,11 +51,11 @@ def run(model: str, size: int, images: int, epsilon: float, epochs: int, batch: 
 
     start = time.perf_counter()
     result = train_trial(cfg, resolve_init("random", model), report)
-    final = result["metrics"]
+    final = result.metrics
     row = {"model": model, "image_size": size, "n_train": n_train, "target_epsilon": epsilon, "sigma": sigma,
            "steps": steps, "epsilon_spent": final[M.EPSILON], "test_auroc_macro": final[M.TEST_AUROC_MACRO],
            "seconds_per_epoch": epoch_times, "total_seconds": time.perf_counter() - start,
-           "model_device": str(next(result["model"].parameters()).device)}
+           "model_device": str(next(result.model.parameters()).device)}
     assert row["model_device"].startswith("cuda"), row
     if math.isfinite(epsilon):
         assert final[M.EPSILON] <= epsilon, row

@@ -9,24 +9,22 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
+from torch import nn
 
+from tests.privacy.test_resume import assert_identical
 from trainables import metrics as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.labels import LABELS
+from trainables.data.loaders import load_trial_data
 from trainables.data.synthetic import prepare_synthetic
+from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
-from trainables.models import resolve_init
+from trainables.models import predict, resolve_init
 from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
-from trainables.train import (
-    BudgetError,
-    _check_ledger,
-    load_trial_data,
-    predict,
-    subgroup_auroc_gaps,
-    train_trial,
-)
+from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial
 
 
 def config(sigma=1.2, q=0.1) -> TrialConfig:
@@ -44,13 +42,13 @@ def accountant(*steps):
 
 
 def test_consistent_ledger_passes():
-    _check_ledger(accountant((1.2, 0.1, 10)), config(), 10)
+    check_ledger(accountant((1.2, 0.1, 10)), config(), 10)
 
 
 @pytest.mark.parametrize("ledger", [(), ((1.2, 0.1, 9),), ((1.0, 0.1, 10),), ((1.2, 0.05, 10),)])
 def test_lost_short_or_foreign_ledger_is_refused(ledger):
     with pytest.raises(BudgetError, match="inconsistent ledger"):
-        _check_ledger(accountant(*ledger), config(), 10)
+        check_ledger(accountant(*ledger), config(), 10)
 
 
 def test_epsilon_of_a_lost_ledger_would_be_under_reported():
@@ -93,7 +91,7 @@ def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int 
 class TinyRun:
     epochs: list[dict[str, Any]]
     states: list[dict[str, Any]]
-    result: dict[str, Any]
+    result: TrialResult
 
 
 def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None) -> TinyRun:
@@ -128,10 +126,10 @@ def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(t
     # model_selection=last: the final evaluation scores the last epoch's weights, so its headline test gaps
     # (evaluate_split, with bootstrap and thresholds) must equal what that epoch reported.
     for attribute in ATTRIBUTES:
-        assert last[M.auroc_gap_at_epoch(attribute)] == run.result["metrics"][M.auroc_gap("test", attribute)]
+        assert last[M.auroc_gap_at_epoch(attribute)] == run.result.metrics[M.auroc_gap("test", attribute)]
     # and the validation gaps equal evaluate_split's on the validation predictions of the same weights
     data = load_trial_data(cfg)
-    scores, labels = predict(run.result["model"], data.val, 256)
+    scores, labels = predict(run.result.model, data.val, 256)
     val = evaluate_split(labels, scores, sex=data.val.split.sex, age=data.val.split.age, age_edges=cfg.age_edges,
                          n_boot=0, prefix="val").metrics
     for attribute in ATTRIBUTES:
@@ -142,7 +140,7 @@ def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(t
 def test_final_report_carries_the_selected_epochs_validation_numbers(tiny_site):
     """Optuna's objectives: validation numbers of the epoch the trial selected, never test."""
     run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=3))
-    final = run.result["metrics"]
+    final = run.result.metrics
     selected = run.epochs[final[M.BEST_EPOCH] - 1]
     assert final[M.VAL_SELECTED_AUROC_MACRO] == selected[M.VAL_AUROC_MACRO] == max(
         e[M.VAL_AUROC_MACRO] for e in run.epochs)
@@ -162,9 +160,51 @@ def test_subgroup_gap_is_nan_without_two_evaluable_groups():
     scores = rng.random((40, len(LABELS)))
     split = SimpleNamespace(sex=np.array(["F"] * 20 + ["unknown"] * 20, dtype=object),  # one sex group
                             age=np.r_[np.full(20, 50.0), np.full(20, np.nan)])  # one age bin
-    assert all(math.isnan(gap) for gap in subgroup_auroc_gaps(labels, scores, split, (0, 40, 70, 100)).values())
+    gaps = subgroup_auroc_gaps(labels, scores, split.sex, split.age, (0, 40, 70, 100))
+    assert all(math.isnan(gap) for gap in gaps.values())
     split.sex[20:] = "M"
     split.age[20:] = 80.0
-    gaps = subgroup_auroc_gaps(labels, scores, split, (0, 40, 70, 100))
+    gaps = subgroup_auroc_gaps(labels, scores, split.sex, split.age, (0, 40, 70, 100))
     assert gaps.keys() == set(ATTRIBUTES) and all(math.isfinite(gap) for gap in gaps.values())
     assert gaps["sex"] == gaps["age"]  # the same two halves of the images, grouped under both attributes
+
+
+# ----------------------------------------------------------------------------------------------------
+# TrainState: the checkpoint
+
+
+def _train_state(cfg: TrialConfig, seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = nn.Linear(3, len(LABELS))
+    return TrainState(cfg, model, torch.optim.AdamW(model.parameters()), RDPAccountant(),
+                      torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+
+
+def test_train_state_round_trips_through_its_state_dict():
+    cfg = config()
+    state = _train_state(cfg, 0)
+    state.model(torch.ones(2, 3)).sum().backward()
+    state.optimizer.step()  # optimizer moments to carry
+    for _ in range(4):
+        state.accountant.step(noise_multiplier=1.2, sample_rate=0.1)
+    torch.rand(5, generator=state.sampler_rng), torch.rand(7, generator=state.noise_rng)  # streams moved on
+    state.epoch, state.steps = 2, 4
+    for epoch, auroc in ((1, 0.7), (2, 0.6)):  # best_val keeps epoch 1
+        state.epoch = epoch
+        state.record({M.EPOCH: epoch, M.VAL_AUROC_MACRO: auroc, M.EPSILON: 0.5 * epoch})
+    saved = copy.deepcopy(state.state_dict())
+
+    restored = _train_state(cfg, 1)  # other weights, moments, ledger and streams, all overwritten
+    restored.load_state_dict(copy.deepcopy(saved))
+    assert_identical(restored.state_dict(), saved, "state")
+    assert (restored.epoch, restored.steps, restored.best_epoch, restored.best_score) == (2, 4, 1, 0.7)
+    assert restored.selected == {M.EPOCH: 1, M.VAL_AUROC_MACRO: 0.7, M.EPSILON: 0.5, M.VAL_SELECTED_AUROC_MACRO: 0.7}
+    for a, b in ((state.sampler_rng, restored.sampler_rng), (state.noise_rng, restored.noise_rng)):
+        assert torch.equal(torch.rand(9, generator=a), torch.rand(9, generator=b))  # the same streams continue
+
+
+def test_checkpoint_written_before_train_state_is_refused_clearly():
+    state = _train_state(config(), 0)
+    old = {k: v for k, v in state.state_dict().items() if k != "format"}  # format 1 carried no version
+    with pytest.raises(ValueError, match="checkpoint format 1 cannot be resumed"):
+        _train_state(config(), 0).load_state_dict(old)

@@ -19,12 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
 from trainables.data.labels import LABELS
+from trainables.data.loaders import CacheSplitDataset, evaluation_batches
 
 TIMM_TAG_ALIASES: dict[str, str] = {"imagenet": "fb_in1k", "dinov3": "dinov3_lvd1689m"}
 """Named inits that are a pretrained tag of the sweep's architecture."""
@@ -173,3 +175,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: CacheSplitDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores [n, k] and labels [n, k] over a whole split, in eval mode (the train/eval mode is kept)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores, labels = [], []
+    for x, y in evaluation_batches(dataset, batch_size):
+        scores.append(torch.sigmoid(model(x.to(device))).cpu().numpy())
+        labels.append(y.numpy())
+    model.train(was_training)
+    return np.concatenate(scores), np.concatenate(labels)

@@ -68,8 +68,8 @@ def run_pretrain(pretrain: PretrainConfig, init: ResolvedInit, model: str, image
 
     result = train_trial(cfg, init, log_epoch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(result["model"], out_dir / CHECKPOINT_FILE)
+    save_weights(result.model, out_dir / CHECKPOINT_FILE)
     info = {"pretrain": asdict(pretrain), "model": model, "image_size": image_size,
-            "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}}
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out_dir / CHECKPOINT_FILE

@@ -4,9 +4,9 @@
     -> for each epoch: Poisson-sampled DP-SGD steps -> validation AUROC + epsilon spent -> report/checkpoint
     -> final: pick the epoch (best validation AUROC), evaluate on test and external test sets.
 
-`report(metrics, state)` is called once per epoch with a checkpointable ``state`` dict; the final metrics
-and evaluation tables are returned. Resuming from a ``state`` continues with exactly the
-same step count, accountant history and RNG streams.
+`report(metrics, state)` is called once per epoch with the `TrainState.state_dict` checkpoint; the final
+metrics, evaluation tables and selected model come back as a `TrialResult`. Resuming from a checkpoint
+continues with exactly the same step count, accountant history and RNG streams.
 
 Secure mode (``privacy.secure_mode``, private trials only): Poisson sampling and noise come from a
 `SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key) instead of seeded generators. There is nothing to
@@ -21,25 +21,25 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from opacus.accountants.accountant import IAccountant
 from torch import nn
 
 from trainables import metrics as M
 from trainables.config import TrialConfig
-from trainables.data.cache import SplitData, open_cache
-from trainables.data.labels import LABELS
-from trainables.data.loaders import CacheSplitDataset, evaluation_batches
-from trainables.evaluate.fairness import attribute_fairness, make_grouping
-from trainables.evaluate.report import evaluate_split, fit_thresholds
-from trainables.evaluate.utility import auroc_per_label, macro_mean
-from trainables.models import ResolvedInit, create_model
+from trainables.data.labels import label_pos_weight
+from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data
+from trainables.evaluate.bootstrap import dataset_bootstrap_seed
+from trainables.evaluate.fairness import subgroup_auroc_gaps
+from trainables.evaluate.report import Evaluation, evaluate_split, fit_thresholds
+from trainables.evaluate.utility import macro_auroc
+from trainables.models import ResolvedInit, create_model, predict
 from trainables.privacy.accounting import (
     create_accountant,
     cross_check_epsilon,
@@ -56,7 +56,13 @@ from trainables.privacy.engine import (
 from trainables.privacy.secure import SecureRandom
 
 GRAD_CHECK_SAMPLES = 4
+CHECKPOINT_FORMAT = 2
+"""Version of `TrainState.state_dict`. Format 1, the unversioned dict written before `TrainState`, is refused."""
+RESUME_IGNORED_KEYS = ("data_root",)
+"""Config keys that may differ between a checkpoint and its resume (a moved data folder changes nothing)."""
+
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
+Generator = torch.Generator | SecureRandom
 
 
 class BudgetError(RuntimeError):
@@ -64,71 +70,186 @@ class BudgetError(RuntimeError):
 
 
 @dataclass
-class TrialData:
-    """The splits one trial uses, as memory-mapped datasets plus the demographics evaluation needs."""
+class TrialResult:
+    """What a finished trial returns.
 
-    train: CacheSplitDataset
-    val: CacheSplitDataset
-    test: CacheSplitDataset
-    external: dict[str, CacheSplitDataset] = field(default_factory=dict)
-
-
-def dataset_path(data_root: str | Path, dataset: str, image_size: int) -> Path:
-    return Path(data_root) / dataset / str(image_size)
-
-
-def load_trial_data(cfg: TrialConfig) -> TrialData:
-    def dataset(name: str, split: str) -> CacheSplitDataset:
-        cache = open_cache(dataset_path(cfg.data_root, name, cfg.image_size))
-        return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
-
-    return TrialData(*(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
-                     external={name: dataset(name, "test") for name in cfg.external_datasets})
-
-
-def label_pos_weight(cfg: TrialConfig, train_labels: np.ndarray) -> torch.Tensor | None:
-    """Per-label positive weights for BCE.
-
-    ``uniform``: none. ``train``: negatives/positives on the training split, as the study did; this reads
-    label counts of the private training set outside the DP mechanism, so such runs are tagged
-    ``pos_weight=train`` and the guarantee covers the model updates only.
+    Attributes:
+        metrics: the final report: test/external metrics of the selected epoch, its validation numbers, epsilon.
+        tables: ``groups`` (subgroup table), ``bootstrap`` (per-replicate AUROCs), ``epochs`` (every epoch report).
+        model: the model with the selected epoch's weights loaded.
     """
-    if cfg.pos_weight == "uniform":
-        return None
-    if cfg.pos_weight == "train":
-        positives = train_labels.sum(axis=0)
-        return torch.tensor((len(train_labels) - positives) / np.maximum(positives, 1), dtype=torch.float32)
-    raise ValueError(f"pos_weight={cfg.pos_weight!r}; choose 'uniform' or 'train'")
+
+    metrics: dict[str, Any]
+    tables: dict[str, pd.DataFrame]
+    model: nn.Module
 
 
-def per_sample_bce(pos_weight: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Multi-label BCE with logits, averaged over labels: one loss per sample."""
+def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dict[str, Any] | None = None,
+                data: TrialData | None = None) -> TrialResult:
+    """Train and evaluate one trial, resuming from the checkpoint ``state`` when given."""
+    torch.set_num_threads(cfg.speed.threads)
+    device = resolve_device(cfg.speed.device)
+    privacy = cfg.privacy
+    data = data or load_trial_data(cfg)
+    n_train = len(data.train)
+    if privacy.is_private:
+        check_planned_budget(cfg, n_train)
 
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=pos_weight, reduction="none"
-        ).mean(dim=1)
+    # Model, loss and optimizer; cfg.seed seeds the initialisation (not part of the DP mechanism).
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, init).to(device)
+    model.train()
+    loss_fn = per_sample_bce(label_pos_weight(cfg.pos_weight, data.train.split.labels), device)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler_rng, noise_rng = _mechanism_generators(cfg, device)
 
-    return loss
+    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = data.train.batch(np.sort(indices))
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    # The batch source and the step, chosen once: Poisson batches + DP-SGD, or shuffled batches + AdamW.
+    accountant = None
+    if privacy.is_private:
+        wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
+        check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
+        check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
+        accountant = create_accountant(privacy.accountant)
+        optimizer = make_dp_optimizer(
+            optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=privacy.expected_batch_size, noise_generator=noise_rng, accountant=accountant,
+            sample_rate=privacy.sample_rate,
+        )
+        steps_per_epoch = privacy.steps // privacy.epochs
+
+        def epoch_batches() -> Iterator[torch.Tensor]:
+            return poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, sampler_rng)
+
+        def step(indices: np.ndarray) -> float:
+            if train.steps >= privacy.steps:
+                raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
+            return private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+    else:
+        def epoch_batches() -> Iterator[torch.Tensor]:
+            return shuffled_batches(n_train, privacy.expected_batch_size, sampler_rng)
+
+        def step(indices: np.ndarray) -> float:
+            return sgd_step(model, optimizer, loss_fn, batch(indices))
+
+    train = TrainState(cfg, model, optimizer, accountant, sampler_rng, noise_rng)
+    if state is not None:
+        train.load_state_dict(state)
+
+    while train.epoch < privacy.epochs:
+        losses = []
+        for indices in epoch_batches():
+            losses.append(step(indices.numpy()))
+            train.steps += 1
+        train.epoch += 1
+        metrics = {M.EPOCH: train.epoch, M.STEPS: train.steps,
+                   M.TRAIN_LOSS: float(np.nanmean(losses)) if losses else math.nan,
+                   **epoch_evaluation(cfg, model, data, accountant)}
+        if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
+            raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
+        train.record(metrics)
+        report(metrics, train.state_dict())
+
+    return final_evaluation(train, data)
 
 
-def macro_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Unweighted mean over labels of per-label AUROC (labels with one class in the split are skipped)."""
-    return macro_mean(auroc_per_label(labels, scores))
+@dataclass
+class TrainState:
+    """Everything a trial carries from epoch to epoch; `state_dict` is its checkpoint, `load_state_dict` resumes it.
 
-
-def subgroup_auroc_gaps(labels: np.ndarray, scores: np.ndarray, split: SplitData,
-                        age_edges: tuple[float, ...]) -> dict[str, float]:
-    """Per attribute (``sex``, ``age``): max minus min of the groups' macro AUROCs.
-
-    The definition of the final ``test/fairness/auroc_gap/<attribute>`` (`fairness.attribute_fairness`'s
-    ``macro_auroc_gap``, on the same groupings as `evaluate_split`); NaN unless two groups have a defined macro
-    AUROC. No thresholds and no bootstrap, so it is cheap enough for every epoch.
+    The live objects (model, optimizer, accountant, the mechanism's generators) are shared with the loop; the
+    counters and the selection are plain fields. Selection (``cfg.model_selection``): ``best_val`` keeps the
+    epoch with the highest validation macro AUROC (NaN counts as -inf; the first such epoch on ties), ``last``
+    the latest epoch.
     """
-    no_thresholds = np.full(labels.shape[1], np.nan)  # AUROC needs none; the thresholded columns come out NaN
-    groupings = (make_grouping("sex", split.sex), make_grouping("age", split.age, edges=age_edges))
-    return {grouping.attribute: attribute_fairness(labels, scores, no_thresholds, grouping, LABELS).macro_auroc_gap
-            for grouping in groupings}
+
+    cfg: TrialConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    accountant: IAccountant | None
+    sampler_rng: Generator
+    noise_rng: Generator
+    epoch: int = 0
+    steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """The epoch reports, epoch 1 first."""
+    best_epoch: int = 0
+    """The selected epoch (1-based; 0 before the first)."""
+    best_score: float = -math.inf
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """The selected epoch's report."""
+        return self.history[self.best_epoch - 1]
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        """Keep the epoch's report, update the selection, and add the selected epoch's validation AUROC to the
+        report (what the trial would deliver if stopped now: ASHA's metric)."""
+        self.history.append(metrics)
+        val_auroc = metrics[M.VAL_AUROC_MACRO]
+        score = -math.inf if math.isnan(val_auroc) else val_auroc  # NaN: validation has a single class
+        if self.best_weights is None or score > self.best_score or self.cfg.model_selection == "last":
+            self.best_epoch, self.best_score = self.epoch, score
+            self.best_weights = copy.deepcopy(self.model.state_dict())
+        metrics[M.VAL_SELECTED_AUROC_MACRO] = self.selected[M.VAL_AUROC_MACRO]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams (None for a
+        `SecureRandom`, which has no state to save). Tensors are the live ones, not copies."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_flat(),
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_score": self.best_score,
+            "best_weights": self.best_weights,
+            "model": self.model.state_dict(),
+            "optimizer": _unwrapped(self.optimizer).state_dict(),
+            "accountant": self.accountant.state_dict() if self.accountant else None,
+            "sampler_rng": _generator_state(self.sampler_rng),
+            "noise_rng": _generator_state(self.noise_rng),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a `state_dict` of the same trial configuration (``RESUME_IGNORED_KEYS`` aside).
+
+        Raises:
+            ValueError: another checkpoint format, or another trial configuration.
+            BudgetError: the privacy ledger does not account for exactly the steps taken.
+        """
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint format {state.get('format', 1)} cannot be resumed by this version (format "
+                f"{CHECKPOINT_FORMAT}); start the trial afresh (`dpsweep sweep --fresh` for a whole sweep)")
+        saved, current = state["config"], self.cfg.to_flat()
+        changed = sorted(k for k in set(saved) | set(current)
+                         if k not in RESUME_IGNORED_KEYS and saved.get(k) != current.get(k))
+        if changed:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+            raise ValueError(f"checkpoint belongs to a different trial configuration ({details}); refusing to resume")
+        self.model.load_state_dict(state["model"])
+        _unwrapped(self.optimizer).load_state_dict(state["optimizer"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
+            check_ledger(self.accountant, self.cfg, state["steps"])
+        for rng, saved_rng in ((self.sampler_rng, state["sampler_rng"]), (self.noise_rng, state["noise_rng"])):
+            if isinstance(rng, torch.Generator):  # a SecureRandom keeps its fresh key (module docstring)
+                rng.set_state(saved_rng)
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch, self.steps, self.history = state["epoch"], state["steps"], list(state["history"])
+        self.best_epoch, self.best_score, self.best_weights = state["best_epoch"], state["best_score"], state[
+            "best_weights"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces of the loop
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,131 +261,85 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, dataset: CacheSplitDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid scores [n, k] and labels [n, k] over a whole split."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores, labels = [], []
-    for x, y in evaluation_batches(dataset, batch_size):
-        scores.append(torch.sigmoid(model(x.to(device))).cpu().numpy())
-        labels.append(y.numpy())
-    model.train(was_training)
-    return np.concatenate(scores), np.concatenate(labels)
+def per_sample_bce(pos_weight: np.ndarray | None, device: torch.device
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Multi-label BCE with logits, averaged over labels: one loss per sample (float32 positive weights)."""
+    weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32).to(device)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=weight, reduction="none"
+        ).mean(dim=1)
+
+    return loss
 
 
-def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dict[str, Any] | None = None,
-                data: TrialData | None = None) -> dict[str, Any]:
-    """Train and evaluate one trial.
-
-    Returns:
-        ``{"metrics": final metrics, "tables": {name: DataFrame}, "model": the selected epoch's model}``.
-    """
-    torch.set_num_threads(cfg.speed.threads)
-    device = resolve_device(cfg.speed.device)
-    privacy = cfg.privacy
-    data = data or load_trial_data(cfg)
-    n_train = len(data.train)
-    if privacy.is_private:
-        _check_planned_budget(cfg, n_train)
-        planned_steps = privacy.steps
-        steps_per_epoch = planned_steps // privacy.epochs
-
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, init).to(device)
-    model.train()
-    pos_weight = label_pos_weight(cfg, data.train.split.labels)
-    loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler_rng: torch.Generator | SecureRandom
-    noise_rng: torch.Generator | SecureRandom
-    if privacy.is_private and privacy.secure_mode:
-        sampler_rng = noise_rng = SecureRandom()  # fresh OS key: nothing to seed or restore (module docstring)
-    else:
-        sampler_rng = torch.Generator().manual_seed(cfg.seed * 1000 + 1)  # Poisson sampling runs on the CPU
-        noise_rng = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2)  # noise where the gradients are
-
-    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = data.train.batch(np.sort(indices))
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-    accountant = None
-    if privacy.is_private:
-        wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
-        check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
-        check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
-        accountant = create_accountant(privacy.accountant)
-        optimizer = make_dp_optimizer(
-            optimizer,
-            noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=privacy.expected_batch_size,
-            noise_generator=noise_rng,
-            accountant=accountant,
-            sample_rate=privacy.sample_rate,
-        )
-        net: nn.Module = wrapped
-    else:
-        net = model
-
-    epoch, steps, history, best = 0, 0, [], {"val_auroc": -math.inf, "epoch": 0, "weights": None}
-    if state is not None:
-        epoch, steps, history, best = _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng)
-
-    while epoch < privacy.epochs:
-        losses = []
-        if privacy.is_private:
-            for indices in poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, sampler_rng):
-                if steps >= planned_steps:
-                    raise BudgetError(f"step {steps + 1} would exceed the {planned_steps} planned steps")
-                losses.append(private_step(net, optimizer, loss_fn, batch(indices.numpy()),
-                                           cfg.speed.max_physical_batch_size))
-                steps += 1
-        else:
-            order = torch.randperm(n_train, generator=sampler_rng)
-            for start in range(0, n_train, privacy.expected_batch_size):
-                x, y = batch(order[start : start + privacy.expected_batch_size].numpy())
-                loss = loss_fn(model(x), y).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                steps += 1
-        epoch += 1
-
-        val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
-        epoch_metrics = {
-            M.EPOCH: epoch,
-            M.STEPS: steps,
-            M.TRAIN_LOSS: float(np.nanmean(losses)) if losses else math.nan,
-            M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
-            M.EPSILON: accountant.get_epsilon(privacy.delta) if accountant else math.inf,
-        }
-        for attribute, gap in subgroup_auroc_gaps(val_labels, val_scores, data.val.split, cfg.age_edges).items():
-            epoch_metrics[M.auroc_gap("val", attribute)] = gap
-        if cfg.eval_test_every_epoch:
-            test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
-            epoch_metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
-            test_gaps = subgroup_auroc_gaps(test_labels, test_scores, data.test.split, cfg.age_edges)
-            for attribute, gap in test_gaps.items():
-                epoch_metrics[M.auroc_gap_at_epoch(attribute)] = gap
-        if privacy.is_private and epoch_metrics[M.EPSILON] > privacy.target_epsilon:
-            raise BudgetError(f"epsilon spent {epoch_metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
-        history.append(epoch_metrics)
-        val_auroc = epoch_metrics[M.VAL_AUROC_MACRO]
-        score = -math.inf if math.isnan(val_auroc) else val_auroc  # NaN: validation has a single class
-        if best["weights"] is None or score > best["val_auroc"] or cfg.model_selection == "last":
-            best = {"val_auroc": score, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
-        # What the trial would deliver if stopped now (ASHA's metric; the final report's selected value).
-        epoch_metrics[M.VAL_SELECTED_AUROC_MACRO] = history[best["epoch"] - 1][M.VAL_AUROC_MACRO]
-        report(epoch_metrics, _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant,
-                                        sampler_rng, noise_rng))
-
-    return _final_evaluation(cfg, data, model, best, history, accountant, steps)
+def _mechanism_generators(cfg: TrialConfig, device: torch.device) -> tuple[Generator, Generator]:
+    """The sampler's and the noise's random source: one `SecureRandom` in secure mode, else seeded generators
+    (the sampler on the CPU, where Poisson sampling runs; the noise where the gradients are)."""
+    if cfg.privacy.is_private and cfg.privacy.secure_mode:
+        source = SecureRandom()  # fresh OS key: nothing to seed or restore (module docstring)
+        return source, source
+    return (torch.Generator().manual_seed(cfg.seed * 1000 + 1),
+            torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2))
 
 
-def _check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of the non-private baseline: a random permutation of ``range(n)`` cut into batches."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """One non-private step on the batch's mean loss; returns that loss."""
+    x, y = batch
+    loss = loss_fn(model(x), y).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def epoch_evaluation(cfg: TrialConfig, model: nn.Module, data: TrialData, accountant: IAccountant | None
+                     ) -> dict[str, float]:
+    """Validation macro AUROC, epsilon spent so far (inf when non-private), validation subgroup gaps, and with
+    ``eval_test_every_epoch`` the test ones (never used to select)."""
+    val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
+    metrics = {
+        M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
+        M.EPSILON: accountant.get_epsilon(cfg.privacy.delta) if accountant else math.inf,
+    }
+    for attribute, gap in _gaps(cfg, val_labels, val_scores, data.val).items():
+        metrics[M.auroc_gap("val", attribute)] = gap
+    if cfg.eval_test_every_epoch:
+        test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
+        metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
+        for attribute, gap in _gaps(cfg, test_labels, test_scores, data.test).items():
+            metrics[M.auroc_gap_at_epoch(attribute)] = gap
+    return metrics
+
+
+def _gaps(cfg: TrialConfig, labels: np.ndarray, scores: np.ndarray, dataset: CacheSplitDataset) -> dict[str, float]:
+    return subgroup_auroc_gaps(labels, scores, dataset.split.sex, dataset.split.age, cfg.age_edges)
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The AdamW under Opacus' DPOptimizer (its state is what a checkpoint needs)."""
+    return getattr(optimizer, "original_optimizer", optimizer)
+
+
+def _generator_state(rng: Generator) -> torch.Tensor | None:
+    return rng.get_state() if isinstance(rng, torch.Generator) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Privacy guards
+
+
+def check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
     """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target."""
     privacy = cfg.privacy
     expected_q, planned_steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
@@ -280,54 +355,7 @@ def _check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
                           f"{privacy.target_epsilon} over {planned_steps} steps")
 
 
-def _snapshot(cfg, epoch, steps, history, best, model, optimizer, accountant, sampler_rng, noise_rng
-              ) -> dict[str, Any]:
-    """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams (None for a
-    `SecureRandom`, which has no state to save)."""
-    original = getattr(optimizer, "original_optimizer", optimizer)
-    return {
-        "config": cfg.to_flat(),
-        "epoch": epoch,
-        "steps": steps,
-        "history": history,
-        "best": best,
-        "model": model.state_dict(),
-        "optimizer": original.state_dict(),
-        "accountant": accountant.state_dict() if accountant else None,
-        "sampler_rng": _generator_state(sampler_rng),
-        "noise_rng": _generator_state(noise_rng),
-        "torch_rng": torch.get_rng_state(),
-    }
-
-
-def _generator_state(rng: torch.Generator | SecureRandom) -> torch.Tensor | None:
-    return rng.get_state() if isinstance(rng, torch.Generator) else None
-
-
-RESUME_IGNORED_KEYS = ("data_root",)
-"""Config keys that may differ between a checkpoint and its resume (a moved data folder changes nothing)."""
-
-
-def _restore(state, cfg, model, optimizer, accountant, sampler_rng, noise_rng):
-    saved, current = state["config"], cfg.to_flat()
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUME_IGNORED_KEYS and saved.get(k) != current.get(k))
-    if changed:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
-        raise ValueError(f"checkpoint belongs to a different trial configuration ({details}); refusing to resume")
-    model.load_state_dict(state["model"])
-    getattr(optimizer, "original_optimizer", optimizer).load_state_dict(state["optimizer"])
-    if accountant is not None:
-        accountant.load_state_dict(state["accountant"])
-        _check_ledger(accountant, cfg, state["steps"])
-    for rng, saved_rng in ((sampler_rng, state["sampler_rng"]), (noise_rng, state["noise_rng"])):
-        if isinstance(rng, torch.Generator):  # a SecureRandom keeps its fresh key (module docstring)
-            rng.set_state(saved_rng)
-    torch.set_rng_state(state["torch_rng"])
-    return state["epoch"], state["steps"], list(state["history"]), state["best"]
-
-
-def _check_ledger(accountant, cfg: TrialConfig, steps: int) -> None:
+def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
     """The restored accountant must account for exactly the steps taken, at the trial's (sigma, q): a lost or
     foreign ledger would under-report epsilon silently."""
     history = accountant.history
@@ -341,53 +369,48 @@ def _check_ledger(accountant, cfg: TrialConfig, steps: int) -> None:
         )
 
 
-def _final_evaluation(cfg, data, model, best, history, accountant, steps) -> dict[str, Any]:
+# ----------------------------------------------------------------------------------------------------
+# Final evaluation
+
+
+def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
     """Test and external-test metrics of the selected epoch's weights; thresholds fitted on validation."""
-    privacy = cfg.privacy
-    model.load_state_dict(best["weights"])
+    cfg, model, privacy = train.cfg, train.model, train.cfg.privacy
+    model.load_state_dict(train.best_weights)
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
     thresholds = fit_thresholds(val_labels, val_scores)
-    test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
-    split = data.test.split
-    evaluation = evaluate_split(
-        test_labels, test_scores, sex=split.sex, age=split.age, thresholds=thresholds,
-        age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=_dataset_seed(cfg.dataset), prefix="test",
-    )
+
+    def evaluate(name: str, dataset: CacheSplitDataset, prefix: str) -> Evaluation:
+        scores, labels = predict(model, dataset, cfg.speed.eval_batch_size)
+        return evaluate_split(labels, scores, sex=dataset.split.sex, age=dataset.split.age, thresholds=thresholds,
+                              age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=dataset_bootstrap_seed(name),
+                              prefix=prefix)
+
+    evaluation = evaluate(cfg.dataset, data.test, "test")
     metrics = dict(evaluation.metrics)
-    metrics[M.BEST_EPOCH] = best["epoch"]
-    metrics[M.STEPS] = steps
-    selected = history[best["epoch"] - 1]  # the selected epoch's validation numbers: Optuna's objectives
+    metrics[M.BEST_EPOCH] = train.best_epoch
+    metrics[M.STEPS] = train.steps
+    selected = train.selected  # the selected epoch's validation numbers: Optuna's objectives
     metrics[M.VAL_SELECTED_AUROC_MACRO] = selected[M.VAL_AUROC_MACRO]
     for attribute in ("sex", "age"):
         metrics[M.val_selected_auroc_gap(attribute)] = selected.get(M.auroc_gap("val", attribute), math.nan)
-    if privacy.is_private:
-        _check_ledger(accountant, cfg, steps)
-        metrics[M.EPSILON] = accountant.get_epsilon(privacy.delta)
-        metrics[M.EPSILON_AT_BEST_EPOCH] = history[best["epoch"] - 1][M.EPSILON]
-        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta)
+    if train.accountant is not None:
+        check_ledger(train.accountant, cfg, train.steps)
+        metrics[M.EPSILON] = train.accountant.get_epsilon(privacy.delta)
+        metrics[M.EPSILON_AT_BEST_EPOCH] = selected[M.EPSILON]
+        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, train.steps, privacy.delta)
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
-    tables = {"groups": [evaluation.groups.assign(dataset=cfg.dataset)],
-              "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)]}
+    parts = {"groups": [evaluation.groups.assign(dataset=cfg.dataset)],
+             "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)]}
     for name, dataset in data.external.items():
-        ext_scores, ext_labels = predict(model, dataset, cfg.speed.eval_batch_size)
-        external = evaluate_split(
-            ext_labels, ext_scores, sex=dataset.split.sex, age=dataset.split.age, thresholds=thresholds,
-            age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=_dataset_seed(name), prefix=f"external/{name}",
-        )
+        external = evaluate(name, dataset, f"external/{name}")
         metrics.update(external.metrics)
-        tables["groups"].append(external.groups.assign(dataset=name))
-        tables["bootstrap"].append(external.bootstrap.reset_index().assign(dataset=name))
-    tables = {name: pd.concat(parts, ignore_index=True) for name, parts in tables.items()}
-    tables["epochs"] = pd.DataFrame(history)
-    return {"metrics": metrics, "tables": tables, "model": model}
-
-
-def _dataset_seed(dataset: str) -> int:
-    """A fixed bootstrap seed per dataset, so every trial of a sweep resamples its test set identically."""
-    import zlib
-
-    return zlib.crc32(dataset.encode())
+        parts["groups"].append(external.groups.assign(dataset=name))
+        parts["bootstrap"].append(external.bootstrap.reset_index().assign(dataset=name))
+    tables = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
+    tables["epochs"] = pd.DataFrame(train.history)
+    return TrialResult(metrics, tables, model)

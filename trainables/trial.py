@@ -58,9 +58,9 @@ def dp_trial(config: dict[str, Any]) -> None:
             tune.report({**metrics, DONE: False}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     final = train_trial(cfg, init, report_epoch, state)
-    metrics = {**_json_safe(final["metrics"]), NODE_ID: ray.get_runtime_context().get_node_id(), DONE: True}
+    metrics = {**_json_safe(final.metrics), NODE_ID: ray.get_runtime_context().get_node_id(), DONE: True}
     with tempfile.TemporaryDirectory() as folder:
-        write_tables(Path(folder), final["tables"])
+        write_tables(Path(folder), final.tables)
         (Path(folder) / FINAL_FILE).write_text(json.dumps(metrics))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 

@@ -40,8 +40,9 @@ import torch
 
 from trainables import metrics as M
 from trainables.config import TrialConfig
+from trainables.data.loaders import load_trial_data
 from trainables.models import ResolvedInit
-from trainables.train import load_trial_data, train_trial
+from trainables.train import train_trial
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
@@ -133,11 +134,11 @@ def run(run_dir: Path, stop: StopPoint | None = None, cfg: TrialConfig | None = 
         checkpointed.update(epoch=metrics[M.EPOCH], batches_since=0)
 
     result = train_trial(cfg, init, report, state, data=data)
-    (run_dir / FINAL_FILE).write_text(json.dumps(result["metrics"], default=_plain))
-    torch.save(result["model"].state_dict(), run_dir / FINAL_MODEL_FILE)
-    for name, table in result["tables"].items():
+    (run_dir / FINAL_FILE).write_text(json.dumps(result.metrics, default=_plain))
+    torch.save(result.model.state_dict(), run_dir / FINAL_MODEL_FILE)
+    for name, table in result.tables.items():
         table.to_parquet(run_dir / f"{name}.parquet", index=False)
-    return result["metrics"]
+    return result.metrics
 
 
 def _halt(run_dir: Path, stop: StopPoint, epoch: int) -> None:

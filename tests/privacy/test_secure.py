@@ -149,7 +149,7 @@ def test_secure_trial_spends_exactly_the_planned_epsilon_and_resumes_with_a_fres
     privacy = cfg.privacy
     assert [e[M.EPSILON] for e in secure.epochs] == [e[M.EPSILON] for e in default.epochs]
     ledger = (M.EPSILON, M.STEPS, M.EPSILON_AT_BEST_EPOCH, M.EPSILON_CROSS_CHECK_RDP, M.EPSILON_CROSS_CHECK_PLD)
-    assert {k: secure.result["metrics"][k] for k in ledger} == {k: default.result["metrics"][k] for k in ledger}
+    assert {k: secure.result.metrics[k] for k in ledger} == {k: default.result.metrics[k] for k in ledger}
     assert secure.states[-1]["accountant"] == default.states[-1]["accountant"]
     planned = [(privacy.noise_multiplier, privacy.sample_rate, privacy.steps)]
     assert secure.states[-1]["accountant"]["history"] == planned
@@ -161,6 +161,6 @@ def test_secure_trial_spends_exactly_the_planned_epsilon_and_resumes_with_a_fres
     resumed = run_tiny_trial(cfg, state=secure.states[0])
     assert [e[M.EPOCH] for e in resumed.epochs] == [2]
     assert resumed.states[-1]["accountant"] == secure.states[-1]["accountant"]
-    assert resumed.result["metrics"][M.EPSILON] == secure.result["metrics"][M.EPSILON]
+    assert resumed.result.metrics[M.EPSILON] == secure.result.metrics[M.EPSILON]
     weights = [run.states[-1]["model"] for run in (secure, resumed)]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -477,7 +477,7 @@ def test_interrupted_trials_end_exactly_like_uninterrupted_ones(interrupted):
     for key, trial in interrupted.on_disk.items():
         point = trial.point()
         reference = train_trial(TrialConfig.from_flat(point["trial"]), ResolvedInit(**point["init"]),
-                                report=lambda metrics, state: None)["metrics"]
+                                report=lambda metrics, state: None).metrics
         reported = json.loads(final_metrics(trial.final_results[-1]))
         differ = {k: (v, reference[k]) for k, v in reported.items() if not same_number(v, reference[k])}
         assert not differ, f"{key}: final metrics differ from an uninterrupted run: {differ}"

@@ -167,6 +167,11 @@ class Cache:
         )
 
 
+def dataset_path(data_root: str | Path, dataset: str, image_size: int) -> Path:
+    """The prepared cache folder of one dataset at one image size: ``<data_root>/<dataset>/<image_size>``."""
+    return Path(data_root) / dataset / str(image_size)
+
+
 def open_cache(path: Path) -> Cache:
     """Open a prepared dataset folder (``<data_root>/<dataset>/<size>``) without reading pixels."""
     images_path, manifest_path = path / IMAGES_FILE, path / MANIFEST_FILE

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from trainables.data.cache import SplitData
+from trainables.config import TrialConfig
+from trainables.data.cache import SplitData, dataset_path, open_cache
 
 
 class CacheSplitDataset(Dataset):
@@ -45,3 +48,24 @@ def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):
     for start in range(0, n, batch_size):
         yield dataset.batch(np.arange(start, min(start + batch_size, n)))
 
+
+
+@dataclass
+class TrialData:
+    """The splits one trial uses, as memory-mapped datasets (their ``split`` holds the demographics)."""
+
+    train: CacheSplitDataset
+    val: CacheSplitDataset
+    test: CacheSplitDataset
+    external: dict[str, CacheSplitDataset] = field(default_factory=dict)
+
+
+def load_trial_data(cfg: TrialConfig) -> TrialData:
+    """Open the trial's dataset (train, val, test) and the test split of each external dataset."""
+
+    def dataset(name: str, split: str) -> CacheSplitDataset:
+        cache = open_cache(dataset_path(cfg.data_root, name, cfg.image_size))
+        return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
+
+    return TrialData(*(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
+                     external={name: dataset(name, "test") for name in cfg.external_datasets})

@@ -7,6 +7,7 @@ same replicates, and their per-replicate AUROCs can be compared afterwards with 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ from trainables.evaluate.utility import check_label_arrays, has_both_classes
 
 _CHUNK_ELEMENTS = 1 << 21
 """Resampled images per chunk of replicates (bounds memory to a few 16 MiB int64 arrays)."""
+
+
+def dataset_bootstrap_seed(dataset: str) -> int:
+    """A fixed bootstrap seed per dataset name (CRC-32), so every trial of a sweep resamples a test split alike."""
+    return zlib.crc32(dataset.encode())
 
 
 def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:

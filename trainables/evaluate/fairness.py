@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from trainables.data.labels import SEXES
+from trainables.data.labels import LABELS, SEXES
 from trainables.evaluate.names import FAIRNESS_METRICS
 from trainables.evaluate.utility import (
     auroc_per_label,
@@ -285,6 +285,23 @@ def attribute_fairness(
         n_skipped=int(per_label["n_skipped_groups"].sum()),
         n_excluded=grouping.n_excluded,
     )
+
+
+def subgroup_auroc_gaps(
+    y_true: ArrayLike, y_score: ArrayLike, sex: ArrayLike, age: ArrayLike, age_edges: Sequence[float]
+) -> dict[str, float]:
+    """Per attribute (``sex``, ``age``): max minus min of the groups' macro AUROCs, for the study's `LABELS`.
+
+    The definition of the final ``<split>/fairness/auroc_gap/<attribute>`` (`AttributeFairness.macro_auroc_gap`,
+    on the groupings `trainables.evaluate.report.evaluate_split` uses); NaN unless two groups have a defined
+    macro AUROC. No thresholds and no bootstrap, so it is cheap enough for every epoch.
+    """
+    no_thresholds = np.full(len(LABELS), np.nan)  # AUROC needs none; the thresholded columns come out NaN
+    groupings = (make_grouping("sex", sex), make_grouping("age", age, edges=age_edges))
+    return {
+        grouping.attribute: attribute_fairness(y_true, y_score, no_thresholds, grouping, LABELS).macro_auroc_gap
+        for grouping in groupings
+    }
 
 
 def _gap(values: pd.Series) -> float:

@@ -94,6 +94,12 @@ def macro_mean(per_label: ArrayLike) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
+def macro_auroc(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """Unweighted mean over labels of per-label AUROC (`auroc_per_label`, then `macro_mean`: labels with one
+    class in the split are skipped)."""
+    return macro_mean(auroc_per_label(y_true, y_score))
+
+
 def youden_thresholds(y_true: ArrayLike, y_score: ArrayLike) -> np.ndarray:
     """Per-label threshold maximizing Youden's J = TPR - FPR over the ROC curve [k].
 
