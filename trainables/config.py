@@ -26,6 +26,8 @@ class PrivacyConfig:
         accountant: ``rdp`` (default, the study's) or ``prv``; calibration and reporting use the same one.
         privacy_unit: ``image`` (each image is a record; add/remove adjacency).
         secure_mode: cryptographically secure noise (Opacus secure_mode; slower).
+        reproducible_noise: debugging only: seed the noise and Poisson sampling from ``seed`` (published), so the
+            trial has no DP guarantee; default False: their seeds come from ``os.urandom`` and stay secret.
         noise_multiplier: sigma (noise std = sigma * C), calibrated by the driver; 0 when non-private.
         sample_rate: Poisson sample rate q, derived by the driver from N and B.
         steps: total planned DP-SGD steps, derived by the driver.
@@ -39,6 +41,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     privacy_unit: str = "image"
     secure_mode: bool = False
+    reproducible_noise: bool = False
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0

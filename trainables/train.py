@@ -8,13 +8,25 @@
 metrics, evaluation tables and selected model come back as a `TrialResult`. Resuming from a checkpoint
 continues with exactly the same step count, accountant history and RNG streams.
 
-Secure mode (``privacy.secure_mode``, private trials only): Poisson sampling and noise come from a
-`SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key) instead of seeded generators. There is nothing to
-seed, checkpoint or restore for them: a resumed trial draws from a new key. That keeps the guarantee: the
-steps lost with a killed process released nothing (a trial reports only together with its checkpoint), and
-the steps after the resume use randomness that is independent of everything released so far and secret;
-the step count and the accountant history are restored exactly as in the default mode, so the epsilon is
-the same. What is lost is bit-for-bit reproducibility, on purpose.
+What a private trial releases: per epoch, the validation (and test) metrics and epsilon spent, and at the end
+the selected model's evaluation. The loss of the private Poisson batches is not released (it is not clipped,
+noised or accounted); non-private trials report ``train/loss``.
+
+Randomness (`trainables.privacy.randomness`). ``cfg.seed`` is published (an MLflow param), so it seeds only
+what is not part of the DP mechanism: model initialisation, the rows of the per-sample-gradient check and the
+non-private baseline's shuffling (the bootstrap has a fixed seed per dataset). A private trial's Poisson sampling
+and noise come from:
+
+- by default, generators seeded from ``os.urandom``; their seeds and states are kept only in the checkpoint,
+  so a resumed trial continues the same secret streams bit for bit. Checkpoints are private material: never
+  log or publish them. Two runs of the same private config draw different noise.
+- with ``privacy.secure_mode``, a `SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key). There is nothing
+  to checkpoint: a resumed trial draws from a new key. That keeps the guarantee: the steps lost with a killed
+  process released nothing (a trial reports only together with its checkpoint), and the steps after the resume
+  use randomness independent of everything released so far and secret; the step count and the accountant
+  history are restored exactly, so the epsilon is the same. Bit-for-bit reproducibility is lost, on purpose.
+- with ``privacy.reproducible_noise`` (debugging only), the seeded streams of ``cfg.seed``: the trial replays
+  from its logged config and has no DP guarantee (`trainables.privacy.guarantee`).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from trainables.privacy.engine import (
     private_step,
     wrap_model,
 )
+from trainables.privacy.randomness import mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 
 GRAD_CHECK_SAMPLES = 4
@@ -101,7 +114,7 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     model.train()
     loss_fn = per_sample_bce(label_pos_weight(cfg.pos_weight, data.train.split.labels), device)
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler_rng, noise_rng = _mechanism_generators(cfg, device)
+    randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
 
     def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data.train.batch(np.sort(indices))
@@ -116,38 +129,42 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         accountant = create_accountant(privacy.accountant)
         optimizer = make_dp_optimizer(
             optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=privacy.expected_batch_size, noise_generator=noise_rng, accountant=accountant,
+            expected_batch_size=privacy.expected_batch_size, noise_generator=randomness.noise, accountant=accountant,
             sample_rate=privacy.sample_rate,
         )
         steps_per_epoch = privacy.steps // privacy.epochs
 
         def epoch_batches() -> Iterator[torch.Tensor]:
-            return poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, sampler_rng)
+            return poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, randomness.sampler)
 
-        def step(indices: np.ndarray) -> float:
+        def step(indices: np.ndarray) -> float | None:
             if train.steps >= privacy.steps:
                 raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
-            return private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+            private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+            return None  # the private batch's loss is not clipped, noised or accounted: it is never released
     else:
         def epoch_batches() -> Iterator[torch.Tensor]:
-            return shuffled_batches(n_train, privacy.expected_batch_size, sampler_rng)
+            return shuffled_batches(n_train, privacy.expected_batch_size, randomness.sampler)
 
-        def step(indices: np.ndarray) -> float:
+        def step(indices: np.ndarray) -> float | None:
             return sgd_step(model, optimizer, loss_fn, batch(indices))
 
-    train = TrainState(cfg, model, optimizer, accountant, sampler_rng, noise_rng)
+    train = TrainState(cfg, model, optimizer, accountant, randomness.sampler, randomness.noise,
+                       randomness.secret_seeds)
     if state is not None:
         train.load_state_dict(state)
 
     while train.epoch < privacy.epochs:
-        losses = []
+        losses = []  # non-private steps only
         for indices in epoch_batches():
-            losses.append(step(indices.numpy()))
+            if (loss := step(indices.numpy())) is not None:
+                losses.append(loss)
             train.steps += 1
         train.epoch += 1
-        metrics = {M.EPOCH: train.epoch, M.STEPS: train.steps,
-                   M.TRAIN_LOSS: float(np.nanmean(losses)) if losses else math.nan,
-                   **epoch_evaluation(cfg, model, data, accountant)}
+        metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
+        if not privacy.is_private:
+            metrics[M.TRAIN_LOSS] = float(np.nanmean(losses)) if losses else math.nan
+        metrics |= epoch_evaluation(cfg, model, data, accountant)
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
             raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         train.record(metrics)
@@ -163,7 +180,8 @@ class TrainState:
     The live objects (model, optimizer, accountant, the mechanism's generators) are shared with the loop; the
     counters and the selection are plain fields. Selection (``cfg.model_selection``): ``best_val`` keeps the
     epoch with the highest validation macro AUROC (NaN counts as -inf; the first such epoch on ties), ``last``
-    the latest epoch.
+    the latest epoch. A private trial's checkpoint holds its secret seeds and generator states: it is private
+    material, never logged or published.
     """
 
     cfg: TrialConfig
@@ -171,7 +189,9 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     accountant: IAccountant | None
     sampler_rng: Generator
-    noise_rng: Generator
+    noise_rng: Generator | None
+    secret_seeds: dict[str, int] | None = None
+    """The default mode's ``os.urandom`` seeds of the two generators (`trainables.privacy.randomness`)."""
     epoch: int = 0
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -198,8 +218,8 @@ class TrainState:
         metrics[M.VAL_SELECTED_AUROC_MACRO] = self.selected[M.VAL_AUROC_MACRO]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams (None for a
-        `SecureRandom`, which has no state to save). Tensors are the live ones, not copies."""
+        """Everything needed to resume exactly: weights, optimizer, privacy ledger, RNG streams and secret seeds
+        (None for a `SecureRandom`, which has no state to save). Tensors are the live ones, not copies."""
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_flat(),
@@ -214,6 +234,7 @@ class TrainState:
             "accountant": self.accountant.state_dict() if self.accountant else None,
             "sampler_rng": _generator_state(self.sampler_rng),
             "noise_rng": _generator_state(self.noise_rng),
+            "secret_seeds": self.secret_seeds,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -242,6 +263,7 @@ class TrainState:
         for rng, saved_rng in ((self.sampler_rng, state["sampler_rng"]), (self.noise_rng, state["noise_rng"])):
             if isinstance(rng, torch.Generator):  # a SecureRandom keeps its fresh key (module docstring)
                 rng.set_state(saved_rng)
+        self.secret_seeds = state["secret_seeds"]
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.steps, self.history = state["epoch"], state["steps"], list(state["history"])
         self.best_epoch, self.best_score, self.best_weights = state["best_epoch"], state["best_score"], state[
@@ -272,16 +294,6 @@ def per_sample_bce(pos_weight: np.ndarray | None, device: torch.device
         ).mean(dim=1)
 
     return loss
-
-
-def _mechanism_generators(cfg: TrialConfig, device: torch.device) -> tuple[Generator, Generator]:
-    """The sampler's and the noise's random source: one `SecureRandom` in secure mode, else seeded generators
-    (the sampler on the CPU, where Poisson sampling runs; the noise where the gradients are)."""
-    if cfg.privacy.is_private and cfg.privacy.secure_mode:
-        source = SecureRandom()  # fresh OS key: nothing to seed or restore (module docstring)
-        return source, source
-    return (torch.Generator().manual_seed(cfg.seed * 1000 + 1),
-            torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 2))
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -331,7 +343,7 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "original_optimizer", optimizer)
 
 
-def _generator_state(rng: Generator) -> torch.Tensor | None:
+def _generator_state(rng: Generator | None) -> torch.Tensor | None:
     return rng.get_state() if isinstance(rng, torch.Generator) else None
 
 

@@ -1,7 +1,7 @@
 """Kill-and-resume: a trial killed mid-epoch and resumed from its last epoch checkpoint ends exactly where an
 uninterrupted trial ends.
 
-"Exactly" is bit for bit (fixed seeds, CPU, one thread): the privacy ledger (epsilon after every epoch and at
+"Exactly" is bit for bit (CPU, one thread): the privacy ledger (epsilon after every epoch and at
 the end, DP-SGD step count, the accountant's history), every final and per-epoch metric, the evaluation tables,
 the selected weights and the whole final checkpoint (optimizer moments, RNG streams included). This is also
 what makes a resume cost no privacy: the steps a killed process ran after its last checkpoint released
@@ -10,8 +10,10 @@ noise RNG states come from the checkpoint), so only the planned steps are ever r
 
 The DP trial runs in a real process (`resume_worker`), is killed with SIGKILL three steps into epoch 2 and is
 resumed by a fresh process; the uninterrupted reference runs in pytest's process, so the comparison spans
-processes. Cheaper in-process checks cover a stop after the last epoch's checkpoint, the non-private baseline,
-and the refusal of a checkpoint written under another trial configuration.
+processes. Both must draw the same noise, so this trial uses ``privacy.reproducible_noise`` (seeded streams);
+that the default mode's secret ``os.urandom`` seeds travel in the checkpoint and resume bit-exactly too is
+tested in `test_randomness.py`. Cheaper in-process checks cover a stop after the last epoch's checkpoint, the
+non-private baseline, and the refusal of a checkpoint written under another trial configuration.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def trial_config(data_root: Path, target_epsilon: float, model_selection: str = "best_val") -> TrialConfig:
+def trial_config(data_root: Path, target_epsilon: float, model_selection: str = "best_val",
+                 reproducible_noise: bool = False) -> TrialConfig:
     """A 3-epoch trial on the tiny synthetic site, calibrated like the sweep launcher does it."""
     n_train = len(open_cache(data_root / DATASET / str(IMAGE_SIZE)).split("train"))
     sample_rate, steps = sample_rate_and_steps(n_train, BATCH, EPOCHS)
@@ -71,6 +74,7 @@ def trial_config(data_root: Path, target_epsilon: float, model_selection: str = 
         privacy=PrivacyConfig(
             target_epsilon=target_epsilon, delta=DELTA, max_grad_norm=1.0, expected_batch_size=BATCH,
             epochs=EPOCHS, noise_multiplier=sigma, sample_rate=sample_rate if private else 0.0, steps=steps,
+            reproducible_noise=reproducible_noise,
         ),
     )
 
@@ -129,7 +133,7 @@ def killed_and_resumed(tmp_path_factory, data_root) -> KilledAndResumed:
     """
     # Final metrics of the last epoch's weights, so that they depend on the steps taken after the resume (with
     # best_val they could come from an epoch checkpointed before the kill and prove nothing about the resume).
-    cfg = trial_config(data_root, TARGET_EPSILON, model_selection="last")
+    cfg = trial_config(data_root, TARGET_EPSILON, model_selection="last", reproducible_noise=True)
     reference, resumed = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("resumed")
     for run_dir in (reference, resumed):
         worker.write_config(run_dir, cfg, random_init())

@@ -11,9 +11,10 @@ changing accounting, and a grad-sample module whose conv sampler is correct on C
 `VerifiedGradSampleModule`). The pieces are Opacus's own: `GradSampleModule`, `DPOptimizer`,
 `RDPAccountant`/`PRVAccountant`.
 
-Randomness: by default noise and Poisson sampling come from seeded ``torch.Generator`` streams (reproducible,
-checkpointed). In secure mode both come from a `trainables.privacy.secure.SecureRandom` (ChaCha20 under a fresh
-``os.urandom`` key, Opacus' 4-Gaussian noise recipe): same distributions, not reproducible.
+Randomness (chosen by `trainables.privacy.randomness`): by default noise and Poisson sampling come from
+``torch.Generator`` streams seeded from ``os.urandom`` (secret, checkpointed). In secure mode both come from a
+`trainables.privacy.secure.SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key, Opacus' 4-Gaussian noise
+recipe): same distributions, not reproducible.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def make_dp_optimizer(
     records the step (sigma, q) in the accountant.
 
     Args:
-        noise_generator: a seeded ``torch.Generator`` on the gradients' device (reproducible, Opacus'
-            default noise), or a `SecureRandom` (secure mode: `SecureDPOptimizer`).
+        noise_generator: a ``torch.Generator`` on the gradients' device (Opacus' default noise; secretly
+            seeded, see `trainables.privacy.randomness`), or a `SecureRandom` (secure mode: `SecureDPOptimizer`).
     """
     common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   expected_batch_size=expected_batch_size, loss_reduction="mean")
