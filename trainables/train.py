@@ -141,7 +141,7 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
             if train.steps >= privacy.steps:
                 raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
             private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
-            return None  # the private batch's loss is not clipped, noised or accounted: it is never released
+            return None  # the private batch's loss is not clipped, noised or accounted: never released
     else:
         def epoch_batches() -> Iterator[torch.Tensor]:
             return shuffled_batches(n_train, privacy.expected_batch_size, randomness.sampler)
@@ -155,14 +155,13 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         train.load_state_dict(state)
 
     while train.epoch < privacy.epochs:
-        losses = []  # non-private steps only
+        losses = []
         for indices in epoch_batches():
-            if (loss := step(indices.numpy())) is not None:
-                losses.append(loss)
+            losses.append(step(indices.numpy()))
             train.steps += 1
         train.epoch += 1
         metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
-        if not privacy.is_private:
+        if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
             metrics[M.TRAIN_LOSS] = float(np.nanmean(losses)) if losses else math.nan
         metrics |= epoch_evaluation(cfg, model, data, accountant)
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
