@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import resolve_init

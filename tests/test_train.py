@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.labels import LABELS

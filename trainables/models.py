@@ -25,6 +25,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from trainables.data.labels import LABELS
+from trainables.errors import UserError
 
 TIMM_TAG_ALIASES: dict[str, str] = {"imagenet": "fb_in1k", "dinov3": "dinov3_lvd1689m"}
 """Named inits that are a pretrained tag of the sweep's architecture."""
@@ -33,7 +34,7 @@ INIT_NAMES: tuple[str, ...] = ("random", "domain", *TIMM_TAG_ALIASES)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class InitError(ValueError):
+class InitError(UserError, ValueError):
     """An init name cannot be resolved to weights."""
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.labels import LABELS

@@ -27,8 +27,10 @@ import pytest
 
 from analysis import mlflow_source
 from analysis.mlflow_source import parse_param, read_sweep, tables_from_mlflow
-from analysis.tables import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE, TableError, build_tables
-from trainables import metrics as M
+from analysis.tables import TableError, TrialRecord, build_tables
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE
 
 SWEEP = "mlsrc"
 NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow does not store
@@ -112,8 +114,10 @@ def fake_store(tmp_path_factory):
         elif fate == "failed":
             callback.on_trial_error(0, [], trial)
         status = {"finished": "TERMINATED", "failed": "ERROR", "stopped": "STOPPED"}.get(fate, "INCOMPLETE")
-        records.append({**trial.config["point"], "status": status, "error": None, "final": final,
-                        "epochs": [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]})
+        point = trial.config["point"]
+        epochs = [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]
+        records.append(TrialRecord(key=point["key"], status=status, params=point["params"], tags=point["tags"],
+                                   final=final or {}, epochs=epochs))
     # A resumed driver: a new callback re-reads the runs; the finished trial reports its final result again.
     resumed = MlflowSweepCallback(uri, experiment, parent, SWEEP)
     resumed.on_trial_result(0, [], trials["random-eps2"], final_result(2.0, 0.625))
@@ -206,16 +210,7 @@ def test_cli_table_from_mlflow_when_the_ray_folder_is_absent(fake_store, tmp_pat
 # --------------------------------------------------------------------------------------------------------------
 # Slow tier: a real sweep, interrupted, then resumed.
 
-TINY_SPEC = """
-name: tinyml
-data: {train: synthetic-a, image_size: 32, synthetic_images: 400}
-model: test_convnext
-inits: [random]
-privacy: {epsilons: [2, .inf], clip_norms: [1.0], expected_batch_size: 64, epochs: 2}
-training: {learning_rates: [0.002]}
-evaluation: {n_boot: 10}
-resources: {cpu: 1, max_concurrent: 1}
-"""
+TINY_SPEC = tiny_yaml(name="tinyml", data={"synthetic_images": 400}, resources={"max_concurrent": 1})
 INTERRUPT_TIMEOUT_S = 240
 RESUME_TIMEOUT_S = 240
 POLL_S = 0.1

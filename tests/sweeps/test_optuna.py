@@ -6,7 +6,7 @@ import math
 import pytest
 
 from sweeps.search import CONSTRAINT, Cell, FeasibleOptunaSearch, PrivateOptunaSearch, Ranges
-from trainables import metrics as M
+from trainables import names as M
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.trial import DONE
 
