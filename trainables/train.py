@@ -243,7 +243,7 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         }
         for attribute, gap in subgroup_auroc_gaps(val_labels, val_scores, data.val.split, cfg.age_edges).items():
             epoch_metrics[M.auroc_gap("val", attribute)] = gap
-        if cfg.eval_test_every_epoch:
+        if cfg.test_every_epoch:
             test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
             epoch_metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
             test_gaps = subgroup_auroc_gaps(test_labels, test_scores, data.test.split, cfg.age_edges)

@@ -28,6 +28,7 @@ import pytest
 from analysis import mlflow_source
 from analysis.mlflow_source import parse_param, read_sweep, tables_from_mlflow
 from analysis.tables import TableError, TrialRecord, build_tables
+from tests.ray_files import read_json
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
 from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE
@@ -125,13 +126,13 @@ def fake_store(tmp_path_factory):
     return SimpleNamespace(uri=uri, runs=runs, parent=parent, records=records, client=client)
 
 
-def test_names_match_the_writer():
+def test_infinity_round_trips_through_the_store():
+    """The writer stores inf as `STORED_INFINITY` (SQL stores cannot hold inf) and the reader maps it back."""
     tracking = pytest.importorskip("sweeps.tracking")
-    for name in ("SWEEP_TAG", "ROLE_TAG", "TRIAL_KEY_TAG", "PARENT_TAG"):
-        assert getattr(mlflow_source, name) == getattr(tracking, name), name
-    if hasattr(tracking, "FINAL_MARKER"):
-        assert mlflow_source.FINAL_MARKER == tracking.FINAL_MARKER
-    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH and tracking._finite(math.inf) == mlflow_source.STORED_INF
+    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH
+    assert tracking._finite(math.inf) == M.STORED_INFINITY and tracking._finite(-math.inf) == -M.STORED_INFINITY
+    assert mlflow_source._value(M.EPSILON, M.STORED_INFINITY) == math.inf
+    assert mlflow_source._value(M.EPSILON, -M.STORED_INFINITY) == -math.inf
 
 
 def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
@@ -271,10 +272,7 @@ def trial_folders(ray_dir: Path) -> dict[str, Path]:
         return {}
     folders = {}
     for params in ray_dir.glob("*/params.json"):
-        try:
-            folders[json.loads(params.read_text())["point"]["key"]] = params.parent
-        except (json.JSONDecodeError, KeyError):
-            continue  # being written
+        folders[read_json(params)["point"]["key"]] = params.parent  # Ray may still be writing it
     return folders
 
 

@@ -46,6 +46,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps.spec import SweepSpec, parse_spec
+from tests.ray_files import read_json
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
 from trainables.config import TrialConfig
@@ -180,7 +181,7 @@ class SweepFolder:
         """Each trial's Ray folder, by trial key (a trial's folder appears when it starts)."""
         trials = {}
         for params in self.experiment.glob("*/params.json"):
-            key = json.loads(params.read_text())["point"]["key"]
+            key = read_json(params)["point"]["key"]  # Ray may still be writing it
             trials[key] = TrialOnDisk.read(key, params.parent)
         return trials
 
@@ -226,7 +227,7 @@ class TrialOnDisk:
 
     def point(self) -> dict[str, Any]:
         """The grid point Ray gave the trial (its flat TrialConfig and resolved init)."""
-        return json.loads((self.folder / "params.json").read_text())["point"]
+        return read_json(self.folder / "params.json")["point"]
 
     def final_file(self) -> Path | None:
         found = sorted(self.folder.glob(f"checkpoint_*/{FINAL_FILE}"))
