@@ -28,9 +28,12 @@ from trainables.errors import UserError
 from trainables.names import (
     BOOTSTRAP_FILE,
     EPOCHS_FILE,
+    EPSILON,
     FINAL_FILE,
     GROUPS_FILE,
     RAY_PARAMS_FILE,
+    RELEASED_STEPS,
+    STEPS,
     STOPPED,
     TAG_PREFIX,
     TERMINATED,
@@ -84,10 +87,12 @@ def build_tables(records: list[TrialRecord], mlflow_runs: dict[str, str] | None 
                "mlflow_run_id": mlflow_runs.get(record.key), **record.params,
                **{k: tags[k] for k in ("git_commit", *version_keys()) if k in tags}}
         row.update({k: v for k, v in record.final.items() if _is_metric(k)})
-        if record.status == STOPPED and record.epochs:
+        last = max(record.epochs, key=lambda epoch: epoch.get("epoch", 0)) if record.epochs else {}
+        if record.status == STOPPED and last:
             # Stopped early (no final report): the privacy it spent is its last epoch's.
-            last = max(record.epochs, key=lambda epoch: epoch.get("epoch", 0))
-            row.update({k: last[k] for k in ("privacy/epsilon", "privacy/steps") if k in last})
+            row.update({k: last[k] for k in (EPSILON, STEPS) if k in last})
+        # What it released so far was computed from this many steps (a failed or unfinished trial included).
+        row[RELEASED_STEPS] = int(record.final.get(STEPS, last.get(STEPS, 0)) or 0)
         trial_rows.append(row)
         ids = {c: row.get(c) for c in EPOCH_ID_COLUMNS}
         for epoch in record.epochs:

@@ -152,21 +152,33 @@ def tuning_costs(trials: pd.DataFrame) -> dict[str, Any]:
 def tuning_cost(trials: pd.DataFrame) -> Any:
     """Epsilon of releasing the best trial after the whole grid (RDP composition of every private trial run
     on the same data: the grid's trial count is fixed, so Papernot-Steinke random-count bounds do not apply).
-    None when the sweep has no private trial. Trials stopped early are counted with their planned steps (an
-    upper bound). For ``search: optuna`` see `sweeps.search` and docs/sweep-spec.md: Optuna picks each trial's
-    parameters from earlier results, which this fixed-schedule composition does not cover; the summary then
-    also states the basic-composition bound, which does."""
+
+    Every trial that released anything is composed at the steps behind its releases (`names.RELEASED_STEPS`):
+    finished ones at their final steps, early-stopped, failed and unfinished ones at their last reported epoch's
+    (an unfinished trial's released epochs are published in MLflow and the tables too). None when no private
+    trial released anything. For ``search: optuna`` see `sweeps.search` and docs/sweep-spec.md: Optuna picks each
+    trial's parameters from earlier results, which this fixed-schedule composition does not cover; the summary then
+    also states the bounds that do."""
     from trainables.privacy.tuning import TrialMechanism, tuning_epsilon
 
-    ran = trials[trials["status"] != N.INCOMPLETE] if "status" in trials else trials
+    released = _released_steps(trials)
+    ran = trials[released > 0]
     private = ran[ran["noise_multiplier"] > 0]
     if private.empty:
         return None
     q = float(private["sample_rate"].iloc[0])  # non-private rows carry q = 0; their sigma 0 is what matters
-    mechanisms = [TrialMechanism(float(r.noise_multiplier), float(r.sample_rate) or q, int(r.steps))
-                  for r in ran.itertuples()]
+    mechanisms = [TrialMechanism(float(r.noise_multiplier), float(r.sample_rate) or q, int(steps))
+                  for r, steps in zip(ran.itertuples(), released[released > 0], strict=True)]
     return tuning_epsilon(mechanisms, float(private["delta"].iloc[0]), "fixed",
                           private_trials_only=len(private) < len(ran))
+
+
+def _released_steps(trials: pd.DataFrame) -> pd.Series:
+    """Per trial, the steps behind what it released (`analysis.tables.build_tables` writes the column)."""
+    if N.RELEASED_STEPS not in trials:
+        raise TableError(f"the trial table has no {N.RELEASED_STEPS!r} column (written by an earlier dpsweep); "
+                         "rebuild it with `dpsweep table <sweep file>`")
+    return trials[N.RELEASED_STEPS].fillna(0).astype(int)
 
 
 def adaptive_tuning_bounds(trials: pd.DataFrame) -> dict[str, str]:
@@ -175,7 +187,7 @@ def adaptive_tuning_bounds(trials: pd.DataFrame) -> dict[str, str]:
     private trials that ran, each (target epsilon, delta)-DP by construction: (k x max target, k x delta)."""
     if "search" not in trials or not (trials["search"] == "optuna").any():
         return {}
-    ran = trials[(trials["status"] != N.INCOMPLETE) & (trials["noise_multiplier"] > 0)]
+    ran = trials[(_released_steps(trials) > 0) & (trials["noise_multiplier"] > 0)]  # each at most its target
     bounds = {}
     for dataset, group in ran.groupby("dataset", sort=False):
         k, eps, delta = len(group), float(group["target_epsilon"].max()), float(group["delta"].iloc[0])

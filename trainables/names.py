@@ -40,6 +40,11 @@ EPSILON_AT_BEST_EPOCH: Final = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP: Final = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD: Final = "privacy/epsilon_dp_accounting_pld"
 
+RELEASED_STEPS: Final = "privacy/released_steps"
+"""Trials table: the DP-SGD steps behind everything a trial released so far (the final report's steps; for a
+stopped, failed or unfinished trial, its last reported epoch's; 0 when it reported nothing). The tuning cost
+composes every trial at these steps."""
+
 # Sweep-level, on the MLflow parent run.
 TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private trial after the whole sweep
 

@@ -18,11 +18,10 @@ import torch
 from ray import tune
 
 from trainables.config import TrialConfig
+from trainables.models import ResolvedInit
 from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID
 from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
-from trainables.models import ResolvedInit
 from trainables.train import train_trial
-
 
 
 def dp_trial(config: dict[str, Any]) -> None:

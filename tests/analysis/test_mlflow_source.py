@@ -11,7 +11,6 @@ status, parameter, epsilon, final test AUROC and per-epoch validation AUROC.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal

@@ -73,9 +73,10 @@ def test_unknown_fields_suggest_the_right_name():
         parse_spec(raw)
 
 
-@pytest.mark.parametrize(("old", "new"), [("privacy.epsilons", "privacy.target_epsilon"),
-                                          ("privacy.clip_norms", "privacy.max_grad_norm"),
-                                          ("training.learning_rates", "training.lr"), ("training.seeds", "training.seed")])
+@pytest.mark.parametrize(("old", "new"), [
+    ("privacy.epsilons", "privacy.target_epsilon"), ("privacy.clip_norms", "privacy.max_grad_norm"),
+    ("training.learning_rates", "training.lr"), ("training.seeds", "training.seed"),
+])
 def test_renamed_fields_name_their_new_spelling(old, new):
     raw = smoke_dict()
     section, leaf = old.split(".")
@@ -86,9 +87,8 @@ def test_renamed_fields_name_their_new_spelling(old, new):
 
 def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     """Every grid axis and every privacy/speed field of the sweep file is the TrialConfig field it sets."""
-    from sweeps.plan import SweepPaths, make_trial, trial_template
+    from sweeps.plan import DatasetPlan, SweepPaths, make_trial, trial_template
     from trainables.models import ResolvedInit
-    from sweeps.plan import DatasetPlan
 
     raw = smoke_dict()
     raw["privacy"] |= {"max_grad_norm": [0.7], "secure_mode": True, "expected_batch_size": 16}
