@@ -72,11 +72,19 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
             return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
 
     plan = plan_sweep(spec, paths, log=log)
+    import mlflow.tracking
+
+    client = mlflow.tracking.MlflowClient(paths.tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure of the store is the user's URI to fix
+        raise SpecError(f"{spec.source}: tracking.uri: the MLflow tracking store {paths.tracking_uri!r} cannot be "
+                        f"used ({type(error).__name__}: {str(error)[:300]}); fix `tracking.uri` (or "
+                        "$MLFLOW_TRACKING_URI), or remove it to use runs/mlflow.db") from None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_state(state_file, fingerprint, "running")
     log(describe_plan(plan))
 
-    import mlflow.tracking
     import ray
     from mlflow.entities import Param
     from ray import tune
@@ -97,7 +105,6 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-    client = mlflow.tracking.MlflowClient(paths.tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,
                                              paths.runs_root / "mlartifacts")
     parent = get_or_create_parent_run(client, experiment_id, spec.name,

@@ -151,10 +151,15 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
                 raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}): "
                                 f"{error}") from None
             if spec.search == "grid":
-                noise[(dataset.name, eps)] = calibrate_noise_multiplier(
-                    eps, p.delta, dataset.sample_rate, dataset.steps, accountant=p.accountant,
-                    tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
-                )
+                try:
+                    noise[(dataset.name, eps)] = calibrate_noise_multiplier(
+                        eps, p.delta, dataset.sample_rate, dataset.steps, accountant=p.accountant,
+                        tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
+                    )
+                except ValueError as error:
+                    raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
+                                    f"multiplier meets it ({error}); raise the target, or lower "
+                                    "privacy.calibration_tolerance below it") from None
     inits: dict[tuple[str, str], ResolvedInit] = {}
     for model in spec.models:
         for name in spec.inits:
@@ -201,6 +206,9 @@ def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: lis
                                        columns=["split"])
             n_train, estimated = int((manifest["split"] == "train").sum()), False
         if name in spec.data.train:
+            if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
+                raise SpecError(f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
+                                f"larger than {name}'s {n_train} training images; choose at most {n_train}")
             q, steps = sample_rate_and_steps(n_train, spec.privacy.expected_batch_size, spec.privacy.epochs)
             datasets[name] = DatasetPlan(name, n_train, q, steps, estimated)
         if name in pretrain:

@@ -374,6 +374,18 @@ def _validate(spec: SweepSpec) -> None:
     _require(bool(spec.name) and "/" not in spec.name, spec, f"name = {spec.name!r} must be a non-empty folder name")
     _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
     _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
+    for i, model in enumerate(spec.models):
+        _validate_model_name(spec, f"model[{i}]" if len(spec.models) > 1 else "model", model)
+    grid_axes = [("privacy.target_epsilon", axes.target_epsilon), ("training.lr", axes.lr),
+                 ("training.seed", axes.seed), ("inits", spec.inits),
+                 *((f"privacy.max_grad_norm.{m}" if len(axes.max_grad_norm) > 1 else "privacy.max_grad_norm", clips)
+                   for m, clips in axes.max_grad_norm.items())]
+    for where, values in grid_axes:
+        _require(spec.search == "optuna" and where.startswith("privacy.max_grad_norm") or len(values) > 0, spec,
+                 f"{where} is empty, which makes a sweep of no trials; give at least one value")
+        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+        _require(not repeated, spec, f"{where} = {list(values)} lists {repeated} twice: two trials would share one "
+                 "key, one MLflow run and be composed twice into the tuning cost; remove the repeat")
     _require(len(axes.target_epsilon) > 0, spec,
              "privacy.target_epsilon is empty; list targets such as [1, 3, 8, .inf]")
     for i, eps in enumerate(axes.target_epsilon):
@@ -435,6 +447,15 @@ def _validate(spec: SweepSpec) -> None:
     _validate_search(spec)
 
 
+def _validate_model_name(spec: SweepSpec, where: str, model: str) -> None:
+    import timm
+
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models("convnext*") + ["test_convnext"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (see timm.list_models())"
+        raise SpecError(f"{spec.source}: {where} = {model!r} is not a timm architecture{hint}")
+
+
 def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
     from trainables.data.registry import check_dataset_name
     from trainables.models import timm_tag_for
@@ -446,6 +467,10 @@ def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
     except ValueError as error:
         raise SpecError(f"{spec.source}: pretrain: {error}") from None
     _require(pretrain.init != "domain", spec, "pretrain.init cannot be 'domain' (it is what pretrain makes)")
+    _require(pretrain.epochs >= 1, spec, f"pretrain.epochs = {pretrain.epochs} must be >= 1")
+    _require(pretrain.lr > 0, spec, f"pretrain.lr = {pretrain.lr} must be > 0, e.g. 0.001")
+    _require(pretrain.batch_size >= 1, spec, f"pretrain.batch_size = {pretrain.batch_size} must be >= 1, e.g. 64")
+    _require(pretrain.weight_decay >= 0, spec, f"pretrain.weight_decay = {pretrain.weight_decay} must be >= 0")
     _require(pretrain.dataset not in spec.data.train, spec,
              f"pretrain.dataset = {pretrain.dataset!r} is a private training set (data.train); pretraining "
              "must use a public dataset, or the domain init leaks the private data outside DP")
