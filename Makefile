@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= sweeps/smoke.yaml
 PYTEST_ARGS ?=
+LINT_PATHS := trainables sweeps analysis tests benchmarks
 
 .PHONY: help setup sweep test test-fast prepare report bench ui lint clean
 
@@ -44,8 +45,10 @@ bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:5000
 	$(VENV)/bin/dpsweep ui --runs runs
 
-lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check trainables sweeps analysis tests benchmarks
+lint: $(STAMP)  ## ruff check, ruff format --check, mypy (strict on trainables/privacy and trainables/evaluate)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 clean:  ## remove outputs (runs/, data/) and the venv
 	rm -rf runs data $(VENV) *.egg-info

@@ -40,25 +40,28 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.tables import BOOTSTRAP_FILE, GROUPS_FILE, EvaluationTables, TableError, build_tables
-from trainables import metrics
+from analysis.tables import EvaluationTables, TableError, TrialRecord, build_tables
+from trainables import names
+from trainables.names import (
+    BOOTSTRAP_FILE,
+    ERROR,
+    EVALUATION_ARTIFACT_DIR,
+    FINAL_MARKER,
+    FINAL_STEP,
+    GROUPS_FILE,
+    INCOMPLETE,
+    PARENT_TAG,
+    RAY_TRIAL_ID_TAG,
+    ROLE_TAG,
+    STOPPED,
+    STORED_INFINITY,
+    SWEEP_TAG,
+    TERMINATED,
+    TRIAL_KEY_TAG,
+)
 
-# The names `sweeps.tracking` writes (it imports Ray, which analysis never does; a test ties them together).
-SWEEP_TAG = "dpsweep.sweep"
-ROLE_TAG = "dpsweep.role"
-TRIAL_KEY_TAG = "dpsweep.trial_key"
-PARENT_TAG = "mlflow.parentRunId"
-RAY_TRIAL_ID_TAG = "ray.trial_id"
-FINAL_MARKER = metrics.BEST_EPOCH
-"""A metric only a trial's final report carries, logged in its last batch: present = final metrics complete."""
-FINAL_STEP = 0
-"""MLflow step of the final report (it carries no ``epoch``); epochs are logged at step = epoch >= 1."""
-STORED_INF = 1e308
-"""What MLflow's SQL stores keep for an infinite metric (they cannot hold inf)."""
-INTEGER_METRICS: tuple[str, ...] = (metrics.EPOCH, metrics.STEPS, metrics.BEST_EPOCH)
+INTEGER_METRICS: tuple[str, ...] = (names.EPOCH, names.STEPS, names.BEST_EPOCH)
 """Metrics the trials report as ``int`` (MLflow returns every metric as a float)."""
-EVALUATION_ARTIFACT_DIR = "evaluation"
-"""Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
 _PAGE = 1000
 
 
@@ -73,7 +76,7 @@ class MlflowSweep:
         parent_run_id: the sweep's parent run.
     """
 
-    records: list[dict[str, Any]]
+    records: list[TrialRecord]
     run_ids: dict[str, str]
     parent_run_id: str
 
@@ -115,7 +118,7 @@ def read_sweep(tracking_uri: str, experiment: str, sweep: str) -> MlflowSweep:
         raise TableError(f"sweep {sweep!r}: its MLflow parent run {parent} has no trial runs yet; nothing to tabulate")
     children.sort(key=lambda r: (r.data.tags.get(RAY_TRIAL_ID_TAG, ""), r.info.start_time or 0))
     records = [_record(client, run) for run in children]
-    return MlflowSweep(records, {r["key"]: r["run_id"] for r in records}, parent)
+    return MlflowSweep(records, {r.key: r.run_id for r in records if r.run_id}, parent)
 
 
 def tables_from_mlflow(tracking_uri: str, experiment: str, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -164,24 +167,24 @@ def parse_param(text: str) -> Any:
     return value if isinstance(value, int | float | bool | type(None)) else text
 
 
-def _record(client, run) -> dict[str, Any]:
+def _record(client, run) -> TrialRecord:
     run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
     by_step = _values_by_step(client, run)
     final = by_step.pop(FINAL_STEP, {})
     final = final if FINAL_MARKER in final else {}  # without it the driver died while logging: not arrived
-    epochs = [{metrics.EPOCH: step, **values} for step, values in sorted(by_step.items())]
+    epochs = [{names.EPOCH: step, **values} for step, values in sorted(by_step.items())]
     finished = bool(final) and status != "FAILED"
-    return {
-        "key": tags[TRIAL_KEY_TAG],
-        "run_id": run_id,
-        "status": ("TERMINATED" if finished else "ERROR" if status == "FAILED"
-                   else "STOPPED" if status == "FINISHED" else "INCOMPLETE"),
-        "error": f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
-        "params": {k: parse_param(v) for k, v in run.data.params.items()},
-        "tags": dict(tags),
-        "final": final,
-        "epochs": epochs,
-    }
+    return TrialRecord(
+        key=tags[TRIAL_KEY_TAG],
+        run_id=run_id,
+        status=(TERMINATED if finished else ERROR if status == "FAILED"
+                else STOPPED if status == "FINISHED" else INCOMPLETE),
+        error=f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
+        params={k: parse_param(v) for k, v in run.data.params.items()},
+        tags=dict(tags),
+        final=final,
+        epochs=epochs,
+    )
 
 
 def _values_by_step(client, run) -> dict[int, dict[str, Any]]:
@@ -209,7 +212,7 @@ def _values_by_step(client, run) -> dict[int, dict[str, Any]]:
 
 def _value(key: str, value: float) -> float | int:
     value = float(value)
-    if abs(value) >= STORED_INF:
+    if abs(value) >= STORED_INFINITY:
         return math.copysign(math.inf, value)
     if key in INTEGER_METRICS and value.is_integer():
         return int(value)

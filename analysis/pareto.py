@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.tables import FINISHED
-from trainables import metrics
+from trainables import names
 
 ELIGIBLE = "pareto_eligible"
 """Added column: True for a finished trial with every objective defined."""
@@ -45,7 +45,7 @@ class Objective:
     """One axis of the front: a numeric column and whether lower or higher values are better.
 
     Attributes:
-        column: a column of the trial table, usually a metric-name constant (`trainables.metrics`).
+        column: a column of the trial table, usually a metric-name constant (`trainables.names`).
         direction: ``"min"`` (lower is better) or ``"max"`` (higher is better).
     """
 
@@ -57,11 +57,11 @@ class Objective:
             raise ValueError(f"Objective {self.column!r}: direction must be 'min' or 'max', got {self.direction!r}")
 
 
-PRIVACY = Objective(metrics.EPSILON, "min")
+PRIVACY = Objective(names.EPSILON, "min")
 """Epsilon spent by the whole training run (``inf`` for the non-private baseline)."""
-UTILITY = Objective(metrics.TEST_AUROC_MACRO, "max")
+UTILITY = Objective(names.TEST_AUROC_MACRO, "max")
 """Macro test AUROC of the selected epoch's model."""
-FAIRNESS = Objective(metrics.auroc_gap("test", "age"), "min")
+FAIRNESS = Objective(names.auroc_gap("test", "age"), "min")
 """Max minus min subgroup macro test AUROC over the age groups."""
 STUDY_OBJECTIVES: tuple[Objective, ...] = (PRIVACY, UTILITY, FAIRNESS)
 

@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 from analysis.pareto import ON_FRONT, non_dominated
 from analysis.tables import FINISHED
 from analysis.views import STUDY_BINS, EpsilonBin
-from trainables import metrics
-from trainables.evaluate import names
+from trainables import names
 
 PNG_DPI = 110
 INF_SLOT = 3.0
@@ -51,18 +50,18 @@ def auroc_vs_epsilon(trials: pd.DataFrame, by: str = "init", save_to: str | Path
     non-private point stands alone in the inf slot.
     """
     return _metric_vs_epsilon(
-        trials, metrics.TEST_AUROC_MACRO, by, "macro test AUROC", "Test AUROC vs privacy budget",
+        trials, names.TEST_AUROC_MACRO, by, "macro test AUROC", "Test AUROC vs privacy budget",
         ci=(names.auroc_macro_ci("test", "low"), names.auroc_macro_ci("test", "high")), save_to=save_to,
     )
 
 
-def fairness_vs_epsilon(trials: pd.DataFrame, metric: str = metrics.auroc_gap("test", "age"), by: str = "init",
+def fairness_vs_epsilon(trials: pd.DataFrame, metric: str = names.auroc_gap("test", "age"), by: str = "init",
                         save_to: str | Path | None = None) -> Figure:
     """A fairness gap (default: age subgroup macro-AUROC gap on test) against spent epsilon per ``by`` value."""
     return _metric_vs_epsilon(trials, metric, by, metric, f"{metric} vs privacy budget", ci=None, save_to=save_to)
 
 
-def pareto_plot(front: pd.DataFrame, x: str = metrics.EPSILON, y: str = metrics.TEST_AUROC_MACRO,
+def pareto_plot(front: pd.DataFrame, x: str = names.EPSILON, y: str = names.TEST_AUROC_MACRO,
                 color_by: str = "init", save_to: str | Path | None = None) -> Figure:
     """Trials in the (``x``, ``y``) plane, front members filled and others hollow.
 
@@ -157,31 +156,31 @@ def epsilon_trajectories(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUD
     """
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.add_subplot()
-    needed = ["trial", metrics.EPOCH, metrics.EPSILON]
+    needed = ["trial", names.EPOCH, names.EPSILON]
     missing = [c for c in needed if c not in epochs]
     if missing:
         raise KeyError(f"epsilon_trajectories: epochs table lacks {missing}")
-    finite = epochs[np.isfinite(epochs[metrics.EPSILON].to_numpy(dtype=float))]
+    finite = epochs[np.isfinite(epochs[names.EPSILON].to_numpy(dtype=float))]
     non_private = epochs.loc[~epochs["trial"].isin(finite["trial"]), "trial"].nunique()
     if finite.empty:
         return _empty(figure, ax, "no private trial", save_to)
     colour_values = sorted(finite[color_by].unique()) if color_by in finite else []
     style_values = sorted(finite[style_by].astype(str).unique()) if style_by in finite else []
-    for index, (trial, rows) in enumerate(finite.sort_values(metrics.EPOCH).groupby("trial", sort=True)):
+    for index, (trial, rows) in enumerate(finite.sort_values(names.EPOCH).groupby("trial", sort=True)):
         colour = f"C{colour_values.index(rows[color_by].iloc[0])}" if colour_values else f"C{index}"
         style = _LINESTYLES[style_values.index(str(rows[style_by].iloc[0])) % len(_LINESTYLES)] if style_values else "-"
-        ax.plot(rows[metrics.EPOCH], rows[metrics.EPSILON], color=colour, ls=style, lw=1.4, alpha=0.85,
+        ax.plot(rows[names.EPOCH], rows[names.EPSILON], color=colour, ls=style, lw=1.4, alpha=0.85,
                 marker=_MARKERS[style_values.index(str(rows[style_by].iloc[0])) % len(_MARKERS)] if style_values
                 else "o", ms=4, label=trial)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    top = float(finite[metrics.EPSILON].max())
+    top = float(finite[names.EPSILON].max())
     for edge in sorted({b.high for b in bins if math.isfinite(b.high)}):
         if edge <= top * 1.5:
             ax.axhline(edge, color="0.5", ls=":", lw=1)
             ax.annotate(f"eps = {edge:g}", (1, edge), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                         fontsize=7, color="0.4")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metrics.EPSILON} (spent so far)")
+    ax.set_ylabel(f"{names.EPSILON} (spent so far)")
     title = "Privacy spent per epoch"
     ax.set_title(title + (f" ({non_private} non-private trial(s) not shown)" if non_private else ""), fontsize=10)
     ax.grid(alpha=0.3)
@@ -223,26 +222,26 @@ def _metric_vs_epsilon(trials: pd.DataFrame, metric: str, by: str, ylabel: str, 
                        ci: tuple[str, str] | None, save_to: str | Path | None) -> Figure:
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.add_subplot()
-    for column in ("status", by, metrics.EPSILON, metric):
+    for column in ("status", by, names.EPSILON, metric):
         if column not in trials:
             raise KeyError(f"{title}: trial table lacks column {column!r}")
-    finished = trials[(trials["status"] == FINISHED) & trials[[metrics.EPSILON, metric]].notna().all(axis=1)]
+    finished = trials[(trials["status"] == FINISHED) & trials[[names.EPSILON, metric]].notna().all(axis=1)]
     if finished.empty:
         return _empty(figure, ax, "no finished trial", save_to)
-    positions = _EpsilonAxis(finished[metrics.EPSILON])
+    positions = _EpsilonAxis(finished[names.EPSILON])
     for index, (group, rows) in enumerate(finished.groupby(by, sort=True)):
-        rows = rows.sort_values([metrics.EPSILON, "trial"], kind="stable")
-        xs, ys = positions(rows[metrics.EPSILON]), rows[metric].to_numpy(dtype=float)
+        rows = rows.sort_values([names.EPSILON, "trial"], kind="stable")
+        xs, ys = positions(rows[names.EPSILON]), rows[metric].to_numpy(dtype=float)
         colour, marker = f"C{index}", _MARKERS[index % len(_MARKERS)]
         if ci is not None and all(c in rows for c in ci):
             low, high = rows[ci[0]].to_numpy(dtype=float), rows[ci[1]].to_numpy(dtype=float)
             ax.errorbar(xs, ys, yerr=np.vstack([ys - low, high - ys]), fmt="none", ecolor=colour, alpha=0.6,
                         capsize=3)
-        private = np.isfinite(rows[metrics.EPSILON].to_numpy(dtype=float))
+        private = np.isfinite(rows[names.EPSILON].to_numpy(dtype=float))
         ax.plot(xs[private], ys[private], color=colour, lw=1.2)
         ax.scatter(xs, ys, color=colour, marker=marker, s=40, label=str(group), zorder=3)
     positions.decorate(ax)
-    ax.set_xlabel(f"{metrics.EPSILON} spent (log scale)")
+    ax.set_xlabel(f"{names.EPSILON} spent (log scale)")
     ax.set_ylabel(ylabel + (" (95% bootstrap CI)" if ci else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import pareto, plots, views
 from analysis.tables import FINISHED, SweepTables, TableError, load_tables
-from trainables import metrics
+from trainables import names
 
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
@@ -128,12 +128,12 @@ def _binned_auroc(page: _Page, tables: SweepTables) -> None:
     page.note(
         "Bins of <em>spent</em> epsilon: (0, 1], (1, 3], (3, 10] and the non-private baseline (inf). Every "
         "epoch's checkpoint counts, binned by the epsilon spent when it was written. Per trial and bin the epoch "
-        f"with the best validation macro AUROC (<code>{metrics.VAL_AUROC_MACRO}</code>) among the epochs in the "
-        f"bin is chosen, and its test AUROC (<code>{metrics.TEST_AUROC_MACRO_AT_EPOCH}</code>) is reported; when "
+        f"with the best validation macro AUROC (<code>{names.VAL_AUROC_MACRO}</code>) among the epochs in the "
+        f"bin is chosen, and its test AUROC (<code>{names.TEST_AUROC_MACRO_AT_EPOCH}</code>) is reported; when "
         "several trials fall in one cell, the one with the best validation AUROC. Test AUROC never selects."
     )
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
-    page.table(views.bin_table(binned, metrics.TEST_AUROC_MACRO_AT_EPOCH))
+    page.table(views.bin_table(binned, names.TEST_AUROC_MACRO_AT_EPOCH))
     page.note("Chosen trial and epoch per cell:")
     page.table(binned, index=False)
 
@@ -143,7 +143,7 @@ def _binned_fairness(page: _Page, tables: SweepTables) -> None:
     attributes = views.per_epoch_fairness_attributes(tables.epochs)
     if not attributes:
         page.note(
-            f"The epoch table has no per-epoch fairness gaps (<code>{metrics.auroc_gap_at_epoch('&lt;attribute&gt;')}"
+            f"The epoch table has no per-epoch fairness gaps (<code>{names.auroc_gap_at_epoch('&lt;attribute&gt;')}"
             "</code>): the trials did not report them (they need <code>evaluation.test_every_epoch: true</code> "
             "and a dpsweep version that reports them)."
         )
@@ -157,7 +157,7 @@ def _binned_fairness(page: _Page, tables: SweepTables) -> None:
     binned = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes)
     for attribute in attributes:
         page.note(f"Attribute <b>{html.escape(attribute)}</b>:")
-        page.table(views.bin_table(binned, metrics.auroc_gap_at_epoch(attribute)))
+        page.table(views.bin_table(binned, names.auroc_gap_at_epoch(attribute)))
 
 
 def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> None:
@@ -165,7 +165,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
     page.heading("Final models: the trial reported per cell")
     page.note(
         "The final-model tables use each trial's end-of-training evaluation (the epoch its training selected on "
-        f"validation), binned by the epsilon spent by the whole run (<code>{metrics.EPSILON}</code>). Per cell "
+        f"validation), binned by the epsilon spent by the whole run (<code>{names.EPSILON}</code>). Per cell "
         "(model, training dataset, init, bin) the trial with the best validation AUROC at its selected epoch is shown."
     )
     page.table(selection, index=False)

@@ -1,7 +1,7 @@
 """The trial and epoch tables: one schema, one row per trial (or per trial epoch), with provenance.
 
 Both sources of a sweep's results give these tables through `build_tables`: Ray's results
-(`sweeps.launch`) and the MLflow tracking store (`analysis.mlflow_source`).
+(`sweeps.results`) and the MLflow tracking store (`analysis.mlflow_source`).
 
 ``trials.parquet`` columns: ``trial`` (the grid point's key), ``status`` (TERMINATED: final report received;
 STOPPED: stopped early by ASHA, epsilon and steps of its last epoch; ERROR: failed; INCOMPLETE: pending or
@@ -18,65 +18,84 @@ per-epoch metrics (``epoch``, ``privacy/epsilon``, ``val/auroc_macro``, ...).
 from __future__ import annotations
 
 import json
-import subprocess
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-TRIALS_FILE = "trials.parquet"
-EPOCHS_FILE = "epochs.parquet"
-PROVENANCE_PACKAGES = ("torch", "opacus", "timm", "ray", "mlflow", "numpy", "scikit-learn")
+from trainables.errors import UserError
+from trainables.names import (
+    BOOTSTRAP_FILE,
+    EPOCHS_FILE,
+    EPSILON,
+    FINAL_FILE,
+    GROUPS_FILE,
+    RAY_PARAMS_FILE,
+    RELEASED_STEPS,
+    STEPS,
+    STOPPED,
+    TAG_PREFIX,
+    TERMINATED,
+    TRIALS_FILE,
+)
+from trainables.provenance import version_keys
+
 EPOCH_ID_COLUMNS = ("trial", "model", "dataset", "init", "target_epsilon", "max_grad_norm", "lr", "seed")
+FINISHED = TERMINATED
+"""``status`` of a trial that ran to the end and reported its final metrics."""
 
 
-def provenance() -> dict[str, str]:
-    """Git commit of the code (``unknown`` outside a checkout; ``-dirty`` suffix with local changes) and
-    versions of the libraries that determine results."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    info = {"git_commit": commit}
-    for package in PROVENANCE_PACKAGES:
-        try:
-            info[f"{package.replace('-', '_')}_version"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[f"{package.replace('-', '_')}_version"] = "missing"
-    return info
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as both sources (Ray's results, the MLflow store) give it to `build_tables`.
+
+    Attributes:
+        key: the trial key (``<init>-eps<eps>-clip<C>-lr<lr>-seed<seed>``).
+        status: TERMINATED, STOPPED, ERROR or INCOMPLETE (`trainables.names`).
+        params: the trial's parameters (its MLflow params: `TrialConfig.to_flat` plus n_train, search, ...).
+        tags: its MLflow tags (provenance, privacy unit, ...).
+        final: final-report metrics (empty unless TERMINATED).
+        epochs: one dict of metrics per reported epoch.
+        error: what failed, for ERROR trials.
+        run_id: its MLflow child run, when known.
+    """
+
+    key: str
+    status: str
+    params: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    run_id: str | None = None
 
 
-def build_tables(records: list[dict[str, Any]], mlflow_runs: dict[str, str] | None = None
+def build_tables(records: list[TrialRecord], mlflow_runs: dict[str, str] | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Trial and epoch tables from plain trial records.
+    """Trial and epoch tables from trial records.
 
     Args:
-        records: one dict per trial with ``key``, ``status``, ``error``, ``params``, ``tags``, ``final``
-            (final metrics, empty if unfinished) and ``epochs`` (list of per-epoch metric dicts).
+        records: one `TrialRecord` per trial.
         mlflow_runs: trial key -> MLflow run id.
     """
     mlflow_runs = mlflow_runs or {}
     trial_rows, epoch_rows = [], []
     for record in records:
-        tags = {k.removeprefix("dpsweep."): v for k, v in record.get("tags", {}).items()}
-        row = {"trial": record["key"], "status": record["status"], "error": record.get("error"),
-               "mlflow_run_id": mlflow_runs.get(record["key"]), **record["params"],
-               **{k: tags[k] for k in ("git_commit", *_version_keys()) if k in tags}}
-        row.update({k: v for k, v in record.get("final", {}).items() if _is_metric(k)})
-        if record["status"] == STOPPED and record.get("epochs"):
+        tags = {k.removeprefix(TAG_PREFIX): v for k, v in record.tags.items()}
+        row = {"trial": record.key, "status": record.status, "error": record.error,
+               "mlflow_run_id": mlflow_runs.get(record.key), **record.params,
+               **{k: tags[k] for k in ("git_commit", *version_keys()) if k in tags}}
+        row.update({k: v for k, v in record.final.items() if _is_metric(k)})
+        last = max(record.epochs, key=lambda epoch: epoch.get("epoch", 0)) if record.epochs else {}
+        if record.status == STOPPED and last:
             # Stopped early (no final report): the privacy it spent is its last epoch's.
-            last = max(record["epochs"], key=lambda epoch: epoch.get("epoch", 0))
-            row.update({k: last[k] for k in ("privacy/epsilon", "privacy/steps") if k in last})
+            row.update({k: last[k] for k in (EPSILON, STEPS) if k in last})
+        # What it released so far was computed from this many steps (a failed or unfinished trial included).
+        row[RELEASED_STEPS] = int(record.final.get(STEPS, last.get(STEPS, 0)) or 0)
         trial_rows.append(row)
         ids = {c: row.get(c) for c in EPOCH_ID_COLUMNS}
-        for epoch in record.get("epochs", []):
+        for epoch in record.epochs:
             epoch_rows.append({**ids, **{k: v for k, v in epoch.items() if _is_metric(k)}})
     trials = pd.DataFrame(trial_rows)
     epochs = pd.DataFrame(epoch_rows, columns=None if epoch_rows else list(EPOCH_ID_COLUMNS))
@@ -88,10 +107,6 @@ def build_tables(records: list[dict[str, Any]], mlflow_runs: dict[str, str] | No
     return trials.reset_index(drop=True), epochs.reset_index(drop=True)
 
 
-def _version_keys() -> tuple[str, ...]:
-    return tuple(f"{p.replace('-', '_')}_version" for p in PROVENANCE_PACKAGES)
-
-
 def _is_metric(key: str) -> bool:
     """Our metric names (``split/family/name`` and ``epoch``), not Ray's flattened ``config/...`` keys."""
     return ("/" in key and not key.startswith("config/")) or key == "epoch"
@@ -100,18 +115,9 @@ def _is_metric(key: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Reading a finished sweep back: the two sweep tables plus the per-trial evaluation tables.
 
-GROUPS_FILE = "groups.parquet"
-BOOTSTRAP_FILE = "bootstrap.parquet"
-FINAL_CHECKPOINT_FILE = "final.json"  # `trainables.trial.FINAL_FILE`; a checkpoint holding it is a trial's last
-RAY_PARAMS_FILE = "params.json"
-FINISHED = "TERMINATED"
-"""``status`` of a trial that ran to the end and reported its final metrics."""
-STOPPED = "STOPPED"
-"""``status`` of a trial the scheduler (ASHA) stopped early: no final evaluation; its epsilon and steps are its
-last epoch's."""
 
 
-class TableError(ValueError):
+class TableError(UserError, ValueError):
     """A sweep's tables are missing, or not in the schema this module writes."""
 
 
@@ -229,13 +235,13 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
             raise TableError(f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial_dir.name}; "
                              "remove the stale folder (or re-run the sweep with --fresh)")
         seen[key] = trial_dir
-        finals = sorted(p.parent for p in trial_dir.glob(f"checkpoint_*/{FINAL_CHECKPOINT_FILE}"))
+        finals = sorted(p.parent for p in trial_dir.glob(f"checkpoint_*/{FINAL_FILE}"))
         if not finals:
             continue
         for file, frames in parts.items():
             path = finals[-1] / file
             if not path.is_file():
-                raise TableError(f"{finals[-1]} holds {FINAL_CHECKPOINT_FILE} but not {file}; the trial's final "
+                raise TableError(f"{finals[-1]} holds {FINAL_FILE} but not {file}; the trial's final "
                                  "checkpoint is incomplete: re-run that trial")
             table = pd.read_parquet(path)
             table.insert(0, "trial", key)

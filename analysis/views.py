@@ -39,8 +39,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from analysis.tables import FINISHED
-from trainables import metrics
-from trainables.evaluate import names
+from trainables import names
 from trainables.evaluate.bootstrap import paired_p_value
 from trainables.evaluate.fairness import ATTRIBUTES
 
@@ -51,7 +50,7 @@ CANDIDATE_EPOCHS = "candidate_epochs"
 DEFAULT_BY: tuple[str, ...] = ("model", "dataset", "init")
 """Cells of the study's tables: one per model, training dataset and init (and bin)."""
 FAIRNESS_EXTRAS: tuple[str, ...] = ("auroc_gap_label_mean", "worst_group_auroc")
-"""Fairness columns besides `trainables.evaluate.names.FAIRNESS_METRICS`."""
+"""Fairness columns besides `trainables.names.FAIRNESS_METRICS`."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def assign_bins(epsilon: ArrayLike, bins: Sequence[EpsilonBin] = STUDY_BINS) -> 
 
 
 def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS,
-                       values: Sequence[str] = (metrics.TEST_AUROC_MACRO_AT_EPOCH,)) -> pd.DataFrame:
+                       values: Sequence[str] = (names.TEST_AUROC_MACRO_AT_EPOCH,)) -> pd.DataFrame:
     """For each trial and bin, the epoch with the best validation AUROC among those spent within the bin.
 
     Epochs whose ``val/auroc_macro`` is NaN cannot be selected. Ties in validation AUROC go to the earliest
@@ -142,13 +141,13 @@ def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_
         ``privacy/epsilon``, ``val/auroc_macro``, the ``values`` columns of that epoch, and
         ``candidate_epochs`` (selectable epochs in the bin).
     """
-    columns = [TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO,
-               *(v for v in values if v not in (metrics.EPSILON, metrics.VAL_AUROC_MACRO))]
+    columns = [TRIAL, names.EPOCH, names.EPSILON, names.VAL_AUROC_MACRO,
+               *(v for v in values if v not in (names.EPSILON, names.VAL_AUROC_MACRO))]
     _require(epochs, columns, "epochs table", hint=_PER_EPOCH_HINTS)
     frame = epochs[columns].copy()
-    frame[BIN] = assign_bins(frame[metrics.EPSILON], bins)
-    frame = frame[frame[BIN].notna() & frame[metrics.VAL_AUROC_MACRO].notna()]
-    frame = frame.sort_values([TRIAL, BIN, metrics.VAL_AUROC_MACRO, metrics.EPOCH],
+    frame[BIN] = assign_bins(frame[names.EPSILON], bins)
+    frame = frame[frame[BIN].notna() & frame[names.VAL_AUROC_MACRO].notna()]
+    frame = frame.sort_values([TRIAL, BIN, names.VAL_AUROC_MACRO, names.EPOCH],
                               ascending=[True, True, False, True], kind="stable")
     keys = [TRIAL, BIN]
     best = frame.groupby(keys, observed=True, sort=False).head(1)
@@ -173,7 +172,7 @@ def auroc_by_bin(
         ``privacy/epsilon``, ``val/auroc_macro``, ``test/auroc_macro_at_epoch``, ``candidate_epochs`` (of
         the chosen trial) and ``candidate_trials``; sorted by ``by`` then bin.
     """
-    return epochs_by_bin(trials, epochs, (metrics.TEST_AUROC_MACRO_AT_EPOCH,), bins, by)
+    return epochs_by_bin(trials, epochs, (names.TEST_AUROC_MACRO_AT_EPOCH,), bins, by)
 
 
 def epochs_by_bin(
@@ -198,16 +197,16 @@ def epochs_by_bin(
     finished = _finished(trials, by)
     best = best_epochs_by_bin(epochs[epochs[TRIAL].isin(finished[TRIAL])], bins, values)
     frame = best.merge(finished[[TRIAL, *by]], on=TRIAL, how="inner")
-    reported = [v for v in values if v not in (metrics.EPSILON, metrics.VAL_AUROC_MACRO)]
-    return _choose(frame, [*by, BIN], score=metrics.VAL_AUROC_MACRO)[
-        [*by, BIN, TRIAL, metrics.EPOCH, metrics.EPSILON, metrics.VAL_AUROC_MACRO, *reported, CANDIDATE_EPOCHS,
+    reported = [v for v in values if v not in (names.EPSILON, names.VAL_AUROC_MACRO)]
+    return _choose(frame, [*by, BIN], score=names.VAL_AUROC_MACRO)[
+        [*by, BIN, TRIAL, names.EPOCH, names.EPSILON, names.VAL_AUROC_MACRO, *reported, CANDIDATE_EPOCHS,
          CANDIDATE_TRIALS]
     ]
 
 
 def per_epoch_fairness_attributes(epochs: pd.DataFrame) -> list[str]:
     """Attributes with a per-epoch test AUROC gap column in ``epochs``, in `ATTRIBUTES` order."""
-    return [a for a in ATTRIBUTES if metrics.auroc_gap_at_epoch(a) in epochs.columns]
+    return [a for a in ATTRIBUTES if names.auroc_gap_at_epoch(a) in epochs.columns]
 
 
 def fairness_gap_by_bin(
@@ -241,13 +240,13 @@ def fairness_gap_by_bin(
     """
     attributes = list(per_epoch_fairness_attributes(epochs) if attributes is None else attributes)
     if not attributes:
-        raise KeyError(f"epochs table: no per-epoch fairness gap columns ({metrics.auroc_gap_at_epoch('<attribute>')}"
+        raise KeyError(f"epochs table: no per-epoch fairness gap columns ({names.auroc_gap_at_epoch('<attribute>')}"
                        f" for an attribute of {ATTRIBUTES}); {_PER_EPOCH_HINTS['fairness']}")
-    values = [metrics.TEST_AUROC_MACRO_AT_EPOCH] if metrics.TEST_AUROC_MACRO_AT_EPOCH in epochs.columns else []
+    values = [names.TEST_AUROC_MACRO_AT_EPOCH] if names.TEST_AUROC_MACRO_AT_EPOCH in epochs.columns else []
     for attribute in attributes:
-        values.append(metrics.auroc_gap_at_epoch(attribute))
-        if metrics.auroc_gap("val", attribute) in epochs.columns:
-            values.append(metrics.auroc_gap("val", attribute))
+        values.append(names.auroc_gap_at_epoch(attribute))
+        if names.auroc_gap("val", attribute) in epochs.columns:
+            values.append(names.auroc_gap("val", attribute))
     missing = [v for v in values if v not in epochs.columns]
     if missing:
         raise KeyError(f"epochs table: missing column(s) {missing}; {_PER_EPOCH_HINTS['fairness']}")
@@ -281,20 +280,20 @@ def final_selection(
         One row per non-empty cell: the ``by`` columns, ``bin``, ``trial``, ``privacy/epsilon``,
         ``val/best_epoch``, ``val/auroc_macro`` and ``candidate_trials``; sorted by ``by`` then bin.
     """
-    finished = _finished(trials, by, extra=(metrics.EPSILON,))
-    frame = finished[[TRIAL, *by, metrics.EPSILON]].copy()
-    frame[BIN] = assign_bins(frame[metrics.EPSILON], bins)
+    finished = _finished(trials, by, extra=(names.EPSILON,))
+    frame = finished[[TRIAL, *by, names.EPSILON]].copy()
+    frame[BIN] = assign_bins(frame[names.EPSILON], bins)
     frame = frame[frame[BIN].notna()]
-    if metrics.BEST_EPOCH in finished.columns and {TRIAL, metrics.EPOCH, metrics.VAL_AUROC_MACRO} <= set(epochs):
-        best = finished[[TRIAL, metrics.BEST_EPOCH]].dropna()
-        scores = best.merge(epochs[[TRIAL, metrics.EPOCH, metrics.VAL_AUROC_MACRO]],
-                            left_on=[TRIAL, metrics.BEST_EPOCH], right_on=[TRIAL, metrics.EPOCH], how="inner")
-        frame = frame.merge(scores[[TRIAL, metrics.BEST_EPOCH, metrics.VAL_AUROC_MACRO]], on=TRIAL, how="left")
+    if names.BEST_EPOCH in finished.columns and {TRIAL, names.EPOCH, names.VAL_AUROC_MACRO} <= set(epochs):
+        best = finished[[TRIAL, names.BEST_EPOCH]].dropna()
+        scores = best.merge(epochs[[TRIAL, names.EPOCH, names.VAL_AUROC_MACRO]],
+                            left_on=[TRIAL, names.BEST_EPOCH], right_on=[TRIAL, names.EPOCH], how="inner")
+        frame = frame.merge(scores[[TRIAL, names.BEST_EPOCH, names.VAL_AUROC_MACRO]], on=TRIAL, how="left")
     else:
-        frame[metrics.BEST_EPOCH] = np.nan
-        frame[metrics.VAL_AUROC_MACRO] = np.nan
-    return _choose(frame, [*by, BIN], score=metrics.VAL_AUROC_MACRO)[
-        [*by, BIN, TRIAL, metrics.EPSILON, metrics.BEST_EPOCH, metrics.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
+        frame[names.BEST_EPOCH] = np.nan
+        frame[names.VAL_AUROC_MACRO] = np.nan
+    return _choose(frame, [*by, BIN], score=names.VAL_AUROC_MACRO)[
+        [*by, BIN, TRIAL, names.EPSILON, names.BEST_EPOCH, names.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
     ]
 
 
@@ -304,7 +303,7 @@ def external_datasets(trials: pd.DataFrame) -> list[str]:
     for column in trials.columns:
         if column.startswith("external/"):
             name = column.removeprefix("external/").rpartition("/")[0]
-            if name and metrics.external_auroc(name) == column:
+            if name and names.external_auroc(name) == column:
                 found.append(name)
     return found
 
@@ -321,18 +320,18 @@ def external_auroc_matrix(trials: pd.DataFrame, selection: pd.DataFrame) -> pd.D
         ``"test dataset"``): training datasets first, then the other external sets. The on-domain entry
         (test dataset = training dataset) is ``test/auroc_macro``; a dataset a trial was not tested on is NaN.
     """
-    _require(trials, [TRIAL, "dataset", metrics.TEST_AUROC_MACRO], "trial table")
+    _require(trials, [TRIAL, "dataset", names.TEST_AUROC_MACRO], "trial table")
     cells = _cell_columns(selection)
     if "dataset" not in cells:
         raise ValueError("external_auroc_matrix: the selection must have a 'dataset' cell column (by=('dataset', ...))")
     rows = selection[[*cells, TRIAL]].merge(
-        trials[[TRIAL, metrics.TEST_AUROC_MACRO, *(metrics.external_auroc(d) for d in external_datasets(trials))]],
+        trials[[TRIAL, names.TEST_AUROC_MACRO, *(names.external_auroc(d) for d in external_datasets(trials))]],
         on=TRIAL, how="left")
     test_sets = list(dict.fromkeys([*selection["dataset"].astype(str), *external_datasets(trials)]))
     values = np.full((len(rows), len(test_sets)), np.nan)
-    on_domain = rows[metrics.TEST_AUROC_MACRO].to_numpy(dtype=float)
+    on_domain = rows[names.TEST_AUROC_MACRO].to_numpy(dtype=float)
     for j, test_set in enumerate(test_sets):
-        column = metrics.external_auroc(test_set)
+        column = names.external_auroc(test_set)
         external = rows[column].to_numpy(dtype=float) if column in rows else np.full(len(rows), np.nan)
         values[:, j] = np.where(rows["dataset"].astype(str) == test_set, on_domain, external)
     matrix = pd.DataFrame(values, index=pd.MultiIndex.from_frame(rows[[*cells, TRIAL]]), columns=test_sets)
@@ -361,7 +360,7 @@ def subgroup_auroc_table(trials: pd.DataFrame, selection: pd.DataFrame, split: s
 def fairness_table(trials: pd.DataFrame, selection: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Label-averaged fairness gaps per attribute for each selected trial.
 
-    Columns are a MultiIndex (attribute, metric): every family of `trainables.evaluate.names.FAIRNESS_METRICS`
+    Columns are a MultiIndex (attribute, metric): every family of `trainables.names.FAIRNESS_METRICS`
     (``auroc_gap`` is the gap of the groups' *macro* AUROC; the others are per-label gaps averaged over
     labels; definitions in `trainables.evaluate.fairness`), then ``auroc_gap_label_mean`` and
     ``worst_group_auroc``. Columns absent from the trial table are left out.
@@ -485,7 +484,7 @@ def _cell_columns(selection: pd.DataFrame) -> list[str]:
 
 def _choose(frame: pd.DataFrame, cell: list[str], score: str) -> pd.DataFrame:
     """Per cell, the row with the highest ``score`` (NaN last); ties: lower epsilon, then trial key."""
-    ordered = frame.sort_values([*cell, score, metrics.EPSILON, TRIAL],
+    ordered = frame.sort_values([*cell, score, names.EPSILON, TRIAL],
                                 ascending=[True] * len(cell) + [False, True, True], na_position="last",
                                 kind="stable")
     counts = frame.groupby(cell, observed=True, dropna=False).size().rename(CANDIDATE_TRIALS).reset_index()
@@ -500,7 +499,7 @@ def _finished(trials: pd.DataFrame, by: Sequence[str], extra: Sequence[str] = ()
 
 
 _PER_EPOCH_HINTS = {
-    metrics.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`",
+    names.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`",
     "fairness": "per-epoch fairness gaps are reported by trials run with `evaluation.test_every_epoch: true` "
                 "on a dpsweep version that reports them; rebuild the tables with `dpsweep table`",
 }

@@ -20,17 +20,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import resolve_init
+from trainables.names import MANIFEST_FILE, dataset_dir
 from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
 from trainables.train import train_trial
 
 
 def run(model: str, size: int, images: int, epsilon: float, epochs: int, batch: int, root: Path) -> dict:
     prepare_synthetic("synthetic-a", root, size=size, n_images=images)
-    manifest = pd.read_parquet(root / "synthetic-a" / str(size) / "manifest.parquet", columns=["split"])
+    manifest = pd.read_parquet(dataset_dir(root, "synthetic-a", size) / MANIFEST_FILE, columns=["split"])
     n_train = int((manifest["split"] == "train").sum())
     q, steps = sample_rate_and_steps(n_train, batch, epochs)
     sigma = calibrate_noise_multiplier(epsilon, 1e-5, q, steps) if math.isfinite(epsilon) else 0.0

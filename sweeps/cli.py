@@ -1,21 +1,20 @@
-"""`dpsweep` command line: sweep, plan, pretrain, prepare, ui.
+"""`dpsweep` command line: sweep, pretrain, prepare, table, report, ui.
 
-User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters) print one clear
-message and exit with status 2, before Ray or any trial starts.
+User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters: every
+`trainables.errors.UserError`) print one clear message and exit with status 2, before Ray or any trial starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
-import pandas as pd
+from trainables.errors import UserError
 
 DEFAULT_SPEC = "sweeps/smoke.yaml"
-TABLE_SOURCES = ("auto", "ray", "mlflow")
+TABLE_SOURCES = ("auto", "ray", "mlflow")  # sweeps.results.TABLE_SOURCES (not imported: keeps --help fast)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-class UserError(Exception):
-    pass
-
-
 def _spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"sweep file (default {DEFAULT_SPEC})")
     parser.add_argument("--runs", help="output folder (default: the spec's `runs`, or $DPSWEEP_RUNS)")
@@ -81,77 +76,40 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from sweeps.launch import SweepPaths
-    from sweeps.spec import SpecError, load_spec
+    from sweeps.plan import SweepPaths
+    from sweeps.spec import load_spec
 
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as error:
-        raise UserError(str(error)) from None
+    spec = load_spec(args.spec)
     return spec, SweepPaths.for_spec(spec, args.runs, args.data)
 
 
 def _sweep(args) -> int:
-    from sweeps.launch import dry_run_report, plan_sweep, run_sweep
-    from sweeps.spec import SpecError
+    from sweeps.launch import run_sweep
+    from sweeps.plan import dry_run_report, plan_sweep
+    from sweeps.results import summary_text
 
     spec, paths = _load(args)
-    try:
-        if args.dry_run:
-            print(dry_run_report(plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)))
-            return 0
-        trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
-    except SpecError as error:
-        raise UserError(str(error)) from None
-    print_summary(trials, paths.sweep_dir(spec), paths.tracking_uri)
+    if args.dry_run:
+        print(dry_run_report(plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)))
+        return 0
+    trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
+    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri))
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
 
 
-def print_summary(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> None:
-    from trainables import metrics as M
-
-    columns = {"trial": "trial", "status": "status", "target_epsilon": "eps target", M.EPSILON: "eps spent",
-               "noise_multiplier": "sigma", M.VAL_SELECTED_AUROC_MACRO: "val AUROC", M.TEST_AUROC_MACRO: "test AUROC",
-               M.auroc_gap("test", "age"): "age gap", M.auroc_gap("test", "sex"): "sex gap"}
-    external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
-    columns.update({c: c.split("/")[1] for c in external})
-    table = trials[[c for c in columns if c in trials.columns]].rename(columns=columns)
-    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-        print(table.to_string(index=False))
-    print(f"\ntables: {sweep_dir / 'trials.parquet'}, {sweep_dir / 'epochs.parquet'}")
-    print(f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)")
-    from sweeps.launch import adaptive_tuning_bounds, tuning_costs
-
-    costs = tuning_costs(trials)
-    adaptive = adaptive_tuning_bounds(trials)
-    for dataset, cost in costs.items():
-        where = f" on {dataset}" if len(costs) > 1 else ""
-        print(f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
-              f"{cost.sentence}")
-        if dataset in adaptive:
-            print(f"  Optuna chose trials adaptively; the bound that covers that: {adaptive[dataset]}")
-    if M.EPSILON in trials:
-        private = trials[trials["target_epsilon"].map(math.isfinite)]
-        over = private[private[M.EPSILON] > private["target_epsilon"]]
-        if len(over):
-            print(f"WARNING: {len(over)} trials spent more epsilon than their target")
-
-
 def _pretrain(args) -> int:
-    from sweeps.launch import ensure_pretrained
-    from sweeps.spec import SpecError
+    from sweeps.plan import ensure_pretrained
+    from trainables.data.registry import ensure_prepared
 
     spec, paths = _load(args)
     if spec.pretrain is None:
         raise UserError(f"{spec.source} has no `pretrain:` section")
     try:
-        from trainables.data.registry import ensure_prepared
-
         ensure_prepared(spec.pretrain.dataset, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
-        for model in spec.models:
-            print(ensure_pretrained(spec, paths, model))
-    except (SpecError, FileNotFoundError, ValueError) as error:
-        raise UserError(str(error)) from None
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"{spec.source}: pretrain.dataset: {error}") from None
+    for model in spec.models:
+        print(ensure_pretrained(spec, paths, model))
     return 0
 
 
@@ -177,60 +135,25 @@ def _prepare(args) -> int:
 
 
 def _table(args) -> int:
-    from analysis.tables import TableError
-    from sweeps.spec import SpecError
+    from sweeps.results import rebuild_tables, summary_text
 
     spec, paths = _load(args)
-    experiment_dir = paths.ray_storage / spec.name
-    source = args.source
-    if source == "auto":
-        source = "ray" if experiment_dir.is_dir() else "mlflow"
-    try:
-        if source == "ray":
-            from sweeps.launch import rebuild_tables
-
-            trials, epochs = rebuild_tables(spec, paths)
-            origin = f"Ray results at {experiment_dir}"
-        else:
-            trials, epochs = _tables_from_mlflow(spec, paths)
-            origin = f"MLflow runs at {paths.tracking_uri} (experiment {spec.tracking.experiment or spec.name!r})"
-    except (SpecError, TableError) as error:
-        raise UserError(str(error)) from None
-    print_summary(trials, paths.sweep_dir(spec), paths.tracking_uri)
+    trials, epochs, origin = rebuild_tables(spec, paths, args.source)
+    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri))
     print(f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, "
           f"from {origin}")
     return 0
 
 
-def _tables_from_mlflow(spec, paths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Trial and epoch tables (and the finished trials' evaluation tables) from the sweep's MLflow runs alone."""
-    from analysis.mlflow_source import evaluation_tables_from_mlflow, read_sweep
-    from analysis.tables import FINISHED, build_tables, write_sweep_tables
-
-    found = read_sweep(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name)
-    trials, epochs = build_tables(found.records, found.run_ids)
-    done = trials[trials["status"] == FINISHED]
-    finished = dict(zip(done["trial"], done["mlflow_run_id"], strict=True))
-    evaluation = evaluation_tables_from_mlflow(paths.tracking_uri, finished) if finished else None
-    if evaluation is not None and (evaluation.groups.empty or evaluation.bootstrap.empty):
-        evaluation = None  # no finished run logged its evaluation artifacts
-    write_sweep_tables(paths.sweep_dir(spec), trials, epochs, evaluation)
-    return trials, epochs
-
-
 def _report(args) -> int:
     from analysis.report import write_report
-    from analysis.tables import TableError
 
     spec, paths = _load(args)
     sweep_dir = paths.sweep_dir(spec)
     if not (sweep_dir / "trials.parquet").exists():
         raise UserError(f"no trial table at {sweep_dir / 'trials.parquet'}; run `dpsweep sweep {args.spec}` first")
-    try:
-        ray_dir = paths.ray_storage / spec.name  # absent for tables rebuilt from MLflow alone
-        index = write_report(sweep_dir, ray_experiment_dir=ray_dir if ray_dir.is_dir() else None)
-    except TableError as error:
-        raise UserError(str(error)) from None
+    ray_dir = paths.ray_experiment(spec)  # absent for tables rebuilt from MLflow alone
+    index = write_report(sweep_dir, ray_experiment_dir=ray_dir if ray_dir.is_dir() else None)
     print(f"report: {index}")
     return 0
 

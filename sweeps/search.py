@@ -33,7 +33,7 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.trial import is_final_report
 
@@ -72,8 +72,8 @@ class Ranges:
     noise_multiplier: tuple[float, ...]
     expected_batch_size: tuple[int, ...]
     epochs: tuple[int, ...]
-    learning_rate: tuple[float, ...]
-    clip_norm: tuple[float, ...]
+    lr: tuple[float, ...]
+    max_grad_norm: tuple[float, ...]
 
 
 class FeasibleOptunaSearch(OptunaSearch):
@@ -91,11 +91,11 @@ class FeasibleOptunaSearch(OptunaSearch):
         values = {
             "expected_batch_size": _suggest(trial, "expected_batch_size", r.expected_batch_size, log=True),
             "epochs": _suggest(trial, "epochs", r.epochs, log=False),
-            "lr": _suggest(trial, "lr", r.learning_rate, log=True),
+            "lr": _suggest(trial, "lr", r.lr, log=True),
         }
         if private:
             values["noise_multiplier"] = _suggest(trial, "noise_multiplier", r.noise_multiplier, log=True)
-            values["max_grad_norm"] = _suggest(trial, "max_grad_norm", r.clip_norm, log=True)
+            values["max_grad_norm"] = _suggest(trial, "max_grad_norm", r.max_grad_norm, log=True)
         return values
 
     def planned_epsilon(self, proposal: dict[str, Any]) -> float:

@@ -1,9 +1,15 @@
 """SweepSpec: the sweep file's schema, validated at the edge, and its expansion into trial grid points.
 
-A sweep file is YAML with the sections below (every key optional unless marked required; see
-``docs/sweep-spec.md`` for the reference). Any problem raises `SpecError` naming the field path, the value
-and the fix, before Ray or any trial starts. Checks that need the data (delta < 1/N) or the weights
-(missing checkpoint files) run in `sweeps.launch.plan_sweep`, still before any trial.
+A sweep file is YAML (reference: ``docs/sweep-spec.md``). Its sections reuse the trial's own config classes, so
+a setting has one name from the YAML to the optimizer: ``privacy:`` is a `PrivacyConfig` whose grid axes
+``target_epsilon`` and ``max_grad_norm`` are lists, ``speed:`` a `SpeedConfig`, ``pretrain:`` a `PretrainConfig`;
+``training.lr`` and ``training.seed`` are the grid axes of `TrialConfig.lr` and `TrialConfig.seed`; each
+``optuna:`` range is named after the field it searches. Closed sets are the `Literal` types of
+`trainables.config`, checked in one place (`_coerce`).
+
+Any problem raises `SpecError` naming the field path, the value and the fix, before Ray or any trial starts.
+Checks that need the data (delta < 1/N) or the weights (missing checkpoint files) run in `sweeps.plan`, still
+before any trial.
 """
 
 from __future__ import annotations
@@ -11,25 +17,31 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from trainables.privacy.accounting import ACCOUNTANTS
-from trainables.privacy.engine import GRAD_SAMPLE_MODES
+from trainables.config import PretrainConfig, PrivacyConfig, SpeedConfig
+from trainables.errors import UserError
 
-SEARCH_MODES = ("grid", "optuna")
-OBJECTIVES = ("auroc", "auroc_gap_sex", "auroc_gap_age")  # optuna objectives (validation split, selected epoch)
-OPTUNA_SAMPLERS = ("tpe", "random")
-EARLY_STOPPING = ("asha",)
-PRIVACY_UNITS = ("image",)
-POS_WEIGHTS = ("uniform", "train")
-MODEL_SELECTIONS = ("best_val", "last")
+SearchMode = Literal["grid", "optuna"]
+Objective = Literal["auroc", "auroc_gap_sex", "auroc_gap_age"]  # validation split, selected epoch
+OptunaSampler = Literal["tpe", "random"]
+EarlyStoppingMethod = Literal["asha"]
+
+RENAMED = {
+    "privacy.epsilons": "privacy.target_epsilon", "privacy.clip_norms": "privacy.max_grad_norm",
+    "training.learning_rates": "training.lr", "training.seeds": "training.seed",
+    "optuna.learning_rate": "optuna.lr", "optuna.clip_norm": "optuna.max_grad_norm",
+}
+"""Spellings of earlier versions: refused with the new name (every field is named after the setting it sets)."""
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A sweep file is invalid; the message names the field, the value and the fix."""
 
 
@@ -45,37 +57,12 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class PretrainSpec:
-    dataset: str
-    init: str = "random"
-    epochs: int = 4
-    lr: float = 1e-3
-    batch_size: int = 64
-    weight_decay: float = 0.01
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class PrivacySpec:
-    epsilons: tuple[float, ...]
-    delta: float = 6e-6
-    accountant: str = "rdp"
-    clip_norms: tuple[float, ...] = (1.0,)
-    clip_norms_by_model: dict[str, tuple[float, ...]] = field(default_factory=dict)  # `clip_norms` as a mapping
-    expected_batch_size: int = 32
-    epochs: int = 3
-    privacy_unit: str = "image"
-    secure_mode: bool = False
-    calibration_tolerance: float = 0.01
-
-
-@dataclass(frozen=True)
 class TrainingSpec:
-    learning_rates: tuple[float, ...] = (1e-3,)
+    """``training:`` besides its grid axes ``lr`` and ``seed`` (`GridAxes`); names are `TrialConfig`'s."""
+
     weight_decay: float = 0.01
-    seeds: tuple[int, ...] = (0,)
-    pos_weight: str = "uniform"
-    model_selection: str = "best_val"
+    pos_weight: Literal["uniform", "train"] = "uniform"
+    model_selection: Literal["best_val", "last"] = "best_val"
 
 
 @dataclass(frozen=True)
@@ -94,38 +81,32 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
-class SpeedSpec:
-    grad_sample_mode: str = "hooks"
-    device: str = "auto"
-    max_physical_batch_size: int = 64
-    threads: int = 1
-    eval_batch_size: int = 256
-
-
-@dataclass(frozen=True)
 class OptunaSpec:
     """`search: optuna`: per (model, dataset, init, target epsilon) cell, an Optuna study over these ranges.
 
-    Each range is ``[low, high]`` (searched; log scale for all but epochs) or ``[value]`` (fixed)."""
+    Each range is named after the trial field it sets and is ``[low, high]`` (searched; log scale for all but
+    epochs) or ``[value]`` (fixed)."""
 
     trials_per_target: int = 8
     max_concurrent: int = 2
-    objectives: tuple[str, ...] = ("auroc",)
+    objectives: tuple[Objective, ...] = ("auroc",)
     noise_multiplier: tuple[float, ...] = (0.3, 5.0)
     expected_batch_size: tuple[int, ...] = (16, 256)
     epochs: tuple[int, ...] = (1, 5)
-    learning_rate: tuple[float, ...] = (1e-4, 1e-2)
-    clip_norm: tuple[float, ...] = (0.5, 5.0)
-    sampler: str = "tpe"
+    lr: tuple[float, ...] = (1e-4, 1e-2)
+    max_grad_norm: tuple[float, ...] = (0.5, 5.0)
+    sampler: OptunaSampler = "tpe"
     seed: int = 0
     max_proposals: int = 200  # infeasible proposals tolerated per launched trial before giving up
+
+    RANGES = ("noise_multiplier", "expected_batch_size", "epochs", "lr", "max_grad_norm")
 
 
 @dataclass(frozen=True)
 class EarlyStoppingSpec:
     """ASHA on the per-epoch validation macro AUROC (off unless this section is given)."""
 
-    method: str = "asha"
+    method: EarlyStoppingMethod = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
 
@@ -137,41 +118,66 @@ class TrackingSpec:
 
 
 @dataclass(frozen=True)
+class GridAxes:
+    """The trial fields a grid sweeps, besides model, dataset and init: each named after the field it sets.
+
+    ``max_grad_norm`` maps every model to its clip norms (a YAML list applies to every model)."""
+
+    target_epsilon: tuple[float, ...]
+    max_grad_norm: dict[str, tuple[float, ...]]
+    lr: tuple[float, ...] = (1e-3,)
+    seed: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One trial of a grid: the values of every axis."""
+
+    model: str
+    dataset: str
+    init: str
+    target_epsilon: float
+    max_grad_norm: float
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class SweepSpec:
-    """A whole sweep. ``source`` is the file it came from (for messages and relative paths)."""
+    """A whole sweep. ``source`` is the file it came from (for messages and relative paths).
+
+    ``privacy`` is the sweep-wide `PrivacyConfig` (its ``target_epsilon`` and ``max_grad_norm`` are set per trial
+    from ``axes``); ``pretrain`` carries the data section's input normalization."""
 
     name: str
     data: DataSpec
     models: tuple[str, ...]  # YAML `model:` (one name or a list) or `models:`
     inits: tuple[str, ...]
-    privacy: PrivacySpec
+    privacy: PrivacyConfig
+    axes: GridAxes
     training: TrainingSpec = field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    pretrain: PretrainSpec | None = None
+    pretrain: PretrainConfig | None = None
     init_weights: dict[str, str] = field(default_factory=dict)
-    search: str = "grid"
+    search: SearchMode = "grid"
     optuna: OptunaSpec | None = None
     early_stopping: EarlyStoppingSpec | None = None
     runs: str = "runs"
     description: str = ""
     source: str = ""
 
-    def clip_norms_for(self, model: str) -> tuple[float, ...]:
-        return self.privacy.clip_norms_by_model.get(model, self.privacy.clip_norms)
-
     def cells(self) -> list[dict[str, Any]]:
         """model x dataset x init x target epsilon: the grid's outer axes, and Optuna mode's studies."""
-        axes = itertools.product(self.models, self.data.train, self.inits, self.privacy.epsilons)
+        axes = itertools.product(self.models, self.data.train, self.inits, self.axes.target_epsilon)
         return [dict(model=m, dataset=d, init=i, target_epsilon=e) for m, d, i, e in axes]
 
-    def grid(self) -> list[dict[str, Any]]:
+    def grid(self) -> list[GridPoint]:
         """The grid points: model x dataset x init x epsilon x clip x lr x seed, in a stable order."""
-        return [dict(cell, max_grad_norm=c, lr=lr, seed=s) for cell in self.cells()
-                for c in self.clip_norms_for(cell["model"])
-                for lr in self.training.learning_rates for s in self.training.seeds]
+        return [GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s) for cell in self.cells()
+                for c in self.axes.max_grad_norm[cell["model"]] for lr in self.axes.lr for s in self.axes.seed]
 
     def init_weights_for(self, init: str, model: str) -> str | None:
         """The weight file given for ``init`` (``{model}`` in it is replaced by the architecture)."""
@@ -180,14 +186,22 @@ class SweepSpec:
 
 
 SECTIONS: dict[str, type] = {
-    "data": DataSpec, "pretrain": PretrainSpec, "privacy": PrivacySpec, "training": TrainingSpec,
-    "evaluation": EvaluationSpec, "resources": ResourcesSpec, "speed": SpeedSpec, "tracking": TrackingSpec,
+    "data": DataSpec, "pretrain": PretrainConfig, "privacy": PrivacyConfig, "training": TrainingSpec,
+    "evaluation": EvaluationSpec, "resources": ResourcesSpec, "speed": SpeedConfig, "tracking": TrackingSpec,
     "optuna": OptunaSpec, "early_stopping": EarlyStoppingSpec,
 }
 OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping")
-GRID_AXES_REPLACED_BY_OPTUNA = {
-    "privacy.clip_norms": "optuna.clip_norm", "training.learning_rates": "optuna.learning_rate",
-    "privacy.expected_batch_size": "optuna.expected_batch_size", "privacy.epochs": "optuna.epochs",
+AXES: dict[str, tuple[str, Any]] = {
+    "privacy.target_epsilon": ("target_epsilon", tuple[float, ...]),
+    "privacy.max_grad_norm": ("max_grad_norm", tuple[float, ...]),
+    "training.lr": ("lr", tuple[float, ...]),
+    "training.seed": ("seed", tuple[int, ...]),
+}
+"""Grid axes given inside their sections: field path -> (`GridAxes` field, type)."""
+NOT_SETTABLE = {
+    **{f"privacy.{name}": "it is derived by the planner from the data and the target epsilon"
+       for name in PrivacyConfig.DERIVED},
+    "pretrain.input_mean": "the pretrain stage uses data.input_mean", "pretrain.input_std": "it is data.input_std",
 }
 
 
@@ -214,58 +228,73 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
         if "models" in raw:
             raise SpecError(f"{source}: give either `model` or `models`, not both")
         raw["models"] = raw.pop("model")
-    top = {f.name: f for f in fields(SweepSpec) if f.name != "source"}
+    top = {f.name: f for f in fields(SweepSpec) if f.name not in ("source", "axes")}
     _reject_unknown(raw, top, "", source)
+    top_types = typing.get_type_hints(SweepSpec)
     values: dict[str, Any] = {"source": source}
+    axes: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in SECTIONS:
-            if value is None and key in OPTIONAL_SECTIONS:
-                values[key] = None
-                continue
-            if not isinstance(value, dict):
-                raise SpecError(f"{source}: `{key}` must be a mapping of settings, got {value!r}")
-            by_model = None
-            if key == "privacy" and isinstance(value.get("clip_norms"), dict):
-                value, by_model = _split_clip_norms_by_model(value, source)
-            if key == "privacy" and "clip_norms_by_model" in value:
-                raise SpecError(f"{source}: unknown field `privacy.clip_norms_by_model`; give `privacy.clip_norms` "
-                                "as a mapping {model: clip} instead")
-            values[key] = _build(SECTIONS[key], value, key, source)
-            if by_model is not None:
-                values[key] = replace(values[key], clip_norms_by_model=by_model)
-        else:
-            values[key] = _coerce(value, top[key].type, key, source)
-    if raw.get("search") == "optuna":
-        for axis, replacement in GRID_AXES_REPLACED_BY_OPTUNA.items():
-            section, name = axis.split(".")
-            if name in (raw.get(section) or {}):
-                raise SpecError(f"{source}: `{axis}` is a grid setting; with `search: optuna` give the range "
-                                f"`{replacement}` instead (e.g. [low, high], or [value] to fix it)")
-        values.setdefault("optuna", OptunaSpec())
+        if key not in SECTIONS:
+            values[key] = _coerce(value, top_types[key], key, source)
+            continue
+        if value is None and key in OPTIONAL_SECTIONS:
+            values[key] = None
+            continue
+        if not isinstance(value, dict):
+            raise SpecError(f"{source}: `{key}` must be a mapping of settings, got {value!r}")
+        section = dict(value)
+        for path, (axis, kind) in AXES.items():
+            if path.startswith(f"{key}.") and path.split(".")[1] in section:
+                given = section.pop(path.split(".")[1])
+                if axis == "max_grad_norm" and isinstance(given, dict):
+                    axes[axis] = _clip_norms_by_model(given, source)
+                else:
+                    axes[axis] = _coerce(given, kind, path, source)
+        values[key] = _build(SECTIONS[key], section, key, source)
     for required in ("name", "data", "models", "inits", "privacy"):
         if required not in values:
             shown = "model" if required == "models" else required
             raise SpecError(f"{source}: required field `{shown}` is missing")
-    spec = SweepSpec(**values)
+    if values.get("search") == "optuna":
+        for name in OptunaSpec.RANGES:
+            for section in ("privacy", "training"):
+                if name in (raw.get(section) or {}):
+                    raise SpecError(f"{source}: `{section}.{name}` is a grid setting; with `search: optuna` give the "
+                                    f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)")
+        values.setdefault("optuna", OptunaSpec())
+        axes.setdefault("max_grad_norm", {})  # searched: `optuna.max_grad_norm`
+    if "target_epsilon" not in axes:
+        raise SpecError(f"{source}: required field `privacy.target_epsilon` is missing; list targets such as "
+                        "[1, 3, 8, .inf]")
+    clips = axes.get("max_grad_norm", (1.0,))
+    if not isinstance(clips, dict):
+        clips = dict.fromkeys(values["models"], clips)
+    axes["max_grad_norm"] = clips
+    if values.get("pretrain") is not None and "data" in values:
+        data = values["data"]
+        values["pretrain"] = replace(values["pretrain"], input_mean=data.input_mean, input_std=data.input_std)
+    spec = SweepSpec(**values, axes=GridAxes(**axes))
     _validate(spec)
     return spec
 
 
-def _split_clip_norms_by_model(privacy: dict[str, Any], source: str) -> tuple[dict[str, Any], dict]:
-    """``privacy.clip_norms: {convnext_small: 4, convnext_tiny: 3.5}``: one clip list per model."""
-    privacy = dict(privacy)
-    by_model = {str(model): _coerce(value, "tuple[float, ...]", f"privacy.clip_norms.{model}", source)
-                for model, value in privacy.pop("clip_norms").items()}
-    if not by_model:
-        raise SpecError(f"{source}: `privacy.clip_norms` is an empty mapping; give {{model: clip}} or a list")
-    privacy["clip_norms"] = [c for clips in by_model.values() for c in clips]  # range-checked like a list
-    return privacy, by_model
+def _clip_norms_by_model(given: dict[Any, Any], source: str) -> dict[str, tuple[float, ...]]:
+    """``privacy.max_grad_norm: {convnext_small: 4, convnext_tiny: 3.5}``: one clip list per model."""
+    if not given:
+        raise SpecError(f"{source}: `privacy.max_grad_norm` is an empty mapping; give {{model: C}} or a list")
+    return {str(model): _coerce(value, tuple[float, ...], f"privacy.max_grad_norm.{model}", source)
+            for model, value in given.items()}
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        path = f"{prefix}.{key}"
+        if path in NOT_SETTABLE:
+            raise SpecError(f"{source}: `{path}` cannot be set in a sweep file: {NOT_SETTABLE[path]}; remove it")
     _reject_unknown(raw, known, prefix + ".", source)
-    kwargs = {k: _coerce(v, known[k].type, f"{prefix}.{k}", source) for k, v in raw.items()}
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}", source) for k, v in raw.items()}
     missing = [n for n, f in known.items()
                if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
     if missing:
@@ -275,51 +304,60 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
 
 def _reject_unknown(raw: dict[str, Any], known: dict[str, Any], prefix: str, source: str) -> None:
     for key in raw:
+        path = f"{prefix}{key}"
+        if path in RENAMED:
+            raise SpecError(f"{source}: `{path}` was renamed `{RENAMED[path]}` (each field is named after the trial "
+                            f"setting it sets); rename it in the sweep file")
+        if path in AXES:
+            continue
         if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known fields: {sorted(known)}"
-            raise SpecError(f"{source}: unknown field `{prefix}{key}`{hint}")
+            candidates = [*known, *(axis.split(".")[1] for axis in AXES if axis.startswith(prefix) and prefix)]
+            close = difflib.get_close_matches(str(key), candidates, n=1)
+            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; known fields: {sorted(candidates)}"
+            raise SpecError(f"{source}: unknown field `{path}`{hint}")
 
 
-def _coerce(value: Any, annotation: str, where: str, source: str) -> Any:
-    """Convert a YAML value to the field's annotated type (annotations are strings: postponed evaluation)."""
-    kind = annotation.replace(" ", "")
-    optional = kind.endswith("|None")
-    kind = kind.removesuffix("|None")
-    if value is None:
-        if optional:
+def _coerce(value: Any, kind: Any, where: str, source: str) -> Any:
+    """Convert a YAML value to the field's type (`typing.get_type_hints`), or raise `SpecError` naming it."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
+        (kind,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None:
         raise SpecError(f"{source}: `{where}` must not be empty")
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            raise SpecError(f"{source}: {where} = {value!r}; choose one of {args}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(items))
     try:
-        if kind.startswith("tuple["):
-            inner = kind[len("tuple[") : -len(",...]")]
-            items = value if isinstance(value, list) else [value]
-            return tuple(_coerce(v, inner, f"{where}[{i}]", source) for i, v in enumerate(items))
-        if kind == "dict[str,str]":
+        if origin is dict:
             if not isinstance(value, dict):
                 raise TypeError
             return {str(k): str(v) for k, v in value.items()}
-        if kind.startswith("dict["):  # filled by a dedicated parser (e.g. privacy.clip_norms as a mapping)
-            raise TypeError
-        if kind == "float":
+        if kind is float:
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if kind == "int":
+        if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
-        if kind == "bool":
+        if kind is bool:
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if kind == "str":
+        if kind is str:
             if isinstance(value, dict | list):
                 raise TypeError
             return str(value)
     except (TypeError, ValueError):
-        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {kind}") from None
-    raise AssertionError(f"unhandled annotation {annotation} for {where}")
+        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    raise AssertionError(f"unhandled type {kind} for {where}")
 
 
 def _require(condition: bool, spec: SweepSpec, message: str) -> None:
@@ -332,45 +370,47 @@ def _validate(spec: SweepSpec) -> None:
     from trainables.data.registry import check_dataset_name
     from trainables.models import InitError, timm_tag_for
 
-    p, t = spec.privacy, spec.training
-    _require(spec.search in SEARCH_MODES, spec, f"search = {spec.search!r}; choose one of {SEARCH_MODES}")
+    p, axes = spec.privacy, spec.axes
     _require(bool(spec.name) and "/" not in spec.name, spec, f"name = {spec.name!r} must be a non-empty folder name")
     _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
     _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
-    _require(len(p.epsilons) > 0, spec, "privacy.epsilons is empty; list targets such as [1, 3, 8, .inf]")
-    for i, eps in enumerate(p.epsilons):
+    for i, model in enumerate(spec.models):
+        _validate_model_name(spec, f"model[{i}]" if len(spec.models) > 1 else "model", model)
+    grid_axes = [("privacy.target_epsilon", axes.target_epsilon), ("training.lr", axes.lr),
+                 ("training.seed", axes.seed), ("inits", spec.inits),
+                 *((f"privacy.max_grad_norm.{m}" if len(axes.max_grad_norm) > 1 else "privacy.max_grad_norm", clips)
+                   for m, clips in axes.max_grad_norm.items())]
+    for where, values in grid_axes:
+        _require(spec.search == "optuna" and where.startswith("privacy.max_grad_norm") or len(values) > 0, spec,
+                 f"{where} is empty, which makes a sweep of no trials; give at least one value")
+        repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+        _require(not repeated, spec, f"{where} = {list(values)} lists {repeated} twice: two trials would share one "
+                 "key, one MLflow run and be composed twice into the tuning cost; remove the repeat")
+    _require(len(axes.target_epsilon) > 0, spec,
+             "privacy.target_epsilon is empty; list targets such as [1, 3, 8, .inf]")
+    for i, eps in enumerate(axes.target_epsilon):
         _require(eps > 0 and not math.isnan(eps), spec,
-                 f"privacy.epsilons[{i}] = {eps} must be > 0 (use .inf for the non-private baseline)")
+                 f"privacy.target_epsilon[{i}] = {eps} must be > 0 (use .inf for the non-private baseline)")
     _require(0 < p.delta < 1, spec, f"privacy.delta = {p.delta} must be in (0, 1), and below 1/N_train")
-    for i, clip in enumerate(p.clip_norms):
-        _require(clip > 0 and math.isfinite(clip), spec,
-                 f"privacy.clip_norms[{i}] = {clip} must be a finite number > 0")
-    for model in p.clip_norms_by_model:
+    for model, clips in axes.max_grad_norm.items():
         _require(model in spec.models, spec,
-                 f"privacy.clip_norms.{model}: {model!r} is not one of the sweep's models {list(spec.models)}")
-    if p.clip_norms_by_model:
+                 f"privacy.max_grad_norm.{model}: {model!r} is not one of the sweep's models {list(spec.models)}")
+        where = f"privacy.max_grad_norm.{model}" if len(set(map(tuple, axes.max_grad_norm.values()))) > 1 \
+            else "privacy.max_grad_norm"
+        for i, clip in enumerate(clips):
+            _require(clip > 0 and math.isfinite(clip), spec, f"{where}[{i}] = {clip} must be a finite number > 0")
+    if spec.search == "grid":
         for model in spec.models:
-            _require(model in p.clip_norms_by_model, spec,
-                     f"privacy.clip_norms has no entry for model {model!r}; add `{model}: C` to the mapping")
+            _require(model in axes.max_grad_norm, spec,
+                     f"privacy.max_grad_norm has no entry for model {model!r}; add `{model}: C` to the mapping")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
-    _require(p.accountant in ACCOUNTANTS, spec, f"privacy.accountant = {p.accountant!r}; choose one of {ACCOUNTANTS}")
-    _require(p.privacy_unit in PRIVACY_UNITS, spec,
-             f"privacy.privacy_unit = {p.privacy_unit!r}; supported: {PRIVACY_UNITS} (patient-level is planned)")
     _require(0 < p.calibration_tolerance < 1, spec,
              f"privacy.calibration_tolerance = {p.calibration_tolerance} must be in (0, 1)")
-    for i, lr in enumerate(t.learning_rates):
-        _require(lr > 0, spec, f"training.learning_rates[{i}] = {lr} must be > 0")
-    _require(len(t.seeds) > 0, spec, "training.seeds is empty; give at least one seed, e.g. [0]")
-    _require(t.pos_weight in POS_WEIGHTS, spec, f"training.pos_weight = {t.pos_weight!r}; choose one of {POS_WEIGHTS}")
-    _require(t.model_selection in MODEL_SELECTIONS, spec,
-             f"training.model_selection = {t.model_selection!r}; choose one of {MODEL_SELECTIONS}")
-    _require(spec.speed.grad_sample_mode in GRAD_SAMPLE_MODES, spec,
-             f"speed.grad_sample_mode = {spec.speed.grad_sample_mode!r}; choose one of {GRAD_SAMPLE_MODES} "
-             "(stock Opacus hooks/ghost are wrong on ConvNeXt)")
+    for i, lr in enumerate(axes.lr):
+        _require(lr > 0, spec, f"training.lr[{i}] = {lr} must be > 0")
+    _require(len(axes.seed) > 0, spec, "training.seed is empty; give at least one seed, e.g. [0]")
     _require(spec.speed.max_physical_batch_size >= 1, spec, "speed.max_physical_batch_size must be >= 1")
-    _require(spec.speed.device in ("auto", "cpu", "cuda"), spec,
-             f"speed.device = {spec.speed.device!r}; choose auto, cpu or cuda")
     _require(spec.speed.threads >= 1, spec, "speed.threads must be >= 1")
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")
@@ -403,17 +443,37 @@ def _validate(spec: SweepSpec) -> None:
         _require(spec.pretrain is not None, spec,
                  "init 'domain' needs a `pretrain:` section (dataset: a public source dataset) to make it")
     if spec.pretrain is not None:
-        try:
-            check_dataset_name(spec.pretrain.dataset)
-            for model in spec.models:
-                timm_tag_for(spec.pretrain.init, model)
-        except ValueError as error:
-            raise SpecError(f"{spec.source}: pretrain: {error}") from None
-        _require(spec.pretrain.init != "domain", spec, "pretrain.init cannot be 'domain' (it is what pretrain makes)")
-        _require(spec.pretrain.dataset not in spec.data.train, spec,
-                 f"pretrain.dataset = {spec.pretrain.dataset!r} is a private training set (data.train); pretraining "
-                 "must use a public dataset, or the domain init leaks the private data outside DP")
+        _validate_pretrain(spec, spec.pretrain)
     _validate_search(spec)
+
+
+def _validate_model_name(spec: SweepSpec, where: str, model: str) -> None:
+    import timm
+
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models("convnext*") + ["test_convnext"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (see timm.list_models())"
+        raise SpecError(f"{spec.source}: {where} = {model!r} is not a timm architecture{hint}")
+
+
+def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
+    from trainables.data.registry import check_dataset_name
+    from trainables.models import timm_tag_for
+
+    try:
+        check_dataset_name(pretrain.dataset)
+        for model in spec.models:
+            timm_tag_for(pretrain.init, model)
+    except ValueError as error:
+        raise SpecError(f"{spec.source}: pretrain: {error}") from None
+    _require(pretrain.init != "domain", spec, "pretrain.init cannot be 'domain' (it is what pretrain makes)")
+    _require(pretrain.epochs >= 1, spec, f"pretrain.epochs = {pretrain.epochs} must be >= 1")
+    _require(pretrain.lr > 0, spec, f"pretrain.lr = {pretrain.lr} must be > 0, e.g. 0.001")
+    _require(pretrain.batch_size >= 1, spec, f"pretrain.batch_size = {pretrain.batch_size} must be >= 1, e.g. 64")
+    _require(pretrain.weight_decay >= 0, spec, f"pretrain.weight_decay = {pretrain.weight_decay} must be >= 0")
+    _require(pretrain.dataset not in spec.data.train, spec,
+             f"pretrain.dataset = {pretrain.dataset!r} is a private training set (data.train); pretraining "
+             "must use a public dataset, or the domain init leaks the private data outside DP")
 
 
 def _validate_search(spec: SweepSpec) -> None:
@@ -426,22 +486,17 @@ def _validate_search(spec: SweepSpec) -> None:
         _require(o.trials_per_target >= 1, spec, f"optuna.trials_per_target = {o.trials_per_target} must be >= 1")
         _require(o.max_concurrent >= 1, spec, f"optuna.max_concurrent = {o.max_concurrent} must be >= 1")
         _require(o.max_proposals >= 1, spec, f"optuna.max_proposals = {o.max_proposals} must be >= 1")
-        _require(o.sampler in OPTUNA_SAMPLERS, spec, f"optuna.sampler = {o.sampler!r}; choose one of {OPTUNA_SAMPLERS}")
         _require(len(o.objectives) >= 1 and len(set(o.objectives)) == len(o.objectives), spec,
-                 f"optuna.objectives = {list(o.objectives)}: give one or more distinct objectives from {OBJECTIVES}")
-        for i, objective in enumerate(o.objectives):
-            _require(objective in OBJECTIVES, spec,
-                     f"optuna.objectives[{i}] = {objective!r}; choose from {OBJECTIVES} (all on the validation split)")
-        _require(len(spec.training.seeds) == 1, spec,
-                 f"training.seeds = {list(spec.training.seeds)}: search: optuna uses one seed per study; give one")
-        for name in ("noise_multiplier", "expected_batch_size", "epochs", "learning_rate", "clip_norm"):
+                 f"optuna.objectives = {list(o.objectives)}: give one or more distinct objectives from "
+                 f"{typing.get_args(Objective)}")
+        _require(len(spec.axes.seed) == 1, spec,
+                 f"training.seed = {list(spec.axes.seed)}: search: optuna uses one seed per study; give one")
+        for name in OptunaSpec.RANGES:
             bounds = getattr(o, name)
             _require(len(bounds) in (1, 2) and all(b > 0 and math.isfinite(b) for b in bounds)
                      and list(bounds) == sorted(bounds), spec,
                      f"optuna.{name} = {list(bounds)}: give [low, high] with 0 < low <= high, or [value]")
     if stop is not None:
-        _require(stop.method in EARLY_STOPPING, spec,
-                 f"early_stopping.method = {stop.method!r}; choose one of {EARLY_STOPPING}")
         _require(stop.grace_period >= 1, spec, f"early_stopping.grace_period = {stop.grace_period} must be >= 1 epoch")
         _require(stop.reduction_factor >= 2, spec,
                  f"early_stopping.reduction_factor = {stop.reduction_factor} must be >= 2")

@@ -18,15 +18,20 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from trainables import metrics as M
-from trainables.trial import FINAL_FILE, is_final_report
+from trainables import names as M
+from trainables.names import (
+    EVALUATION_ARTIFACT_DIR,
+    FINAL_FILE,
+    FINAL_MARKER,
+    PARENT_TAG,
+    RAY_TRIAL_ID_TAG,
+    ROLE_TAG,
+    STORED_INFINITY,
+    SWEEP_TAG,
+    TRIAL_KEY_TAG,
+)
+from trainables.trial import is_final_report
 
-SWEEP_TAG = "dpsweep.sweep"
-ROLE_TAG = "dpsweep.role"
-TRIAL_KEY_TAG = "dpsweep.trial_key"
-PARENT_TAG = "mlflow.parentRunId"
-FINAL_MARKER = M.BEST_EPOCH
-"""A metric only a trial's final report carries; logged last, so a child run holding it has its final metrics."""
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
@@ -101,7 +106,7 @@ class MlflowSweepCallback(tune.Callback):
                 self.client.update_run(run_id, status="RUNNING")
         else:
             tags = {PARENT_TAG: self.parent_run_id, SWEEP_TAG: self.sweep, ROLE_TAG: "trial",
-                    TRIAL_KEY_TAG: key, "ray.trial_id": trial.trial_id, **point["tags"]}
+                    TRIAL_KEY_TAG: key, RAY_TRIAL_ID_TAG: trial.trial_id, **point["tags"]}
             run = self.client.create_run(self.experiment_id, run_name=key, tags=tags)
             run_id = run.info.run_id
             params = [Param(k, str(v)) for k, v in point["params"].items()]
@@ -148,10 +153,10 @@ class MlflowSweepCallback(tune.Callback):
         self.client.set_terminated(self.run_for(trial), "FAILED")
 
     def _log_tables(self, run_id: str, folder: Path) -> None:
-        existing = {a.path for a in self.client.list_artifacts(run_id, "evaluation")}
+        existing = {a.path for a in self.client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
         for table in sorted(folder.glob("*.parquet")):
-            if f"evaluation/{table.name}" not in existing:
-                self.client.log_artifact(run_id, str(table), "evaluation")
+            if f"{EVALUATION_ARTIFACT_DIR}/{table.name}" not in existing:
+                self.client.log_artifact(run_id, str(table), EVALUATION_ARTIFACT_DIR)
 
 
 class ProgressCallback(tune.Callback):
@@ -185,8 +190,9 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, summary: d
 
 
 def _finite(value: float) -> float:
-    """MLflow's SQL stores cannot hold inf; they (and we) store +/-1e308 instead, e.g. for non-private epsilon."""
+    """MLflow's SQL stores cannot hold inf; they (and we) store +/-STORED_INFINITY instead, e.g. for non-private
+    epsilon."""
     value = float(value)
     if math.isinf(value):
-        return math.copysign(1e308, value)
+        return math.copysign(STORED_INFINITY, value)
     return value

@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from tests.privacy.test_resume import assert_identical
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.labels import LABELS
@@ -148,8 +148,8 @@ def test_final_report_carries_the_selected_epochs_validation_numbers(tiny_site):
         assert final[M.val_selected_auroc_gap(attribute)] == selected[M.auroc_gap("val", attribute)]
 
 
-def test_test_split_gaps_follow_eval_test_every_epoch(tiny_site):
-    run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=1, eval_test_every_epoch=False))
+def test_test_split_gaps_follow_test_every_epoch(tiny_site):
+    run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=1, test_every_epoch=False))
     assert M.auroc_gap("val", "age") in run.epochs[0]
     assert not any(key.startswith("test/") for key in run.epochs[0])
 

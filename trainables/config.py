@@ -1,4 +1,10 @@
-"""TrialConfig: the typed, immutable description of one trial, built from Ray's flat config dict.
+"""TrialConfig: the typed, immutable description of one trial, and the vocabulary of the sweep files.
+
+One name per setting from the YAML to the optimizer: a sweep file's `privacy:` section *is* a `PrivacyConfig`
+(its grid axes ``target_epsilon`` and ``max_grad_norm`` given as lists), `speed:` *is* a `SpeedConfig`, and
+``training.lr`` / ``training.seed`` are `TrialConfig.lr` / `TrialConfig.seed`. The planner builds each trial
+from one template with `dataclasses.replace`. Closed sets are the `Literal` types below, validated once (in
+`sweeps.spec`) against `typing.get_args` of the same types.
 
 Privacy knobs (they change the guarantee) live in `PrivacyConfig`; speed knobs (they never change results
 or the guarantee) live in `SpeedConfig`. The driver calibrates the noise multiplier and fills the derived
@@ -8,71 +14,107 @@ privacy fields (`noise_multiplier`, `sample_rate`, `steps`) before a trial start
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+Accountant = Literal["rdp", "prv"]
+PrivacyUnit = Literal["image"]
+GradSampleMode = Literal["hooks", "functorch"]
+Device = Literal["auto", "cpu", "cuda"]
+PosWeight = Literal["uniform", "train"]
+ModelSelection = Literal["best_val", "last"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
     """Everything that changes the DP guarantee.
 
+    Mechanism: DP-SGD with Poisson sampling of records at rate q, per-record clipping to L2 norm C over all
+    trainable parameters, Gaussian noise of std sigma * C on the clipped sum; add/remove adjacency of one
+    record (the privacy unit); the number of training records N is treated as public (q and steps are derived
+    from it and released).
+
     Attributes:
         target_epsilon: epsilon the planned steps end at (``inf`` = non-private baseline: no clipping,
-            no noise, shuffled batches).
+            no noise, shuffled batches). A grid axis.
         delta: the (epsilon, delta) delta; must be < 1/N_train.
-        max_grad_norm: per-sample clipping bound C (L2 over all trainable parameters).
+        max_grad_norm: per-record clipping bound C (L2 over all trainable parameters). A grid axis.
         expected_batch_size: expected logical batch size B; Poisson sample rate q = 1/ceil(N/B).
         epochs: planned epochs; steps = epochs * ceil(N/B).
         accountant: ``rdp`` (default, the study's) or ``prv``; calibration and reporting use the same one.
-        privacy_unit: ``image`` (each image is a record; add/remove adjacency).
-        secure_mode: cryptographically secure noise (Opacus secure_mode; slower).
+        privacy_unit: ``image`` (each image is a record).
+        secure_mode: cryptographically secure noise and sampling (ChaCha20; slower).
         reproducible_noise: debugging only: seed the noise and Poisson sampling from ``seed`` (published), so the
             trial has no DP guarantee; default False: their seeds come from ``os.urandom`` and stay secret.
+        calibration_tolerance: how far below the target the calibrated epsilon may end (never above it).
         noise_multiplier: sigma (noise std = sigma * C), calibrated by the driver; 0 when non-private.
         sample_rate: Poisson sample rate q, derived by the driver from N and B.
         steps: total planned DP-SGD steps, derived by the driver.
     """
 
-    target_epsilon: float
+    target_epsilon: float = math.inf
     delta: float = 6e-6
     max_grad_norm: float = 1.0
     expected_batch_size: int = 32
     epochs: int = 3
-    accountant: str = "rdp"
-    privacy_unit: str = "image"
+    accountant: Accountant = "rdp"
+    privacy_unit: PrivacyUnit = "image"
     secure_mode: bool = False
     reproducible_noise: bool = False
+    calibration_tolerance: float = 0.01
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
+
+    DERIVED = ("noise_multiplier", "sample_rate", "steps")
+    """Fields the planner fills (a sweep file cannot set them)."""
 
     @property
     def is_private(self) -> bool:
         return math.isfinite(self.target_epsilon)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpeedConfig:
     """Knobs that change speed or memory only, never results' distribution or the guarantee.
 
     Attributes:
-        grad_sample_mode: ``hooks`` (Opacus hooks with our corrected conv sampler) or ``functorch``.
+        grad_sample_mode: how per-sample gradients are computed (`trainables.privacy.engine.GRAD_SAMPLE_MODES`).
         device: ``auto`` (the trial's GPU when Ray gave it one, else CPU), ``cpu`` or ``cuda``.
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
     """
 
-    grad_sample_mode: str = "hooks"
-    device: str = "auto"
+    grad_sample_mode: GradSampleMode = "hooks"
+    device: Device = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1
     eval_batch_size: int = 256
 
 
-@dataclass(frozen=True)
+NESTED = ("privacy", "speed")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrialConfig:
-    """One trial: a grid point of the sweep plus the sweep-wide settings it needs."""
+    """One trial: a grid point of the sweep plus the sweep-wide settings it needs.
+
+    Attributes:
+        sweep, dataset, model, init: names (the sweep, the private training set, the timm architecture, the init).
+        data_root, image_size: where the prepared dataset's cache is (`trainables.names.dataset_dir`).
+        init_weights: the resolved weight file of the init (None: random, or timm's own cache).
+        lr, seed: AdamW learning rate (a grid axis) and the seed of everything that is not the DP mechanism
+            (model init, shuffling of non-private trials, evaluation, the self-check's samples).
+        weight_decay: AdamW weight decay.
+        input_mean, input_std: inputs are ``(x - mean) / std`` for pixels x in [0, 1].
+        pos_weight: ``uniform`` or ``train`` (per-label negatives/positives of the training split).
+        external_datasets: datasets whose test split the final model is also evaluated on.
+        model_selection: ``best_val`` (the epoch with the best validation macro AUROC) or ``last``.
+        test_every_epoch: also evaluate on test after every epoch (epsilon-binned tables; never selects).
+        n_boot: bootstrap replicates of the final test evaluation.
+        age_edges: age bins of the fairness groups.
+    """
 
     sweep: str
     dataset: str
@@ -80,49 +122,69 @@ class TrialConfig:
     image_size: int
     model: str
     init: str
-    init_weights: str | None
-    lr: float
-    seed: int
-    privacy: PrivacyConfig
+    init_weights: str | None = None
+    lr: float = 1e-3
+    seed: int = 0
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     weight_decay: float = 0.01
     input_mean: float = 0.0
     input_std: float = 1.0
-    pos_weight: str = "uniform"
+    pos_weight: PosWeight = "uniform"
     external_datasets: tuple[str, ...] = ()
-    model_selection: str = "best_val"
-    eval_test_every_epoch: bool = True
+    model_selection: ModelSelection = "best_val"
+    test_every_epoch: bool = True
     n_boot: int = 200
     age_edges: tuple[float, ...] = (0, 40, 70, 100)
-    calibration_tolerance: float = 0.01
 
     def to_flat(self) -> dict[str, Any]:
-        """Flat dict (``privacy.x`` / ``speed.x`` keys) for Ray's param_space and MLflow params."""
+        """One flat dict of every field, nested ones included under their own (unique) names: Ray's param space,
+        the trial's MLflow params and its trials.parquet columns. Tuples become lists."""
         flat: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("privacy", "speed"):
-                flat.update({f"{f.name}.{k}": v for k, v in asdict(value).items()})
-            elif isinstance(value, tuple):
-                flat[f.name] = list(value)
+            if f.name in NESTED:
+                flat.update({g.name: getattr(value, g.name) for g in fields(value)})
             else:
-                flat[f.name] = value
+                flat[f.name] = list(value) if isinstance(value, tuple) else value
         return flat
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Inverse of `to_flat`; unknown keys are an error (they mean a spec/trial version mismatch)."""
-        nested: dict[str, dict[str, Any]] = {"privacy": {}, "speed": {}}
-        nested_known = {name: {f.name for f in fields(kind)}
-                        for name, kind in (("privacy", PrivacyConfig), ("speed", SpeedConfig))}
+        owners = {f.name: name for name, kind in (("privacy", PrivacyConfig), ("speed", SpeedConfig))
+                  for f in fields(kind)}
+        top_level = {f.name for f in fields(cls)} - set(NESTED)
+        nested: dict[str, dict[str, Any]] = {name: {} for name in NESTED}
         top: dict[str, Any] = {}
-        known = {f.name for f in fields(cls)}
         for key, value in flat.items():
-            head, _, rest = key.partition(".")
-            if rest and head in nested and rest in nested_known[head]:
-                nested[head][rest] = value
-            elif key in known:
+            if key in owners:
+                nested[owners[key]][key] = value
+            elif key in top_level:
                 top[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise KeyError(f"unknown trial config key {key!r}")
         return cls(privacy=PrivacyConfig(**nested["privacy"]), speed=SpeedConfig(**nested["speed"]), **top)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """The pretrain stage (the ``domain`` init): which public dataset, from which init, how long.
+
+    Attributes:
+        dataset: a prepared public dataset (e.g. ``synthetic-source``, ``mimic-cxr``).
+        init: the init pretraining starts from (``random`` or a timm tag such as ``dinov3``).
+        epochs, lr, batch_size, weight_decay, seed: non-private AdamW training settings.
+        input_mean, input_std: input normalization; always the sweep's (``data.input_mean``/``input_std``), so
+            the init fits its inputs.
+    """
+
+    dataset: str
+    init: str = "random"
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.01
+    seed: int = 0
+    input_mean: float = 0.0
+    input_std: float = 1.0

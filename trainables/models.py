@@ -27,6 +27,7 @@ from torch import nn
 
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, evaluation_batches
+from trainables.errors import UserError
 
 TIMM_TAG_ALIASES: dict[str, str] = {"imagenet": "fb_in1k", "dinov3": "dinov3_lvd1689m"}
 """Named inits that are a pretrained tag of the sweep's architecture."""
@@ -35,7 +36,7 @@ INIT_NAMES: tuple[str, ...] = ("random", "domain", *TIMM_TAG_ALIASES)
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class InitError(ValueError):
+class InitError(UserError, ValueError):
     """An init name cannot be resolved to weights."""
 
 

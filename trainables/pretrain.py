@@ -10,37 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
+from trainables.config import PretrainConfig, PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.models import ResolvedInit, save_weights
+from trainables.names import PRETRAINED_WEIGHTS_FILE as CHECKPOINT_FILE
 from trainables.train import train_trial
 
-CHECKPOINT_FILE = "model.safetensors"
 INFO_FILE = "pretrain.json"
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """The pretrain stage: which public dataset, from which init, how long.
-
-    Attributes:
-        dataset: a prepared public dataset (e.g. ``synthetic-source``, ``mimic-cxr``).
-        init: the init pretraining starts from (``random`` or a timm tag such as ``dinov3``).
-        epochs, lr, batch_size, weight_decay, seed: non-private AdamW training settings.
-        input_mean, input_std: input normalization; must equal the sweep's, so the init fits its inputs.
-    """
-
-    dataset: str
-    init: str = "random"
-    epochs: int = 4
-    lr: float = 1e-3
-    batch_size: int = 64
-    weight_decay: float = 0.01
-    seed: int = 0
-    input_mean: float = 0.0
-    input_std: float = 1.0
 
 
 def pretrain_dir(runs_root: Path, pretrain: PretrainConfig, model: str, image_size: int) -> Path:
@@ -58,7 +36,7 @@ def run_pretrain(pretrain: PretrainConfig, init: ResolvedInit, model: str, image
         init=pretrain.init, init_weights=init.weights, lr=pretrain.lr, seed=pretrain.seed,
         privacy=PrivacyConfig(target_epsilon=math.inf, expected_batch_size=pretrain.batch_size,
                               epochs=pretrain.epochs),
-        speed=SpeedConfig(threads=threads), weight_decay=pretrain.weight_decay, eval_test_every_epoch=False,
+        speed=SpeedConfig(threads=threads), weight_decay=pretrain.weight_decay, test_every_epoch=False,
         input_mean=pretrain.input_mean, input_std=pretrain.input_std,
         n_boot=0,
     )

@@ -43,7 +43,7 @@ import torch
 from opacus.accountants.accountant import IAccountant
 from torch import nn
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import TrialConfig
 from trainables.data.labels import label_pos_weight
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data
@@ -317,7 +317,7 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 def epoch_evaluation(cfg: TrialConfig, model: nn.Module, data: TrialData, accountant: IAccountant | None
                      ) -> dict[str, float]:
     """Validation macro AUROC, epsilon spent so far (inf when non-private), validation subgroup gaps, and with
-    ``eval_test_every_epoch`` the test ones (never used to select)."""
+    ``test_every_epoch`` the test ones (never used to select)."""
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
     metrics = {
         M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
@@ -325,7 +325,7 @@ def epoch_evaluation(cfg: TrialConfig, model: nn.Module, data: TrialData, accoun
     }
     for attribute, gap in _gaps(cfg, val_labels, val_scores, data.val).items():
         metrics[M.auroc_gap("val", attribute)] = gap
-    if cfg.eval_test_every_epoch:
+    if cfg.test_every_epoch:
         test_scores, test_labels = predict(model, data.test, cfg.speed.eval_batch_size)
         metrics[M.TEST_AUROC_MACRO_AT_EPOCH] = macro_auroc(test_labels, test_scores)
         for attribute, gap in _gaps(cfg, test_labels, test_scores, data.test).items():

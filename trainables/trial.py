@@ -18,19 +18,10 @@ import torch
 from ray import tune
 
 from trainables.config import TrialConfig
-from trainables.metrics import BEST_EPOCH
 from trainables.models import ResolvedInit
+from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID
+from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
 from trainables.train import train_trial
-
-STATE_FILE = "state.pt"
-FINAL_FILE = "final.json"
-DONE = "done"
-"""Key set to True in a trial's final report (and only there). It is Ray Tune's own ``done``: Tune ends the trial on
-that report, so its saved experiment state records the end together with the final checkpoint and a resumed sweep
-does not restart a finished trial."""
-NODE_ID = "ray/node_id"
-"""Key of the final report holding the hex id of the Ray node that ran the trial's final evaluation (a string: kept
-as a trials.parquet column, not logged to MLflow, which takes numbers only)."""
 
 
 def dp_trial(config: dict[str, Any]) -> None:

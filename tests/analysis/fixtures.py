@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import EPOCHS_FILE, TRIALS_FILE, build_tables
-from trainables import metrics
+from analysis.tables import TrialRecord, build_tables
+from trainables import names
 from trainables.data.labels import LABELS
-from trainables.evaluate import names
+from trainables.names import EPOCHS_FILE, TRIALS_FILE
 
 SWEEP = "fixture"
 DATASET = "synthetic-a"
@@ -70,15 +70,15 @@ class FakeTrial:
         auroc = self.test[best - 1]
         offset = 0.01 * (len(self.key) % 7)  # distinct per trial, known from the key
         out = {
-            metrics.EPSILON: self.epsilon[-1],
-            metrics.BEST_EPOCH: best,
-            metrics.EPSILON_AT_BEST_EPOCH: self.epsilon[best - 1],
-            metrics.TEST_AUROC_MACRO: auroc,
+            names.EPSILON: self.epsilon[-1],
+            names.BEST_EPOCH: best,
+            names.EPSILON_AT_BEST_EPOCH: self.epsilon[best - 1],
+            names.TEST_AUROC_MACRO: auroc,
             names.auroc_macro_ci("test", "low"): auroc - 0.03,
             names.auroc_macro_ci("test", "high"): auroc + 0.02,
             names.n_images("test"): 100,
             names.n_images(f"external/{EXTERNAL}"): 80,
-            metrics.external_auroc(EXTERNAL): auroc - 0.05,
+            names.external_auroc(EXTERNAL): auroc - 0.05,
             names.subgroup_auroc("test", "sex", "F"): auroc + 0.01,
             names.subgroup_auroc("test", "sex", "M"): auroc - 0.01,
             names.subgroup_auroc("test", "age", "0-40"): auroc + 0.05,
@@ -87,8 +87,8 @@ class FakeTrial:
             names.auroc_gap_label_mean("test", "age"): 0.2,
             names.worst_group_auroc("test", "age"): auroc - 0.05 - offset,
         }
-        out[metrics.auroc_gap("test", "age")] = 0.10 + offset
-        out[metrics.auroc_gap("test", "sex")] = 0.02
+        out[names.auroc_gap("test", "age")] = 0.10 + offset
+        out[names.auroc_gap("test", "sex")] = 0.02
         for family in names.FAIRNESS_METRICS:
             for attribute in ("sex", "age"):
                 if family != "auroc_gap":
@@ -108,11 +108,11 @@ class FakeTrial:
     def epochs(self) -> list[dict[str, float]]:
         rows = []
         for i, (e, v, t) in enumerate(zip(self.epsilon, self.val, self.test, strict=True)):
-            row = {metrics.EPOCH: i + 1, metrics.EPSILON: e, metrics.VAL_AUROC_MACRO: v,
-                   metrics.TEST_AUROC_MACRO_AT_EPOCH: t, metrics.STEPS: 10 * (i + 1)}
+            row = {names.EPOCH: i + 1, names.EPSILON: e, names.VAL_AUROC_MACRO: v,
+                   names.TEST_AUROC_MACRO_AT_EPOCH: t, names.STEPS: 10 * (i + 1)}
             for attribute in ("sex", "age"):
-                row[metrics.auroc_gap_at_epoch(attribute)] = self.test_gap(attribute, i + 1)
-                row[metrics.auroc_gap("val", attribute)] = self.val_gap(attribute, i + 1)
+                row[names.auroc_gap_at_epoch(attribute)] = self.test_gap(attribute, i + 1)
+                row[names.auroc_gap("val", attribute)] = self.val_gap(attribute, i + 1)
             rows.append(row)
         return rows
 
@@ -154,10 +154,10 @@ def make_sweep(runs: Path, trials: tuple[FakeTrial, ...] = TRIALS, with_ray: boo
         params = {"init": trial.init, "target_epsilon": trial.target, "max_grad_norm": 1.0, "lr": trial.lr,
                   "seed": 0, "dataset": DATASET, "model": "test_convnext", "accountant": "rdp", "delta": 6e-6,
                   "privacy_unit": "image"}
-        records.append({"key": trial.key, "status": trial.status,
-                        "error": None if trial.status == "TERMINATED" else "BudgetError: fake",
-                        "params": params, "tags": {"dpsweep.git_commit": "abc123"},
-                        "final": trial.final(), "epochs": trial.epochs()})
+        records.append(TrialRecord(key=trial.key, status=trial.status,
+                                   error=None if trial.status == "TERMINATED" else "BudgetError: fake",
+                                   params=params, tags={"dpsweep.git_commit": "abc123"},
+                                   final=trial.final(), epochs=trial.epochs()))
     table, epochs = build_tables(records)
     sweep_dir = runs / SWEEP
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ status, parameter, epsilon, final test AUROC and per-epoch validation AUROC.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -27,8 +26,11 @@ import pytest
 
 from analysis import mlflow_source
 from analysis.mlflow_source import parse_param, read_sweep, tables_from_mlflow
-from analysis.tables import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE, TableError, build_tables
-from trainables import metrics as M
+from analysis.tables import TableError, TrialRecord, build_tables
+from tests.ray_files import read_json
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE
 
 SWEEP = "mlsrc"
 NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow does not store
@@ -112,8 +114,10 @@ def fake_store(tmp_path_factory):
         elif fate == "failed":
             callback.on_trial_error(0, [], trial)
         status = {"finished": "TERMINATED", "failed": "ERROR", "stopped": "STOPPED"}.get(fate, "INCOMPLETE")
-        records.append({**trial.config["point"], "status": status, "error": None, "final": final,
-                        "epochs": [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]})
+        point = trial.config["point"]
+        epochs = [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]
+        records.append(TrialRecord(key=point["key"], status=status, params=point["params"], tags=point["tags"],
+                                   final=final or {}, epochs=epochs))
     # A resumed driver: a new callback re-reads the runs; the finished trial reports its final result again.
     resumed = MlflowSweepCallback(uri, experiment, parent, SWEEP)
     resumed.on_trial_result(0, [], trials["random-eps2"], final_result(2.0, 0.625))
@@ -121,13 +125,13 @@ def fake_store(tmp_path_factory):
     return SimpleNamespace(uri=uri, runs=runs, parent=parent, records=records, client=client)
 
 
-def test_names_match_the_writer():
+def test_infinity_round_trips_through_the_store():
+    """The writer stores inf as `STORED_INFINITY` (SQL stores cannot hold inf) and the reader maps it back."""
     tracking = pytest.importorskip("sweeps.tracking")
-    for name in ("SWEEP_TAG", "ROLE_TAG", "TRIAL_KEY_TAG", "PARENT_TAG"):
-        assert getattr(mlflow_source, name) == getattr(tracking, name), name
-    if hasattr(tracking, "FINAL_MARKER"):
-        assert mlflow_source.FINAL_MARKER == tracking.FINAL_MARKER
-    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH and tracking._finite(math.inf) == mlflow_source.STORED_INF
+    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH
+    assert tracking._finite(math.inf) == M.STORED_INFINITY and tracking._finite(-math.inf) == -M.STORED_INFINITY
+    assert mlflow_source._value(M.EPSILON, M.STORED_INFINITY) == math.inf
+    assert mlflow_source._value(M.EPSILON, -M.STORED_INFINITY) == -math.inf
 
 
 def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
@@ -206,16 +210,7 @@ def test_cli_table_from_mlflow_when_the_ray_folder_is_absent(fake_store, tmp_pat
 # --------------------------------------------------------------------------------------------------------------
 # Slow tier: a real sweep, interrupted, then resumed.
 
-TINY_SPEC = """
-name: tinyml
-data: {train: synthetic-a, image_size: 32, synthetic_images: 400}
-model: test_convnext
-inits: [random]
-privacy: {epsilons: [2, .inf], clip_norms: [1.0], expected_batch_size: 64, epochs: 2}
-training: {learning_rates: [0.002]}
-evaluation: {n_boot: 10}
-resources: {cpu: 1, max_concurrent: 1}
-"""
+TINY_SPEC = tiny_yaml(name="tinyml", data={"synthetic_images": 400}, resources={"max_concurrent": 1})
 INTERRUPT_TIMEOUT_S = 240
 RESUME_TIMEOUT_S = 240
 POLL_S = 0.1
@@ -276,10 +271,7 @@ def trial_folders(ray_dir: Path) -> dict[str, Path]:
         return {}
     folders = {}
     for params in ray_dir.glob("*/params.json"):
-        try:
-            folders[json.loads(params.read_text())["point"]["key"]] = params.parent
-        except (json.JSONDecodeError, KeyError):
-            continue  # being written
+        folders[read_json(params)["point"]["key"]] = params.parent  # Ray may still be writing it
     return folders
 
 

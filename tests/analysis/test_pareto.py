@@ -19,9 +19,9 @@ from analysis.pareto import (
     pareto_front,
     pareto_ranks,
 )
-from trainables import metrics
+from trainables import names
 
-EPS, AUROC, GAP = metrics.EPSILON, metrics.TEST_AUROC_MACRO, metrics.auroc_gap("test", "age")
+EPS, AUROC, GAP = names.EPSILON, names.TEST_AUROC_MACRO, names.auroc_gap("test", "age")
 INF, NAN = math.inf, math.nan
 
 # name, status, epsilon (down), AUROC (up), age gap (down), expected rank (None: ineligible)
@@ -156,7 +156,7 @@ def test_empty_and_all_failed_tables():
 
 def test_study_objectives_use_metric_constants():
     assert [(o.column, o.direction) for o in STUDY_OBJECTIVES] == [
-        (metrics.EPSILON, "min"), (metrics.TEST_AUROC_MACRO, "max"), (metrics.auroc_gap("test", "age"), "min")]
+        (names.EPSILON, "min"), (names.TEST_AUROC_MACRO, "max"), (names.auroc_gap("test", "age"), "min")]
 
 
 def test_front_is_invariant_to_row_order():

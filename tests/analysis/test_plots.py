@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from analysis import pareto, plots, views
 from analysis.tables import load_tables
 from tests.analysis.fixtures import make_sweep
-from trainables import metrics
+from trainables import names
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,7 +46,7 @@ def test_infinite_epsilon_has_its_own_slot(tables):
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels[-1] == "inf"
     finished = tables.trials[tables.trials["status"] == "TERMINATED"]
-    largest = finished[metrics.EPSILON].replace(np.inf, np.nan).max()
+    largest = finished[names.EPSILON].replace(np.inf, np.nan).max()
     assert ax.get_xticks()[-1] == pytest.approx(largest * plots.INF_SLOT)
     points = np.concatenate([c.get_offsets() for c in ax.collections if c.get_offsets().shape[1] == 2
                              and len(c.get_offsets()) and not hasattr(c, "get_segments")])

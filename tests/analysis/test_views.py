@@ -12,11 +12,10 @@ from analysis import views
 from analysis.tables import load_tables
 from analysis.views import STUDY_BINS, EpsilonBin
 from tests.analysis.fixtures import DATASET, EXTERNAL, TRIALS, make_sweep, replicates
-from trainables import metrics
-from trainables.evaluate import names
+from trainables import names
 from trainables.evaluate.bootstrap import paired_p_value
 
-TEST_AT_EPOCH, VAL, EPS = metrics.TEST_AUROC_MACRO_AT_EPOCH, metrics.VAL_AUROC_MACRO, metrics.EPSILON
+TEST_AT_EPOCH, VAL, EPS = names.TEST_AUROC_MACRO_AT_EPOCH, names.VAL_AUROC_MACRO, names.EPSILON
 BY_KEY = {t.key: t for t in TRIALS}
 
 
@@ -76,7 +75,7 @@ def test_best_epoch_per_trial_and_bin_uses_validation_not_test(tables):
     assert set(best.index) == set(expected)
     for key, (epoch, test, count) in expected.items():
         row = best.loc[key]
-        assert (row[metrics.EPOCH], row[TEST_AT_EPOCH], row[views.CANDIDATE_EPOCHS]) == (epoch, test, count), key
+        assert (row[names.EPOCH], row[TEST_AT_EPOCH], row[views.CANDIDATE_EPOCHS]) == (epoch, test, count), key
 
 
 def test_best_epoch_requires_the_per_epoch_test_column(tables):
@@ -88,7 +87,7 @@ def test_auroc_by_init_and_bin(tables):
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
     # random (0, 1]: three trials have epochs there; random-eps3's epoch 1 has the best val AUROC (.70).
     row = cell(binned, "random", "(0, 1]")
-    assert (row["trial"], row[metrics.EPOCH], row[TEST_AT_EPOCH], row[views.CANDIDATE_TRIALS]) == (
+    assert (row["trial"], row[names.EPOCH], row[TEST_AT_EPOCH], row[views.CANDIDATE_TRIALS]) == (
         "random-eps3", 1, 0.61, 3)
     assert cell(binned, "domain", "(0, 1]")["trial"] == "domain-eps1"  # val .75 beats domain-eps3's .70
     assert cell(binned, "domain", "(1, 3]")[TEST_AT_EPOCH] == 0.77
@@ -112,7 +111,7 @@ def test_final_selection(selection):
     assert (row["trial"], row[views.CANDIDATE_TRIALS], row[VAL]) == ("random-eps1", 2, 0.65)
     # random-eps3's selected model is epoch 1 (0.9 spent then), but the run spent 2.95: bin (1, 3].
     assert cell(selection, "random", "(1, 3]")["trial"] == "random-eps3"
-    assert cell(selection, "domain", "(1, 3]")[metrics.BEST_EPOCH] == 2
+    assert cell(selection, "domain", "(1, 3]")[names.BEST_EPOCH] == 2
     assert set(selection["trial"]) == {"random-eps1", "random-eps3", "random-epsinf", "domain-eps1", "domain-eps3",
                                        "domain-epsinf"}  # eps 19.5 is in no bin; domain-eps8 failed
 
@@ -120,7 +119,7 @@ def test_final_selection(selection):
 def test_final_selection_tie_goes_to_lower_epsilon_then_key(tables):
     trials = tables.trials.copy()
     epochs = tables.epochs.copy()
-    epochs.loc[(epochs["trial"] == "random-eps1-lr") & (epochs[metrics.EPOCH] == 3), VAL] = 0.65  # tie with eps1
+    epochs.loc[(epochs["trial"] == "random-eps1-lr") & (epochs[names.EPOCH] == 3), VAL] = 0.65  # tie with eps1
     chosen = cell(views.final_selection(trials, epochs), "random", "(0, 1]")
     assert chosen["trial"] == "random-eps1-lr"  # spent 0.95 < 0.99
     trials.loc[trials["trial"] == "random-eps1-lr", EPS] = 0.99
@@ -134,8 +133,8 @@ def test_external_auroc_matrix(tables, selection):
     assert matrix.index.names == ["model", "dataset", "init", "bin", "trial"]
     final = tables.trials.set_index("trial")
     for (_, _, _, _, trial), row in matrix.iterrows():
-        assert row[DATASET] == final.at[trial, metrics.TEST_AUROC_MACRO]
-        assert row[EXTERNAL] == final.at[trial, metrics.external_auroc(EXTERNAL)]
+        assert row[DATASET] == final.at[trial, names.TEST_AUROC_MACRO]
+        assert row[EXTERNAL] == final.at[trial, names.external_auroc(EXTERNAL)]
     assert matrix.xs("random-eps1", level="trial")[DATASET].item() == 0.62
     assert views.external_datasets(tables.trials) == [EXTERNAL]
 
@@ -154,7 +153,7 @@ def test_subgroup_and_fairness_tables(tables, selection):
     final = tables.trials.set_index("trial")
     for trial in selection["trial"]:
         row = fairness.xs(trial, level="trial").iloc[0]
-        assert row[("age", "auroc_gap")] == final.at[trial, metrics.auroc_gap("test", "age")]
+        assert row[("age", "auroc_gap")] == final.at[trial, names.auroc_gap("test", "age")]
         assert row[("sex", "eod")] == final.at[trial, names.fairness("test", "eod", "sex")]
 
 
@@ -171,9 +170,9 @@ def test_paired_p_values(tables, selection):
     assert first["p_1_better"] == paired_p_value(replicates("domain-eps1", DATASET).astype(np.float32),
                                                  replicates("random-eps1", DATASET).astype(np.float32))
     final = tables.trials.set_index("trial")
-    assert first["auroc_1"] == final.at[first["trial_1"], metrics.TEST_AUROC_MACRO]
+    assert first["auroc_1"] == final.at[first["trial_1"], names.TEST_AUROC_MACRO]
     external = p_values.iloc[1]
-    assert external["auroc_2"] == final.at[external["trial_2"], metrics.external_auroc(EXTERNAL)]
+    assert external["auroc_2"] == final.at[external["trial_2"], names.external_auroc(EXTERNAL)]
 
 
 def test_paired_p_values_refuse_unpaired_replicates(tables, selection):
@@ -215,43 +214,43 @@ def test_fixture_table_is_what_the_docstring_says():
 def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
     gaps = views.fairness_gap_by_bin(tables.trials, tables.epochs)
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
-    cells = ["model", "dataset", "init", "bin", "trial", metrics.EPOCH, views.CANDIDATE_EPOCHS,
+    cells = ["model", "dataset", "init", "bin", "trial", names.EPOCH, views.CANDIDATE_EPOCHS,
              views.CANDIDATE_TRIALS]
     pd.testing.assert_frame_equal(gaps[cells], binned[cells])  # one selection rule, not a second copy
-    gap_columns = [metrics.auroc_gap_at_epoch("sex"), metrics.auroc_gap("val", "sex"),
-                   metrics.auroc_gap_at_epoch("age"), metrics.auroc_gap("val", "age")]
+    gap_columns = [names.auroc_gap_at_epoch("sex"), names.auroc_gap("val", "sex"),
+                   names.auroc_gap_at_epoch("age"), names.auroc_gap("val", "age")]
     assert list(gaps.columns[8:-2]) == [TEST_AT_EPOCH, *gap_columns]
     for _, row in gaps.iterrows():
-        trial, epoch = BY_KEY[row["trial"]], row[metrics.EPOCH]
+        trial, epoch = BY_KEY[row["trial"]], row[names.EPOCH]
         for attribute in ("sex", "age"):
-            np.testing.assert_equal(row[metrics.auroc_gap_at_epoch(attribute)], trial.test_gap(attribute, epoch))
-            assert row[metrics.auroc_gap("val", attribute)] == trial.val_gap(attribute, epoch)
+            np.testing.assert_equal(row[names.auroc_gap_at_epoch(attribute)], trial.test_gap(attribute, epoch))
+            assert row[names.auroc_gap("val", attribute)] == trial.val_gap(attribute, epoch)
     # random (0, 1]: random-eps3's epoch 1 (best val AUROC .70 in the bin); age gap 0.1 * 1 + 0.01 * (11 % 7).
-    assert cell(gaps, "random", "(0, 1]")[metrics.auroc_gap_at_epoch("age")] == pytest.approx(0.14)
+    assert cell(gaps, "random", "(0, 1]")[names.auroc_gap_at_epoch("age")] == pytest.approx(0.14)
     # domain (0, 1]: domain-eps1's epoch 1 has a NaN gap; it stays the chosen model (the gap never selects).
     row = cell(gaps, "domain", "(0, 1]")
-    assert (row["trial"], row[metrics.EPOCH]) == ("domain-eps1", 1)
-    assert math.isnan(row[metrics.auroc_gap_at_epoch("age")])
+    assert (row["trial"], row[names.EPOCH]) == ("domain-eps1", 1)
+    assert math.isnan(row[names.auroc_gap_at_epoch("age")])
 
-    wide = views.bin_table(gaps, metrics.auroc_gap_at_epoch("sex"))
+    wide = views.bin_table(gaps, names.auroc_gap_at_epoch("sex"))
     assert list(wide.columns) == [b.label for b in STUDY_BINS]
     assert wide.loc[(MODEL, DATASET, "random")].tolist() == pytest.approx([0.01, 0.03, 0.01, 0.02])
 
 
 def test_fairness_gap_by_bin_on_a_hand_made_table():
     """Two trials in one cell; the lower gap loses because validation AUROC chooses, and test columns are optional."""
-    gap = metrics.auroc_gap_at_epoch("age")
+    gap = names.auroc_gap_at_epoch("age")
     trials = pd.DataFrame({"trial": ["a", "b"], "status": ["TERMINATED"] * 2, "model": ["m"] * 2,
                            "dataset": ["d"] * 2, "init": ["random"] * 2})
     epochs = pd.DataFrame({
         "trial": ["a", "a", "b", "b"],
-        metrics.EPOCH: [1, 2, 1, 2],
+        names.EPOCH: [1, 2, 1, 2],
         EPS: [0.5, 2.0, 0.6, 0.9],
         VAL: [0.70, 0.80, 0.60, 0.75],
         gap: [0.30, 0.05, 0.01, 0.20],
     })
     gaps = views.fairness_gap_by_bin(trials, epochs)
-    assert gaps[["bin", "trial", metrics.EPOCH, gap]].astype({"bin": str}).values.tolist() == [
+    assert gaps[["bin", "trial", names.EPOCH, gap]].astype({"bin": str}).values.tolist() == [
         ["(0, 1]", "b", 2, 0.20],  # b's epoch 2 (val .75) beats a's epoch 1 (val .70); b's epoch 1 has the lowest gap
         ["(1, 3]", "a", 2, 0.05],
     ]
@@ -265,5 +264,5 @@ def test_fairness_gap_by_bin_says_what_is_missing(tables):
     with pytest.raises(KeyError, match="auroc_gap_at_epoch/race"):
         views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes=["race"])
     only_age = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes=["age"])
-    assert metrics.auroc_gap_at_epoch("sex") not in only_age.columns
+    assert names.auroc_gap_at_epoch("sex") not in only_age.columns
     assert views.per_epoch_fairness_attributes(tables.epochs) == ["sex", "age"]

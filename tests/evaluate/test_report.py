@@ -1,4 +1,4 @@
-"""`evaluate_split`: keys tied to `trainables.metrics`, values tied to the parts, no identifiers out."""
+"""`evaluate_split`: keys tied to `trainables.names`, values tied to the parts, no identifiers out."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainables import metrics
+from trainables import names
 from trainables.data.labels import LABELS
-from trainables.evaluate import names
 from trainables.evaluate.bootstrap import paired_p_value
 from trainables.evaluate.fairness import age_grouping, attribute_fairness, sex_grouping
 from trainables.evaluate.report import evaluate_split, fit_thresholds
@@ -44,17 +43,17 @@ def evaluation():
 
 def test_keys_use_the_shared_metric_names(evaluation):
     keys = evaluation.metrics
-    assert metrics.TEST_AUROC_MACRO in keys
+    assert names.TEST_AUROC_MACRO in keys
     for label in LABELS:
-        assert metrics.test_auroc(label) in keys
-        assert names.auroc("test", label) == metrics.test_auroc(label)
-    assert names.auroc_macro("test") == metrics.TEST_AUROC_MACRO
-    assert names.auroc_macro("val") == metrics.VAL_AUROC_MACRO
-    assert names.auroc_macro("external/synthetic-b") == metrics.external_auroc("synthetic-b")
+        assert names.test_auroc(label) in keys
+        assert names.auroc("test", label) == names.test_auroc(label)
+    assert names.auroc_macro("test") == names.TEST_AUROC_MACRO
+    assert names.auroc_macro("val") == names.VAL_AUROC_MACRO
+    assert names.auroc_macro("external/synthetic-b") == names.external_auroc("synthetic-b")
     for attribute, groups in (("sex", ("F", "M")), ("age", ("0-40", "40-70", "70-100"))):
-        assert metrics.auroc_gap("test", attribute) in keys
+        assert names.auroc_gap("test", attribute) in keys
         for group in groups:
-            assert metrics.subgroup_auroc("test", attribute, group) in keys
+            assert names.subgroup_auroc("test", attribute, group) in keys
     assert "test/auroc_macro_ci_low" in keys and "test/auroc_macro_ci_high" in keys
     assert "test/fairness/eod/age" in keys and "test/fairness/eod/age/cardiomegaly" in keys
     assert "test/sensitivity/pneumonia" in keys

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import TrialConfig
 from trainables.data.loaders import load_trial_data
 from trainables.models import ResolvedInit

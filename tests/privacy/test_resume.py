@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from tests.privacy import resume_worker as worker
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic

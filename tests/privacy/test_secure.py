@@ -15,7 +15,7 @@ from scipy import stats
 
 from tests.privacy.test_engine import inputs, small_convnext
 from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
-from trainables import metrics as M
+from trainables import names as M
 from trainables.privacy.engine import SecureDPOptimizer, make_dp_optimizer, poisson_batches, private_step, wrap_model
 from trainables.privacy.secure import CHUNK_VALUES, SecureRandom
 

@@ -5,7 +5,8 @@ from contextlib import contextmanager
 
 import yaml
 
-from sweeps.launch import SweepPaths, run_sweep
+from sweeps.launch import run_sweep
+from sweeps.plan import SweepPaths
 from sweeps.spec import SweepSpec, parse_spec
 
 

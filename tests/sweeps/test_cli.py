@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from sweeps.launch import SweepPaths, plan_sweep
+from sweeps.plan import SweepPaths, plan_sweep
 from sweeps.spec import SpecError, parse_spec
 
 SMALL = {
@@ -16,7 +16,7 @@ SMALL = {
     "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 60},
     "model": "test_convnext",
     "inits": ["random"],
-    "privacy": {"epsilons": [1, 8], "expected_batch_size": 8, "epochs": 2},
+    "privacy": {"target_epsilon": [1, 8], "expected_batch_size": 8, "epochs": 2},
 }
 
 
@@ -38,9 +38,9 @@ def test_bad_yaml_exits_2_naming_the_problem(tmp_path, capsys):
 
 
 def test_epsilon_zero_exits_2_before_anything_runs(tmp_path, capsys):
-    spec = {**SMALL, "privacy": {**SMALL["privacy"], "epsilons": [0]}}
+    spec = {**SMALL, "privacy": {**SMALL["privacy"], "target_epsilon": [0]}}
     assert main(["sweep", str(write(tmp_path, spec)), "--runs", str(tmp_path / "runs")]) == 2
-    assert "privacy.epsilons[0] = 0.0 must be > 0" in capsys.readouterr().err
+    assert "privacy.target_epsilon[0] = 0.0 must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

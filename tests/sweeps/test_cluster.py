@@ -34,9 +34,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.tables import TRIALS_FILE
 from sweeps.spec import SweepSpec, parse_spec
-from trainables import metrics as M
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import TRIALS_FILE
 from trainables.trial import NODE_ID
 
 pytestmark = pytest.mark.slow
@@ -49,23 +50,15 @@ DRIVER_TIMEOUT_S = 300
 STOP_GRACE_S = 5  # the GCS server ignores SIGTERM for longer than a test should wait
 
 # random init x target epsilon {2, 8} x seed {0, 1}: 4 trials of one CPU on 2 one-CPU nodes.
-SPEC = """
-name: cluster
-data: {train: synthetic-a, image_size: 32, synthetic_images: 600}
-model: test_convnext
-inits: [random]
-privacy: {epsilons: [2, 8], clip_norms: [1.0], expected_batch_size: 64, epochs: 1}
-training: {learning_rates: [0.002], seeds: [0, 1]}
-evaluation: {n_boot: 10}
-resources: {cpu: 1}
-"""
+SPEC = tiny_yaml(name="cluster", privacy={"target_epsilon": [2, 8], "epochs": 1}, training={"seed": [0, 1]})
 
 # The driver process: wait until both nodes have joined, run the sweep against the cluster, and write down
 # which cluster it was connected to. Arguments: spec file, runs folder, data folder, address, output file.
 DRIVER = """
 import json, sys, time
 import ray
-from sweeps.launch import SweepPaths, run_sweep
+from sweeps.launch import run_sweep
+from sweeps.plan import SweepPaths
 from sweeps.spec import load_spec
 
 spec_file, runs, data, address, out = sys.argv[1:]

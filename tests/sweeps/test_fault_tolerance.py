@@ -45,12 +45,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import TRIALS_FILE
 from sweeps.spec import SweepSpec, parse_spec
-from sweeps.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG
-from trainables import metrics as M
+from tests.ray_files import read_json
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
 from trainables.config import TrialConfig
 from trainables.models import ResolvedInit
+from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG, TRIALS_FILE
 from trainables.privacy.accounting import epsilon_spent
 from trainables.train import train_trial
 from trainables.trial import DONE, FINAL_FILE, NODE_ID
@@ -65,16 +66,9 @@ SETTLE_S = 0.2  # after a report, for the experiment-state save Tune makes at th
 
 # 200 images: 144 training images, 9 Poisson batches of expected size 16 per epoch; each trial takes one CPU, and
 # `dpsweep sweep` starts a local Ray with all CPUs, so the two trials train side by side (given 2 cores).
-SPEC = """
-name: faults
-data: {train: synthetic-a, image_size: 32, synthetic_images: 200}
-model: test_convnext
-inits: [random]
-privacy: {epsilons: [2, 4], clip_norms: [1.0], expected_batch_size: 16, epochs: 3}
-training: {learning_rates: [0.002]}
-evaluation: {n_boot: 10}
-resources: {cpu: 1, max_failures: 2}
-"""
+SPEC = tiny_yaml(name="faults", data={"synthetic_images": 200},
+                 privacy={"target_epsilon": [2, 4], "expected_batch_size": 16, "epochs": 3},
+                 resources={"max_failures": 2})
 
 T = TypeVar("T")
 
@@ -187,7 +181,7 @@ class SweepFolder:
         """Each trial's Ray folder, by trial key (a trial's folder appears when it starts)."""
         trials = {}
         for params in self.experiment.glob("*/params.json"):
-            key = json.loads(params.read_text())["point"]["key"]
+            key = read_json(params)["point"]["key"]  # Ray may still be writing it
             trials[key] = TrialOnDisk.read(key, params.parent)
         return trials
 
@@ -233,7 +227,7 @@ class TrialOnDisk:
 
     def point(self) -> dict[str, Any]:
         """The grid point Ray gave the trial (its flat TrialConfig and resolved init)."""
-        return json.loads((self.folder / "params.json").read_text())["point"]
+        return read_json(self.folder / "params.json")["point"]
 
     def final_file(self) -> Path | None:
         found = sorted(self.folder.glob(f"checkpoint_*/{FINAL_FILE}"))
@@ -430,7 +424,7 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_running_it_again_finishes_it(interru
 @pytest.mark.slow
 def test_every_trial_ran_each_epoch_once_and_ends_at_its_planned_ledger(interrupted):
     trials, spec = interrupted.trials, interrupted.sweep.spec
-    assert sorted(trials.index) == sorted(f"random-eps{e:g}-clip1-lr0.002-seed0" for e in spec.privacy.epsilons)
+    assert sorted(trials.index) == sorted(f"random-eps{e:g}-clip1-lr0.002-seed0" for e in spec.axes.target_epsilon)
     assert (trials["status"] == "TERMINATED").all(), trials[["status", "error"]]
     for key, row in trials.iterrows():
         planned = epsilon_spent(row["noise_multiplier"], row["sample_rate"], int(row["steps"]), row["delta"],

@@ -27,10 +27,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from sweeps.launch import SweepPaths, run_sweep
+from sweeps.launch import run_sweep
+from sweeps.plan import SweepPaths
 from sweeps.spec import SweepSpec, parse_spec
-from sweeps.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG
-from trainables import metrics as M
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG
 from trainables.trial import NODE_ID
 
 pytestmark = pytest.mark.slow
@@ -42,16 +44,7 @@ STOP_GRACE_S = 10
 SQL_INFINITY = 1e308  # how `sweeps.tracking` stores an infinite epsilon (SQL stores cannot hold inf)
 
 # random init x target epsilon {2, inf}: one private trial and its non-private baseline, 2 epochs each.
-SPEC = """
-name: served
-data: {train: synthetic-a, image_size: 32, synthetic_images: 600}
-model: test_convnext
-inits: [random]
-privacy: {epsilons: [2, .inf], clip_norms: [1.0], expected_batch_size: 64, epochs: 2}
-training: {learning_rates: [0.002]}
-evaluation: {n_boot: 10}
-resources: {cpu: 1}
-"""
+SPEC = tiny_yaml(name="served")
 
 
 @dataclass(frozen=True)
@@ -204,7 +197,7 @@ def test_the_server_holds_the_experiment_and_a_finished_parent_run(served_sweep)
     assert parent["info"]["status"] == "FINISHED"
     assert PARENT_TAG not in tags_of(parent)
     params = params_of(parent)
-    assert params["n_trials"] == "2" and params["epsilons"] == "2,inf" and params["model"] == "test_convnext"
+    assert params["n_trials"] == "2" and params["target_epsilon"] == "2,inf" and params["model"] == "test_convnext"
 
 
 def test_one_finished_child_per_trial_points_at_the_parent_with_its_params_and_metrics(served_sweep):

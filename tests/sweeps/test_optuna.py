@@ -6,7 +6,7 @@ import math
 import pytest
 
 from sweeps.search import CONSTRAINT, Cell, FeasibleOptunaSearch, PrivateOptunaSearch, Ranges
-from trainables import metrics as M
+from trainables import names as M
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.trial import DONE
 
@@ -14,7 +14,7 @@ N_TRAIN = 2000
 DELTA = 1e-5
 # Wide enough that many proposals spend more than epsilon 1 (small sigma, many epochs, big batches).
 RANGES = Ranges(noise_multiplier=(0.3, 3.0), expected_batch_size=(16, 256), epochs=(1, 8),
-                learning_rate=(1e-4, 1e-2), clip_norm=(0.5, 2.0))
+                lr=(1e-4, 1e-2), max_grad_norm=(0.5, 2.0))
 
 
 def cell(eps: float, key: str | None = None) -> Cell:
@@ -117,7 +117,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
 
 def test_an_impossible_search_space_stops_with_the_fix():
     tight = Ranges(noise_multiplier=(0.1, 0.2), expected_batch_size=(256, 512), epochs=(50, 60),
-                   learning_rate=(1e-3,), clip_norm=(1.0,))
+                   lr=(1e-3,), max_grad_norm=(1.0,))
     searcher = FeasibleOptunaSearch(cell(0.5), tight, delta=DELTA, accountant="rdp", max_proposals=5,
                                     metric="objective/auroc", mode="max")
     with pytest.raises(RuntimeError, match=r"5 proposals in a row .* spend more than epsilon 0\.5; widen "

@@ -6,35 +6,26 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.launch import OPTUNA_DB, run_sweep
-from sweeps.tracking import ROLE_TAG, SWEEP_TAG
+from sweeps.launch import run_sweep
 from tests.sweeps.local_sweep import local_sweep
-from trainables import metrics as M
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import OPTUNA_DB_FILE, ROLE_TAG, SWEEP_TAG
 from trainables.privacy.accounting import epsilon_spent
 
 pytestmark = pytest.mark.slow
 
-TINY_OPTUNA = """
-name: tiny-optuna
-data: {train: synthetic-a, external: [synthetic-b], image_size: 32, synthetic_images: 400,
-       input_mean: 0.5, input_std: 0.25}
-model: test_convnext
-inits: [random]
-search: optuna
-privacy: {epsilons: [2, .inf], delta: 1.0e-5}
-optuna:
-  trials_per_target: 3
-  max_concurrent: 2
-  objectives: [auroc, auroc_gap_sex]
-  noise_multiplier: [0.3, 3.0]
-  expected_batch_size: [16, 128]
-  epochs: [1, 2]
-  learning_rate: [5.0e-4, 3.0e-3]
-  clip_norm: [0.5, 2.0]
-early_stopping: {grace_period: 1, reduction_factor: 2}
-evaluation: {n_boot: 10}
-resources: {cpu: 1}
-"""
+TINY_OPTUNA = tiny_yaml(
+    name="tiny-optuna", search="optuna",
+    data={"external": ["synthetic-b"], "synthetic_images": 400, "input_mean": 0.5, "input_std": 0.25},
+    privacy={"target_epsilon": [2, math.inf], "delta": 1.0e-5, "max_grad_norm": None, "expected_batch_size": None,
+             "epochs": None},
+    training=None,
+    optuna={"trials_per_target": 3, "max_concurrent": 2, "objectives": ["auroc", "auroc_gap_sex"],
+            "noise_multiplier": [0.3, 3.0], "expected_batch_size": [16, 128], "epochs": [1, 2],
+            "lr": [5.0e-4, 3.0e-3], "max_grad_norm": [0.5, 2.0]},
+    early_stopping={"grace_period": 1, "reduction_factor": 2},
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def test_every_launched_trial_meets_its_target(optuna_sweep):
 
 def test_studies_are_persisted_with_validation_objectives(optuna_sweep):
     spec, paths, trials = optuna_sweep
-    storage = f"sqlite:///{paths.sweep_dir(spec) / OPTUNA_DB}"
+    storage = f"sqlite:///{paths.sweep_dir(spec) / OPTUNA_DB_FILE}"
     study = optuna.load_study(study_name="tiny-optuna/random-eps2", storage=storage)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     launched = [t for t in study.trials if "planned_epsilon" in t.user_attrs and not t.constraints]

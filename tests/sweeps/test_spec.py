@@ -1,6 +1,7 @@
 """Sweep-file validation: every bad input fails before Ray starts, naming the field, the value and the fix."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,11 @@ def smoke_dict() -> dict:
 def test_smoke_spec_is_valid_and_expands_to_the_grid():
     spec = load_spec(SMOKE)
     grid = spec.grid()
-    assert len(grid) == len(spec.inits) * len(spec.privacy.epsilons) * len(spec.privacy.clip_norms) * len(
-        spec.training.learning_rates) * len(spec.training.seeds)
-    assert {p["init"] for p in grid} == {"random", "domain"}
-    assert {p["target_epsilon"] for p in grid} == {1.0, 3.0, 8.0, math.inf}
+    axes = spec.axes
+    assert len(grid) == len(spec.inits) * len(axes.target_epsilon) * len(axes.max_grad_norm["test_convnext"]) * len(
+        axes.lr) * len(axes.seed)
+    assert {p.init for p in grid} == {"random", "domain"}
+    assert {p.target_epsilon for p in grid} == {1.0, 3.0, 8.0, math.inf}
 
 
 def edit(path: str, value) -> dict:
@@ -37,9 +39,9 @@ def edit(path: str, value) -> dict:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("privacy.epsilons", [1, 0], r"privacy\.epsilons\[1\] = 0\.0 must be > 0 \(use \.inf"),
-        ("privacy.epsilons", [-2], r"privacy\.epsilons\[0\] = -2\.0 must be > 0"),
-        ("privacy.clip_norms", [0], r"privacy\.clip_norms\[0\] = 0\.0 must be a finite number > 0"),
+        ("privacy.target_epsilon", [1, 0], r"privacy\.target_epsilon\[1\] = 0\.0 must be > 0 \(use \.inf"),
+        ("privacy.target_epsilon", [-2], r"privacy\.target_epsilon\[0\] = -2\.0 must be > 0"),
+        ("privacy.max_grad_norm", [0], r"privacy\.max_grad_norm\[0\] = 0\.0 must be a finite number > 0"),
         ("privacy.delta", 1.5, r"privacy\.delta = 1\.5 must be in \(0, 1\)"),
         ("privacy.accountant", "gdp", r"privacy\.accountant = 'gdp'; choose one of \('rdp', 'prv'\)"),
         ("privacy.epochs", 0, r"privacy\.epochs = 0 must be >= 1"),
@@ -48,10 +50,14 @@ def edit(path: str, value) -> dict:
         ("data.train", "chexpertt", r"data\.train\[0\]: unknown dataset 'chexpertt'"),
         ("data.train", ["synthetic-a", "synthetic-a"], r"data\.train lists a dataset twice"),
         ("model", ["test_convnext", "test_convnext"], r"model lists a name twice"),
-        ("privacy.clip_norms", {"convnext_tiny": 1.0}, r"privacy\.clip_norms\.convnext_tiny: 'convnext_tiny' is not"),
+        ("privacy.max_grad_norm", {"convnext_tiny": 1.0},
+         r"privacy\.max_grad_norm\.convnext_tiny: 'convnext_tiny' is not"),
+        ("privacy.accountant", True, r"privacy\.accountant = True; choose one of"),
+        ("privacy.noise_multiplier", 1.0, r"`privacy\.noise_multiplier` cannot be set in a sweep file: it is derived"),
+        ("training.pos_weight", "balanced", r"training\.pos_weight = 'balanced'; choose one of \('uniform', 'train'\)"),
         ("search", "bayes", r"search = 'bayes'; choose one of \('grid', 'optuna'\)"),
         ("speed.grad_sample_mode", "ghost", r"speed\.grad_sample_mode = 'ghost'; choose one of"),
-        ("training.learning_rates", [0.001, -1], r"training\.learning_rates\[1\] = -1\.0 must be > 0"),
+        ("training.lr", [0.001, -1], r"training\.lr\[1\] = -1\.0 must be > 0"),
         ("evaluation.age_edges", [0, 70, 40], r"evaluation\.age_edges = \[0\.0, 70\.0, 40\.0\] must be strictly"),
     ],
 )
@@ -62,9 +68,47 @@ def test_bad_fields_are_named_with_value_and_fix(path, value, expected):
 
 def test_unknown_fields_suggest_the_right_name():
     raw = smoke_dict()
-    raw["privacy"]["epsilon"] = raw["privacy"].pop("epsilons")
-    with pytest.raises(SpecError, match=r"unknown field `privacy\.epsilon`; did you mean `privacy\.epsilons`"):
+    raw["privacy"]["epsilon"] = raw["privacy"].pop("target_epsilon")
+    with pytest.raises(SpecError, match=r"unknown field `privacy\.epsilon`; did you mean `privacy\.target_epsilon`"):
         parse_spec(raw)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("privacy.epsilons", "privacy.target_epsilon"), ("privacy.clip_norms", "privacy.max_grad_norm"),
+    ("training.learning_rates", "training.lr"), ("training.seeds", "training.seed"),
+])
+def test_renamed_fields_name_their_new_spelling(old, new):
+    raw = smoke_dict()
+    section, leaf = old.split(".")
+    raw[section][leaf] = raw[section].pop(new.split(".")[1])
+    with pytest.raises(SpecError, match=rf"`{re.escape(old)}` was renamed `{re.escape(new)}`"):
+        parse_spec(raw)
+
+
+def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
+    """Every grid axis and every privacy/speed field of the sweep file is the TrialConfig field it sets."""
+    from sweeps.plan import DatasetPlan, SweepPaths, make_trial, trial_template
+    from trainables.models import ResolvedInit
+
+    raw = smoke_dict()
+    raw["privacy"] |= {"max_grad_norm": [0.7], "secure_mode": True, "expected_batch_size": 16}
+    raw["speed"] |= {"max_physical_batch_size": 8, "grad_sample_mode": "functorch"}
+    raw["training"] |= {"lr": [0.004], "seed": [3]}
+    spec = parse_spec(raw)
+    paths = SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")
+    point = next(p for p in spec.grid() if p.target_epsilon == 3)
+    trial = make_trial(spec, trial_template(spec, paths), DatasetPlan("synthetic-a", 1000, 0.016, 189),
+                       ResolvedInit("random", "random", "test_convnext", None), point, "k", noise_multiplier=1.1,
+                       expected_batch_size=16, epochs=3, provenance_tags={})
+    flat = trial.config.to_flat()
+    for section in ("privacy", "speed"):
+        for key, value in raw[section].items():
+            if key == "target_epsilon":
+                continue
+            expected = value[0] if isinstance(value, list) else value
+            assert flat[key] == expected, key
+    assert (flat["target_epsilon"], flat["lr"], flat["seed"]) == (3.0, 0.004, 3)
+    assert trial.params["max_grad_norm"] == 0.7 and trial.params["noise_multiplier"] == 1.1
 
 
 def test_missing_required_field():
@@ -95,7 +139,7 @@ def test_timm_tag_inits_must_match_the_model():
 
 def test_malformed_yaml_names_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nprivacy:\n  epsilons: [1, 3\n  delta: 1e-6\n")
+    bad.write_text("name: x\nprivacy:\n  target_epsilon: [1, 3\n  delta: 1e-6\n")
     with pytest.raises(SpecError, match=r"bad\.yaml: malformed YAML at line \d+, column \d+"):
         load_spec(bad)
 
@@ -120,19 +164,19 @@ def test_paper_spec_is_the_reference_grid():
     assert spec.models == ("convnext_small", "convnext_tiny")
     assert spec.data.train == ("vindr-cxr", "chestxray14", "padchest", "chexpert", "uka-cxr")
     assert spec.inits == ("imagenet", "dinov3", "domain") and spec.pretrain.dataset == "mimic-cxr"
-    assert spec.privacy.delta == 6e-6 and spec.training.learning_rates == (5e-6, 1e-5)
+    assert spec.privacy.delta == 6e-6 and spec.axes.lr == (5e-6, 1e-5)
     grid = spec.grid()
     assert len(grid) == 2 * 5 * 3 * 4 * 2
-    assert {(p["model"], p["max_grad_norm"]) for p in grid} == {("convnext_small", 4.0), ("convnext_tiny", 3.5)}
-    bins = sorted({p["target_epsilon"] for p in grid})
+    assert {(p.model, p.max_grad_norm) for p in grid} == {("convnext_small", 4.0), ("convnext_tiny", 3.5)}
+    bins = sorted({p.target_epsilon for p in grid})
     assert bins[0] <= 1 < bins[1] <= 3 < bins[2] <= 10 and math.isinf(bins[3])
     assert spec.resources.gpu == 1
 
 
 def test_clip_norms_as_a_mapping_needs_every_model():
     raw = yaml.safe_load(PAPER.read_text())
-    raw["privacy"]["clip_norms"] = {"convnext_small": 4.0}
-    with pytest.raises(SpecError, match=r"privacy\.clip_norms has no entry for model 'convnext_tiny'; add"):
+    raw["privacy"]["max_grad_norm"] = {"convnext_small": 4.0}
+    with pytest.raises(SpecError, match=r"privacy\.max_grad_norm has no entry for model 'convnext_tiny'; add"):
         parse_spec(raw)
 
 
@@ -155,14 +199,14 @@ def test_optuna_smoke_spec_is_valid():
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("privacy", "clip_norms", [1.0], r"`privacy\.clip_norms` is a grid setting; with `search: optuna` give the "
-                                         r"range `optuna\.clip_norm`"),
-        ("training", "learning_rates", [1e-3], r"`training\.learning_rates` is a grid setting"),
+        ("privacy", "max_grad_norm", [1.0], r"`privacy\.max_grad_norm` is a grid setting; with `search: optuna` "
+                                            r"give the range `optuna\.max_grad_norm`"),
+        ("training", "lr", [1e-3], r"`training\.lr` is a grid setting"),
         ("optuna", "noise_multiplier", [3.0, 1.0], r"optuna\.noise_multiplier = \[3\.0, 1\.0\]: give \[low, high\]"),
-        ("optuna", "objectives", ["auroc", "loss"], r"optuna\.objectives\[1\] = 'loss'; choose from"),
+        ("optuna", "objectives", ["auroc", "loss"], r"optuna\.objectives\[1\] = 'loss'; choose one of"),
         ("optuna", "sampler", "cmaes", r"optuna\.sampler = 'cmaes'"),
         ("optuna", "trials_per_target", 0, r"optuna\.trials_per_target = 0 must be >= 1"),
-        ("training", "seeds", [0, 1], r"training\.seeds = \[0, 1\]: search: optuna uses one seed"),
+        ("training", "seed", [0, 1], r"training\.seed = \[0, 1\]: search: optuna uses one seed"),
         ("early_stopping", "reduction_factor", 1, r"early_stopping\.reduction_factor = 1 must be >= 2"),
     ],
 )

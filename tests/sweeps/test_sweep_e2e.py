@@ -7,23 +7,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.launch import run_sweep
-from sweeps.tracking import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 from tests.sweeps.local_sweep import local_sweep
-from trainables import metrics as M
+from tests.sweeps.tiny import tiny_yaml
+from trainables import names as M
+from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 
 pytestmark = pytest.mark.slow
 
-TINY = """
-name: tiny
-data: {train: synthetic-a, external: [synthetic-b], image_size: 32, synthetic_images: 600}
-model: test_convnext
-inits: [random, domain]
-pretrain: {dataset: synthetic-source, epochs: 1, lr: 0.002, batch_size: 128}
-privacy: {epsilons: [2, .inf], clip_norms: [1.0], expected_batch_size: 64, epochs: 2}
-training: {learning_rates: [0.002]}
-evaluation: {n_boot: 20}
-resources: {cpu: 1}
-"""
+TINY = tiny_yaml(data={"external": ["synthetic-b"]}, inits=["random", "domain"],
+                 pretrain={"dataset": "synthetic-source", "epochs": 1, "lr": 0.002, "batch_size": 128},
+                 evaluation={"n_boot": 20})
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +84,7 @@ def test_running_again_duplicates_nothing(tiny_sweep, capsys):
 
 
 def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
-    from sweeps.launch import tuning_cost
+    from sweeps.results import tuning_cost
 
     _, paths, trials = tiny_sweep
     cost = tuning_cost(trials)
@@ -105,7 +98,7 @@ def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
 
 
 def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
-    from sweeps.launch import rebuild_tables
+    from sweeps.results import rebuild_tables
 
     spec, paths, trials = tiny_sweep
     rebuilt, epochs = rebuild_tables(spec, paths)

@@ -24,10 +24,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.labels import LABELS, SEXES, SPLITS
-
-IMAGES_FILE = "images.npy"
-MANIFEST_FILE = "manifest.parquet"
-CARD_FILE = "card.json"
+from trainables.names import CARD_FILE, IMAGES_FILE, MANIFEST_FILE  # noqa: F401 (re-exported to the data modules)
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "string",
@@ -167,9 +164,6 @@ class Cache:
         )
 
 
-def dataset_path(data_root: str | Path, dataset: str, image_size: int) -> Path:
-    """The prepared cache folder of one dataset at one image size: ``<data_root>/<dataset>/<image_size>``."""
-    return Path(data_root) / dataset / str(image_size)
 
 
 def open_cache(path: Path) -> Cache:

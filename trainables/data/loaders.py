@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from trainables.config import TrialConfig
-from trainables.data.cache import SplitData, dataset_path, open_cache
+from trainables.data.cache import SplitData, open_cache
+from trainables.names import dataset_dir
 
 
 class CacheSplitDataset(Dataset):
@@ -64,7 +65,7 @@ def load_trial_data(cfg: TrialConfig) -> TrialData:
     """Open the trial's dataset (train, val, test) and the test split of each external dataset."""
 
     def dataset(name: str, split: str) -> CacheSplitDataset:
-        cache = open_cache(dataset_path(cfg.data_root, name, cfg.image_size))
+        cache = open_cache(dataset_dir(cfg.data_root, name, cfg.image_size))
         return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
 
     return TrialData(*(dataset(cfg.dataset, s) for s in ("train", "val", "test")),

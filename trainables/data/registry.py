@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainables.data.adapters import PREPARABLE
-from trainables.data.cache import MANIFEST_FILE, dataset_path
+from trainables.data.cache import MANIFEST_FILE
 from trainables.data.synthetic import SYNTHETIC_DATASETS, prepare_synthetic
+from trainables.names import dataset_dir
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -24,7 +25,7 @@ def ensure_prepared(name: str, data_root: Path, image_size: int, synthetic_image
     check_dataset_name(name)
     if name in SYNTHETIC_DATASETS:
         return prepare_synthetic(name, data_root, size=image_size, n_images=synthetic_images)
-    folder = dataset_path(data_root, name, image_size)
+    folder = dataset_dir(data_root, name, image_size)
     if not (folder / MANIFEST_FILE).exists():
         raise FileNotFoundError(
             f"dataset {name!r} is not prepared at {folder}; run `dpsweep prepare {name} --root /path/to/{name} "

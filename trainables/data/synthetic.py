@@ -72,6 +72,7 @@ import pandas as pd
 
 from trainables.data.cache import CARD_FILE, IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, write_cache
 from trainables.data.labels import LABELS
+from trainables.names import dataset_dir
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def prepare_synthetic(name: str, data_root: Path, size: int = 64, n_images: int 
     _check_size(size)
     n = _check_n_images(profile, n_images)
     _check_seed(seed)
-    out_dir = Path(data_root) / name / str(size)
+    out_dir = dataset_dir(data_root, name, size)
     expected = _card_identity(profile, size, n, seed)
     reason = _why_not_identical(out_dir, expected)
     if reason is None:

@@ -41,7 +41,6 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from trainables.data.labels import LABELS, SEXES
-from trainables.evaluate.names import FAIRNESS_METRICS
 from trainables.evaluate.utility import (
     auroc_per_label,
     check_label_arrays,
@@ -49,6 +48,7 @@ from trainables.evaluate.utility import (
     confusion_counts,
     macro_mean,
 )
+from trainables.names import FAIRNESS_METRICS
 
 DEFAULT_AGE_EDGES: tuple[float, ...] = (0, 40, 70, 100)
 """The study's age bins [0,40), [40,70), [70,100) in years."""

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from trainables import names
 from trainables.data.labels import LABELS
-from trainables.evaluate import names
 from trainables.evaluate.bootstrap import BootstrapAUROC, paired_bootstrap_auroc
 from trainables.evaluate.fairness import (
     DEFAULT_AGE_EDGES,
@@ -39,7 +39,7 @@ class Evaluation:
     """Everything a reviewer asks for about one model on one split.
 
     Attributes:
-        metrics: flat ``split/family/name`` keys (see `trainables.evaluate.names`) -> float, NaN where
+        metrics: flat ``split/family/name`` keys (see `trainables.names`) -> float, NaN where
             undefined; every key is a valid MLflow metric name.
         groups: tidy per-(attribute, group, label) table, see `fairness.group_table`.
         bootstrap: per-replicate AUROCs (float32, ``auroc_macro`` + one column per label, index
@@ -93,7 +93,7 @@ def evaluate_split(
     - ``p/subgroup_auroc/a/g``: the group's macro AUROC.
     - ``p/fairness/<family>/a/l`` per label and ``p/fairness/<family>/a`` averaged over labels, for the
       families of `fairness` (auroc_gap, tpr_gap, fpr_gap, eod, aod, ppv_gap, spd, accuracy_gap), except
-      ``p/fairness/auroc_gap/a`` = gap of the groups' macro AUROCs (`trainables.metrics.auroc_gap`); the
+      ``p/fairness/auroc_gap/a`` = gap of the groups' macro AUROCs (`trainables.names.auroc_gap`); the
       label mean of AUROC gaps is ``p/fairness/auroc_gap_label_mean/a``.
     - ``p/fairness/worst_group_auroc/a``, ``p/fairness/skipped_groups/a`` ((group, label) pairs without
       positives or negatives), ``p/fairness/excluded_images/a`` (unknown sex, missing or out-of-range age).

@@ -20,6 +20,7 @@ recipe): same distributions, not reproducible.
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,9 +33,10 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from trainables.config import GradSampleMode
 from trainables.privacy.secure import SecureRandom
 
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
+GRAD_SAMPLE_MODES: tuple[str, ...] = typing.get_args(GradSampleMode)
 """Allowed per-sample-gradient modes. Stock Opacus ``hooks`` and ``ghost`` are wrong on timm ConvNeXt
 (channels-last inputs to the downsample convs); our ``hooks`` uses the corrected conv sampler below.
 ``ew`` fails on ConvNeXt. ``functorch`` is correct as shipped (every module through ``torch.func``)."""

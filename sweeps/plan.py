@@ -1,0 +1,367 @@
+"""Plan a sweep: everything a user's input can make fail, checked before any trial starts (no Ray, no MLflow).
+
+    SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set), sigma per (dataset, target epsilon)
+    calibrated on the sweep's accountant, resolved inits (running the pretrain stage for ``domain``), and one
+    `TrialConfig` per grid point, built from one template with `dataclasses.replace`.
+
+`dry_run_report` is what ``dpsweep sweep --dry-run`` prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sweeps.spec import GridPoint, SpecError, SweepSpec
+from trainables import names as N
+from trainables.config import TrialConfig
+from trainables.data.registry import ensure_prepared
+from trainables.models import InitError, ResolvedInit, resolve_init
+from trainables.pretrain import pretrain_dir, run_pretrain
+from trainables.privacy.accounting import (
+    calibrate_noise_multiplier,
+    sample_rate_and_steps,
+    validate_privacy_parameters,
+)
+from trainables.provenance import provenance
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """Absolute locations of everything a sweep reads and writes."""
+
+    runs_root: Path
+    data_root: Path
+    tracking_uri: str
+
+    @classmethod
+    def for_spec(cls, spec: SweepSpec, runs: str | None = None, data: str | None = None) -> SweepPaths:
+        runs_root = Path(runs or os.environ.get("DPSWEEP_RUNS") or spec.runs).resolve()
+        data_root = Path(data or os.environ.get("DPSWEEP_DATA") or spec.data.root).resolve()
+        uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_root / 'mlflow.db'}"
+        return cls(runs_root, data_root, uri)
+
+    def sweep_dir(self, spec: SweepSpec) -> Path:
+        return self.runs_root / spec.name
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.runs_root / "ray"
+
+    def ray_experiment(self, spec: SweepSpec) -> Path:
+        return self.ray_storage / spec.name
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One grid point, ready for Ray: its key, config, resolved init, and what MLflow records."""
+
+    key: str
+    config: TrialConfig
+    init: ResolvedInit
+    params: dict[str, Any]
+    tags: dict[str, str]
+
+    def as_ray_point(self) -> dict[str, Any]:
+        return {"key": self.key, "trial": self.config.to_flat(), "init": asdict(self.init),
+                "params": self.params, "tags": self.tags}
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """A training set's size and, for the sweep's batch size and epochs, its sampling rate and step count.
+
+    ``estimated``: the dataset is not prepared (dry runs only); ``n_train`` is then the documented estimate of
+    `sweeps.estimate.ESTIMATED_TRAIN_IMAGES`, and sigma is recalibrated on the real N when the sweep runs."""
+
+    name: str
+    n_train: int
+    sample_rate: float
+    steps: int
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    spec: SweepSpec
+    paths: SweepPaths
+    trials: list[PlannedTrial]  # grid mode; empty for search: optuna (trials are proposed while it runs)
+    datasets: dict[str, DatasetPlan]
+    noise_multipliers: dict[tuple[str, float], float] = field(default_factory=dict)  # (dataset, eps) -> sigma
+    inits: dict[tuple[str, str], ResolvedInit] = field(default_factory=dict)  # (model, init) -> weights
+    notes: tuple[str, ...] = ()  # dry run: what must be fixed before the sweep can run
+    pretrain_n: int | None = None  # training images of the pretrain dataset (the domain init), if any
+
+    @property
+    def n_trials(self) -> int:
+        if self.spec.search == "optuna":
+            assert self.spec.optuna is not None
+            return len(self.spec.cells()) * self.spec.optuna.trials_per_target
+        return len(self.trials)
+
+
+def trial_key(spec: SweepSpec, point: GridPoint) -> str:
+    """``<init>-eps<eps>-clip<C>-lr<lr>-seed<seed>``, prefixed by the model and dataset when the sweep has
+    several of them (``convnext_small-chexpert-imagenet-eps1-...``)."""
+    key = f"{cell_key(point.init, point.target_epsilon)}-clip{point.max_grad_norm:g}-lr{point.lr:g}-seed{point.seed}"
+    return cell_prefix(spec, point.model, point.dataset) + key
+
+
+def cell_key(init: str, target_epsilon: float) -> str:
+    eps = "inf" if math.isinf(target_epsilon) else f"{target_epsilon:g}"
+    return f"{init}-eps{eps}"
+
+
+def cell_prefix(spec: SweepSpec, model: str, dataset: str) -> str:
+    return (f"{model}-" if len(spec.models) > 1 else "") + (f"{dataset}-" if len(spec.data.train) > 1 else "")
+
+
+def spec_fingerprint(spec: SweepSpec) -> str:
+    """Hash of everything that defines the sweep's trials (not where its file lives, nor where it is tracked)."""
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description")}
+    settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool = True, dry_run: bool = False,
+               log: Log = print) -> SweepPlan:
+    """Everything that can fail because of the user's input, checked before any trial starts.
+
+    ``dry_run``: nothing is trained or required: unprepared real datasets use their documented size estimate
+    and missing weights become notes (`SweepPlan.notes`) instead of errors."""
+    notes: list[str] = []
+    datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
+    p = spec.privacy
+    noise: dict[tuple[str, float], float] = {}
+    for dataset in datasets.values():
+        for i, eps in enumerate(spec.axes.target_epsilon):
+            try:
+                validate_privacy_parameters(eps, p.delta, dataset.n_train, dataset.sample_rate, dataset.steps)
+            except ValueError as error:
+                raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}): "
+                                f"{error}") from None
+            if spec.search == "grid":
+                try:
+                    noise[(dataset.name, eps)] = calibrate_noise_multiplier(
+                        eps, p.delta, dataset.sample_rate, dataset.steps, accountant=p.accountant,
+                        tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
+                    )
+                except ValueError as error:
+                    raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
+                                    f"multiplier meets it ({error}); raise the target, or lower "
+                                    "privacy.calibration_tolerance below it") from None
+    inits: dict[tuple[str, str], ResolvedInit] = {}
+    for model in spec.models:
+        for name in spec.inits:
+            try:
+                inits[(model, name)] = _resolve(spec, paths, model, name, run_pretrain_stage and not dry_run, log)
+            except SpecError as error:
+                if not dry_run:
+                    raise
+                if name != "domain":
+                    notes.append(str(error).removeprefix(f"{spec.source}: "))
+                inits[(model, name)] = ResolvedInit(name, "missing", model, None)
+    trials = []
+    if spec.search == "grid":
+        template, tags = trial_template(spec, paths), provenance_tags()
+        for point in spec.grid():
+            dataset = datasets[point.dataset]
+            trials.append(make_trial(
+                spec, template, dataset, inits[(point.model, point.init)], point, trial_key(spec, point),
+                noise_multiplier=noise[(dataset.name, point.target_epsilon)],
+                expected_batch_size=p.expected_batch_size, epochs=p.epochs, provenance_tags=tags,
+            ))
+    return SweepPlan(spec, paths, trials, datasets, noise, inits, tuple(dict.fromkeys(notes)), pretrain_n)
+
+
+def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: list[str]
+                   ) -> tuple[dict[str, DatasetPlan], int | None]:
+    """Prepare (or, for a dry run, estimate) every dataset the sweep reads; plans for the training sets and the
+    pretrain dataset's training-split size."""
+    from sweeps.estimate import ESTIMATED_TRAIN_IMAGES
+
+    datasets: dict[str, DatasetPlan] = {}
+    pretrain_n = None
+    pretrain = [spec.pretrain.dataset] if spec.pretrain else []
+    for name in dict.fromkeys((*spec.data.train, *spec.data.external, *pretrain)):
+        try:
+            ensure_prepared(name, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
+        except (FileNotFoundError, ValueError) as error:
+            if not (dry_run and name in ESTIMATED_TRAIN_IMAGES):
+                raise SpecError(f"{spec.source}: data: {error}") from None
+            notes.append(str(error))
+            n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
+        else:
+            manifest = pd.read_parquet(N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
+                                       columns=["split"])
+            n_train, estimated = int((manifest["split"] == "train").sum()), False
+        if name in spec.data.train:
+            if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
+                raise SpecError(f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
+                                f"larger than {name}'s {n_train} training images; choose at most {n_train}")
+            q, steps = sample_rate_and_steps(n_train, spec.privacy.expected_batch_size, spec.privacy.epochs)
+            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated)
+        if name in pretrain:
+            pretrain_n = n_train
+    return datasets, pretrain_n
+
+
+def provenance_tags() -> dict[str, str]:
+    return {f"{N.TAG_PREFIX}{k}": v for k, v in provenance().items()}
+
+
+def trial_template(spec: SweepSpec, paths: SweepPaths) -> TrialConfig:
+    """The sweep-wide part of every trial's config; `make_trial` fills in the grid point."""
+    return TrialConfig(
+        sweep=spec.name, dataset="", data_root=str(paths.data_root), image_size=spec.data.image_size, model="",
+        init="", privacy=spec.privacy, speed=spec.speed, weight_decay=spec.training.weight_decay,
+        input_mean=spec.data.input_mean, input_std=spec.data.input_std, pos_weight=spec.training.pos_weight,
+        model_selection=spec.training.model_selection, test_every_epoch=spec.evaluation.test_every_epoch,
+        n_boot=spec.evaluation.n_boot, age_edges=spec.evaluation.age_edges,
+    )
+
+
+def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, init: ResolvedInit, point: GridPoint,
+               key: str, *, noise_multiplier: float, expected_batch_size: int, epochs: int,
+               provenance_tags: dict[str, str], extra_params: dict[str, Any] | None = None) -> PlannedTrial:
+    """One trial (grid point or Optuna proposal): its config, MLflow params (`TrialConfig.to_flat` plus the
+    training-set size and the search mode) and tags."""
+    private = math.isfinite(point.target_epsilon)
+    sample_rate, steps = sample_rate_and_steps(dataset.n_train, expected_batch_size, epochs)
+    config = replace(
+        template, dataset=dataset.name, model=point.model, init=point.init, init_weights=init.weights, lr=point.lr,
+        seed=point.seed, external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
+        privacy=replace(template.privacy, target_epsilon=point.target_epsilon, max_grad_norm=point.max_grad_norm,
+                        expected_batch_size=expected_batch_size, epochs=epochs, noise_multiplier=noise_multiplier,
+                        sample_rate=sample_rate if private else 0.0, steps=steps),
+    )
+    params = {**config.to_flat(), "n_train": dataset.n_train, "search": spec.search, **(extra_params or {})}
+    p = config.privacy
+    tags = {f"{N.TAG_PREFIX}{k}": v for k, v in {
+        "privacy_unit": p.privacy_unit, "accountant": p.accountant, "private": str(private).lower(),
+        "pos_weight": config.pos_weight, "init": point.init, "model": point.model, "dataset": dataset.name,
+        "secure_mode": str(p.secure_mode).lower(), "search": spec.search}.items()}
+    return PlannedTrial(key, config, init, params, {**tags, **provenance_tags})
+
+
+def _resolve(spec: SweepSpec, paths: SweepPaths, model: str, init: str, run_pretrain_stage: bool,
+             log: Log) -> ResolvedInit:
+    domain_checkpoint = None
+    if init == "domain":
+        domain_checkpoint = ensure_pretrained(spec, paths, model, run_pretrain_stage, log)
+    try:
+        return resolve_init(init, model, spec.init_weights_for(init, model), domain_checkpoint)
+    except InitError as error:
+        raise SpecError(f"{spec.source}: inits: {error}") from None
+
+
+def ensure_pretrained(spec: SweepSpec, paths: SweepPaths, model: str, run_if_missing: bool = True,
+                      log: Log = print) -> Path:
+    """The domain init's checkpoint for ``model``; runs the pretrain stage first when it is absent."""
+    pretrain = spec.pretrain
+    assert pretrain is not None
+    out_dir = pretrain_dir(paths.runs_root, pretrain, model, spec.data.image_size)
+    checkpoint = out_dir / N.PRETRAINED_WEIGHTS_FILE
+    if checkpoint.exists() or not run_if_missing:
+        return checkpoint
+    try:
+        start = resolve_init(pretrain.init, model, spec.init_weights_for(pretrain.init, model))
+    except InitError as error:
+        raise SpecError(f"{spec.source}: pretrain.init: {error}") from None
+    log(f"pretrain: {model} on {pretrain.dataset} from {pretrain.init} -> {out_dir}")
+    return run_pretrain(pretrain, start, model, spec.data.image_size, paths.data_root, out_dir,
+                        threads=max(1, os.cpu_count() or 1))
+
+
+def sweep_params(plan: SweepPlan) -> dict[str, Any]:
+    """Sweep-wide settings recorded on the parent run."""
+    spec, p = plan.spec, plan.spec.privacy
+    datasets = list(plan.datasets.values())
+    return {"model": ",".join(spec.models), "dataset": ",".join(spec.data.train),
+            "external": ",".join(spec.data.external), "inits": ",".join(spec.inits),
+            "target_epsilon": ",".join(f"{e:g}" for e in spec.axes.target_epsilon), "delta": p.delta,
+            "accountant": p.accountant, "epochs": p.epochs, "expected_batch_size": p.expected_batch_size,
+            "n_train": ",".join(str(d.n_train) for d in datasets),
+            "sample_rate": ",".join(f"{d.sample_rate:g}" for d in datasets),
+            "steps": ",".join(str(d.steps) for d in datasets), "n_trials": plan.n_trials,
+            "privacy_unit": p.privacy_unit, "search": spec.search, "secure_mode": p.secure_mode}
+
+
+def describe_plan(plan: SweepPlan) -> str:
+    spec, p = plan.spec, plan.spec.privacy
+    lines = [f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
+             f"(delta={p.delta:g}, accountant={p.accountant})"]
+    for dataset in plan.datasets.values():
+        size = f"N_train~{dataset.n_train} (estimate: not prepared)" if dataset.estimated else \
+            f"N_train={dataset.n_train}"
+        lines.append(f"  {dataset.name}: {size}")
+        if spec.search == "optuna":
+            continue
+        lines[-1] += f", q={dataset.sample_rate:.5g}, steps={dataset.steps}"
+        for eps in spec.axes.target_epsilon:
+            sigma = plan.noise_multipliers[(dataset.name, eps)]
+            lines.append(f"    target epsilon {eps:g}: noise multiplier {sigma:.4f}" if math.isfinite(eps)
+                         else "    target epsilon inf: non-private baseline (no clipping, no noise)")
+    if spec.optuna is not None:
+        o = spec.optuna
+        ranges = ", ".join(f"{name} {list(getattr(o, name))}" for name in o.RANGES)
+        lines.append(f"  optuna: {len(spec.cells())} studies (model x dataset x init x epsilon) x "
+                     f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
+                     f"at once; searched: {ranges}")
+    return "\n".join(lines)
+
+
+def dry_run_report(plan: SweepPlan) -> str:
+    """What `dpsweep sweep --dry-run` prints: the plan, each trial with its sigma, GPU-hours, open issues."""
+    from sweeps.estimate import describe_gpu_hours, trial_gpu_seconds
+
+    spec = plan.spec
+    lines = [describe_plan(plan)]
+    total, unknown, bases = 0.0, [], set()
+    if spec.optuna is None:
+        for trial in plan.trials:
+            privacy = trial.config.privacy
+            lines.append(f"  {trial.key}: sigma={privacy.noise_multiplier:.4f}, q={privacy.sample_rate:.5g}, "
+                         f"steps={privacy.steps}")
+            estimate = trial_gpu_seconds(trial.config.model, spec.data.image_size, spec.speed.grad_sample_mode,
+                                         plan.datasets[trial.config.dataset].n_train, privacy.expected_batch_size,
+                                         privacy.steps, privacy.epochs, privacy.is_private)
+            if estimate is None:
+                unknown.append(trial.config.model)
+            else:
+                total += estimate[0]
+                bases.add(f"{trial.config.model}: {estimate[1]}")
+    else:
+        epochs = max(spec.optuna.epochs)
+        for cell in spec.cells():
+            n_train = plan.datasets[cell["dataset"]].n_train
+            estimate = trial_gpu_seconds(cell["model"], spec.data.image_size, spec.speed.grad_sample_mode, n_train,
+                                         1, epochs * n_train, epochs, math.isfinite(cell["target_epsilon"]))
+            if estimate is None:
+                unknown.append(cell["model"])
+            else:
+                total += estimate[0] * spec.optuna.trials_per_target
+                bases.add(f"{cell['model']}: {estimate[1]}, at the largest epochs {epochs}")
+    if spec.pretrain is not None and "domain" in spec.inits and plan.pretrain_n:
+        for model in spec.models:  # the pretrain stage: non-private, once per model (cached afterwards)
+            estimate = trial_gpu_seconds(model, spec.data.image_size, "non-private", plan.pretrain_n, 1, 0,
+                                         spec.pretrain.epochs, private=False)
+            if estimate is not None and not Path(plan.inits[(model, "domain")].weights or "").is_file():
+                total += estimate[0]
+                lines.append(f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
+                             f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials")
+    lines.append(describe_gpu_hours(total, unknown, bases))
+    if plan.notes:
+        lines.append("before running it for real:")
+        lines.extend(f"  - {note}" for note in plan.notes)
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""The schema: every name that trials report, MLflow stores, the tables carry and analysis reads, in one place.
+
+- **Metric keys** follow ``split/family/name`` (``family`` omitted for headline numbers); ``split`` is ``val``,
+  ``test`` or ``external/<dataset>``. Constants for fixed keys, functions for keys with a label, attribute or
+  group in them (unknown families are refused). Sweep objectives and analysis refer to these, never to string
+  literals; a test ties them to what trials report.
+- **MLflow tags** that find a sweep's runs again, **trial statuses** of the tables, **file names** of checkpoints,
+  caches and sweep outputs, the **stored-infinity** constant and `dataset_dir`.
+
+This module imports nothing heavy (no torch, Ray or MLflow): analysis and the driver use it alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from trainables.data.labels import LABELS
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-epoch metrics, reported to Ray every epoch.
+EPOCH: Final = "epoch"
+TRAIN_LOSS: Final = "train/loss"
+"""Mean training-batch loss of an epoch: reported by non-private trials only (a private trial's batch loss is
+computed from private records outside the mechanism and is never released)."""
+VAL_AUROC_MACRO: Final = "val/auroc_macro"
+VAL_LOSS: Final = "val/loss"
+EPSILON: Final = "privacy/epsilon"  # epsilon spent so far under the trial's accountant, at the trial's delta
+STEPS: Final = "privacy/steps"  # DP-SGD steps taken so far (logical batches)
+TEST_AUROC_MACRO_AT_EPOCH: Final = "test/auroc_macro_at_epoch"  # for epsilon-binned tables; never used to select
+# also per epoch: auroc_gap("val", attribute) and, with test_every_epoch, auroc_gap_at_epoch(attribute)
+
+# Final, reported once after training.
+TEST_AUROC_MACRO: Final = "test/auroc_macro"
+BEST_EPOCH: Final = "val/best_epoch"
+VAL_SELECTED_AUROC_MACRO: Final = "val/selected/auroc_macro"
+"""Validation macro AUROC of the epoch the trial selects: in the final report (an Optuna objective) and, per epoch,
+of the epoch it would select if stopped now (ASHA's metric)."""
+EPSILON_AT_BEST_EPOCH: Final = "privacy/epsilon_at_best_epoch"
+EPSILON_CROSS_CHECK_RDP: Final = "privacy/epsilon_dp_accounting_rdp"
+EPSILON_CROSS_CHECK_PLD: Final = "privacy/epsilon_dp_accounting_pld"
+
+RELEASED_STEPS: Final = "privacy/released_steps"
+"""Trials table: the DP-SGD steps behind everything a trial released so far (the final report's steps; for a
+stopped, failed or unfinished trial, its last reported epoch's; 0 when it reported nothing). The tuning cost
+composes every trial at these steps."""
+
+# Sweep-level, on the MLflow parent run.
+TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private trial after the whole sweep
+
+# Keys of a trial's final report that are not metrics (kept as trials.parquet columns, not logged to MLflow).
+DONE: Final = "done"
+"""Key set to True in a trial's final report (and only there). It is Ray Tune's own ``done``: Tune ends the trial on
+that report, so its saved experiment state records the end together with the final checkpoint and a resumed sweep
+does not restart a finished trial."""
+NODE_ID: Final = "ray/node_id"
+"""Hex id of the Ray node that ran the trial's final evaluation (a string)."""
+
+
+def test_auroc(label: str) -> str:
+    """Test AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""
+    return auroc("test", label)
+
+
+def auroc_macro(split: str) -> str:
+    """Unweighted mean AUROC over labels, e.g. ``test/auroc_macro``."""
+    return f"{split}/auroc_macro"
+
+
+def auroc(split: str, label: str) -> str:
+    """AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""
+    if split == "test":
+        _check_label(label)
+    return f"{split}/auroc/{label}"
+
+
+def subgroup_auroc(split: str, attribute: str, group: str) -> str:
+    """Macro AUROC inside one subgroup, e.g. ``test/subgroup_auroc/age/70-100`` (group keys avoid brackets,
+    which MLflow refuses in metric names)."""
+    return f"{split}/subgroup_auroc/{attribute}/{group}"
+
+
+def auroc_gap(split: str, attribute: str) -> str:
+    """Max minus min subgroup macro AUROC over one attribute's groups, e.g. ``test/fairness/auroc_gap/age``.
+
+    The protocol's per-label variant (gap per label, then averaged over labels) is `auroc_gap_label_mean`.
+    """
+    return f"{split}/fairness/auroc_gap/{attribute}"
+
+
+def auroc_gap_at_epoch(attribute: str) -> str:
+    """`auroc_gap` on the test split after every epoch, e.g. ``test/fairness/auroc_gap_at_epoch/age``.
+
+    Reported per epoch when ``test_every_epoch`` is on, for epsilon-binned tables; never used to select.
+    The validation split's per-epoch gap is ``auroc_gap("val", attribute)``.
+    """
+    return f"test/fairness/auroc_gap_at_epoch/{attribute}"
+
+
+def val_selected_auroc_gap(attribute: str) -> str:
+    """Validation subgroup AUROC gap of the selected epoch (final report; an Optuna objective), e.g.
+    ``val/selected/fairness/auroc_gap/age``."""
+    return f"val/selected/fairness/auroc_gap/{attribute}"
+
+
+def external_auroc(dataset: str) -> str:
+    """Macro AUROC of the final model on an external dataset's test split, e.g. ``external/synthetic-b/auroc_macro``
+    (equals ``auroc_macro(f"external/{dataset}")``)."""
+    return auroc_macro(f"external/{dataset}")
+
+
+# Families written by `trainables.evaluate`.
+THRESHOLDED_METRICS: Final[tuple[str, ...]] = ("threshold", "sensitivity", "specificity", "accuracy", "ppv", "f1")
+"""Per-label families at the Youden thresholds (``threshold`` is the cut-off itself)."""
+FAIRNESS_METRICS: Final[tuple[str, ...]] = (
+    "auroc_gap", "tpr_gap", "fpr_gap", "eod", "aod", "ppv_gap", "spd", "accuracy_gap",
+)
+"""Per-label fairness families; see `trainables.evaluate.fairness` for each exact definition."""
+CI_BOUNDS: Final[tuple[str, ...]] = ("low", "high")
+
+
+def auroc_macro_ci(split: str, bound: str) -> str:
+    """Bootstrap percentile-CI bound of the macro AUROC, e.g. ``test/auroc_macro_ci_low``."""
+    _check_bound(bound)
+    return f"{split}/auroc_macro_ci_{bound}"
+
+
+def auroc_ci(split: str, label: str, bound: str) -> str:
+    """Bootstrap percentile-CI bound of one label's AUROC, e.g. ``test/auroc_ci_high/pneumonia``."""
+    _check_bound(bound)
+    return f"{split}/auroc_ci_{bound}/{label}"
+
+
+def bootstrap_replicates(split: str) -> str:
+    """Number of bootstrap replicates drawn, e.g. ``test/bootstrap/n_boot``."""
+    return f"{split}/bootstrap/n_boot"
+
+
+def bootstrap_undefined(split: str) -> str:
+    """Replicates with an undefined macro AUROC, e.g. ``test/bootstrap/undefined_replicates``.
+
+    A replicate is undefined when a label measurable on the full split drew a single class.
+    """
+    return f"{split}/bootstrap/undefined_replicates"
+
+
+def n_images(split: str) -> str:
+    """Number of evaluated images, e.g. ``test/n_images``."""
+    return f"{split}/n_images"
+
+
+def thresholded(split: str, family: str, label: str) -> str:
+    """A per-label metric at the Youden threshold, e.g. ``test/sensitivity/atelectasis``."""
+    if family not in THRESHOLDED_METRICS:
+        raise KeyError(f"unknown thresholded metric {family!r}; expected one of {THRESHOLDED_METRICS}")
+    return f"{split}/{family}/{label}"
+
+
+def fairness(split: str, family: str, attribute: str, label: str | None = None) -> str:
+    """A fairness number of one attribute: per label, or averaged over labels when ``label`` is None.
+
+    ``test/fairness/eod/age/cardiomegaly`` is one label's value; ``test/fairness/eod/age`` is the
+    unweighted mean over labels where it is defined. One exception: ``<split>/fairness/auroc_gap/<attribute>``
+    is the max minus min of the groups' *macro* AUROC (`auroc_gap`), and the label mean of the per-label AUROC
+    gaps is `auroc_gap_label_mean`.
+    """
+    if family not in FAIRNESS_METRICS:
+        raise KeyError(f"unknown fairness metric {family!r}; expected one of {FAIRNESS_METRICS}")
+    if label is not None:
+        return f"{split}/fairness/{family}/{attribute}/{label}"
+    if family == "auroc_gap":
+        return auroc_gap(split, attribute)
+    return f"{split}/fairness/{family}/{attribute}"
+
+
+def auroc_gap_label_mean(split: str, attribute: str) -> str:
+    """Mean over labels of the per-label AUROC gap, e.g. ``test/fairness/auroc_gap_label_mean/age``."""
+    return f"{split}/fairness/auroc_gap_label_mean/{attribute}"
+
+
+def worst_group_auroc(split: str, attribute: str) -> str:
+    """Lowest subgroup macro AUROC of one attribute's groups, e.g. ``test/fairness/worst_group_auroc/age``."""
+    return f"{split}/fairness/worst_group_auroc/{attribute}"
+
+
+def skipped_groups(split: str, attribute: str) -> str:
+    """(group, label) pairs without positives or negatives, e.g. ``test/fairness/skipped_groups/sex``."""
+    return f"{split}/fairness/skipped_groups/{attribute}"
+
+
+def excluded_images(split: str, attribute: str) -> str:
+    """Images in no group (unknown sex, missing/out-of-range age): ``test/fairness/excluded_images/age``."""
+    return f"{split}/fairness/excluded_images/{attribute}"
+
+
+def _check_label(label: str) -> None:
+    if label not in LABELS:
+        raise KeyError(f"unknown label {label!r}; expected one of {LABELS}")
+
+
+def _check_bound(bound: str) -> None:
+    if bound not in CI_BOUNDS:
+        raise KeyError(f"unknown CI bound {bound!r}; expected one of {CI_BOUNDS}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLflow: tags that find a sweep's runs again, and what the SQL stores keep for infinity.
+SWEEP_TAG: Final = "dpsweep.sweep"
+ROLE_TAG: Final = "dpsweep.role"  # "sweep" (the parent run) or "trial" (a child run)
+TRIAL_KEY_TAG: Final = "dpsweep.trial_key"
+PARENT_TAG: Final = "mlflow.parentRunId"
+RAY_TRIAL_ID_TAG: Final = "ray.trial_id"
+TAG_PREFIX: Final = "dpsweep."  # every other dpsweep tag (provenance, privacy unit, ...) starts with it
+FINAL_MARKER: Final = BEST_EPOCH
+"""A metric only a trial's final report carries, logged in its last batch: present = final metrics complete."""
+FINAL_STEP: Final = 0
+"""MLflow step of the final report (it carries no ``epoch``); epochs are logged at step = epoch >= 1."""
+STORED_INFINITY: Final = 1e308
+"""What MLflow's SQL stores keep for an infinite metric (they cannot hold inf), e.g. non-private epsilon."""
+
+# ---------------------------------------------------------------------------------------------------------
+# Trial statuses (the ``status`` column of trials.parquet).
+TERMINATED: Final = "TERMINATED"
+"""Ran to the end and reported its final metrics."""
+STOPPED: Final = "STOPPED"
+"""Stopped early by the scheduler (ASHA): no final evaluation; its epsilon and steps are its last epoch's."""
+ERROR: Final = "ERROR"
+"""Failed after its retries."""
+INCOMPLETE: Final = "INCOMPLETE"
+"""Pending or running when the driver stopped; a resumed sweep continues it."""
+ENDED: Final[tuple[str, ...]] = (TERMINATED, STOPPED)
+"""Statuses that need no more work."""
+
+# ---------------------------------------------------------------------------------------------------------
+# Files.
+CHECKPOINT_STATE_FILE: Final = "state.pt"  # a trial's epoch checkpoint (private material: holds the RNG states)
+FINAL_FILE: Final = "final.json"  # a trial's final report, in its final checkpoint
+TRIALS_FILE: Final = "trials.parquet"
+EPOCHS_FILE: Final = "epochs.parquet"
+GROUPS_FILE: Final = "groups.parquet"
+BOOTSTRAP_FILE: Final = "bootstrap.parquet"
+RAY_PARAMS_FILE: Final = "params.json"
+SWEEP_STATE_FILE: Final = "sweep.json"  # runs/<sweep>/sweep.json: fingerprint and status of a sweep
+CALIBRATION_CACHE_FILE: Final = "calibration_cache.json"
+OPTUNA_DB_FILE: Final = "optuna.db"
+MANIFEST_FILE: Final = "manifest.parquet"
+CARD_FILE: Final = "card.json"
+IMAGES_FILE: Final = "images.npy"
+PRETRAINED_WEIGHTS_FILE: Final = "model.safetensors"
+EVALUATION_ARTIFACT_DIR: Final = "evaluation"
+"""Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
+
+
+def dataset_dir(root: str | Path, name: str, image_size: int) -> Path:
+    """A prepared dataset's cache folder: ``<root>/<name>/<image_size>/``."""
+    return Path(root) / name / str(image_size)
