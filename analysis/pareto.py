@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from analysis.tables import FINISHED
+from analysis.tables import FINISHED, without_guarantee
 from trainables import names
 
 ELIGIBLE = "pareto_eligible"
@@ -146,7 +146,8 @@ def pareto_front(
         values = column.to_numpy(dtype=np.float64, na_value=np.nan)
         signed.append(values if objective.direction == "min" else -values)
     matrix = np.column_stack(signed) if len(trials) else np.zeros((0, len(objectives)))
-    eligible = (trials["status"] == FINISHED).to_numpy(dtype=bool) & ~np.isnan(matrix).any(axis=1)
+    eligible = ((trials["status"] == FINISHED) & ~without_guarantee(trials)).to_numpy(dtype=bool, copy=True)
+    eligible &= ~np.isnan(matrix).any(axis=1)
 
     ranks = np.zeros(len(trials), dtype=np.int64)
     positions = np.arange(len(trials))

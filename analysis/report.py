@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import pareto, plots, views
-from analysis.tables import FINISHED, SweepTables, TableError, load_tables
+from analysis.tables import FINISHED, GUARANTEE_TEXT, SweepTables, TableError, load_tables, without_guarantee
 from trainables import names
 
 REPORT_DIR = "report"
@@ -116,6 +116,15 @@ def _summary(page: _Page, tables: SweepTables) -> None:
     provenance = {c: ", ".join(map(str, trials[c].dropna().unique())) for c in PROVENANCE_COLUMNS if c in trials}
     if provenance:
         page.table(pd.DataFrame({"value": provenance}).rename_axis("setting"))
+    page.heading("The guarantee")
+    page.note(html.escape(GUARANTEE_TEXT))
+    if names.GUARANTEE in trials:
+        page.table(trials[["trial", names.GUARANTEE]], index=False)
+    no_guarantee = trials[without_guarantee(trials)]
+    if len(no_guarantee):
+        page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
+                  "seed is published, so their epsilon is no guarantee); they are left out of every epsilon bin and "
+                  "Pareto front: " + ", ".join(html.escape(str(k)) for k in no_guarantee["trial"]))
     unfinished = trials[trials["status"] != FINISHED]
     if len(unfinished):
         page.heading("Failed or unfinished trials")

@@ -41,7 +41,8 @@ from trainables.names import (
 )
 from trainables.provenance import version_keys
 
-EPOCH_ID_COLUMNS = ("trial", "model", "dataset", "init", "target_epsilon", "max_grad_norm", "lr", "seed")
+EPOCH_ID_COLUMNS = ("trial", "model", "dataset", "init", "target_epsilon", "max_grad_norm", "lr", "seed",
+                    "reproducible_noise")
 FINISHED = TERMINATED
 """``status`` of a trial that ran to the end and reported its final metrics."""
 
@@ -105,6 +106,30 @@ def build_tables(records: list[TrialRecord], mlflow_runs: dict[str, str] | None 
         # Ray's per-report frames carry every key ever reported; drop final-only metrics (all NaN per epoch).
         epochs = epochs.dropna(axis="columns", how="all")
     return trials.reset_index(drop=True), epochs.reset_index(drop=True)
+
+
+GUARANTEE_TEXT = (
+    "What the epsilon of a private trial means. Each private trial trains with DP-SGD: every training image is "
+    "included in a step independently at random (Poisson sampling), its gradient is clipped to a fixed norm, and "
+    "Gaussian noise is added to the sum, with noise and sampling drawn from secret randomness (seeded from the "
+    "operating system, never from anything logged). The reported (epsilon, delta) bounds how much the released "
+    "model updates, and everything computed from them, can reveal about whether any one training image was used "
+    "(add/remove adjacency; the number of training images is treated as public), under the accountant named on "
+    "the run. It does not cover: a patient with several images (only k-fold group privacy for k images), the "
+    "validation and test images (used for selection and evaluation, not protected), and choosing "
+    "the best of many trials (see the sweep's tuning epsilon). Trial checkpoints hold the secret noise seeds and "
+    "are private material. Trials marked reproducible_noise (debugging) or non-private have no guarantee."
+)
+"""The guarantee in plain words: the summary, the report and the README say the same."""
+
+
+def without_guarantee(trials: pd.DataFrame) -> pd.Series:
+    """Which rows are private trials whose epsilon is no guarantee: ``privacy.reproducible_noise`` trials replay
+    their noise from a published seed (`trainables.privacy.guarantee`). Analysis never bins them as private."""
+    if "reproducible_noise" not in trials or "target_epsilon" not in trials:
+        return pd.Series(False, index=trials.index)
+    finite = pd.to_numeric(trials["target_epsilon"], errors="coerce").map(lambda e: e == e and e != float("inf"))
+    return trials["reproducible_noise"].fillna(False).astype(bool) & finite.astype(bool)
 
 
 def _is_metric(key: str) -> bool:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from analysis.tables import FINISHED
+from analysis.tables import FINISHED, without_guarantee
 from trainables import names
 from trainables.evaluate.bootstrap import paired_p_value
 from trainables.evaluate.fairness import ATTRIBUTES
@@ -494,8 +494,10 @@ def _choose(frame: pd.DataFrame, cell: list[str], score: str) -> pd.DataFrame:
 
 
 def _finished(trials: pd.DataFrame, by: Sequence[str], extra: Sequence[str] = ()) -> pd.DataFrame:
+    """Finished trials that may be binned: a private trial without a DP guarantee (its noise seed published,
+    `analysis.tables.without_guarantee`) is never binned as private."""
     _require(trials, [TRIAL, "status", *by, *extra], "trial table")
-    return trials[trials["status"] == FINISHED]
+    return trials[(trials["status"] == FINISHED) & ~without_guarantee(trials)]
 
 
 _PER_EPOCH_HINTS = {

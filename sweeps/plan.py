@@ -31,6 +31,7 @@ from trainables.privacy.accounting import (
     sample_rate_and_steps,
     validate_privacy_parameters,
 )
+from trainables.privacy.guarantee import guarantee_statement, has_dp_guarantee
 from trainables.provenance import provenance
 
 Log = Callable[[str], None]
@@ -245,12 +246,15 @@ def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, ini
                         expected_batch_size=expected_batch_size, epochs=epochs, noise_multiplier=noise_multiplier,
                         sample_rate=sample_rate if private else 0.0, steps=steps),
     )
-    params = {**config.to_flat(), "n_train": dataset.n_train, "search": spec.search, **(extra_params or {})}
     p = config.privacy
+    guarantee = guarantee_statement(p, dataset.n_train, pos_weight=config.pos_weight)
+    params = {**{k: str(v) if isinstance(v, list) else v for k, v in config.to_flat().items()},
+              "n_train": dataset.n_train, "search": spec.search, N.GUARANTEE: guarantee, **(extra_params or {})}
     tags = {f"{N.TAG_PREFIX}{k}": v for k, v in {
         "privacy_unit": p.privacy_unit, "accountant": p.accountant, "private": str(private).lower(),
-        "pos_weight": config.pos_weight, "init": point.init, "model": point.model, "dataset": dataset.name,
-        "secure_mode": str(p.secure_mode).lower(), "search": spec.search}.items()}
+        "dp_guarantee": str(has_dp_guarantee(p)).lower(), "pos_weight": config.pos_weight, "init": point.init,
+        "model": point.model, "dataset": dataset.name, "secure_mode": str(p.secure_mode).lower(),
+        "reproducible_noise": str(p.reproducible_noise).lower(), "search": spec.search}.items()}
     return PlannedTrial(key, config, init, params, {**tags, **provenance_tags})
 
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 
-from analysis.tables import TableError, TrialRecord, build_tables, write_sweep_tables
+from analysis.tables import (
+    GUARANTEE_TEXT,
+    TableError,
+    TrialRecord,
+    build_tables,
+    without_guarantee,
+    write_sweep_tables,
+)
 from sweeps.plan import SweepPaths
 from sweeps.spec import SweepSpec
 from trainables import names as N
@@ -214,9 +222,15 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str) -> st
     external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
     columns.update({c: c.split("/")[1] for c in external})
     table = trials[[c for c in columns if c in trials.columns]].rename(columns=columns)
+    if "target_epsilon" in trials:
+        private = trials["target_epsilon"].map(math.isfinite)
+        table.insert(2, "DP", private.map({True: "yes", False: "non-private"}).where(~without_guarantee(trials),
+                                                                                     "none: seed published"))
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         lines = [table.to_string(index=False)]
-    lines += ["", f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
+    lines += ["", textwrap.fill(GUARANTEE_TEXT, 116),
+              f"Each trial's guarantee in full: the `{N.GUARANTEE}` column of trials.parquet and MLflow param.",
+              "", f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
               f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)"]
     costs = tuning_costs(trials)
     adaptive = adaptive_tuning_bounds(trials)

@@ -405,6 +405,9 @@ def _validate(spec: SweepSpec) -> None:
                      f"privacy.max_grad_norm has no entry for model {model!r}; add `{model}: C` to the mapping")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
+    _require(not (p.secure_mode and p.reproducible_noise), spec,
+             "privacy.secure_mode and privacy.reproducible_noise are both true: secure mode draws secret noise, "
+             "reproducible noise replays the published seed; keep one (reproducible_noise is for debugging only)")
     _require(0 < p.calibration_tolerance < 1, spec,
              f"privacy.calibration_tolerance = {p.calibration_tolerance} must be in (0, 1)")
     for i, lr in enumerate(axes.lr):

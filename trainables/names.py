@@ -45,6 +45,10 @@ RELEASED_STEPS: Final = "privacy/released_steps"
 stopped, failed or unfinished trial, its last reported epoch's; 0 when it reported nothing). The tuning cost
 composes every trial at these steps."""
 
+GUARANTEE: Final = "privacy/guarantee"
+"""A trial's guarantee in words (an MLflow param and a trials.parquet column; `trainables.privacy.guarantee`):
+the (epsilon, delta) statement with unit, adjacency, accountant and what is outside it, or ``none (...)``."""
+
 # Sweep-level, on the MLflow parent run.
 TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private trial after the whole sweep
 

@@ -266,3 +266,15 @@ def test_fairness_gap_by_bin_says_what_is_missing(tables):
     only_age = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes=["age"])
     assert names.auroc_gap_at_epoch("sex") not in only_age.columns
     assert views.per_epoch_fairness_attributes(tables.epochs) == ["sex", "age"]
+
+
+def test_trials_whose_noise_seed_is_published_are_never_binned_as_private(tables):
+    """A `privacy.reproducible_noise` trial's epsilon is no guarantee: it leaves every bin (and the Pareto front)."""
+    trials = tables.trials.assign(reproducible_noise=False)
+    trials.loc[trials["trial"] == "random-eps3", "reproducible_noise"] = True
+    trials.loc[trials["trial"] == "random-epsinf", "reproducible_noise"] = True  # non-private: it has no mechanism
+    binned = views.auroc_by_bin(trials, tables.epochs)
+    assert "random-eps3" not in set(binned["trial"])
+    assert cell(binned, "random", "(0, 1]")["trial"] != "random-eps3"
+    assert cell(binned, "random", "inf")["trial"] == "random-epsinf"  # still the baseline
+    assert "random-eps3" not in set(views.final_selection(trials, tables.epochs)["trial"])

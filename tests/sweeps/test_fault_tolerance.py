@@ -67,7 +67,9 @@ SETTLE_S = 0.2  # after a report, for the experiment-state save Tune makes at th
 # 200 images: 144 training images, 9 Poisson batches of expected size 16 per epoch; each trial takes one CPU, and
 # `dpsweep sweep` starts a local Ray with all CPUs, so the two trials train side by side (given 2 cores).
 SPEC = tiny_yaml(name="faults", data={"synthetic_images": 200},
-                 privacy={"target_epsilon": [2, 4], "expected_batch_size": 16, "epochs": 3},
+                 # reproducible noise: the test replays trials from their configs to compare bit for bit
+                 privacy={"target_epsilon": [2, 4], "expected_batch_size": 16, "epochs": 3,
+                          "reproducible_noise": True},
                  resources={"max_failures": 2})
 
 T = TypeVar("T")

@@ -222,3 +222,10 @@ def test_optuna_section_needs_search_optuna():
     raw["search"] = "grid"
     with pytest.raises(SpecError, match=r"an `optuna:` section is given but search = 'grid'"):
         parse_spec(raw)
+
+
+def test_secure_and_reproducible_noise_together_are_refused():
+    raw = smoke_dict()
+    raw["privacy"] |= {"secure_mode": True, "reproducible_noise": True}
+    with pytest.raises(SpecError, match=r"privacy\.secure_mode and privacy\.reproducible_noise are both true"):
+        parse_spec(raw)
