@@ -252,6 +252,7 @@ def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, ini
               "n_train": dataset.n_train, "search": spec.search, N.GUARANTEE: guarantee, **(extra_params or {})}
     tags = {f"{N.TAG_PREFIX}{k}": v for k, v in {
         "privacy_unit": p.privacy_unit, "accountant": p.accountant, "private": str(private).lower(),
+        "adjacency": f"add/remove one {p.privacy_unit}; N_train treated as public",
         "dp_guarantee": str(has_dp_guarantee(p)).lower(), "pos_weight": config.pos_weight, "init": point.init,
         "model": point.model, "dataset": dataset.name, "secure_mode": str(p.secure_mode).lower(),
         "reproducible_noise": str(p.reproducible_noise).lower(), "search": spec.search}.items()}

@@ -66,7 +66,8 @@ class VerifiedGradSampleModule(GradSampleModule):
 
 
 class PerSampleGradientError(RuntimeError):
-    """The engine's per-sample gradients disagree with the torch.func reference: training would not be DP."""
+    """The engine's per-sample gradients disagree with the torch.func reference: training would use wrong updates
+    (a rule that mixed samples, which the reference would also catch, would void the guarantee)."""
 
 
 def wrap_model(model: nn.Module, grad_sample_mode: str) -> GradSampleModule:
@@ -173,7 +174,7 @@ def check_per_sample_gradients(
     if worst > tolerance:
         raise PerSampleGradientError(
             f"per-sample gradients are wrong: relative error {worst:.3g} > {tolerance:g} at {worst_name}; "
-            "clipping would not bound each sample's contribution, so this trial refuses to train"
+            "the trial would train on wrong (clipped) gradients, so it refuses to train"
         )
     return check
 
