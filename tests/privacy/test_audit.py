@@ -5,6 +5,7 @@ Flakiness. The coins, the sampling and the noise are secret (``os.urandom``), so
 experiment; its failure probability is bounded by design and stated where it is used (all < 1e-6).
 """
 
+import functools
 import math
 
 import numpy as np
@@ -227,7 +228,7 @@ def test_extra_grad_samples_are_validated():
 # White-box audits: a correct mechanism stays below its claim; broken ones are caught
 
 # Claim: eps = 2 at delta = 1e-5 for q = 0.01, 300 steps (sigma ~ 0.885, rdp), m = 4500 Dirac canaries on a
-# 4,545-value model, 50 real records. Each audit takes ~1-2 s on one core.
+# 4,545-value model, 50 real records. Each audit takes ~2-5 s on one (shared) core.
 CLAIM_EPSILON, DELTA, Q, STEPS, M = 2.0, 1e-5, 0.01, 300, 4500
 
 
@@ -239,6 +240,7 @@ def random_train_split(n: int = 50, size: int = 32) -> CacheSplitDataset:
     return CacheSplitDataset(split)
 
 
+@functools.cache
 def claimed_config(mode: str) -> TrialConfig:
     sigma = calibrate_noise_multiplier(CLAIM_EPSILON, DELTA, Q, STEPS)
     return TrialConfig(
@@ -286,14 +288,17 @@ def clipping_disabled(monkeypatch):
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", _sum_without_clipping)
 
 
-# Miss probabilities (bound <= claim under the bug), from the exact score model of these runs (x_t = canary
-# sampled + N(0, s^2), the likelihood-ratio score at the claimed sigma, the default rules):
-# - sigma/4 (s = 0.221): 150 simulated audits gave bounds of mean 2.9x, sd 0.1x, min 2.6x (see PR note);
-#   a miss needs a deviation of > 7 sd below the mean.
+# FALSE ALARMS AND MISSES. Simulated with the exact score model of these runs (numpy, without the real records'
+# small contributions): x_t = [canary in and sampled] + N(0, s^2) per step, likelihood-ratio score at the claimed
+# sigma, the default rules, 95% confidence:
+# - correct mechanism (s = sigma = 0.885): 100 audits, bound mean 0.35, sd 0.09, max 0.67; the claim 2.0 is
+#   18 sd above the mean (the theorem alone guarantees P[bound > claim] <= 0.05).
+# - sigma/4 (s = 0.221): 150 audits, bound mean 3.07, sd 0.15, min 2.67; a miss (bound <= 2.0) needs 7 sd.
 # - no clipping: an included canary sampled once scores ~1000/sigma^2 above any excluded one, so the top 20%
-#   are all in unless fewer than 600 of the 3000 canaries are included and sampled (each with probability
-#   0.5 * (1 - 0.99^300) = 0.475): P[Bin(3000, 0.475) < 600] < 1e-150; all-correct 600 guesses at beta/8 give
-#   a bound of 4.4 > 2.
+#   (900 guesses) are all "in" unless fewer than 900 of the 4500 canaries are included and sampled (each
+#   with probability 0.5 * (1 - 0.99^300) = 0.475): P < 1e-100 (test_no_clipping_miss_probability); 50 simulated
+#   audits all gave 4.525. The planned-trial design below (eps 4, m = 200): 400 audits, mean 0.23, sd 0.23,
+#   max 1.22: the claim is 16 sd away.
 
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
@@ -313,7 +318,7 @@ def test_no_clipping_miss_probability():
     p_sampled = 0.5 * (1 - (1 - Q) ** STEPS)
     assert stats.binom.cdf(0.2 * M - 1, M, p_sampled) < 1e-100
     beta = 0.05 / len(DEFAULT_GUESS_SPLITS)
-    assert epsilon_lower_bound(m=M, guesses=600, correct=600, delta=DELTA, beta=beta) > 4.0
+    assert epsilon_lower_bound(m=M, guesses=900, correct=900, delta=DELTA, beta=beta) > 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------

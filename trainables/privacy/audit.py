@@ -314,7 +314,7 @@ def likelihood_ratio_scores(observations: np.ndarray, noise_multiplier: float, s
         raise ValueError(f"the likelihood-ratio score needs sigma > 0, got {noise_multiplier}")
     z = (observations - 0.5) / noise_multiplier**2
     per_step = np.logaddexp(math.log1p(-sample_rate) if sample_rate < 1 else -np.inf, math.log(sample_rate) + z)
-    return per_step.sum(axis=0)
+    return np.asarray(per_step.sum(axis=0), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -628,9 +628,10 @@ def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
                                                                 steps=steps))
 
 
-def _trained_model(result: Any) -> nn.Module:
+def _trained_model(result: dict[str, Any]) -> nn.Module:
     """The trained model from `train_trial`'s return value (one line to change when it becomes a TrialResult)."""
-    return result["model"]
+    model: nn.Module = result["model"]
+    return model
 
 
 def run_black_box_audit(
