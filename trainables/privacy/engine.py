@@ -252,12 +252,21 @@ def private_step(
     loss_fn: PerSampleLoss,
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
+    extra_grad_samples: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """One DP-SGD step on one logical batch, split into physical chunks that fit in memory.
 
     Clipped per-sample gradients of all chunks are summed; noise is added and the accountant advanced
     exactly once, at the last chunk. Afterwards ``p.grad`` holds the noisy update that was applied.
     Returns the mean per-sample loss of the batch (NaN when empty).
+
+    Args:
+        extra_grad_samples: per-sample gradient rows of records that are not model inputs (the empirical
+            audit's white-box canaries, `trainables.privacy.audit`): parameter name (as in the unwrapped
+            model's ``named_parameters()``) -> ``[k, *shape]``, the same k for every name; trainable
+            parameters not named get zero rows. They are appended to the last chunk's ``grad_sample``
+            after its backward, so the optimizer clips each of the k rows (L2 over all parameters) and
+            noises their sum with the same code as real samples. They count as k more records of the batch.
     """
     x, y = batch
     n = len(x)
@@ -267,6 +276,8 @@ def private_step(
         for p in wrapped.parameters():
             if p.requires_grad:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        if extra_grad_samples is not None:
+            _append_grad_samples(wrapped, extra_grad_samples)
         optimizer.step()
         return float("nan")
     total_loss = 0.0
@@ -278,6 +289,29 @@ def private_step(
         loss = loss_fn(wrapped(xb), yb)
         loss.mean().backward()
         total_loss += loss.detach().sum().item()
+        if extra_grad_samples is not None and i == len(starts) - 1:
+            _append_grad_samples(wrapped, extra_grad_samples)
         optimizer.signal_skip_step(do_skip=i < len(starts) - 1)
         optimizer.step()
     return total_loss / n
+
+
+def _append_grad_samples(wrapped: nn.Module, extra: dict[str, torch.Tensor]) -> None:
+    """Append ``extra``'s rows (see `private_step`) to every trainable parameter's ``grad_sample``."""
+    module = getattr(wrapped, "_module", wrapped)
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    unknown = sorted(set(extra) - set(params))
+    if unknown:
+        raise ValueError(f"extra_grad_samples names {unknown}, which are not trainable parameters of the model")
+    counts = {len(rows) for rows in extra.values()}
+    if len(counts) > 1:
+        raise ValueError(f"extra_grad_samples must give every parameter the same number of rows, got {sorted(counts)}")
+    k = counts.pop() if counts else 0
+    for name, p in params.items():
+        rows = extra.get(name)
+        if rows is None:
+            rows = torch.zeros((k, *p.shape), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
+        elif tuple(rows.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"extra_grad_samples[{name!r}] has rows of shape {tuple(rows.shape[1:])}, "
+                             f"the parameter has {tuple(p.shape)}")
+        p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample)], dim=0)

@@ -1,0 +1,377 @@
+"""The one-run privacy audit (Steinke, Nasr & Jagielski 2023): its statistics against known numbers, the
+engine's canary rows, and the white-box audit catching a mechanism that breaks its claim.
+
+Flakiness. The coins, the sampling and the noise are secret (``os.urandom``), so each audit test is a random
+experiment; its failure probability is bounded by design and stated where it is used (all < 1e-6).
+"""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from scipy import special, stats
+from torch import nn
+
+from tests.test_train import prepare_tiny_site, tiny_trial_config
+from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
+from trainables.data.cache import SplitData, open_cache
+from trainables.data.loaders import CacheSplitDataset
+from trainables.models import resolve_init
+from trainables.privacy import audit as audit_module
+from trainables.privacy.accounting import (
+    calibrate_noise_multiplier,
+    create_accountant,
+    epsilon_spent,
+    sample_rate_and_steps,
+)
+from trainables.privacy.audit import (
+    DEFAULT_GUESS_SPLITS,
+    AuditResult,
+    audit_bound,
+    audit_metric,
+    epsilon_lower_bound,
+    guess,
+    input_canaries,
+    likelihood_ratio_scores,
+    p_value,
+    place_dirac_canaries,
+    run_audit,
+    white_box_audit,
+    with_canaries,
+)
+from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
+
+GRAD_SAMPLE_MODES = ["hooks", "functorch"]  # add "bk" here when the book-keeping mode lands
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_p_value_without_delta_is_the_binomial_tail_of_randomized_response():
+    for epsilon, r, v in [(0.0, 10, 5), (1.0, 100, 70), (2.5, 37, 37), (0.3, 1000, 540)]:
+        expected = stats.binom.sf(v - 1, r, math.exp(epsilon) / (1 + math.exp(epsilon)))
+        assert p_value(epsilon, m=2 * r, guesses=r, correct=v, delta=0.0) == pytest.approx(expected, rel=1e-12)
+
+
+def test_p_value_delta_term_is_the_papers():
+    # 2 m delta max_i P[v-i <= Bin(r, p) <= v-1] / i, written out by hand for r = 4, v = 3
+    epsilon, m, delta, r, v = 1.0, 10, 1e-3, 4, 3
+    p = special.expit(epsilon)
+    pmf = [math.comb(r, k) * p**k * (1 - p) ** (r - k) for k in range(r + 1)]
+    alpha = max(pmf[2] / 1, (pmf[2] + pmf[1]) / 2, (pmf[2] + pmf[1] + pmf[0]) / 3)
+    expected = pmf[3] + pmf[4] + 2 * m * delta * alpha
+    assert p_value(epsilon, m=m, guesses=r, correct=v, delta=delta) == pytest.approx(expected, rel=1e-12)
+
+
+def test_all_correct_bound_is_the_closed_form_and_grows_with_the_guesses():
+    # With v = r and delta = 0: p(eps) = p_eps^r < beta  <=>  eps > logit(beta^(1/r)).
+    bounds = []
+    for r in (10, 60, 100, 1000):
+        exact = special.logit(0.05 ** (1 / r))
+        bound = epsilon_lower_bound(m=r, guesses=r, correct=r, delta=0.0, beta=0.05)
+        assert exact - 0.002 <= bound <= exact  # rounded down to the 0.001 grid, never up
+        bounds.append(bound)
+    assert bounds == sorted(bounds) and bounds[0] == pytest.approx(1.051, abs=0.002)
+    assert bounds[1] == pytest.approx(2.972, abs=0.002) and bounds[-1] == pytest.approx(5.809, abs=0.002)
+
+
+def test_chance_guessing_and_no_guesses_give_zero():
+    assert epsilon_lower_bound(m=1000, guesses=1000, correct=500, delta=1e-5, beta=0.05) == 0.0
+    assert epsilon_lower_bound(m=1000, guesses=0, correct=0, delta=1e-5, beta=0.05) == 0.0
+
+
+def test_delta_weakens_the_bound():
+    kwargs = dict(guesses=200, correct=190, beta=0.05)
+    pure = epsilon_lower_bound(m=1000, delta=0.0, **kwargs)
+    assert epsilon_lower_bound(m=1000, delta=1e-5, **kwargs) <= pure
+    assert epsilon_lower_bound(m=1000, delta=1e-3, **kwargs) < pure
+
+
+def test_randomized_response_exact_false_alarm_rate_is_at_most_beta():
+    # An eps-DP randomized response on every coin: correct ~ Bin(r, p_eps) exactly. The bound exceeds eps iff
+    # eps is rejected, i.e. correct >= v_min; its probability must be <= beta (here computed, not sampled).
+    for epsilon, r in [(0.5, 200), (1.0, 1000), (2.0, 5000)]:
+        v_min = next(v for v in range(r + 1) if p_value(epsilon, m=r, guesses=r, correct=v, delta=0.0) < 0.05)
+        assert stats.binom.sf(v_min - 1, r, special.expit(epsilon)) <= 0.05
+
+
+def test_randomized_response_audits_cover_and_approach_the_true_epsilon():
+    # Seeded simulated audits through the full guessing code: >= 95% of bounds <= eps, close to it for large m.
+    # (RR is the extremal eps-DP mechanism, so about 5% of runs may exceed eps; fixed seeds: 98.5% do not.)
+    epsilon, m = 1.0, 2000
+    bounds = []
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        included = rng.random(m) < 0.5
+        truthful = rng.random(m) < special.expit(epsilon)
+        scores = np.where(included == truthful, 1.0, -1.0)  # the randomized-response answer "in" / "out"
+        bounds.append(audit_bound(scores, included, delta=0.0, splits=((0.5, 0.5),), rng=rng).epsilon_lower_bound)
+    bounds = np.array(bounds)
+    assert (bounds <= epsilon).mean() >= 0.95
+    assert 0.85 <= np.median(bounds) <= epsilon
+
+
+def test_guess_counts_top_in_and_bottom_out():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    included = np.array([True, False, True, False, False, True])
+    outcome = guess(scores, included, n_in=2, n_out=2, rng=np.random.default_rng(0))
+    assert (outcome.guesses, outcome.correct) == (4, 2)  # top {5: in, 4: out} + bottom {1: out, 0: in}
+    with pytest.raises(ValueError, match="n_in"):
+        guess(scores, included, n_in=4, n_out=3, rng=np.random.default_rng(0))
+
+
+def test_ties_are_broken_at_random_not_by_position():
+    # All scores equal: a position-ordered tie-break would guess the first k; a random one is at chance.
+    included = np.r_[np.ones(500, bool), np.zeros(500, bool)]
+    outcome = guess(np.zeros(1000), included, n_in=500, n_out=0, rng=np.random.default_rng(1))
+    assert abs(outcome.correct - 250) < 60  # hypergeometric sd ~ 11: 5 sd
+
+
+def test_audit_bound_pays_the_union_bound_over_rules():
+    rng = np.random.default_rng(0)
+    included = rng.random(2000) < 0.5
+    scores = included + rng.normal(0, 0.3, 2000)
+    one = audit_bound(scores, included, delta=1e-5, splits=((0.1, 0.0),), rng=np.random.default_rng(1))
+    many = audit_bound(scores, included, delta=1e-5, rng=np.random.default_rng(1))
+    assert many.rules_tried == len(DEFAULT_GUESS_SPLITS) and one.rules_tried == 1
+    beta_each = 0.05 / len(DEFAULT_GUESS_SPLITS)
+    assert many.epsilon_lower_bound == epsilon_lower_bound(m=2000, guesses=many.outcome.guesses,
+                                                           correct=many.outcome.correct, delta=1e-5, beta=beta_each)
+    same_rule = epsilon_lower_bound(m=2000, guesses=one.outcome.guesses, correct=one.outcome.correct, delta=1e-5,
+                                    beta=beta_each)
+    assert same_rule < one.epsilon_lower_bound  # the same guesses are worth less when 8 rules were tried
+
+
+def test_likelihood_ratio_score_is_the_poisson_gaussian_log_likelihood_ratio():
+    rng = np.random.default_rng(0)
+    x, sigma, q = rng.normal(0.3, 1, (7, 5)), 0.8, 0.1
+    gauss = stats.norm(scale=sigma)
+    expected = np.log(((1 - q) * gauss.pdf(x) + q * gauss.pdf(x - 1)) / gauss.pdf(x)).sum(axis=0)
+    np.testing.assert_allclose(likelihood_ratio_scores(x, sigma, q), expected, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Canaries and the engine's extra per-sample rows
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # 4,545 trainable values at 32 px
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(900, 5))
+
+
+def LOSS(logits, targets):  # noqa: N802 - the trial's per-sample multi-label BCE
+    return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+
+
+def test_dirac_canaries_are_distinct_public_and_one_hot():
+    model = tiny_model()
+    canaries = place_dirac_canaries(model, 300, gradient_norm=1000.0, seed=3)
+    again = place_dirac_canaries(model, 300, gradient_norm=1000.0, seed=3)
+    assert canaries.parameter == again.parameter and (canaries.flat_index == again.flat_index).all()
+    params = dict(model.named_parameters())
+    pairs = set(zip(canaries.parameter, canaries.flat_index.tolist(), strict=True))
+    assert len(pairs) == 300 and all(0 <= i < params[name].numel() for name, i in pairs)
+    rows = canaries.grad_samples(model, np.array([5, 7, 7]))
+    for k, canary in enumerate([5, 7, 7]):
+        row = torch.cat([rows[n][k].reshape(-1) if n in rows else torch.zeros(p.numel()) for n, p in params.items()])
+        assert row.norm() == 1000.0 and (row != 0).sum() == 1
+        assert rows[canaries.parameter[canary]][k].reshape(-1)[canaries.flat_index[canary]] == 1000.0
+    with pytest.raises(ValueError, match="distinct coordinates"):
+        place_dirac_canaries(model, 5000, 1.0)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("batch_size", [3, 0])
+def test_extra_grad_samples_are_clipped_and_summed_like_records(mode, batch_size):
+    # sigma = 0: the update with canary rows minus the update without is exactly sum_k clip(row_k) / B.
+    clip, expected_batch = 0.5, 4
+    x = torch.rand(batch_size, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = (torch.rand(batch_size, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    updates = []
+    for with_extra in (False, True):
+        model = tiny_model()
+        wrapped = wrap_model(model, mode)
+        optimizer = make_dp_optimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
+            expected_batch_size=expected_batch, noise_generator=torch.Generator().manual_seed(2),
+            accountant=create_accountant("rdp"), sample_rate=0.1)
+        canaries = place_dirac_canaries(model, 3, gradient_norm=100.0, seed=0)
+        extra = canaries.grad_samples(model, np.array([0, 1, 2, 2])) if with_extra else None
+        private_step(wrapped, optimizer, LOSS, (x, y), max_physical_batch_size=2, extra_grad_samples=extra)
+        updates.append(canaries.read(model))
+    factor = clip / (100.0 + 1e-6)  # Opacus' clip factor C / (norm + 1e-6)
+    np.testing.assert_allclose(updates[1] - updates[0], np.array([1, 1, 2]) * 100.0 * factor / expected_batch,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_extra_grad_samples_are_validated():
+    model = tiny_model()
+    wrapped = wrap_model(model, "hooks")
+    optimizer = make_dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0), accountant=create_accountant("rdp"),
+        sample_rate=0.1)
+    batch = (torch.rand(2, 1, 32, 32), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="not trainable parameters"):
+        private_step(wrapped, optimizer, LOSS, batch, 8, extra_grad_samples={"nope": torch.zeros(1, 3)})
+    with pytest.raises(ValueError, match="same number of rows"):
+        private_step(wrapped, optimizer, LOSS, batch, 8,
+                     extra_grad_samples={"3.bias": torch.zeros(1, 5), "0.bias": torch.zeros(2, 4)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# White-box audits: a correct mechanism stays below its claim; broken ones are caught
+
+# Claim: eps = 2 at delta = 1e-5 for q = 0.01, 300 steps (sigma ~ 0.885, rdp), m = 4500 Dirac canaries on a
+# 4,545-value model, 50 real records. Each audit takes ~2-5 s on one (shared) core.
+CLAIM_EPSILON, DELTA, Q, STEPS, M = 2.0, 1e-5, 0.01, 300, 4500
+
+
+def random_train_split(n: int = 50, size: int = 32) -> CacheSplitDataset:
+    rng = np.random.default_rng(0)
+    split = SplitData(images=rng.integers(0, 256, (n, size, size), dtype=np.uint8), rows=np.arange(n),
+                      labels=(rng.random((n, 5)) < 0.5).astype(np.float32), sex=np.full(n, "F"),
+                      age=np.full(n, 50.0), patient_id=np.array([str(i) for i in range(n)]))
+    return CacheSplitDataset(split)
+
+
+@functools.cache
+def claimed_config(mode: str) -> TrialConfig:
+    sigma = calibrate_noise_multiplier(CLAIM_EPSILON, DELTA, Q, STEPS)
+    return TrialConfig(
+        sweep="audit", dataset="random", data_root="/unused", image_size=32, model="tiny", init="random",
+        init_weights=None, lr=1e-3, seed=0,
+        privacy=PrivacyConfig(target_epsilon=CLAIM_EPSILON, delta=DELTA, max_grad_norm=1.0, expected_batch_size=1,
+                              noise_multiplier=sigma, sample_rate=Q, steps=STEPS),
+        speed=SpeedConfig(grad_sample_mode=mode, device="cpu"))
+
+
+def audit(mode: str) -> AuditResult:
+    return white_box_audit(tiny_model(), random_train_split(), claimed_config(mode), m=M)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_white_box_audit_of_a_correct_mechanism_stays_below_its_claim(mode):
+    result = audit(mode)
+    assert result.claimed_epsilon == pytest.approx(CLAIM_EPSILON, abs=0.01) and result.claimed_epsilon <= 2.0
+    assert result.m == M and 0 < result.guesses <= M and result.correct <= result.guesses
+    assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon and not result.violates_claim
+
+
+@pytest.fixture
+def sigma_over_4(monkeypatch):
+    """An engine bug: the optimizer adds a quarter of the noise while the config (and the claim) keep sigma."""
+
+    def quarter_noise(optimizer, *, noise_multiplier, **kwargs):
+        return make_dp_optimizer(optimizer, noise_multiplier=noise_multiplier / 4, **kwargs)
+
+    monkeypatch.setattr(audit_module, "make_dp_optimizer", quarter_noise)
+
+
+def _sum_without_clipping(self):
+    # Opacus 1.6's DPOptimizer.clip_and_accumulate with the per-sample clip factor left out.
+    for p in self.params:
+        _check_processed_flag(p.grad_sample)
+        grad = self._get_flat_grad_sample(p).to(p.dtype).sum(dim=0)
+        p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+        _mark_as_processed(p.grad_sample)
+
+
+@pytest.fixture
+def clipping_disabled(monkeypatch):
+    """An engine bug: per-sample gradients are summed unclipped while noise is still sigma * C."""
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", _sum_without_clipping)
+
+
+# FALSE ALARMS AND MISSES. Simulated with the exact score model of these runs (numpy, without the real records'
+# small contributions): x_t = [canary in and sampled] + N(0, s^2) per step, likelihood-ratio score at the claimed
+# sigma, the default rules, 95% confidence:
+# - correct mechanism (s = sigma = 0.885): 100 audits, bound mean 0.35, sd 0.09, max 0.67; the claim 2.0 is
+#   18 sd above the mean (the theorem alone guarantees P[bound > claim] <= 0.05).
+# - sigma/4 (s = 0.221): 150 audits, bound mean 3.07, sd 0.15, min 2.67; a miss (bound <= 2.0) needs 7 sd.
+# - no clipping: an included canary sampled once scores ~1000/sigma^2 above any excluded one, so the top 20%
+#   (900 guesses) are all "in" unless fewer than 900 of the 4500 canaries are included and sampled (each
+#   with probability 0.5 * (1 - 0.99^300) = 0.475): P < 1e-100 (test_no_clipping_miss_probability); 50 simulated
+#   audits all gave 4.525. The planned-trial design below (eps 4, m = 200): 400 audits, mean 0.23, sd 0.23,
+#   max 1.22: the claim is 16 sd away.
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_white_box_audit_catches_a_quarter_of_the_noise(mode, sigma_over_4):
+    result = audit(mode)
+    assert result.claimed_epsilon == pytest.approx(CLAIM_EPSILON, abs=0.01)
+    assert result.violates_claim, result
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_white_box_audit_catches_disabled_clipping(mode, clipping_disabled):
+    result = audit(mode)
+    assert result.violates_claim and result.epsilon_lower_bound > 4.0, result
+
+
+def test_no_clipping_miss_probability():
+    p_sampled = 0.5 * (1 - (1 - Q) ** STEPS)
+    assert stats.binom.cdf(0.2 * M - 1, M, p_sampled) < 1e-100
+    beta = 0.05 / len(DEFAULT_GUESS_SPLITS)
+    assert epsilon_lower_bound(m=M, guesses=900, correct=900, delta=DELTA, beta=beta) > 4.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The audit of a planned trial (what `dpsweep audit` runs): timm model, the trial's data, metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
+
+
+def test_white_box_audit_of_a_planned_trial(tiny_site):
+    # test_convnext on the tiny site, eps = 4 over 2 epochs (18 steps at q = 1/9): weak, but the whole path runs.
+    cfg = tiny_trial_config(tiny_site, 4.0)
+    result = run_audit(cfg, resolve_init("random", cfg.model), m=200, kind="white_box", real_records=16)
+    assert result.kind == "white_box" and result.score == "likelihood_ratio" and result.steps == cfg.privacy.steps
+    assert result.claimed_epsilon == epsilon_spent(cfg.privacy.noise_multiplier, cfg.privacy.sample_rate,
+                                                   cfg.privacy.steps, cfg.privacy.delta)
+    assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon  # see FALSE ALARMS above
+    metrics = result.to_metrics()
+    assert metrics[audit_metric("white_box", "epsilon_lower_bound")] == result.epsilon_lower_bound
+    assert {audit_metric("white_box", n) for n in ("m", "guesses", "correct", "confidence", "claimed_epsilon")} <= (
+        metrics.keys())
+
+
+def test_black_box_training_set_and_plan_follow_the_coins(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0)
+    train = CacheSplitDataset(open_cache(tiny_site / "synthetic-a" / "32").split("train"))
+    images, labels = input_canaries(30, 32, 5, seed=0)
+    included = np.random.default_rng(0).random(30) < 0.5
+    enlarged = with_canaries(train, images[included], labels[included])
+    assert len(enlarged) == len(train) + included.sum()
+    x, y = enlarged.batch(np.arange(len(train), len(enlarged)))
+    np.testing.assert_array_equal((x[:, 0].numpy() * 255).round(), images[included])
+    np.testing.assert_array_equal(y.numpy(), labels[included])
+    planned = audit_module.recalibrated(cfg, len(enlarged))
+    assert (planned.privacy.sample_rate, planned.privacy.steps) == sample_rate_and_steps(len(enlarged), 16, 2)
+    assert epsilon_spent(planned.privacy.noise_multiplier, planned.privacy.sample_rate, planned.privacy.steps,
+                         planned.privacy.delta) <= 4.0
+
+
+def test_black_box_audit_runs_the_trial_loop(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
+    result = run_audit(cfg, resolve_init("random", cfg.model), m=64, kind="black_box")
+    assert result.kind == "black_box" and result.score == "negative_loss" and result.m == 64
+    assert result.claimed_epsilon <= 4.0 and 0 <= result.epsilon_lower_bound <= result.claimed_epsilon
+    assert set(result.to_metrics()) == {audit_metric("black_box", n) for n in (
+        "epsilon_lower_bound", "claimed_epsilon", "m", "guesses", "correct", "confidence", "wall_time_s")}
+
+
+def test_audits_refuse_non_private_or_uncalibrated_trials(tiny_site):
+    with pytest.raises(ValueError, match="private trial"):
+        run_audit(tiny_trial_config(tiny_site, math.inf), resolve_init("random", "test_convnext"), m=10,
+                  kind="white_box")
+    with pytest.raises(ValueError, match="audit kind"):
+        run_audit(tiny_trial_config(tiny_site, 4.0), resolve_init("random", "test_convnext"), m=10, kind="grey")

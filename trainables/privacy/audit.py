@@ -1,0 +1,726 @@
+"""Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846).
+
+The test. m canaries (records the auditor made up) are each put into the training set by a secret fair coin
+``S_i`` (+1 in, -1 out), independently. After training, the auditor scores every canary, guesses "in" for the
+``k+`` highest scores and "out" for the ``k-`` lowest, abstains on the rest, and counts its correct guesses.
+If the mechanism is (epsilon, delta)-DP with respect to adding or removing any one canary, the number W of
+correct guesses out of r satisfies (their Theorem 5.2, computed as in their Algorithm/appendix code)
+
+    P[W >= v] <= P[Binomial(r, p_eps) >= v] + 2 m delta max_{i=1..v} P[v-i <= Binomial(r, p_eps) < v] / i,
+    p_eps = e^eps / (1 + e^eps),
+
+whatever the scores and the guessing rule (any post-processing of what the mechanism released). The audit
+reports the largest epsilon this p-value rejects at level beta = 1 - confidence (`epsilon_lower_bound`):
+a *lower bound* on the epsilon of the mechanism actually run, valid with probability >= confidence over the
+coins and the mechanism. A bound above the claimed epsilon means the claim is wrong (a bug); a bound below it
+proves nothing about the claim's tightness, because one run with m canaries cannot measure large epsilons
+(with all r guesses correct the bound is only about ``ln(r / ln(1/beta))``) and our scores are not optimal.
+
+Choosing (k+, k-). We try a small fixed set of splits (`DEFAULT_GUESS_SPLITS`, fractions of m) and report the
+best, at level ``beta / len(splits)`` each: by the union bound the reported maximum exceeds the true epsilon
+with probability <= beta.
+
+White-box canaries (`run_white_box_audit`). Canary i is a Dirac gradient: ``D e_{j_i}`` at one parameter
+coordinate ``j_i`` (distinct coordinates, drawn by a public seeded rule), with ``D = CANARY_GRADIENT_FACTOR * C``
+far above the clip norm C. Canaries are records of the training set *as seen by the mechanism*: each included
+canary joins every step's Poisson batch with the trial's rate q, by the same sampling code and the same secret
+stream as the real records (`poisson_batches`), and its gradient row is appended to the per-sample gradients
+(`private_step(..., extra_grad_samples=...)`), so the engine's own clipping (L2 over all parameters, every
+grad-sample mode) brings it to C and the engine's own noise covers it. The bound therefore tests exactly the
+accountant's claim for the trial's (sigma, q, steps): DP-SGD with Poisson rate q, clip C, noise sigma C, steps
+steps, add/remove adjacency. (Canaries present at *every* step would not be subsampled, so a correct mechanism
+could legitimately exceed the subsampled epsilon; we do not do that.) The auditor observes every step's noisy
+clipped sum (``p.grad`` after the step, times B/C: units of C), which the accountant's adaptive composition
+covers. Scores: ``likelihood_ratio`` (default; ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))``, the
+Neyman-Pearson statistic of one Poisson-subsampled Gaussian canary at the claimed sigma) or ``sum``
+(``sum_t x_t``). Real records train the model as usual (a few of them suffice: what matters is that the real
+step code runs); their gradients at canary coordinates only blur the scores.
+
+Black-box canaries (`run_black_box_audit`). m out-of-distribution images (uniform random pixels, public
+seeded) with random labels; included ones are appended to the training split and the real trial loop
+(`trainables.train.train_trial`) trains on it; the score is minus the trained model's loss on each canary.
+The trial loop derives q = 1/ceil(N'/B) and steps from the training set it gets, so they (and sigma,
+recalibrated to the same target epsilon) are computed for N' = N + (number of included canaries), exactly as
+the sweep would. Caveat: N' depends on the coins, so one canary can move (q, steps) when N' crosses a multiple
+of B; the DP claim treats the dataset size as public, as the whole project does (and Opacus). The black-box
+bound is far weaker than the white-box one.
+
+Secrets. The coins, the canaries' Poisson sampling and the DP noise come from generators seeded by
+``os.urandom`` (a `SecureRandom` in secure mode); nothing of them is returned or logged. The result
+(`AuditResult`) carries only counts and the bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import special, stats
+from torch import nn
+
+from trainables.config import TrialConfig
+from trainables.data.cache import SplitData, open_cache
+from trainables.data.labels import LABELS
+from trainables.data.loaders import CacheSplitDataset, evaluation_batches
+from trainables.models import ResolvedInit, create_model
+from trainables.privacy.accounting import (
+    calibrate_noise_multiplier,
+    create_accountant,
+    epsilon_spent,
+    sample_rate_and_steps,
+)
+from trainables.privacy.engine import (
+    check_per_sample_gradients,
+    make_dp_optimizer,
+    poisson_batches,
+    private_step,
+    wrap_model,
+)
+from trainables.privacy.secure import SecureRandom
+from trainables.train import (
+    GRAD_CHECK_SAMPLES,
+    TrialData,
+    dataset_path,
+    label_pos_weight,
+    load_trial_data,
+    per_sample_bce,
+    resolve_device,
+    train_trial,
+)
+
+__all__ = [
+    "AUDIT_KINDS",
+    "AuditBound",
+    "AuditResult",
+    "CANARY_GRADIENT_FACTOR",
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_GUESS_SPLITS",
+    "DiracCanaries",
+    "GuessOutcome",
+    "WHITE_BOX_SCORES",
+    "audit_bound",
+    "audit_metric",
+    "epsilon_lower_bound",
+    "guess",
+    "likelihood_ratio_scores",
+    "p_value",
+    "place_dirac_canaries",
+    "run_audit",
+    "run_black_box_audit",
+    "run_white_box_audit",
+    "white_box_audit",
+]
+
+AuditKind = Literal["white_box", "black_box"]
+WhiteBoxScore = Literal["likelihood_ratio", "sum"]
+
+AUDIT_KINDS: tuple[str, ...] = ("white_box", "black_box")
+WHITE_BOX_SCORES: tuple[str, ...] = ("likelihood_ratio", "sum")
+BLACK_BOX_SCORE = "negative_loss"
+DEFAULT_CONFIDENCE = 0.95
+
+DEFAULT_GUESS_SPLITS: tuple[tuple[float, float], ...] = (
+    (0.01, 0.0), (0.02, 0.0), (0.05, 0.0), (0.1, 0.0), (0.2, 0.0), (0.05, 0.05), (0.1, 0.1), (0.25, 0.25),
+)
+"""(k+/m, k-/m) pairs tried; the bound of each is at level beta / len(splits) (union bound). Chosen before
+any data: DP-SGD canaries are detected mostly by their high scores (a canary sampled in no step looks out)."""
+
+CANARY_GRADIENT_FACTOR = 1000.0
+"""A Dirac canary's gradient norm in units of the clip norm C: clipping must bring it down to C."""
+
+EPSILON_GRID_COARSE = 0.05
+EPSILON_GRID_FINE = 0.001
+EPSILON_MAX = 64.0
+"""`epsilon_lower_bound` searches [0, EPSILON_MAX] on a grid (coarse, then fine at the first rejection)."""
+
+# Metric names (the lead moves them to the schema module). Full key: audit/<kind>/<name>.
+EPSILON_LOWER_BOUND = "epsilon_lower_bound"
+CLAIMED_EPSILON = "claimed_epsilon"
+CANARIES = "m"
+GUESSES = "guesses"
+CORRECT = "correct"
+CONFIDENCE = "confidence"
+WALL_TIME_S = "wall_time_s"
+
+
+def audit_metric(kind: str, name: str) -> str:
+    """Flat metric key ``audit/<kind>/<name>``, e.g. ``audit/white_box/epsilon_lower_bound``."""
+    if kind not in AUDIT_KINDS:
+        raise ValueError(f"audit kind {kind!r} is not one of {AUDIT_KINDS}")
+    return f"audit/{kind}/{name}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics (pure numpy/scipy)
+
+
+def p_value(epsilon: float, *, m: int, guesses: int, correct: int, delta: float) -> float:
+    """Upper bound on P[>= ``correct`` right out of ``guesses``] for any (epsilon, delta)-DP mechanism.
+
+    Steinke-Nasr-Jagielski Theorem 5.2 (module docstring): the binomial tail at p = e^eps/(1+e^eps) plus
+    ``2 m delta max_i P[v-i <= Bin(r, p) < v] / i``. ``m`` is the number of canaries (coins), ``guesses`` the
+    non-abstentions r.
+    """
+    if not (0 <= correct <= guesses <= m):
+        raise ValueError(f"need 0 <= correct <= guesses <= m, got correct={correct}, guesses={guesses}, m={m}")
+    if not (epsilon >= 0 and 0 <= delta <= 1):
+        raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon}, {delta}")
+    p = float(special.expit(epsilon))
+    tail = float(stats.binom.sf(correct - 1, guesses, p))  # P[Bin(r, p) >= v]
+    if delta > 0 and correct > 0:
+        below = stats.binom.pmf(np.arange(correct - 1, -1, -1), guesses, p)  # P[X = v-1], P[X = v-2], ...
+        alpha = float(np.max(np.cumsum(below) / np.arange(1, correct + 1)))  # max_i P[v-i <= X <= v-1] / i
+        tail += alpha * delta * 2 * m
+    return min(tail, 1.0)
+
+
+def epsilon_lower_bound(*, m: int, guesses: int, correct: int, delta: float, beta: float) -> float:
+    """The largest epsilon rejected at level ``beta``: P[bound > true epsilon] <= beta.
+
+    Scans an increasing grid G (step `EPSILON_GRID_COARSE`, then `EPSILON_GRID_FINE` after the first coarse
+    point not rejected) and returns the last point before the first grid point with p-value >= beta
+    (0 if epsilon = 0 is not rejected). Validity needs no monotonicity of `p_value`: if the mechanism is
+    (eps*, delta)-DP and the bound L > eps*, the smallest grid point e >= eps* is <= L, so p(e) < beta, an
+    event of probability <= beta because the mechanism is also (e, delta)-DP. Rounding is downwards.
+    """
+    if not 0 < beta < 1:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+
+    def rejected(epsilon: float) -> bool:
+        return p_value(epsilon, m=m, guesses=guesses, correct=correct, delta=delta) < beta
+
+    if not rejected(0.0):
+        return 0.0
+    coarse = 0.0
+    while coarse + EPSILON_GRID_COARSE <= EPSILON_MAX and rejected(coarse + EPSILON_GRID_COARSE):
+        coarse += EPSILON_GRID_COARSE
+    fine = coarse
+    steps = round(EPSILON_GRID_COARSE / EPSILON_GRID_FINE)
+    for i in range(1, steps):
+        if not rejected(coarse + i * EPSILON_GRID_FINE):
+            break
+        fine = coarse + i * EPSILON_GRID_FINE
+    return fine
+
+
+@dataclass(frozen=True)
+class GuessOutcome:
+    """One guessing rule applied: "in" for the ``n_in`` highest scores, "out" for the ``n_out`` lowest."""
+
+    n_in: int
+    n_out: int
+    correct: int
+
+    @property
+    def guesses(self) -> int:
+        return self.n_in + self.n_out
+
+
+def guess(scores: np.ndarray, included: np.ndarray, n_in: int, n_out: int, rng: np.random.Generator) -> GuessOutcome:
+    """Count correct guesses of the rule (``n_in`` top scores "in", ``n_out`` bottom "out"); ties at random.
+
+    Args:
+        scores: float [m], higher = more likely included.
+        included: bool [m], the secret coins (True = S_i = +1).
+        rng: breaks ties (a secret stream: ties must not correlate with the coins).
+    """
+    m = len(scores)
+    if n_in < 0 or n_out < 0 or n_in + n_out > m:
+        raise ValueError(f"need n_in, n_out >= 0 and n_in + n_out <= m={m}, got {n_in}, {n_out}")
+    shuffle = rng.permutation(m)
+    order = shuffle[np.argsort(-np.asarray(scores, dtype=np.float64)[shuffle], kind="stable")]  # descending
+    top, bottom = order[:n_in], order[m - n_out :]
+    correct = int(included[top].sum()) + int((~included[bottom]).sum())
+    return GuessOutcome(n_in=n_in, n_out=n_out, correct=correct)
+
+
+@dataclass(frozen=True)
+class AuditBound:
+    """The best bound over the tried guessing rules.
+
+    Attributes:
+        epsilon_lower_bound: the bound at overall confidence ``confidence`` (union bound over the rules).
+        outcome: the rule that gave it (its guesses and correct count).
+        m: canaries.
+        confidence: 1 - beta.
+        rules_tried: number of (k+, k-) splits; each bound was computed at beta / rules_tried.
+    """
+
+    epsilon_lower_bound: float
+    outcome: GuessOutcome
+    m: int
+    confidence: float
+    rules_tried: int
+
+
+def audit_bound(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    delta: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+    splits: Sequence[tuple[float, float]] = DEFAULT_GUESS_SPLITS,
+    rng: np.random.Generator | None = None,
+) -> AuditBound:
+    """Epsilon lower bound from canary scores and the secret coins, best of ``splits`` (union bound).
+
+    Args:
+        scores: float [m]; NaN is not allowed.
+        included: bool [m].
+        delta: the delta of the claim being tested.
+        splits: (k+/m, k-/m) fractions, fixed before seeing the scores; k = floor(fraction * m).
+        rng: tie-breaking; default a fresh ``os.urandom``-seeded generator. It must be independent of the
+            coins (never the generator that drew them).
+
+    The p-value's delta term is ``2 m delta alpha`` (alpha <= 1, a binomial mass ratio): with ``2 m delta``
+    near ``beta / len(splits)`` the bound collapses to 0 (m = 1000, delta = 6e-6: 0.012 alpha vs 0.00625).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included, dtype=bool)
+    if scores.shape != included.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and included {included.shape} must be equal 1-d shapes")
+    if not np.isfinite(scores).all():
+        raise ValueError("canary scores must be finite")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not splits:
+        raise ValueError("need at least one (k+, k-) split")
+    rng = rng if rng is not None else secret_numpy_generator()
+    m = len(scores)
+    beta = (1 - confidence) / len(splits)
+    best: tuple[float, GuessOutcome] | None = None
+    for frac_in, frac_out in splits:
+        outcome = guess(scores, included, math.floor(frac_in * m), math.floor(frac_out * m), rng)
+        bound = epsilon_lower_bound(m=m, guesses=outcome.guesses, correct=outcome.correct, delta=delta, beta=beta)
+        if best is None or bound > best[0]:
+            best = (bound, outcome)
+    assert best is not None
+    return AuditBound(best[0], best[1], m, confidence, len(splits))
+
+
+def likelihood_ratio_scores(observations: np.ndarray, noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Log-likelihood ratio of "in" vs "out" per canary: ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))``.
+
+    Args:
+        observations: float [steps, m], the noisy clipped sum at each canary's coordinate, in units of C
+            (1 = one clipped canary).
+        noise_multiplier: the claimed sigma (> 0).
+        sample_rate: the claimed q.
+    """
+    if not noise_multiplier > 0:
+        raise ValueError(f"the likelihood-ratio score needs sigma > 0, got {noise_multiplier}")
+    z = (observations - 0.5) / noise_multiplier**2
+    per_step = np.logaddexp(math.log1p(-sample_rate) if sample_rate < 1 else -np.inf, math.log(sample_rate) + z)
+    return np.asarray(per_step.sum(axis=0), dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Secrets
+
+
+def secret_numpy_generator() -> np.random.Generator:
+    """A numpy generator seeded with 256 bits from ``os.urandom`` (never logged, never reproducible)."""
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+
+
+def _secret_mechanism_streams(cfg: TrialConfig, device: torch.device
+                              ) -> tuple[torch.Generator | SecureRandom, torch.Generator | SecureRandom]:
+    """(sampler, noise) streams of the trial's kind: `SecureRandom` in secure mode, else torch generators
+    seeded from ``os.urandom`` (the trial's own code paths, with secret seeds)."""
+    if cfg.privacy.secure_mode:
+        rng = SecureRandom()
+        return rng, rng
+    sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    noise = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    return sampler, noise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What an audit releases: counts and the bound (never the coins, scores or seeds).
+
+    Attributes:
+        kind: ``white_box`` or ``black_box``.
+        m: canaries.
+        guesses: non-abstentions of the reported rule.
+        correct: its correct guesses.
+        epsilon_lower_bound: the empirical lower bound at ``confidence``.
+        confidence: 1 - beta (overall, after the union bound over guessing rules).
+        claimed_epsilon: the accountant's epsilon for the (sigma, q, steps, delta) audited.
+        delta: the delta of the claim.
+        wall_time_s: seconds for the whole audit (training included).
+        score: the canary score used (``likelihood_ratio``, ``sum``, ``negative_loss``).
+        noise_multiplier, sample_rate, steps: the mechanism's claimed parameters.
+        grad_sample_mode: the engine mode audited.
+    """
+
+    kind: str
+    m: int
+    guesses: int
+    correct: int
+    epsilon_lower_bound: float
+    confidence: float
+    claimed_epsilon: float
+    delta: float
+    wall_time_s: float
+    score: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    grad_sample_mode: str
+
+    @property
+    def violates_claim(self) -> bool:
+        """True when the bound exceeds the claimed epsilon: the claim is refuted at ``confidence``."""
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    def to_metrics(self) -> dict[str, float]:
+        """Flat numeric metrics ``audit/<kind>/<name>`` for MLflow and the trial table."""
+        values = {
+            EPSILON_LOWER_BOUND: self.epsilon_lower_bound,
+            CLAIMED_EPSILON: self.claimed_epsilon,
+            CANARIES: self.m,
+            GUESSES: self.guesses,
+            CORRECT: self.correct,
+            CONFIDENCE: self.confidence,
+            WALL_TIME_S: self.wall_time_s,
+        }
+        return {audit_metric(self.kind, name): float(value) for name, value in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# White-box Dirac canaries
+
+
+@dataclass(frozen=True)
+class DiracCanaries:
+    """m Dirac gradient canaries: canary i is ``gradient_norm * e_j`` at coordinate ``flat_index[i]`` of
+    parameter ``parameter[i]`` (names as in the unwrapped model's ``named_parameters()``)."""
+
+    parameter: tuple[str, ...]
+    flat_index: np.ndarray  # int64 [m], index into the parameter's flattened tensor
+    gradient_norm: float
+
+    def __len__(self) -> int:
+        return len(self.parameter)
+
+    def grad_samples(self, model: nn.Module, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-sample gradient rows of the canaries ``rows`` (indices into the m canaries), for
+        ``private_step(extra_grad_samples=...)``: ``[len(rows), *shape]`` per parameter that holds one."""
+        params = dict(model.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for row, canary in enumerate(rows):
+            name = self.parameter[canary]
+            p = params[name]
+            if name not in out:
+                out[name] = torch.zeros((len(rows), p.numel()), dtype=p.dtype, device=p.device)
+            out[name][row, int(self.flat_index[canary])] = self.gradient_norm
+        return {name: flat.view(len(rows), *params[name].shape) for name, flat in out.items()}
+
+    def read(self, model: nn.Module) -> np.ndarray:
+        """Each canary's coordinate of ``p.grad`` (the noisy update after the step), float64 [m]."""
+        params = dict(model.named_parameters())
+        values = np.empty(len(self), dtype=np.float64)
+        names = np.asarray(self.parameter)
+        for name in dict.fromkeys(self.parameter):
+            grad = params[name].grad
+            if grad is None:
+                raise RuntimeError(f"parameter {name} has no gradient after the step: the step did not run")
+            where = np.flatnonzero(names == name)
+            index = torch.as_tensor(self.flat_index[where], device=grad.device)
+            values[where] = grad.detach().reshape(-1)[index].double().cpu().numpy()
+        return values
+
+
+def place_dirac_canaries(model: nn.Module, m: int, gradient_norm: float, seed: int = 0) -> DiracCanaries:
+    """Distinct coordinates for m Dirac canaries, uniformly over all trainable coordinates (public rule:
+    ``numpy.random.default_rng(seed)``; the coordinates need no secrecy, only the coins do)."""
+    named = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    sizes = np.array([n for _, n in named], dtype=np.int64)
+    total = int(sizes.sum())
+    if not 1 <= m <= total:
+        raise ValueError(f"m={m} canaries need distinct coordinates: choose 1 <= m <= {total} (trainable values)")
+    flat = np.sort(np.random.default_rng(seed).choice(total, size=m, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(offsets, flat, side="right") - 1
+    return DiracCanaries(parameter=tuple(named[i][0] for i in which), flat_index=flat - offsets[which],
+                         gradient_norm=float(gradient_norm))
+
+
+def _check_private(cfg: TrialConfig) -> None:
+    privacy = cfg.privacy
+    if not privacy.is_private:
+        raise ValueError("an audit needs a private trial (finite target epsilon); a non-private one has no claim")
+    if not (privacy.noise_multiplier > 0 and 0 < privacy.sample_rate <= 1 and privacy.steps >= 1):
+        raise ValueError(
+            f"trial config has no calibrated mechanism (sigma={privacy.noise_multiplier}, q={privacy.sample_rate}, "
+            f"steps={privacy.steps}); plan it as the sweep does (calibrate_noise_multiplier) before auditing")
+
+
+def _train_split(cfg: TrialConfig, data: TrialData | None) -> CacheSplitDataset:
+    if data is not None:
+        return data.train
+    cache = open_cache(dataset_path(cfg.data_root, cfg.dataset, cfg.image_size))
+    return CacheSplitDataset(cache.split("train"), mean=cfg.input_mean, std=cfg.input_std)
+
+
+def run_white_box_audit(
+    cfg: TrialConfig,
+    init: ResolvedInit,
+    *,
+    m: int,
+    confidence: float = DEFAULT_CONFIDENCE,
+    score: WhiteBoxScore = "likelihood_ratio",
+    real_records: int | None = None,
+    data: TrialData | None = None,
+    canary_seed: int = 0,
+) -> AuditResult:
+    """White-box one-run audit of the trial's DP-SGD with m Dirac gradient canaries, on the trial's model
+    (``create_model(cfg.model, init)``); see `white_box_audit`.
+
+    Args:
+        data: a `trainables.train.TrialData` (only ``.train`` is used); default: the trial's cache.
+    """
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # a random init stays secret too
+    model = create_model(cfg.model, init)
+    return white_box_audit(model, _train_split(cfg, data), cfg, m=m, confidence=confidence, score=score,
+                           real_records=real_records, canary_seed=canary_seed)
+
+
+def white_box_audit(
+    model: nn.Module,
+    train: CacheSplitDataset,
+    cfg: TrialConfig,
+    *,
+    m: int,
+    confidence: float = DEFAULT_CONFIDENCE,
+    score: WhiteBoxScore = "likelihood_ratio",
+    real_records: int | None = None,
+    canary_seed: int = 0,
+) -> AuditResult:
+    """White-box one-run audit of ``cfg``'s DP-SGD mechanism on ``model`` with m Dirac gradient canaries.
+
+    Runs ``cfg.privacy.steps`` steps of the engine (``cfg.speed.grad_sample_mode``, per-sample gradient check
+    included) at the trial's (sigma, C, q, B): real records and included canaries Poisson-sampled at q by
+    `poisson_batches`, canary rows clipped and noised by the engine (`private_step`'s ``extra_grad_samples``),
+    AdamW at the trial's learning rate. Tests the claim ``epsilon_spent(sigma, q, steps, delta, accountant)``.
+
+    Args:
+        model: the untrained model (any module the engine accepts); it is trained in place.
+        train: the real training records.
+        m: canaries (distinct parameter coordinates; at most the model's trainable values).
+        score: ``likelihood_ratio`` (default) or ``sum``.
+        real_records: train on only the first this many records (cheap audits); None = all.
+        canary_seed: public seed of the canary coordinates.
+    """
+    _check_private(cfg)
+    if score not in WHITE_BOX_SCORES:
+        raise ValueError(f"white-box score {score!r} is not one of {WHITE_BOX_SCORES}")
+    start = time.perf_counter()
+    privacy, speed = cfg.privacy, cfg.speed
+    torch.set_num_threads(speed.threads)
+    device = resolve_device(speed.device)
+    n_real = len(train) if real_records is None else min(int(real_records), len(train))
+    if n_real < 1:
+        raise ValueError(f"real_records={real_records} must be >= 1 (the engine's gradient check needs a record)")
+
+    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = train.batch(np.sort(indices))
+        return x.to(device), y.to(device)
+
+    model = model.to(device)
+    model.train()
+    pos_weight = label_pos_weight(cfg, train.split.labels)
+    loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.to(device))
+    wrapped = wrap_model(model, speed.grad_sample_mode)
+    check_per_sample_gradients(wrapped, loss_fn, *batch(np.arange(min(GRAD_CHECK_SAMPLES, n_real))))
+    sampler_rng, noise_rng = _secret_mechanism_streams(cfg, device)
+    accountant = create_accountant(privacy.accountant)
+    optimizer = make_dp_optimizer(
+        torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=privacy.expected_batch_size, noise_generator=noise_rng, accountant=accountant,
+        sample_rate=privacy.sample_rate,
+    )
+    canaries = place_dirac_canaries(model, m, CANARY_GRADIENT_FACTOR * privacy.max_grad_norm, seed=canary_seed)
+    coins = secret_numpy_generator()
+    included = coins.random(m) < 0.5
+    members = np.flatnonzero(included)  # record n_real + k of the mechanism's dataset is canary members[k]
+
+    to_units = privacy.expected_batch_size / privacy.max_grad_norm  # p.grad = noisy sum / B
+    observations = np.empty((privacy.steps, m), dtype=np.float64)
+    for step, indices in enumerate(poisson_batches(n_real + len(members), privacy.sample_rate, privacy.steps,
+                                                   sampler_rng)):
+        chosen = indices.numpy()
+        real, canary_rows = chosen[chosen < n_real], members[chosen[chosen >= n_real] - n_real]
+        private_step(wrapped, optimizer, loss_fn, batch(real), speed.max_physical_batch_size,
+                     extra_grad_samples=canaries.grad_samples(model, canary_rows))
+        observations[step] = canaries.read(model) * to_units
+    if sum(n for _, _, n in accountant.history) != privacy.steps:
+        raise RuntimeError("the audit's privacy ledger does not match its steps")  # the engine skipped a step
+
+    if score == "likelihood_ratio":
+        scores = likelihood_ratio_scores(observations, privacy.noise_multiplier, privacy.sample_rate)
+    else:
+        scores = observations.sum(axis=0)
+    bound = audit_bound(scores, included, delta=privacy.delta, confidence=confidence)
+    claimed = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta,
+                            privacy.accountant)
+    return _result("white_box", bound, claimed, cfg, score, privacy.noise_multiplier, privacy.sample_rate,
+                   privacy.steps, time.perf_counter() - start)
+
+
+def _result(kind: str, bound: AuditBound, claimed: float, cfg: TrialConfig, score: str, sigma: float, q: float,
+            steps: int, wall: float) -> AuditResult:
+    return AuditResult(
+        kind=kind, m=bound.m, guesses=bound.outcome.guesses, correct=bound.outcome.correct,
+        epsilon_lower_bound=bound.epsilon_lower_bound, confidence=bound.confidence, claimed_epsilon=claimed,
+        delta=cfg.privacy.delta, wall_time_s=wall, score=score, noise_multiplier=sigma, sample_rate=q, steps=steps,
+        grad_sample_mode=cfg.speed.grad_sample_mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Black-box input canaries
+
+
+def input_canaries(m: int, image_size: int, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """m out-of-distribution canaries: uint8 uniform-noise images [m, size, size] and random 0/1 labels
+    float32 [m, n_labels] (public seeded: the auditor knows its canaries; only the coins are secret)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(m, image_size, image_size), dtype=np.uint8)
+    labels = (rng.random((m, n_labels)) < 0.5).astype(np.float32)
+    return images, labels
+
+
+def with_canaries(train: CacheSplitDataset, images: np.ndarray, labels: np.ndarray) -> CacheSplitDataset:
+    """The training split plus the given canary records appended (in memory; sex unknown, age missing,
+    one patient per canary), same input normalization."""
+    split = train.split
+    k = len(images)
+    combined = SplitData(
+        images=np.concatenate([np.asarray(split.images[split.rows]), images]),
+        rows=np.arange(len(split) + k, dtype=np.int64),
+        labels=np.concatenate([split.labels, labels.astype(np.float32)]),
+        sex=np.concatenate([split.sex, np.full(k, "unknown", dtype=split.sex.dtype)]),
+        age=np.concatenate([split.age, np.full(k, np.nan)]),
+        patient_id=np.concatenate([split.patient_id.astype(object),
+                                   np.array([f"audit-canary-{i}" for i in range(k)], dtype=object)]),
+    )
+    return CacheSplitDataset(combined, mean=train.mean, std=train.std)
+
+
+def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
+    """``cfg`` with (q, steps, sigma) planned for ``n_train`` records as the sweep plans them (same target
+    epsilon, delta, accountant, tolerance), so `train_trial`'s budget check accepts the enlarged split."""
+    privacy = cfg.privacy
+    q, steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
+    sigma = calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant,
+                                       tolerance=cfg.calibration_tolerance)
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, noise_multiplier=sigma, sample_rate=q,
+                                                                steps=steps))
+
+
+def _trained_model(result: dict[str, Any]) -> nn.Module:
+    """The trained model from `train_trial`'s return value (one line to change when it becomes a TrialResult)."""
+    model: nn.Module = result["model"]
+    return model
+
+
+def run_black_box_audit(
+    cfg: TrialConfig,
+    init: ResolvedInit,
+    *,
+    m: int,
+    confidence: float = DEFAULT_CONFIDENCE,
+    data: TrialData | None = None,
+    canary_seed: int = 0,
+) -> AuditResult:
+    """Black-box one-run audit: train the real trial loop with m coin-included input canaries, score each by
+    minus the trained model's loss on it (module docstring for how q, steps and sigma follow the enlarged N).
+
+    Evaluation extras that release nothing about training (bootstrap, external sets, per-epoch test) are
+    switched off; the trial's seed is replaced by an ``os.urandom`` one so its noise and sampling are secret.
+
+    Args:
+        data: a `trainables.train.TrialData`; default: the trial's cache.
+    """
+    _check_private(cfg)
+    start = time.perf_counter()
+    light = dataclasses.replace(cfg, n_boot=0, external_datasets=(), eval_test_every_epoch=False,
+                                seed=int.from_bytes(os.urandom(4), "little") >> 1)
+    base = data if data is not None else load_trial_data(light)
+    images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
+    coins = secret_numpy_generator()
+    included = coins.random(m) < 0.5
+    train = with_canaries(base.train, images[included], labels[included])
+    trial_cfg = recalibrated(light, len(train))
+
+    result = train_trial(trial_cfg, init, lambda metrics, state: None, data=TrialData(train, base.val, base.test))
+    model = _trained_model(result)
+    canary_set = CacheSplitDataset(SplitData(images=images, rows=np.arange(m), labels=labels,
+                                             sex=np.full(m, "unknown"), age=np.full(m, np.nan),
+                                             patient_id=np.array([f"audit-canary-{i}" for i in range(m)])),
+                                   mean=train.mean, std=train.std)
+    scores = -_losses(model, canary_set, per_sample_bce(None), cfg.speed.eval_batch_size)
+    bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
+    privacy = trial_cfg.privacy
+    claimed = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta,
+                            privacy.accountant)
+    return _result("black_box", bound, claimed, trial_cfg, BLACK_BOX_SCORE, privacy.noise_multiplier,
+                   privacy.sample_rate, privacy.steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _losses(model: nn.Module, dataset: CacheSplitDataset,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    out = [loss_fn(model(x.to(device)), y.to(device)).double().cpu().numpy()
+           for x, y in evaluation_batches(dataset, batch_size)]
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_audit(
+    cfg: TrialConfig,
+    init: ResolvedInit,
+    *,
+    m: int,
+    kind: AuditKind,
+    confidence: float = DEFAULT_CONFIDENCE,
+    data: TrialData | None = None,
+    real_records: int | None = None,
+) -> AuditResult:
+    """One-run privacy audit of one planned private trial (what ``dpsweep audit`` calls per grid point).
+
+    Args:
+        cfg: a calibrated private trial config (as the sweep plans it).
+        init: its resolved init.
+        m: number of canaries.
+        kind: ``white_box`` (Dirac gradient canaries through the engine) or ``black_box`` (input canaries
+            through the real trial loop).
+        confidence: 1 - beta of the lower bound.
+        data: optional `trainables.train.TrialData` (default: the trial's prepared cache).
+        real_records: white-box only: train on the first this many real records (None = all).
+    """
+    if kind == "white_box":
+        return run_white_box_audit(cfg, init, m=m, confidence=confidence, real_records=real_records, data=data)
+    if kind == "black_box":
+        if real_records is not None:
+            raise ValueError("real_records applies to white-box audits only (black-box trains the whole trial)")
+        return run_black_box_audit(cfg, init, m=m, confidence=confidence, data=data)
+    raise ValueError(f"audit kind {kind!r} is not one of {AUDIT_KINDS}")
