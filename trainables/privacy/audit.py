@@ -58,7 +58,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,8 +68,9 @@ from torch import nn
 from trainables.config import TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.labels import LABELS
-from trainables.data.loaders import CacheSplitDataset, evaluation_batches
+from trainables.data.loaders import CacheSplitDataset, TrialData, evaluation_batches, load_trial_data
 from trainables.models import ResolvedInit, create_model
+from trainables.names import dataset_dir
 from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
     create_accountant,
@@ -84,16 +85,7 @@ from trainables.privacy.engine import (
     wrap_model,
 )
 from trainables.privacy.secure import SecureRandom
-from trainables.train import (
-    GRAD_CHECK_SAMPLES,
-    TrialData,
-    dataset_path,
-    label_pos_weight,
-    load_trial_data,
-    per_sample_bce,
-    resolve_device,
-    train_trial,
-)
+from trainables.train import GRAD_CHECK_SAMPLES, TrialResult, per_sample_bce, resolve_device, train_trial
 
 __all__ = [
     "AUDIT_KINDS",
@@ -471,7 +463,7 @@ def _check_private(cfg: TrialConfig) -> None:
 def _train_split(cfg: TrialConfig, data: TrialData | None) -> CacheSplitDataset:
     if data is not None:
         return data.train
-    cache = open_cache(dataset_path(cfg.data_root, cfg.dataset, cfg.image_size))
+    cache = open_cache(dataset_dir(cfg.data_root, cfg.dataset, cfg.image_size))
     return CacheSplitDataset(cache.split("train"), mean=cfg.input_mean, std=cfg.input_std)
 
 
@@ -541,8 +533,8 @@ def white_box_audit(
 
     model = model.to(device)
     model.train()
-    pos_weight = label_pos_weight(cfg, train.split.labels)
-    loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.to(device))
+    # Uniform BCE weights: the audit tests the clipping and noise of the step, which no loss weighting changes.
+    loss_fn = per_sample_bce(None, device)
     wrapped = wrap_model(model, speed.grad_sample_mode)
     check_per_sample_gradients(wrapped, loss_fn, *batch(np.arange(min(GRAD_CHECK_SAMPLES, n_real))))
     sampler_rng, noise_rng = _secret_mechanism_streams(cfg, device)
@@ -627,15 +619,14 @@ def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
     privacy = cfg.privacy
     q, steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
     sigma = calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant,
-                                       tolerance=cfg.calibration_tolerance)
+                                       tolerance=cfg.privacy.calibration_tolerance)
     return dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, noise_multiplier=sigma, sample_rate=q,
                                                                 steps=steps))
 
 
-def _trained_model(result: dict[str, Any]) -> nn.Module:
-    """The trained model from `train_trial`'s return value (one line to change when it becomes a TrialResult)."""
-    model: nn.Module = result["model"]
-    return model
+def _trained_model(result: TrialResult) -> nn.Module:
+    """The trained model of a `train_trial` run."""
+    return result.model
 
 
 def run_black_box_audit(
@@ -658,7 +649,7 @@ def run_black_box_audit(
     """
     _check_private(cfg)
     start = time.perf_counter()
-    light = dataclasses.replace(cfg, n_boot=0, external_datasets=(), eval_test_every_epoch=False,
+    light = dataclasses.replace(cfg, n_boot=0, external_datasets=(), test_every_epoch=False,
                                 seed=int.from_bytes(os.urandom(4), "little") >> 1)
     base = data if data is not None else load_trial_data(light)
     images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
@@ -673,7 +664,8 @@ def run_black_box_audit(
                                              sex=np.full(m, "unknown"), age=np.full(m, np.nan),
                                              patient_id=np.array([f"audit-canary-{i}" for i in range(m)])),
                                    mean=train.mean, std=train.std)
-    scores = -_losses(model, canary_set, per_sample_bce(None), cfg.speed.eval_batch_size)
+    scores = -_losses(model, canary_set, per_sample_bce(None, next(model.parameters()).device),
+                      cfg.speed.eval_batch_size)
     bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
     privacy = trial_cfg.privacy
     claimed = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta,
