@@ -21,13 +21,15 @@ from torch.func import grad, vmap
 from trainables.privacy.accounting import (
     accountant_history,
     calibrate_noise_multiplier,
+    check_ledger,
     cross_check_epsilon,
     epsilon_spent,
     sample_rate_and_steps,
 )
 from trainables.privacy.label_counts import (
-    DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER,
+    DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER,
     LabelCountRelease,
+    account_release,
     count_sensitivity,
     release_label_counts,
     train_pos_weight,
@@ -107,7 +109,7 @@ def test_the_release_alone_is_a_gaussian_mechanism():
 
 
 def test_calibration_refuses_a_release_that_spends_the_target():
-    with pytest.raises(ValueError, match=r"label-count release .* alone spends epsilon 0\.81.*pos_weight_noise_mult"):
+    with pytest.raises(ValueError, match=r"label-count release .* alone spends epsilon 0\.81.*label_count_noise_mult"):
         calibrate_noise_multiplier(0.5, DELTA, Q, STEPS, label_count_noise_multiplier=5.0)
 
 
@@ -140,6 +142,46 @@ def test_ledger_corner_case_equal_mechanisms_merge_as_in_opacus():
     assert accountant.history == accountant_history(2.0, 1.0, 3, 2.0) == [(2.0, 1.0, 4)]
 
 
+def test_trial_flow_release_accounted_then_steps_then_resume_check():
+    # What the trial does: release once, record it, train; every epoch's epsilon includes the release; the
+    # resume check accepts exactly [release, steps] and refuses a lost or doubled release.
+    weight = train_pos_weight(labels_with(), target_epsilon=3.0, noise_multiplier=SIGMA_C)
+    accountant = RDPAccountant()
+    account_release(accountant, weight.release)
+    assert accountant.get_epsilon(DELTA) == epsilon_spent(1.0, Q, 0, DELTA, label_count_noise_multiplier=SIGMA_C)
+    for _ in range(56):
+        accountant.step(noise_multiplier=0.9, sample_rate=Q)
+    assert accountant.get_epsilon(DELTA) == epsilon_spent(0.9, Q, 56, DELTA, label_count_noise_multiplier=SIGMA_C)
+    state = accountant.state_dict()
+    restored = RDPAccountant()
+    restored.load_state_dict(state)
+    check_ledger(restored.history, 0.9, Q, 56, SIGMA_C)
+    with pytest.raises(ValueError, match="inconsistent ledger"):
+        check_ledger(restored.history, 0.9, Q, 56)  # the release is not in the trial's config: foreign ledger
+    with pytest.raises(ValueError, match="inconsistent ledger"):
+        check_ledger([(0.9, Q, 56)], 0.9, Q, 56, SIGMA_C)  # release lost
+    with pytest.raises(ValueError, match="inconsistent ledger"):
+        check_ledger([(SIGMA_C, 1.0, 1), (SIGMA_C, 1.0, 1), (0.9, Q, 56)], 0.9, Q, 56, SIGMA_C)  # drawn twice
+    with pytest.raises(ValueError, match="inconsistent ledger"):
+        check_ledger(restored.history, 0.9, Q, 55, SIGMA_C)
+    check_ledger([[0.9, Q, 56]], 0.9, Q, 56)  # lists (a JSON round trip) are fine
+    with pytest.raises(ValueError, match="recorded once, before the first DP-SGD step"):
+        account_release(restored, weight.release)
+
+
+def test_resumed_trial_reuses_the_saved_release():
+    labels = labels_with()
+    first = train_pos_weight(labels, target_epsilon=3.0, noise_multiplier=SIGMA_C)
+    saved = LabelCountRelease.from_dict(first.release.to_dict())
+    again = train_pos_weight(labels, target_epsilon=3.0, noise_multiplier=SIGMA_C, restored=saved)
+    assert again.release == first.release
+    np.testing.assert_array_equal(again.values, first.values)
+    with pytest.raises(ValueError, match="does not match this trial"):
+        train_pos_weight(labels, target_epsilon=3.0, noise_multiplier=10.0, restored=saved)
+    with pytest.raises(ValueError, match="does not match this trial"):
+        train_pos_weight(labels[:40], target_epsilon=3.0, noise_multiplier=SIGMA_C, restored=saved)
+
+
 # --- refusing exact counts ----------------------------------------------------------------------
 
 
@@ -156,9 +198,9 @@ def test_exact_counts_of_a_private_training_set_are_refused(noise):
         train_pos_weight(labels_with(), target_epsilon=3.0, noise_multiplier=noise)
     message = str(error.value)
     assert "training.pos_weight = 'train'" in message
-    assert f"training.pos_weight_noise_multiplier = {noise!r}" in message
+    assert f"privacy.label_count_noise_multiplier = {noise!r}" in message
     assert "exact label counts of the private training set" in message
-    assert "Fix: set training.pos_weight_noise_multiplier > 0" in message and "pos_weight: uniform" in message
+    assert "Fix: set privacy.label_count_noise_multiplier > 0" in message and "pos_weight: uniform" in message
 
 
 def test_non_private_baseline_counts_exactly():
@@ -223,7 +265,7 @@ def test_release_validation():
 
 
 def test_default_is_the_documented_one():
-    assert DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER == SIGMA_C
+    assert DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER == SIGMA_C
 
 
 # --- the sensitivity problem of exact counts, and why the release fixes it -----------------------

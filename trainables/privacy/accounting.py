@@ -63,6 +63,7 @@ __all__ = [
     "MAX_NOISE_MULTIPLIER",
     "accountant_history",
     "calibrate_noise_multiplier",
+    "check_ledger",
     "cross_check_epsilon",
     "epsilon_spent",
     "sample_rate_and_steps",
@@ -172,6 +173,34 @@ def accountant_history(
         else:
             history.append((*entry, int(steps)))
     return history
+
+
+def check_ledger(
+    history: list[tuple[float, float, int]],
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    label_count_noise_multiplier: float | None = None,
+) -> None:
+    """Raise ValueError unless an accountant's history is exactly the trial's ledger (`accountant_history`).
+
+    A restored trial must account for exactly the steps it took at its (sigma, q), preceded by its one
+    label-count release when it makes one: a lost, doubled or foreign entry would misreport epsilon.
+
+    Args:
+        history: ``accountant.history`` (entries as tuples or lists of sigma, q, steps).
+        noise_multiplier, sample_rate, steps, label_count_noise_multiplier: as `accountant_history`.
+    """
+    recorded = [(float(sigma), float(q), int(n)) for sigma, q, n in history]
+    expected = accountant_history(noise_multiplier, sample_rate, steps, label_count_noise_multiplier)
+    if recorded != expected:
+        raise ValueError(
+            f"privacy ledger records {recorded} but the trial's {steps} steps at (sigma={noise_multiplier}, "
+            f"q={sample_rate})" + (
+                f" after its label-count release (sigma_c={label_count_noise_multiplier})"
+                if label_count_noise_multiplier is not None else ""
+            ) + f" are {expected}; refusing to continue with an inconsistent ledger"
+        )
 
 
 def epsilon_spent(
@@ -295,8 +324,9 @@ def calibrate_noise_multiplier(
         if not release_alone < target_epsilon - tolerance:
             raise ValueError(
                 f"the label-count release (training.pos_weight: train) alone spends epsilon {release_alone:.4g} at "
-                f"training.pos_weight_noise_multiplier={count_sigma!r}, leaving nothing of target_epsilon="
-                f"{target_epsilon!r} for training; raise pos_weight_noise_multiplier, or use pos_weight: uniform"
+                f"privacy.label_count_noise_multiplier={count_sigma!r}, leaving nothing of target_epsilon="
+                f"{target_epsilon!r} for training; raise privacy.label_count_noise_multiplier, or use "
+                "training.pos_weight: uniform"
             )
 
     key = _cache_key(target_epsilon, delta, sample_rate, steps, accountant, tolerance, count_sigma)

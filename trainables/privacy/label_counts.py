@@ -35,7 +35,7 @@ image) are released once, before training, with the Gaussian mechanism:
   checkpoint (`LabelCountRelease.to_dict`): a resumed trial must reuse it, since a second draw would be
   a second, unaccounted release.
 
-**Default noise** `DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER` = 20: the noise std on each count is
+**Default noise** `DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER` = 20: the noise std on each count is
 20 x sqrt(5) ~ 45 images. At the study's scale (positives in the thousands per label) that moves a
 weight by a few percent at most. The release alone is epsilon 0.19 at delta 6e-6 (RDP); composed with
 DP-SGD it raises the calibrated sigma by 0.9%, 0.1% and 0.04% at target epsilon 1, 3 and 8 on the smoke
@@ -52,20 +52,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from opacus.accountants import IAccountant
 
+from trainables.privacy.accounting import LABEL_COUNT_SAMPLE_RATE
 from trainables.privacy.secure import SecureRandom
 
 __all__ = [
-    "DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER",
+    "DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER",
     "LabelCountRelease",
     "PosWeight",
+    "account_release",
     "count_sensitivity",
     "release_label_counts",
     "train_pos_weight",
 ]
 
-DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER = 20.0
-"""Default sigma_c of the label-count release (``training.pos_weight_noise_multiplier``): see the module
+DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER = 20.0
+"""Default sigma_c of the label-count release (``privacy.label_count_noise_multiplier``): see the module
 docstring for what it costs and how much it moves the weights."""
 
 
@@ -201,6 +204,7 @@ def train_pos_weight(
     target_epsilon: float,
     noise_multiplier: float | None,
     rng: SecureRandom | None = None,
+    restored: LabelCountRelease | None = None,
 ) -> PosWeight:
     """Positive weights for ``training.pos_weight: train``: DP counts for a private trial, exact otherwise.
 
@@ -212,12 +216,16 @@ def train_pos_weight(
     Args:
         labels: [N, L] 0/1 labels of the training split.
         target_epsilon: the trial's target epsilon (> 0; ``inf`` for a non-private baseline).
-        noise_multiplier: sigma_c of the release (``training.pos_weight_noise_multiplier``); must be a
+        noise_multiplier: sigma_c of the release (``privacy.label_count_noise_multiplier``); must be a
             finite number > 0 for a private trial; ignored for a non-private one.
         rng: as `release_label_counts`.
+        restored: the release a resumed trial saved in its checkpoint (`LabelCountRelease.from_dict`): reused,
+            never drawn again (a second draw would be a second, unaccounted release). Must match the labels'
+            N and L and ``noise_multiplier``.
 
     Raises:
-        ValueError: a private trial asked for exact counts (``noise_multiplier`` None or 0), or bad inputs.
+        ValueError: a private trial asked for exact counts (``noise_multiplier`` None or 0), a restored
+            release that does not match, or bad inputs.
     """
     labels = _check_labels(labels)
     if isinstance(target_epsilon, bool) or not (isinstance(target_epsilon, numbers.Real) and target_epsilon > 0):
@@ -228,12 +236,40 @@ def train_pos_weight(
         return PosWeight((n_train - positives) / positives, None)
     if noise_multiplier is None or noise_multiplier == 0:
         raise ValueError(
-            f"training.pos_weight = 'train' with training.pos_weight_noise_multiplier = {noise_multiplier!r} would "
+            f"training.pos_weight = 'train' with privacy.label_count_noise_multiplier = {noise_multiplier!r} would "
             f"read exact label counts of the private training set (target epsilon {target_epsilon:g}) outside the DP "
             "mechanism: every record's loss would depend on the others' labels, so the clipped gradient sum's "
-            "sensitivity exceeds the clip norm the accountant assumes. Fix: set training.pos_weight_noise_multiplier "
-            f"> 0 (default {DEFAULT_POS_WEIGHT_NOISE_MULTIPLIER:g}: Gaussian-noised counts, accounted in the trial's "
+            "sensitivity exceeds the clip norm the accountant assumes. Fix: set privacy.label_count_noise_multiplier "
+            f"> 0 (default {DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER:g}: Gaussian-noised counts, accounted in the trial's "
             "budget), or use training.pos_weight: uniform"
         )
+    if restored is not None:
+        n_train, n_labels = labels.shape
+        if (restored.n_train, len(restored.noisy_positives), restored.noise_multiplier) != (
+            n_train, n_labels, float(noise_multiplier)
+        ):
+            raise ValueError(
+                f"the checkpoint's label-count release (N={restored.n_train}, {len(restored.noisy_positives)} labels, "
+                f"noise multiplier {restored.noise_multiplier}) does not match this trial (N={n_train}, {n_labels} "
+                f"labels, {noise_multiplier}); refusing to resume"
+            )
+        return PosWeight(restored.pos_weight(), restored)
     release = release_label_counts(labels, noise_multiplier, rng)
     return PosWeight(release.pos_weight(), release)
+
+
+def account_release(accountant: IAccountant, release: LabelCountRelease) -> None:
+    """Record the release in a fresh trial's Opacus accountant, before any DP-SGD step: ``(sigma_c, 1.0, 1)``.
+
+    From then on ``accountant.get_epsilon(delta)`` includes it (every epoch's epsilon does), and the ledger
+    is `trainables.privacy.accounting.accountant_history` with ``label_count_noise_multiplier=sigma_c``.
+
+    Raises:
+        ValueError: the accountant already holds entries (the release must come first and only once).
+    """
+    if accountant.history:
+        raise ValueError(
+            f"the accountant already records {accountant.history}; the label-count release must be recorded once, "
+            "before the first DP-SGD step (a resumed trial restores its ledger instead)"
+        )
+    accountant.history.append((release.noise_multiplier, LABEL_COUNT_SAMPLE_RATE, 1))
