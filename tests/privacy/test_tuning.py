@@ -435,3 +435,15 @@ def test_optuna_smoke_scale_gap():
         adversary_total = adversary_total + k * best
     adversary = opacus_epsilon(adversary_total)
     assert realized < adversary <= bound.epsilon
+
+
+def test_prv_feasibility_admits_less_noise_and_the_bound_follows():
+    # Under PRV the feasibility check accepts smaller sigmas than under RDP, so the worst case is worse.
+    rdp_set = AdmissibleSet(N_SMOKE, 3.0, DELTA, (0.4, 4.0), (32, 32), (1, 1))
+    prv_set = AdmissibleSet(N_SMOKE, 3.0, DELTA, (0.4, 4.0), (32, 32), (1, 1), accountant="prv")
+    (rdp_run,), (prv_run,) = dominating_runs(rdp_set), dominating_runs(prv_set)
+    assert prv_run.noise_multiplier < rdp_run.noise_multiplier
+    q, steps = prv_run.sample_rate, prv_run.steps
+    assert epsilon_spent(prv_run.noise_multiplier, q, steps, DELTA, "prv") > 3.0
+    assert epsilon_spent(prv_run.feasible_noise_multiplier, q, steps, DELTA, "prv") <= 3.0
+    assert adaptive_tuning_bound([(prv_set, 2)]).epsilon > adaptive_tuning_bound([(rdp_set, 2)]).epsilon

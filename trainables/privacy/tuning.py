@@ -54,6 +54,21 @@ private in dp-accounting 0.6; a test pins it to the public event path). Note tha
 then bound a search that draws its grid points at random (with repetition); the given trial list
 defines the distribution Q draws from, not a schedule that is run.
 
+**Adaptive search (Optuna), `adaptive_tuning_bound`.** The bounds above take the trials' mechanisms as
+fixed before the search. Optuna picks each trial's (sigma, q, steps) from earlier trials' results, so the
+mechanisms are themselves data-dependent, and composing the RDP curves of the trials that happened to run
+is not a valid bound (adaptive composition of RDP needs each trial's RDP curve fixed in advance, Mironov
+2017, Prop. 1; data-dependent budgets need a Renyi filter whose total is fixed in advance, Feldman & Zrnic
+2021, "Individual privacy accounting via a Renyi filter"). The bound we report instead: every proposal a
+cell can train lies in its `AdmissibleSet` (the search ranges cut by the feasibility check
+``epsilon <= target``), so its RDP curve is at most the order-wise supremum over that set
+(`worst_case_rdp_curve`, exhaustive over (q, steps) with certified brackets on the smallest feasible sigma,
+`dominating_runs`); k trials compose to at most k copies of it, whatever rule picked them. The tests run an
+adversary that picks, step by step, the admissible proposal that maximizes the composed epsilon: it never
+exceeds the bound, and on optuna-smoke's ranges it spends far more than a benign realized search logs.
+Beside it: `basic_composition_bound` (sum of the targets of the trials run, k x delta; Dwork & Roth 2014,
+Thm. 3.16) and `advanced_composition_bound` (Dwork, Rothblum & Vadhan 2010), both valid under adaptivity.
+
 **Non-private trials.** A trial with sigma = 0 has no DP guarantee, and a release selected among
 trials that include it is not DP either: its tuning epsilon is ``inf`` and `tuning_epsilon` says so.
 With ``private_trials_only=True`` the non-private trials are left out and the result, labelled
@@ -680,7 +695,7 @@ def worst_case_rdp_curve(admissible: AdmissibleSet, sigma_rtol: float = DEFAULT_
         _opacus_rdp(run.noise_multiplier, run.sample_rate, run.steps, admissible.label_count_noise_multiplier)
         for run in dominating_runs(admissible, sigma_rtol)
     ]
-    return np.max(curves, axis=0)
+    return np.asarray(np.max(curves, axis=0), dtype=np.float64)
 
 
 def adaptive_tuning_bound(
