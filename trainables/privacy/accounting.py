@@ -29,6 +29,14 @@ Accountants (`ACCOUNTANTS`), both upper bounds on the true epsilon:
   ordering (the remove direction) of the add/remove pair; dp-accounting's PLD over both directions
   stays below it at the smoke and study scales (checked in tests).
 
+**One extra Gaussian release (``label_count_noise_multiplier``).** A trial with ``training.pos_weight: train``
+first releases its per-label positive counts through a Gaussian mechanism (`trainables.privacy.label_counts`)
+with noise std ``label_count_noise_multiplier * sensitivity``: accounted as one Gaussian mechanism of noise
+multiplier sigma_c, sampling rate 1, one step, i.e. Opacus history entry ``(sigma_c, 1.0, 1)`` and
+dp-accounting's ``GaussianDpEvent(sigma_c)``, composed with the DP-SGD steps (RDP adds up; PRV and PLD
+convolve). `epsilon_spent`, `calibrate_noise_multiplier` and `cross_check_epsilon` take it as a keyword, so
+calibration makes the *total* end at (not over) the target. `accountant_history` is the exact ledger.
+
 Opacus's ``"gdp"`` accountant is left out on purpose: it is a central-limit approximation, not an
 upper bound.
 """
@@ -45,18 +53,25 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
 __all__ = [
     "ACCOUNTANTS",
     "CalibrationCacheWarning",
+    "LABEL_COUNT_SAMPLE_RATE",
     "MAX_NOISE_MULTIPLIER",
+    "accountant_history",
     "calibrate_noise_multiplier",
+    "check_ledger",
     "cross_check_epsilon",
     "epsilon_spent",
     "sample_rate_and_steps",
     "validate_privacy_parameters",
 ]
+
+LABEL_COUNT_SAMPLE_RATE = 1.0
+"""Sampling rate of the label-count release in the accountant's history: every record is counted, once."""
 
 _ACCOUNTANT_CLASSES: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
@@ -113,13 +128,95 @@ def _check_noise_multiplier(noise_multiplier: float) -> None:
         )
 
 
+def _check_label_count_noise_multiplier(label_count_noise_multiplier: float | None) -> None:
+    """Raise ValueError unless sigma_c is None (no label-count release) or a finite number > 0."""
+    if label_count_noise_multiplier is None:
+        return
+    if isinstance(label_count_noise_multiplier, bool) or not (
+        isinstance(label_count_noise_multiplier, numbers.Real) and 0 < label_count_noise_multiplier < math.inf
+    ):
+        raise ValueError(
+            f"label_count_noise_multiplier={label_count_noise_multiplier!r} must be None (no label-count release) "
+            "or a finite number > 0 (noise std of the released counts in units of their L2 sensitivity)"
+        )
+
+
+def accountant_history(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    label_count_noise_multiplier: float | None = None,
+) -> list[tuple[float, float, int]]:
+    """The Opacus accountant history (the privacy ledger) of a trial after ``steps`` DP-SGD steps.
+
+    Entries are ``(noise multiplier, sampling rate, steps)``, in the order Opacus records them: first the
+    label-count release ``(sigma_c, 1.0, 1)`` when there is one (it happens once, before training), then
+    the DP-SGD steps ``(sigma, q, steps)`` (absent while ``steps == 0``). Opacus's ``step`` merges a step
+    into the last entry when sigma and q are equal, so in the corner case ``sigma_c == sigma`` and
+    ``q == 1`` the two become one entry ``(sigma, 1.0, steps + 1)``, as here. A restored trial's
+    ``accountant.history`` must equal this list exactly (entries compared as plain float, float, int).
+
+    Args:
+        noise_multiplier: sigma of DP-SGD.
+        sample_rate: q of DP-SGD.
+        steps: DP-SGD steps taken, >= 0.
+        label_count_noise_multiplier: sigma_c of the label-count release, or None when there is none.
+    """
+    _check_label_count_noise_multiplier(label_count_noise_multiplier)
+    history: list[tuple[float, float, int]] = []
+    if label_count_noise_multiplier is not None:
+        history.append((float(label_count_noise_multiplier), LABEL_COUNT_SAMPLE_RATE, 1))
+    if steps:
+        entry = (float(noise_multiplier), float(sample_rate))
+        if history and history[-1][:2] == entry:
+            history[-1] = (*entry, history[-1][2] + int(steps))
+        else:
+            history.append((*entry, int(steps)))
+    return history
+
+
+def check_ledger(
+    history: list[tuple[float, float, int]],
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    label_count_noise_multiplier: float | None = None,
+) -> None:
+    """Raise ValueError unless an accountant's history is exactly the trial's ledger (`accountant_history`).
+
+    A restored trial must account for exactly the steps it took at its (sigma, q), preceded by its one
+    label-count release when it makes one: a lost, doubled or foreign entry would misreport epsilon.
+
+    Args:
+        history: ``accountant.history`` (entries as tuples or lists of sigma, q, steps).
+        noise_multiplier, sample_rate, steps, label_count_noise_multiplier: as `accountant_history`.
+    """
+    recorded = [(float(sigma), float(q), int(n)) for sigma, q, n in history]
+    expected = accountant_history(noise_multiplier, sample_rate, steps, label_count_noise_multiplier)
+    if recorded != expected:
+        raise ValueError(
+            f"privacy ledger records {recorded} but the trial's {steps} steps at (sigma={noise_multiplier}, "
+            f"q={sample_rate})" + (
+                f" after its label-count release (sigma_c={label_count_noise_multiplier})"
+                if label_count_noise_multiplier is not None else ""
+            ) + f" are {expected}; refusing to continue with an inconsistent ledger"
+        )
+
+
 def epsilon_spent(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    label_count_noise_multiplier: float | None = None,
 ) -> float:
     """Epsilon of DP-SGD after ``steps`` Poisson-sampled Gaussian steps, from an Opacus accountant.
 
     This is exactly the value Opacus's ``PrivacyEngine.get_epsilon(delta)`` reports after ``steps``
-    optimizer steps with this sigma and q (same accountant class, same history, same defaults).
+    optimizer steps with this sigma and q (same accountant class, same history, same defaults), when the
+    accountant's history also holds the label-count release (`accountant_history`).
 
     Args:
         noise_multiplier: sigma, the noise standard deviation divided by the clip norm C.
@@ -127,10 +224,12 @@ def epsilon_spent(
         steps: number of DP-SGD steps taken so far, >= 0.
         delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
         accountant: one of `ACCOUNTANTS`.
+        label_count_noise_multiplier: sigma_c of a Gaussian release of the label counts made before
+            training (``pos_weight: train``), composed with the steps; None when there is none.
 
     Returns:
-        Epsilon (dimensionless) under add/remove adjacency; 0.0 for ``steps == 0`` (nothing released)
-        and ``inf`` for ``noise_multiplier == 0`` with at least one step (no privacy).
+        Epsilon (dimensionless) under add/remove adjacency; 0.0 when nothing was released (``steps == 0``
+        and no label-count release) and ``inf`` for ``noise_multiplier == 0`` with at least one step.
 
     Raises:
         ValueError: an argument is outside its domain or the accountant is unknown.
@@ -138,12 +237,15 @@ def epsilon_spent(
     opacus_accountant = create_accountant(accountant)
     _check_noise_multiplier(noise_multiplier)
     _check_run(sample_rate, steps, delta)
-    if steps == 0:
+    _check_label_count_noise_multiplier(label_count_noise_multiplier)
+    if steps == 0 and label_count_noise_multiplier is None:
         return 0.0
-    if noise_multiplier == 0:
+    if noise_multiplier == 0 and steps > 0:
         return math.inf
-    opacus_accountant.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(opacus_accountant.get_epsilon(delta=delta))
+    opacus_accountant.history = accountant_history(noise_multiplier, sample_rate, steps, label_count_noise_multiplier)
+    # PRV evaluates log(1 - q) = -inf for the release's q = 1, which its formulas handle (t > -inf everywhere).
+    with np.errstate(divide="ignore"):
+        return float(opacus_accountant.get_epsilon(delta=delta))
 
 
 def calibrate_noise_multiplier(
@@ -154,13 +256,18 @@ def calibrate_noise_multiplier(
     accountant: str = "rdp",
     tolerance: float = 0.01,
     cache_path: Path | None = None,
+    *,
+    label_count_noise_multiplier: float | None = None,
 ) -> float:
     """Smallest noise multiplier, to ``tolerance`` in epsilon, that keeps ``steps`` steps within budget.
 
     Bisection on `epsilon_spent` itself (so the answer is exact with respect to the epsilon a trial
     reports): the returned sigma satisfies
 
-        target_epsilon - tolerance <= epsilon_spent(sigma, sample_rate, steps, delta) <= target_epsilon.
+        target_epsilon - tolerance <= epsilon_spent(sigma, sample_rate, steps, delta, ...) <= target_epsilon.
+
+    With ``label_count_noise_multiplier`` the epsilon is that of the label-count release composed with
+    the steps, so the *total* ends at the target; the release alone must then spend less than the target.
 
     The upper bound is a guarantee: it is re-checked by recomputing epsilon before returning. The lower
     bound means sigma is not more than ``tolerance`` (in epsilon) noisier than needed. Bracketing starts
@@ -181,13 +288,15 @@ def calibrate_noise_multiplier(
             concurrent writers never leave a partial file; a concurrent write may drop another
             writer's new entry, which only costs a recomputation. An unreadable file or an invalid
             entry raises a `CalibrationCacheWarning` and is rebuilt, never trusted.
+        label_count_noise_multiplier: sigma_c of the label-count release composed with the steps
+            (``pos_weight: train``), or None; part of the cache key when given.
 
     Returns:
         sigma, the noise standard deviation in units of the clip norm.
 
     Raises:
-        ValueError: an argument is outside its domain, or the target needs sigma above
-            `MAX_NOISE_MULTIPLIER`.
+        ValueError: an argument is outside its domain, the label-count release alone spends the target,
+            or the target needs sigma above `MAX_NOISE_MULTIPLIER`.
         RuntimeError: epsilon jumps over the tolerance band (the accountant is not continuous there),
             or the recomputed epsilon exceeds the target (a bug; the result is withheld).
     """
@@ -199,6 +308,7 @@ def calibrate_noise_multiplier(
     if math.isinf(target_epsilon):
         return 0.0
     _check_run(sample_rate, steps, delta)
+    _check_label_count_noise_multiplier(label_count_noise_multiplier)
     if steps < 1:
         raise ValueError(f"steps={steps!r} must be >= 1 to calibrate noise for a training run")
     if not (isinstance(tolerance, numbers.Real) and 0 < tolerance < target_epsilon):
@@ -208,15 +318,25 @@ def calibrate_noise_multiplier(
     # Plain floats and ints from here on: numpy scalars would change the cache keys' JSON.
     target_epsilon, delta, sample_rate = float(target_epsilon), float(delta), float(sample_rate)
     steps, tolerance = int(steps), float(tolerance)
+    count_sigma = None if label_count_noise_multiplier is None else float(label_count_noise_multiplier)
+    if count_sigma is not None:
+        release_alone = epsilon_spent(1.0, sample_rate, 0, delta, accountant, label_count_noise_multiplier=count_sigma)
+        if not release_alone < target_epsilon - tolerance:
+            raise ValueError(
+                f"the label-count release (training.pos_weight: train) alone spends epsilon {release_alone:.4g} at "
+                f"privacy.label_count_noise_multiplier={count_sigma!r}, leaving nothing of target_epsilon="
+                f"{target_epsilon!r} for training; raise privacy.label_count_noise_multiplier, or use "
+                "training.pos_weight: uniform"
+            )
 
-    key = _cache_key(target_epsilon, delta, sample_rate, steps, accountant, tolerance)
+    key = _cache_key(target_epsilon, delta, sample_rate, steps, accountant, tolerance, count_sigma)
     if cache_path is not None:
         cached = _cached_noise_multiplier(Path(cache_path), key, target_epsilon, tolerance)
         if cached is not None:
             return cached
 
     def epsilon_at(sigma: float) -> float:
-        return epsilon_spent(sigma, sample_rate, steps, delta, accountant)
+        return epsilon_spent(sigma, sample_rate, steps, delta, accountant, label_count_noise_multiplier=count_sigma)
 
     # Probes far from the answer trigger Opacus's "optimal order is the largest alpha" warning,
     # which says nothing about the returned sigma; the final recomputation below is not silenced.
@@ -268,21 +388,31 @@ def _bisect_noise_multiplier(
 
 
 def _cache_key(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, tolerance: float
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    tolerance: float,
+    label_count_noise_multiplier: float | None = None,
 ) -> str:
-    """Exact, human-readable cache key (JSON writes floats with round-trip precision)."""
-    return json.dumps(
-        {
-            "accountant": accountant,
-            "delta": delta,
-            "opacus": version("opacus"),
-            "sample_rate": sample_rate,
-            "steps": steps,
-            "target_epsilon": target_epsilon,
-            "tolerance": tolerance,
-        },
-        sort_keys=True,
-    )
+    """Exact, human-readable cache key (JSON writes floats with round-trip precision).
+
+    The label-count sigma is a key only when there is a release, so the keys of plain DP-SGD runs (and the
+    caches written before it existed) are unchanged.
+    """
+    fields: dict[str, object] = {
+        "accountant": accountant,
+        "delta": delta,
+        "opacus": version("opacus"),
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "target_epsilon": target_epsilon,
+        "tolerance": tolerance,
+    }
+    if label_count_noise_multiplier is not None:
+        fields["label_count_noise_multiplier"] = label_count_noise_multiplier
+    return json.dumps(fields, sort_keys=True)
 
 
 def _read_cache_entries(cache_path: Path) -> dict[str, object]:
@@ -358,12 +488,18 @@ def _store_noise_multiplier(cache_path: Path, key: str, sigma: float, epsilon: f
 
 
 def cross_check_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    label_count_noise_multiplier: float | None = None,
 ) -> dict[str, float]:
     """Epsilon of the same DP-SGD run from Google's ``dp-accounting``, independent of Opacus.
 
     The event is ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``
-    under ``NeighboringRelation.ADD_OR_REMOVE_ONE``, as in Opacus. Expected relations to Opacus:
+    under ``NeighboringRelation.ADD_OR_REMOVE_ONE``, as in Opacus; with a label-count release it is
+    ``ComposedDpEvent([GaussianDpEvent(sigma_c), that event])``. Expected relations to Opacus:
 
     * ``"rdp"`` (``RdpAccountant``, its default orders: 1.1-10.9, 11-63, 128, 256, 512, 1024): equal
       to Opacus's RDP at integer orders; at fractional orders dp-accounting 0.6 sums the absolute
@@ -379,9 +515,11 @@ def cross_check_epsilon(
         sample_rate: q, the Poisson sampling probability per step, in (0, 1].
         steps: number of DP-SGD steps, >= 0.
         delta: the delta of the guarantee, in (0, 1).
+        label_count_noise_multiplier: sigma_c of the label-count release made before training, or None.
 
     Returns:
-        ``{"rdp": epsilon, "pld": epsilon}``; zeros for ``steps == 0``, infinities for sigma = 0.
+        ``{"rdp": epsilon, "pld": epsilon}``; zeros when nothing was released, infinities for sigma = 0
+        with at least one step.
         PLD takes 0.1-3 s per call at the study's scales.
 
     Raises:
@@ -389,9 +527,10 @@ def cross_check_epsilon(
     """
     _check_noise_multiplier(noise_multiplier)
     _check_run(sample_rate, steps, delta)
-    if steps == 0:
+    _check_label_count_noise_multiplier(label_count_noise_multiplier)
+    if steps == 0 and label_count_noise_multiplier is None:
         return {"rdp": 0.0, "pld": 0.0}
-    if noise_multiplier == 0:
+    if noise_multiplier == 0 and steps > 0:
         return {"rdp": math.inf, "pld": math.inf}
     # Imported here: only the final cross-check needs Google's package (keeps trial start-up light).
     from dp_accounting import dp_event
@@ -399,10 +538,17 @@ def cross_check_epsilon(
     from dp_accounting.privacy_accountant import NeighboringRelation
     from dp_accounting.rdp import RdpAccountant
 
-    event = dp_event.SelfComposedDpEvent(
-        dp_event.PoissonSampledDpEvent(float(sample_rate), dp_event.GaussianDpEvent(float(noise_multiplier))),
-        int(steps),
-    )
+    events: list[dp_event.DpEvent] = []
+    if label_count_noise_multiplier is not None:
+        events.append(dp_event.GaussianDpEvent(float(label_count_noise_multiplier)))
+    if steps:
+        events.append(
+            dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(float(sample_rate), dp_event.GaussianDpEvent(float(noise_multiplier))),
+                int(steps),
+            )
+        )
+    event = events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
     rdp = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
     pld = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
     rdp.compose(event)
