@@ -29,6 +29,7 @@ from sweeps.plan import (
     cell_key,
     cell_prefix,
     describe_plan,
+    label_count_noise_multiplier,
     make_trial,
     plan_sweep,
     provenance_tags,
@@ -186,6 +187,7 @@ def optuna_searcher(plan: SweepPlan) -> Any:
         cells, factory, ranges=ranges, objectives=o.objectives, trials_per_cell=o.trials_per_target,
         delta=spec.privacy.delta, accountant=spec.privacy.accountant, sampler=o.sampler, seed=o.seed,
         max_proposals=o.max_proposals, study_prefix=spec.name,
+        label_count_noise_multiplier=label_count_noise_multiplier(spec, private=True),
         storage_url=f"sqlite:///{sweep_dir / N.OPTUNA_DB_FILE}",
     )
 

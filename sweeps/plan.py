@@ -32,6 +32,7 @@ from trainables.privacy.accounting import (
     validate_privacy_parameters,
 )
 from trainables.privacy.guarantee import guarantee_statement, has_dp_guarantee
+from trainables.privacy.label_counts import DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER
 from trainables.provenance import provenance
 
 Log = Callable[[str], None]
@@ -156,6 +157,7 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
                     noise[(dataset.name, eps)] = calibrate_noise_multiplier(
                         eps, p.delta, dataset.sample_rate, dataset.steps, accountant=p.accountant,
                         tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
+                        label_count_noise_multiplier=label_count_noise_multiplier(spec, math.isfinite(eps)),
                     )
                 except ValueError as error:
                     raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
@@ -217,6 +219,13 @@ def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: lis
     return datasets, pretrain_n
 
 
+def label_count_noise_multiplier(spec: SweepSpec, private: bool) -> float | None:
+    """sigma_c of the label-count release a private ``pos_weight: train`` trial makes (None: no release)."""
+    if spec.training.pos_weight != "train" or not private:
+        return None
+    return spec.privacy.label_count_noise_multiplier or DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER
+
+
 def provenance_tags() -> dict[str, str]:
     return {f"{N.TAG_PREFIX}{k}": v for k, v in provenance().items()}
 
@@ -244,7 +253,8 @@ def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, ini
         seed=point.seed, external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
         privacy=replace(template.privacy, target_epsilon=point.target_epsilon, max_grad_norm=point.max_grad_norm,
                         expected_batch_size=expected_batch_size, epochs=epochs, noise_multiplier=noise_multiplier,
-                        sample_rate=sample_rate if private else 0.0, steps=steps),
+                        sample_rate=sample_rate if private else 0.0, steps=steps,
+                        label_count_noise_multiplier=label_count_noise_multiplier(spec, private)),
     )
     p = config.privacy
     guarantee = guarantee_statement(p, dataset.n_train, pos_weight=config.pos_weight)

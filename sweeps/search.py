@@ -80,9 +80,10 @@ class FeasibleOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects."""
 
     def __init__(self, cell: Cell, ranges: Ranges, *, delta: float, accountant: str, max_proposals: int,
-                 **kwargs):
+                 label_count_noise_multiplier: float | None = None, **kwargs):
         self.cell, self.ranges = cell, ranges
         self.delta, self.accountant, self.max_proposals = delta, accountant, max_proposals
+        self.label_count_noise_multiplier = label_count_noise_multiplier  # pos_weight: train's accounted release
         self.infeasible = 0
         super().__init__(space=self._space, **kwargs)
 
@@ -104,7 +105,8 @@ class FeasibleOptunaSearch(OptunaSearch):
             return math.inf
         q, steps = sample_rate_and_steps(self.cell.n_train, int(proposal["expected_batch_size"]),
                                          int(proposal["epochs"]))
-        return epsilon_spent(float(proposal["noise_multiplier"]), q, steps, self.delta, self.accountant)
+        return epsilon_spent(float(proposal["noise_multiplier"]), q, steps, self.delta, self.accountant,
+                             label_count_noise_multiplier=self.label_count_noise_multiplier)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(self.max_proposals):
@@ -141,7 +143,8 @@ class PrivateOptunaSearch(Searcher):
 
     def __init__(self, cells: list[Cell], make_point: Callable[[Cell, dict[str, Any]], dict[str, Any]], *,
                  ranges: Ranges, objectives: tuple[str, ...], trials_per_cell: int, delta: float, accountant: str,
-                 sampler: str, seed: int, max_proposals: int, study_prefix: str, storage_url: str | None):
+                 sampler: str, seed: int, max_proposals: int, study_prefix: str, storage_url: str | None,
+                 label_count_noise_multiplier: float | None = None):
         self.objectives = objectives
         metrics = [f"objective/{o}" for o in objectives]
         modes = [objective_mode(o) for o in objectives]
@@ -153,6 +156,8 @@ class PrivateOptunaSearch(Searcher):
         self.searchers = {
             cell.key: FeasibleOptunaSearch(
                 cell, ranges, delta=delta, accountant=accountant, max_proposals=max_proposals,
+                label_count_noise_multiplier=label_count_noise_multiplier if math.isfinite(cell.target_epsilon)
+                else None,
                 metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
                 sampler=_sampler(sampler, seed + i), study_name=f"{study_prefix}/{cell.key}",
                 storage=_storage(storage_url),

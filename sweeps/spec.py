@@ -405,6 +405,15 @@ def _validate(spec: SweepSpec) -> None:
                      f"privacy.max_grad_norm has no entry for model {model!r}; add `{model}: C` to the mapping")
     _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
     _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
+    sigma_c = p.label_count_noise_multiplier
+    _require(sigma_c is None or spec.training.pos_weight == "train", spec,
+             f"privacy.label_count_noise_multiplier = {sigma_c} is set but training.pos_weight is "
+             f"{spec.training.pos_weight!r}; it is the noise of the label counts that `pos_weight: train` releases: "
+             "remove it, or set training.pos_weight: train")
+    _require(sigma_c is None or (sigma_c > 0 and math.isfinite(sigma_c)), spec,
+             f"privacy.label_count_noise_multiplier = {sigma_c} must be a finite number > 0: exact label counts of "
+             "the private training set would make every record's loss depend on the others' labels outside the "
+             "accounted mechanism; leave it out for the default (20)")
     _require(not (p.secure_mode and p.reproducible_noise), spec,
              "privacy.secure_mode and privacy.reproducible_noise are both true: secure mode draws secret noise, "
              "reproducible noise replays the published seed; keep one (reproducible_noise is for debugging only)")

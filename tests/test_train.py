@@ -1,6 +1,7 @@
 """Guards in the trial loop that protect the privacy ledger, and what a tiny trial reports every epoch."""
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,3 +209,41 @@ def test_checkpoint_written_before_train_state_is_refused_clearly():
     old = {k: v for k, v in state.state_dict().items() if k != "format"}  # format 1 carried no version
     with pytest.raises(ValueError, match="checkpoint format 1 cannot be resumed"):
         _train_state(config(), 0).load_state_dict(old)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pos_weight: train in a private trial: DP label counts, accounted inside the target
+
+
+def test_private_pos_weight_train_spends_its_label_count_release_inside_the_target(tiny_site):
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    base = tiny_trial_config(tiny_site, 3.0, epochs=2)
+    privacy = base.privacy
+    sigma = calibrate_noise_multiplier(3.0, privacy.delta, privacy.sample_rate, privacy.steps,
+                                       label_count_noise_multiplier=20.0)
+    assert sigma > privacy.noise_multiplier  # the release costs budget, so DP-SGD gets a little more noise
+    cfg = dataclasses.replace(base, pos_weight="train", privacy=dataclasses.replace(
+        privacy, noise_multiplier=sigma, label_count_noise_multiplier=20.0))
+    run = run_tiny_trial(cfg)
+    final = run.result.metrics
+    assert final[M.EPSILON] <= 3.0
+    # The epsilon reported is the composition of both mechanisms, checked independently with dp-accounting.
+    reference = RdpAccountant()
+    reference.compose(dp_event.GaussianDpEvent(20.0))
+    reference.compose(dp_event.PoissonSampledDpEvent(privacy.sample_rate, dp_event.GaussianDpEvent(sigma)),
+                      privacy.steps)
+    assert final[M.EPSILON] == pytest.approx(reference.get_epsilon(privacy.delta), rel=0.01)
+    assert final[M.EPSILON_CROSS_CHECK_RDP] == pytest.approx(reference.get_epsilon(privacy.delta), rel=1e-6)
+    # The release sits first in the ledger and in the checkpoint; resuming reuses it (no second draw).
+    state = run.states[0]
+    assert state["accountant"]["history"][0] == (20.0, 1.0, 1) and state["label_counts"] is not None
+    resumed = run_tiny_trial(cfg, state)
+    assert resumed.result.metrics[M.EPSILON] == final[M.EPSILON]
+
+
+def test_private_pos_weight_train_refuses_exact_counts(tiny_site):
+    cfg = dataclasses.replace(tiny_trial_config(tiny_site, 3.0, epochs=1), pos_weight="train")
+    with pytest.raises(ValueError, match=r"training\.pos_weight = 'train' with privacy\.label_count_noise_multiplier"):
+        run_tiny_trial(cfg)

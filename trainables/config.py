@@ -47,6 +47,9 @@ class PrivacyConfig:
         reproducible_noise: debugging only: seed the noise and Poisson sampling from ``seed`` (published), so the
             trial has no DP guarantee; default False: their seeds come from ``os.urandom`` and stay secret.
         calibration_tolerance: how far below the target the calibrated epsilon may end (never above it).
+        label_count_noise_multiplier: sigma_c of the Gaussian label-count release that ``pos_weight: train``
+            needs (`trainables.privacy.label_counts`; composed into the trial's budget). The planner sets it
+            (default 20) for private ``pos_weight: train`` trials and leaves it None otherwise.
         noise_multiplier: sigma (noise std = sigma * C), calibrated by the driver; 0 when non-private.
         sample_rate: Poisson sample rate q, derived by the driver from N and B.
         steps: total planned DP-SGD steps, derived by the driver.
@@ -62,6 +65,7 @@ class PrivacyConfig:
     secure_mode: bool = False
     reproducible_noise: bool = False
     calibration_tolerance: float = 0.01
+    label_count_noise_multiplier: float | None = None
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0

@@ -45,13 +45,13 @@ from torch import nn
 
 from trainables import names as M
 from trainables.config import TrialConfig
-from trainables.data.labels import label_pos_weight
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data
 from trainables.evaluate.bootstrap import dataset_bootstrap_seed
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import Evaluation, evaluate_split, fit_thresholds
 from trainables.evaluate.utility import macro_auroc
 from trainables.models import ResolvedInit, create_model, predict
+from trainables.privacy import accounting
 from trainables.privacy.accounting import (
     create_accountant,
     cross_check_epsilon,
@@ -65,7 +65,8 @@ from trainables.privacy.engine import (
     private_step,
     wrap_model,
 )
-from trainables.privacy.randomness import mechanism_randomness
+from trainables.privacy.label_counts import LabelCountRelease, PosWeight, account_release, train_pos_weight
+from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 
 GRAD_CHECK_SAMPLES = 4
@@ -112,9 +113,10 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, init).to(device)
     model.train()
-    loss_fn = per_sample_bce(label_pos_weight(cfg.pos_weight, data.train.split.labels), device)
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
+    pos_weight = trial_pos_weight(cfg, data.train.split.labels, randomness, state)  # DP counts when private
+    loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.values, device)
 
     def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data.train.batch(np.sort(indices))
@@ -127,6 +129,8 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
         check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
         accountant = create_accountant(privacy.accountant)
+        if pos_weight is not None and pos_weight.release is not None and state is None:
+            account_release(accountant, pos_weight.release)  # a resumed trial restores it with its ledger
         optimizer = make_dp_optimizer(
             optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=privacy.expected_batch_size, noise_generator=randomness.noise, accountant=accountant,
@@ -150,7 +154,8 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
             return sgd_step(model, optimizer, loss_fn, batch(indices))
 
     train = TrainState(cfg, model, optimizer, accountant, randomness.sampler, randomness.noise,
-                       randomness.secret_seeds)
+                       randomness.secret_seeds, None if pos_weight is None or pos_weight.release is None
+                       else pos_weight.release.to_dict())
     if state is not None:
         train.load_state_dict(state)
 
@@ -191,6 +196,9 @@ class TrainState:
     noise_rng: Generator | None
     secret_seeds: dict[str, int] | None = None
     """The default mode's ``os.urandom`` seeds of the two generators (`trainables.privacy.randomness`)."""
+    label_counts: dict[str, Any] | None = None
+    """The accounted label-count release of ``pos_weight: train`` (`LabelCountRelease.to_dict`): a resumed trial
+    reuses it, since drawing again would be a second, unaccounted release."""
     epoch: int = 0
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -234,6 +242,7 @@ class TrainState:
             "sampler_rng": _generator_state(self.sampler_rng),
             "noise_rng": _generator_state(self.noise_rng),
             "secret_seeds": self.secret_seeds,
+            "label_counts": self.label_counts,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -263,6 +272,7 @@ class TrainState:
             if isinstance(rng, torch.Generator):  # a SecureRandom keeps its fresh key (module docstring)
                 rng.set_state(saved_rng)
         self.secret_seeds = state["secret_seeds"]
+        self.label_counts = state.get("label_counts")
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.steps, self.history = state["epoch"], state["steps"], list(state["history"])
         self.best_epoch, self.best_score, self.best_weights = state["best_epoch"], state["best_score"], state[
@@ -360,24 +370,36 @@ def check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
             f"q={expected_q}, steps={planned_steps} (N={n_train}); re-run the sweep so sigma is recalibrated"
         )
     planned = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, planned_steps, privacy.delta,
-                            privacy.accountant)
+                            privacy.accountant, label_count_noise_multiplier=privacy.label_count_noise_multiplier)
     if planned > privacy.target_epsilon:
         raise BudgetError(f"sigma={privacy.noise_multiplier} spends epsilon {planned:.4f} > target "
                           f"{privacy.target_epsilon} over {planned_steps} steps")
 
 
 def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
-    """The restored accountant must account for exactly the steps taken, at the trial's (sigma, q): a lost or
-    foreign ledger would under-report epsilon silently."""
-    history = accountant.history
-    recorded = sum(n for _, _, n in history)
-    mechanisms = {(sigma, q) for sigma, q, _ in history}
-    expected = {(cfg.privacy.noise_multiplier, cfg.privacy.sample_rate)}
-    if recorded != steps or (history and mechanisms != expected):
-        raise BudgetError(
-            f"checkpoint's privacy ledger records {recorded} steps at {sorted(mechanisms)} but the trial took {steps} "
-            f"steps at {sorted(expected)}; refusing to resume with an inconsistent ledger"
-        )
+    """The accountant must account for exactly the steps taken, at the trial's (sigma, q), after its one
+    label-count release when it makes one: a lost, doubled or foreign ledger would misreport epsilon silently."""
+    privacy = cfg.privacy
+    try:
+        accounting.check_ledger(accountant.history, privacy.noise_multiplier, privacy.sample_rate, steps,
+                                privacy.label_count_noise_multiplier)
+    except ValueError as error:
+        raise BudgetError(str(error)) from None
+
+
+def trial_pos_weight(cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness,
+                     state: dict[str, Any] | None) -> PosWeight | None:
+    """The BCE positive weights: none (``uniform``), or for ``train`` the Gaussian-noised label counts of a private
+    trial (an accounted release, reused from the checkpoint on resume) or exact counts of a non-private one."""
+    if cfg.pos_weight == "uniform":
+        return None
+    saved = (state or {}).get("label_counts")
+    return train_pos_weight(
+        labels, target_epsilon=cfg.privacy.target_epsilon,
+        noise_multiplier=cfg.privacy.label_count_noise_multiplier,
+        rng=randomness.noise if isinstance(randomness.noise, SecureRandom) else None,
+        restored=None if saved is None else LabelCountRelease.from_dict(saved),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,7 +431,8 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         check_ledger(train.accountant, cfg, train.steps)
         metrics[M.EPSILON] = train.accountant.get_epsilon(privacy.delta)
         metrics[M.EPSILON_AT_BEST_EPOCH] = selected[M.EPSILON]
-        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, train.steps, privacy.delta)
+        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, train.steps, privacy.delta,
+                                    label_count_noise_multiplier=privacy.label_count_noise_multiplier)
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
     else:

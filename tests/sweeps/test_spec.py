@@ -229,3 +229,33 @@ def test_secure_and_reproducible_noise_together_are_refused():
     raw["privacy"] |= {"secure_mode": True, "reproducible_noise": True}
     with pytest.raises(SpecError, match=r"privacy\.secure_mode and privacy\.reproducible_noise are both true"):
         parse_spec(raw)
+
+
+def test_label_count_noise_is_only_for_pos_weight_train_and_never_zero():
+    raw = smoke_dict()
+    raw["privacy"]["label_count_noise_multiplier"] = 20
+    with pytest.raises(SpecError, match=r"label_count_noise_multiplier = 20.0 is set but training\.pos_weight is"):
+        parse_spec(raw)
+    raw["training"]["pos_weight"] = "train"
+    assert parse_spec(raw).privacy.label_count_noise_multiplier == 20
+    raw["privacy"]["label_count_noise_multiplier"] = 0
+    with pytest.raises(SpecError, match="must be a finite number > 0: exact label counts"):
+        parse_spec(raw)
+
+
+def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_release(tmp_path):
+    from sweeps.plan import DatasetPlan, SweepPaths, make_trial, trial_template
+    from trainables.models import ResolvedInit
+
+    raw = smoke_dict()
+    raw["training"]["pos_weight"] = "train"
+    spec = parse_spec(raw)
+    paths = SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")
+    init = ResolvedInit("random", "random", "test_convnext", None)
+    configs = {p.target_epsilon: make_trial(spec, trial_template(spec, paths), DatasetPlan("synthetic-a", 1770,
+                                                                                           1 / 56, 168), init,
+                                            p, "k", noise_multiplier=1.0, expected_batch_size=32, epochs=3,
+                                            provenance_tags={}).config
+               for p in spec.grid() if p.init == "random"}
+    assert configs[1.0].privacy.label_count_noise_multiplier == 20.0  # the default release
+    assert configs[math.inf].privacy.label_count_noise_multiplier is None  # a baseline counts exactly

@@ -25,7 +25,8 @@ def guarantee_statement(privacy: PrivacyConfig, n_train: int, *, pos_weight: str
     Args:
         privacy: the trial's privacy settings (calibrated: ``noise_multiplier``, ``sample_rate``, ``steps``).
         n_train: training images N; treated as public (q = 1/ceil(N/B) is derived from it).
-        pos_weight: the trial's ``pos_weight``; ``train`` reads private label counts outside the mechanism.
+        pos_weight: the trial's ``pos_weight``; with ``train`` a private trial releases Gaussian-noised label counts
+            (``privacy.label_count_noise_multiplier``), composed into its budget.
 
     Returns:
         `NO_GUARANTEE_NON_PRIVATE`, `NO_GUARANTEE_SEED_PUBLISHED` (followed by why), or a statement of the
@@ -48,12 +49,14 @@ def guarantee_statement(privacy: PrivacyConfig, n_train: int, *, pos_weight: str
         "tuning across trials (see the sweep's tuning epsilon)",
         f"a patient with k images gets only k-fold group privacy (unit: one {privacy.privacy_unit})",
     ]
-    if pos_weight == "train":
-        outside.append("pos_weight=train reads the private training label counts")
+    release = ""
+    if pos_weight == "train" and privacy.label_count_noise_multiplier is not None:
+        release = (f", after one Gaussian release of the training label counts (noise multiplier "
+                   f"{privacy.label_count_noise_multiplier:g}) for pos_weight=train, composed into the budget")
     return (
         f"({privacy.target_epsilon:g}, {privacy.delta:g})-DP target for the released model updates; unit: one "
         f"{privacy.privacy_unit}; add/remove adjacency; N={n_train} treated as public; DP-SGD with Poisson sampling "
         f"q={privacy.sample_rate:.6g}, {privacy.steps} steps, clip C={privacy.max_grad_norm:g}, noise multiplier "
-        f"{privacy.noise_multiplier:.6g}; accountant {privacy.accountant} (Opacus); randomness: {randomness}. "
+        f"{privacy.noise_multiplier:.6g}{release}; accountant {privacy.accountant} (Opacus); randomness: {randomness}. "
         f"Outside it: {'; '.join(outside)}."
     )
