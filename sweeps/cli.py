@@ -93,7 +93,7 @@ def _sweep(args) -> int:
         print(dry_run_report(plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)))
         return 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
-    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri))
+    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
 
 
@@ -139,7 +139,7 @@ def _table(args) -> int:
 
     spec, paths = _load(args)
     trials, epochs, origin = rebuild_tables(spec, paths, args.source)
-    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri))
+    print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
     print(f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, "
           f"from {origin}")
     return 0

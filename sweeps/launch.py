@@ -144,7 +144,7 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
     finish_parent(paths.tracking_uri, parent, "FINISHED" if complete else "FAILED",
-                  summary=tuning_summary(trials, single_dataset=len(spec.data.train) == 1), artifacts=written)
+                  summary=tuning_summary(spec, trials), artifacts=written)
     return trials
 
 

@@ -51,6 +51,9 @@ the (epsilon, delta) statement with unit, adjacency, accountant and what is outs
 
 # Sweep-level, on the MLflow parent run.
 TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private trial after the whole sweep
+"""Grid: RDP composition of every private trial at its released steps. Optuna: the worst-case RDP composition
+that holds under adaptive selection (`trainables.privacy.tuning.adaptive_tuning_bound`)."""
+TUNING_EPSILON_BASIC: Final = "privacy/tuning_epsilon_basic"  # Optuna: basic composition of the trials' targets
 
 # Keys of a trial's final report that are not metrics (kept as trials.parquet columns, not logged to MLflow).
 DONE: Final = "done"

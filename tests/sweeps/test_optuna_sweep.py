@@ -85,3 +85,24 @@ def test_mlflow_has_one_child_per_trial_and_running_again_does_nothing(optuna_sw
     assert sum(r.data.tags[ROLE_TAG] == "trial" for r in runs) == len(trials)
     run_sweep(spec, paths)
     assert "is complete" in capsys.readouterr().out
+
+
+def test_the_search_reports_bounds_that_hold_under_adaptive_selection(optuna_sweep):
+    """Optuna picked each trial from earlier results: the parent run's tuning epsilon is the worst-case RDP
+    composition over everything the cell could have trained, not the composition of the trials that ran."""
+    from sweeps.results import summary_text, tuning_cost
+    from trainables.privacy.tuning import AdmissibleSet, adaptive_tuning_bound
+
+    spec, paths, trials = optuna_sweep
+    client = MlflowClient(paths.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny-optuna")
+    parent = [r for r in client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = 'tiny-optuna'")
+              if r.data.tags[ROLE_TAG] == "sweep"][0]
+    n_train = int(trials["n_train"].iloc[0])
+    cell = AdmissibleSet(n_train, 2.0, 1e-5, noise_multiplier=(0.3, 3.0), expected_batch_size=(16, 128), epochs=(1, 2))
+    bound = adaptive_tuning_bound([(cell, 3)])
+    assert parent.data.metrics[M.TUNING_EPSILON] == pytest.approx(bound.epsilon)
+    assert bound.epsilon >= tuning_cost(trials).epsilon  # the realized composition under-reports
+    assert parent.data.metrics[M.TUNING_EPSILON_BASIC] == pytest.approx(3 * 2.0)  # 3 private trials, each <= 2
+    text = summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec)
+    assert "only bounds that hold under adaptive selection apply" in text and "is not such a bound" in text
