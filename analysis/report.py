@@ -125,6 +125,17 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
                   "seed is published, so their epsilon is no guarantee); they are left out of every epsilon bin and "
                   "Pareto front: " + ", ".join(html.escape(str(k)) for k in no_guarantee["trial"]))
+    audit_file = tables.sweep_dir / names.AUDIT_FILE
+    if audit_file.is_file():
+        audit = pd.read_parquet(audit_file)
+        page.heading("Empirical privacy audit")
+        page.note("One-run audit (Steinke, Nasr &amp; Jagielski 2023) of the first grid point of each audited cell: "
+                  "m canaries, each included by a secret fair coin. The lower bound holds with the stated "
+                  "confidence; a bound above the claimed epsilon refutes the claim, one below it is consistent "
+                  "with it (a single run cannot show a claim is tight).")
+        columns = ["trial", "kind", "m", "claimed_epsilon", "epsilon_lower_bound", "confidence", "correct", "guesses",
+                   "violates_claim"]
+        page.table(audit[[c for c in columns if c in audit]], index=False)
     unfinished = trials[trials["status"] != FINISHED]
     if len(unfinished):
         page.heading("Failed or unfinished trials")

@@ -1,4 +1,4 @@
-"""`dpsweep` command line: sweep, pretrain, prepare, table, report, ui.
+"""`dpsweep` command line: sweep, pretrain, prepare, audit, table, report, ui.
 
 User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters: every
 `trainables.errors.UserError`) print one clear message and exit with status 2, before Ray or any trial starts.
@@ -44,6 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
+    audit = commands.add_parser(
+        "audit", help="empirical privacy audit: a lower bound on each private cell's epsilon (one run, m canaries)",
+        description="One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the first grid point of every private "
+                    "(model, dataset, init, epsilon) cell, or of the targets the sweep file's `audit:` section names. "
+                    "Prints the empirical epsilon lower bound beside the claimed epsilon, writes "
+                    "runs/<sweep>/audit.parquet and one MLflow run per audit; exits 1 if a bound refutes a claim.")
+    _spec_args(audit)
+    audit.add_argument("--kind", action="append", choices=("white_box", "black_box"),
+                       help="white_box: Dirac gradient canaries through the engine's clipping and noise; black_box: "
+                            "mislabeled random images trained by the real trial loop (repeat for both; default: the "
+                            "sweep file's audit.kind, else white_box)")
+    audit.add_argument("--m", type=int, help="canaries per audit (default: audit.m, else 1000)")
+
     table = commands.add_parser("table", help="rebuild trials.parquet/epochs.parquet from Ray results or MLflow "
                                 "(any state)")
     _spec_args(table)
@@ -61,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "table": _table,
-                            "report": _report, "ui": _ui}
+        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "audit": _audit,
+                            "table": _table, "report": _report, "ui": _ui}
         return commands_by_name[args.command](args)
     except UserError as error:
         print(f"dpsweep: error: {error}", file=sys.stderr)
@@ -132,6 +145,18 @@ def _prepare(args) -> int:
     print(format_card(json.loads((folder / "card.json").read_text())))
     print(f"prepared: {folder}")
     return 0
+
+
+def _audit(args) -> int:
+    from sweeps.audit import audit_summary, run_audits
+
+    spec, paths = _load(args)
+    if args.m is not None and args.m < 10:
+        raise UserError(f"--m {args.m}: an audit needs at least 10 canaries (1000 is the usual)")
+    table = run_audits(spec, paths, kinds=tuple(args.kind) if args.kind else None, m=args.m)
+    print(audit_summary(table))
+    print(f"\naudit table: {paths.sweep_dir(spec) / 'audit.parquet'}")
+    return 1 if table["violates_claim"].any() else 0
 
 
 def _table(args) -> int:

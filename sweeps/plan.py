@@ -129,8 +129,9 @@ def cell_prefix(spec: SweepSpec, model: str, dataset: str) -> str:
 
 
 def spec_fingerprint(spec: SweepSpec) -> str:
-    """Hash of everything that defines the sweep's trials (not where its file lives, nor where it is tracked)."""
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description")}
+    """Hash of everything that defines the sweep's trials (not where its file lives, where it is tracked, or how it
+    is audited)."""
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

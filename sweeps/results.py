@@ -201,7 +201,6 @@ def adaptive_tuning_bounds(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, l
       Thm. 3.16).
 
     The realized-curve composition of `tuning_cost` is not such a bound; the summary says so."""
-    from sweeps.plan import label_count_noise_multiplier
     from trainables.privacy.tuning import AdmissibleSet, adaptive_tuning_bound, basic_composition_bound
 
     o = spec.optuna

@@ -112,6 +112,19 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class AuditSpec:
+    """``audit:`` settings of `dpsweep audit`: the one-run audit of Steinke, Nasr & Jagielski 2023.
+
+    One audit per kind per private (model, dataset, init, target epsilon) cell, on its first grid point."""
+
+    kind: tuple[Literal["white_box", "black_box"], ...] = ("white_box",)
+    m: int = 1000
+    confidence: float = 0.95
+    target_epsilon: tuple[float, ...] = ()  # which private targets to audit; empty: all of them
+    real_records: int | None = None  # white-box: train on the first this many real records (None: all)
+
+
+@dataclass(frozen=True)
 class TrackingSpec:
     uri: str | None = None  # default: sqlite:///<runs>/mlflow.db
     experiment: str | None = None  # default: the sweep's name
@@ -165,6 +178,7 @@ class SweepSpec:
     search: SearchMode = "grid"
     optuna: OptunaSpec | None = None
     early_stopping: EarlyStoppingSpec | None = None
+    audit: AuditSpec | None = None
     runs: str = "runs"
     description: str = ""
     source: str = ""
@@ -188,9 +202,9 @@ class SweepSpec:
 SECTIONS: dict[str, type] = {
     "data": DataSpec, "pretrain": PretrainConfig, "privacy": PrivacyConfig, "training": TrainingSpec,
     "evaluation": EvaluationSpec, "resources": ResourcesSpec, "speed": SpeedConfig, "tracking": TrackingSpec,
-    "optuna": OptunaSpec, "early_stopping": EarlyStoppingSpec,
+    "optuna": OptunaSpec, "early_stopping": EarlyStoppingSpec, "audit": AuditSpec,
 }
-OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping")
+OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping", "audit")
 AXES: dict[str, tuple[str, Any]] = {
     "privacy.target_epsilon": ("target_epsilon", tuple[float, ...]),
     "privacy.max_grad_norm": ("max_grad_norm", tuple[float, ...]),
@@ -457,6 +471,23 @@ def _validate(spec: SweepSpec) -> None:
     if spec.pretrain is not None:
         _validate_pretrain(spec, spec.pretrain)
     _validate_search(spec)
+    if spec.audit is not None:
+        _validate_audit(spec, spec.audit)
+
+
+def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
+    private = [e for e in spec.axes.target_epsilon if math.isfinite(e)]
+    _require(len(audit.kind) >= 1 and len(set(audit.kind)) == len(audit.kind), spec,
+             f"audit.kind = {list(audit.kind)}: give white_box, black_box or both, once each")
+    _require(audit.m >= 10, spec, f"audit.m = {audit.m} canaries must be >= 10 (the study-scale audit uses 1000)")
+    _require(0 < audit.confidence < 1, spec, f"audit.confidence = {audit.confidence} must be in (0, 1), e.g. 0.95")
+    _require(audit.real_records is None or audit.real_records >= 1, spec,
+             f"audit.real_records = {audit.real_records} must be >= 1 (or left out: all training records)")
+    _require(spec.search == "grid", spec, "an `audit:` section needs search: grid (it audits planned grid points)")
+    _require(bool(private), spec, "an `audit:` section needs a private target in privacy.target_epsilon")
+    for i, eps in enumerate(audit.target_epsilon):
+        _require(eps in private, spec, f"audit.target_epsilon[{i}] = {eps:g} is not one of the sweep's private "
+                 f"targets {private}")
 
 
 def _validate_model_name(spec: SweepSpec, where: str, model: str) -> None:

@@ -210,6 +210,14 @@ def _check_bound(bound: str) -> None:
         raise KeyError(f"unknown CI bound {bound!r}; expected one of {CI_BOUNDS}")
 
 
+def audit_metric(kind: str, name: str) -> str:
+    """An empirical privacy audit's number, e.g. ``audit/white_box/epsilon_lower_bound`` (`trainables.privacy.audit`;
+    ``kind`` is ``white_box`` or ``black_box``)."""
+    if kind not in ("white_box", "black_box"):
+        raise KeyError(f"unknown audit kind {kind!r}; expected 'white_box' or 'black_box'")
+    return f"audit/{kind}/{name}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # MLflow: tags that find a sweep's runs again, and what the SQL stores keep for infinity.
 SWEEP_TAG: Final = "dpsweep.sweep"
@@ -217,6 +225,7 @@ ROLE_TAG: Final = "dpsweep.role"  # "sweep" (the parent run) or "trial" (a child
 TRIAL_KEY_TAG: Final = "dpsweep.trial_key"
 PARENT_TAG: Final = "mlflow.parentRunId"
 RAY_TRIAL_ID_TAG: Final = "ray.trial_id"
+AUDITED_TRIAL_TAG: Final = "dpsweep.audited_trial"  # an audit run (role "audit") names the grid point it audited
 TAG_PREFIX: Final = "dpsweep."  # every other dpsweep tag (provenance, privacy unit, ...) starts with it
 FINAL_MARKER: Final = BEST_EPOCH
 """A metric only a trial's final report carries, logged in its last batch: present = final metrics complete."""
@@ -254,6 +263,7 @@ MANIFEST_FILE: Final = "manifest.parquet"
 CARD_FILE: Final = "card.json"
 IMAGES_FILE: Final = "images.npy"
 PRETRAINED_WEIGHTS_FILE: Final = "model.safetensors"
+AUDIT_FILE: Final = "audit.parquet"  # runs/<sweep>/audit.parquet: `dpsweep audit`'s results
 EVALUATION_ARTIFACT_DIR: Final = "evaluation"
 """Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
 

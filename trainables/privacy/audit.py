@@ -65,6 +65,7 @@ import torch
 from scipy import special, stats
 from torch import nn
 
+from trainables import names
 from trainables.config import TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.labels import LABELS
@@ -132,7 +133,7 @@ EPSILON_GRID_FINE = 0.001
 EPSILON_MAX = 64.0
 """`epsilon_lower_bound` searches [0, EPSILON_MAX] on a grid (coarse, then fine at the first rejection)."""
 
-# Metric names (the lead moves them to the schema module). Full key: audit/<kind>/<name>.
+# The <name> part of the metric keys `audit/<kind>/<name>` (`trainables.names.audit_metric`).
 EPSILON_LOWER_BOUND = "epsilon_lower_bound"
 CLAIMED_EPSILON = "claimed_epsilon"
 CANARIES = "m"
@@ -143,10 +144,10 @@ WALL_TIME_S = "wall_time_s"
 
 
 def audit_metric(kind: str, name: str) -> str:
-    """Flat metric key ``audit/<kind>/<name>``, e.g. ``audit/white_box/epsilon_lower_bound``."""
+    """Flat metric key ``audit/<kind>/<name>`` (`trainables.names.audit_metric`)."""
     if kind not in AUDIT_KINDS:
         raise ValueError(f"audit kind {kind!r} is not one of {AUDIT_KINDS}")
-    return f"audit/{kind}/{name}"
+    return names.audit_metric(kind, name)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""`dpsweep audit`: plans the sweep's private cells as the sweep would and audits them; results everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.cli import main
+from sweeps.spec import SpecError, parse_spec
+from tests.sweeps.tiny import tiny_spec
+from trainables import names as N
+
+
+def write_spec(tmp_path, **audit):
+    raw = tiny_spec(name="audited", data={"synthetic_images": 300},
+                    privacy={"target_epsilon": [2, 8, math.inf], "epochs": 1},
+                    audit={"m": 200, "real_records": 16, "target_epsilon": [2], **audit})
+    path = tmp_path / "audited.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_audit_reports_a_lower_bound_beside_the_claim_in_the_table_mlflow_and_console(tmp_path, capsys):
+    spec_file = write_spec(tmp_path)
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    assert main(["audit", str(spec_file), "--runs", str(runs), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "eps lower bound" in out and "audit table:" in out
+    table = pd.read_parquet(runs / "audited" / N.AUDIT_FILE)
+    assert list(table["trial"]) == ["random-eps2-clip1-lr0.002-seed0"]  # only the named target; first grid point
+    row = table.iloc[0]
+    assert row["kind"] == "white_box" and row["m"] == 200 and row["confidence"] == 0.95
+    assert 0 <= row["epsilon_lower_bound"] <= row["claimed_epsilon"] <= 2.0 and not row["violates_claim"]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("audited")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`{N.ROLE_TAG}` = 'audit'")
+    assert run.data.tags[N.AUDITED_TRIAL_TAG] == row["trial"] and N.TRIAL_KEY_TAG not in run.data.tags
+    assert run.data.metrics[N.audit_metric("white_box", "epsilon_lower_bound")] == pytest.approx(
+        row["epsilon_lower_bound"])
+
+
+@pytest.mark.parametrize(("audit", "message"), [
+    ({"target_epsilon": [3]}, r"audit\.target_epsilon\[0\] = 3 is not one of the sweep's private targets"),
+    ({"m": 5}, r"audit\.m = 5 canaries must be >= 10"),
+    ({"kind": ["white_box", "grey_box"]}, r"audit\.kind\[1\] = 'grey_box'; choose one of"),
+    ({"confidence": 1.5}, r"audit\.confidence = 1\.5 must be in \(0, 1\)"),
+])
+def test_bad_audit_sections_are_named(tmp_path, audit, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(yaml.safe_load(write_spec(tmp_path, **audit).read_text()))
+
+
+def test_the_audit_section_does_not_change_the_sweep_fingerprint(tmp_path):
+    from sweeps.plan import spec_fingerprint
+
+    with_audit = parse_spec(yaml.safe_load(write_spec(tmp_path).read_text()))
+    without = parse_spec({k: v for k, v in yaml.safe_load(write_spec(tmp_path).read_text()).items() if k != "audit"})
+    assert spec_fingerprint(with_audit) == spec_fingerprint(without)
