@@ -24,7 +24,7 @@ from analysis.tables import (
     without_guarantee,
     write_sweep_tables,
 )
-from sweeps.plan import SweepPaths, label_count_noise_multiplier
+from sweeps.plan import SweepPaths, label_count_noise_multiplier, trial_key
 from sweeps.spec import SweepSpec
 from trainables import names as N
 
@@ -254,6 +254,9 @@ SUMMARY_COLUMNS = {"trial": "trial", "status": "status", "target_epsilon": "eps 
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
     """The results table, where the outputs are, the privacy cost of the search and any budget warning (with the
     sweep's ``spec``, an Optuna sweep's adaptive tuning bounds too)."""
+    if spec is not None and spec.optuna is None:  # grid order (the sweep file's), not Ray's completion order
+        order = {trial_key(spec, point): i for i, point in enumerate(spec.grid())}
+        trials = trials.sort_values("trial", key=lambda keys: keys.map(order).fillna(len(order)), kind="stable")
     columns = dict(SUMMARY_COLUMNS)
     external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
     columns.update({c: c.split("/")[1] for c in external})
