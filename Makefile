@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= sweeps/smoke.yaml
 PYTEST_ARGS ?=
 LINT_PATHS := trainables sweeps analysis tests benchmarks
+PORT ?= 5000
 
 .PHONY: help setup sweep test test-fast prepare report bench ui lint clean
 
@@ -42,8 +43,8 @@ bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_dp_step.py
 
-ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:5000
-	$(VENV)/bin/dpsweep ui --runs runs
+ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:$(PORT) (make ui PORT=5123)
+	$(VENV)/bin/dpsweep ui --runs runs --port $(PORT)
 
 lint: $(STAMP)  ## ruff check, ruff format --check, mypy (strict on trainables/privacy and trainables/evaluate)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

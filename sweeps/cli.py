@@ -14,6 +14,9 @@ from pathlib import Path
 from trainables.errors import UserError
 
 DEFAULT_SPEC = "sweeps/smoke.yaml"
+DRY_RUN_BLOCKED = 3
+"""Exit status of a dry run that ends with "before running it for real" notes (data to prepare, weights to provide):
+the plan is valid but the sweep cannot run yet."""
 TABLE_SOURCES = ("auto", "ray", "mlflow")  # sweeps.results.TABLE_SOURCES (not imported: keeps --help fast)
 
 
@@ -25,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     _spec_args(sweep)
     sweep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sweep.add_argument("--fresh", action="store_true", help="delete this sweep's previous results and start over")
-    sweep.add_argument("--dry-run", action="store_true", help="plan only: print trials and sigma, run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="plan only: print trials, sigma and GPU-hours, run nothing; exit 0 if the sweep could run "
+                            f"now, {DRY_RUN_BLOCKED} if it ends with notes of what to prepare first")
 
     pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
     _spec_args(pretrain)
@@ -103,8 +108,9 @@ def _sweep(args) -> int:
 
     spec, paths = _load(args)
     if args.dry_run:
-        print(dry_run_report(plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)))
-        return 0
+        plan = plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)
+        print(dry_run_report(plan))
+        return DRY_RUN_BLOCKED if plan.notes else 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
@@ -188,7 +194,9 @@ def _ui(args) -> int:
     db = runs / "mlflow.db"
     if not db.exists():
         raise UserError(f"no MLflow database at {db}; run `make sweep` first")
-    command = ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+    # The MLflow of this interpreter's environment (the venv's), not whatever `mlflow` is on PATH (none is,
+    # unless the venv is activated: `make` does not activate it).
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
                "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     # MLflow 3's server otherwise starts a job runner and 7 GenAI job consumers this UI never uses.

@@ -40,12 +40,23 @@ def metric_key(name: str) -> str:
     return _INVALID.sub("_", name)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3 opens an untagged experiment on its GenAI overview; this kind opens it as a model-training experiment."""
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
-    """The sweep's experiment; artifacts go under ``artifact_root/<name>`` (not MLflow's cwd default)."""
+    """The sweep's experiment, marked as a model-training experiment; artifacts go under ``artifact_root/<name>``
+    (not MLflow's cwd default)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=(artifact_root / name).as_uri())
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri(),
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment_id
 
 
 def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from tests.privacy.test_resume import assert_identical
 from tests.test_train import TinyRun, prepare_tiny_site, run_tiny_trial, tiny_trial_config
-from trainables import metrics as M
+from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.loaders import load_trial_data
 from trainables.privacy import randomness

@@ -101,11 +101,12 @@ def test_prepare_missing_root_exits_2(tmp_path, capsys):
 
 def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
     """The reference grid validates here: estimated N per unprepared dataset, sigma per trial, GPU-hours, and
-    what to fix (datasets to prepare, weights to provide) - and exits 0 without writing Ray state."""
+    what to fix (datasets to prepare, weights to provide) - and exits 3 (planned, but blocked by those notes)
+    without writing Ray state."""
     root = Path(__file__).resolve().parents[2]
     result = run_cli("sweep", str(root / "sweeps" / "paper.yaml"), "--dry-run", "--runs", str(tmp_path / "runs"),
                      "--data", str(tmp_path / "data"), cwd=root)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr
     out = result.stdout
     assert "sweep 'paper': 240 trials (grid)" in out
     assert "vindr-cxr: N_train~13500 (estimate: not prepared), q=0.0047619, steps=4200" in out

@@ -145,7 +145,8 @@ def macro_replicates(per_label: np.ndarray, measurable: ArrayLike) -> np.ndarray
     measurable = np.asarray(measurable, dtype=bool)
     if not measurable.any():
         return np.full(per_label.shape[0], np.nan)
-    return per_label[:, measurable].mean(axis=1)
+    macro: np.ndarray = per_label[:, measurable].mean(axis=1)
+    return macro
 
 
 def percentile_ci(replicates: ArrayLike, level: float = 0.95) -> tuple[float, float]:
@@ -222,7 +223,7 @@ class BootstrapAUROC:
 
     @property
     def n_boot(self) -> int:
-        return self.per_label.shape[0]
+        return int(self.per_label.shape[0])
 
     @property
     def n_undefined(self) -> int:

@@ -110,8 +110,8 @@ def sex_grouping(sex: ArrayLike) -> Grouping:
 
 def age_group_names(edges: Sequence[float]) -> tuple[str, ...]:
     """Half-open bin names of age edges (years): ``(0, 40, 100)`` -> ``("[0,40)", "[40,100)")``."""
-    edges = _check_age_edges(edges)
-    return tuple(f"[{low:g},{high:g})" for low, high in zip(edges[:-1], edges[1:], strict=True))
+    checked = _check_age_edges(edges)
+    return tuple(f"[{low:g},{high:g})" for low, high in zip(checked[:-1], checked[1:], strict=True))
 
 
 def age_grouping(age: ArrayLike, edges: Sequence[float] = DEFAULT_AGE_EDGES) -> Grouping:
@@ -138,7 +138,7 @@ ATTRIBUTES: dict[str, Callable[..., Grouping]] = {"sex": sex_grouping, "age": ag
 """Attribute registry: name -> function building the `Grouping` from per-image values (+ options)."""
 
 
-def make_grouping(attribute: str, values: ArrayLike, **options) -> Grouping:
+def make_grouping(attribute: str, values: ArrayLike, **options: object) -> Grouping:
     """The `Grouping` of a registered attribute, e.g. ``make_grouping("age", ages, edges=(0, 50, 100))``."""
     if attribute not in ATTRIBUTES:
         raise KeyError(f"unknown fairness attribute {attribute!r}; expected one of {sorted(ATTRIBUTES)}")
@@ -184,14 +184,19 @@ def group_table(
         if members.any():
             counts = confusion_counts(y_true[members], y_score[members], thresholds)
             block["auroc"] = auroc_per_label(y_true[members], y_score[members])
-            rates = {
+            rates: dict[str, np.ndarray | float] = {
                 "tpr": counts.sensitivity(),
                 "fpr": counts.fpr(),
                 "ppv": counts.ppv(),
                 "selection_rate": counts.selection_rate(),
                 "accuracy": counts.accuracy(),
             }
-            count_columns = {"tp": counts.tp, "fp": counts.fp, "tn": counts.tn, "fn": counts.fn}
+            count_columns: dict[str, np.ndarray | float] = {
+                "tp": counts.tp,
+                "fp": counts.fp,
+                "tn": counts.tn,
+                "fn": counts.fn,
+            }
         else:
             block["auroc"] = np.nan
             rates = dict.fromkeys(("tpr", "fpr", "ppv", "selection_rate", "accuracy"), np.nan)
@@ -255,9 +260,10 @@ def attribute_fairness(
     rows = []
     for label in labels:
         measured = table[(table["label"] == label) & table["measurable"]]
-        row: dict[str, object] = {family: _gap(measured[column]) for family, column in _GAP_SOURCES.items()}
-        row["eod"] = float(np.maximum(row["tpr_gap"], row["fpr_gap"]))  # NaN if either is
-        row["aod"] = (row["tpr_gap"] + row["fpr_gap"]) / 2
+        gaps = {family: _gap(measured[column]) for family, column in _GAP_SOURCES.items()}
+        row: dict[str, object] = dict(gaps)
+        row["eod"] = float(np.maximum(gaps["tpr_gap"], gaps["fpr_gap"]))  # NaN if either is
+        row["aod"] = (gaps["tpr_gap"] + gaps["fpr_gap"]) / 2
         row["n_measurable_groups"] = len(measured)
         row["n_skipped_groups"] = len(grouping.groups) - len(measured)
         row["worst_group"] = _lowest(measured.set_index("group")["auroc"])

@@ -119,7 +119,7 @@ def evaluate_split(
     if isinstance(n_boot, bool) or not isinstance(n_boot, int | np.integer) or n_boot < 0:
         raise ValueError(f"{prefix}: n_boot must be an integer >= 0 (0 skips the bootstrap), got {n_boot!r}")
     fitted_here = thresholds is None
-    thresholds = youden_thresholds(y_true, y_score) if fitted_here else check_thresholds(thresholds, n_labels)
+    thresholds = youden_thresholds(y_true, y_score) if thresholds is None else check_thresholds(thresholds, n_labels)
 
     metrics = _utility_metrics(y_true, y_score, thresholds, labels, prefix)
     bootstrap_frame = pd.DataFrame(columns=["auroc_macro", *labels], dtype=np.float32)

@@ -62,8 +62,9 @@ def check_label_arrays(
 
 def has_both_classes(y_true: np.ndarray) -> np.ndarray:
     """Per label [k]: True when the column holds at least one positive and one negative."""
-    n_pos = y_true.sum(axis=0)
-    return (n_pos > 0) & (n_pos < y_true.shape[0])
+    n_pos: np.ndarray = y_true.sum(axis=0)
+    both: np.ndarray = (n_pos > 0) & (n_pos < y_true.shape[0])
+    return both
 
 
 def auroc_per_label(y_true: ArrayLike, y_score: ArrayLike) -> np.ndarray:
@@ -144,7 +145,8 @@ class ConfusionCounts:
 
     @property
     def n(self) -> np.ndarray:
-        return self.tp + self.fp + self.tn + self.fn
+        total: np.ndarray = self.tp + self.fp + self.tn + self.fn
+        return total
 
     def sensitivity(self) -> np.ndarray:
         """TPR = TP / (TP + FN); NaN without positives."""

@@ -432,7 +432,8 @@ def _read_cache_entries(cache_path: Path) -> dict[str, object]:
             and content.get("version") == _CACHE_VERSION
             and isinstance(content.get("entries"), dict)
         ):
-            return content["entries"]
+            entries: dict[str, object] = content["entries"]  # json.loads gives Any; checked a dict just above
+            return entries
         problem = f"is not a {_CACHE_FORMAT} version {_CACHE_VERSION} file"
     warnings.warn(
         f"noise-multiplier cache {cache_path} {problem}; ignoring its contents and rebuilding it",

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NoReturn
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 KEY_BYTES = 32
 """ChaCha20 key length: 256 bits from ``os.urandom``."""
@@ -58,7 +59,7 @@ class SecureRandom:
         self._zeros = bytes(8 * CHUNK_VALUES)  # plaintext: ChaCha20 of zeros is the keystream itself
         self._buffer = bytearray(8 * CHUNK_VALUES)  # reused for every chunk (see CHUNK_VALUES)
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError(
             "a SecureRandom cannot be pickled or copied: its key must stay secret and never be reused; "
             "after a restart create a new one (secure-mode runs are not reproducible)"
@@ -75,7 +76,7 @@ class SecureRandom:
         self._encryptor().update_into(out, out)  # zeros XOR keystream
         return out
 
-    def _encryptor(self):
+    def _encryptor(self) -> CipherContext:
         """A ChaCha20 stream under this source's key and a nonce never used before with it."""
         nonce = (0).to_bytes(4, "little") + self._requests.to_bytes(12, "little")  # block counter || nonce
         self._requests += 1

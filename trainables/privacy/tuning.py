@@ -341,7 +341,7 @@ def _rdp_curve(trial: TrialMechanism) -> np.ndarray:
     """The trial's RDP at each of dp-accounting's default orders (read-only; cached: 0.1-0.2 s each)."""
     accountant = _accountant()
     accountant.compose(trial.dp_event())
-    curve = accountant.rdp
+    curve: np.ndarray = accountant.rdp
     curve.flags.writeable = False
     return curve
 
