@@ -11,6 +11,7 @@ file under the same name is refused (``--fresh`` starts over).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,6 +42,43 @@ from sweeps.results import experiment_records, run_ids, tuning_summary
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
 from trainables.models import ResolvedInit
+
+QUIET_RAY_ENVIRONMENT = {
+    # Tune warns when one result takes > 0.5 s to process; our driver-side MLflow callback writes each epoch
+    # report synchronously (about 1 s on a busy 2-core machine, once per trial epoch): expected, not a bottleneck.
+    "TUNE_WARN_THRESHOLD_S": "10",
+    # Tune's "Configuration for experiment" box and "View detailed results": our ProgressCallback prints progress.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Ray's TensorBoard logger warns on every infinite epsilon (the non-private baseline): keep only the CSV/JSON
+    # result logs, which Ray's results read.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # Per-epoch checkpoints with num_to_keep=1 force a state snapshot on each report; intended (tiny state).
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+"""Known noise of Ray Tune, switched off at its source (environment read when Ray is imported or a Tuner starts)."""
+for _name, _value in QUIET_RAY_ENVIRONMENT.items():
+    os.environ.setdefault(_name, _value)
+
+QUIET_LOG_MESSAGES = {
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",
+                                                               "Generated new authentication token"),
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
+}
+"""Exact log lines silenced (never whole loggers or levels): Ray's notice that a local cluster uses token auth (it
+does, we keep it on), and MLflow's one-time table creation."""
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+for _logger, _prefixes in QUIET_LOG_MESSAGES.items():
+    logging.getLogger(_logger).addFilter(_DropMessages(_prefixes))
 
 STATE_FORMAT = 2
 """Version of ``sweep.json`` and of the sweep-file vocabulary it was planned with (2: fields named after the trial
@@ -100,12 +138,6 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     )
     from trainables.trial import dp_trial
 
-    # Ray's TensorBoard logger warns on every infinite epsilon (the non-private baseline): keep only the
-    # CSV/JSON result logs, which Ray's results read. Per-epoch checkpoints with num_to_keep=1 force a state
-    # snapshot on each report; that is intended here (tiny state), so Ray's warning about it is off.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
     experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,
                                              paths.runs_root / "mlartifacts")
     parent = get_or_create_parent_run(client, experiment_id, spec.name,
@@ -114,10 +146,11 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     ray_address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
+            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # address="local": always a private Ray, never one an earlier `ray start` left in /tmp/ray.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
     trainable = tune.with_resources(dp_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     experiment_path = paths.ray_experiment(spec)
     if tune.Tuner.can_restore(str(experiment_path)):

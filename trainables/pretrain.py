@@ -12,7 +12,9 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from trainables import names
 from trainables.config import PretrainConfig, PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.models import ResolvedInit, save_weights
 from trainables.names import PRETRAINED_WEIGHTS_FILE as CHECKPOINT_FILE
@@ -41,8 +43,9 @@ def run_pretrain(pretrain: PretrainConfig, init: ResolvedInit, model: str, image
         n_boot=0,
     )
 
-    def log_epoch(metrics, _state):
-        print(f"[pretrain {pretrain.dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+    def log_epoch(metrics: dict[str, Any], _state: object) -> None:
+        print(f"  pretrain {model} on {pretrain.dataset}: epoch {metrics[names.EPOCH]}/{pretrain.epochs}, "
+              f"loss {metrics[names.TRAIN_LOSS]:.4f}, val AUROC {metrics[names.VAL_AUROC_MACRO]:.3f}", flush=True)
 
     result = train_trial(cfg, init, log_epoch)
     out_dir.mkdir(parents=True, exist_ok=True)
