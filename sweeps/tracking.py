@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,23 +172,61 @@ class MlflowSweepCallback(tune.Callback):
 
 
 class ProgressCallback(tune.Callback):
-    """One line per trial epoch and per finished trial, instead of Ray's wide status tables."""
+    """One short aligned line per trial epoch and per finished trial, and after each finished trial the sweep's
+    status (done / running / pending, elapsed, ETA), instead of Ray's wide status tables.
 
-    def __init__(self, log=None):
+    Args:
+        n_trials: trials the sweep will run (for "k of N" and the ETA).
+        key_width: width the trial keys are padded to (the longest key).
+        log: where lines go (default: print, flushed).
+    """
+
+    def __init__(self, n_trials: int = 0, key_width: int = 0, log=None):
+        self.n_trials, self.key_width = n_trials, key_width
         self.log = log or functools.partial(print, flush=True)
+        self._start: float | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
+        return {**self.__dict__, "log": None, "_start": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.log = functools.partial(print, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._start = self._start or time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        key = trial.config["point"]["key"]
+        self._start = self._start or time.monotonic()
+        key = trial.config["point"]["key"].ljust(self.key_width)
+        epsilon = result.get(M.EPSILON, math.nan)
         if is_final_report(result):
-            self.log(f"  done  {key}: test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}, "
-                     f"epsilon {result.get(M.EPSILON, math.nan):.3f}")
+            self.log(f"  done   {key}  test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}")
+            self.log(self.status(trials, finishing=trial))
         else:
-            self.log(f"  epoch {int(result.get(M.EPOCH, 0))} {key}: "
-                     f"val AUROC {result.get(M.VAL_AUROC_MACRO, math.nan):.3f}, "
-                     f"epsilon {result.get(M.EPSILON, math.nan):.3f}")
+            self.log(f"  epoch {int(result.get(M.EPOCH, 0)):>2} {key}  val AUROC "
+                     f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.log(f"  FAILED {trial.config['point']['key']}: see {trial.local_path}")
+        self.log(self.status(trials))
+
+    def status(self, trials: list[Any], finishing: Any = None) -> str:
+        """``[3/8 done, 2 running, 3 pending | 4m10s elapsed, ETA 7m00s]``."""
+        states = [t.status for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states) + (finishing is not None and
+                                                                     finishing.status not in ("TERMINATED", "ERROR"))
+        running = sum(s == "RUNNING" for s in states) - (finishing is not None and finishing.status == "RUNNING")
+        total = max(self.n_trials, len(trials))
+        elapsed = time.monotonic() - (self._start or time.monotonic())
+        eta = f", ETA {_clock(elapsed * (total - done) / done)}" if 0 < done < total else ""
+        return (f"  [{done}/{total} done, {running} running, {max(total - done - running, 0)} pending | "
+                f"{_clock(elapsed)} elapsed{eta}]")
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{rest:02d}s"
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, status: str, summary: dict[str, float] | None = None,
