@@ -14,7 +14,7 @@ def trial(key: str, status: str) -> SimpleNamespace:
 
 def test_epoch_and_done_lines_are_aligned_and_the_status_counts_trials():
     lines: list[str] = []
-    progress = ProgressCallback(n_trials=4, key_width=12, log=lines.append)
+    progress = ProgressCallback(n_trials=4, key_width=len("random-epsinf"), log=lines.append)
     trials = [trial("random-eps1", "RUNNING"), trial("random-epsinf", "RUNNING"), trial("a", "TERMINATED"),
               trial("b", "PENDING")]
     progress.on_trial_result(0, trials, trials[0], {N.EPOCH: 1, N.VAL_AUROC_MACRO: 0.61, N.EPSILON: 0.5})
