@@ -65,7 +65,8 @@ NODE_ID: Final = "ray/node_id"
 
 
 def test_auroc(label: str) -> str:
-    """Test AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""
+    """Test AUROC of one of the study's labels, e.g. ``test/auroc/cardiomegaly`` (unknown labels are refused)."""
+    _check_label(label)
     return auroc("test", label)
 
 
@@ -75,9 +76,7 @@ def auroc_macro(split: str) -> str:
 
 
 def auroc(split: str, label: str) -> str:
-    """AUROC of one label, e.g. ``test/auroc/cardiomegaly``."""
-    if split == "test":
-        _check_label(label)
+    """AUROC of one label (of any label set), e.g. ``test/auroc/cardiomegaly``."""
     return f"{split}/auroc/{label}"
 
 
