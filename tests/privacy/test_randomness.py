@@ -2,6 +2,7 @@
 published ``cfg.seed``; the seeds live only in checkpoints (resume stays exact) and in no released output; the
 private batch loss is never released. Each test fails if that breaks."""
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -81,7 +82,10 @@ def test_guarantee_statement():
     for part in ("(2, 1e-05)-DP", "unit: one image", "add/remove adjacency", "N=144 treated as public",
                  "accountant rdp", "os.urandom", "validation-based epoch selection", "tuning across trials"):
         assert part in text, part
-    assert "pos_weight" not in text and "pos_weight=train" in guarantee_statement(private, 144, pos_weight="train")
+    with_counts = dataclasses.replace(private, label_count_noise_multiplier=20.0)
+    assert "pos_weight" not in text
+    assert "release of the training label counts (noise multiplier 20) for pos_weight=train, composed" in (
+        guarantee_statement(with_counts, 144, pos_weight="train"))
     assert "ChaCha20" in guarantee_statement(PrivacyConfig(target_epsilon=2.0, secure_mode=True), 144)
     replayable = PrivacyConfig(target_epsilon=2.0, reproducible_noise=True)
     assert guarantee_statement(replayable, 144).startswith(NO_GUARANTEE_SEED_PUBLISHED)

@@ -194,7 +194,7 @@ def test_resumed_dp_trial_ends_with_the_uninterrupted_privacy_ledger(killed_and_
         assert out.state["accountant"]["history"] == [(privacy.noise_multiplier, privacy.sample_rate, planned)]
         assert [e[M.EPSILON] for e in out.epochs] == expected_trajectory
         assert out.final[M.EPSILON] == expected_trajectory[-1]
-        assert TARGET_EPSILON - run.cfg.calibration_tolerance <= out.final[M.EPSILON] <= TARGET_EPSILON
+        assert TARGET_EPSILON - run.cfg.privacy.calibration_tolerance <= out.final[M.EPSILON] <= TARGET_EPSILON
     ledger = (M.EPSILON, M.STEPS, M.EPSILON_AT_BEST_EPOCH, M.EPSILON_CROSS_CHECK_RDP, M.EPSILON_CROSS_CHECK_PLD)
     assert {k: resumed.final[k] for k in ledger} == {k: reference.final[k] for k in ledger}
     assert resumed.state["accountant"] == reference.state["accountant"]

@@ -112,7 +112,8 @@ def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
     assert "vindr-cxr: N_train~13500 (estimate: not prepared), q=0.0047619, steps=4200" in out
     trial_lines = [line for line in out.splitlines() if line.startswith("  convnext_")]
     assert len(trial_lines) == 240
-    assert "  convnext_small-vindr-cxr-imagenet-eps1-clip4-lr5e-06-seed0: sigma=1.4922" in out
+    # sigma 1.4922 plus the cost of pos_weight: train's label-count release (noise multiplier 20), composed in
+    assert "  convnext_small-vindr-cxr-imagenet-eps1-clip4-lr5e-06-seed0: sigma=1.5156" in out
     assert "  convnext_tiny-uka-cxr-domain-epsinf-clip3.5-lr1e-05-seed0: sigma=0.0000" in out
     assert "GPU-hours estimate (one NVIDIA H200 per trial):" in out
     assert "run `dpsweep prepare chexpert --root /path/to/chexpert --size 224" in out

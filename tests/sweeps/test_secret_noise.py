@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +38,8 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("secret")
     console: list[str] = []
     runs = {}
+    watcher = CheckpointWatcher(root / "runs" / "ray")
+    watcher.start()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for name in NAMES:
@@ -45,7 +48,33 @@ def two_runs(tmp_path_factory):
             runs[name] = (spec, paths, run_sweep(spec, paths, log=console.append))
     finally:
         ray.shutdown()
-    return runs, "\n".join(console)
+        watcher.stop()
+    return runs, "\n".join(console), watcher.seeds
+
+
+class CheckpointWatcher(threading.Thread):
+    """Reads the secret seeds out of the trials' epoch checkpoints while the sweep runs: a finished trial's final
+    checkpoint replaces them (Ray keeps one), so after the sweep the seeds exist nowhere on disk."""
+
+    def __init__(self, ray_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.ray_dir, self.seeds, self._stop = ray_dir, set(), threading.Event()
+
+    def run(self) -> None:
+        seen: set[Path] = set()
+        while not self._stop.is_set():
+            for state_file in set(self.ray_dir.rglob(M.CHECKPOINT_STATE_FILE)) - seen:
+                try:
+                    state = torch.load(state_file, map_location="cpu", weights_only=False)
+                except Exception:  # noqa: BLE001 - being written, or already replaced: try again next round
+                    continue
+                seen.add(state_file)
+                self.seeds.update((state.get("secret_seeds") or {}).values())
+            self._stop.wait(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
 
 
 def epochs_of(paths: SweepPaths, name: str) -> pd.DataFrame:
@@ -53,7 +82,7 @@ def epochs_of(paths: SweepPaths, name: str) -> pd.DataFrame:
 
 
 def test_private_trials_draw_fresh_noise_while_baselines_replay_exactly(two_runs):
-    runs, _ = two_runs
+    runs, _, _ = two_runs
     (_, paths, trials_a), (_, _, trials_b) = runs[NAMES[0]], runs[NAMES[1]]
     assert (trials_a["status"] == M.TERMINATED).all() and (trials_b["status"] == M.TERMINATED).all()
     a, b = epochs_of(paths, NAMES[0]), epochs_of(paths, NAMES[1])
@@ -75,7 +104,7 @@ def test_private_trials_draw_fresh_noise_while_baselines_replay_exactly(two_runs
 
 
 def test_no_private_trial_releases_its_batch_loss(two_runs):
-    runs, _ = two_runs
+    runs, _, _ = two_runs
     _, paths, _ = runs[NAMES[0]]
     for name in NAMES:
         epochs = epochs_of(paths, name)
@@ -89,7 +118,7 @@ def test_no_private_trial_releases_its_batch_loss(two_runs):
 
 
 def test_every_private_trial_states_its_guarantee(two_runs):
-    runs, _ = two_runs
+    runs, _, _ = two_runs
     _, paths, trials = runs[NAMES[0]]
     private = trials[trials["target_epsilon"].map(math.isfinite)]
     for statement in private[M.GUARANTEE]:
@@ -101,10 +130,9 @@ def test_every_private_trial_states_its_guarantee(two_runs):
 
 
 def test_no_seed_that_drives_noise_or_sampling_is_in_any_output(two_runs):
-    runs, console = two_runs
+    runs, console, seeds = two_runs
     _, paths, _ = runs[NAMES[0]]
-    seeds = _secret_seeds(paths)
-    assert len(seeds) >= 2 * 2 * 2  # two private trials per run, a sampler and a noise seed each
+    assert len(seeds) >= 2 * 2  # one private trial per run, a sampler and a noise seed each
     spellings = {form for seed in seeds for form in _spellings(seed)}
     outputs = [console]
     client = MlflowClient(paths.tracking_uri)
@@ -129,15 +157,6 @@ def _child_runs(client: MlflowClient, paths: SweepPaths) -> list:
     return runs
 
 
-def _secret_seeds(paths: SweepPaths) -> set[int]:
-    """The sampler and noise seeds of every private trial, from its checkpoints (private material)."""
-    seeds = set()
-    for state_file in paths.ray_storage.rglob(M.CHECKPOINT_STATE_FILE):
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        seeds.update((state.get("secret_seeds") or {}).values())
-    return seeds
-
-
 def _spellings(seed: int) -> set[str]:
     """How a leaked seed could be written: decimal and hex of the whole seed and of its 64-bit words (shorter
     pieces would match digits of unrelated floats and run ids by chance)."""
@@ -145,9 +164,11 @@ def _spellings(seed: int) -> set[str]:
     return {form for word in words if word > 2**40 for form in (str(word), f"{word:x}")}
 
 
-def test_checkpoints_are_not_logged_as_artifacts(two_runs):
-    runs, _ = two_runs
+def test_checkpoints_are_not_logged_as_artifacts_and_finished_trials_keep_no_seeds(two_runs):
+    runs, _, _ = two_runs
     _, paths, _ = runs[NAMES[0]]
     artifacts = [p for p in Path(paths.runs_root / "mlartifacts").rglob("*") if p.is_file()]
     assert artifacts, "the evaluation tables should be logged"
     assert not [p for p in artifacts if p.suffix == ".pt" or p.name == M.CHECKPOINT_STATE_FILE]
+    # Every trial finished: Ray kept only its final checkpoint (tables and report), so no secret seed is left.
+    assert not list(paths.ray_storage.rglob(M.CHECKPOINT_STATE_FILE))

@@ -101,7 +101,8 @@ def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
     from sweeps.results import rebuild_tables
 
     spec, paths, trials = tiny_sweep
-    rebuilt, epochs = rebuild_tables(spec, paths)
+    rebuilt, epochs, origin = rebuild_tables(spec, paths)
+    assert origin.startswith("Ray results at")
     assert set(rebuilt["trial"]) == set(trials["trial"])
     merged = rebuilt.merge(trials, on="trial", suffixes=("", "_sweep"))
     assert (merged["status"] == "TERMINATED").all()
