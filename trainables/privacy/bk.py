@@ -27,8 +27,8 @@ instantiating is also the cheaper in time (the ghost norm would add B T^2 (d_in+
 otherwise the ghost norm adds less than one weight-gradient's work and stores nothing of size d_in d_out. The
 rule therefore bounds both the extra time (one weight gradient per layer at most) and the extra memory (the
 layer's own activations) and never changes results beyond float rounding: both branches compute the same
-norm. Depthwise convolutions use the batch folded into the groups on CUDA and a per-sample loop on CPU
-(where the channels-last depthwise kernel is 2-7x faster than the folded one); also a speed knob only.
+norm. Depthwise convolutions use the batch folded into the groups, or on CPU from 16 x 16 output pixels up a
+per-sample loop (`PER_SAMPLE_CONV_MIN_POSITIONS`); also a speed knob only.
 
 Coverage: every trainable parameter must belong to a module with a rule in `RULES` (matched by exact type,
 as a subclass may change the forward), or be a timm ConvNeXt block's layer scale ``gamma``
@@ -214,13 +214,19 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride).transpose(1, 2)
 
 
+PER_SAMPLE_CONV_MIN_POSITIONS = 256
+"""On CPU, grouped convs with at least this many output pixels (16 x 16) get per-sample weight gradients one
+sample at a time; smaller ones with the batch folded into the groups (measured on 2 cores, batch 32, depthwise
+7x7: per-sample 2-7x faster from 16 x 16 up, folded 1.5-3x faster at 8 x 8 and below). Speed only."""
+
+
 def _grouped_conv_per_sample(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution."""
     batch = len(a)
     weight = conv.weight
     common = dict(bias_sizes=None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                   transposed=False, output_padding=(0, 0), output_mask=(False, True, False))
-    if a.device.type == "cpu":
+    if a.device.type == "cpu" and g.shape[2] * g.shape[3] >= PER_SAMPLE_CONV_MIN_POSITIONS:
         # One sample at a time keeps the channels-last depthwise kernel (measured 2-7x faster than folding).
         grads = [torch.ops.aten.convolution_backward(g[i : i + 1], a[i : i + 1], weight, groups=conv.groups,
                                                      **common)[1] for i in range(batch)]
@@ -251,8 +257,7 @@ class LayerNormRule(LayerRule):
         dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
         shape = (batch, -1, *module.normalized_shape)
         if "weight" in names:
-            var, mean = torch.var_mean(a, dim=dims, unbiased=False, keepdim=True)
-            xhat = (a - mean) * torch.rsqrt(var + module.eps)
+            xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)  # the forward's own kernel
             lg.add_instantiated(names["weight"], (g * xhat).reshape(shape).sum(1))
         if "bias" in names:
             lg.add_instantiated(names["bias"], g.reshape(shape).sum(1))
