@@ -254,7 +254,6 @@ class LayerNormRule(LayerRule):
         batch = len(a)
         if self.channels_dim is not None:  # LayerNorm2d: move channels last, as its forward does
             a, g = a.movedim(self.channels_dim, -1), g.movedim(self.channels_dim, -1)
-        dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
         shape = (batch, -1, *module.normalized_shape)
         if "weight" in names:
             xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)  # the forward's own kernel

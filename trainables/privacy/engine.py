@@ -411,9 +411,9 @@ def _book_keeping_step(
     parameters = wrapped.trainable_parameters()
     if {id(p) for p in optimizer.params} != {id(p) for p in parameters.values()}:
         raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
+    optimizer.zero_grad(set_to_none=True)  # first: the previous step's buffers are not held through this one
     sums, mean_loss = clipped_sum_step(wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size,
                                        extra_grad_samples)
-    optimizer.zero_grad(set_to_none=True)
     for name, p in parameters.items():
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         p.summed_grad = sums[name]
