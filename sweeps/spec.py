@@ -95,7 +95,7 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class SpeedSpec:
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "bk"
     device: str = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1

@@ -53,14 +53,14 @@ class SpeedConfig:
     """Knobs that change speed or memory only, never results' distribution or the guarantee.
 
     Attributes:
-        grad_sample_mode: ``hooks`` (Opacus hooks with our corrected conv sampler) or ``functorch``.
+        grad_sample_mode: ``bk`` (book-keeping, the fastest), ``hooks`` (Opacus, fixed conv sampler), ``functorch``.
         device: ``auto`` (the trial's GPU when Ray gave it one, else CPU), ``cpu`` or ``cuda``.
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
     """
 
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "bk"
     device: str = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1
