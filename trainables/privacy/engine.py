@@ -404,10 +404,9 @@ def _book_keeping_step(
     extra_grad_samples: Mapping[str, torch.Tensor] | None,
 ) -> float:
     """`private_step` for ``bk``: the engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``)
-    handed to Opacus' DPOptimizer as ``p.summed_grad``, with zero further per-sample rows (``p.grad_sample`` of
-    length 0, as for an empty Poisson batch). Opacus then adds nothing to the sum, draws the noise (std
-    sigma*C; `SecureDPOptimizer`'s in secure mode), divides by the expected batch size, calls the accountant
-    hook and steps: the same code path, noise and accounting as the other modes, once per logical batch."""
+    handed to Opacus' DPOptimizer as ``p.summed_grad``; then Opacus' own ``add_noise`` (std sigma*C;
+    `SecureDPOptimizer`'s in secure mode), ``scale_grad`` (division by the expected batch size), accountant hook
+    and the wrapped optimizer's step: the same noise and accounting as the other modes, once per logical batch."""
     parameters = wrapped.trainable_parameters()
     if {id(p) for p in optimizer.params} != {id(p) for p in parameters.values()}:
         raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
@@ -415,7 +414,14 @@ def _book_keeping_step(
     sums, mean_loss = clipped_sum_step(wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size,
                                        extra_grad_samples)
     for name, p in parameters.items():
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # accumulated_iterations = 1
         p.summed_grad = sums[name]
-    optimizer.step()
+    # DPOptimizer.pre_step without clip_and_accumulate (which would add the zero rows' empty sum to each
+    # summed_grad: two passes over the parameters for nothing) and without virtual-step skipping (the chunks are
+    # already summed): noise, division by the expected batch size, the accountant hook, the step.
+    optimizer.add_noise()
+    optimizer.scale_grad()
+    if optimizer.step_hook:
+        optimizer.step_hook(optimizer)
+    optimizer.original_optimizer.step()
     return mean_loss
