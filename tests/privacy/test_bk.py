@@ -70,6 +70,14 @@ def test_norms_and_clipped_sums_equal_torch_func_on_every_parameter(name, dtype,
     assert check.n_parameters == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
+def test_convnext_small_the_paper_model_is_exact_on_every_parameter():
+    model = convnext("convnext_small", torch.float64)
+    check = check_per_sample_gradients(wrap_model(model, "bk"), LOSS, *inputs(2, dtype=torch.float64))
+    assert check.max_relative_error < F64_TOLERANCE, check
+    assert check.n_parameters == sum(1 for p in model.parameters() if p.requires_grad)
+
+
 def test_every_parameter_kind_is_covered_and_checked():
     # gamma, depthwise conv, LayerNorm2d, LayerNorm, Linear (4-D channels-last input), stem/downsample convs, head
     model = convnext("convnext_tiny", torch.float64)
