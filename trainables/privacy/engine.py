@@ -222,7 +222,7 @@ def check_book_keeping(
     reference per-sample total norms (about half the samples clipped, half not; the engine's own factors vs
     the reference's) and infinity (the plain sum, which pins every per-sample gradient's direction in sum).
     References and errors are reduced in float64 (a float32 norm over 28M entries is itself off by ~1e-3).
-    The model is run in train mode, as in training; nothing is updated and no budget is spent.
+    The model runs in its current mode (train mode in a trial); nothing is updated and no budget is spent.
 
     Raises:
         PerSampleGradientError: a parameter is missing, or any relative error exceeds ``tolerance``.
