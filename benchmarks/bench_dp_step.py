@@ -1,151 +1,259 @@
-"""DP-SGD step cost vs a non-private step, per grad-sample mode, in one run on one machine.
+"""DP-SGD step cost vs a non-private step, per grad-sample mode: step time and peak memory.
 
-For each (model, image size): time a non-private AdamW step and a DP-SGD step (per-sample gradients,
-clipping, noise, AdamW) on the same model, input size and batch, for every allowed mode (and stock Opacus
-hooks, which is *wrong* on ConvNeXt, for reference only). Each configuration runs in a fresh subprocess
-so its peak memory (CUDA: max allocated; CPU: peak RSS growth) is its own.
+For each case (model, image size, device), one fresh process builds the model once per mode and then times the
+modes *interleaved* (round after round, every mode once per round), so that load drifting on a shared machine
+hits all of them alike; each mode's step time is the median over rounds. Modes: ``nonprivate`` (AdamW step),
+``bk`` / ``hooks`` / ``functorch`` (a full `private_step`: clipping, noise, accounting, AdamW) and
+``stock-hooks`` (stock Opacus GradSampleModule, *wrong* on ConvNeXt, timed for reference only). Every private
+mode is first checked against torch.func on 4 samples (``check``: its max relative error, or the error text).
 
-    python benchmarks/bench_dp_step.py                       # CPU defaults: atto 64 px, tiny 128 px
-    python benchmarks/bench_dp_step.py --device cuda         # adds convnext_small 224 px
-Results: JSON (default benchmarks/results/dp_step-<device>.json) with the machine described.
+Peak memory: after the timed rounds, one more step per mode, each from the same state (model and optimizer
+state only: every mode's gradients, per-sample gradients and clipped sums freed): CUDA ``max_memory_allocated``
+minus what was allocated before the step; CPU the peak resident set during the step (``/proc/self/statm``
+every 0.5 ms) minus the resident set before it, with glibc's mmap threshold pinned at 128 KiB in the worker
+(``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident set at once instead of staying cached.
+
+    python benchmarks/bench_dp_step.py                 # make bench: CPU cases (+ the GPU case when one is present)
+    python benchmarks/bench_dp_step.py --model convnext_atto --size 64 --modes nonprivate,bk --out /tmp/r.json
+
+Output JSON: ``{"machine": ..., "records": [one per (model, size, device, mode)]}``; each record holds
+``step_s`` (median), ``ratio_vs_nonprivate``, ``peak_mem_mib``, ``peak_mem_ratio_vs_nonprivate`` and the load
+average seen, since absolute times on a shared machine are inflated.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
+import os
 import platform
-import resource
 import statistics
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
-MODES = ("non-private", "hooks", "functorch", "stock-hooks")
+MODES = ("nonprivate", "bk", "hooks", "functorch", "stock-hooks")
 CPU_CASES = (("convnext_atto", 64), ("convnext_tiny", 128))
-GPU_CASES = (("convnext_atto", 64), ("convnext_tiny", 128), ("convnext_small", 224))
+GPU_CASES = (("convnext_small", 224),)
+RESULTS = Path(__file__).parent / "results"
+MMAP_THRESHOLD = str(128 * 1024)
 
 
-def _run_case(model_name: str, size: int, mode: str, batch: int, steps: int, device: str, threads: int, queue):
+class _RssSampler:
+    """Peak resident set (bytes) of this process while active, sampled from /proc/self/statm."""
+
+    def __init__(self, interval_s: float = 0.0005) -> None:
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> _RssSampler:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device: str):
+    """One (model, optimizer, step function, check result) per mode, each on its own copy of the model."""
     import timm
     import torch
     from opacus import GradSampleModule
 
     from trainables.privacy.accounting import create_accountant
-    from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
+    from trainables.privacy.engine import (
+        PerSampleGradientError,
+        check_per_sample_gradients,
+        make_dp_optimizer,
+        private_step,
+        wrap_model,
+    )
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = timm.create_model(model_name, num_classes=5, in_chans=1, drop_path_rate=0.0).to(device)
     x = torch.rand(batch, 1, size, size, device=device)
     y = (torch.rand(batch, 5, device=device) > 0.7).float()
 
     def loss_fn(logits, targets):
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if mode == "non-private":
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).mean().backward()
-            optimizer.step()
-    else:
-        if mode == "stock-hooks":
-            wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    steps, checks, resets = {}, {}, {}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, num_classes=5, in_chans=1, drop_path_rate=0.0).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if mode == "nonprivate":
+            def step(model=model, optimizer=optimizer):
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).mean().backward()
+                optimizer.step()
+            resets[mode] = lambda optimizer=optimizer: optimizer.zero_grad(set_to_none=True)
         else:
-            wrapped = wrap_model(model, mode)
-        from trainables.privacy.engine import PerSampleGradientError, check_per_sample_gradients
+            wrapped = (GradSampleModule(model, batch_first=True, loss_reduction="mean") if mode == "stock-hooks"
+                       else wrap_model(model, mode))
+            try:
+                checks[mode] = check_per_sample_gradients(wrapped, loss_fn, x[:4], y[:4]).max_relative_error
+            except PerSampleGradientError as error:
+                checks[mode] = str(error)
+            dp_optimizer = make_dp_optimizer(
+                optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+                noise_generator=torch.Generator(device=device).manual_seed(1), accountant=create_accountant("rdp"),
+                sample_rate=0.01)
 
-        try:  # correctness on this device and size: engine vs torch.func on 4 samples
-            verified = check_per_sample_gradients(wrapped, loss_fn, x[:4], y[:4]).max_relative_error
-        except PerSampleGradientError as error:
-            verified = str(error)
-        generator = torch.Generator(device=device).manual_seed(1)
-        dp_optimizer = make_dp_optimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0,
-                                         expected_batch_size=batch, noise_generator=generator,
-                                         accountant=create_accountant("rdp"), sample_rate=0.01)
+            def step(wrapped=wrapped, dp_optimizer=dp_optimizer):
+                private_step(wrapped, dp_optimizer, loss_fn, (x, y), max_physical_batch_size=batch)
+            resets[mode] = lambda dp_optimizer=dp_optimizer: dp_optimizer.zero_grad(set_to_none=True)
+        steps[mode] = step
+    return steps, checks, resets
 
-        def step():
-            private_step(wrapped, dp_optimizer, loss_fn, (x, y), max_physical_batch_size=batch)
 
+def run_case(model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int,
+             threads: int) -> list[dict[str, Any]]:
+    """Interleaved timing and per-mode peak memory of one case, in this process: one record per mode."""
+    import torch
+
+    torch.set_num_threads(threads)
+    steps, checks, resets = _make_steps(model_name, size, modes, batch, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):  # warm-up
-        step()
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
-    result = {"median_step_s": statistics.median(times), "min_step_s": min(times), "peak_memory_mib": peak}
-    if mode != "non-private":
-        result["per_sample_grad_check"] = verified
-    queue.put(result)
+    load_before = os.getloadavg()[0]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(rounds + 1):  # round 0 warms up (oneDNN/cuDNN plans, optimizer state)
+        for mode in modes:
+            sync()
+            start = time.perf_counter()
+            steps[mode]()
+            sync()
+            if round_ > 0:
+                times[mode].append(time.perf_counter() - start)
+    peaks = {}
+    for mode in modes:
+        for reset in resets.values():  # every mode's gradients, per-sample gradients and sums freed
+            reset()
+        gc.collect()
+        if device == "cuda":
+            sync()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            steps[mode]()
+            sync()
+            peaks[mode] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        else:
+            sampler = _RssSampler()
+            with sampler:
+                before = sampler.peak
+                steps[mode]()
+            peaks[mode] = (sampler.peak - before) / 2**20
+    load_after = os.getloadavg()[0]
+    base_time = statistics.median(times["nonprivate"]) if "nonprivate" in modes else None
+    base_peak = peaks.get("nonprivate")
+    records = []
+    for mode in modes:
+        step_s = statistics.median(times[mode])
+        records.append({
+            "model": model_name, "image_size": size, "device": device, "mode": mode, "batch": batch,
+            "threads": threads, "rounds": rounds, "step_s": step_s, "step_s_all": times[mode],
+            "ratio_vs_nonprivate": step_s / base_time if base_time else None,
+            "peak_mem_mib": peaks[mode],
+            "peak_mem_ratio_vs_nonprivate": peaks[mode] / base_peak if base_peak else None,
+            "check": checks.get(mode), "load_average_1min": [load_before, load_after],
+        })
+        print(f"{model_name} {size}px {device} {mode}: {step_s:.3f} s/step"
+              + (f" ({records[-1]['ratio_vs_nonprivate']:.2f}x)" if base_time else "")
+              + f", peak +{peaks[mode]:.0f} MiB" + (f" ({records[-1]['peak_mem_ratio_vs_nonprivate']:.2f}x)"
+                                                    if base_peak else ""), flush=True)
+    return records
 
 
-def measure(model_name: str, size: int, mode: str, batch: int, steps: int, device: str, threads: int) -> dict:
+def _worker(args: tuple, queue: Any) -> None:
+    queue.put(run_case(*args))
+
+
+def measure(model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int,
+            threads: int) -> list[dict[str, Any]]:
+    """`run_case` in a fresh spawned process (its own memory, glibc mmap threshold pinned)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the spawned worker only at its start
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_run_case, args=(model_name, size, mode, batch, steps, device, threads, queue))
+    process = context.Process(target=_worker, args=((model_name, size, device, modes, batch, rounds, threads), queue))
     process.start()
+    records = queue.get()
     process.join()
-    if process.exitcode != 0:
-        return {"error": f"exit code {process.exitcode}"}
-    return queue.get()
+    return records
 
 
-def machine(device: str) -> dict:
+def machine(device: str) -> dict[str, Any]:
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": mp.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import version
 
-        info["opacus"] = version("opacus")
-        info["timm"] = version("timm")
-    except Exception:  # noqa: BLE001 - versions are informative only
-        pass
+    info.update(opacus=version("opacus"), timm=version("timm"))
     return info
+
+
+def write(records: list[dict[str, Any]], device: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": machine(device), "records": records,
+        "note": "medians of interleaved rounds; stock-hooks computes wrong per-sample gradients on ConvNeXt "
+                "(timed for reference only); absolute times depend on the machine's load (load_average_1min)",
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--model", help="one case: timm model name (with --size)")
+    parser.add_argument("--size", type=int, help="one case: image size in pixels")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="one case: default cpu")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cases", nargs="*", help="model:size pairs, e.g. convnext_small:224")
-    parser.add_argument("--modes", nargs="*", default=list(MODES))
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="output JSON (default benchmarks/results/dp_step-<device>.json)")
     args = parser.parse_args()
-    cases = ([(c.split(":")[0], int(c.split(":")[1])) for c in args.cases] if args.cases
-             else (GPU_CASES if args.device == "cuda" else CPU_CASES))
-    results = []
-    for model_name, size in cases:
-        row = {"model": model_name, "image_size": size, "batch": args.batch}
-        for mode in args.modes:
-            row[mode] = measure(model_name, size, mode, args.batch, args.steps, args.device, args.threads)
-            print(model_name, size, mode, row[mode], flush=True)
-        base = row.get("non-private", {}).get("median_step_s")
-        for mode in args.modes:
-            if mode != "non-private" and base and "median_step_s" in row[mode]:
-                row[mode]["time_vs_non_private"] = row[mode]["median_step_s"] / base
-        results.append(row)
-    out = args.out or Path(__file__).parent / "results" / f"dp_step-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(args.device), "threads": args.threads, "results": results,
-                               "note": "stock-hooks computes wrong per-sample gradients on ConvNeXt; "
-                                       "timed for reference only"}, indent=2))
-    print(f"wrote {out}")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {MODES}")
+    if (args.model is None) != (args.size is None):
+        parser.error("--model and --size go together")
+    if args.model:
+        device = args.device or "cpu"
+        records = measure(args.model, args.size, device, modes, args.batch, args.rounds, args.threads)
+        write(records, device, args.out or RESULTS / f"dp_step-{device}.json")
+        return
+    import torch
+
+    plan = [("cpu", CPU_CASES)] + ([("cuda", GPU_CASES)] if torch.cuda.is_available() else [])
+    everything = []
+    for device, cases in plan:
+        records = [r for model_name, size in cases
+                   for r in measure(model_name, size, device, modes, args.batch, args.rounds, args.threads)]
+        everything += records
+        if args.out is None:
+            write(records, device, RESULTS / f"dp_step-{device}.json")
+    if args.out is not None:
+        write(everything, plan[-1][0], args.out)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def seconds_per_image(model: str, image_size: int, mode: str) -> tuple[float, st
     if image_size != reference[1]:
         scale *= (image_size / reference[1]) ** 2
         basis += f", scaled by pixel area from {reference[1]} px"
-    return H200_SECONDS_PER_IMAGE[reference][mode] * scale, basis
+    seconds = H200_SECONDS_PER_IMAGE[reference].get(mode)  # None: this mode is not benchmarked on the H200 yet
+    return None if seconds is None else (seconds * scale, basis)
 
 
 def trial_gpu_seconds(model: str, image_size: int, mode: str, n_train: int, expected_batch_size: int, steps: int,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 Accountant = Literal["rdp", "prv"]
 PrivacyUnit = Literal["image"]
-GradSampleMode = Literal["hooks", "functorch"]
+GradSampleMode = Literal["bk", "hooks", "functorch"]
 Device = Literal["auto", "cpu", "cuda"]
 PosWeight = Literal["uniform", "train"]
 ModelSelection = Literal["best_val", "last"]
@@ -83,14 +83,15 @@ class SpeedConfig:
     """Knobs that change speed or memory only, never results' distribution or the guarantee.
 
     Attributes:
-        grad_sample_mode: how per-sample gradients are computed (`trainables.privacy.engine.GRAD_SAMPLE_MODES`).
+        grad_sample_mode: ``bk`` (book-keeping, the fastest), ``hooks`` (Opacus, fixed conv sampler), ``functorch``
+            (`trainables.privacy.engine.GRAD_SAMPLE_MODES`; every mode is verified per trial).
         device: ``auto`` (the trial's GPU when Ray gave it one, else CPU), ``cpu`` or ``cuda``.
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
     """
 
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "bk"
     device: Device = "auto"
     max_physical_batch_size: int = 64
     threads: int = 1

@@ -58,11 +58,11 @@ class CheckpointWatcher(threading.Thread):
 
     def __init__(self, ray_dir: Path) -> None:
         super().__init__(daemon=True)
-        self.ray_dir, self.seeds, self._stop = ray_dir, set(), threading.Event()
+        self.ray_dir, self.seeds, self._halt = ray_dir, set(), threading.Event()
 
     def run(self) -> None:
         seen: set[Path] = set()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for state_file in set(self.ray_dir.rglob(M.CHECKPOINT_STATE_FILE)) - seen:
                 try:
                     state = torch.load(state_file, map_location="cpu", weights_only=False)
@@ -70,10 +70,10 @@ class CheckpointWatcher(threading.Thread):
                     continue
                 seen.add(state_file)
                 self.seeds.update((state.get("secret_seeds") or {}).values())
-            self._stop.wait(0.1)
+            self._halt.wait(0.1)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

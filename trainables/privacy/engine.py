@@ -11,6 +11,11 @@ changing accounting, and a grad-sample module whose conv sampler is correct on C
 `VerifiedGradSampleModule`). The pieces are Opacus's own: `GradSampleModule`, `DPOptimizer`,
 `RDPAccountant`/`PRVAccountant`.
 
+Per-sample clipping comes in three verified modes (`GRAD_SAMPLE_MODES`): ``bk`` (book-keeping,
+`trainables.privacy.bk`: per-sample norms and the clipped sum from one backward pass, no per-sample gradient of
+the whole model), ``hooks`` and ``functorch`` (Opacus per-sample gradients, clipped by Opacus' DPOptimizer). All
+three clip with Opacus' factor and feed the same DPOptimizer noise and accountant hook.
+
 Randomness (chosen by `trainables.privacy.randomness`): by default noise and Poisson sampling come from
 ``torch.Generator`` streams seeded from ``os.urandom`` (secret, checkpointed). In secure mode both come from a
 `trainables.privacy.secure.SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key, Opacus' 4-Gaussian noise
@@ -20,8 +25,10 @@ recipe): same distributions, not reproducible.
 from __future__ import annotations
 
 import copy
+import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,15 +41,17 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trainables.config import GradSampleMode
+from trainables.privacy.bk import BookKeepingModule, PerSampleLoss, clip_factors, clipped_sum_step
 from trainables.privacy.secure import SecureRandom
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = typing.get_args(GradSampleMode)
-"""Allowed per-sample-gradient modes. Stock Opacus ``hooks`` and ``ghost`` are wrong on timm ConvNeXt
-(channels-last inputs to the downsample convs); our ``hooks`` uses the corrected conv sampler below.
-``ew`` fails on ConvNeXt. ``functorch`` is correct as shipped (every module through ``torch.func``)."""
+"""Allowed per-sample-gradient modes. ``bk``: book-keeping (`trainables.privacy.bk`), the fastest. Stock Opacus
+``hooks`` and ``ghost`` are wrong on timm ConvNeXt (channels-last inputs to the downsample convs); our ``hooks``
+uses the corrected conv sampler below. ``ew`` fails on ConvNeXt. ``functorch`` is correct as shipped (every
+module through ``torch.func``)."""
 
-PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(logits [n, k], targets [n, k]) -> per-sample loss [n]."""
+WrappedModel = GradSampleModule | BookKeepingModule
+"""What `wrap_model` returns: ``._module`` is the model itself in both."""
 
 
 def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
@@ -70,17 +79,21 @@ class PerSampleGradientError(RuntimeError):
     (a rule that mixed samples, which the reference would also catch, would void the guarantee)."""
 
 
-def wrap_model(model: nn.Module, grad_sample_mode: str) -> GradSampleModule:
-    """Wrap a model so that backward passes also compute per-sample gradients (``p.grad_sample``).
+def wrap_model(model: nn.Module, grad_sample_mode: str) -> WrappedModel:
+    """Wrap a model for per-sample clipping: a `BookKeepingModule` (``bk``), or a GradSampleModule whose
+    backward passes also compute per-sample gradients (``p.grad_sample``).
 
     Raises:
-        ValueError: unknown mode, or a model that cannot be trained privately (e.g. BatchNorm).
+        ValueError: unknown mode, or a model that cannot be trained privately (e.g. BatchNorm; for ``bk`` an
+            `~trainables.privacy.bk.UnsupportedModuleError` naming a module it has no rule for).
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
             f"grad_sample_mode={grad_sample_mode!r} is not allowed; choose one of {GRAD_SAMPLE_MODES} "
             "(stock Opacus 'hooks'/'ghost' give wrong per-sample gradients on ConvNeXt, 'ew' fails on it)"
         )
+    if grad_sample_mode == "bk":
+        return BookKeepingModule(model)
     return VerifiedGradSampleModule(
         model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=grad_sample_mode == "functorch"
     )
@@ -129,7 +142,7 @@ class GradientCheck:
 
 
 def check_per_sample_gradients(
-    wrapped: GradSampleModule,
+    wrapped: WrappedModel,
     loss_fn: PerSampleLoss,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -139,12 +152,15 @@ def check_per_sample_gradients(
 
     Runs one forward/backward through the engine on ``x`` (a few samples, in the model's own dtype),
     compares every trainable parameter's ``grad_sample`` with the reference, then clears all
-    gradients. Nothing is updated and no privacy budget is spent.
+    gradients. Nothing is updated and no privacy budget is spent. For ``bk``, which never forms per-sample
+    gradients, `check_book_keeping` compares what it does form: per-parameter per-sample norms and clipped sums.
 
     Raises:
         PerSampleGradientError: a parameter lacks per-sample gradients, or the relative error of any
             sample's gradient exceeds ``tolerance``.
     """
+    if isinstance(wrapped, BookKeepingModule):
+        return check_book_keeping(wrapped, loss_fn, x, y, tolerance)
     module = wrapped._module  # in train mode, as in training (Opacus captures activations only then);
     # the forward must be deterministic (no dropout, drop_path 0), which DP-SGD requires anyway. TF32 is
     # off during the check so that GPU rounding (~1e-3) cannot hide or fake a mismatch.
@@ -175,6 +191,73 @@ def check_per_sample_gradients(
         raise PerSampleGradientError(
             f"per-sample gradients are wrong: relative error {worst:.3g} > {tolerance:g} at {worst_name}; "
             "the trial would train on wrong (clipped) gradients, so it refuses to train"
+        )
+    return check
+
+
+@contextmanager
+def _exact_float32_matmuls() -> Iterator[None]:
+    """TF32 off, so that GPU rounding (~1e-3) can neither hide nor fake a mismatch in a check."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _relative_error(engine: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||engine - reference|| / ||reference||`` in float64 (1e-12 floor), over all entries."""
+    engine, reference = engine.to(torch.float64), reference.to(torch.float64)
+    return ((engine - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+
+
+def check_book_keeping(
+    wrapped: BookKeepingModule,
+    loss_fn: PerSampleLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tolerance: float = 1e-3,
+) -> GradientCheck:
+    """Verify book-keeping against ``torch.func``: every parameter's per-sample norms and clipped sums.
+
+    Compared on ``x`` (a few samples): (1) per sample and parameter, the gradient norm (relative error vs the
+    reference norm); (2) per parameter, the clipped sum ``sum_i c_i g_i`` at two clip norms: the median of the
+    reference per-sample total norms (about half the samples clipped, half not; the engine's own factors vs
+    the reference's) and infinity (the plain sum, which pins every per-sample gradient's direction in sum).
+    References and errors are reduced in float64 (a float32 norm over 28M entries is itself off by ~1e-3).
+    The model runs in its current mode (train mode in a trial); nothing is updated and no budget is spent.
+
+    Raises:
+        PerSampleGradientError: a parameter is missing, or any relative error exceeds ``tolerance``.
+    """
+    module = wrapped._module
+    with _exact_float32_matmuls():
+        reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
+        result = wrapped.per_sample(loss_fn, x, y)
+        n = len(x)
+        missing = sorted(set(reference) - set(result.norms_sq))
+        if missing:
+            raise PerSampleGradientError(f"parameters {missing} get no per-sample norm from the bk engine")
+        ref_norms = {name: g.reshape(n, -1).to(torch.float64).norm(dim=1) for name, g in reference.items()}
+        ref_total = torch.stack(list(ref_norms.values())).pow(2).sum(0).sqrt()
+        errors: dict[str, float] = {}
+        for name, ref in ref_norms.items():
+            engine = result.norms_sq[name].to(torch.float64).clamp_min(0).sqrt()
+            errors[f"{name} (per-sample norm)"] = ((engine - ref).abs() / ref.clamp_min(1e-12)).max().item()
+        for label, clip in (("clipped sum", ref_total.median().item()), ("sum", math.inf)):
+            engine_sums = result.clipped_sums(clip_factors(result.norms, clip))
+            ref_factors = clip_factors(ref_total, clip)
+            for name, g in reference.items():
+                ref_sum = torch.einsum("i,i...->...", ref_factors, g.to(torch.float64))
+                errors[f"{name} ({label})"] = _relative_error(engine_sums[name], ref_sum)
+    worst_name = max(errors, key=errors.__getitem__)
+    check = GradientCheck(errors[worst_name], worst_name, n, len(reference))
+    if not check.max_relative_error <= tolerance:  # NaN fails too
+        raise PerSampleGradientError(
+            f"book-keeping per-sample norms or clipped sums are wrong: relative error {check.max_relative_error:.3g} "
+            f"> {tolerance:g} at {worst_name}; clipping would not bound each sample's contribution, so this trial "
+            "refuses to train"
         )
     return check
 
@@ -247,12 +330,12 @@ def poisson_batches(
 
 
 def private_step(
-    wrapped: GradSampleModule,
+    wrapped: WrappedModel,
     optimizer: DPOptimizer,
     loss_fn: PerSampleLoss,
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
-    extra_grad_samples: dict[str, torch.Tensor] | None = None,
+    extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """One DP-SGD step on one logical batch, split into physical chunks that fit in memory.
 
@@ -261,13 +344,15 @@ def private_step(
     Returns the mean per-sample loss of the batch (NaN when empty).
 
     Args:
-        extra_grad_samples: per-sample gradient rows of records that are not model inputs (the empirical
-            audit's white-box canaries, `trainables.privacy.audit`): parameter name (as in the unwrapped
-            model's ``named_parameters()``) -> ``[k, *shape]``, the same k for every name; trainable
-            parameters not named get zero rows. They are appended to the last chunk's ``grad_sample``
-            after its backward, so the optimizer clips each of the k rows (L2 over all parameters) and
-            noises their sum with the same code as real samples. They count as k more records of the batch.
+        extra_grad_samples: explicit per-sample gradient rows added to the batch (white-box audit canaries):
+            parameter name (as in ``wrapped._module.named_parameters()``) -> [m, *parameter shape], every entry
+            with the same m; a row is zero on parameters it does not name. Each row is clipped to
+            ``max_grad_norm`` by the same norm and factor code as the real samples and added to the clipped sum
+            before the (single) noise draw. They count in no loss and change no accounting: the caller accounts
+            for what they stand for.
     """
+    if isinstance(wrapped, BookKeepingModule):
+        return _book_keeping_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size, extra_grad_samples)
     x, y = batch
     n = len(x)
     if n == 0:
@@ -276,8 +361,7 @@ def private_step(
         for p in wrapped.parameters():
             if p.requires_grad:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        if extra_grad_samples is not None:
-            _append_grad_samples(wrapped, extra_grad_samples)
+        _append_grad_samples(wrapped, extra_grad_samples)
         optimizer.step()
         return float("nan")
     total_loss = 0.0
@@ -289,29 +373,59 @@ def private_step(
         loss = loss_fn(wrapped(xb), yb)
         loss.mean().backward()
         total_loss += loss.detach().sum().item()
-        if extra_grad_samples is not None and i == len(starts) - 1:
+        last = i == len(starts) - 1
+        if last:
             _append_grad_samples(wrapped, extra_grad_samples)
-        optimizer.signal_skip_step(do_skip=i < len(starts) - 1)
+        optimizer.signal_skip_step(do_skip=not last)
         optimizer.step()
     return total_loss / n
 
 
-def _append_grad_samples(wrapped: nn.Module, extra: dict[str, torch.Tensor]) -> None:
-    """Append ``extra``'s rows (see `private_step`) to every trainable parameter's ``grad_sample``."""
-    module = getattr(wrapped, "_module", wrapped)
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    unknown = sorted(set(extra) - set(params))
-    if unknown:
-        raise ValueError(f"extra_grad_samples names {unknown}, which are not trainable parameters of the model")
-    counts = {len(rows) for rows in extra.values()}
-    if len(counts) > 1:
-        raise ValueError(f"extra_grad_samples must give every parameter the same number of rows, got {sorted(counts)}")
-    k = counts.pop() if counts else 0
-    for name, p in params.items():
-        rows = extra.get(name)
-        if rows is None:
-            rows = torch.zeros((k, *p.shape), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
-        elif tuple(rows.shape[1:]) != tuple(p.shape):
-            raise ValueError(f"extra_grad_samples[{name!r}] has rows of shape {tuple(rows.shape[1:])}, "
-                             f"the parameter has {tuple(p.shape)}")
-        p.grad_sample = torch.cat([p.grad_sample, rows.to(p.grad_sample)], dim=0)
+def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Tensor] | None) -> None:
+    """Opacus modes: explicit rows become extra per-sample gradients, clipped by Opacus' clip_and_accumulate."""
+    if not rows:
+        return
+    parameters = {name: p for name, p in wrapped._module.named_parameters() if p.requires_grad}
+    unknown = sorted(set(rows) - set(parameters))
+    counts = {len(v) for v in rows.values()}
+    if unknown or len(counts) != 1:
+        raise ValueError(f"extra_grad_samples: unknown parameters {unknown} or row counts {sorted(counts)}")
+    (m,) = counts
+    for name, p in parameters.items():
+        extra = rows.get(name, torch.zeros((m, *p.shape), dtype=p.dtype, device=p.device))
+        if tuple(extra.shape[1:]) != tuple(p.shape):
+            raise ValueError(f"extra_grad_samples[{name!r}] has shape {tuple(extra.shape)}; "
+                             f"expected [m, {tuple(p.shape)}]")
+        p.grad_sample = torch.cat([p.grad_sample, extra.to(p.device, p.dtype)])
+
+
+def _book_keeping_step(
+    wrapped: BookKeepingModule,
+    optimizer: DPOptimizer,
+    loss_fn: PerSampleLoss,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    max_physical_batch_size: int,
+    extra_grad_samples: Mapping[str, torch.Tensor] | None,
+) -> float:
+    """`private_step` for ``bk``: the engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``)
+    handed to Opacus' DPOptimizer as ``p.summed_grad``; then Opacus' own ``add_noise`` (std sigma*C;
+    `SecureDPOptimizer`'s in secure mode), ``scale_grad`` (division by the expected batch size), accountant hook
+    and the wrapped optimizer's step: the same noise and accounting as the other modes, once per logical batch."""
+    parameters = wrapped.trainable_parameters()
+    if {id(p) for p in optimizer.params} != {id(p) for p in parameters.values()}:
+        raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
+    optimizer.zero_grad(set_to_none=True)  # first: the previous step's buffers are not held through this one
+    sums, mean_loss = clipped_sum_step(wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size,
+                                       extra_grad_samples)
+    for name, p in parameters.items():
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # accumulated_iterations = 1
+        p.summed_grad = sums[name]
+    # DPOptimizer.pre_step without clip_and_accumulate (which would add the zero rows' empty sum to each
+    # summed_grad: two passes over the parameters for nothing) and without virtual-step skipping (the chunks are
+    # already summed): noise, division by the expected batch size, the accountant hook, the step.
+    optimizer.add_noise()
+    optimizer.scale_grad()
+    if optimizer.step_hook:
+        optimizer.step_hook(optimizer)
+    optimizer.original_optimizer.step()
+    return mean_loss

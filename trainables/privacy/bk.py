@@ -1,0 +1,576 @@
+"""Book-keeping (bk) per-sample clipping: DP-SGD's clipped sum from one backward pass, no per-sample gradient
+of the whole model ever built.
+
+Mechanism (the same as every other mode, see `trainables.privacy.engine`): each sample's gradient g_i over all
+trainable parameters is clipped with Opacus' factor ``c_i = min(1, C / (||g_i|| + 1e-6))`` and the released
+update is ``(sum_i c_i g_i + N(0, (sigma C)^2 I)) / B``. Only how ``||g_i||`` and ``sum_i c_i g_i`` are computed
+differs (Bu et al. 2023, "Differentially private optimization on large model at small cost"):
+
+1. One forward pass; hooks keep each layer's input activations ``a`` (a view of what autograd saves anyway).
+2. One backward pass of ``sum_i loss_i`` that computes input gradients only (``torch.autograd.grad`` with
+   respect to the model input, so no parameter gradient is formed); a hook on each layer's output receives the
+   output gradient ``g``. For a layer ``y = a W^T`` over T positions (pixels, tokens) the per-sample weight
+   gradient is ``G_i = g_i^T a_i`` ([d_out, d_in]); its squared norm is computed either by
+   - **instantiating** G_i (cost B T d_in d_out, the same work as the layer's ordinary weight gradient; G kept
+     for step 4, ``a`` and ``g`` dropped), or by the
+   - **ghost norm** ``||G_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)`` (cost B T^2 (d_in + d_out); ``a`` and ``g``
+     kept for step 4),
+   chosen per layer by `prefers_ghost_norm` (the cost model below). Depthwise/grouped convolutions, norms,
+   layer scales and biases have few values per sample and are always instantiated.
+3. Per-sample total norms (summed in float64 over all parameters) and the clip factors c_i.
+4. Each layer's clipped sum: ``sum_i c_i G_i`` from the stored G, or ``(c * g)^T a`` over all samples and
+   positions for ghost layers (one matmul, the layer's ordinary weight-gradient cost). No second backward.
+
+Cost model (`prefers_ghost_norm`): instantiate iff ``d_in d_out <= T (d_in + d_out)``, i.e. iff the per-sample
+gradients are no larger than the activations and output gradients a ghost layer would have to keep. Then
+instantiating is also the cheaper in time (the ghost norm would add B T^2 (d_in+d_out) >= B T d_in d_out work);
+otherwise the ghost norm adds less than one weight-gradient's work and stores nothing of size d_in d_out. The
+rule therefore bounds both the extra time (one weight gradient per layer at most) and the extra memory (the
+layer's own activations) and never changes results beyond float rounding: both branches compute the same
+norm. Grouped (depthwise) convolutions get exact per-sample weight gradients from one grouped convolution
+forward with the batch folded into the groups (`_grouped_conv_per_sample`).
+
+Coverage: every trainable parameter must belong to a module with a rule in `RULES` (matched by exact type,
+as a subclass may change the forward), or be a timm ConvNeXt block's layer scale ``gamma``
+(`ConvNeXtLayerScaleRule`). Anything else is an `UnsupportedModuleError` naming the module: no parameter is
+ever frozen or skipped silently. Every trial also checks this engine's per-sample norms and clipped sums
+against ``torch.func`` before training (`trainables.privacy.engine.check_per_sample_gradients`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.layers.norm import LayerNorm as TimmLayerNorm
+from timm.layers.norm import LayerNorm2d as TimmLayerNorm2d
+from timm.models.convnext import ConvNeXtBlock
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+CLIP_EPSILON = 1e-6
+"""Opacus' clip factor ``min(1, C / (norm + 1e-6))``: the same constant, so bk equals the other modes."""
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits [n, k], targets [n, k]) -> per-sample loss [n]."""
+
+
+class UnsupportedModuleError(ValueError):
+    """A module with trainable parameters that the book-keeping engine has no rule for."""
+
+
+def prefers_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
+    """The cost model: ghost norm iff instantiated per-sample gradients would outgrow the layer's a and g.
+
+    Args:
+        positions: T, positions per sample over which the layer shares its weight (pixels of a conv's output,
+            tokens; 1 for a plain [B, d] linear layer).
+        d_in: inputs per position (a conv's ``in_channels * kernel area``).
+        d_out: outputs per position.
+    """
+    return d_in * d_out > positions * (d_in + d_out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# What one layer contributes: per-sample squared norms now, the clipped sum once the clip factors are known.
+
+
+@dataclass
+class LayerGrads:
+    """One module's per-sample contribution, between the backward pass and the clipped sum.
+
+    Attributes:
+        norms_sq: parameter name (in the model) -> per-sample squared norms [B] of that parameter's gradient.
+        instantiated: parameter name -> per-sample gradients [B, *shape] (small layers, norms, biases).
+        ghost: parameter name -> (a [B, T, d_in], g [B, T, d_out]) whose clipped sum is ``(c g)^T a``.
+    """
+
+    norms_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    instantiated: dict[str, torch.Tensor] = field(default_factory=dict)
+    ghost: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def add_instantiated(self, name: str, per_sample: torch.Tensor) -> None:
+        self.instantiated[name] = per_sample
+        self.norms_sq[name] = torch.linalg.vector_norm(per_sample.reshape(len(per_sample), -1), dim=1).square()
+
+    def add_ghost(self, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+        self.ghost[name] = (a, g)
+        self.norms_sq[name] = ghost_norm_sq(a, g)
+
+    def clipped_sums(self, factors: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """``sum_i factors_i g_i`` per parameter, shaped like the parameter."""
+        sums = {}
+        for name, per_sample in self.instantiated.items():
+            flat = per_sample.reshape(len(per_sample), -1)
+            sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
+        for name, (a, g) in self.ghost.items():
+            scaled = g * factors.to(g.dtype)[:, None, None]
+            sums[name] = torch.einsum("bto,bti->oi", scaled, a).contiguous().reshape(shapes[name])
+        return sums
+
+
+def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``||g_i^T a_i||_F^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)`` without forming g_i^T a_i.
+
+    Args:
+        a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients.
+    """
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
+    """Per-sample weight gradient ``g_i^T a_i`` of a position-shared linear map; a [B, T, d_in], g [B, T, d_out]."""
+    positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    if prefers_ghost_norm(positions, d_in, d_out):
+        lg.add_ghost(name, a, g)
+    else:
+        lg.add_instantiated(name, torch.bmm(g.transpose(1, 2), a))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rules: one per supported module type. A rule maps (module, its input a, its output gradient g) to LayerGrads.
+
+
+class LayerRule:
+    """How to turn one module's input and output gradient into per-sample norms and clipped sums."""
+
+    def check(self, path: str, module: nn.Module) -> None:  # noqa: B027 - optional override
+        """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
+
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
+                   ) -> LayerGrads:
+        """Per-sample gradients (or ghost factors) of ``module``'s trainable direct parameters.
+
+        Args:
+            a: the module's input; g: the gradient of ``sum_i loss_i`` with respect to its output.
+            names: direct parameter attribute (``weight``) -> full name in the model, trainable ones only.
+        """
+        raise NotImplementedError
+
+
+class LinearRule(LayerRule):
+    """``nn.Linear`` on [B, d], [B, T, d] or channels-last [B, H, W, d] inputs (timm ConvNeXt's Mlp)."""
+
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
+                   ) -> LayerGrads:
+        lg = LayerGrads()
+        batch = len(a)
+        a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+        if "weight" in names:
+            _linear_weight(lg, names["weight"], a3, g3)
+        if "bias" in names:
+            lg.add_instantiated(names["bias"], g3.sum(1))
+        return lg
+
+
+class Conv2dRule(LayerRule):
+    """``nn.Conv2d`` with any stride, padding, dilation and groups, NCHW or channels-last inputs.
+
+    groups == 1: the input is unfolded into [B, T, C_in k_h k_w] patches and the layer treated as linear
+    (ghost or instantiate by the cost model); a patchify conv (kernel == stride, no padding: ConvNeXt's stem and
+    downsample layers) is unfolded by a reshape. groups > 1 (the depthwise 7x7 convs): per-sample weight
+    gradients always instantiated (C_out C_in/groups k_h k_w values per sample), `_grouped_conv_per_sample`.
+    """
+
+    def check(self, path: str, module: nn.Module) -> None:
+        assert isinstance(module, nn.Conv2d)
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise UnsupportedModuleError(
+                f"{path} ({type(module).__name__}): padding_mode={module.padding_mode!r}, padding={module.padding!r} "
+                "is not supported by grad_sample_mode 'bk' (zero padding given as numbers only)"
+            )
+
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
+                   ) -> LayerGrads:
+        assert isinstance(module, nn.Conv2d)
+        lg = LayerGrads()
+        if "weight" in names:
+            if module.groups == 1:
+                patches = _unfold(module, a)  # [B, T, d_in]
+                g3 = g.flatten(2).transpose(1, 2)  # [B, T, C_out]
+                _linear_weight(lg, names["weight"], patches, g3)
+            else:
+                lg.add_instantiated(names["weight"], _grouped_conv_per_sample(module, a, g))
+        if "bias" in names:
+            lg.add_instantiated(names["bias"], g.sum((2, 3)))
+        return lg
+
+
+def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """Input patches [B, T, C_in k_h k_w] (T = output pixels, feature order (C_in, k_h, k_w) as in the weight)."""
+    kh, kw = conv.kernel_size
+    batch, channels, height, width = a.shape
+    padding = (int(conv.padding[0]), int(conv.padding[1]))  # numeric (Conv2dRule.check)
+    if (kh, kw) == (1, 1) and tuple(conv.stride) == (1, 1) and padding == (0, 0):
+        return a.flatten(2).transpose(1, 2)  # a 1x1 conv is a linear layer over the pixels: a view, no copy
+    if tuple(conv.stride) == (kh, kw) and padding == (0, 0) and tuple(conv.dilation) == (1, 1):
+        ho, wo = height // kh, width // kw
+        patches = a[:, :, : ho * kh, : wo * kw].reshape(batch, channels, ho, kh, wo, kw)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, ho * wo, channels * kh * kw)
+    # F.unfold reads any strides correctly (unlike Opacus 1.6's unfold2d on channels-last inputs).
+    return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride).transpose(1, 2)
+
+
+def _grouped_conv_per_sample(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution, as one grouped
+    convolution *forward* with the batch folded into the groups and the output gradients as kernels.
+
+    ``G[b, o, i, u, v] = sum_{h,w} g[b, o, h, w] a_pad[b, c(o, i), h s + u d, w s + v d]`` is a correlation of the
+    padded input with ``g``: stride d (the layer's dilation), dilation s (its stride), cropped to the kernel size.
+    The input channels within a group (C_in/groups) become the folded convolution's batch and (sample, group)
+    pairs its groups. On a depthwise 7x7 conv this was 7-50x faster than the convolution's own weight-gradient
+    kernel run per sample or on the folded batch (CPU, 1 thread, batch 32).
+    """
+    batch, c_in = a.shape[:2]
+    groups = conv.groups
+    c_in_group, c_out_group = c_in // groups, conv.out_channels // groups
+    kh, kw = conv.kernel_size
+    folded_a = (a.reshape(batch, groups, c_in_group, *a.shape[2:]).transpose(0, 2)
+                .reshape(c_in_group, groups * batch, *a.shape[2:]))  # [C_in/G, G*B, H, W], groups ordered (g, b)
+    if g.shape[2] * g.shape[3] <= 4:  # 2 x 2 kernels: oneDNN's channels-last path was 18x faster (CPU, 1 thread)
+        folded_a = folded_a.contiguous(memory_format=torch.channels_last)
+    folded_g = (g.reshape(batch, groups, c_out_group, *g.shape[2:]).transpose(0, 1)
+                .reshape(groups * batch * c_out_group, 1, *g.shape[2:]))  # kernels ordered (g, b, o)
+    out = F.conv2d(folded_a, folded_g, stride=conv.dilation, padding=conv.padding, dilation=conv.stride,
+                   groups=groups * batch)[..., :kh, :kw]  # [C_in/G, (g, b, o), >=kh, >=kw]
+    out = out.reshape(c_in_group, groups, batch, c_out_group, kh, kw)
+    return out.permute(2, 1, 3, 0, 4, 5).reshape(batch, conv.out_channels, c_in_group, kh, kw)
+
+
+class LayerNormRule(LayerRule):
+    """``nn.LayerNorm`` and timm's ``LayerNorm`` (normalized over the last dims) and ``LayerNorm2d`` (over the
+    channels of NCHW tensors). Per-sample gradients: weight ``sum_t g_t * xhat_t``, bias ``sum_t g_t``, with xhat
+    recomputed from the stored input as the forward computes it (biased variance, ``eps`` inside the root)."""
+
+    def __init__(self, channels_dim: int | None = None) -> None:
+        self.channels_dim = channels_dim  # 1 for LayerNorm2d; None: the trailing normalized_shape dims
+
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
+                   ) -> LayerGrads:
+        assert isinstance(module, nn.LayerNorm)
+        lg = LayerGrads()
+        batch = len(a)
+        if self.channels_dim is not None:  # LayerNorm2d: move channels last, as its forward does
+            a, g = a.movedim(self.channels_dim, -1), g.movedim(self.channels_dim, -1)
+        shape = (batch, -1, *module.normalized_shape)
+        if "weight" in names:
+            xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)  # the forward's own kernel
+            lg.add_instantiated(names["weight"], (g * xhat).reshape(shape).sum(1))
+        if "bias" in names:
+            lg.add_instantiated(names["bias"], g.reshape(shape).sum(1))
+        return lg
+
+
+class ConvNeXtLayerScaleRule(LayerRule):
+    """timm ``ConvNeXtBlock.gamma``: ``out = shortcut + mlp_out * gamma`` (channels on dim 1 after the permute).
+
+    The hooks take ``a`` = the block's ``mlp`` output and ``g`` = the gradient of the block's output, which is the
+    gradient of ``mlp_out * gamma`` because drop_path must be the identity (checked). Per-sample gradient:
+    ``sum_{h,w} a * g`` per channel. The block's own children (conv_dw, norm, mlp) have their own rules.
+    """
+
+    def check(self, path: str, module: nn.Module) -> None:
+        assert isinstance(module, ConvNeXtBlock)
+        if not isinstance(module.drop_path, nn.Identity):
+            raise UnsupportedModuleError(
+                f"{path} (ConvNeXtBlock): drop_path is {type(module.drop_path).__name__}; DP needs "
+                "drop_path_rate=0 (a deterministic forward per sample)"
+            )
+
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
+                   ) -> LayerGrads:
+        assert isinstance(module, ConvNeXtBlock)
+        lg = LayerGrads()
+        if "gamma" in names:
+            mlp_out = a if module.use_conv_mlp else a.permute(0, 3, 1, 2)
+            lg.add_instantiated(names["gamma"], (mlp_out * g).sum((2, 3)))
+        return lg
+
+
+RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv2d: Conv2dRule(),
+    nn.LayerNorm: LayerNormRule(),
+    TimmLayerNorm: LayerNormRule(),
+    TimmLayerNorm2d: LayerNormRule(channels_dim=1),
+    ConvNeXtBlock: ConvNeXtLayerScaleRule(),
+}
+"""Supported module types (exact type: a subclass may change the forward) -> their rule."""
+
+_ACTIVATION_FROM_CHILD: dict[type[nn.Module], str] = {ConvNeXtBlock: "mlp"}
+"""Rules whose ``a`` is a child's output rather than the module's own input."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The wrapper: hooks, the backward, norms, clip factors, clipped sums.
+
+
+@dataclass
+class _Site:
+    """One hooked module during one forward/backward."""
+
+    path: str
+    module: nn.Module
+    rule: LayerRule
+    names: dict[str, str]  # trainable direct parameters: attribute -> full name
+    activation: torch.Tensor | None = None
+    grads: LayerGrads | None = None
+    calls: int = 0
+
+
+@dataclass
+class PerSampleResult:
+    """What one physical batch contributes: per-sample norms, and clipped sums on request.
+
+    Attributes:
+        norms_sq: full parameter name -> per-sample squared gradient norms [B] (the parameter's dtype).
+        norms: per-sample total gradient norms over all trainable parameters [B] (float64).
+        loss: per-sample losses [B], detached.
+    """
+
+    norms_sq: dict[str, torch.Tensor]
+    norms: torch.Tensor
+    loss: torch.Tensor
+    _layers: list[LayerGrads]
+    _shapes: dict[str, torch.Size]
+
+    def clip_factors(self, max_grad_norm: float) -> torch.Tensor:
+        """Opacus' per-sample factors ``min(1, C / (norm + 1e-6))`` [B] (float64)."""
+        return clip_factors(self.norms, max_grad_norm)
+
+    def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``sum_i factors_i g_i`` for every trainable parameter (full name -> tensor shaped like it)."""
+        sums: dict[str, torch.Tensor] = {}
+        for layer in self._layers:
+            sums.update(layer.clipped_sums(factors, self._shapes))
+        return sums
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus' per-sample clip factors ``min(1, C / (norm + 1e-6))``."""
+    return (max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+
+
+class BookKeepingModule(nn.Module):
+    """A model wrapped for book-keeping clipping; ``forward`` is the model's own.
+
+    The hooks record only inside `per_sample`, so evaluation, ``torch.func`` and non-private passes through the
+    same model are untouched. Construction raises `UnsupportedModuleError` if any trainable parameter is not
+    covered by a rule, is shared between modules, or sits in a module configured unsupportedly.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = module
+        self._sites: list[_Site] = []
+        self._recording = False
+        self._handles: list[RemovableHandle] = []
+        owners: dict[int, str] = {}
+        for path, child in module.named_modules(remove_duplicate=False):
+            direct = {attr: p for attr, p in child.named_parameters(recurse=False)}
+            trainable = {attr: f"{path}.{attr}" if path else attr for attr, p in direct.items() if p.requires_grad}
+            for attr, p in direct.items():
+                if id(p) in owners and p.requires_grad:
+                    raise UnsupportedModuleError(
+                        f"parameter {path}.{attr} is shared with {owners[id(p)]}; grad_sample_mode 'bk' needs each "
+                        "trainable parameter used by one module"
+                    )
+                owners[id(p)] = f"{path}.{attr}"
+            if not trainable:
+                continue
+            rule = RULES.get(type(child))
+            if rule is None:
+                raise UnsupportedModuleError(
+                    f"module {path or '<root>'} ({type(child).__module__}.{type(child).__qualname__}) has trainable "
+                    f"parameters {sorted(trainable)} but grad_sample_mode 'bk' has no rule for its type; supported: "
+                    f"{sorted(t.__name__ for t in RULES)}. Freeze them or use grad_sample_mode 'functorch'"
+                )
+            rule.check(path, child)
+            self._sites.append(_Site(path, child, rule, trainable))
+        for site in self._sites:
+            self._attach(site)
+
+    def _attach(self, site: _Site) -> None:
+        child_name = _ACTIVATION_FROM_CHILD.get(type(site.module))
+        if child_name is None:
+            self._handles.append(site.module.register_forward_hook(self._leaf_hook(site)))
+        else:
+            child = getattr(site.module, child_name)
+            self._handles.append(child.register_forward_hook(self._child_hook(site)))
+            self._handles.append(site.module.register_forward_hook(self._output_hook(site)))
+
+    def _leaf_hook(self, site: _Site) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self._recording:
+                site.activation = inputs[0].detach()
+                self._on_output(site, output)
+
+        return hook
+
+    def _child_hook(self, site: _Site) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self._recording:
+                site.activation = output.detach()
+
+        return hook
+
+    def _output_hook(self, site: _Site) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if self._recording:
+                self._on_output(site, output)
+
+        return hook
+
+    def _on_output(self, site: _Site, output: torch.Tensor) -> None:
+        site.calls += 1
+        if site.calls > 1:
+            raise UnsupportedModuleError(
+                f"module {site.path} ({type(site.module).__name__}) ran twice in one forward; grad_sample_mode 'bk' "
+                "needs each parameterized module called once per forward"
+            )
+        if not output.requires_grad:
+            return  # no gradient will reach it; caught after the backward
+
+        def on_grad(grad: torch.Tensor) -> None:
+            activation = site.activation
+            assert activation is not None
+            site.grads = site.rule.per_sample(site.module, activation, grad.detach(), site.names)
+            site.activation = None  # kept only through a ghost layer's LayerGrads, if at all
+
+        output.register_hook(on_grad)  # type: ignore[no-untyped-call]
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self._module(*args, **kwargs)
+        return out
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Full name -> parameter, for every parameter the engine clips (all trainable ones)."""
+        return {name: p for name, p in self._module.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def _recording_on(self) -> Iterator[None]:
+        for site in self._sites:
+            site.activation, site.grads, site.calls = None, None, 0
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def per_sample(self, loss_fn: PerSampleLoss, x: torch.Tensor, y: torch.Tensor) -> PerSampleResult:
+        """One forward and one input-gradient backward on a physical batch: per-sample norms, clipped sums.
+
+        Per-sample gradients are those of each sample's own loss ``loss_fn(model(x), y)[i]`` (no division by
+        the batch size). Parameter ``.grad`` fields are left untouched.
+
+        Raises:
+            UnsupportedModuleError: a module ran twice, or a layer's output got no gradient (it does not depend
+                on the input ``x``, which the input-gradient backward needs).
+        """
+        x = x.detach().requires_grad_(True)  # the backward targets x, so no parameter gradient is formed
+        try:
+            with self._recording_on():
+                loss = loss_fn(self._module(x), y)
+                (input_grad,) = torch.autograd.grad(loss.sum(), [x])
+            del input_grad
+            layers: list[LayerGrads] = []
+            for site in self._sites:
+                if site.grads is None:
+                    raise UnsupportedModuleError(
+                        f"module {site.path} ({type(site.module).__name__}) got no output gradient: grad_sample_mode "
+                        "'bk' needs every parameterized layer to be run on (a function of) the input"
+                    )
+                layers.append(site.grads)
+        finally:
+            for site in self._sites:
+                site.activation, site.grads = None, None
+        shapes = {name: p.shape for name, p in self.trainable_parameters().items()}
+        norms_sq = {name: value for layer in layers for name, value in layer.norms_sq.items()}
+        missing = set(shapes) - set(norms_sq)
+        if missing:  # cannot happen with the coverage check above; never release an unclipped parameter
+            raise UnsupportedModuleError(f"no per-sample gradient for {sorted(missing)}")
+        total = torch.stack([v.to(torch.float64) for v in norms_sq.values()]).sum(0).sqrt()
+        return PerSampleResult(norms_sq, total, loss.detach(), layers, shapes)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks from the model (before wrapping it again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Explicit per-sample gradient rows (audit canaries), clipped exactly like real samples.
+
+
+def clipped_explicit_rows(
+    rows: Mapping[str, torch.Tensor], parameters: Mapping[str, torch.Tensor], max_grad_norm: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Clip ``m`` explicit per-sample gradients and sum them, with the same norm and factor code as real samples.
+
+    Args:
+        rows: parameter name -> [m, *parameter shape]; a row's gradient is zero on parameters not named. All
+            entries must have the same m.
+        parameters: the trainable parameters (name -> tensor), for names, shapes, dtype and device.
+
+    Returns:
+        (name -> clipped sum for each named parameter, per-row total norms [m] (float64)).
+
+    Raises:
+        ValueError: unknown parameter names, wrong shapes or inconsistent row counts.
+    """
+    unknown = sorted(set(rows) - set(parameters))
+    if unknown:
+        raise ValueError(f"extra_grad_samples names parameters that are not trainable: {unknown}")
+    counts = {len(v) for v in rows.values()}
+    if len(counts) > 1:
+        raise ValueError(f"extra_grad_samples entries have different row counts {sorted(counts)}")
+    for name, value in rows.items():
+        if tuple(value.shape[1:]) != tuple(parameters[name].shape):
+            raise ValueError(f"extra_grad_samples[{name!r}] has shape {tuple(value.shape)}; expected "
+                             f"[m, {', '.join(map(str, parameters[name].shape))}]")
+    if not rows or counts == {0}:
+        return {}, torch.zeros(0, dtype=torch.float64)
+    layer = LayerGrads()
+    for name, value in rows.items():
+        layer.add_instantiated(name, value.to(parameters[name].device, parameters[name].dtype))
+    norms = torch.stack([v.to(torch.float64) for v in layer.norms_sq.values()]).sum(0).sqrt()
+    factors = clip_factors(norms, max_grad_norm)
+    return layer.clipped_sums(factors, {name: parameters[name].shape for name in rows}), norms
+
+
+def clipped_sum_step(
+    wrapped: BookKeepingModule,
+    loss_fn: PerSampleLoss,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    max_grad_norm: float,
+    max_physical_batch_size: int,
+    extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The clipped sum ``sum_i c_i g_i`` of one logical batch, accumulated over physical chunks.
+
+    Returns:
+        (full parameter name -> clipped sum (zeros for an empty batch), mean per-sample loss (NaN if empty)).
+    """
+    x, y = batch
+    parameters = wrapped.trainable_parameters()
+    sums: dict[str, torch.Tensor] = {}
+    total_loss = 0.0
+    for start in range(0, len(x), max_physical_batch_size):
+        chunk = slice(start, start + max_physical_batch_size)
+        result = wrapped.per_sample(loss_fn, x[chunk], y[chunk])
+        for name, value in result.clipped_sums(result.clip_factors(max_grad_norm)).items():
+            sums[name] = sums[name] + value if name in sums else value
+        total_loss += result.loss.sum().item()
+    for name, p in parameters.items():  # an empty batch: nothing clipped, every sum zero
+        if name not in sums:
+            sums[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    if extra_grad_samples:
+        extra, _ = clipped_explicit_rows(extra_grad_samples, parameters, max_grad_norm)
+        for name, value in extra.items():
+            sums[name] = sums[name] + value
+    return sums, (total_loss / len(x) if len(x) else math.nan)
