@@ -22,6 +22,7 @@ from trainables.data.cache import SplitData, open_cache
 from trainables.data.loaders import CacheSplitDataset
 from trainables.models import resolve_init
 from trainables.privacy import audit as audit_module
+from trainables.privacy import bk as bk_module
 from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
     create_accountant,
@@ -45,7 +46,7 @@ from trainables.privacy.audit import (
 )
 from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
 
-GRAD_SAMPLE_MODES = ["hooks", "functorch"]  # add "bk" here when the book-keeping mode lands
+GRAD_SAMPLE_MODES = ["bk", "hooks", "functorch"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,8 +285,10 @@ def _sum_without_clipping(self):
 
 @pytest.fixture
 def clipping_disabled(monkeypatch):
-    """An engine bug: per-sample gradients are summed unclipped while noise is still sigma * C."""
+    """An engine bug: per-sample gradients are summed unclipped while noise is still sigma * C (Opacus' clipping for
+    hooks/functorch, the book-keeping engine's clip factors for bk)."""
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", _sum_without_clipping)
+    monkeypatch.setattr(bk_module, "clip_factors", lambda norms, max_grad_norm: torch.ones_like(norms))
 
 
 # FALSE ALARMS AND MISSES. Simulated with the exact score model of these runs (numpy, without the real records'

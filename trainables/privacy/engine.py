@@ -382,20 +382,23 @@ def private_step(
 
 
 def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Tensor] | None) -> None:
-    """Opacus modes: explicit rows become extra per-sample gradients, clipped by Opacus' clip_and_accumulate."""
+    """Opacus modes: explicit rows (see `private_step`) become extra per-sample gradients of every trainable
+    parameter (zero rows where a parameter is not named), clipped by Opacus' clip_and_accumulate."""
     if not rows:
         return
     parameters = {name: p for name, p in wrapped._module.named_parameters() if p.requires_grad}
     unknown = sorted(set(rows) - set(parameters))
+    if unknown:
+        raise ValueError(f"extra_grad_samples names {unknown}, which are not trainable parameters of the model")
     counts = {len(v) for v in rows.values()}
-    if unknown or len(counts) != 1:
-        raise ValueError(f"extra_grad_samples: unknown parameters {unknown} or row counts {sorted(counts)}")
+    if len(counts) != 1:
+        raise ValueError(f"extra_grad_samples must give every parameter the same number of rows, got {sorted(counts)}")
     (m,) = counts
     for name, p in parameters.items():
         extra = rows.get(name, torch.zeros((m, *p.shape), dtype=p.dtype, device=p.device))
         if tuple(extra.shape[1:]) != tuple(p.shape):
-            raise ValueError(f"extra_grad_samples[{name!r}] has shape {tuple(extra.shape)}; "
-                             f"expected [m, {tuple(p.shape)}]")
+            raise ValueError(f"extra_grad_samples[{name!r}] has rows of shape {tuple(extra.shape[1:])}, the "
+                             f"parameter has {tuple(p.shape)}")
         p.grad_sample = torch.cat([p.grad_sample, extra.to(p.device, p.dtype)])
 
 
