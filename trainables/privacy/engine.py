@@ -30,6 +30,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import torch
 from opacus import GradSampleModule
@@ -50,17 +51,20 @@ GRAD_SAMPLE_MODES: tuple[str, ...] = typing.get_args(GradSampleMode)
 uses the corrected conv sampler below. ``ew`` fails on ConvNeXt. ``functorch`` is correct as shipped (every
 module through ``torch.func``)."""
 
-WrappedModel = GradSampleModule | BookKeepingModule
+WrappedModel: TypeAlias = GradSampleModule | BookKeepingModule
 """What `wrap_model` returns: ``._module`` is the model itself in both."""
 
 
-def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor):
+def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
+                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     # Opacus's unfold2d reads strides as if the input were NCHW-contiguous; timm's LayerNorm2d hands the
     # ConvNeXt downsample convs channels-last tensors, which silently yields wrong per-sample gradients.
-    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops)
+    samples: dict[nn.Parameter, torch.Tensor] = compute_conv_grad_sample(layer, [a.contiguous() for a in activations],
+                                                                        backprops)
+    return samples
 
 
-class VerifiedGradSampleModule(GradSampleModule):
+class VerifiedGradSampleModule(GradSampleModule):  # type: ignore[misc]  # Opacus ships no type hints
     """Opacus's GradSampleModule with a conv grad sampler that is correct for non-contiguous inputs.
 
     The sampler table is a class attribute copied from Opacus, so stock Opacus is left untouched.
@@ -121,7 +125,8 @@ def reference_per_sample_gradients(
     def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return loss_fn(functional_call(model, (p, buffers), (xi[None],)), yi[None]).sum()
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    gradients: dict[str, torch.Tensor] = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    return gradients
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def check_per_sample_gradients(
     try:
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         wrapped.zero_grad(set_to_none=True)
-        loss_fn(wrapped(x), y).mean().backward()
+        torch.autograd.backward(loss_fn(wrapped(x), y).mean())
         worst, worst_name = 0.0, ""
         for name, p in module.named_parameters():
             if not p.requires_grad:
@@ -209,7 +214,7 @@ def _exact_float32_matmuls() -> Iterator[None]:
 def _relative_error(engine: torch.Tensor, reference: torch.Tensor) -> float:
     """``||engine - reference|| / ||reference||`` in float64 (1e-12 floor), over all entries."""
     engine, reference = engine.to(torch.float64), reference.to(torch.float64)
-    return ((engine - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+    return float(((engine - reference).norm() / reference.norm().clamp_min(1e-12)).item())
 
 
 def check_book_keeping(
@@ -262,7 +267,7 @@ def check_book_keeping(
     return check
 
 
-class SecureDPOptimizer(DPOptimizer):
+class SecureDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ships no type hints
     """Opacus' DPOptimizer whose noise comes from a `SecureRandom` instead of a torch generator.
 
     ``add_noise`` is Opacus 1.6's, line for line, with ``_generate_noise(std, p.summed_grad, generator,
@@ -271,11 +276,11 @@ class SecureDPOptimizer(DPOptimizer):
     division by the expected batch size (``scale_grad``), virtual steps and the accountant hook are Opacus'.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom, **kwargs):
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom, **kwargs: Any) -> None:
         super().__init__(optimizer, generator=None, secure_mode=True, **kwargs)
         self.noise_source = noise_source
 
-    def add_noise(self):
+    def add_noise(self) -> None:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             noise = self.noise_source.gaussian_noise(std=self.noise_multiplier * self.max_grad_norm,
@@ -371,7 +376,7 @@ def private_step(
         optimizer.zero_grad(set_to_none=True)
         xb, yb = x[start : start + max_physical_batch_size], y[start : start + max_physical_batch_size]
         loss = loss_fn(wrapped(xb), yb)
-        loss.mean().backward()
+        torch.autograd.backward(loss.mean())
         total_loss += loss.detach().sum().item()
         last = i == len(starts) - 1
         if last:
@@ -421,8 +426,9 @@ def _book_keeping_step(
     sums, mean_loss = clipped_sum_step(wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size,
                                        extra_grad_samples)
     for name, p in parameters.items():
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # accumulated_iterations = 1
-        p.summed_grad = sums[name]
+        # Opacus' per-parameter attributes (set on nn.Parameter at run time)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+        p.summed_grad = sums[name]  # type: ignore[attr-defined]
     # DPOptimizer.pre_step without clip_and_accumulate (which would add the zero rows' empty sum to each
     # summed_grad: two passes over the parameters for nothing) and without virtual-step skipping (the chunks are
     # already summed): noise, division by the expected batch size, the accountant hook, the step.
