@@ -120,6 +120,15 @@ def _summary(page: _Page, tables: SweepTables) -> None:
     page.note(html.escape(GUARANTEE_TEXT))
     if names.GUARANTEE in trials:
         page.table(trials[["trial", names.GUARANTEE]], index=False)
+    if names.EPSILON_PATIENT in trials and trials[names.EPSILON_PATIENT].notna().any():
+        page.note(f"The epsilon above protects one image. For a patient it is larger: <code>{names.EPSILON_PATIENT}"
+                  f"</code> is the guarantee for the training split's patient with the most images (k = <code>"
+                  f"{names.PATIENT_IMAGES}</code>; <code>{names.EPSILON_PATIENT_P99}</code> for the 99th percentile), "
+                  "computed tightly for k images sharing each step's noise (privacy-loss distribution of the "
+                  "Binomial(k, q) mixture). Images per patient are treated as public metadata, like N.")
+        shown = [c for c in ("trial", names.EPSILON, names.EPSILON_PATIENT, names.PATIENT_IMAGES,
+                             names.EPSILON_PATIENT_P99, names.PATIENT_IMAGES_P99) if c in trials]
+        page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], index=False)
     no_guarantee = trials[without_guarantee(trials)]
     if len(no_guarantee):
         page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "

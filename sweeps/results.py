@@ -248,7 +248,8 @@ def tuning_summary(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, float]:
 SUMMARY_COLUMNS = {"trial": "trial", "status": "status", "target_epsilon": "eps target", N.EPSILON: "eps spent",
                    "noise_multiplier": "sigma", N.VAL_SELECTED_AUROC_MACRO: "val AUROC",
                    N.TEST_AUROC_MACRO: "test AUROC", N.auroc_gap("test", "age"): "age gap",
-                   N.auroc_gap("test", "sex"): "sex gap"}
+                   N.auroc_gap("test", "sex"): "sex gap", N.EPSILON_PATIENT: "eps patient",
+                   N.PATIENT_IMAGES: "k"}
 
 
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:

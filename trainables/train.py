@@ -68,6 +68,7 @@ from trainables.privacy.engine import (
 from trainables.privacy.label_counts import LabelCountRelease, PosWeight, account_release, train_pos_weight
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
+from trainables.privacy.units import images_per_patient, patient_epsilon
 
 GRAD_CHECK_SAMPLES = 4
 CHECKPOINT_FORMAT = 2
@@ -387,6 +388,19 @@ def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
         raise BudgetError(str(error)) from None
 
 
+def patient_epsilons(cfg: TrialConfig, steps: int, patient_ids: np.ndarray) -> dict[str, float]:
+    """What an image-level private trial means for a patient: epsilon for the training split's patient with the most
+    images and for the 99th percentile (`trainables.privacy.units`; the counts are treated as public, like N)."""
+    privacy = cfg.privacy
+    counts = images_per_patient(patient_ids)
+    epsilons: dict[int, float] = {}
+    for k in {counts.maximum, counts.p99}:
+        epsilons[k] = patient_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta, k,
+                                      label_count_noise_multiplier=privacy.label_count_noise_multiplier)
+    return {M.EPSILON_PATIENT: epsilons[counts.maximum], M.PATIENT_IMAGES: counts.maximum,
+            M.EPSILON_PATIENT_P99: epsilons[counts.p99], M.PATIENT_IMAGES_P99: counts.p99}
+
+
 def trial_pos_weight(cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness,
                      state: dict[str, Any] | None) -> PosWeight | None:
     """The BCE positive weights: none (``uniform``), or for ``train`` the Gaussian-noised label counts of a private
@@ -435,6 +449,8 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
                                     label_count_noise_multiplier=privacy.label_count_noise_multiplier)
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
+        if privacy.privacy_unit == "image":
+            metrics |= patient_epsilons(cfg, train.steps, data.train.split.patient_id)
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
