@@ -129,6 +129,7 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         shown = [c for c in ("trial", names.EPSILON, names.EPSILON_PATIENT, names.PATIENT_IMAGES,
                              names.EPSILON_PATIENT_P99, names.PATIENT_IMAGES_P99) if c in trials]
         page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], index=False)
+    _units(page, trials)
     no_guarantee = trials[without_guarantee(trials)]
     if len(no_guarantee):
         page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
@@ -150,6 +151,18 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.heading("Failed or unfinished trials")
         page.note("Kept in every table below only where marked; never on a Pareto front, never selected.")
         page.table(unfinished[[c for c in ("trial", "status", "error") if c in unfinished]], index=False)
+
+
+def _units(page: _Page, trials: pd.DataFrame) -> None:
+    """Image-level vs patient-level training at the same patient-level epsilon (sweeps with both units)."""
+    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
+        return
+    view = views.units_at_patient_epsilon(trials)
+    page.heading("Image-level vs patient-level training at the same patient-level epsilon")
+    page.note("Each private trial binned by its guarantee for one patient: a patient-level trial's epsilon, an "
+              f"image-level trial's <code>{names.EPSILON_PATIENT}</code> (its largest training patient). Per cell "
+              "and unit, the trial with the best validation AUROC at its selected epoch.")
+    page.table(view, index=False)
 
 
 def _binned_auroc(page: _Page, tables: SweepTables) -> None:
