@@ -189,7 +189,8 @@ def test_patients_per_batch_follow_binomial():
     assert counts.mean() == pytest.approx(n_patients * q, rel=0.03)
 
 
-def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_site):  # noqa: F811
+@pytest.mark.parametrize(("mode", "secure"), [("hooks", False), ("functorch", True)])
+def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_site, mode, secure):  # noqa: F811
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     n_patients = group_patients(ids, 3).n_patients
     assert n_patients < len(ids)
@@ -198,7 +199,8 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     base = tiny_trial_config(tiny_site, 4.0, epochs=2)
     cfg = dataclasses.replace(base, privacy=dataclasses.replace(
         base.privacy, privacy_unit="patient", max_images_per_patient=3, expected_batch_size=8, sample_rate=q,
-        steps=steps, noise_multiplier=sigma), speed=dataclasses.replace(base.speed, max_physical_batch_size=5))
+        steps=steps, noise_multiplier=sigma, secure_mode=secure),
+        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode))
     final = run_tiny_trial(cfg).result.metrics
     assert final[M.STEPS] == steps
     reference = cross_check_epsilon(sigma, q, steps, 1e-5)
@@ -208,3 +210,17 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     with pytest.raises(BudgetError, match="images"):  # calibrated on patients, run on images: refused
         run_tiny_trial(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, privacy_unit="image",
                                                                             max_images_per_patient=None)))
+
+
+def test_patient_level_trial_resumes_exactly(tiny_site):  # noqa: F811
+    ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
+    q, steps = sample_rate_and_steps(group_patients(ids, 2).n_patients, 8, 2)
+    base = tiny_trial_config(tiny_site, 4.0, epochs=2)
+    cfg = dataclasses.replace(base, test_every_epoch=False, privacy=dataclasses.replace(
+        base.privacy, privacy_unit="patient", max_images_per_patient=2, expected_batch_size=8, sample_rate=q,
+        steps=steps, noise_multiplier=calibrate_noise_multiplier(4.0, 1e-5, q, steps)))
+    run = run_tiny_trial(cfg)
+    resumed = run_tiny_trial(cfg, run.states[0])
+    for name, weight in run.result.model.state_dict().items():
+        torch.testing.assert_close(resumed.result.model.state_dict()[name], weight, rtol=0, atol=0)
+    assert resumed.result.metrics[M.EPSILON] == run.result.metrics[M.EPSILON]
