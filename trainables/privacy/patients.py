@@ -148,13 +148,13 @@ def sum_grad_samples_by_patient(module: torch.nn.Module, groups: torch.Tensor) -
     for p in module.parameters():
         if not p.requires_grad:
             continue
-        rows = p.grad_sample
+        rows = getattr(p, "grad_sample", None)
         if rows is None or not isinstance(rows, torch.Tensor):
             raise PerSampleGradientError("a trainable parameter has no per-sample gradient to group by patient")
         if rows.shape[0] != len(groups):
             raise ValueError(f"grad_sample has {rows.shape[0]} rows for {len(groups)} images")
         summed = torch.zeros((n_patients, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-        p.grad_sample = summed.index_add_(0, local.to(rows.device), rows)
+        setattr(p, "grad_sample", summed.index_add_(0, local.to(rows.device), rows))  # noqa: B010 (Opacus' attribute)
 
 
 def private_patient_step(
@@ -180,7 +180,7 @@ def private_patient_step(
     for i, chunk in enumerate(chunks):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(wrapped(x[chunk]), y[chunk])
-        loss.mean().backward()
+        loss.mean().backward()  # type: ignore[no-untyped-call]
         total_loss += loss.detach().sum().item()
         sum_grad_samples_by_patient(wrapped, group_tensor[chunk])
         optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
@@ -214,7 +214,7 @@ def check_patient_gradients(
     try:
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         wrapped.zero_grad(set_to_none=True)
-        loss_fn(wrapped(x), y).mean().backward()
+        loss_fn(wrapped(x), y).mean().backward()  # type: ignore[no-untyped-call]
         sum_grad_samples_by_patient(wrapped, group_tensor)
         worst, worst_name = 0.0, ""
         for name, p in module.named_parameters():
@@ -223,13 +223,13 @@ def check_patient_gradients(
             ref_rows = reference[name].reshape(len(x), -1)
             ref = torch.zeros((n_patients, ref_rows.shape[1]), dtype=ref_rows.dtype, device=ref_rows.device)
             ref.index_add_(0, local.to(ref_rows.device), ref_rows)
-            engine = p.grad_sample.reshape(n_patients, -1)
+            engine = getattr(p, "grad_sample").reshape(n_patients, -1)  # noqa: B009 (Opacus' attribute)
             error = ((engine - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).max().item()
             if error > worst:
                 worst, worst_name = error, name
     finally:
         for p in module.parameters():
-            p.grad_sample = None
+            setattr(p, "grad_sample", None)  # noqa: B010
             p.grad = None
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     check = GradientCheck(worst, worst_name, n_patients, len(reference))
