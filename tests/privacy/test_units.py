@@ -114,3 +114,16 @@ def test_images_per_patient_counts() -> None:
     assert stats.p99 == 2  # sorted: 198 ones, a 2, a 3; position 0.99 * 199 = 197.01, rounded up to 198
     with pytest.raises(ValueError, match="at least one image"):
         images_per_patient(np.array([], dtype=str))
+
+
+def test_composition_across_units_at_the_patient_level() -> None:
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
+
+    image_trial = PatientMechanism(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, 3)
+    patient_trial = PatientMechanism(1.6328125, 1 / 33, 99, 1)
+    alone = composed_patient_epsilon([image_trial], SMOKE_DELTA)
+    assert alone == patient_epsilon(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA, 3)
+    both = composed_patient_epsilon([image_trial, patient_trial], SMOKE_DELTA)
+    patient_alone = composed_patient_epsilon([patient_trial], SMOKE_DELTA)
+    assert max(alone, patient_alone) < both < alone + patient_alone  # composition: more than each, below basic
+    assert composed_patient_epsilon([], SMOKE_DELTA) == 0.0

@@ -105,3 +105,24 @@ def test_make_trial_sets_the_unit_of_the_point(tmp_path):
     assert trial.config.privacy.privacy_unit == "patient"
     assert (trial.config.privacy.sample_rate, trial.config.privacy.steps) == sample_rate_and_steps(600, 32, 3)
     assert trial.tags["dpsweep.adjacency"].startswith("add/remove one patient")
+
+
+def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_composes_both():
+    import pandas as pd
+
+    from sweeps.results import patient_level_sweep_epsilon, tuning_costs
+    from trainables import names as N
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
+
+    trials = pd.DataFrame([
+        {"trial": "i", "dataset": "d", "privacy_unit": "image", "noise_multiplier": 1.37109375,
+         "sample_rate": 1 / 56, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 168, N.PATIENT_IMAGES: 3},
+        {"trial": "p", "dataset": "d", "privacy_unit": "patient", "noise_multiplier": 1.6328125,
+         "sample_rate": 1 / 33, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 99,
+         N.PATIENT_IMAGES: float("nan")},
+    ])
+    assert set(tuning_costs(trials)) == {"d (image-level trials only)", "d (patient-level trials only)"}
+    expected = composed_patient_epsilon([PatientMechanism(1.37109375, 1 / 56, 168, 3),
+                                         PatientMechanism(1.6328125, 1 / 33, 99, 1)], 6e-6)
+    assert patient_level_sweep_epsilon(trials) == {"d": expected}
+    assert patient_level_sweep_epsilon(trials[trials["privacy_unit"] == "image"]) == {}  # image-only: none

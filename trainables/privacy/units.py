@@ -52,6 +52,8 @@ from scipy.stats import binom
 __all__ = [
     "DEFAULT_VALUE_DISCRETIZATION",
     "ImagesPerPatient",
+    "PatientMechanism",
+    "composed_patient_epsilon",
     "images_per_patient",
     "patient_epsilon",
     "patient_epsilon_rdp",
@@ -174,6 +176,53 @@ def patient_epsilon(
         distribution = release if distribution is None else distribution.compose(release)
     assert distribution is not None
     return float(distribution.get_epsilon_for_delta(float(delta)))
+
+
+@dataclass(frozen=True)
+class PatientMechanism:
+    """One trial seen at the patient level: ``k`` = 1 for a patient-level trial (its records are patients), the
+    largest images per patient for an image-level one (its k images per patient share each step's noise).
+
+    Attributes:
+        noise_multiplier, sample_rate, steps: the trial's sigma, q (per record of its own unit) and released steps.
+        k: images of one patient that are separate records of the trial (1 for patient-level trials).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    k: int
+
+
+def composed_patient_epsilon(
+    mechanisms: Sequence[PatientMechanism],
+    delta: float,
+    *,
+    value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION,
+) -> float:
+    """Epsilon for one patient of releasing everything a set of trials on the same data released (a fixed set of
+    trials, as a grid's; not adaptive selection): the composition of each trial's patient-level PLD (the
+    Binomial(k, q) mixture of `patient_epsilon`, self-composed over its steps). Valid across privacy units, since
+    every trial is expressed at the patient level. Label-count releases are not included.
+
+    Returns:
+        Epsilon at ``delta``; 0 for no steps, ``inf`` if any trial with steps has sigma 0.
+    """
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    distribution = None
+    for m in mechanisms:
+        _check(m.noise_multiplier, m.sample_rate, m.steps, delta, m.k)
+        if m.steps == 0:
+            continue
+        if m.noise_multiplier == 0:
+            return math.inf
+        shifts, probabilities = _shift_distribution(int(m.k), float(m.sample_rate))
+        one = pld.from_mixture_gaussian_mechanism(
+            float(m.noise_multiplier), shifts, probabilities, pessimistic_estimate=True,
+            value_discretization_interval=value_discretization_interval).self_compose(int(m.steps))
+        distribution = one if distribution is None else distribution.compose(one)
+    return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(float(delta)))
 
 
 RDP_ORDERS: tuple[float, ...] = tuple([1.1 + 0.1 * i for i in range(99)] + list(range(12, 64)))
