@@ -11,6 +11,7 @@ import html
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     figures_dir.mkdir(parents=True, exist_ok=True)
     page = _Page(out_dir)
     _summary(page, tables)
+    tables = _study_unit(page, tables)
     _binned_auroc(page, tables)
     _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
@@ -151,6 +153,19 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.heading("Failed or unfinished trials")
         page.note("Kept in every table below only where marked; never on a Pareto front, never selected.")
         page.table(unfinished[[c for c in ("trial", "status", "error") if c in unfinished]], index=False)
+
+
+def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
+    """A sweep with both units: the study's sections below keep the image-level trials (epsilons of different units
+    never share a bin); the units view above compares the two."""
+    trials = tables.trials
+    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
+        return tables
+    image = trials[trials["privacy_unit"] == "image"]
+    page.note(f"The sections below are the study's views of the {len(image)} image-level trials only (image "
+              "epsilon); the patient-level trials appear in the comparison above.")
+    epochs = tables.epochs[tables.epochs["trial"].isin(image["trial"])] if "trial" in tables.epochs else tables.epochs
+    return replace(tables, trials=image.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
 
 
 def _units(page: _Page, trials: pd.DataFrame) -> None:

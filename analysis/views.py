@@ -322,8 +322,10 @@ def units_at_patient_epsilon(trials: pd.DataFrame, bins: Sequence[EpsilonBin] = 
         One row per non-empty cell: ``by``, ``bin``, ``privacy_unit``, ``trial``, `PATIENT_EPSILON`,
         ``privacy/epsilon``, the `UNIT_METRICS` and ``candidate_trials``.
     """
-    finished = _finished(trials, by, extra=("privacy_unit", names.EPSILON, names.VAL_SELECTED_AUROC_MACRO))
+    finished = _finished(trials, by, extra=("privacy_unit", names.EPSILON))
     private = finished[np.isfinite(finished[names.EPSILON].astype(float))].copy()
+    if names.VAL_SELECTED_AUROC_MACRO not in private:  # tables of trials that predate it: ties decide
+        private[names.VAL_SELECTED_AUROC_MACRO] = np.nan
     image_level = private["privacy_unit"] == "image"
     patient = private[names.EPSILON_PATIENT] if names.EPSILON_PATIENT in private else pd.Series(np.nan, private.index)
     private[PATIENT_EPSILON] = np.where(image_level, patient, private[names.EPSILON]).astype(float)

@@ -37,3 +37,21 @@ def test_trials_are_binned_by_their_patient_level_epsilon_and_compared_per_unit(
     assert rows[("(0, 3]", "image")][names.EPSILON] == 1.0
     assert rows[("(3, 10]", "patient")][names.TEST_AUROC_MACRO] == 0.77
     assert {names.TEST_AUROC_MACRO, AGE_GAP, SEX_GAP} <= set(view.columns)
+
+
+def test_report_of_a_mixed_unit_sweep_shows_the_comparison_and_keeps_the_study_views_image_level(tmp_path):
+    from analysis.report import write_report
+    from tests.analysis.fixtures import make_sweep
+    from trainables.names import TRIALS_FILE
+
+    sweep_dir = make_sweep(tmp_path)
+    trials = pd.read_parquet(sweep_dir / TRIALS_FILE)
+    patient = trials.index % 2 == 1
+    trials.loc[patient, "privacy_unit"] = "patient"
+    trials[names.EPSILON_PATIENT] = trials[names.EPSILON].where(~patient) * 2.5
+    trials[names.PATIENT_IMAGES] = 3.0
+    trials.to_parquet(sweep_dir / TRIALS_FILE)
+    page = write_report(sweep_dir).read_text()
+    assert "Image-level vs patient-level training at the same patient-level epsilon" in page
+    assert f"views of the {int((~patient).sum())} image-level trials only" in page
+    assert "privacy/epsilon_patient" in page
