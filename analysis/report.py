@@ -11,6 +11,7 @@ import html
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     figures_dir.mkdir(parents=True, exist_ok=True)
     page = _Page(out_dir)
     _summary(page, tables)
+    tables = _study_unit(page, tables)
     _binned_auroc(page, tables)
     _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
@@ -120,6 +122,16 @@ def _summary(page: _Page, tables: SweepTables) -> None:
     page.note(html.escape(GUARANTEE_TEXT))
     if names.GUARANTEE in trials:
         page.table(trials[["trial", names.GUARANTEE]], index=False)
+    if names.EPSILON_PATIENT in trials and trials[names.EPSILON_PATIENT].notna().any():
+        page.note(f"The epsilon above protects one image. For a patient it is larger: <code>{names.EPSILON_PATIENT}"
+                  f"</code> is the guarantee for the training split's patient with the most images (k = <code>"
+                  f"{names.PATIENT_IMAGES}</code>; <code>{names.EPSILON_PATIENT_P99}</code> for the 99th percentile), "
+                  "computed tightly for k images sharing each step's noise (privacy-loss distribution of the "
+                  "Binomial(k, q) mixture). Images per patient are treated as public metadata, like N.")
+        shown = [c for c in ("trial", names.EPSILON, names.EPSILON_PATIENT, names.PATIENT_IMAGES,
+                             names.EPSILON_PATIENT_P99, names.PATIENT_IMAGES_P99) if c in trials]
+        page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], index=False)
+    _units(page, trials)
     no_guarantee = trials[without_guarantee(trials)]
     if len(no_guarantee):
         page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
@@ -141,6 +153,31 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.heading("Failed or unfinished trials")
         page.note("Kept in every table below only where marked; never on a Pareto front, never selected.")
         page.table(unfinished[[c for c in ("trial", "status", "error") if c in unfinished]], index=False)
+
+
+def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
+    """A sweep with both units: the study's sections below keep the image-level trials (epsilons of different units
+    never share a bin); the units view above compares the two."""
+    trials = tables.trials
+    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
+        return tables
+    image = trials[trials["privacy_unit"] == "image"]
+    page.note(f"The sections below are the study's views of the {len(image)} image-level trials only (image "
+              "epsilon); the patient-level trials appear in the comparison above.")
+    epochs = tables.epochs[tables.epochs["trial"].isin(image["trial"])] if "trial" in tables.epochs else tables.epochs
+    return replace(tables, trials=image.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
+
+
+def _units(page: _Page, trials: pd.DataFrame) -> None:
+    """Image-level vs patient-level training at the same patient-level epsilon (sweeps with both units)."""
+    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
+        return
+    view = views.units_at_patient_epsilon(trials)
+    page.heading("Image-level vs patient-level training at the same patient-level epsilon")
+    page.note("Each private trial binned by its guarantee for one patient: a patient-level trial's epsilon, an "
+              f"image-level trial's <code>{names.EPSILON_PATIENT}</code> (its largest training patient). Per cell "
+              "and unit, the trial with the best validation AUROC at its selected epoch.")
+    page.table(view, index=False)
 
 
 def _binned_auroc(page: _Page, tables: SweepTables) -> None:

@@ -115,8 +115,10 @@ GUARANTEE_TEXT = (
     "operating system, never from anything logged). The reported (epsilon, delta) bounds how much the released "
     "model updates, and everything computed from them, can reveal about whether any one training image was used "
     "(add/remove adjacency; the number of training images is treated as public), under the accountant named on "
-    "the run. It does not cover: a patient with several images (only k-fold group privacy for k images), the "
-    "validation and test images (used for selection and evaluation, not protected), and choosing "
+    "the run. It does not cover a patient with several images as a whole (each image-level trial reports "
+    "privacy/epsilon_patient, the guarantee for its largest training patient; trials with privacy_unit patient "
+    "protect a patient with all its images), nor the "
+    "validation and test images (used for selection and evaluation, not protected), nor choosing "
     "the best of many trials (see the sweep's tuning epsilon). Trial checkpoints hold the secret noise seeds and "
     "are private material. Trials marked reproducible_noise (debugging) or non-private have no guarantee."
 )

@@ -297,6 +297,45 @@ def final_selection(
     ]
 
 
+PATIENT_EPSILON = "patient_epsilon"
+"""Column of `units_at_patient_epsilon`: the guarantee for one patient (a patient-level trial's ``privacy/epsilon``;
+an image-level trial's ``privacy/epsilon_patient``, for the training split's patient with the most images)."""
+PATIENT_BINS: tuple[EpsilonBin, ...] = (
+    EpsilonBin("(0, 3]", 0.0, 3.0),
+    EpsilonBin("(3, 10]", 3.0, 10.0),
+    EpsilonBin("(10, 30]", 10.0, 30.0),
+    EpsilonBin("(30, 100]", 30.0, 100.0),
+)
+"""Bins of patient-level epsilon (image-level training at the study's epsilons lands far above them)."""
+UNIT_METRICS: tuple[str, ...] = (names.TEST_AUROC_MACRO, names.auroc_gap("test", "age"), names.auroc_gap("test", "sex"))
+
+
+def units_at_patient_epsilon(trials: pd.DataFrame, bins: Sequence[EpsilonBin] = PATIENT_BINS,
+                             by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """Image-level vs patient-level training at the same *patient-level* epsilon.
+
+    Every finished private trial gets its patient epsilon (`PATIENT_EPSILON`) and is binned by it; per cell (``by``,
+    bin, ``privacy_unit``) the trial with the best validation macro AUROC at its selected epoch is kept (ties: lower
+    spent epsilon, then trial key). An image-level trial without ``privacy/epsilon_patient`` is left out.
+
+    Returns:
+        One row per non-empty cell: ``by``, ``bin``, ``privacy_unit``, ``trial``, `PATIENT_EPSILON`,
+        ``privacy/epsilon``, the `UNIT_METRICS` and ``candidate_trials``.
+    """
+    finished = _finished(trials, by, extra=("privacy_unit", names.EPSILON))
+    private = finished[np.isfinite(finished[names.EPSILON].astype(float))].copy()
+    if names.VAL_SELECTED_AUROC_MACRO not in private:  # tables of trials that predate it: ties decide
+        private[names.VAL_SELECTED_AUROC_MACRO] = np.nan
+    image_level = private["privacy_unit"] == "image"
+    patient = private[names.EPSILON_PATIENT] if names.EPSILON_PATIENT in private else pd.Series(np.nan, private.index)
+    private[PATIENT_EPSILON] = np.where(image_level, patient, private[names.EPSILON]).astype(float)
+    private[BIN] = assign_bins(private[PATIENT_EPSILON], bins)
+    private = private[private[BIN].notna()]
+    metrics = [m for m in UNIT_METRICS if m in private]
+    chosen = _choose(private, [*by, BIN, "privacy_unit"], score=names.VAL_SELECTED_AUROC_MACRO)
+    return chosen[[*by, BIN, "privacy_unit", TRIAL, PATIENT_EPSILON, names.EPSILON, *metrics, CANDIDATE_TRIALS]]
+
+
 def external_datasets(trials: pd.DataFrame) -> list[str]:
     """External test sets that have a macro AUROC column (``external/<name>/auroc_macro``), in column order."""
     found = []

@@ -22,6 +22,23 @@ ESTIMATED_TRAIN_IMAGES: dict[str, int] = {
 }
 """Estimated N_train per real dataset, for dry runs only."""
 
+PUBLISHED_PATIENTS_PER_IMAGE: dict[str, tuple[int, int]] = {
+    # (patients, images) of the whole published dataset, from its paper or site.
+    "chestxray14": (30_805, 112_120),
+    "padchest": (67_625, 160_868),
+    "chexpert": (65_240, 224_316),
+    "mimic-cxr": (65_379, 377_110),
+}
+"""Published patient and image counts, for the dry-run estimate of N_patients. VinDr-CXR has no patient ids (each
+image is its own patient); UKA-CXR's are not published here (unknown until prepared)."""
+
+ESTIMATED_TRAIN_PATIENTS: dict[str, int] = {
+    name: round(ESTIMATED_TRAIN_IMAGES[name] * patients / images)
+    for name, (patients, images) in PUBLISHED_PATIENTS_PER_IMAGE.items()
+}
+"""Estimated training patients: N_train times the dataset's published patients per image (a rough figure: frontal-view
+filtering lowers images per patient, so the real N_patients is somewhat higher); dry runs only."""
+
 EVAL_IMAGES_PER_TRAIN_IMAGE = 0.4
 """Validation + test images evaluated each epoch per training image (about 0.11 N validation and 0.28 N test
 under the default splits); evaluation is a forward pass only."""

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from sweeps.spec import GridPoint, SpecError, SweepSpec
+from sweeps.validate import NO_PATIENT_IDS
 from trainables import names as N
 from trainables.config import TrialConfig
 from trainables.data.registry import ensure_prepared
@@ -81,16 +82,28 @@ class PlannedTrial:
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """A training set's size and, for the sweep's batch size and epochs, its sampling rate and step count.
+    """A training set's size and, for the sweep's batch size and epochs, its (image-level) sampling rate and steps.
 
-    ``estimated``: the dataset is not prepared (dry runs only); ``n_train`` is then the documented estimate of
-    `sweeps.estimate.ESTIMATED_TRAIN_IMAGES`, and sigma is recalibrated on the real N when the sweep runs."""
+    ``estimated``: the dataset is not prepared (dry runs only); ``n_train`` and ``n_patients`` are then the documented
+    estimates of `sweeps.estimate` and sigma is recalibrated on the real N when the sweep runs. ``n_patients``: the
+    training split's distinct patients (the records of ``privacy_unit: patient``); None when the dataset has no real
+    patient ids (every patient id is an image id)."""
 
     name: str
     n_train: int
     sample_rate: float
     steps: int
     estimated: bool = False
+    n_patients: int | None = None
+
+    def n_records(self, unit: str) -> int:
+        """N of the privacy unit: training images, or training patients."""
+        if unit == "image":
+            return self.n_train
+        if self.n_patients is None:
+            raise SpecError(f"privacy.privacy_unit: patient on {self.name}: its patient ids are its image ids (no "
+                            "patient ids), so a patient-level guarantee cannot be given; use privacy_unit: image")
+        return self.n_patients
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ class SweepPlan:
     paths: SweepPaths
     trials: list[PlannedTrial]  # grid mode; empty for search: optuna (trials are proposed while it runs)
     datasets: dict[str, DatasetPlan]
-    noise_multipliers: dict[tuple[str, float], float] = field(default_factory=dict)  # (dataset, eps) -> sigma
+    noise_multipliers: dict[tuple[str, float, str], float] = field(default_factory=dict)  # (dataset, eps, unit)
     inits: dict[tuple[str, str], ResolvedInit] = field(default_factory=dict)  # (model, init) -> weights
     notes: tuple[str, ...] = ()  # dry run: what must be fixed before the sweep can run
     pretrain_n: int | None = None  # training images of the pretrain dataset (the domain init), if any
@@ -114,9 +127,11 @@ class SweepPlan:
 
 def trial_key(spec: SweepSpec, point: GridPoint) -> str:
     """``<init>-eps<eps>-clip<C>-lr<lr>-seed<seed>``, prefixed by the model and dataset when the sweep has
-    several of them (``convnext_small-chexpert-imagenet-eps1-...``)."""
+    several of them (``convnext_small-chexpert-imagenet-eps1-...``), and followed by ``-image``/``-patient`` when it
+    has both privacy units."""
     key = f"{cell_key(point.init, point.target_epsilon)}-clip{point.max_grad_norm:g}-lr{point.lr:g}-seed{point.seed}"
-    return cell_prefix(spec, point.model, point.dataset) + key
+    unit = f"-{point.privacy_unit}" if len(spec.axes.privacy_unit) > 1 else ""
+    return cell_prefix(spec, point.model, point.dataset) + key + unit
 
 
 def cell_key(init: str, target_epsilon: float) -> str:
@@ -145,18 +160,27 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
     notes: list[str] = []
     datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
     p = spec.privacy
-    noise: dict[tuple[str, float], float] = {}
-    for dataset in datasets.values():
+    noise: dict[tuple[str, float, str], float] = {}
+    for dataset, unit in ((d, u) for d in datasets.values() for u in spec.axes.privacy_unit):
+        try:
+            n_records = dataset.n_records(unit)
+        except SpecError as error:
+            raise SpecError(f"{spec.source}: {error}") from None
+        if spec.optuna is None and p.expected_batch_size > n_records:
+            raise SpecError(f"{spec.source}: privacy.expected_batch_size = {p.expected_batch_size} is larger than "
+                            f"{dataset.name}'s {n_records} training {unit}s; choose at most {n_records}")
+        sample_rate, steps = sample_rate_and_steps(n_records, p.expected_batch_size, p.epochs)
         for i, eps in enumerate(spec.axes.target_epsilon):
             try:
-                validate_privacy_parameters(eps, p.delta, dataset.n_train, dataset.sample_rate, dataset.steps)
+                validate_privacy_parameters(eps, p.delta, n_records, sample_rate, steps)
             except ValueError as error:
-                raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}): "
-                                f"{error}") from None
+                unit_note = "" if unit == "image" else ", N = training patients"
+                raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}"
+                                f"{unit_note}): {error}") from None
             if spec.search == "grid":
                 try:
-                    noise[(dataset.name, eps)] = calibrate_noise_multiplier(
-                        eps, p.delta, dataset.sample_rate, dataset.steps, accountant=p.accountant,
+                    noise[(dataset.name, eps, unit)] = calibrate_noise_multiplier(
+                        eps, p.delta, sample_rate, steps, accountant=p.accountant,
                         tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
                         label_count_noise_multiplier=label_count_noise_multiplier(spec, math.isfinite(eps)),
                     )
@@ -182,7 +206,7 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
             dataset = datasets[point.dataset]
             trials.append(make_trial(
                 spec, template, dataset, inits[(point.model, point.init)], point, trial_key(spec, point),
-                noise_multiplier=noise[(dataset.name, point.target_epsilon)],
+                noise_multiplier=noise[(dataset.name, point.target_epsilon, point.privacy_unit)],
                 expected_batch_size=p.expected_batch_size, epochs=p.epochs, provenance_tags=tags,
             ))
     return SweepPlan(spec, paths, trials, datasets, noise, inits, tuple(dict.fromkeys(notes)), pretrain_n)
@@ -192,7 +216,7 @@ def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: lis
                    ) -> tuple[dict[str, DatasetPlan], int | None]:
     """Prepare (or, for a dry run, estimate) every dataset the sweep reads; plans for the training sets and the
     pretrain dataset's training-split size."""
-    from sweeps.estimate import ESTIMATED_TRAIN_IMAGES
+    from sweeps.estimate import ESTIMATED_TRAIN_IMAGES, ESTIMATED_TRAIN_PATIENTS
 
     datasets: dict[str, DatasetPlan] = {}
     pretrain_n = None
@@ -205,16 +229,20 @@ def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: lis
                 raise SpecError(f"{spec.source}: data: {error}") from None
             notes.append(str(error))
             n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
+            n_patients = ESTIMATED_TRAIN_PATIENTS.get(name)
         else:
             manifest = pd.read_parquet(N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
-                                       columns=["split"])
-            n_train, estimated = int((manifest["split"] == "train").sum()), False
+                                       columns=["split", "image_id", "patient_id"])
+            train = manifest[manifest["split"] == "train"]
+            n_train, estimated = len(train), False
+            has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
+            n_patients = int(train["patient_id"].nunique()) if has_ids else None
         if name in spec.data.train:
             if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
                 raise SpecError(f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
                                 f"larger than {name}'s {n_train} training images; choose at most {n_train}")
             q, steps = sample_rate_and_steps(n_train, spec.privacy.expected_batch_size, spec.privacy.epochs)
-            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated)
+            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients)
         if name in pretrain:
             pretrain_n = n_train
     return datasets, pretrain_n
@@ -248,22 +276,28 @@ def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, ini
     """One trial (grid point or Optuna proposal): its config, MLflow params (`TrialConfig.to_flat` plus the
     training-set size and the search mode) and tags."""
     private = math.isfinite(point.target_epsilon)
-    sample_rate, steps = sample_rate_and_steps(dataset.n_train, expected_batch_size, epochs)
+    unit = point.privacy_unit
+    n_records = dataset.n_records(unit)
+    sample_rate, steps = sample_rate_and_steps(n_records, expected_batch_size, epochs)
     config = replace(
         template, dataset=dataset.name, model=point.model, init=point.init, init_weights=init.weights, lr=point.lr,
         seed=point.seed, external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
         privacy=replace(template.privacy, target_epsilon=point.target_epsilon, max_grad_norm=point.max_grad_norm,
                         expected_batch_size=expected_batch_size, epochs=epochs, noise_multiplier=noise_multiplier,
                         sample_rate=sample_rate if private else 0.0, steps=steps,
-                        label_count_noise_multiplier=label_count_noise_multiplier(spec, private)),
+                        label_count_noise_multiplier=label_count_noise_multiplier(spec, private), privacy_unit=unit,
+                        max_images_per_patient=template.privacy.max_images_per_patient if unit == "patient" else None),
     )
     p = config.privacy
-    guarantee = guarantee_statement(p, dataset.n_train, pos_weight=config.pos_weight)
+    guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)
+    patients = {"n_patients": n_records} if unit == "patient" else {}
     params = {**{k: str(v) if isinstance(v, list) else v for k, v in config.to_flat().items()},
-              "n_train": dataset.n_train, "search": spec.search, N.GUARANTEE: guarantee, **(extra_params or {})}
+              "n_train": dataset.n_train, **patients, "search": spec.search, N.GUARANTEE: guarantee,
+              **(extra_params or {})}
     tags = {f"{N.TAG_PREFIX}{k}": v for k, v in {
         "privacy_unit": p.privacy_unit, "accountant": p.accountant, "private": str(private).lower(),
-        "adjacency": f"add/remove one {p.privacy_unit}; N_train treated as public",
+        "adjacency": f"add/remove one {p.privacy_unit}; N_{'train' if unit == 'image' else 'patients'} treated as "
+                     "public",
         "dp_guarantee": str(has_dp_guarantee(p)).lower(), "pos_weight": config.pos_weight, "init": point.init,
         "model": point.model, "dataset": dataset.name, "secure_mode": str(p.secure_mode).lower(),
         "reproducible_noise": str(p.reproducible_noise).lower(), "search": spec.search}.items()}
@@ -310,7 +344,7 @@ def sweep_params(plan: SweepPlan) -> dict[str, Any]:
             "n_train": ",".join(str(d.n_train) for d in datasets),
             "sample_rate": ",".join(f"{d.sample_rate:g}" for d in datasets),
             "steps": ",".join(str(d.steps) for d in datasets), "n_trials": plan.n_trials,
-            "privacy_unit": p.privacy_unit, "search": spec.search, "secure_mode": p.secure_mode}
+            "privacy_unit": ",".join(spec.axes.privacy_unit), "search": spec.search, "secure_mode": p.secure_mode}
 
 
 def describe_plan(plan: SweepPlan) -> str:
@@ -318,16 +352,27 @@ def describe_plan(plan: SweepPlan) -> str:
     lines = [f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
              f"(delta={p.delta:g}, accountant={p.accountant})"]
     for dataset in plan.datasets.values():
-        size = f"N_train~{dataset.n_train} (estimate: not prepared)" if dataset.estimated else \
-            f"N_train={dataset.n_train}"
-        lines.append(f"  {dataset.name}: {size}")
+        approx = "~" if dataset.estimated else "="
+        patients = f"{approx}{dataset.n_patients}" if dataset.n_patients is not None else (
+            " unknown" if dataset.estimated and dataset.name not in NO_PATIENT_IDS else ": none (no patient ids)")
+        line = f"  {dataset.name}: N_train{approx}{dataset.n_train}" + (
+            " (estimate: not prepared)" if dataset.estimated else "")
+        image_only = spec.axes.privacy_unit == ("image",)
+        if spec.search != "optuna" and image_only:
+            line += f", q={dataset.sample_rate:.5g}, steps={dataset.steps}"
+        lines.append(f"{line}; N_patients{patients}")
         if spec.search == "optuna":
             continue
-        lines[-1] += f", q={dataset.sample_rate:.5g}, steps={dataset.steps}"
-        for eps in spec.axes.target_epsilon:
-            sigma = plan.noise_multipliers[(dataset.name, eps)]
-            lines.append(f"    target epsilon {eps:g}: noise multiplier {sigma:.4f}" if math.isfinite(eps)
-                         else "    target epsilon inf: non-private baseline (no clipping, no noise)")
+        for unit in spec.axes.privacy_unit:
+            indent = "    "
+            if not image_only:
+                q, steps = sample_rate_and_steps(dataset.n_records(unit), p.expected_batch_size, p.epochs)
+                lines.append(f"    privacy unit {unit}: q={q:.5g}, steps={steps}")
+                indent = "      "
+            for eps in spec.axes.target_epsilon:
+                sigma = plan.noise_multipliers[(dataset.name, eps, unit)]
+                lines.append(f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}" if math.isfinite(eps)
+                             else f"{indent}target epsilon inf: non-private baseline (no clipping, no noise)")
     if spec.optuna is not None:
         o = spec.optuna
         ranges = ", ".join(f"{name} {list(getattr(o, name))}" for name in o.RANGES)
@@ -349,8 +394,11 @@ def dry_run_report(plan: SweepPlan) -> str:
             privacy = trial.config.privacy
             lines.append(f"  {trial.key}: sigma={privacy.noise_multiplier:.4f}, q={privacy.sample_rate:.5g}, "
                          f"steps={privacy.steps}")
+            dataset = plan.datasets[trial.config.dataset]
+            images_per_batch = privacy.expected_batch_size if privacy.privacy_unit == "image" else round(
+                privacy.expected_batch_size * dataset.n_train / dataset.n_records("patient"))  # patients bring images
             estimate = trial_gpu_seconds(trial.config.model, spec.data.image_size, spec.speed.grad_sample_mode,
-                                         plan.datasets[trial.config.dataset].n_train, privacy.expected_batch_size,
+                                         dataset.n_train, images_per_batch,
                                          privacy.steps, privacy.epochs, privacy.is_private)
             if estimate is None:
                 unknown.append(trial.config.model)

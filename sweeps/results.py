@@ -150,11 +150,40 @@ def tuning_costs(trials: pd.DataFrame) -> dict[str, Any]:
     if "dataset" not in trials or trials.empty:
         return {}
     costs = {}
+    mixed = "privacy_unit" in trials and trials["privacy_unit"].nunique() > 1
     for dataset, group in trials.groupby("dataset", sort=False):
-        cost = tuning_cost(group)
-        if cost is not None:
-            costs[str(dataset)] = cost
+        # Units are never composed with each other here (each cost is at its own unit, over its own trials);
+        # `patient_level_sweep_epsilon` composes everything at the patient level.
+        parts = group.groupby("privacy_unit", sort=False) if mixed else [(None, group)]
+        for unit, part in parts:
+            cost = tuning_cost(part)
+            if cost is not None:
+                costs[str(dataset) if unit is None else f"{dataset} ({unit}-level trials only)"] = cost
     return costs
+
+
+def patient_level_sweep_epsilon(trials: pd.DataFrame) -> dict[str, float]:
+    """Per training set of a sweep with patient-level trials, epsilon for one patient of releasing every private trial
+    (`trainables.privacy.units.composed_patient_epsilon`): patient-level trials at k = 1, image-level ones at k =
+    their training split's largest images per patient (``privacy/patient_images``). Empty when no trial is
+    patient-level, or k is unknown (no image-level trial finished). Label-count releases are not included."""
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
+
+    if "privacy_unit" not in trials or not (trials["privacy_unit"] == "patient").any():
+        return {}
+    results = {}
+    for dataset, group in trials.groupby("dataset", sort=False):
+        released = _released_steps(group)
+        ran = group[(released > 0) & (group["noise_multiplier"] > 0)]
+        k_known = group[N.PATIENT_IMAGES].dropna() if N.PATIENT_IMAGES in group else pd.Series(dtype=float)
+        if ran.empty or ((ran["privacy_unit"] == "image").any() and k_known.empty):
+            continue
+        k_image = int(k_known.max()) if len(k_known) else 1
+        mechanisms = [PatientMechanism(float(r.noise_multiplier), float(r.sample_rate), int(steps),
+                                       1 if r.privacy_unit == "patient" else k_image)
+                      for r, steps in zip(ran.itertuples(), released[ran.index], strict=True)]
+        results[str(dataset)] = composed_patient_epsilon(mechanisms, float(ran["delta"].iloc[0]))
+    return results
 
 
 def tuning_cost(trials: pd.DataFrame) -> Any:
@@ -248,7 +277,8 @@ def tuning_summary(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, float]:
 SUMMARY_COLUMNS = {"trial": "trial", "status": "status", "target_epsilon": "eps target", N.EPSILON: "eps spent",
                    "noise_multiplier": "sigma", N.VAL_SELECTED_AUROC_MACRO: "val AUROC",
                    N.TEST_AUROC_MACRO: "test AUROC", N.auroc_gap("test", "age"): "age gap",
-                   N.auroc_gap("test", "sex"): "sex gap"}
+                   N.auroc_gap("test", "sex"): "sex gap", N.EPSILON_PATIENT: "eps patient",
+                   N.PATIENT_IMAGES: "k"}
 
 
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
@@ -283,6 +313,10 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
             continue
         lines.append(f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
                      f"{cost.sentence}")
+    for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
+        lines.append(f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "
+                     f"trial of the sweep, both units composed at the patient level (image-level trials as groups of "
+                     f"their largest patient's images; PLD, label counts not included): epsilon={epsilon:.3g}")
     if N.EPSILON in trials:
         private = trials[trials["target_epsilon"].map(math.isfinite)]
         over = private[private[N.EPSILON] > private["target_epsilon"]]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainables.config import PretrainConfig, PrivacyConfig, SpeedConfig
+from trainables.config import PretrainConfig, PrivacyConfig, PrivacyUnit, SpeedConfig
 from trainables.errors import UserError
 
 SearchMode = Literal["grid", "optuna"]
@@ -139,6 +139,7 @@ class GridAxes:
     max_grad_norm: dict[str, tuple[float, ...]]
     lr: tuple[float, ...] = (1e-3,)
     seed: tuple[int, ...] = (0,)
+    privacy_unit: tuple[PrivacyUnit, ...] = ("image",)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class GridPoint:
     max_grad_norm: float
     lr: float
     seed: int
+    privacy_unit: PrivacyUnit = "image"
 
 
 @dataclass(frozen=True)
@@ -188,9 +190,10 @@ class SweepSpec:
         return [dict(model=m, dataset=d, init=i, target_epsilon=e) for m, d, i, e in axes]
 
     def grid(self) -> list[GridPoint]:
-        """The grid points: model x dataset x init x epsilon x clip x lr x seed, in a stable order."""
-        return [GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s) for cell in self.cells()
-                for c in self.axes.max_grad_norm[cell["model"]] for lr in self.axes.lr for s in self.axes.seed]
+        """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit, in a stable order."""
+        return [GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u) for cell in self.cells()
+                for c in self.axes.max_grad_norm[cell["model"]] for lr in self.axes.lr for s in self.axes.seed
+                for u in self.axes.privacy_unit]
 
     def init_weights_for(self, init: str, model: str) -> str | None:
         """The weight file given for ``init`` (``{model}`` in it is replaced by the architecture)."""
@@ -209,6 +212,7 @@ AXES: dict[str, tuple[str, Any]] = {
     "privacy.max_grad_norm": ("max_grad_norm", tuple[float, ...]),
     "training.lr": ("lr", tuple[float, ...]),
     "training.seed": ("seed", tuple[int, ...]),
+    "privacy.privacy_unit": ("privacy_unit", tuple[PrivacyUnit, ...]),
 }
 """Grid axes given inside their sections: field path -> (`GridAxes` field, type)."""
 NOT_SETTABLE = {

@@ -28,7 +28,7 @@ def validate(spec: SweepSpec) -> None:
     for i, model in enumerate(spec.models):
         _validate_model_name(spec, f"model[{i}]" if len(spec.models) > 1 else "model", model)
     grid_axes = [("privacy.target_epsilon", axes.target_epsilon), ("training.lr", axes.lr),
-                 ("training.seed", axes.seed), ("inits", spec.inits),
+                 ("training.seed", axes.seed), ("inits", spec.inits), ("privacy.privacy_unit", axes.privacy_unit),
                  *((f"privacy.max_grad_norm.{m}" if len(axes.max_grad_norm) > 1 else "privacy.max_grad_norm", clips)
                    for m, clips in axes.max_grad_norm.items())]
     for where, values in grid_axes:
@@ -108,8 +108,46 @@ def validate(spec: SweepSpec) -> None:
     if spec.pretrain is not None:
         _validate_pretrain(spec, spec.pretrain)
     _validate_search(spec)
+    _validate_units(spec)
     if spec.audit is not None:
         _validate_audit(spec, spec.audit)
+
+
+NO_PATIENT_IDS: dict[str, str] = {"vindr-cxr": "VinDr-CXR publishes no patient ids (each image is its own patient)"}
+"""Datasets whose patient ids are not real: a patient-level guarantee on them would be an image-level one."""
+
+
+def _validate_units(spec: SweepSpec) -> None:
+    """``privacy.privacy_unit`` (a grid axis) and ``privacy.max_images_per_patient``."""
+    p, units = spec.privacy, spec.axes.privacy_unit
+    cap = p.max_images_per_patient
+    if "patient" not in units:
+        _require(cap is None, spec, f"privacy.max_images_per_patient = {cap} is set but privacy.privacy_unit is "
+                 f"{list(units)}; it caps a patient-level trial's images: remove it, or add `patient` to the unit")
+        return
+    _require(cap is not None and cap >= 1, spec,
+             f"privacy.max_images_per_patient = {cap}: a patient-level sweep needs the public cap of images per "
+             "patient (patients with more contribute their first ones), a whole number >= 1, e.g. 4")
+    assert cap is not None
+    _require(cap <= spec.speed.max_physical_batch_size, spec,
+             f"privacy.max_images_per_patient = {cap} > speed.max_physical_batch_size = "
+             f"{spec.speed.max_physical_batch_size}: a patient's images are clipped together, so they must fit in one "
+             "physical batch; lower the cap or raise the physical batch")
+    for name in spec.data.train:
+        _require(name not in NO_PATIENT_IDS, spec,
+                 f"privacy.privacy_unit: patient on data.train {name!r}: {NO_PATIENT_IDS.get(name)}, so a "
+                 "patient-level guarantee cannot be given there; train it with privacy_unit: image")
+    _require(spec.training.pos_weight == "uniform", spec,
+             "training.pos_weight: train with privacy.privacy_unit: patient: the label-count release counts every "
+             "image of a patient, which its per-image sensitivity does not cover; use training.pos_weight: uniform")
+    _require(spec.search == "grid", spec, "privacy.privacy_unit: patient needs search: grid (Optuna's feasibility "
+             "checks count images); use a grid")
+    _require(spec.audit is None, spec, "an `audit:` section audits image-level records; remove it from a sweep with "
+             "privacy.privacy_unit: patient")
+    _require(spec.speed.grad_sample_mode != "bk", spec,
+             "privacy.privacy_unit: patient with speed.grad_sample_mode = 'bk': the book-keeping engine does not group "
+             "per-sample norms by patient yet (a patient's norm is the norm of its summed gradient); set "
+             "speed.grad_sample_mode: hooks or functorch")
 
 
 def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Accountant = Literal["rdp", "prv"]
-PrivacyUnit = Literal["image"]
+PrivacyUnit = Literal["image", "patient"]
 GradSampleMode = Literal["bk", "hooks", "functorch"]
 Device = Literal["auto", "cpu", "cuda"]
 PosWeight = Literal["uniform", "train"]
@@ -37,12 +37,17 @@ class PrivacyConfig:
     Attributes:
         target_epsilon: epsilon the planned steps end at (``inf`` = non-private baseline: no clipping,
             no noise, shuffled batches). A grid axis.
-        delta: the (epsilon, delta) delta; must be < 1/N_train.
+        delta: the (epsilon, delta) delta; must be < 1/N (N_train images, or N_patients for the patient unit).
         max_grad_norm: per-record clipping bound C (L2 over all trainable parameters). A grid axis.
-        expected_batch_size: expected logical batch size B; Poisson sample rate q = 1/ceil(N/B).
+        expected_batch_size: expected logical batch size B in records (images, or patients for the patient unit);
+            Poisson sample rate q = 1/ceil(N/B), N the number of training records.
         epochs: planned epochs; steps = epochs * ceil(N/B).
         accountant: ``rdp`` (default, the study's) or ``prv``; calibration and reporting use the same one.
-        privacy_unit: ``image`` (each image is a record).
+        privacy_unit: ``image`` (each image is a record) or ``patient`` (each patient with all its images, at most
+            ``max_images_per_patient``, is one record: Poisson sampling over patients, one clipped gradient per
+            patient, q and steps from N_patients; `trainables.privacy.patients`). A grid axis.
+        max_images_per_patient: the public cap of a patient-level trial's images per patient (patients with more
+            contribute their first ones in the training split's order); None for image-level trials.
         secure_mode: cryptographically secure noise and sampling (ChaCha20; slower).
         reproducible_noise: debugging only: seed the noise and Poisson sampling from ``seed`` (published), so the
             trial has no DP guarantee; default False: their seeds come from ``os.urandom`` and stay secret.
@@ -62,6 +67,7 @@ class PrivacyConfig:
     epochs: int = 3
     accountant: Accountant = "rdp"
     privacy_unit: PrivacyUnit = "image"
+    max_images_per_patient: int | None = None
     secure_mode: bool = False
     reproducible_noise: bool = False
     calibration_tolerance: float = 0.01

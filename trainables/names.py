@@ -39,6 +39,13 @@ of the epoch it would select if stopped now (ASHA's metric)."""
 EPSILON_AT_BEST_EPOCH: Final = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP: Final = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD: Final = "privacy/epsilon_dp_accounting_pld"
+EPSILON_PATIENT: Final = "privacy/epsilon_patient"
+"""Image-level private trials: epsilon at the trial's delta for the training split's patient with the most images
+(`PATIENT_IMAGES` of them): the tight PLD of the k-image group (`trainables.privacy.units.patient_epsilon`). The
+images-per-patient figures are treated as public dataset metadata, like N."""
+PATIENT_IMAGES: Final = "privacy/patient_images"  # that k: the largest number of training images of one patient
+EPSILON_PATIENT_P99: Final = "privacy/epsilon_patient_p99"  # the same for the 99th percentile of images per patient
+PATIENT_IMAGES_P99: Final = "privacy/patient_images_p99"  # that k (an observed count, rounded up)
 
 RELEASED_STEPS: Final = "privacy/released_steps"
 """Trials table: the DP-SGD steps behind everything a trial released so far (the final report's steps; for a

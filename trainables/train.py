@@ -66,10 +66,14 @@ from trainables.privacy.engine import (
     wrap_model,
 )
 from trainables.privacy.label_counts import LabelCountRelease, PosWeight, account_release, train_pos_weight
+from trainables.privacy.patients import check_patient_gradients, group_patients, private_patient_step
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
+from trainables.privacy.units import images_per_patient, patient_epsilon
 
 GRAD_CHECK_SAMPLES = 4
+GRAD_CHECK_PATIENTS = 2
+"""Patient-level trials also check the grouped path on this many of the patients with the most (capped) images."""
 CHECKPOINT_FORMAT = 2
 """Version of `TrainState.state_dict`. Format 1, the unversioned dict written before `TrainState`, is refused."""
 RESUME_IGNORED_KEYS = ("data_root",)
@@ -106,8 +110,18 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     privacy = cfg.privacy
     data = data or load_trial_data(cfg)
     n_train = len(data.train)
+    # The records Poisson sampling draws: images, or patients with their (capped) images.
+    patients = (group_patients(data.train.split.patient_id, privacy.max_images_per_patient)
+                if privacy.is_private and privacy.privacy_unit == "patient" else None)
+    n_records = n_train if patients is None else patients.n_patients
+    if patients is not None and cfg.pos_weight == "train":
+        raise ValueError("training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
+                         "counts of all of a patient's images would need a patient-level sensitivity); use uniform")
+    if patients is not None and cfg.speed.grad_sample_mode == "bk":
+        raise ValueError("privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the book-keeping "
+                         "engine does not group per-sample norms by patient yet")
     if privacy.is_private:
-        check_planned_budget(cfg, n_train)
+        check_planned_budget(cfg, n_records)
 
     # Model, loss and optimizer; cfg.seed seeds the initialisation (not part of the DP mechanism).
     torch.manual_seed(cfg.seed)
@@ -122,12 +136,23 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         x, y = data.train.batch(np.sort(indices))
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
+    def patient_batch(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images in the given (patient-contiguous) order; the cache is read in sorted order."""
+        x, y = batch(images)
+        position = torch.from_numpy(np.argsort(np.argsort(images, kind="stable"), kind="stable")).to(device)
+        return x[position], y[position]
+
     # The batch source and the step, chosen once: Poisson batches + DP-SGD, or shuffled batches + AdamW.
     accountant = None
     if privacy.is_private:
         wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
         check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
         check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
+        if patients is not None:  # the grouped path too: per-patient rows vs sums of torch.func gradients
+            order = torch.randperm(n_records, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+            most = sorted(order, key=lambda patient: -len(patients.images[patient]))  # stable: seeded ties
+            images, groups = patients.gather(np.array(most[:GRAD_CHECK_PATIENTS]))
+            check_patient_gradients(wrapped, loss_fn, *patient_batch(images), groups)
         accountant = create_accountant(privacy.accountant)
         if pos_weight is not None and pos_weight.release is not None and state is None:
             account_release(accountant, pos_weight.release)  # a resumed trial restores it with its ledger
@@ -139,12 +164,17 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         steps_per_epoch = privacy.steps // privacy.epochs
 
         def epoch_batches() -> Iterator[torch.Tensor]:
-            return poisson_batches(n_train, privacy.sample_rate, steps_per_epoch, randomness.sampler)
+            return poisson_batches(n_records, privacy.sample_rate, steps_per_epoch, randomness.sampler)
 
         def step(indices: np.ndarray) -> float | None:
             if train.steps >= privacy.steps:
                 raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
-            private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+            if patients is None:
+                private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+            else:  # indices are patients: their images, one clipped gradient per patient
+                images, groups = patients.gather(indices)
+                private_patient_step(wrapped, optimizer, loss_fn, patient_batch(images), groups,
+                                     cfg.speed.max_physical_batch_size)
             return None  # the private batch's loss is not clipped, noised or accounted: never released
     else:
         def epoch_batches() -> Iterator[torch.Tensor]:
@@ -360,14 +390,17 @@ def _generator_state(rng: Generator | None) -> torch.Tensor | None:
 # Privacy guards
 
 
-def check_planned_budget(cfg: TrialConfig, n_train: int) -> None:
-    """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target."""
+def check_planned_budget(cfg: TrialConfig, n_records: int) -> None:
+    """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target.
+
+    ``n_records``: training images, or training patients for ``privacy_unit: patient``."""
     privacy = cfg.privacy
-    expected_q, planned_steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
+    expected_q, planned_steps = sample_rate_and_steps(n_records, privacy.expected_batch_size, privacy.epochs)
     if privacy.sample_rate != expected_q or privacy.steps != planned_steps:
         raise BudgetError(
             f"trial config was calibrated for q={privacy.sample_rate}, steps={privacy.steps} but the data gives "
-            f"q={expected_q}, steps={planned_steps} (N={n_train}); re-run the sweep so sigma is recalibrated"
+            f"q={expected_q}, steps={planned_steps} (N={n_records} {privacy.privacy_unit}s); re-run the sweep so "
+            "sigma is recalibrated"
         )
     planned = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, planned_steps, privacy.delta,
                             privacy.accountant, label_count_noise_multiplier=privacy.label_count_noise_multiplier)
@@ -385,6 +418,19 @@ def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
                                 privacy.label_count_noise_multiplier)
     except ValueError as error:
         raise BudgetError(str(error)) from None
+
+
+def patient_epsilons(cfg: TrialConfig, steps: int, patient_ids: np.ndarray) -> dict[str, float]:
+    """What an image-level private trial means for a patient: epsilon for the training split's patient with the most
+    images and for the 99th percentile (`trainables.privacy.units`; the counts are treated as public, like N)."""
+    privacy = cfg.privacy
+    counts = images_per_patient(patient_ids)
+    epsilons: dict[int, float] = {}
+    for k in {counts.maximum, counts.p99}:
+        epsilons[k] = patient_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta, k,
+                                      label_count_noise_multiplier=privacy.label_count_noise_multiplier)
+    return {M.EPSILON_PATIENT: epsilons[counts.maximum], M.PATIENT_IMAGES: counts.maximum,
+            M.EPSILON_PATIENT_P99: epsilons[counts.p99], M.PATIENT_IMAGES_P99: counts.p99}
 
 
 def trial_pos_weight(cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness,
@@ -435,6 +481,8 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
                                     label_count_noise_multiplier=privacy.label_count_noise_multiplier)
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
+        if privacy.privacy_unit == "image":
+            metrics |= patient_epsilons(cfg, train.steps, data.train.split.patient_id)
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf

@@ -36,6 +36,9 @@ def test_every_grid_point_finishes_within_its_budget(tiny_sweep):
     # the independent accountant agrees (RDP vs RDP) and PLD is no looser
     assert (abs(private[M.EPSILON_CROSS_CHECK_RDP] - private[M.EPSILON]) < 0.05 * private[M.EPSILON]).all()
     assert (private[M.EPSILON_CROSS_CHECK_PLD] <= private[M.EPSILON] + 1e-6).all()
+    # every image-level private trial also states its guarantee for its largest training patient (k images)
+    assert (private[M.PATIENT_IMAGES] >= 1).all()
+    assert (private[M.EPSILON_PATIENT] >= private[M.EPSILON_CROSS_CHECK_PLD]).all()
     baseline = trials[~trials["target_epsilon"].map(math.isfinite)]
     assert baseline[M.EPSILON].map(math.isinf).all()
     for column in (M.TEST_AUROC_MACRO, M.auroc_gap("test", "age"), M.auroc_gap("test", "sex"),

@@ -105,6 +105,16 @@ def write_cache(out_dir: Path, images: np.ndarray, manifest: pd.DataFrame, card:
     return out_dir
 
 
+def images_per_patient_summary(patient_id: pd.Series) -> dict | None:
+    """min, median, p99 (an observed count: the 99th percentile rounded up) and max images per patient; None when
+    empty. These figures are public dataset metadata for patient-level accounting (`trainables.privacy.units`)."""
+    if not len(patient_id):
+        return None
+    counts = patient_id.value_counts().to_numpy()
+    return {"min": int(counts.min()), "median": float(np.median(counts)),
+            "p99": int(np.quantile(counts, 0.99, method="higher")), "max": int(counts.max())}
+
+
 def dataset_card(manifest: pd.DataFrame, size: int) -> dict:
     """Counts per split, label prevalence per split, and demographic coverage."""
     card: dict = {"n_images": int(len(manifest)), "n_patients": int(manifest["patient_id"].nunique()), "size": size}
@@ -115,7 +125,10 @@ def dataset_card(manifest: pd.DataFrame, size: int) -> dict:
             "images": int(len(part)),
             "patients": int(part["patient_id"].nunique()),
             "prevalence": {label: round(float(part[label].mean()), 4) if len(part) else None for label in LABELS},
+            "images_per_patient": images_per_patient_summary(part["patient_id"]),
         }
+    if len(manifest) and (manifest["patient_id"].astype(str) == manifest["image_id"].astype(str)).all():
+        card["patient_ids"] = "none published: each image is its own patient (patient_id = image_id)"
     card["sex"] = {str(k): int(v) for k, v in manifest["sex"].value_counts().items()}
     card["age_missing"] = int(manifest["age"].isna().sum())
     card["views"] = {str(k): int(v) for k, v in manifest["view"].value_counts().items()}

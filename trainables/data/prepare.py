@@ -310,6 +310,13 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
             for label in LABELS
         )
         lines.append(f"  {split:<6}{entry['images']:>9}{entry['patients']:>10}{cells}")
+    per_patient = {split: entry["images_per_patient"] for split, entry in card.get("splits", {}).items()
+                   if entry.get("images_per_patient")}
+    if per_patient:
+        lines.append("  images per patient (min/median/p99/max): " + ", ".join(
+            f"{split} {c['min']}/{c['median']:g}/{c['p99']}/{c['max']}" for split, c in per_patient.items()))
+    if "patient_ids" in card:
+        lines.append(f"  patient ids: {card['patient_ids']}")
     if "sex" in card:
         lines.append("  sex: " + ", ".join(f"{k} {v}" for k, v in card["sex"].items()))
     if "age_missing" in card:

@@ -47,15 +47,19 @@ def guarantee_statement(privacy: PrivacyConfig, n_train: int, *, pos_weight: str
         "validation-based epoch selection and thresholds, and the per-epoch validation/test metrics "
         "(validation and test images are not protected)",
         "tuning across trials (see the sweep's tuning epsilon)",
-        f"a patient with k images gets only k-fold group privacy (unit: one {privacy.privacy_unit})",
     ]
+    if privacy.privacy_unit == "image":
+        outside.append("a patient with k images gets only the k-image group guarantee (privacy/epsilon_patient)")
+    unit = ("one patient (all its training images, at most "
+            f"{privacy.max_images_per_patient}; N = training patients)" if privacy.privacy_unit == "patient"
+            else "one image")
     release = ""
     if pos_weight == "train" and privacy.label_count_noise_multiplier is not None:
         release = (f", after one Gaussian release of the training label counts (noise multiplier "
                    f"{privacy.label_count_noise_multiplier:g}) for pos_weight=train, composed into the budget")
     return (
-        f"({privacy.target_epsilon:g}, {privacy.delta:g})-DP target for the released model updates; unit: one "
-        f"{privacy.privacy_unit}; add/remove adjacency; N={n_train} treated as public; DP-SGD with Poisson sampling "
+        f"({privacy.target_epsilon:g}, {privacy.delta:g})-DP target for the released model updates; unit: "
+        f"{unit}; add/remove adjacency; N={n_train} treated as public; DP-SGD with Poisson sampling "
         f"q={privacy.sample_rate:.6g}, {privacy.steps} steps, clip C={privacy.max_grad_norm:g}, noise multiplier "
         f"{privacy.noise_multiplier:.6g}{release}; accountant {privacy.accountant} (Opacus); randomness: {randomness}. "
         f"Outside it: {'; '.join(outside)}."

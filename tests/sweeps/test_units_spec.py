@@ -1,0 +1,128 @@
+"""`privacy.privacy_unit` as a grid axis: parsing, refusals, planning on N_patients, trial keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.plan import DatasetPlan, SweepPaths, make_trial, plan_sweep, trial_key, trial_template
+from sweeps.spec import SpecError, load_spec, parse_spec
+from trainables.data.cache import open_cache
+from trainables.data.synthetic import prepare_synthetic
+from trainables.models import ResolvedInit
+from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+UNITS = SWEEPS / "units-smoke.yaml"
+
+
+def units_dict() -> dict:
+    return yaml.safe_load(UNITS.read_text())
+
+
+def test_units_sweep_runs_both_units_side_by_side_with_suffixed_keys():
+    spec = load_spec(UNITS)
+    assert spec.axes.privacy_unit == ("image", "patient")
+    points = spec.grid()
+    assert len(points) == 6 and {p.privacy_unit for p in points} == {"image", "patient"}
+    keys = [trial_key(spec, p) for p in points]
+    assert len(set(keys)) == 6 and all(k.endswith(("-image", "-patient")) for k in keys)
+
+
+def test_single_unit_sweeps_keep_their_trial_keys():
+    spec = load_spec(SWEEPS / "smoke.yaml")
+    assert spec.axes.privacy_unit == ("image",)
+    assert trial_key(spec, spec.grid()[0]) == "random-eps1-clip1-lr0.0005-seed0"
+    raw = units_dict()
+    raw["privacy"]["privacy_unit"] = "patient"
+    patient_only = parse_spec(raw)
+    assert trial_key(patient_only, patient_only.grid()[0]) == "random-eps1-clip1-lr0.0005-seed0"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
+    ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level sweep needs"),
+    ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
+    ({"training": {"pos_weight": "train"}}, "pos_weight: train with privacy.privacy_unit: patient"),
+    ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
+    ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
+    ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
+])
+def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
+    raw = units_dict()
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values}
+    with pytest.raises(SpecError) as error:
+        parse_spec(raw, source="units.yaml")
+    assert expected in str(error.value)
+
+
+def test_a_prepared_dataset_without_patient_ids_is_refused_by_the_plan():
+    plan = DatasetPlan("vindr-like", 100, 0.32, 12, n_patients=None)
+    assert plan.n_records("image") == 100
+    with pytest.raises(SpecError, match="vindr-like: its patient ids are its image ids"):
+        plan.n_records("patient")
+
+
+def test_patient_trials_are_planned_on_n_patients(tmp_path):
+    raw = units_dict()
+    raw["privacy"]["target_epsilon"] = [2]
+    spec = parse_spec(raw)
+    prepare_synthetic("synthetic-a", tmp_path, size=64)
+    plan = plan_sweep(spec, SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)
+    ids = open_cache(tmp_path / "synthetic-a" / "64").split("train").patient_id
+    dataset = plan.datasets["synthetic-a"]
+    assert dataset.n_patients == len(set(ids)) < dataset.n_train == len(ids)
+    by_unit = {t.config.privacy.privacy_unit: t for t in plan.trials}
+    patient = by_unit["patient"].config.privacy
+    assert (patient.sample_rate, patient.steps) == sample_rate_and_steps(dataset.n_patients, 32, 3)
+    assert patient.max_images_per_patient == 3 and by_unit["image"].config.privacy.max_images_per_patient is None
+    assert 2 - 0.01 <= epsilon_spent(patient.noise_multiplier, patient.sample_rate, patient.steps, 6e-6) <= 2
+    assert by_unit["patient"].params["n_patients"] == dataset.n_patients
+    assert f"N={dataset.n_patients} treated as public" in by_unit["patient"].params["privacy/guarantee"]
+
+
+def test_delta_is_checked_against_one_over_n_patients(tmp_path):
+    spec = parse_spec(units_dict())
+    template = trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db"))
+    assert template.privacy.max_images_per_patient == 3
+    raw = units_dict()
+    raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1038
+    prepare_synthetic("synthetic-a", tmp_path, size=64)
+    with pytest.raises(SpecError, match=r"N = training patients\): delta=0.001 >= 1/N=0.000963391 for N=1038"):
+        plan_sweep(parse_spec(raw), SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)
+
+
+def test_make_trial_sets_the_unit_of_the_point(tmp_path):
+    spec = parse_spec(units_dict())
+    point = next(p for p in spec.grid() if p.privacy_unit == "patient")
+    trial = make_trial(spec, trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")),
+                       DatasetPlan("synthetic-a", 1000, 0.032, 96, n_patients=600),
+                       ResolvedInit("random", "random", "test_convnext", None), point, "k", noise_multiplier=1.1,
+                       expected_batch_size=32, epochs=3, provenance_tags={})
+    assert trial.config.privacy.privacy_unit == "patient"
+    assert (trial.config.privacy.sample_rate, trial.config.privacy.steps) == sample_rate_and_steps(600, 32, 3)
+    assert trial.tags["dpsweep.adjacency"].startswith("add/remove one patient")
+
+
+def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_composes_both():
+    import pandas as pd
+
+    from sweeps.results import patient_level_sweep_epsilon, tuning_costs
+    from trainables import names as N
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
+
+    trials = pd.DataFrame([
+        {"trial": "i", "dataset": "d", "privacy_unit": "image", "noise_multiplier": 1.37109375,
+         "sample_rate": 1 / 56, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 168, N.PATIENT_IMAGES: 3},
+        {"trial": "p", "dataset": "d", "privacy_unit": "patient", "noise_multiplier": 1.6328125,
+         "sample_rate": 1 / 33, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 99,
+         N.PATIENT_IMAGES: float("nan")},
+    ])
+    assert set(tuning_costs(trials)) == {"d (image-level trials only)", "d (patient-level trials only)"}
+    expected = composed_patient_epsilon([PatientMechanism(1.37109375, 1 / 56, 168, 3),
+                                         PatientMechanism(1.6328125, 1 / 33, 99, 1)], 6e-6)
+    assert patient_level_sweep_epsilon(trials) == {"d": expected}
+    assert patient_level_sweep_epsilon(trials[trials["privacy_unit"] == "image"]) == {}  # image-only: none
