@@ -118,8 +118,8 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         raise ValueError("training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
                          "counts of all of a patient's images would need a patient-level sensitivity); use uniform")
     if patients is not None and cfg.speed.grad_sample_mode == "bk":
-        raise ValueError("privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the book-keeping "
-                         "engine does not group per-sample norms by patient yet")
+        raise ValueError("privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
+                         "book-keeping engine does not group per-sample norms by patient yet")
     if privacy.is_private:
         check_planned_budget(cfg, n_records)
 

@@ -49,6 +49,7 @@ def test_single_unit_sweeps_keep_their_trial_keys():
     ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
     ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
     ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
+    ({"speed": {"grad_sample_mode": "bk"}}, "the book-keeping engine does not group per-sample norms by patient"),
 ])
 def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
     raw = units_dict()

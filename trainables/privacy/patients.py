@@ -41,10 +41,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from trainables.privacy.bk import PerSampleLoss
 from trainables.privacy.engine import (
     GradientCheck,
     PerSampleGradientError,
-    PerSampleLoss,
     private_step,
     reference_per_sample_gradients,
     without_hooks,
