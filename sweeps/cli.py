@@ -102,8 +102,9 @@ def _load(args):
 
 
 def _sweep(args) -> int:
+    from sweeps.describe import dry_run_report
     from sweeps.launch import run_sweep
-    from sweeps.plan import dry_run_report, plan_sweep
+    from sweeps.plan import plan_sweep
     from sweeps.results import summary_text
 
     spec, paths = _load(args)
