@@ -31,6 +31,7 @@ from trainables.names import (
     EPSILON,
     FINAL_FILE,
     GROUPS_FILE,
+    PREDICTIONS_FILE,
     RAY_PARAMS_FILE,
     RELEASED_STEPS,
     STEPS,
@@ -165,6 +166,9 @@ class EvaluationTables:
     groups: pd.DataFrame
     bootstrap: pd.DataFrame
     source: str
+    predictions: pd.DataFrame | None = None
+    """One row per (trial, dataset, image): the selected model's scores (`trainables.train.prediction_table`);
+    None where the trials wrote none (older checkpoints)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,7 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
     if not ray_dir.is_dir():
         raise TableError(f"Ray experiment folder {ray_dir} does not exist")
     parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
+    predictions: list[pd.DataFrame] = []
     seen: dict[str, Path] = {}
     for trial_dir in sorted(p for p in ray_dir.iterdir() if (p / RAY_PARAMS_FILE).is_file()):
         key = _ray_trial_key(trial_dir)
@@ -273,9 +278,14 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
             table = pd.read_parquet(path)
             table.insert(0, "trial", key)
             frames.append(table)
+        if (finals[-1] / PREDICTIONS_FILE).is_file():
+            table = pd.read_parquet(finals[-1] / PREDICTIONS_FILE)
+            table.insert(0, "trial", key)
+            predictions.append(table)
     groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
                          for f in (GROUPS_FILE, BOOTSTRAP_FILE))
-    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=str(ray_dir))
+    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=str(ray_dir),
+                            predictions=pd.concat(predictions, ignore_index=True) if predictions else None)
 
 
 def write_sweep_tables(sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame,
@@ -287,6 +297,8 @@ def write_sweep_tables(sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.D
     tables = {TRIALS_FILE: trials, EPOCHS_FILE: epochs}
     if evaluation is not None:
         tables |= {GROUPS_FILE: evaluation.groups, BOOTSTRAP_FILE: evaluation.bootstrap}
+        if evaluation.predictions is not None:
+            tables[PREDICTIONS_FILE] = evaluation.predictions
     for file, table in tables.items():
         table.to_parquet(sweep_dir / file, index=False)
     return [sweep_dir / file for file in tables]

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.tables import build_tables, write_sweep_tables
+from analysis.tables import build_tables, collect_trial_tables, write_sweep_tables
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
 from sweeps.plan import (
@@ -137,11 +137,13 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
         )
     tuner.fit()
     trials, epochs = build_tables(experiment_records(experiment_path), run_ids(client, experiment_id, parent))
-    written = write_sweep_tables(sweep_dir, trials, epochs)
+    # runs/<sweep>/: the trial and epoch tables, and the trials' evaluation tables and per-image predictions
+    write_sweep_tables(sweep_dir, trials, epochs, collect_trial_tables(experiment_path))
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
     finish_parent(paths.tracking_uri, parent, "FINISHED" if complete else "FAILED",
-                  summary=tuning_summary(spec, trials), artifacts=written)
+                  summary=tuning_summary(spec, trials),
+                  artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE])
     return trials
 
 

@@ -247,3 +247,33 @@ def test_private_pos_weight_train_refuses_exact_counts(tiny_site):
     cfg = dataclasses.replace(tiny_trial_config(tiny_site, 3.0, epochs=1), pos_weight="train")
     with pytest.raises(ValueError, match=r"training\.pos_weight = 'train' with privacy\.label_count_noise_multiplier"):
         run_tiny_trial(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Predictions you can re-analyse: the logged metrics recomputed from the stored per-image scores
+
+
+def test_logged_metrics_are_recomputed_from_the_stored_predictions(tiny_site):
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import roc_auc_score
+
+    cfg = tiny_trial_config(tiny_site, math.inf, epochs=1)
+    result = run_tiny_trial(cfg).result
+    predictions = result.tables["predictions"]
+    assert set(predictions.columns) == {"dataset", "row", *(M.prediction_score(label) for label in LABELS)}
+    test = predictions[predictions["dataset"] == cfg.dataset].set_index("row")
+    manifest = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).manifest.iloc[test.index]
+    labels = manifest[list(LABELS)].to_numpy()
+    scores = test[[M.prediction_score(label) for label in LABELS]].to_numpy()
+
+    def macro_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+        per_label = [roc_auc_score(y_true[:, j], y_score[:, j]) for j in range(y_true.shape[1])
+                     if 0 < y_true[:, j].sum() < len(y_true)]
+        return float(np.mean(per_label))
+
+    assert macro_auroc(labels, scores) == pytest.approx(result.metrics[M.TEST_AUROC_MACRO], abs=1e-6)
+    # The sex AUROC gap by fairlearn's MetricFrame over the stored scores and the manifest's sex column.
+    known = manifest["sex"].isin(["F", "M"]).to_numpy()
+    frame = MetricFrame(metrics=lambda y, s: macro_auroc(np.asarray(y), np.asarray(s)), y_true=labels[known],
+                        y_pred=scores[known], sensitive_features=manifest["sex"].to_numpy()[known])
+    assert frame.difference() == pytest.approx(result.metrics[M.auroc_gap("test", "sex")], abs=1e-6)

@@ -206,6 +206,12 @@ def excluded_images(split: str, attribute: str) -> str:
     return f"{split}/fairness/excluded_images/{attribute}"
 
 
+def prediction_score(label: str) -> str:
+    """Column of a predictions table (``predictions.parquet``) holding one label's sigmoid score, e.g.
+    ``score/cardiomegaly``."""
+    return f"score/{label}"
+
+
 def _check_label(label: str) -> None:
     if label not in LABELS:
         raise KeyError(f"unknown label {label!r}; expected one of {LABELS}")
@@ -260,6 +266,7 @@ FINAL_FILE: Final = "final.json"  # a trial's final report, in its final checkpo
 TRIALS_FILE: Final = "trials.parquet"
 EPOCHS_FILE: Final = "epochs.parquet"
 GROUPS_FILE: Final = "groups.parquet"
+PREDICTIONS_FILE: Final = "predictions.parquet"  # the selected model's per-image scores (test and external sets)
 BOOTSTRAP_FILE: Final = "bootstrap.parquet"
 RAY_PARAMS_FILE: Final = "params.json"
 SWEEP_STATE_FILE: Final = "sweep.json"  # runs/<sweep>/sweep.json: fingerprint and status of a sweep

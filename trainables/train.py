@@ -45,6 +45,7 @@ from torch import nn
 
 from trainables import names as M
 from trainables.config import TrialConfig
+from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data
 from trainables.evaluate.bootstrap import dataset_bootstrap_seed
 from trainables.evaluate.fairness import subgroup_auroc_gaps
@@ -459,8 +460,11 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
     thresholds = fit_thresholds(val_labels, val_scores)
 
+    predictions = []
+
     def evaluate(name: str, dataset: CacheSplitDataset, prefix: str) -> Evaluation:
         scores, labels = predict(model, dataset, cfg.speed.eval_batch_size)
+        predictions.append(prediction_table(name, dataset.split.rows, scores))
         return evaluate_split(labels, scores, sex=dataset.split.sex, age=dataset.split.age, thresholds=thresholds,
                               age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=dataset_bootstrap_seed(name),
                               prefix=prefix)
@@ -495,4 +499,15 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         parts["bootstrap"].append(external.bootstrap.reset_index().assign(dataset=name))
     tables = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
     tables["epochs"] = pd.DataFrame(train.history)
+    tables["predictions"] = pd.concat(predictions, ignore_index=True)
     return TrialResult(metrics, tables, model)
+
+
+def prediction_table(dataset: str, rows: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """The selected model's sigmoid scores on one evaluated split, one row per image: ``dataset``, ``row`` (the
+    image's row in that dataset's cache manifest, nothing else identifying) and ``score/<label>`` (float32). Any
+    metric can be recomputed from it and the manifest (labels, sex, age) without retraining."""
+    table = pd.DataFrame({"dataset": dataset, "row": np.asarray(rows, dtype=np.int64)})
+    for j, label in enumerate(LABELS):
+        table[M.prediction_score(label)] = scores[:, j].astype(np.float32)
+    return table

@@ -57,7 +57,7 @@ def dp_trial(config: dict[str, Any]) -> None:
 
 
 def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Evaluation tables as parquet files (``groups``, ``bootstrap``, ``epochs``)."""
+    """Evaluation tables as parquet files (``groups``, ``bootstrap``, ``epochs``, ``predictions``)."""
     for name, table in tables.items():
         if table is not None:
             table.to_parquet(folder / f"{name}.parquet", index=False)
