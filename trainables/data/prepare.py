@@ -73,6 +73,8 @@ __all__ = [
     "apply_uncertain_policy",
     "assign_splits",
     "format_card",
+    "images_per_patient",
+    "inconsistent_patients",
     "prepare_dataset",
 ]
 
