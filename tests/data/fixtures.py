@@ -277,7 +277,8 @@ def build_chestxray14(base: Path) -> Path:
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 PADCHEST_COLUMNS = [
     "", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth", "PatientSex_DICOM",
-    "ViewPosition_DICOM", "Projection", "MethodProjection", "Labels", "Localizations",
+    "ViewPosition_DICOM", "Projection", "MethodProjection", "ReportID", "Report", "MethodLabel", "Labels",
+    "Localizations",
 ]  # fmt: skip
 # (image, dir, study date, patient, birth, sex, projection, labels)
 PADCHEST_ROWS = [
@@ -303,20 +304,51 @@ PADCHEST_ROWS = [
     ("p09_a.png", 1, "20170707", "pat09", "1980.0", "F", "PA", "['normal']"),
     ("p10_a.png", 0, "20120202", "pat10", "1930.0", "M", "PA", "['COPD signs', 'pleural effusion']"),
     ("p11_a.png", 1, "20120303", "pat11", "1955.0", "F", "PA", "['normal']"),
+    # shapes seen in the released file: the literal 'nan' sex (4 rows), terms below a label in PadChest's
+    # hierarchy, near-miss terms, 'normal' next to a finding, a patient whose sex and birth year disagree
+    ("p12_a.png", 1, "20130101", "pat12", "1950.0", "nan", "PA", "['atelectasis basal']"),
+    ("p13_a.png", 0, "20140101", "pat13", "1960.0", "F", "PA", "['hydropneumothorax']"),
+    ("p13_b.png", 0, "20150101", "pat13", "1961.0", "M", "AP", "['empyema', 'pericardial effusion']"),
+    (
+        "p14_a.png",
+        1,
+        "20160101",
+        "pat14",
+        "1940.0",
+        "M",
+        "PA",
+        "['pericardial effusion', 'costophrenic angle blunting', 'consolidation', 'volume loss']",
+    ),
+    ("p15_a.png", 1, "20100101", "pat15", "1945.0", "F", "PA", "['normal', 'pleural effusion']"),
+    ("p15_b.png", 1, "20100101", "pat15", "1945.0", "F", "PA", "['normal', 'scoliosis']"),
 ]
+PADCHEST_REPORTS = {  # quoted reports that span lines, as in the released file's Report column
+    "p01_a.png": " derrame pleural bilateral .\n cardiomegalia .",
+    "p03_a.png": " atelectasia lobar .\n\n neumonia basal derecha .\n",
+    "p10_a.png": " signos de epoc .\n derrame pleural .",
+}
 
 
 def build_padchest(base: Path) -> Path:
-    """The PadChest labels CSV (with its unnamed index column) and 16-bit PNGs in ``<ImageDir>/``."""
+    """The PadChest labels CSV (with its unnamed index column and multi-line quoted reports) and 16-bit PNGs in
+    ``<ImageDir>/``."""
     root = base / "padchest"
     rows = [
-        [i, image, folder, date, f"study{i}", patient, birth, sex, "", projection, "Manual", labels, "[]"]
+        [i, image, folder, date, f"study{i}", patient, birth, sex, "", projection, "Manual", 4000 + i,
+         PADCHEST_REPORTS.get(image, " sin hallazgos ."), "Physician", labels, "[]"]
         for i, (image, folder, date, patient, birth, sex, projection, labels) in enumerate(PADCHEST_ROWS)
-    ]
+    ]  # fmt: skip
     write_csv(root / PADCHEST_CSV, PADCHEST_COLUMNS, rows)
     for seed, (image, folder, *_rest) in enumerate(PADCHEST_ROWS, start=700):
         write_image(root / str(folder) / image, make_pixels(seed, high=4095))
     return root
+
+
+def physical_line(path: Path, needle: str) -> int:
+    """1-based line of the only physical line of a text file that contains ``needle``."""
+    found = [number for number, text in enumerate(path.read_text().split("\n"), start=1) if needle in text]
+    assert len(found) == 1, (needle, found)
+    return found[0]
 
 
 # --- VinDr-CXR 1.0.0 -----------------------------------------------------------------------------------
@@ -397,6 +429,57 @@ def build_vindr(base: Path) -> Path:
             sex=sex,
             age=age,
         )
+    return root
+
+
+# --- VinDr-CXR, Kaggle VinBigData copy -----------------------------------------------------------------
+
+VINDR_KAGGLE_COLUMNS = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
+VINDR_KAGGLE_CLASS_IDS = {"Aortic enlargement": 0, "Atelectasis": 1, "Cardiomegaly": 3, "Other lesion": 9,
+                          "Pleural effusion": 10, "Pleural thickening": 11, "No finding": 14}  # fmt: skip
+# image -> [(reader, [boxed classes, one row per box])]; an empty list is that reader's single "No finding" row
+VINDR_KAGGLE_TRAIN = {
+    "50a418190bc3fb1ef1633bf9678929b3": [("R11", []), ("R7", []), ("R9", [])],
+    "9a5094b2563a1ef3ff50dc5c7ff71345": [
+        ("R8", ["Cardiomegaly"]),
+        ("R9", ["Cardiomegaly", "Aortic enlargement"]),
+        ("R10", []),
+    ],
+    "051132a778e61a86eb147c7c6f564dfe": [
+        ("R8", ["Pleural effusion", "Pleural effusion"]),
+        ("R9", ["Atelectasis"]),
+        ("R10", ["Pleural thickening"]),
+    ],
+    "1c32170b4af4ce1a3030eb8167753b06": [("R11", ["Other lesion"]), ("R12", []), ("R13", [])],
+    "0c7a38f293d5f5e4846aa4ca6db4daf1": [("R8", []), ("R9", []), ("R10", [])],
+}
+VINDR_KAGGLE_TAGS = {  # image -> (PatientSex, PatientAge); Kaggle's DICOMs keep these tags, often blank
+    "50a418190bc3fb1ef1633bf9678929b3": ("F", "045Y"),
+    "9a5094b2563a1ef3ff50dc5c7ff71345": ("M", ""),
+    "051132a778e61a86eb147c7c6f564dfe": ("", "061Y"),
+    "1c32170b4af4ce1a3030eb8167753b06": ("M", "072Y"),
+    "0c7a38f293d5f5e4846aa4ca6db4daf1": ("F", "030Y"),
+}
+VINDR_KAGGLE_TEST = ("002a34c58c5b758217ed1f584ccbcfe9",)  # unlabeled in the Kaggle copy
+
+
+def build_vindr_kaggle(base: Path) -> Path:
+    """The Kaggle VinBigData layout: train.csv (one row per reader and box), train/ and test/ DICOMs."""
+    root = base / "vinbigdata-chest-xray-abnormalities-detection"
+    rows = []
+    for image, reads in VINDR_KAGGLE_TRAIN.items():
+        for reader, boxes in reads:
+            if not boxes:
+                rows.append([image, "No finding", 14, reader, "", "", "", ""])
+            for k, name in enumerate(boxes):
+                rows.append([image, name, VINDR_KAGGLE_CLASS_IDS[name], reader, 691.0 + k, 1375.0, 1653.0, 1831.0])
+    write_csv(root / "train.csv", VINDR_KAGGLE_COLUMNS, rows)
+    write_csv(root / "sample_submission.csv", ["image_id", "PredictionString"],
+              [[image, "14 1 0 0 1 1"] for image in VINDR_KAGGLE_TEST])  # fmt: skip
+    for seed, (image, (sex, age)) in enumerate(VINDR_KAGGLE_TAGS.items(), start=1000):
+        write_dicom(root / "train" / f"{image}.dicom", make_pixels(seed, high=4095), sex=sex, age=age)
+    for seed, image in enumerate(VINDR_KAGGLE_TEST, start=1050):
+        write_dicom(root / "test" / f"{image}.dicom", make_pixels(seed, high=4095))
     return root
 
 

@@ -15,7 +15,7 @@ import pytest
 from tests.data import fixtures
 from trainables.data.cache import CARD_FILE, open_cache
 from trainables.data.labels import LABELS
-from trainables.data.prepare import DatasetError, prepare_dataset
+from trainables.data.prepare import DatasetError, format_card, prepare_dataset
 from trainables.data.preprocess import PreprocessSettings, load_and_preprocess, preprocess_pixels
 
 SIZE = 16
@@ -76,6 +76,20 @@ def edit(path: Path, old: str, new: str, line: int | None = None) -> None:
 
 def append_line(path: Path, line: str) -> None:
     path.write_text(path.read_text() + line + "\n")
+
+
+def test_line_is_the_physical_line_of_the_record(tmp_path):
+    from trainables.data.adapters.base import line, read_table
+
+    text = 'id,report,sex\na,"one\ntwo",F\n\nb,plain,M\nc,"x\n\ny\n",nan\nd,"say ""hi""\nthere",F\n'
+    for path in (tmp_path / "t.csv", tmp_path / "t.csv.gz"):
+        path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+        table = read_table(path, ["id", "report", "sex"])
+        assert list(table["id"]) == ["a", "b", "c", "d"]  # pandas skips the blank line 4
+        assert [line(path, i) for i in table.index] == [2, 5, 6, 10]  # c spans lines 6-9
+        assert line(path, table[table["sex"] == "nan"].index[0]) == 6  # the index survives filtering
+    (tmp_path / "t.csv").write_text("id,report,sex\n\nz,new,F\n")  # an edited file is scanned again
+    assert line(tmp_path / "t.csv", 0) == 3
 
 
 # --- CheXpert ------------------------------------------------------------------------------------------
@@ -165,6 +179,29 @@ def test_chexpert_bad_sex_and_age(chexpert, tmp_path):
     edit(chexpert / "train.csv", ",45,", ",forty-five,")
     with pytest.raises(DatasetError, match=r"line 6, column 'Age': age 'forty-five' is not a number"):
         prepare("chexpert", chexpert, tmp_path / "data")
+
+
+def test_chexpert_frontal_rows_with_lateral_ap_pa_are_excluded(chexpert, tmp_path):
+    # the released train.csv has 17 such rows, e.g. patient07958/study5/view2_frontal.jpg: Frontal, LL
+    rows = [
+        ("train", 9, 1, "view1_frontal", "Male", "60", "Frontal", "PA", {"Cardiomegaly": "1.0"}),
+        ("train", 9, 1, "view2_frontal", "Male", "60", "Frontal", "LL", {"Pleural Effusion": "1.0"}),
+        ("train", 10, 1, "view1_frontal", "Female", "44", "Frontal", "RL", {"No Finding": "1.0"}),
+    ]
+    for seed, row in enumerate(rows, start=150):
+        cells = fixtures._chexpert_line(*row)
+        append_line(chexpert / "train.csv", ",".join(cells))
+        fixtures.write_image(chexpert / cells[0].split("/", 1)[1], fixtures.make_pixels(seed))
+    cache = prepare("chexpert", chexpert, tmp_path / "data")
+    manifest = cache.manifest.set_index("image_id")
+    assert "patient00009/study1/view1_frontal" in manifest.index
+    assert not {"patient00009/study1/view2_frontal", "patient00010/study1/view1_frontal"} & set(manifest.index)
+    assert set(manifest["view"]) == {"AP", "PA"}
+    assert card_of(cache)["excluded"] == {
+        "lateral view": 2,
+        "frontal with AP/PA LL or RL (lateral decubitus or mislabelled lateral)": 2,
+        "uncertain label (policy drop)": 4,
+    }
 
 
 def test_chexpert_root_must_hold_train_csv(chexpert, tmp_path):
@@ -368,6 +405,12 @@ PADCHEST_EXPECTED = {
     "p09_a.png": (0, 0, 0, 0, 1, "F", 37, "PA"),
     "p10_a.png": (0, 0, 1, 0, 0, "M", 82, "PA"),
     "p11_a.png": (0, 0, 0, 0, 1, "F", 57, "PA"),
+    "p12_a.png": (1, 0, 0, 0, 0, "unknown", 63, "PA"),  # atelectasis basal; the released 'nan' sex
+    "p13_a.png": (0, 0, 1, 0, 0, "F", 54, "PA"),  # hydropneumothorax: fluid in the pleural space
+    "p13_b.png": (0, 0, 1, 0, 0, "M", 54, "AP"),  # empyema; pericardial effusion alone would not count
+    "p14_a.png": (0, 0, 0, 0, 0, "M", 76, "PA"),  # near misses only: none of them is a study label
+    "p15_a.png": (0, 0, 1, 0, 0, "F", 65, "PA"),  # 'normal' + pleural effusion: the finding wins
+    "p15_b.png": (0, 0, 0, 0, 1, "F", 65, "PA"),  # 'normal' + scoliosis (not a study label): still normal
 }
 
 
@@ -380,26 +423,67 @@ def test_padchest_images(padchest, tmp_path):
     cache = prepare("padchest", padchest, tmp_path / "data")
     check_images(cache, PADCHEST_EXPECTED)
     check_pixels(cache, padchest)
-    check_seeded_split(cache, test_patients=2, val_patients=1)  # 11 patients kept: round(2.2), round(0.9)
+    check_seeded_split(cache, test_patients=3, val_patients=1)  # 14 patients kept: round(2.8), round(1.1)
     card = card_of(cache)
     assert card["excluded"] == {"projection L": 1, "projection COSTAL": 1, "uncertain label (policy drop)": 0}
     assert card["skipped"] == [{"source_path": "0/p06_b.png", "reason": "no labels in the CSV"}]
     assert cache.manifest.set_index("image_id").loc["p03_a.png", "source_path"] == "1/p03_a.png"
+    assert card["metadata_issues"] == {
+        "'normal' listed with a finding (no_finding set to 0)": 1,
+        "PatientSex_DICOM 'nan' in the released file (sex unknown)": 1,
+    }
+    assert card["inconsistent_patients"] == {
+        "sex": {"patients": 1, "examples": ["pat13: F x1, M x1"]},
+        "birth year (PatientBirth)": {"patients": 1, "examples": ["pat13: 1960 x1, 1961 x1"]},
+    }
+    assert card["images_per_patient"] == {"patients": 14, "min": 1, "median": 1.0, "p99": 2, "max": 2}
+
+
+def test_padchest_term_hierarchy():
+    from trainables.data.adapters.padchest import LABEL_TERMS, NOT_LABEL_TERMS
+
+    # each label's terms are the PadChest term and its subtree; every near miss stays out of every label
+    assert LABEL_TERMS["atelectasis"] == {
+        "atelectasis", "total atelectasis", "lobar atelectasis", "segmental atelectasis", "laminar atelectasis",
+        "round atelectasis", "atelectasis basal",
+    }  # fmt: skip
+    assert LABEL_TERMS["pleural_effusion"] == {
+        "pleural effusion", "loculated pleural effusion", "loculated fissural effusion", "hydropneumothorax",
+        "empyema", "hemothorax",
+    }  # fmt: skip
+    assert LABEL_TERMS["pneumonia"] == {"pneumonia", "atypical pneumonia"}
+    assert LABEL_TERMS["cardiomegaly"] == {"cardiomegaly"} and LABEL_TERMS["no_finding"] == {"normal"}
+    near_misses = set().union(*NOT_LABEL_TERMS.values())
+    assert "pericardial effusion" in near_misses and near_misses.isdisjoint(set().union(*LABEL_TERMS.values()))
 
 
 def test_padchest_malformed_label_list(padchest, tmp_path):
     csv_path = padchest / fixtures.PADCHEST_CSV
-    edit(csv_path, "['normal']", "normal", line=4)  # p02_a
+    number = fixtures.physical_line(csv_path, "p02_a.png")
+    assert number == 5  # after the two physical lines of p01_a's report and p01_b's line
+    edit(csv_path, "['normal']", "normal", line=number)
     with pytest.raises(
-        DatasetError, match=r"line 4, column 'Labels': 'normal' is outside the coding; expected a list"
+        DatasetError, match=rf"line {number}, column 'Labels': 'normal' is outside the coding; expected a list"
     ):
+        prepare("padchest", padchest, tmp_path / "data")
+
+
+def test_padchest_errors_name_the_physical_line_after_multiline_reports(padchest, tmp_path):
+    csv_path = padchest / fixtures.PADCHEST_CSV
+    number = fixtures.physical_line(csv_path, "p11_a.png")
+    assert number == 19  # the 13th record: line 14 counting records, plus 1 + 3 + 1 lines inside quoted reports
+    edit(csv_path, ",F,,PA,", ",X,,PA,", line=number)
+    with pytest.raises(DatasetError, match=rf"line {number}, column 'PatientSex_DICOM': sex 'X' is not a known"):
         prepare("padchest", padchest, tmp_path / "data")
 
 
 def test_padchest_unknown_sex_and_renamed_column(padchest, tmp_path):
     csv_path = padchest / fixtures.PADCHEST_CSV
     edit(csv_path, ",M,", ",X,", line=2)
-    with pytest.raises(DatasetError, match=r"line 2, column 'PatientSex_DICOM': sex 'X' is not a known code"):
+    with pytest.raises(
+        DatasetError, match=r"line 2, column 'PatientSex_DICOM': sex 'X' is not a known code; expected one of "
+        r"\['', 'F', 'M', 'O'\]"
+    ):
         prepare("padchest", padchest, tmp_path / "data")
     edit(csv_path, "Projection", "projection", line=1)
     with pytest.raises(DatasetError, match=r"missing column\(s\) \['Projection'\]"):
@@ -497,6 +581,85 @@ def test_vindr_image_in_both_files(vindr, tmp_path):
         DatasetError, match=r"duplicate image id '000434271f63a053c4128a0ba6352c7f', already in"
     ):
         prepare("vindr-cxr", vindr, tmp_path / "data")
+
+
+def test_vindr_card_says_each_image_is_its_own_patient(vindr, tmp_path):
+    per_patient = card_of(prepare("vindr-cxr", vindr, tmp_path / "data"))["images_per_patient"]
+    assert per_patient == {
+        "patients": 8, "min": 1, "median": 1.0, "p99": 1, "max": 1,
+        "note": "each image is its own patient: the dataset publishes no patient id (patient_id = image_id)",
+    }  # fmt: skip
+
+
+# --- VinDr-CXR, Kaggle VinBigData copy -----------------------------------------------------------------
+
+VINDR_KAGGLE_EXPECTED = {  # pneumonia is missing (0 = unknown); finding = any reader's box
+    "50a418190bc3fb1ef1633bf9678929b3": (0, 0, 0, 0, 1, "F", 45, "frontal"),
+    "9a5094b2563a1ef3ff50dc5c7ff71345": (0, 1, 0, 0, 0, "M", NAN, "frontal"),
+    "051132a778e61a86eb147c7c6f564dfe": (1, 0, 1, 0, 0, "unknown", 61, "frontal"),  # thickening is not effusion
+    "1c32170b4af4ce1a3030eb8167753b06": (0, 0, 0, 0, 0, "M", 72, "frontal"),  # one reader: other lesion
+    "0c7a38f293d5f5e4846aa4ca6db4daf1": (0, 0, 0, 0, 1, "F", 30, "frontal"),
+}
+
+
+@pytest.fixture
+def vindr_kaggle(tmp_path):
+    return fixtures.build_vindr_kaggle(tmp_path / "src")
+
+
+def test_vindr_cxr_recognises_the_kaggle_copy(vindr_kaggle, tmp_path):
+    with pytest.raises(DatasetError) as error:
+        prepare("vindr-cxr", vindr_kaggle, tmp_path / "data")
+    message = str(error.value)
+    assert "is the Kaggle VinBigData competition copy" in message and "no pneumonia label" in message
+    assert f"dpsweep prepare vindr-cxr-kaggle --root {vindr_kaggle}" in message
+    assert "download VinDr-CXR 1.0.0 from PhysioNet" in message
+
+
+def test_vindr_kaggle_images_and_missing_label(vindr_kaggle, tmp_path):
+    cache = prepare("vindr-cxr-kaggle", vindr_kaggle, tmp_path / "data", val_fraction=0.3)
+    check_images(cache, VINDR_KAGGLE_EXPECTED)
+    check_pixels(cache, vindr_kaggle)
+    check_seeded_split(cache, test_patients=1, val_patients=1)  # 5 images: round(1.0), round(0.3 * 4)
+    assert (cache.manifest["patient_id"] == cache.manifest["image_id"]).all()
+    assert not cache.manifest["source_path"].str.startswith("test/").any()  # Kaggle's test set is unlabeled
+    card = card_of(cache)
+    assert list(card["labels_missing"]) == ["pneumonia"]
+    assert all(entry["prevalence"]["pneumonia"] is None for entry in card["splits"].values())
+    assert card["splits"]["train"]["prevalence"]["cardiomegaly"] is not None
+    assert card["images_per_patient"]["note"].startswith("each image is its own patient")
+    assert "readers per image: {3: 5}" in card["notes"]
+    text = format_card(card)
+    assert "label missing: pneumonia (manifest column is 0 = unknown; the Kaggle VinBigData copy" in text
+
+
+def test_sweeps_refuse_a_dataset_with_missing_labels():
+    from trainables.data.registry import check_dataset_name, dataset_names, missing_labels
+
+    assert missing_labels("vindr-cxr-kaggle") == ("pneumonia",)
+    assert all(missing_labels(name) == () for name in dataset_names())
+    assert "vindr-cxr-kaggle" not in dataset_names() and "vindr-cxr" in dataset_names()
+    with pytest.raises(ValueError, match=r"dataset 'vindr-cxr-kaggle' cannot provide label\(s\) \['pneumonia'\]"):
+        check_dataset_name("vindr-cxr-kaggle")
+    check_dataset_name("vindr-cxr")
+
+
+def test_vindr_kaggle_bad_rows(vindr_kaggle, tmp_path):
+    train_csv = vindr_kaggle / "train.csv"
+    edit(train_csv, "Atelectasis,1,", "Atelectasis,3,")
+    number = fixtures.physical_line(train_csv, "Atelectasis,3,")
+    with pytest.raises(DatasetError, match=rf"line {number}, column 'class_id': '3' does not match class_name"):
+        prepare("vindr-cxr-kaggle", vindr_kaggle, tmp_path / "data")
+    edit(train_csv, "Atelectasis,3,", "Atelectasis,1,")
+    append_line(train_csv, "50a418190bc3fb1ef1633bf9678929b3,Cardiomegaly,3,R7,1.0,2.0,3.0,4.0")
+    with pytest.raises(DatasetError, match=r"reader 'R7' marks image '50a418190bc3fb1ef1633bf9678929b3' 'No "
+                       r"finding' and also draws boxes \(lines \[3, 19\]\)"):  # fmt: skip
+        prepare("vindr-cxr-kaggle", vindr_kaggle, tmp_path / "data")
+
+
+def test_vindr_kaggle_on_the_physionet_layout_says_which_to_use(vindr, tmp_path):
+    with pytest.raises(DatasetError, match="looks like PhysioNet VinDr-CXR 1.0.0: prepare it as `vindr-cxr`"):
+        prepare("vindr-cxr-kaggle", vindr, tmp_path / "data")
 
 
 # --- UKA-CXR -------------------------------------------------------------------------------------------

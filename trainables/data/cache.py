@@ -79,40 +79,55 @@ def validate_manifest(manifest: pd.DataFrame, n_images: int | None = None, where
         raise CacheError(f"{where}: patient {patient!r} is in splits {splits}; splits must be patient-disjoint")
 
 
-def write_cache(out_dir: Path, images: np.ndarray, manifest: pd.DataFrame, card: dict | None = None) -> Path:
+def write_cache(
+    out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame, card: dict | None = None
+) -> Path:
     """Validate and write one prepared dataset; files are written atomically (tmp + rename).
 
     Args:
         out_dir: ``<data_root>/<dataset>/<size>``; created if needed.
-        images: uint8 array [N, H, W].
+        images: uint8 array [N, H, W], or the path of a ``.npy`` file holding one on the same filesystem,
+            which is moved into place (no copy, so a large cache never passes through memory).
         manifest: one row per image in the same order, with ``MANIFEST_COLUMNS``.
         card: extra dataset-card fields (e.g. skipped images); counts are added here.
     """
+    source = images if isinstance(images, Path) else None
+    if source is not None:
+        images = np.load(source, mmap_mode="r")  # header only: shape and dtype
     if images.dtype != np.uint8 or images.ndim != 3:
         raise CacheError(f"images must be uint8 [N, H, W], got {images.dtype} {images.shape}")
     manifest = manifest.reset_index(drop=True)
     validate_manifest(manifest, n_images=len(images), where=str(out_dir))
     manifest = manifest[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (IMAGES_FILE + ".tmp.npy")
-    np.save(tmp, np.ascontiguousarray(images))
-    tmp.replace(out_dir / IMAGES_FILE)
+    size = int(images.shape[1])
+    if source is not None:
+        del images
+        source.replace(out_dir / IMAGES_FILE)
+    else:
+        tmp = out_dir / (IMAGES_FILE + ".tmp.npy")
+        np.save(tmp, np.ascontiguousarray(images))
+        tmp.replace(out_dir / IMAGES_FILE)
     tmp_manifest = out_dir / (MANIFEST_FILE + ".tmp")
     manifest.to_parquet(tmp_manifest, index=False)
     tmp_manifest.replace(out_dir / MANIFEST_FILE)
-    full_card = {**dataset_card(manifest, images.shape[1]), **(card or {})}
+    full_card = {**dataset_card(manifest, size), **(card or {})}
     (out_dir / CARD_FILE).write_text(json.dumps(full_card, indent=2, default=str))
     return out_dir
 
 
-def images_per_patient_summary(patient_id: pd.Series) -> dict | None:
-    """min, median, p99 (an observed count: the 99th percentile rounded up) and max images per patient; None when
-    empty. These figures are public dataset metadata for patient-level accounting (`trainables.privacy.units`)."""
-    if not len(patient_id):
+def images_per_patient_summary(patient_id: pd.Series | np.ndarray) -> dict | None:
+    """Images per patient: ``patients``, ``min``, ``median``, ``p99`` and ``max`` over patients; None when empty.
+
+    p99 is the nearest-rank percentile, an observed count: the smallest count that at least 99 % of patients do not
+    exceed (``numpy.percentile(method="inverted_cdf")``, as `trainables.privacy.units.images_per_patient`). These
+    figures are treated as public dataset metadata for patient-level accounting (`trainables.privacy.units`)."""
+    ids = np.asarray(patient_id, dtype=str)
+    if not len(ids):
         return None
-    counts = patient_id.value_counts().to_numpy()
-    return {"min": int(counts.min()), "median": float(np.median(counts)),
-            "p99": int(np.quantile(counts, 0.99, method="higher")), "max": int(counts.max())}
+    counts = np.unique(ids, return_counts=True)[1]
+    return {"patients": int(len(counts)), "min": int(counts.min()), "median": float(np.median(counts)),
+            "p99": int(np.percentile(counts, 99, method="inverted_cdf")), "max": int(counts.max())}
 
 
 def dataset_card(manifest: pd.DataFrame, size: int) -> dict:

@@ -12,12 +12,18 @@ Pipeline (`prepare_dataset`):
    patient-disjoint.
 3. The uncertain policy (`apply_uncertain_policy`): ``drop`` removes every image with -1 in any of the
    five labels; ``zeros`` / ``ones`` recode -1 as 0 / 1. Blank ("not mentioned") is already 0.
-4. Pixels (`trainables.data.preprocess`), in parallel over images, into a preallocated memmap under
-   ``<out>/<name>/<size>/.partial/`` with a done-mask saved every `FLUSH_EVERY` images / `FLUSH_SECONDS`
-   and on any interruption. Running the same command again resumes: done images are not read again.
-   Unreadable images are skipped and listed in the card with the reason.
-5. `write_cache` writes ``images.npy``, ``manifest.parquet`` and ``card.json``; ``.partial`` is removed
-   and the card is printed (`format_card`).
+4. Pixels (`trainables.data.preprocess`), in parallel over images, streamed one row at a time into a
+   preallocated ``.npy`` file under ``<out>/<name>/<size>/.partial/`` (positioned writes, no memory map,
+   so memory does not grow with the number of images), with a done-mask saved every `FLUSH_EVERY` images /
+   `FLUSH_SECONDS` and on any interruption. Running the same command again resumes: done images are not
+   read again. Unreadable images are skipped and listed in the card with the reason.
+5. `write_cache` writes ``manifest.parquet`` and ``card.json`` and moves the image file into place as
+   ``images.npy`` (no copy; when images were skipped the kept rows are first compacted chunk by chunk);
+   ``.partial`` is removed. `format_card` renders the card as text (``dpsweep prepare`` prints it once).
+
+The card also reports images per patient, patients whose metadata disagrees across their images (sex, and
+what the adapter marks as per-patient, e.g. PadChest's birth year), labels the distribution cannot provide,
+and how fast this run preprocessed.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from tqdm import tqdm
 from trainables.data import preprocess
 from trainables.data.adapters import ADAPTERS, PREPARABLE, DatasetError, get_adapter
 from trainables.data.adapters.base import UNCERTAIN
-from trainables.data.cache import CARD_FILE, MANIFEST_COLUMNS, write_cache
+from trainables.data.cache import MANIFEST_COLUMNS, dataset_card, images_per_patient_summary, write_cache
 from trainables.data.labels import LABELS, SEXES, SPLITS
 from trainables.data.preprocess import PreprocessSettings, UnreadableImage
 
@@ -53,6 +59,10 @@ FLUSH_EVERY = 500
 FLUSH_SECONDS = 30.0
 PENDING, DONE, SKIPPED = 0, 1, 2
 """Done-mask states of one image."""
+ATTRIBUTE_PREFIX = "__patient_attribute__"
+"""Prefix of the per-patient attribute columns carried through the pipeline (never in the manifest)."""
+EXAMPLES = 5
+"""Patients listed by name per kind of inconsistent metadata in the card (the rest are counted)."""
 
 __all__ = [
     "ADAPTERS",
@@ -63,6 +73,8 @@ __all__ = [
     "apply_uncertain_policy",
     "assign_splits",
     "format_card",
+    "images_per_patient",
+    "inconsistent_patients",
     "prepare_dataset",
 ]
 
@@ -125,6 +137,8 @@ def prepare_dataset(
             f"{name}: no images left after filtering ({dict(table.excluded)}); check the files in {root}"
         )
 
+    attributes = {f"{ATTRIBUTE_PREFIX}{key}": np.asarray(v, dtype=str) for key, v in table.patient_attributes.items()}
+    records = records.assign(**attributes)
     split, split_method = assign_splits(
         records["patient_id"].to_numpy(dtype=str),
         records["official_split"].to_numpy(dtype=str),
@@ -153,7 +167,12 @@ def prepare_dataset(
         "sources_sha256": hashlib.sha256("\n".join(manifest["source_path"]).encode()).hexdigest(),
     }
     partial = _Partial.open(out_dir / PARTIAL_DIR, fingerprint, settings.size)
-    _preprocess_all(partial, root, manifest["source_path"].tolist(), settings, workers, stop_after, name)
+    try:
+        timing = _preprocess_all(
+            partial, root, manifest["source_path"].tolist(), settings, workers, stop_after, name
+        )
+    finally:
+        partial.close()
 
     done = partial.status == DONE
     skipped = [*table.skipped] + [
@@ -162,7 +181,11 @@ def prepare_dataset(
     ]
     manifest = manifest[done].reset_index(drop=True)
     _check_splits_not_empty(manifest, name, f"after skipping {len(skipped)} unreadable image(s)")
-    images = partial.images if done.all() else partial.compact(np.flatnonzero(done))
+    images_file = partial.images_file(np.flatnonzero(done))
+    attribute_values = {
+        "sex": manifest["sex"].to_numpy(dtype=str),
+        **{key.removeprefix(ATTRIBUTE_PREFIX): manifest[key].to_numpy(dtype=str) for key in attributes},
+    }
     card = {
         "dataset": name,
         "title": adapter.title,
@@ -183,13 +206,23 @@ def prepare_dataset(
         "excluded": excluded,
         "metadata_issues": dict(table.issues),
         "demographics": demographic_coverage(manifest),
+        "images_per_patient": images_per_patient(
+            manifest["patient_id"].to_numpy(dtype=str), image_is_patient=table.image_is_patient
+        ),
+        "inconsistent_patients": inconsistent_patients(
+            manifest["patient_id"].to_numpy(dtype=str), attribute_values
+        ),
+        "labels_missing": dict(adapter.missing_labels),
         "n_skipped": len(skipped),
         "skipped": skipped,
+        "prepare_timing": timing,
     }
-    write_cache(out_dir, images, manifest[list(MANIFEST_COLUMNS)], card)
-    del images
+    if adapter.missing_labels:  # the prevalence of a label the dataset does not have is unknown, not 0
+        card["splits"] = dataset_card(manifest, settings.size)["splits"]
+        for entry in card["splits"].values():
+            entry["prevalence"].update({label: None for label in adapter.missing_labels})
+    write_cache(out_dir, images_file, manifest[list(MANIFEST_COLUMNS)], card)
     partial.remove()
-    print(format_card(json.loads((out_dir / CARD_FILE).read_text())))
     return out_dir
 
 
@@ -290,6 +323,49 @@ def demographic_coverage(manifest: pd.DataFrame) -> dict:
     return coverage
 
 
+def images_per_patient(patient_id: np.ndarray, *, image_is_patient: bool = False) -> dict:
+    """Images per patient: min, median, p99 and max over patients.
+
+    p99 is the nearest-rank percentile: the smallest count that at least 99 % of patients do not exceed
+    (``numpy.percentile(method="inverted_cdf")``). ``image_is_patient`` adds the statement that the dataset
+    has no patient ids, so every count is 1 by construction.
+    """
+    entry: dict = images_per_patient_summary(patient_id) or {}
+    if image_is_patient:
+        entry["note"] = "each image is its own patient: the dataset publishes no patient id (patient_id = image_id)"
+    return entry
+
+
+def inconsistent_patients(patient_id: np.ndarray, attributes: dict[str, np.ndarray]) -> dict:
+    """Patients whose images disagree on a value that belongs to the patient (sex, birth year, ...).
+
+    A patient disagrees when their images carry two or more different *recorded* values; unknown or blank
+    values (``"unknown"``, ``""``) are not counted as a value. Images keep their own values: this is a report.
+
+    Args:
+        patient_id: str [n], one per image.
+        attributes: attribute name -> str [n] values per image.
+
+    Returns:
+        name -> ``{"patients": count, "examples": ["<patient>: <value> x<images>, ...", ...]}`` for the
+        first `EXAMPLES` such patients in sorted id order; attributes without any are left out.
+    """
+    out = {}
+    for name, values in attributes.items():
+        frame = pd.DataFrame({"patient": np.asarray(patient_id, dtype=str), "value": np.asarray(values, dtype=str)})
+        frame = frame[~frame["value"].isin(["", "unknown"])]
+        distinct = frame.groupby("patient", sort=True)["value"].nunique()
+        patients = distinct.index[distinct.to_numpy() > 1]
+        if not len(patients):
+            continue
+        examples = []
+        for patient in patients[:EXAMPLES]:
+            counts = frame.loc[frame["patient"] == patient, "value"].value_counts().sort_index()
+            examples.append(f"{patient}: " + ", ".join(f"{value} x{count}" for value, count in counts.items()))
+        out[name] = {"patients": int(len(patients)), "examples": examples}
+    return out
+
+
 def format_card(card: dict, max_skipped: int = 20) -> str:
     """The dataset card as text: counts and prevalence per split, demographics, exclusions, skipped images.
 
@@ -331,6 +407,21 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
         lines.append(f"  {split}: age known for {entry['age_known']} images, {span}")
     if "views" in card:
         lines.append("  views: " + ", ".join(f"{k} {v}" for k, v in card["views"].items()))
+    per_patient = card.get("images_per_patient")
+    if per_patient:
+        lines.append(
+            f"  images per patient: min {per_patient['min']}, median {per_patient['median']:g}, "
+            f"p99 {per_patient['p99']}, max {per_patient['max']}"
+            + (f" ({per_patient['note']})" if per_patient.get("note") else "")
+        )
+    for attribute, entry in card.get("inconsistent_patients", {}).items():
+        lines.append(
+            f"  patients whose images disagree on {attribute}: {entry['patients']} (e.g. "
+            + "; ".join(entry["examples"][:3])
+            + ")"
+        )
+    for label, reason in card.get("labels_missing", {}).items():
+        lines.append(f"  label missing: {label} (manifest column is 0 = unknown; {reason})")
     if "split_method" in card:
         lines.append(f"  split: {card['split_method']}")
     for key, title in (("excluded", "excluded"), ("metadata_issues", "metadata issues")):
@@ -345,6 +436,13 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
             lines.append(f"    ... and {len(skipped) - max_skipped} more (see card.json)")
     else:
         lines.append("  skipped: none")
+    timing = card.get("prepare_timing")
+    if timing and timing.get("images"):
+        lines.append(
+            f"  preprocessed {timing['images']} image(s) in {timing['seconds']:.1f} s with {timing['workers']} "
+            f"worker(s): {timing['images_per_second']:.1f} images/s, "
+            f"{timing['images_per_second_per_worker']:.1f} per worker"
+        )
     return "\n".join(lines)
 
 
@@ -382,16 +480,21 @@ def _check_options(
 
 
 class _Partial:
-    """The resumable work area: a preallocated image memmap plus a done-mask with skip reasons.
+    """The resumable work area: a preallocated ``.npy`` image file plus a done-mask with skip reasons.
 
     Files in ``.partial/``: ``plan.json`` (fingerprint of dataset, root, settings and image list),
-    ``images.npy`` (uint8 [n, size, size], written in place) and ``progress.npz`` (``status`` uint8 [n]
-    in PENDING/DONE/SKIPPED, skip reasons). `flush` writes the image pages first and then replaces
-    ``progress.npz`` atomically, so an image marked done on disk always has its pixels on disk.
+    ``images.npy`` (uint8 [n, size, size]) and ``progress.npz`` (``status`` uint8 [n] in
+    PENDING/DONE/SKIPPED, skip reasons). Rows are written with positioned writes (``os.pwrite``) at their
+    offset in the file, not through a memory map, so the process holds one image at a time however large
+    the dataset. `flush` syncs the image file to disk first and then replaces ``progress.npz`` atomically,
+    so an image marked done on disk always has its pixels on disk.
     """
 
-    def __init__(self, path: Path, images: np.ndarray, status: np.ndarray, reasons: dict[int, str]):
-        self.path, self.images, self.status, self.reasons = path, images, status, reasons
+    def __init__(self, path: Path, n: int, size: int, offset: int, status: np.ndarray, reasons: dict[int, str]):
+        self.path, self.n, self.size, self.offset = path, n, size, offset
+        self.status, self.reasons = status, reasons
+        self.row_bytes = size * size
+        self._fd: int | None = os.open(path / "images.npy", os.O_RDWR)
 
     @classmethod
     def open(cls, path: Path, fingerprint: dict, size: int) -> _Partial:
@@ -399,7 +502,7 @@ class _Partial:
         plan = path / "plan.json"
         if plan.is_file():
             if json.loads(plan.read_text()) == fingerprint and (path / "images.npy").is_file():
-                images = np.load(path / "images.npy", mmap_mode="r+")
+                shape, offset = _npy_layout(path / "images.npy")
                 status, reasons = np.zeros(n, dtype=np.uint8), {}
                 if (path / "progress.npz").is_file():
                     with np.load(path / "progress.npz") as progress:
@@ -409,40 +512,72 @@ class _Partial:
                                 progress["skip_index"].tolist(), progress["skip_reason"].tolist(), strict=True
                             )
                         )
-                if images.shape == (n, size, size) and status.shape == (n,):
+                if shape == (n, size, size) and status.shape == (n,):
                     _say(f"resuming {path}: {int((status != PENDING).sum())} of {n} images already done")
-                    return cls(path, images, status, reasons)
+                    return cls(path, n, size, offset, status, reasons)
             _say(f"discarding {path}: it holds partial work for other settings or another image list")
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
-        images = np.lib.format.open_memmap(
-            path / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size)
-        )
+        offset = _create_npy(path / "images.npy", (n, size, size))
         plan.write_text(json.dumps(fingerprint, indent=2))
-        return cls(path, images, np.zeros(n, dtype=np.uint8), {})
+        return cls(path, n, size, offset, np.zeros(n, dtype=np.uint8), {})
+
+    def write(self, index: int, pixels: np.ndarray) -> None:
+        """Store one preprocessed image (uint8 [size, size]) as row ``index``."""
+        data = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if data.shape != (self.size, self.size):
+            raise ValueError(f"row {index}: expected a {self.size}x{self.size} image, got {data.shape}")
+        os.pwrite(self._fd, data.tobytes(), self.offset + index * self.row_bytes)
 
     def flush(self) -> None:
-        self.images.flush()
+        os.fsync(self._fd)
         skip_index = np.array(sorted(self.reasons), dtype=np.int64)
         skip_reason = np.array([self.reasons[i] for i in skip_index.tolist()], dtype=str)
         tmp = self.path / "progress.tmp.npz"
         np.savez(tmp, status=self.status, skip_index=skip_index, skip_reason=skip_reason)
         os.replace(tmp, self.path / "progress.npz")
 
-    def compact(self, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
-        """Copy the given rows into a new memmap (skipped images removed), chunk by chunk."""
-        out = np.lib.format.open_memmap(
-            self.path / "compact.npy", mode="w+", dtype=np.uint8, shape=(len(rows), *self.images.shape[1:])
-        )
-        for start in range(0, len(rows), chunk):
-            out[start : start + chunk] = self.images[rows[start : start + chunk]]
-        out.flush()
-        return out
+    def images_file(self, rows: np.ndarray, chunk: int = 1024) -> Path:
+        """A ``.npy`` file holding exactly ``rows`` (in order): the work file itself when every row is kept,
+        else a compacted copy written chunk by chunk (skipped images removed)."""
+        self.close()
+        source = self.path / "images.npy"
+        if len(rows) == self.n and np.array_equal(rows, np.arange(self.n)):
+            return source
+        target = self.path / "compact.npy"
+        offset = _create_npy(target, (len(rows), self.size, self.size))
+        with source.open("rb") as reader, target.open("r+b") as writer:
+            writer.seek(offset)
+            for start in range(0, len(rows), chunk):
+                for row in rows[start : start + chunk].tolist():
+                    writer.write(os.pread(reader.fileno(), self.row_bytes, self.offset + row * self.row_bytes))
+        return target
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def remove(self) -> None:
-        self.images = None
+        self.close()
         shutil.rmtree(self.path)
+
+
+def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
+    """Create a uint8 ``.npy`` file of ``shape`` (a sparse file: no pixels are written); its data offset."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = int(array.offset)
+    del array
+    return offset
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
+    """Shape and data offset of an existing uint8 ``.npy`` file (only the header is read)."""
+    array = np.load(path, mmap_mode="r")
+    shape, offset = tuple(array.shape), int(array.offset)
+    del array
+    return shape, offset
 
 
 def _preprocess_all(
@@ -453,8 +588,14 @@ def _preprocess_all(
     workers: int,
     stop_after: int | None,
     name: str,
-) -> None:
-    """Fill every PENDING row of ``partial``, saving progress as it goes (see `_Partial`)."""
+) -> dict:
+    """Fill every PENDING row of ``partial``, saving progress as it goes (see `_Partial`).
+
+    Returns:
+        The timing of this call for the card: ``workers``, ``images`` preprocessed now (resumed ones are
+        not counted), wall ``seconds`` from the first job to the last result, ``images_per_second`` and
+        ``images_per_second_per_worker`` (wall-clock throughput divided by the worker count).
+    """
     pending = np.flatnonzero(partial.status == PENDING)
     todo = pending if stop_after is None else pending[:stop_after]
     jobs = [(int(i), str(root / source_paths[i])) for i in todo]
@@ -466,6 +607,7 @@ def _preprocess_all(
         disable=None,
     )
     since_flush, last_flush = 0, time.monotonic()
+    started = time.perf_counter()
     results = _run_jobs(jobs, settings, workers)
     try:
         for index, pixels, reason in results:
@@ -473,7 +615,7 @@ def _preprocess_all(
                 partial.reasons[index] = reason
                 partial.status[index] = SKIPPED
             else:
-                partial.images[index] = pixels
+                partial.write(index, pixels)
                 partial.status[index] = DONE
             since_flush += 1
             bar.update(1)
@@ -487,6 +629,7 @@ def _preprocess_all(
         remaining = int((partial.status == PENDING).sum())
         _say(f"interrupted with {remaining} images left; run the same command again to resume")
         raise
+    seconds = time.perf_counter() - started
     partial.flush()
     bar.close()
     if len(todo) < len(pending):
@@ -494,6 +637,15 @@ def _preprocess_all(
             f"{name}: stopped after {len(todo)} images as requested (stop_after); {len(pending) - len(todo)} "
             "left; run again to resume"
         )
+    used_workers = 1 if workers == 1 or len(jobs) <= 1 else min(workers, len(jobs))
+    rate = len(jobs) / seconds if jobs and seconds > 0 else 0.0
+    return {
+        "workers": used_workers,
+        "images": len(jobs),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(rate, 2),
+        "images_per_second_per_worker": round(rate / used_workers, 2),
+    }
 
 
 def _run_jobs(

@@ -4,17 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainables.data.adapters import PREPARABLE
+from trainables.data.adapters import ADAPTERS, PREPARABLE
 from trainables.data.cache import MANIFEST_FILE
+from trainables.data.labels import LABELS
 from trainables.data.synthetic import SYNTHETIC_DATASETS, prepare_synthetic
 from trainables.names import dataset_dir
 
 
 def dataset_names() -> tuple[str, ...]:
-    return (*SYNTHETIC_DATASETS, *PREPARABLE)
+    """Datasets a sweep may name: the synthetic twins and every preparable dataset that has all five labels."""
+    return (*SYNTHETIC_DATASETS, *(name for name in PREPARABLE if not missing_labels(name)))
+
+
+def missing_labels(name: str) -> tuple[str, ...]:
+    """Study labels (in `LABELS` order) that dataset ``name`` cannot provide; () when it has all five.
+
+    Such a dataset can be prepared and inspected (its card lists the missing labels and why), but its
+    manifest column for a missing label is all 0 and means "unknown", so training or evaluating that label
+    on it would be wrong. Known at the name, before anything is prepared.
+    """
+    adapter = ADAPTERS.get(name)
+    if adapter is None:
+        return ()
+    return tuple(label for label in LABELS if label in adapter.missing_labels)
 
 
 def check_dataset_name(name: str) -> None:
+    """Raise ValueError unless a sweep may use dataset ``name`` (the message lists the valid names)."""
+    missing = missing_labels(name)
+    if missing:
+        reasons = "; ".join(f"{label}: {ADAPTERS[name].missing_labels[label]}" for label in missing)
+        raise ValueError(
+            f"dataset {name!r} cannot provide label(s) {list(missing)} ({reasons}); a sweep trains and evaluates "
+            f"all of {list(LABELS)}, so it cannot use this dataset; choose one of {dataset_names()}"
+        )
     if name not in dataset_names():
         raise ValueError(f"unknown dataset {name!r}; choose one of {dataset_names()}")
 

@@ -20,9 +20,10 @@ ADAPTERS: dict[str, Adapter] = {
         padchest.ADAPTER,
         vindr_cxr.ADAPTER,
         uka_cxr.ADAPTER,
+        vindr_cxr.KAGGLE_ADAPTER,
     )
 }
-"""Dataset name -> adapter, in the order of the study's protocol table."""
+"""Dataset name -> adapter, in the order of the study's protocol table, then other distributions of them."""
 
 PREPARABLE: tuple[str, ...] = tuple(ADAPTERS)
 """Names accepted by ``dpsweep prepare`` for real data."""

@@ -5,12 +5,16 @@ candidate image with the harmonized labels still carrying the *uncertain* code (
 where the dataset has one, normalized sex, age in years and the image path relative to the dataset
 root. ``prepare`` then applies the uncertain-label policy, assigns splits and preprocesses the pixels.
 
-Error messages name the file, the 1-based line of the offending row (the header is line 1), the column
-and the value, so a user can open the file and look.
+Error messages name the file, the 1-based physical line where the offending record starts (the header
+is line 1; quoted fields that span several lines, as PadChest's ``Report``, are counted line by line), the
+column and the value, so a user can open the file and look.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import gzip
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +58,10 @@ class SourceTable:
         skipped: rows left out because their input is bad, as ``{"source_path", "reason"}`` dicts.
         notes: how labels, demographics and splits were derived (copied into the dataset card).
         issues: counts of repaired metadata, e.g. ages outside [0, 120] set to missing.
+        patient_attributes: per-record values that should be the same on every image of a patient (e.g.
+            PadChest's birth year), name -> str array aligned with ``records``; ``""`` = not recorded.
+            ``prepare`` reports the patients whose images disagree (sex is always checked).
+        image_is_patient: the dataset publishes no patient id, so each image is its own patient.
     """
 
     records: pd.DataFrame
@@ -61,6 +69,8 @@ class SourceTable:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: tuple[str, ...] = ()
     issues: dict[str, int] = field(default_factory=dict)
+    patient_attributes: Mapping[str, np.ndarray] = field(default_factory=dict)
+    image_is_patient: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,12 +82,16 @@ class Adapter:
         title: human-readable dataset name and version.
         load: ``load(root, **options) -> SourceTable``.
         options: adapter option name -> help text (the CLI turns ``patients_csv`` into ``--patients-csv``).
+        missing_labels: study labels this distribution cannot provide, label -> why. Their manifest
+            column is all 0 and means "unknown", not "negative"; the card lists them and a sweep must not
+            train or evaluate them (`trainables.data.registry.missing_labels`).
     """
 
     name: str
     title: str
     load: Callable[..., SourceTable]
     options: Mapping[str, str] = field(default_factory=dict)
+    missing_labels: Mapping[str, str] = field(default_factory=dict)
 
     def read(self, root: Path, **options: object) -> SourceTable:
         """Check the options, then load. Options whose value is None count as not given."""
@@ -95,13 +109,36 @@ class Adapter:
         return self.load(root, **given)
 
 
-def line(index: int) -> int:
-    """1-based line in the CSV file of the row with 0-based index ``index`` in the file (header = line 1).
+def line(path: Path | str, index: int) -> int:
+    """1-based physical line of ``path`` on which the data record with 0-based index ``index`` starts.
 
-    Tables keep the index `read_table` gave them (row position in the file) through filtering, so error
-    messages point at the right line even for a subset of rows.
+    The header is line 1. Records are counted as `read_table` reads them (blank lines skipped), and quoted
+    fields holding line breaks count every physical line, so the number is the one an editor shows.
+    Tables keep the index `read_table` gave them (record position in the file) through filtering, so
+    error messages point at the right line even for a subset of rows. The file is scanned once, only when
+    an error message needs a line.
     """
-    return int(index) + 2
+    stat = Path(path).stat()
+    return int(_record_lines(str(path), stat.st_mtime_ns, stat.st_size)[int(index)])
+
+
+@functools.lru_cache(maxsize=8)
+def _record_lines(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    """Start line of every data record of a CSV (``.gz`` read through gzip), in file order; cached per
+    file version (modification time and size)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    starts: list[int] = []
+    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        previous_end, header_seen = 0, False
+        for row in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if not row:  # a blank line; pandas skips it too
+                continue
+            if header_seen:
+                starts.append(start)
+            header_seen = True
+    return np.asarray(starts, dtype=np.int64)
 
 
 def find_file(root: Path, candidates: Iterable[str], dataset: str) -> Path:
@@ -152,7 +189,7 @@ def check_unique(values: pd.Series, path: Path | str, what: str) -> None:
     duplicated = values[values.duplicated()]
     if len(duplicated):
         first = duplicated.iloc[0]
-        lines = [line(i) for i in values.index[(values == first).to_numpy()]]
+        lines = [line(path, i) for i in values.index[(values == first).to_numpy()]]
         raise DatasetError(
             f"{path}: duplicate {what} {first!r} (lines {lines}); each {what} must appear once"
         )
@@ -202,7 +239,7 @@ def parse_findings(
                 + (["blank (not mentioned)"] if blank else [])
             )
             raise DatasetError(
-                f"{path}: line {line(table.index[i])}, column {column!r}: value {raw.iloc[i]!r} is "
+                f"{path}: line {line(path, table.index[i])}, column {column!r}: value {raw.iloc[i]!r} is "
                 f"outside the label coding; expected {coding}"
             )
         out[label] = codes
@@ -223,7 +260,7 @@ def map_values(
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DatasetError(
-            f"{path}: line {line(table.index[i])}, column {column!r}: {what} {raw.iloc[i]!r} is not a "
+            f"{path}: line {line(path, table.index[i])}, column {column!r}: {what} {raw.iloc[i]!r} is not a "
             f"known code; expected one of {sorted(mapping)}"
         )
     return mapped.to_numpy(dtype=object).astype(str)
@@ -237,7 +274,7 @@ def parse_numbers(table: pd.DataFrame, column: str, path: Path, what: str) -> np
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DatasetError(
-            f"{path}: line {line(table.index[i])}, column {column!r}: {what} {raw.iloc[i]!r} is not a number"
+            f"{path}: line {line(path, table.index[i])}, column {column!r}: {what} {raw.iloc[i]!r} is not a number"
         )
     return values
 

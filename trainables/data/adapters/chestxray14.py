@@ -91,7 +91,7 @@ def load(root: Path) -> SourceTable:
     if unlisted.any():
         i = int(np.flatnonzero(unlisted)[0])
         raise DatasetError(
-            f"{entry_path}: line {line(table.index[i])}: image {image_ids.iloc[i]!r} is in neither "
+            f"{entry_path}: line {line(entry_path, table.index[i])}: image {image_ids.iloc[i]!r} is in neither "
             f"train_val_list.txt nor test_list.txt ({int(unlisted.sum())} such images); use the lists of "
             "the same release"
         )
@@ -105,7 +105,7 @@ def load(root: Path) -> SourceTable:
     if bad_age.any():
         i = int(np.flatnonzero(bad_age)[0])
         raise DatasetError(
-            f"{entry_path}: line {line(table.index[i])}, column 'Patient Age': "
+            f"{entry_path}: line {line(entry_path, table.index[i])}, column 'Patient Age': "
             f"{table['Patient Age'].iloc[i]!r} is not an age in years"
         )
     age, implausible = clean_ages(age)
@@ -139,7 +139,7 @@ def _parse_findings(table: pd.DataFrame, path: Path) -> dict[str, np.ndarray]:
         unknown = [name for name in names if name not in known]
         if unknown or (NO_FINDING in names and len(names) > 1):
             raise DatasetError(
-                f"{path}: line {line(index)}, column 'Finding Labels': {'|'.join(findings)!r} is outside the "
+                f"{path}: line {line(path, index)}, column 'Finding Labels': {'|'.join(findings)!r} is outside the "
                 f"coding; expected '|'-separated names from {sorted(FINDINGS)} or 'No Finding' alone"
             )
     sets = [{name.strip() for name in findings} for findings in lists]

@@ -7,7 +7,10 @@ Root: the ``CheXpert-v1.0`` folder (or ``CheXpert-v1.0-small``) holding ``train.
 - Labels: ``Atelectasis``, ``Cardiomegaly``, ``Pleural Effusion``, ``Pneumonia``, ``No Finding``, each
   1.0 / 0.0 / -1.0 (uncertain) / blank (not mentioned = negative). no_finding is the ``No Finding`` column.
 - Demographics: ``Sex`` Female/Male/Unknown; ``Age`` in years, 0 = missing.
-- Views: ``Frontal/Lateral`` = Frontal kept; ``view`` is the ``AP/PA`` value.
+- Views: ``Frontal/Lateral`` = Frontal kept; ``view`` is the ``AP/PA`` value (AP or PA). 17 rows of the
+  released train.csv are marked Frontal but have ``AP/PA`` LL or RL (left/right lateral: a lateral
+  decubitus film or a mislabelled lateral; the file names say ``frontal``). The study uses standard frontal
+  films, so these are excluded and counted in the card.
 - Split: none official (the small official validation set is pooled with train); the study used a
   custom 20 % patient-wise test split, so ``prepare`` draws a seeded patient-disjoint split.
 - Ids: patient ``patient00001`` from the path; image id ``patient00001/study1/view1_frontal``.
@@ -45,6 +48,9 @@ LABEL_COLUMNS = {
 REQUIRED = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS.values())
 SEX_CODES = {"Female": "F", "Male": "M", "Unknown": "unknown", "": "unknown"}
 VIEW_CODES = {"Frontal": "Frontal", "Lateral": "Lateral"}
+LATERAL_AP_PA = ("LL", "RL")
+"""``AP/PA`` values of a lateral direction; on a row marked Frontal they contradict it (excluded)."""
+EXCLUDED_FRONTAL_LATERAL = "frontal with AP/PA LL or RL (lateral decubitus or mislabelled lateral)"
 
 
 def load(root: Path) -> SourceTable:
@@ -66,8 +72,10 @@ def load(root: Path) -> SourceTable:
         check_unique(table["Path"], path, "Path")
         views = map_values(table, "Frontal/Lateral", VIEW_CODES, path, "view")
         lateral = views == "Lateral"
+        contradictory = ~lateral & table["AP/PA"].astype(str).str.strip().isin(LATERAL_AP_PA).to_numpy()
         excluded["lateral view"] += int(lateral.sum())
-        table = table[~lateral]
+        excluded[EXCLUDED_FRONTAL_LATERAL] += int(contradictory.sum())
+        table = table[~lateral & ~contradictory]
         source_paths, patients, image_ids = _parse_paths(table, path)
         for image_id in image_ids:
             if image_id in seen:
@@ -96,7 +104,8 @@ def load(root: Path) -> SourceTable:
         "0.0 negative, -1.0 uncertain (uncertain policy), blank = not mentioned = negative",
         "no_finding = the 'No Finding' column",
         "sex from 'Sex' (Female/Male/Unknown); age from 'Age' in years, 0 = missing",
-        "frontal images only; valid.csv pooled with train.csv; no official test split "
+        "frontal images only (rows marked Frontal with AP/PA LL or RL excluded); valid.csv pooled with "
+        "train.csv; no official test split "
         "(seeded patient-wise split)",
     )
     return SourceTable(records=records, excluded=+excluded, notes=notes, issues=+issues)
@@ -110,7 +119,7 @@ def _parse_paths(table: pd.DataFrame, path: Path) -> tuple[list[str], list[str],
         patient = next((p for p in parts if p.startswith("patient")), None)
         if len(parts) < 4 or patient is None or not parts[0].startswith("CheXpert"):
             raise DatasetError(
-                f"{path}: line {line(index)}, column 'Path': {value!r} is not a CheXpert image path like "
+                f"{path}: line {line(path, index)}, column 'Path': {value!r} is not a CheXpert image path like "
                 "'CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg'"
             )
         relative = PurePosixPath(*parts[1:])

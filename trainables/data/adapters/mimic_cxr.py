@@ -91,7 +91,7 @@ def load(root: Path, patients_csv: Path | str | None = None) -> SourceTable:
         i = int(np.flatnonzero(missing)[0])
         raise DatasetError(
             f"{split_path}: no split for dicom_id {dicom_ids.iloc[i]!r} (from {metadata_path.name} line "
-            f"{line(metadata.index[i])}) and {int(missing.sum()) - 1} more; use the split file of the "
+            f"{line(metadata_path, metadata.index[i])}) and {int(missing.sum()) - 1} more; use the split file of the "
             "same release"
         )
     check_patient_splits(
@@ -104,7 +104,7 @@ def load(root: Path, patients_csv: Path | str | None = None) -> SourceTable:
     if bad_date.any():
         i = int(np.flatnonzero(bad_date)[0])
         raise DatasetError(
-            f"{metadata_path}: line {line(metadata.index[i])}, column 'StudyDate': "
+            f"{metadata_path}: line {line(metadata_path, metadata.index[i])}, column 'StudyDate': "
             f"{metadata['StudyDate'].iloc[i]!r} is not a YYYYMMDD date"
         )
     study_year = np.floor(study_dates / 10000)

@@ -5,12 +5,19 @@ the image folders ``0/`` ... ``54/`` named by the ``ImageDir`` column.
 
 - Labels: ``Labels`` is a stringified Python list of report terms (e.g. ``"['pleural effusion',
   'cardiomegaly']"``); terms are stripped and lower-cased. A harmonized label is positive iff the list
-  contains one of its terms (`LABEL_TERMS`: the PadChest term and its more specific sub-terms, e.g.
-  ``lobar atelectasis``); no_finding = ``normal`` listed. There is no uncertain code. A row whose
-  ``Labels`` is blank or an empty list is skipped and listed in the card; a value that is not a list
-  literal is an error.
-- Demographics: ``PatientSex_DICOM`` M/F (blank or O = unknown); age = year of ``StudyDate_DICOM`` minus
-  ``PatientBirth`` (a year), in whole years.
+  contains one of its terms (`LABEL_TERMS`): the PadChest term and every term below it in PadChest's
+  hierarchy of radiographic findings (e.g. ``lobar atelectasis``, ``atelectasis basal``,
+  ``hydropneumothorax``). Terms outside those subtrees stay negative even when their name is close
+  (`NOT_LABEL_TERMS`: ``pericardial effusion`` is not a pleural effusion, ``consolidation`` is not
+  pneumonia). no_finding = ``normal`` listed *and* none of the four findings positive: PadChest lists
+  ``normal`` next to a finding on a few images (one sentence of the report each), and in every other
+  dataset of the study no_finding excludes the four findings; such images keep the finding, get
+  no_finding = 0 and are counted in the card. There is no uncertain code. A row whose ``Labels`` is
+  blank or an empty list is skipped and listed in the card; a value that is not a list literal is an error.
+- Demographics: ``PatientSex_DICOM`` M/F (blank or O = unknown; the literal ``nan`` that the released
+  file carries on 4 rows is read as unknown and counted); age = year of ``StudyDate_DICOM`` minus
+  ``PatientBirth`` (a year), in whole years. ``PatientBirth`` is checked for patients whose images
+  disagree (the card lists them); each image keeps its own value.
 - Views: ``Projection`` PA, AP, AP_horizontal kept (the group's choice); others excluded and counted.
 - Split: none official; the study used a custom 20 % test split, so ``prepare`` draws a seeded
   patient-disjoint split.
@@ -45,21 +52,43 @@ LABEL_TERMS: dict[str, frozenset[str]] = {
     "atelectasis": frozenset(
         {
             "atelectasis",
+            "total atelectasis",
             "lobar atelectasis",
             "segmental atelectasis",
             "laminar atelectasis",
             "round atelectasis",
-            "total atelectasis",
+            "atelectasis basal",
         }
     ),
     "cardiomegaly": frozenset({"cardiomegaly"}),
     "pleural_effusion": frozenset(
-        {"pleural effusion", "loculated pleural effusion", "loculated fissural effusion"}
+        {
+            "pleural effusion",
+            "loculated pleural effusion",
+            "loculated fissural effusion",  # fluid in a fissure: pleural space (also under fissure thickening)
+            "hydropneumothorax",  # fluid and air in the pleural space (also under pneumothorax)
+            "empyema",  # an infected pleural effusion
+            "hemothorax",  # blood in the pleural space; in the hierarchy, not in the 160K labels
+        }
     ),
     "pneumonia": frozenset({"pneumonia", "atypical pneumonia"}),
     "no_finding": frozenset({"normal"}),
 }
-"""Harmonized label -> PadChest report terms that make it positive."""
+"""Harmonized label -> PadChest terms that make it positive: the term and its subtree in PadChest's hierarchy
+(Bustos et al., "PadChest", Medical Image Analysis 2020, hierarchical taxonomy of radiographic findings)."""
+
+NOT_LABEL_TERMS: dict[str, frozenset[str]] = {
+    "atelectasis": frozenset({"volume loss", "hypoexpansion", "hypoexpansion basal"}),
+    "cardiomegaly": frozenset({"heart insufficiency", "pericardial effusion"}),
+    "pleural_effusion": frozenset(
+        {"pericardial effusion", "costophrenic angle blunting", "pleural thickening", "pleural plaques"}
+    ),
+    "pneumonia": frozenset(
+        {"consolidation", "infiltrates", "alveolar pattern", "air bronchogram", "abscess", "tuberculosis"}
+    ),
+}
+"""Terms near a label that are deliberately *not* positive for it: separate nodes of the hierarchy (a sign or a
+pattern, not the diagnosis; another serous cavity). Kept here so the choice is explicit and tested."""
 
 REQUIRED = (
     "ImageID",
@@ -73,6 +102,8 @@ REQUIRED = (
 )
 PROJECTIONS_KEPT = ("PA", "AP", "AP_horizontal")
 SEX_CODES = {"M": "M", "F": "F", "O": "unknown", "": "unknown"}
+RELEASED_SEX_QUIRKS = ("nan",)
+"""Values that are not DICOM sex codes but occur in the released file (4 rows): read as unknown, counted."""
 
 
 def load(root: Path) -> SourceTable:
@@ -104,18 +135,25 @@ def load(root: Path) -> SourceTable:
     if bad_date.any():
         i = int(np.flatnonzero(bad_date)[0])
         raise DatasetError(
-            f"{path}: line {line(table.index[i])}, column 'StudyDate_DICOM': "
+            f"{path}: line {line(path, table.index[i])}, column 'StudyDate_DICOM': "
             f"{table['StudyDate_DICOM'].iloc[i]!r} is not a YYYYMMDD date"
         )
     birth_year = parse_numbers(table, "PatientBirth", path, "birth year")
     age, implausible = clean_ages(np.floor(study_date / 10000) - birth_year)
+    labels = {
+        label: np.array([not row.isdisjoint(wanted) for row in terms], dtype=np.int8)
+        for label, wanted in LABEL_TERMS.items()
+    }
+    finding = np.any([labels[label] == 1 for label in LABEL_TERMS if label != "no_finding"], axis=0)
+    normal_with_finding = (labels["no_finding"] == 1) & finding
+    labels["no_finding"][normal_with_finding] = 0
+    raw_sex = table["PatientSex_DICOM"].astype(str).str.strip()
+    quirks = raw_sex.isin(RELEASED_SEX_QUIRKS).to_numpy()
+    table = table.assign(PatientSex_DICOM=raw_sex.where(~quirks, ""))
     records = make_records(
         image_id=image_ids,
         patient_id=table["PatientID"].str.strip(),
-        labels={
-            label: np.array([not row.isdisjoint(wanted) for row in terms], dtype=np.int8)
-            for label, wanted in LABEL_TERMS.items()
-        },
+        labels=labels,
         sex=map_values(table, "PatientSex_DICOM", SEX_CODES, path, "sex"),
         age=age,
         view=table["Projection"].str.strip().tolist(),
@@ -123,14 +161,31 @@ def load(root: Path) -> SourceTable:
         source_path=source_paths,
     )
     notes = (
-        "labels from the 'Labels' term list: "
+        "labels from the 'Labels' term list (each term and its subtree in PadChest's hierarchy): "
         + "; ".join(f"{k} <- {sorted(v)}" for k, v in LABEL_TERMS.items()),
-        "a term not listed is negative (no uncertain code); no_finding = 'normal' listed",
-        "sex from 'PatientSex_DICOM'; age = study year - 'PatientBirth'",
+        "deliberately not positive: " + "; ".join(f"{k}: {sorted(v)}" for k, v in NOT_LABEL_TERMS.items()),
+        "a term not listed is negative (no uncertain code); no_finding = 'normal' listed and none of the four "
+        "findings ('normal' next to a finding: the finding is kept, no_finding = 0, counted)",
+        "sex from 'PatientSex_DICOM' (O, blank and the released 'nan' = unknown); age = study year - "
+        "'PatientBirth'",
         "projections PA, AP, AP_horizontal; no official split (seeded patient-wise split)",
     )
-    issues = Counter({"age outside [0, 120] set to missing": implausible})
-    return SourceTable(records=records, excluded=+excluded, skipped=skipped, notes=notes, issues=+issues)
+    issues = Counter(
+        {
+            "age outside [0, 120] set to missing": implausible,
+            "'normal' listed with a finding (no_finding set to 0)": int(normal_with_finding.sum()),
+            "PatientSex_DICOM 'nan' in the released file (sex unknown)": int(quirks.sum()),
+        }
+    )
+    birth = np.array(["" if np.isnan(year) else f"{year:g}" for year in birth_year], dtype=str)
+    return SourceTable(
+        records=records,
+        excluded=+excluded,
+        skipped=skipped,
+        notes=notes,
+        issues=+issues,
+        patient_attributes={"birth year (PatientBirth)": birth},
+    )
 
 
 def _parse_terms(table: pd.DataFrame, path: Path) -> list[frozenset[str]]:
@@ -147,7 +202,7 @@ def _parse_terms(table: pd.DataFrame, path: Path) -> list[frozenset[str]]:
             parsed = None
         if not isinstance(parsed, list | tuple) or not all(isinstance(term, str) for term in parsed):
             raise DatasetError(
-                f"{path}: line {line(index)}, column 'Labels': {value!r} is outside the coding; expected "
+                f"{path}: line {line(path, index)}, column 'Labels': {value!r} is outside the coding; expected "
                 "a list of terms like \"['pleural effusion', 'cardiomegaly']\""
             )
         out.append(frozenset(term.strip().lower() for term in parsed if term.strip()))

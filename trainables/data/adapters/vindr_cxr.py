@@ -17,6 +17,20 @@ Root: the ``vinbigdata-chest-xray-...`` / ``1.0.0`` folder holding ``annotations
 - Split: official, ``image_labels_train.csv`` -> train (validation carved from it), ``_test.csv`` -> test.
 - Ids: VinDr-CXR publishes no patient identifier, so each image is its own patient (``patient_id`` =
   ``image_id``); patient-level splits are therefore image-level.
+
+The Kaggle copy (VinBigData Chest X-ray Abnormalities Detection: ``train.csv`` with one box per reader and
+finding, ``train/`` and ``test/`` DICOMs) has no image-level labels, only the 14 local findings, so it
+carries no pneumonia label and its test images no labels at all. ``vindr-cxr`` recognises that layout and
+says so; it is prepared as ``vindr-cxr-kaggle`` (`KAGGLE_ADAPTER`):
+
+- Labels: per image, a finding is positive if any reader drew a box of class ``Atelectasis``,
+  ``Cardiomegaly`` or ``Pleural effusion``; no_finding = every reader's only row is ``No finding``.
+  pneumonia is *missing* (``Adapter.missing_labels``): its manifest column is 0 and means unknown; the card
+  says so and `trainables.data.registry` keeps sweeps from using the dataset. ``class_name`` must be one of
+  the 15 Kaggle classes and agree with ``class_id``; a reader may not mark ``No finding`` next to a box.
+- Demographics, views, ids: as above (DICOM headers; each image is its own patient).
+- Split: none official (Kaggle's test images are unlabeled and not used): seeded image-wise split of the
+  15,000 training images.
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ from trainables.data.adapters.base import (
     SourceTable,
     check_unique,
     clean_ages,
+    line,
     make_records,
+    map_values,
     parse_findings,
     read_table,
 )
@@ -57,10 +73,39 @@ YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 SEX_CODES = {"F": "F", "M": "M"}
 
 
+KAGGLE_NAME = "vindr-cxr-kaggle"
+KAGGLE_CLASSES = {
+    "Aortic enlargement": "0", "Atelectasis": "1", "Calcification": "2", "Cardiomegaly": "3",
+    "Consolidation": "4", "ILD": "5", "Infiltration": "6", "Lung Opacity": "7", "Nodule/Mass": "8",
+    "Other lesion": "9", "Pleural effusion": "10", "Pleural thickening": "11", "Pneumothorax": "12",
+    "Pulmonary fibrosis": "13", "No finding": "14",
+}  # fmt: skip
+"""Kaggle VinBigData ``class_name`` -> ``class_id``: the 14 local findings and "No finding"."""
+KAGGLE_LABEL_CLASSES = {
+    "atelectasis": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "pleural_effusion": "Pleural effusion",
+}
+"""Study label -> the Kaggle box class that makes it positive."""
+KAGGLE_MISSING_LABELS = {
+    "pneumonia": "the Kaggle VinBigData copy has local (box) findings only; pneumonia is a global label of "
+    "PhysioNet VinDr-CXR 1.0.0 (annotations/image_labels_*.csv)"
+}
+KAGGLE_REQUIRED = ("image_id", "class_name", "class_id", "rad_id")
+
+
 def load(root: Path) -> SourceTable:
     """Read both label files under ``root/annotations`` and the DICOM headers for sex and age."""
     train_path = root / "annotations" / "image_labels_train.csv"
     test_path = root / "annotations" / "image_labels_test.csv"
+    if not train_path.is_file() and _is_kaggle_layout(root):
+        raise DatasetError(
+            f"{NAME}: {root} is the Kaggle VinBigData competition copy (train.csv: one box per reader and local "
+            f"finding; no image-level labels, so no pneumonia label, and unlabeled test images), not PhysioNet "
+            f"VinDr-CXR 1.0.0 (annotations/image_labels_train.csv and image_labels_test.csv). Either prepare it "
+            f"as `dpsweep prepare {KAGGLE_NAME} --root {root}` (four of the five labels; the card lists the "
+            "missing one and sweeps refuse it) or download VinDr-CXR 1.0.0 from PhysioNet for all five labels"
+        )
     train = read_table(train_path, ("image_id", "rad_id", *LABEL_COLUMNS.values()))
     test = read_table(test_path, ("image_id", *LABEL_COLUMNS.values()))
     train = train.rename(columns=OTHER_DISEASE_SPELLINGS)
@@ -125,7 +170,7 @@ def load(root: Path) -> SourceTable:
         "no patient ids published: patient_id = image_id",
     )
     issues["PatientAge zero or outside [0, 120] (age missing)"] += zero + implausible
-    return SourceTable(records=records, skipped=skipped, notes=notes, issues=+issues)
+    return SourceTable(records=records, skipped=skipped, notes=notes, issues=+issues, image_is_patient=True)
 
 
 def parse_dicom_age(value: str) -> float:
@@ -174,4 +219,105 @@ def _read_demographics(
     return sexes, ages, unreadable, issues
 
 
+def _is_kaggle_layout(root: Path) -> bool:
+    """``root/train.csv`` exists and its header has the Kaggle columns."""
+    path = root / "train.csv"
+    if not path.is_file():
+        return False
+    with path.open(newline="") as handle:
+        header = handle.readline().strip().split(",")
+    return set(KAGGLE_REQUIRED) <= set(header)
+
+
+def load_kaggle(root: Path) -> SourceTable:
+    """Read the Kaggle VinBigData ``train.csv`` (boxes per reader) and the DICOM headers of ``train/``."""
+    path = root / "train.csv"
+    if not path.is_file():
+        hint = ""
+        if (root / "annotations" / "image_labels_train.csv").is_file():
+            hint = f"; {root} looks like PhysioNet VinDr-CXR 1.0.0: prepare it as `{NAME}`"
+        raise DatasetError(
+            f"{KAGGLE_NAME}: {path} not found; pass the Kaggle vinbigdata-chest-xray-abnormalities-detection "
+            f"folder holding train.csv and train/{hint}"
+        )
+    table = read_table(path, KAGGLE_REQUIRED)
+    table = table.assign(
+        image_id=table["image_id"].str.strip(),
+        rad_id=table["rad_id"].str.strip(),
+        class_name=table["class_name"].str.strip(),
+    )
+    class_ids = map_values(table, "class_name", KAGGLE_CLASSES, path, "class_name")
+    disagree = class_ids != table["class_id"].str.strip().to_numpy(dtype=str)
+    if disagree.any():
+        i = int(np.flatnonzero(disagree)[0])
+        raise DatasetError(
+            f"{path}: line {line(path, table.index[i])}, column 'class_id': {table['class_id'].iloc[i]!r} does "
+            f"not match class_name {table['class_name'].iloc[i]!r} (expected {class_ids[i]})"
+        )
+    no_finding = (table["class_name"] == "No finding").to_numpy()
+    reads = pd.DataFrame(
+        {
+            "image_id": table["image_id"].to_numpy(),
+            "rad_id": table["rad_id"].to_numpy(),
+            "no_finding": no_finding,
+            "boxes": ~no_finding,
+            **{label: (table["class_name"] == c).to_numpy() for label, c in KAGGLE_LABEL_CLASSES.items()},
+        },
+        index=table.index,
+    )
+    per_reader = reads.groupby(["image_id", "rad_id"], sort=False).agg(
+        {"no_finding": "any", "boxes": "any", **{label: "any" for label in KAGGLE_LABEL_CLASSES}}
+    )
+    both = per_reader["no_finding"] & per_reader["boxes"]
+    if both.any():
+        image_id, rad_id = both.index[int(np.flatnonzero(both.to_numpy())[0])]
+        rows = reads.index[(reads["image_id"] == image_id) & (reads["rad_id"] == rad_id)]
+        raise DatasetError(
+            f"{path}: reader {rad_id!r} marks image {image_id!r} 'No finding' and also draws boxes (lines "
+            f"{[line(path, i) for i in rows]}); a reader's 'No finding' must be the only row"
+        )
+    per_image = per_reader.groupby(level="image_id", sort=False).agg(
+        {"no_finding": "all", **{label: "any" for label in KAGGLE_LABEL_CLASSES}}
+    )
+    readers = Counter(per_reader.groupby(level="image_id", sort=False).size().tolist())
+    image_ids = per_image.index.to_numpy(dtype=str)
+    source_paths = [f"train/{image_id}.dicom" for image_id in image_ids]
+    sexes, ages, unreadable, issues = _read_demographics(root, source_paths)
+    keep = ~np.isin(np.arange(len(image_ids)), list(unreadable))
+    skipped = [{"source_path": source_paths[i], "reason": reason} for i, reason in unreadable.items()]
+    zero = int((ages == 0).sum())
+    ages, implausible = clean_ages(ages, zero_is_missing=True)
+    labels = {label: per_image[label].to_numpy(dtype=np.int8)[keep] for label in KAGGLE_LABEL_CLASSES}
+    labels["pneumonia"] = np.zeros(int(keep.sum()), dtype=np.int8)  # missing (Adapter.missing_labels)
+    labels["no_finding"] = per_image["no_finding"].to_numpy(dtype=np.int8)[keep]
+    records = make_records(
+        image_id=image_ids[keep],
+        patient_id=image_ids[keep],
+        labels=labels,
+        sex=np.asarray(sexes, dtype=object)[keep],
+        age=ages[keep],
+        view="frontal",
+        site=KAGGLE_NAME,
+        source_path=np.asarray(source_paths)[keep],
+    )
+    notes = (
+        "labels from train.csv boxes: Atelectasis, Cardiomegaly, Pleural effusion (positive if any reader drew "
+        "a box of that class); no_finding = every reader's only row is 'No finding'",
+        "pneumonia is missing: the Kaggle copy has no image-level labels (its manifest column is 0 = unknown)",
+        f"readers per image: { {k: v for k, v in sorted(readers.items())} }",
+        "sex from DICOM PatientSex; age from DICOM PatientAge (e.g. 045Y), zero or malformed = missing",
+        "all views; no official labeled test split (Kaggle's test/ images are unlabeled and not used): seeded "
+        "image-wise split; no patient ids published: patient_id = image_id",
+    )
+    issues["PatientAge zero or outside [0, 120] (age missing)"] += zero + implausible
+    return SourceTable(records=records, skipped=skipped, notes=notes, issues=+issues, image_is_patient=True)
+
+
 ADAPTER = Adapter(name=NAME, title="VinDr-CXR 1.0.0", load=load, options={})
+KAGGLE_ADAPTER = Adapter(
+    name=KAGGLE_NAME,
+    title="VinDr-CXR, Kaggle VinBigData copy (local labels only)",
+    load=load_kaggle,
+    options={},
+    missing_labels=KAGGLE_MISSING_LABELS,
+)
