@@ -111,7 +111,8 @@ def test_images_per_patient_counts() -> None:
     stats = images_per_patient(ids)
     assert (stats.n_patients, stats.minimum, stats.maximum) == (200, 1, 3)
     assert stats.median == 1.0
-    assert stats.p99 == 2  # sorted: 198 ones, a 2, a 3; position 0.99 * 199 = 197.01, rounded up to 198
+    # nearest rank: sorted 198 ones, a 2, a 3; the ceil(0.99 * 200) = 198th smallest count is 1
+    assert stats.p99 == 1
     with pytest.raises(ValueError, match="at least one image"):
         images_per_patient(np.array([], dtype=str))
 
