@@ -98,22 +98,31 @@ def read_sweep(tracking_uri: str, experiment: str, sweep: str) -> MlflowSweep:
     client = MlflowClient(tracking_uri)
     meta = client.get_experiment_by_name(experiment)
     if meta is None:
-        raise TableError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run the sweep first, or give the "
-                         "tracking URI the sweep used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)")
+        raise TableError(
+            f"no MLflow experiment {experiment!r} at {tracking_uri}; run the sweep first, or give the "
+            "tracking URI the sweep used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)"
+        )
     parents = _search(client, meta.experiment_id, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'")
     if not parents:
-        raise TableError(f"MLflow experiment {experiment!r} at {tracking_uri} has no parent run of sweep {sweep!r} "
-                         f"(tags {SWEEP_TAG}={sweep}, {ROLE_TAG}=sweep)")
+        raise TableError(
+            f"MLflow experiment {experiment!r} at {tracking_uri} has no parent run of sweep {sweep!r} "
+            f"(tags {SWEEP_TAG}={sweep}, {ROLE_TAG}=sweep)"
+        )
     parent = parents[0].info.run_id
-    children = [r for r in _search(client, meta.experiment_id, f"tags.`{PARENT_TAG}` = '{parent}'")
-                if TRIAL_KEY_TAG in r.data.tags]
+    children = [
+        r
+        for r in _search(client, meta.experiment_id, f"tags.`{PARENT_TAG}` = '{parent}'")
+        if TRIAL_KEY_TAG in r.data.tags
+    ]
     by_key: dict[str, list[str]] = {}
     for run in children:
         by_key.setdefault(run.data.tags[TRIAL_KEY_TAG], []).append(run.info.run_id)
     repeated = {key: ids for key, ids in by_key.items() if len(ids) > 1}
     if repeated:
-        raise TableError(f"sweep {sweep!r}: several MLflow child runs carry one trial key ({repeated}); delete the "
-                         "stray runs (the callback reuses a trial's run, so this is not a normal state)")
+        raise TableError(
+            f"sweep {sweep!r}: several MLflow child runs carry one trial key ({repeated}); delete the "
+            "stray runs (the callback reuses a trial's run, so this is not a normal state)"
+        )
     if not children:
         raise TableError(f"sweep {sweep!r}: its MLflow parent run {parent} has no trial runs yet; nothing to tabulate")
     children.sort(key=lambda r: (r.data.tags.get(RAY_TRIAL_ID_TAG, ""), r.info.start_time or 0))
@@ -150,8 +159,10 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
                     table = pd.read_parquet(local)
                     table.insert(0, "trial", key)
                     frames.append(table)
-    groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
-                         for f in (GROUPS_FILE, BOOTSTRAP_FILE))
+    groups, bootstrap = (
+        pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
+        for f in (GROUPS_FILE, BOOTSTRAP_FILE)
+    )
     return EvaluationTables(groups=groups, bootstrap=bootstrap, source=f"MLflow artifacts at {tracking_uri}")
 
 
@@ -177,8 +188,9 @@ def _record(client, run) -> TrialRecord:
     return TrialRecord(
         key=tags[TRIAL_KEY_TAG],
         run_id=run_id,
-        status=(TERMINATED if finished else ERROR if status == "FAILED"
-                else STOPPED if status == "FINISHED" else INCOMPLETE),
+        status=(
+            TERMINATED if finished else ERROR if status == "FAILED" else STOPPED if status == "FINISHED" else INCOMPLETE
+        ),
         error=f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
         params={k: parse_param(v) for k, v in run.data.params.items()},
         tags=dict(tags),
@@ -223,8 +235,9 @@ def _search(client, experiment_id: str, filter_string: str) -> list:
     """Every run matching the filter, newest first (MLflow pages its answers)."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=_PAGE,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=_PAGE, order_by=["attributes.start_time DESC"], page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -238,5 +251,7 @@ def _check_store_exists(tracking_uri: str) -> None:
         if not path.is_absolute():
             path = Path.cwd() / path
         if not path.is_file():
-            raise TableError(f"no MLflow database at {path} (tracking URI {tracking_uri}); run the sweep first, or "
-                             "give the tracking URI it used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)")
+            raise TableError(
+                f"no MLflow database at {path} (tracking URI {tracking_uri}); run the sweep first, or "
+                "give the tracking URI it used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)"
+            )

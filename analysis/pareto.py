@@ -151,8 +151,11 @@ def pareto_front(
 
     ranks = np.zeros(len(trials), dtype=np.int64)
     positions = np.arange(len(trials))
-    group_ids = (np.zeros(len(trials), dtype=np.int64) if by is None
-                 else trials.groupby(_as_list(by), dropna=False, sort=False).ngroup().to_numpy())
+    group_ids = (
+        np.zeros(len(trials), dtype=np.int64)
+        if by is None
+        else trials.groupby(_as_list(by), dropna=False, sort=False).ngroup().to_numpy()
+    )
     for group in np.unique(group_ids):
         members = positions[(group_ids == group) & eligible]
         if members.size:

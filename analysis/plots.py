@@ -50,19 +50,33 @@ def auroc_vs_epsilon(trials: pd.DataFrame, by: str = "init", save_to: str | Path
     non-private point stands alone in the inf slot.
     """
     return _metric_vs_epsilon(
-        trials, names.TEST_AUROC_MACRO, by, "macro test AUROC", "Test AUROC vs privacy budget",
-        ci=(names.auroc_macro_ci("test", "low"), names.auroc_macro_ci("test", "high")), save_to=save_to,
+        trials,
+        names.TEST_AUROC_MACRO,
+        by,
+        "macro test AUROC",
+        "Test AUROC vs privacy budget",
+        ci=(names.auroc_macro_ci("test", "low"), names.auroc_macro_ci("test", "high")),
+        save_to=save_to,
     )
 
 
-def fairness_vs_epsilon(trials: pd.DataFrame, metric: str = names.auroc_gap("test", "age"), by: str = "init",
-                        save_to: str | Path | None = None) -> Figure:
+def fairness_vs_epsilon(
+    trials: pd.DataFrame,
+    metric: str = names.auroc_gap("test", "age"),
+    by: str = "init",
+    save_to: str | Path | None = None,
+) -> Figure:
     """A fairness gap (default: age subgroup macro-AUROC gap on test) against spent epsilon per ``by`` value."""
     return _metric_vs_epsilon(trials, metric, by, metric, f"{metric} vs privacy budget", ci=None, save_to=save_to)
 
 
-def pareto_plot(front: pd.DataFrame, x: str = names.EPSILON, y: str = names.TEST_AUROC_MACRO,
-                color_by: str = "init", save_to: str | Path | None = None) -> Figure:
+def pareto_plot(
+    front: pd.DataFrame,
+    x: str = names.EPSILON,
+    y: str = names.TEST_AUROC_MACRO,
+    color_by: str = "init",
+    save_to: str | Path | None = None,
+) -> Figure:
     """Trials in the (``x``, ``y``) plane, front members filled and others hollow.
 
     Args:
@@ -85,14 +99,30 @@ def pareto_plot(front: pd.DataFrame, x: str = names.EPSILON, y: str = names.TEST
         if on.any():
             ax.scatter(xs[on], ys[on], color=colour, marker=marker, s=60, label=f"{group}: on the front", zorder=3)
         if (~on).any():
-            ax.scatter(xs[~on], ys[~on], facecolors="none", edgecolors=colour, marker=marker, s=60,
-                       label=f"{group}: dominated", zorder=3)
+            ax.scatter(
+                xs[~on],
+                ys[~on],
+                facecolors="none",
+                edgecolors=colour,
+                marker=marker,
+                s=60,
+                label=f"{group}: dominated",
+                zorder=3,
+            )
     # The front of the drawn plane alone (x down, y up), as a staircase: a reference for the projection.
     plane = np.column_stack([finished[x].to_numpy(dtype=float), -finished[y].to_numpy(dtype=float)])
     staircase = finished[non_dominated(plane)].sort_values([x, y])
     if len(staircase):
-        ax.step(positions(staircase[x]), staircase[y], where="post", color="0.55", lw=1, ls="--", zorder=1,
-                label=f"front of ({x}, {y}) alone")
+        ax.step(
+            positions(staircase[x]),
+            staircase[y],
+            where="post",
+            color="0.55",
+            lw=1,
+            ls="--",
+            zorder=1,
+            label=f"front of ({x}, {y}) alone",
+        )
     positions.decorate(ax)
     ax.set_xlabel(f"{x} (log scale)")
     ax.set_ylabel(y)
@@ -102,8 +132,9 @@ def pareto_plot(front: pd.DataFrame, x: str = names.EPSILON, y: str = names.TEST
     return _finish(figure, save_to)
 
 
-def cross_dataset_heatmap(matrix: pd.DataFrame, rows: str = "init", panels: str = "bin",
-                          save_to: str | Path | None = None) -> Figure:
+def cross_dataset_heatmap(
+    matrix: pd.DataFrame, rows: str = "init", panels: str = "bin", save_to: str | Path | None = None
+) -> Figure:
     """Heatmaps of `analysis.views.external_auroc_matrix`: one panel per ``panels`` value (default: bin),
     rows = ``rows`` x training dataset, columns = test dataset, each cell annotated with its AUROC."""
     levels = list(matrix.index.names)
@@ -124,16 +155,24 @@ def cross_dataset_heatmap(matrix: pd.DataFrame, rows: str = "init", panels: str 
     image = None
     for ax, value in zip(axes, panel_values, strict=True):
         panel = matrix.xs(value, level=panels)
-        labels = [f"{r} | {d}" for r, d in zip(panel.index.get_level_values(rows),
-                                               panel.index.get_level_values("dataset"), strict=True)]
+        labels = [
+            f"{r} | {d}"
+            for r, d in zip(panel.index.get_level_values(rows), panel.index.get_level_values("dataset"), strict=True)
+        ]
         data = panel.to_numpy(dtype=float)
         image = ax.imshow(data, cmap="viridis", vmin=low, vmax=high, aspect="auto")
         for (i, j), cell in np.ndenumerate(data):
             text = "-" if math.isnan(cell) else f"{cell:.3f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="white" if not math.isnan(cell) and cell < (low + high) / 2 else "black")
-        ax.set_xticks(range(len(panel.columns)), [str(c) for c in panel.columns], rotation=30, ha="right",
-                      fontsize=7)
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if not math.isnan(cell) and cell < (low + high) / 2 else "black",
+            )
+        ax.set_xticks(range(len(panel.columns)), [str(c) for c in panel.columns], rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels), fontsize=7)
         ax.set_title(f"{panels} {value}", fontsize=9)
         ax.set_xlabel("test dataset", fontsize=8)
@@ -144,9 +183,13 @@ def cross_dataset_heatmap(matrix: pd.DataFrame, rows: str = "init", panels: str 
     return _finish(figure, save_to, tight=False)
 
 
-def epsilon_trajectories(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS,
-                         color_by: str = "target_epsilon", style_by: str = "init",
-                         save_to: str | Path | None = None) -> Figure:
+def epsilon_trajectories(
+    epochs: pd.DataFrame,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    color_by: str = "target_epsilon",
+    style_by: str = "init",
+    save_to: str | Path | None = None,
+) -> Figure:
     """Spent epsilon after each epoch, one line per private trial; dotted lines at the finite bin edges.
 
     Colour follows ``color_by`` and line style/marker ``style_by``, so trials whose accounting is identical
@@ -169,16 +212,31 @@ def epsilon_trajectories(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUD
     for index, (trial, rows) in enumerate(finite.sort_values(names.EPOCH).groupby("trial", sort=True)):
         colour = f"C{colour_values.index(rows[color_by].iloc[0])}" if colour_values else f"C{index}"
         style = _LINESTYLES[style_values.index(str(rows[style_by].iloc[0])) % len(_LINESTYLES)] if style_values else "-"
-        ax.plot(rows[names.EPOCH], rows[names.EPSILON], color=colour, ls=style, lw=1.4, alpha=0.85,
-                marker=_MARKERS[style_values.index(str(rows[style_by].iloc[0])) % len(_MARKERS)] if style_values
-                else "o", ms=4, label=trial)
+        ax.plot(
+            rows[names.EPOCH],
+            rows[names.EPSILON],
+            color=colour,
+            ls=style,
+            lw=1.4,
+            alpha=0.85,
+            marker=_MARKERS[style_values.index(str(rows[style_by].iloc[0])) % len(_MARKERS)] if style_values else "o",
+            ms=4,
+            label=trial,
+        )
     ax.xaxis.get_major_locator().set_params(integer=True)
     top = float(finite[names.EPSILON].max())
     for edge in sorted({b.high for b in bins if math.isfinite(b.high)}):
         if edge <= top * 1.5:
             ax.axhline(edge, color="0.5", ls=":", lw=1)
-            ax.annotate(f"eps = {edge:g}", (1, edge), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                        fontsize=7, color="0.4")
+            ax.annotate(
+                f"eps = {edge:g}",
+                (1, edge),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="0.4",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{names.EPSILON} (spent so far)")
     title = "Privacy spent per epoch"
@@ -206,8 +264,9 @@ class _EpsilonAxis:
 
     def decorate(self, ax: Axes) -> None:
         ax.set_xscale("log")
-        ticks = list(self.ticks[:8]) if len(self.ticks) <= 8 else list(np.geomspace(self.min_finite,
-                                                                                     self.max_finite, 6))
+        ticks = (
+            list(self.ticks[:8]) if len(self.ticks) <= 8 else list(np.geomspace(self.min_finite, self.max_finite, 6))
+        )
         labels = [f"{t:.3g}" for t in ticks]
         if self.has_inf:
             ax.axvline(math.sqrt(self.max_finite * self.slot), color="0.6", ls=":", lw=1)
@@ -218,8 +277,15 @@ class _EpsilonAxis:
         ax.set_xlim(self.min_finite / 1.6, (self.slot if self.has_inf else self.max_finite) * 1.6)
 
 
-def _metric_vs_epsilon(trials: pd.DataFrame, metric: str, by: str, ylabel: str, title: str,
-                       ci: tuple[str, str] | None, save_to: str | Path | None) -> Figure:
+def _metric_vs_epsilon(
+    trials: pd.DataFrame,
+    metric: str,
+    by: str,
+    ylabel: str,
+    title: str,
+    ci: tuple[str, str] | None,
+    save_to: str | Path | None,
+) -> Figure:
     figure = Figure(figsize=(6.4, 4.4))
     ax = figure.add_subplot()
     for column in ("status", by, names.EPSILON, metric):
@@ -235,8 +301,7 @@ def _metric_vs_epsilon(trials: pd.DataFrame, metric: str, by: str, ylabel: str, 
         colour, marker = f"C{index}", _MARKERS[index % len(_MARKERS)]
         if ci is not None and all(c in rows for c in ci):
             low, high = rows[ci[0]].to_numpy(dtype=float), rows[ci[1]].to_numpy(dtype=float)
-            ax.errorbar(xs, ys, yerr=np.vstack([ys - low, high - ys]), fmt="none", ecolor=colour, alpha=0.6,
-                        capsize=3)
+            ax.errorbar(xs, ys, yerr=np.vstack([ys - low, high - ys]), fmt="none", ecolor=colour, alpha=0.6, capsize=3)
         private = np.isfinite(rows[names.EPSILON].to_numpy(dtype=float))
         ax.plot(xs[private], ys[private], color=colour, lw=1.2)
         ax.scatter(xs, ys, color=colour, marker=marker, s=40, label=str(group), zorder=3)

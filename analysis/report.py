@@ -24,9 +24,21 @@ from trainables import names
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 FIGURES_DIR = "figures"
-PROVENANCE_COLUMNS = ("model", "dataset", "accountant", "delta", "privacy_unit", "git_commit", "torch_version",
-                      "opacus_version", "timm_version", "ray_version", "mlflow_version", "numpy_version",
-                      "scikit_learn_version")
+PROVENANCE_COLUMNS = (
+    "model",
+    "dataset",
+    "accountant",
+    "delta",
+    "privacy_unit",
+    "git_commit",
+    "torch_version",
+    "opacus_version",
+    "timm_version",
+    "ray_version",
+    "mlflow_version",
+    "numpy_version",
+    "scikit_learn_version",
+)
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
@@ -45,8 +57,9 @@ code { background: #f4f4f4; padding: 0 3px; }
 """
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
-                 ray_experiment_dir: str | Path | None = None) -> Path:
+def write_report(
+    sweep_dir: str | Path, out_dir: str | Path | None = None, ray_experiment_dir: str | Path | None = None
+) -> Path:
     """Render the sweep's report and return the path of its ``index.html``.
 
     Args:
@@ -90,31 +103,36 @@ class _Page:
         if frame.empty:
             self.note("(empty: no finished trial falls here)")
             return
-        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0,
-                             classes="dataframe", escape=True)
+        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes="dataframe", escape=True)
         self.parts.append(f'<div class="wide">{body}</div>')
 
     def figure(self, name: str, make: Callable[[Path], object], caption: str) -> None:
         path = self.out_dir / FIGURES_DIR / f"{name}.png"
         make(path)
         relative = path.relative_to(self.out_dir).as_posix()
-        self.parts.append(f'<figure><img src="{html.escape(relative)}" alt="{html.escape(name)}">'
-                          f"<figcaption>{caption}</figcaption></figure>")
+        self.parts.append(
+            f'<figure><img src="{html.escape(relative)}" alt="{html.escape(name)}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
 
     def render(self, title: str) -> str:
-        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-                f"<h1>{html.escape(title)}</h1>" + "\n".join(self.parts) + "</body></html>\n")
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>" + "\n".join(self.parts) + "</body></html>\n"
+        )
 
 
 def _summary(page: _Page, tables: SweepTables) -> None:
     trials = tables.trials
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     counts = trials["status"].value_counts().to_dict()
-    page.note(f"Sweep folder <code>{html.escape(str(tables.sweep_dir))}</code>, {len(trials)} trials "
-              f"({', '.join(f'{html.escape(str(k))}: {v}' for k, v in counts.items())}), "
-              f"{len(tables.epochs)} epoch rows. Generated {generated}. Evaluation tables: "
-              f"{html.escape(tables.evaluation_note)}.")
+    page.note(
+        f"Sweep folder <code>{html.escape(str(tables.sweep_dir))}</code>, {len(trials)} trials "
+        f"({', '.join(f'{html.escape(str(k))}: {v}' for k, v in counts.items())}), "
+        f"{len(tables.epochs)} epoch rows. Generated {generated}. Evaluation tables: "
+        f"{html.escape(tables.evaluation_note)}."
+    )
     provenance = {c: ", ".join(map(str, trials[c].dropna().unique())) for c in PROVENANCE_COLUMNS if c in trials}
     if provenance:
         page.table(pd.DataFrame({"value": provenance}).rename_axis("setting"))
@@ -123,30 +141,55 @@ def _summary(page: _Page, tables: SweepTables) -> None:
     if names.GUARANTEE in trials:
         page.table(trials[["trial", names.GUARANTEE]], index=False)
     if names.EPSILON_PATIENT in trials and trials[names.EPSILON_PATIENT].notna().any():
-        page.note(f"The epsilon above protects one image. For a patient it is larger: <code>{names.EPSILON_PATIENT}"
-                  f"</code> is the guarantee for the training split's patient with the most images (k = <code>"
-                  f"{names.PATIENT_IMAGES}</code>; <code>{names.EPSILON_PATIENT_P99}</code> for the 99th percentile), "
-                  "computed tightly for k images sharing each step's noise (privacy-loss distribution of the "
-                  "Binomial(k, q) mixture). Images per patient are treated as public metadata, like N.")
-        shown = [c for c in ("trial", names.EPSILON, names.EPSILON_PATIENT, names.PATIENT_IMAGES,
-                             names.EPSILON_PATIENT_P99, names.PATIENT_IMAGES_P99) if c in trials]
+        page.note(
+            f"The epsilon above protects one image. For a patient it is larger: <code>{names.EPSILON_PATIENT}"
+            f"</code> is the guarantee for the training split's patient with the most images (k = <code>"
+            f"{names.PATIENT_IMAGES}</code>; <code>{names.EPSILON_PATIENT_P99}</code> for the 99th percentile), "
+            "computed tightly for k images sharing each step's noise (privacy-loss distribution of the "
+            "Binomial(k, q) mixture). Images per patient are treated as public metadata, like N."
+        )
+        shown = [
+            c
+            for c in (
+                "trial",
+                names.EPSILON,
+                names.EPSILON_PATIENT,
+                names.PATIENT_IMAGES,
+                names.EPSILON_PATIENT_P99,
+                names.PATIENT_IMAGES_P99,
+            )
+            if c in trials
+        ]
         page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], index=False)
     _units(page, trials)
     no_guarantee = trials[without_guarantee(trials)]
     if len(no_guarantee):
-        page.note(f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
-                  "seed is published, so their epsilon is no guarantee); they are left out of every epsilon bin and "
-                  "Pareto front: " + ", ".join(html.escape(str(k)) for k in no_guarantee["trial"]))
+        page.note(
+            f"{len(no_guarantee)} private trial(s) ran with <code>privacy.reproducible_noise</code> (their noise "
+            "seed is published, so their epsilon is no guarantee); they are left out of every epsilon bin and "
+            "Pareto front: " + ", ".join(html.escape(str(k)) for k in no_guarantee["trial"])
+        )
     audit_file = tables.sweep_dir / names.AUDIT_FILE
     if audit_file.is_file():
         audit = pd.read_parquet(audit_file)
         page.heading("Empirical privacy audit")
-        page.note("One-run audit (Steinke, Nasr &amp; Jagielski 2023) of the first grid point of each audited cell: "
-                  "m canaries, each included by a secret fair coin. The lower bound holds with the stated "
-                  "confidence; a bound above the claimed epsilon refutes the claim, one below it is consistent "
-                  "with it (a single run cannot show a claim is tight).")
-        columns = ["trial", "kind", "m", "claimed_epsilon", "epsilon_lower_bound", "confidence", "correct", "guesses",
-                   "violates_claim"]
+        page.note(
+            "One-run audit (Steinke, Nasr &amp; Jagielski 2023) of the first grid point of each audited cell: "
+            "m canaries, each included by a secret fair coin. The lower bound holds with the stated "
+            "confidence; a bound above the claimed epsilon refutes the claim, one below it is consistent "
+            "with it (a single run cannot show a claim is tight)."
+        )
+        columns = [
+            "trial",
+            "kind",
+            "m",
+            "claimed_epsilon",
+            "epsilon_lower_bound",
+            "confidence",
+            "correct",
+            "guesses",
+            "violates_claim",
+        ]
         page.table(audit[[c for c in columns if c in audit]], index=False)
     unfinished = trials[trials["status"] != FINISHED]
     if len(unfinished):
@@ -162,8 +205,10 @@ def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
     if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
         return tables
     image = trials[trials["privacy_unit"] == "image"]
-    page.note(f"The sections below are the study's views of the {len(image)} image-level trials only (image "
-              "epsilon); the patient-level trials appear in the comparison above.")
+    page.note(
+        f"The sections below are the study's views of the {len(image)} image-level trials only (image "
+        "epsilon); the patient-level trials appear in the comparison above."
+    )
     epochs = tables.epochs[tables.epochs["trial"].isin(image["trial"])] if "trial" in tables.epochs else tables.epochs
     return replace(tables, trials=image.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
 
@@ -174,9 +219,11 @@ def _units(page: _Page, trials: pd.DataFrame) -> None:
         return
     view = views.units_at_patient_epsilon(trials)
     page.heading("Image-level vs patient-level training at the same patient-level epsilon")
-    page.note("Each private trial binned by its guarantee for one patient: a patient-level trial's epsilon, an "
-              f"image-level trial's <code>{names.EPSILON_PATIENT}</code> (its largest training patient). Per cell "
-              "and unit, the trial with the best validation AUROC at its selected epoch.")
+    page.note(
+        "Each private trial binned by its guarantee for one patient: a patient-level trial's epsilon, an "
+        f"image-level trial's <code>{names.EPSILON_PATIENT}</code> (its largest training patient). Per cell "
+        "and unit, the trial with the best validation AUROC at its selected epoch."
+    )
     page.table(view, index=False)
 
 
@@ -226,16 +273,22 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
         "(model, training dataset, init, bin) the trial with the best validation AUROC at its selected epoch is shown."
     )
     page.table(selection, index=False)
-    page.figure("auroc_vs_epsilon", lambda p: plots.auroc_vs_epsilon(trials, save_to=p),
-                "Macro test AUROC of every finished trial against its spent epsilon, with 95% bootstrap CIs.")
+    page.figure(
+        "auroc_vs_epsilon",
+        lambda p: plots.auroc_vs_epsilon(trials, save_to=p),
+        "Macro test AUROC of every finished trial against its spent epsilon, with 95% bootstrap CIs.",
+    )
 
     page.heading("Cross-dataset generalization")
     page.note("Macro AUROC on the training dataset's own test split (on-domain) and on each external test set.")
     matrix = views.external_auroc_matrix(trials, selection)
     page.table(matrix)
     if not matrix.empty:
-        page.figure("cross_dataset", lambda p: plots.cross_dataset_heatmap(matrix, save_to=p),
-                    "Rows: init and training dataset; columns: test dataset; one panel per epsilon bin.")
+        page.figure(
+            "cross_dataset",
+            lambda p: plots.cross_dataset_heatmap(matrix, save_to=p),
+            "Rows: init and training dataset; columns: test dataset; one panel per epsilon bin.",
+        )
 
     page.heading("Subgroup test AUROC")
     page.note("Macro AUROC inside each sex and age group (groups without both classes for a label skip it).")
@@ -256,8 +309,11 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
         page.table(fairness.xs(attribute, axis=1, level="attribute"))
     if fairness.columns.empty:
         page.note("The trial table has no fairness columns.")
-    page.figure("fairness_vs_epsilon", lambda p: plots.fairness_vs_epsilon(trials, save_to=p),
-                "Age subgroup macro-AUROC gap against spent epsilon (lower is fairer).")
+    page.figure(
+        "fairness_vs_epsilon",
+        lambda p: plots.fairness_vs_epsilon(trials, save_to=p),
+        "Age subgroup macro-AUROC gap against spent epsilon (lower is fairer).",
+    )
 
     page.heading("Paired bootstrap comparison of inits")
     if tables.evaluation is None or tables.evaluation.bootstrap.empty:
@@ -266,7 +322,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
     page.note(
         "For each cell pair (same training dataset and bin, two inits) and test set: <code>p_1_better</code> is "
         "the share of paired bootstrap replicates (same resampled test images for both models) in which init 1's "
-        "macro AUROC is not higher than init 2's: a one-sided p-value for \"init 1 is better\"; "
+        'macro AUROC is not higher than init 2\'s: a one-sided p-value for "init 1 is better"; '
         "<code>p_2_better</code> the reverse. A p-value of 0 means no replicate contradicted, i.e. p &lt; "
         "1/<code>n_replicates</code>. Uncorrected for the number of comparisons."
     )
@@ -276,26 +332,41 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
 def _pareto(page: _Page, tables: SweepTables) -> None:
     page.heading("Pareto front: privacy, utility, fairness")
     objectives = [o for o in pareto.STUDY_OBJECTIVES if o.column in tables.trials]
-    names_ = ", ".join(f"<code>{o.column}</code> ({'lower' if o.direction == 'min' else 'higher'} is better)"
-                       for o in objectives)
-    page.note(f"Objectives: {names_}. A trial is on the front when no finished trial is at least as good in every "
-              "objective and better in one; identical trials are all on it. Failed trials and trials missing an "
-              "objective have no rank.")
+    names_ = ", ".join(
+        f"<code>{o.column}</code> ({'lower' if o.direction == 'min' else 'higher'} is better)" for o in objectives
+    )
+    page.note(
+        f"Objectives: {names_}. A trial is on the front when no finished trial is at least as good in every "
+        "objective and better in one; identical trials are all on it. Failed trials and trials missing an "
+        "objective have no rank."
+    )
     if not objectives:
         page.note("The trial table has none of the objective columns.")
         return
     front = pareto.pareto_front(tables.trials, objectives)
-    shown = ["trial", *(c for c in ("init", "target_epsilon") if c in front), "status",
-             *(o.column for o in objectives), pareto.RANK, pareto.ON_FRONT]
+    shown = [
+        "trial",
+        *(c for c in ("init", "target_epsilon") if c in front),
+        "status",
+        *(o.column for o in objectives),
+        pareto.RANK,
+        pareto.ON_FRONT,
+    ]
     page.table(front[shown].sort_values([pareto.RANK, "trial"], na_position="last"), index=False)
-    page.figure("pareto", lambda p: plots.pareto_plot(front, save_to=p),
-                "Trials in the (epsilon, test AUROC) plane; filled markers are on the front over all objectives.")
+    page.figure(
+        "pareto",
+        lambda p: plots.pareto_plot(front, save_to=p),
+        "Trials in the (epsilon, test AUROC) plane; filled markers are on the front over all objectives.",
+    )
 
 
 def _trajectories(page: _Page, tables: SweepTables) -> None:
     page.heading("Privacy spent per epoch")
-    page.figure("epsilon_trajectories", lambda p: plots.epsilon_trajectories(tables.epochs, save_to=p),
-                "Epsilon spent after each epoch under the trial's accountant and delta; dotted: bin edges.")
+    page.figure(
+        "epsilon_trajectories",
+        lambda p: plots.epsilon_trajectories(tables.epochs, save_to=p),
+        "Epsilon spent after each epoch under the trial's accountant and delta; dotted: bin edges.",
+    )
 
 
 def _fmt(value: float) -> str:
@@ -317,12 +388,17 @@ def _format_p_values(p_values: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m analysis.report runs/<sweep> [--out DIR] [--ray-dir DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.report",
-                                     description="Write a sweep's HTML report (tables and figures).")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.report", description="Write a sweep's HTML report (tables and figures)."
+    )
     parser.add_argument("sweep_dir", type=Path, help="the sweep's folder, e.g. runs/smoke")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
-    parser.add_argument("--ray-dir", type=Path, default=None,
-                        help="Ray experiment folder with the per-trial bootstrap tables (default: <runs>/ray/<sweep>)")
+    parser.add_argument(
+        "--ray-dir",
+        type=Path,
+        default=None,
+        help="Ray experiment folder with the per-trial bootstrap tables (default: <runs>/ray/<sweep>)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

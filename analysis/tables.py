@@ -42,8 +42,17 @@ from trainables.names import (
 )
 from trainables.provenance import version_keys
 
-EPOCH_ID_COLUMNS = ("trial", "model", "dataset", "init", "target_epsilon", "max_grad_norm", "lr", "seed",
-                    "reproducible_noise")
+EPOCH_ID_COLUMNS = (
+    "trial",
+    "model",
+    "dataset",
+    "init",
+    "target_epsilon",
+    "max_grad_norm",
+    "lr",
+    "seed",
+    "reproducible_noise",
+)
 FINISHED = TERMINATED
 """``status`` of a trial that ran to the end and reported its final metrics."""
 
@@ -73,8 +82,9 @@ class TrialRecord:
     run_id: str | None = None
 
 
-def build_tables(records: list[TrialRecord], mlflow_runs: dict[str, str] | None = None
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def build_tables(
+    records: list[TrialRecord], mlflow_runs: dict[str, str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trial and epoch tables from trial records.
 
     Args:
@@ -85,9 +95,14 @@ def build_tables(records: list[TrialRecord], mlflow_runs: dict[str, str] | None 
     trial_rows, epoch_rows = [], []
     for record in records:
         tags = {k.removeprefix(TAG_PREFIX): v for k, v in record.tags.items()}
-        row = {"trial": record.key, "status": record.status, "error": record.error,
-               "mlflow_run_id": mlflow_runs.get(record.key), **record.params,
-               **{k: tags[k] for k in ("git_commit", *version_keys()) if k in tags}}
+        row = {
+            "trial": record.key,
+            "status": record.status,
+            "error": record.error,
+            "mlflow_run_id": mlflow_runs.get(record.key),
+            **record.params,
+            **{k: tags[k] for k in ("git_commit", *version_keys()) if k in tags},
+        }
         row.update({k: v for k, v in record.final.items() if _is_metric(k)})
         last = max(record.epochs, key=lambda epoch: epoch.get("epoch", 0)) if record.epochs else {}
         if record.status == STOPPED and last:
@@ -142,7 +157,6 @@ def _is_metric(key: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading a finished sweep back: the two sweep tables plus the per-trial evaluation tables.
-
 
 
 class TableError(UserError, ValueError):
@@ -224,8 +238,10 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
     evaluation = None
     if ray_experiment_dir is not None:
         if not Path(ray_experiment_dir).is_dir():
-            raise TableError(f"Ray experiment folder {ray_experiment_dir} does not exist; pass the folder that holds "
-                             "the sweep's trial folders (runs/ray/<sweep>)")
+            raise TableError(
+                f"Ray experiment folder {ray_experiment_dir} does not exist; pass the folder that holds "
+                "the sweep's trial folders (runs/ray/<sweep>)"
+            )
         evaluation = collect_trial_tables(ray_experiment_dir)
         note = f"per-trial evaluation tables collected from the final checkpoints under {ray_experiment_dir}"
     elif (sweep_dir / GROUPS_FILE).exists() and (sweep_dir / BOOTSTRAP_FILE).exists():
@@ -239,8 +255,10 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
         evaluation = collect_trial_tables(default_ray_dir)
         note = f"per-trial evaluation tables collected from the final checkpoints under {default_ray_dir}"
     else:
-        note = (f"no per-trial evaluation tables: neither {sweep_dir / BOOTSTRAP_FILE} nor the Ray experiment "
-                f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out")
+        note = (
+            f"no per-trial evaluation tables: neither {sweep_dir / BOOTSTRAP_FILE} nor the Ray experiment "
+            f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out"
+        )
     return SweepTables(sweep_dir, trials, epochs, evaluation, note)
 
 
@@ -264,8 +282,10 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
     for trial_dir in sorted(p for p in ray_dir.iterdir() if (p / RAY_PARAMS_FILE).is_file()):
         key = _ray_trial_key(trial_dir)
         if key in seen:
-            raise TableError(f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial_dir.name}; "
-                             "remove the stale folder (or re-run the sweep with --fresh)")
+            raise TableError(
+                f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial_dir.name}; "
+                "remove the stale folder (or re-run the sweep with --fresh)"
+            )
         seen[key] = trial_dir
         finals = sorted(p.parent for p in trial_dir.glob(f"checkpoint_*/{FINAL_FILE}"))
         if not finals:
@@ -273,8 +293,10 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
         for file, frames in parts.items():
             path = finals[-1] / file
             if not path.is_file():
-                raise TableError(f"{finals[-1]} holds {FINAL_FILE} but not {file}; the trial's final "
-                                 "checkpoint is incomplete: re-run that trial")
+                raise TableError(
+                    f"{finals[-1]} holds {FINAL_FILE} but not {file}; the trial's final "
+                    "checkpoint is incomplete: re-run that trial"
+                )
             table = pd.read_parquet(path)
             table.insert(0, "trial", key)
             frames.append(table)
@@ -282,14 +304,21 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
             table = pd.read_parquet(finals[-1] / PREDICTIONS_FILE)
             table.insert(0, "trial", key)
             predictions.append(table)
-    groups, bootstrap = (pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
-                         for f in (GROUPS_FILE, BOOTSTRAP_FILE))
-    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=str(ray_dir),
-                            predictions=pd.concat(predictions, ignore_index=True) if predictions else None)
+    groups, bootstrap = (
+        pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
+        for f in (GROUPS_FILE, BOOTSTRAP_FILE)
+    )
+    return EvaluationTables(
+        groups=groups,
+        bootstrap=bootstrap,
+        source=str(ray_dir),
+        predictions=pd.concat(predictions, ignore_index=True) if predictions else None,
+    )
 
 
-def write_sweep_tables(sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame,
-                       evaluation: EvaluationTables | None = None) -> list[Path]:
+def write_sweep_tables(
+    sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame, evaluation: EvaluationTables | None = None
+) -> list[Path]:
     """Write ``trials.parquet`` and ``epochs.parquet`` (and, when given, the evaluation tables) into
     ``sweep_dir`` (created if needed); returns the files written."""
     sweep_dir = Path(sweep_dir)
@@ -323,14 +352,17 @@ def _ray_trial_key(trial_dir: Path) -> str:
     try:
         return str(json.loads((trial_dir / RAY_PARAMS_FILE).read_text())["point"]["key"])
     except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise TableError(f"{trial_dir / RAY_PARAMS_FILE}: no trial key at point.key ({error!r}); is this a "
-                         "dpsweep Ray experiment?") from None
+        raise TableError(
+            f"{trial_dir / RAY_PARAMS_FILE}: no trial key at point.key ({error!r}); is this a dpsweep Ray experiment?"
+        ) from None
 
 
 def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
-        raise TableError(f"{path} does not exist; run the sweep first (`dpsweep sweep <spec>`), or pass the folder "
-                         "runs/<sweep> that holds it")
+        raise TableError(
+            f"{path} does not exist; run the sweep first (`dpsweep sweep <spec>`), or pass the folder "
+            "runs/<sweep> that holds it"
+        )
     table = pd.read_parquet(path)
     missing = [c for c in required if c not in table.columns]
     if missing:

@@ -69,8 +69,10 @@ class EpsilonBin:
 
     def __post_init__(self) -> None:
         if not (self.low >= 0 and (self.low < self.high or (math.isinf(self.low) and math.isinf(self.high)))):
-            raise ValueError(f"EpsilonBin {self.label!r}: need 0 <= low < high (or low = high = inf for the "
-                             f"non-private bin), got low={self.low}, high={self.high}")
+            raise ValueError(
+                f"EpsilonBin {self.label!r}: need 0 <= low < high (or low = high = inf for the "
+                f"non-private bin), got low={self.low}, high={self.high}"
+            )
 
     @property
     def is_non_private(self) -> bool:
@@ -104,8 +106,9 @@ def check_bins(bins: Sequence[EpsilonBin]) -> tuple[EpsilonBin, ...]:
     ordered = sorted(bins, key=lambda b: (b.low, b.high))
     for before, after in itertools.pairwise(ordered):
         if after.low < before.high and not (before.is_non_private or after.is_non_private):
-            raise ValueError(f"epsilon bins {before.label!r} and {after.label!r} overlap; each epsilon must fall "
-                             "in at most one bin")
+            raise ValueError(
+                f"epsilon bins {before.label!r} and {after.label!r} overlap; each epsilon must fall in at most one bin"
+            )
         if before.is_non_private and after.is_non_private:
             raise ValueError(f"epsilon bins {before.label!r} and {after.label!r} are both the non-private bin")
     return bins
@@ -121,8 +124,11 @@ def assign_bins(epsilon: ArrayLike, bins: Sequence[EpsilonBin] = STUDY_BINS) -> 
     return pd.Categorical.from_codes(codes, categories=[b.label for b in bins], ordered=True)
 
 
-def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_BINS,
-                       values: Sequence[str] = (names.TEST_AUROC_MACRO_AT_EPOCH,)) -> pd.DataFrame:
+def best_epochs_by_bin(
+    epochs: pd.DataFrame,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    values: Sequence[str] = (names.TEST_AUROC_MACRO_AT_EPOCH,),
+) -> pd.DataFrame:
     """For each trial and bin, the epoch with the best validation AUROC among those spent within the bin.
 
     Epochs whose ``val/auroc_macro`` is NaN cannot be selected. Ties in validation AUROC go to the earliest
@@ -141,14 +147,20 @@ def best_epochs_by_bin(epochs: pd.DataFrame, bins: Sequence[EpsilonBin] = STUDY_
         ``privacy/epsilon``, ``val/auroc_macro``, the ``values`` columns of that epoch, and
         ``candidate_epochs`` (selectable epochs in the bin).
     """
-    columns = [TRIAL, names.EPOCH, names.EPSILON, names.VAL_AUROC_MACRO,
-               *(v for v in values if v not in (names.EPSILON, names.VAL_AUROC_MACRO))]
+    columns = [
+        TRIAL,
+        names.EPOCH,
+        names.EPSILON,
+        names.VAL_AUROC_MACRO,
+        *(v for v in values if v not in (names.EPSILON, names.VAL_AUROC_MACRO)),
+    ]
     _require(epochs, columns, "epochs table", hint=_PER_EPOCH_HINTS)
     frame = epochs[columns].copy()
     frame[BIN] = assign_bins(frame[names.EPSILON], bins)
     frame = frame[frame[BIN].notna() & frame[names.VAL_AUROC_MACRO].notna()]
-    frame = frame.sort_values([TRIAL, BIN, names.VAL_AUROC_MACRO, names.EPOCH],
-                              ascending=[True, True, False, True], kind="stable")
+    frame = frame.sort_values(
+        [TRIAL, BIN, names.VAL_AUROC_MACRO, names.EPOCH], ascending=[True, True, False, True], kind="stable"
+    )
     keys = [TRIAL, BIN]
     best = frame.groupby(keys, observed=True, sort=False).head(1)
     counts = frame.groupby(keys, observed=True).size().rename(CANDIDATE_EPOCHS).reset_index()
@@ -199,8 +211,17 @@ def epochs_by_bin(
     frame = best.merge(finished[[TRIAL, *by]], on=TRIAL, how="inner")
     reported = [v for v in values if v not in (names.EPSILON, names.VAL_AUROC_MACRO)]
     return _choose(frame, [*by, BIN], score=names.VAL_AUROC_MACRO)[
-        [*by, BIN, TRIAL, names.EPOCH, names.EPSILON, names.VAL_AUROC_MACRO, *reported, CANDIDATE_EPOCHS,
-         CANDIDATE_TRIALS]
+        [
+            *by,
+            BIN,
+            TRIAL,
+            names.EPOCH,
+            names.EPSILON,
+            names.VAL_AUROC_MACRO,
+            *reported,
+            CANDIDATE_EPOCHS,
+            CANDIDATE_TRIALS,
+        ]
     ]
 
 
@@ -240,8 +261,10 @@ def fairness_gap_by_bin(
     """
     attributes = list(per_epoch_fairness_attributes(epochs) if attributes is None else attributes)
     if not attributes:
-        raise KeyError(f"epochs table: no per-epoch fairness gap columns ({names.auroc_gap_at_epoch('<attribute>')}"
-                       f" for an attribute of {ATTRIBUTES}); {_PER_EPOCH_HINTS['fairness']}")
+        raise KeyError(
+            f"epochs table: no per-epoch fairness gap columns ({names.auroc_gap_at_epoch('<attribute>')}"
+            f" for an attribute of {ATTRIBUTES}); {_PER_EPOCH_HINTS['fairness']}"
+        )
     values = [names.TEST_AUROC_MACRO_AT_EPOCH] if names.TEST_AUROC_MACRO_AT_EPOCH in epochs.columns else []
     for attribute in attributes:
         values.append(names.auroc_gap_at_epoch(attribute))
@@ -256,8 +279,9 @@ def fairness_gap_by_bin(
 def bin_table(frame: pd.DataFrame, value: str, index: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
     """Wide view of a binned long table: rows ``index``, one column per bin (every bin, NaN when empty)."""
     _require(frame, [*index, BIN, value], "binned table")
-    wide = frame.pivot_table(index=list(index), columns=BIN, values=value, aggfunc="first", observed=False,
-                             dropna=False)
+    wide = frame.pivot_table(
+        index=list(index), columns=BIN, values=value, aggfunc="first", observed=False, dropna=False
+    )
     categories = frame[BIN].cat.categories if isinstance(frame[BIN].dtype, pd.CategoricalDtype) else wide.columns
     wide = wide.reindex(columns=list(categories))
     wide.columns.name = BIN
@@ -286,8 +310,12 @@ def final_selection(
     frame = frame[frame[BIN].notna()]
     if names.BEST_EPOCH in finished.columns and {TRIAL, names.EPOCH, names.VAL_AUROC_MACRO} <= set(epochs):
         best = finished[[TRIAL, names.BEST_EPOCH]].dropna()
-        scores = best.merge(epochs[[TRIAL, names.EPOCH, names.VAL_AUROC_MACRO]],
-                            left_on=[TRIAL, names.BEST_EPOCH], right_on=[TRIAL, names.EPOCH], how="inner")
+        scores = best.merge(
+            epochs[[TRIAL, names.EPOCH, names.VAL_AUROC_MACRO]],
+            left_on=[TRIAL, names.BEST_EPOCH],
+            right_on=[TRIAL, names.EPOCH],
+            how="inner",
+        )
         frame = frame.merge(scores[[TRIAL, names.BEST_EPOCH, names.VAL_AUROC_MACRO]], on=TRIAL, how="left")
     else:
         frame[names.BEST_EPOCH] = np.nan
@@ -310,8 +338,9 @@ PATIENT_BINS: tuple[EpsilonBin, ...] = (
 UNIT_METRICS: tuple[str, ...] = (names.TEST_AUROC_MACRO, names.auroc_gap("test", "age"), names.auroc_gap("test", "sex"))
 
 
-def units_at_patient_epsilon(trials: pd.DataFrame, bins: Sequence[EpsilonBin] = PATIENT_BINS,
-                             by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+def units_at_patient_epsilon(
+    trials: pd.DataFrame, bins: Sequence[EpsilonBin] = PATIENT_BINS, by: Sequence[str] = DEFAULT_BY
+) -> pd.DataFrame:
     """Image-level vs patient-level training at the same *patient-level* epsilon.
 
     Every finished private trial gets its patient epsilon (`PATIENT_EPSILON`) and is binned by it; per cell (``by``,
@@ -365,7 +394,9 @@ def external_auroc_matrix(trials: pd.DataFrame, selection: pd.DataFrame) -> pd.D
         raise ValueError("external_auroc_matrix: the selection must have a 'dataset' cell column (by=('dataset', ...))")
     rows = selection[[*cells, TRIAL]].merge(
         trials[[TRIAL, names.TEST_AUROC_MACRO, *(names.external_auroc(d) for d in external_datasets(trials))]],
-        on=TRIAL, how="left")
+        on=TRIAL,
+        how="left",
+    )
     test_sets = list(dict.fromkeys([*selection["dataset"].astype(str), *external_datasets(trials)]))
     values = np.full((len(rows), len(test_sets)), np.nan)
     on_domain = rows[names.TEST_AUROC_MACRO].to_numpy(dtype=float)
@@ -461,56 +492,80 @@ def paired_p_values(
             trial_1, trial_2 = getattr(first, TRIAL), getattr(second, TRIAL)
             for trial in (trial_1, trial_2):
                 if not any(key[0] == trial for key in replicates):
-                    raise ValueError(f"paired_p_values: no bootstrap replicates for selected trial {trial!r}; "
-                                     "collect them with analysis.tables.collect_trial_tables")
+                    raise ValueError(
+                        f"paired_p_values: no bootstrap replicates for selected trial {trial!r}; "
+                        "collect them with analysis.tables.collect_trial_tables"
+                    )
             own = by_trial.at[trial_1, "dataset"]
-            datasets = sorted((d for (t, d) in replicates if t == trial_1 and (trial_2, d) in replicates),
-                              key=lambda d: (d != own, d))
+            datasets = sorted(
+                (d for (t, d) in replicates if t == trial_1 and (trial_2, d) in replicates), key=lambda d: (d != own, d)
+            )
             for dataset in datasets:
                 reps_1, reps_2 = replicates[(trial_1, dataset)], replicates[(trial_2, dataset)]
                 _check_paired(by_trial, trial_1, trial_2, dataset, reps_1, reps_2)
                 split = "test" if dataset == own else f"external/{dataset}"
                 auroc_column = names.auroc_macro(split)
                 a, b = reps_1["auroc_macro"].to_numpy(), reps_2["auroc_macro"].to_numpy()
-                rows.append({
-                    **dict(zip(fixed, fixed_values, strict=True)),
-                    "test dataset": dataset,
-                    f"{compare}_1": getattr(first, compare),
-                    f"{compare}_2": getattr(second, compare),
-                    "trial_1": trial_1,
-                    "trial_2": trial_2,
-                    "auroc_1": by_trial[auroc_column].get(trial_1, np.nan) if auroc_column in by_trial else np.nan,
-                    "auroc_2": by_trial[auroc_column].get(trial_2, np.nan) if auroc_column in by_trial else np.nan,
-                    "p_1_better": paired_p_value(a, b),
-                    "p_2_better": paired_p_value(b, a),
-                    "n_replicates": int((~np.isnan(a.astype(np.float64))).sum()),
-                })
-    columns = [*fixed, "test dataset", f"{compare}_1", f"{compare}_2", "trial_1", "trial_2", "auroc_1", "auroc_2",
-               "p_1_better", "p_2_better", "n_replicates"]
+                rows.append(
+                    {
+                        **dict(zip(fixed, fixed_values, strict=True)),
+                        "test dataset": dataset,
+                        f"{compare}_1": getattr(first, compare),
+                        f"{compare}_2": getattr(second, compare),
+                        "trial_1": trial_1,
+                        "trial_2": trial_2,
+                        "auroc_1": by_trial[auroc_column].get(trial_1, np.nan) if auroc_column in by_trial else np.nan,
+                        "auroc_2": by_trial[auroc_column].get(trial_2, np.nan) if auroc_column in by_trial else np.nan,
+                        "p_1_better": paired_p_value(a, b),
+                        "p_2_better": paired_p_value(b, a),
+                        "n_replicates": int((~np.isnan(a.astype(np.float64))).sum()),
+                    }
+                )
+    columns = [
+        *fixed,
+        "test dataset",
+        f"{compare}_1",
+        f"{compare}_2",
+        "trial_1",
+        "trial_2",
+        "auroc_1",
+        "auroc_2",
+        "p_1_better",
+        "p_2_better",
+        "n_replicates",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _check_paired(by_trial: pd.DataFrame, trial_1: str, trial_2: str, dataset: str, reps_1: pd.DataFrame,
-                  reps_2: pd.DataFrame) -> None:
+def _check_paired(
+    by_trial: pd.DataFrame, trial_1: str, trial_2: str, dataset: str, reps_1: pd.DataFrame, reps_2: pd.DataFrame
+) -> None:
     if not np.array_equal(reps_1["replicate"].to_numpy(), reps_2["replicate"].to_numpy()):
-        raise ValueError(f"paired_p_values: trials {trial_1!r} and {trial_2!r} have different bootstrap replicates on "
-                         f"{dataset!r} ({len(reps_1)} vs {len(reps_2)}); compare trials run with the same n_boot")
+        raise ValueError(
+            f"paired_p_values: trials {trial_1!r} and {trial_2!r} have different bootstrap replicates on "
+            f"{dataset!r} ({len(reps_1)} vs {len(reps_2)}); compare trials run with the same n_boot"
+        )
     split = "test" if dataset == by_trial.at[trial_1, "dataset"] else f"external/{dataset}"
     column = names.n_images(split)
     if column in by_trial.columns:
         n_1, n_2 = by_trial.at[trial_1, column], by_trial.at[trial_2, column]
         if not (pd.isna(n_1) or pd.isna(n_2)) and n_1 != n_2:
-            raise ValueError(f"paired_p_values: {dataset!r} had {n_1:g} test images for {trial_1!r} but {n_2:g} for "
-                             f"{trial_2!r}; replicates of different test sets do not pair")
+            raise ValueError(
+                f"paired_p_values: {dataset!r} had {n_1:g} test images for {trial_1!r} but {n_2:g} for "
+                f"{trial_2!r}; replicates of different test sets do not pair"
+            )
 
 
-def _selected_columns(trials: pd.DataFrame, selection: pd.DataFrame, columns: dict[tuple[str, str], str],
-                      level_names: tuple[str, str]) -> pd.DataFrame:
+def _selected_columns(
+    trials: pd.DataFrame, selection: pd.DataFrame, columns: dict[tuple[str, str], str], level_names: tuple[str, str]
+) -> pd.DataFrame:
     cells = _cell_columns(selection)
     values = selection[[*cells, TRIAL]].merge(trials[[TRIAL, *columns.values()]], on=TRIAL, how="left")
-    out = pd.DataFrame(values[list(columns.values())].to_numpy(dtype=float),
-                       index=pd.MultiIndex.from_frame(values[[*cells, TRIAL]]),
-                       columns=pd.MultiIndex.from_tuples(list(columns), names=list(level_names)))
+    out = pd.DataFrame(
+        values[list(columns.values())].to_numpy(dtype=float),
+        index=pd.MultiIndex.from_frame(values[[*cells, TRIAL]]),
+        columns=pd.MultiIndex.from_tuples(list(columns), names=list(level_names)),
+    )
     return out
 
 
@@ -523,9 +578,12 @@ def _cell_columns(selection: pd.DataFrame) -> list[str]:
 
 def _choose(frame: pd.DataFrame, cell: list[str], score: str) -> pd.DataFrame:
     """Per cell, the row with the highest ``score`` (NaN last); ties: lower epsilon, then trial key."""
-    ordered = frame.sort_values([*cell, score, names.EPSILON, TRIAL],
-                                ascending=[True] * len(cell) + [False, True, True], na_position="last",
-                                kind="stable")
+    ordered = frame.sort_values(
+        [*cell, score, names.EPSILON, TRIAL],
+        ascending=[True] * len(cell) + [False, True, True],
+        na_position="last",
+        kind="stable",
+    )
     counts = frame.groupby(cell, observed=True, dropna=False).size().rename(CANDIDATE_TRIALS).reset_index()
     chosen = ordered.groupby(cell, observed=True, sort=False, dropna=False).head(1)
     chosen = chosen.merge(counts, on=cell, how="left")
@@ -542,7 +600,7 @@ def _finished(trials: pd.DataFrame, by: Sequence[str], extra: Sequence[str] = ()
 _PER_EPOCH_HINTS = {
     names.TEST_AUROC_MACRO_AT_EPOCH: "run the sweep with `evaluation.test_every_epoch: true`",
     "fairness": "per-epoch fairness gaps are reported by trials run with `evaluation.test_every_epoch: true` "
-                "on a dpsweep version that reports them; rebuild the tables with `dpsweep table`",
+    "on a dpsweep version that reports them; rebuild the tables with `dpsweep table`",
 }
 
 

@@ -99,32 +99,44 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
         model = timm.create_model(model_name, num_classes=5, in_chans=1, drop_path_rate=0.0).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if mode == "nonprivate":
+
             def step(model=model, optimizer=optimizer):
                 optimizer.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).mean().backward()
                 optimizer.step()
+
             resets[mode] = lambda optimizer=optimizer: optimizer.zero_grad(set_to_none=True)
         else:
-            wrapped = (GradSampleModule(model, batch_first=True, loss_reduction="mean") if mode == "stock-hooks"
-                       else wrap_model(model, mode))
+            wrapped = (
+                GradSampleModule(model, batch_first=True, loss_reduction="mean")
+                if mode == "stock-hooks"
+                else wrap_model(model, mode)
+            )
             try:
                 checks[mode] = check_per_sample_gradients(wrapped, loss_fn, x[:4], y[:4]).max_relative_error
             except PerSampleGradientError as error:
                 checks[mode] = str(error)
             dp_optimizer = make_dp_optimizer(
-                optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                noise_generator=torch.Generator(device=device).manual_seed(1), accountant=create_accountant("rdp"),
-                sample_rate=0.01)
+                optimizer,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                expected_batch_size=batch,
+                noise_generator=torch.Generator(device=device).manual_seed(1),
+                accountant=create_accountant("rdp"),
+                sample_rate=0.01,
+            )
 
             def step(wrapped=wrapped, dp_optimizer=dp_optimizer):
                 private_step(wrapped, dp_optimizer, loss_fn, (x, y), max_physical_batch_size=batch)
+
             resets[mode] = lambda dp_optimizer=dp_optimizer: dp_optimizer.zero_grad(set_to_none=True)
         steps[mode] = step
     return steps, checks, resets
 
 
-def run_case(model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int,
-             threads: int) -> list[dict[str, Any]]:
+def run_case(
+    model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int, threads: int
+) -> list[dict[str, Any]]:
     """Interleaved timing and per-mode peak memory of one case, in this process: one record per mode."""
     import torch
 
@@ -165,18 +177,31 @@ def run_case(model_name: str, size: int, device: str, modes: list[str], batch: i
     records = []
     for mode in modes:
         step_s = statistics.median(times[mode])
-        records.append({
-            "model": model_name, "image_size": size, "device": device, "mode": mode, "batch": batch,
-            "threads": threads, "rounds": rounds, "step_s": step_s, "step_s_all": times[mode],
-            "ratio_vs_nonprivate": step_s / base_time if base_time else None,
-            "peak_mem_mib": peaks[mode],
-            "peak_mem_ratio_vs_nonprivate": peaks[mode] / base_peak if base_peak else None,
-            "check": checks.get(mode), "load_average_1min": [load_before, load_after],
-        })
-        print(f"{model_name} {size}px {device} {mode}: {step_s:.3f} s/step"
-              + (f" ({records[-1]['ratio_vs_nonprivate']:.2f}x)" if base_time else "")
-              + f", peak +{peaks[mode]:.0f} MiB" + (f" ({records[-1]['peak_mem_ratio_vs_nonprivate']:.2f}x)"
-                                                    if base_peak else ""), flush=True)
+        records.append(
+            {
+                "model": model_name,
+                "image_size": size,
+                "device": device,
+                "mode": mode,
+                "batch": batch,
+                "threads": threads,
+                "rounds": rounds,
+                "step_s": step_s,
+                "step_s_all": times[mode],
+                "ratio_vs_nonprivate": step_s / base_time if base_time else None,
+                "peak_mem_mib": peaks[mode],
+                "peak_mem_ratio_vs_nonprivate": peaks[mode] / base_peak if base_peak else None,
+                "check": checks.get(mode),
+                "load_average_1min": [load_before, load_after],
+            }
+        )
+        print(
+            f"{model_name} {size}px {device} {mode}: {step_s:.3f} s/step"
+            + (f" ({records[-1]['ratio_vs_nonprivate']:.2f}x)" if base_time else "")
+            + f", peak +{peaks[mode]:.0f} MiB"
+            + (f" ({records[-1]['peak_mem_ratio_vs_nonprivate']:.2f}x)" if base_peak else ""),
+            flush=True,
+        )
     return records
 
 
@@ -184,8 +209,9 @@ def _worker(args: tuple, queue: Any) -> None:
     queue.put(run_case(*args))
 
 
-def measure(model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int,
-            threads: int) -> list[dict[str, Any]]:
+def measure(
+    model_name: str, size: int, device: str, modes: list[str], batch: int, rounds: int, threads: int
+) -> list[dict[str, Any]]:
     """`run_case` in a fresh spawned process (its own memory, glibc mmap threshold pinned)."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the spawned worker only at its start
     context = mp.get_context("spawn")
@@ -200,8 +226,13 @@ def measure(model_name: str, size: int, device: str, modes: list[str], batch: in
 def machine(device: str) -> dict[str, Any]:
     import torch
 
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": mp.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": mp.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     from importlib.metadata import version
@@ -212,11 +243,18 @@ def machine(device: str) -> dict[str, Any]:
 
 def write(records: list[dict[str, Any]], device: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "machine": machine(device), "records": records,
-        "note": "medians of interleaved rounds; stock-hooks computes wrong per-sample gradients on ConvNeXt "
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine(device),
+                "records": records,
+                "note": "medians of interleaved rounds; stock-hooks computes wrong per-sample gradients on ConvNeXt "
                 "(timed for reference only); absolute times depend on the machine's load (load_average_1min)",
-    }, indent=2) + "\n")
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 
@@ -247,8 +285,11 @@ def main() -> None:
     plan = [("cpu", CPU_CASES)] + ([("cuda", GPU_CASES)] if torch.cuda.is_available() else [])
     everything = []
     for device, cases in plan:
-        records = [r for model_name, size in cases
-                   for r in measure(model_name, size, device, modes, args.batch, args.rounds, args.threads)]
+        records = [
+            r
+            for model_name, size in cases
+            for r in measure(model_name, size, device, modes, args.batch, args.rounds, args.threads)
+        ]
         everything += records
         if args.out is None:
             write(records, device, RESULTS / f"dp_step-{device}.json")

@@ -60,9 +60,7 @@ def describe_machine() -> dict:
     model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         model = names[0] if names else model
     return {
         "cpu": model,
@@ -127,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "source_path": [p.name for p in paths],
             }
         )
-        dataset = CacheSplitDataset(
-            open_cache(write_cache(folder / "cache", images, manifest)).split("train")
-        )
+        dataset = CacheSplitDataset(open_cache(write_cache(folder / "cache", images, manifest)).split("train"))
         order = np.random.default_rng(args.seed).permutation(args.n)
 
         def from_source(i: int) -> torch.Tensor:
@@ -139,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         cache_rate = time_loop(lambda i: dataset[int(i)], order, min_seconds=2.0)
         decode_rate = time_loop(from_source, order, min_seconds=2.0)
-        full_rate = time_loop(
-            lambda i: to_tensor(load_and_preprocess(paths[i], settings)), order, min_seconds=2.0
-        )
+        full_rate = time_loop(lambda i: to_tensor(load_and_preprocess(paths[i], settings)), order, min_seconds=2.0)
         sample, _ = dataset[0]
         assert sample.dtype == torch.float32 and 0.0 <= float(sample.min()) and float(sample.max()) <= 1.0
 

@@ -36,10 +36,28 @@ def run(model: str, size: int, images: int, epsilon: float, epochs: int, batch: 
     q, steps = sample_rate_and_steps(n_train, batch, epochs)
     sigma = calibrate_noise_multiplier(epsilon, 1e-5, q, steps) if math.isfinite(epsilon) else 0.0
     cfg = TrialConfig(
-        sweep="gpu", dataset="synthetic-a", data_root=str(root), image_size=size, model=model, init="random",
-        init_weights=None, lr=5e-4, seed=0, input_mean=0.5, input_std=0.25, n_boot=200,
-        privacy=PrivacyConfig(target_epsilon=epsilon, delta=1e-5, max_grad_norm=1.0, expected_batch_size=batch,
-                              epochs=epochs, noise_multiplier=sigma, sample_rate=q if sigma else 0.0, steps=steps),
+        sweep="gpu",
+        dataset="synthetic-a",
+        data_root=str(root),
+        image_size=size,
+        model=model,
+        init="random",
+        init_weights=None,
+        lr=5e-4,
+        seed=0,
+        input_mean=0.5,
+        input_std=0.25,
+        n_boot=200,
+        privacy=PrivacyConfig(
+            target_epsilon=epsilon,
+            delta=1e-5,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+            epochs=epochs,
+            noise_multiplier=sigma,
+            sample_rate=q if sigma else 0.0,
+            steps=steps,
+        ),
         speed=SpeedConfig(device="cuda", max_physical_batch_size=batch * 2, eval_batch_size=256),
     )
     epoch_times, last = [], [time.perf_counter()]
@@ -53,10 +71,19 @@ def run(model: str, size: int, images: int, epsilon: float, epochs: int, batch: 
     start = time.perf_counter()
     result = train_trial(cfg, resolve_init("random", model), report)
     final = result.metrics
-    row = {"model": model, "image_size": size, "n_train": n_train, "target_epsilon": epsilon, "sigma": sigma,
-           "steps": steps, "epsilon_spent": final[M.EPSILON], "test_auroc_macro": final[M.TEST_AUROC_MACRO],
-           "seconds_per_epoch": epoch_times, "total_seconds": time.perf_counter() - start,
-           "model_device": str(next(result.model.parameters()).device)}
+    row = {
+        "model": model,
+        "image_size": size,
+        "n_train": n_train,
+        "target_epsilon": epsilon,
+        "sigma": sigma,
+        "steps": steps,
+        "epsilon_spent": final[M.EPSILON],
+        "test_auroc_macro": final[M.TEST_AUROC_MACRO],
+        "seconds_per_epoch": epoch_times,
+        "total_seconds": time.perf_counter() - start,
+        "model_device": str(next(result.model.parameters()).device),
+    }
     assert row["model_device"].startswith("cuda"), row
     if math.isfinite(epsilon):
         assert final[M.EPSILON] <= epsilon, row
@@ -79,9 +106,20 @@ def main() -> None:
         for epsilon in (3.0, math.inf):
             rows.append(run(args.model, args.size, args.images, epsilon, args.epochs, args.batch, Path(root)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                                "platform": platform.platform()}, "trials": rows}, indent=2,
-                                   default=str))
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "gpu": torch.cuda.get_device_name(0),
+                    "torch": torch.__version__,
+                    "platform": platform.platform(),
+                },
+                "trials": rows,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(json.dumps(rows, indent=2, default=str))
 
 

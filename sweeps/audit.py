@@ -21,9 +21,17 @@ from sweeps.plan import Log, PlannedTrial, SweepPaths, plan_sweep
 from sweeps.spec import AuditSpec, SpecError, SweepSpec
 from trainables import names as N
 
-AUDIT_COLUMNS = {"trial": "trial", "kind": "kind", "m": "m", "claimed_epsilon": "eps claimed",
-                 "epsilon_lower_bound": "eps lower bound", "confidence": "confidence", "correct": "correct",
-                 "guesses": "guesses", "wall_time_s": "seconds"}
+AUDIT_COLUMNS = {
+    "trial": "trial",
+    "kind": "kind",
+    "m": "m",
+    "claimed_epsilon": "eps claimed",
+    "epsilon_lower_bound": "eps lower bound",
+    "confidence": "confidence",
+    "correct": "correct",
+    "guesses": "guesses",
+    "wall_time_s": "seconds",
+}
 
 
 def audited_trials(spec: SweepSpec, trials: list[PlannedTrial], audit: AuditSpec) -> list[PlannedTrial]:
@@ -38,14 +46,16 @@ def audited_trials(spec: SweepSpec, trials: list[PlannedTrial], audit: AuditSpec
     return list(chosen.values())
 
 
-def run_audits(spec: SweepSpec, paths: SweepPaths, *, kinds: tuple[str, ...] | None = None, m: int | None = None,
-               log: Log = print) -> pd.DataFrame:
+def run_audits(
+    spec: SweepSpec, paths: SweepPaths, *, kinds: tuple[str, ...] | None = None, m: int | None = None, log: Log = print
+) -> pd.DataFrame:
     """Audit the sweep's private cells; write ``runs/<sweep>/audit.parquet`` and MLflow runs; return the table."""
     from trainables.privacy.audit import run_audit
 
     if spec.search != "grid":
-        raise SpecError(f"{spec.source}: `dpsweep audit` audits planned grid points; this sweep has search: "
-                        f"{spec.search}")
+        raise SpecError(
+            f"{spec.source}: `dpsweep audit` audits planned grid points; this sweep has search: {spec.search}"
+        )
     audit = spec.audit or AuditSpec()
     audit = replace(audit, kind=tuple(kinds) if kinds else audit.kind, m=m or audit.m)
     plan = plan_sweep(spec, paths, log=log)
@@ -56,12 +66,25 @@ def run_audits(spec: SweepSpec, paths: SweepPaths, *, kinds: tuple[str, ...] | N
     for trial in chosen:
         for kind in audit.kind:
             log(f"audit {kind}: {trial.key} (m={audit.m}, claimed epsilon {trial.config.privacy.target_epsilon:g})")
-            result = run_audit(trial.config, trial.init, m=audit.m, kind=kind,  # type: ignore[arg-type]
-                               confidence=audit.confidence,
-                               real_records=audit.real_records if kind == "white_box" else None)
-            rows.append({"trial": trial.key, **asdict(result), "violates_claim": result.violates_claim,
-                         "target_epsilon": trial.config.privacy.target_epsilon, "init": trial.config.init,
-                         "model": trial.config.model, "dataset": trial.config.dataset})
+            result = run_audit(
+                trial.config,
+                trial.init,
+                m=audit.m,
+                kind=kind,  # type: ignore[arg-type]
+                confidence=audit.confidence,
+                real_records=audit.real_records if kind == "white_box" else None,
+            )
+            rows.append(
+                {
+                    "trial": trial.key,
+                    **asdict(result),
+                    "violates_claim": result.violates_claim,
+                    "target_epsilon": trial.config.privacy.target_epsilon,
+                    "init": trial.config.init,
+                    "model": trial.config.model,
+                    "dataset": trial.config.dataset,
+                }
+            )
             _log_to_mlflow(spec, paths, trial, result)
     table = pd.DataFrame(rows)
     sweep_dir = paths.sweep_dir(spec)
@@ -78,17 +101,37 @@ def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: PlannedTrial, resu
     from sweeps.tracking import get_or_create_experiment, get_or_create_parent_run
 
     client = mlflow.tracking.MlflowClient(paths.tracking_uri)
-    experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,
-                                             paths.runs_root / "mlartifacts")
+    experiment_id = get_or_create_experiment(
+        client, spec.tracking.experiment or spec.name, paths.runs_root / "mlartifacts"
+    )
     parent = get_or_create_parent_run(client, experiment_id, spec.name, {"dpsweep.spec": spec.source})
-    run = client.create_run(experiment_id, run_name=f"audit {result.kind} {trial.key}", tags={
-        N.PARENT_TAG: parent, N.SWEEP_TAG: spec.name, N.ROLE_TAG: "audit", N.AUDITED_TRIAL_TAG: trial.key,
-        f"{N.TAG_PREFIX}audit_kind": result.kind, f"{N.TAG_PREFIX}audit_violates_claim": str(result.violates_claim)})
-    params = {"kind": result.kind, "m": result.m, "score": result.score, "grad_sample_mode": result.grad_sample_mode,
-              "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate, "steps": result.steps,
-              "delta": result.delta}
-    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in result.to_metrics().items()],
-                     params=[Param(k, str(v)) for k, v in params.items()])
+    run = client.create_run(
+        experiment_id,
+        run_name=f"audit {result.kind} {trial.key}",
+        tags={
+            N.PARENT_TAG: parent,
+            N.SWEEP_TAG: spec.name,
+            N.ROLE_TAG: "audit",
+            N.AUDITED_TRIAL_TAG: trial.key,
+            f"{N.TAG_PREFIX}audit_kind": result.kind,
+            f"{N.TAG_PREFIX}audit_violates_claim": str(result.violates_claim),
+        },
+    )
+    params = {
+        "kind": result.kind,
+        "m": result.m,
+        "score": result.score,
+        "grad_sample_mode": result.grad_sample_mode,
+        "noise_multiplier": result.noise_multiplier,
+        "sample_rate": result.sample_rate,
+        "steps": result.steps,
+        "delta": result.delta,
+    }
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), 0, 0) for k, v in result.to_metrics().items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
@@ -98,11 +141,15 @@ def audit_summary(table: pd.DataFrame) -> str:
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         lines = [shown.to_string(index=False), ""]
     confidence = float(table["confidence"].iloc[0])
-    lines.append(f"Each lower bound holds with probability >= {confidence:g}: the mechanism that ran spends at least "
-                 "that epsilon. A bound at or below the claimed epsilon is consistent with the claim (it does not "
-                 "show the claim is tight: one run with m canaries cannot measure large epsilons).")
+    lines.append(
+        f"Each lower bound holds with probability >= {confidence:g}: the mechanism that ran spends at least "
+        "that epsilon. A bound at or below the claimed epsilon is consistent with the claim (it does not "
+        "show the claim is tight: one run with m canaries cannot measure large epsilons)."
+    )
     violations = table[table["violates_claim"]]
     if len(violations):
-        lines.append(f"CLAIM REFUTED for {len(violations)} audit(s): {', '.join(violations['trial'])}: the mechanism "
-                     "leaks more than its accountant claims; do not trust these trials' epsilon")
+        lines.append(
+            f"CLAIM REFUTED for {len(violations)} audit(s): {', '.join(violations['trial'])}: the mechanism "
+            "leaks more than its accountant claims; do not trust these trials' epsilon"
+        )
     return "\n".join(lines)

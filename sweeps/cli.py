@@ -28,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     _spec_args(sweep)
     sweep.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sweep.add_argument("--fresh", action="store_true", help="delete this sweep's previous results and start over")
-    sweep.add_argument("--dry-run", action="store_true",
-                       help="plan only: print trials, sigma and GPU-hours, run nothing; exit 0 if the sweep could run "
-                            f"now, {DRY_RUN_BLOCKED} if it ends with notes of what to prepare first")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: print trials, sigma and GPU-hours, run nothing; exit 0 if the sweep could run "
+        f"now, {DRY_RUN_BLOCKED} if it ends with notes of what to prepare first",
+    )
 
     pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
     _spec_args(pretrain)
@@ -50,25 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
 
     audit = commands.add_parser(
-        "audit", help="empirical privacy audit: a lower bound on each private cell's epsilon (one run, m canaries)",
+        "audit",
+        help="empirical privacy audit: a lower bound on each private cell's epsilon (one run, m canaries)",
         description="One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the first grid point of every private "
-                    "(model, dataset, init, epsilon) cell, or of the targets the sweep file's `audit:` section names. "
-                    "Prints the empirical epsilon lower bound beside the claimed epsilon, writes "
-                    "runs/<sweep>/audit.parquet and one MLflow run per audit; exits 1 if a bound refutes a claim.")
+        "(model, dataset, init, epsilon) cell, or of the targets the sweep file's `audit:` section names. "
+        "Prints the empirical epsilon lower bound beside the claimed epsilon, writes "
+        "runs/<sweep>/audit.parquet and one MLflow run per audit; exits 1 if a bound refutes a claim.",
+    )
     _spec_args(audit)
-    audit.add_argument("--kind", action="append", choices=("white_box", "black_box"),
-                       help="white_box: Dirac gradient canaries through the engine's clipping and noise; black_box: "
-                            "mislabeled random images trained by the real trial loop (repeat for both; default: the "
-                            "sweep file's audit.kind, else white_box)")
+    audit.add_argument(
+        "--kind",
+        action="append",
+        choices=("white_box", "black_box"),
+        help="white_box: Dirac gradient canaries through the engine's clipping and noise; black_box: "
+        "mislabeled random images trained by the real trial loop (repeat for both; default: the "
+        "sweep file's audit.kind, else white_box)",
+    )
     audit.add_argument("--m", type=int, help="canaries per audit (default: audit.m, else 1000)")
 
-    table = commands.add_parser("table", help="rebuild trials.parquet/epochs.parquet from Ray results or MLflow "
-                                "(any state)")
+    table = commands.add_parser(
+        "table", help="rebuild trials.parquet/epochs.parquet from Ray results or MLflow (any state)"
+    )
     _spec_args(table)
-    table.add_argument("--source", choices=TABLE_SOURCES, default="auto",
-                       help="ray: the Ray experiment folder (<runs>/ray/<sweep>); mlflow: the tracking store alone "
-                            "(trials that never started are absent); auto (default): ray if that folder exists, "
-                            "else mlflow")
+    table.add_argument(
+        "--source",
+        choices=TABLE_SOURCES,
+        default="auto",
+        help="ray: the Ray experiment folder (<runs>/ray/<sweep>); mlflow: the tracking store alone "
+        "(trials that never started are absent); auto (default): ray if that folder exists, "
+        "else mlflow",
+    )
 
     report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
     _spec_args(report)
@@ -79,8 +93,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        commands_by_name = {"sweep": _sweep, "pretrain": _pretrain, "prepare": _prepare, "audit": _audit,
-                            "table": _table, "report": _report, "ui": _ui}
+        commands_by_name = {
+            "sweep": _sweep,
+            "pretrain": _pretrain,
+            "prepare": _prepare,
+            "audit": _audit,
+            "table": _table,
+            "report": _report,
+            "ui": _ui,
+        }
         return commands_by_name[args.command](args)
     except UserError as error:
         print(f"dpsweep: error: {error}", file=sys.stderr)
@@ -136,13 +157,19 @@ def _pretrain(args) -> int:
 def _prepare(args) -> int:
     from trainables.data.prepare import DatasetError, format_card, prepare_dataset
 
-    options = {"patients_csv": args.patients_csv, "master_list": args.master_list,
-               "image_pattern": args.image_pattern}
+    options = {"patients_csv": args.patients_csv, "master_list": args.master_list, "image_pattern": args.image_pattern}
     options = {k: v for k, v in options.items() if v is not None}
     try:
         folder = prepare_dataset(
-            args.dataset, args.root, size=args.size, out=args.out, workers=args.workers,
-            uncertain=args.uncertain, letterbox=args.letterbox, equalize=not args.no_equalize, seed=args.seed,
+            args.dataset,
+            args.root,
+            size=args.size,
+            out=args.out,
+            workers=args.workers,
+            uncertain=args.uncertain,
+            letterbox=args.letterbox,
+            equalize=not args.no_equalize,
+            seed=args.seed,
             **options,
         )
     except (DatasetError, FileNotFoundError, ValueError) as error:
@@ -172,8 +199,9 @@ def _table(args) -> int:
     spec, paths = _load(args)
     trials, epochs, origin = rebuild_tables(spec, paths, args.source)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
-    print(f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, "
-          f"from {origin}")
+    print(
+        f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, from {origin}"
+    )
     return 0
 
 
@@ -197,8 +225,20 @@ def _ui(args) -> int:
         raise UserError(f"no MLflow database at {db}; run `make sweep` first")
     # The MLflow of this interpreter's environment (the venv's), not whatever `mlflow` is on PATH (none is,
     # unless the venv is activated: `make` does not activate it).
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     # MLflow 3's server otherwise starts a job runner and 7 GenAI job consumers this UI never uses.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

@@ -16,26 +16,42 @@ def sweep_params(plan: SweepPlan) -> dict[str, Any]:
     """Sweep-wide settings recorded on the parent run."""
     spec, p = plan.spec, plan.spec.privacy
     datasets = list(plan.datasets.values())
-    return {"model": ",".join(spec.models), "dataset": ",".join(spec.data.train),
-            "external": ",".join(spec.data.external), "inits": ",".join(spec.inits),
-            "target_epsilon": ",".join(f"{e:g}" for e in spec.axes.target_epsilon), "delta": p.delta,
-            "accountant": p.accountant, "epochs": p.epochs, "expected_batch_size": p.expected_batch_size,
-            "n_train": ",".join(str(d.n_train) for d in datasets),
-            "sample_rate": ",".join(f"{d.sample_rate:g}" for d in datasets),
-            "steps": ",".join(str(d.steps) for d in datasets), "n_trials": plan.n_trials,
-            "privacy_unit": ",".join(spec.axes.privacy_unit), "search": spec.search, "secure_mode": p.secure_mode}
+    return {
+        "model": ",".join(spec.models),
+        "dataset": ",".join(spec.data.train),
+        "external": ",".join(spec.data.external),
+        "inits": ",".join(spec.inits),
+        "target_epsilon": ",".join(f"{e:g}" for e in spec.axes.target_epsilon),
+        "delta": p.delta,
+        "accountant": p.accountant,
+        "epochs": p.epochs,
+        "expected_batch_size": p.expected_batch_size,
+        "n_train": ",".join(str(d.n_train) for d in datasets),
+        "sample_rate": ",".join(f"{d.sample_rate:g}" for d in datasets),
+        "steps": ",".join(str(d.steps) for d in datasets),
+        "n_trials": plan.n_trials,
+        "privacy_unit": ",".join(spec.axes.privacy_unit),
+        "search": spec.search,
+        "secure_mode": p.secure_mode,
+    }
 
 
 def describe_plan(plan: SweepPlan) -> str:
     spec, p = plan.spec, plan.spec.privacy
-    lines = [f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
-             f"(delta={p.delta:g}, accountant={p.accountant})"]
+    lines = [
+        f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
+        f"(delta={p.delta:g}, accountant={p.accountant})"
+    ]
     for dataset in plan.datasets.values():
         approx = "~" if dataset.estimated else "="
-        patients = f"{approx}{dataset.n_patients}" if dataset.n_patients is not None else (
-            " unknown" if dataset.estimated and dataset.name not in NO_PATIENT_IDS else ": none (no patient ids)")
+        patients = (
+            f"{approx}{dataset.n_patients}"
+            if dataset.n_patients is not None
+            else (" unknown" if dataset.estimated and dataset.name not in NO_PATIENT_IDS else ": none (no patient ids)")
+        )
         line = f"  {dataset.name}: N_train{approx}{dataset.n_train}" + (
-            " (estimate: not prepared)" if dataset.estimated else "")
+            " (estimate: not prepared)" if dataset.estimated else ""
+        )
         image_only = spec.axes.privacy_unit == ("image",)
         if spec.search != "optuna" and image_only:
             line += f", q={dataset.sample_rate:.5g}, steps={dataset.steps}"
@@ -50,14 +66,19 @@ def describe_plan(plan: SweepPlan) -> str:
                 indent = "      "
             for eps in spec.axes.target_epsilon:
                 sigma = plan.noise_multipliers[(dataset.name, eps, unit)]
-                lines.append(f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}" if math.isfinite(eps)
-                             else f"{indent}target epsilon inf: non-private baseline (no clipping, no noise)")
+                lines.append(
+                    f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}"
+                    if math.isfinite(eps)
+                    else f"{indent}target epsilon inf: non-private baseline (no clipping, no noise)"
+                )
     if spec.optuna is not None:
         o = spec.optuna
         ranges = ", ".join(f"{name} {list(getattr(o, name))}" for name in o.RANGES)
-        lines.append(f"  optuna: {len(spec.cells())} studies (model x dataset x init x epsilon) x "
-                     f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
-                     f"at once; searched: {ranges}")
+        lines.append(
+            f"  optuna: {len(spec.cells())} studies (model x dataset x init x epsilon) x "
+            f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
+            f"at once; searched: {ranges}"
+        )
     return "\n".join(lines)
 
 
@@ -71,14 +92,26 @@ def dry_run_report(plan: SweepPlan) -> str:
     if spec.optuna is None:
         for trial in plan.trials:
             privacy = trial.config.privacy
-            lines.append(f"  {trial.key}: sigma={privacy.noise_multiplier:.4f}, q={privacy.sample_rate:.5g}, "
-                         f"steps={privacy.steps}")
+            lines.append(
+                f"  {trial.key}: sigma={privacy.noise_multiplier:.4f}, q={privacy.sample_rate:.5g}, "
+                f"steps={privacy.steps}"
+            )
             dataset = plan.datasets[trial.config.dataset]
-            images_per_batch = privacy.expected_batch_size if privacy.privacy_unit == "image" else round(
-                privacy.expected_batch_size * dataset.n_train / dataset.n_records("patient"))  # patients bring images
-            estimate = trial_gpu_seconds(trial.config.model, spec.data.image_size, spec.speed.grad_sample_mode,
-                                         dataset.n_train, images_per_batch,
-                                         privacy.steps, privacy.epochs, privacy.is_private)
+            images_per_batch = (
+                privacy.expected_batch_size
+                if privacy.privacy_unit == "image"
+                else round(privacy.expected_batch_size * dataset.n_train / dataset.n_records("patient"))
+            )  # patients bring images
+            estimate = trial_gpu_seconds(
+                trial.config.model,
+                spec.data.image_size,
+                spec.speed.grad_sample_mode,
+                dataset.n_train,
+                images_per_batch,
+                privacy.steps,
+                privacy.epochs,
+                privacy.is_private,
+            )
             if estimate is None:
                 unknown.append(trial.config.model)
             else:
@@ -88,8 +121,16 @@ def dry_run_report(plan: SweepPlan) -> str:
         epochs = max(spec.optuna.epochs)
         for cell in spec.cells():
             n_train = plan.datasets[cell["dataset"]].n_train
-            estimate = trial_gpu_seconds(cell["model"], spec.data.image_size, spec.speed.grad_sample_mode, n_train,
-                                         1, epochs * n_train, epochs, math.isfinite(cell["target_epsilon"]))
+            estimate = trial_gpu_seconds(
+                cell["model"],
+                spec.data.image_size,
+                spec.speed.grad_sample_mode,
+                n_train,
+                1,
+                epochs * n_train,
+                epochs,
+                math.isfinite(cell["target_epsilon"]),
+            )
             if estimate is None:
                 unknown.append(cell["model"])
             else:
@@ -97,12 +138,15 @@ def dry_run_report(plan: SweepPlan) -> str:
                 bases.add(f"{cell['model']}: {estimate[1]}, at the largest epochs {epochs}")
     if spec.pretrain is not None and "domain" in spec.inits and plan.pretrain_n:
         for model in spec.models:  # the pretrain stage: non-private, once per model (cached afterwards)
-            estimate = trial_gpu_seconds(model, spec.data.image_size, "non-private", plan.pretrain_n, 1, 0,
-                                         spec.pretrain.epochs, private=False)
+            estimate = trial_gpu_seconds(
+                model, spec.data.image_size, "non-private", plan.pretrain_n, 1, 0, spec.pretrain.epochs, private=False
+            )
             if estimate is not None and not Path(plan.inits[(model, "domain")].weights or "").is_file():
                 total += estimate[0]
-                lines.append(f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
-                             f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials")
+                lines.append(
+                    f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
+                    f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials"
+                )
     lines.append(describe_gpu_hours(total, unknown, bases))
     if plan.notes:
         lines.append("before running it for real:")

@@ -84,8 +84,16 @@ def seconds_per_image(model: str, image_size: int, mode: str) -> tuple[float, st
     return None if seconds is None else (seconds * scale, basis)
 
 
-def trial_gpu_seconds(model: str, image_size: int, mode: str, n_train: int, expected_batch_size: int, steps: int,
-                      epochs: int, private: bool) -> tuple[float, str] | None:
+def trial_gpu_seconds(
+    model: str,
+    image_size: int,
+    mode: str,
+    n_train: int,
+    expected_batch_size: int,
+    steps: int,
+    epochs: int,
+    private: bool,
+) -> tuple[float, str] | None:
     """Estimated H200 seconds of one trial: its training steps plus per-epoch evaluation."""
     train = seconds_per_image(model, image_size, mode if private else "non-private")
     forward = seconds_per_image(model, image_size, "non-private")
@@ -98,8 +106,10 @@ def trial_gpu_seconds(model: str, image_size: int, mode: str, n_train: int, expe
 
 
 def describe_gpu_hours(total_seconds: float, unknown: list[str], bases: set[str]) -> str:
-    text = (f"GPU-hours estimate (one NVIDIA H200 per trial): {total_seconds / 3600:,.0f} h "
-            f"(from our H200 benchmark x{REAL_TRIAL_OVERHEAD} real-trial overhead; {'; '.join(sorted(bases))})")
+    text = (
+        f"GPU-hours estimate (one NVIDIA H200 per trial): {total_seconds / 3600:,.0f} h "
+        f"(from our H200 benchmark x{REAL_TRIAL_OVERHEAD} real-trial overhead; {'; '.join(sorted(bases))})"
+    )
     if unknown:
         text += f"; no estimate for {', '.join(sorted(set(unknown)))} (not benchmarked)"
     return text

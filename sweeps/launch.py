@@ -48,8 +48,9 @@ STATE_FORMAT = 2
 settings they set). A sweep started by an older dpsweep is refused with the way out, never half-resumed."""
 
 
-def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None, fresh: bool = False,
-              log: Log = print) -> pd.DataFrame:
+def run_sweep(
+    spec: SweepSpec, paths: SweepPaths, *, address: str | None = None, fresh: bool = False, log: Log = print
+) -> pd.DataFrame:
     """Run (or resume) a sweep end to end and return its trial table."""
     sweep_dir = paths.sweep_dir(spec)
     state_file = sweep_dir / N.SWEEP_STATE_FILE
@@ -80,9 +81,11 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     try:
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure of the store is the user's URI to fix
-        raise SpecError(f"{spec.source}: tracking.uri: the MLflow tracking store {paths.tracking_uri!r} cannot be "
-                        f"used ({type(error).__name__}: {str(error)[:300]}); fix `tracking.uri` (or "
-                        "$MLFLOW_TRACKING_URI), or remove it to use runs/mlflow.db") from None
+        raise SpecError(
+            f"{spec.source}: tracking.uri: the MLflow tracking store {paths.tracking_uri!r} cannot be "
+            f"used ({type(error).__name__}: {str(error)[:300]}); fix `tracking.uri` (or "
+            "$MLFLOW_TRACKING_URI), or remove it to use runs/mlflow.db"
+        ) from None
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_state(state_file, fingerprint, "running")
     log(describe_plan(plan))
@@ -101,10 +104,12 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     )
     from trainables.trial import dp_trial
 
-    experiment_id = get_or_create_experiment(client, spec.tracking.experiment or spec.name,
-                                             paths.runs_root / "mlartifacts")
-    parent = get_or_create_parent_run(client, experiment_id, spec.name,
-                                      {"dpsweep.fingerprint": fingerprint, "dpsweep.spec": spec.source})
+    experiment_id = get_or_create_experiment(
+        client, spec.tracking.experiment or spec.name, paths.runs_root / "mlartifacts"
+    )
+    parent = get_or_create_parent_run(
+        client, experiment_id, spec.name, {"dpsweep.fingerprint": fingerprint, "dpsweep.spec": spec.source}
+    )
     client.log_batch(parent, params=[Param(k, str(v)) for k, v in sweep_params(plan).items()])
     ray_address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
@@ -112,8 +117,13 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
             ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
         else:
             # address="local": always a private Ray, never one an earlier `ray start` left in /tmp/ray.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
     trainable = tune.with_resources(dp_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     experiment_path = paths.ray_experiment(spec)
     if tune.Tuner.can_restore(str(experiment_path)):
@@ -123,13 +133,19 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
         callback = MlflowSweepCallback(paths.tracking_uri, experiment_id, parent, spec.name)
         tuner = tune.Tuner(
             trainable,
-            param_space=({"point": tune.grid_search([t.as_ray_point() for t in plan.trials])}
-                         if spec.search == "grid" else {}),
+            param_space=(
+                {"point": tune.grid_search([t.as_ray_point() for t in plan.trials])} if spec.search == "grid" else {}
+            ),
             tune_config=_tune_config(plan),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(paths.ray_storage),
-                callbacks=[callback, ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
-                           CSVLoggerCallback(), JsonLoggerCallback()],
+                name=spec.name,
+                storage_path=str(paths.ray_storage),
+                callbacks=[
+                    callback,
+                    ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
+                    CSVLoggerCallback(),
+                    JsonLoggerCallback(),
+                ],
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
@@ -141,9 +157,13 @@ def run_sweep(spec: SweepSpec, paths: SweepPaths, *, address: str | None = None,
     write_sweep_tables(sweep_dir, trials, epochs, collect_trial_tables(experiment_path))
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
-    finish_parent(paths.tracking_uri, parent, "FINISHED" if complete else "FAILED",
-                  summary=tuning_summary(spec, trials),
-                  artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE])
+    finish_parent(
+        paths.tracking_uri,
+        parent,
+        "FINISHED" if complete else "FAILED",
+        summary=tuning_summary(spec, trials),
+        artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE],
+    )
     return trials
 
 
@@ -160,9 +180,15 @@ def _tune_config(plan: SweepPlan) -> Any:
     if spec.early_stopping is not None:
         max_epochs = max(spec.optuna.epochs) if spec.optuna is not None else spec.privacy.epochs
         # stop_last_trials=False: a trial that reaches its last epoch still sends its final evaluation.
-        scheduler = ASHAScheduler(time_attr=N.EPOCH, metric=N.VAL_SELECTED_AUROC_MACRO, mode="max", max_t=max_epochs,
-                                  grace_period=spec.early_stopping.grace_period,
-                                  reduction_factor=spec.early_stopping.reduction_factor, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr=N.EPOCH,
+            metric=N.VAL_SELECTED_AUROC_MACRO,
+            mode="max",
+            max_t=max_epochs,
+            grace_period=spec.early_stopping.grace_period,
+            reduction_factor=spec.early_stopping.reduction_factor,
+            stop_last_trials=False,
+        )
     if spec.optuna is None:
         return tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent or None, scheduler=scheduler)
     searcher = ConcurrencyLimiter(optuna_searcher(plan), max_concurrent=spec.optuna.max_concurrent)
@@ -175,17 +201,33 @@ def optuna_searcher(plan: SweepPlan) -> Any:
 
     spec, o = plan.spec, plan.spec.optuna
     assert o is not None
-    cells = [Cell(cell_prefix(spec, c["model"], c["dataset"]) + cell_key(c["init"], c["target_epsilon"]),
-                  c["model"], c["dataset"], c["init"], c["target_epsilon"], plan.datasets[c["dataset"]].n_train)
-             for c in spec.cells()]
+    cells = [
+        Cell(
+            cell_prefix(spec, c["model"], c["dataset"]) + cell_key(c["init"], c["target_epsilon"]),
+            c["model"],
+            c["dataset"],
+            c["init"],
+            c["target_epsilon"],
+            plan.datasets[c["dataset"]].n_train,
+        )
+        for c in spec.cells()
+    ]
     ranges = Ranges(**{name: getattr(o, name) for name in o.RANGES})
     factory = OptunaTrialFactory(spec, trial_template(spec, plan.paths), plan.datasets, plan.inits, provenance_tags())
     sweep_dir = plan.paths.sweep_dir(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return PrivateOptunaSearch(
-        cells, factory, ranges=ranges, objectives=o.objectives, trials_per_cell=o.trials_per_target,
-        delta=spec.privacy.delta, accountant=spec.privacy.accountant, sampler=o.sampler, seed=o.seed,
-        max_proposals=o.max_proposals, study_prefix=spec.name,
+        cells,
+        factory,
+        ranges=ranges,
+        objectives=o.objectives,
+        trials_per_cell=o.trials_per_target,
+        delta=spec.privacy.delta,
+        accountant=spec.privacy.accountant,
+        sampler=o.sampler,
+        seed=o.seed,
+        max_proposals=o.max_proposals,
+        study_prefix=spec.name,
         label_count_noise_multiplier=label_count_noise_multiplier(spec, private=True),
         storage_url=f"sqlite:///{sweep_dir / N.OPTUNA_DB_FILE}",
     )
@@ -204,14 +246,25 @@ class OptunaTrialFactory:
 
     def __call__(self, cell: Any, proposal: dict[str, Any]) -> dict[str, Any]:
         private = math.isfinite(cell.target_epsilon)
-        point = GridPoint(model=cell.model, dataset=cell.dataset, init=cell.init, target_epsilon=cell.target_epsilon,
-                          max_grad_norm=proposal.get("max_grad_norm", 0.0), lr=proposal["lr"],
-                          seed=self.spec.axes.seed[0])
+        point = GridPoint(
+            model=cell.model,
+            dataset=cell.dataset,
+            init=cell.init,
+            target_epsilon=cell.target_epsilon,
+            max_grad_norm=proposal.get("max_grad_norm", 0.0),
+            lr=proposal["lr"],
+            seed=self.spec.axes.seed[0],
+        )
         trial = make_trial(
-            self.spec, self.template, self.datasets[cell.dataset], self.inits[(cell.model, cell.init)], point,
+            self.spec,
+            self.template,
+            self.datasets[cell.dataset],
+            self.inits[(cell.model, cell.init)],
+            point,
             f"{cell.key}-t{proposal['optuna_number']:03d}",
             noise_multiplier=proposal["noise_multiplier"] if private else 0.0,
-            expected_batch_size=int(proposal["expected_batch_size"]), epochs=int(proposal["epochs"]),
+            expected_batch_size=int(proposal["expected_batch_size"]),
+            epochs=int(proposal["epochs"]),
             provenance_tags=self.provenance_tags,
             extra_params={"optuna_trial": proposal["optuna_number"], "planned_epsilon": proposal["planned_epsilon"]},
         )

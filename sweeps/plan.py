@@ -75,8 +75,13 @@ class PlannedTrial:
     tags: dict[str, str]
 
     def as_ray_point(self) -> dict[str, Any]:
-        return {"key": self.key, "trial": self.config.to_flat(), "init": asdict(self.init),
-                "params": self.params, "tags": self.tags}
+        return {
+            "key": self.key,
+            "trial": self.config.to_flat(),
+            "init": asdict(self.init),
+            "params": self.params,
+            "tags": self.tags,
+        }
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,10 @@ class DatasetPlan:
         if unit == "image":
             return self.n_train
         if self.n_patients is None:
-            raise SpecError(f"privacy.privacy_unit: patient on {self.name}: its patient ids are its image ids (no "
-                            "patient ids), so a patient-level guarantee cannot be given; use privacy_unit: image")
+            raise SpecError(
+                f"privacy.privacy_unit: patient on {self.name}: its patient ids are its image ids (no "
+                "patient ids), so a patient-level guarantee cannot be given; use privacy_unit: image"
+            )
         return self.n_patients
 
 
@@ -150,8 +157,9 @@ def spec_fingerprint(spec: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool = True, dry_run: bool = False,
-               log: Log = print) -> SweepPlan:
+def plan_sweep(
+    spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool = True, dry_run: bool = False, log: Log = print
+) -> SweepPlan:
     """Everything that can fail because of the user's input, checked before any trial starts.
 
     ``dry_run``: nothing is trained or required: unprepared real datasets use their documented size estimate
@@ -166,27 +174,37 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
         except SpecError as error:
             raise SpecError(f"{spec.source}: {error}") from None
         if spec.optuna is None and p.expected_batch_size > n_records:
-            raise SpecError(f"{spec.source}: privacy.expected_batch_size = {p.expected_batch_size} is larger than "
-                            f"{dataset.name}'s {n_records} training {unit}s; choose at most {n_records}")
+            raise SpecError(
+                f"{spec.source}: privacy.expected_batch_size = {p.expected_batch_size} is larger than "
+                f"{dataset.name}'s {n_records} training {unit}s; choose at most {n_records}"
+            )
         sample_rate, steps = sample_rate_and_steps(n_records, p.expected_batch_size, p.epochs)
         for i, eps in enumerate(spec.axes.target_epsilon):
             try:
                 validate_privacy_parameters(eps, p.delta, n_records, sample_rate, steps)
             except ValueError as error:
                 unit_note = "" if unit == "image" else ", N = training patients"
-                raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}"
-                                f"{unit_note}): {error}") from None
+                raise SpecError(
+                    f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}{unit_note}): {error}"
+                ) from None
             if spec.search == "grid":
                 try:
                     noise[(dataset.name, eps, unit)] = calibrate_noise_multiplier(
-                        eps, p.delta, sample_rate, steps, accountant=p.accountant,
-                        tolerance=p.calibration_tolerance, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
+                        eps,
+                        p.delta,
+                        sample_rate,
+                        steps,
+                        accountant=p.accountant,
+                        tolerance=p.calibration_tolerance,
+                        cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
                         label_count_noise_multiplier=label_count_noise_multiplier(spec, math.isfinite(eps)),
                     )
                 except ValueError as error:
-                    raise SpecError(f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
-                                    f"multiplier meets it ({error}); raise the target, or lower "
-                                    "privacy.calibration_tolerance below it") from None
+                    raise SpecError(
+                        f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
+                        f"multiplier meets it ({error}); raise the target, or lower "
+                        "privacy.calibration_tolerance below it"
+                    ) from None
     inits: dict[tuple[str, str], ResolvedInit] = {}
     for model in spec.models:
         for name in spec.inits:
@@ -203,16 +221,26 @@ def plan_sweep(spec: SweepSpec, paths: SweepPaths, *, run_pretrain_stage: bool =
         template, tags = trial_template(spec, paths), provenance_tags()
         for point in spec.grid():
             dataset = datasets[point.dataset]
-            trials.append(make_trial(
-                spec, template, dataset, inits[(point.model, point.init)], point, trial_key(spec, point),
-                noise_multiplier=noise[(dataset.name, point.target_epsilon, point.privacy_unit)],
-                expected_batch_size=p.expected_batch_size, epochs=p.epochs, provenance_tags=tags,
-            ))
+            trials.append(
+                make_trial(
+                    spec,
+                    template,
+                    dataset,
+                    inits[(point.model, point.init)],
+                    point,
+                    trial_key(spec, point),
+                    noise_multiplier=noise[(dataset.name, point.target_epsilon, point.privacy_unit)],
+                    expected_batch_size=p.expected_batch_size,
+                    epochs=p.epochs,
+                    provenance_tags=tags,
+                )
+            )
     return SweepPlan(spec, paths, trials, datasets, noise, inits, tuple(dict.fromkeys(notes)), pretrain_n)
 
 
-def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: list[str]
-                   ) -> tuple[dict[str, DatasetPlan], int | None]:
+def _dataset_plans(
+    spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: list[str]
+) -> tuple[dict[str, DatasetPlan], int | None]:
     """Prepare (or, for a dry run, estimate) every dataset the sweep reads; plans for the training sets and the
     pretrain dataset's training-split size."""
     from sweeps.estimate import ESTIMATED_TRAIN_IMAGES, ESTIMATED_TRAIN_PATIENTS
@@ -230,16 +258,20 @@ def _dataset_plans(spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: lis
             n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
             n_patients = ESTIMATED_TRAIN_PATIENTS.get(name)
         else:
-            manifest = pd.read_parquet(N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
-                                       columns=["split", "image_id", "patient_id"])
+            manifest = pd.read_parquet(
+                N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
+                columns=["split", "image_id", "patient_id"],
+            )
             train = manifest[manifest["split"] == "train"]
             n_train, estimated = len(train), False
             has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
             n_patients = int(train["patient_id"].nunique()) if has_ids else None
         if name in spec.data.train:
             if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
-                raise SpecError(f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
-                                f"larger than {name}'s {n_train} training images; choose at most {n_train}")
+                raise SpecError(
+                    f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
+                    f"larger than {name}'s {n_train} training images; choose at most {n_train}"
+                )
             q, steps = sample_rate_and_steps(n_train, spec.privacy.expected_batch_size, spec.privacy.epochs)
             datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients)
         if name in pretrain:
@@ -261,17 +293,39 @@ def provenance_tags() -> dict[str, str]:
 def trial_template(spec: SweepSpec, paths: SweepPaths) -> TrialConfig:
     """The sweep-wide part of every trial's config; `make_trial` fills in the grid point."""
     return TrialConfig(
-        sweep=spec.name, dataset="", data_root=str(paths.data_root), image_size=spec.data.image_size, model="",
-        init="", privacy=spec.privacy, speed=spec.speed, weight_decay=spec.training.weight_decay,
-        input_mean=spec.data.input_mean, input_std=spec.data.input_std, pos_weight=spec.training.pos_weight,
-        model_selection=spec.training.model_selection, test_every_epoch=spec.evaluation.test_every_epoch,
-        n_boot=spec.evaluation.n_boot, age_edges=spec.evaluation.age_edges,
+        sweep=spec.name,
+        dataset="",
+        data_root=str(paths.data_root),
+        image_size=spec.data.image_size,
+        model="",
+        init="",
+        privacy=spec.privacy,
+        speed=spec.speed,
+        weight_decay=spec.training.weight_decay,
+        input_mean=spec.data.input_mean,
+        input_std=spec.data.input_std,
+        pos_weight=spec.training.pos_weight,
+        model_selection=spec.training.model_selection,
+        test_every_epoch=spec.evaluation.test_every_epoch,
+        n_boot=spec.evaluation.n_boot,
+        age_edges=spec.evaluation.age_edges,
     )
 
 
-def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, init: ResolvedInit, point: GridPoint,
-               key: str, *, noise_multiplier: float, expected_batch_size: int, epochs: int,
-               provenance_tags: dict[str, str], extra_params: dict[str, Any] | None = None) -> PlannedTrial:
+def make_trial(
+    spec: SweepSpec,
+    template: TrialConfig,
+    dataset: DatasetPlan,
+    init: ResolvedInit,
+    point: GridPoint,
+    key: str,
+    *,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    epochs: int,
+    provenance_tags: dict[str, str],
+    extra_params: dict[str, Any] | None = None,
+) -> PlannedTrial:
     """One trial (grid point or Optuna proposal): its config, MLflow params (`TrialConfig.to_flat` plus the
     training-set size and the search mode) and tags."""
     private = math.isfinite(point.target_epsilon)
@@ -279,32 +333,63 @@ def make_trial(spec: SweepSpec, template: TrialConfig, dataset: DatasetPlan, ini
     n_records = dataset.n_records(unit)
     sample_rate, steps = sample_rate_and_steps(n_records, expected_batch_size, epochs)
     config = replace(
-        template, dataset=dataset.name, model=point.model, init=point.init, init_weights=init.weights, lr=point.lr,
-        seed=point.seed, external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
-        privacy=replace(template.privacy, target_epsilon=point.target_epsilon, max_grad_norm=point.max_grad_norm,
-                        expected_batch_size=expected_batch_size, epochs=epochs, noise_multiplier=noise_multiplier,
-                        sample_rate=sample_rate if private else 0.0, steps=steps,
-                        label_count_noise_multiplier=label_count_noise_multiplier(spec, private), privacy_unit=unit,
-                        max_images_per_patient=template.privacy.max_images_per_patient if unit == "patient" else None),
+        template,
+        dataset=dataset.name,
+        model=point.model,
+        init=point.init,
+        init_weights=init.weights,
+        lr=point.lr,
+        seed=point.seed,
+        external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
+        privacy=replace(
+            template.privacy,
+            target_epsilon=point.target_epsilon,
+            max_grad_norm=point.max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            epochs=epochs,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate if private else 0.0,
+            steps=steps,
+            label_count_noise_multiplier=label_count_noise_multiplier(spec, private),
+            privacy_unit=unit,
+            max_images_per_patient=template.privacy.max_images_per_patient if unit == "patient" else None,
+        ),
     )
     p = config.privacy
     guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)
     patients = {"n_patients": n_records} if unit == "patient" else {}
-    params = {**{k: str(v) if isinstance(v, list) else v for k, v in config.to_flat().items()},
-              "n_train": dataset.n_train, **patients, "search": spec.search, N.GUARANTEE: guarantee,
-              **(extra_params or {})}
-    tags = {f"{N.TAG_PREFIX}{k}": v for k, v in {
-        "privacy_unit": p.privacy_unit, "accountant": p.accountant, "private": str(private).lower(),
-        "adjacency": f"add/remove one {p.privacy_unit}; N_{'train' if unit == 'image' else 'patients'} treated as "
-                     "public",
-        "dp_guarantee": str(has_dp_guarantee(p)).lower(), "pos_weight": config.pos_weight, "init": point.init,
-        "model": point.model, "dataset": dataset.name, "secure_mode": str(p.secure_mode).lower(),
-        "reproducible_noise": str(p.reproducible_noise).lower(), "search": spec.search}.items()}
+    params = {
+        **{k: str(v) if isinstance(v, list) else v for k, v in config.to_flat().items()},
+        "n_train": dataset.n_train,
+        **patients,
+        "search": spec.search,
+        N.GUARANTEE: guarantee,
+        **(extra_params or {}),
+    }
+    tags = {
+        f"{N.TAG_PREFIX}{k}": v
+        for k, v in {
+            "privacy_unit": p.privacy_unit,
+            "accountant": p.accountant,
+            "private": str(private).lower(),
+            "adjacency": f"add/remove one {p.privacy_unit}; N_{'train' if unit == 'image' else 'patients'} treated as "
+            "public",
+            "dp_guarantee": str(has_dp_guarantee(p)).lower(),
+            "pos_weight": config.pos_weight,
+            "init": point.init,
+            "model": point.model,
+            "dataset": dataset.name,
+            "secure_mode": str(p.secure_mode).lower(),
+            "reproducible_noise": str(p.reproducible_noise).lower(),
+            "search": spec.search,
+        }.items()
+    }
     return PlannedTrial(key, config, init, params, {**tags, **provenance_tags})
 
 
-def _resolve(spec: SweepSpec, paths: SweepPaths, model: str, init: str, run_pretrain_stage: bool,
-             log: Log) -> ResolvedInit:
+def _resolve(
+    spec: SweepSpec, paths: SweepPaths, model: str, init: str, run_pretrain_stage: bool, log: Log
+) -> ResolvedInit:
     domain_checkpoint = None
     if init == "domain":
         domain_checkpoint = ensure_pretrained(spec, paths, model, run_pretrain_stage, log)
@@ -314,8 +399,9 @@ def _resolve(spec: SweepSpec, paths: SweepPaths, model: str, init: str, run_pret
         raise SpecError(f"{spec.source}: inits: {error}") from None
 
 
-def ensure_pretrained(spec: SweepSpec, paths: SweepPaths, model: str, run_if_missing: bool = True,
-                      log: Log = print) -> Path:
+def ensure_pretrained(
+    spec: SweepSpec, paths: SweepPaths, model: str, run_if_missing: bool = True, log: Log = print
+) -> Path:
     """The domain init's checkpoint for ``model``; runs the pretrain stage first when it is absent."""
     pretrain = spec.pretrain
     assert pretrain is not None
@@ -328,5 +414,6 @@ def ensure_pretrained(spec: SweepSpec, paths: SweepPaths, model: str, run_if_mis
     except InitError as error:
         raise SpecError(f"{spec.source}: pretrain.init: {error}") from None
     log(f"pretrain: {model} on {pretrain.dataset} from {pretrain.init} -> {out_dir}")
-    return run_pretrain(pretrain, start, model, spec.data.image_size, paths.data_root, out_dir,
-                        threads=max(1, os.cpu_count() or 1))
+    return run_pretrain(
+        pretrain, start, model, spec.data.image_size, paths.data_root, out_dir, threads=max(1, os.cpu_count() or 1)
+    )

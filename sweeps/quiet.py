@@ -23,8 +23,10 @@ for _name, _value in QUIET_RAY_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
 QUIET_LOG_MESSAGES = {
-    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled for this Ray",
-                                                               "Generated new authentication token"),
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray",
+        "Generated new authentication token",
+    ),
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
 }
 """Exact log lines silenced (never whole loggers or levels): Ray's notice that a local cluster uses token auth (it

@@ -32,8 +32,9 @@ TableSource = Literal["auto", "ray", "mlflow"]
 TABLE_SOURCES: tuple[str, ...] = ("auto", "ray", "mlflow")
 
 
-def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataFrame | None, status: str,
-                 error: str | None) -> TrialRecord:
+def trial_record(
+    point: dict[str, Any], final: dict[str, Any], history: pd.DataFrame | None, status: str, error: str | None
+) -> TrialRecord:
     """One trial as a plain record for `analysis.tables.build_tables` (analysis never imports Ray).
 
     ``status``: TERMINATED (final report received), STOPPED (stopped early by ASHA: no final evaluation), ERROR
@@ -49,9 +50,15 @@ def trial_record(point: dict[str, Any], final: dict[str, Any], history: pd.DataF
         if N.BEST_EPOCH in history:
             history = history[history[N.BEST_EPOCH].isna()]
         epoch_rows = history.to_dict("records")
-    return TrialRecord(key=point["key"], status=N.TERMINATED if finished and status != N.ERROR else status,
-                       error=error, params=point["params"], tags=point["tags"], final=final if finished else {},
-                       epochs=epoch_rows)
+    return TrialRecord(
+        key=point["key"],
+        status=N.TERMINATED if finished and status != N.ERROR else status,
+        error=error,
+        params=point["params"],
+        tags=point["tags"],
+        final=final if finished else {},
+        epochs=epoch_rows,
+    )
 
 
 def experiment_records(experiment: Path) -> list[TrialRecord]:
@@ -90,8 +97,9 @@ def _final_checkpoint(trial_dir: Path) -> tuple[dict[str, Any], pd.DataFrame | N
     return json.loads(found[-1].read_text()), history
 
 
-def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "auto"
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def rebuild_tables(
+    spec: SweepSpec, paths: SweepPaths, source: TableSource = "auto"
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Trial and epoch tables of a sweep in any state (`dpsweep table`), written to ``runs/<sweep>/``.
 
     ``source``: ``ray`` (the Ray experiment folder: every trial, INCOMPLETE ones included), ``mlflow`` (the tracking
@@ -103,8 +111,10 @@ def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "au
         source = "ray" if experiment.is_dir() else "mlflow"
     if source == "ray":
         if not experiment.exists():
-            raise TableError(f"no Ray results for sweep {spec.name!r} at {experiment}; run "
-                             f"`dpsweep sweep {spec.source}`, or use --source mlflow")
+            raise TableError(
+                f"no Ray results for sweep {spec.name!r} at {experiment}; run "
+                f"`dpsweep sweep {spec.source}`, or use --source mlflow"
+            )
         trials, epochs = build_tables(experiment_records(experiment), _mlflow_run_ids(spec, paths))
         write_sweep_tables(paths.sweep_dir(spec), trials, epochs)
         return trials, epochs, f"Ray results at {experiment}"
@@ -132,8 +142,9 @@ def _mlflow_run_ids(spec: SweepSpec, paths: SweepPaths) -> dict[str, str]:
         experiment = client.get_experiment_by_name(spec.tracking.experiment or spec.name)
         if experiment is None:
             return {}
-        parents = client.search_runs([experiment.experiment_id],
-                                     f"tags.`{N.SWEEP_TAG}` = '{spec.name}' and tags.`{N.ROLE_TAG}` = 'sweep'")
+        parents = client.search_runs(
+            [experiment.experiment_id], f"tags.`{N.SWEEP_TAG}` = '{spec.name}' and tags.`{N.ROLE_TAG}` = 'sweep'"
+        )
         return run_ids(client, experiment.experiment_id, parents[0].info.run_id) if parents else {}
     except Exception as error:  # noqa: BLE001 - tables are still useful without run ids; say so
         print(f"warning: MLflow run ids not added ({error})")
@@ -179,9 +190,15 @@ def patient_level_sweep_epsilon(trials: pd.DataFrame) -> dict[str, float]:
         if ran.empty or ((ran["privacy_unit"] == "image").any() and k_known.empty):
             continue
         k_image = int(k_known.max()) if len(k_known) else 1
-        mechanisms = [PatientMechanism(float(r.noise_multiplier), float(r.sample_rate), int(steps),
-                                       1 if r.privacy_unit == "patient" else k_image)
-                      for r, steps in zip(ran.itertuples(), released[ran.index], strict=True)]
+        mechanisms = [
+            PatientMechanism(
+                float(r.noise_multiplier),
+                float(r.sample_rate),
+                int(steps),
+                1 if r.privacy_unit == "patient" else k_image,
+            )
+            for r, steps in zip(ran.itertuples(), released[ran.index], strict=True)
+        ]
         results[str(dataset)] = composed_patient_epsilon(mechanisms, float(ran["delta"].iloc[0]))
     return results
 
@@ -204,17 +221,22 @@ def tuning_cost(trials: pd.DataFrame) -> Any:
     if private.empty:
         return None
     q = float(private["sample_rate"].iloc[0])  # non-private rows carry q = 0; their sigma 0 is what matters
-    mechanisms = [TrialMechanism(float(r.noise_multiplier), float(r.sample_rate) or q, int(steps))
-                  for r, steps in zip(ran.itertuples(), released[released > 0], strict=True)]
-    return tuning_epsilon(mechanisms, float(private["delta"].iloc[0]), "fixed",
-                          private_trials_only=len(private) < len(ran))
+    mechanisms = [
+        TrialMechanism(float(r.noise_multiplier), float(r.sample_rate) or q, int(steps))
+        for r, steps in zip(ran.itertuples(), released[released > 0], strict=True)
+    ]
+    return tuning_epsilon(
+        mechanisms, float(private["delta"].iloc[0]), "fixed", private_trials_only=len(private) < len(ran)
+    )
 
 
 def _released_steps(trials: pd.DataFrame) -> pd.Series:
     """Per trial, the steps behind what it released (`analysis.tables.build_tables` writes the column)."""
     if N.RELEASED_STEPS not in trials:
-        raise TableError(f"the trial table has no {N.RELEASED_STEPS!r} column (written by an earlier dpsweep); "
-                         "rebuild it with `dpsweep table <sweep file>`")
+        raise TableError(
+            f"the trial table has no {N.RELEASED_STEPS!r} column (written by an earlier dpsweep); "
+            "rebuild it with `dpsweep table <sweep file>`"
+        )
     return trials[N.RELEASED_STEPS].fillna(0).astype(int)
 
 
@@ -239,13 +261,27 @@ def adaptive_tuning_bounds(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, l
     bounds: dict[str, list[Any]] = {}
     for dataset, group in trials.groupby("dataset", sort=False):
         n_train = int(group["n_train"].iloc[0])
-        targets = [float(c["target_epsilon"]) for c in spec.cells()
-                   if c["dataset"] == dataset and math.isfinite(c["target_epsilon"])]
-        cells = [(AdmissibleSet(n_train, target, p.delta, noise_multiplier=_range(o.noise_multiplier),
-                                expected_batch_size=_range(o.expected_batch_size, int), epochs=_range(o.epochs, int),
-                                accountant=p.accountant,
-                                label_count_noise_multiplier=label_count_noise_multiplier(spec, True)),
-                  o.trials_per_target) for target in targets]
+        targets = [
+            float(c["target_epsilon"])
+            for c in spec.cells()
+            if c["dataset"] == dataset and math.isfinite(c["target_epsilon"])
+        ]
+        cells = [
+            (
+                AdmissibleSet(
+                    n_train,
+                    target,
+                    p.delta,
+                    noise_multiplier=_range(o.noise_multiplier),
+                    expected_batch_size=_range(o.expected_batch_size, int),
+                    epochs=_range(o.epochs, int),
+                    accountant=p.accountant,
+                    label_count_noise_multiplier=label_count_noise_multiplier(spec, True),
+                ),
+                o.trials_per_target,
+            )
+            for target in targets
+        ]
         if not cells:
             continue
         ran = group[(released[group.index] > 0) & (group["noise_multiplier"] > 0)]
@@ -265,20 +301,32 @@ def tuning_summary(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, float]:
     """The parent run's tuning-cost metrics (``/<dataset>`` suffixed with several datasets): grid sweeps'
     ``privacy/tuning_epsilon`` (RDP composition of the trials run); Optuna sweeps' bounds that hold under adaptive
     selection, ``privacy/tuning_epsilon`` (worst-case RDP composition) and ``privacy/tuning_epsilon_basic``."""
+
     def key(name: str, dataset: str) -> str:
         return name if len(spec.data.train) == 1 else f"{name}/{dataset}"
 
     if spec.optuna is not None:
-        return {key(name, dataset): bound.epsilon for dataset, bounds in adaptive_tuning_bounds(spec, trials).items()
-                for name, bound in zip((N.TUNING_EPSILON, N.TUNING_EPSILON_BASIC), bounds, strict=False)}
+        return {
+            key(name, dataset): bound.epsilon
+            for dataset, bounds in adaptive_tuning_bounds(spec, trials).items()
+            for name, bound in zip((N.TUNING_EPSILON, N.TUNING_EPSILON_BASIC), bounds, strict=False)
+        }
     return {key(N.TUNING_EPSILON, dataset): cost.epsilon for dataset, cost in tuning_costs(trials).items()}
 
 
-SUMMARY_COLUMNS = {"trial": "trial", "status": "status", "target_epsilon": "eps target", N.EPSILON: "eps spent",
-                   "noise_multiplier": "sigma", N.VAL_SELECTED_AUROC_MACRO: "val AUROC",
-                   N.TEST_AUROC_MACRO: "test AUROC", N.auroc_gap("test", "age"): "age gap",
-                   N.auroc_gap("test", "sex"): "sex gap", N.EPSILON_PATIENT: "eps patient",
-                   N.PATIENT_IMAGES: "k"}
+SUMMARY_COLUMNS = {
+    "trial": "trial",
+    "status": "status",
+    "target_epsilon": "eps target",
+    N.EPSILON: "eps spent",
+    "noise_multiplier": "sigma",
+    N.VAL_SELECTED_AUROC_MACRO: "val AUROC",
+    N.TEST_AUROC_MACRO: "test AUROC",
+    N.auroc_gap("test", "age"): "age gap",
+    N.auroc_gap("test", "sex"): "sex gap",
+    N.EPSILON_PATIENT: "eps patient",
+    N.PATIENT_IMAGES: "k",
+}
 
 
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
@@ -293,30 +341,43 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     table = trials[[c for c in columns if c in trials.columns]].rename(columns=columns)
     if "target_epsilon" in trials:
         private = trials["target_epsilon"].map(math.isfinite)
-        table.insert(2, "DP", private.map({True: "yes", False: "non-private"}).where(~without_guarantee(trials),
-                                                                                     "none: seed published"))
+        table.insert(
+            2,
+            "DP",
+            private.map({True: "yes", False: "non-private"}).where(~without_guarantee(trials), "none: seed published"),
+        )
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         lines = [table.to_string(index=False)]
-    lines += ["", textwrap.fill(GUARANTEE_TEXT, 116),
-              f"Each trial's guarantee in full: the `{N.GUARANTEE}` column of trials.parquet and MLflow param.",
-              "", f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
-              f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)"]
+    lines += [
+        "",
+        textwrap.fill(GUARANTEE_TEXT, 116),
+        f"Each trial's guarantee in full: the `{N.GUARANTEE}` column of trials.parquet and MLflow param.",
+        "",
+        f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
+        f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)",
+    ]
     costs = tuning_costs(trials)
     adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
     for dataset, cost in costs.items():
         where = f" on {dataset}" if len(costs) > 1 else ""
         if dataset in adaptive:
-            lines.append(f"privacy of the whole search{where}: Optuna chose each trial from earlier results, so only "
-                         "bounds that hold under adaptive selection apply (private trials only):")
+            lines.append(
+                f"privacy of the whole search{where}: Optuna chose each trial from earlier results, so only "
+                "bounds that hold under adaptive selection apply (private trials only):"
+            )
             lines.extend(f"  {bound.description}" for bound in adaptive[dataset])
             lines.append(f"  (composing the trials that happened to run, {cost.epsilon:.3g}, is not such a bound)")
             continue
-        lines.append(f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
-                     f"{cost.sentence}")
+        lines.append(
+            f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
+            f"{cost.sentence}"
+        )
     for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
-        lines.append(f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "
-                     f"trial of the sweep, both units composed at the patient level (image-level trials as groups of "
-                     f"their largest patient's images; PLD, label counts not included): epsilon={epsilon:.3g}")
+        lines.append(
+            f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "
+            f"trial of the sweep, both units composed at the patient level (image-level trials as groups of "
+            f"their largest patient's images; PLD, label counts not included): epsilon={epsilon:.3g}"
+        )
     if N.EPSILON in trials:
         private = trials[trials["target_epsilon"].map(math.isfinite)]
         over = private[private[N.EPSILON] > private["target_epsilon"]]

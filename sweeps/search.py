@@ -79,8 +79,17 @@ class Ranges:
 class FeasibleOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects."""
 
-    def __init__(self, cell: Cell, ranges: Ranges, *, delta: float, accountant: str, max_proposals: int,
-                 label_count_noise_multiplier: float | None = None, **kwargs):
+    def __init__(
+        self,
+        cell: Cell,
+        ranges: Ranges,
+        *,
+        delta: float,
+        accountant: str,
+        max_proposals: int,
+        label_count_noise_multiplier: float | None = None,
+        **kwargs,
+    ):
         self.cell, self.ranges = cell, ranges
         self.delta, self.accountant, self.max_proposals = delta, accountant, max_proposals
         self.label_count_noise_multiplier = label_count_noise_multiplier  # pos_weight: train's accounted release
@@ -103,10 +112,17 @@ class FeasibleOptunaSearch(OptunaSearch):
         """Epsilon the proposal would spend over its planned steps (inf for the non-private baseline)."""
         if not math.isfinite(self.cell.target_epsilon):
             return math.inf
-        q, steps = sample_rate_and_steps(self.cell.n_train, int(proposal["expected_batch_size"]),
-                                         int(proposal["epochs"]))
-        return epsilon_spent(float(proposal["noise_multiplier"]), q, steps, self.delta, self.accountant,
-                             label_count_noise_multiplier=self.label_count_noise_multiplier)
+        q, steps = sample_rate_and_steps(
+            self.cell.n_train, int(proposal["expected_batch_size"]), int(proposal["epochs"])
+        )
+        return epsilon_spent(
+            float(proposal["noise_multiplier"]),
+            q,
+            steps,
+            self.delta,
+            self.accountant,
+            label_count_noise_multiplier=self.label_count_noise_multiplier,
+        )
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(self.max_proposals):
@@ -141,10 +157,23 @@ class PrivateOptunaSearch(Searcher):
         storage_url: Optuna RDB storage (e.g. ``sqlite:///runs/<sweep>/optuna.db``), or None for in-memory.
     """
 
-    def __init__(self, cells: list[Cell], make_point: Callable[[Cell, dict[str, Any]], dict[str, Any]], *,
-                 ranges: Ranges, objectives: tuple[str, ...], trials_per_cell: int, delta: float, accountant: str,
-                 sampler: str, seed: int, max_proposals: int, study_prefix: str, storage_url: str | None,
-                 label_count_noise_multiplier: float | None = None):
+    def __init__(
+        self,
+        cells: list[Cell],
+        make_point: Callable[[Cell, dict[str, Any]], dict[str, Any]],
+        *,
+        ranges: Ranges,
+        objectives: tuple[str, ...],
+        trials_per_cell: int,
+        delta: float,
+        accountant: str,
+        sampler: str,
+        seed: int,
+        max_proposals: int,
+        study_prefix: str,
+        storage_url: str | None,
+        label_count_noise_multiplier: float | None = None,
+    ):
         self.objectives = objectives
         metrics = [f"objective/{o}" for o in objectives]
         modes = [objective_mode(o) for o in objectives]
@@ -155,11 +184,18 @@ class PrivateOptunaSearch(Searcher):
         self.storage_url = storage_url
         self.searchers = {
             cell.key: FeasibleOptunaSearch(
-                cell, ranges, delta=delta, accountant=accountant, max_proposals=max_proposals,
-                label_count_noise_multiplier=label_count_noise_multiplier if math.isfinite(cell.target_epsilon)
+                cell,
+                ranges,
+                delta=delta,
+                accountant=accountant,
+                max_proposals=max_proposals,
+                label_count_noise_multiplier=label_count_noise_multiplier
+                if math.isfinite(cell.target_epsilon)
                 else None,
-                metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-                sampler=_sampler(sampler, seed + i), study_name=f"{study_prefix}/{cell.key}",
+                metric=metrics if len(metrics) > 1 else metrics[0],
+                mode=modes if len(modes) > 1 else modes[0],
+                sampler=_sampler(sampler, seed + i),
+                study_name=f"{study_prefix}/{cell.key}",
                 storage=_storage(storage_url),
             )
             for i, cell in enumerate(cells)
@@ -184,7 +220,8 @@ class PrivateOptunaSearch(Searcher):
         values = self._objective_values(result, selected=False)
         if values is not None and len(self.objectives) == 1:
             self.searchers[self.trial_cell[trial_id]].on_trial_result(
-                trial_id, {**values, TRAINING_ITERATION: result.get(TRAINING_ITERATION, 0)})
+                trial_id, {**values, TRAINING_ITERATION: result.get(TRAINING_ITERATION, 0)}
+            )
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.trial_cell:

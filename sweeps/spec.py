@@ -33,9 +33,12 @@ OptunaSampler = Literal["tpe", "random"]
 EarlyStoppingMethod = Literal["asha"]
 
 RENAMED = {
-    "privacy.epsilons": "privacy.target_epsilon", "privacy.clip_norms": "privacy.max_grad_norm",
-    "training.learning_rates": "training.lr", "training.seeds": "training.seed",
-    "optuna.learning_rate": "optuna.lr", "optuna.clip_norm": "optuna.max_grad_norm",
+    "privacy.epsilons": "privacy.target_epsilon",
+    "privacy.clip_norms": "privacy.max_grad_norm",
+    "training.learning_rates": "training.lr",
+    "training.seeds": "training.seed",
+    "optuna.learning_rate": "optuna.lr",
+    "optuna.clip_norm": "optuna.max_grad_norm",
 }
 """Spellings of earlier versions: refused with the new name (every field is named after the setting it sets)."""
 
@@ -191,9 +194,14 @@ class SweepSpec:
 
     def grid(self) -> list[GridPoint]:
         """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit, in a stable order."""
-        return [GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u) for cell in self.cells()
-                for c in self.axes.max_grad_norm[cell["model"]] for lr in self.axes.lr for s in self.axes.seed
-                for u in self.axes.privacy_unit]
+        return [
+            GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u)
+            for cell in self.cells()
+            for c in self.axes.max_grad_norm[cell["model"]]
+            for lr in self.axes.lr
+            for s in self.axes.seed
+            for u in self.axes.privacy_unit
+        ]
 
     def init_weights_for(self, init: str, model: str) -> str | None:
         """The weight file given for ``init`` (``{model}`` in it is replaced by the architecture)."""
@@ -202,9 +210,17 @@ class SweepSpec:
 
 
 SECTIONS: dict[str, type] = {
-    "data": DataSpec, "pretrain": PretrainConfig, "privacy": PrivacyConfig, "training": TrainingSpec,
-    "evaluation": EvaluationSpec, "resources": ResourcesSpec, "speed": SpeedConfig, "tracking": TrackingSpec,
-    "optuna": OptunaSpec, "early_stopping": EarlyStoppingSpec, "audit": AuditSpec,
+    "data": DataSpec,
+    "pretrain": PretrainConfig,
+    "privacy": PrivacyConfig,
+    "training": TrainingSpec,
+    "evaluation": EvaluationSpec,
+    "resources": ResourcesSpec,
+    "speed": SpeedConfig,
+    "tracking": TrackingSpec,
+    "optuna": OptunaSpec,
+    "early_stopping": EarlyStoppingSpec,
+    "audit": AuditSpec,
 }
 OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping", "audit")
 AXES: dict[str, tuple[str, Any]] = {
@@ -216,9 +232,12 @@ AXES: dict[str, tuple[str, Any]] = {
 }
 """Grid axes given inside their sections: field path -> (`GridAxes` field, type)."""
 NOT_SETTABLE = {
-    **{f"privacy.{name}": "it is derived by the planner from the data and the target epsilon"
-       for name in PrivacyConfig.DERIVED},
-    "pretrain.input_mean": "the pretrain stage uses data.input_mean", "pretrain.input_std": "it is data.input_std",
+    **{
+        f"privacy.{name}": "it is derived by the planner from the data and the target epsilon"
+        for name in PrivacyConfig.DERIVED
+    },
+    "pretrain.input_mean": "the pretrain stage uses data.input_mean",
+    "pretrain.input_std": "it is data.input_std",
 }
 
 
@@ -276,13 +295,16 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
         for name in OptunaSpec.RANGES:
             for section in ("privacy", "training"):
                 if name in (raw.get(section) or {}):
-                    raise SpecError(f"{source}: `{section}.{name}` is a grid setting; with `search: optuna` give the "
-                                    f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)")
+                    raise SpecError(
+                        f"{source}: `{section}.{name}` is a grid setting; with `search: optuna` give the "
+                        f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)"
+                    )
         values.setdefault("optuna", OptunaSpec())
         axes.setdefault("max_grad_norm", {})  # searched: `optuna.max_grad_norm`
     if "target_epsilon" not in axes:
-        raise SpecError(f"{source}: required field `privacy.target_epsilon` is missing; list targets such as "
-                        "[1, 3, 8, .inf]")
+        raise SpecError(
+            f"{source}: required field `privacy.target_epsilon` is missing; list targets such as [1, 3, 8, .inf]"
+        )
     clips = axes.get("max_grad_norm", (1.0,))
     if not isinstance(clips, dict):
         clips = dict.fromkeys(values["models"], clips)
@@ -301,8 +323,10 @@ def _clip_norms_by_model(given: dict[Any, Any], source: str) -> dict[str, tuple[
     """``privacy.max_grad_norm: {convnext_small: 4, convnext_tiny: 3.5}``: one clip list per model."""
     if not given:
         raise SpecError(f"{source}: `privacy.max_grad_norm` is an empty mapping; give {{model: C}} or a list")
-    return {str(model): _coerce(value, tuple[float, ...], f"privacy.max_grad_norm.{model}", source)
-            for model, value in given.items()}
+    return {
+        str(model): _coerce(value, tuple[float, ...], f"privacy.max_grad_norm.{model}", source)
+        for model, value in given.items()
+    }
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
@@ -314,8 +338,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     _reject_unknown(raw, known, prefix + ".", source)
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}", source) for k, v in raw.items()}
-    missing = [n for n, f in known.items()
-               if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n, f in known.items() if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise SpecError(f"{source}: required field `{prefix}.{missing[0]}` is missing")
     return cls(**kwargs)
@@ -325,8 +348,10 @@ def _reject_unknown(raw: dict[str, Any], known: dict[str, Any], prefix: str, sou
     for key in raw:
         path = f"{prefix}{key}"
         if path in RENAMED:
-            raise SpecError(f"{source}: `{path}` was renamed `{RENAMED[path]}` (each field is named after the trial "
-                            f"setting it sets); rename it in the sweep file")
+            raise SpecError(
+                f"{source}: `{path}` was renamed `{RENAMED[path]}` (each field is named after the trial "
+                f"setting it sets); rename it in the sweep file"
+            )
         if path in AXES:
             continue
         if key not in known:

@@ -51,8 +51,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Pat
     (not MLflow's cwd default)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = client.create_experiment(name, artifact_location=(artifact_root / name).as_uri(),
-                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        experiment_id = client.create_experiment(
+            name, artifact_location=(artifact_root / name).as_uri(), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
     else:
         experiment_id = experiment.experiment_id
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
@@ -117,8 +118,14 @@ class MlflowSweepCallback(tune.Callback):
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            tags = {PARENT_TAG: self.parent_run_id, SWEEP_TAG: self.sweep, ROLE_TAG: "trial",
-                    TRIAL_KEY_TAG: key, RAY_TRIAL_ID_TAG: trial.trial_id, **point["tags"]}
+            tags = {
+                PARENT_TAG: self.parent_run_id,
+                SWEEP_TAG: self.sweep,
+                ROLE_TAG: "trial",
+                TRIAL_KEY_TAG: key,
+                RAY_TRIAL_ID_TAG: trial.trial_id,
+                **point["tags"],
+            }
             run = self.client.create_run(self.experiment_id, run_name=key, tags=tags)
             run_id = run.info.run_id
             params = [Param(k, str(v)) for k, v in point["params"].items()]
@@ -204,8 +211,10 @@ class ProgressCallback(tune.Callback):
             self.log(f"  done   {key}  test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}")
             self.log(self.status(trials, finishing=trial))
         else:
-            self.log(f"  epoch {int(result.get(M.EPOCH, 0)):>2} {key}  val AUROC "
-                     f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}")
+            self.log(
+                f"  epoch {int(result.get(M.EPOCH, 0)):>2} {key}  val AUROC "
+                f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}"
+            )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.log(f"  FAILED {trial.config['point']['key']}: see {trial.local_path}")
@@ -214,14 +223,17 @@ class ProgressCallback(tune.Callback):
     def status(self, trials: list[Any], finishing: Any = None) -> str:
         """``[3/8 done, 2 running, 3 pending | 4m10s elapsed, ETA 7m00s]``."""
         states = [t.status for t in trials]
-        done = sum(s in ("TERMINATED", "ERROR") for s in states) + (finishing is not None and
-                                                                     finishing.status not in ("TERMINATED", "ERROR"))
+        done = sum(s in ("TERMINATED", "ERROR") for s in states) + (
+            finishing is not None and finishing.status not in ("TERMINATED", "ERROR")
+        )
         running = sum(s == "RUNNING" for s in states) - (finishing is not None and finishing.status == "RUNNING")
         total = max(self.n_trials, len(trials))
         elapsed = time.monotonic() - (self._start or time.monotonic())
         eta = f", ETA {_clock(elapsed * (total - done) / done)}" if 0 < done < total else ""
-        return (f"  [{done}/{total} done, {running} running, {max(total - done - running, 0)} pending | "
-                f"{_clock(elapsed)} elapsed{eta}]")
+        return (
+            f"  [{done}/{total} done, {running} running, {max(total - done - running, 0)} pending | "
+            f"{_clock(elapsed)} elapsed{eta}]"
+        )
 
 
 def _clock(seconds: float) -> str:
@@ -229,8 +241,13 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{rest:02d}s"
 
 
-def finish_parent(tracking_uri: str, parent_run_id: str, status: str, summary: dict[str, float] | None = None,
-                  artifacts: list[Path] = ()) -> None:
+def finish_parent(
+    tracking_uri: str,
+    parent_run_id: str,
+    status: str,
+    summary: dict[str, float] | None = None,
+    artifacts: list[Path] = (),
+) -> None:
     client = MlflowClient(tracking_uri)
     if summary:
         client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), _finite(v), 0, 0) for k, v in summary.items()])

@@ -7,10 +7,20 @@ from trainables.config import NESTED, PrivacyConfig, SpeedConfig, TrialConfig
 
 
 def make() -> TrialConfig:
-    return TrialConfig(sweep="s", dataset="synthetic-a", data_root="/d", image_size=64, model="test_convnext",
-                       init="random", init_weights=None, lr=1e-3, seed=0,
-                       privacy=PrivacyConfig(target_epsilon=math.inf, max_grad_norm=0.5),
-                       speed=SpeedConfig(threads=2), external_datasets=("synthetic-b",))
+    return TrialConfig(
+        sweep="s",
+        dataset="synthetic-a",
+        data_root="/d",
+        image_size=64,
+        model="test_convnext",
+        init="random",
+        init_weights=None,
+        lr=1e-3,
+        seed=0,
+        privacy=PrivacyConfig(target_epsilon=math.inf, max_grad_norm=0.5),
+        speed=SpeedConfig(threads=2),
+        external_datasets=("synthetic-b",),
+    )
 
 
 def test_flat_round_trip_uses_the_fields_own_names():

@@ -66,4 +66,5 @@ def test_domain_checkpoint_keeps_its_head(tmp_path):
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(model(x), source(x))
     assert ResolvedInit("domain", "checkpoint", "test_convnext", str(path)) == resolve_init(
-        "domain", "test_convnext", domain_checkpoint=path)
+        "domain", "test_convnext", domain_checkpoint=path
+    )

@@ -29,9 +29,18 @@ from trainables.train import BudgetError, TrainState, TrialResult, check_ledger,
 
 
 def config(sigma=1.2, q=0.1) -> TrialConfig:
-    return TrialConfig(sweep="s", dataset="d", data_root="/d", image_size=32, model="test_convnext", init="random",
-                       init_weights=None, lr=1e-3, seed=0,
-                       privacy=PrivacyConfig(target_epsilon=2.0, noise_multiplier=sigma, sample_rate=q, steps=30))
+    return TrialConfig(
+        sweep="s",
+        dataset="d",
+        data_root="/d",
+        image_size=32,
+        model="test_convnext",
+        init="random",
+        init_weights=None,
+        lr=1e-3,
+        seed=0,
+        privacy=PrivacyConfig(target_epsilon=2.0, noise_multiplier=sigma, sample_rate=q, steps=30),
+    )
 
 
 def accountant(*steps):
@@ -79,13 +88,35 @@ def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int 
     private = math.isfinite(target_epsilon)
     sigma = calibrate_noise_multiplier(target_epsilon, 1e-5, sample_rate, steps) if private else 0.0
     privacy_changes = {k.removeprefix("privacy_"): v for k, v in changes.items() if k.startswith("privacy_")}
-    privacy = PrivacyConfig(target_epsilon=target_epsilon, delta=1e-5, expected_batch_size=TINY_BATCH, epochs=epochs,
-                            noise_multiplier=sigma, sample_rate=sample_rate if private else 0.0, steps=steps,
-                            **privacy_changes)
+    privacy = PrivacyConfig(
+        target_epsilon=target_epsilon,
+        delta=1e-5,
+        expected_batch_size=TINY_BATCH,
+        epochs=epochs,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate if private else 0.0,
+        steps=steps,
+        **privacy_changes,
+    )
     top = {k: v for k, v in changes.items() if not k.startswith("privacy_")}
-    return TrialConfig(**{**dict(sweep="tiny", dataset=TINY_DATASET, data_root=str(data_root), image_size=TINY_SIZE,
-                                 model="test_convnext", init="random", init_weights=None, lr=1e-3, seed=0, n_boot=0),
-                          **top}, privacy=privacy)
+    return TrialConfig(
+        **{
+            **dict(
+                sweep="tiny",
+                dataset=TINY_DATASET,
+                data_root=str(data_root),
+                image_size=TINY_SIZE,
+                model="test_convnext",
+                init="random",
+                init_weights=None,
+                lr=1e-3,
+                seed=0,
+                n_boot=0,
+            ),
+            **top,
+        },
+        privacy=privacy,
+    )
 
 
 @dataclass
@@ -119,8 +150,12 @@ def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(t
     cfg = tiny_trial_config(tiny_site, math.inf, model_selection="last")
     run = run_tiny_trial(cfg)
     gap_keys = {M.auroc_gap("val", a) for a in ATTRIBUTES} | {M.auroc_gap_at_epoch(a) for a in ATTRIBUTES}
-    assert gap_keys == {"val/fairness/auroc_gap/sex", "val/fairness/auroc_gap/age",
-                        "test/fairness/auroc_gap_at_epoch/sex", "test/fairness/auroc_gap_at_epoch/age"}
+    assert gap_keys == {
+        "val/fairness/auroc_gap/sex",
+        "val/fairness/auroc_gap/age",
+        "test/fairness/auroc_gap_at_epoch/sex",
+        "test/fairness/auroc_gap_at_epoch/age",
+    }
     for epoch in run.epochs:
         assert gap_keys <= epoch.keys()
     last = run.epochs[-1]
@@ -131,8 +166,9 @@ def test_every_epoch_reports_subgroup_auroc_gaps_defined_as_the_final_headline(t
     # and the validation gaps equal evaluate_split's on the validation predictions of the same weights
     data = load_trial_data(cfg)
     scores, labels = predict(run.result.model, data.val, 256)
-    val = evaluate_split(labels, scores, sex=data.val.split.sex, age=data.val.split.age, age_edges=cfg.age_edges,
-                         n_boot=0, prefix="val").metrics
+    val = evaluate_split(
+        labels, scores, sex=data.val.split.sex, age=data.val.split.age, age_edges=cfg.age_edges, n_boot=0, prefix="val"
+    ).metrics
     for attribute in ATTRIBUTES:
         assert last[M.auroc_gap("val", attribute)] == val[M.auroc_gap("val", attribute)]
     assert all(math.isfinite(last[key]) for key in gap_keys), "fixture too small: the comparison proves nothing"
@@ -143,8 +179,11 @@ def test_final_report_carries_the_selected_epochs_validation_numbers(tiny_site):
     run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=3))
     final = run.result.metrics
     selected = run.epochs[final[M.BEST_EPOCH] - 1]
-    assert final[M.VAL_SELECTED_AUROC_MACRO] == selected[M.VAL_AUROC_MACRO] == max(
-        e[M.VAL_AUROC_MACRO] for e in run.epochs)
+    assert (
+        final[M.VAL_SELECTED_AUROC_MACRO]
+        == selected[M.VAL_AUROC_MACRO]
+        == max(e[M.VAL_AUROC_MACRO] for e in run.epochs)
+    )
     for attribute in ATTRIBUTES:
         assert final[M.val_selected_auroc_gap(attribute)] == selected[M.auroc_gap("val", attribute)]
 
@@ -159,8 +198,10 @@ def test_subgroup_gap_is_nan_without_two_evaluable_groups():
     rng = np.random.default_rng(0)
     labels = (rng.random((40, len(LABELS))) < 0.5).astype(np.float32)
     scores = rng.random((40, len(LABELS)))
-    split = SimpleNamespace(sex=np.array(["F"] * 20 + ["unknown"] * 20, dtype=object),  # one sex group
-                            age=np.r_[np.full(20, 50.0), np.full(20, np.nan)])  # one age bin
+    split = SimpleNamespace(
+        sex=np.array(["F"] * 20 + ["unknown"] * 20, dtype=object),  # one sex group
+        age=np.r_[np.full(20, 50.0), np.full(20, np.nan)],
+    )  # one age bin
     gaps = subgroup_auroc_gaps(labels, scores, split.sex, split.age, (0, 40, 70, 100))
     assert all(math.isnan(gap) for gap in gaps.values())
     split.sex[20:] = "M"
@@ -177,8 +218,14 @@ def test_subgroup_gap_is_nan_without_two_evaluable_groups():
 def _train_state(cfg: TrialConfig, seed: int) -> TrainState:
     torch.manual_seed(seed)
     model = nn.Linear(3, len(LABELS))
-    return TrainState(cfg, model, torch.optim.AdamW(model.parameters()), RDPAccountant(),
-                      torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
+    return TrainState(
+        cfg,
+        model,
+        torch.optim.AdamW(model.parameters()),
+        RDPAccountant(),
+        torch.Generator().manual_seed(seed),
+        torch.Generator().manual_seed(seed + 1),
+    )
 
 
 def test_train_state_round_trips_through_its_state_dict():
@@ -221,19 +268,24 @@ def test_private_pos_weight_train_spends_its_label_count_release_inside_the_targ
 
     base = tiny_trial_config(tiny_site, 3.0, epochs=2)
     privacy = base.privacy
-    sigma = calibrate_noise_multiplier(3.0, privacy.delta, privacy.sample_rate, privacy.steps,
-                                       label_count_noise_multiplier=20.0)
+    sigma = calibrate_noise_multiplier(
+        3.0, privacy.delta, privacy.sample_rate, privacy.steps, label_count_noise_multiplier=20.0
+    )
     assert sigma > privacy.noise_multiplier  # the release costs budget, so DP-SGD gets a little more noise
-    cfg = dataclasses.replace(base, pos_weight="train", privacy=dataclasses.replace(
-        privacy, noise_multiplier=sigma, label_count_noise_multiplier=20.0))
+    cfg = dataclasses.replace(
+        base,
+        pos_weight="train",
+        privacy=dataclasses.replace(privacy, noise_multiplier=sigma, label_count_noise_multiplier=20.0),
+    )
     run = run_tiny_trial(cfg)
     final = run.result.metrics
     assert final[M.EPSILON] <= 3.0
     # The epsilon reported is the composition of both mechanisms, checked independently with dp-accounting.
     reference = RdpAccountant()
     reference.compose(dp_event.GaussianDpEvent(20.0))
-    reference.compose(dp_event.PoissonSampledDpEvent(privacy.sample_rate, dp_event.GaussianDpEvent(sigma)),
-                      privacy.steps)
+    reference.compose(
+        dp_event.PoissonSampledDpEvent(privacy.sample_rate, dp_event.GaussianDpEvent(sigma)), privacy.steps
+    )
     assert final[M.EPSILON] == pytest.approx(reference.get_epsilon(privacy.delta), rel=0.01)
     assert final[M.EPSILON_CROSS_CHECK_RDP] == pytest.approx(reference.get_epsilon(privacy.delta), rel=1e-6)
     # The release sits first in the ledger and in the checkpoint; resuming reuses it (no second draw).
@@ -267,13 +319,20 @@ def test_logged_metrics_are_recomputed_from_the_stored_predictions(tiny_site):
     scores = test[[M.prediction_score(label) for label in LABELS]].to_numpy()
 
     def macro_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-        per_label = [roc_auc_score(y_true[:, j], y_score[:, j]) for j in range(y_true.shape[1])
-                     if 0 < y_true[:, j].sum() < len(y_true)]
+        per_label = [
+            roc_auc_score(y_true[:, j], y_score[:, j])
+            for j in range(y_true.shape[1])
+            if 0 < y_true[:, j].sum() < len(y_true)
+        ]
         return float(np.mean(per_label))
 
     assert macro_auroc(labels, scores) == pytest.approx(result.metrics[M.TEST_AUROC_MACRO], abs=1e-6)
     # The sex AUROC gap by fairlearn's MetricFrame over the stored scores and the manifest's sex column.
     known = manifest["sex"].isin(["F", "M"]).to_numpy()
-    frame = MetricFrame(metrics=lambda y, s: macro_auroc(np.asarray(y), np.asarray(s)), y_true=labels[known],
-                        y_pred=scores[known], sensitive_features=manifest["sex"].to_numpy()[known])
+    frame = MetricFrame(
+        metrics=lambda y, s: macro_auroc(np.asarray(y), np.asarray(s)),
+        y_true=labels[known],
+        y_pred=scores[known],
+        sensitive_features=manifest["sex"].to_numpy()[known],
+    )
     assert frame.difference() == pytest.approx(result.metrics[M.auroc_gap("test", "sex")], abs=1e-6)

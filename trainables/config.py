@@ -163,8 +163,9 @@ class TrialConfig:
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> TrialConfig:
         """Inverse of `to_flat`; unknown keys are an error (they mean a spec/trial version mismatch)."""
-        owners = {f.name: name for name, kind in (("privacy", PrivacyConfig), ("speed", SpeedConfig))
-                  for f in fields(kind)}
+        owners = {
+            f.name: name for name, kind in (("privacy", PrivacyConfig), ("speed", SpeedConfig)) for f in fields(kind)
+        }
         top_level = {f.name for f in fields(cls)} - set(NESTED)
         nested: dict[str, dict[str, Any]] = {name: {} for name in NESTED}
         top: dict[str, Any] = {}

@@ -101,8 +101,9 @@ def find_in_hf_cache(timm_name: str) -> Path | None:
     return None
 
 
-def resolve_init(init: str, model: str, weights_file: str | None = None, domain_checkpoint: Path | None = None
-                 ) -> ResolvedInit:
+def resolve_init(
+    init: str, model: str, weights_file: str | None = None, domain_checkpoint: Path | None = None
+) -> ResolvedInit:
     """Resolve an init name to a weight source, or raise `InitError` with the exact fix.
 
     Args:

@@ -126,7 +126,14 @@ def external_auroc(dataset: str) -> str:
 THRESHOLDED_METRICS: Final[tuple[str, ...]] = ("threshold", "sensitivity", "specificity", "accuracy", "ppv", "f1")
 """Per-label families at the Youden thresholds (``threshold`` is the cut-off itself)."""
 FAIRNESS_METRICS: Final[tuple[str, ...]] = (
-    "auroc_gap", "tpr_gap", "fpr_gap", "eod", "aod", "ppv_gap", "spd", "accuracy_gap",
+    "auroc_gap",
+    "tpr_gap",
+    "fpr_gap",
+    "eod",
+    "aod",
+    "ppv_gap",
+    "spd",
+    "accuracy_gap",
 )
 """Per-label fairness families; see `trainables.evaluate.fairness` for each exact definition."""
 CI_BOUNDS: Final[tuple[str, ...]] = ("low", "high")

@@ -30,27 +30,50 @@ def pretrain_dir(runs_root: Path, pretrain: PretrainConfig, model: str, image_si
     return runs_root / "pretrain" / f"{model}-{pretrain.dataset}-{image_size}px-{digest}"
 
 
-def run_pretrain(pretrain: PretrainConfig, init: ResolvedInit, model: str, image_size: int, data_root: Path,
-                 out_dir: Path, threads: int = 1) -> Path:
+def run_pretrain(
+    pretrain: PretrainConfig,
+    init: ResolvedInit,
+    model: str,
+    image_size: int,
+    data_root: Path,
+    out_dir: Path,
+    threads: int = 1,
+) -> Path:
     """Train, then write ``model.safetensors`` and ``pretrain.json`` (settings + validation/test AUROC)."""
     cfg = TrialConfig(
-        sweep="pretrain", dataset=pretrain.dataset, data_root=str(data_root), image_size=image_size, model=model,
-        init=pretrain.init, init_weights=init.weights, lr=pretrain.lr, seed=pretrain.seed,
-        privacy=PrivacyConfig(target_epsilon=math.inf, expected_batch_size=pretrain.batch_size,
-                              epochs=pretrain.epochs),
-        speed=SpeedConfig(threads=threads), weight_decay=pretrain.weight_decay, test_every_epoch=False,
-        input_mean=pretrain.input_mean, input_std=pretrain.input_std,
+        sweep="pretrain",
+        dataset=pretrain.dataset,
+        data_root=str(data_root),
+        image_size=image_size,
+        model=model,
+        init=pretrain.init,
+        init_weights=init.weights,
+        lr=pretrain.lr,
+        seed=pretrain.seed,
+        privacy=PrivacyConfig(target_epsilon=math.inf, expected_batch_size=pretrain.batch_size, epochs=pretrain.epochs),
+        speed=SpeedConfig(threads=threads),
+        weight_decay=pretrain.weight_decay,
+        test_every_epoch=False,
+        input_mean=pretrain.input_mean,
+        input_std=pretrain.input_std,
         n_boot=0,
     )
 
     def log_epoch(metrics: dict[str, Any], _state: object) -> None:
-        print(f"  pretrain {model} on {pretrain.dataset}: epoch {metrics[names.EPOCH]}/{pretrain.epochs}, "
-              f"loss {metrics[names.TRAIN_LOSS]:.4f}, val AUROC {metrics[names.VAL_AUROC_MACRO]:.3f}", flush=True)
+        print(
+            f"  pretrain {model} on {pretrain.dataset}: epoch {metrics[names.EPOCH]}/{pretrain.epochs}, "
+            f"loss {metrics[names.TRAIN_LOSS]:.4f}, val AUROC {metrics[names.VAL_AUROC_MACRO]:.3f}",
+            flush=True,
+        )
 
     result = train_trial(cfg, init, log_epoch)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(result.model, out_dir / CHECKPOINT_FILE)
-    info = {"pretrain": asdict(pretrain), "model": model, "image_size": image_size,
-            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}}
+    info = {
+        "pretrain": asdict(pretrain),
+        "model": model,
+        "image_size": image_size,
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+    }
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     return out_dir / CHECKPOINT_FILE

@@ -103,8 +103,13 @@ class TrialResult:
     model: nn.Module
 
 
-def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dict[str, Any] | None = None,
-                data: TrialData | None = None) -> TrialResult:
+def train_trial(
+    cfg: TrialConfig,
+    init: ResolvedInit,
+    report: Report,
+    state: dict[str, Any] | None = None,
+    data: TrialData | None = None,
+) -> TrialResult:
     """Train and evaluate one trial, resuming from the checkpoint ``state`` when given."""
     torch.set_num_threads(cfg.speed.threads)
     device = resolve_device(cfg.speed.device)
@@ -112,15 +117,22 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
     data = data or load_trial_data(cfg)
     n_train = len(data.train)
     # The records Poisson sampling draws: images, or patients with their (capped) images.
-    patients = (group_patients(data.train.split.patient_id, privacy.max_images_per_patient)
-                if privacy.is_private and privacy.privacy_unit == "patient" else None)
+    patients = (
+        group_patients(data.train.split.patient_id, privacy.max_images_per_patient)
+        if privacy.is_private and privacy.privacy_unit == "patient"
+        else None
+    )
     n_records = n_train if patients is None else patients.n_patients
     if patients is not None and cfg.pos_weight == "train":
-        raise ValueError("training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
-                         "counts of all of a patient's images would need a patient-level sensitivity); use uniform")
+        raise ValueError(
+            "training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
+            "counts of all of a patient's images would need a patient-level sensitivity); use uniform"
+        )
     if patients is not None and cfg.speed.grad_sample_mode == "bk":
-        raise ValueError("privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
-                         "book-keeping engine does not group per-sample norms by patient yet")
+        raise ValueError(
+            "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
+            "book-keeping engine does not group per-sample norms by patient yet"
+        )
     if privacy.is_private:
         check_planned_budget(cfg, n_records)
 
@@ -158,8 +170,12 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
         if pos_weight is not None and pos_weight.release is not None and state is None:
             account_release(accountant, pos_weight.release)  # a resumed trial restores it with its ledger
         optimizer = make_dp_optimizer(
-            optimizer, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=privacy.expected_batch_size, noise_generator=randomness.noise, accountant=accountant,
+            optimizer,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=privacy.expected_batch_size,
+            noise_generator=randomness.noise,
+            accountant=accountant,
             sample_rate=privacy.sample_rate,
         )
         steps_per_epoch = privacy.steps // privacy.epochs
@@ -174,19 +190,28 @@ def train_trial(cfg: TrialConfig, init: ResolvedInit, report: Report, state: dic
                 private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
             else:  # indices are patients: their images, one clipped gradient per patient
                 images, groups = patients.gather(indices)
-                private_patient_step(wrapped, optimizer, loss_fn, patient_batch(images), groups,
-                                     cfg.speed.max_physical_batch_size)
+                private_patient_step(
+                    wrapped, optimizer, loss_fn, patient_batch(images), groups, cfg.speed.max_physical_batch_size
+                )
             return None  # the private batch's loss is not clipped, noised or accounted: never released
     else:
+
         def epoch_batches() -> Iterator[torch.Tensor]:
             return shuffled_batches(n_train, privacy.expected_batch_size, randomness.sampler)
 
         def step(indices: np.ndarray) -> float | None:
             return sgd_step(model, optimizer, loss_fn, batch(indices))
 
-    train = TrainState(cfg, model, optimizer, accountant, randomness.sampler, randomness.noise,
-                       randomness.secret_seeds, None if pos_weight is None or pos_weight.release is None
-                       else pos_weight.release.to_dict())
+    train = TrainState(
+        cfg,
+        model,
+        optimizer,
+        accountant,
+        randomness.sampler,
+        randomness.noise,
+        randomness.secret_seeds,
+        None if pos_weight is None or pos_weight.release is None else pos_weight.release.to_dict(),
+    )
     if state is not None:
         train.load_state_dict(state)
 
@@ -287,10 +312,12 @@ class TrainState:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint format {state.get('format', 1)} cannot be resumed by this version (format "
-                f"{CHECKPOINT_FORMAT}); start the trial afresh (`dpsweep sweep --fresh` for a whole sweep)")
+                f"{CHECKPOINT_FORMAT}); start the trial afresh (`dpsweep sweep --fresh` for a whole sweep)"
+            )
         saved, current = state["config"], self.cfg.to_flat()
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in RESUME_IGNORED_KEYS and saved.get(k) != current.get(k))
+        changed = sorted(
+            k for k in set(saved) | set(current) if k not in RESUME_IGNORED_KEYS and saved.get(k) != current.get(k)
+        )
         if changed:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
             raise ValueError(f"checkpoint belongs to a different trial configuration ({details}); refusing to resume")
@@ -306,8 +333,11 @@ class TrainState:
         self.label_counts = state.get("label_counts")
         torch.set_rng_state(state["torch_rng"])
         self.epoch, self.steps, self.history = state["epoch"], state["steps"], list(state["history"])
-        self.best_epoch, self.best_score, self.best_weights = state["best_epoch"], state["best_score"], state[
-            "best_weights"]
+        self.best_epoch, self.best_score, self.best_weights = (
+            state["best_epoch"],
+            state["best_score"],
+            state["best_weights"],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,8 +353,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def per_sample_bce(pos_weight: np.ndarray | None, device: torch.device
-                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def per_sample_bce(
+    pos_weight: np.ndarray | None, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Multi-label BCE with logits, averaged over labels: one loss per sample (float32 positive weights)."""
     weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32).to(device)
 
@@ -343,9 +374,12 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield order[start : start + batch_size]
 
 
-def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+def sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> float:
     """One non-private step on the batch's mean loss; returns that loss."""
     x, y = batch
     loss = loss_fn(model(x), y).mean()
@@ -355,8 +389,9 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return loss.item()
 
 
-def epoch_evaluation(cfg: TrialConfig, model: nn.Module, data: TrialData, accountant: IAccountant | None
-                     ) -> dict[str, float]:
+def epoch_evaluation(
+    cfg: TrialConfig, model: nn.Module, data: TrialData, accountant: IAccountant | None
+) -> dict[str, float]:
     """Validation macro AUROC, epsilon spent so far (inf when non-private), validation subgroup gaps, and with
     ``test_every_epoch`` the test ones (never used to select)."""
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
@@ -403,11 +438,19 @@ def check_planned_budget(cfg: TrialConfig, n_records: int) -> None:
             f"q={expected_q}, steps={planned_steps} (N={n_records} {privacy.privacy_unit}s); re-run the sweep so "
             "sigma is recalibrated"
         )
-    planned = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, planned_steps, privacy.delta,
-                            privacy.accountant, label_count_noise_multiplier=privacy.label_count_noise_multiplier)
+    planned = epsilon_spent(
+        privacy.noise_multiplier,
+        privacy.sample_rate,
+        planned_steps,
+        privacy.delta,
+        privacy.accountant,
+        label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+    )
     if planned > privacy.target_epsilon:
-        raise BudgetError(f"sigma={privacy.noise_multiplier} spends epsilon {planned:.4f} > target "
-                          f"{privacy.target_epsilon} over {planned_steps} steps")
+        raise BudgetError(
+            f"sigma={privacy.noise_multiplier} spends epsilon {planned:.4f} > target "
+            f"{privacy.target_epsilon} over {planned_steps} steps"
+        )
 
 
 def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
@@ -415,8 +458,13 @@ def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:
     label-count release when it makes one: a lost, doubled or foreign ledger would misreport epsilon silently."""
     privacy = cfg.privacy
     try:
-        accounting.check_ledger(accountant.history, privacy.noise_multiplier, privacy.sample_rate, steps,
-                                privacy.label_count_noise_multiplier)
+        accounting.check_ledger(
+            accountant.history,
+            privacy.noise_multiplier,
+            privacy.sample_rate,
+            steps,
+            privacy.label_count_noise_multiplier,
+        )
     except ValueError as error:
         raise BudgetError(str(error)) from None
 
@@ -428,21 +476,33 @@ def patient_epsilons(cfg: TrialConfig, steps: int, patient_ids: np.ndarray) -> d
     counts = images_per_patient(patient_ids)
     epsilons: dict[int, float] = {}
     for k in {counts.maximum, counts.p99}:
-        epsilons[k] = patient_epsilon(privacy.noise_multiplier, privacy.sample_rate, steps, privacy.delta, k,
-                                      label_count_noise_multiplier=privacy.label_count_noise_multiplier)
-    return {M.EPSILON_PATIENT: epsilons[counts.maximum], M.PATIENT_IMAGES: counts.maximum,
-            M.EPSILON_PATIENT_P99: epsilons[counts.p99], M.PATIENT_IMAGES_P99: counts.p99}
+        epsilons[k] = patient_epsilon(
+            privacy.noise_multiplier,
+            privacy.sample_rate,
+            steps,
+            privacy.delta,
+            k,
+            label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+        )
+    return {
+        M.EPSILON_PATIENT: epsilons[counts.maximum],
+        M.PATIENT_IMAGES: counts.maximum,
+        M.EPSILON_PATIENT_P99: epsilons[counts.p99],
+        M.PATIENT_IMAGES_P99: counts.p99,
+    }
 
 
-def trial_pos_weight(cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness,
-                     state: dict[str, Any] | None) -> PosWeight | None:
+def trial_pos_weight(
+    cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness, state: dict[str, Any] | None
+) -> PosWeight | None:
     """The BCE positive weights: none (``uniform``), or for ``train`` the Gaussian-noised label counts of a private
     trial (an accounted release, reused from the checkpoint on resume) or exact counts of a non-private one."""
     if cfg.pos_weight == "uniform":
         return None
     saved = (state or {}).get("label_counts")
     return train_pos_weight(
-        labels, target_epsilon=cfg.privacy.target_epsilon,
+        labels,
+        target_epsilon=cfg.privacy.target_epsilon,
         noise_multiplier=cfg.privacy.label_count_noise_multiplier,
         rng=randomness.noise if isinstance(randomness.noise, SecureRandom) else None,
         restored=None if saved is None else LabelCountRelease.from_dict(saved),
@@ -465,9 +525,17 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
     def evaluate(name: str, dataset: CacheSplitDataset, prefix: str) -> Evaluation:
         scores, labels = predict(model, dataset, cfg.speed.eval_batch_size)
         predictions.append(prediction_table(name, dataset.split.rows, scores))
-        return evaluate_split(labels, scores, sex=dataset.split.sex, age=dataset.split.age, thresholds=thresholds,
-                              age_edges=cfg.age_edges, n_boot=cfg.n_boot, boot_seed=dataset_bootstrap_seed(name),
-                              prefix=prefix)
+        return evaluate_split(
+            labels,
+            scores,
+            sex=dataset.split.sex,
+            age=dataset.split.age,
+            thresholds=thresholds,
+            age_edges=cfg.age_edges,
+            n_boot=cfg.n_boot,
+            boot_seed=dataset_bootstrap_seed(name),
+            prefix=prefix,
+        )
 
     evaluation = evaluate(cfg.dataset, data.test, "test")
     metrics = dict(evaluation.metrics)
@@ -481,8 +549,13 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         check_ledger(train.accountant, cfg, train.steps)
         metrics[M.EPSILON] = train.accountant.get_epsilon(privacy.delta)
         metrics[M.EPSILON_AT_BEST_EPOCH] = selected[M.EPSILON]
-        cross = cross_check_epsilon(privacy.noise_multiplier, privacy.sample_rate, train.steps, privacy.delta,
-                                    label_count_noise_multiplier=privacy.label_count_noise_multiplier)
+        cross = cross_check_epsilon(
+            privacy.noise_multiplier,
+            privacy.sample_rate,
+            train.steps,
+            privacy.delta,
+            label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+        )
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
         if privacy.privacy_unit == "image":
@@ -490,8 +563,10 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
-    parts = {"groups": [evaluation.groups.assign(dataset=cfg.dataset)],
-             "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)]}
+    parts = {
+        "groups": [evaluation.groups.assign(dataset=cfg.dataset)],
+        "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)],
+    }
     for name, dataset in data.external.items():
         external = evaluate(name, dataset, f"external/{name}")
         metrics.update(external.metrics)

@@ -65,8 +65,11 @@ def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     """Plain Python numbers; infinities stay floats (json writes them as Infinity)."""
-    return {k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v) for k, v in metrics.items()
-            if v is None or isinstance(v, int | float | str | bool) or hasattr(v, "item")}
+    return {
+        k: (float(v) if isinstance(v, float) or hasattr(v, "item") else v)
+        for k, v in metrics.items()
+        if v is None or isinstance(v, int | float | str | bool) or hasattr(v, "item")
+    }
 
 
 def is_final_report(result: dict[str, Any]) -> bool:

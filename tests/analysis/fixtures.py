@@ -108,8 +108,13 @@ class FakeTrial:
     def epochs(self) -> list[dict[str, float]]:
         rows = []
         for i, (e, v, t) in enumerate(zip(self.epsilon, self.val, self.test, strict=True)):
-            row = {names.EPOCH: i + 1, names.EPSILON: e, names.VAL_AUROC_MACRO: v,
-                   names.TEST_AUROC_MACRO_AT_EPOCH: t, names.STEPS: 10 * (i + 1)}
+            row = {
+                names.EPOCH: i + 1,
+                names.EPSILON: e,
+                names.VAL_AUROC_MACRO: v,
+                names.TEST_AUROC_MACRO_AT_EPOCH: t,
+                names.STEPS: 10 * (i + 1),
+            }
             for attribute in ("sex", "age"):
                 row[names.auroc_gap_at_epoch(attribute)] = self.test_gap(attribute, i + 1)
                 row[names.auroc_gap("val", attribute)] = self.val_gap(attribute, i + 1)
@@ -123,8 +128,9 @@ TRIALS: tuple[FakeTrial, ...] = (
     FakeTrial("random-eps3", "random", 3.0, (0.9, 2.0, 2.95), (0.70, 0.66, 0.68), (0.61, 0.67, 0.69)),
     FakeTrial("random-eps20", "random", 20.0, (5.0, 12.0, 19.5), (0.50, 0.90, 0.90), (0.52, 0.91, 0.92)),
     FakeTrial("random-epsinf", "random", INF, (INF, INF, INF), (0.80, 0.82, 0.82), (0.79, 0.81, 0.83)),
-    FakeTrial("domain-eps1", "domain", 1.0, (0.5, 0.8, 0.99), (0.75, 0.75, 0.74), (0.73, 0.76, 0.77),
-              nan_test_gap_epochs=(1,)),
+    FakeTrial(
+        "domain-eps1", "domain", 1.0, (0.5, 0.8, 0.99), (0.75, 0.75, 0.74), (0.73, 0.76, 0.77), nan_test_gap_epochs=(1,)
+    ),
     FakeTrial("domain-eps3", "domain", 3.0, (0.9, 2.0, 2.95), (0.70, 0.78, NAN), (0.71, 0.77, 0.80)),
     FakeTrial("domain-epsinf", "domain", INF, (INF, INF, INF), (0.85, 0.86, 0.84), (0.84, 0.85, 0.86)),
     FakeTrial("domain-eps8", "domain", 8.0, (4.0,), (0.99,), (0.99,), status="ERROR"),
@@ -151,13 +157,29 @@ def make_sweep(runs: Path, trials: tuple[FakeTrial, ...] = TRIALS, with_ray: boo
     """Write the sweep under ``runs`` and return ``runs/<sweep>``."""
     records = []
     for trial in trials:
-        params = {"init": trial.init, "target_epsilon": trial.target, "max_grad_norm": 1.0, "lr": trial.lr,
-                  "seed": 0, "dataset": DATASET, "model": "test_convnext", "accountant": "rdp", "delta": 6e-6,
-                  "privacy_unit": "image"}
-        records.append(TrialRecord(key=trial.key, status=trial.status,
-                                   error=None if trial.status == "TERMINATED" else "BudgetError: fake",
-                                   params=params, tags={"dpsweep.git_commit": "abc123"},
-                                   final=trial.final(), epochs=trial.epochs()))
+        params = {
+            "init": trial.init,
+            "target_epsilon": trial.target,
+            "max_grad_norm": 1.0,
+            "lr": trial.lr,
+            "seed": 0,
+            "dataset": DATASET,
+            "model": "test_convnext",
+            "accountant": "rdp",
+            "delta": 6e-6,
+            "privacy_unit": "image",
+        }
+        records.append(
+            TrialRecord(
+                key=trial.key,
+                status=trial.status,
+                error=None if trial.status == "TERMINATED" else "BudgetError: fake",
+                params=params,
+                tags={"dpsweep.git_commit": "abc123"},
+                final=trial.final(),
+                epochs=trial.epochs(),
+            )
+        )
     table, epochs = build_tables(records)
     sweep_dir = runs / SWEEP
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -183,12 +205,22 @@ def write_ray_trial(folder: Path, trial: FakeTrial) -> None:
     (final / "final.json").write_text(json.dumps({"done": True}))
     parts = []
     for dataset in (DATASET, EXTERNAL):
-        frame = pd.DataFrame({"replicate": np.arange(N_BOOT),
-                              "auroc_macro": replicates(trial.key, dataset).astype(np.float32)})
+        frame = pd.DataFrame(
+            {"replicate": np.arange(N_BOOT), "auroc_macro": replicates(trial.key, dataset).astype(np.float32)}
+        )
         for label in LABELS:
             frame[label] = frame["auroc_macro"]
         parts.append(frame.assign(dataset=dataset))
     pd.concat(parts, ignore_index=True).to_parquet(final / "bootstrap.parquet", index=False)
-    groups = pd.DataFrame({"attribute": ["sex", "sex"], "group": ["F", "M"], "group_key": ["F", "M"],
-                           "label": [LABELS[0]] * 2, "n": [50, 50], "auroc": [0.7, 0.6], "dataset": [DATASET] * 2})
+    groups = pd.DataFrame(
+        {
+            "attribute": ["sex", "sex"],
+            "group": ["F", "M"],
+            "group_key": ["F", "M"],
+            "label": [LABELS[0]] * 2,
+            "n": [50, 50],
+            "auroc": [0.7, 0.6],
+            "dataset": [DATASET] * 2,
+        }
+    )
     groups.to_parquet(final / "groups.parquet", index=False)

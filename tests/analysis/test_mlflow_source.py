@@ -41,24 +41,53 @@ NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow do
 
 
 def point(key: str, epsilon: float) -> dict:
-    params = {"init": "random", "target_epsilon": epsilon, "noise_multiplier": 0.0 if math.isinf(epsilon) else 1.25,
-              "sample_rate": 0.0 if math.isinf(epsilon) else 0.25, "steps": 8, "delta": 6e-6, "accountant": "rdp",
-              "max_grad_norm": 1.0, "lr": 0.002, "seed": 0, "model": "test_convnext", "privacy_unit": "image",
-              "pos_weight": "uniform", "n_train": 256}
+    params = {
+        "init": "random",
+        "target_epsilon": epsilon,
+        "noise_multiplier": 0.0 if math.isinf(epsilon) else 1.25,
+        "sample_rate": 0.0 if math.isinf(epsilon) else 0.25,
+        "steps": 8,
+        "delta": 6e-6,
+        "accountant": "rdp",
+        "max_grad_norm": 1.0,
+        "lr": 0.002,
+        "seed": 0,
+        "model": "test_convnext",
+        "privacy_unit": "image",
+        "pos_weight": "uniform",
+        "n_train": 256,
+    }
     tags = {"dpsweep.git_commit": "abc123", "dpsweep.torch_version": "2.0", "dpsweep.init": "random"}
     return {"key": key, "params": params, "tags": tags}
 
 
 def epoch_result(epoch: int, epsilon: float, val: float) -> dict:
-    return {M.EPOCH: epoch, M.STEPS: 4 * epoch, M.TRAIN_LOSS: 0.7 - 0.1 * epoch, M.VAL_AUROC_MACRO: val,
-            M.EPSILON: epsilon, M.TEST_AUROC_MACRO_AT_EPOCH: val - 0.01, M.auroc_gap("val", "age"): 0.1 * epoch,
-            "done": False, "timestamp": 1_700_000_000 + epoch, "training_iteration": epoch}
+    return {
+        M.EPOCH: epoch,
+        M.STEPS: 4 * epoch,
+        M.TRAIN_LOSS: 0.7 - 0.1 * epoch,
+        M.VAL_AUROC_MACRO: val,
+        M.EPSILON: epsilon,
+        M.TEST_AUROC_MACRO_AT_EPOCH: val - 0.01,
+        M.auroc_gap("val", "age"): 0.1 * epoch,
+        "done": False,
+        "timestamp": 1_700_000_000 + epoch,
+        "training_iteration": epoch,
+    }
 
 
 def final_result(epsilon: float, test: float) -> dict:
-    return {M.TEST_AUROC_MACRO: test, M.BEST_EPOCH: 2, M.STEPS: 8, M.EPSILON: epsilon,
-            M.EPSILON_AT_BEST_EPOCH: epsilon, M.auroc_gap("test", "age"): 0.125, NODE_ID: "f00d",
-            "done": True, "timestamp": 1_700_000_100}
+    return {
+        M.TEST_AUROC_MACRO: test,
+        M.BEST_EPOCH: 2,
+        M.STEPS: 8,
+        M.EPSILON: epsilon,
+        M.EPSILON_AT_BEST_EPOCH: epsilon,
+        M.auroc_gap("test", "age"): 0.125,
+        NODE_ID: "f00d",
+        "done": True,
+        "timestamp": 1_700_000_100,
+    }
 
 
 # key -> (target epsilon, what happens); per-epoch epsilons and AUROCs are arbitrary exact binary fractions.
@@ -116,8 +145,16 @@ def fake_store(tmp_path_factory):
         status = {"finished": "TERMINATED", "failed": "ERROR", "stopped": "STOPPED"}.get(fate, "INCOMPLETE")
         point = trial.config["point"]
         epochs = [{k: v for k, v in r.items() if k != "done"} for r in per_epoch]
-        records.append(TrialRecord(key=point["key"], status=status, params=point["params"], tags=point["tags"],
-                                   final=final or {}, epochs=epochs))
+        records.append(
+            TrialRecord(
+                key=point["key"],
+                status=status,
+                params=point["params"],
+                tags=point["tags"],
+                final=final or {},
+                epochs=epochs,
+            )
+        )
     # A resumed driver: a new callback re-reads the runs; the finished trial reports its final result again.
     resumed = MlflowSweepCallback(uri, experiment, parent, SWEEP)
     resumed.on_trial_result(0, [], trials["random-eps2"], final_result(2.0, 0.625))
@@ -139,8 +176,13 @@ def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
     expected_trials, expected_epochs = build_tables(fake_store.records)
     assert trials["trial"].tolist() == list(SCRIPT)  # Ray's trial order (trial ids)
     assert dict(zip(trials["trial"], trials["status"], strict=True)) == {
-        "random-eps2": "TERMINATED", "random-epsinf": "TERMINATED", "random-eps8": "ERROR",
-        "random-eps4": "INCOMPLETE", "random-eps1": "INCOMPLETE", "random-eps3": "STOPPED"}
+        "random-eps2": "TERMINATED",
+        "random-epsinf": "TERMINATED",
+        "random-eps8": "ERROR",
+        "random-eps4": "INCOMPLETE",
+        "random-eps1": "INCOMPLETE",
+        "random-eps3": "STOPPED",
+    }
     assert set(trials.columns) == set(expected_trials.columns) - {NODE_ID}  # strings never reach MLflow
     shared = [c for c in expected_trials.columns if c not in (NODE_ID, "mlflow_run_id", "error")]
     pd.testing.assert_frame_equal(trials[shared], expected_trials[shared])  # values and dtypes (ints, inf, None)
@@ -154,8 +196,10 @@ def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
 def test_records_name_their_runs(fake_store):
     found = read_sweep(fake_store.uri, SWEEP, SWEEP)
     assert found.parent_run_id == fake_store.parent
-    children = fake_store.client.search_runs([fake_store.client.get_experiment_by_name(SWEEP).experiment_id],
-                                             f"tags.`mlflow.parentRunId` = '{fake_store.parent}'")
+    children = fake_store.client.search_runs(
+        [fake_store.client.get_experiment_by_name(SWEEP).experiment_id],
+        f"tags.`mlflow.parentRunId` = '{fake_store.parent}'",
+    )
     assert found.run_ids == {r.data.tags["dpsweep.trial_key"]: r.info.run_id for r in children}
 
 
@@ -227,8 +271,14 @@ class SweepProcess:
         self.marker, self.log = marker, log
         command = [sys.executable, "-m", "sweeps.cli", "sweep", str(spec), "--runs", str(runs), "--data", str(data)]
         with log.open("a") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )
         self.group = self.process.pid
 
     def processes(self) -> set[int]:
@@ -297,8 +347,9 @@ def real_sweep(tmp_path_factory):
             running = [k for k, f in folders.items() if not finished(f) and any(f.glob("checkpoint_*"))]
             if done and running:
                 break
-            assert sweep.process.poll() is None, f"the sweep ended before it could be interrupted:\n" \
-                                                 f"{out.log.read_text()[-4000:]}"
+            assert sweep.process.poll() is None, (
+                f"the sweep ended before it could be interrupted:\n{out.log.read_text()[-4000:]}"
+            )
             assert time.monotonic() - start < INTERRUPT_TIMEOUT_S, out.log.read_text()[-4000:]
             time.sleep(POLL_S)
         sweep.kill()
@@ -352,10 +403,24 @@ def test_resumed_sweep_tables_agree_between_ray_and_mlflow(real_sweep):
     assert (ml_trials["status"] == "TERMINATED").all() and (ray_trials["status"] == "TERMINATED").all()
     assert set(ml_trials.columns) == set(ray_trials.columns) - {NODE_ID}
     ray_trials, ml_trials = (t.set_index("trial").sort_index() for t in (ray_trials, ml_trials))
-    params = ["init", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "delta", "accountant",
-              "max_grad_norm", "lr", "seed", "model", "privacy_unit", "mlflow_run_id", "git_commit", "torch_version"]
-    exact = [*params, M.EPSILON, M.TEST_AUROC_MACRO, M.BEST_EPOCH, M.EPSILON_AT_BEST_EPOCH,
-             M.auroc_gap("test", "age")]
+    params = [
+        "init",
+        "target_epsilon",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "delta",
+        "accountant",
+        "max_grad_norm",
+        "lr",
+        "seed",
+        "model",
+        "privacy_unit",
+        "mlflow_run_id",
+        "git_commit",
+        "torch_version",
+    ]
+    exact = [*params, M.EPSILON, M.TEST_AUROC_MACRO, M.BEST_EPOCH, M.EPSILON_AT_BEST_EPOCH, M.auroc_gap("test", "age")]
     pd.testing.assert_frame_equal(ml_trials[exact], ray_trials[exact])
     shared = [c for c in ray_trials.columns if c in ml_trials.columns and c != "error"]
     pd.testing.assert_frame_equal(ml_trials[shared], ray_trials[shared])  # every final metric, dtypes included
@@ -374,8 +439,10 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
     sweep_dir = real_sweep.runs / "tinyml"
     from_ray = collect_trial_tables(real_sweep.runs / "ray" / "tinyml")
     for file, expected in ((GROUPS_FILE, from_ray.groups), (BOOTSTRAP_FILE, from_ray.bootstrap)):
-        table, expected = (t.sort_values(list(expected.columns), kind="stable").reset_index(drop=True)
-                           for t in (pd.read_parquet(sweep_dir / file), expected))
+        table, expected = (
+            t.sort_values(list(expected.columns), kind="stable").reset_index(drop=True)
+            for t in (pd.read_parquet(sweep_dir / file), expected)
+        )
         assert len(table) and set(table["trial"]) == set(from_ray.bootstrap["trial"])
         pd.testing.assert_frame_equal(table, expected)
     print(f"interrupted after {real_sweep.interrupt_s:.0f} s; whole fixture {real_sweep.total_s:.0f} s")

@@ -93,8 +93,11 @@ def naive_ranks(values: np.ndarray) -> np.ndarray:
     rank = 0
     while remaining:
         rank += 1
-        front = [i for i in remaining
-                 if not any(np.all(values[j] <= values[i]) and np.any(values[j] < values[i]) for j in remaining)]
+        front = [
+            i
+            for i in remaining
+            if not any(np.all(values[j] <= values[i]) and np.any(values[j] < values[i]) for j in remaining)
+        ]
         for i in front:
             ranks[i] = rank
         remaining -= set(front)
@@ -156,7 +159,10 @@ def test_empty_and_all_failed_tables():
 
 def test_study_objectives_use_metric_constants():
     assert [(o.column, o.direction) for o in STUDY_OBJECTIVES] == [
-        (names.EPSILON, "min"), (names.TEST_AUROC_MACRO, "max"), (names.auroc_gap("test", "age"), "min")]
+        (names.EPSILON, "min"),
+        (names.TEST_AUROC_MACRO, "max"),
+        (names.auroc_gap("test", "age"), "min"),
+    ]
 
 
 def test_front_is_invariant_to_row_order():

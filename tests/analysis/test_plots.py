@@ -25,8 +25,9 @@ def figures(tables):
         "auroc": lambda path: plots.auroc_vs_epsilon(tables.trials, save_to=path),
         "fairness": lambda path: plots.fairness_vs_epsilon(tables.trials, save_to=path),
         "pareto": lambda path: plots.pareto_plot(pareto.pareto_front(tables.trials), save_to=path),
-        "heatmap": lambda path: plots.cross_dataset_heatmap(views.external_auroc_matrix(tables.trials, selection),
-                                                            save_to=path),
+        "heatmap": lambda path: plots.cross_dataset_heatmap(
+            views.external_auroc_matrix(tables.trials, selection), save_to=path
+        ),
         "trajectories": lambda path: plots.epsilon_trajectories(tables.epochs, save_to=path),
     }
 
@@ -48,8 +49,13 @@ def test_infinite_epsilon_has_its_own_slot(tables):
     finished = tables.trials[tables.trials["status"] == "TERMINATED"]
     largest = finished[names.EPSILON].replace(np.inf, np.nan).max()
     assert ax.get_xticks()[-1] == pytest.approx(largest * plots.INF_SLOT)
-    points = np.concatenate([c.get_offsets() for c in ax.collections if c.get_offsets().shape[1] == 2
-                             and len(c.get_offsets()) and not hasattr(c, "get_segments")])
+    points = np.concatenate(
+        [
+            c.get_offsets()
+            for c in ax.collections
+            if c.get_offsets().shape[1] == 2 and len(c.get_offsets()) and not hasattr(c, "get_segments")
+        ]
+    )
     assert len(points) == len(finished)  # one marker per finished trial, the failed one left out
     assert np.isclose(points[:, 0], largest * plots.INF_SLOT).sum() == 2  # the two non-private baselines
     assert ax.get_xscale() == "log"
@@ -68,18 +74,28 @@ def test_trajectories_skip_non_private_trials(tables):
     ax = plots.epsilon_trajectories(tables.epochs).axes[0]
     assert len(ax.get_lines()) - len([line for line in ax.get_lines() if line.get_linestyle() == ":"]) >= 1
     plotted = {line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")}
-    assert plotted == {"random-eps1", "random-eps1-lr", "random-eps3", "random-eps20", "domain-eps1",
-                       "domain-eps3", "domain-eps8"}
+    assert plotted == {
+        "random-eps1",
+        "random-eps1-lr",
+        "random-eps3",
+        "random-eps20",
+        "domain-eps1",
+        "domain-eps3",
+        "domain-eps8",
+    }
     assert "2 non-private" in ax.get_title()
 
 
 def test_empty_inputs_draw_a_message_instead_of_failing(tables, tmp_path):
     failed = tables.trials.assign(status="ERROR")
     selection = views.final_selection(failed, tables.epochs)
-    for figure in (plots.auroc_vs_epsilon(failed), plots.fairness_vs_epsilon(failed),
-                   plots.pareto_plot(pareto.pareto_front(failed)),
-                   plots.cross_dataset_heatmap(views.external_auroc_matrix(failed, selection)),
-                   plots.epsilon_trajectories(tables.epochs.iloc[:0])):
+    for figure in (
+        plots.auroc_vs_epsilon(failed),
+        plots.fairness_vs_epsilon(failed),
+        plots.pareto_plot(pareto.pareto_front(failed)),
+        plots.cross_dataset_heatmap(views.external_auroc_matrix(failed, selection)),
+        plots.epsilon_trajectories(tables.epochs.iloc[:0]),
+    ):
         assert isinstance(figure, Figure)
         assert any(text.get_text().startswith("no ") for text in figure.axes[0].texts)
     plots.save_png(plots.auroc_vs_epsilon(failed), tmp_path / "empty.png")

@@ -28,10 +28,18 @@ def test_report_is_written_in_the_sweep_folder(report):
 def test_report_holds_the_tables(report):
     _, _, page, _ = report
     assert page.startswith("<!DOCTYPE html>") and f"dpsweep report: {SWEEP}" in page
-    for heading in ("On-domain test AUROC by init and epsilon bin", "Test fairness gap by init and epsilon bin",
-                    "Final models", "Cross-dataset generalization",
-                    "Subgroup test AUROC", "Fairness gaps on test", "Paired bootstrap comparison of inits",
-                    "Pareto front", "Failed or unfinished trials", "Privacy spent per epoch"):
+    for heading in (
+        "On-domain test AUROC by init and epsilon bin",
+        "Test fairness gap by init and epsilon bin",
+        "Final models",
+        "Cross-dataset generalization",
+        "Subgroup test AUROC",
+        "Fairness gaps on test",
+        "Paired bootstrap comparison of inits",
+        "Pareto front",
+        "Failed or unfinished trials",
+        "Privacy spent per epoch",
+    ):
         assert f"<h2>{heading}" in page, heading
     assert page.count("<table") >= 10
     assert "<td>0.610</td>" in page  # random init, bin (0, 1]

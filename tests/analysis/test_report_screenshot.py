@@ -26,9 +26,17 @@ Image = pytest.importorskip("PIL.Image")
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WIDTH, HEIGHT = 1280, 2000
 TIMEOUT_S = 120
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 # Appended to a copy of the page (the report itself has no scripts): after every image settled, write each
 # image's source and natural size into the DOM that --dump-dom prints.
 PROBE = """<script>
@@ -51,8 +59,14 @@ def find_chromium() -> str | None:
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     profile.mkdir()
     env = {**os.environ, "HOME": str(profile)}  # crash reports and caches stay in the temp folder
-    process = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [binary, *FLAGS, f"--user-data-dir={profile}", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -70,8 +84,10 @@ def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Completed
 def chromium() -> str:
     binary = find_chromium()
     if binary is None:
-        pytest.skip("no Chromium binary (chromium, chromium-browser, google-chrome) on PATH; install the Debian "
-                    "package `chromium` (apt-get install -y chromium) to render the report headlessly")
+        pytest.skip(
+            "no Chromium binary (chromium, chromium-browser, google-chrome) on PATH; install the Debian "
+            "package `chromium` (apt-get install -y chromium) to render the report headlessly"
+        )
     return binary
 
 
@@ -82,8 +98,9 @@ def report(tmp_path_factory) -> Path:
 
 def test_report_screenshot_is_not_blank(chromium, report, tmp_path):
     png = tmp_path / "report.png"
-    result = run_chromium(chromium, tmp_path / "profile", f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}",
-                          report.as_uri())
+    result = run_chromium(
+        chromium, tmp_path / "profile", f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}", report.as_uri()
+    )
     assert png.is_file(), f"no screenshot (exit {result.returncode}):\n{result.stderr[-3000:]}"
     with Image.open(png) as image:
         assert image.size == (WIDTH, HEIGHT)
@@ -102,8 +119,9 @@ def test_report_figures_load_in_chromium(chromium, report, tmp_path):
         assert (report.parent / source).is_file(), source
     probe_page = report.with_name("probe.html")  # next to index.html: the same relative links resolve
     probe_page.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    result = run_chromium(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom",
-                          probe_page.as_uri())
+    result = run_chromium(
+        chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()
+    )
     found = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.S)
     assert found, f"no probe output (exit {result.returncode}):\n{result.stderr[-3000:]}"
     images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))

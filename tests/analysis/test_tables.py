@@ -72,8 +72,7 @@ def test_collect_errors(tmp_path):
 
 
 def test_collect_with_no_finished_trial(tmp_path):
-    write_ray_trial(tmp_path / "ray" / "failed", FakeTrial("x", "random", 1.0, (0.5,), (0.5,), (0.5,),
-                                                           status="ERROR"))
+    write_ray_trial(tmp_path / "ray" / "failed", FakeTrial("x", "random", 1.0, (0.5,), (0.5,), (0.5,), status="ERROR"))
     tables = collect_trial_tables(tmp_path / "ray")
     assert tables.bootstrap.empty and list(tables.bootstrap.columns) == ["trial"]
 

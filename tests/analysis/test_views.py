@@ -27,6 +27,8 @@ def tables(tmp_path):
 @pytest.fixture
 def selection(tables):
     return views.final_selection(tables.trials, tables.epochs)
+
+
 MODEL = "test_convnext"  # the fixtures' model (`tests.analysis.fixtures`)
 
 
@@ -39,7 +41,17 @@ def cell(frame: pd.DataFrame, init: str, bin_label: str) -> pd.Series:
 def test_bin_edges():
     epsilon = [0.0, 1e-9, 1.0, 1.0000001, 3.0, 10.0, 10.01, math.inf, math.nan, -1.0]
     assert list(views.assign_bins(epsilon)) == [
-        np.nan, "(0, 1]", "(0, 1]", "(1, 3]", "(1, 3]", "(3, 10]", np.nan, "inf", np.nan, np.nan]
+        np.nan,
+        "(0, 1]",
+        "(0, 1]",
+        "(1, 3]",
+        "(1, 3]",
+        "(3, 10]",
+        np.nan,
+        "inf",
+        np.nan,
+        np.nan,
+    ]
     assert list(views.assign_bins(epsilon).categories) == [b.label for b in STUDY_BINS]
     assert STUDY_BINS[-1].is_non_private and not STUDY_BINS[0].is_non_private
 
@@ -88,7 +100,11 @@ def test_auroc_by_init_and_bin(tables):
     # random (0, 1]: three trials have epochs there; random-eps3's epoch 1 has the best val AUROC (.70).
     row = cell(binned, "random", "(0, 1]")
     assert (row["trial"], row[names.EPOCH], row[TEST_AT_EPOCH], row[views.CANDIDATE_TRIALS]) == (
-        "random-eps3", 1, 0.61, 3)
+        "random-eps3",
+        1,
+        0.61,
+        3,
+    )
     assert cell(binned, "domain", "(0, 1]")["trial"] == "domain-eps1"  # val .75 beats domain-eps3's .70
     assert cell(binned, "domain", "(1, 3]")[TEST_AT_EPOCH] == 0.77
     assert cell(binned, "random", "(3, 10]")["trial"] == "random-eps20"
@@ -112,8 +128,14 @@ def test_final_selection(selection):
     # random-eps3's selected model is epoch 1 (0.9 spent then), but the run spent 2.95: bin (1, 3].
     assert cell(selection, "random", "(1, 3]")["trial"] == "random-eps3"
     assert cell(selection, "domain", "(1, 3]")[names.BEST_EPOCH] == 2
-    assert set(selection["trial"]) == {"random-eps1", "random-eps3", "random-epsinf", "domain-eps1", "domain-eps3",
-                                       "domain-epsinf"}  # eps 19.5 is in no bin; domain-eps8 failed
+    assert set(selection["trial"]) == {
+        "random-eps1",
+        "random-eps3",
+        "random-epsinf",
+        "domain-eps1",
+        "domain-eps3",
+        "domain-epsinf",
+    }  # eps 19.5 is in no bin; domain-eps8 failed
 
 
 def test_final_selection_tie_goes_to_lower_epsilon_then_key(tables):
@@ -141,14 +163,17 @@ def test_external_auroc_matrix(tables, selection):
 
 def test_subgroup_and_fairness_tables(tables, selection):
     subgroups = views.subgroup_auroc_table(tables.trials, selection)
-    assert list(subgroups.columns) == [("sex", "F"), ("sex", "M"), ("age", "0-40"), ("age", "40-70"),
-                                       ("age", "70-100")]
+    assert list(subgroups.columns) == [("sex", "F"), ("sex", "M"), ("age", "0-40"), ("age", "40-70"), ("age", "70-100")]
     row = subgroups.xs("domain-eps1", level="trial").iloc[0]
     assert row[("sex", "F")] == pytest.approx(0.74) and row[("age", "0-40")] == pytest.approx(0.78)
 
     fairness = views.fairness_table(tables.trials, selection)
-    expected = [(a, f) for a in ("sex", "age") for f in (*names.FAIRNESS_METRICS, *views.FAIRNESS_EXTRAS)
-                if (a, f) not in {("sex", "auroc_gap_label_mean"), ("sex", "worst_group_auroc")}]
+    expected = [
+        (a, f)
+        for a in ("sex", "age")
+        for f in (*names.FAIRNESS_METRICS, *views.FAIRNESS_EXTRAS)
+        if (a, f) not in {("sex", "auroc_gap_label_mean"), ("sex", "worst_group_auroc")}
+    ]
     assert list(fairness.columns) == expected  # per-label columns never leak in; absent ones left out
     final = tables.trials.set_index("trial")
     for trial in selection["trial"]:
@@ -167,8 +192,9 @@ def test_paired_p_values(tables, selection):
     np.testing.assert_allclose(p_values["p_2_better"], 16 / 19)
     assert (p_values["n_replicates"] == 19).all()
     first = p_values.iloc[0]
-    assert first["p_1_better"] == paired_p_value(replicates("domain-eps1", DATASET).astype(np.float32),
-                                                 replicates("random-eps1", DATASET).astype(np.float32))
+    assert first["p_1_better"] == paired_p_value(
+        replicates("domain-eps1", DATASET).astype(np.float32), replicates("random-eps1", DATASET).astype(np.float32)
+    )
     final = tables.trials.set_index("trial")
     assert first["auroc_1"] == final.at[first["trial_1"], names.TEST_AUROC_MACRO]
     external = p_values.iloc[1]
@@ -214,11 +240,14 @@ def test_fixture_table_is_what_the_docstring_says():
 def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
     gaps = views.fairness_gap_by_bin(tables.trials, tables.epochs)
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
-    cells = ["model", "dataset", "init", "bin", "trial", names.EPOCH, views.CANDIDATE_EPOCHS,
-             views.CANDIDATE_TRIALS]
+    cells = ["model", "dataset", "init", "bin", "trial", names.EPOCH, views.CANDIDATE_EPOCHS, views.CANDIDATE_TRIALS]
     pd.testing.assert_frame_equal(gaps[cells], binned[cells])  # one selection rule, not a second copy
-    gap_columns = [names.auroc_gap_at_epoch("sex"), names.auroc_gap("val", "sex"),
-                   names.auroc_gap_at_epoch("age"), names.auroc_gap("val", "age")]
+    gap_columns = [
+        names.auroc_gap_at_epoch("sex"),
+        names.auroc_gap("val", "sex"),
+        names.auroc_gap_at_epoch("age"),
+        names.auroc_gap("val", "age"),
+    ]
     assert list(gaps.columns[8:-2]) == [TEST_AT_EPOCH, *gap_columns]
     for _, row in gaps.iterrows():
         trial, epoch = BY_KEY[row["trial"]], row[names.EPOCH]
@@ -240,15 +269,24 @@ def test_fairness_gap_by_bin_shows_the_models_the_auroc_view_selects(tables):
 def test_fairness_gap_by_bin_on_a_hand_made_table():
     """Two trials in one cell; the lower gap loses because validation AUROC chooses, and test columns are optional."""
     gap = names.auroc_gap_at_epoch("age")
-    trials = pd.DataFrame({"trial": ["a", "b"], "status": ["TERMINATED"] * 2, "model": ["m"] * 2,
-                           "dataset": ["d"] * 2, "init": ["random"] * 2})
-    epochs = pd.DataFrame({
-        "trial": ["a", "a", "b", "b"],
-        names.EPOCH: [1, 2, 1, 2],
-        EPS: [0.5, 2.0, 0.6, 0.9],
-        VAL: [0.70, 0.80, 0.60, 0.75],
-        gap: [0.30, 0.05, 0.01, 0.20],
-    })
+    trials = pd.DataFrame(
+        {
+            "trial": ["a", "b"],
+            "status": ["TERMINATED"] * 2,
+            "model": ["m"] * 2,
+            "dataset": ["d"] * 2,
+            "init": ["random"] * 2,
+        }
+    )
+    epochs = pd.DataFrame(
+        {
+            "trial": ["a", "a", "b", "b"],
+            names.EPOCH: [1, 2, 1, 2],
+            EPS: [0.5, 2.0, 0.6, 0.9],
+            VAL: [0.70, 0.80, 0.60, 0.75],
+            gap: [0.30, 0.05, 0.01, 0.20],
+        }
+    )
     gaps = views.fairness_gap_by_bin(trials, epochs)
     assert gaps[["bin", "trial", names.EPOCH, gap]].astype({"bin": str}).values.tolist() == [
         ["(0, 1]", "b", 2, 0.20],  # b's epoch 2 (val .75) beats a's epoch 1 (val .70); b's epoch 1 has the lowest gap

@@ -25,11 +25,7 @@ def make_pixels(seed: int, shape: tuple[int, int] = SHAPE, high: int = 255) -> n
     """A non-constant image with smooth structure plus noise, distinct for each seed (uint8 or uint16)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0 : 1 : shape[0] * 1j, 0 : 1 : shape[1] * 1j]
-    field = (
-        0.5
-        + 0.3 * np.sin(2 * np.pi * ((1 + seed % 3) * x + rng.uniform(0.5, 2) * y))
-        + 0.2 * rng.random(shape)
-    )
+    field = 0.5 + 0.3 * np.sin(2 * np.pi * ((1 + seed % 3) * x + rng.uniform(0.5, 2) * y)) + 0.2 * rng.random(shape)
     field = (field - field.min()) / (field.max() - field.min())
     dtype = np.uint8 if high <= 255 else np.uint16
     return np.round(field * high).astype(dtype)
@@ -70,9 +66,7 @@ def write_dicom(
     if age is not None:
         dataset.PatientAge = age
     if pixels is not None:
-        dataset.set_pixel_data(
-            pixels.astype(np.uint16), photometric_interpretation=photometric, bits_stored=12
-        )
+        dataset.set_pixel_data(pixels.astype(np.uint16), photometric_interpretation=photometric, bits_stored=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(path, enforce_file_format=True)
     return path
@@ -132,9 +126,7 @@ CHEXPERT_VALID_ROWS = [
 ]  # fmt: skip
 
 
-def _chexpert_line(
-    split: str, patient: int, study: int, view: str, sex, age, frontal, ap_pa, findings
-) -> list:
+def _chexpert_line(split: str, patient: int, study: int, view: str, sex, age, frontal, ap_pa, findings) -> list:
     path = f"CheXpert-v1.0/{split}/patient{patient:05d}/study{study}/{view}.jpg"
     return [path, sex, age, frontal, ap_pa, *(findings.get(c, "") for c in CHEXPERT_COLUMNS[5:])]
 

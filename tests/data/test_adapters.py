@@ -134,16 +134,11 @@ def test_chexpert_images(chexpert, tmp_path):
     ],
 )  # fmt: skip
 def test_chexpert_uncertain_policies(chexpert, tmp_path, policy, expected):
-    manifest = prepare("chexpert", chexpert, tmp_path / "data", uncertain=policy).manifest.set_index(
-        "image_id"
-    )
+    manifest = prepare("chexpert", chexpert, tmp_path / "data", uncertain=policy).manifest.set_index("image_id")
     assert len(manifest) == 12
     for study, labels in expected.items():
         assert tuple(manifest.loc[f"{study}/view1_frontal", list(LABELS)]) == labels
-    assert (
-        tuple(manifest.loc["patient00006/study1/view2_frontal", list(LABELS)])
-        == expected["patient00006/study1"]
-    )
+    assert tuple(manifest.loc["patient00006/study1/view2_frontal", list(LABELS)]) == expected["patient00006/study1"]
 
 
 def test_chexpert_renamed_column(chexpert, tmp_path):
@@ -171,9 +166,7 @@ def test_chexpert_duplicate_path(chexpert, tmp_path):
 
 def test_chexpert_bad_sex_and_age(chexpert, tmp_path):
     edit(chexpert / "train.csv", "Male", "Mle", line=4)
-    with pytest.raises(
-        DatasetError, match=r"line 4, column 'Sex': sex 'Mle' is not a known code; expected one of"
-    ):
+    with pytest.raises(DatasetError, match=r"line 4, column 'Sex': sex 'Mle' is not a known code; expected one of"):
         prepare("chexpert", chexpert, tmp_path / "data")
     edit(chexpert / "train.csv", "Mle", "Male", line=4)
     edit(chexpert / "train.csv", ",45,", ",forty-five,")
@@ -245,17 +238,13 @@ def test_mimic_images(mimic, tmp_path):
     assert splits_of(cache) == {k: v[1] for k, v in MIMIC_EXPECTED.items()}
     check_pixels(cache, root)
     row = cache.manifest.set_index("image_id").loc["02aa804e-bde0afdd-112c0b34-7bc16630-4e384014"]
-    assert (
-        row["source_path"] == "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"
-    )
+    assert row["source_path"] == "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg"
     assert row["patient_id"] == "10000032"
     card = card_of(cache)
     assert card["excluded"] == {
         "view not PA/AP": 1, "study has no CheXpert labels": 1, "uncertain label (policy drop)": 1
     }  # fmt: skip
-    assert card["metadata_issues"] == {
-        "images whose subject is not in patients_csv (sex unknown, age missing)": 1
-    }
+    assert card["metadata_issues"] == {"images whose subject is not in patients_csv (sex unknown, age missing)": 1}
     assert card["split_method"] == "official split; official validation split"
 
 
@@ -280,9 +269,7 @@ def test_mimic_patient_in_two_official_splits(mimic, tmp_path):
 def test_mimic_patients_csv_missing_column(mimic, tmp_path):
     root, patients = mimic
     edit(patients, "anchor_year,", "anchor_yr,", line=1)
-    with pytest.raises(
-        DatasetError, match=r"patients.csv.gz: missing column\(s\) \['anchor_year'\]; columns found"
-    ):
+    with pytest.raises(DatasetError, match=r"patients.csv.gz: missing column\(s\) \['anchor_year'\]; columns found"):
         prepare("mimic-cxr", root, tmp_path / "data", patients_csv=patients)
 
 
@@ -293,18 +280,14 @@ def test_mimic_split_file_errors(mimic, tmp_path):
         prepare("mimic-cxr", root, tmp_path / "data", patients_csv=patients)
     edit(root / "mimic-cxr-2.0.0-split.csv.gz", "096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4,", "0-0-0-0-0,")
     edit(root / "mimic-cxr-2.0.0-split.csv.gz", ",validation", ",validate")
-    with pytest.raises(
-        DatasetError, match=r"no split for dicom_id '096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4'"
-    ):
+    with pytest.raises(DatasetError, match=r"no split for dicom_id '096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4'"):
         prepare("mimic-cxr", root, tmp_path / "data", patients_csv=patients)
 
 
 def test_mimic_missing_table(mimic, tmp_path):
     root, patients = mimic
     (root / "mimic-cxr-2.0.0-split.csv.gz").unlink()
-    with pytest.raises(
-        DatasetError, match=r"none of \['mimic-cxr-2.0.0-split.csv', 'mimic-cxr-2.0.0-split.csv.gz'\]"
-    ):
+    with pytest.raises(DatasetError, match=r"none of \['mimic-cxr-2.0.0-split.csv', 'mimic-cxr-2.0.0-split.csv.gz'\]"):
         prepare("mimic-cxr", root, tmp_path / "data", patients_csv=patients)
 
 
@@ -356,17 +339,13 @@ def test_chestxray14_patient_in_both_lists(cxr14, tmp_path):
     train_list = cxr14 / "train_val_list.txt"
     train_list.write_text(train_list.read_text().replace("00000001_001.png\n", ""))
     append_line(cxr14 / "test_list.txt", "00000001_001.png")
-    with pytest.raises(
-        DatasetError, match=r"test_list.txt: patient '1' is in official splits \['test', 'train'\]"
-    ):
+    with pytest.raises(DatasetError, match=r"test_list.txt: patient '1' is in official splits \['test', 'train'\]"):
         prepare("chestxray14", cxr14, tmp_path / "data")
 
 
 def test_chestxray14_image_in_both_lists_and_duplicate_entry(cxr14, tmp_path):
     append_line(cxr14 / "test_list.txt", "00000001_001.png")
-    with pytest.raises(
-        DatasetError, match=r"duplicate image id '00000001_001.png', already listed in train_val"
-    ):
+    with pytest.raises(DatasetError, match=r"duplicate image id '00000001_001.png', already listed in train_val"):
         prepare("chestxray14", cxr14, tmp_path / "data")
     edit(cxr14 / "test_list.txt", "00000001_001.png", "")
     entries = cxr14 / "Data_Entry_2017_v2020.csv"
@@ -377,18 +356,14 @@ def test_chestxray14_image_in_both_lists_and_duplicate_entry(cxr14, tmp_path):
 
 def test_chestxray14_unknown_finding(cxr14, tmp_path):
     edit(cxr14 / "Data_Entry_2017_v2020.csv", "Cardiomegaly|Emphysema", "Cardiomegally|Emphysema")
-    with pytest.raises(
-        DatasetError, match=r"line 3, column 'Finding Labels': 'Cardiomegally\|Emphysema' is outside"
-    ):
+    with pytest.raises(DatasetError, match=r"line 3, column 'Finding Labels': 'Cardiomegally\|Emphysema' is outside"):
         prepare("chestxray14", cxr14, tmp_path / "data")
 
 
 def test_chestxray14_missing_image_is_skipped(cxr14, tmp_path):
     next(cxr14.glob("images_*/images/00000005_000.png")).unlink()
     cache = prepare("chestxray14", cxr14, tmp_path / "data")
-    assert card_of(cache)["skipped"] == [
-        {"source_path": "images/00000005_000.png", "reason": "file not found"}
-    ]
+    assert card_of(cache)["skipped"] == [{"source_path": "images/00000005_000.png", "reason": "file not found"}]
     assert "00000005_000.png" not in set(cache.manifest["image_id"])
 
 
@@ -481,8 +456,9 @@ def test_padchest_unknown_sex_and_renamed_column(padchest, tmp_path):
     csv_path = padchest / fixtures.PADCHEST_CSV
     edit(csv_path, ",M,", ",X,", line=2)
     with pytest.raises(
-        DatasetError, match=r"line 2, column 'PatientSex_DICOM': sex 'X' is not a known code; expected one of "
-        r"\['', 'F', 'M', 'O'\]"
+        DatasetError,
+        match=r"line 2, column 'PatientSex_DICOM': sex 'X' is not a known code; expected one of "
+        r"\['', 'F', 'M', 'O'\]",
     ):
         prepare("padchest", padchest, tmp_path / "data")
     edit(csv_path, "Projection", "projection", line=1)
@@ -518,9 +494,7 @@ def test_vindr_images(vindr, tmp_path):
     check_images(cache, {k: v[0] for k, v in VINDR_EXPECTED.items()})
     check_pixels(cache, vindr)  # includes two MONOCHROME1 files
     splits = splits_of(cache)
-    assert {k for k, v in splits.items() if v == "test"} == {
-        k for k, v in VINDR_EXPECTED.items() if v[1] == "test"
-    }
+    assert {k for k, v in splits.items() if v == "test"} == {k for k, v in VINDR_EXPECTED.items() if v[1] == "test"}
     assert sum(v == "val" for v in splits.values()) == 1  # round(0.1 * 6) carved from train
     assert (cache.manifest["patient_id"] == cache.manifest["image_id"]).all()
     assert card_of(cache)["metadata_issues"] == {
@@ -539,9 +513,7 @@ def test_vindr_monochrome1_is_inverted(vindr, tmp_path):
 
 
 def test_vindr_dicom_without_pixel_data_and_missing_file(vindr, tmp_path):
-    fixtures.write_dicom(
-        vindr / "train" / "000ae00eb3942d27e0b97903dd563a6e.dicom", None, sex="F", age="072Y"
-    )
+    fixtures.write_dicom(vindr / "train" / "000ae00eb3942d27e0b97903dd563a6e.dicom", None, sex="F", age="072Y")
     (vindr / "test" / "004f33259ee4aef671c2b95d54e4be68.dicom").unlink()
     cache = prepare("vindr-cxr", vindr, tmp_path / "data")
     card = card_of(cache)
@@ -562,9 +534,7 @@ def test_vindr_other_disease_quirk_is_checked(vindr, tmp_path):
     cells[column] = "2"
     lines[2] = ",".join(cells)
     test_csv.write_text("\n".join(lines))
-    with pytest.raises(
-        DatasetError, match=r"image_labels_test.csv: line 3, column 'Other disease': value '2'"
-    ):
+    with pytest.raises(DatasetError, match=r"image_labels_test.csv: line 3, column 'Other disease': value '2'"):
         prepare("vindr-cxr", vindr, tmp_path / "data")
 
 
@@ -577,9 +547,7 @@ def test_vindr_column_sets_must_match(vindr, tmp_path):
 def test_vindr_image_in_both_files(vindr, tmp_path):
     test_csv = vindr / "annotations" / "image_labels_test.csv"
     edit(test_csv, "004f33259ee4aef671c2b95d54e4be68", "000434271f63a053c4128a0ba6352c7f")
-    with pytest.raises(
-        DatasetError, match=r"duplicate image id '000434271f63a053c4128a0ba6352c7f', already in"
-    ):
+    with pytest.raises(DatasetError, match=r"duplicate image id '000434271f63a053c4128a0ba6352c7f', already in"):
         prepare("vindr-cxr", vindr, tmp_path / "data")
 
 
@@ -690,9 +658,7 @@ def test_uka_images(uka, tmp_path):
 
 def test_uka_grade_outside_coding(uka, tmp_path):
     edit(uka / "master_list.csv", "1003,train,80,F,0,", "1003,train,80,F,7,")
-    with pytest.raises(
-        DatasetError, match=r"line 4, column 'cardiomegaly': value '7' is outside the label coding"
-    ):
+    with pytest.raises(DatasetError, match=r"line 4, column 'cardiomegaly': value '7' is outside the label coding"):
         prepare("uka-cxr", uka, tmp_path / "data", image_pattern=UKA_PATTERN)
 
 
@@ -700,9 +666,7 @@ def test_uka_patient_in_two_splits(uka, tmp_path):
     edit(uka / "master_list.csv", "1005,test", "1005,train")
     edit(uka / "master_list.csv", ",1,504,", ",1,501,")
     edit(uka / "master_list.csv", "1005,train", "1005,test")
-    with pytest.raises(
-        DatasetError, match=r"master_list.csv: patient '501' is in official splits \['test', 'train'\]"
-    ):
+    with pytest.raises(DatasetError, match=r"master_list.csv: patient '501' is in official splits \['test', 'train'\]"):
         prepare("uka-cxr", uka, tmp_path / "data", image_pattern=UKA_PATTERN)
 
 
@@ -712,7 +676,5 @@ def test_uka_options(uka, tmp_path):
     with pytest.raises(DatasetError, match=r"unknown adapter option\(s\) \['patients_csv'\]; valid options"):
         prepare("uka-cxr", uka, tmp_path / "data", patients_csv="p.csv")
     (uka / "master_list.csv").rename(uka / "uka_master.csv")
-    cache = prepare(
-        "uka-cxr", uka, tmp_path / "data", master_list="uka_master.csv", image_pattern=UKA_PATTERN
-    )
+    cache = prepare("uka-cxr", uka, tmp_path / "data", master_list="uka_master.csv", image_pattern=UKA_PATTERN)
     assert len(cache.manifest) == 7

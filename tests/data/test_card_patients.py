@@ -18,13 +18,22 @@ def test_card_states_images_per_patient_and_missing_patient_ids(tmp_path):
     train = manifest[manifest["split"] == "train"]["patient_id"].value_counts()
     nearest_rank_p99 = int(np.sort(train.to_numpy())[int(np.ceil(0.99 * len(train))) - 1])
     assert card["splits"]["train"]["images_per_patient"] == {
-        "patients": len(train), "min": int(train.min()), "median": float(train.median()), "p99": nearest_rank_p99,
-        "max": int(train.max())}
+        "patients": len(train),
+        "min": int(train.min()),
+        "median": float(train.median()),
+        "p99": nearest_rank_p99,
+        "max": int(train.max()),
+    }
     assert 1 <= train.min() and train.max() <= 3  # the twin: 1-3 images per patient
     assert "patient_ids" not in card
     vindr_like = manifest.assign(patient_id=manifest["image_id"])  # VinDr: each image is its own patient
     vindr_card = dataset_card(vindr_like, 32)
     assert vindr_card["patient_ids"].startswith("none published: each image is its own patient")
     n_train = int((manifest["split"] == "train").sum())
-    assert vindr_card["splits"]["train"]["images_per_patient"] == {"patients": n_train, "min": 1, "median": 1.0,
-                                                                   "p99": 1, "max": 1}
+    assert vindr_card["splits"]["train"]["images_per_patient"] == {
+        "patients": n_train,
+        "min": 1,
+        "median": 1.0,
+        "p99": 1,
+        "max": 1,
+    }

@@ -89,9 +89,7 @@ def test_read_16bit_png_rgb_jpeg_and_corrupt_files(tmp_path):
     np.testing.assert_array_equal(read_image(fixtures.write_image(tmp_path / "a.png", sixteen)), sixteen)
     rgb = np.stack([fixtures.make_pixels(2)] * 3, axis=-1)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    np.testing.assert_array_equal(
-        read_image(tmp_path / "rgb.png"), rgb[..., 0]
-    )  # equal channels: luma = value
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), rgb[..., 0])  # equal channels: luma = value
     fixtures.write_image(tmp_path / "b.jpg", fixtures.make_pixels(3))
     data = (tmp_path / "b.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
@@ -131,20 +129,14 @@ def test_settings_validation():
 
 def test_seeded_split_is_patient_disjoint_with_exact_counts():
     patients = np.repeat([f"p{i:02d}" for i in range(50)], [1 + i % 3 for i in range(50)])
-    split, method = assign_splits(
-        patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2
-    )
+    split, method = assign_splits(patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2)
     frame = pd.DataFrame({"patient": patients, "split": split})
     assert (frame.groupby("patient")["split"].nunique() == 1).all()
     per_split = frame.drop_duplicates("patient")["split"].value_counts()
     assert per_split["test"] == 10 and per_split["val"] == 4 and per_split["train"] == 36  # 0.2*50, 0.1*40
     assert "seeded patient-wise" in method and "seed 3" in method
-    again, _ = assign_splits(
-        patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2
-    )
-    other, _ = assign_splits(
-        patients, np.full(len(patients), ""), seed=4, val_fraction=0.1, test_fraction=0.2
-    )
+    again, _ = assign_splits(patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2)
+    other, _ = assign_splits(patients, np.full(len(patients), ""), seed=4, val_fraction=0.1, test_fraction=0.2)
     np.testing.assert_array_equal(split, again)
     assert not np.array_equal(split, other)
 
@@ -161,9 +153,7 @@ def test_official_split_kept_and_validation_carved_from_train_only():
     np.testing.assert_array_equal(split, with_val)
     assert method == "official split; official validation split"
     with pytest.raises(ValueError, match="official_split is given for 2 of 22"):
-        assign_splits(
-            patients, np.array([""] * 20 + ["test"] * 2), seed=0, val_fraction=0.1, test_fraction=0.2
-        )
+        assign_splits(patients, np.array([""] * 20 + ["test"] * 2), seed=0, val_fraction=0.1, test_fraction=0.2)
 
 
 def test_uncertain_policies():
@@ -236,9 +226,7 @@ def test_resume_after_stop_after_matches_uninterrupted_run(chexpert_root, tmp_pa
 
     calls = []
     real = preprocess.load_and_preprocess
-    monkeypatch.setattr(
-        preprocess, "load_and_preprocess", lambda path, s: calls.append(path) or real(path, s)
-    )
+    monkeypatch.setattr(preprocess, "load_and_preprocess", lambda path, s: calls.append(path) or real(path, s))
     result = _prepare(chexpert_root, out)
     assert len(calls) == 8 - 3  # only the images not done before
     assert not partial.exists()
@@ -284,16 +272,12 @@ def test_cache_rows_are_the_preprocessed_source_images(chexpert_root, tmp_path):
     cache = open_cache(_prepare(chexpert_root, tmp_path / "data", letterbox=True))
     assert cache.images.shape == (8, SIZE, SIZE) and cache.images.dtype == np.uint8
     for row, source in enumerate(cache.manifest["source_path"]):
-        np.testing.assert_array_equal(
-            cache.images[row], load_and_preprocess(chexpert_root / source, settings)
-        )
+        np.testing.assert_array_equal(cache.images[row], load_and_preprocess(chexpert_root / source, settings))
 
 
 def test_split_does_not_depend_on_uncertain_policy(chexpert_root, tmp_path):
     dropped = open_cache(_prepare(chexpert_root, tmp_path / "drop")).manifest.set_index("image_id")
-    kept = open_cache(_prepare(chexpert_root, tmp_path / "zeros", uncertain="zeros")).manifest.set_index(
-        "image_id"
-    )
+    kept = open_cache(_prepare(chexpert_root, tmp_path / "zeros", uncertain="zeros")).manifest.set_index("image_id")
     assert len(kept) == 12 and len(dropped) == 8
     pd.testing.assert_series_equal(kept.loc[dropped.index, "split"], dropped["split"])
 
@@ -317,10 +301,7 @@ def test_card_lists_skipped_images(chexpert_root, tmp_path):
     manifest = open_cache(out).manifest
     assert set(reasons).isdisjoint(manifest["source_path"])
     text = format_card(card)
-    assert (
-        "skipped 2 image(s):" in text
-        and "train/patient00008/study1/view1_frontal.jpg: file not found" in text
-    )
+    assert "skipped 2 image(s):" in text and "train/patient00008/study1/view1_frontal.jpg: file not found" in text
     assert "excluded: lateral view: 2; uncertain label (policy drop): 4" in text
 
 

@@ -47,9 +47,7 @@ def test_indices_are_deterministic_per_seed_and_prefix_stable():
     assert not np.array_equal(first, bootstrap_indices(50, 20, seed=8))
 
 
-@pytest.mark.parametrize(
-    ("n", "n_boot", "seed"), [(0, 10, 0), (10, 0, 0), (10, 10, -1), (10.0, 10, 0), (10, True, 0)]
-)
+@pytest.mark.parametrize(("n", "n_boot", "seed"), [(0, 10, 0), (10, 0, 0), (10, 10, -1), (10.0, 10, 0), (10, True, 0)])
 def test_indices_reject_bad_arguments(n, n_boot, seed):
     with pytest.raises(ValueError, match="must be an integer"):
         bootstrap_indices(n, n_boot, seed)
@@ -136,9 +134,7 @@ def test_paired_bootstrap_separates_a_good_model_from_noise():
     labels = ("a", "b")
     result_good = paired_bootstrap_auroc(y, good, labels=labels, n_boot=200, seed=11)
     result_noise = paired_bootstrap_auroc(y, noise, labels=labels, n_boot=200, seed=11)
-    np.testing.assert_array_equal(
-        result_good.per_label, bootstrap_auroc(y, good, bootstrap_indices(400, 200, 11))
-    )
+    np.testing.assert_array_equal(result_good.per_label, bootstrap_auroc(y, good, bootstrap_indices(400, 200, 11)))
     assert paired_p_value(result_good.macro, result_noise.macro) == 0.0
     assert paired_p_value(result_noise.macro, result_good.macro) == 1.0
     frame_good, frame_noise = result_good.to_frame(), result_noise.to_frame()

@@ -72,9 +72,7 @@ def test_sex_hand_computed():
     # M, l0: positives {.8,.6,.3}, negatives {.7,.4,.5}: 5 of 9. TP 2, FN 1, FP 2 (.7, .5 >= .5), TN 1.
     m0 = _row(table, "M", "l0")
     assert m0.auroc == pytest.approx(5 / 9)
-    assert (m0.tpr, m0.fpr, m0.ppv, m0.selection_rate, m0.accuracy) == pytest.approx(
-        (2 / 3, 2 / 3, 0.5, 4 / 6, 3 / 6)
-    )
+    assert (m0.tpr, m0.fpr, m0.ppv, m0.selection_rate, m0.accuracy) == pytest.approx((2 / 3, 2 / 3, 0.5, 4 / 6, 3 / 6))
     # F, l1: positives {.8,.35}, negatives {.3,.2,.6,.1,.35}: 5 + 3 + one tie (1/2) of 10 pairs.
     assert _row(table, "F", "l1").auroc == pytest.approx(8.5 / 10)
     # M has no l1 positive: skipped for l1, so l1 has a single measurable group and no gap.
@@ -145,9 +143,7 @@ def test_age_hand_computed():
     assert result.label_mean["eod"] == pytest.approx(0.3)
     assert result.label_mean["spd"] == pytest.approx(7 / 24)
     macro = result.group_macro_auroc
-    assert (macro["[0,40)"], macro["[40,70)"], macro["[70,100)"]) == pytest.approx(
-        (1.0, (6.5 / 8 + 0.9) / 2, 1.0)
-    )
+    assert (macro["[0,40)"], macro["[40,70)"], macro["[70,100)"]) == pytest.approx((1.0, (6.5 / 8 + 0.9) / 2, 1.0))
     assert result.worst_group == "[40,70)"
     assert result.macro_auroc_gap == pytest.approx(1 - (6.5 / 8 + 0.9) / 2)
     assert (result.n_skipped, result.n_excluded) == (2, 2)
@@ -220,9 +216,7 @@ def test_last_edge_inf_keeps_every_age():
 
 def test_registry_and_input_errors():
     assert make_grouping("age", [30, 50], edges=(0, 40, 100)).groups == ("[0,40)", "[40,100)")
-    with pytest.raises(
-        KeyError, match=r"unknown fairness attribute 'race'; expected one of \['age', 'sex'\]"
-    ):
+    with pytest.raises(KeyError, match=r"unknown fairness attribute 'race'; expected one of \['age', 'sex'\]"):
         make_grouping("race", ["x"])
     with pytest.raises(ValueError, match=r"sex: value 'female' at position 1"):
         sex_grouping(["F", "female", "M"])

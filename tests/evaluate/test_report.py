@@ -172,9 +172,6 @@ def test_groups_table_round_trips_through_parquet(tmp_path, evaluation):
 
 
 def test_package_imports_no_torch_ray_or_mlflow():
-    code = (
-        "import sys, trainables.evaluate; "
-        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
-    )
+    code = "import sys, trainables.evaluate; print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

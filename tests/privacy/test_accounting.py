@@ -98,9 +98,7 @@ def test_accountant_registry_names_and_unknown_name_error():
 # ---------------------------------------------------------------------------------------- epsilon
 
 
-@pytest.mark.parametrize(
-    "accountant_name, accountant_class", [("rdp", RDPAccountant), ("prv", PRVAccountant)]
-)
+@pytest.mark.parametrize("accountant_name, accountant_class", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
 def test_epsilon_spent_equals_opacus_accountant_stepped_during_training(accountant_name, accountant_class):
     stepped = accountant_class()
     for _ in range(SMOKE_STEPS):
@@ -201,13 +199,9 @@ def test_opacus_and_dp_accounting_rdp_agree_exactly_at_integer_orders():
         ours.history = [(sigma, q, steps)]
         theirs = RdpAccountant(orders=orders)
         theirs.compose(
-            dp_event.SelfComposedDpEvent(
-                dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps
-            )
+            dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
         )
-        assert theirs.get_epsilon(DELTA) == pytest.approx(
-            ours.get_epsilon(delta=DELTA, alphas=orders), rel=1e-9
-        )
+        assert theirs.get_epsilon(DELTA) == pytest.approx(ours.get_epsilon(delta=DELTA, alphas=orders), rel=1e-9)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 2.5])
@@ -441,9 +435,7 @@ def test_opacus_float_truncation_quirk_is_reproduced():
     # and Opacus accounts them at rate 1/92 (conservative)
     assert sample_rate_and_steps(372, 4, epochs=2) == (1 / 92, 184)
     assert (
-        DPDataLoader.from_data_loader(
-            DataLoader(TensorDataset(torch.zeros(372, 1)), batch_size=4)
-        ).sample_rate
+        DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(372, 1)), batch_size=4)).sample_rate
         == 1 / 93
     )
 
@@ -458,9 +450,7 @@ def test_planned_steps_and_epsilon_match_a_real_private_training_run(n_train, ba
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(
-            TensorDataset(torch.randn(n_train, 1), torch.randn(n_train, 1)), batch_size=batch_size
-        ),
+        data_loader=DataLoader(TensorDataset(torch.randn(n_train, 1), torch.randn(n_train, 1)), batch_size=batch_size),
         noise_multiplier=sigma,
         max_grad_norm=1.0,
     )

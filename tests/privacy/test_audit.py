@@ -141,10 +141,12 @@ def test_audit_bound_pays_the_union_bound_over_rules():
     many = audit_bound(scores, included, delta=1e-5, rng=np.random.default_rng(1))
     assert many.rules_tried == len(DEFAULT_GUESS_SPLITS) and one.rules_tried == 1
     beta_each = 0.05 / len(DEFAULT_GUESS_SPLITS)
-    assert many.epsilon_lower_bound == epsilon_lower_bound(m=2000, guesses=many.outcome.guesses,
-                                                           correct=many.outcome.correct, delta=1e-5, beta=beta_each)
-    same_rule = epsilon_lower_bound(m=2000, guesses=one.outcome.guesses, correct=one.outcome.correct, delta=1e-5,
-                                    beta=beta_each)
+    assert many.epsilon_lower_bound == epsilon_lower_bound(
+        m=2000, guesses=many.outcome.guesses, correct=many.outcome.correct, delta=1e-5, beta=beta_each
+    )
+    same_rule = epsilon_lower_bound(
+        m=2000, guesses=one.outcome.guesses, correct=one.outcome.correct, delta=1e-5, beta=beta_each
+    )
     assert same_rule < one.epsilon_lower_bound  # the same guesses are worth less when 8 rules were tried
 
 
@@ -198,31 +200,48 @@ def test_extra_grad_samples_are_clipped_and_summed_like_records(mode, batch_size
         model = tiny_model()
         wrapped = wrap_model(model, mode)
         optimizer = make_dp_optimizer(
-            torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
-            expected_batch_size=expected_batch, noise_generator=torch.Generator().manual_seed(2),
-            accountant=create_accountant("rdp"), sample_rate=0.1)
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=clip,
+            expected_batch_size=expected_batch,
+            noise_generator=torch.Generator().manual_seed(2),
+            accountant=create_accountant("rdp"),
+            sample_rate=0.1,
+        )
         canaries = place_dirac_canaries(model, 3, gradient_norm=100.0, seed=0)
         extra = canaries.grad_samples(model, np.array([0, 1, 2, 2])) if with_extra else None
         private_step(wrapped, optimizer, LOSS, (x, y), max_physical_batch_size=2, extra_grad_samples=extra)
         updates.append(canaries.read(model))
     factor = clip / (100.0 + 1e-6)  # Opacus' clip factor C / (norm + 1e-6)
-    np.testing.assert_allclose(updates[1] - updates[0], np.array([1, 1, 2]) * 100.0 * factor / expected_batch,
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        updates[1] - updates[0], np.array([1, 1, 2]) * 100.0 * factor / expected_batch, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_extra_grad_samples_are_validated():
     model = tiny_model()
     wrapped = wrap_model(model, "hooks")
     optimizer = make_dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
-        noise_generator=torch.Generator().manual_seed(0), accountant=create_accountant("rdp"),
-        sample_rate=0.1)
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=torch.Generator().manual_seed(0),
+        accountant=create_accountant("rdp"),
+        sample_rate=0.1,
+    )
     batch = (torch.rand(2, 1, 32, 32), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="not trainable parameters"):
         private_step(wrapped, optimizer, LOSS, batch, 8, extra_grad_samples={"nope": torch.zeros(1, 3)})
     with pytest.raises(ValueError, match="same number of rows"):
-        private_step(wrapped, optimizer, LOSS, batch, 8,
-                     extra_grad_samples={"3.bias": torch.zeros(1, 5), "0.bias": torch.zeros(2, 4)})
+        private_step(
+            wrapped,
+            optimizer,
+            LOSS,
+            batch,
+            8,
+            extra_grad_samples={"3.bias": torch.zeros(1, 5), "0.bias": torch.zeros(2, 4)},
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,9 +254,14 @@ CLAIM_EPSILON, DELTA, Q, STEPS, M = 2.0, 1e-5, 0.01, 300, 4500
 
 def random_train_split(n: int = 50, size: int = 32) -> CacheSplitDataset:
     rng = np.random.default_rng(0)
-    split = SplitData(images=rng.integers(0, 256, (n, size, size), dtype=np.uint8), rows=np.arange(n),
-                      labels=(rng.random((n, 5)) < 0.5).astype(np.float32), sex=np.full(n, "F"),
-                      age=np.full(n, 50.0), patient_id=np.array([str(i) for i in range(n)]))
+    split = SplitData(
+        images=rng.integers(0, 256, (n, size, size), dtype=np.uint8),
+        rows=np.arange(n),
+        labels=(rng.random((n, 5)) < 0.5).astype(np.float32),
+        sex=np.full(n, "F"),
+        age=np.full(n, 50.0),
+        patient_id=np.array([str(i) for i in range(n)]),
+    )
     return CacheSplitDataset(split)
 
 
@@ -245,11 +269,26 @@ def random_train_split(n: int = 50, size: int = 32) -> CacheSplitDataset:
 def claimed_config(mode: str) -> TrialConfig:
     sigma = calibrate_noise_multiplier(CLAIM_EPSILON, DELTA, Q, STEPS)
     return TrialConfig(
-        sweep="audit", dataset="random", data_root="/unused", image_size=32, model="tiny", init="random",
-        init_weights=None, lr=1e-3, seed=0,
-        privacy=PrivacyConfig(target_epsilon=CLAIM_EPSILON, delta=DELTA, max_grad_norm=1.0, expected_batch_size=1,
-                              noise_multiplier=sigma, sample_rate=Q, steps=STEPS),
-        speed=SpeedConfig(grad_sample_mode=mode, device="cpu"))
+        sweep="audit",
+        dataset="random",
+        data_root="/unused",
+        image_size=32,
+        model="tiny",
+        init="random",
+        init_weights=None,
+        lr=1e-3,
+        seed=0,
+        privacy=PrivacyConfig(
+            target_epsilon=CLAIM_EPSILON,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            expected_batch_size=1,
+            noise_multiplier=sigma,
+            sample_rate=Q,
+            steps=STEPS,
+        ),
+        speed=SpeedConfig(grad_sample_mode=mode, device="cpu"),
+    )
 
 
 def audit(mode: str) -> AuditResult:
@@ -338,13 +377,15 @@ def test_white_box_audit_of_a_planned_trial(tiny_site):
     cfg = tiny_trial_config(tiny_site, 4.0)
     result = run_audit(cfg, resolve_init("random", cfg.model), m=200, kind="white_box", real_records=16)
     assert result.kind == "white_box" and result.score == "likelihood_ratio" and result.steps == cfg.privacy.steps
-    assert result.claimed_epsilon == epsilon_spent(cfg.privacy.noise_multiplier, cfg.privacy.sample_rate,
-                                                   cfg.privacy.steps, cfg.privacy.delta)
+    assert result.claimed_epsilon == epsilon_spent(
+        cfg.privacy.noise_multiplier, cfg.privacy.sample_rate, cfg.privacy.steps, cfg.privacy.delta
+    )
     assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon  # see FALSE ALARMS above
     metrics = result.to_metrics()
     assert metrics[audit_metric("white_box", "epsilon_lower_bound")] == result.epsilon_lower_bound
     assert {audit_metric("white_box", n) for n in ("m", "guesses", "correct", "confidence", "claimed_epsilon")} <= (
-        metrics.keys())
+        metrics.keys()
+    )
 
 
 def test_black_box_training_set_and_plan_follow_the_coins(tiny_site):
@@ -359,8 +400,12 @@ def test_black_box_training_set_and_plan_follow_the_coins(tiny_site):
     np.testing.assert_array_equal(y.numpy(), labels[included])
     planned = audit_module.recalibrated(cfg, len(enlarged))
     assert (planned.privacy.sample_rate, planned.privacy.steps) == sample_rate_and_steps(len(enlarged), 16, 2)
-    assert epsilon_spent(planned.privacy.noise_multiplier, planned.privacy.sample_rate, planned.privacy.steps,
-                         planned.privacy.delta) <= 4.0
+    assert (
+        epsilon_spent(
+            planned.privacy.noise_multiplier, planned.privacy.sample_rate, planned.privacy.steps, planned.privacy.delta
+        )
+        <= 4.0
+    )
 
 
 def test_black_box_audit_runs_the_trial_loop(tiny_site):
@@ -368,13 +413,16 @@ def test_black_box_audit_runs_the_trial_loop(tiny_site):
     result = run_audit(cfg, resolve_init("random", cfg.model), m=64, kind="black_box")
     assert result.kind == "black_box" and result.score == "negative_loss" and result.m == 64
     assert result.claimed_epsilon <= 4.0 and 0 <= result.epsilon_lower_bound <= result.claimed_epsilon
-    assert set(result.to_metrics()) == {audit_metric("black_box", n) for n in (
-        "epsilon_lower_bound", "claimed_epsilon", "m", "guesses", "correct", "confidence", "wall_time_s")}
+    assert set(result.to_metrics()) == {
+        audit_metric("black_box", n)
+        for n in ("epsilon_lower_bound", "claimed_epsilon", "m", "guesses", "correct", "confidence", "wall_time_s")
+    }
 
 
 def test_audits_refuse_non_private_or_uncalibrated_trials(tiny_site):
     with pytest.raises(ValueError, match="private trial"):
-        run_audit(tiny_trial_config(tiny_site, math.inf), resolve_init("random", "test_convnext"), m=10,
-                  kind="white_box")
+        run_audit(
+            tiny_trial_config(tiny_site, math.inf), resolve_init("random", "test_convnext"), m=10, kind="white_box"
+        )
     with pytest.raises(ValueError, match="audit kind"):
         run_audit(tiny_trial_config(tiny_site, 4.0), resolve_init("random", "test_convnext"), m=10, kind="grey")

@@ -57,12 +57,15 @@ def inputs(n: int = 4, size: int = 32, dtype: torch.dtype = torch.float32, seed:
 # Per-sample norms and clipped sums equal torch.func on every parameter
 
 
-@pytest.mark.parametrize(("name", "dtype", "tolerance"), [
-    ("test_convnext", torch.float64, F64_TOLERANCE),
-    ("test_convnext", torch.float32, F32_TOLERANCE),
-    ("convnext_atto", torch.float64, F64_TOLERANCE),  # conv_mlp: 1x1 convs, LayerNorm2d in the blocks
-    ("convnext_tiny", torch.float64, F64_TOLERANCE),  # Linear on channels-last 4-D activations, LayerNorm
-])
+@pytest.mark.parametrize(
+    ("name", "dtype", "tolerance"),
+    [
+        ("test_convnext", torch.float64, F64_TOLERANCE),
+        ("test_convnext", torch.float32, F32_TOLERANCE),
+        ("convnext_atto", torch.float64, F64_TOLERANCE),  # conv_mlp: 1x1 convs, LayerNorm2d in the blocks
+        ("convnext_tiny", torch.float64, F64_TOLERANCE),  # Linear on channels-last 4-D activations, LayerNorm
+    ],
+)
 def test_norms_and_clipped_sums_equal_torch_func_on_every_parameter(name, dtype, tolerance):
     model = convnext(name, dtype)
     check = check_per_sample_gradients(wrap_model(model, "bk"), LOSS, *inputs(3, dtype=dtype))
@@ -84,9 +87,18 @@ def test_every_parameter_kind_is_covered_and_checked():
     result = BookKeepingModule(model).per_sample(LOSS, *inputs(2, dtype=torch.float64))
     names = set(result.norms_sq)
     assert names == {n for n, p in model.named_parameters() if p.requires_grad}
-    for expected in ("stem.0.weight", "stem.1.weight", "stages.0.blocks.0.gamma", "stages.0.blocks.0.conv_dw.weight",
-                     "stages.0.blocks.0.norm.weight", "stages.0.blocks.0.mlp.fc1.weight",
-                     "stages.1.downsample.0.bias", "stages.1.downsample.1.weight", "head.norm.weight", "head.fc.bias"):
+    for expected in (
+        "stem.0.weight",
+        "stem.1.weight",
+        "stages.0.blocks.0.gamma",
+        "stages.0.blocks.0.conv_dw.weight",
+        "stages.0.blocks.0.norm.weight",
+        "stages.0.blocks.0.mlp.fc1.weight",
+        "stages.1.downsample.0.bias",
+        "stages.1.downsample.1.weight",
+        "head.norm.weight",
+        "head.fc.bias",
+    ):
         assert expected in names
 
 
@@ -178,11 +190,14 @@ class _Scale(nn.Module):
         return x * self.scale[:, None, None]
 
 
-@pytest.mark.parametrize(("layer", "message"), [
-    (nn.GroupNorm(1, 3), r"module 1 \(torch\.nn\.modules\.normalization\.GroupNorm\)"),
-    (_Scale(), r"module 1 \(.*_Scale\) has trainable parameters \['scale'\]"),
-    (nn.Conv2d(3, 3, 3, padding="same"), r"1 \(Conv2d\): padding_mode='zeros', padding='same'"),
-])
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (nn.GroupNorm(1, 3), r"module 1 \(torch\.nn\.modules\.normalization\.GroupNorm\)"),
+        (_Scale(), r"module 1 \(.*_Scale\) has trainable parameters \['scale'\]"),
+        (nn.Conv2d(3, 3, 3, padding="same"), r"1 \(Conv2d\): padding_mode='zeros', padding='same'"),
+    ],
+)
 def test_unsupported_modules_are_errors_naming_the_module(layer, message):
     model = nn.Sequential(nn.Conv2d(1, 3, 3), layer, nn.Flatten(), nn.LazyLinear(5))
     model(torch.zeros(1, 1, 8, 8))
@@ -233,15 +248,25 @@ def test_bk_is_an_allowed_mode_and_hooks_stay_off_outside_the_engine():
 # The DP step: sensitivity, noise, accounting, virtual and empty batches, canaries, equality with functorch
 
 
-def _dp_setup(mode: str, sigma: float, clip: float, expected_batch: int, seed: int = 0,
-              noise: torch.Generator | SecureRandom | None = None):
+def _dp_setup(
+    mode: str,
+    sigma: float,
+    clip: float,
+    expected_batch: int,
+    seed: int = 0,
+    noise: torch.Generator | SecureRandom | None = None,
+):
     model = convnext(seed=seed)
     wrapped = wrap_model(model, mode)
     accountant = RDPAccountant()
     optimizer = make_dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=clip,
-        expected_batch_size=expected_batch, noise_generator=noise or torch.Generator().manual_seed(seed + 7),
-        accountant=accountant, sample_rate=0.1,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch,
+        noise_generator=noise or torch.Generator().manual_seed(seed + 7),
+        accountant=accountant,
+        sample_rate=0.1,
     )
     return model, wrapped, optimizer, accountant
 
@@ -272,8 +297,7 @@ def test_removing_one_record_changes_the_clipped_sum_by_at_most_clip_norm():
 def test_unclipped_records_pass_unchanged():
     x, y = inputs(3)
     reference = reference_per_sample_gradients(convnext(), LOSS, x, y)
-    sums, _ = clipped_sum_step(wrap_model(convnext(), "bk"), LOSS, (x, y), max_grad_norm=1e6,
-                               max_physical_batch_size=8)
+    sums, _ = clipped_sum_step(wrap_model(convnext(), "bk"), LOSS, (x, y), max_grad_norm=1e6, max_physical_batch_size=8)
     for name, g in reference.items():
         torch.testing.assert_close(sums[name], g.sum(0), rtol=1e-4, atol=1e-7)
 
@@ -337,16 +361,26 @@ def test_extra_grad_sample_rows_are_clipped_like_samples_and_added_once(mode):
     zero_loss = lambda logits, targets: (logits * 0).sum(dim=1)  # noqa: E731 - the real samples contribute 0
     x, y = inputs(3)
     for batch in ((x, y), (x[:0], y[:0])):  # also on an empty Poisson batch
-        private_step(wrapped, optimizer, zero_loss, batch, max_physical_batch_size=2,
-                     extra_grad_samples={"head.fc.weight": dirac, "stages.0.blocks.0.gamma": gamma})
+        private_step(
+            wrapped,
+            optimizer,
+            zero_loss,
+            batch,
+            max_physical_batch_size=2,
+            extra_grad_samples={"head.fc.weight": dirac, "stages.0.blocks.0.gamma": gamma},
+        )
         grads = {n: p.grad * expected_batch for n, p in zip(names, model.parameters(), strict=True)}
         expected_fc = torch.zeros_like(params["head.fc.weight"])
         expected_fc[1, 2] = clip * 1e3 / (1e3 + 1e-6)
         expected_fc[3, 0] = 0.1
         torch.testing.assert_close(grads["head.fc.weight"], expected_fc, rtol=1e-6, atol=1e-7)
         assert grads["stages.0.blocks.0.gamma"][0].item() == pytest.approx(0.1, rel=1e-6)
-        assert sum(g.abs().sum().item() for n, g in grads.items() if n not in (
-            "head.fc.weight", "stages.0.blocks.0.gamma")) < 1e-6
+        assert (
+            sum(
+                g.abs().sum().item() for n, g in grads.items() if n not in ("head.fc.weight", "stages.0.blocks.0.gamma")
+            )
+            < 1e-6
+        )
     with pytest.raises(ValueError, match="not trainable|unknown"):
         private_step(wrapped, optimizer, zero_loss, (x, y), 2, extra_grad_samples={"nope": dirac})
 
@@ -357,9 +391,18 @@ def test_private_trial_in_bk_mode_equals_functorch_mode(tmp_path):
 
     site = prepare_tiny_site(tmp_path)
     # reproducible_noise: both modes must draw the same noise and batches to be compared
-    runs = {mode: run_tiny_trial(tiny_trial_config(site, 4.0, epochs=1, privacy_reproducible_noise=True,
-                                                   speed=SpeedConfig(grad_sample_mode=mode, max_physical_batch_size=8)))
-            for mode in ("bk", "functorch")}
+    runs = {
+        mode: run_tiny_trial(
+            tiny_trial_config(
+                site,
+                4.0,
+                epochs=1,
+                privacy_reproducible_noise=True,
+                speed=SpeedConfig(grad_sample_mode=mode, max_physical_batch_size=8),
+            )
+        )
+        for mode in ("bk", "functorch")
+    }
     bk_epochs, ft_epochs = runs["bk"].epochs, runs["functorch"].epochs
     assert [e[M.STEPS] for e in bk_epochs] == [e[M.STEPS] for e in ft_epochs]
     assert [e[M.EPSILON] for e in bk_epochs] == [e[M.EPSILON] for e in ft_epochs]

@@ -68,9 +68,13 @@ def _dp_setup(noise_multiplier: float, clip: float, expected_batch: int, seed: i
     wrapped = wrap_model(model, "hooks")
     accountant = RDPAccountant()
     optimizer = make_dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=noise_multiplier, max_grad_norm=clip,
-        expected_batch_size=expected_batch, noise_generator=torch.Generator().manual_seed(seed + 7),
-        accountant=accountant, sample_rate=sample_rate,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch,
+        noise_generator=torch.Generator().manual_seed(seed + 7),
+        accountant=accountant,
+        sample_rate=sample_rate,
     )
     return model, wrapped, optimizer, accountant
 
@@ -178,8 +182,12 @@ def test_study_architectures_get_exact_per_sample_gradients_for_every_parameter(
     stock._close()
     # every trainable parameter is also updated by the DP optimizer
     optimizer = make_dp_optimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
-        expected_batch_size=2, noise_generator=torch.Generator().manual_seed(0), accountant=RDPAccountant(),
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=2,
+        noise_generator=torch.Generator().manual_seed(0),
+        accountant=RDPAccountant(),
         sample_rate=0.1,
     )
     assert {id(p) for p in optimizer.params} == {id(p) for p in model.parameters() if p.requires_grad}

@@ -69,10 +69,16 @@ def test_calibration_with_the_release_ends_at_the_target_golden(target):
     # Independent: dp-accounting composing the same two events (RDP within 0.11%; PLD below RDP).
     cross = cross_check_epsilon(calibrated, Q, STEPS, DELTA, label_count_noise_multiplier=SIGMA_C)
     direct = RdpAccountant()
-    direct.compose(dp_event.ComposedDpEvent([
-        dp_event.GaussianDpEvent(SIGMA_C),
-        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(Q, dp_event.GaussianDpEvent(calibrated)), STEPS),
-    ]))
+    direct.compose(
+        dp_event.ComposedDpEvent(
+            [
+                dp_event.GaussianDpEvent(SIGMA_C),
+                dp_event.SelfComposedDpEvent(
+                    dp_event.PoissonSampledDpEvent(Q, dp_event.GaussianDpEvent(calibrated)), STEPS
+                ),
+            ]
+        )
+    )
     assert cross["rdp"] == pytest.approx(direct.get_epsilon(DELTA), rel=1e-12)
     assert cross["rdp"] == pytest.approx(total, rel=1.1e-3)
     assert cross["pld"] <= cross["rdp"]
@@ -103,7 +109,8 @@ def test_the_release_alone_is_a_gaussian_mechanism():
     direct.compose(dp_event.GaussianDpEvent(SIGMA_C))
     assert alone == pytest.approx(direct.get_epsilon(DELTA), rel=1e-9)
     assert epsilon_spent(1.0, Q, 0, DELTA, "prv", label_count_noise_multiplier=SIGMA_C) == pytest.approx(
-        0.1769257918941161, rel=1e-6)
+        0.1769257918941161, rel=1e-6
+    )
     assert cross_check_epsilon(1.0, Q, 0, DELTA, label_count_noise_multiplier=SIGMA_C)["pld"] <= alone
     assert epsilon_spent(1.0, Q, 0, DELTA) == 0.0  # nothing released
 
@@ -129,7 +136,8 @@ def test_ledger_matches_what_opacus_records(accountant_class):
     expected = accountant_history(0.9, Q, 5, label_count_noise_multiplier=SIGMA_C)
     assert accountant.history == expected == [(SIGMA_C, 1.0, 1), (0.9, Q, 5)]
     assert accountant.get_epsilon(DELTA) == epsilon_spent(
-        0.9, Q, 5, DELTA, accountant_class.mechanism(), label_count_noise_multiplier=SIGMA_C)
+        0.9, Q, 5, DELTA, accountant_class.mechanism(), label_count_noise_multiplier=SIGMA_C
+    )
     assert accountant_history(0.9, Q, 0, SIGMA_C) == [(SIGMA_C, 1.0, 1)]
     assert accountant_history(0.9, Q, 5) == [(0.9, Q, 5)]
 
@@ -293,16 +301,19 @@ def test_exact_counts_break_the_clipped_sum_sensitivity_and_the_release_restores
     clip = 1.0
 
     def exact(y: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(train_pos_weight(y.numpy().astype(np.uint8), target_epsilon=math.inf,
-                                                 noise_multiplier=None).values)
+        return torch.from_numpy(
+            train_pos_weight(y.numpy().astype(np.uint8), target_epsilon=math.inf, noise_multiplier=None).values
+        )
 
     def without(i: int, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t[:i], t[i + 1:]])
+        return torch.cat([t[:i], t[i + 1 :]])
 
     # Exact counts: removing one record changes everyone's weights; the sum moves by more than C.
     full = clipped_sum(x, labels, exact(labels), clip)
-    exact_moves = [(full - clipped_sum(without(i, x), without(i, labels), exact(without(i, labels)), clip)).norm()
-                   for i in range(64)]
+    exact_moves = [
+        (full - clipped_sum(without(i, x), without(i, labels), exact(without(i, labels)), clip)).norm()
+        for i in range(64)
+    ]
     assert max(exact_moves) > 1.05 * clip
 
     # DP counts: the weights are a post-processing of the accounted release, the same for both neighbours

@@ -47,8 +47,9 @@ def test_image_level_trial_reports_the_epsilon_of_its_largest_patient(tiny_site)
     assert counts.maximum > 1  # the synthetic twin has several images for some patients
     assert final[M.PATIENT_IMAGES] == counts.maximum and final[M.PATIENT_IMAGES_P99] == counts.p99
     p = cfg.privacy
-    assert final[M.EPSILON_PATIENT] == patient_epsilon(p.noise_multiplier, p.sample_rate, p.steps, p.delta,
-                                                       counts.maximum)
+    assert final[M.EPSILON_PATIENT] == patient_epsilon(
+        p.noise_multiplier, p.sample_rate, p.steps, p.delta, counts.maximum
+    )
     assert final[M.EPSILON_PATIENT] > final[M.EPSILON_CROSS_CHECK_PLD]
     assert final[M.EPSILON_PATIENT] >= final[M.EPSILON_PATIENT_P99]
 
@@ -68,9 +69,14 @@ def _setup(mode: str, sigma: float = 0.0, expected_batch: int = 1):
     model = small_convnext(0)
     wrapped = wrap_model(model, mode)
     optimizer = make_dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=CLIP,
-        expected_batch_size=expected_batch, noise_generator=torch.Generator().manual_seed(7),
-        accountant=RDPAccountant(), sample_rate=0.1)
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=CLIP,
+        expected_batch_size=expected_batch,
+        noise_generator=torch.Generator().manual_seed(7),
+        accountant=RDPAccountant(),
+        sample_rate=0.1,
+    )
     return model, wrapped, optimizer
 
 
@@ -102,7 +108,7 @@ def test_chunks_hold_whole_patients():
     chunks = patient_chunks(groups, 4)
     assert [(c.start, c.stop) for c in chunks] == [(0, 4), (4, 6), (6, 9)]
     for chunk in chunks:  # no patient on both sides of a boundary
-        assert not set(groups[chunk]) & set(np.concatenate([groups[:chunk.start], groups[chunk.stop:]]))
+        assert not set(groups[chunk]) & set(np.concatenate([groups[: chunk.start], groups[chunk.stop :]]))
     with pytest.raises(ValueError, match="max_physical_batch_size"):
         patient_chunks(groups, 2)
 
@@ -167,12 +173,16 @@ def test_image_level_clipping_of_the_same_batch_would_move_by_more_than_C():
     x[1:3], y[1:3] = x[0], y[0]
     per_image = np.arange(len(GROUPS))
     keep = GROUPS != 0
-    change = (_clipped_sum("hooks", x, y, per_image, 6)
-              - _clipped_sum("hooks", x[keep], y[keep], np.arange(keep.sum()), 6)).norm().item()
+    change = (
+        (_clipped_sum("hooks", x, y, per_image, 6) - _clipped_sum("hooks", x[keep], y[keep], np.arange(keep.sum()), 6))
+        .norm()
+        .item()
+    )
     assert change == pytest.approx(3 * CLIP, rel=1e-3)
     keep_groups = np.unique(GROUPS[keep], return_inverse=True)[1]
-    grouped = (_clipped_sum("hooks", x, y, GROUPS, 6)
-               - _clipped_sum("hooks", x[keep], y[keep], keep_groups, 6)).norm().item()
+    grouped = (
+        (_clipped_sum("hooks", x, y, GROUPS, 6) - _clipped_sum("hooks", x[keep], y[keep], keep_groups, 6)).norm().item()
+    )
     assert grouped == pytest.approx(CLIP, rel=1e-3)
 
 
@@ -198,10 +208,20 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     q, steps = sample_rate_and_steps(n_patients, 8, 2)
     sigma = calibrate_noise_multiplier(4.0, 1e-5, q, steps)
     base = tiny_trial_config(tiny_site, 4.0, epochs=2)
-    cfg = dataclasses.replace(base, privacy=dataclasses.replace(
-        base.privacy, privacy_unit="patient", max_images_per_patient=3, expected_batch_size=8, sample_rate=q,
-        steps=steps, noise_multiplier=sigma, secure_mode=secure),
-        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode))
+    cfg = dataclasses.replace(
+        base,
+        privacy=dataclasses.replace(
+            base.privacy,
+            privacy_unit="patient",
+            max_images_per_patient=3,
+            expected_batch_size=8,
+            sample_rate=q,
+            steps=steps,
+            noise_multiplier=sigma,
+            secure_mode=secure,
+        ),
+        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode),
+    )
     final = run_tiny_trial(cfg).result.metrics
     assert final[M.STEPS] == steps
     reference = cross_check_epsilon(sigma, q, steps, 1e-5)
@@ -209,17 +229,30 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     assert final[M.EPSILON] <= 4.0
     assert M.EPSILON_PATIENT not in final  # its epsilon is already the patient's
     with pytest.raises(BudgetError, match="images"):  # calibrated on patients, run on images: refused
-        run_tiny_trial(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, privacy_unit="image",
-                                                                            max_images_per_patient=None)))
+        run_tiny_trial(
+            dataclasses.replace(
+                cfg, privacy=dataclasses.replace(cfg.privacy, privacy_unit="image", max_images_per_patient=None)
+            )
+        )
 
 
 def test_patient_level_trial_resumes_exactly(tiny_site):  # noqa: F811
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     q, steps = sample_rate_and_steps(group_patients(ids, 2).n_patients, 8, 2)
     base = tiny_trial_config(tiny_site, 4.0, epochs=2, speed=SpeedConfig(grad_sample_mode="hooks"))  # not bk yet
-    cfg = dataclasses.replace(base, test_every_epoch=False, privacy=dataclasses.replace(
-        base.privacy, privacy_unit="patient", max_images_per_patient=2, expected_batch_size=8, sample_rate=q,
-        steps=steps, noise_multiplier=calibrate_noise_multiplier(4.0, 1e-5, q, steps)))
+    cfg = dataclasses.replace(
+        base,
+        test_every_epoch=False,
+        privacy=dataclasses.replace(
+            base.privacy,
+            privacy_unit="patient",
+            max_images_per_patient=2,
+            expected_batch_size=8,
+            sample_rate=q,
+            steps=steps,
+            noise_multiplier=calibrate_noise_multiplier(4.0, 1e-5, q, steps),
+        ),
+    )
     run = run_tiny_trial(cfg)
     resumed = run_tiny_trial(cfg, run.states[0])
     for name, weight in run.result.model.state_dict().items():

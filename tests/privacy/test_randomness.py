@@ -34,8 +34,10 @@ from trainables.privacy.randomness import generator_from_seed, mechanism_randomn
 def test_cpu_generator_from_a_seed_uses_every_bit_of_it():
     seed = 0x1234_5678_9ABC_DEF0_0FED_CBA9_8765_4321
     # why generator_from_seed exists: torch's CPU generator keeps only the low 32 bits of manual_seed
-    assert torch.equal(torch.rand(8, generator=torch.Generator().manual_seed(5)),
-                       torch.rand(8, generator=torch.Generator().manual_seed(5 + 2**32)))
+    assert torch.equal(
+        torch.rand(8, generator=torch.Generator().manual_seed(5)),
+        torch.rand(8, generator=torch.Generator().manual_seed(5 + 2**32)),
+    )
     draws = {s: torch.rand(8, generator=generator_from_seed(s)) for s in (seed, seed ^ 2**40, seed ^ 2**127)}
     assert len({tuple(d.tolist()) for d in draws.values()}) == 3, "a high bit of the seed was ignored"
     assert torch.equal(torch.rand(8, generator=generator_from_seed(seed)), draws[seed])  # deterministic
@@ -49,8 +51,10 @@ def test_default_mode_seeds_come_from_os_urandom_not_from_cfg_seed(monkeypatch):
     monkeypatch.setattr(randomness.os, "urandom", lambda n: next(draws))
     a = mechanism_randomness(privacy, seed=0, device=torch.device("cpu"))
     b = mechanism_randomness(privacy, seed=7, device=torch.device("cpu"))  # another public seed: same streams
-    assert a.mode == "default" and a.secret_seeds == {"sampler": int.from_bytes(bytes([1]) * 16, "little"),
-                                                      "noise": int.from_bytes(bytes([2]) * 16, "little")}
+    assert a.mode == "default" and a.secret_seeds == {
+        "sampler": int.from_bytes(bytes([1]) * 16, "little"),
+        "noise": int.from_bytes(bytes([2]) * 16, "little"),
+    }
     assert torch.equal(torch.rand(5, generator=a.sampler), torch.rand(5, generator=b.sampler))
     assert torch.equal(torch.randn(5, generator=a.noise), torch.randn(5, generator=b.noise))
     assert "secret" not in repr(a) and str(a.secret_seeds["sampler"]) not in repr(a)
@@ -68,8 +72,10 @@ def test_modes():
         randomness_mode(PrivacyConfig(target_epsilon=1.0, secure_mode=True, reproducible_noise=True))
     non_private = mechanism_randomness(PrivacyConfig(target_epsilon=math.inf), 3, torch.device("cpu"))
     assert non_private.noise is None and non_private.secret_seeds is None  # shuffling stays seeded by cfg.seed
-    assert torch.equal(torch.randperm(9, generator=non_private.sampler),
-                       torch.randperm(9, generator=torch.Generator().manual_seed(3001)))
+    assert torch.equal(
+        torch.randperm(9, generator=non_private.sampler),
+        torch.randperm(9, generator=torch.Generator().manual_seed(3001)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,20 +85,32 @@ def test_modes():
 def test_guarantee_statement():
     private = PrivacyConfig(target_epsilon=2.0, delta=1e-5, noise_multiplier=1.1, sample_rate=1 / 9, steps=27)
     text = guarantee_statement(private, 144)
-    for part in ("(2, 1e-05)-DP", "unit: one image", "add/remove adjacency", "N=144 treated as public",
-                 "accountant rdp", "os.urandom", "validation-based epoch selection", "tuning across trials"):
+    for part in (
+        "(2, 1e-05)-DP",
+        "unit: one image",
+        "add/remove adjacency",
+        "N=144 treated as public",
+        "accountant rdp",
+        "os.urandom",
+        "validation-based epoch selection",
+        "tuning across trials",
+    ):
         assert part in text, part
     with_counts = dataclasses.replace(private, label_count_noise_multiplier=20.0)
     assert "pos_weight" not in text
     assert "release of the training label counts (noise multiplier 20) for pos_weight=train, composed" in (
-        guarantee_statement(with_counts, 144, pos_weight="train"))
+        guarantee_statement(with_counts, 144, pos_weight="train")
+    )
     assert "ChaCha20" in guarantee_statement(PrivacyConfig(target_epsilon=2.0, secure_mode=True), 144)
     replayable = PrivacyConfig(target_epsilon=2.0, reproducible_noise=True)
     assert guarantee_statement(replayable, 144).startswith(NO_GUARANTEE_SEED_PUBLISHED)
     assert NO_GUARANTEE_SEED_PUBLISHED == "none (noise seed published)"
     assert guarantee_statement(PrivacyConfig(target_epsilon=math.inf), 144) == NO_GUARANTEE_NON_PRIVATE
     assert [has_dp_guarantee(p) for p in (private, replayable, PrivacyConfig(target_epsilon=math.inf))] == [
-        True, False, False]
+        True,
+        False,
+        False,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,8 +170,14 @@ def test_a_private_trial_releases_no_seed_and_no_private_batch_loss(tiny_site, c
     assert M.TRAIN_LOSS not in run.result.tables["epochs"].columns
     forbidden = set()
     for seed in seeds.values():
-        forbidden |= {seed, seed & (2**32 - 1), seed & (2**64 - 1), seed >> 64, seed >> 96,
-                      int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])}
+        forbidden |= {
+            seed,
+            seed & (2**32 - 1),
+            seed & (2**64 - 1),
+            seed >> 64,
+            seed >> 96,
+            int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0]),
+        }
     numbers = [v for v in _leaves(released) if isinstance(v, int | float | np.number) and not isinstance(v, bool)]
     assert numbers and not forbidden & {int(v) for v in numbers if math.isfinite(v) and float(v).is_integer()}
     texts = [str(v) for v in _leaves(released) if isinstance(v, str)] + [printed]

@@ -59,8 +59,9 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def trial_config(data_root: Path, target_epsilon: float, model_selection: str = "best_val",
-                 reproducible_noise: bool = False) -> TrialConfig:
+def trial_config(
+    data_root: Path, target_epsilon: float, model_selection: str = "best_val", reproducible_noise: bool = False
+) -> TrialConfig:
     """A 3-epoch trial on the tiny synthetic site, calibrated like the sweep launcher does it."""
     n_train = len(open_cache(data_root / DATASET / str(IMAGE_SIZE)).split("train"))
     sample_rate, steps = sample_rate_and_steps(n_train, BATCH, EPOCHS)
@@ -68,12 +69,26 @@ def trial_config(data_root: Path, target_epsilon: float, model_selection: str = 
     private = math.isfinite(target_epsilon)
     sigma = calibrate_noise_multiplier(target_epsilon, DELTA, sample_rate, steps) if private else 0.0
     return TrialConfig(
-        sweep="resume-test", dataset=DATASET, data_root=str(data_root), image_size=IMAGE_SIZE,
-        model="test_convnext", init="random", init_weights=None, lr=1e-3, seed=0, n_boot=20,
+        sweep="resume-test",
+        dataset=DATASET,
+        data_root=str(data_root),
+        image_size=IMAGE_SIZE,
+        model="test_convnext",
+        init="random",
+        init_weights=None,
+        lr=1e-3,
+        seed=0,
+        n_boot=20,
         model_selection=model_selection,
         privacy=PrivacyConfig(
-            target_epsilon=target_epsilon, delta=DELTA, max_grad_norm=1.0, expected_batch_size=BATCH,
-            epochs=EPOCHS, noise_multiplier=sigma, sample_rate=sample_rate if private else 0.0, steps=steps,
+            target_epsilon=target_epsilon,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            expected_batch_size=BATCH,
+            epochs=EPOCHS,
+            noise_multiplier=sigma,
+            sample_rate=sample_rate if private else 0.0,
+            steps=steps,
             reproducible_noise=reproducible_noise,
         ),
     )
@@ -138,8 +153,9 @@ def killed_and_resumed(tmp_path_factory, data_root) -> KilledAndResumed:
     for run_dir in (reference, resumed):
         worker.write_config(run_dir, cfg, random_init())
 
-    process = _start_worker(resumed, "killed.log", "--stop-after-epoch", str(STOP.after_epoch),
-                            "--stop-at-batch", str(STOP.batch))
+    process = _start_worker(
+        resumed, "killed.log", "--stop-after-epoch", str(STOP.after_epoch), "--stop-at-batch", str(STOP.batch)
+    )
     try:
         worker.run(reference)
         deadline = time.monotonic() + WORKER_TIMEOUT_S
@@ -250,17 +266,24 @@ def epoch_1_checkpoint(tmp_path_factory, data_root) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("change", [
-    {"seed": 1},
-    {"lr": 2e-3},
-    {"privacy": {"noise_multiplier": 1.5}},  # another sigma: one ledger would mix two mechanisms
-], ids=["seed", "lr", "noise_multiplier"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},
+        {"lr": 2e-3},
+        {"privacy": {"noise_multiplier": 1.5}},  # another sigma: one ledger would mix two mechanisms
+    ],
+    ids=["seed", "lr", "noise_multiplier"],
+)
 def test_checkpoint_of_another_trial_configuration_is_refused(epoch_1_checkpoint, tmp_path, change):
     run_dir = shutil.copytree(epoch_1_checkpoint, tmp_path / "run")
     cfg, _ = worker.read_config(run_dir)
     checkpoint = (run_dir / worker.STATE_FILE).read_bytes()
-    other = dataclasses.replace(cfg, **{k: v for k, v in change.items() if k != "privacy"},
-                                privacy=dataclasses.replace(cfg.privacy, **change.get("privacy", {})))
+    other = dataclasses.replace(
+        cfg,
+        **{k: v for k, v in change.items() if k != "privacy"},
+        privacy=dataclasses.replace(cfg.privacy, **change.get("privacy", {})),
+    )
     assert other != cfg
 
     with pytest.raises(ValueError, match="different trial configuration"):

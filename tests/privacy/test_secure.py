@@ -30,8 +30,13 @@ def zero_loss(logits, targets):
 def noise_of_one_step(source: torch.Generator | SecureRandom, sigma: float, clip: float, expected_batch: int):
     model = small_convnext(0)
     optimizer = make_dp_optimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=sigma, max_grad_norm=clip,
-        expected_batch_size=expected_batch, noise_generator=source, accountant=RDPAccountant(), sample_rate=0.1,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch,
+        noise_generator=source,
+        accountant=RDPAccountant(),
+        sample_rate=0.1,
     )
     private_step(wrap_model(model, "hooks"), optimizer, zero_loss, inputs(4), max_physical_batch_size=8)
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), optimizer

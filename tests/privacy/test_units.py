@@ -52,7 +52,8 @@ def test_k1_is_the_image_level_pld_of_dp_accounting() -> None:
 def test_independent_rdp_quadrature_matches_opacus_at_k1_and_bounds_the_pld_above() -> None:
     # k = 1: the quadrature is the sampled Gaussian's RDP, which Opacus computes in closed form.
     assert patient_epsilon_rdp(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA, 1) == pytest.approx(
-        epsilon_spent(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA), rel=1e-6)
+        epsilon_spent(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA), rel=1e-6
+    )
     for sigma in (SIGMA_EPS_1, SIGMA_EPS_8):
         tight = patient_epsilon(sigma, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA, 3)
         rdp = patient_epsilon_rdp(sigma, SMOKE_Q, SMOKE_STEPS, SMOKE_DELTA, 3)
@@ -68,7 +69,8 @@ def test_dp_accounting_mixture_event_at_its_default_discretisation_agrees() -> N
     k = 3
     event = dp_event.SelfComposedDpEvent(
         dp_event.MixtureOfGaussiansDpEvent(SIGMA_EPS_1, list(range(k + 1)), list(binom.pmf(range(k + 1), k, SMOKE_Q))),
-        SMOKE_STEPS)
+        SMOKE_STEPS,
+    )
     accountant = PLDAccountant()
     accountant.compose(event)
     reference = accountant.get_epsilon(SMOKE_DELTA)
@@ -81,8 +83,12 @@ def test_patient_epsilon_grows_with_k_and_beats_naive_group_privacy_never() -> N
     assert values[0] < values[1] < values[2]
     # Treating the k images as k independent releases (k-fold composition, fresh noise each) understates it.
     from dp_accounting.pld import privacy_loss_distribution as pld
-    independent = pld.from_gaussian_mechanism(sigma, sampling_prob=SMOKE_Q, value_discretization_interval=1e-3
-                                              ).self_compose(3 * SMOKE_STEPS).get_epsilon_for_delta(SMOKE_DELTA)
+
+    independent = (
+        pld.from_gaussian_mechanism(sigma, sampling_prob=SMOKE_Q, value_discretization_interval=1e-3)
+        .self_compose(3 * SMOKE_STEPS)
+        .get_epsilon_for_delta(SMOKE_DELTA)
+    )
     assert independent < values[2]
 
 
@@ -92,9 +98,11 @@ def test_label_count_release_is_composed_in_patient_units() -> None:
     assert with_release > without
     # The release alone: a Gaussian of multiplier sigma_c / k.
     from dp_accounting.pld import privacy_loss_distribution as pld
+
     alone = pld.from_gaussian_mechanism(20.0 / 3).get_epsilon_for_delta(SMOKE_DELTA)
     assert patient_epsilon(1.0, SMOKE_Q, 0, SMOKE_DELTA, 3, label_count_noise_multiplier=20.0) == pytest.approx(
-        alone, rel=1e-3)
+        alone, rel=1e-3
+    )
 
 
 def test_edges_and_errors() -> None:

@@ -16,9 +16,12 @@ from trainables import names as N
 
 
 def write_spec(tmp_path, **audit):
-    raw = tiny_spec(name="audited", data={"synthetic_images": 300},
-                    privacy={"target_epsilon": [2, 8, math.inf], "epochs": 1},
-                    audit={"m": 200, "real_records": 16, "target_epsilon": [2], **audit})
+    raw = tiny_spec(
+        name="audited",
+        data={"synthetic_images": 300},
+        privacy={"target_epsilon": [2, 8, math.inf], "epochs": 1},
+        audit={"m": 200, "real_records": 16, "target_epsilon": [2], **audit},
+    )
     path = tmp_path / "audited.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -40,15 +43,19 @@ def test_audit_reports_a_lower_bound_beside_the_claim_in_the_table_mlflow_and_co
     (run,) = client.search_runs([experiment.experiment_id], f"tags.`{N.ROLE_TAG}` = 'audit'")
     assert run.data.tags[N.AUDITED_TRIAL_TAG] == row["trial"] and N.TRIAL_KEY_TAG not in run.data.tags
     assert run.data.metrics[N.audit_metric("white_box", "epsilon_lower_bound")] == pytest.approx(
-        row["epsilon_lower_bound"])
+        row["epsilon_lower_bound"]
+    )
 
 
-@pytest.mark.parametrize(("audit", "message"), [
-    ({"target_epsilon": [3]}, r"audit\.target_epsilon\[0\] = 3 is not one of the sweep's private targets"),
-    ({"m": 5}, r"audit\.m = 5 canaries must be >= 10"),
-    ({"kind": ["white_box", "grey_box"]}, r"audit\.kind\[1\] = 'grey_box'; choose one of"),
-    ({"confidence": 1.5}, r"audit\.confidence = 1\.5 must be in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    ("audit", "message"),
+    [
+        ({"target_epsilon": [3]}, r"audit\.target_epsilon\[0\] = 3 is not one of the sweep's private targets"),
+        ({"m": 5}, r"audit\.m = 5 canaries must be >= 10"),
+        ({"kind": ["white_box", "grey_box"]}, r"audit\.kind\[1\] = 'grey_box'; choose one of"),
+        ({"confidence": 1.5}, r"audit\.confidence = 1\.5 must be in \(0, 1\)"),
+    ],
+)
 def test_bad_audit_sections_are_named(tmp_path, audit, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(yaml.safe_load(write_spec(tmp_path, **audit).read_text()))

@@ -52,8 +52,15 @@ def test_delta_at_least_one_over_n_is_refused_once_n_is_known(tmp_path):
 
 
 def test_missing_weight_file_is_refused_before_ray(tmp_path):
-    spec = parse_spec({**SMALL, "model": "convnext_tiny", "inits": ["imagenet"],
-                       "init_weights": {"imagenet": str(tmp_path / "missing.safetensors")}}, source="small.yaml")
+    spec = parse_spec(
+        {
+            **SMALL,
+            "model": "convnext_tiny",
+            "inits": ["imagenet"],
+            "init_weights": {"imagenet": str(tmp_path / "missing.safetensors")},
+        },
+        source="small.yaml",
+    )
     paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
     with pytest.raises(SpecError, match=r"inits: init_weights\.imagenet: file .*missing\.safetensors does not exist"):
         plan_sweep(spec, paths)
@@ -68,8 +75,16 @@ def test_unprepared_real_dataset_names_the_prepare_command(tmp_path):
 
 def test_dry_run_prints_each_trial_with_its_calibrated_sigma(tmp_path):
     path = write(tmp_path, SMALL)
-    result = run_cli("sweep", str(path), "--dry-run", "--runs", str(tmp_path / "runs"), "--data",
-                     str(tmp_path / "data"), cwd=Path(__file__).resolve().parents[2])
+    result = run_cli(
+        "sweep",
+        str(path),
+        "--dry-run",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--data",
+        str(tmp_path / "data"),
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert result.returncode == 0, result.stderr
     assert "random-eps1-clip1-lr0.001-seed0: sigma=" in result.stdout
     assert "random-eps8-clip1-lr0.001-seed0: sigma=" in result.stdout
@@ -83,13 +98,32 @@ def test_prepare_command_writes_a_cache_a_sweep_can_name(tmp_path, capsys):
     root = fixtures.build_uka(tmp_path / "src")
     out = tmp_path / "data"
     pattern = "UKA_preprocessed/{subset}/{image_id}.jpg"  # the fixture's layout (the group's folders)
-    assert main(["prepare", "uka-cxr", "--root", str(root), "--size", "32", "--out", str(out), "--workers", "1",
-                 "--image-pattern", pattern]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "uka-cxr",
+                "--root",
+                str(root),
+                "--size",
+                "32",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--image-pattern",
+                pattern,
+            ]
+        )
+        == 0
+    )
     assert "prepared:" in capsys.readouterr().out
     cache = open_cache(out / "uka-cxr" / "32")
     assert cache.images.shape[1:] == (32, 32) and len(cache.manifest) == len(cache.images)
-    spec = parse_spec({**SMALL, "data": {"train": "synthetic-a", "external": ["uka-cxr"], "image_size": 32,
-                                         "synthetic_images": 60}}, source="small.yaml")
+    spec = parse_spec(
+        {**SMALL, "data": {"train": "synthetic-a", "external": ["uka-cxr"], "image_size": 32, "synthetic_images": 60}},
+        source="small.yaml",
+    )
     plan = plan_sweep(spec, SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(out)))
     assert plan.trials[0].config.external_datasets == ("uka-cxr",)
 
@@ -104,8 +138,16 @@ def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
     what to fix (datasets to prepare, weights to provide) - and exits 3 (planned, but blocked by those notes)
     without writing Ray state."""
     root = Path(__file__).resolve().parents[2]
-    result = run_cli("sweep", str(root / "sweeps" / "paper.yaml"), "--dry-run", "--runs", str(tmp_path / "runs"),
-                     "--data", str(tmp_path / "data"), cwd=root)
+    result = run_cli(
+        "sweep",
+        str(root / "sweeps" / "paper.yaml"),
+        "--dry-run",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--data",
+        str(tmp_path / "data"),
+        cwd=root,
+    )
     assert result.returncode == 3, result.stderr
     out = result.stdout
     assert "sweep 'paper': 240 trials (grid)" in out

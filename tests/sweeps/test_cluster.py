@@ -125,12 +125,20 @@ class LocalRayCluster:
     def start_node(self, name: str, *args: str) -> None:
         """Run ``ray start <args>`` for one node and wait until the node is up (the command returns)."""
         log = self.root / f"{name}.log"
-        command = [str(RAY), "start", *args, f"--node-ip-address={LOOPBACK}", "--num-cpus=1",
-                   f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self.root / name}",
-                   "--disable-usage-stats"]
+        command = [
+            str(RAY),
+            "start",
+            *args,
+            f"--node-ip-address={LOOPBACK}",
+            "--num-cpus=1",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            f"--temp-dir={self.root / name}",
+            "--disable-usage-stats",
+        ]
         with log.open("w") as out:
-            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.groups.append(process.pid)  # the session leader's pid is the group id, also after it exits
         try:
             returncode = process.wait(timeout=START_TIMEOUT_S)
@@ -186,11 +194,9 @@ def cluster_sweep(tmp_path_factory) -> Iterator[ClusterSweep]:
         spec_file = work / "cluster.yaml"
         spec_file.write_text(SPEC)
         runs, seen_file, log = work / "runs", work / "driver.json", work / "driver.log"
-        command = [sys.executable, "-c", DRIVER, str(spec_file), str(runs), str(work / "data"), address,
-                   str(seen_file)]
+        command = [sys.executable, "-c", DRIVER, str(spec_file), str(runs), str(work / "data"), address, str(seen_file)]
         with log.open("w") as out:
-            driver = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    timeout=DRIVER_TIMEOUT_S)
+            driver = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=DRIVER_TIMEOUT_S)
         assert driver.returncode == 0, f"the driver exited {driver.returncode}:\n{log.read_text()[-5000:]}"
         seen = json.loads(seen_file.read_text())
         spec = parse_spec(yaml.safe_load(SPEC), source=str(spec_file))

@@ -66,11 +66,13 @@ SETTLE_S = 0.2  # after a report, for the experiment-state save Tune makes at th
 
 # 200 images: 144 training images, 9 Poisson batches of expected size 16 per epoch; each trial takes one CPU, and
 # `dpsweep sweep` starts a local Ray with all CPUs, so the two trials train side by side (given 2 cores).
-SPEC = tiny_yaml(name="faults", data={"synthetic_images": 200},
-                 # reproducible noise: the test replays trials from their configs to compare bit for bit
-                 privacy={"target_epsilon": [2, 4], "expected_batch_size": 16, "epochs": 3,
-                          "reproducible_noise": True},
-                 resources={"max_failures": 2})
+SPEC = tiny_yaml(
+    name="faults",
+    data={"synthetic_images": 200},
+    # reproducible noise: the test replays trials from their configs to compare bit for bit
+    privacy={"target_epsilon": [2, 4], "expected_batch_size": 16, "epochs": 3, "reproducible_noise": True},
+    resources={"max_failures": 2},
+)
 
 T = TypeVar("T")
 
@@ -96,17 +98,27 @@ class SweepFolder:
         self.spec_file.write_text(SPEC)
         self.spec: SweepSpec = parse_spec(yaml.safe_load(self.spec_file.read_text()), source=str(self.spec_file))
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="dpsw-ft-", dir="/tmp"))  # short: Ray's sockets live there
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DPSWEEP_RUNS", "DPSWEEP_DATA")}
-        self.env.update(RAY_TMPDIR=str(self.ray_tmp), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                        RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DPSWEEP_RUNS", "DPSWEEP_DATA")
+        }
+        self.env.update(
+            RAY_TMPDIR=str(self.ray_tmp),
+            HF_HUB_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONUNBUFFERED="1",
+        )
         self.groups: list[int] = []
 
     def start(self, command: str, log_name: str) -> subprocess.Popen:
         args = [str(DPSWEEP), command, str(self.spec_file), "--runs", str(self.runs), "--data", str(self.data)]
         with (self.root / log_name).open("w") as log:
-            process = subprocess.Popen(args, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                args, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.groups.append(process.pid)  # a session leader's pid is its group id, also after it exits
         return process
 
@@ -236,8 +248,9 @@ class TrialOnDisk:
         return found[-1] if found else None
 
 
-def wait_for(condition: Callable[[], T | None], driver: subprocess.Popen, sweep: SweepFolder, log_name: str,
-             what: str) -> T:
+def wait_for(
+    condition: Callable[[], T | None], driver: subprocess.Popen, sweep: SweepFolder, log_name: str, what: str
+) -> T:
     deadline = time.monotonic() + COMMAND_TIMEOUT_S
     while True:
         value = condition()
@@ -313,8 +326,9 @@ def interrupted(tmp_path_factory) -> Interrupted:
             training = [t for t in trials if t.epochs and not t.final_results]
             return (finished[0], training[0]) if finished and training else None
 
-        finished, training = wait_for(one_finished_one_training, driver, sweep, "run1.log",
-                                      "one finished trial and one with an epoch checkpoint")
+        finished, training = wait_for(
+            one_finished_one_training, driver, sweep, "run1.log", "one finished trial and one with an epoch checkpoint"
+        )
         time.sleep(SETTLE_S)
         at_driver_kill = sweep.trials_on_disk()
         final_file_at_driver_kill = at_driver_kill[finished.key].final_file().read_bytes()
@@ -327,8 +341,13 @@ def interrupted(tmp_path_factory) -> Interrupted:
         # Run 2: resume, then Ctrl-C (SIGINT to the process group) once the training trial reports another epoch.
         driver = sweep.start("sweep", "run2.log")
         epochs_before = len(at_driver_kill[training.key].epochs)
-        wait_for(lambda: len(sweep.trials_on_disk()[training.key].epochs) > epochs_before, driver, sweep, "run2.log",
-                 "an epoch after the resume")
+        wait_for(
+            lambda: len(sweep.trials_on_disk()[training.key].epochs) > epochs_before,
+            driver,
+            sweep,
+            "run2.log",
+            "an epoch after the resume",
+        )
         time.sleep(SETTLE_S)
         at_ctrl_c = sweep.trials_on_disk()
         os.killpg(driver.pid, signal.SIGINT)
@@ -346,11 +365,30 @@ def interrupted(tmp_path_factory) -> Interrupted:
         left_after_end = sweep.wait_until_gone()
         num_failures = {key: trial.run_metadata.num_failures for key, trial in ray_trials(sweep.experiment).items()}
         yield Interrupted(
-            sweep, victim.key, pid, at_worker_kill, finished.key, training.key, at_driver_kill,
-            final_file_at_driver_kill, driver_kill_returncode, ray_status_at_driver_kill, table_returncode,
-            table_output, table_at_driver_kill, at_ctrl_c, ctrl_c_returncode, (sweep.root / "run2.log").read_text(),
-            state_after_ctrl_c, left_after_ctrl_c, returncode, output, left_after_end, sweep.trials_table(),
-            sweep.trials_on_disk(), num_failures,
+            sweep,
+            victim.key,
+            pid,
+            at_worker_kill,
+            finished.key,
+            training.key,
+            at_driver_kill,
+            final_file_at_driver_kill,
+            driver_kill_returncode,
+            ray_status_at_driver_kill,
+            table_returncode,
+            table_output,
+            table_at_driver_kill,
+            at_ctrl_c,
+            ctrl_c_returncode,
+            (sweep.root / "run2.log").read_text(),
+            state_after_ctrl_c,
+            left_after_ctrl_c,
+            returncode,
+            output,
+            left_after_end,
+            sweep.trials_table(),
+            sweep.trials_on_disk(),
+            num_failures,
         )
     finally:
         sweep.cleanup()
@@ -403,7 +441,7 @@ def test_killed_driver_resumes_without_training_the_finished_trial_again(interru
     before = run.at_driver_kill[run.training_key].epoch_results
     trial = run.on_disk[run.training_key]
     assert 1 <= len(before) < EPOCHS and trial.epoch_results[: len(before)] == before
-    assert set(trial.pids[len(before):]).isdisjoint(r["pid"] for r in before)
+    assert set(trial.pids[len(before) :]).isdisjoint(r["pid"] for r in before)
 
 
 @pytest.mark.slow
@@ -416,7 +454,7 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_running_it_again_finishes_it(interru
     epochs_at_ctrl_c = run.at_ctrl_c[run.training_key].epoch_results
     trial = run.on_disk[run.training_key]
     assert trial.epoch_results[: len(epochs_at_ctrl_c)] == epochs_at_ctrl_c
-    assert set(trial.pids[len(epochs_at_ctrl_c):]).isdisjoint(r["pid"] for r in epochs_at_ctrl_c)
+    assert set(trial.pids[len(epochs_at_ctrl_c) :]).isdisjoint(r["pid"] for r in epochs_at_ctrl_c)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,8 +467,9 @@ def test_every_trial_ran_each_epoch_once_and_ends_at_its_planned_ledger(interrup
     assert sorted(trials.index) == sorted(f"random-eps{e:g}-clip1-lr0.002-seed0" for e in spec.axes.target_epsilon)
     assert (trials["status"] == "TERMINATED").all(), trials[["status", "error"]]
     for key, row in trials.iterrows():
-        planned = epsilon_spent(row["noise_multiplier"], row["sample_rate"], int(row["steps"]), row["delta"],
-                                row["accountant"])
+        planned = epsilon_spent(
+            row["noise_multiplier"], row["sample_rate"], int(row["steps"]), row["delta"], row["accountant"]
+        )
         assert row[M.STEPS] == row["steps"] and row[M.EPSILON] == planned, key
         assert row["target_epsilon"] - spec.privacy.calibration_tolerance <= planned <= row["target_epsilon"]
         trial = interrupted.on_disk[key]
@@ -440,8 +479,9 @@ def test_every_trial_ran_each_epoch_once_and_ends_at_its_planned_ledger(interrup
         for result in trial.epoch_results:
             steps = steps_per_epoch * result[M.EPOCH]
             assert result[M.STEPS] == steps
-            assert result[M.EPSILON] == epsilon_spent(row["noise_multiplier"], row["sample_rate"], steps,
-                                                      row["delta"], row["accountant"])
+            assert result[M.EPSILON] == epsilon_spent(
+                row["noise_multiplier"], row["sample_rate"], steps, row["delta"], row["accountant"]
+            )
         assert len({final_metrics(r) for r in trial.final_results}) == 1, f"{key}: final results differ"
 
 
@@ -472,8 +512,9 @@ def test_interrupted_trials_end_exactly_like_uninterrupted_ones(interrupted):
     # Each trial was interrupted (worker kill; driver kill and Ctrl-C): train it again here, without a stop.
     for key, trial in interrupted.on_disk.items():
         point = trial.point()
-        reference = train_trial(TrialConfig.from_flat(point["trial"]), ResolvedInit(**point["init"]),
-                                report=lambda metrics, state: None).metrics
+        reference = train_trial(
+            TrialConfig.from_flat(point["trial"]), ResolvedInit(**point["init"]), report=lambda metrics, state: None
+        ).metrics
         reported = json.loads(final_metrics(trial.final_results[-1]))
         differ = {k: (v, reference[k]) for k, v in reported.items() if not same_number(v, reference[k])}
         assert not differ, f"{key}: final metrics differ from an uninterrupted run: {differ}"
@@ -514,19 +555,32 @@ def test_a_finished_trial_restarted_reports_its_final_result_again_without_train
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr(trial_module, "tune", SimpleNamespace(
-        get_checkpoint=lambda: checkpoint, Checkpoint=tune.Checkpoint,
-        report=lambda metrics, checkpoint=None: reports.append((metrics, checkpoint))))
+    monkeypatch.setattr(
+        trial_module,
+        "tune",
+        SimpleNamespace(
+            get_checkpoint=lambda: checkpoint,
+            Checkpoint=tune.Checkpoint,
+            report=lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)),
+        ),
+    )
     monkeypatch.setattr(trial_module, "train_trial", no_training)
-    cfg = TrialConfig(sweep=NAME, dataset="synthetic-a", data_root=str(tmp_path), image_size=32,
-                      model="test_convnext", init="random", init_weights=None, lr=1e-3, seed=0,
-                      privacy=PrivacyConfig(target_epsilon=2.0))
+    cfg = TrialConfig(
+        sweep=NAME,
+        dataset="synthetic-a",
+        data_root=str(tmp_path),
+        image_size=32,
+        model="test_convnext",
+        init="random",
+        init_weights=None,
+        lr=1e-3,
+        seed=0,
+        privacy=PrivacyConfig(target_epsilon=2.0),
+    )
     init = ResolvedInit(name="random", kind="random", timm_name="test_convnext", weights=None)
     dp_trial({"point": {"trial": cfg.to_flat(), "init": asdict(init)}})
     assert reports == [(final, None)]  # the same result; the final checkpoint stays Ray's latest, not saved again
     assert sorted(p.name for p in tmp_path.iterdir()) == [FINAL_FILE]
-
-
 
 
 def test_a_final_result_reported_again_is_logged_once(tmp_path):
@@ -555,7 +609,14 @@ def test_a_final_result_reported_again_is_logged_once(tmp_path):
         resumed.on_trial_result(0, [], trial, result)
 
     (child,) = client.search_runs([experiment], f"tags.`{TRIAL_KEY_TAG}` = 'k'")
-    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, key))
-               for key in child.data.metrics}
-    assert history == {M.EPOCH: [(1, 1)], M.EPSILON: [(0, 0.5), (1, 0.5)], M.STEPS: [(0, 9), (1, 9)],
-                       M.BEST_EPOCH: [(0, 1)], M.TEST_AUROC_MACRO: [(0, 0.7)]}
+    history = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, key))
+        for key in child.data.metrics
+    }
+    assert history == {
+        M.EPOCH: [(1, 1)],
+        M.EPSILON: [(0, 0.5), (1, 0.5)],
+        M.STEPS: [(0, 9), (1, 9)],
+        M.BEST_EPOCH: [(0, 1)],
+        M.TEST_AUROC_MACRO: [(0, 0.7)],
+    }

@@ -69,8 +69,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rest(url: str, endpoint: str, query: dict[str, Any] | None = None, body: dict[str, Any] | None = None
-         ) -> dict[str, Any]:
+def rest(
+    url: str, endpoint: str, query: dict[str, Any] | None = None, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One MLflow REST call: GET with ``query`` parameters, or POST of a JSON ``body``; the decoded reply."""
     address = f"{url}/api/2.0/mlflow/{endpoint}"
     if query:
@@ -94,14 +95,26 @@ class MlflowServer:
     def __init__(self, folder: Path):
         self.url = f"http://{LOOPBACK}:{free_port()}"
         self.log = folder / "server.log"
-        self.command = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                        "--artifacts-destination", str(folder / "server-artifacts"), "--host", LOOPBACK,
-                        "--port", self.url.rsplit(":", 1)[1], "--workers", "1"]
+        self.command = [
+            str(MLFLOW),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "server-artifacts"),
+            "--host",
+            LOOPBACK,
+            "--port",
+            self.url.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+        ]
         # MLflow's job runner (7 huey consumer processes, for GenAI evaluation jobs) is of no use to a sweep
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with self.log.open("w") as out:
-            self.process = subprocess.Popen(self.command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_until_ready(self) -> None:
         """Poll ``/health`` until the server answers; fail with its log if it exits or stays silent."""
@@ -116,7 +129,8 @@ class MlflowServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(
                     f"`{' '.join(self.command)}` did not answer on {self.url}/health within {START_TIMEOUT_S} s "
-                    f"(exit status {self.process.poll()}):\n{self.log.read_text()[-3000:]}")
+                    f"(exit status {self.process.poll()}):\n{self.log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -163,11 +177,15 @@ def served_sweep(tmp_path_factory) -> Iterator[ServedSweep]:
 def search_runs(served: ServedSweep) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The sweep's parent run and its child runs, found by name and tag over HTTP."""
     experiment = rest(served.url, "experiments/get-by-name", {"experiment_name": served.spec.name})["experiment"]
-    reply = rest(served.url, "runs/search", body={
-        "experiment_ids": [experiment["experiment_id"]],
-        "filter": f"tags.`{SWEEP_TAG}` = '{served.spec.name}'",
-        "max_results": 100,
-    })
+    reply = rest(
+        served.url,
+        "runs/search",
+        body={
+            "experiment_ids": [experiment["experiment_id"]],
+            "filter": f"tags.`{SWEEP_TAG}` = '{served.spec.name}'",
+            "max_results": 100,
+        },
+    )
     runs = reply.get("runs", [])
     parents = [r for r in runs if tags_of(r)[ROLE_TAG] == "sweep"]
     children = [r for r in runs if tags_of(r)[ROLE_TAG] == "trial"]
@@ -188,8 +206,9 @@ def metrics_of(run: dict[str, Any]) -> dict[str, float]:
 
 
 def test_the_server_holds_the_experiment_and_a_finished_parent_run(served_sweep):
-    experiment = rest(served_sweep.url, "experiments/get-by-name",
-                      {"experiment_name": served_sweep.spec.name})["experiment"]
+    experiment = rest(served_sweep.url, "experiments/get-by-name", {"experiment_name": served_sweep.spec.name})[
+        "experiment"
+    ]
     assert experiment["name"] == "served" and experiment["lifecycle_stage"] == "active"
     # artifacts go where `sweeps.tracking` put them (the runs folder), not to the server's default root
     assert experiment["artifact_location"].endswith("/runs/mlartifacts/served")

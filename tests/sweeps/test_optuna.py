@@ -13,8 +13,9 @@ from trainables.trial import DONE
 N_TRAIN = 2000
 DELTA = 1e-5
 # Wide enough that many proposals spend more than epsilon 1 (small sigma, many epochs, big batches).
-RANGES = Ranges(noise_multiplier=(0.3, 3.0), expected_batch_size=(16, 256), epochs=(1, 8),
-                lr=(1e-4, 1e-2), max_grad_norm=(0.5, 2.0))
+RANGES = Ranges(
+    noise_multiplier=(0.3, 3.0), expected_batch_size=(16, 256), epochs=(1, 8), lr=(1e-4, 1e-2), max_grad_norm=(0.5, 2.0)
+)
 
 
 def cell(eps: float, key: str | None = None) -> Cell:
@@ -32,15 +33,32 @@ def point_of(c: Cell, proposal: dict) -> dict:  # module level: Ray pickles the 
 
 def make_searcher(cells, storage_url=None, trials=6, objectives=("auroc",)):
     return PrivateOptunaSearch(
-        cells, point_of, ranges=RANGES, objectives=objectives,
-        trials_per_cell=trials, delta=DELTA, accountant="rdp", sampler="tpe", seed=0, max_proposals=500,
-        study_prefix="t", storage_url=storage_url,
+        cells,
+        point_of,
+        ranges=RANGES,
+        objectives=objectives,
+        trials_per_cell=trials,
+        delta=DELTA,
+        accountant="rdp",
+        sampler="tpe",
+        seed=0,
+        max_proposals=500,
+        study_prefix="t",
+        storage_url=storage_url,
     )
 
 
 def finish(searcher, trial_id: str, auroc: float, gap: float = 0.1) -> None:
-    searcher.on_trial_complete(trial_id, {DONE: True, M.BEST_EPOCH: 1, M.VAL_SELECTED_AUROC_MACRO: auroc,
-                                          M.val_selected_auroc_gap("age"): gap, M.TEST_AUROC_MACRO: 0.99})
+    searcher.on_trial_complete(
+        trial_id,
+        {
+            DONE: True,
+            M.BEST_EPOCH: 1,
+            M.VAL_SELECTED_AUROC_MACRO: auroc,
+            M.val_selected_auroc_gap("age"): gap,
+            M.TEST_AUROC_MACRO: 0.99,
+        },
+    )
 
 
 def test_every_launched_proposal_meets_its_target_and_infeasible_ones_are_told_to_optuna():
@@ -116,10 +134,15 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path):
 
 
 def test_an_impossible_search_space_stops_with_the_fix():
-    tight = Ranges(noise_multiplier=(0.1, 0.2), expected_batch_size=(256, 512), epochs=(50, 60),
-                   lr=(1e-3,), max_grad_norm=(1.0,))
-    searcher = FeasibleOptunaSearch(cell(0.5), tight, delta=DELTA, accountant="rdp", max_proposals=5,
-                                    metric="objective/auroc", mode="max")
-    with pytest.raises(RuntimeError, match=r"5 proposals in a row .* spend more than epsilon 0\.5; widen "
-                                           r"optuna\.noise_multiplier upwards"):
+    tight = Ranges(
+        noise_multiplier=(0.1, 0.2), expected_batch_size=(256, 512), epochs=(50, 60), lr=(1e-3,), max_grad_norm=(1.0,)
+    )
+    searcher = FeasibleOptunaSearch(
+        cell(0.5), tight, delta=DELTA, accountant="rdp", max_proposals=5, metric="objective/auroc", mode="max"
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"5 proposals in a row .* spend more than epsilon 0\.5; widen "
+        r"optuna\.noise_multiplier upwards",
+    ):
         searcher.suggest("t0")

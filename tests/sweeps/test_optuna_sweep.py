@@ -16,14 +16,27 @@ from trainables.privacy.accounting import epsilon_spent
 pytestmark = pytest.mark.slow
 
 TINY_OPTUNA = tiny_yaml(
-    name="tiny-optuna", search="optuna",
+    name="tiny-optuna",
+    search="optuna",
     data={"external": ["synthetic-b"], "synthetic_images": 400, "input_mean": 0.5, "input_std": 0.25},
-    privacy={"target_epsilon": [2, math.inf], "delta": 1.0e-5, "max_grad_norm": None, "expected_batch_size": None,
-             "epochs": None},
+    privacy={
+        "target_epsilon": [2, math.inf],
+        "delta": 1.0e-5,
+        "max_grad_norm": None,
+        "expected_batch_size": None,
+        "epochs": None,
+    },
     training=None,
-    optuna={"trials_per_target": 3, "max_concurrent": 2, "objectives": ["auroc", "auroc_gap_sex"],
-            "noise_multiplier": [0.3, 3.0], "expected_batch_size": [16, 128], "epochs": [1, 2],
-            "lr": [5.0e-4, 3.0e-3], "max_grad_norm": [0.5, 2.0]},
+    optuna={
+        "trials_per_target": 3,
+        "max_concurrent": 2,
+        "objectives": ["auroc", "auroc_gap_sex"],
+        "noise_multiplier": [0.3, 3.0],
+        "expected_batch_size": [16, 128],
+        "epochs": [1, 2],
+        "lr": [5.0e-4, 3.0e-3],
+        "max_grad_norm": [0.5, 2.0],
+    },
     early_stopping={"grace_period": 1, "reduction_factor": 2},
 )
 
@@ -96,8 +109,11 @@ def test_the_search_reports_bounds_that_hold_under_adaptive_selection(optuna_swe
     spec, paths, trials = optuna_sweep
     client = MlflowClient(paths.tracking_uri)
     experiment = client.get_experiment_by_name("tiny-optuna")
-    parent = [r for r in client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = 'tiny-optuna'")
-              if r.data.tags[ROLE_TAG] == "sweep"][0]
+    parent = [
+        r
+        for r in client.search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = 'tiny-optuna'")
+        if r.data.tags[ROLE_TAG] == "sweep"
+    ][0]
     n_train = int(trials["n_train"].iloc[0])
     cell = AdmissibleSet(n_train, 2.0, 1e-5, noise_multiplier=(0.3, 3.0), expected_batch_size=(16, 128), epochs=(1, 2))
     bound = adaptive_tuning_bound([(cell, 3)])

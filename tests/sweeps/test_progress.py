@@ -15,8 +15,12 @@ def trial(key: str, status: str) -> SimpleNamespace:
 def test_epoch_and_done_lines_are_aligned_and_the_status_counts_trials():
     lines: list[str] = []
     progress = ProgressCallback(n_trials=4, key_width=len("random-epsinf"), log=lines.append)
-    trials = [trial("random-eps1", "RUNNING"), trial("random-epsinf", "RUNNING"), trial("a", "TERMINATED"),
-              trial("b", "PENDING")]
+    trials = [
+        trial("random-eps1", "RUNNING"),
+        trial("random-epsinf", "RUNNING"),
+        trial("a", "TERMINATED"),
+        trial("b", "PENDING"),
+    ]
     progress.on_trial_result(0, trials, trials[0], {N.EPOCH: 1, N.VAL_AUROC_MACRO: 0.61, N.EPSILON: 0.5})
     progress.on_trial_result(0, trials, trials[1], {N.EPOCH: 1, N.VAL_AUROC_MACRO: 0.7, N.EPSILON: float("inf")})
     assert lines[0].index("val AUROC") == lines[1].index("val AUROC")  # aligned on the longest key

@@ -96,11 +96,13 @@ def test_private_trials_draw_fresh_noise_while_baselines_replay_exactly(two_runs
     # Same config and seed, yet different noise and batches: the validation AUROC of the private epochs differ.
     assert (same_seed_private[f"{M.VAL_AUROC_MACRO}_a"] != same_seed_private[f"{M.VAL_AUROC_MACRO}_b"]).all()
     baseline = merged[~is_private]
-    pd.testing.assert_series_equal(baseline[f"{M.VAL_AUROC_MACRO}_a"], baseline[f"{M.VAL_AUROC_MACRO}_b"],
-                                   check_names=False)
+    pd.testing.assert_series_equal(
+        baseline[f"{M.VAL_AUROC_MACRO}_a"], baseline[f"{M.VAL_AUROC_MACRO}_b"], check_names=False
+    )
     # The epsilon spent is the accountant's, the same in both runs.
-    pd.testing.assert_series_equal(same_seed_private[f"{M.EPSILON}_a"], same_seed_private[f"{M.EPSILON}_b"],
-                                   check_names=False)
+    pd.testing.assert_series_equal(
+        same_seed_private[f"{M.EPSILON}_a"], same_seed_private[f"{M.EPSILON}_b"], check_names=False
+    )
 
 
 def test_no_private_trial_releases_its_batch_loss(two_runs):
@@ -122,8 +124,15 @@ def test_every_private_trial_states_its_guarantee(two_runs):
     _, paths, trials = runs[NAMES[0]]
     private = trials[trials["target_epsilon"].map(math.isfinite)]
     for statement in private[M.GUARANTEE]:
-        for words in ("-DP", "unit: one image", "add/remove adjacency", "treated as public", "accountant rdp",
-                      "os.urandom", "Outside it"):
+        for words in (
+            "-DP",
+            "unit: one image",
+            "add/remove adjacency",
+            "treated as public",
+            "accountant rdp",
+            "os.urandom",
+            "Outside it",
+        ):
             assert words in statement, (words, statement)
     baseline = trials[~trials["target_epsilon"].map(math.isfinite)]
     assert baseline[M.GUARANTEE].str.startswith("none").all()

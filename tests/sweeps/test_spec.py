@@ -21,7 +21,8 @@ def test_smoke_spec_is_valid_and_expands_to_the_grid():
     grid = spec.grid()
     axes = spec.axes
     assert len(grid) == len(spec.inits) * len(axes.target_epsilon) * len(axes.max_grad_norm["test_convnext"]) * len(
-        axes.lr) * len(axes.seed)
+        axes.lr
+    ) * len(axes.seed)
     assert {p.init for p in grid} == {"random", "domain"}
     assert {p.target_epsilon for p in grid} == {1.0, 3.0, 8.0, math.inf}
 
@@ -50,8 +51,11 @@ def edit(path: str, value) -> dict:
         ("data.train", "chexpertt", r"data\.train\[0\]: unknown dataset 'chexpertt'"),
         ("data.train", ["synthetic-a", "synthetic-a"], r"data\.train lists a dataset twice"),
         ("model", ["test_convnext", "test_convnext"], r"model lists a name twice"),
-        ("privacy.max_grad_norm", {"convnext_tiny": 1.0},
-         r"privacy\.max_grad_norm\.convnext_tiny: 'convnext_tiny' is not"),
+        (
+            "privacy.max_grad_norm",
+            {"convnext_tiny": 1.0},
+            r"privacy\.max_grad_norm\.convnext_tiny: 'convnext_tiny' is not",
+        ),
         ("privacy.accountant", True, r"privacy\.accountant = True; choose one of"),
         ("privacy.noise_multiplier", 1.0, r"`privacy\.noise_multiplier` cannot be set in a sweep file: it is derived"),
         ("training.pos_weight", "balanced", r"training\.pos_weight = 'balanced'; choose one of \('uniform', 'train'\)"),
@@ -73,10 +77,15 @@ def test_unknown_fields_suggest_the_right_name():
         parse_spec(raw)
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    ("privacy.epsilons", "privacy.target_epsilon"), ("privacy.clip_norms", "privacy.max_grad_norm"),
-    ("training.learning_rates", "training.lr"), ("training.seeds", "training.seed"),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("privacy.epsilons", "privacy.target_epsilon"),
+        ("privacy.clip_norms", "privacy.max_grad_norm"),
+        ("training.learning_rates", "training.lr"),
+        ("training.seeds", "training.seed"),
+    ],
+)
 def test_renamed_fields_name_their_new_spelling(old, new):
     raw = smoke_dict()
     section, leaf = old.split(".")
@@ -97,9 +106,18 @@ def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     spec = parse_spec(raw)
     paths = SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")
     point = next(p for p in spec.grid() if p.target_epsilon == 3)
-    trial = make_trial(spec, trial_template(spec, paths), DatasetPlan("synthetic-a", 1000, 0.016, 189),
-                       ResolvedInit("random", "random", "test_convnext", None), point, "k", noise_multiplier=1.1,
-                       expected_batch_size=16, epochs=3, provenance_tags={})
+    trial = make_trial(
+        spec,
+        trial_template(spec, paths),
+        DatasetPlan("synthetic-a", 1000, 0.016, 189),
+        ResolvedInit("random", "random", "test_convnext", None),
+        point,
+        "k",
+        noise_multiplier=1.1,
+        expected_batch_size=16,
+        epochs=3,
+        provenance_tags={},
+    )
     flat = trial.config.to_flat()
     for section in ("privacy", "speed"):
         for key, value in raw[section].items():
@@ -199,8 +217,13 @@ def test_optuna_smoke_spec_is_valid():
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("privacy", "max_grad_norm", [1.0], r"`privacy\.max_grad_norm` is a grid setting; with `search: optuna` "
-                                            r"give the range `optuna\.max_grad_norm`"),
+        (
+            "privacy",
+            "max_grad_norm",
+            [1.0],
+            r"`privacy\.max_grad_norm` is a grid setting; with `search: optuna` "
+            r"give the range `optuna\.max_grad_norm`",
+        ),
         ("training", "lr", [1e-3], r"`training\.lr` is a grid setting"),
         ("optuna", "noise_multiplier", [3.0, 1.0], r"optuna\.noise_multiplier = \[3\.0, 1\.0\]: give \[low, high\]"),
         ("optuna", "objectives", ["auroc", "loss"], r"optuna\.objectives\[1\] = 'loss'; choose one of"),
@@ -252,10 +275,21 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
     spec = parse_spec(raw)
     paths = SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")
     init = ResolvedInit("random", "random", "test_convnext", None)
-    configs = {p.target_epsilon: make_trial(spec, trial_template(spec, paths), DatasetPlan("synthetic-a", 1770,
-                                                                                           1 / 56, 168), init,
-                                            p, "k", noise_multiplier=1.0, expected_batch_size=32, epochs=3,
-                                            provenance_tags={}).config
-               for p in spec.grid() if p.init == "random"}
+    configs = {
+        p.target_epsilon: make_trial(
+            spec,
+            trial_template(spec, paths),
+            DatasetPlan("synthetic-a", 1770, 1 / 56, 168),
+            init,
+            p,
+            "k",
+            noise_multiplier=1.0,
+            expected_batch_size=32,
+            epochs=3,
+            provenance_tags={},
+        ).config
+        for p in spec.grid()
+        if p.init == "random"
+    }
     assert configs[1.0].privacy.label_count_noise_multiplier == 20.0  # the default release
     assert configs[math.inf].privacy.label_count_noise_multiplier is None  # a baseline counts exactly

@@ -14,9 +14,12 @@ from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG
 
 pytestmark = pytest.mark.slow
 
-TINY = tiny_yaml(data={"external": ["synthetic-b"]}, inits=["random", "domain"],
-                 pretrain={"dataset": "synthetic-source", "epochs": 1, "lr": 0.002, "batch_size": 128},
-                 evaluation={"n_boot": 20})
+TINY = tiny_yaml(
+    data={"external": ["synthetic-b"]},
+    inits=["random", "domain"],
+    pretrain={"dataset": "synthetic-source", "epochs": 1, "lr": 0.002, "batch_size": 128},
+    evaluation={"n_boot": 20},
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,15 @@ def test_every_grid_point_finishes_within_its_budget(tiny_sweep):
     assert (private[M.EPSILON_PATIENT] >= private[M.EPSILON_CROSS_CHECK_PLD]).all()
     baseline = trials[~trials["target_epsilon"].map(math.isfinite)]
     assert baseline[M.EPSILON].map(math.isinf).all()
-    for column in (M.TEST_AUROC_MACRO, M.auroc_gap("test", "age"), M.auroc_gap("test", "sex"),
-                   M.external_auroc("synthetic-b"), "noise_multiplier", "git_commit", "torch_version"):
+    for column in (
+        M.TEST_AUROC_MACRO,
+        M.auroc_gap("test", "age"),
+        M.auroc_gap("test", "sex"),
+        M.external_auroc("synthetic-b"),
+        "noise_multiplier",
+        "git_commit",
+        "torch_version",
+    ):
         assert trials[column].notna().all(), column
 
 
@@ -66,8 +76,20 @@ def test_mlflow_has_one_parent_and_one_finished_child_per_trial(tiny_sweep):
     assert {r.data.tags[PARENT_TAG] for r in children} == {parents[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in children)
     child = children[0]
-    for param in ("init", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "delta", "accountant",
-                  "max_grad_norm", "lr", "seed", "model", "privacy_unit"):
+    for param in (
+        "init",
+        "target_epsilon",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "delta",
+        "accountant",
+        "max_grad_norm",
+        "lr",
+        "seed",
+        "model",
+        "privacy_unit",
+    ):
         assert param in child.data.params
     assert M.TEST_AUROC_MACRO in child.data.metrics
     assert len(client.get_metric_history(child.info.run_id, M.VAL_AUROC_MACRO)) == 2
@@ -95,8 +117,9 @@ def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
     assert cost.epsilon > private[M.EPSILON].max()  # two private trials composed cost more than either
     assert cost.n_non_private_excluded == 2 and "Private trials only" in cost.sentence
     client = MlflowClient(paths.tracking_uri)
-    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
-                                f"tags.`{ROLE_TAG}` = 'sweep'")[0]
+    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")[
+        0
+    ]
     assert parent.data.metrics[M.TUNING_EPSILON] == pytest.approx(cost.epsilon)
 
 

@@ -41,16 +41,19 @@ def test_single_unit_sweeps_keep_their_trial_keys():
     assert trial_key(patient_only, patient_only.grid()[0]) == "random-eps1-clip1-lr0.0005-seed0"
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
-    ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level sweep needs"),
-    ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
-    ({"training": {"pos_weight": "train"}}, "pos_weight: train with privacy.privacy_unit: patient"),
-    ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
-    ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
-    ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
-    ({"speed": {"grad_sample_mode": "bk"}}, "the book-keeping engine does not group per-sample norms by patient"),
-])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
+        ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level sweep needs"),
+        ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
+        ({"training": {"pos_weight": "train"}}, "pos_weight: train with privacy.privacy_unit: patient"),
+        ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
+        ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
+        ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
+        ({"speed": {"grad_sample_mode": "bk"}}, "the book-keeping engine does not group per-sample norms by patient"),
+    ],
+)
 def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
     raw = units_dict()
     for section, values in change.items():
@@ -99,10 +102,18 @@ def test_delta_is_checked_against_one_over_n_patients(tmp_path):
 def test_make_trial_sets_the_unit_of_the_point(tmp_path):
     spec = parse_spec(units_dict())
     point = next(p for p in spec.grid() if p.privacy_unit == "patient")
-    trial = make_trial(spec, trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")),
-                       DatasetPlan("synthetic-a", 1000, 0.032, 96, n_patients=600),
-                       ResolvedInit("random", "random", "test_convnext", None), point, "k", noise_multiplier=1.1,
-                       expected_batch_size=32, epochs=3, provenance_tags={})
+    trial = make_trial(
+        spec,
+        trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")),
+        DatasetPlan("synthetic-a", 1000, 0.032, 96, n_patients=600),
+        ResolvedInit("random", "random", "test_convnext", None),
+        point,
+        "k",
+        noise_multiplier=1.1,
+        expected_batch_size=32,
+        epochs=3,
+        provenance_tags={},
+    )
     assert trial.config.privacy.privacy_unit == "patient"
     assert (trial.config.privacy.sample_rate, trial.config.privacy.steps) == sample_rate_and_steps(600, 32, 3)
     assert trial.tags["dpsweep.adjacency"].startswith("add/remove one patient")
@@ -115,15 +126,35 @@ def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_comp
     from trainables import names as N
     from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
 
-    trials = pd.DataFrame([
-        {"trial": "i", "dataset": "d", "privacy_unit": "image", "noise_multiplier": 1.37109375,
-         "sample_rate": 1 / 56, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 168, N.PATIENT_IMAGES: 3},
-        {"trial": "p", "dataset": "d", "privacy_unit": "patient", "noise_multiplier": 1.6328125,
-         "sample_rate": 1 / 33, "delta": 6e-6, "target_epsilon": 1.0, N.RELEASED_STEPS: 99,
-         N.PATIENT_IMAGES: float("nan")},
-    ])
+    trials = pd.DataFrame(
+        [
+            {
+                "trial": "i",
+                "dataset": "d",
+                "privacy_unit": "image",
+                "noise_multiplier": 1.37109375,
+                "sample_rate": 1 / 56,
+                "delta": 6e-6,
+                "target_epsilon": 1.0,
+                N.RELEASED_STEPS: 168,
+                N.PATIENT_IMAGES: 3,
+            },
+            {
+                "trial": "p",
+                "dataset": "d",
+                "privacy_unit": "patient",
+                "noise_multiplier": 1.6328125,
+                "sample_rate": 1 / 33,
+                "delta": 6e-6,
+                "target_epsilon": 1.0,
+                N.RELEASED_STEPS: 99,
+                N.PATIENT_IMAGES: float("nan"),
+            },
+        ]
+    )
     assert set(tuning_costs(trials)) == {"d (image-level trials only)", "d (patient-level trials only)"}
-    expected = composed_patient_epsilon([PatientMechanism(1.37109375, 1 / 56, 168, 3),
-                                         PatientMechanism(1.6328125, 1 / 33, 99, 1)], 6e-6)
+    expected = composed_patient_epsilon(
+        [PatientMechanism(1.37109375, 1 / 56, 168, 3), PatientMechanism(1.6328125, 1 / 33, 99, 1)], 6e-6
+    )
     assert patient_level_sweep_epsilon(trials) == {"d": expected}
     assert patient_level_sweep_epsilon(trials[trials["privacy_unit"] == "image"]) == {}  # image-only: none

@@ -79,9 +79,7 @@ def validate_manifest(manifest: pd.DataFrame, n_images: int | None = None, where
         raise CacheError(f"{where}: patient {patient!r} is in splits {splits}; splits must be patient-disjoint")
 
 
-def write_cache(
-    out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame, card: dict | None = None
-) -> Path:
+def write_cache(out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame, card: dict | None = None) -> Path:
     """Validate and write one prepared dataset; files are written atomically (tmp + rename).
 
     Args:
@@ -126,8 +124,13 @@ def images_per_patient_summary(patient_id: pd.Series | np.ndarray) -> dict | Non
     if not len(ids):
         return None
     counts = np.unique(ids, return_counts=True)[1]
-    return {"patients": int(len(counts)), "min": int(counts.min()), "median": float(np.median(counts)),
-            "p99": int(np.percentile(counts, 99, method="inverted_cdf")), "max": int(counts.max())}
+    return {
+        "patients": int(len(counts)),
+        "min": int(counts.min()),
+        "median": float(np.median(counts)),
+        "p99": int(np.percentile(counts, 99, method="inverted_cdf")),
+        "max": int(counts.max()),
+    }
 
 
 def dataset_card(manifest: pd.DataFrame, size: int) -> dict:
@@ -190,8 +193,6 @@ class Cache:
             age=part["age"].to_numpy(dtype=np.float64),
             patient_id=part["patient_id"].astype(str).to_numpy(),
         )
-
-
 
 
 def open_cache(path: Path) -> Cache:

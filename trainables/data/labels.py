@@ -9,4 +9,3 @@ SEXES: tuple[str, ...] = ("F", "M", "unknown")
 """Normalized sex codes in cache manifests."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-

@@ -50,7 +50,6 @@ def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):
         yield dataset.batch(np.arange(start, min(start + batch_size, n)))
 
 
-
 @dataclass
 class TrialData:
     """The splits one trial uses, as memory-mapped datasets (their ``split`` holds the demographics)."""
@@ -68,5 +67,7 @@ def load_trial_data(cfg: TrialConfig) -> TrialData:
         cache = open_cache(dataset_dir(cfg.data_root, name, cfg.image_size))
         return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
 
-    return TrialData(*(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
-                     external={name: dataset(name, "test") for name in cfg.external_datasets})
+    return TrialData(
+        *(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
+        external={name: dataset(name, "test") for name in cfg.external_datasets},
+    )

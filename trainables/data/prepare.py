@@ -168,9 +168,7 @@ def prepare_dataset(
     }
     partial = _Partial.open(out_dir / PARTIAL_DIR, fingerprint, settings.size)
     try:
-        timing = _preprocess_all(
-            partial, root, manifest["source_path"].tolist(), settings, workers, stop_after, name
-        )
+        timing = _preprocess_all(partial, root, manifest["source_path"].tolist(), settings, workers, stop_after, name)
     finally:
         partial.close()
 
@@ -209,9 +207,7 @@ def prepare_dataset(
         "images_per_patient": images_per_patient(
             manifest["patient_id"].to_numpy(dtype=str), image_is_patient=table.image_is_patient
         ),
-        "inconsistent_patients": inconsistent_patients(
-            manifest["patient_id"].to_numpy(dtype=str), attribute_values
-        ),
+        "inconsistent_patients": inconsistent_patients(manifest["patient_id"].to_numpy(dtype=str), attribute_values),
         "labels_missing": dict(adapter.missing_labels),
         "n_skipped": len(skipped),
         "skipped": skipped,
@@ -256,9 +252,7 @@ def assign_splits(
     official = np.asarray(official_split, dtype=str)
     has_official = official != ""
     if has_official.any() and not has_official.all():
-        raise ValueError(
-            f"official_split is given for {int(has_official.sum())} of {len(official)} images only"
-        )
+        raise ValueError(f"official_split is given for {int(has_official.sum())} of {len(official)} images only")
     if has_official.any():
         unknown = sorted(set(official) - set(SPLITS))
         if unknown:
@@ -382,15 +376,19 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
     for split, entry in card.get("splits", {}).items():
         prevalence = entry.get("prevalence", {})
         cells = "".join(
-            f"{'-' if prevalence.get(label) is None else f'{100 * prevalence[label]:.1f}%':>18}"
-            for label in LABELS
+            f"{'-' if prevalence.get(label) is None else f'{100 * prevalence[label]:.1f}%':>18}" for label in LABELS
         )
         lines.append(f"  {split:<6}{entry['images']:>9}{entry['patients']:>10}{cells}")
-    per_patient = {split: entry["images_per_patient"] for split, entry in card.get("splits", {}).items()
-                   if entry.get("images_per_patient")}
+    per_patient = {
+        split: entry["images_per_patient"]
+        for split, entry in card.get("splits", {}).items()
+        if entry.get("images_per_patient")
+    }
     if per_patient:
-        lines.append("  images per patient (min/median/p99/max): " + ", ".join(
-            f"{split} {c['min']}/{c['median']:g}/{c['p99']}/{c['max']}" for split, c in per_patient.items()))
+        lines.append(
+            "  images per patient (min/median/p99/max): "
+            + ", ".join(f"{split} {c['min']}/{c['median']:g}/{c['p99']}/{c['max']}" for split, c in per_patient.items())
+        )
     if "patient_ids" in card:
         lines.append(f"  patient ids: {card['patient_ids']}")
     if "sex" in card:
@@ -399,11 +397,7 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
         lines.append(f"  age missing: {card['age_missing']} of {card.get('n_images')} images")
     for split, entry in card.get("demographics", {}).items():
         ages = entry.get("age_years")
-        span = (
-            f"median {ages['median']:.1f} (range {ages['min']:.1f}-{ages['max']:.1f}) years"
-            if ages
-            else "no ages"
-        )
+        span = f"median {ages['median']:.1f} (range {ages['min']:.1f}-{ages['max']:.1f}) years" if ages else "no ages"
         lines.append(f"  {split}: age known for {entry['age_known']} images, {span}")
     if "views" in card:
         lines.append("  views: " + ", ".join(f"{k} {v}" for k, v in card["views"].items()))
@@ -508,9 +502,7 @@ class _Partial:
                     with np.load(path / "progress.npz") as progress:
                         status = progress["status"].copy()
                         reasons = dict(
-                            zip(
-                                progress["skip_index"].tolist(), progress["skip_reason"].tolist(), strict=True
-                            )
+                            zip(progress["skip_index"].tolist(), progress["skip_reason"].tolist(), strict=True)
                         )
                 if shape == (n, size, size) and status.shape == (n,):
                     _say(f"resuming {path}: {int((status != PENDING).sum())} of {n} images already done")
@@ -663,9 +655,7 @@ def _run_jobs(
         yield from pool.imap_unordered(work, jobs, chunksize=chunksize)
 
 
-def _preprocess_one(
-    job: tuple[int, str], settings: PreprocessSettings
-) -> tuple[int, np.ndarray | None, str | None]:
+def _preprocess_one(job: tuple[int, str], settings: PreprocessSettings) -> tuple[int, np.ndarray | None, str | None]:
     index, path = job
     try:
         return index, preprocess.load_and_preprocess(Path(path), settings), None

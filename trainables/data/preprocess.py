@@ -115,9 +115,7 @@ def _read_dicom(path: Path) -> np.ndarray:
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if pixels.ndim == 3 and int(dataset.get("SamplesPerPixel", 1)) == 3:
         if pixels.dtype != np.uint8:
-            raise UnreadableImage(
-                f"colour DICOM with {pixels.dtype} samples is not supported (8-bit RGB only)"
-            )
+            raise UnreadableImage(f"colour DICOM with {pixels.dtype} samples is not supported (8-bit RGB only)")
         pixels = np.asarray(Image.fromarray(pixels).convert("L"))
     if pixels.ndim != 2:
         raise UnreadableImage(f"DICOM is not a single 2-D frame (pixel array shape {pixels.shape})")

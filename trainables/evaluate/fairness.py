@@ -93,9 +93,7 @@ def sex_grouping(sex: ArrayLike) -> Grouping:
         ValueError: on any other value, naming it and its position.
     """
     sex = np.asarray(sex, dtype=object)
-    bad = np.array(
-        [not (isinstance(value, str) and value in SEXES) for value in sex], dtype=bool
-    )  # pd.NA-safe
+    bad = np.array([not (isinstance(value, str) and value in SEXES) for value in sex], dtype=bool)  # pd.NA-safe
     if bad.any():
         position = int(np.flatnonzero(bad)[0])
         raise ValueError(
@@ -174,9 +172,7 @@ def group_table(
     blocks = []
     for code, (group, key) in enumerate(zip(grouping.groups, grouping.keys, strict=True)):
         members = grouping.codes == code
-        block = pd.DataFrame(
-            {"attribute": grouping.attribute, "group": group, "group_key": key, "label": list(labels)}
-        )
+        block = pd.DataFrame({"attribute": grouping.attribute, "group": group, "group_key": key, "label": list(labels)})
         block["n"] = int(members.sum())
         block["n_pos"] = y_true[members].sum(axis=0).astype(np.int64)
         block["n_neg"] = block["n"] - block["n_pos"]
@@ -281,9 +277,7 @@ def attribute_fairness(
         attribute=grouping.attribute,
         table=table,
         per_label=per_label,
-        label_mean={
-            family: macro_mean(per_label[family].to_numpy(dtype=np.float64)) for family in FAIRNESS_METRICS
-        },
+        label_mean={family: macro_mean(per_label[family].to_numpy(dtype=np.float64)) for family in FAIRNESS_METRICS},
         group_macro_auroc=group_macro,
         macro_auroc_gap=_gap(group_macro),
         worst_group=worst_group,

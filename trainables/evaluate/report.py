@@ -153,10 +153,7 @@ def _utility_metrics(
     metrics |= {names.auroc(prefix, label): float(v) for label, v in zip(labels, per_label, strict=True)}
     rates = {"threshold": thresholds} | thresholded_metrics(y_true, y_score, thresholds).as_dict()
     for family, values in rates.items():
-        metrics |= {
-            names.thresholded(prefix, family, label): float(v)
-            for label, v in zip(labels, values, strict=True)
-        }
+        metrics |= {names.thresholded(prefix, family, label): float(v) for label, v in zip(labels, values, strict=True)}
     return metrics
 
 
@@ -181,9 +178,7 @@ def _fairness_metrics(
     }
     for family in names.FAIRNESS_METRICS:
         for label in labels:
-            metrics[names.fairness(prefix, family, attribute, label)] = float(
-                result.per_label.at[label, family]
-            )
+            metrics[names.fairness(prefix, family, attribute, label)] = float(result.per_label.at[label, family])
         if family != "auroc_gap":  # the attribute-level auroc_gap key is the gap of macro AUROCs
             metrics[names.fairness(prefix, family, attribute)] = result.label_mean[family]
     metrics[names.fairness(prefix, "auroc_gap", attribute)] = result.macro_auroc_gap

@@ -77,10 +77,7 @@ def auroc_per_label(y_true: ArrayLike, y_score: ArrayLike) -> np.ndarray:
     y_true, y_score = check_label_arrays(y_true, y_score)
     measurable = has_both_classes(y_true)
     return np.array(
-        [
-            roc_auc_score(y_true[:, j], y_score[:, j]) if measurable[j] else np.nan
-            for j in range(y_true.shape[1])
-        ]
+        [roc_auc_score(y_true[:, j], y_score[:, j]) if measurable[j] else np.nan for j in range(y_true.shape[1])]
     )
 
 
@@ -200,9 +197,7 @@ def confusion_counts(y_true: ArrayLike, y_score: ArrayLike, thresholds: ArrayLik
         "fn": (~predicted & positive).sum(axis=0),
     }
     undefined = np.isnan(thresholds)
-    return ConfusionCounts(
-        **{name: np.where(undefined, np.nan, c.astype(np.float64)) for name, c in counts.items()}
-    )
+    return ConfusionCounts(**{name: np.where(undefined, np.nan, c.astype(np.float64)) for name, c in counts.items()})
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,7 @@ def _check_noise_multiplier(noise_multiplier: float) -> None:
     """Raise ValueError unless sigma is a finite number >= 0."""
     if not (isinstance(noise_multiplier, numbers.Real) and 0 <= noise_multiplier < math.inf):
         raise ValueError(
-            f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 "
-            "(noise std in units of the clip norm)"
+            f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 (noise std in units of the clip norm)"
         )
 
 
@@ -196,10 +195,13 @@ def check_ledger(
     if recorded != expected:
         raise ValueError(
             f"privacy ledger records {recorded} but the trial's {steps} steps at (sigma={noise_multiplier}, "
-            f"q={sample_rate})" + (
+            f"q={sample_rate})"
+            + (
                 f" after its label-count release (sigma_c={label_count_noise_multiplier})"
-                if label_count_noise_multiplier is not None else ""
-            ) + f" are {expected}; refusing to continue with an inconsistent ledger"
+                if label_count_noise_multiplier is not None
+                else ""
+            )
+            + f" are {expected}; refusing to continue with an inconsistent ledger"
         )
 
 
@@ -302,9 +304,7 @@ def calibrate_noise_multiplier(
     """
     create_accountant(accountant)
     if not (isinstance(target_epsilon, numbers.Real) and target_epsilon > 0):
-        raise ValueError(
-            f"target_epsilon={target_epsilon!r} must be > 0 (use inf for a non-private baseline)"
-        )
+        raise ValueError(f"target_epsilon={target_epsilon!r} must be > 0 (use inf for a non-private baseline)")
     if math.isinf(target_epsilon):
         return 0.0
     _check_run(sample_rate, steps, delta)
@@ -312,9 +312,7 @@ def calibrate_noise_multiplier(
     if steps < 1:
         raise ValueError(f"steps={steps!r} must be >= 1 to calibrate noise for a training run")
     if not (isinstance(tolerance, numbers.Real) and 0 < tolerance < target_epsilon):
-        raise ValueError(
-            f"tolerance={tolerance!r} must be in (0, target_epsilon={target_epsilon!r}); e.g. 0.01"
-        )
+        raise ValueError(f"tolerance={tolerance!r} must be in (0, target_epsilon={target_epsilon!r}); e.g. 0.01")
     # Plain floats and ints from here on: numpy scalars would change the cache keys' JSON.
     target_epsilon, delta, sample_rate = float(target_epsilon), float(delta), float(sample_rate)
     steps, tolerance = int(steps), float(tolerance)
@@ -356,9 +354,7 @@ def calibrate_noise_multiplier(
     return sigma
 
 
-def _bisect_noise_multiplier(
-    epsilon_at: Callable[[float], float], target_epsilon: float, tolerance: float
-) -> float:
+def _bisect_noise_multiplier(epsilon_at: Callable[[float], float], target_epsilon: float, tolerance: float) -> float:
     """Bisection for `calibrate_noise_multiplier`, given epsilon as a decreasing function of sigma."""
     sigma_low = 0.0  # epsilon(0) = inf > target
     sigma_high = 1.0
@@ -443,9 +439,7 @@ def _read_cache_entries(cache_path: Path) -> dict[str, object]:
     return {}
 
 
-def _cached_noise_multiplier(
-    cache_path: Path, key: str, target_epsilon: float, tolerance: float
-) -> float | None:
+def _cached_noise_multiplier(cache_path: Path, key: str, target_epsilon: float, tolerance: float) -> float | None:
     """The cached sigma for ``key``, or None when absent or (with a warning) invalid."""
     entry = _read_cache_entries(cache_path).get(key)
     if entry is None:
@@ -573,9 +567,7 @@ def validate_privacy_parameters(
         ValueError: the first parameter that is out of range.
     """
     if not (isinstance(target_epsilon, numbers.Real) and target_epsilon > 0):
-        raise ValueError(
-            f"target_epsilon={target_epsilon!r} must be > 0; use .inf for a non-private baseline"
-        )
+        raise ValueError(f"target_epsilon={target_epsilon!r} must be > 0; use .inf for a non-private baseline")
     if not (isinstance(n_train, numbers.Integral) and n_train >= 1):
         raise ValueError(f"n_train={n_train!r} must be a whole number >= 1 of training images")
     if not (isinstance(delta, numbers.Real) and delta > 0):
@@ -586,9 +578,7 @@ def validate_privacy_parameters(
             f"choose delta < {1 / n_train:.6g}, e.g. {0.1 / n_train:.2g}"
         )
     if not (isinstance(sample_rate, numbers.Real) and 0 < sample_rate <= 1):
-        raise ValueError(
-            f"sample_rate={sample_rate!r} must be in (0, 1]; it is expected_batch_size / N per step"
-        )
+        raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]; it is expected_batch_size / N per step")
     if not (isinstance(steps, numbers.Integral) and steps >= 1):
         raise ValueError(f"steps={steps!r} must be a whole number >= 1; increase epochs")
 

@@ -120,7 +120,14 @@ BLACK_BOX_SCORE = "negative_loss"
 DEFAULT_CONFIDENCE = 0.95
 
 DEFAULT_GUESS_SPLITS: tuple[tuple[float, float], ...] = (
-    (0.01, 0.0), (0.02, 0.0), (0.05, 0.0), (0.1, 0.0), (0.2, 0.0), (0.05, 0.05), (0.1, 0.1), (0.25, 0.25),
+    (0.01, 0.0),
+    (0.02, 0.0),
+    (0.05, 0.0),
+    (0.1, 0.0),
+    (0.2, 0.0),
+    (0.05, 0.05),
+    (0.1, 0.1),
+    (0.25, 0.25),
 )
 """(k+/m, k-/m) pairs tried; the bound of each is at level beta / len(splits) (union bound). Chosen before
 any data: DP-SGD canaries are detected mostly by their high scores (a canary sampled in no step looks out)."""
@@ -323,8 +330,9 @@ def secret_numpy_generator() -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
 
 
-def _secret_mechanism_streams(cfg: TrialConfig, device: torch.device
-                              ) -> tuple[torch.Generator | SecureRandom, torch.Generator | SecureRandom]:
+def _secret_mechanism_streams(
+    cfg: TrialConfig, device: torch.device
+) -> tuple[torch.Generator | SecureRandom, torch.Generator | SecureRandom]:
     """(sampler, noise) streams of the trial's kind: `SecureRandom` in secure mode, else torch generators
     seeded from ``os.urandom`` (the trial's own code paths, with secret seeds)."""
     if cfg.privacy.secure_mode:
@@ -447,8 +455,11 @@ def place_dirac_canaries(model: nn.Module, m: int, gradient_norm: float, seed: i
     flat = np.sort(np.random.default_rng(seed).choice(total, size=m, replace=False))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(offsets, flat, side="right") - 1
-    return DiracCanaries(parameter=tuple(named[i][0] for i in which), flat_index=flat - offsets[which],
-                         gradient_norm=float(gradient_norm))
+    return DiracCanaries(
+        parameter=tuple(named[i][0] for i in which),
+        flat_index=flat - offsets[which],
+        gradient_norm=float(gradient_norm),
+    )
 
 
 def _check_private(cfg: TrialConfig) -> None:
@@ -458,7 +469,8 @@ def _check_private(cfg: TrialConfig) -> None:
     if not (privacy.noise_multiplier > 0 and 0 < privacy.sample_rate <= 1 and privacy.steps >= 1):
         raise ValueError(
             f"trial config has no calibrated mechanism (sigma={privacy.noise_multiplier}, q={privacy.sample_rate}, "
-            f"steps={privacy.steps}); plan it as the sweep does (calibrate_noise_multiplier) before auditing")
+            f"steps={privacy.steps}); plan it as the sweep does (calibrate_noise_multiplier) before auditing"
+        )
 
 
 def _train_split(cfg: TrialConfig, data: TrialData | None) -> CacheSplitDataset:
@@ -487,8 +499,16 @@ def run_white_box_audit(
     """
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # a random init stays secret too
     model = create_model(cfg.model, init)
-    return white_box_audit(model, _train_split(cfg, data), cfg, m=m, confidence=confidence, score=score,
-                           real_records=real_records, canary_seed=canary_seed)
+    return white_box_audit(
+        model,
+        _train_split(cfg, data),
+        cfg,
+        m=m,
+        confidence=confidence,
+        score=score,
+        real_records=real_records,
+        canary_seed=canary_seed,
+    )
 
 
 def white_box_audit(
@@ -542,8 +562,11 @@ def white_box_audit(
     accountant = create_accountant(privacy.accountant)
     optimizer = make_dp_optimizer(
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-        noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=privacy.expected_batch_size, noise_generator=noise_rng, accountant=accountant,
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=privacy.expected_batch_size,
+        noise_generator=noise_rng,
+        accountant=accountant,
         sample_rate=privacy.sample_rate,
     )
     canaries = place_dirac_canaries(model, m, CANARY_GRADIENT_FACTOR * privacy.max_grad_norm, seed=canary_seed)
@@ -553,12 +576,19 @@ def white_box_audit(
 
     to_units = privacy.expected_batch_size / privacy.max_grad_norm  # p.grad = noisy sum / B
     observations = np.empty((privacy.steps, m), dtype=np.float64)
-    for step, indices in enumerate(poisson_batches(n_real + len(members), privacy.sample_rate, privacy.steps,
-                                                   sampler_rng)):
+    for step, indices in enumerate(
+        poisson_batches(n_real + len(members), privacy.sample_rate, privacy.steps, sampler_rng)
+    ):
         chosen = indices.numpy()
         real, canary_rows = chosen[chosen < n_real], members[chosen[chosen >= n_real] - n_real]
-        private_step(wrapped, optimizer, loss_fn, batch(real), speed.max_physical_batch_size,
-                     extra_grad_samples=canaries.grad_samples(model, canary_rows))
+        private_step(
+            wrapped,
+            optimizer,
+            loss_fn,
+            batch(real),
+            speed.max_physical_batch_size,
+            extra_grad_samples=canaries.grad_samples(model, canary_rows),
+        )
         observations[step] = canaries.read(model) * to_units
     if sum(n for _, _, n in accountant.history) != privacy.steps:
         raise RuntimeError("the audit's privacy ledger does not match its steps")  # the engine skipped a step
@@ -568,18 +598,47 @@ def white_box_audit(
     else:
         scores = observations.sum(axis=0)
     bound = audit_bound(scores, included, delta=privacy.delta, confidence=confidence)
-    claimed = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta,
-                            privacy.accountant)
-    return _result("white_box", bound, claimed, cfg, score, privacy.noise_multiplier, privacy.sample_rate,
-                   privacy.steps, time.perf_counter() - start)
+    claimed = epsilon_spent(
+        privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta, privacy.accountant
+    )
+    return _result(
+        "white_box",
+        bound,
+        claimed,
+        cfg,
+        score,
+        privacy.noise_multiplier,
+        privacy.sample_rate,
+        privacy.steps,
+        time.perf_counter() - start,
+    )
 
 
-def _result(kind: str, bound: AuditBound, claimed: float, cfg: TrialConfig, score: str, sigma: float, q: float,
-            steps: int, wall: float) -> AuditResult:
+def _result(
+    kind: str,
+    bound: AuditBound,
+    claimed: float,
+    cfg: TrialConfig,
+    score: str,
+    sigma: float,
+    q: float,
+    steps: int,
+    wall: float,
+) -> AuditResult:
     return AuditResult(
-        kind=kind, m=bound.m, guesses=bound.outcome.guesses, correct=bound.outcome.correct,
-        epsilon_lower_bound=bound.epsilon_lower_bound, confidence=bound.confidence, claimed_epsilon=claimed,
-        delta=cfg.privacy.delta, wall_time_s=wall, score=score, noise_multiplier=sigma, sample_rate=q, steps=steps,
+        kind=kind,
+        m=bound.m,
+        guesses=bound.outcome.guesses,
+        correct=bound.outcome.correct,
+        epsilon_lower_bound=bound.epsilon_lower_bound,
+        confidence=bound.confidence,
+        claimed_epsilon=claimed,
+        delta=cfg.privacy.delta,
+        wall_time_s=wall,
+        score=score,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
         grad_sample_mode=cfg.speed.grad_sample_mode,
     )
 
@@ -608,8 +667,9 @@ def with_canaries(train: CacheSplitDataset, images: np.ndarray, labels: np.ndarr
         labels=np.concatenate([split.labels, labels.astype(np.float32)]),
         sex=np.concatenate([split.sex, np.full(k, "unknown", dtype=split.sex.dtype)]),
         age=np.concatenate([split.age, np.full(k, np.nan)]),
-        patient_id=np.concatenate([split.patient_id.astype(object),
-                                   np.array([f"audit-canary-{i}" for i in range(k)], dtype=object)]),
+        patient_id=np.concatenate(
+            [split.patient_id.astype(object), np.array([f"audit-canary-{i}" for i in range(k)], dtype=object)]
+        ),
     )
     return CacheSplitDataset(combined, mean=train.mean, std=train.std)
 
@@ -619,10 +679,12 @@ def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
     epsilon, delta, accountant, tolerance), so `train_trial`'s budget check accepts the enlarged split."""
     privacy = cfg.privacy
     q, steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
-    sigma = calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant,
-                                       tolerance=cfg.privacy.calibration_tolerance)
-    return dataclasses.replace(cfg, privacy=dataclasses.replace(privacy, noise_multiplier=sigma, sample_rate=q,
-                                                                steps=steps))
+    sigma = calibrate_noise_multiplier(
+        privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant, tolerance=cfg.privacy.calibration_tolerance
+    )
+    return dataclasses.replace(
+        cfg, privacy=dataclasses.replace(privacy, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    )
 
 
 def _trained_model(result: TrialResult) -> nn.Module:
@@ -650,8 +712,9 @@ def run_black_box_audit(
     """
     _check_private(cfg)
     start = time.perf_counter()
-    light = dataclasses.replace(cfg, n_boot=0, external_datasets=(), test_every_epoch=False,
-                                seed=int.from_bytes(os.urandom(4), "little") >> 1)
+    light = dataclasses.replace(
+        cfg, n_boot=0, external_datasets=(), test_every_epoch=False, seed=int.from_bytes(os.urandom(4), "little") >> 1
+    )
     base = data if data is not None else load_trial_data(light)
     images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
     coins = secret_numpy_generator()
@@ -661,27 +724,52 @@ def run_black_box_audit(
 
     result = train_trial(trial_cfg, init, lambda metrics, state: None, data=TrialData(train, base.val, base.test))
     model = _trained_model(result)
-    canary_set = CacheSplitDataset(SplitData(images=images, rows=np.arange(m), labels=labels,
-                                             sex=np.full(m, "unknown"), age=np.full(m, np.nan),
-                                             patient_id=np.array([f"audit-canary-{i}" for i in range(m)])),
-                                   mean=train.mean, std=train.std)
-    scores = -_losses(model, canary_set, per_sample_bce(None, next(model.parameters()).device),
-                      cfg.speed.eval_batch_size)
+    canary_set = CacheSplitDataset(
+        SplitData(
+            images=images,
+            rows=np.arange(m),
+            labels=labels,
+            sex=np.full(m, "unknown"),
+            age=np.full(m, np.nan),
+            patient_id=np.array([f"audit-canary-{i}" for i in range(m)]),
+        ),
+        mean=train.mean,
+        std=train.std,
+    )
+    scores = -_losses(
+        model, canary_set, per_sample_bce(None, next(model.parameters()).device), cfg.speed.eval_batch_size
+    )
     bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
     privacy = trial_cfg.privacy
-    claimed = epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta,
-                            privacy.accountant)
-    return _result("black_box", bound, claimed, trial_cfg, BLACK_BOX_SCORE, privacy.noise_multiplier,
-                   privacy.sample_rate, privacy.steps, time.perf_counter() - start)
+    claimed = epsilon_spent(
+        privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta, privacy.accountant
+    )
+    return _result(
+        "black_box",
+        bound,
+        claimed,
+        trial_cfg,
+        BLACK_BOX_SCORE,
+        privacy.noise_multiplier,
+        privacy.sample_rate,
+        privacy.steps,
+        time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
-def _losses(model: nn.Module, dataset: CacheSplitDataset,
-            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int) -> np.ndarray:
+def _losses(
+    model: nn.Module,
+    dataset: CacheSplitDataset,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
-    out = [loss_fn(model(x.to(device)), y.to(device)).double().cpu().numpy()
-           for x, y in evaluation_batches(dataset, batch_size)]
+    out = [
+        loss_fn(model(x.to(device)), y.to(device)).double().cpu().numpy()
+        for x, y in evaluation_batches(dataset, batch_size)
+    ]
     return np.concatenate(out)
 
 

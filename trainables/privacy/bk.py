@@ -141,8 +141,7 @@ class LayerRule:
     def check(self, path: str, module: nn.Module) -> None:  # noqa: B027 - optional override
         """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
-                   ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
         """Per-sample gradients (or ghost factors) of ``module``'s trainable direct parameters.
 
         Args:
@@ -155,8 +154,7 @@ class LayerRule:
 class LinearRule(LayerRule):
     """``nn.Linear`` on [B, d], [B, T, d] or channels-last [B, H, W, d] inputs (timm ConvNeXt's Mlp)."""
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
-                   ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
         lg = LayerGrads()
         batch = len(a)
         a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
@@ -184,8 +182,7 @@ class Conv2dRule(LayerRule):
                 "is not supported by grad_sample_mode 'bk' (zero padding given as numbers only)"
             )
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
-                   ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
         assert isinstance(module, nn.Conv2d)
         lg = LayerGrads()
         if "weight" in names:
@@ -229,14 +226,21 @@ def _grouped_conv_per_sample(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) 
     groups = conv.groups
     c_in_group, c_out_group = c_in // groups, conv.out_channels // groups
     kh, kw = conv.kernel_size
-    folded_a = (a.reshape(batch, groups, c_in_group, *a.shape[2:]).transpose(0, 2)
-                .reshape(c_in_group, groups * batch, *a.shape[2:]))  # [C_in/G, G*B, H, W], groups ordered (g, b)
+    folded_a = (
+        a.reshape(batch, groups, c_in_group, *a.shape[2:])
+        .transpose(0, 2)
+        .reshape(c_in_group, groups * batch, *a.shape[2:])
+    )  # [C_in/G, G*B, H, W], groups ordered (g, b)
     if g.shape[2] * g.shape[3] <= 4:  # 2 x 2 kernels: oneDNN's channels-last path was 18x faster (CPU, 1 thread)
         folded_a = folded_a.contiguous(memory_format=torch.channels_last)
-    folded_g = (g.reshape(batch, groups, c_out_group, *g.shape[2:]).transpose(0, 1)
-                .reshape(groups * batch * c_out_group, 1, *g.shape[2:]))  # kernels ordered (g, b, o)
-    out = F.conv2d(folded_a, folded_g, stride=conv.dilation, padding=conv.padding, dilation=conv.stride,
-                   groups=groups * batch)[..., :kh, :kw]  # [C_in/G, (g, b, o), >=kh, >=kw]
+    folded_g = (
+        g.reshape(batch, groups, c_out_group, *g.shape[2:])
+        .transpose(0, 1)
+        .reshape(groups * batch * c_out_group, 1, *g.shape[2:])
+    )  # kernels ordered (g, b, o)
+    out = F.conv2d(
+        folded_a, folded_g, stride=conv.dilation, padding=conv.padding, dilation=conv.stride, groups=groups * batch
+    )[..., :kh, :kw]  # [C_in/G, (g, b, o), >=kh, >=kw]
     out = out.reshape(c_in_group, groups, batch, c_out_group, kh, kw)
     return out.permute(2, 1, 3, 0, 4, 5).reshape(batch, conv.out_channels, c_in_group, kh, kw)
 
@@ -249,8 +253,7 @@ class LayerNormRule(LayerRule):
     def __init__(self, channels_dim: int | None = None) -> None:
         self.channels_dim = channels_dim  # 1 for LayerNorm2d; None: the trailing normalized_shape dims
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
-                   ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
         assert isinstance(module, nn.LayerNorm)
         lg = LayerGrads()
         batch = len(a)
@@ -281,8 +284,7 @@ class ConvNeXtLayerScaleRule(LayerRule):
                 "drop_path_rate=0 (a deterministic forward per sample)"
             )
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]
-                   ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
         assert isinstance(module, ConvNeXtBlock)
         lg = LayerGrads()
         if "gamma" in names:
@@ -531,8 +533,10 @@ def clipped_explicit_rows(
         raise ValueError(f"extra_grad_samples entries have different row counts {sorted(counts)}")
     for name, value in rows.items():
         if tuple(value.shape[1:]) != tuple(parameters[name].shape):
-            raise ValueError(f"extra_grad_samples[{name!r}] has shape {tuple(value.shape)}; expected "
-                             f"[m, {', '.join(map(str, parameters[name].shape))}]")
+            raise ValueError(
+                f"extra_grad_samples[{name!r}] has shape {tuple(value.shape)}; expected "
+                f"[m, {', '.join(map(str, parameters[name].shape))}]"
+            )
     if not rows or counts == {0}:
         return {}, torch.zeros(0, dtype=torch.float64)
     layer = LayerGrads()

@@ -55,12 +55,14 @@ WrappedModel: TypeAlias = GradSampleModule | BookKeepingModule
 """What `wrap_model` returns: ``._module`` is the model itself in both."""
 
 
-def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
-                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def _contiguous_conv_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     # Opacus's unfold2d reads strides as if the input were NCHW-contiguous; timm's LayerNorm2d hands the
     # ConvNeXt downsample convs channels-last tensors, which silently yields wrong per-sample gradients.
-    samples: dict[nn.Parameter, torch.Tensor] = compute_conv_grad_sample(layer, [a.contiguous() for a in activations],
-                                                                        backprops)
+    samples: dict[nn.Parameter, torch.Tensor] = compute_conv_grad_sample(
+        layer, [a.contiguous() for a in activations], backprops
+    )
     return samples
 
 
@@ -283,8 +285,9 @@ class SecureDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ships no t
     def add_noise(self) -> None:
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self.noise_source.gaussian_noise(std=self.noise_multiplier * self.max_grad_norm,
-                                                     reference=p.summed_grad)
+            noise = self.noise_source.gaussian_noise(
+                std=self.noise_multiplier * self.max_grad_norm, reference=p.summed_grad
+            )
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
@@ -306,8 +309,12 @@ def make_dp_optimizer(
         noise_generator: a ``torch.Generator`` on the gradients' device (Opacus' default noise; secretly
             seeded, see `trainables.privacy.randomness`), or a `SecureRandom` (secure mode: `SecureDPOptimizer`).
     """
-    common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                  expected_batch_size=expected_batch_size, loss_reduction="mean")
+    common = dict(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+    )
     if isinstance(noise_generator, SecureRandom):
         dp_optimizer: DPOptimizer = SecureDPOptimizer(optimizer, noise_source=noise_generator, **common)
     else:
@@ -402,8 +409,10 @@ def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Ten
     for name, p in parameters.items():
         extra = rows.get(name, torch.zeros((m, *p.shape), dtype=p.dtype, device=p.device))
         if tuple(extra.shape[1:]) != tuple(p.shape):
-            raise ValueError(f"extra_grad_samples[{name!r}] has rows of shape {tuple(extra.shape[1:])}, the "
-                             f"parameter has {tuple(p.shape)}")
+            raise ValueError(
+                f"extra_grad_samples[{name!r}] has rows of shape {tuple(extra.shape[1:])}, the "
+                f"parameter has {tuple(p.shape)}"
+            )
         p.grad_sample = torch.cat([p.grad_sample, extra.to(p.device, p.dtype)])
 
 
@@ -423,8 +432,9 @@ def _book_keeping_step(
     if {id(p) for p in optimizer.params} != {id(p) for p in parameters.values()}:
         raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
     optimizer.zero_grad(set_to_none=True)  # first: the previous step's buffers are not held through this one
-    sums, mean_loss = clipped_sum_step(wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size,
-                                       extra_grad_samples)
+    sums, mean_loss = clipped_sum_step(
+        wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size, extra_grad_samples
+    )
     for name, p in parameters.items():
         # Opacus' per-parameter attributes (set on nn.Parameter at run time)
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]

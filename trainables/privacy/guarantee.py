@@ -37,12 +37,16 @@ def guarantee_statement(privacy: PrivacyConfig, n_train: int, *, pos_weight: str
     if mode == "non_private":
         return NO_GUARANTEE_NON_PRIVATE
     if mode == "reproducible":
-        return (f"{NO_GUARANTEE_SEED_PUBLISHED}: privacy.reproducible_noise seeds the noise and Poisson sampling "
-                "from the logged seed, so the trial can be replayed; its epsilon is not a guarantee")
-    randomness = ("ChaCha20 CSPRNG under a fresh os.urandom key, 4-Gaussian floating-point defence (secure_mode)"
-                  if mode == "secure" else
-                  "torch generators seeded from os.urandom, kept only in checkpoints (not a CSPRNG; "
-                  "floating-point noise not hardened: use secure_mode for final runs)")
+        return (
+            f"{NO_GUARANTEE_SEED_PUBLISHED}: privacy.reproducible_noise seeds the noise and Poisson sampling "
+            "from the logged seed, so the trial can be replayed; its epsilon is not a guarantee"
+        )
+    randomness = (
+        "ChaCha20 CSPRNG under a fresh os.urandom key, 4-Gaussian floating-point defence (secure_mode)"
+        if mode == "secure"
+        else "torch generators seeded from os.urandom, kept only in checkpoints (not a CSPRNG; "
+        "floating-point noise not hardened: use secure_mode for final runs)"
+    )
     outside = [
         "validation-based epoch selection and thresholds, and the per-epoch validation/test metrics "
         "(validation and test images are not protected)",
@@ -50,13 +54,17 @@ def guarantee_statement(privacy: PrivacyConfig, n_train: int, *, pos_weight: str
     ]
     if privacy.privacy_unit == "image":
         outside.append("a patient with k images gets only the k-image group guarantee (privacy/epsilon_patient)")
-    unit = ("one patient (all its training images, at most "
-            f"{privacy.max_images_per_patient}; N = training patients)" if privacy.privacy_unit == "patient"
-            else "one image")
+    unit = (
+        f"one patient (all its training images, at most {privacy.max_images_per_patient}; N = training patients)"
+        if privacy.privacy_unit == "patient"
+        else "one image"
+    )
     release = ""
     if pos_weight == "train" and privacy.label_count_noise_multiplier is not None:
-        release = (f", after one Gaussian release of the training label counts (noise multiplier "
-                   f"{privacy.label_count_noise_multiplier:g}) for pos_weight=train, composed into the budget")
+        release = (
+            f", after one Gaussian release of the training label counts (noise multiplier "
+            f"{privacy.label_count_noise_multiplier:g}) for pos_weight=train, composed into the budget"
+        )
     return (
         f"({privacy.target_epsilon:g}, {privacy.delta:g})-DP target for the released model updates; unit: "
         f"{unit}; add/remove adjacency; N={n_train} treated as public; DP-SGD with Poisson sampling "

@@ -246,7 +246,9 @@ def train_pos_weight(
     if restored is not None:
         n_train, n_labels = labels.shape
         if (restored.n_train, len(restored.noisy_positives), restored.noise_multiplier) != (
-            n_train, n_labels, float(noise_multiplier)
+            n_train,
+            n_labels,
+            float(noise_multiplier),
         ):
             raise ValueError(
                 f"the checkpoint's label-count release (N={restored.n_train}, {len(restored.noisy_positives)} labels, "

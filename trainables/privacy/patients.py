@@ -95,8 +95,9 @@ def group_patients(patient_ids: Sequence[str] | np.ndarray, max_images_per_patie
     Raises:
         ValueError: the cap is not a whole number >= 1, or there are no images.
     """
-    if isinstance(max_images_per_patient, bool) or not (isinstance(max_images_per_patient, int)
-                                                        and max_images_per_patient >= 1):
+    if isinstance(max_images_per_patient, bool) or not (
+        isinstance(max_images_per_patient, int) and max_images_per_patient >= 1
+    ):
         raise ValueError(f"max_images_per_patient={max_images_per_patient!r} must be a whole number >= 1")
     ids = np.asarray(patient_ids)
     if ids.size == 0:
@@ -109,8 +110,9 @@ def group_patients(patient_ids: Sequence[str] | np.ndarray, max_images_per_patie
     bounds = np.cumsum(np.bincount(rank[inverse], minlength=len(order)))[:-1]
     groups = np.split(by_patient, bounds)
     kept = tuple(g[:max_images_per_patient] for g in groups)
-    return PatientIndex(kept, max_images_per_patient, int(sum(len(g) - len(k) for g, k in zip(groups, kept,
-                                                                                                 strict=True))))
+    return PatientIndex(
+        kept, max_images_per_patient, int(sum(len(g) - len(k) for g, k in zip(groups, kept, strict=True)))
+    )
 
 
 def patient_chunks(groups: np.ndarray | torch.Tensor, max_physical_batch_size: int) -> list[slice]:
@@ -125,8 +127,10 @@ def patient_chunks(groups: np.ndarray | torch.Tensor, max_physical_batch_size: i
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
     ends = np.r_[starts[1:], len(groups)]
     if (ends - starts).max() > max_physical_batch_size:
-        raise ValueError(f"a patient has {(ends - starts).max()} images in the batch, more than "
-                         f"speed.max_physical_batch_size={max_physical_batch_size}; its images cannot share a chunk")
+        raise ValueError(
+            f"a patient has {(ends - starts).max()} images in the batch, more than "
+            f"speed.max_physical_batch_size={max_physical_batch_size}; its images cannot share a chunk"
+        )
     chunks, chunk_start = [], 0
     for start, end in zip(starts, ends, strict=True):
         if end - chunk_start > max_physical_batch_size:
@@ -236,5 +240,6 @@ def check_patient_gradients(
     if worst > tolerance:
         raise PerSampleGradientError(
             f"per-patient gradients are wrong: relative error {worst:.3g} > {tolerance:g} at {worst_name}; "
-            "the trial would clip wrong patient gradients, so it refuses to train")
+            "the trial would clip wrong patient gradients, so it refuses to train"
+        )
     return check

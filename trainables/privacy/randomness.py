@@ -58,8 +58,10 @@ def randomness_mode(privacy: PrivacyConfig) -> RandomnessMode:
     if not privacy.is_private:
         return "non_private"
     if privacy.secure_mode and privacy.reproducible_noise:
-        raise ValueError("privacy.secure_mode and privacy.reproducible_noise exclude each other: secure draws "
-                         "cannot be reproduced; set one of them to false")
+        raise ValueError(
+            "privacy.secure_mode and privacy.reproducible_noise exclude each other: secure draws "
+            "cannot be reproduced; set one of them to false"
+        )
     if privacy.secure_mode:
         return "secure"
     return "reproducible" if privacy.reproducible_noise else "default"
@@ -84,8 +86,10 @@ def generator_from_seed(seed: int, device: torch.device | str = "cpu") -> torch.
     head = bytes(state[: _MT_HEADER.size].tolist())
     _, left, seeded, _ = _MT_HEADER.unpack(head)
     if len(state) < _MT_STATE_BYTES or (left, seeded) != (1, 1):
-        raise RuntimeError(f"torch {torch.__version__}'s CPU generator state has an unknown layout; "
-                           "trainables.privacy.randomness must be updated")
+        raise RuntimeError(
+            f"torch {torch.__version__}'s CPU generator state has an unknown layout; "
+            "trainables.privacy.randomness must be updated"
+        )
     words = np.random.SeedSequence(seed).generate_state(_MT_WORDS, np.uint32).astype("<u8")
     # left = 1: the first draw twists the whole new state first, as after manual_seed.
     state[_MT_HEADER.size : _MT_STATE_BYTES] = torch.from_numpy(words.view(np.uint8).copy())
@@ -123,8 +127,9 @@ def mechanism_randomness(privacy: PrivacyConfig, seed: int, device: torch.device
         return MechanismRandomness(mode, source, source, None)
     if mode == "default":
         seeds = {"sampler": secret_seed(), "noise": secret_seed()}
-        return MechanismRandomness(mode, generator_from_seed(seeds["sampler"]),
-                                   generator_from_seed(seeds["noise"], device), seeds)
+        return MechanismRandomness(
+            mode, generator_from_seed(seeds["sampler"]), generator_from_seed(seeds["noise"], device), seeds
+        )
     sampler = torch.Generator().manual_seed(seed * 1000 + 1)  # published seed: shuffling, or reproducible noise
     noise = torch.Generator(device=device).manual_seed(seed * 1000 + 2) if mode == "reproducible" else None
     return MechanismRandomness(mode, sampler, noise, None)

@@ -106,8 +106,9 @@ class SecureRandom:
         words = torch.frombuffer(self._buffer, dtype=torch.int64, count=n)
         # int64 has an arithmetic shift; the mask drops the copies of the sign bit (a logical x >> 11). The
         # shift is not in place: ``words`` is the shared buffer, overwritten by the next request.
-        return (words.to(device) if device.type != "cpu" else words).bitwise_right_shift(11).bitwise_and_(
-            _MANTISSA_MASK)
+        return (
+            (words.to(device) if device.type != "cpu" else words).bitwise_right_shift(11).bitwise_and_(_MANTISSA_MASK)
+        )
 
     def standard_normal(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``n`` independent N(0, 1) draws, float64, by Box-Muller (both outputs of each pair used)."""

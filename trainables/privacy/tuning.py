@@ -571,8 +571,9 @@ def _dominating_runs(a: AdmissibleSet, sigma_rtol: float) -> tuple[DominatingRun
     sigma_low, sigma_high = float(a.noise_multiplier[0]), float(a.noise_multiplier[1])
 
     def epsilon(sigma: float, q: float, steps: int) -> float:
-        return epsilon_spent(sigma, q, steps, a.delta, a.accountant,
-                             label_count_noise_multiplier=a.label_count_noise_multiplier)
+        return epsilon_spent(
+            sigma, q, steps, a.delta, a.accountant, label_count_noise_multiplier=a.label_count_noise_multiplier
+        )
 
     groups: dict[tuple[float, int], list[int]] = {}
     for batch_size in range(int(a.expected_batch_size[0]), int(a.expected_batch_size[1]) + 1):
@@ -587,8 +588,12 @@ def _dominating_runs(a: AdmissibleSet, sigma_rtol: float) -> tuple[DominatingRun
         for epochs in reversed(epochs_values):  # largest first: a feasible low end prunes the smaller ones
             steps = epochs * steps_per_epoch
             result = _smallest_feasible(
-                functools.partial(epsilon, q=q, steps=steps), a.target_epsilon, sigma_low, sigma_high,
-                guesses.get(epochs), sigma_rtol,
+                functools.partial(epsilon, q=q, steps=steps),
+                a.target_epsilon,
+                sigma_low,
+                sigma_high,
+                guesses.get(epochs),
+                sigma_rtol,
             )
             if result is None:
                 continue  # not admissible: even the largest sigma spends more than the target

@@ -80,8 +80,13 @@ class ImagesPerPatient:
     maximum: int
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"n_patients": self.n_patients, "min": self.minimum, "median": self.median, "p99": self.p99,
-                "max": self.maximum}
+        return {
+            "n_patients": self.n_patients,
+            "min": self.minimum,
+            "median": self.median,
+            "p99": self.p99,
+            "max": self.maximum,
+        }
 
 
 def images_per_patient(patient_ids: Sequence[str] | np.ndarray) -> ImagesPerPatient:
@@ -165,12 +170,17 @@ def patient_epsilon(
     if steps:
         shifts, probabilities = _shift_distribution(int(k), float(sample_rate))
         distribution = pld.from_mixture_gaussian_mechanism(
-            float(noise_multiplier), shifts, probabilities, pessimistic_estimate=True,
+            float(noise_multiplier),
+            shifts,
+            probabilities,
+            pessimistic_estimate=True,
             value_discretization_interval=value_discretization_interval,
         ).self_compose(int(steps))
     if label_count_noise_multiplier is not None:
         release = pld.from_gaussian_mechanism(
-            float(label_count_noise_multiplier) / int(k), sensitivity=1.0, pessimistic_estimate=True,
+            float(label_count_noise_multiplier) / int(k),
+            sensitivity=1.0,
+            pessimistic_estimate=True,
             value_discretization_interval=value_discretization_interval,
         )
         distribution = release if distribution is None else distribution.compose(release)
@@ -219,8 +229,12 @@ def composed_patient_epsilon(
             return math.inf
         shifts, probabilities = _shift_distribution(int(m.k), float(m.sample_rate))
         one = pld.from_mixture_gaussian_mechanism(
-            float(m.noise_multiplier), shifts, probabilities, pessimistic_estimate=True,
-            value_discretization_interval=value_discretization_interval).self_compose(int(m.steps))
+            float(m.noise_multiplier),
+            shifts,
+            probabilities,
+            pessimistic_estimate=True,
+            value_discretization_interval=value_discretization_interval,
+        ).self_compose(int(m.steps))
         distribution = one if distribution is None else distribution.compose(one)
     return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(float(delta)))
 

@@ -152,9 +152,7 @@ def find_file(root: Path, candidates: Iterable[str], dataset: str) -> Path:
         path = root / candidate
         if path.is_file():
             return path
-    raise DatasetError(
-        f"{dataset}: none of {candidates} found under {root}; is this the dataset's root folder?"
-    )
+    raise DatasetError(f"{dataset}: none of {candidates} found under {root}; is this the dataset's root folder?")
 
 
 def read_table(path: Path, required: Iterable[str], **read_csv_options: object) -> pd.DataFrame:
@@ -190,9 +188,7 @@ def check_unique(values: pd.Series, path: Path | str, what: str) -> None:
     if len(duplicated):
         first = duplicated.iloc[0]
         lines = [line(path, i) for i in values.index[(values == first).to_numpy()]]
-        raise DatasetError(
-            f"{path}: duplicate {what} {first!r} (lines {lines}); each {what} must appear once"
-        )
+        raise DatasetError(f"{path}: duplicate {what} {first!r} (lines {lines}); each {what} must appear once")
 
 
 def parse_findings(
@@ -246,9 +242,7 @@ def parse_findings(
     return out
 
 
-def map_values(
-    table: pd.DataFrame, column: str, mapping: Mapping[str, str], path: Path, what: str
-) -> np.ndarray:
+def map_values(table: pd.DataFrame, column: str, mapping: Mapping[str, str], path: Path, what: str) -> np.ndarray:
     """Map a coded string column (stripped, exact match) through ``mapping``; unknown codes raise.
 
     Raises:

@@ -144,8 +144,7 @@ def _parse_findings(table: pd.DataFrame, path: Path) -> dict[str, np.ndarray]:
             )
     sets = [{name.strip() for name in findings} for findings in lists]
     return {
-        label: np.array([source in names for names in sets], dtype=np.int8)
-        for label, source in LABEL_SOURCES.items()
+        label: np.array([source in names for names in sets], dtype=np.int8) for label, source in LABEL_SOURCES.items()
     }
 
 

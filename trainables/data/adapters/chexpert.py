@@ -79,9 +79,7 @@ def load(root: Path) -> SourceTable:
         source_paths, patients, image_ids = _parse_paths(table, path)
         for image_id in image_ids:
             if image_id in seen:
-                raise DatasetError(
-                    f"{path}: duplicate image id {image_id!r}, already listed in {seen[image_id]}"
-                )
+                raise DatasetError(f"{path}: duplicate image id {image_id!r}, already listed in {seen[image_id]}")
             seen[image_id] = file_name
         ages, implausible = clean_ages(parse_numbers(table, "Age", path, "age"), zero_is_missing=True)
         issues["age outside [0, 120] set to missing"] += implausible

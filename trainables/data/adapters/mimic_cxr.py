@@ -94,9 +94,7 @@ def load(root: Path, patients_csv: Path | str | None = None) -> SourceTable:
             f"{line(metadata_path, metadata.index[i])}) and {int(missing.sum()) - 1} more; use the split file of the "
             "same release"
         )
-    check_patient_splits(
-        split_table["subject_id"].str.strip(), split_codes.reset_index(drop=True), str(split_path)
-    )
+    check_patient_splits(split_table["subject_id"].str.strip(), split_codes.reset_index(drop=True), str(split_path))
     splits = split_codes.loc[dicom_ids.to_numpy()].to_numpy()
 
     study_dates = parse_numbers(metadata, "StudyDate", metadata_path, "StudyDate")
@@ -136,31 +134,21 @@ def load(root: Path, patients_csv: Path | str | None = None) -> SourceTable:
         site=NAME,
         source_path=[
             f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
-            for subject, study, dicom in zip(
-                subjects, metadata["study_id"].str.strip(), dicom_ids, strict=True
-            )
+            for subject, study, dicom in zip(subjects, metadata["study_id"].str.strip(), dicom_ids, strict=True)
         ],
         official_split=splits,
     )
     return SourceTable(records=records, excluded=+excluded, notes=tuple(notes), issues=+issues)
 
 
-def _demographics(
-    path: Path, subjects: np.ndarray, study_year: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _demographics(path: Path, subjects: np.ndarray, study_year: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Sex and age per image from MIMIC-IV ``patients.csv``; also the count of images without a match."""
     patients = read_table(path, ("subject_id", "gender", "anchor_age", "anchor_year"))
     patients = patients.assign(subject_id=patients["subject_id"].str.strip())
     check_unique(patients["subject_id"], path, "subject_id")
-    gender = pd.Series(
-        map_values(patients, "gender", GENDER_CODES, path, "gender"), index=patients["subject_id"]
-    )
-    anchor_age = pd.Series(
-        parse_numbers(patients, "anchor_age", path, "anchor_age"), index=patients["subject_id"]
-    )
-    anchor_year = pd.Series(
-        parse_numbers(patients, "anchor_year", path, "anchor_year"), index=patients["subject_id"]
-    )
+    gender = pd.Series(map_values(patients, "gender", GENDER_CODES, path, "gender"), index=patients["subject_id"])
+    anchor_age = pd.Series(parse_numbers(patients, "anchor_age", path, "anchor_age"), index=patients["subject_id"])
+    anchor_year = pd.Series(parse_numbers(patients, "anchor_year", path, "anchor_year"), index=patients["subject_id"])
     matched = np.isin(subjects, gender.index)
     sex = np.full(len(subjects), "unknown", dtype=object)
     age = np.full(len(subjects), np.nan)

@@ -111,9 +111,7 @@ def load(root: Path) -> SourceTable:
     candidates = [root / f"{CSV_STEM}.csv", root / f"{CSV_STEM}.csv.gz"]
     path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if path is None:
-        raise DatasetError(
-            f"{NAME}: neither {candidates[0].name} nor {candidates[1].name} found under {root}"
-        )
+        raise DatasetError(f"{NAME}: neither {candidates[0].name} nor {candidates[1].name} found under {root}")
     table = read_table(path, REQUIRED)
     image_ids = table["ImageID"].str.strip()
     check_unique(image_ids, path, "ImageID")
@@ -166,8 +164,7 @@ def load(root: Path) -> SourceTable:
         "deliberately not positive: " + "; ".join(f"{k}: {sorted(v)}" for k, v in NOT_LABEL_TERMS.items()),
         "a term not listed is negative (no uncertain code); no_finding = 'normal' listed and none of the four "
         "findings ('normal' next to a finding: the finding is kept, no_finding = 0, counted)",
-        "sex from 'PatientSex_DICOM' (O, blank and the released 'nan' = unknown); age = study year - "
-        "'PatientBirth'",
+        "sex from 'PatientSex_DICOM' (O, blank and the released 'nan' = unknown); age = study year - 'PatientBirth'",
         "projections PA, AP, AP_horizontal; no official split (seeded patient-wise split)",
     )
     issues = Counter(

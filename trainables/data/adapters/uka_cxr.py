@@ -115,9 +115,7 @@ def _image_paths(table: pd.DataFrame, pattern: str, path: Path) -> list[str]:
                 f"have; columns: {list(table.columns)}"
             ) from error
         except (ValueError, IndexError) as error:
-            raise DatasetError(
-                f"{NAME}: image_pattern {pattern!r} is not a valid format string ({error})"
-            ) from error
+            raise DatasetError(f"{NAME}: image_pattern {pattern!r} is not a valid format string ({error})") from error
     return out
 
 

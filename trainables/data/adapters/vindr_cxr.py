@@ -200,9 +200,7 @@ def _read_demographics(
         try:
             with warnings.catch_warnings():  # malformed tag values are counted below instead
                 warnings.simplefilter("ignore", UserWarning)
-                header = pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"]
-                )
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"])
                 raw_sex = str(header.get("PatientSex", "") or "")
                 raw_age = str(header.get("PatientAge", "") or "")
         except Exception as error:  # pydicom raises InvalidDicomError, EOFError, ... on damaged files
