@@ -200,6 +200,9 @@ class ProgressCallback(tune.Callback):
         self.__dict__.update(state)
         self.log = functools.partial(print, flush=True)
 
+    def setup(self, **info):  # Tune calls it when the run (or a resumed run) starts: the clock of "elapsed"
+        self._start = time.monotonic()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._start = self._start or time.monotonic()
 
