@@ -38,16 +38,41 @@ def main(argv: list[str] | None = None) -> int:
     pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
     _spec_args(pretrain)
 
-    prepare = commands.add_parser("prepare", help="turn a real dataset into the preprocessing cache")
-    prepare.add_argument("dataset")
+    from trainables.data.adapters import PREPARABLE
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="turn a real dataset into the preprocessing cache",
+        description="Read a dataset as distributed (metadata files and images, see docs/datasets.md), preprocess "
+        "every image (grayscale, resize, min-max to [0, 1], uint8, histogram equalization) into "
+        "<out>/<dataset>/<size>/, split patient-disjointly into train/val/test, and print its card "
+        "(counts, prevalence, demographics, excluded and skipped rows with reasons). Resumable: run it "
+        f"again after an interruption. Datasets: {', '.join(PREPARABLE)}.",
+    )
+    prepare.add_argument("dataset", choices=PREPARABLE, metavar="dataset", help=f"one of {', '.join(PREPARABLE)}")
     prepare.add_argument("--root", required=True, type=Path, help="the dataset's folder as distributed")
-    prepare.add_argument("--size", type=int, default=224)
-    prepare.add_argument("--out", type=Path, default=Path("data"))
-    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    prepare.add_argument("--uncertain", choices=("drop", "zeros", "ones"), default="drop")
+    prepare.add_argument("--size", type=int, default=224, help="square image size in pixels (default 224)")
+    prepare.add_argument("--out", type=Path, default=Path("data"), help="where prepared datasets go (default data)")
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="image-decoding processes (default: the CPU count); never changes the result",
+    )
+    prepare.add_argument(
+        "--uncertain",
+        choices=("drop", "zeros", "ones"),
+        default="drop",
+        help="CheXpert/MIMIC uncertain (-1) labels: drop the image (default), or read as 0 or 1",
+    )
     prepare.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
     prepare.add_argument("--no-equalize", action="store_true", help="skip histogram equalization")
-    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the patient-wise split where the dataset has no official one (default 0)",
+    )
     prepare.add_argument("--patients-csv", type=Path, help="mimic-cxr: MIMIC-IV patients.csv(.gz) for sex and age")
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
     prepare.add_argument("--image-pattern", help="uka-cxr: image path pattern (default images/{image_id}.jpg)")
