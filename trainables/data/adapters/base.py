@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.labels import LABELS, SEXES
+from trainables.errors import UserError
 
 UNCERTAIN = -1
 """Label code for "mentioned as uncertain" (CheXpert labeler -1), resolved by the uncertain policy."""
@@ -44,7 +45,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
 """Columns of `SourceTable.records`. Labels are int8 in {1, 0, -1 (uncertain)}."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset's files are missing, malformed or inconsistent; the message names file, row and fix."""
 
 
