@@ -120,5 +120,5 @@ def test_the_search_reports_bounds_that_hold_under_adaptive_selection(optuna_swe
     assert parent.data.metrics[M.TUNING_EPSILON] == pytest.approx(bound.epsilon)
     assert bound.epsilon >= tuning_cost(trials).epsilon  # the realized composition under-reports
     assert parent.data.metrics[M.TUNING_EPSILON_BASIC] == pytest.approx(3 * 2.0)  # 3 private trials, each <= 2
-    text = summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec)
+    text = " ".join(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec).split())  # unwrapped
     assert "only bounds that hold under adaptive selection apply" in text and "is not such a bound" in text

@@ -69,3 +69,52 @@ def test_a_non_private_trial_that_released_anything_makes_selection_not_dp_unles
 def test_nothing_released_costs_nothing():
     trials, _ = build_tables([record("a", N.INCOMPLETE, 0), record("b", N.INCOMPLETE, 0)])
     assert tuning_cost(trials) is None
+
+
+def summary_trials(*, status: str = N.TERMINATED, reproducible: bool = False):
+    import pandas as pd
+
+    rows = []
+    for eps in (1.0, 8.0, math.inf):
+        key = f"imagenet-eps{eps:g}-clip1-lr0.0005-seed0"
+        rows.append(
+            {
+                "trial": key,
+                "status": status if eps == 8.0 else N.TERMINATED,
+                "target_epsilon": eps,
+                "reproducible_noise": reproducible and eps == 1.0,
+                N.EPSILON: 0.987 * eps,
+                N.EPSILON_PATIENT: 2.5 * eps,
+                N.PATIENT_IMAGES: 4,
+                "noise_multiplier": 1.2 if math.isfinite(eps) else 0.0,
+                N.TEST_AUROC_MACRO: 0.7,
+                N.VAL_SELECTED_AUROC_MACRO: 0.71,
+                N.auroc_gap("test", "age"): 0.03,
+                N.auroc_gap("test", "sex"): 0.02,
+                **{N.external_auroc(site): 0.6 for site in ("synthetic-b", "synthetic-c", "vindr-cxr", "padchest")},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_the_console_table_is_narrow_and_says_non_private_instead_of_an_infinite_epsilon():
+    from sweeps.results import SUMMARY_WIDTH, results_table
+
+    text = results_table(summary_trials())
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= SUMMARY_WIDTH, text
+    assert "status" not in lines[0]  # every trial finished: no column saying so
+    row = next(line for line in lines if line.lstrip().startswith("imagenet-epsinf"))
+    assert "non-DP" in row and "inf" not in row.split("imagenet-epsinf")[1]
+    assert "7.896" in next(line for line in lines if line.lstrip().startswith("imagenet-eps8"))  # 0.987 * 8
+    assert "external test sets" in text and "padchest" in text
+
+
+def test_the_console_table_shows_status_when_a_trial_did_not_finish_and_marks_seeded_noise():
+    from sweeps.results import results_table
+
+    text = results_table(summary_trials(status=N.ERROR, reproducible=True))
+    assert "status" in text.splitlines()[0] and N.ERROR in text
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("imagenet-eps1-"))
+    assert "1*" in row
+    assert "no guarantee" in text.splitlines()[-1]
