@@ -15,10 +15,11 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "setup: creating $(VENV) with $$($(PYTHON) --version); a fresh install takes 2-4 minutes"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) sweeps/_install.py $(VENV)/pip-upgrade.log $(PY) --upgrade pip
+	@$(PYTHON) sweeps/_install.py $(VENV)/install.log $(PY) -e '.[dev]'
+	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install dpsweep with its dev tools
 
