@@ -264,7 +264,16 @@ def cross_dataset_heatmap(
             for r, d in zip(panel.index.get_level_values(rows), panel.index.get_level_values("dataset"), strict=True)
         ]
         data = panel.to_numpy(dtype=float)
-        image = ax.imshow(data, cmap="viridis", vmin=low, vmax=high, aspect="auto")
+        # pcolormesh (not imshow) keeps the cells vector shapes in the SVG; rows top-down as in the table.
+        image = ax.pcolormesh(
+            np.arange(data.shape[1] + 1) - 0.5,
+            np.arange(data.shape[0] + 1) - 0.5,
+            data,
+            cmap="viridis",
+            vmin=low,
+            vmax=high,
+        )
+        ax.set_ylim(data.shape[0] - 0.5, -0.5)
         for (i, j), cell in np.ndenumerate(data):
             text = "-" if math.isnan(cell) else f"{cell:.3f}"
             ax.text(
@@ -282,7 +291,8 @@ def cross_dataset_heatmap(
         ax.set_xlabel("Test dataset", fontsize=8)
     axes[0].set_ylabel(f"{metric_label(rows)} | training dataset", fontsize=8)
     if image is not None:
-        figure.colorbar(image, ax=list(axes), shrink=0.8, label="Macro AUROC")
+        colorbar = figure.colorbar(image, ax=list(axes), shrink=0.8, label="Macro AUROC")
+        colorbar.solids.set_rasterized(False)  # matplotlib rasterizes long colour ramps; keep the SVG all vector
     figure.suptitle("Cross-dataset macro AUROC (final models)", fontsize=10)
     return _finish(figure, save_to, tight=False)
 
@@ -419,7 +429,14 @@ def _metric_vs_epsilon(
             low, high = rows[ci[0]].to_numpy(dtype=float), rows[ci[1]].to_numpy(dtype=float)
             ax.errorbar(xs, ys, yerr=np.vstack([ys - low, high - ys]), fmt="none", ecolor=colour, alpha=0.6, capsize=3)
         private = np.isfinite(rows[names.EPSILON].to_numpy(dtype=float))
-        ax.plot(xs[private], ys[private], color=colour, lw=1.2, ls=_LINESTYLES[index % len(_LINESTYLES)])
+        ax.plot(
+            xs[private],
+            ys[private],
+            color=colour,
+            lw=1.2,
+            ls=_LINESTYLES[index % len(_LINESTYLES)],
+            gid=f"line {group}",
+        )
         ax.scatter(xs, ys, color=colour, marker=marker, s=40, label=group, zorder=3)
     positions.decorate(ax)
     ax.set_xlabel(f"{metric_label(names.EPSILON)} (log scale)")
