@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -62,8 +63,8 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom:
 table.dataframe { border-collapse: collapse; font-size: 12px; margin: 0.6em 0 1.2em; }
 table.dataframe th, table.dataframe td { border: 1px solid #ccc; padding: 3px 7px; text-align: right;
                                         white-space: nowrap; }
-table.dataframe thead th { background: #f2f2f2; white-space: normal; min-width: 4em; max-width: 12em;
-                           overflow-wrap: anywhere; vertical-align: bottom; }
+table.dataframe thead th { background: #f2f2f2; white-space: normal; max-width: 12em; vertical-align: bottom; }
+table.notes td:last-child { white-space: normal; text-align: left; min-width: 18em; }
 table.dataframe tbody th { background: #fafafa; text-align: left; font-weight: normal; }
 .note { color: #555; font-size: 13px; max-width: 950px; }
 .wide { overflow-x: auto; max-width: 100%; }
@@ -125,8 +126,11 @@ class _Page:
     def note(self, text: str) -> None:
         self.parts.append(f'<p class="note">{text}</p>')
 
-    def table(self, frame: pd.DataFrame, name: str, index: bool = True, caption: str | None = None) -> None:
-        """Show ``frame`` and write it as ``tables/<name>.csv`` and ``.tex`` (linked under it)."""
+    def table(
+        self, frame: pd.DataFrame, name: str, index: bool = True, caption: str | None = None, notes: bool = False
+    ) -> None:
+        """Show ``frame`` and write it as ``tables/<name>.csv`` and ``.tex`` (linked under it); ``notes``: its last
+        column is free text that wraps. Header cells may break after ``_`` and ``/`` so wide tables stay narrow."""
         if frame.empty:
             self.note("(empty: no finished trial falls here)")
             return
@@ -134,7 +138,9 @@ class _Page:
             raise ValueError(f"report: table name {name!r} used twice")
         self.table_names.add(name)
         files = write_table(frame, self.out_dir / TABLES_DIR, name, index=index, caption=caption)
-        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes="dataframe", escape=True)
+        classes = "dataframe notes" if notes else "dataframe"
+        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes=classes, escape=True)
+        body = re.sub(r"(<thead>.*?</thead>)", lambda m: _breakable_headers(m.group(1)), body, flags=re.S)
         self.parts.append(f'<div class="wide">{body}</div>')
         links = (self._link(files.csv, "CSV"), self._link(files.tex, "LaTeX"))
         self.parts.append(f'<p class="files">{html.escape(name)}: {" · ".join(links)}</p>')
@@ -476,7 +482,7 @@ def _intersectional(
         gaps = chosen.merge(subgroups.group_gaps(groups, by).rename(columns=renamed), on="trial", how="inner")
         slug = "_".join(by)
         page.note(f"Grouped by <b>{html.escape(title)}</b>: gap per final model and test set.")
-        page.table(gaps, f"groups_{slug}_gaps", index=False)
+        page.table(gaps, f"groups_{slug}_gaps", index=False, notes=True)
         shown = [
             *cells,
             "trial",
@@ -489,7 +495,7 @@ def _intersectional(
             subgroups.NOTE,
         ]
         page.note(f"Grouped by <b>{html.escape(title)}</b>: every group.")
-        page.table(table[shown], f"groups_{slug}", index=False)
+        page.table(table[shown], f"groups_{slug}", index=False, notes=True)
 
 
 def _trajectories(page: _Page, tables: SweepTables) -> None:
@@ -503,6 +509,11 @@ def _trajectories(page: _Page, tables: SweepTables) -> None:
 
 def _fmt(value: float) -> str:
     return format_number(value)
+
+
+def _breakable_headers(thead: str) -> str:
+    """Header text may wrap after ``_`` and ``/`` (``<wbr>``): long metric names then break at their parts."""
+    return re.sub(r">([^<>]+)<", lambda m: ">" + re.sub(r"([_/])", r"\1<wbr>", m.group(1)) + "<", thead)
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -295,9 +295,9 @@ def _block_metrics(
             notes.append("no label has both classes")
         elif defined < len(labels):
             lacking = [label for label, value in zip(labels, per_label, strict=True) if np.isnan(value)]
-            notes.append(f"without both classes of {', '.join(lacking)} (left out of the macro mean)")
+            notes.append(f"one class only: {', '.join(lacking)} (not in the macro mean)")
         if 0 < n < min_images:
-            notes.append(f"fewer than {min_images} images: AUROC not reported")
+            notes.append(f"fewer than {min_images} images: no AUROC")
             per_label = np.full(len(labels), np.nan)
         excluded = [
             f"{column} {value}"
@@ -305,7 +305,7 @@ def _block_metrics(
             if value == MISSING or (column == "sex" and value == "unknown") or (column == AGE_BIN and value == UNBINNED)
         ]
         if excluded:
-            notes.append(f"not in the gap ({', '.join(excluded)}: left out of the trial's fairness metrics too)")
+            notes.append(f"not in the gap ({', '.join(excluded)})")  # as in the trial's own fairness metrics
         rows.append(
             {
                 **dict(zip(by, combination, strict=True)),
