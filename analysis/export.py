@@ -60,9 +60,12 @@ def latex_escape(text: str) -> str:
 
 
 def format_number(value: float) -> str:
-    """The report's number format: 3 decimals, 4 significant digits from 100 up, ``inf`` for infinity."""
+    """The report's number format: 3 decimals, 4 significant digits from 100 up, 3 below 0.001 (learning rates such
+    as 3e-4 stay readable), ``inf`` for infinity."""
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if value != 0 and abs(value) < 0.001:
+        return f"{value:.3g}"
     return f"{value:.4g}" if abs(value) >= 100 else f"{value:.3f}"
 
 

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.export import latex_escape, to_latex, write_table
+from analysis.export import format_number, latex_escape, to_latex, write_table
 from analysis.metric_labels import metric_label
 from trainables import names
 
@@ -55,6 +55,17 @@ def test_write_table_writes_csv_at_full_precision_and_tex(tmp_path):
     assert "\\label{tab:my_table}" in tex and "\\caption{A table}" in tex and "0.333" in tex
     with pytest.raises(ValueError, match="must be letters"):
         write_table(frame, tmp_path, "../escape")
+
+
+def test_number_format():
+    assert [format_number(v) for v in (0.81234, 123.456, 3e-4, 0.0, math.inf, -math.inf)] == [
+        "0.812",
+        "123.5",
+        "0.0003",
+        "0.000",
+        "inf",
+        "-inf",
+    ]
 
 
 def test_escape_and_labels():
