@@ -30,7 +30,7 @@ from analysis.tables import TableError, TrialRecord, build_tables
 from tests.ray_files import read_json
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
-from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE
+from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, PREDICTIONS_FILE, TRIALS_FILE
 
 SWEEP = "mlsrc"
 NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow does not store
@@ -438,7 +438,12 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
 
     sweep_dir = real_sweep.runs / "tinyml"
     from_ray = collect_trial_tables(real_sweep.runs / "ray" / "tinyml")
-    for file, expected in ((GROUPS_FILE, from_ray.groups), (BOOTSTRAP_FILE, from_ray.bootstrap)):
+    assert from_ray.predictions is not None
+    for file, expected in (
+        (GROUPS_FILE, from_ray.groups),
+        (BOOTSTRAP_FILE, from_ray.bootstrap),
+        (PREDICTIONS_FILE, from_ray.predictions),  # the stored per-image scores travel through MLflow too
+    ):
         table, expected = (
             t.sort_values(list(expected.columns), kind="stable").reset_index(drop=True)
             for t in (pd.read_parquet(sweep_dir / file), expected)
