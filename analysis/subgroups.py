@@ -25,6 +25,7 @@ here).
 
 from __future__ import annotations
 
+import ast
 import difflib
 import itertools
 from collections.abc import Mapping, Sequence
@@ -332,7 +333,15 @@ def trial_age_edges(trials: pd.DataFrame, trial: str) -> tuple[float, ...]:
     value = trials.loc[trials["trial"] == trial, "age_edges"]
     if value.empty or value.iloc[0] is None or (np.ndim(value.iloc[0]) == 0 and pd.isna(value.iloc[0])):
         return DEFAULT_AGE_EDGES
-    return tuple(float(edge) for edge in value.iloc[0])
+    edges = value.iloc[0]
+    if isinstance(edges, str):  # tables read back from MLflow keep a list param as its text, e.g. "[0, 40, 100]"
+        try:
+            edges = ast.literal_eval(edges)
+        except (ValueError, SyntaxError):
+            raise GroupingError(
+                f"trial {trial!r}: age_edges {value.iloc[0]!r} is not a list of numbers; pass age_edges yourself"
+            ) from None
+    return tuple(float(edge) for edge in edges)
 
 
 def load_manifests(

@@ -170,6 +170,9 @@ def test_report_helpers_find_the_manifests_and_age_edges(tmp_path):
     manifests = subgroups.load_manifests(trials, [DATASET, EXTERNAL])
     assert len(manifests[DATASET]) == 160 and len(manifests[EXTERNAL]) == 140
     assert subgroups.trial_age_edges(trials, "random-eps1") == (0.0, 40.0, 70.0, 100.0)
+    as_text = trials.assign(age_edges="[0, 50, 120]")  # tables read back from MLflow params
+    assert subgroups.trial_age_edges(as_text, "random-eps1") == (0.0, 50.0, 120.0)
+    assert subgroups.trial_age_edges(trials.drop(columns="age_edges"), "random-eps1") == (0, 40, 70, 100)
     with pytest.raises(GroupingError, match="not found at .*--data-root"):
         subgroups.load_manifests(trials, [DATASET], data_root=tmp_path / "elsewhere")
 
