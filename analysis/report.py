@@ -38,8 +38,9 @@ DISPLAY_DPI = 110
 DEFAULT_GROUP_BY: tuple[str, ...] = ("view",)
 """Manifest columns the "Intersectional subgroups" section also groups by, each alone (besides sex x age bin)."""
 MIN_GROUP_IMAGES = 10
-TEST_SET = "test set"
 """Groups with fewer test images get no AUROC in the report (counted, with a note); the notebook can lower it."""
+TEST_SET = "test set"
+"""Column of the intersectional tables naming the test set (the selection's ``dataset`` is the training dataset)."""
 PROVENANCE_COLUMNS = (
     "model",
     "dataset",
@@ -96,7 +97,11 @@ def write_report(
     """
     tables = load_tables(sweep_dir, ray_experiment_dir)
     out_dir = Path(out_dir) if out_dir is not None else tables.sweep_dir / REPORT_DIR
-    (out_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    for folder, suffixes in ((FIGURES_DIR, (".png", ".svg")), (TABLES_DIR, (".csv", ".tex"))):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / folder).iterdir():  # a previous report's files: only this one's are linked
+            if stale.is_file() and stale.suffix in suffixes:
+                stale.unlink()
     page = _Page(out_dir)
     _summary(page, tables)
     tables = _study_unit(page, tables)

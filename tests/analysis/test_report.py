@@ -124,9 +124,11 @@ def test_intersectional_section_matches_sklearn_on_the_stored_predictions(report
 
 def test_report_groups_by_a_chosen_column_and_names_an_unknown_one(tmp_path):
     sweep_dir = make_sweep(tmp_path / "runs")
+    write_report(sweep_dir)
+    assert (sweep_dir / "report" / "tables" / "groups_view.csv").is_file()
     page = write_report(sweep_dir, group_by=("site", "scanner")).read_text()
     assert (sweep_dir / "report" / "tables" / "groups_site.csv").is_file()
-    assert not (sweep_dir / "report" / "tables" / "groups_view.csv").exists()
+    assert not (sweep_dir / "report" / "tables" / "groups_view.csv").exists()  # the previous report's file is gone
     assert "Grouping by <code>scanner</code>: not a column of every manifest" in page
     moved = write_report(sweep_dir, out_dir=tmp_path / "moved", data_root=tmp_path / "nowhere").read_text()
     assert "not found at" in moved and "--data-root" in moved
