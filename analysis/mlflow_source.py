@@ -51,6 +51,7 @@ from trainables.names import (
     GROUPS_FILE,
     INCOMPLETE,
     PARENT_TAG,
+    PREDICTIONS_FILE,
     RAY_TRIAL_ID_TAG,
     ROLE_TAG,
     STOPPED,
@@ -148,7 +149,7 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
+    parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: [], PREDICTIONS_FILE: []}
     with tempfile.TemporaryDirectory() as folder:
         for key, run_id in run_ids.items():
             present = {a.path for a in client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
@@ -163,7 +164,10 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
         pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
         for f in (GROUPS_FILE, BOOTSTRAP_FILE)
     )
-    return EvaluationTables(groups=groups, bootstrap=bootstrap, source=f"MLflow artifacts at {tracking_uri}")
+    predictions = pd.concat(parts[PREDICTIONS_FILE], ignore_index=True) if parts[PREDICTIONS_FILE] else None
+    return EvaluationTables(
+        groups=groups, bootstrap=bootstrap, source=f"MLflow artifacts at {tracking_uri}", predictions=predictions
+    )
 
 
 def parse_param(text: str) -> Any:

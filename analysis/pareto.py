@@ -173,3 +173,36 @@ def _as_list(by: str | Sequence[str] | None) -> list[str]:
     if by is None:
         return []
     return [by] if isinstance(by, str) else list(by)
+
+
+FRONT_ID = "#"
+"""Column of `front_table`: the front member's number (1, 2, ...), as the Pareto figure labels its points."""
+FRONT_CONTEXT: tuple[str, ...] = ("init", "target_epsilon", "model", "dataset", "max_grad_norm", "lr", "seed")
+"""Trial-table columns `front_table` shows beside the objectives (those present), so front members can be told apart."""
+
+
+def front_table(
+    front: pd.DataFrame, objectives: Sequence[Objective] = STUDY_OBJECTIVES, context: Sequence[str] = FRONT_CONTEXT
+) -> pd.DataFrame:
+    """The non-dominated trials only: one row per front member (rank 1 of `pareto_front`), numbered.
+
+    Args:
+        front: `pareto_front` output (needs its `ON_FRONT` column).
+        objectives: the objective columns to show (those present in ``front``).
+        context: trial-table columns to show between the trial key and the objectives (those present).
+
+    Returns:
+        Columns `FRONT_ID`, ``trial``, the ``context`` columns, the objective columns; sorted by the objectives in
+        order (each from best to worst: the first objective ascending when minimized), then the trial key, and
+        numbered 1..k in that order. Empty (same columns) when no trial is on the front.
+    """
+    if ON_FRONT not in front.columns:
+        raise KeyError(f"front_table: {ON_FRONT!r} missing; pass the output of pareto_front")
+    shown = [o for o in objectives if o.column in front.columns]
+    columns = ["trial", *(c for c in context if c in front.columns), *(o.column for o in shown)]
+    members = front.loc[front[ON_FRONT].to_numpy(dtype=bool), columns]
+    members = members.sort_values(
+        [*(o.column for o in shown), "trial"], ascending=[*(o.direction == "min" for o in shown), True], kind="stable"
+    ).reset_index(drop=True)
+    members.insert(0, FRONT_ID, np.arange(1, len(members) + 1, dtype=np.int64))
+    return members

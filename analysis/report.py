@@ -1,29 +1,46 @@
 """A sweep's report: one static HTML page with the study's tables and figures, readable offline.
 
-``python -m analysis.report runs/<sweep>`` writes ``runs/<sweep>/report/index.html`` and its PNG figures in
-``report/figures/`` (referenced by relative paths, so the folder can be copied or zipped as a whole).
+``python -m analysis.report runs/<sweep>`` writes ``runs/<sweep>/report/index.html``, every figure as a vector SVG
+and a 300-dpi PNG in ``report/figures/`` (the page shows the PNG and links both) and every table as CSV and LaTeX
+(booktabs) in ``report/tables/`` (linked under each table). Links are relative, so the folder can be copied or
+zipped as a whole.
+
+The report shows only what the trials already release: their final metrics, their per-epoch metrics and, in
+"Intersectional subgroups", numbers recomputed from the selected models' stored test-set predictions joined with the
+cache manifest's test rows (`analysis.subgroups`); nothing is computed from training data.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
-import math
+import re
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from analysis import pareto, plots, views
+from analysis import pareto, plots, subgroups, views
+from analysis.export import format_number, write_table
 from analysis.tables import FINISHED, GUARANTEE_TEXT, SweepTables, TableError, load_tables, without_guarantee
 from trainables import names
 
 REPORT_DIR = "report"
 INDEX_FILE = "index.html"
 FIGURES_DIR = "figures"
+TABLES_DIR = "tables"
+DISPLAY_DPI = 110
+"""The page shows each 300-dpi PNG at this many CSS pixels per figure inch (its size before paper-grade output)."""
+DEFAULT_GROUP_BY: tuple[str, ...] = ("view",)
+"""Manifest columns the "Intersectional subgroups" section also groups by, each alone (besides sex x age bin)."""
+MIN_GROUP_IMAGES = 10
+"""Groups with fewer test images get no AUROC in the report (counted, with a note); the notebook can lower it."""
+TEST_SET = "test set"
+"""Column of the intersectional tables naming the test set (the selection's ``dataset`` is the training dataset)."""
 PROVENANCE_COLUMNS = (
     "model",
     "dataset",
@@ -47,18 +64,25 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom:
 table.dataframe { border-collapse: collapse; font-size: 12px; margin: 0.6em 0 1.2em; }
 table.dataframe th, table.dataframe td { border: 1px solid #ccc; padding: 3px 7px; text-align: right;
                                         white-space: nowrap; }
-table.dataframe thead th { background: #f2f2f2; }
+table.dataframe thead th { background: #f2f2f2; white-space: normal; max-width: 12em; vertical-align: bottom; }
+table.notes td:last-child { white-space: normal; text-align: left; min-width: 18em; }
 table.dataframe tbody th { background: #fafafa; text-align: left; font-weight: normal; }
 .note { color: #555; font-size: 13px; max-width: 950px; }
-.wide { overflow-x: auto; }
-figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
+.wide { overflow-x: auto; max-width: 100%; }
+.files { font-size: 12px; color: #555; margin: -0.8em 0 1.2em; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+@media print { .wide { overflow: visible; } table.dataframe { font-size: 8px; } }
 figcaption { color: #555; font-size: 13px; }
 code { background: #f4f4f4; padding: 0 3px; }
 """
 
 
 def write_report(
-    sweep_dir: str | Path, out_dir: str | Path | None = None, ray_experiment_dir: str | Path | None = None
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    ray_experiment_dir: str | Path | None = None,
+    group_by: Sequence[str] = DEFAULT_GROUP_BY,
+    data_root: str | Path | None = None,
 ) -> Path:
     """Render the sweep's report and return the path of its ``index.html``.
 
@@ -67,11 +91,17 @@ def write_report(
         out_dir: output folder; default ``<sweep_dir>/report``.
         ray_experiment_dir: where to collect per-trial bootstrap tables from when ``sweep_dir`` lacks them
             (see `analysis.tables.load_tables`; default ``<runs>/ray/<sweep>``).
+        group_by: manifest columns for the "Intersectional subgroups" section, each a grouping of its own besides
+            sex x age bin (e.g. ``("view", "site")``); a column the manifest lacks is named in a note.
+        data_root: where the prepared datasets are (their manifests); default each trial's own ``data_root``.
     """
     tables = load_tables(sweep_dir, ray_experiment_dir)
     out_dir = Path(out_dir) if out_dir is not None else tables.sweep_dir / REPORT_DIR
-    figures_dir = out_dir / FIGURES_DIR
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    for folder, suffixes in ((FIGURES_DIR, (".png", ".svg")), (TABLES_DIR, (".csv", ".tex"))):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        for stale in (out_dir / folder).iterdir():  # a previous report's files: only this one's are linked
+            if stale.is_file() and stale.suffix in suffixes:
+                stale.unlink()
     page = _Page(out_dir)
     _summary(page, tables)
     tables = _study_unit(page, tables)
@@ -79,6 +109,7 @@ def write_report(
     _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
     _final_models(page, tables, selection)
+    _intersectional(page, tables, selection, group_by, data_root)
     _pareto(page, tables)
     _trajectories(page, tables)
     index = out_dir / INDEX_FILE
@@ -87,11 +118,12 @@ def write_report(
 
 
 class _Page:
-    """HTML body parts and the figures they reference."""
+    """HTML body parts and the figures and table files they reference."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
         self.parts: list[str] = []
+        self.table_names: set[str] = set()
 
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -99,21 +131,44 @@ class _Page:
     def note(self, text: str) -> None:
         self.parts.append(f'<p class="note">{text}</p>')
 
-    def table(self, frame: pd.DataFrame, index: bool = True) -> None:
+    def table(
+        self, frame: pd.DataFrame, name: str, index: bool = True, caption: str | None = None, notes: bool = False
+    ) -> None:
+        """Show ``frame`` and write it as ``tables/<name>.csv`` and ``.tex`` (linked under it); ``notes``: its last
+        column is free text that wraps. Header cells may break after ``_`` and ``/`` so wide tables stay narrow."""
         if frame.empty:
             self.note("(empty: no finished trial falls here)")
             return
-        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes="dataframe", escape=True)
+        if name in self.table_names:
+            raise ValueError(f"report: table name {name!r} used twice")
+        self.table_names.add(name)
+        files = write_table(frame, self.out_dir / TABLES_DIR, name, index=index, caption=caption)
+        classes = "dataframe notes" if notes else "dataframe"
+        body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes=classes, escape=True)
+        body = re.sub(r"(<thead>.*?</thead>)", lambda m: _breakable_headers(m.group(1)), body, flags=re.S)
         self.parts.append(f'<div class="wide">{body}</div>')
+        links = (self._link(files.csv, "CSV"), self._link(files.tex, "LaTeX"))
+        self.parts.append(f'<p class="files">{html.escape(name)}: {" · ".join(links)}</p>')
 
     def figure(self, name: str, make: Callable[[Path], object], caption: str) -> None:
-        path = self.out_dir / FIGURES_DIR / f"{name}.png"
-        make(path)
-        relative = path.relative_to(self.out_dir).as_posix()
+        """Draw a figure with ``make(path)`` (which writes the SVG and PNG of `analysis.plots.save_figure`), show
+        its PNG at `DISPLAY_DPI` and link both files."""
+        svg, png = plots.figure_paths(self.out_dir / FIGURES_DIR / name)
+        make(png)
+        width, height = _png_size(png)
+        scale = DISPLAY_DPI / plots.PNG_DPI
         self.parts.append(
-            f'<figure><img src="{html.escape(relative)}" alt="{html.escape(name)}">'
-            f"<figcaption>{caption}</figcaption></figure>"
+            f'<figure><img src="{html.escape(self._relative(png))}" alt="{html.escape(name)}" '
+            f'width="{round(width * scale)}" height="{round(height * scale)}">'
+            f"<figcaption>{caption} Files: {self._link(svg, 'SVG (vector)')} · "
+            f"{self._link(png, f'PNG ({plots.PNG_DPI} dpi)')}.</figcaption></figure>"
         )
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.out_dir).as_posix()
+
+    def _link(self, path: Path, text: str) -> str:
+        return f'<a href="{html.escape(self._relative(path))}">{html.escape(text)}</a>'
 
     def render(self, title: str) -> str:
         return (
@@ -135,11 +190,11 @@ def _summary(page: _Page, tables: SweepTables) -> None:
     )
     provenance = {c: ", ".join(map(str, trials[c].dropna().unique())) for c in PROVENANCE_COLUMNS if c in trials}
     if provenance:
-        page.table(pd.DataFrame({"value": provenance}).rename_axis("setting"))
+        page.table(pd.DataFrame({"value": provenance}).rename_axis("setting"), "provenance")
     page.heading("The guarantee")
     page.note(html.escape(GUARANTEE_TEXT))
     if names.GUARANTEE in trials:
-        page.table(trials[["trial", names.GUARANTEE]], index=False)
+        page.table(trials[["trial", names.GUARANTEE]], "guarantee", index=False)
     if names.EPSILON_PATIENT in trials and trials[names.EPSILON_PATIENT].notna().any():
         page.note(
             f"The epsilon above protects one image. For a patient it is larger: <code>{names.EPSILON_PATIENT}"
@@ -160,7 +215,7 @@ def _summary(page: _Page, tables: SweepTables) -> None:
             )
             if c in trials
         ]
-        page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], index=False)
+        page.table(trials.loc[trials[names.EPSILON_PATIENT].notna(), shown], "patient_epsilon", index=False)
     _units(page, trials)
     no_guarantee = trials[without_guarantee(trials)]
     if len(no_guarantee):
@@ -190,12 +245,14 @@ def _summary(page: _Page, tables: SweepTables) -> None:
             "guesses",
             "violates_claim",
         ]
-        page.table(audit[[c for c in columns if c in audit]], index=False)
+        page.table(audit[[c for c in columns if c in audit]], "privacy_audit", index=False)
     unfinished = trials[trials["status"] != FINISHED]
     if len(unfinished):
         page.heading("Failed or unfinished trials")
         page.note("Kept in every table below only where marked; never on a Pareto front, never selected.")
-        page.table(unfinished[[c for c in ("trial", "status", "error") if c in unfinished]], index=False)
+        page.table(
+            unfinished[[c for c in ("trial", "status", "error") if c in unfinished]], "unfinished_trials", index=False
+        )
 
 
 def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
@@ -224,7 +281,7 @@ def _units(page: _Page, trials: pd.DataFrame) -> None:
         f"image-level trial's <code>{names.EPSILON_PATIENT}</code> (its largest training patient). Per cell "
         "and unit, the trial with the best validation AUROC at its selected epoch."
     )
-    page.table(view, index=False)
+    page.table(view, "units_at_patient_epsilon", index=False)
 
 
 def _binned_auroc(page: _Page, tables: SweepTables) -> None:
@@ -237,9 +294,9 @@ def _binned_auroc(page: _Page, tables: SweepTables) -> None:
         "several trials fall in one cell, the one with the best validation AUROC. Test AUROC never selects."
     )
     binned = views.auroc_by_bin(tables.trials, tables.epochs)
-    page.table(views.bin_table(binned, names.TEST_AUROC_MACRO_AT_EPOCH))
+    page.table(views.bin_table(binned, names.TEST_AUROC_MACRO_AT_EPOCH), "auroc_by_bin")
     page.note("Chosen trial and epoch per cell:")
-    page.table(binned, index=False)
+    page.table(binned, "auroc_by_bin_chosen", index=False)
 
 
 def _binned_fairness(page: _Page, tables: SweepTables) -> None:
@@ -261,7 +318,7 @@ def _binned_fairness(page: _Page, tables: SweepTables) -> None:
     binned = views.fairness_gap_by_bin(tables.trials, tables.epochs, attributes)
     for attribute in attributes:
         page.note(f"Attribute <b>{html.escape(attribute)}</b>:")
-        page.table(views.bin_table(binned, names.auroc_gap_at_epoch(attribute)))
+        page.table(views.bin_table(binned, names.auroc_gap_at_epoch(attribute)), f"fairness_gap_by_bin_{attribute}")
 
 
 def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> None:
@@ -272,7 +329,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
         f"validation), binned by the epsilon spent by the whole run (<code>{names.EPSILON}</code>). Per cell "
         "(model, training dataset, init, bin) the trial with the best validation AUROC at its selected epoch is shown."
     )
-    page.table(selection, index=False)
+    page.table(selection, "final_selection", index=False)
     page.figure(
         "auroc_vs_epsilon",
         lambda p: plots.auroc_vs_epsilon(trials, save_to=p),
@@ -282,7 +339,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
     page.heading("Cross-dataset generalization")
     page.note("Macro AUROC on the training dataset's own test split (on-domain) and on each external test set.")
     matrix = views.external_auroc_matrix(trials, selection)
-    page.table(matrix)
+    page.table(matrix, "cross_dataset_auroc")
     if not matrix.empty:
         page.figure(
             "cross_dataset",
@@ -292,7 +349,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
 
     page.heading("Subgroup test AUROC")
     page.note("Macro AUROC inside each sex and age group (groups without both classes for a label skip it).")
-    page.table(views.subgroup_auroc_table(trials, selection))
+    page.table(views.subgroup_auroc_table(trials, selection), "subgroup_auroc")
 
     page.heading("Fairness gaps on test")
     page.note(
@@ -306,7 +363,7 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
     fairness = views.fairness_table(trials, selection)
     for attribute in dict.fromkeys(fairness.columns.get_level_values("attribute")):
         page.note(f"Attribute <b>{html.escape(str(attribute))}</b>:")
-        page.table(fairness.xs(attribute, axis=1, level="attribute"))
+        page.table(fairness.xs(attribute, axis=1, level="attribute"), f"fairness_{attribute}")
     if fairness.columns.empty:
         page.note("The trial table has no fairness columns.")
     page.figure(
@@ -326,7 +383,11 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
         "<code>p_2_better</code> the reverse. A p-value of 0 means no replicate contradicted, i.e. p &lt; "
         "1/<code>n_replicates</code>. Uncorrected for the number of comparisons."
     )
-    page.table(_format_p_values(views.paired_p_values(trials, selection, tables.evaluation.bootstrap)), index=False)
+    page.table(
+        _format_p_values(views.paired_p_values(trials, selection, tables.evaluation.bootstrap)),
+        "paired_bootstrap",
+        index=False,
+    )
 
 
 def _pareto(page: _Page, tables: SweepTables) -> None:
@@ -337,27 +398,109 @@ def _pareto(page: _Page, tables: SweepTables) -> None:
     )
     page.note(
         f"Objectives: {names_}. A trial is on the front when no finished trial is at least as good in every "
-        "objective and better in one; identical trials are all on it. Failed trials and trials missing an "
-        "objective have no rank."
+        "objective and better in one; identical trials are all on it. Failed trials, trials without a guarantee "
+        "and trials missing an objective take no part. The table lists the front only, numbered as in the figure, "
+        "with what tells its members apart (init, target epsilon, clip norm, learning rate, seed)."
     )
     if not objectives:
         page.note("The trial table has none of the objective columns.")
         return
     front = pareto.pareto_front(tables.trials, objectives)
-    shown = [
-        "trial",
-        *(c for c in ("init", "target_epsilon") if c in front),
-        "status",
-        *(o.column for o in objectives),
-        pareto.RANK,
-        pareto.ON_FRONT,
-    ]
-    page.table(front[shown].sort_values([pareto.RANK, "trial"], na_position="last"), index=False)
+    members = pareto.front_table(front, objectives)
+    eligible = int(front[pareto.ELIGIBLE].sum())
+    page.note(
+        f"{len(members)} of {eligible} eligible trial(s) are on the front ({eligible - len(members)} dominated; "
+        f"{len(front) - eligible} not eligible)."
+    )
+    page.table(members, "pareto_front", index=False)
     page.figure(
         "pareto",
         lambda p: plots.pareto_plot(front, save_to=p),
-        "Trials in the (epsilon, test AUROC) plane; filled markers are on the front over all objectives.",
+        "Left: trials in the (spent epsilon, test macro AUROC) plane; right: (age AUROC gap, test macro AUROC). "
+        "Filled, numbered markers are on the front over all three objectives (numbers as in the table), hollow ones "
+        "are dominated; points sharing an epsilon are dodged sideways (<code>analysis.plots.DODGE_DECADES</code>).",
     )
+
+
+def _intersectional(
+    page: _Page, tables: SweepTables, selection: pd.DataFrame, group_by: Sequence[str], data_root: str | Path | None
+) -> None:
+    page.heading("Intersectional subgroups")
+    page.note(
+        "Recomputed from the stored per-image test scores of each final model (<code>predictions.parquet</code>) "
+        "joined with the cache manifest's test rows (<code>analysis.subgroups.group_metrics</code>): macro AUROC "
+        "(mean over the labels with both classes in the group) per sex x age bin (the trial's "
+        "<code>age_edges</code>) and per manifest column. Every combination is listed with its image count; a group "
+        f"with fewer than {MIN_GROUP_IMAGES} images, or without both classes of any label, has no AUROC and a note "
+        "says why. The gap is max - min over the groups other than unknown sex, no age bin or a missing value (as "
+        "in the trials' own fairness metrics)."
+    )
+    predictions = tables.evaluation.predictions if tables.evaluation is not None else None
+    if predictions is None:
+        page.note(
+            "No stored predictions: the trials' final checkpoints hold no <code>predictions.parquet</code> (trials "
+            "run before dpsweep stored them), or there are no evaluation tables ("
+            + html.escape(tables.evaluation_note)
+            + ")."
+        )
+        return
+    cells = [c for c in selection.columns[: list(selection.columns).index("trial")]]
+    chosen = selection[[*cells, "trial"]]
+    without = sorted(set(chosen["trial"]) - set(predictions["trial"]))
+    if without:
+        page.note("Selected trials without stored predictions: " + ", ".join(html.escape(t) for t in without) + ".")
+    chosen = chosen[chosen["trial"].isin(predictions["trial"])]
+    if chosen.empty:
+        page.note("No selected trial has stored predictions.")
+        return
+    stored = predictions[predictions["trial"].isin(chosen["trial"])]
+    try:
+        manifests = subgroups.load_manifests(tables.trials, sorted(stored["dataset"].unique()), data_root)
+    except subgroups.GroupingError as error:
+        page.note(html.escape(str(error)))
+        return
+    groupings = [list(subgroups.INTERSECTIONAL)]
+    for column in group_by:
+        if any(column not in m.columns for m in manifests.values()):
+            page.note(f"Grouping by <code>{html.escape(column)}</code>: not a column of every manifest; left out.")
+        else:
+            groupings.append([column])
+    for by in groupings:
+        title = " x ".join(by)
+        try:
+            metrics = [
+                subgroups.group_metrics(
+                    rows,
+                    manifests,
+                    by=by,
+                    age_edges=subgroups.trial_age_edges(tables.trials, str(trial)),
+                    min_images=MIN_GROUP_IMAGES,
+                )
+                for trial, rows in stored.groupby("trial", sort=True)
+            ]
+        except subgroups.GroupingError as error:
+            page.note(f"Grouped by <b>{html.escape(title)}</b>: {html.escape(str(error))}")
+            continue
+        groups = pd.concat(metrics, ignore_index=True)
+        renamed = {"dataset": TEST_SET}  # the selection's own "dataset" is the training dataset
+        table = chosen.merge(groups.rename(columns=renamed), on="trial", how="inner")
+        gaps = chosen.merge(subgroups.group_gaps(groups, by).rename(columns=renamed), on="trial", how="inner")
+        slug = "_".join(by)
+        page.note(f"Grouped by <b>{html.escape(title)}</b>: gap per final model and test set.")
+        page.table(gaps, f"groups_{slug}_gaps", index=False, notes=True)
+        shown = [
+            *cells,
+            "trial",
+            TEST_SET,
+            *by,
+            subgroups.N_IMAGES,
+            subgroups.LABELS_DEFINED,
+            subgroups.AUROC_MACRO,
+            subgroups.IN_GAP,
+            subgroups.NOTE,
+        ]
+        page.note(f"Grouped by <b>{html.escape(title)}</b>: every group.")
+        page.table(table[shown], f"groups_{slug}", index=False, notes=True)
 
 
 def _trajectories(page: _Page, tables: SweepTables) -> None:
@@ -370,9 +513,21 @@ def _trajectories(page: _Page, tables: SweepTables) -> None:
 
 
 def _fmt(value: float) -> str:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}" if abs(value) >= 100 else f"{value:.3f}"
+    return format_number(value)
+
+
+def _breakable_headers(thead: str) -> str:
+    """Header text may wrap after ``_`` and ``/`` (``<wbr>``): long metric names then break at their parts."""
+    return re.sub(r">([^<>]+)<", lambda m: ">" + re.sub(r"([_/])", r"\1<wbr>", m.group(1)) + "<", thead)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height in pixels from a PNG's IHDR chunk."""
+    header = path.read_bytes()[:24]
+    if header[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG")
+    width, height = struct.unpack(">II", header[16:24])
+    return int(width), int(height)
 
 
 def _format_p_values(p_values: pd.DataFrame) -> pd.DataFrame:
@@ -387,7 +542,7 @@ def _format_p_values(p_values: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m analysis.report runs/<sweep> [--out DIR] [--ray-dir DIR]``."""
+    """``python -m analysis.report runs/<sweep> [--out DIR] [--ray-dir DIR] [--group-by COLUMN] [--data-root DIR]``."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis.report", description="Write a sweep's HTML report (tables and figures)."
     )
@@ -399,10 +554,25 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="Ray experiment folder with the per-trial bootstrap tables (default: <runs>/ray/<sweep>)",
     )
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        default=None,
+        metavar="COLUMN",
+        help="a manifest column to group the intersectional section by (besides sex x age bin); repeat for several "
+        f"(default: {', '.join(DEFAULT_GROUP_BY)})",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder of the prepared datasets, for their manifests (default: the trials' data_root)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    group_by = tuple(args.group_by) if args.group_by else DEFAULT_GROUP_BY
     try:
-        index = write_report(args.sweep_dir, args.out, args.ray_dir)
+        index = write_report(args.sweep_dir, args.out, args.ray_dir, group_by=group_by, data_root=args.data_root)
     except TableError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"report: {index} ({time.perf_counter() - start:.1f} s)")

@@ -221,8 +221,8 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
     The evaluation tables are looked up in this order, and `SweepTables.evaluation_note` records which
     one was used: (1) the final checkpoints under ``ray_experiment_dir`` when it is given (it must exist);
     (2) ``sweep_dir/groups.parquet`` and ``sweep_dir/bootstrap.parquet`` (as written by
-    `write_evaluation_tables`); (3) the final checkpoints under `default_ray_experiment_dir`; (4) none
-    (``evaluation`` is None).
+    `write_evaluation_tables`; with ``sweep_dir/predictions.parquet`` where present); (3) the final
+    checkpoints under `default_ray_experiment_dir`; (4) none (``evaluation`` is None).
 
     Raises:
         TableError: ``trials.parquet`` or ``epochs.parquet`` is missing or lacks its key columns, a trial
@@ -249,6 +249,11 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
             groups=_read_table(sweep_dir / GROUPS_FILE, ("trial", "dataset")),
             bootstrap=_read_table(sweep_dir / BOOTSTRAP_FILE, ("trial", "dataset", "replicate")),
             source=str(sweep_dir),
+            predictions=(
+                _read_table(sweep_dir / PREDICTIONS_FILE, ("trial", "dataset", "row"))
+                if (sweep_dir / PREDICTIONS_FILE).is_file()
+                else None
+            ),
         )
         note = f"per-trial evaluation tables read from {sweep_dir}"
     elif default_ray_dir.is_dir():
@@ -342,9 +347,14 @@ def write_evaluation_tables(sweep_dir: str | Path, ray_experiment_dir: str | Pat
     ray_dir = Path(ray_experiment_dir) if ray_experiment_dir is not None else default_ray_experiment_dir(sweep_dir)
     tables = collect_trial_tables(ray_dir)
     written = []
-    for file, table in ((GROUPS_FILE, tables.groups), (BOOTSTRAP_FILE, tables.bootstrap)):
-        table.to_parquet(sweep_dir / file, index=False)
-        written.append(sweep_dir / file)
+    for file, table in (
+        (GROUPS_FILE, tables.groups),
+        (BOOTSTRAP_FILE, tables.bootstrap),
+        (PREDICTIONS_FILE, tables.predictions),
+    ):
+        if table is not None:
+            table.to_parquet(sweep_dir / file, index=False)
+            written.append(sweep_dir / file)
     return written
 
 

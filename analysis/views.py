@@ -1,5 +1,7 @@
 """The study's tables as DataFrames: AUROC by init and epsilon bin, cross-dataset AUROC, subgroup AUROC,
-fairness gaps and paired bootstrap p-values between inits.
+fairness gaps and paired bootstrap p-values between inits. Groups recomputed from the stored predictions
+(intersectional sex x age bin, any manifest column) are `analysis.subgroups.group_metrics` and `group_gaps`,
+re-exported here.
 
 **Epsilon bins.** The study reports results in bins of *spent* epsilon: (0, 1], (1, 3], (3, 10] and the
 non-private baseline (epsilon = inf). A bin holds the epsilons ``low < epsilon <= high``; the non-private
@@ -38,6 +40,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from analysis.subgroups import group_gaps, group_metrics  # noqa: F401 (views from stored predictions, re-exported)
 from analysis.tables import FINISHED, without_guarantee
 from trainables import names
 from trainables.evaluate.bootstrap import paired_p_value

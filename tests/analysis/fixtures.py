@@ -19,12 +19,17 @@ The numbers are chosen so that the tests can state every expected answer by hand
 Final metrics of each finished trial are those of its best validation epoch (first on ties). Per-epoch fairness
 gaps (`FakeTrial.test_gap`, `FakeTrial.val_gap`) follow a formula in the epoch and the key's length;
 ``domain-eps1`` has a NaN test gap at epoch 1 (its selected epoch in bin (0, 1]).
+
+Stored predictions: each finished trial's final checkpoint holds ``predictions.parquet`` (`fake_predictions`) on
+the test rows of both datasets' manifests (`fake_manifest`, written under ``runs/data/<dataset>/16/``, the trials'
+``data_root`` and ``image_size``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,10 @@ SWEEP = "fixture"
 DATASET = "synthetic-a"
 EXTERNAL = "ext-b"
 N_BOOT = 20
+IMAGE_SIZE = 16
+AGE_EDGES = (0, 40, 70, 100)
+N_TEST = {DATASET: 100, EXTERNAL: 80}
+"""Test images per dataset (the manifests also hold train and val rows before them)."""
 INF = math.inf
 NAN = math.nan
 
@@ -168,6 +177,9 @@ def make_sweep(runs: Path, trials: tuple[FakeTrial, ...] = TRIALS, with_ray: boo
             "accountant": "rdp",
             "delta": 6e-6,
             "privacy_unit": "image",
+            "data_root": str(runs / "data"),
+            "image_size": IMAGE_SIZE,
+            "age_edges": list(AGE_EDGES),
         }
         records.append(
             TrialRecord(
@@ -185,6 +197,10 @@ def make_sweep(runs: Path, trials: tuple[FakeTrial, ...] = TRIALS, with_ray: boo
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table.to_parquet(sweep_dir / TRIALS_FILE, index=False)
     epochs.to_parquet(sweep_dir / EPOCHS_FILE, index=False)
+    for dataset in (DATASET, EXTERNAL):
+        folder = names.dataset_dir(runs / "data", dataset, IMAGE_SIZE)
+        folder.mkdir(parents=True, exist_ok=True)
+        fake_manifest(dataset).to_parquet(folder / names.MANIFEST_FILE, index=False)
     if with_ray:
         for index, trial in enumerate(trials):
             write_ray_trial(runs / "ray" / SWEEP / f"dp_trial_0000{index}_{index}_point=key_{trial.key}", trial)
@@ -224,3 +240,47 @@ def write_ray_trial(folder: Path, trial: FakeTrial) -> None:
         }
     )
     groups.to_parquet(final / "groups.parquet", index=False)
+    fake_predictions(trial.key).to_parquet(final / names.PREDICTIONS_FILE, index=False)
+
+
+def fake_manifest(dataset: str) -> pd.DataFrame:
+    """A cache manifest: 40 train and 20 val rows, then `N_TEST` test rows. Test image i: sex F (even i) or M,
+    ``unknown`` for the last three; age 25, 55, 85, 35, 65 by i % 5, except NaN at i = 4 and 105 at i = 9 (both in no
+    age bin); view AP when i % 3 == 0 else PA; labels drawn once with a fixed seed (prevalence about 0.3)."""
+    n_test, n_other = N_TEST[dataset], 60
+    n = n_other + n_test
+    i = np.arange(n) - n_other
+    rng = np.random.default_rng(7 if dataset == DATASET else 8)
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"{dataset}-{k}" for k in range(n)],
+            "patient_id": [f"p{k}" for k in range(n)],
+            "split": ["train"] * 40 + ["val"] * 20 + ["test"] * n_test,
+        }
+    )
+    for label in LABELS:
+        frame[label] = (rng.random(n) < 0.3).astype("int8")
+    sex = np.where(i % 2 == 0, "F", "M").astype(object)
+    sex[-3:] = "unknown"
+    age = np.array([25.0, 55.0, 85.0, 35.0, 65.0])[i % 5]
+    age[n_other + 4], age[n_other + 9] = NAN, 105.0
+    frame["sex"], frame["age"] = sex, age
+    frame["view"] = np.where(i % 3 == 0, "AP", "PA")
+    frame["site"] = dataset
+    frame["source_path"] = [f"images/{k}.png" for k in range(n)]
+    return frame
+
+
+def fake_predictions(trial: str) -> pd.DataFrame:
+    """The trial's per-image scores on both datasets' test rows: label * 0.35 + noise (seeded by the key)."""
+    rng = np.random.default_rng(zlib.crc32(trial.encode()))
+    parts = []
+    for dataset in (DATASET, EXTERNAL):
+        manifest = fake_manifest(dataset)
+        rows = np.flatnonzero(manifest["split"].to_numpy() == "test")
+        part = pd.DataFrame({"dataset": dataset, "row": rows.astype(np.int64)})
+        for label in LABELS:
+            truth = manifest[label].to_numpy(dtype=np.float64)[rows]
+            part[names.prediction_score(label)] = (0.35 * truth + 0.65 * rng.random(len(rows))).astype(np.float32)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)

@@ -30,7 +30,7 @@ from analysis.tables import TableError, TrialRecord, build_tables
 from tests.ray_files import read_json
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
-from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, TRIALS_FILE
+from trainables.names import BOOTSTRAP_FILE, EPOCHS_FILE, GROUPS_FILE, PREDICTIONS_FILE, TRIALS_FILE
 
 SWEEP = "mlsrc"
 NODE_ID = "ray/node_id"  # `trainables.trial.NODE_ID`: a string, which MLflow does not store
@@ -438,7 +438,12 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
 
     sweep_dir = real_sweep.runs / "tinyml"
     from_ray = collect_trial_tables(real_sweep.runs / "ray" / "tinyml")
-    for file, expected in ((GROUPS_FILE, from_ray.groups), (BOOTSTRAP_FILE, from_ray.bootstrap)):
+    assert from_ray.predictions is not None
+    for file, expected in (
+        (GROUPS_FILE, from_ray.groups),
+        (BOOTSTRAP_FILE, from_ray.bootstrap),
+        (PREDICTIONS_FILE, from_ray.predictions),  # the stored per-image scores travel through MLflow too
+    ):
         table, expected = (
             t.sort_values(list(expected.columns), kind="stable").reset_index(drop=True)
             for t in (pd.read_parquet(sweep_dir / file), expected)
@@ -446,3 +451,34 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
         assert len(table) and set(table["trial"]) == set(from_ray.bootstrap["trial"])
         pd.testing.assert_frame_equal(table, expected)
     print(f"interrupted after {real_sweep.interrupt_s:.0f} s; whole fixture {real_sweep.total_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_report_of_the_real_sweep_recomputes_the_logged_gaps_from_stored_predictions(real_sweep):
+    """The stored predictions joined with the real cache manifest (`analysis.subgroups`) give back every finished
+    trial's logged sex and age AUROC gaps: the rows key the right images and the group definitions agree."""
+    from analysis import subgroups
+    from analysis.report import write_report
+    from analysis.tables import load_tables
+
+    sweep_dir = real_sweep.runs / "tinyml"
+    page = write_report(sweep_dir, out_dir=real_sweep.runs / "report").read_text(encoding="utf-8")
+    section = page.split("<h2>Intersectional subgroups")[1].split("<h2>")[0]
+    assert "not found at" not in section and "No stored predictions" not in section
+    assert (real_sweep.runs / "report" / "tables" / "groups_sex_age_bin.csv").is_file()
+    tables = load_tables(sweep_dir)
+    finished = tables.trials[tables.trials["status"] == "TERMINATED"]
+    manifests = subgroups.load_manifests(finished, sorted(tables.evaluation.predictions["dataset"].unique()))
+    assert len(finished) >= 2
+    for trial in finished.itertuples(index=False):
+        key, dataset = trial.trial, trial.dataset
+        predictions = tables.evaluation.predictions
+        own = predictions[(predictions["trial"] == key) & (predictions["dataset"] == dataset)]
+        n_images = finished.loc[finished["trial"] == key, M.n_images("test")].iloc[0]
+        assert len(own) == n_images > 0  # every test image scored once
+        edges = subgroups.trial_age_edges(tables.trials, key)
+        for attribute, by in (("sex", "sex"), ("age", subgroups.AGE_BIN)):
+            metrics = subgroups.group_metrics(own, manifests, by=[by], age_edges=edges)
+            recomputed = subgroups.group_gaps(metrics, [by])["auroc_gap"].iloc[0]
+            logged = finished.loc[finished["trial"] == key, M.auroc_gap("test", attribute)].iloc[0]
+            assert recomputed == pytest.approx(logged, abs=1e-6, nan_ok=True), (key, attribute)

@@ -67,3 +67,5 @@ def test_notebook_executes_on_a_fixture_sweep(path, tmp_path, monkeypatch):
     assert "<td>0.211</td>" in text  # paired bootstrap p-value 4/19
     assert "test AUROC gap by bin, attribute: age" in text and "<td>0.14</td>" in text  # per-epoch fairness view
     assert "ext-b" in text
+    # The intersectional cell: analysis.subgroups.group_metrics on the stored predictions and the fixture manifests.
+    assert "intersectional groups: sex x age_bin" in text and "group(s) without a defined macro AUROC left out" in text

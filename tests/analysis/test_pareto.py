@@ -11,10 +11,12 @@ import pytest
 
 from analysis.pareto import (
     ELIGIBLE,
+    FRONT_ID,
     ON_FRONT,
     RANK,
     STUDY_OBJECTIVES,
     Objective,
+    front_table,
     non_dominated,
     pareto_front,
     pareto_ranks,
@@ -171,3 +173,17 @@ def test_front_is_invariant_to_row_order():
     for order in itertools.islice(itertools.permutations(range(len(table))), 0, 200, 37):
         shuffled = pareto_front(table.iloc[list(order)]).set_index("trial")[RANK]
         pd.testing.assert_series_equal(shuffled.loc[reference.index], reference)
+
+
+def test_front_table_lists_the_front_only_numbered_best_first():
+    table = hand_table().assign(init=list("rrrdrrrddr"))
+    members = front_table(pareto_front(table.drop(columns="expected")))
+    # Front: A, B (eps 1), D (eps 3), E (inf); sorted by epsilon up, then AUROC down, then gap up, then key.
+    assert members["trial"].tolist() == ["A", "B", "D", "E"]
+    assert members[FRONT_ID].tolist() == [1, 2, 3, 4]
+    assert list(members.columns) == [FRONT_ID, "trial", "init", EPS, AUROC, GAP]
+    assert members["init"].tolist() == ["r", "r", "d", "r"]
+    nobody = pareto_front(table.drop(columns="expected").assign(status="ERROR"))
+    assert front_table(nobody).empty and list(front_table(nobody).columns) == list(members.columns)
+    with pytest.raises(KeyError, match="pass the output of pareto_front"):
+        front_table(table)

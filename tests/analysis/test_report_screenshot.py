@@ -43,7 +43,13 @@ PROBE = """<script>
 window.addEventListener("load", () => {
   const images = Array.from(document.images).map(i => [i.getAttribute("src"), i.complete, i.naturalWidth]);
   const out = document.createElement("pre"); out.id = "probe"; out.textContent = JSON.stringify(images);
-  document.body.appendChild(out);
+  const boxes = Array.from(document.querySelectorAll("table")).map(t => {
+    const box = t.parentElement;
+    return [box.className, box.scrollWidth, box.clientWidth, getComputedStyle(box).overflowX, t.scrollWidth];
+  });
+  const layout = document.createElement("pre"); layout.id = "layout";
+  layout.textContent = JSON.stringify({page: [document.documentElement.scrollWidth, window.innerWidth], boxes});
+  document.body.appendChild(out); document.body.appendChild(layout);
 });
 </script>"""
 
@@ -128,3 +134,14 @@ def test_report_figures_load_in_chromium(chromium, report, tmp_path):
     assert [src for src, _, _ in images] == sources
     for src, complete, width in images:
         assert complete and width > 100, (src, complete, width)  # a broken image has natural width 0
+    # Nothing is cut off: the page itself is no wider than the window, and every table sits in a box that scrolls
+    # sideways, so a table wider than the page can still be read whole.
+    found = re.search(r'<pre id="layout">(.*?)</pre>', result.stdout, re.S)
+    assert found, "no layout probe output"
+    layout = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    page_width, window_width = layout["page"]
+    assert page_width <= window_width, layout["page"]
+    assert len(layout["boxes"]) >= 15
+    for class_name, scroll_width, _, overflow, table_width in layout["boxes"]:
+        assert class_name == "wide" and overflow == "auto", (class_name, overflow)
+        assert scroll_width >= table_width  # the box's scrollable width holds the whole table

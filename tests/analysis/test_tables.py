@@ -8,6 +8,7 @@ import pytest
 from analysis.tables import (
     BOOTSTRAP_FILE,
     GROUPS_FILE,
+    PREDICTIONS_FILE,
     TRIALS_FILE,
     TableError,
     collect_trial_tables,
@@ -80,17 +81,21 @@ def test_collect_with_no_finished_trial(tmp_path):
 def test_written_evaluation_tables_take_precedence(tmp_path):
     sweep_dir = make_sweep(tmp_path)
     written = write_evaluation_tables(sweep_dir)
-    assert written == [sweep_dir / GROUPS_FILE, sweep_dir / BOOTSTRAP_FILE]
+    assert written == [sweep_dir / GROUPS_FILE, sweep_dir / BOOTSTRAP_FILE, sweep_dir / PREDICTIONS_FILE]
     assert f"read from {sweep_dir}" in load_tables(sweep_dir).evaluation_note
     explicit = load_tables(sweep_dir, tmp_path / "ray" / SWEEP)  # an explicit Ray folder wins
     assert "collected from the final checkpoints" in explicit.evaluation_note
     collected = explicit.evaluation.bootstrap
+    predictions = explicit.evaluation.predictions
+    assert sorted(predictions["trial"].unique()) == FINISHED_KEYS
+    assert len(predictions) == len(FINISHED_KEYS) * (100 + 80)  # every test image of both test sets
     import shutil
 
     shutil.rmtree(tmp_path / "ray")
     tables = load_tables(sweep_dir)
     assert f"read from {sweep_dir}" in tables.evaluation_note
     pd.testing.assert_frame_equal(tables.evaluation.bootstrap, collected)
+    pd.testing.assert_frame_equal(tables.evaluation.predictions, predictions)  # the sweep folder keeps them too
 
 
 def test_missing_evaluation_tables_are_reported_not_invented(tmp_path):
