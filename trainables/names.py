@@ -368,7 +368,16 @@ IMAGES_FILE: Final = "images.npy"
 PRETRAINED_WEIGHTS_FILE: Final = "model.safetensors"
 AUDIT_FILE: Final = "audit.parquet"  # runs/<sweep>/audit.parquet: `dpsweep audit`'s results
 EVALUATION_ARTIFACT_DIR: Final = "evaluation"
-"""Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
+"""Artifact folder of a child run: its full final metrics (`METRICS_FILE`), and once finished its ``groups``,
+``bootstrap``, ``epochs`` and ``predictions`` tables (each parquet with a ``.csv`` twin the MLflow UI previews)."""
+METRICS_FILE: Final = "metrics.parquet"
+"""A finished trial's whole final report in long form (``trial``, ``metric``, ``value``, ``integer``): every metric
+the trial reported to Ray, headline or not, infinities included; logged before the headline metrics."""
+REPORT_ARTIFACT_DIR: Final = "report"  # `dpsweep report`'s folder, logged to the sweep's parent run
+MLFLOW_DB_FILE: Final = "mlflow.db"  # runs/mlflow.db: the default tracking store
+MLFLOW_ARTIFACTS_DIR: Final = "mlartifacts"
+"""Beside a sqlite store, the folder its ``mlflow-artifacts:/`` artifact locations resolve to (MLflow's own
+default ``--artifacts-destination``); moving runs/ moves both."""
 
 
 def dataset_dir(root: str | Path, name: str, image_size: int) -> Path:
