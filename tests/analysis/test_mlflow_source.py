@@ -188,6 +188,21 @@ def test_no_infinity_and_no_detail_reaches_the_metrics(fake_store):
     assert mlflow_source._value(M.EPSILON, -M.STORED_INFINITY) == -math.inf
 
 
+def test_the_parent_run_refuses_an_infinite_summary(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import finish_parent, get_or_create_experiment, get_or_create_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = get_or_create_parent_run(client, get_or_create_experiment(client, "p", tmp_path), "p", {})
+    with pytest.raises(ValueError, match=r"\['privacy/tuning_epsilon'\] is infinite"):
+        finish_parent(uri, parent, "FINISHED", summary={M.TUNING_EPSILON: math.inf})
+    assert client.get_run(parent).data.metrics == {}
+    finish_parent(uri, parent, "FINISHED", summary={M.TUNING_EPSILON: 3.5})
+    assert client.get_run(parent).data.metrics == {M.TUNING_EPSILON: 3.5}
+
+
 def test_child_runs_are_named_short_and_distinct(fake_store):
     from sweeps.tracking import child_run_name
 
