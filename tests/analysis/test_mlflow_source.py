@@ -553,3 +553,23 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
         assert len(table) and set(table["trial"]) == set(from_ray.bootstrap["trial"])
         pd.testing.assert_frame_equal(table, expected)
     print(f"interrupted after {real_sweep.interrupt_s:.0f} s; whole fixture {real_sweep.total_s:.0f} s")
+
+
+def test_parquet_artifacts_get_a_csv_twin_when_small(tmp_path, monkeypatch):
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    from sweeps import tracking
+
+    monkeypatch.setattr(tracking, "PREVIEW_MAX_ROWS", 3)
+    repository = LocalArtifactRepository(str(tmp_path / "artifacts"))
+    for name, rows in (("small", 3), ("large", 4)):
+        pd.DataFrame({"x": range(rows), "y": [0.5] * rows}).to_parquet(tmp_path / f"{name}.parquet", index=False)
+        tracking.log_with_preview(repository, tmp_path / f"{name}.parquet", "evaluation")
+    logged = {a.path for a in repository.list_artifacts("evaluation")}
+    assert logged == {"evaluation/small.parquet", "evaluation/small.csv", "evaluation/large.parquet"}
+    assert (tmp_path / "artifacts" / "evaluation" / "small.csv").read_text() == "x,y\n0,0.5\n1,0.5\n2,0.5\n"
+    (tmp_path / "artifacts" / "evaluation" / "small.csv").unlink()  # a driver killed between the two files
+    (tmp_path / "artifacts" / "evaluation" / "small.parquet").write_bytes(b"kept")
+    tracking.log_with_preview(repository, tmp_path / "small.parquet", "evaluation", skip={"small.parquet"})
+    assert (tmp_path / "artifacts" / "evaluation" / "small.parquet").read_bytes() == b"kept"
+    assert (tmp_path / "artifacts" / "evaluation" / "small.csv").exists()
