@@ -41,6 +41,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import re
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ def experiment_artifact_location(tracking_uri: str, experiment: str, file_root: 
     ``mlartifacts/`` folder beside the database), and so does the UI that `dpsweep ui` starts (its
     ``--artifacts-destination``). Moving the folder that holds ``mlflow.db`` and ``mlartifacts/`` keeps every
     artifact reachable. Any other store (``postgresql://``, ...) has no folder of its own: artifacts go to the
-    absolute ``file_root/<experiment>`` as before (not movable).
+    absolute ``file_root/<experiment>`` as before (not movable). Characters other than letters, digits and ``._-``
+    become ``_`` in the folder name.
 
     Args:
         tracking_uri: the sweep's tracking URI.
@@ -203,7 +205,9 @@ def experiment_artifact_location(tracking_uri: str, experiment: str, file_root: 
         file_root: the fallback folder (``runs/mlartifacts``).
     """
     if local_artifact_root(tracking_uri) is not None or _is_server(tracking_uri):
-        return f"{ARTIFACTS_SCHEME}:/{urllib.parse.quote(experiment, safe='')}"
+        # A plain folder name: MLflow's local repository unquotes %-escapes and the server's proxy does not, so a
+        # quoted name would land in two folders. Run ids (UUIDs) keep two experiments sharing a slug apart.
+        return f"{ARTIFACTS_SCHEME}:/{re.sub(r'[^A-Za-z0-9._-]', '_', experiment)}"
     return (Path(file_root) / experiment).resolve().as_uri()
 
 

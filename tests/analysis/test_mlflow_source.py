@@ -573,3 +573,15 @@ def test_parquet_artifacts_get_a_csv_twin_when_small(tmp_path, monkeypatch):
     tracking.log_with_preview(repository, tmp_path / "small.parquet", "evaluation", skip={"small.parquet"})
     assert (tmp_path / "artifacts" / "evaluation" / "small.parquet").read_bytes() == b"kept"
     assert (tmp_path / "artifacts" / "evaluation" / "small.csv").exists()
+
+
+def test_artifact_locations_are_relative_to_the_store_where_one_serves_them(tmp_path):
+    location = mlflow_source.experiment_artifact_location
+    assert location(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny", tmp_path) == "mlflow-artifacts:/tiny"
+    assert location("http://127.0.0.1:5000", "my sweep/2", tmp_path) == "mlflow-artifacts:/my_sweep_2"
+    assert location("postgresql://u@host/db", "tiny", tmp_path) == (tmp_path / "tiny").as_uri()  # no folder of its own
+    assert mlflow_source.local_artifact_root(f"sqlite:///{tmp_path / 'x.db'}") == tmp_path / "mlartifacts"
+    repository = mlflow_source.artifact_repository(f"sqlite:///{tmp_path / 'x.db'}", "mlflow-artifacts:/t/r/artifacts")
+    assert Path(repository.artifact_dir) == tmp_path / "mlartifacts" / "t" / "r" / "artifacts"
+    with pytest.raises(TableError, match="needs a tracking server or a sqlite store"):
+        mlflow_source.artifact_repository("postgresql://u@host/db", "mlflow-artifacts:/t/r/artifacts")
