@@ -11,16 +11,23 @@ rebuild ``trials.parquet`` and ``epochs.parquet`` in the same schema as the Ray 
 - One child run per *started* trial (``mlflow.parentRunId`` = the parent, ``dpsweep.trial_key`` = the
   grid point's key), with the trial's parameters as MLflow params (strings; parsed back to ``int``,
   ``float``, ``bool``, ``None`` or ``str`` as Python wrote them, ``inf`` included) and its provenance tags.
-  Trials of the plan that never started have no child run and are **absent** from the tables (the Ray
-  path lists them as ``INCOMPLETE``).
-- Per-epoch reports are logged at MLflow step = ``epoch`` (1, 2, ...). The final report has no ``epoch``
-  key and is logged at step 0, its marker metric ``val/best_epoch`` (`FINAL_MARKER`) in the last batch; so
-  the step-0 values are the final metrics, every step >= 1 is one epoch row. A value logged twice at one
-  step counts once, the latest.
-- MLflow's SQL stores hold ``+-inf`` as ``+-1e308``; they are turned back into ``+-inf`` (the non-private
-  epsilon). Counts the trials report as ``int`` (`INTEGER_METRICS`) become ``int`` again; every other
-  metric is a float, as in Ray's results. Only numbers reach MLflow: a trial's string-valued results
-  (``ray/node_id``) are not in these tables.
+  The ``budget`` param (`names.BUDGET_PARAM`, derived from ``target_epsilon``) is not a trial parameter and is
+  left out. Trials of the plan that never started have no child run and are **absent** from the tables (the
+  Ray path lists them as ``INCOMPLETE``).
+- Per-epoch reports are logged whole at MLflow step = ``epoch`` (1, 2, ...; they hold only
+  `names.EPOCH_HEADLINES`); every step >= 1 is one epoch row, and a value logged twice at one step counts
+  once, the latest.
+- The final report's headline metrics (`names.is_headline`) are logged at step 0, its marker metric
+  ``val/best_epoch`` (`FINAL_MARKER`) last, after the artifact ``evaluation/metrics.parquet`` that holds the
+  *whole* final report (`read_final_metrics`): the marker's presence means both arrived, and the final metrics
+  are read from the artifact, ints and infinities exactly as the trial reported them.
+- A non-private run (tag ``dpsweep.private = false``) logs no epsilon metric; its per-epoch epsilon is ``inf``
+  again here, as the trial reported it. Stores written by an earlier dpsweep held ``+-inf`` as ``+-1e308``
+  (`names.STORED_INFINITY`), which is read back as ``+-inf``. Per-epoch counts the trials report as ``int``
+  (`INTEGER_METRICS`) become ``int`` again; every other per-epoch metric is a float, as in Ray's results. Only
+  numbers reach MLflow: a trial's string-valued results (``ray/node_id``) are not in these tables.
+- Artifacts are read through `artifact_repository`: a sqlite store's ``mlflow-artifacts:/`` locations resolve
+  to the ``mlartifacts/`` folder beside the database (`experiment_artifact_location`), so a moved store reads.
 
 **Status**, as `sweeps.launch.trial_record` decides it from Ray's results: ``TERMINATED`` when the final
 report arrived (`FINAL_MARKER` at step 0) and the run is not ``FAILED``;
@@ -34,6 +41,7 @@ from __future__ import annotations
 import ast
 import math
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +52,17 @@ from analysis.tables import EvaluationTables, TableError, TrialRecord, build_tab
 from trainables import names
 from trainables.names import (
     BOOTSTRAP_FILE,
+    BUDGET_PARAM,
     ERROR,
     EVALUATION_ARTIFACT_DIR,
     FINAL_MARKER,
     FINAL_STEP,
     GROUPS_FILE,
     INCOMPLETE,
+    METRICS_FILE,
+    MLFLOW_ARTIFACTS_DIR,
     PARENT_TAG,
+    PRIVATE_TAG,
     RAY_TRIAL_ID_TAG,
     ROLE_TAG,
     STOPPED,
@@ -126,7 +138,7 @@ def read_sweep(tracking_uri: str, experiment: str, sweep: str) -> MlflowSweep:
     if not children:
         raise TableError(f"sweep {sweep!r}: its MLflow parent run {parent} has no trial runs yet; nothing to tabulate")
     children.sort(key=lambda r: (r.data.tags.get(RAY_TRIAL_ID_TAG, ""), r.info.start_time or 0))
-    records = [_record(client, run) for run in children]
+    records = [_record(client, tracking_uri, run) for run in children]
     return MlflowSweep(records, {r.key: r.run_id for r in records if r.run_id}, parent)
 
 
@@ -151,11 +163,12 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
     parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
     with tempfile.TemporaryDirectory() as folder:
         for key, run_id in run_ids.items():
-            present = {a.path for a in client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
+            repository = run_artifact_repository(client, tracking_uri, run_id)
+            present = {a.path for a in repository.list_artifacts(EVALUATION_ARTIFACT_DIR)}
             for file, frames in parts.items():
                 path = f"{EVALUATION_ARTIFACT_DIR}/{file}"
                 if path in present:
-                    local = client.download_artifacts(run_id, path, str(Path(folder) / run_id))
+                    local = repository.download_artifacts(path, str(Path(folder) / run_id))
                     table = pd.read_parquet(local)
                     table.insert(0, "trial", key)
                     frames.append(table)
@@ -164,6 +177,82 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
         for f in (GROUPS_FILE, BOOTSTRAP_FILE)
     )
     return EvaluationTables(groups=groups, bootstrap=bootstrap, source=f"MLflow artifacts at {tracking_uri}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where artifacts live: relative to the store, so that a store can be moved.
+
+ARTIFACTS_SCHEME = "mlflow-artifacts"
+
+
+def experiment_artifact_location(tracking_uri: str, experiment: str, file_root: Path) -> str:
+    """The artifact location a new experiment is created with.
+
+    A sqlite store or a tracking server: ``mlflow-artifacts:/<experiment>``, MLflow's proxied-artifact URI,
+    relative to whatever serves it. A tracking server (``mlflow server``, which serves artifacts by default) maps
+    it into its ``--artifacts-destination``; for a sqlite store dpsweep maps it to `local_artifact_root` (the
+    ``mlartifacts/`` folder beside the database), and so does the UI that `dpsweep ui` starts (its
+    ``--artifacts-destination``). Moving the folder that holds ``mlflow.db`` and ``mlartifacts/`` keeps every
+    artifact reachable. Any other store (``postgresql://``, ...) has no folder of its own: artifacts go to the
+    absolute ``file_root/<experiment>`` as before (not movable).
+
+    Args:
+        tracking_uri: the sweep's tracking URI.
+        experiment: the experiment's name.
+        file_root: the fallback folder (``runs/mlartifacts``).
+    """
+    if local_artifact_root(tracking_uri) is not None or _is_server(tracking_uri):
+        return f"{ARTIFACTS_SCHEME}:/{urllib.parse.quote(experiment, safe='')}"
+    return (Path(file_root) / experiment).resolve().as_uri()
+
+
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """Where ``mlflow-artifacts:/`` URIs of a sqlite store resolve: ``<folder of the .db>/mlartifacts``
+    (None for any other store). A relative ``sqlite:///`` path is relative to the working directory."""
+    path = sqlite_path(tracking_uri)
+    return None if path is None else path.parent / MLFLOW_ARTIFACTS_DIR
+
+
+def artifact_repository(tracking_uri: str, artifact_uri: str):
+    """An MLflow ``ArtifactRepository`` for ``artifact_uri`` as seen from ``tracking_uri``: for a sqlite store a
+    ``mlflow-artifacts:/<path>`` URI is the local folder ``local_artifact_root(tracking_uri)/<path>`` (MLflow's
+    client only resolves that scheme through a tracking server); anything else is MLflow's own repository
+    (a server's proxy, ``file://``, ``s3://``, ...).
+
+    Raises:
+        TableError: a ``mlflow-artifacts:`` URI on a store that is neither sqlite nor a server.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme != ARTIFACTS_SCHEME or _is_server(tracking_uri):
+        return get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    root = local_artifact_root(tracking_uri)
+    if root is None:
+        raise TableError(
+            f"artifact location {artifact_uri} needs a tracking server or a sqlite store, but the tracking URI is "
+            f"{tracking_uri}; use the server's http:// URI"
+        )
+    return LocalArtifactRepository(str(root / parsed.path.lstrip("/")))
+
+
+def run_artifact_repository(client, tracking_uri: str, run_id: str):
+    """`artifact_repository` of one run's artifact root (``<experiment location>/<run id>/artifacts``)."""
+    return artifact_repository(tracking_uri, client.get_run(run_id).info.artifact_uri)
+
+
+def _is_server(tracking_uri: str) -> bool:
+    return urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (a relative path is relative to the working directory);
+    None for any other URI."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 def parse_param(text: str) -> Any:
@@ -178,12 +267,15 @@ def parse_param(text: str) -> Any:
     return value if isinstance(value, int | float | bool | type(None)) else text
 
 
-def _record(client, run) -> TrialRecord:
+def _record(client, tracking_uri: str, run) -> TrialRecord:
     run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
     by_step = _values_by_step(client, run)
-    final = by_step.pop(FINAL_STEP, {})
-    final = final if FINAL_MARKER in final else {}  # without it the driver died while logging: not arrived
+    marked = FINAL_MARKER in by_step.pop(FINAL_STEP, {})  # without it the driver died while logging: not arrived
+    final = read_final_metrics(client, tracking_uri, run_id) if marked else {}
     epochs = [{names.EPOCH: step, **values} for step, values in sorted(by_step.items())]
+    if tags.get(PRIVATE_TAG) == "false":  # a non-private run logs no epsilon: it is infinite, as the trial reported
+        for epoch in epochs:
+            epoch.setdefault(names.EPSILON, math.inf)
     finished = bool(final) and status != "FAILED"
     return TrialRecord(
         key=tags[TRIAL_KEY_TAG],
@@ -192,11 +284,35 @@ def _record(client, run) -> TrialRecord:
             TERMINATED if finished else ERROR if status == "FAILED" else STOPPED if status == "FINISHED" else INCOMPLETE
         ),
         error=f"failed; see MLflow run {run_id}" if status == "FAILED" else None,
-        params={k: parse_param(v) for k, v in run.data.params.items()},
+        params={k: parse_param(v) for k, v in run.data.params.items() if k != BUDGET_PARAM},
         tags=dict(tags),
         final=final,
         epochs=epochs,
     )
+
+
+def read_final_metrics(client, tracking_uri: str, run_id: str) -> dict[str, float | int]:
+    """A child run's whole final report from its ``evaluation/metrics.parquet`` artifact (`names.METRICS_FILE`):
+    metric -> value, ``int`` where the trial reported an ``int``, infinities as ``inf``.
+
+    Raises:
+        TableError: the run carries the final marker but not the artifact (written by an earlier dpsweep, whose
+            runs logged every metric: rebuild the tables with ``--source ray``).
+    """
+    path = f"{EVALUATION_ARTIFACT_DIR}/{METRICS_FILE}"
+    repository = run_artifact_repository(client, tracking_uri, run_id)
+    if path not in {a.path for a in repository.list_artifacts(EVALUATION_ARTIFACT_DIR)}:
+        raise TableError(
+            f"MLflow run {run_id} has its final metrics marker ({FINAL_MARKER}) but no {path} artifact at "
+            f"{client.get_run(run_id).info.artifact_uri}: it was written by an earlier dpsweep, or its artifacts "
+            "were not moved with the store; use `dpsweep table --source ray`, or move the artifacts folder too"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        table = pd.read_parquet(repository.download_artifacts(path, folder))
+    return {
+        str(metric): int(value) if integer else float(value)
+        for metric, value, integer in zip(table["metric"], table["value"], table["integer"], strict=True)
+    }
 
 
 def _values_by_step(client, run) -> dict[int, dict[str, Any]]:
@@ -246,12 +362,9 @@ def _search(client, experiment_id: str, filter_string: str) -> list:
 
 def _check_store_exists(tracking_uri: str) -> None:
     """Reading a ``sqlite:///`` URI whose file is missing would create an empty store: refuse instead."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not path.is_absolute():
-            path = Path.cwd() / path
-        if not path.is_file():
-            raise TableError(
-                f"no MLflow database at {path} (tracking URI {tracking_uri}); run the sweep first, or "
-                "give the tracking URI it used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)"
-            )
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.is_file():
+        raise TableError(
+            f"no MLflow database at {path} (tracking URI {tracking_uri}); run the sweep first, or "
+            "give the tracking URI it used (the spec's tracking.uri, or $MLFLOW_TRACKING_URI)"
+        )

@@ -240,7 +240,38 @@ def _report(args) -> int:
     ray_dir = paths.ray_experiment(spec)  # absent for tables rebuilt from MLflow alone
     index = write_report(sweep_dir, ray_experiment_dir=ray_dir if ray_dir.is_dir() else None)
     print(f"report: {index}")
+    from sweeps.tracking import log_report
+
+    try:  # the report is written either way; logging it to the sweep's parent run is a copy
+        logged = log_report(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name, index.parent)
+    except LookupError as error:
+        print(f"report not logged to MLflow: {error}")
+    else:
+        print(f"report logged to MLflow: {logged}")
     return 0
+
+
+def ui_command(runs: Path, port: int) -> list[str]:
+    """The MLflow UI for the store in ``runs`` (``mlflow.db``, and ``mlartifacts/``, where the runs'
+    ``mlflow-artifacts:/`` artifact locations resolve: `analysis.mlflow_source.experiment_artifact_location`), on
+    127.0.0.1. The MLflow of this interpreter's environment (the venv's), not whatever `mlflow` is on PATH (none is,
+    unless the venv is activated: `make` does not activate it)."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        f"sqlite:///{runs / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(runs / "mlartifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def _ui(args) -> int:
@@ -248,22 +279,7 @@ def _ui(args) -> int:
     db = runs / "mlflow.db"
     if not db.exists():
         raise UserError(f"no MLflow database at {db}; run `make sweep` first")
-    # The MLflow of this interpreter's environment (the venv's), not whatever `mlflow` is on PATH (none is,
-    # unless the venv is activated: `make` does not activate it).
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        f"sqlite:///{db}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-        "--workers",
-        "1",
-    ]
+    command = ui_command(runs, args.port)
     from sweeps.mlflow_ui import sweep_view_lines
 
     print("\n".join(sweep_view_lines(f"sqlite:///{db}", f"http://127.0.0.1:{args.port}/")), flush=True)

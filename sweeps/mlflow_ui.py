@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from trainables import names as M
-from trainables.names import ROLE_TAG, SWEEP_TAG
+from trainables.names import BUDGET_PARAM, HEADLINE_ATTRIBUTES, ROLE_TAG, SWEEP_TAG
 
 SHARE_TAG_PREFIX = "mlflow.sharedViewState."
 """MLflow's experiment-tag prefix of a saved (shared) experiment-page view; the rest of the key is the share key."""
@@ -44,10 +44,7 @@ VIEW_NAMES = {RUNS_VIEW: "dpsweep: runs and headline columns", CHARTS_VIEW: "dps
 MAX_TAG_VALUE = 5000
 """Longest experiment tag value the SQL stores keep (characters); a longer view is refused, never truncated."""
 
-BUDGET_PARAM = "budget"
-"""Each trial's privacy budget as a category: ``eps=<target>`` (e.g. ``eps=1``) or ``non-private``."""
 HEADLINE_PARAMS: tuple[str, ...] = ("init", BUDGET_PARAM, "max_grad_norm", "lr")
-FAIRNESS_ATTRIBUTES: tuple[str, ...] = ("sex", "age")  # trainables.evaluate.fairness.ATTRIBUTES (not imported here)
 TRIALS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
 SWEEP_GROUPS = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": SWEEP_TAG}]}
 RUN_NAME_COLUMN = "attributes.`Run Name`"
@@ -99,7 +96,7 @@ def column(kind: Literal["attributes", "params", "metrics", "tags"], key: str) -
 
 def headline_metrics(external: Sequence[str] = ()) -> list[str]:
     """Spent epsilon, test macro AUROC, test AUROC gap per fairness attribute, macro AUROC per external dataset."""
-    gaps = [M.auroc_gap("test", attribute) for attribute in FAIRNESS_ATTRIBUTES]
+    gaps = [M.auroc_gap("test", attribute) for attribute in HEADLINE_ATTRIBUTES]
     return [M.EPSILON, M.TEST_AUROC_MACRO, *gaps, *(M.external_auroc(name) for name in external)]
 
 

@@ -4,6 +4,23 @@ Trials only report to Ray; this callback (running in the driver) is the single M
 found again by tags (``dpsweep.sweep``, ``dpsweep.trial_key``), so a resumed sweep reuses its parent and
 child runs and never logs an epoch, or a trial's final metrics, twice (a trial that had finished before the driver
 was killed is restarted by Ray from its final checkpoint and reports the same final result again).
+
+What a child run holds (Ray's results and trials.parquet keep everything, unchanged):
+
+- name: `child_run_name` (short; the key is the ``dpsweep.trial_key`` tag); tags: the trial's provenance and
+  ``dpsweep.private`` (`names.PRIVATE_TAG`); params: the trial's parameters and ``budget`` (`names.BUDGET_PARAM`:
+  ``eps=<target>`` or ``non-private``).
+- metrics: only headlines (`names.is_headline`, at most `names.MAX_HEADLINES` keys): every per-epoch metric at
+  step = epoch, the final report's headlines at step 0. No infinite value is logged (MLflow's SQL stores cannot
+  hold one): the only infinity a trial reports is a non-private run's epsilon, which therefore has no epsilon
+  metric at all.
+- artifacts under ``evaluation/``: ``metrics.parquet`` (the whole final report, long form) with its ``metrics.csv``
+  preview, logged before the final headlines, whose marker (`FINAL_MARKER`) goes last; and once the trial ends,
+  the final checkpoint's tables (``groups``, ``bootstrap``, ``epochs``, ``predictions``), each parquet with a
+  ``.csv`` twin up to `PREVIEW_MAX_ROWS` rows.
+
+Artifacts are written through `analysis.mlflow_source.artifact_repository` (a sqlite store's ``mlflow-artifacts:/``
+locations are the ``mlartifacts/`` folder beside the database), so the store can be moved.
 """
 
 from __future__ import annotations
@@ -11,30 +28,42 @@ from __future__ import annotations
 import functools
 import math
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from analysis.mlflow_source import experiment_artifact_location, run_artifact_repository, sqlite_path
 from sweeps.mlflow_ui import publish_views
 from trainables import names as M
 from trainables.names import (
+    BUDGET_PARAM,
     EVALUATION_ARTIFACT_DIR,
     FINAL_FILE,
     FINAL_MARKER,
+    METRICS_FILE,
     PARENT_TAG,
+    PRIVATE_TAG,
     RAY_TRIAL_ID_TAG,
+    REPORT_ARTIFACT_DIR,
     ROLE_TAG,
-    STORED_INFINITY,
     SWEEP_TAG,
     TRIAL_KEY_TAG,
+    budget_value,
+    is_headline,
 )
 from trainables.trial import is_final_report
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
+PREVIEW_MAX_ROWS = 20_000
+"""A parquet artifact gets a ``.csv`` twin (which the MLflow UI previews; it does not preview parquet) when it has
+at most this many rows: the evaluation tables always, the per-image predictions of small test sets only."""
+_BATCH = 900  # MLflow caps a batch at 1000 metrics
 
 
 def metric_key(name: str) -> str:
@@ -48,12 +77,15 @@ MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
-    """The sweep's experiment, marked as a model-training experiment; artifacts go under ``artifact_root/<name>``
-    (not MLflow's cwd default)."""
+    """The sweep's experiment, marked as a model-training experiment. A new one stores its artifacts at
+    `analysis.mlflow_source.experiment_artifact_location` (``mlflow-artifacts:/<name>``, relative to the store, for
+    a sqlite store or a tracking server; ``artifact_root/<name>`` for any other store)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         experiment_id = client.create_experiment(
-            name, artifact_location=(artifact_root / name).as_uri(), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            name,
+            artifact_location=experiment_artifact_location(client.tracking_uri, name, artifact_root),
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
         )
     else:
         experiment_id = experiment.experiment_id
@@ -65,11 +97,43 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Pat
 
 def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, tags: dict[str, str]) -> str:
     """The sweep's parent run, reused when the sweep is resumed."""
-    found = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'")
-    if found:
-        return found[0].info.run_id
+    found = find_parent_run(client, experiment_id, sweep)
+    if found is not None:
+        return found
     run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep, ROLE_TAG: "sweep", **tags})
     return run.info.run_id
+
+
+def find_parent_run(client: MlflowClient, experiment_id: str, sweep: str) -> str | None:
+    """The sweep's parent run id (the newest, should there be several), or None."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return found[0].info.run_id if found else None
+
+
+_RUN_NAME_PARTS = (
+    (re.compile(r"-epsinf(?=-|$)"), " ε∞"),
+    (re.compile(r"-eps"), " ε"),
+    (re.compile(r"-clip"), " c"),
+    (re.compile(r"-lr"), " lr"),
+    (re.compile(r"-seed"), " s"),
+    (re.compile(r"-t(?=\d+$)"), " t"),
+    (re.compile(r"-(?=(image|patient)$)"), " "),
+)
+
+
+def child_run_name(key: str) -> str:
+    """A trial's short run name for the MLflow runs list: ``random-eps8-clip1-lr0.002-seed0`` ->
+    ``random ε8 c1 lr0.002 s0``, ``imagenet-epsinf-t003`` -> ``imagenet ε∞ t003`` (model and dataset prefixes and
+    the privacy-unit suffix stay). Keys hold no spaces and every separator maps to a distinct space-led token, so
+    distinct keys keep distinct names."""
+    name = key
+    for pattern, replacement in _RUN_NAME_PARTS:
+        name = pattern.sub(replacement, name)
+    return name
 
 
 class MlflowSweepCallback(tune.Callback):
@@ -120,6 +184,7 @@ class MlflowSweepCallback(tune.Callback):
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
+            private = math.isfinite(float(point["params"]["target_epsilon"]))
             tags = {
                 PARENT_TAG: self.parent_run_id,
                 SWEEP_TAG: self.sweep,
@@ -127,11 +192,12 @@ class MlflowSweepCallback(tune.Callback):
                 TRIAL_KEY_TAG: key,
                 RAY_TRIAL_ID_TAG: trial.trial_id,
                 **point["tags"],
+                PRIVATE_TAG: str(private).lower(),
             }
-            run = self.client.create_run(self.experiment_id, run_name=key, tags=tags)
+            run = self.client.create_run(self.experiment_id, run_name=child_run_name(key), tags=tags)
             run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in point["params"].items()]
-            self.client.log_batch(run_id, params=params)
+            params = {**point["params"], BUDGET_PARAM: budget_value(point["params"]["target_epsilon"])}
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self._logged_epochs[run_id] = set()
         self._runs[key] = run_id
         return run_id
@@ -146,20 +212,20 @@ class MlflowSweepCallback(tune.Callback):
         logged = run_id in self._logged_final if is_final else epoch in self._logged_epochs[run_id]
         if logged:
             return  # reported again after a restart (a finished trial re-reports its final result): logged already
-        step = epoch
-        metrics = [
-            Metric(metric_key(k), _finite(v), int(result.get("timestamp", 0)) * 1000, step)
-            for k, v in result.items()
-            if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        timestamp = int(result.get("timestamp", 0)) * 1000
+        reported = trial_metrics(result)
+        if is_final:
+            # The whole report first, as an artifact: the marker metric (logged last) then implies it exists.
+            self._log_final_metrics(run_id, trial.config["point"]["key"], reported)
+            reported = {k: v for k, v in reported.items() if is_headline(k)}
+        metrics = [Metric(metric_key(k), float(v), timestamp, epoch) for k, v in reported.items() if not math.isinf(v)]
         metrics.sort(key=lambda metric: metric.key == FINAL_MARKER)  # the marker goes last (in the last batch)
-        for start in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(run_id, metrics=metrics[start : start + 900])
+        for start in range(0, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
         if not is_final:
             self._logged_epochs[run_id].add(epoch)
         else:
             self._logged_final.add(run_id)
-            self.client.set_tag(run_id, "dpsweep.epsilon_spent", str(result.get(M.EPSILON)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
@@ -173,11 +239,58 @@ class MlflowSweepCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.client.set_terminated(self.run_for(trial), "FAILED")
 
+    def _repository(self, run_id: str):
+        return run_artifact_repository(self.client, self.tracking_uri, run_id)
+
+    def _log_final_metrics(self, run_id: str, key: str, metrics: dict[str, float | int]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            table = metrics_table(key, metrics)
+            table.to_parquet(Path(folder) / METRICS_FILE, index=False)
+            table.drop(columns="integer").to_csv(Path(folder) / Path(METRICS_FILE).with_suffix(".csv"), index=False)
+            self._repository(run_id).log_artifacts(folder, EVALUATION_ARTIFACT_DIR)
+
     def _log_tables(self, run_id: str, folder: Path) -> None:
-        existing = {a.path for a in self.client.list_artifacts(run_id, EVALUATION_ARTIFACT_DIR)}
+        repository = self._repository(run_id)
+        existing = {a.path for a in repository.list_artifacts(EVALUATION_ARTIFACT_DIR)}
         for table in sorted(folder.glob("*.parquet")):
             if f"{EVALUATION_ARTIFACT_DIR}/{table.name}" not in existing:
-                self.client.log_artifact(run_id, str(table), EVALUATION_ARTIFACT_DIR)
+                log_with_preview(repository, table, EVALUATION_ARTIFACT_DIR)
+
+
+def trial_metrics(result: dict[str, Any]) -> dict[str, float | int]:
+    """The metrics of one Ray result: our keys (``split/family/name`` and ``epoch``) with a number value; not Ray's
+    bookkeeping (``timestamp``, ``training_iteration``, ...), ``done``, or strings (``ray/node_id``)."""
+    return {
+        k: v
+        for k, v in result.items()
+        if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def metrics_table(key: str, metrics: dict[str, float | int]) -> pd.DataFrame:
+    """A final report in long form, the ``evaluation/metrics.parquet`` artifact (`names.METRICS_FILE`): ``trial``,
+    ``metric``, ``value`` (float64, infinities kept) and ``integer`` (the trial reported an ``int``)."""
+    return pd.DataFrame(
+        {
+            "trial": key,
+            "metric": list(metrics),
+            "value": [float(v) for v in metrics.values()],
+            "integer": [isinstance(v, int) for v in metrics.values()],
+        },
+        columns=["trial", "metric", "value", "integer"],
+    )
+
+
+def log_with_preview(repository: Any, table: Path, artifact_path: str | None = None) -> None:
+    """Log a parquet file and, when it has at most `PREVIEW_MAX_ROWS` rows, a ``.csv`` twin beside it (MLflow's UI
+    previews CSV, not parquet)."""
+    repository.log_artifact(str(table), artifact_path)
+    frame = pd.read_parquet(table)
+    if len(frame) <= PREVIEW_MAX_ROWS:
+        with tempfile.TemporaryDirectory() as folder:
+            twin = Path(folder) / table.with_suffix(".csv").name
+            frame.to_csv(twin, index=False)
+            repository.log_artifact(str(twin), artifact_path)
 
 
 class ProgressCallback(tune.Callback):
@@ -253,18 +366,45 @@ def finish_parent(
     summary: dict[str, float] | None = None,
     artifacts: list[Path] = (),
 ) -> None:
+    """End the sweep's parent run, with its summary metrics (the tuning epsilon: finite, it composes private trials
+    only) and artifacts (parquet tables get a ``.csv`` twin, `log_with_preview`).
+
+    Raises:
+        ValueError: a summary value is infinite (MLflow cannot hold it; nothing is logged).
+    """
     client = MlflowClient(tracking_uri)
     if summary:
-        client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), _finite(v), 0, 0) for k, v in summary.items()])
+        infinite = sorted(k for k, v in summary.items() if math.isinf(v))
+        if infinite:
+            raise ValueError(f"parent run summary {infinite} is infinite; MLflow cannot hold it")
+        client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), float(v), 0, 0) for k, v in summary.items()])
+    repository = run_artifact_repository(client, tracking_uri, parent_run_id)
     for path in artifacts:
-        client.log_artifact(parent_run_id, str(path))
+        if path.suffix == ".parquet":
+            log_with_preview(repository, path)
+        else:
+            repository.log_artifact(str(path))
     client.set_terminated(parent_run_id, status)
 
 
-def _finite(value: float) -> float:
-    """MLflow's SQL stores cannot hold inf; they (and we) store +/-STORED_INFINITY instead, e.g. for non-private
-    epsilon."""
-    value = float(value)
-    if math.isinf(value):
-        return math.copysign(STORED_INFINITY, value)
-    return value
+def log_report(tracking_uri: str, experiment: str, sweep: str, folder: Path) -> str:
+    """Log `dpsweep report`'s folder (index.html, figures, tables) under ``report/`` of the sweep's parent run,
+    replacing the copy an earlier ``dpsweep report`` logged (on a store that cannot delete artifacts, the new files
+    overwrite theirs and files the new report no longer has stay). Returns the artifact URI of the copy.
+
+    Raises:
+        LookupError: the store has no such experiment or no parent run of the sweep.
+    """
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():  # opening it would create an empty store
+        raise LookupError(f"no MLflow database at {database}")
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    parent = find_parent_run(client, found.experiment_id, sweep) if found is not None else None
+    if parent is None:
+        raise LookupError(f"no MLflow parent run of sweep {sweep!r} in experiment {experiment!r} at {tracking_uri}")
+    repository = run_artifact_repository(client, tracking_uri, parent)
+    if any(a.path == REPORT_ARTIFACT_DIR for a in repository.list_artifacts()):
+        repository.delete_artifacts(REPORT_ARTIFACT_DIR)
+    repository.log_artifacts(str(folder), REPORT_ARTIFACT_DIR)
+    return f"{client.get_run(parent).info.artifact_uri}/{REPORT_ARTIFACT_DIR}"

@@ -40,3 +40,35 @@ def test_dataset_dir_is_root_name_size(tmp_path):
 def test_unknown_names_are_refused_with_the_valid_ones(build, message):
     with pytest.raises(KeyError, match=message):
         build()
+
+
+def test_budget_param_and_private_tag_spell_the_contract():
+    assert (names.BUDGET_PARAM, names.PRIVATE_TAG) == ("budget", "dpsweep.private")
+    assert [names.budget_value(e) for e in (1, 8.0, 0.5, 2.25, float("inf"))] == [
+        "eps=1",
+        "eps=8",
+        "eps=0.5",
+        "eps=2.25",
+        "non-private",
+    ]
+
+
+def test_headlines_are_few_and_leave_the_detail_out():
+    externals = [f"synthetic-{c}" for c in "bcdef"]  # the paper sweep's five external sets
+    every = {*names.EPOCH_HEADLINES, *names.FINAL_HEADLINES, *(names.external_auroc(d) for d in externals)}
+    assert all(names.is_headline(key) for key in every)
+    assert len(every) == 34 <= names.MAX_HEADLINES
+    for detail in (
+        names.test_auroc("pneumonia"),
+        names.auroc_ci("test", "pneumonia", "low"),
+        names.subgroup_auroc("test", "age", "70-100"),
+        names.fairness("test", "eod", "age"),
+        names.fairness("test", "auroc_gap", "age", "pneumonia"),
+        names.thresholded("test", "f1", "pneumonia"),
+        names.n_images("test"),
+        names.auroc_gap("external/synthetic-b", "age"),
+        names.auroc("external/synthetic-b", "pneumonia"),
+        names.bootstrap_replicates("test"),
+        "external/synthetic-b/auroc_macro_ci_low",
+    ):
+        assert not names.is_headline(detail), detail

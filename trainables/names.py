@@ -238,6 +238,74 @@ def audit_metric(kind: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Headline metrics: the few a child run logs to MLflow as metrics (columns, charts, compare view).
+HEADLINE_ATTRIBUTES: Final[tuple[str, ...]] = ("sex", "age")
+"""Attributes whose fairness gaps are headline metrics."""
+EPOCH_HEADLINES: Final[tuple[str, ...]] = (
+    EPOCH,
+    EPSILON,
+    STEPS,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    VAL_AUROC_MACRO,
+    VAL_SELECTED_AUROC_MACRO,
+    *(auroc_gap("val", a) for a in HEADLINE_ATTRIBUTES),
+    TEST_AUROC_MACRO_AT_EPOCH,
+    *(auroc_gap_at_epoch(a) for a in HEADLINE_ATTRIBUTES),
+)
+"""Every metric an epoch report can carry (the trainable reports exactly these, see `trainables.train`); all are
+logged per epoch, so the MLflow history is the whole epoch table."""
+FINAL_HEADLINES: Final[tuple[str, ...]] = (
+    TEST_AUROC_MACRO,
+    auroc_macro_ci("test", "low"),
+    auroc_macro_ci("test", "high"),
+    *(auroc_gap("test", a) for a in HEADLINE_ATTRIBUTES),
+    *(worst_group_auroc("test", a) for a in HEADLINE_ATTRIBUTES),
+    BEST_EPOCH,
+    VAL_SELECTED_AUROC_MACRO,
+    *(val_selected_auroc_gap(a) for a in HEADLINE_ATTRIBUTES),
+    EPSILON,
+    STEPS,
+    EPSILON_AT_BEST_EPOCH,
+    EPSILON_CROSS_CHECK_RDP,
+    EPSILON_CROSS_CHECK_PLD,
+    EPSILON_PATIENT,
+    PATIENT_IMAGES,
+    EPSILON_PATIENT_P99,
+    PATIENT_IMAGES_P99,
+)
+"""The final report's fixed headline keys; ``external/<dataset>/auroc_macro`` of every external set is one too."""
+MAX_HEADLINES: Final = 40
+"""Most metric keys one child run may carry: 10 per-epoch keys reach MLflow (`EPOCH_HEADLINES` less train loss or
+epsilon, and val/loss, which no trial reports today), 17 more final keys, and one per external set: 32 with the
+paper's 5 external sets."""
+
+
+def is_headline(key: str) -> bool:
+    """Whether a trial's metric is logged to MLflow as a metric (the rest of its final report goes into the run's
+    ``evaluation/metrics.parquet`` artifact; Ray's results and trials.parquet keep every metric).
+
+    Headlines, per epoch: ``epoch``, ``privacy/epsilon``, ``privacy/steps``, ``train/loss`` (non-private),
+    ``val/loss``, ``val/auroc_macro``, ``val/selected/auroc_macro``, ``val/fairness/auroc_gap/{sex,age}``,
+    ``test/auroc_macro_at_epoch`` and ``test/fairness/auroc_gap_at_epoch/{sex,age}`` (with ``test_every_epoch``).
+    Final: ``test/auroc_macro`` with ``test/auroc_macro_ci_{low,high}``, ``test/fairness/auroc_gap/{sex,age}``,
+    ``test/fairness/worst_group_auroc/{sex,age}``, ``val/best_epoch`` (`FINAL_MARKER`),
+    ``val/selected/auroc_macro``, ``val/selected/fairness/auroc_gap/{sex,age}``, ``privacy/epsilon``,
+    ``privacy/steps``, ``privacy/epsilon_at_best_epoch``, the dp-accounting cross-checks
+    ``privacy/epsilon_dp_accounting_{rdp,pld}``, ``privacy/epsilon_patient(_p99)`` with
+    ``privacy/patient_images(_p99)``, and ``external/<dataset>/auroc_macro`` per external set. A non-private run
+    logs none of the epsilon keys (its epsilon is infinite; `PRIVATE_TAG` and `BUDGET_PARAM` say non-private).
+    """
+    if key in _HEADLINES:
+        return True
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "external" and parts[1] != "" and parts[2] == "auroc_macro"
+
+
+_HEADLINES: Final = frozenset(EPOCH_HEADLINES) | frozenset(FINAL_HEADLINES)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # MLflow: tags that find a sweep's runs again, and what the SQL stores keep for infinity.
 SWEEP_TAG: Final = "dpsweep.sweep"
 ROLE_TAG: Final = "dpsweep.role"  # "sweep" (the parent run) or "trial" (a child run)
@@ -251,7 +319,22 @@ FINAL_MARKER: Final = BEST_EPOCH
 FINAL_STEP: Final = 0
 """MLflow step of the final report (it carries no ``epoch``); epochs are logged at step = epoch >= 1."""
 STORED_INFINITY: Final = 1e308
-"""What MLflow's SQL stores keep for an infinite metric (they cannot hold inf), e.g. non-private epsilon."""
+"""What MLflow's SQL stores keep for an infinite metric (they cannot hold inf). dpsweep never logs one (a non-private
+run logs no epsilon at all); readers still map it back to inf for stores written by an earlier dpsweep."""
+PRIVATE_TAG: Final = "dpsweep.private"
+"""Child-run tag: ``true`` for a private trial (finite target epsilon), ``false`` for a non-private baseline."""
+BUDGET_PARAM: Final = "budget"
+"""Child-run param holding `budget_value`: ``eps=<target>`` or ``non-private`` (an MLflow column that shows the
+baselines beside the private runs; non-private runs log no epsilon metric)."""
+NON_PRIVATE_BUDGET: Final = "non-private"
+
+
+def budget_value(target_epsilon: float) -> str:
+    """The `BUDGET_PARAM` value of a trial: ``eps=<target epsilon as the trial key writes it>`` (``eps=1``,
+    ``eps=0.5``, ``eps=8``) for a private trial, ``non-private`` for an infinite target."""
+    target_epsilon = float(target_epsilon)
+    return NON_PRIVATE_BUDGET if target_epsilon == float("inf") else f"eps={target_epsilon:g}"
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Trial statuses (the ``status`` column of trials.parquet).
@@ -285,7 +368,16 @@ IMAGES_FILE: Final = "images.npy"
 PRETRAINED_WEIGHTS_FILE: Final = "model.safetensors"
 AUDIT_FILE: Final = "audit.parquet"  # runs/<sweep>/audit.parquet: `dpsweep audit`'s results
 EVALUATION_ARTIFACT_DIR: Final = "evaluation"
-"""Artifact folder of a finished child run holding its ``groups.parquet`` and ``bootstrap.parquet``."""
+"""Artifact folder of a child run: its full final metrics (`METRICS_FILE`), and once finished its ``groups``,
+``bootstrap``, ``epochs`` and ``predictions`` tables (each parquet with a ``.csv`` twin the MLflow UI previews)."""
+METRICS_FILE: Final = "metrics.parquet"
+"""A finished trial's whole final report in long form (``trial``, ``metric``, ``value``, ``integer``): every metric
+the trial reported to Ray, headline or not, infinities included; logged before the headline metrics."""
+REPORT_ARTIFACT_DIR: Final = "report"  # `dpsweep report`'s folder, logged to the sweep's parent run
+MLFLOW_DB_FILE: Final = "mlflow.db"  # runs/mlflow.db: the default tracking store
+MLFLOW_ARTIFACTS_DIR: Final = "mlartifacts"
+"""Beside a sqlite store, the folder its ``mlflow-artifacts:/`` artifact locations resolve to (MLflow's own
+default ``--artifacts-destination``); moving runs/ moves both."""
 
 
 def dataset_dir(root: str | Path, name: str, image_size: int) -> Path:

@@ -84,6 +84,9 @@ def final_result(epsilon: float, test: float) -> dict:
         M.EPSILON: epsilon,
         M.EPSILON_AT_BEST_EPOCH: epsilon,
         M.auroc_gap("test", "age"): 0.125,
+        M.test_auroc("pneumonia"): 0.5625,  # detail: in the metrics artifact, not a metric
+        M.subgroup_auroc("test", "age", "70-100"): 0.4375,
+        M.PATIENT_IMAGES: 3,  # an int outside INTEGER_METRICS: the artifact keeps it an int
         NODE_ID: "f00d",
         "done": True,
         "timestamp": 1_700_000_100,
@@ -162,13 +165,50 @@ def fake_store(tmp_path_factory):
     return SimpleNamespace(uri=uri, runs=runs, parent=parent, records=records, client=client)
 
 
-def test_infinity_round_trips_through_the_store():
-    """The writer stores inf as `STORED_INFINITY` (SQL stores cannot hold inf) and the reader maps it back."""
-    tracking = pytest.importorskip("sweeps.tracking")
-    assert tracking.metric_key(M.BEST_EPOCH) == M.BEST_EPOCH
-    assert tracking._finite(math.inf) == M.STORED_INFINITY and tracking._finite(-math.inf) == -M.STORED_INFINITY
+def test_no_infinity_and_no_detail_reaches_the_metrics(fake_store):
+    """A non-private run logs no epsilon (no 1e308 stand-in), a private run's epsilon is its trial's; detail metrics
+    are only in the run's metrics artifact; the reader still maps a legacy 1e308 back to inf."""
+    found = read_sweep(fake_store.uri, SWEEP, SWEEP)
+    for key, (target, fate) in SCRIPT.items():
+        run = fake_store.client.get_run(found.run_ids[key])
+        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+        assert tags[M.PRIVATE_TAG] == str(math.isfinite(target)).lower()
+        assert params[M.BUDGET_PARAM] == ("non-private" if math.isinf(target) else f"eps={target:g}")
+        assert not any(abs(v) >= 1e300 or math.isinf(v) for v in metrics.values()), metrics
+        assert not any(k.startswith("dpsweep.epsilon") for k in tags)
+        if math.isinf(target):
+            assert not [k for k in metrics if "epsilon" in k], metrics
+        elif fate != "started":
+            history = fake_store.client.get_metric_history(run.info.run_id, M.EPSILON)
+            expected = [target * e / 2 for e in (1, 2)][: len({m.step for m in history if m.step > 0})]
+            assert [m.value for m in sorted(history, key=lambda m: m.step) if m.step > 0] == expected
+        assert all(M.is_headline(k) for k in metrics), sorted(metrics)
+        assert M.test_auroc("pneumonia") not in metrics
     assert mlflow_source._value(M.EPSILON, M.STORED_INFINITY) == math.inf
     assert mlflow_source._value(M.EPSILON, -M.STORED_INFINITY) == -math.inf
+
+
+def test_child_runs_are_named_short_and_distinct(fake_store):
+    from sweeps.tracking import child_run_name
+
+    assert child_run_name("random-eps2-clip1-lr0.002-seed0") == "random ε2 c1 lr0.002 s0"
+    assert child_run_name("imagenet-epsinf-clip1-lr0.002-seed3") == "imagenet ε∞ c1 lr0.002 s3"
+    assert child_run_name("m-synthetic-a-domain-eps8-t007") == "m-synthetic-a-domain ε8 t007"
+    assert child_run_name("random-eps0.5-clip1-lr1e-05-seed0-patient") == "random ε0.5 c1 lr1e-05 s0 patient"
+    keys = [
+        f"{prefix}{init}-eps{eps}-clip{c}-lr{lr}-seed{seed}{unit}"
+        for prefix in ("", "convnext_small-chexpert-", "convnext_small-mimic-cxr-")
+        for init in ("random", "imagenet")
+        for eps in ("1", "8", "inf")
+        for c in ("0.5", "1")
+        for lr in ("0.001", "1e-05")
+        for seed in (0, 1)
+        for unit in ("", "-image", "-patient")
+    ]
+    assert len({child_run_name(k) for k in keys}) == len(keys)
+    found = read_sweep(fake_store.uri, SWEEP, SWEEP)
+    names = {fake_store.client.get_run(run_id).info.run_name for run_id in found.run_ids.values()}
+    assert names == {child_run_name(k) for k in SCRIPT}
 
 
 def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
@@ -191,6 +231,58 @@ def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
     assert trials.loc[trials["trial"] == "random-epsinf", M.EPSILON].item() == math.inf
     assert trials.loc[trials["trial"] == "random-eps8", "error"].item().startswith("failed; see MLflow run")
     assert trials["error"].isna().sum() == 5
+
+
+def test_a_moved_store_reads_the_same_tables_and_takes_the_report(fake_store, tmp_path):
+    """Artifact locations are ``mlflow-artifacts:/<experiment>``, resolved beside the database: the runs folder
+    moved elsewhere (the old path gone) gives the same tables, whose final metrics come from the artifacts."""
+    import shutil
+
+    from sweeps.tracking import log_report
+
+    before, before_epochs = tables_from_mlflow(fake_store.uri, SWEEP, SWEEP)
+    experiment = fake_store.client.get_experiment_by_name(SWEEP)
+    assert experiment.artifact_location == f"mlflow-artifacts:/{SWEEP}"
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(fake_store.runs, moved)
+    away = fake_store.runs.with_name("runs-away")
+    fake_store.runs.rename(away)
+    try:
+        uri = f"sqlite:///{moved / 'mlflow.db'}"
+        after, after_epochs = tables_from_mlflow(uri, SWEEP, SWEEP)
+        pd.testing.assert_frame_equal(after, before)
+        pd.testing.assert_frame_equal(after_epochs, before_epochs)
+        assert after.set_index("trial").loc["random-eps2", M.test_auroc("pneumonia")] == 0.5625  # from the artifact
+
+        report = tmp_path / "report"
+        (report / "figures").mkdir(parents=True)
+        (report / "index.html").write_text("<h1>first</h1>")
+        (report / "figures" / "old.svg").write_text("<svg/>")
+        logged = log_report(uri, SWEEP, SWEEP, report)
+        (report / "figures" / "old.svg").unlink()
+        (report / "index.html").write_text("<h1>second</h1>")
+        assert log_report(uri, SWEEP, SWEEP, report) == logged
+        parent_dir = moved / "mlartifacts" / SWEEP / fake_store.parent / "artifacts" / "report"
+        assert (parent_dir / "index.html").read_text() == "<h1>second</h1>"
+        assert not (parent_dir / "figures" / "old.svg").exists()  # a re-run replaces the earlier copy
+        assert not away.joinpath("mlartifacts", SWEEP, fake_store.parent).exists()
+        with pytest.raises(LookupError, match="no MLflow database"):
+            log_report(f"sqlite:///{tmp_path / 'none.db'}", SWEEP, SWEEP, report)
+        assert not (tmp_path / "none.db").exists()
+        with pytest.raises(LookupError, match="no MLflow parent run of sweep 'other'"):
+            log_report(uri, SWEEP, "other", report)
+    finally:
+        away.rename(fake_store.runs)
+
+
+def test_final_metrics_need_their_artifact(fake_store, tmp_path):
+    """The marker without the metrics artifact (a store moved without its artifacts) is a clear error."""
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(fake_store.runs, copy, ignore=shutil.ignore_patterns("mlartifacts"))
+    with pytest.raises(TableError, match="no evaluation/metrics.parquet artifact"):
+        tables_from_mlflow(f"sqlite:///{copy / 'mlflow.db'}", SWEEP, SWEEP)
 
 
 def test_records_name_their_runs(fake_store):
