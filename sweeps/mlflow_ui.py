@@ -1,33 +1,45 @@
 """What MLflow's UI shows first for a sweep: two saved views of the experiment page, stored as experiment tags.
 
-MLflow 3.17's experiment page keeps its state (visible columns, expanded parent runs, charts) in the browser's
-localStorage, which a sweep cannot reach. It also reads a *saved view* from an experiment tag
-``mlflow.sharedViewState.<key>`` when the page's URL carries ``?viewStateShareKey=<key>`` (the UI's "Save & share
-view" writes the same tags). The tag's value is an envelope ``{"name", "createdAt", "updatedAt", "state"}`` (times
-in ms since the epoch) whose ``state`` is the JSON of the page's UI state (``ExperimentPageUIState``: the fields
-in `UI_STATE_DEFAULTS`) plus its search facets (``searchFilter``, ``orderByKey``, ...). The view only applies when
-the URL has no search facet of its own, so the URLs here carry the key and, for the chart view, the view mode.
+MLflow 3.17's experiment page keeps its state (visible columns, grouping, charts) in the browser's localStorage,
+which a sweep cannot reach. It also opens a *saved view* from an experiment tag ``mlflow.sharedViewState.<key>``
+when the page's URL carries ``?viewStateShareKey=<key>`` (the UI's "Save & share view" writes the same tags; the
+views are listed in the page's view menu). The tag holds an envelope ``{"name", "createdAt", "updatedAt", "state"}``
+(times in ms since the epoch); ``state`` is the JSON of the page's UI state (``ExperimentPageUIState``, the fields
+of `UI_STATE_DEFAULTS`) and search facets (`SEARCH_FACETS_DEFAULTS`), zlib-compressed behind ``deflate;``. What
+MLflow 3.17 does with it (read in its sources and checked in headless Chromium, `tests/sweeps/test_mlflow_ui.py`):
 
-dpsweep writes two views per sweep experiment (`publish_views`):
+- the view applies only when the URL holds no search facet of its own (``searchFilter``, ``orderByKey``, ...), so
+  the URLs carry only the key (and ``compareRunsMode=CHART`` for the chart view);
+- ``runsExpanded``, ``runsPinned``, ``runsHidden``, ``runsVisibilityMap`` and ``autoRefreshEnabled`` are never
+  taken from a shared view (they stay the browser's own): a view cannot open a parent run over its children, so
+  the views *group* the runs by the ``dpsweep.sweep`` tag instead (groups are open by default);
+- a filter does not hide a matching child's parent (the UI fetches missing parents), so the sweep's parent run is
+  a row of its group;
+- column widths apply only to the columns named in ``columnOrder``.
 
-- ``dpsweep-runs`` (the runs table): each sweep's parent run expanded over its trials (child runs nest under their
-  parent only while the table is sorted by start time without a filter), with the headline columns
-  (`headline_columns`): init, privacy budget, clip norm, learning rate, spent epsilon, test macro AUROC, the test
-  AUROC gap of each fairness attribute and each external dataset's macro AUROC.
-- ``dpsweep-charts`` (the chart view): the trials only (``tags.`dpsweep.role` = 'trial'``), first a section of
-  scatter plots with the ``budget`` param on the x axis (``eps=<target>`` or ``non-private``, a category, so the
-  non-private baselines are points beside the private runs), then a parallel-coordinates plot.
+The two views (`publish_views`):
 
-Both are rewritten from the store's runs each time (`publish_views`, at sweep start and by ``dpsweep ui``), so a
-user's own saved views must use other names.
+- ``dpsweep-runs``, the runs table: one open group per sweep holding its parent run and trials, the headline columns
+  (`headline_columns`: init, budget, clip norm, learning rate, spent epsilon, test macro AUROC, the test AUROC gap
+  per fairness attribute, each external set's macro AUROC) right after the run name.
+- ``dpsweep-charts``, the chart view of the trials (``tags.`dpsweep.role` = 'trial'``, each run its own point):
+  a scatter per utility or fairness headline against the ``budget`` param (``eps=<target>`` or ``non-private``, a
+  category, so the non-private baselines are points beside the private runs; a chart of ``privacy/epsilon`` would
+  drop them), then parallel coordinates over init, budget and those metrics.
+
+Both are written when the sweep's experiment is created or reused (`sweeps.tracking.get_or_create_experiment`) and
+refreshed from the runs by ``dpsweep ui`` (which then knows the external sets), so a user's own saved views must
+use other names.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +53,7 @@ SHARE_URL_PARAM = "viewStateShareKey"
 RUNS_VIEW = "dpsweep-runs"
 CHARTS_VIEW = "dpsweep-charts"
 VIEW_NAMES = {RUNS_VIEW: "dpsweep: runs and headline columns", CHARTS_VIEW: "dpsweep: budget vs utility charts"}
+DEFLATE_PREFIX = "deflate;"
 MAX_TAG_VALUE = 5000
 """Longest experiment tag value the SQL stores keep (characters); a longer view is refused, never truncated."""
 
@@ -175,9 +188,17 @@ def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def envelope(name: str, state: dict[str, Any], created_ms: int, updated_ms: int) -> str:
-    """A saved view as MLflow 3.17 stores it in an experiment tag (the state is a JSON string inside JSON)."""
+    """A saved view as MLflow 3.17 stores it in an experiment tag: JSON whose ``state`` is the view's JSON,
+    zlib-compressed and base64-encoded behind ``deflate;`` (MLflow's ``textCompressDeflate``, pako's zlib format),
+    so a view with the paper's five external sets fits a tag."""
+    packed = zlib.compress(json.dumps(state, separators=(",", ":")).encode(), 9)
     text = json.dumps(
-        {"name": name, "createdAt": created_ms, "updatedAt": updated_ms, "state": json.dumps(state)},
+        {
+            "name": name,
+            "createdAt": created_ms,
+            "updatedAt": updated_ms,
+            "state": DEFLATE_PREFIX + base64.b64encode(packed).decode(),
+        },
         separators=(",", ":"),
     )
     if len(text) > MAX_TAG_VALUE:
@@ -188,9 +209,12 @@ def envelope(name: str, state: dict[str, Any], created_ms: int, updated_ms: int)
 
 
 def read_envelope(text: str) -> tuple[str, dict[str, Any], int]:
-    """(name, state, createdAt) of a saved view written by `envelope` (or by MLflow's UI, uncompressed)."""
+    """(name, state, createdAt) of a saved view in an experiment tag (compressed as `envelope` writes it, or plain)."""
     saved = json.loads(text)
-    return saved["name"], json.loads(saved["state"]), int(saved["createdAt"])
+    state = saved["state"]
+    if state.startswith(DEFLATE_PREFIX):
+        state = zlib.decompress(base64.b64decode(state[len(DEFLATE_PREFIX) :])).decode()
+    return saved["name"], json.loads(state), int(saved["createdAt"])
 
 
 @dataclass(frozen=True)
@@ -224,8 +248,9 @@ def view_paths(name: str, experiment_id: str) -> ExperimentViews:
 def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) -> ExperimentViews:
     """Write (or refresh) the experiment's two dpsweep views from the runs it holds now.
 
-    The sweep parent runs (role ``sweep``) are expanded; the external datasets are those some trial logged an
-    ``external/<dataset>/auroc_macro`` for. A view whose state did not change is left as it is.
+    The external datasets (columns and charts) are those some trial logged an ``external/<dataset>/auroc_macro``
+    for. A view whose state did not change is left as it is (its ``updatedAt`` too); one that did keeps its
+    ``createdAt``.
 
     Args:
         client: an ``mlflow.tracking.MlflowClient`` of the store.
@@ -243,7 +268,7 @@ def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) ->
         if tag in experiment.tags:
             try:
                 _, old_state, created_ms = read_envelope(experiment.tags[tag])
-            except (ValueError, KeyError, TypeError):  # not ours (or edited by hand): replaced
+            except (ValueError, KeyError, TypeError, AttributeError, zlib.error):  # not ours: replaced
                 old_state = None
             if old_state == state:
                 continue
