@@ -33,6 +33,7 @@ FLAGS = (
     "--disable-dev-shm-usage",
     "--disable-extensions",
     "--mute-audio",
+    "--no-proxy-server",  # the pages are on 127.0.0.1; never through an http_proxy from the environment
 )
 COMMAND_TIMEOUT_S = 60
 
@@ -95,8 +96,6 @@ class HeadlessChromium:
             self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, page=False)[
                 "sessionId"
             ]
-            self.call("Page.enable")
-            self.call("Runtime.enable")
             self.call(
                 "Emulation.setDeviceMetricsOverride",
                 {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
