@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -168,7 +169,7 @@ def evaluation_tables_from_mlflow(tracking_uri: str, run_ids: dict[str, str]) ->
             for file, frames in parts.items():
                 path = f"{EVALUATION_ARTIFACT_DIR}/{file}"
                 if path in present:
-                    local = repository.download_artifacts(path, str(Path(folder) / run_id))
+                    local = download(repository, path, Path(folder) / run_id)
                     table = pd.read_parquet(local)
                     table.insert(0, "trial", key)
                     frames.append(table)
@@ -242,6 +243,23 @@ def run_artifact_repository(client, tracking_uri: str, run_id: str):
     return artifact_repository(tracking_uri, client.get_run(run_id).info.artifact_uri)
 
 
+def download(repository, path: str, folder: Path) -> str:
+    """Download one artifact into ``folder`` (created), without MLflow's progress bar; returns the local path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        return repository.download_artifacts(path, str(folder))
+    finally:
+        if previous is None:
+            del os.environ[_PROGRESS_BAR]
+        else:
+            os.environ[_PROGRESS_BAR] = previous
+
+
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
 def _is_server(tracking_uri: str) -> bool:
     return urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
 
@@ -308,7 +326,7 @@ def read_final_metrics(client, tracking_uri: str, run_id: str) -> dict[str, floa
             "were not moved with the store; use `dpsweep table --source ray`, or move the artifacts folder too"
         )
     with tempfile.TemporaryDirectory() as folder:
-        table = pd.read_parquet(repository.download_artifacts(path, folder))
+        table = pd.read_parquet(download(repository, path, Path(folder)))
     return {
         str(metric): int(value) if integer else float(value)
         for metric, value, integer in zip(table["metric"], table["value"], table["integer"], strict=True)

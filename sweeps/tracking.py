@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -252,9 +253,9 @@ class MlflowSweepCallback(tune.Callback):
     def _log_tables(self, run_id: str, folder: Path) -> None:
         repository = self._repository(run_id)
         existing = {a.path for a in repository.list_artifacts(EVALUATION_ARTIFACT_DIR)}
-        for table in sorted(folder.glob("*.parquet")):
-            if f"{EVALUATION_ARTIFACT_DIR}/{table.name}" not in existing:
-                log_with_preview(repository, table, EVALUATION_ARTIFACT_DIR)
+        logged = {path.removeprefix(f"{EVALUATION_ARTIFACT_DIR}/") for path in existing}
+        for table in sorted(folder.glob("*.parquet")):  # a resumed driver logs only what is missing
+            log_with_preview(repository, table, EVALUATION_ARTIFACT_DIR, skip=logged)
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float | int]:
@@ -281,15 +282,18 @@ def metrics_table(key: str, metrics: dict[str, float | int]) -> pd.DataFrame:
     )
 
 
-def log_with_preview(repository: Any, table: Path, artifact_path: str | None = None) -> None:
+def log_with_preview(
+    repository: Any, table: Path, artifact_path: str | None = None, skip: set[str] | frozenset[str] = frozenset()
+) -> None:
     """Log a parquet file and, when it has at most `PREVIEW_MAX_ROWS` rows, a ``.csv`` twin beside it (MLflow's UI
-    previews CSV, not parquet)."""
-    repository.log_artifact(str(table), artifact_path)
-    frame = pd.read_parquet(table)
-    if len(frame) <= PREVIEW_MAX_ROWS:
+    previews CSV, not parquet); file names in ``skip`` are logged already."""
+    if table.name not in skip:
+        repository.log_artifact(str(table), artifact_path)
+    rows = pq.ParquetFile(table).metadata.num_rows
+    if rows <= PREVIEW_MAX_ROWS and table.with_suffix(".csv").name not in skip:
         with tempfile.TemporaryDirectory() as folder:
             twin = Path(folder) / table.with_suffix(".csv").name
-            frame.to_csv(twin, index=False)
+            pd.read_parquet(table).to_csv(twin, index=False)
             repository.log_artifact(str(twin), artifact_path)
 
 

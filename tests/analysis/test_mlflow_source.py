@@ -188,6 +188,21 @@ def test_no_infinity_and_no_detail_reaches_the_metrics(fake_store):
     assert mlflow_source._value(M.EPSILON, -M.STORED_INFINITY) == -math.inf
 
 
+def test_the_parent_run_refuses_an_infinite_summary(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import finish_parent, get_or_create_experiment, get_or_create_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = get_or_create_parent_run(client, get_or_create_experiment(client, "p", tmp_path), "p", {})
+    with pytest.raises(ValueError, match=r"\['privacy/tuning_epsilon'\] is infinite"):
+        finish_parent(uri, parent, "FINISHED", summary={M.TUNING_EPSILON: math.inf})
+    assert client.get_run(parent).data.metrics == {}
+    finish_parent(uri, parent, "FINISHED", summary={M.TUNING_EPSILON: 3.5})
+    assert client.get_run(parent).data.metrics == {M.TUNING_EPSILON: 3.5}
+
+
 def test_child_runs_are_named_short_and_distinct(fake_store):
     from sweeps.tracking import child_run_name
 
@@ -538,3 +553,23 @@ def test_resumed_sweep_evaluation_tables_come_from_mlflow_artifacts(real_sweep):
         assert len(table) and set(table["trial"]) == set(from_ray.bootstrap["trial"])
         pd.testing.assert_frame_equal(table, expected)
     print(f"interrupted after {real_sweep.interrupt_s:.0f} s; whole fixture {real_sweep.total_s:.0f} s")
+
+
+def test_parquet_artifacts_get_a_csv_twin_when_small(tmp_path, monkeypatch):
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    from sweeps import tracking
+
+    monkeypatch.setattr(tracking, "PREVIEW_MAX_ROWS", 3)
+    repository = LocalArtifactRepository(str(tmp_path / "artifacts"))
+    for name, rows in (("small", 3), ("large", 4)):
+        pd.DataFrame({"x": range(rows), "y": [0.5] * rows}).to_parquet(tmp_path / f"{name}.parquet", index=False)
+        tracking.log_with_preview(repository, tmp_path / f"{name}.parquet", "evaluation")
+    logged = {a.path for a in repository.list_artifacts("evaluation")}
+    assert logged == {"evaluation/small.parquet", "evaluation/small.csv", "evaluation/large.parquet"}
+    assert (tmp_path / "artifacts" / "evaluation" / "small.csv").read_text() == "x,y\n0,0.5\n1,0.5\n2,0.5\n"
+    (tmp_path / "artifacts" / "evaluation" / "small.csv").unlink()  # a driver killed between the two files
+    (tmp_path / "artifacts" / "evaluation" / "small.parquet").write_bytes(b"kept")
+    tracking.log_with_preview(repository, tmp_path / "small.parquet", "evaluation", skip={"small.parquet"})
+    assert (tmp_path / "artifacts" / "evaluation" / "small.parquet").read_bytes() == b"kept"
+    assert (tmp_path / "artifacts" / "evaluation" / "small.csv").exists()

@@ -595,7 +595,9 @@ def test_a_final_result_reported_again_is_logged_once(tmp_path):
     client = MlflowClient(uri)
     experiment = get_or_create_experiment(client, NAME, tmp_path / "artifacts")
     parent = get_or_create_parent_run(client, experiment, NAME, {})
-    trial = SimpleNamespace(trial_id="t0", config={"point": {"key": "k", "tags": {}, "params": {"lr": 0.1}}})
+    trial = SimpleNamespace(
+        trial_id="t0", config={"point": {"key": "k", "tags": {}, "params": {"lr": 0.1, "target_epsilon": 1.0}}}
+    )
     epoch = {M.EPOCH: 1, M.EPSILON: 0.5, M.STEPS: 9, DONE: False}
     final = {M.EPSILON: 0.5, M.STEPS: 9, M.BEST_EPOCH: 1, M.TEST_AUROC_MACRO: 0.7, DONE: True}
     # Ray stamps every report with the time it was made (MLflow drops only exact duplicates, same time included).

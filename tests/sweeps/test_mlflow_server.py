@@ -41,7 +41,6 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 60
 STOP_GRACE_S = 10
-SQL_INFINITY = 1e308  # how `sweeps.tracking` stores an infinite epsilon (SQL stores cannot hold inf)
 
 # random init x target epsilon {2, inf}: one private trial and its non-private baseline, 2 epochs each.
 SPEC = tiny_yaml(name="served")
@@ -55,11 +54,13 @@ class ServedSweep:
         spec: the sweep that ran.
         trials: its trial table (as `run_sweep` returned it).
         url: the server's base URL, ``http://127.0.0.1:<port>``.
+        root: the folder holding the server's store and ``server-artifacts/`` (its ``--artifacts-destination``).
     """
 
     spec: SweepSpec
     trials: pd.DataFrame
     url: str
+    root: Path
 
 
 def free_port() -> int:
@@ -169,7 +170,7 @@ def served_sweep(tmp_path_factory) -> Iterator[ServedSweep]:
             trials = run_sweep(spec, paths)
         finally:
             ray.shutdown()
-        yield ServedSweep(spec, trials, server.url)
+        yield ServedSweep(spec, trials, server.url, root)
     finally:
         server.stop()
 
@@ -210,8 +211,11 @@ def test_the_server_holds_the_experiment_and_a_finished_parent_run(served_sweep)
         "experiment"
     ]
     assert experiment["name"] == "served" and experiment["lifecycle_stage"] == "active"
-    # artifacts go where `sweeps.tracking` put them (the runs folder), not to the server's default root
-    assert experiment["artifact_location"].endswith("/runs/mlartifacts/served")
+    # artifacts go through the server (proxied, relative to its --artifacts-destination), never to this machine's
+    # absolute paths
+    assert experiment["artifact_location"] == "mlflow-artifacts:/served"
+    assert any((served_sweep.root / "server-artifacts" / "served").rglob("metrics.parquet"))
+    assert not (served_sweep.root / "runs" / "mlartifacts").exists()
     parent, _ = search_runs(served_sweep)
     assert parent["info"]["status"] == "FINISHED"
     assert PARENT_TAG not in tags_of(parent)
@@ -237,8 +241,12 @@ def test_one_finished_child_per_trial_points_at_the_parent_with_its_params_and_m
         metrics = metrics_of(child)
         assert metrics[M.TEST_AUROC_MACRO] == pytest.approx(row[M.TEST_AUROC_MACRO], rel=1e-12)
         assert 0 <= metrics[M.TEST_AUROC_MACRO] <= 1
-        expected_epsilon = row[M.EPSILON] if math.isfinite(row[M.EPSILON]) else SQL_INFINITY
-        assert metrics[M.EPSILON] == pytest.approx(expected_epsilon, rel=1e-12)
+        if math.isfinite(row["target_epsilon"]):
+            assert metrics[M.EPSILON] == row[M.EPSILON] and params[M.BUDGET_PARAM] == f"eps={row['target_epsilon']:g}"
+        else:  # a non-private run carries no epsilon, not a stand-in for infinity
+            assert not [k for k in metrics if "epsilon" in k] and params[M.BUDGET_PARAM] == "non-private"
+        assert tags_of(child)[M.PRIVATE_TAG] == str(math.isfinite(row["target_epsilon"])).lower()
+        assert len(metrics) <= M.MAX_HEADLINES and all(M.is_headline(k) for k in metrics)
         assert metrics[M.EPOCH] == served_sweep.spec.privacy.epochs
         # the trial table keeps the worker's node id; MLflow holds numbers only
         assert isinstance(row[NODE_ID], str) and row[NODE_ID]
@@ -255,3 +263,4 @@ def test_each_child_has_one_metric_point_per_epoch_and_its_evaluation_tables(ser
         listed = rest(served_sweep.url, "artifacts/list", {"run_id": run_id, "path": "evaluation"})
         files = {f["path"] for f in listed.get("files", [])}
         assert {"evaluation/groups.parquet", "evaluation/bootstrap.parquet", "evaluation/epochs.parquet"} <= files
+        assert {"evaluation/metrics.parquet", "evaluation/metrics.csv", "evaluation/groups.csv"} <= files

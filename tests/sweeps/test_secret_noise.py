@@ -147,6 +147,8 @@ def test_no_seed_that_drives_noise_or_sampling_is_in_any_output(two_runs):
     client = MlflowClient(paths.tracking_uri)
     for run in _child_runs(client, paths):
         outputs += [json.dumps(run.data.params), json.dumps(run.data.tags), repr(run.data.metrics)]
+    for preview in (paths.runs_root / "mlartifacts").rglob("*.csv"):  # every artifact table's CSV twin
+        outputs.append(preview.read_text())
     for name in NAMES:
         for table in (paths.runs_root / name).glob("*.parquet"):
             outputs.append(pd.read_parquet(table).to_csv())

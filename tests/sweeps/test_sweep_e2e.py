@@ -1,5 +1,6 @@
 """One tiny end-to-end sweep on a real local Ray: plan, pretrain, trials, MLflow, tables, no duplicates."""
 
+import json
 import math
 
 import pandas as pd
@@ -7,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.launch import run_sweep
+from sweeps.tracking import child_run_name
 from tests.sweeps.local_sweep import local_sweep
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
@@ -93,7 +95,8 @@ def test_mlflow_has_one_parent_and_one_finished_child_per_trial(tiny_sweep):
         assert param in child.data.params
     assert M.TEST_AUROC_MACRO in child.data.metrics
     assert len(client.get_metric_history(child.info.run_id, M.VAL_AUROC_MACRO)) == 2
-    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "evaluation")}
+    # through dpsweep's resolver: MLflow's client resolves mlflow-artifacts:/ locations only through a server
+    artifacts = {a.path for a in run_artifacts(client, paths.tracking_uri, child.info.run_id)}
     assert {"evaluation/groups.parquet", "evaluation/bootstrap.parquet", "evaluation/epochs.parquet"} <= artifacts
     assert set(trials["mlflow_run_id"]) == {r.info.run_id for r in children}
 
@@ -136,3 +139,137 @@ def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
     assert (merged["mlflow_run_id"] == merged["mlflow_run_id_sweep"]).all()
     assert len(epochs) == len(trials) * 2
     assert not any(c.startswith("config/") for c in epochs.columns)
+
+
+def test_child_runs_release_headlines_and_no_fake_epsilon(tiny_sweep):
+    """What a trial releases to MLflow: at most 40 headline metrics, a private run's epsilon exactly its trial's
+    accounted epsilon (per epoch too), a non-private run no epsilon at all; the rest in artifact tables."""
+    _, paths, trials = tiny_sweep
+    client = MlflowClient(paths.tracking_uri)
+    epochs = pd.read_parquet(paths.runs_root / "tiny" / "epochs.parquet")
+    rows = trials.set_index("trial")
+    for key, run_id in zip(trials["trial"], trials["mlflow_run_id"], strict=True):
+        run, row = client.get_run(run_id), rows.loc[key]
+        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+        assert len(metrics) <= M.MAX_HEADLINES and all(M.is_headline(k) for k in metrics), sorted(metrics)
+        assert M.external_auroc("synthetic-b") in metrics and M.test_auroc("pneumonia") not in metrics
+        assert not any(math.isinf(v) or abs(v) >= 1e300 for v in metrics.values())
+        assert not any("epsilon" in k for k in tags)
+        history = client.get_metric_history(run_id, M.EPSILON)
+        trajectory = epochs[epochs["trial"] == key].sort_values("epoch")[M.EPSILON].tolist()
+        if math.isfinite(row["target_epsilon"]):
+            assert (params[M.BUDGET_PARAM], tags[M.PRIVATE_TAG]) == (f"eps={row['target_epsilon']:g}", "true")
+            for name in (M.EPSILON, M.EPSILON_AT_BEST_EPOCH, M.EPSILON_CROSS_CHECK_PLD, M.EPSILON_PATIENT):
+                assert metrics[name] == row[name], name  # the accounted epsilon, bit for bit
+            assert [m.value for m in sorted(history, key=lambda m: m.step) if m.step > 0] == trajectory
+        else:
+            assert (params[M.BUDGET_PARAM], tags[M.PRIVATE_TAG]) == ("non-private", "false")
+            assert not [k for k in metrics if "epsilon" in k] and not history
+            assert all(math.isinf(e) for e in trajectory)
+        assert run.info.run_name == child_run_name(key) and len(run.info.run_name) < len(key)
+        files = {a.path.removeprefix("evaluation/") for a in run_artifacts(client, paths.tracking_uri, run_id)}
+        assert {"metrics.parquet", "metrics.csv"} <= files
+        for table in ("groups", "bootstrap", "epochs", "predictions"):  # each with the preview the UI shows
+            assert {f"{table}.parquet", f"{table}.csv"} <= files, (table, files)
+    parent = client.get_run(trials["mlflow_run_id"].iloc[0]).data.tags[PARENT_TAG]
+    assert all(math.isfinite(v) and abs(v) < 1e300 for v in client.get_run(parent).data.metrics.values())
+
+
+def run_artifacts(client, tracking_uri, run_id):
+    from analysis.mlflow_source import run_artifact_repository
+
+    return run_artifact_repository(client, tracking_uri, run_id).list_artifacts("evaluation")
+
+
+def test_a_moved_runs_folder_keeps_tables_report_and_ui_artifacts(tiny_sweep, tmp_path, capsys):
+    """runs/ (mlflow.db and mlartifacts/) moved to another path, the old one gone: `dpsweep table --source mlflow`
+    gives the Ray path's tables, `dpsweep report` logs to the parent run there, and the UI `dpsweep ui` starts
+    serves the artifacts from the new place."""
+    import shutil
+
+    from sweeps.cli import main
+
+    spec, paths, trials = tiny_sweep
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(TINY)
+    moved = tmp_path / "moved" / "runs"
+    top = str(paths.runs_root)
+    # MLflow alone: not the Ray results (ray/) nor the tables (tiny/)
+    shutil.copytree(paths.runs_root, moved, ignore=lambda d, _: ["ray", "tiny"] if d == top else [])
+    away = paths.runs_root.with_name("runs-away")
+    paths.runs_root.rename(away)
+    try:
+        assert main(["table", str(spec_file), "--runs", str(moved), "--source", "mlflow"]) == 0
+        assert "from MLflow runs at sqlite:///" + str(moved) in capsys.readouterr().out
+        rebuilt = pd.read_parquet(moved / "tiny" / "trials.parquet").set_index("trial").sort_index()
+        expected = trials.set_index("trial").sort_index()
+        shared = [c for c in expected.columns if c in rebuilt.columns and c != "error"]
+        assert set(rebuilt.columns) == set(expected.columns) - {"ray/node_id"}
+        pd.testing.assert_frame_equal(rebuilt[shared], expected[shared])
+        assert len(pd.read_parquet(moved / "tiny" / "bootstrap.parquet"))  # evaluation tables from the artifacts
+
+        assert main(["report", str(spec_file), "--runs", str(moved)]) == 0
+        assert "report logged to MLflow: mlflow-artifacts:/tiny/" in capsys.readouterr().out
+        parent = trials_parent(moved)
+        logged = moved / "mlartifacts" / "tiny" / parent / "artifacts" / "report" / "index.html"
+        assert logged.read_bytes() == (moved / "tiny" / "report" / "index.html").read_bytes()
+
+        run_id = trials["mlflow_run_id"].iloc[0]
+        served = served_artifact(moved, run_id, "evaluation/metrics.csv")
+        assert (
+            served["evaluation/metrics.csv"]
+            == (moved / "mlartifacts" / "tiny" / run_id / "artifacts" / "evaluation" / "metrics.csv").read_bytes()
+        )
+        listed = {f["path"] for f in json.loads(served["list"])["files"]}  # what the artifact view lists
+        assert {"evaluation/metrics.csv", "evaluation/groups.csv", "evaluation/predictions.parquet"} <= listed
+    finally:
+        away.rename(paths.runs_root)
+
+
+def trials_parent(runs):
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    return client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")[0].info.run_id
+
+
+def served_artifact(runs, run_id: str, path: str) -> dict[str, bytes]:
+    """One artifact as the UI of `dpsweep ui` serves it (``/get-artifact``, what its artifact view fetches), and
+    (``list``) its listing of the artifact's folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from sweeps.cli import ui_command
+    from tests.sweeps.test_mlflow_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(
+        ui_command(runs, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    query = urllib.parse.urlencode({"run_id": run_id, "path": path})
+    folder = urllib.parse.urlencode({"run_id": run_id, "path": path.rsplit("/", 1)[0]})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=5) as reply:
+                    served = {path: reply.read()}
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "the MLflow UI did not answer"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/artifacts/list?{folder}", timeout=30) as reply:
+            served["list"] = reply.read()
+        return served
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
