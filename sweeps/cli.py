@@ -280,7 +280,9 @@ def _ui(args) -> int:
     if not db.exists():
         raise UserError(f"no MLflow database at {db}; run `make sweep` first")
     command = ui_command(runs, args.port)
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    from sweeps.mlflow_ui import sweep_view_lines
+
+    print("\n".join(sweep_view_lines(f"sqlite:///{db}", f"http://127.0.0.1:{args.port}/")), flush=True)
     # MLflow 3's server otherwise starts a job runner and 7 GenAI job consumers this UI never uses.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execvp(command[0], command)

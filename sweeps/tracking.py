@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from analysis.mlflow_source import experiment_artifact_location, run_artifact_repository, sqlite_path
+from sweeps.mlflow_ui import publish_views
 from trainables import names as M
 from trainables.names import (
     BUDGET_PARAM,
@@ -91,6 +92,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Pat
         experiment_id = experiment.experiment_id
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    publish_views(client, experiment_id)  # the UI's saved views of the sweep (sweeps.mlflow_ui)
     return experiment_id
 
 
