@@ -21,6 +21,8 @@ Accountant = Literal["rdp", "prv"]
 PrivacyUnit = Literal["image", "patient"]
 GradSampleMode = Literal["bk", "hooks", "functorch"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16"]
+Toggle = Literal["auto", "on", "off"]
 PosWeight = Literal["uniform", "train"]
 ModelSelection = Literal["best_val", "last"]
 
@@ -95,6 +97,23 @@ class SpeedConfig:
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
+        fixed_shapes: run every physical chunk of a private Poisson batch at exactly ``max_physical_batch_size``
+            rows, the last chunk padded with zero rows that contribute exactly nothing (no loss, no per-sample
+            gradient row, no norm; `trainables.privacy.engine.physical_chunks`). ``auto``: on CUDA only, where a
+            new shape per step costs cudnn re-planning and allocator churn; on CPU the padded rows would be pure
+            extra work. Results equal the unpadded computation bit for bit where the kernels are row-independent
+            (tested on CPU in every mode).
+        data_on_device: hold the training split's uint8 pixels on the trial's device and gather and normalise
+            batches there (`trainables.data.loaders.DeviceImages`). ``auto``: on CUDA when the split fits in
+            ``DATA_ON_DEVICE_BUDGET`` of the device's memory; otherwise batches are gathered on the CPU into
+            pinned memory and copied asynchronously. Same numbers either way (tested on CPU).
+        precision: ``fp32``, or ``bf16``: bfloat16 autocast for the forward and backward passes of training
+            steps; per-sample gradients are upcast to float32 before their norms, the clip factors and the clipped
+            and noisy sums are computed in float32, so each record still moves the sum by at most C. The
+            per-sample-gradient self-check and evaluation stay float32.
+        cuda_tuning: on CUDA only (no effect on CPU): TF32 for the model's matmuls and convolutions,
+            ``cudnn.benchmark`` and channels-last model and inputs. Per-sample norms and clipped sums, the
+            self-check and Opacus' clipping always run with TF32 off (`trainables.privacy.bk.full_float32`).
     """
 
     grad_sample_mode: GradSampleMode = "bk"
@@ -102,6 +121,10 @@ class SpeedConfig:
     max_physical_batch_size: int = 64
     threads: int = 1
     eval_batch_size: int = 256
+    fixed_shapes: Toggle = "auto"
+    data_on_device: Toggle = "auto"
+    precision: Precision = "fp32"
+    cuda_tuning: bool = True
 
 
 NESTED = ("privacy", "speed")
