@@ -41,3 +41,34 @@ def test_every_field_name_is_unique_across_the_nested_configs():
 def test_unknown_keys_are_refused():
     with pytest.raises(KeyError, match="epsilon_target"):
         TrialConfig.from_flat({**make().to_flat(), "epsilon_target": 1})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("precision", "bf16"), ("fixed_shapes", "on"), ("data_on_device", "off"), ("cuda_tuning", False)],
+)
+def test_sweep_files_set_the_speed_knobs_under_speed(field, value):
+    from sweeps.spec import parse_spec
+    from tests.sweeps.test_spec import smoke_dict
+
+    raw = smoke_dict()
+    raw["speed"] = {**raw.get("speed", {}), field: value}
+    assert getattr(parse_spec(raw).speed, field) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("precision", "fp16", r"speed\.precision = 'fp16'; choose one of \('fp32', 'bf16'\)"),
+        ("fixed_shapes", True, r"speed\.fixed_shapes = True; choose one of \('auto', 'on', 'off'\)"),
+        ("data_on_device", "yes", r"speed\.data_on_device = 'yes'; choose one of \('auto', 'on', 'off'\)"),
+    ],
+)
+def test_bad_speed_knobs_are_refused_naming_field_value_and_choices(field, value, expected):
+    from sweeps.spec import SpecError, parse_spec
+    from tests.sweeps.test_spec import smoke_dict
+
+    raw = smoke_dict()
+    raw["speed"] = {**raw.get("speed", {}), field: value}
+    with pytest.raises(SpecError, match=expected):
+        parse_spec(raw)
