@@ -226,6 +226,13 @@ def _validate_units(spec: SweepSpec) -> None:
         "per-sample norms by patient yet (a patient's norm is the norm of its summed gradient); set "
         "speed.grad_sample_mode: hooks or functorch",
     )
+    _require(
+        spec.speed.precision == "fp32" and spec.speed.fixed_shapes != "on",
+        spec,
+        f"privacy.privacy_unit: patient with speed.precision = {spec.speed.precision!r}, speed.fixed_shapes = "
+        f"{spec.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
+        "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off",
+    )
 
 
 def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:

@@ -72,3 +72,15 @@ def test_bad_speed_knobs_are_refused_naming_field_value_and_choices(field, value
     raw["speed"] = {**raw.get("speed", {}), field: value}
     with pytest.raises(SpecError, match=expected):
         parse_spec(raw)
+
+
+@pytest.mark.parametrize("knob", [{"precision": "bf16"}, {"fixed_shapes": "on"}])
+def test_patient_level_sweeps_refuse_bf16_and_forced_padding(knob):
+    # Patient-level chunks hold whole patients and run in float32: a knob they cannot honour is an error, not ignored.
+    from sweeps.spec import SpecError, parse_spec
+    from tests.sweeps.test_units_spec import units_dict
+
+    raw = units_dict()
+    raw["speed"] = {**raw["speed"], **knob}
+    with pytest.raises(SpecError, match=r"privacy\.privacy_unit: patient with speed\.precision"):
+        parse_spec(raw)

@@ -135,6 +135,12 @@ def train_trial(
             "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
             "book-keeping engine does not group per-sample norms by patient yet"
         )
+    if patients is not None and (cfg.speed.precision != "fp32" or cfg.speed.fixed_shapes == "on"):
+        raise ValueError(
+            f"privacy.privacy_unit: patient with speed.precision={cfg.speed.precision!r}, speed.fixed_shapes="
+            f"{cfg.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
+            "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off"
+        )
     if privacy.is_private:
         check_planned_budget(cfg, n_records)
 

@@ -58,9 +58,12 @@ def deterministic():
     torch.use_deterministic_algorithms(previous)
 
 
-def noisy_update(mode: str, batch, *, pad: bool, sigma: float = 0.5, autocast_dtype=None, **step) -> torch.Tensor:
+def noisy_update(
+    mode: str, batch, *, pad: bool, sigma: float = 0.5, autocast_dtype=None, memory_format=torch.contiguous_format
+) -> torch.Tensor:
     """The released update ``p.grad`` (noisy clipped sum / B) of one private step, noise from a fixed seed."""
-    model = convnext()
+    model = convnext().to(memory_format=memory_format)
+    assert model.stem[0].weight.is_contiguous(memory_format=memory_format)
     wrapped = wrap_model(model, mode)
     accountant = RDPAccountant()
     optimizer = make_dp_optimizer(
@@ -72,7 +75,7 @@ def noisy_update(mode: str, batch, *, pad: bool, sigma: float = 0.5, autocast_dt
         accountant=accountant,
         sample_rate=0.1,
     )
-    loss = private_step(wrapped, optimizer, LOSS, batch, CHUNK, pad=pad, autocast_dtype=autocast_dtype, **step)
+    loss = private_step(wrapped, optimizer, LOSS, batch, CHUNK, pad=pad, autocast_dtype=autocast_dtype)
     assert loss.dim() == 0 and loss.device == batch[0].device  # stays on the device: no host sync
     assert sum(n for _, _, n in accountant.history) == 1  # one accounted step, whatever the padding
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -233,3 +236,14 @@ def test_data_on_device_and_fixed_shapes_leave_a_cpu_trial_bit_identical(tiny_si
         weights, reference_weights = padded.result.model.state_dict(), reference.result.model.state_dict()
         for name, value in weights.items():  # float rounding only (other chunk shapes, other kernels)
             torch.testing.assert_close(value, reference_weights[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_channels_last_model_releases_the_same_update(mode):
+    """``speed.cuda_tuning`` runs the model channels-last on CUDA; the engines must give the same clipped, noisy
+    update as for the contiguous model (checked on CPU, where the same code paths run; float rounding apart)."""
+    x, y = inputs(6)
+    contiguous = noisy_update(mode, (x, y), pad=True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    channels_last = noisy_update(mode, (x, y), pad=True, memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-5, atol=1e-8)
