@@ -114,6 +114,12 @@ def validate(spec: SweepSpec) -> None:
     _require(len(axes.seed) > 0, spec, "training.seed is empty; give at least one seed, e.g. [0]")
     _require(spec.speed.max_physical_batch_size >= 1, spec, "speed.max_physical_batch_size must be >= 1")
     _require(spec.speed.threads >= 1, spec, "speed.threads must be >= 1")
+    _require(
+        1 <= spec.speed.pad_multiple <= spec.speed.max_physical_batch_size,
+        spec,
+        f"speed.pad_multiple = {spec.speed.pad_multiple} must be between 1 and speed.max_physical_batch_size = "
+        f"{spec.speed.max_physical_batch_size} (rows a padded chunk is rounded up to; e.g. 8)",
+    )
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")
     _require(spec.data.image_size >= 32, spec, f"data.image_size = {spec.data.image_size} must be >= 32")

@@ -84,3 +84,14 @@ def test_patient_level_sweeps_refuse_bf16_and_forced_padding(knob):
     raw["speed"] = {**raw["speed"], **knob}
     with pytest.raises(SpecError, match=r"privacy\.privacy_unit: patient with speed\.precision"):
         parse_spec(raw)
+
+
+@pytest.mark.parametrize("multiple", [0, 65])
+def test_pad_multiple_must_fit_the_physical_batch(multiple):
+    from sweeps.spec import SpecError, parse_spec
+    from tests.sweeps.test_spec import smoke_dict
+
+    raw = smoke_dict()
+    raw["speed"] = {**raw.get("speed", {}), "max_physical_batch_size": 64, "pad_multiple": multiple}
+    with pytest.raises(SpecError, match=rf"speed\.pad_multiple = {multiple} must be between 1 and"):
+        parse_spec(raw)

@@ -97,12 +97,16 @@ class SpeedConfig:
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
-        fixed_shapes: run every physical chunk of a private Poisson batch at exactly ``max_physical_batch_size``
-            rows, the last chunk padded with zero rows that contribute exactly nothing (no loss, no per-sample
-            gradient row, no norm; `trainables.privacy.engine.physical_chunks`). ``auto``: on CUDA only, where a
-            new shape per step costs cudnn re-planning and allocator churn; on CPU the padded rows would be pure
-            extra work. Results equal the unpadded computation bit for bit where the kernels are row-independent
-            (tested on CPU in every mode).
+        fixed_shapes: run a private Poisson batch in chunks of a few fixed shapes: full chunks of
+            ``max_physical_batch_size`` rows and a last chunk zero-padded to the next multiple of ``pad_multiple``
+            rows; padded rows contribute exactly nothing (no loss, no per-sample gradient row, no norm;
+            `trainables.privacy.chunks`). ``auto``: on CUDA only, where each new shape costs cudnn planning and
+            allocator churn; on the CPU padded rows would be pure extra work. Results equal the unpadded step up to
+            float rounding (bit for bit when no chunk is padded; tested in every mode). Image-level trials only.
+        pad_multiple: the padding granule of ``fixed_shapes`` (rows): at most ``max_physical_batch_size /
+            pad_multiple`` shapes, fewer than ``pad_multiple`` wasted rows per step. Set it to
+            ``max_physical_batch_size`` for a single shape (then every step runs whole chunks: 1.45x the work of an
+            expected batch B = ``max_physical_batch_size`` = 32).
         data_on_device: hold the training split's uint8 pixels on the trial's device and gather and normalise
             batches there (`trainables.data.loaders.DeviceImages`). ``auto``: on CUDA when the split fits in
             ``DATA_ON_DEVICE_BUDGET`` of the device's memory; otherwise batches are gathered on the CPU into
@@ -122,6 +126,7 @@ class SpeedConfig:
     threads: int = 1
     eval_batch_size: int = 256
     fixed_shapes: Toggle = "auto"
+    pad_multiple: int = 8
     data_on_device: Toggle = "auto"
     precision: Precision = "fp32"
     cuda_tuning: bool = True

@@ -203,7 +203,7 @@ def train_trial(
                     loss_fn,
                     batch(indices),
                     cfg.speed.max_physical_batch_size,
-                    pad=speed.pad,
+                    pad_multiple=speed.pad_multiple,
                     autocast_dtype=speed.autocast_dtype,
                 )
             else:  # indices are patients: their images, one clipped gradient per patient
@@ -376,12 +376,12 @@ class StepSettings:
     """How training steps run on this device (`step_settings`); speed only, never the mechanism.
 
     Attributes:
-        pad: fixed-shape physical chunks (``speed.fixed_shapes``).
+        pad_multiple: the padding granule of fixed-shape chunks (``speed.fixed_shapes``), None for no padding.
         autocast_dtype: ``torch.bfloat16`` under ``speed.precision: bf16``, else None.
         memory_format: the model's memory format (channels-last under ``speed.cuda_tuning`` on CUDA).
     """
 
-    pad: bool
+    pad_multiple: int | None
     autocast_dtype: torch.dtype | None
     memory_format: torch.memory_format
 
@@ -394,7 +394,9 @@ def step_settings(speed: SpeedConfig, device: torch.device) -> StepSettings:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.cuda_tuning
         torch.backends.cudnn.benchmark = speed.cuda_tuning
     return StepSettings(
-        pad=speed.fixed_shapes == "on" or (speed.fixed_shapes == "auto" and cuda),
+        pad_multiple=speed.pad_multiple
+        if speed.fixed_shapes == "on" or (speed.fixed_shapes == "auto" and cuda)
+        else None,
         autocast_dtype=torch.bfloat16 if speed.precision == "bf16" else None,
         memory_format=torch.channels_last if cuda and speed.cuda_tuning else torch.preserve_format,
     )

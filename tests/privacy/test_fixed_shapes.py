@@ -20,7 +20,7 @@ import trainables.privacy.engine as engine
 from trainables import names as M
 from trainables.config import SpeedConfig
 from trainables.privacy.bk import BookKeepingModule
-from trainables.privacy.chunks import PhysicalChunk, physical_chunks
+from trainables.privacy.chunks import PhysicalChunk, padded_rows, physical_chunks
 from trainables.privacy.engine import GRAD_SAMPLE_MODES, make_dp_optimizer, private_step, wrap_model
 
 CHUNK = 4
@@ -59,7 +59,13 @@ def deterministic():
 
 
 def noisy_update(
-    mode: str, batch, *, pad: bool, sigma: float = 0.5, autocast_dtype=None, memory_format=torch.contiguous_format
+    mode: str,
+    batch,
+    *,
+    pad_multiple: int | None,
+    sigma: float = 0.5,
+    autocast_dtype=None,
+    memory_format=torch.contiguous_format,
 ) -> torch.Tensor:
     """The released update ``p.grad`` (noisy clipped sum / B) of one private step, noise from a fixed seed."""
     model = convnext().to(memory_format=memory_format)
@@ -75,7 +81,9 @@ def noisy_update(
         accountant=accountant,
         sample_rate=0.1,
     )
-    loss = private_step(wrapped, optimizer, LOSS, batch, CHUNK, pad=pad, autocast_dtype=autocast_dtype)
+    loss = private_step(
+        wrapped, optimizer, LOSS, batch, CHUNK, pad_multiple=pad_multiple, autocast_dtype=autocast_dtype
+    )
     assert loss.dim() == 0 and loss.device == batch[0].device  # stays on the device: no host sync
     assert sum(n for _, _, n in accountant.history) == 1  # one accounted step, whatever the padding
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -83,14 +91,22 @@ def noisy_update(
 
 def test_physical_chunks_pad_only_the_last_chunk_with_zeros():
     x, y = inputs(10)
-    chunks = list(physical_chunks(x, y, CHUNK, pad=True))
+    chunks = list(physical_chunks(x, y, CHUNK, pad_multiple=CHUNK))
     assert [(len(c.x), len(c.y), c.n_real) for c in chunks] == [(4, 4, 4), (4, 4, 4), (4, 4, 2)]
     assert torch.equal(torch.cat([c.x[: c.n_real] for c in chunks]), x)
     assert torch.equal(torch.cat([c.y[: c.n_real] for c in chunks]), y)
     assert not chunks[-1].x[2:].any() and not chunks[-1].y[2:].any()
-    assert [c.n_real for c in physical_chunks(x, y, CHUNK, pad=False)] == [4, 4, 2]
-    assert list(physical_chunks(x[:0], y[:0], CHUNK, pad=True)) == []  # an empty batch runs no chunk
-    assert [len(c.x) for c in physical_chunks(x[:8], y[:8], CHUNK, pad=True)] == [4, 4]  # exact multiple: no pad
+    assert [c.n_real for c in physical_chunks(x, y, CHUNK, pad_multiple=None)] == [4, 4, 2]
+    assert list(physical_chunks(x[:0], y[:0], CHUNK, pad_multiple=CHUNK)) == []  # an empty batch runs no chunk
+    assert [len(c.x) for c in physical_chunks(x[:8], y[:8], CHUNK, pad_multiple=CHUNK)] == [
+        4,
+        4,
+    ]  # exact multiple: no pad
+    # a finer granule: the last chunk rounded up to a multiple of 3 rows, never beyond the chunk size
+    assert [(len(c.x), c.n_real) for c in physical_chunks(x, y, 8, pad_multiple=3)] == [(8, 8), (3, 2)]
+    assert [(len(c.x), c.n_real) for c in physical_chunks(x[:7], y[:7], 8, pad_multiple=3)] == [(8, 7)]
+    assert [padded_rows(n, 32, 8) for n in (1, 8, 9, 31, 32)] == [8, 8, 16, 32, 32]
+    assert padded_rows(5, 32, None) == 5
 
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
@@ -101,11 +117,13 @@ def test_padded_step_releases_the_unpadded_update(mode, n):
     gradients round differently (seen: <= 9.3e-10 absolute on entries ~3e-3, i.e. ~1 float32 ulp). That padding
     itself contributes exactly nothing is shown bit for bit by the two tests below."""
     batch = inputs(n)
-    padded, unpadded = noisy_update(mode, batch, pad=True), noisy_update(mode, batch, pad=False)
-    if n % CHUNK == 0:
-        assert torch.equal(padded, unpadded)
-    else:
-        torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-8)
+    unpadded = noisy_update(mode, batch, pad_multiple=None)
+    for multiple in (CHUNK, 3):
+        padded = noisy_update(mode, batch, pad_multiple=multiple)
+        if n % CHUNK == 0:
+            assert torch.equal(padded, unpadded)
+        else:
+            torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
@@ -113,12 +131,12 @@ def test_padding_content_cannot_leak_into_the_update(mode, monkeypatch):
     """Pad rows full of large values and other labels give the same update bit for bit; the same rows counted as
     records change it (so this comparison would see a leak)."""
     batch = inputs(6)
-    zero_padded = noisy_update(mode, batch, pad=True)
+    zero_padded = noisy_update(mode, batch, pad_multiple=CHUNK)
     garbage = torch.Generator().manual_seed(3)
 
     def chunks_with(real_rows_of_padding: bool):
-        def chunks(x, y, size, pad):
-            for chunk in physical_chunks(x, y, size, pad):
+        def chunks(x, y, size, pad_multiple):
+            for chunk in physical_chunks(x, y, size, pad_multiple):
                 k = chunk.n_real
                 xb, yb = chunk.x.clone(), chunk.y.clone()
                 xb[k:] = 50.0 * torch.randn(xb[k:].shape, generator=garbage)
@@ -129,17 +147,17 @@ def test_padding_content_cannot_leak_into_the_update(mode, monkeypatch):
 
     for module in (engine, bk):
         monkeypatch.setattr(module, "physical_chunks", chunks_with(real_rows_of_padding=False))
-    assert torch.equal(noisy_update(mode, batch, pad=True), zero_padded)
+    assert torch.equal(noisy_update(mode, batch, pad_multiple=CHUNK), zero_padded)
     for module in (engine, bk):
         monkeypatch.setattr(module, "physical_chunks", chunks_with(real_rows_of_padding=True))
-    assert not torch.allclose(noisy_update(mode, batch, pad=True), zero_padded, atol=1e-4)
+    assert not torch.allclose(noisy_update(mode, batch, pad_multiple=CHUNK), zero_padded, atol=1e-4)
 
 
 def test_padded_rows_get_exactly_zero_per_sample_gradients_and_norms():
     # Before the rows are cut away: the backward from the real losses alone leaves nothing on padded rows, through
     # LayerNorm, depthwise convs and layer scales.
     x, y = inputs(3)
-    padded = next(physical_chunks(x, y, 8, pad=True))
+    padded = next(physical_chunks(x, y, 8, pad_multiple=8))
     result = BookKeepingModule(convnext()).per_sample(LOSS, padded.x, padded.y, padded.n_real)
     assert torch.equal(result.norms[3:], torch.zeros(5, dtype=torch.float64))
     assert all(torch.equal(v[3:], torch.zeros_like(v[3:])) for v in result.norms_sq.values())
@@ -161,11 +179,11 @@ def test_bf16_each_record_moves_the_clipped_sum_by_at_most_clip_norm(mode):
     x, y = inputs(6)
 
     def clipped_sum(keep: list[int]) -> torch.Tensor:
-        update = noisy_update(mode, (x[keep], y[keep]), pad=True, sigma=0.0, autocast_dtype=torch.bfloat16)
+        update = noisy_update(mode, (x[keep], y[keep]), pad_multiple=CHUNK, sigma=0.0, autocast_dtype=torch.bfloat16)
         return update.double() * 8  # p.grad = clipped sum / expected batch size 8
 
     everyone = clipped_sum(list(range(6)))
-    fp32 = noisy_update(mode, (x, y), pad=True, sigma=0.0).double() * 8
+    fp32 = noisy_update(mode, (x, y), pad_multiple=CHUNK, sigma=0.0).double() * 8
     assert not torch.equal(everyone, fp32.to(everyone.dtype))  # bf16 did change the gradients
     for i in range(6):
         change = (everyone - clipped_sum([j for j in range(6) if j != i])).norm().item()
@@ -183,7 +201,7 @@ def test_bf16_per_sample_values_are_float32_before_clipping(monkeypatch):
         return original(self)
 
     monkeypatch.setattr(engine.DPOptimizer, "clip_and_accumulate", spy)
-    noisy_update("hooks", inputs(3), pad=True, autocast_dtype=torch.bfloat16)
+    noisy_update("hooks", inputs(3), pad_multiple=CHUNK, autocast_dtype=torch.bfloat16)
     assert seen and set(seen) == {torch.float32}
 
 
@@ -243,7 +261,7 @@ def test_channels_last_model_releases_the_same_update(mode):
     """``speed.cuda_tuning`` runs the model channels-last on CUDA; the engines must give the same clipped, noisy
     update as for the contiguous model (checked on CPU, where the same code paths run; float rounding apart)."""
     x, y = inputs(6)
-    contiguous = noisy_update(mode, (x, y), pad=True)
+    contiguous = noisy_update(mode, (x, y), pad_multiple=CHUNK)
     x = x.contiguous(memory_format=torch.channels_last)
-    channels_last = noisy_update(mode, (x, y), pad=True, memory_format=torch.channels_last)
+    channels_last = noisy_update(mode, (x, y), pad_multiple=CHUNK, memory_format=torch.channels_last)
     torch.testing.assert_close(channels_last, contiguous, rtol=1e-5, atol=1e-8)

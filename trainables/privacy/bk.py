@@ -616,14 +616,14 @@ def clipped_sum_step(
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
     *,
-    pad: bool = False,
+    pad_multiple: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The clipped sum ``sum_i c_i g_i`` of one logical batch, accumulated over physical chunks.
 
     Args:
-        pad: every chunk exactly ``max_physical_batch_size`` rows, the last padded (`physical_chunks`); padded rows
-            contribute nothing.
+        pad_multiple: fixed shapes: the last chunk zero-padded to a multiple of this many rows (`physical_chunks`);
+            padded rows contribute nothing. None: no padding.
         autocast_dtype: see `BookKeepingModule.per_sample`.
 
     Returns:
@@ -634,7 +634,7 @@ def clipped_sum_step(
     parameters = wrapped.trainable_parameters()
     sums: dict[str, torch.Tensor] = {}
     total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for chunk in physical_chunks(x, y, max_physical_batch_size, pad):
+    for chunk in physical_chunks(x, y, max_physical_batch_size, pad_multiple):
         result = wrapped.per_sample(loss_fn, chunk.x, chunk.y, chunk.n_real, autocast_dtype)
         for name, value in result.clipped_sums(result.clip_factors(max_grad_norm)).items():
             sums[name] = sums[name] + value if name in sums else value

@@ -363,7 +363,7 @@ def private_step(
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
     *,
-    pad: bool = False,
+    pad_multiple: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One DP-SGD step on one logical batch, split into physical chunks that fit in memory.
@@ -374,8 +374,9 @@ def private_step(
     nothing is read back to the host, so a step never waits for the device.
 
     Args:
-        pad: fixed shapes (``speed.fixed_shapes``): every chunk has exactly ``max_physical_batch_size`` rows, the
-            last one zero-padded (`trainables.privacy.chunks.physical_chunks`). Only the real rows' losses are
+        pad_multiple: fixed shapes (``speed.fixed_shapes``): the last chunk is zero-padded to a multiple of this many
+            rows, at most ``max_physical_batch_size`` (`trainables.privacy.chunks.physical_chunks`; None: no
+            padding). Only the real rows' losses are
             back-propagated and only their per-sample gradient rows reach Opacus' clipping, so padding changes no
             norm, factor, sum or loss, and the accounting (one step at (sigma, q)) is unchanged.
         autocast_dtype: ``torch.bfloat16`` for ``speed.precision: bf16``: the forward (and so the backward) under
@@ -389,7 +390,14 @@ def private_step(
     """
     if isinstance(wrapped, BookKeepingModule):
         return _book_keeping_step(
-            wrapped, optimizer, loss_fn, batch, max_physical_batch_size, extra_grad_samples, pad, autocast_dtype
+            wrapped,
+            optimizer,
+            loss_fn,
+            batch,
+            max_physical_batch_size,
+            extra_grad_samples,
+            pad_multiple,
+            autocast_dtype,
         )
     x, y = batch
     n = len(x)
@@ -404,7 +412,7 @@ def private_step(
             optimizer.step()
         return torch.full((), math.nan, device=x.device)
     total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    chunks = list(physical_chunks(x, y, max_physical_batch_size, pad))
+    chunks = list(physical_chunks(x, y, max_physical_batch_size, pad_multiple))
     autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
     for i, chunk in enumerate(chunks):
         # Clears per-sample gradients; Opacus keeps the clipped sum across skipped (non-final) chunks.
@@ -461,7 +469,7 @@ def _book_keeping_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None,
-    pad: bool,
+    pad_multiple: int | None,
     autocast_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """`private_step` for ``bk``: the engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``)
@@ -479,7 +487,7 @@ def _book_keeping_step(
         optimizer.max_grad_norm,
         max_physical_batch_size,
         extra_grad_samples,
-        pad=pad,
+        pad_multiple=pad_multiple,
         autocast_dtype=autocast_dtype,
     )
     for name, p in parameters.items():
