@@ -265,3 +265,41 @@ def test_channels_last_model_releases_the_same_update(mode):
     x = x.contiguous(memory_format=torch.channels_last)
     channels_last = noisy_update(mode, (x, y), pad_multiple=CHUNK, memory_format=torch.channels_last)
     torch.testing.assert_close(channels_last, contiguous, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sync checks exist only there)")
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_cuda_private_steps_never_wait_for_the_device(mode, tiny_site):
+    """Padded private steps on data held on the GPU, under ``torch.cuda.set_sync_debug_mode("error")``: any
+    host-device synchronisation in the step (an ``.item()``, a pageable copy) raises. Written without a GPU in the
+    session that built it: first run on a device still to come."""
+    from tests.test_train import tiny_trial_config
+    from trainables.data.loaders import DeviceImages, load_trial_data
+    from trainables.privacy.engine import poisson_batches
+
+    device = torch.device("cuda")
+    torch.use_deterministic_algorithms(False)  # the fixture's CPU setting; not what is tested here
+    data = load_trial_data(tiny_trial_config(tiny_site, 4.0, epochs=1))
+    source = DeviceImages(data.train, device)
+    model = convnext().to(device)
+    wrapped = wrap_model(model, mode)
+    optimizer = make_dp_optimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        noise_multiplier=1.0,
+        max_grad_norm=CLIP,
+        expected_batch_size=16,
+        noise_generator=torch.Generator(device=device).manual_seed(7),
+        accountant=RDPAccountant(),
+        sample_rate=1 / 9,
+    )
+    batches = poisson_batches(len(data.train), 1 / 9, 6, torch.Generator().manual_seed(0))
+    losses = []
+    try:
+        for step, indices in enumerate(batches):
+            if step == 2:  # after warm-up (cudnn planning, lazy initialisation)
+                torch.cuda.set_sync_debug_mode("error")
+            losses.append(private_step(wrapped, optimizer, LOSS, source.batch(indices.numpy()), 8, pad_multiple=8))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(loss.device.type == "cuda" for loss in losses)
+    assert torch.isfinite(torch.stack(losses)).all()

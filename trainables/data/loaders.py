@@ -94,7 +94,10 @@ class DeviceImages:
         self.labels = torch.from_numpy(np.ascontiguousarray(split.labels)).to(device)
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.from_numpy(np.sort(indices).astype(np.int64)).to(self.device, non_blocking=True)
+        order = torch.from_numpy(np.sort(indices).astype(np.int64))
+        if self.device.type == "cuda":
+            order = order.pin_memory()  # a pageable copy would wait for the device
+        order = order.to(self.device, non_blocking=True)
         return normalise(self.pixels[order], self.dataset.mean, self.dataset.std)[:, None], self.labels[order]
 
 
