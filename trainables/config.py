@@ -105,8 +105,8 @@ class SpeedConfig:
             float rounding (bit for bit when no chunk is padded; tested in every mode). Image-level trials only.
         pad_multiple: the padding granule of ``fixed_shapes`` (rows): at most ``max_physical_batch_size /
             pad_multiple`` shapes, fewer than ``pad_multiple`` wasted rows per step. Set it to
-            ``max_physical_batch_size`` for a single shape (then every step runs whole chunks: 1.45x the work of an
-            expected batch B = ``max_physical_batch_size`` = 32).
+            ``max_physical_batch_size`` for a single shape (then every step runs whole chunks: for an expected batch
+            of 32, 1.45x the work in chunks of 32 and 2.0x in chunks of 64; granule 8: 1.11x).
         data_on_device: hold the training split's uint8 pixels on the trial's device and gather and normalise
             batches there (`trainables.data.loaders.DeviceImages`). ``auto``: on CUDA when the split fits in
             ``DATA_ON_DEVICE_BUDGET`` of the device's memory; otherwise batches are gathered on the CPU into
@@ -114,10 +114,11 @@ class SpeedConfig:
         precision: ``fp32``, or ``bf16``: bfloat16 autocast for the forward and backward passes of training
             steps; per-sample gradients are upcast to float32 before their norms, the clip factors and the clipped
             and noisy sums are computed in float32, so each record still moves the sum by at most C. The
-            per-sample-gradient self-check and evaluation stay float32.
+            per-sample-gradient self-check and evaluation stay float32. Unlike the other knobs it changes the trained
+            weights by more than rounding (utility measured in docs/design.md); never the guarantee.
         cuda_tuning: on CUDA only (no effect on CPU): TF32 for the model's matmuls and convolutions,
-            ``cudnn.benchmark`` and channels-last model and inputs. Per-sample norms and clipped sums, the
-            self-check and Opacus' clipping always run with TF32 off (`trainables.privacy.bk.full_float32`).
+            ``cudnn.benchmark`` and a channels-last model (changes rounding only). Per-sample norms and clipped sums,
+            the self-check and Opacus' clipping always run with TF32 off (`trainables.privacy.bk.full_float32`).
     """
 
     grad_sample_mode: GradSampleMode = "bk"

@@ -80,7 +80,8 @@ def full_float32() -> Iterator[None]:
 
     Per-sample norms and clipped sums run inside it: with TF32 a ghost norm and its layer's clipped sum would be two
     computations rounded to 10-bit mantissas, and their disagreement (~1e-3) would loosen the bound ``||c_i g_i||
-    <= C``. The flags are process-wide; the autograd engine runs hooks between, not during, other kernels' launches.
+    <= C``. The flags are process-wide and read when a kernel is launched; hooks run on the autograd thread between
+    launches, so only the kernels inside the block see them off.
     """
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -376,9 +376,9 @@ def private_step(
     Args:
         pad_multiple: fixed shapes (``speed.fixed_shapes``): the last chunk is zero-padded to a multiple of this many
             rows, at most ``max_physical_batch_size`` (`trainables.privacy.chunks.physical_chunks`; None: no
-            padding). Only the real rows' losses are
-            back-propagated and only their per-sample gradient rows reach Opacus' clipping, so padding changes no
-            norm, factor, sum or loss, and the accounting (one step at (sigma, q)) is unchanged.
+            padding). Only the real rows' losses are back-propagated and only their per-sample gradient rows reach
+            Opacus' clipping, so padding changes no norm, factor, sum or loss, and the accounting (one step at
+            (sigma, q)) is unchanged.
         autocast_dtype: ``torch.bfloat16`` for ``speed.precision: bf16``: the forward (and so the backward) under
             autocast; per-sample gradients are upcast to float32 before clipping and summing (TF32 off there).
         extra_grad_samples: explicit per-sample gradient rows added to the batch (white-box audit canaries):
