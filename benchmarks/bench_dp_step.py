@@ -108,7 +108,7 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
             resets[mode] = lambda optimizer=optimizer: optimizer.zero_grad(set_to_none=True)
         else:
             wrapped = (
-                GradSampleModule(model, batch_first=True, loss_reduction="mean")
+                GradSampleModule(model, batch_first=True, loss_reduction="sum")  # as wrap_model
                 if mode == "stock-hooks"
                 else wrap_model(model, mode)
             )

@@ -114,6 +114,12 @@ def validate(spec: SweepSpec) -> None:
     _require(len(axes.seed) > 0, spec, "training.seed is empty; give at least one seed, e.g. [0]")
     _require(spec.speed.max_physical_batch_size >= 1, spec, "speed.max_physical_batch_size must be >= 1")
     _require(spec.speed.threads >= 1, spec, "speed.threads must be >= 1")
+    _require(
+        1 <= spec.speed.pad_multiple <= spec.speed.max_physical_batch_size,
+        spec,
+        f"speed.pad_multiple = {spec.speed.pad_multiple} must be between 1 and speed.max_physical_batch_size = "
+        f"{spec.speed.max_physical_batch_size} (rows a padded chunk is rounded up to; e.g. 8)",
+    )
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")
     _require(spec.data.image_size >= 32, spec, f"data.image_size = {spec.data.image_size} must be >= 32")
@@ -225,6 +231,13 @@ def _validate_units(spec: SweepSpec) -> None:
         "privacy.privacy_unit: patient with speed.grad_sample_mode = 'bk': the book-keeping engine does not group "
         "per-sample norms by patient yet (a patient's norm is the norm of its summed gradient); set "
         "speed.grad_sample_mode: hooks or functorch",
+    )
+    _require(
+        spec.speed.precision == "fp32" and spec.speed.fixed_shapes != "on",
+        spec,
+        f"privacy.privacy_unit: patient with speed.precision = {spec.speed.precision!r}, speed.fixed_shapes = "
+        f"{spec.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
+        "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off",
     )
 
 

@@ -21,6 +21,8 @@ Accountant = Literal["rdp", "prv"]
 PrivacyUnit = Literal["image", "patient"]
 GradSampleMode = Literal["bk", "hooks", "functorch"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16"]
+Toggle = Literal["auto", "on", "off"]
 PosWeight = Literal["uniform", "train"]
 ModelSelection = Literal["best_val", "last"]
 
@@ -95,6 +97,28 @@ class SpeedConfig:
         max_physical_batch_size: largest batch run at once; logical batches are split (virtual batches).
         threads: torch intra-op threads per trial.
         eval_batch_size: batch size for evaluation forward passes.
+        fixed_shapes: run a private Poisson batch in chunks of a few fixed shapes: full chunks of
+            ``max_physical_batch_size`` rows and a last chunk zero-padded to the next multiple of ``pad_multiple``
+            rows; padded rows contribute exactly nothing (no loss, no per-sample gradient row, no norm;
+            `trainables.privacy.chunks`). ``auto``: on CUDA only, where each new shape costs cudnn planning and
+            allocator churn; on the CPU padded rows would be pure extra work. Results equal the unpadded step up to
+            float rounding (bit for bit when no chunk is padded; tested in every mode). Image-level trials only.
+        pad_multiple: the padding granule of ``fixed_shapes`` (rows): at most ``max_physical_batch_size /
+            pad_multiple`` shapes, fewer than ``pad_multiple`` wasted rows per step. Set it to
+            ``max_physical_batch_size`` for a single shape (then every step runs whole chunks: for an expected batch
+            of 32, 1.45x the work in chunks of 32 and 2.0x in chunks of 64; granule 8: 1.11x).
+        data_on_device: hold the training split's uint8 pixels on the trial's device and gather and normalise
+            batches there (`trainables.data.loaders.DeviceImages`). ``auto``: on CUDA when the split fits in
+            ``DATA_ON_DEVICE_BUDGET`` of the device's memory; otherwise batches are gathered on the CPU into
+            pinned memory and copied asynchronously. Same numbers either way (tested on CPU).
+        precision: ``fp32``, or ``bf16``: bfloat16 autocast for the forward and backward passes of training
+            steps; per-sample gradients are upcast to float32 before their norms, the clip factors and the clipped
+            and noisy sums are computed in float32, so each record still moves the sum by at most C. The
+            per-sample-gradient self-check and evaluation stay float32. Unlike the other knobs it changes the trained
+            weights by more than rounding (utility measured in docs/design.md); never the guarantee.
+        cuda_tuning: on CUDA only (no effect on CPU): TF32 for the model's matmuls and convolutions,
+            ``cudnn.benchmark`` and a channels-last model (changes rounding only). Per-sample norms and clipped sums,
+            the self-check and Opacus' clipping always run with TF32 off (`trainables.privacy.bk.full_float32`).
     """
 
     grad_sample_mode: GradSampleMode = "bk"
@@ -102,6 +126,11 @@ class SpeedConfig:
     max_physical_batch_size: int = 64
     threads: int = 1
     eval_batch_size: int = 256
+    fixed_shapes: Toggle = "auto"
+    pad_multiple: int = 8
+    data_on_device: Toggle = "auto"
+    precision: Precision = "fp32"
+    cuda_tuning: bool = True
 
 
 NESTED = ("privacy", "speed")

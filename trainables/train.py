@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +45,9 @@ from opacus.accountants.accountant import IAccountant
 from torch import nn
 
 from trainables import names as M
-from trainables.config import TrialConfig
+from trainables.config import SpeedConfig, TrialConfig
 from trainables.data.labels import LABELS
-from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data
+from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data, train_batches
 from trainables.evaluate.bootstrap import dataset_bootstrap_seed
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import Evaluation, evaluate_split, fit_thresholds
@@ -113,6 +114,7 @@ def train_trial(
     """Train and evaluate one trial, resuming from the checkpoint ``state`` when given."""
     torch.set_num_threads(cfg.speed.threads)
     device = resolve_device(cfg.speed.device)
+    speed = step_settings(cfg.speed, device)  # fixed shapes, precision, CUDA kernels: speed only
     privacy = cfg.privacy
     data = data or load_trial_data(cfg)
     n_train = len(data.train)
@@ -133,21 +135,29 @@ def train_trial(
             "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
             "book-keeping engine does not group per-sample norms by patient yet"
         )
+    if patients is not None and (cfg.speed.precision != "fp32" or cfg.speed.fixed_shapes == "on"):
+        raise ValueError(
+            f"privacy.privacy_unit: patient with speed.precision={cfg.speed.precision!r}, speed.fixed_shapes="
+            f"{cfg.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
+            "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off"
+        )
     if privacy.is_private:
         check_planned_budget(cfg, n_records)
 
     # Model, loss and optimizer; cfg.seed seeds the initialisation (not part of the DP mechanism).
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, init).to(device)
+    model = create_model(cfg.model, init).to(device, memory_format=speed.memory_format)
     model.train()
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
     pos_weight = trial_pos_weight(cfg, data.train.split.labels, randomness, state)  # DP counts when private
     loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.values, device)
 
+    source = train_batches(data.train, device, cfg.speed.data_on_device)
+
     def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = data.train.batch(np.sort(indices))
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        """Rows in ascending index order, on the device (`trainables.data.loaders.TrainBatches`)."""
+        return source.batch(indices)
 
     def patient_batch(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The images in the given (patient-contiguous) order; the cache is read in sorted order."""
@@ -183,11 +193,19 @@ def train_trial(
         def epoch_batches() -> Iterator[torch.Tensor]:
             return poisson_batches(n_records, privacy.sample_rate, steps_per_epoch, randomness.sampler)
 
-        def step(indices: np.ndarray) -> float | None:
+        def step(indices: np.ndarray) -> torch.Tensor | None:
             if train.steps >= privacy.steps:
                 raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
             if patients is None:
-                private_step(wrapped, optimizer, loss_fn, batch(indices), cfg.speed.max_physical_batch_size)
+                private_step(
+                    wrapped,
+                    optimizer,
+                    loss_fn,
+                    batch(indices),
+                    cfg.speed.max_physical_batch_size,
+                    pad_multiple=speed.pad_multiple,
+                    autocast_dtype=speed.autocast_dtype,
+                )
             else:  # indices are patients: their images, one clipped gradient per patient
                 images, groups = patients.gather(indices)
                 private_patient_step(
@@ -199,8 +217,8 @@ def train_trial(
         def epoch_batches() -> Iterator[torch.Tensor]:
             return shuffled_batches(n_train, privacy.expected_batch_size, randomness.sampler)
 
-        def step(indices: np.ndarray) -> float | None:
-            return sgd_step(model, optimizer, loss_fn, batch(indices))
+        def step(indices: np.ndarray) -> torch.Tensor | None:
+            return sgd_step(model, optimizer, loss_fn, batch(indices), speed.autocast_dtype)
 
     train = TrainState(
         cfg,
@@ -223,7 +241,7 @@ def train_trial(
         train.epoch += 1
         metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
         if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
-            metrics[M.TRAIN_LOSS] = float(np.nanmean(losses)) if losses else math.nan
+            metrics[M.TRAIN_LOSS] = mean_loss(losses)  # the epoch's one read of the step losses
         metrics |= epoch_evaluation(cfg, model, data, accountant)
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
             raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
@@ -353,6 +371,37 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How training steps run on this device (`step_settings`); speed only, never the mechanism.
+
+    Attributes:
+        pad_multiple: the padding granule of fixed-shape chunks (``speed.fixed_shapes``), None for no padding.
+        autocast_dtype: ``torch.bfloat16`` under ``speed.precision: bf16``, else None.
+        memory_format: the model's memory format (channels-last under ``speed.cuda_tuning`` on CUDA).
+    """
+
+    pad_multiple: int | None
+    autocast_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+
+def step_settings(speed: SpeedConfig, device: torch.device) -> StepSettings:
+    """Resolve the speed knobs for ``device``, and set the process-wide CUDA kernel flags (``speed.cuda_tuning``:
+    TF32 matmuls and convolutions, ``cudnn.benchmark``; all off when false). Nothing changes on the CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.cuda_tuning
+        torch.backends.cudnn.benchmark = speed.cuda_tuning
+    return StepSettings(
+        pad_multiple=speed.pad_multiple
+        if speed.fixed_shapes == "on" or (speed.fixed_shapes == "auto" and cuda)
+        else None,
+        autocast_dtype=torch.bfloat16 if speed.precision == "bf16" else None,
+        memory_format=torch.channels_last if cuda and speed.cuda_tuning else torch.preserve_format,
+    )
+
+
 def per_sample_bce(
     pos_weight: np.ndarray | None, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -379,14 +428,27 @@ def sgd_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batch: tuple[torch.Tensor, torch.Tensor],
-) -> float:
-    """One non-private step on the batch's mean loss; returns that loss."""
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One non-private step on the batch's mean loss (forward under autocast to ``autocast_dtype`` if given);
+    returns that loss as a detached 0-dim tensor on the device (read once per epoch, `mean_loss`)."""
     x, y = batch
-    loss = loss_fn(model(x), y).mean()
+    autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
+    with autocast:
+        loss = loss_fn(model(x), y).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.detach()
+
+
+def mean_loss(losses: list[torch.Tensor | None]) -> float:
+    """The mean of an epoch's step losses (NaN steps ignored; NaN if none): one device read for the epoch."""
+    values = [loss for loss in losses if loss is not None]
+    if not values:
+        return math.nan
+    # numpy's float64 nanmean over the exact float64 values, as when each step returned loss.item()
+    return float(np.nanmean(torch.stack(values).cpu().numpy().astype(np.float64)))
 
 
 def epoch_evaluation(

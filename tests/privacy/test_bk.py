@@ -340,7 +340,7 @@ def test_bk_step_equals_functorch_step_with_the_same_noise(physical):
     updates, losses = {}, {}
     for mode, chunk in (("functorch", 64), ("bk", physical)):
         model, wrapped, optimizer, accountant = _dp_setup(mode, sigma=0.3, clip=0.05, expected_batch=7)
-        losses[mode] = private_step(wrapped, optimizer, LOSS, (x, y), max_physical_batch_size=chunk)
+        losses[mode] = float(private_step(wrapped, optimizer, LOSS, (x, y), max_physical_batch_size=chunk))
         updates[mode] = _update(model)
         assert sum(n for _, _, n in accountant.history) == 1
     torch.testing.assert_close(updates["bk"], updates["functorch"], rtol=0, atol=1e-6)

@@ -45,9 +45,17 @@ def test_engine_per_sample_gradients_match_torch_func(mode):
 
 def test_stock_opacus_hooks_are_caught_on_convnext():
     # Stock Opacus unfolds channels-last conv inputs wrongly (ConvNeXt downsample convs); our check must see it.
-    stock = GradSampleModule(small_convnext(), batch_first=True, loss_reduction="mean")
+    stock = GradSampleModule(small_convnext(), batch_first=True, loss_reduction="sum")  # our convention
     with pytest.raises(PerSampleGradientError, match="downsample"):
         check_per_sample_gradients(stock, LOSS, *inputs())
+    # ... and only there: with the same reduction, stock Opacus agrees with torch.func on every other parameter
+    x, y = inputs()
+    reference = reference_per_sample_gradients(small_convnext(), LOSS, x, y)
+    stock.zero_grad(set_to_none=True)
+    LOSS(stock(x), y).sum().backward()
+    for name, p in stock._module.named_parameters():
+        if "downsample" not in name:
+            torch.testing.assert_close(p.grad_sample, reference[name], rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_or_broken_modes_are_refused():
@@ -176,7 +184,7 @@ def test_study_architectures_get_exact_per_sample_gradients_for_every_parameter(
         wrapped._close()  # remove the hooks before wrapping the same model again
         assert check.max_relative_error < 1e-4, (mode, check)
         assert check.n_parameters == sum(1 for p in model.parameters() if p.requires_grad)
-    stock = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    stock = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     with pytest.raises(PerSampleGradientError):
         check_per_sample_gradients(stock, LOSS, x, y)
     stock._close()

@@ -122,7 +122,7 @@ def test_per_patient_gradient_is_the_sum_of_its_images_torch_func_gradients(mode
     # Directly: the grouped rows against torch.func sums.
     reference = reference_per_sample_gradients(small_convnext(0), LOSS, x, y)
     wrapped.zero_grad(set_to_none=True)
-    LOSS(wrapped(x), y).mean().backward()
+    LOSS(wrapped(x), y).sum().backward()  # wrap_model's loss_reduction="sum"
     sum_grad_samples_by_patient(wrapped, torch.as_tensor(GROUPS))
     for name, p in wrapped._module.named_parameters():
         expected = torch.stack([reference[name][GROUPS == g].sum(0) for g in range(3)])

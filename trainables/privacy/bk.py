@@ -30,6 +30,15 @@ layer's own activations) and never changes results beyond float rounding: both b
 norm. Grouped (depthwise) convolutions get exact per-sample weight gradients from one grouped convolution
 forward with the batch folded into the groups (`_grouped_conv_per_sample`).
 
+Precision: the per-sample work of steps 2-4 always runs in float32 (or the model's float64) with TF32 off
+(`full_float32`), whatever the model's forward and backward ran in: under ``speed.precision: bf16`` the stored ``a``
+and ``g`` are upcast before norms are taken, so the norms, clip factors and clipped sums are float32 computations
+on the same values, and each sample's clipped contribution has norm <= C up to float32 rounding, as in fp32 mode.
+
+Padding (``speed.fixed_shapes``, `trainables.privacy.chunks`): only a chunk's first ``n_real`` rows are records; the
+backward starts from their losses only (a padded row's output gradients are exactly zero), and clip factors and
+clipped sums are taken over those rows only.
+
 Coverage: every trainable parameter must belong to a module with a rule in `RULES` (matched by exact type,
 as a subclass may change the forward), or be a timm ConvNeXt block's layer scale ``gamma``
 (`ConvNeXtLayerScaleRule`). Anything else is an `UnsupportedModuleError` naming the module: no parameter is
@@ -41,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +61,8 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from trainables.privacy.chunks import physical_chunks
+
 CLIP_EPSILON = 1e-6
 """Opacus' clip factor ``min(1, C / (norm + 1e-6))``: the same constant, so bk equals the other modes."""
 
@@ -61,6 +72,28 @@ PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class UnsupportedModuleError(ValueError):
     """A module with trainable parameters that the book-keeping engine has no rule for."""
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions inside the block (CUDA; a no-op for CPU kernels), restored after.
+
+    Per-sample norms and clipped sums run inside it: with TF32 a ghost norm and its layer's clipped sum would be two
+    computations rounded to 10-bit mantissas, and their disagreement (~1e-3) would loosen the bound ``||c_i g_i||
+    <= C``. The flags are process-wide and read when a kernel is launched; hooks run on the autograd thread between
+    launches, so only the kernels inside the block see them off.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a 16-bit float (bf16 autocast), else ``t`` itself (float32 and float64 kept)."""
+    return t.to(torch.float32) if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def prefers_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
@@ -102,14 +135,17 @@ class LayerGrads:
         self.norms_sq[name] = ghost_norm_sq(a, g)
 
     def clipped_sums(self, factors: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-        """``sum_i factors_i g_i`` per parameter, shaped like the parameter."""
+        """``sum_i factors_i g_i`` over the first ``len(factors)`` samples (the real rows of a padded chunk) per
+        parameter, shaped like the parameter; TF32 off (`full_float32`)."""
+        n = len(factors)
         sums = {}
-        for name, per_sample in self.instantiated.items():
-            flat = per_sample.reshape(len(per_sample), -1)
-            sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
-        for name, (a, g) in self.ghost.items():
-            scaled = g * factors.to(g.dtype)[:, None, None]
-            sums[name] = torch.einsum("bto,bti->oi", scaled, a).contiguous().reshape(shapes[name])
+        with full_float32():
+            for name, per_sample in self.instantiated.items():
+                flat = per_sample[:n].reshape(n, -1)
+                sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
+            for name, (a, g) in self.ghost.items():
+                scaled = g[:n] * factors.to(g.dtype)[:, None, None]
+                sums[name] = torch.einsum("bto,bti->oi", scaled, a[:n]).contiguous().reshape(shapes[name])
         return sums
 
 
@@ -119,7 +155,8 @@ def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Args:
         a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients.
     """
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    with full_float32():
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
 def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -329,23 +366,27 @@ class PerSampleResult:
     """What one physical batch contributes: per-sample norms, and clipped sums on request.
 
     Attributes:
-        norms_sq: full parameter name -> per-sample squared gradient norms [B] (the parameter's dtype).
+        norms_sq: full parameter name -> per-sample squared gradient norms [B] (float32, or float64 for a float64
+            model); padded rows (from ``n_real`` on) are exactly 0.
         norms: per-sample total gradient norms over all trainable parameters [B] (float64).
-        loss: per-sample losses [B], detached.
+        loss: per-sample losses of the real rows [n_real], detached.
+        n_real: the leading rows that are records (the rest is padding).
     """
 
     norms_sq: dict[str, torch.Tensor]
     norms: torch.Tensor
     loss: torch.Tensor
+    n_real: int
     _layers: list[LayerGrads]
     _shapes: dict[str, torch.Size]
 
     def clip_factors(self, max_grad_norm: float) -> torch.Tensor:
-        """Opacus' per-sample factors ``min(1, C / (norm + 1e-6))`` [B] (float64)."""
-        return clip_factors(self.norms, max_grad_norm)
+        """Opacus' per-sample factors ``min(1, C / (norm + 1e-6))`` of the real rows [n_real] (float64)."""
+        return clip_factors(self.norms[: self.n_real], max_grad_norm)
 
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``sum_i factors_i g_i`` for every trainable parameter (full name -> tensor shaped like it)."""
+        """``sum_i factors_i g_i`` over the first ``len(factors)`` rows, for every trainable parameter (full name ->
+        tensor shaped like it)."""
         sums: dict[str, torch.Tensor] = {}
         for layer in self._layers:
             sums.update(layer.clipped_sums(factors, self._shapes))
@@ -440,7 +481,8 @@ class BookKeepingModule(nn.Module):
         def on_grad(grad: torch.Tensor) -> None:
             activation = site.activation
             assert activation is not None
-            site.grads = site.rule.per_sample(site.module, activation, grad.detach(), site.names)
+            # bf16 autocast: the per-sample work runs in float32 on the (exactly) upcast values
+            site.grads = site.rule.per_sample(site.module, upcast(activation), upcast(grad.detach()), site.names)
             site.activation = None  # kept only through a ghost layer's LayerGrads, if at all
 
         output.register_hook(on_grad)  # type: ignore[no-untyped-call]
@@ -463,21 +505,41 @@ class BookKeepingModule(nn.Module):
         finally:
             self._recording = False
 
-    def per_sample(self, loss_fn: PerSampleLoss, x: torch.Tensor, y: torch.Tensor) -> PerSampleResult:
+    def per_sample(
+        self,
+        loss_fn: PerSampleLoss,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_real: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> PerSampleResult:
         """One forward and one input-gradient backward on a physical batch: per-sample norms, clipped sums.
 
         Per-sample gradients are those of each sample's own loss ``loss_fn(model(x), y)[i]`` (no division by
         the batch size). Parameter ``.grad`` fields are left untouched.
 
+        Args:
+            n_real: only rows ``[0, n_real)`` are records (default: all); the backward starts from their losses
+                only, so every later row (padding) gets exactly zero output gradients, norms and contributions.
+            autocast_dtype: run the forward under ``torch.autocast`` to this dtype (``bfloat16``); the per-sample
+                norms and sums are still float32 (module docstring).
+
         Raises:
             UnsupportedModuleError: a module ran twice, or a layer's output got no gradient (it does not depend
                 on the input ``x``, which the input-gradient backward needs).
         """
+        n_real = len(x) if n_real is None else n_real
+        if not 0 <= n_real <= len(x):
+            raise ValueError(f"n_real={n_real} must be between 0 and the chunk's {len(x)} rows")
         x = x.detach().requires_grad_(True)  # the backward targets x, so no parameter gradient is formed
+        autocast = (
+            nullcontext() if autocast_dtype is None else torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+        )
         try:
             with self._recording_on():
-                loss = loss_fn(self._module(x), y)
-                (input_grad,) = torch.autograd.grad(loss.sum(), [x])
+                with autocast:
+                    loss = loss_fn(self._module(x), y)
+                (input_grad,) = torch.autograd.grad(loss[:n_real].sum(), [x])
             del input_grad
             layers: list[LayerGrads] = []
             for site in self._sites:
@@ -496,7 +558,7 @@ class BookKeepingModule(nn.Module):
         if missing:  # cannot happen with the coverage check above; never release an unclipped parameter
             raise UnsupportedModuleError(f"no per-sample gradient for {sorted(missing)}")
         total = torch.stack([v.to(torch.float64) for v in norms_sq.values()]).sum(0).sqrt()
-        return PerSampleResult(norms_sq, total, loss.detach(), layers, shapes)
+        return PerSampleResult(norms_sq, total, loss[:n_real].detach(), n_real, layers, shapes)
 
     def remove_hooks(self) -> None:
         """Detach the hooks from the model (before wrapping it again)."""
@@ -554,22 +616,30 @@ def clipped_sum_step(
     max_grad_norm: float,
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], float]:
+    *,
+    pad_multiple: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The clipped sum ``sum_i c_i g_i`` of one logical batch, accumulated over physical chunks.
 
+    Args:
+        pad_multiple: fixed shapes: the last chunk zero-padded to a multiple of this many rows (`physical_chunks`);
+            padded rows contribute nothing. None: no padding.
+        autocast_dtype: see `BookKeepingModule.per_sample`.
+
     Returns:
-        (full parameter name -> clipped sum (zeros for an empty batch), mean per-sample loss (NaN if empty)).
+        (full parameter name -> clipped sum (zeros for an empty batch), mean per-sample loss of the real rows as a
+        0-dim tensor on the batch's device (NaN if empty); nothing is read back to the host).
     """
     x, y = batch
     parameters = wrapped.trainable_parameters()
     sums: dict[str, torch.Tensor] = {}
-    total_loss = 0.0
-    for start in range(0, len(x), max_physical_batch_size):
-        chunk = slice(start, start + max_physical_batch_size)
-        result = wrapped.per_sample(loss_fn, x[chunk], y[chunk])
+    total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    for chunk in physical_chunks(x, y, max_physical_batch_size, pad_multiple):
+        result = wrapped.per_sample(loss_fn, chunk.x, chunk.y, chunk.n_real, autocast_dtype)
         for name, value in result.clipped_sums(result.clip_factors(max_grad_norm)).items():
             sums[name] = sums[name] + value if name in sums else value
-        total_loss += result.loss.sum().item()
+        total_loss = total_loss + result.loss.sum()
     for name, p in parameters.items():  # an empty batch: nothing clipped, every sum zero
         if name not in sums:
             sums[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -577,4 +647,4 @@ def clipped_sum_step(
         extra, _ = clipped_explicit_rows(extra_grad_samples, parameters, max_grad_norm)
         for name, value in extra.items():
             sums[name] = sums[name] + value
-    return sums, (total_loss / len(x) if len(x) else math.nan)
+    return sums, (total_loss / len(x) if len(x) else torch.full_like(total_loss, math.nan))

@@ -16,6 +16,10 @@ Per-sample clipping comes in three verified modes (`GRAD_SAMPLE_MODES`): ``bk`` 
 the whole model), ``hooks`` and ``functorch`` (Opacus per-sample gradients, clipped by Opacus' DPOptimizer). All
 three clip with Opacus' factor and feed the same DPOptimizer noise and accountant hook.
 
+Fixed shapes and precision are speed knobs (`trainables.config.SpeedConfig`): padded chunks
+(`trainables.privacy.chunks`) contribute nothing, and under bf16 autocast the per-sample gradients are upcast to float32
+before Opacus or book-keeping takes norms, clip factors and sums, so the mechanism is the same.
+
 Randomness (chosen by `trainables.privacy.randomness`): by default noise and Poisson sampling come from
 ``torch.Generator`` streams seeded from ``os.urandom`` (secret, checkpointed). In secure mode both come from a
 `trainables.privacy.secure.SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key, Opacus' 4-Gaussian noise
@@ -29,7 +33,7 @@ import math
 import typing
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -43,7 +47,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trainables.config import GradSampleMode
-from trainables.privacy.bk import BookKeepingModule, PerSampleLoss, clip_factors, clipped_sum_step
+from trainables.privacy.bk import (
+    BookKeepingModule,
+    PerSampleLoss,
+    clip_factors,
+    clipped_sum_step,
+    full_float32,
+    upcast,
+)
+from trainables.privacy.chunks import physical_chunks
 from trainables.privacy.secure import SecureRandom
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = typing.get_args(GradSampleMode)
@@ -90,6 +102,10 @@ def wrap_model(model: nn.Module, grad_sample_mode: str) -> WrappedModel:
     """Wrap a model for per-sample clipping: a `BookKeepingModule` (``bk``), or a GradSampleModule whose
     backward passes also compute per-sample gradients (``p.grad_sample``).
 
+    The GradSampleModule expects the backward of the *sum* of per-sample losses (``loss_reduction="sum"``), so
+    ``grad_sample`` is each sample's own loss gradient without a 1/n scale undone later (which would round
+    differently for different chunk sizes); the DPOptimizer still divides the noisy sum by the expected batch size.
+
     Raises:
         ValueError: unknown mode, or a model that cannot be trained privately (e.g. BatchNorm; for ``bk`` an
             `~trainables.privacy.bk.UnsupportedModuleError` naming a module it has no rule for).
@@ -102,7 +118,7 @@ def wrap_model(model: nn.Module, grad_sample_mode: str) -> WrappedModel:
     if grad_sample_mode == "bk":
         return BookKeepingModule(model)
     return VerifiedGradSampleModule(
-        model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=grad_sample_mode == "functorch"
+        model, batch_first=True, loss_reduction="sum", strict=True, force_functorch=grad_sample_mode == "functorch"
     )
 
 
@@ -185,7 +201,7 @@ def check_per_sample_gradients(
     try:
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         wrapped.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss_fn(wrapped(x), y).mean())
+        torch.autograd.backward(loss_fn(wrapped(x), y).sum())  # loss_reduction="sum" (wrap_model)
         worst, worst_name = 0.0, ""
         for name, p in module.named_parameters():
             if not p.requires_grad:
@@ -209,17 +225,6 @@ def check_per_sample_gradients(
             "the trial would train on wrong (clipped) gradients, so it refuses to train"
         )
     return check
-
-
-@contextmanager
-def _exact_float32_matmuls() -> Iterator[None]:
-    """TF32 off, so that GPU rounding (~1e-3) can neither hide nor fake a mismatch in a check."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _relative_error(engine: torch.Tensor, reference: torch.Tensor) -> float:
@@ -248,7 +253,7 @@ def check_book_keeping(
         PerSampleGradientError: a parameter is missing, or any relative error exceeds ``tolerance``.
     """
     module = wrapped._module
-    with _exact_float32_matmuls():
+    with full_float32():  # so that GPU rounding (~1e-3) can neither hide nor fake a mismatch
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         result = wrapped.per_sample(loss_fn, x, y)
         n = len(x)
@@ -357,14 +362,25 @@ def private_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
-) -> float:
+    *,
+    pad_multiple: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """One DP-SGD step on one logical batch, split into physical chunks that fit in memory.
 
     Clipped per-sample gradients of all chunks are summed; noise is added and the accountant advanced
     exactly once, at the last chunk. Afterwards ``p.grad`` holds the noisy update that was applied.
-    Returns the mean per-sample loss of the batch (NaN when empty).
+    Returns the mean per-sample loss of the batch as a 0-dim tensor on the batch's device (NaN when empty):
+    nothing is read back to the host, so a step never waits for the device.
 
     Args:
+        pad_multiple: fixed shapes (``speed.fixed_shapes``): the last chunk is zero-padded to a multiple of this many
+            rows, at most ``max_physical_batch_size`` (`trainables.privacy.chunks.physical_chunks`; None: no
+            padding). Only the real rows' losses are back-propagated and only their per-sample gradient rows reach
+            Opacus' clipping, so padding changes no norm, factor, sum or loss, and the accounting (one step at
+            (sigma, q)) is unchanged.
+        autocast_dtype: ``torch.bfloat16`` for ``speed.precision: bf16``: the forward (and so the backward) under
+            autocast; per-sample gradients are upcast to float32 before clipping and summing (TF32 off there).
         extra_grad_samples: explicit per-sample gradient rows added to the batch (white-box audit canaries):
             parameter name (as in ``wrapped._module.named_parameters()``) -> [m, *parameter shape], every entry
             with the same m; a row is zero on parameters it does not name. Each row is clipped to
@@ -373,7 +389,16 @@ def private_step(
             for what they stand for.
     """
     if isinstance(wrapped, BookKeepingModule):
-        return _book_keeping_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size, extra_grad_samples)
+        return _book_keeping_step(
+            wrapped,
+            optimizer,
+            loss_fn,
+            batch,
+            max_physical_batch_size,
+            extra_grad_samples,
+            pad_multiple,
+            autocast_dtype,
+        )
     x, y = batch
     n = len(x)
     if n == 0:
@@ -383,23 +408,35 @@ def private_step(
             if p.requires_grad:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         _append_grad_samples(wrapped, extra_grad_samples)
-        optimizer.step()
-        return float("nan")
-    total_loss = 0.0
-    starts = range(0, n, max_physical_batch_size)
-    for i, start in enumerate(starts):
+        with full_float32():
+            optimizer.step()
+        return torch.full((), math.nan, device=x.device)
+    total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    chunks = list(physical_chunks(x, y, max_physical_batch_size, pad_multiple))
+    autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
+    for i, chunk in enumerate(chunks):
         # Clears per-sample gradients; Opacus keeps the clipped sum across skipped (non-final) chunks.
         optimizer.zero_grad(set_to_none=True)
-        xb, yb = x[start : start + max_physical_batch_size], y[start : start + max_physical_batch_size]
-        loss = loss_fn(wrapped(xb), yb)
-        torch.autograd.backward(loss.mean())
-        total_loss += loss.detach().sum().item()
-        last = i == len(starts) - 1
+        with autocast:
+            loss = loss_fn(wrapped(chunk.x), chunk.y)[: chunk.n_real]  # padded rows: exactly zero gradients
+        torch.autograd.backward(loss.sum())  # loss_reduction="sum" (wrap_model)
+        total_loss = total_loss + loss.detach().sum()
+        _real_grad_samples(wrapped, chunk.n_real)
+        last = i == len(chunks) - 1
         if last:
             _append_grad_samples(wrapped, extra_grad_samples)
         optimizer.signal_skip_step(do_skip=not last)
-        optimizer.step()
+        with full_float32():  # Opacus' norms, clip factors and clipped sum (an einsum) without TF32
+            optimizer.step()
     return total_loss / n
+
+
+def _real_grad_samples(wrapped: GradSampleModule, n_real: int) -> None:
+    """Keep only the real rows of each ``p.grad_sample`` (padded rows never reach Opacus' clipping), in float32
+    if autocast left them in bfloat16 (Opacus would otherwise take bf16 norms of them)."""
+    for p in wrapped.parameters():
+        if p.requires_grad:
+            p.grad_sample = upcast(p.grad_sample[:n_real])
 
 
 def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Tensor] | None) -> None:
@@ -432,7 +469,9 @@ def _book_keeping_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
     extra_grad_samples: Mapping[str, torch.Tensor] | None,
-) -> float:
+    pad_multiple: int | None,
+    autocast_dtype: torch.dtype | None,
+) -> torch.Tensor:
     """`private_step` for ``bk``: the engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``)
     handed to Opacus' DPOptimizer as ``p.summed_grad``; then Opacus' own ``add_noise`` (std sigma*C;
     `SecureDPOptimizer`'s in secure mode), ``scale_grad`` (division by the expected batch size), accountant hook
@@ -442,7 +481,14 @@ def _book_keeping_step(
         raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
     optimizer.zero_grad(set_to_none=True)  # first: the previous step's buffers are not held through this one
     sums, mean_loss = clipped_sum_step(
-        wrapped, loss_fn, batch, optimizer.max_grad_norm, max_physical_batch_size, extra_grad_samples
+        wrapped,
+        loss_fn,
+        batch,
+        optimizer.max_grad_norm,
+        max_physical_batch_size,
+        extra_grad_samples,
+        pad_multiple=pad_multiple,
+        autocast_dtype=autocast_dtype,
     )
     for name, p in parameters.items():
         # Opacus' per-parameter attributes (set on nn.Parameter at run time)

@@ -41,7 +41,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from trainables.privacy.bk import PerSampleLoss
+from trainables.privacy.bk import PerSampleLoss, full_float32
 from trainables.privacy.engine import (
     GradientCheck,
     PerSampleGradientError,
@@ -168,27 +168,29 @@ def private_patient_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     groups: np.ndarray,
     max_physical_batch_size: int,
-) -> float:
+) -> torch.Tensor:
     """One patient-level DP-SGD step on a patient-contiguous logical batch (see the module docstring).
 
     Chunks hold whole patients; after each chunk's backward its rows are summed per patient, the optimizer clips
     and accumulates them; noise is added and the accountant advanced once, at the last chunk. An empty batch is a
-    noisy step too (`trainables.privacy.engine.private_step`). Returns the mean per-image loss (NaN when empty).
+    noisy step too (`trainables.privacy.engine.private_step`). Returns the mean per-image loss as a 0-dim tensor on the
+    batch's device (NaN when empty), without reading it back to the host.
     """
     x, y = batch
     if len(x) == 0:
         return private_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size)
     group_tensor = torch.as_tensor(groups)
     chunks = patient_chunks(groups, max_physical_batch_size)
-    total_loss = 0.0
+    total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for i, chunk in enumerate(chunks):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(wrapped(x[chunk]), y[chunk])
-        loss.mean().backward()  # type: ignore[no-untyped-call]
-        total_loss += loss.detach().sum().item()
+        loss.sum().backward()  # type: ignore[no-untyped-call]  # loss_reduction="sum" (engine.wrap_model)
+        total_loss = total_loss + loss.detach().sum()
         sum_grad_samples_by_patient(wrapped, group_tensor[chunk])
         optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
-        optimizer.step()
+        with full_float32():  # Opacus' clipping and sum without TF32 (speed.cuda_tuning)
+            optimizer.step()
     return total_loss / len(x)
 
 
@@ -218,7 +220,7 @@ def check_patient_gradients(
     try:
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
         wrapped.zero_grad(set_to_none=True)
-        loss_fn(wrapped(x), y).mean().backward()  # type: ignore[no-untyped-call]
+        loss_fn(wrapped(x), y).sum().backward()  # type: ignore[no-untyped-call]  # loss_reduction="sum"
         sum_grad_samples_by_patient(wrapped, group_tensor)
         worst, worst_name = 0.0, ""
         for name, p in module.named_parameters():
