@@ -199,6 +199,7 @@ def test_ran_at_once_tells_overlap_from_sequence():
     assert not ran_at_once([(0.0, 5.0), (5.5, 9.0)])
 
 
+@pytest.mark.slow
 def test_two_trials_share_one_gpu_and_run_at_the_same_time(shared_gpu):
     from ray.tune import ExperimentAnalysis
 
@@ -213,6 +214,7 @@ def test_two_trials_share_one_gpu_and_run_at_the_same_time(shared_gpu):
     assert ran_at_once(intervals), intervals
 
 
+@pytest.mark.slow
 def test_system_metrics_are_reported_every_epoch_of_a_sweep(shared_gpu):
     import pandas as pd
 
