@@ -235,23 +235,39 @@ def run_case(case: Case, data_root: Path) -> dict[str, Any]:
 
 
 def _worker(case: Case, data_root: Path, queue: Any) -> None:
-    try:
-        queue.put(run_case(case, data_root))
-    except BaseException as error:  # noqa: BLE001 - reported to the parent, which raises it
-        queue.put(error)
-        raise
+    queue.put(run_case(case, data_root))
+
+
+def in_fresh_process(target: Any, args: tuple[Any, ...]) -> Any:
+    """``target(*args, queue)`` in a spawned process; what it put on the queue. A worker that dies without a result
+    (an exception, the OOM killer, a CUDA error) raises here instead of leaving the parent waiting."""
+    import queue as queues
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=target, args=(*args, results))
+    process.start()
+    while True:
+        try:
+            result = results.get(timeout=2.0)
+            break
+        except queues.Empty:
+            if not process.is_alive():
+                try:
+                    result = results.get(timeout=2.0)  # put just before it exited
+                    break
+                except queues.Empty:
+                    raise RuntimeError(
+                        f"benchmark worker {target.__name__} died (exit code {process.exitcode}) without a "
+                        "result; its traceback is above"
+                    ) from None
+    process.join()
+    return result
 
 
 def measure(case: Case, data_root: Path) -> dict[str, Any]:
     """`run_case` in a fresh spawned process (its own device memory and peak statistics)."""
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_worker, args=(case, data_root, queue))
-    process.start()
-    record = queue.get()
-    process.join()
-    if isinstance(record, BaseException):
-        raise RuntimeError(f"{case}: failed") from record
+    record = in_fresh_process(_worker, (case, data_root))
     print(
         f"{case.model} {case.image_size}px {case.device} {case.mode} {case.precision} batch {case.batch}: trial "
         f"{record['trial_step_s']:.4f} s/step, benchmark {record['benchmark_step_s']:.4f} s/step, ratio "

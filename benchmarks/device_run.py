@@ -24,6 +24,7 @@ what the tests run); its numbers are no measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -137,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{c.mode} {c.precision}" for c in chosen),
         flush=True,
     )
-    dp_records = bench_dp_step.measure(
+    # bench_dp_step.measure, but a worker that dies (e.g. out of memory) fails the run instead of hanging it
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = bench_dp_step.MMAP_THRESHOLD
+    dp_case = (
         preset.model,
         preset.image_size,
         args.device,
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         preset.dp_rounds,
         preset.threads,
     )
+    dp_records = bench_trial_step.in_fresh_process(bench_dp_step._worker, (dp_case,))
     bench_dp_step.write(dp_records, args.device, out_dir / bench_trial_step.results_name("dp_step", args.device))
     trial_records = bench_trial_step.measure_all(chosen)
     bench_trial_step.write(

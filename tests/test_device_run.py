@@ -51,3 +51,15 @@ def test_the_cpu_path_writes_what_the_dry_run_reads(tmp_path, monkeypatch):
     assert cost.ratio is not None and cost.seconds_per_image == pytest.approx(
         bench.seconds_per_image * cost.ratio.ratio
     )
+
+
+def _dies(queue) -> None:
+    raise SystemExit(7)
+
+
+def test_a_benchmark_worker_that_dies_fails_the_run_instead_of_hanging_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_trial_step
+
+    with pytest.raises(RuntimeError, match=r"benchmark worker _dies died \(exit code 7\) without a result"):
+        bench_trial_step.in_fresh_process(_dies, ())
