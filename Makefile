@@ -43,6 +43,7 @@ bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 	$(PY) benchmarks/bench_bootstrap.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_dp_step.py
+	$(PY) benchmarks/bench_trial_step.py
 
 ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:$(PORT) (make ui PORT=5123)
 	$(VENV)/bin/dpsweep ui --runs runs --port $(PORT)

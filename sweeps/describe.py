@@ -84,9 +84,10 @@ def describe_plan(plan: SweepPlan) -> str:
 
 def dry_run_report(plan: SweepPlan) -> str:
     """What `dpsweep sweep --dry-run` prints: the plan, each trial with its sigma, GPU-hours, open issues."""
-    from sweeps.estimate import describe_gpu_hours, trial_gpu_seconds
+    from sweeps.estimate import describe_gpu_hours, describe_trials_per_gpu, measurements, trial_gpu_seconds
 
     spec = plan.spec
+    measured = measurements()
     lines = [describe_plan(plan)]
     total, unknown, bases = 0.0, [], set()
     if spec.optuna is None:
@@ -103,6 +104,7 @@ def dry_run_report(plan: SweepPlan) -> str:
                 else round(privacy.expected_batch_size * dataset.n_train / dataset.n_records("patient"))
             )  # patients bring images
             estimate = trial_gpu_seconds(
+                measured,
                 trial.config.model,
                 spec.data.image_size,
                 spec.speed.grad_sample_mode,
@@ -122,6 +124,7 @@ def dry_run_report(plan: SweepPlan) -> str:
         for cell in spec.cells():
             n_train = plan.datasets[cell["dataset"]].n_train
             estimate = trial_gpu_seconds(
+                measured,
                 cell["model"],
                 spec.data.image_size,
                 spec.speed.grad_sample_mode,
@@ -139,7 +142,15 @@ def dry_run_report(plan: SweepPlan) -> str:
     if spec.pretrain is not None and "domain" in spec.inits and plan.pretrain_n:
         for model in spec.models:  # the pretrain stage: non-private, once per model (cached afterwards)
             estimate = trial_gpu_seconds(
-                model, spec.data.image_size, "non-private", plan.pretrain_n, 1, 0, spec.pretrain.epochs, private=False
+                measured,
+                model,
+                spec.data.image_size,
+                "nonprivate",
+                plan.pretrain_n,
+                1,
+                0,
+                spec.pretrain.epochs,
+                private=False,
             )
             if estimate is not None and not Path(plan.inits[(model, "domain")].weights or "").is_file():
                 total += estimate[0]
@@ -147,7 +158,14 @@ def dry_run_report(plan: SweepPlan) -> str:
                     f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
                     f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials"
                 )
-    lines.append(describe_gpu_hours(total, unknown, bases))
+    lines.append(describe_gpu_hours(total, unknown, bases, measured))
+    if spec.resources.gpu > 0 or spec.speed.device == "cuda":
+        precision = getattr(spec.speed, "precision", "fp32")  # `speed.precision` where this version has it
+        cases = {
+            (model, spec.data.image_size, spec.speed.grad_sample_mode, spec.speed.max_physical_batch_size, precision)
+            for model in spec.models
+        }
+        lines.extend(describe_trials_per_gpu(measured, cases))
     if plan.notes:
         lines.append("before running it for real:")
         lines.extend(f"  - {note}" for note in plan.notes)

@@ -121,7 +121,7 @@ def validate(spec: SweepSpec) -> None:
         f"{spec.speed.max_physical_batch_size} (rows a padded chunk is rounded up to; e.g. 8)",
     )
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
-    _require(spec.resources.gpu >= 0, spec, f"resources.gpu = {spec.resources.gpu} must be >= 0")
+    _validate_gpu_share(spec, spec.resources.gpu)
     _require(spec.data.image_size >= 32, spec, f"data.image_size = {spec.data.image_size} must be >= 32")
     _require(spec.data.input_std > 0, spec, f"data.input_std = {spec.data.input_std} must be > 0")
     edges = spec.evaluation.age_edges
@@ -170,6 +170,33 @@ def validate(spec: SweepSpec) -> None:
     _validate_units(spec)
     if spec.audit is not None:
         _validate_audit(spec, spec.audit)
+
+
+GPU_SHARE_STEP = 1e-4
+"""Ray counts resource shares in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
+
+
+def _validate_gpu_share(spec: SweepSpec, gpu: float) -> None:
+    """``resources.gpu``: GPUs per trial. 0 (CPU trials), a share of one GPU in (0, 1] (0.25: four trials on each
+    GPU, Ray packs ``floor(1 / gpu)`` of them), or a whole number of GPUs; Ray rejects fractions above 1."""
+    fix = (
+        "give 0 for CPU trials, a share of one GPU such as 0.5 or 0.25 (two or four trials per GPU; "
+        "`dpsweep sweep --dry-run` says how many fit in memory), or a whole number such as 1 or 2"
+    )
+    _require(math.isfinite(gpu) and gpu >= 0, spec, f"resources.gpu = {gpu!r} must be a finite number >= 0; {fix}")
+    _require(
+        gpu <= 1 or gpu.is_integer(),
+        spec,
+        f"resources.gpu = {gpu!r}: more than one GPU per trial must be a whole number (Ray cannot split a "
+        f"trial over {gpu!r} GPUs); {fix}",
+    )
+    shares = gpu / GPU_SHARE_STEP
+    _require(
+        abs(shares - round(shares)) < 1e-6,
+        spec,
+        f"resources.gpu = {gpu!r} has more than 4 decimals, which Ray rounds; give "
+        f"{math.floor(shares + 1e-6) * GPU_SHARE_STEP:.4f} (rounded down, so that as many trials fit on a GPU)",
+    )
 
 
 NO_PATIENT_IDS: dict[str, str] = {"vindr-cxr": "VinDr-CXR publishes no patient ids (each image is its own patient)"}

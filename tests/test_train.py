@@ -14,7 +14,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from tests.privacy.test_resume import assert_identical
+from tests.privacy.test_resume import assert_identical, split_system_metrics
 from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
@@ -25,6 +25,7 @@ from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
 from trainables.models import predict, resolve_init
 from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
+from trainables.throughput import throughput_metrics
 from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial
 
 
@@ -121,21 +122,27 @@ def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int 
 
 @dataclass
 class TinyRun:
+    """Every epoch's report split into its results (``epochs``, equal between runs that replay alike) and its
+    system metrics (``system``: timing, different in every run), the epoch checkpoints and the result."""
+
     epochs: list[dict[str, Any]]
     states: list[dict[str, Any]]
     result: TrialResult
+    system: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None) -> TinyRun:
     """Train ``cfg`` in this process (optionally resuming ``state``), keeping every epoch's report."""
-    epochs, states = [], []
+    epochs, states, system = [], [], []
 
     def report(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
-        epochs.append(metrics)
+        results, timing = split_system_metrics(metrics)
+        epochs.append(results)
+        system.append(timing)
         states.append(copy.deepcopy(epoch_state))
 
     result = train_trial(cfg, resolve_init("random", cfg.model), report, state)
-    return TinyRun(epochs, states, result)
+    return TinyRun(epochs, states, result, system)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +199,57 @@ def test_test_split_gaps_follow_test_every_epoch(tiny_site):
     run = run_tiny_trial(tiny_trial_config(tiny_site, math.inf, epochs=1, test_every_epoch=False))
     assert M.auroc_gap("val", "age") in run.epochs[0]
     assert not any(key.startswith("test/") for key in run.epochs[0])
+
+
+def test_throughput_metrics_are_counts_over_wall_time():
+    private = throughput_metrics(seconds=4.0, steps=8, expected_images_per_step=15.5, images_per_epoch=144)
+    assert private == {
+        M.SYSTEM_TRAIN_S: 4.0,
+        M.SYSTEM_STEP_S: 0.5,
+        M.SYSTEM_STEPS_PER_S: 2.0,
+        M.SYSTEM_IMAGES_PER_S: 31.0,
+    }
+    baseline = throughput_metrics(seconds=4.0, steps=9, expected_images_per_step=None, images_per_epoch=144)
+    assert baseline[M.SYSTEM_IMAGES_PER_S] == 36.0 and baseline[M.SYSTEM_STEP_S] == 4.0 / 9
+    assert math.isnan(throughput_metrics(0.0, 0, 15.5, 144)[M.SYSTEM_STEP_S])
+
+
+@pytest.mark.parametrize("target_epsilon", [4.0, math.inf])
+def test_every_epoch_reports_system_metrics_from_expected_counts_only(tiny_site, monkeypatch, target_epsilon):
+    """images/s of a private trial is q N images per step over wall time: the realized Poisson batch sizes (secret
+    randomness of the mechanism) do not enter it, nor any other system metric; nothing of it is in the history.
+    The batches are halved here, so a figure built from realized sizes would be about half of q N per step."""
+    import trainables.train as train_module
+
+    realized: list[int] = []
+    poisson = train_module.poisson_batches
+
+    def halved(*args, **kwargs):
+        for indices in poisson(*args, **kwargs):
+            realized.append(len(indices) // 2)
+            yield indices[: len(indices) // 2]
+
+    monkeypatch.setattr(train_module, "poisson_batches", halved)
+    cfg = tiny_trial_config(tiny_site, target_epsilon, epochs=2)
+    run = run_tiny_trial(cfg)
+    n_train = len(load_trial_data(cfg).train)
+    steps_per_epoch = cfg.privacy.steps // cfg.privacy.epochs
+    assert len(run.system) == cfg.privacy.epochs
+    for epoch, system in zip(run.epochs, run.system, strict=True):
+        assert set(system) == set(M.SYSTEM_METRICS)
+        assert all(math.isfinite(v) and v > 0 for v in system.values()), system
+        seconds = system[M.SYSTEM_TRAIN_S]
+        assert system[M.SYSTEM_STEP_S] == seconds / steps_per_epoch
+        assert system[M.SYSTEM_STEPS_PER_S] == steps_per_epoch / seconds
+        expected_images = cfg.privacy.sample_rate * n_train * steps_per_epoch if cfg.privacy.is_private else n_train
+        assert system[M.SYSTEM_IMAGES_PER_S] * seconds == pytest.approx(expected_images, rel=1e-12)
+        assert not any(key.startswith(M.SYSTEM_PREFIX) for key in epoch)
+    if cfg.privacy.is_private:  # the halved batches were used: realized counts are far from q N per step
+        assert len(realized) == cfg.privacy.steps
+        assert sum(realized) < 0.75 * cfg.privacy.sample_rate * n_train * cfg.privacy.steps
+    for state in run.states:  # the checkpoint's history holds results only
+        assert not any(key.startswith(M.SYSTEM_PREFIX) for report in state["history"] for key in report)
+    assert not any(c.startswith(M.SYSTEM_PREFIX) for c in run.result.tables["epochs"].columns)
 
 
 def test_subgroup_gap_is_nan_without_two_evaluable_groups():

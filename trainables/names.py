@@ -30,6 +30,19 @@ STEPS: Final = "privacy/steps"  # DP-SGD steps taken so far (logical batches)
 TEST_AUROC_MACRO_AT_EPOCH: Final = "test/auroc_macro_at_epoch"  # for epsilon-binned tables; never used to select
 # also per epoch: auroc_gap("val", attribute) and, with test_every_epoch, auroc_gap_at_epoch(attribute)
 
+# System metrics: how fast the machine trained, reported every epoch next to the results (timing figures of the
+# machine, not results; `train.throughput_metrics`). Not in the checkpoint's history: two runs of one trial differ in
+# them and nowhere else. Computed from wall time and public counts only; docs/design.md "Timing figures" says what
+# they can reveal.
+SYSTEM_PREFIX: Final = "system/"
+SYSTEM_TRAIN_S: Final = "system/train_s"  # wall seconds of the epoch's training steps (no evaluation)
+SYSTEM_STEP_S: Final = "system/step_s"  # mean wall seconds per logical batch (one DP-SGD step) in that time
+SYSTEM_STEPS_PER_S: Final = "system/steps_per_s"  # logical batches per second
+SYSTEM_IMAGES_PER_S: Final = "system/images_per_s"
+"""Training images per second from *expected* counts: private trials q x (training images of the sampled records) per
+step times steps per second, never the realized Poisson batch sizes; non-private trials N per epoch."""
+SYSTEM_METRICS: Final = (SYSTEM_TRAIN_S, SYSTEM_STEP_S, SYSTEM_STEPS_PER_S, SYSTEM_IMAGES_PER_S)
+
 # Final, reported once after training.
 TEST_AUROC_MACRO: Final = "test/auroc_macro"
 BEST_EPOCH: Final = "val/best_epoch"

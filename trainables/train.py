@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ from trainables.privacy.patients import check_patient_gradients, group_patients,
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 from trainables.privacy.units import images_per_patient, patient_epsilon
+from trainables.throughput import throughput_metrics
 
 GRAD_CHECK_SAMPLES = 4
 GRAD_CHECK_PATIENTS = 2
@@ -233,11 +235,20 @@ def train_trial(
     if state is not None:
         train.load_state_dict(state)
 
+    # Throughput figures use expected counts only (q x the records' images per step), never the realized batches.
+    images_per_epoch = n_train if patients is None else sum(len(images) for images in patients.images)
+    expected_images_per_step = privacy.sample_rate * images_per_epoch if privacy.is_private else None
     while train.epoch < privacy.epochs:
         losses = []
+        started, steps_before = time.perf_counter(), train.steps
         for indices in epoch_batches():
             losses.append(step(indices.numpy()))
             train.steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once per epoch: the steps' kernels have finished
+        system = throughput_metrics(
+            time.perf_counter() - started, train.steps - steps_before, expected_images_per_step, images_per_epoch
+        )
         train.epoch += 1
         metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
         if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
@@ -246,7 +257,7 @@ def train_trial(
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
             raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         train.record(metrics)
-        report(metrics, train.state_dict())
+        report(metrics | system, train.state_dict())  # timing stays out of the history (names.SYSTEM_PREFIX)
 
     return final_evaluation(train, data)
 

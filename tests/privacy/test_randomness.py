@@ -165,7 +165,7 @@ def test_a_private_trial_releases_no_seed_and_no_private_batch_loss(tiny_site, c
     # the seeds are the real ones: the checkpointed sampler is exactly the sampler seed's stream, advanced
     assert torch.equal(run.states[-1]["sampler_rng"], _advanced(generator_from_seed(seeds["sampler"]), cfg))
 
-    released = [*run.epochs, run.result.metrics, *(_cells(t) for t in run.result.tables.values())]
+    released = [*run.epochs, *run.system, run.result.metrics, *(_cells(t) for t in run.result.tables.values())]
     assert not any(M.TRAIN_LOSS in e for e in run.epochs)
     assert M.TRAIN_LOSS not in run.result.tables["epochs"].columns
     forbidden = set()

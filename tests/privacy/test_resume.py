@@ -308,7 +308,7 @@ class RunOutputs:
 def _outputs(run_dir: Path) -> RunOutputs:
     return RunOutputs(
         final=json.loads((run_dir / worker.FINAL_FILE).read_text()),
-        epochs=[record["metrics"] for record in worker.read_epochs(run_dir)],
+        epochs=[split_system_metrics(record["metrics"])[0] for record in worker.read_epochs(run_dir)],  # no timing
         tables={name: pd.read_parquet(run_dir / f"{name}.parquet") for name in TABLES},
         weights=torch.load(run_dir / worker.FINAL_MODEL_FILE, weights_only=True),
         state=torch.load(run_dir / worker.STATE_FILE, weights_only=False),
@@ -322,6 +322,12 @@ def _assert_same_run(actual: RunOutputs, expected: RunOutputs) -> None:
         pd.testing.assert_frame_equal(actual.tables[name], expected.tables[name], check_exact=True, obj=name)
     assert_identical(actual.weights, expected.weights, "selected weights")
     assert_identical(actual.state, expected.state, "final checkpoint")
+
+
+def split_system_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results, system metrics) of one epoch report."""
+    system = {k: v for k, v in metrics.items() if k.startswith(M.SYSTEM_PREFIX)}
+    return {k: v for k, v in metrics.items() if k not in system}, system
 
 
 def assert_identical(actual: Any, expected: Any, where: str) -> None:
