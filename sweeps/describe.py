@@ -160,7 +160,7 @@ def dry_run_report(plan: SweepPlan) -> str:
                 )
     lines.append(describe_gpu_hours(total, unknown, bases, measured))
     if spec.resources.gpu > 0 or spec.speed.device == "cuda":
-        precision = getattr(spec.speed, "precision", "fp32")  # `speed.precision` where this version has it
+        precision = spec.speed.precision
         cases = {
             (model, spec.data.image_size, spec.speed.grad_sample_mode, spec.speed.max_physical_batch_size, precision)
             for model in spec.models

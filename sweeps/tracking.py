@@ -329,13 +329,14 @@ class ProgressCallback(tune.Callback):
         self._start = self._start or time.monotonic()
         key = trial.config["point"]["key"].ljust(self.key_width)
         epsilon = result.get(M.EPSILON, math.nan)
+        spent = "non-DP" if math.isinf(epsilon) else f"eps {epsilon:.3f}"  # a baseline spends no finite epsilon
         if is_final_report(result):
-            self.log(f"  done   {key}  test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}")
+            self.log(f"  done   {key}  test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}  {spent}")
             self.log(self.status(trials, finishing=trial))
         else:
             self.log(
                 f"  epoch {int(result.get(M.EPOCH, 0)):>2} {key}  val AUROC "
-                f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  eps {epsilon:.3f}"
+                f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  {spent}"
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
