@@ -17,7 +17,7 @@ any benchmark object exists), the caching allocator's peak reservation plus the 
 minus what the allocator reserved; the benchmark process must have the GPU to itself), ``peak_memory_mib``: what one
 trial needs on a GPU, which `sweeps.estimate.describe_trials_per_gpu` divides the device memory by. None on CPU.
 
-    python benchmarks/bench_trial_step.py          # make bench: CPU, convnext_atto 64 px, bk, batch 32 (~1 min)
+    python benchmarks/bench_trial_step.py          # make bench: CPU, convnext_atto 64 px, bk, batch 32, physical 64 (~2 min)
     python benchmarks/bench_trial_step.py --device cuda --model convnext_small --size 224 --modes bk,functorch
 
 Output JSON (default ``benchmarks/results/trial_step-<device>.json``, ``<device>`` = ``cpu`` or ``cuda-<gpu>``, e.g.
@@ -324,9 +324,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--modes", default="bk", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--batch", type=int, default=32, help="expected logical batch = benchmark batch")
-    parser.add_argument("--physical-batch", type=int, help="the trial's max_physical_batch_size (default: --batch)")
-    parser.add_argument("--train-images", type=int, default=192, help="training images (steps/epoch = this / batch)")
-    parser.add_argument("--epochs", type=int, default=3, help="trial epochs; the first is warm-up")
+    parser.add_argument(
+        "--physical-batch",
+        type=int,
+        help="the trial's max_physical_batch_size (default: 2 x --batch, so that a Poisson batch runs as one chunk, "
+        "as in the smoke sweep; the benchmark runs its fixed batch as one chunk too)",
+    )
+    parser.add_argument("--train-images", type=int, default=384, help="training images (steps/epoch = this / batch)")
+    parser.add_argument("--epochs", type=int, default=4, help="trial epochs; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="benchmark steps after each epoch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="fp32", help="the trial's speed.precision (fp32, or bf16 if present)")
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             mode=mode,
             device=args.device,
             batch=args.batch,
-            physical_batch=args.physical_batch or args.batch,
+            physical_batch=args.physical_batch or 2 * args.batch,
             train_images=args.train_images,
             epochs=args.epochs,
             rounds=args.rounds,

@@ -34,7 +34,9 @@ def test_the_cpu_path_writes_what_the_dry_run_reads(tmp_path, monkeypatch):
 
     assert device_run.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dp_step-cpu.json", "trial_step-cpu.json"]
-    (record,) = json.loads((tmp_path / "trial_step-cpu.json").read_text())["records"]
+    records = json.loads((tmp_path / "trial_step-cpu.json").read_text())["records"]
+    assert sorted(r["precision"] for r in records) == ["bf16", "fp32"]  # this version has speed.precision
+    (record,) = [r for r in records if r["precision"] == "fp32"]
     assert (record["model"], record["image_size"], record["mode"], record["precision"]) == (
         "test_convnext",
         32,
