@@ -17,7 +17,7 @@ any benchmark object exists), the caching allocator's peak reservation plus the 
 minus what the allocator reserved; the benchmark process must have the GPU to itself), ``peak_memory_mib``: what one
 trial needs on a GPU, which `sweeps.estimate.describe_trials_per_gpu` divides the device memory by. None on CPU.
 
-    python benchmarks/bench_trial_step.py          # make bench: CPU, convnext_atto 64 px, bk, batch 32, physical 64 (~2 min)
+    python benchmarks/bench_trial_step.py     # make bench: CPU, convnext_atto 64 px, bk, batch 32, physical 64 (~20 s)
     python benchmarks/bench_trial_step.py --device cuda --model convnext_small --size 224 --modes bk,functorch
 
 Output JSON (default ``benchmarks/results/trial_step-<device>.json``, ``<device>`` = ``cpu`` or ``cuda-<gpu>``, e.g.
