@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +156,26 @@ def dry_run_report(plan: SweepPlan) -> str:
             if estimate is not None and not Path(plan.inits[(model, "domain")].weights or "").is_file():
                 total += estimate[0]
                 lines.append(
-                    f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
-                    f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials"
+                    wrap(
+                        f"  pretrain stage ({model} on {spec.pretrain.dataset}, {spec.pretrain.epochs} epochs, "
+                        f"non-private): ~{estimate[0] / 3600:,.0f} GPU-hours, run once before the trials",
+                        "    ",
+                    )
                 )
-    lines.append(describe_gpu_hours(total, unknown, bases, measured))
+    lines.append(wrap(describe_gpu_hours(total, unknown, bases, measured), "  "))
     if spec.resources.gpu > 0 or spec.speed.device == "cuda":
         precision = spec.speed.precision
         cases = {
             (model, spec.data.image_size, spec.speed.grad_sample_mode, spec.speed.max_physical_batch_size, precision)
             for model in spec.models
         }
-        lines.extend(describe_trials_per_gpu(measured, cases))
+        lines.extend(wrap(line, "    ") for line in describe_trials_per_gpu(measured, cases))
     if plan.notes:
         lines.append("before running it for real:")
-        lines.extend(f"  - {note}" for note in plan.notes)
+        lines.extend(wrap(f"  - {note}", "    ") for note in plan.notes)
     return "\n".join(lines)
+
+
+def wrap(text: str, indent: str) -> str:
+    """One console line wrapped at 100 characters, continuation lines indented; words (paths, commands) unbroken."""
+    return textwrap.fill(text, 100, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)

@@ -387,7 +387,9 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
         f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
         f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)",
     ]
-    wrap = functools.partial(textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ")
+    wrap = functools.partial(
+        textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+    )
     costs = tuning_costs(trials)
     adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
     for dataset, cost in costs.items():
@@ -399,7 +401,10 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
                     "bounds that hold under adaptive selection apply (private trials only):"
                 )
             )
-            lines.extend(wrap(f"  {bound.description}", subsequent_indent="    ") for bound in adaptive[dataset])
+            lines.extend(
+                wrap(f"  {bound.description}", subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+                for bound in adaptive[dataset]
+            )
             lines.append(
                 wrap(f"  (composing the trials that happened to run, {cost.epsilon:.3g}, is not such a bound)")
             )

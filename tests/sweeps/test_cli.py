@@ -1,5 +1,6 @@
 """`dpsweep` user errors: one clear message, exit status 2, nothing launched."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,16 +151,19 @@ def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
     )
     assert result.returncode == 3, result.stderr
     out = result.stdout
+    flat = " ".join(out.split())
     assert "sweep 'paper': 240 trials (grid)" in out
     assert "vindr-cxr: N_train~13500 (estimate: not prepared), q=0.0047619, steps=4200" in out
-    trial_lines = [line for line in out.splitlines() if line.startswith("  convnext_")]
+    trial_lines = [line for line in out.splitlines() if re.match(r"  convnext_\S+-seed\d+: sigma=", line)]
     assert len(trial_lines) == 240
     # sigma 1.4922 plus the cost of pos_weight: train's label-count release (noise multiplier 20), composed in
     assert "  convnext_small-vindr-cxr-imagenet-eps1-clip4-lr5e-06-seed0: sigma=1.5156" in out
     assert "  convnext_tiny-uka-cxr-domain-epsinf-clip3.5-lr1e-05-seed0: sigma=0.0000" in out
     assert "GPU-hours estimate (one NVIDIA H200 per trial):" in out
-    assert "run `dpsweep prepare chexpert --root /path/to/chexpert --size 224" in out
-    assert "weights for init 'dinov3' (convnext_tiny.dinov3_lvd1689m) are not available offline" in out
+    assert "run `dpsweep prepare chexpert --root /path/to/chexpert --size 224" in flat  # notes wrap at 100 characters
+    assert (
+        "weights for init 'dinov3' (convnext_tiny.dinov3_lvd1689m) are not available offline" in flat
+    )  # notes wrap at 100 characters
     assert "pretrain stage (convnext_small on mimic-cxr" in out
     assert not (tmp_path / "runs" / "ray").exists()
 
