@@ -17,7 +17,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@echo "setup: creating $(VENV) with $$($(PYTHON) --version); a fresh install takes 2-4 minutes"
 	@$(PYTHON) -m venv $(VENV)
-	@$(PYTHON) sweeps/_install.py $(VENV)/pip-upgrade.log $(PY) --upgrade pip
+	@$(PY) -m pip install --quiet --upgrade pip
 	@$(PYTHON) sweeps/_install.py $(VENV)/install.log $(PY) -e '.[dev]'
 	@touch $(STAMP)
 

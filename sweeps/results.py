@@ -359,6 +359,8 @@ def results_table(trials: pd.DataFrame) -> str:
                 table[column] = [
                     f"{v:.3f}" if ok and v == v else "-" for v, ok in zip(table[column], finite, strict=True)
                 ]
+    if N.PATIENT_IMAGES in table:  # a count; non-private trials have none
+        table[N.PATIENT_IMAGES] = [f"{v:.0f}" if v == v else "-" for v in table[N.PATIENT_IMAGES]]
     table = table.rename(columns=columns)
     with pd.option_context("display.width", 400, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
         lines = [table.to_string(index=False)]
