@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,23 +19,12 @@ import pytest
 
 from analysis.report import write_report
 from tests.analysis.fixtures import make_sweep
+from tests.browser import FLAGS, require_chromium
 
 Image = pytest.importorskip("PIL.Image")
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WIDTH, HEIGHT = 1280, 2000
 TIMEOUT_S = 120
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-)
 # Appended to a copy of the page (the report itself has no scripts): after every image settled, write each
 # image's source and natural size into the DOM that --dump-dom prints.
 PROBE = """<script>
@@ -52,14 +40,6 @@ window.addEventListener("load", () => {
   document.body.appendChild(out); document.body.appendChild(layout);
 });
 </script>"""
-
-
-def find_chromium() -> str | None:
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -88,13 +68,7 @@ def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip(
-            "no Chromium binary (chromium, chromium-browser, google-chrome) on PATH; install the Debian "
-            "package `chromium` (apt-get install -y chromium) to render the report headlessly"
-        )
-    return binary
+    return require_chromium("render the report headlessly")
 
 
 @pytest.fixture(scope="module")

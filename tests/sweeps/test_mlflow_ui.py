@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps import mlflow_ui as ui
 from sweeps.tracking import child_run_name
-from tests.sweeps.browser import HeadlessChromium, find_chromium
+from tests.browser import HeadlessChromium, require_chromium
 from tests.sweeps.local_sweep import local_sweep
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
@@ -107,13 +107,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip(
-            "no Chromium binary (chromium, chromium-browser, google-chrome) on PATH; install the Debian package "
-            "`chromium` (apt-get install -y chromium) to check the MLflow UI in a headless browser"
-        )
-    return binary
+    return require_chromium("check the MLflow UI in a headless browser")
 
 
 @pytest.fixture(scope="module")

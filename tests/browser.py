@@ -47,6 +47,19 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
 
 
+def require_chromium(purpose: str) -> str:
+    """The Chromium binary, or skip the calling test naming the Debian package to install and what it is for."""
+    import pytest
+
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip(
+            "no Chromium binary (chromium, chromium-browser, google-chrome) on PATH; install the Debian package "
+            f"`chromium` (apt-get install -y chromium) to {purpose}"
+        )
+    return binary
+
+
 class BrowserError(RuntimeError):
     """A CDP command failed, the browser died, or it did not answer in time."""
 
