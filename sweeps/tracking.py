@@ -372,7 +372,8 @@ def finish_parent(
     artifacts: list[Path] = (),
 ) -> None:
     """End the sweep's parent run, with its summary metrics (the tuning epsilon: finite, it composes private trials
-    only) and artifacts (parquet tables get a ``.csv`` twin, `log_with_preview`).
+    only) and artifacts (parquet tables get a ``.csv`` twin, `log_with_preview`), after refreshing the experiment's
+    saved UI views (`sweeps.mlflow_ui.publish_views`).
 
     Raises:
         ValueError: a summary value is infinite (MLflow cannot hold it; nothing is logged).
@@ -389,6 +390,9 @@ def finish_parent(
             log_with_preview(repository, path)
         else:
             repository.log_artifact(str(path))
+    # The saved views again, now that the trials logged their external sets (their columns and charts): a tracking
+    # server's users never run `dpsweep ui`, which refreshes them too.
+    publish_views(client, client.get_run(parent_run_id).info.experiment_id)
     client.set_terminated(parent_run_id, status)
 
 

@@ -126,6 +126,9 @@ def finished_sweep(tmp_path_factory) -> tuple[Path, list[Trial]]:
     client = MlflowClient(paths.tracking_uri)
     experiment = client.get_experiment_by_name(spec.name)
     runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+    # the sweep's end refreshed the views with the external set's column (before any `dpsweep ui`)
+    _, view, _ = ui.read_envelope(experiment.tags[ui.SHARE_TAG_PREFIX + ui.RUNS_VIEW])
+    assert ui.column("metrics", M.external_auroc(EXTERNAL)) in view["selectedColumns"]
     trials = [
         Trial(
             run.info.run_name,
