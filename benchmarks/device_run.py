@@ -11,7 +11,7 @@ It runs, each case in a fresh process:
 1. `bench_dp_step` on ConvNeXt-Small 224 px, batch 32, modes nonprivate / bk / hooks / functorch (fixed-shape
    steps, interleaved) -> ``dp_step-cuda-<gpu>.json``;
 2. `bench_trial_step` on ConvNeXt-Small 224 px, expected batch 64, physical batch 64 (``sweeps/paper.yaml``'s),
-   modes bk, functorch and nonprivate, plus bk in bf16 when this version has ``speed.precision``
+   modes bk, functorch and nonprivate, plus bk in bf16
    (``--precision fp32`` leaves it out): a short real trial's steady step next to the benchmark step,
    ``trial_step_over_benchmark_step`` and the trial's peak device memory -> ``trial_step-cuda-<gpu>.json``.
 
@@ -90,8 +90,7 @@ PRESETS = {
 
 
 def cases(preset: Preset, device: str, precision: str) -> list[Case]:
-    """The trial-step cases: every trial mode in fp32, and bk in bf16 when asked for and available."""
-    precisions = {"fp32": ["fp32"], "auto": ["fp32", "bf16"] if bench_trial_step.has_precision_knob() else ["fp32"]}
+    """The trial-step cases: every trial mode in fp32, and bk in bf16 unless ``precision`` is ``fp32``."""
     common = dict(
         model=preset.model,
         image_size=preset.image_size,
@@ -104,7 +103,7 @@ def cases(preset: Preset, device: str, precision: str) -> list[Case]:
         threads=preset.threads,
     )
     fp32 = [Case(mode=mode, **common) for mode in preset.trial_modes]
-    return fp32 + [Case(mode="bk", precision=p, **common) for p in precisions.get(precision, []) if p != "fp32"]
+    return fp32 + ([Case(mode="bk", precision="bf16", **common)] if precision == "auto" else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         default="auto",
         choices=("auto", "fp32"),
-        help="auto: also a bf16 bk trial when this version has speed.precision; fp32: fp32 trials only",
+        help="auto: also a bf16 bk trial; fp32: fp32 trials only",
     )
     args = parser.parse_args(argv)
     import torch
