@@ -337,7 +337,9 @@ STORED_INFINITY: Final = 1e308
 """What MLflow's SQL stores keep for an infinite metric (they cannot hold inf). dpsweep never logs one (a non-private
 run logs no epsilon at all); readers still map it back to inf for stores written by an earlier dpsweep."""
 PRIVATE_TAG: Final = "dpsweep.private"
-"""Child-run tag: ``true`` for a private trial (finite target epsilon), ``false`` for a non-private baseline."""
+"""Child-run tag: ``true`` for a private trial (finite target epsilon: trained with DP-SGD), ``false`` for a
+non-private baseline. A ``reproducible_noise`` trial is ``true`` here but has no guarantee: its `GUARANTEE` param says
+``none (...)``."""
 BUDGET_PARAM: Final = "budget"
 """Child-run param holding `budget_value`: ``eps=<target>`` or ``non-private`` (an MLflow column that shows the
 baselines beside the private runs; non-private runs log no epsilon metric)."""
