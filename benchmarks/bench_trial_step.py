@@ -82,12 +82,10 @@ def device_slug(gpu_name: str) -> str:
 
 def _trial_config(case: Case, root: Path, n_train: int) -> Any:
     from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
-    from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
+    from trainables.privacy.planning import plan_privacy
 
     private = case.mode != "nonprivate"
     epsilon = 8.0 if private else math.inf
-    q, steps = sample_rate_and_steps(n_train, case.batch, case.epochs)
-    sigma = calibrate_noise_multiplier(epsilon, 1e-5, q, steps) if private else 0.0
     speed: dict[str, Any] = dict(
         device=case.device,
         grad_sample_mode=case.mode if private else "bk",
@@ -110,15 +108,15 @@ def _trial_config(case: Case, root: Path, n_train: int) -> Any:
         input_std=0.25,
         n_boot=0,
         test_every_epoch=False,
-        privacy=PrivacyConfig(
-            target_epsilon=epsilon,
-            delta=1e-5,
-            max_grad_norm=1.0,
-            expected_batch_size=case.batch,
-            epochs=case.epochs,
-            noise_multiplier=sigma,
-            sample_rate=q if private else 0.0,
-            steps=steps,
+        privacy=plan_privacy(
+            PrivacyConfig(
+                target_epsilon=epsilon,
+                delta=1e-5,
+                max_grad_norm=1.0,
+                expected_batch_size=case.batch,
+                epochs=case.epochs,
+            ),
+            n_train,
         ),
         speed=SpeedConfig(**speed),
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from sweeps.plan import SweepPlan
 from sweeps.validate import NO_PATIENT_IDS
-from trainables.privacy.accounting import sample_rate_and_steps
+from trainables.privacy.planning import schedule
 
 
 def sweep_params(plan: SweepPlan) -> dict[str, Any]:
@@ -62,11 +62,11 @@ def describe_plan(plan: SweepPlan) -> str:
         for unit in spec.axes.privacy_unit:
             indent = "    "
             if not image_only:
-                q, steps = sample_rate_and_steps(dataset.n_records(unit), p.expected_batch_size, p.epochs)
+                q, steps = schedule(p, dataset.n_records(unit))
                 lines.append(f"    privacy unit {unit}: q={q:.5g}, steps={steps}")
                 indent = "      "
             for eps in spec.axes.target_epsilon:
-                sigma = plan.noise_multipliers[(dataset.name, eps, unit)]
+                sigma = plan.privacy_plans[(dataset.name, eps, unit)].noise_multiplier
                 lines.append(
                     f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}"
                     if math.isfinite(eps)

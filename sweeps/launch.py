@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from sweeps.plan import (
     SweepPlan,
     cell_key,
     cell_prefix,
+    cell_privacy,
     label_count_noise_multiplier,
     make_trial,
     plan_sweep,
@@ -42,6 +42,7 @@ from sweeps.results import experiment_records, run_ids, tuning_summary
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
 from trainables.models import ResolvedInit
+from trainables.privacy.planning import plan_privacy
 
 STATE_FORMAT = 2
 """Version of ``sweep.json`` and of the sweep-file vocabulary it was planned with (2: fields named after the trial
@@ -222,13 +223,11 @@ def optuna_searcher(plan: SweepPlan) -> Any:
         ranges=ranges,
         objectives=o.objectives,
         trials_per_cell=o.trials_per_target,
-        delta=spec.privacy.delta,
-        accountant=spec.privacy.accountant,
+        privacy=replace(spec.privacy, label_count_noise_multiplier=label_count_noise_multiplier(spec, private=True)),
         sampler=o.sampler,
         seed=o.seed,
         max_proposals=o.max_proposals,
         study_prefix=spec.name,
-        label_count_noise_multiplier=label_count_noise_multiplier(spec, private=True),
         storage_url=f"sqlite:///{sweep_dir / N.OPTUNA_DB_FILE}",
     )
 
@@ -245,7 +244,6 @@ class OptunaTrialFactory:
     provenance_tags: dict[str, str]
 
     def __call__(self, cell: Any, proposal: dict[str, Any]) -> dict[str, Any]:
-        private = math.isfinite(cell.target_epsilon)
         point = GridPoint(
             model=cell.model,
             dataset=cell.dataset,
@@ -255,16 +253,22 @@ class OptunaTrialFactory:
             lr=proposal["lr"],
             seed=self.spec.axes.seed[0],
         )
+        dataset = self.datasets[cell.dataset]
+        privacy = replace(
+            cell_privacy(self.spec, cell.target_epsilon, point.privacy_unit),
+            expected_batch_size=int(proposal["expected_batch_size"]),
+            epochs=int(proposal["epochs"]),
+        )
         trial = make_trial(
             self.spec,
             self.template,
-            self.datasets[cell.dataset],
+            dataset,
             self.inits[(cell.model, cell.init)],
             point,
             f"{cell.key}-t{proposal['optuna_number']:03d}",
-            noise_multiplier=proposal["noise_multiplier"] if private else 0.0,
-            expected_batch_size=int(proposal["expected_batch_size"]),
-            epochs=int(proposal["epochs"]),
+            privacy=plan_privacy(
+                privacy, dataset.n_records(point.privacy_unit), noise_multiplier=proposal.get("noise_multiplier")
+            ),
             provenance_tags=self.provenance_tags,
             extra_params={"optuna_trial": proposal["optuna_number"], "planned_epsilon": proposal["planned_epsilon"]},
         )

@@ -22,17 +22,13 @@ import pandas as pd
 
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
-from trainables.config import TrialConfig
+from trainables.config import PrivacyConfig, PrivacyUnit, TrialConfig
 from trainables.data.registry import ensure_prepared
 from trainables.models import InitError, ResolvedInit, resolve_init
 from trainables.pretrain import pretrain_dir, run_pretrain
-from trainables.privacy.accounting import (
-    calibrate_noise_multiplier,
-    sample_rate_and_steps,
-    validate_privacy_parameters,
-)
 from trainables.privacy.guarantee import guarantee_statement, has_dp_guarantee
 from trainables.privacy.label_counts import DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER
+from trainables.privacy.planning import check_parameters, plan_privacy, schedule
 from trainables.provenance import provenance
 
 Log = Callable[[str], None]
@@ -118,7 +114,8 @@ class SweepPlan:
     paths: SweepPaths
     trials: list[PlannedTrial]  # grid mode; empty for search: optuna (trials are proposed while it runs)
     datasets: dict[str, DatasetPlan]
-    noise_multipliers: dict[tuple[str, float, str], float] = field(default_factory=dict)  # (dataset, eps, unit)
+    privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = field(default_factory=dict)
+    """(dataset, target epsilon, unit) -> the planned privacy config of that cell (`plan_privacy`; grid mode)."""
     inits: dict[tuple[str, str], ResolvedInit] = field(default_factory=dict)  # (model, init) -> weights
     notes: tuple[str, ...] = ()  # dry run: what must be fixed before the sweep can run
     pretrain_n: int | None = None  # training images of the pretrain dataset (the domain init), if any
@@ -167,7 +164,7 @@ def plan_sweep(
     notes: list[str] = []
     datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
     p = spec.privacy
-    noise: dict[tuple[str, float, str], float] = {}
+    privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = {}
     for dataset, unit in ((d, u) for d in datasets.values() for u in spec.axes.privacy_unit):
         try:
             n_records = dataset.n_records(unit)
@@ -178,10 +175,10 @@ def plan_sweep(
                 f"{spec.source}: privacy.expected_batch_size = {p.expected_batch_size} is larger than "
                 f"{dataset.name}'s {n_records} training {unit}s; choose at most {n_records}"
             )
-        sample_rate, steps = sample_rate_and_steps(n_records, p.expected_batch_size, p.epochs)
         for i, eps in enumerate(spec.axes.target_epsilon):
+            privacy = cell_privacy(spec, eps, unit)
             try:
-                validate_privacy_parameters(eps, p.delta, n_records, sample_rate, steps)
+                check_parameters(privacy, n_records)
             except ValueError as error:
                 unit_note = "" if unit == "image" else ", N = training patients"
                 raise SpecError(
@@ -189,15 +186,8 @@ def plan_sweep(
                 ) from None
             if spec.search == "grid":
                 try:
-                    noise[(dataset.name, eps, unit)] = calibrate_noise_multiplier(
-                        eps,
-                        p.delta,
-                        sample_rate,
-                        steps,
-                        accountant=p.accountant,
-                        tolerance=p.calibration_tolerance,
-                        cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE,
-                        label_count_noise_multiplier=label_count_noise_multiplier(spec, math.isfinite(eps)),
+                    privacy_plans[(dataset.name, eps, unit)] = plan_privacy(
+                        privacy, n_records, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE
                     )
                 except ValueError as error:
                     raise SpecError(
@@ -229,13 +219,11 @@ def plan_sweep(
                     inits[(point.model, point.init)],
                     point,
                     trial_key(spec, point),
-                    noise_multiplier=noise[(dataset.name, point.target_epsilon, point.privacy_unit)],
-                    expected_batch_size=p.expected_batch_size,
-                    epochs=p.epochs,
+                    privacy=privacy_plans[(dataset.name, point.target_epsilon, point.privacy_unit)],
                     provenance_tags=tags,
                 )
             )
-    return SweepPlan(spec, paths, trials, datasets, noise, inits, tuple(dict.fromkeys(notes)), pretrain_n)
+    return SweepPlan(spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n)
 
 
 def _dataset_plans(
@@ -272,11 +260,24 @@ def _dataset_plans(
                     f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
                     f"larger than {name}'s {n_train} training images; choose at most {n_train}"
                 )
-            q, steps = sample_rate_and_steps(n_train, spec.privacy.expected_batch_size, spec.privacy.epochs)
+            q, steps = schedule(spec.privacy, n_train)
             datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients)
         if name in pretrain:
             pretrain_n = n_train
     return datasets, pretrain_n
+
+
+def cell_privacy(spec: SweepSpec, target_epsilon: float, unit: PrivacyUnit) -> PrivacyConfig:
+    """The sweep's privacy settings for one target and unit, before planning: the label-count release decided
+    (`label_count_noise_multiplier`) and the image cap kept for patient-level trials only."""
+    private = math.isfinite(target_epsilon)
+    return replace(
+        spec.privacy,
+        target_epsilon=target_epsilon,
+        privacy_unit=unit,
+        label_count_noise_multiplier=label_count_noise_multiplier(spec, private),
+        max_images_per_patient=spec.privacy.max_images_per_patient if unit == "patient" else None,
+    )
 
 
 def label_count_noise_multiplier(spec: SweepSpec, private: bool) -> float | None:
@@ -320,18 +321,16 @@ def make_trial(
     point: GridPoint,
     key: str,
     *,
-    noise_multiplier: float,
-    expected_batch_size: int,
-    epochs: int,
+    privacy: PrivacyConfig,
     provenance_tags: dict[str, str],
     extra_params: dict[str, Any] | None = None,
 ) -> PlannedTrial:
     """One trial (grid point or Optuna proposal): its config, MLflow params (`TrialConfig.to_flat` plus the
-    training-set size and the search mode) and tags."""
+    training-set size and the search mode) and tags. ``privacy`` is the cell's planned privacy config (`plan_privacy`
+    for the point's dataset, target and unit); the point adds its clip norm."""
     private = math.isfinite(point.target_epsilon)
     unit = point.privacy_unit
     n_records = dataset.n_records(unit)
-    sample_rate, steps = sample_rate_and_steps(n_records, expected_batch_size, epochs)
     config = replace(
         template,
         dataset=dataset.name,
@@ -341,19 +340,7 @@ def make_trial(
         lr=point.lr,
         seed=point.seed,
         external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
-        privacy=replace(
-            template.privacy,
-            target_epsilon=point.target_epsilon,
-            max_grad_norm=point.max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            epochs=epochs,
-            noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate if private else 0.0,
-            steps=steps,
-            label_count_noise_multiplier=label_count_noise_multiplier(spec, private),
-            privacy_unit=unit,
-            max_images_per_patient=template.privacy.max_images_per_patient if unit == "patient" else None,
-        ),
+        privacy=replace(privacy, max_grad_norm=point.max_grad_norm),
     )
     p = config.privacy
     guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)

@@ -6,11 +6,11 @@ out trials round-robin over the cells, ``optuna.trials_per_target`` per cell, be
 ``ConcurrencyLimiter``.
 
 **Feasibility comes first.** Every proposal (noise multiplier sigma, expected batch size B, epochs, lr, clip)
-is checked with the sweep's accountant before it becomes a trial: with q = 1/ceil(N/B) and steps = epochs x
-ceil(N/B) (Opacus's convention, `sample_rate_and_steps`), a proposal whose planned epsilon exceeds the cell's
-target is never trained. It is told to Optuna as a pruned trial carrying the constraint ``epsilon - target``
-(> 0: infeasible), so the TPE sampler learns to avoid that region (Optuna's constrained TPE), and the next
-proposal is drawn; ``optuna.max_proposals`` infeasible proposals in a row stop the sweep with a message.
+is checked with the sweep's accountant before it becomes a trial: planned as any trial is
+(`trainables.privacy.planning.plan_privacy`: q = 1/ceil(N/B), steps = epochs x ceil(N/B)), a proposal whose planned
+epsilon exceeds the cell's target is never trained. It is told to Optuna as a pruned trial carrying the constraint
+``epsilon - target`` (> 0: infeasible), so the TPE sampler learns to avoid that region (Optuna's constrained TPE),
+and the next proposal is drawn; ``optuna.max_proposals`` infeasible proposals in a row stop the sweep with a message.
 The launched trial then runs with the trial-side budget guards as in grid mode (it refuses a sigma that
 spends more than its target).
 
@@ -25,6 +25,7 @@ validation values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import names as M
-from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
+from trainables.config import PrivacyConfig
+from trainables.privacy.planning import plan_privacy, planned_epsilon
 from trainables.trial import is_final_report
 
 TRAINING_ITERATION = "training_iteration"
@@ -77,22 +79,22 @@ class Ranges:
 
 
 class FeasibleOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects."""
+    """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects.
+
+    ``privacy``: the sweep's privacy settings (delta, accountant, tolerance, and the label-count release of a
+    private ``pos_weight: train`` cell); each proposal sets its target, batch size, epochs and sigma."""
 
     def __init__(
         self,
         cell: Cell,
         ranges: Ranges,
         *,
-        delta: float,
-        accountant: str,
+        privacy: PrivacyConfig,
         max_proposals: int,
-        label_count_noise_multiplier: float | None = None,
         **kwargs,
     ):
         self.cell, self.ranges = cell, ranges
-        self.delta, self.accountant, self.max_proposals = delta, accountant, max_proposals
-        self.label_count_noise_multiplier = label_count_noise_multiplier  # pos_weight: train's accounted release
+        self.privacy, self.max_proposals = privacy, max_proposals
         self.infeasible = 0
         super().__init__(space=self._space, **kwargs)
 
@@ -112,16 +114,14 @@ class FeasibleOptunaSearch(OptunaSearch):
         """Epsilon the proposal would spend over its planned steps (inf for the non-private baseline)."""
         if not math.isfinite(self.cell.target_epsilon):
             return math.inf
-        q, steps = sample_rate_and_steps(
-            self.cell.n_train, int(proposal["expected_batch_size"]), int(proposal["epochs"])
+        privacy = dataclasses.replace(
+            self.privacy,
+            target_epsilon=self.cell.target_epsilon,
+            expected_batch_size=int(proposal["expected_batch_size"]),
+            epochs=int(proposal["epochs"]),
         )
-        return epsilon_spent(
-            float(proposal["noise_multiplier"]),
-            q,
-            steps,
-            self.delta,
-            self.accountant,
-            label_count_noise_multiplier=self.label_count_noise_multiplier,
+        return planned_epsilon(
+            plan_privacy(privacy, self.cell.n_train, noise_multiplier=float(proposal["noise_multiplier"]))
         )
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
@@ -153,6 +153,8 @@ class PrivateOptunaSearch(Searcher):
         make_point: ``(cell, proposal) -> {"point": ...}``, the same trial point grid mode runs.
         objectives: objective names (`sweeps.spec.OBJECTIVES`).
         trials_per_cell: trials launched per cell.
+        privacy: the sweep's privacy settings (`FeasibleOptunaSearch`); the label-count release applies to private
+            cells only.
         study_prefix: Optuna study names are ``<study_prefix>/<cell key>``.
         storage_url: Optuna RDB storage (e.g. ``sqlite:///runs/<sweep>/optuna.db``), or None for in-memory.
     """
@@ -165,14 +167,12 @@ class PrivateOptunaSearch(Searcher):
         ranges: Ranges,
         objectives: tuple[str, ...],
         trials_per_cell: int,
-        delta: float,
-        accountant: str,
+        privacy: PrivacyConfig,
         sampler: str,
         seed: int,
         max_proposals: int,
         study_prefix: str,
         storage_url: str | None,
-        label_count_noise_multiplier: float | None = None,
     ):
         self.objectives = objectives
         metrics = [f"objective/{o}" for o in objectives]
@@ -186,12 +186,8 @@ class PrivateOptunaSearch(Searcher):
             cell.key: FeasibleOptunaSearch(
                 cell,
                 ranges,
-                delta=delta,
-                accountant=accountant,
+                privacy=privacy,
                 max_proposals=max_proposals,
-                label_count_noise_multiplier=label_count_noise_multiplier
-                if math.isfinite(cell.target_epsilon)
-                else None,
                 metric=metrics if len(metrics) > 1 else metrics[0],
                 mode=modes if len(modes) > 1 else modes[0],
                 sampler=_sampler(sampler, seed + i),

@@ -24,7 +24,8 @@ from trainables.data.synthetic import prepare_synthetic
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
 from trainables.models import predict, resolve_init
-from trainables.privacy.accounting import calibrate_noise_multiplier, sample_rate_and_steps
+from trainables.privacy.accounting import calibrate_noise_multiplier
+from trainables.privacy.planning import plan_privacy
 from trainables.throughput import throughput_metrics
 from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial
 
@@ -85,19 +86,12 @@ def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int 
     """A `test_convnext` trial on the tiny site, calibrated like the sweep launcher does; ``changes`` replace
     TrialConfig fields, or PrivacyConfig fields when prefixed ``privacy_``."""
     n_train = len(open_cache(data_root / TINY_DATASET / str(TINY_SIZE)).split("train"))
-    sample_rate, steps = sample_rate_and_steps(n_train, TINY_BATCH, epochs)
-    private = math.isfinite(target_epsilon)
-    sigma = calibrate_noise_multiplier(target_epsilon, 1e-5, sample_rate, steps) if private else 0.0
     privacy_changes = {k.removeprefix("privacy_"): v for k, v in changes.items() if k.startswith("privacy_")}
-    privacy = PrivacyConfig(
-        target_epsilon=target_epsilon,
-        delta=1e-5,
-        expected_batch_size=TINY_BATCH,
-        epochs=epochs,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate if private else 0.0,
-        steps=steps,
-        **privacy_changes,
+    privacy = plan_privacy(
+        PrivacyConfig(
+            target_epsilon=target_epsilon, delta=1e-5, expected_batch_size=TINY_BATCH, epochs=epochs, **privacy_changes
+        ),
+        n_train,
     )
     top = {k: v for k, v in changes.items() if not k.startswith("privacy_")}
     return TrialConfig(
@@ -325,16 +319,12 @@ def test_private_pos_weight_train_spends_its_label_count_release_inside_the_targ
     from dp_accounting.rdp import RdpAccountant
 
     base = tiny_trial_config(tiny_site, 3.0, epochs=2)
-    privacy = base.privacy
-    sigma = calibrate_noise_multiplier(
+    cfg = tiny_trial_config(tiny_site, 3.0, epochs=2, pos_weight="train", privacy_label_count_noise_multiplier=20.0)
+    privacy, sigma = cfg.privacy, cfg.privacy.noise_multiplier
+    assert sigma == calibrate_noise_multiplier(
         3.0, privacy.delta, privacy.sample_rate, privacy.steps, label_count_noise_multiplier=20.0
     )
-    assert sigma > privacy.noise_multiplier  # the release costs budget, so DP-SGD gets a little more noise
-    cfg = dataclasses.replace(
-        base,
-        pos_weight="train",
-        privacy=dataclasses.replace(privacy, noise_multiplier=sigma, label_count_noise_multiplier=20.0),
-    )
+    assert sigma > base.privacy.noise_multiplier  # the release costs budget, so DP-SGD gets a little more noise
     run = run_tiny_trial(cfg)
     final = run.result.metrics
     assert final[M.EPSILON] <= 3.0

@@ -55,12 +55,7 @@ from trainables.evaluate.report import Evaluation, evaluate_split, fit_threshold
 from trainables.evaluate.utility import macro_auroc
 from trainables.models import ResolvedInit, create_model, predict
 from trainables.privacy import accounting
-from trainables.privacy.accounting import (
-    create_accountant,
-    cross_check_epsilon,
-    epsilon_spent,
-    sample_rate_and_steps,
-)
+from trainables.privacy.accounting import create_accountant, cross_check_epsilon
 from trainables.privacy.engine import (
     check_per_sample_gradients,
     make_dp_optimizer,
@@ -70,6 +65,7 @@ from trainables.privacy.engine import (
 )
 from trainables.privacy.label_counts import LabelCountRelease, PosWeight, account_release, train_pos_weight
 from trainables.privacy.patients import check_patient_gradients, group_patients, private_patient_step
+from trainables.privacy.planning import PlanError, check_plan
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 from trainables.privacy.units import images_per_patient, patient_epsilon
@@ -500,30 +496,14 @@ def _generator_state(rng: Generator | None) -> torch.Tensor | None:
 
 
 def check_planned_budget(cfg: TrialConfig, n_records: int) -> None:
-    """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target.
+    """Refuse to start unless the driver's (sigma, q, steps) match this data and end at or below the target
+    (`trainables.privacy.planning.check_plan`).
 
     ``n_records``: training images, or training patients for ``privacy_unit: patient``."""
-    privacy = cfg.privacy
-    expected_q, planned_steps = sample_rate_and_steps(n_records, privacy.expected_batch_size, privacy.epochs)
-    if privacy.sample_rate != expected_q or privacy.steps != planned_steps:
-        raise BudgetError(
-            f"trial config was calibrated for q={privacy.sample_rate}, steps={privacy.steps} but the data gives "
-            f"q={expected_q}, steps={planned_steps} (N={n_records} {privacy.privacy_unit}s); re-run the sweep so "
-            "sigma is recalibrated"
-        )
-    planned = epsilon_spent(
-        privacy.noise_multiplier,
-        privacy.sample_rate,
-        planned_steps,
-        privacy.delta,
-        privacy.accountant,
-        label_count_noise_multiplier=privacy.label_count_noise_multiplier,
-    )
-    if planned > privacy.target_epsilon:
-        raise BudgetError(
-            f"sigma={privacy.noise_multiplier} spends epsilon {planned:.4f} > target "
-            f"{privacy.target_epsilon} over {planned_steps} steps"
-        )
+    try:
+        check_plan(cfg.privacy, n_records)
+    except PlanError as error:
+        raise BudgetError(str(error)) from None
 
 
 def check_ledger(accountant: IAccountant, cfg: TrialConfig, steps: int) -> None:

@@ -5,6 +5,7 @@ Flakiness. The coins, the sampling and the noise are secret (``os.urandom``), so
 experiment; its failure probability is bounded by design and stated where it is used (all < 1e-6).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -45,6 +46,7 @@ from trainables.privacy.audit import (
     with_canaries,
 )
 from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
+from trainables.privacy.planning import plan_privacy
 
 GRAD_SAMPLE_MODES = ["bk", "hooks", "functorch"]
 
@@ -417,6 +419,23 @@ def test_black_box_audit_runs_the_trial_loop(tiny_site):
         audit_metric("black_box", n)
         for n in ("epsilon_lower_bound", "claimed_epsilon", "m", "guesses", "correct", "confidence", "wall_time_s")
     }
+
+
+def test_black_box_audit_of_a_pos_weight_train_trial_plans_and_claims_its_label_count_release(tiny_site):
+    """The audit re-plans sigma for the enlarged split with the trial's label-count release (as the sweep does), so
+    the trial loop's budget check accepts it and the claim is the composition of both mechanisms."""
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, pos_weight="train", privacy_label_count_noise_multiplier=20.0)
+    enlarged = len(open_cache(tiny_site / "synthetic-a" / "32").split("train")) + 7
+    planned = audit_module.recalibrated(cfg, enlarged)
+    without_release = plan_privacy(dataclasses.replace(cfg.privacy, label_count_noise_multiplier=None), enlarged)
+    assert planned.privacy.label_count_noise_multiplier == 20.0
+    assert planned.privacy.noise_multiplier > without_release.noise_multiplier  # the release costs budget
+    result = run_audit(cfg, resolve_init("random", cfg.model), m=32, kind="black_box")
+    steps_only = epsilon_spent(result.noise_multiplier, result.sample_rate, result.steps, result.delta)
+    with_release = epsilon_spent(
+        result.noise_multiplier, result.sample_rate, result.steps, result.delta, label_count_noise_multiplier=20.0
+    )
+    assert steps_only < result.claimed_epsilon == with_release <= 4.0
 
 
 def test_audits_refuse_non_private_or_uncalibrated_trials(tiny_site):

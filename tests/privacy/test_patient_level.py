@@ -20,7 +20,7 @@ from tests.test_train import (  # noqa: F401 (fixture)
 from trainables import names as M
 from trainables.config import SpeedConfig
 from trainables.data.cache import open_cache
-from trainables.privacy.accounting import calibrate_noise_multiplier, cross_check_epsilon, sample_rate_and_steps
+from trainables.privacy.accounting import cross_check_epsilon, sample_rate_and_steps
 from trainables.privacy.engine import (
     PerSampleGradientError,
     make_dp_optimizer,
@@ -35,6 +35,7 @@ from trainables.privacy.patients import (
     private_patient_step,
     sum_grad_samples_by_patient,
 )
+from trainables.privacy.planning import plan_privacy
 from trainables.privacy.units import images_per_patient, patient_epsilon
 from trainables.train import BudgetError
 
@@ -205,23 +206,24 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     n_patients = group_patients(ids, 3).n_patients
     assert n_patients < len(ids)
-    q, steps = sample_rate_and_steps(n_patients, 8, 2)
-    sigma = calibrate_noise_multiplier(4.0, 1e-5, q, steps)
+    q, steps = sample_rate_and_steps(n_patients, 8, 2)  # the plan's q and steps, derived here independently
     base = tiny_trial_config(tiny_site, 4.0, epochs=2)
     cfg = dataclasses.replace(
         base,
-        privacy=dataclasses.replace(
-            base.privacy,
-            privacy_unit="patient",
-            max_images_per_patient=3,
-            expected_batch_size=8,
-            sample_rate=q,
-            steps=steps,
-            noise_multiplier=sigma,
-            secure_mode=secure,
+        privacy=plan_privacy(
+            dataclasses.replace(
+                base.privacy,
+                privacy_unit="patient",
+                max_images_per_patient=3,
+                expected_batch_size=8,
+                secure_mode=secure,
+            ),
+            n_patients,
         ),
         speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode),
     )
+    assert (cfg.privacy.sample_rate, cfg.privacy.steps) == (q, steps)
+    sigma = cfg.privacy.noise_multiplier
     final = run_tiny_trial(cfg).result.metrics
     assert final[M.STEPS] == steps
     reference = cross_check_epsilon(sigma, q, steps, 1e-5)
@@ -238,19 +240,13 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
 
 def test_patient_level_trial_resumes_exactly(tiny_site):  # noqa: F811
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
-    q, steps = sample_rate_and_steps(group_patients(ids, 2).n_patients, 8, 2)
     base = tiny_trial_config(tiny_site, 4.0, epochs=2, speed=SpeedConfig(grad_sample_mode="hooks"))  # not bk yet
     cfg = dataclasses.replace(
         base,
         test_every_epoch=False,
-        privacy=dataclasses.replace(
-            base.privacy,
-            privacy_unit="patient",
-            max_images_per_patient=2,
-            expected_batch_size=8,
-            sample_rate=q,
-            steps=steps,
-            noise_multiplier=calibrate_noise_multiplier(4.0, 1e-5, q, steps),
+        privacy=plan_privacy(
+            dataclasses.replace(base.privacy, privacy_unit="patient", max_images_per_patient=2, expected_batch_size=8),
+            group_patients(ids, 2).n_patients,
         ),
     )
     run = run_tiny_trial(cfg)

@@ -41,7 +41,8 @@ from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import ResolvedInit, resolve_init
-from trainables.privacy.accounting import calibrate_noise_multiplier, epsilon_spent, sample_rate_and_steps
+from trainables.privacy.accounting import epsilon_spent
+from trainables.privacy.planning import plan_privacy
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET, IMAGE_SIZE, N_IMAGES = "synthetic-a", 32, 200  # 144 training images
@@ -64,10 +65,19 @@ def trial_config(
 ) -> TrialConfig:
     """A 3-epoch trial on the tiny synthetic site, calibrated like the sweep launcher does it."""
     n_train = len(open_cache(data_root / DATASET / str(IMAGE_SIZE)).split("train"))
-    sample_rate, steps = sample_rate_and_steps(n_train, BATCH, EPOCHS)
-    assert (sample_rate, steps) == (1 / STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH), "fixture data changed"
-    private = math.isfinite(target_epsilon)
-    sigma = calibrate_noise_multiplier(target_epsilon, DELTA, sample_rate, steps) if private else 0.0
+    privacy = plan_privacy(
+        PrivacyConfig(
+            target_epsilon=target_epsilon,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            expected_batch_size=BATCH,
+            epochs=EPOCHS,
+            reproducible_noise=reproducible_noise,
+        ),
+        n_train,
+    )
+    assert privacy.steps == EPOCHS * STEPS_PER_EPOCH, "fixture data changed"
+    assert privacy.sample_rate == (1 / STEPS_PER_EPOCH if privacy.is_private else 0.0)
     return TrialConfig(
         sweep="resume-test",
         dataset=DATASET,
@@ -80,17 +90,7 @@ def trial_config(
         seed=0,
         n_boot=20,
         model_selection=model_selection,
-        privacy=PrivacyConfig(
-            target_epsilon=target_epsilon,
-            delta=DELTA,
-            max_grad_norm=1.0,
-            expected_batch_size=BATCH,
-            epochs=EPOCHS,
-            noise_multiplier=sigma,
-            sample_rate=sample_rate if private else 0.0,
-            steps=steps,
-            reproducible_noise=reproducible_noise,
-        ),
+        privacy=privacy,
     )
 
 

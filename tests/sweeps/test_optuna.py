@@ -7,6 +7,7 @@ import pytest
 
 from sweeps.search import CONSTRAINT, Cell, FeasibleOptunaSearch, PrivateOptunaSearch, Ranges
 from trainables import names as M
+from trainables.config import PrivacyConfig
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.trial import DONE
 
@@ -38,8 +39,7 @@ def make_searcher(cells, storage_url=None, trials=6, objectives=("auroc",)):
         ranges=RANGES,
         objectives=objectives,
         trials_per_cell=trials,
-        delta=DELTA,
-        accountant="rdp",
+        privacy=PrivacyConfig(delta=DELTA),
         sampler="tpe",
         seed=0,
         max_proposals=500,
@@ -138,7 +138,7 @@ def test_an_impossible_search_space_stops_with_the_fix():
         noise_multiplier=(0.1, 0.2), expected_batch_size=(256, 512), epochs=(50, 60), lr=(1e-3,), max_grad_norm=(1.0,)
     )
     searcher = FeasibleOptunaSearch(
-        cell(0.5), tight, delta=DELTA, accountant="rdp", max_proposals=5, metric="objective/auroc", mode="max"
+        cell(0.5), tight, privacy=PrivacyConfig(delta=DELTA), max_proposals=5, metric="objective/auroc", mode="max"
     )
     with pytest.raises(
         RuntimeError,

@@ -1,5 +1,6 @@
 """Sweep-file validation: every bad input fails before Ray starts, naming the field, the value and the fix."""
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -96,8 +97,9 @@ def test_renamed_fields_name_their_new_spelling(old, new):
 
 def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     """Every grid axis and every privacy/speed field of the sweep file is the TrialConfig field it sets."""
-    from sweeps.plan import DatasetPlan, SweepPaths, make_trial, trial_template
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_template
     from trainables.models import ResolvedInit
+    from trainables.privacy.planning import plan_privacy
 
     raw = smoke_dict()
     raw["privacy"] |= {"max_grad_norm": [0.7], "secure_mode": True, "expected_batch_size": 16}
@@ -113,9 +115,7 @@ def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
         ResolvedInit("random", "random", "test_convnext", None),
         point,
         "k",
-        noise_multiplier=1.1,
-        expected_batch_size=16,
-        epochs=3,
+        privacy=plan_privacy(cell_privacy(spec, 3.0, "image"), 1000, noise_multiplier=1.1),
         provenance_tags={},
     )
     flat = trial.config.to_flat()
@@ -267,8 +267,9 @@ def test_label_count_noise_is_only_for_pos_weight_train_and_never_zero():
 
 
 def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_release(tmp_path):
-    from sweeps.plan import DatasetPlan, SweepPaths, make_trial, trial_template
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_template
     from trainables.models import ResolvedInit
+    from trainables.privacy.planning import plan_privacy
 
     raw = smoke_dict()
     raw["training"]["pos_weight"] = "train"
@@ -283,9 +284,7 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
             init,
             p,
             "k",
-            noise_multiplier=1.0,
-            expected_batch_size=32,
-            epochs=3,
+            privacy=plan_privacy(cell_privacy(spec, p.target_epsilon, "image"), 1770),
             provenance_tags={},
         ).config
         for p in spec.grid()
@@ -293,3 +292,5 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
     }
     assert configs[1.0].privacy.label_count_noise_multiplier == 20.0  # the default release
     assert configs[math.inf].privacy.label_count_noise_multiplier is None  # a baseline counts exactly
+    plain = plan_privacy(dataclasses.replace(configs[1.0].privacy, label_count_noise_multiplier=None), 1770)
+    assert configs[1.0].privacy.noise_multiplier > plain.noise_multiplier  # calibrated with the release

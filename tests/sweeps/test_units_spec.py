@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.plan import DatasetPlan, SweepPaths, make_trial, plan_sweep, trial_key, trial_template
+from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_template
 from sweeps.spec import SpecError, load_spec, parse_spec
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import ResolvedInit
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
+from trainables.privacy.planning import plan_privacy
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 UNITS = SWEEPS / "units-smoke.yaml"
@@ -109,9 +110,7 @@ def test_make_trial_sets_the_unit_of_the_point(tmp_path):
         ResolvedInit("random", "random", "test_convnext", None),
         point,
         "k",
-        noise_multiplier=1.1,
-        expected_batch_size=32,
-        epochs=3,
+        privacy=plan_privacy(cell_privacy(spec, point.target_epsilon, "patient"), 600, noise_multiplier=1.1),
         provenance_tags={},
     )
     assert trial.config.privacy.privacy_unit == "patient"

@@ -72,12 +72,7 @@ from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, evaluation_batches, load_trial_data
 from trainables.models import ResolvedInit, create_model
 from trainables.names import dataset_dir
-from trainables.privacy.accounting import (
-    calibrate_noise_multiplier,
-    create_accountant,
-    epsilon_spent,
-    sample_rate_and_steps,
-)
+from trainables.privacy.accounting import create_accountant, epsilon_spent
 from trainables.privacy.engine import (
     check_per_sample_gradients,
     make_dp_optimizer,
@@ -85,6 +80,7 @@ from trainables.privacy.engine import (
     private_step,
     wrap_model,
 )
+from trainables.privacy.planning import plan_privacy, planned_epsilon
 from trainables.privacy.secure import SecureRandom
 from trainables.train import GRAD_CHECK_SAMPLES, TrialResult, per_sample_bce, resolve_device, train_trial
 
@@ -469,7 +465,8 @@ def _check_private(cfg: TrialConfig) -> None:
     if not (privacy.noise_multiplier > 0 and 0 < privacy.sample_rate <= 1 and privacy.steps >= 1):
         raise ValueError(
             f"trial config has no calibrated mechanism (sigma={privacy.noise_multiplier}, q={privacy.sample_rate}, "
-            f"steps={privacy.steps}); plan it as the sweep does (calibrate_noise_multiplier) before auditing"
+            f"steps={privacy.steps}); plan it as the sweep does (trainables.privacy.planning.plan_privacy) "
+            "before auditing"
         )
 
 
@@ -675,16 +672,10 @@ def with_canaries(train: CacheSplitDataset, images: np.ndarray, labels: np.ndarr
 
 
 def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
-    """``cfg`` with (q, steps, sigma) planned for ``n_train`` records as the sweep plans them (same target
-    epsilon, delta, accountant, tolerance), so `train_trial`'s budget check accepts the enlarged split."""
-    privacy = cfg.privacy
-    q, steps = sample_rate_and_steps(n_train, privacy.expected_batch_size, privacy.epochs)
-    sigma = calibrate_noise_multiplier(
-        privacy.target_epsilon, privacy.delta, q, steps, privacy.accountant, tolerance=cfg.privacy.calibration_tolerance
-    )
-    return dataclasses.replace(
-        cfg, privacy=dataclasses.replace(privacy, noise_multiplier=sigma, sample_rate=q, steps=steps)
-    )
+    """``cfg`` with (q, steps, sigma) planned for ``n_train`` records as the sweep plans them
+    (`trainables.privacy.planning.plan_privacy`: same target epsilon, delta, accountant, tolerance and label-count
+    release), so `train_trial`'s budget check accepts the enlarged split."""
+    return dataclasses.replace(cfg, privacy=plan_privacy(cfg.privacy, n_train))
 
 
 def _trained_model(result: TrialResult) -> nn.Module:
@@ -741,9 +732,7 @@ def run_black_box_audit(
     )
     bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
     privacy = trial_cfg.privacy
-    claimed = epsilon_spent(
-        privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta, privacy.accountant
-    )
+    claimed = planned_epsilon(privacy)
     return _result(
         "black_box",
         bound,
