@@ -45,9 +45,13 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import binom
+
+if TYPE_CHECKING:
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 
 __all__ = [
     "DEFAULT_VALUE_DISCRETIZATION",
@@ -218,6 +222,26 @@ def composed_patient_epsilon(
     Returns:
         Epsilon at ``delta``; 0 for no steps, ``inf`` if any trial with steps has sigma 0.
     """
+    if any(m.steps and m.noise_multiplier == 0 for m in mechanisms):
+        for m in mechanisms:
+            _check(m.noise_multiplier, m.sample_rate, m.steps, delta, m.k)
+        return math.inf
+    distribution = composed_patient_pld(mechanisms, delta, value_discretization_interval=value_discretization_interval)
+    return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(float(delta)))
+
+
+def composed_patient_pld(
+    mechanisms: Sequence[PatientMechanism],
+    delta: float,
+    *,
+    value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION,
+) -> PrivacyLossDistribution | None:
+    """The composed patient-level PLD of `composed_patient_epsilon` (None when no trial took a step), for callers that
+    compose more releases onto it (`trainables.privacy.ledger`).
+
+    Raises:
+        ValueError: a mechanism is out of range, or has steps with sigma 0 (no finite PLD).
+    """
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     distribution = None
@@ -226,7 +250,7 @@ def composed_patient_epsilon(
         if m.steps == 0:
             continue
         if m.noise_multiplier == 0:
-            return math.inf
+            raise ValueError("a non-private trial (sigma 0) has no finite privacy loss distribution")
         shifts, probabilities = _shift_distribution(int(m.k), float(m.sample_rate))
         one = pld.from_mixture_gaussian_mechanism(
             float(m.noise_multiplier),
@@ -236,7 +260,7 @@ def composed_patient_epsilon(
             value_discretization_interval=value_discretization_interval,
         ).self_compose(int(m.steps))
         distribution = one if distribution is None else distribution.compose(one)
-    return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(float(delta)))
+    return distribution
 
 
 RDP_ORDERS: tuple[float, ...] = tuple([1.1 + 0.1 * i for i in range(99)] + list(range(12, 64)))

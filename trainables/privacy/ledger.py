@@ -1,0 +1,260 @@
+"""The privacy ledger of one prepared dataset: every mechanism run on its training split, and their composition.
+
+A trial's epsilon covers that trial; a sweep's tuning epsilon covers the selection among its own trials. Neither
+covers what else ran on the same private training split: other sweeps, runs replaced by ``--fresh``, the audit's
+training runs, label-count releases. The ledger does. Each `LedgerEntry` is one mechanism run that touched the
+training split, recorded when the run is created (before it trains), at its **planned** steps: a run's stopping
+point (ASHA, a failure, a kill) may depend on the data, so the bound fixed in advance is the planned one.
+`compose_ledger` composes every run that could have released something:
+
+* **Image level** (records are images, add/remove adjacency with N public): the runs of image-level trials and
+  audits, each ``ComposedDpEvent([GaussianDpEvent(sigma_c)] if it released label counts, SelfComposedDpEvent(
+  PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps))``, composed with dp-accounting's RDP accountant and its
+  PLD accountant (both add/remove; PLD also replace-one, `LedgerTotal.epsilon_replace_one`). Patient-level runs
+  are not in this number (their records are patients): they are in the patient-level one.
+* **Patient level** (records are patients): every private run seen at the patient level
+  (`trainables.privacy.units.composed_patient_epsilon`): a patient-level run at k = 1, an image-level run at k =
+  the training split's largest images per patient (recorded with the run), each label-count release as a Gaussian
+  with its noise multiplier divided by k (a patient's k images move the counts by at most k times one image's
+  sensitivity). Only when every image-level run recorded its k.
+
+A run without a DP guarantee (a non-private baseline, or a ``reproducible_noise`` trial whose noise is replayable
+from its logged seed) cannot be composed: it is counted apart (`LedgerTotal.non_private_runs`) and the totals hold
+only for releases that contain none of its outputs. The ledger never forgets: rows are appended, never rewritten
+(`trainables.data.ledger`); a run appears once per status change and is composed once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dp_accounting import dp_event
+
+from trainables.config import PrivacyConfig
+
+__all__ = ["LEDGER_KINDS", "LedgerEntry", "LedgerTotal", "compose_ledger", "entry_for"]
+
+LedgerKind = Literal["trial", "audit"]
+LEDGER_KINDS: tuple[str, ...] = ("trial", "audit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEntry:
+    """One mechanism run on a dataset's training split (one row of its ledger).
+
+    Attributes:
+        run: the run's identity; rows with the same ``run`` describe one run (its status over time) and are composed
+            once, with the mechanism of its first row.
+        kind: ``trial`` (a sweep's trial, its label-count release included) or ``audit`` (a `dpsweep audit` run).
+        sweep: the sweep (or audit) that made the run.
+        trial: the trial key within the sweep (audits: ``<kind>:<audited trial key>``).
+        status: what happened to the run when the row was written (``planned``, ``finished``, ``replaced``, ...).
+        private: whether the run has a DP guarantee (False for non-private and ``reproducible_noise`` runs).
+        privacy_unit: ``image`` or ``patient``: what one record of the run is.
+        noise_multiplier, sample_rate, steps: the run's planned DP-SGD (sigma, q per record, planned steps).
+        label_count_noise_multiplier: sigma_c of the run's label-count release, or None.
+        patient_images: k, the training split's largest number of images per patient (the patient-level view of an
+            image-level run); None when unknown.
+        delta: the run's delta.
+        accountant: the accountant the run calibrated with (the composition uses dp-accounting's).
+        time: when the row was written (UTC, ISO 8601).
+        user, host: who wrote the row, where.
+    """
+
+    run: str
+    kind: LedgerKind
+    sweep: str
+    trial: str
+    status: str
+    private: bool
+    privacy_unit: Literal["image", "patient"]
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    label_count_noise_multiplier: float | None
+    patient_images: int | None
+    delta: float
+    accountant: str
+    time: str
+    user: str
+    host: str
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise ValueError("a ledger entry needs a run id")
+        if self.kind not in LEDGER_KINDS:
+            raise ValueError(f"ledger kind {self.kind!r} is not one of {LEDGER_KINDS}")
+        if self.privacy_unit not in ("image", "patient"):
+            raise ValueError(f"privacy_unit {self.privacy_unit!r} must be image or patient")
+        if self.private:
+            if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+                raise ValueError(f"a private run needs a noise multiplier > 0, got {self.noise_multiplier!r}")
+            if not 0 < self.sample_rate <= 1:
+                raise ValueError(f"a private run needs a sample rate in (0, 1], got {self.sample_rate!r}")
+        if not (isinstance(self.steps, numbers.Integral) and self.steps >= 0):
+            raise ValueError(f"steps={self.steps!r} must be a whole number >= 0")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta!r} must be in (0, 1)")
+        if self.patient_images is not None and self.patient_images < 1:
+            raise ValueError(f"patient_images={self.patient_images!r} must be >= 1")
+
+    def dp_event(self) -> dp_event.DpEvent:
+        """The run as a dp-accounting event at its own unit: its label-count release, then its steps (private runs
+        only)."""
+        events: list[dp_event.DpEvent] = []
+        if self.label_count_noise_multiplier is not None:
+            events.append(dp_event.GaussianDpEvent(float(self.label_count_noise_multiplier)))
+        if self.steps:
+            step = dp_event.PoissonSampledDpEvent(self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier))
+            events.append(dp_event.SelfComposedDpEvent(step, int(self.steps)))
+        if not events:
+            return dp_event.NoOpDpEvent()
+        return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
+
+
+def entry_for(
+    privacy: PrivacyConfig,
+    *,
+    run: str,
+    kind: LedgerKind,
+    sweep: str,
+    trial: str,
+    status: str,
+    patient_images: int | None,
+    time: str,
+    user: str,
+    host: str,
+) -> LedgerEntry:
+    """The ledger entry of a run planned with ``privacy`` (`trainables.privacy.planning.plan_privacy`)."""
+    from trainables.privacy.guarantee import has_dp_guarantee
+
+    return LedgerEntry(
+        run=run,
+        kind=kind,
+        sweep=sweep,
+        trial=trial,
+        status=status,
+        private=has_dp_guarantee(privacy),
+        privacy_unit=privacy.privacy_unit,
+        noise_multiplier=float(privacy.noise_multiplier),
+        sample_rate=float(privacy.sample_rate),
+        steps=int(privacy.steps),
+        label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+        patient_images=patient_images,
+        delta=float(privacy.delta),
+        accountant=privacy.accountant,
+        time=time,
+        user=user,
+        host=host,
+    )
+
+
+@dataclass(frozen=True)
+class LedgerTotal:
+    """The composition of a ledger's runs at one delta.
+
+    Attributes:
+        delta: the delta the epsilons are at (default: the smallest delta of the private runs).
+        runs: distinct runs in the ledger; ``private_runs`` of them have a guarantee, ``non_private_runs`` do not.
+        epsilon_rdp: image-level runs composed with dp-accounting's RDP accountant (add/remove); 0 when none.
+        epsilon_pld: the same with its PLD accountant (add/remove, pessimistic, discretization 1e-4).
+        epsilon_replace_one: the same with PLD under replace-one adjacency (the reading that a public N implies).
+        epsilon_patient: every private run at the patient level (PLD); None when an image-level run lacks k.
+        patient_level_runs: private runs whose records are patients (in ``epsilon_patient`` only).
+        statuses: rows' latest status per run, counted.
+        by_sweep: distinct runs per sweep.
+    """
+
+    delta: float
+    runs: int
+    private_runs: int
+    non_private_runs: int
+    epsilon_rdp: float
+    epsilon_pld: float
+    epsilon_replace_one: float
+    epsilon_patient: float | None
+    patient_level_runs: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    by_sweep: dict[str, int] = field(default_factory=dict)
+
+
+def compose_ledger(entries: Sequence[LedgerEntry], delta: float | None = None) -> LedgerTotal:
+    """Compose every run of a ledger (module docstring). Rows of one run count once, with its first row's
+    mechanism; its latest row's status is reported.
+
+    Raises:
+        ValueError: ``delta`` outside (0, 1), or no delta to compose at (no private run and none given).
+    """
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    first: dict[str, LedgerEntry] = {}
+    latest: dict[str, LedgerEntry] = {}
+    for entry in entries:
+        first.setdefault(entry.run, entry)
+        latest[entry.run] = entry
+    runs = list(first.values())
+    private = [r for r in runs if r.private]
+    if delta is None:
+        if not private:
+            delta = min((r.delta for r in runs), default=1e-6)
+        else:
+            delta = min(r.delta for r in private)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta!r} must be in (0, 1)")
+    image = [r for r in private if r.privacy_unit == "image"]
+    rdp = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    pld = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    replace = PLDAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for run in image:
+        event = run.dp_event()
+        for accountant in (rdp, pld, replace):
+            accountant.compose(event)
+    return LedgerTotal(
+        delta=float(delta),
+        runs=len(runs),
+        private_runs=len(private),
+        non_private_runs=len(runs) - len(private),
+        epsilon_rdp=float(rdp.get_epsilon(delta)) if image else 0.0,
+        epsilon_pld=float(pld.get_epsilon(delta)) if image else 0.0,
+        epsilon_replace_one=float(replace.get_epsilon(delta)) if image else 0.0,
+        epsilon_patient=_patient_level_epsilon(private, delta),
+        patient_level_runs=sum(r.privacy_unit == "patient" for r in private),
+        statuses=dict(Counter(latest[r.run].status for r in runs)),
+        by_sweep=dict(Counter(r.sweep for r in runs)),
+    )
+
+
+def _patient_level_epsilon(private: Sequence[LedgerEntry], delta: float) -> float | None:
+    """Every private run for one patient: DP-SGD steps as Binomial(k, q) mixtures, label counts as Gaussians."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    from trainables.privacy.units import DEFAULT_VALUE_DISCRETIZATION, PatientMechanism, composed_patient_pld
+
+    if any(r.privacy_unit == "image" and r.patient_images is None for r in private):
+        return None
+    if not private:
+        return 0.0
+    mechanisms = [PatientMechanism(r.noise_multiplier, r.sample_rate, r.steps, _k(r)) for r in private if r.steps]
+    distribution = composed_patient_pld(mechanisms, delta)
+    for r in private:
+        if r.label_count_noise_multiplier is None:
+            continue
+        counts = pld.from_gaussian_mechanism(
+            r.label_count_noise_multiplier / _k(r),
+            pessimistic_estimate=True,
+            value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION,
+        )
+        distribution = counts if distribution is None else distribution.compose(counts)
+    return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(delta))
+
+
+def _k(run: LedgerEntry) -> int:
+    """Records of one patient in the run: 1 for a patient-level run, its largest images per patient otherwise."""
+    return 1 if run.privacy_unit == "patient" else int(run.patient_images or 1)
