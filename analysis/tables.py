@@ -1,7 +1,8 @@
 """The trial and epoch tables: one schema, one row per trial (or per trial epoch), with provenance.
 
 Both sources of a sweep's results give these tables through `build_tables`: Ray's results
-(`sweeps.results`) and the MLflow tracking store (`analysis.mlflow_source`).
+(`sweeps.results`) and the MLflow tracking store (`analysis.mlflow_source`). Ray's experiment folder is read
+through one reader, `RayTrialFolder`; a sweep's tables are written by one writer, `write_sweep_tables`.
 
 ``trials.parquet`` columns: ``trial`` (the grid point's key), ``status`` (TERMINATED: final report received;
 STOPPED: stopped early by ASHA, epsilon and steps of its last epoch; ERROR: failed; INCOMPLETE: pending or
@@ -268,46 +269,33 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
 
 
 def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
-    """Gather ``groups.parquet`` and ``bootstrap.parquet`` from every finished trial's final Ray checkpoint.
-
-    A trial folder is a subfolder holding Ray's ``params.json``; its trial key is ``point.key`` there. Its
-    final checkpoint is the highest-numbered ``checkpoint_*`` folder holding ``final.json`` (written only
-    at the end of training). Trials without one (failed or unfinished) contribute no rows.
+    """Gather ``groups.parquet`` and ``bootstrap.parquet`` (and ``predictions.parquet`` where present) from every
+    finished trial's final checkpoint (`ray_trial_folders`, `RayTrialFolder.final_checkpoint`). Trials without one
+    (failed or unfinished) contribute no rows.
 
     Raises:
         TableError: the folder does not exist, two trial folders carry the same key, or a final checkpoint
             lacks one of the two tables.
     """
     ray_dir = Path(ray_experiment_dir)
-    if not ray_dir.is_dir():
-        raise TableError(f"Ray experiment folder {ray_dir} does not exist")
     parts: dict[str, list[pd.DataFrame]] = {GROUPS_FILE: [], BOOTSTRAP_FILE: []}
     predictions: list[pd.DataFrame] = []
-    seen: dict[str, Path] = {}
-    for trial_dir in sorted(p for p in ray_dir.iterdir() if (p / RAY_PARAMS_FILE).is_file()):
-        key = _ray_trial_key(trial_dir)
-        if key in seen:
-            raise TableError(
-                f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial_dir.name}; "
-                "remove the stale folder (or re-run the sweep with --fresh)"
-            )
-        seen[key] = trial_dir
-        finals = sorted(p.parent for p in trial_dir.glob(f"checkpoint_*/{FINAL_FILE}"))
-        if not finals:
+    for trial in ray_trial_folders(ray_dir):
+        final = trial.final_checkpoint()
+        if final is None:
             continue
         for file, frames in parts.items():
-            path = finals[-1] / file
-            if not path.is_file():
+            table = trial.final_table(file)
+            if table is None:
                 raise TableError(
-                    f"{finals[-1]} holds {FINAL_FILE} but not {file}; the trial's final "
-                    "checkpoint is incomplete: re-run that trial"
+                    f"{final} holds {FINAL_FILE} but not {file}; the trial's final checkpoint is incomplete: "
+                    "re-run that trial"
                 )
-            table = pd.read_parquet(path)
-            table.insert(0, "trial", key)
+            table.insert(0, "trial", trial.key)
             frames.append(table)
-        if (finals[-1] / PREDICTIONS_FILE).is_file():
-            table = pd.read_parquet(finals[-1] / PREDICTIONS_FILE)
-            table.insert(0, "trial", key)
+        table = trial.final_table(PREDICTIONS_FILE)
+        if table is not None:
+            table.insert(0, "trial", trial.key)
             predictions.append(table)
     groups, bootstrap = (
         pd.concat(parts[f], ignore_index=True) if parts[f] else pd.DataFrame(columns=["trial"])
@@ -324,15 +312,11 @@ def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
 def write_sweep_tables(
     sweep_dir: str | Path, trials: pd.DataFrame, epochs: pd.DataFrame, evaluation: EvaluationTables | None = None
 ) -> list[Path]:
-    """Write ``trials.parquet`` and ``epochs.parquet`` (and, when given, the evaluation tables) into
-    ``sweep_dir`` (created if needed); returns the files written."""
+    """Write ``trials.parquet`` and ``epochs.parquet``, and the evaluation tables where given
+    (`_evaluation_files`), into ``sweep_dir`` (created if needed); returns the files written."""
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tables = {TRIALS_FILE: trials, EPOCHS_FILE: epochs}
-    if evaluation is not None:
-        tables |= {GROUPS_FILE: evaluation.groups, BOOTSTRAP_FILE: evaluation.bootstrap}
-        if evaluation.predictions is not None:
-            tables[PREDICTIONS_FILE] = evaluation.predictions
+    tables = {TRIALS_FILE: trials, EPOCHS_FILE: epochs} | _evaluation_files(evaluation)
     for file, table in tables.items():
         table.to_parquet(sweep_dir / file, index=False)
     return [sweep_dir / file for file in tables]
@@ -345,26 +329,94 @@ def write_evaluation_tables(sweep_dir: str | Path, ray_experiment_dir: str | Pat
     """
     sweep_dir = Path(sweep_dir)
     ray_dir = Path(ray_experiment_dir) if ray_experiment_dir is not None else default_ray_experiment_dir(sweep_dir)
-    tables = collect_trial_tables(ray_dir)
-    written = []
-    for file, table in (
-        (GROUPS_FILE, tables.groups),
-        (BOOTSTRAP_FILE, tables.bootstrap),
-        (PREDICTIONS_FILE, tables.predictions),
-    ):
-        if table is not None:
-            table.to_parquet(sweep_dir / file, index=False)
-            written.append(sweep_dir / file)
-    return written
+    tables = _evaluation_files(collect_trial_tables(ray_dir))
+    for file, table in tables.items():
+        table.to_parquet(sweep_dir / file, index=False)
+    return [sweep_dir / file for file in tables]
 
 
-def _ray_trial_key(trial_dir: Path) -> str:
-    try:
-        return str(json.loads((trial_dir / RAY_PARAMS_FILE).read_text())["point"]["key"])
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
-        raise TableError(
-            f"{trial_dir / RAY_PARAMS_FILE}: no trial key at point.key ({error!r}); is this a dpsweep Ray experiment?"
-        ) from None
+def _evaluation_files(evaluation: EvaluationTables | None) -> dict[str, pd.DataFrame]:
+    """File name -> table of the evaluation tables to write: ``groups`` and ``bootstrap`` (and ``predictions``
+    where the trials wrote them); none when no trial has any, rather than empty tables without their columns (which
+    `load_tables` would refuse)."""
+    if evaluation is None or evaluation.groups.empty or evaluation.bootstrap.empty:
+        return {}
+    files = {GROUPS_FILE: evaluation.groups, BOOTSTRAP_FILE: evaluation.bootstrap}
+    return files | ({PREDICTIONS_FILE: evaluation.predictions} if evaluation.predictions is not None else {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray's experiment folder on disk. The one reader of its layout: `collect_trial_tables` here, and the sweep's
+# records (`sweeps.results`, which asks Ray itself only for what Ray alone records: each trial's status and reports).
+
+
+@dataclass(frozen=True)
+class RayTrialFolder:
+    """One trial's folder in a Ray experiment folder (``runs/ray/<sweep>/<trial folder>/``).
+
+    Ray writes the trial's config to ``params.json`` (its grid point under ``point``, the trial key at
+    ``point.key``) and each checkpoint the trial saves to a ``checkpoint_<n>`` folder (zero-padded ``n``, so name
+    order is save order). At the end of training the trial (`trainables.trial`) saves its final checkpoint: the one
+    that holds ``final.json`` (its final report) beside its tables (``epochs``, ``groups``, ``bootstrap`` and
+    ``predictions.parquet``). Checkpoints are private material (they hold the noise seeds): only the final report
+    and these tables are read from them.
+    """
+
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """The trial key, ``point.key`` of ``params.json``.
+
+        Raises:
+            TableError: ``params.json`` holds no trial key (not a dpsweep trial).
+        """
+        try:
+            return str(json.loads((self.path / RAY_PARAMS_FILE).read_text())["point"]["key"])
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise TableError(
+                f"{self.path / RAY_PARAMS_FILE}: no trial key at point.key ({error!r}); is this a dpsweep Ray "
+                "experiment?"
+            ) from None
+
+    def final_checkpoint(self) -> Path | None:
+        """The highest-numbered ``checkpoint_*`` folder holding ``final.json``; None before the trial finished."""
+        found = sorted(p.parent for p in self.path.glob(f"checkpoint_*/{FINAL_FILE}"))
+        return found[-1] if found else None
+
+    def final_report(self) -> dict[str, Any] | None:
+        """The final report saved in the final checkpoint (the metrics of the trial's last `tune.report`)."""
+        final = self.final_checkpoint()
+        return json.loads((final / FINAL_FILE).read_text()) if final is not None else None
+
+    def final_table(self, file: str) -> pd.DataFrame | None:
+        """One of the final checkpoint's tables (``EPOCHS_FILE``, ``GROUPS_FILE``, ...); None where it has none."""
+        final = self.final_checkpoint()
+        path = final / file if final is not None else None
+        return pd.read_parquet(path) if path is not None and path.is_file() else None
+
+
+def ray_trial_folders(ray_experiment_dir: str | Path) -> list[RayTrialFolder]:
+    """The trial folders of a Ray experiment folder (subfolders holding ``params.json``), in name order.
+
+    Raises:
+        TableError: the folder does not exist, a trial folder holds no trial key, or two trial folders carry the
+            same key (a stale folder left by an earlier run).
+    """
+    ray_dir = Path(ray_experiment_dir)
+    if not ray_dir.is_dir():
+        raise TableError(f"Ray experiment folder {ray_dir} does not exist")
+    trials = [RayTrialFolder(p) for p in sorted(ray_dir.iterdir()) if (p / RAY_PARAMS_FILE).is_file()]
+    seen: dict[str, Path] = {}
+    for trial in trials:
+        key = trial.key
+        if key in seen:
+            raise TableError(
+                f"trial {key!r} appears twice in {ray_dir}: {seen[key].name} and {trial.path.name}; "
+                "remove the stale folder (or re-run the sweep with --fresh)"
+            )
+        seen[key] = trial.path
+    return trials
 
 
 def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:

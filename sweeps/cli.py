@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--m", type=int, help="canaries per audit (default: audit.m, else 1000)")
 
     table = commands.add_parser(
-        "table", help="rebuild trials.parquet/epochs.parquet from Ray results or MLflow (any state)"
+        "table",
+        help="rebuild the sweep's tables (trials, epochs, evaluation) from Ray results or MLflow (any state)",
     )
     _spec_args(table)
     table.add_argument(
@@ -151,7 +152,7 @@ def _sweep(args) -> int:
     from sweeps.describe import dry_run_report
     from sweeps.launch import run_sweep
     from sweeps.plan import plan_sweep
-    from sweeps.results import summary_text
+    from sweeps.summary import summary_text
 
     spec, paths = _load(args)
     if args.dry_run:
@@ -219,13 +220,16 @@ def _audit(args) -> int:
 
 
 def _table(args) -> int:
-    from sweeps.results import rebuild_tables, summary_text
+    from sweeps.results import rebuild_tables
+    from sweeps.summary import summary_text
 
     spec, paths = _load(args)
-    trials, epochs, origin = rebuild_tables(spec, paths, args.source)
+    results = rebuild_tables(spec, paths, args.source)
+    trials = results.trials
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
     print(
-        f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(epochs)} epoch rows, from {origin}"
+        f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(results.epochs)} epoch rows, "
+        f"from {results.origin}"
     )
     return 0
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.tables import build_tables, collect_trial_tables, write_sweep_tables
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
 from sweeps.plan import (
@@ -38,8 +37,9 @@ from sweeps.plan import (
     spec_fingerprint,
     trial_template,
 )
-from sweeps.results import experiment_records, run_ids, tuning_summary
+from sweeps.results import ray_results, run_ids
 from sweeps.spec import GridPoint, SpecError, SweepSpec
+from sweeps.tuning_cost import tuning_summary
 from trainables import names as N
 from trainables.models import ResolvedInit
 from trainables.privacy.planning import plan_privacy
@@ -153,9 +153,10 @@ def run_sweep(
             ),
         )
     tuner.fit()
-    trials, epochs = build_tables(experiment_records(experiment_path), run_ids(client, experiment_id, parent))
-    # runs/<sweep>/: the trial and epoch tables, and the trials' evaluation tables and per-image predictions
-    write_sweep_tables(sweep_dir, trials, epochs, collect_trial_tables(experiment_path))
+    # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
+    results = ray_results(experiment_path, run_ids(client, experiment_id, parent))
+    results.write(sweep_dir)
+    trials = results.trials
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
     finish_parent(

@@ -482,11 +482,12 @@ def real_sweep(tmp_path_factory):
 
 
 def table_via_cli(spec: Path, runs: Path, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`dpsweep table SPEC --source SOURCE` (in this process: it starts no Ray) and the tables it wrote."""
+    """`dpsweep table SPEC --source SOURCE` (in this process: it starts no Ray) and the tables it wrote (every
+    table file removed first: either source writes the evaluation tables too)."""
     from sweeps.cli import main
 
     sweep_dir = runs / "tinyml"
-    for file in (TRIALS_FILE, EPOCHS_FILE):
+    for file in (TRIALS_FILE, EPOCHS_FILE, GROUPS_FILE, BOOTSTRAP_FILE, PREDICTIONS_FILE):
         (sweep_dir / file).unlink(missing_ok=True)
     assert main(["table", str(spec), "--runs", str(runs), "--source", source]) == 0
     return pd.read_parquet(sweep_dir / TRIALS_FILE), pd.read_parquet(sweep_dir / EPOCHS_FILE)

@@ -125,3 +125,24 @@ def test_cli_copies_the_tables(tmp_path, capsys):
     main([str(sweep_dir)])
     assert (sweep_dir / BOOTSTRAP_FILE).exists() and (sweep_dir / GROUPS_FILE).exists()
     assert str(sweep_dir / BOOTSTRAP_FILE) in capsys.readouterr().out
+
+
+def test_a_ray_trial_folder_reads_its_final_checkpoint_and_nothing_before_it_finished(tmp_path):
+    from analysis.tables import RayTrialFolder, ray_trial_folders
+
+    done = tmp_path / "ray" / "trial_a"
+    write_ray_trial(done, TRIALS[0])
+    pd.DataFrame({"epoch": [1, 2]}).to_parquet(done / "checkpoint_000002" / "epochs.parquet")
+    failed = FakeTrial("x", "random", 1.0, (0.5,), (0.5,), (0.5,), status="ERROR")
+    write_ray_trial(tmp_path / "ray" / "trial_b", failed)
+    (tmp_path / "ray" / "not_a_trial").mkdir()  # no params.json: not a trial folder
+    trials = ray_trial_folders(tmp_path / "ray")
+    assert [(t.path.name, t.key) for t in trials] == [("trial_a", TRIALS[0].key), ("trial_b", "x")]
+    finished, unfinished = trials
+    assert finished.final_checkpoint() == done / "checkpoint_000002"  # not the plain checkpoint_000001
+    assert finished.final_report() == {"done": True}
+    assert list(finished.final_table("epochs.parquet")["epoch"]) == [1, 2]
+    assert finished.final_table("missing.parquet") is None
+    assert unfinished.final_checkpoint() is None and unfinished.final_report() is None
+    assert unfinished.final_table(GROUPS_FILE) is None
+    assert RayTrialFolder(done) == finished

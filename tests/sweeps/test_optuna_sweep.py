@@ -103,7 +103,8 @@ def test_mlflow_has_one_child_per_trial_and_running_again_does_nothing(optuna_sw
 def test_the_search_reports_bounds_that_hold_under_adaptive_selection(optuna_sweep):
     """Optuna picked each trial from earlier results: the parent run's tuning epsilon is the worst-case RDP
     composition over everything the cell could have trained, not the composition of the trials that ran."""
-    from sweeps.results import summary_text, tuning_cost
+    from sweeps.summary import summary_text
+    from sweeps.tuning_cost import tuning_cost
     from trainables.privacy.tuning import AdmissibleSet, adaptive_tuning_bound
 
     spec, paths, trials = optuna_sweep

@@ -9,7 +9,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from analysis.tables import TrialRecord, build_tables
-from sweeps.results import tuning_cost
+from sweeps.tuning_cost import tuning_cost
 from trainables import names as N
 
 SIGMA, Q, STEPS, DELTA = 1.1, 0.02, 300, 1e-5
@@ -98,7 +98,7 @@ def summary_trials(*, status: str = N.TERMINATED, reproducible: bool = False):
 
 
 def test_the_console_table_is_narrow_and_says_non_private_instead_of_an_infinite_epsilon():
-    from sweeps.results import SUMMARY_WIDTH, results_table
+    from sweeps.summary import SUMMARY_WIDTH, results_table
 
     text = results_table(summary_trials())
     lines = text.splitlines()
@@ -111,10 +111,53 @@ def test_the_console_table_is_narrow_and_says_non_private_instead_of_an_infinite
 
 
 def test_the_console_table_shows_status_when_a_trial_did_not_finish_and_marks_seeded_noise():
-    from sweeps.results import results_table
+    from sweeps.summary import results_table
 
     text = results_table(summary_trials(status=N.ERROR, reproducible=True))
     assert "status" in text.splitlines()[0] and N.ERROR in text
     row = next(line for line in text.splitlines() if line.lstrip().startswith("imagenet-eps1-"))
     assert "1*" in row
     assert "no guarantee" in text.splitlines()[-1]
+
+
+def test_the_one_writer_writes_evaluation_tables_only_where_some_trial_has_them(tmp_path):
+    """`SweepResults.write` (the end of a sweep and `dpsweep table`, either source): the trial and epoch tables
+    always; groups, bootstrap and predictions from the finished trials' final checkpoints, none when no trial
+    finished (an empty groups table without its columns would make the sweep folder unreadable)."""
+    import pandas as pd
+
+    from analysis.tables import collect_trial_tables, load_tables
+    from sweeps.results import SweepResults
+    from tests.analysis.fixtures import SWEEP, TRIALS, FakeTrial, make_sweep, write_ray_trial
+
+    sweep_dir = make_sweep(tmp_path / "runs")
+    trials, epochs = pd.read_parquet(sweep_dir / N.TRIALS_FILE), pd.read_parquet(sweep_dir / N.EPOCHS_FILE)
+    finished = collect_trial_tables(tmp_path / "runs" / "ray" / SWEEP)
+    written = SweepResults(trials, epochs, finished, "here").write(tmp_path / "all")
+    assert [p.name for p in written] == [
+        N.TRIALS_FILE,
+        N.EPOCHS_FILE,
+        N.GROUPS_FILE,
+        N.BOOTSTRAP_FILE,
+        N.PREDICTIONS_FILE,
+    ]
+    assert sorted(pd.read_parquet(tmp_path / "all" / N.BOOTSTRAP_FILE)["trial"].unique()) == sorted(
+        t.key for t in TRIALS if t.status == N.TERMINATED
+    )
+
+    failed = FakeTrial("x", "random", 1.0, (0.5,), (0.5,), (0.5,), status=N.ERROR)
+    write_ray_trial(tmp_path / "failed" / "trial_x", failed)
+    nothing_finished = collect_trial_tables(tmp_path / "failed")
+    assert nothing_finished.groups.empty
+    for evaluation in (nothing_finished, None):
+        written = SweepResults(trials, epochs, evaluation, "here").write(tmp_path / "none")
+        assert [p.name for p in written] == [N.TRIALS_FILE, N.EPOCHS_FILE]
+        assert sorted(p.name for p in (tmp_path / "none").iterdir()) == sorted([N.TRIALS_FILE, N.EPOCHS_FILE])
+    assert "no per-trial evaluation tables" in load_tables(tmp_path / "none").evaluation_note
+
+
+def test_the_command_line_offers_the_table_sources_there_are():
+    from sweeps.cli import TABLE_SOURCES
+    from sweeps.results import TABLE_SOURCES as SOURCES
+
+    assert TABLE_SOURCES == SOURCES

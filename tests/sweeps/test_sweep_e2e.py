@@ -112,7 +112,7 @@ def test_running_again_duplicates_nothing(tiny_sweep, capsys):
 
 
 def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
-    from sweeps.results import tuning_cost
+    from sweeps.tuning_cost import tuning_cost
 
     _, paths, trials = tiny_sweep
     cost = tuning_cost(trials)
@@ -126,19 +126,34 @@ def test_summary_states_the_privacy_cost_of_the_whole_search(tiny_sweep):
     assert parent.data.metrics[M.TUNING_EPSILON] == pytest.approx(cost.epsilon)
 
 
-def test_table_rebuild_from_ray_results_matches_the_sweep(tiny_sweep):
-    from sweeps.results import rebuild_tables
+def test_dpsweep_table_from_ray_writes_the_files_the_sweep_wrote(tiny_sweep, tmp_path, capsys):
+    """One way back from Ray: `dpsweep table --source ray` into a fresh sweep folder writes the same set of files as
+    the end of the sweep (tables and evaluation tables; the sweep's own state file aside), with the same contents."""
+    import shutil
+
+    from sweeps.cli import main
 
     spec, paths, trials = tiny_sweep
-    rebuilt, epochs, origin = rebuild_tables(spec, paths)
-    assert origin.startswith("Ray results at")
-    assert set(rebuilt["trial"]) == set(trials["trial"])
-    merged = rebuilt.merge(trials, on="trial", suffixes=("", "_sweep"))
-    assert (merged["status"] == "TERMINATED").all()
-    assert (merged[M.TEST_AUROC_MACRO] == merged[M.TEST_AUROC_MACRO + "_sweep"]).all()
-    assert (merged["mlflow_run_id"] == merged["mlflow_run_id_sweep"]).all()
-    assert len(epochs) == len(trials) * 2
-    assert not any(c.startswith("config/") for c in epochs.columns)
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(TINY)
+    sweep_dir = paths.sweep_dir(spec)
+    at_the_end = sweep_dir.with_name("tiny-at-the-end")
+    sweep_dir.rename(at_the_end)
+    try:
+        assert main(["table", str(spec_file), "--runs", str(paths.runs_root), "--source", "ray"]) == 0
+        out = capsys.readouterr().out
+        assert f"from Ray results at {paths.ray_experiment(spec)}" in out and "privacy of releasing the best" in out
+        written = sorted(p.name for p in sweep_dir.iterdir())
+        assert written == sorted(p.name for p in at_the_end.iterdir() if p.name != M.SWEEP_STATE_FILE)
+        assert written == sorted([M.TRIALS_FILE, M.EPOCHS_FILE, M.GROUPS_FILE, M.BOOTSTRAP_FILE, M.PREDICTIONS_FILE])
+        for file in written:
+            pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / file), pd.read_parquet(at_the_end / file))
+        pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / M.TRIALS_FILE), trials)
+        epochs = pd.read_parquet(sweep_dir / M.EPOCHS_FILE)
+        assert len(epochs) == len(trials) * 2 and not any(c.startswith("config/") for c in epochs.columns)
+    finally:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        at_the_end.rename(sweep_dir)
 
 
 def test_child_runs_release_headlines_and_no_fake_epsilon(tiny_sweep):

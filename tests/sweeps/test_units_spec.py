@@ -121,7 +121,7 @@ def test_make_trial_sets_the_unit_of_the_point(tmp_path):
 def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_composes_both():
     import pandas as pd
 
-    from sweeps.results import patient_level_sweep_epsilon, tuning_costs
+    from sweeps.tuning_cost import patient_level_sweep_epsilon, tuning_costs
     from trainables import names as N
     from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
 

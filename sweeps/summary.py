@@ -1,0 +1,134 @@
+"""What `dpsweep sweep` and `dpsweep table` print at the end: the results table, what the epsilons mean, where the
+outputs are, the privacy cost of the search (`sweeps.tuning_cost`) and any budget warning."""
+
+from __future__ import annotations
+
+import functools
+import math
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.tables import GUARANTEE_TEXT, without_guarantee
+from sweeps.plan import trial_key
+from sweeps.spec import SweepSpec
+from sweeps.tuning_cost import adaptive_tuning_bounds, patient_level_sweep_epsilon, tuning_costs
+from trainables import names as N
+
+SUMMARY_COLUMNS = {
+    "trial": "trial",
+    "status": "status",
+    "target_epsilon": "target",
+    N.EPSILON: "spent",
+    "noise_multiplier": "sigma",
+    N.VAL_SELECTED_AUROC_MACRO: "val",
+    N.TEST_AUROC_MACRO: "test",
+    N.auroc_gap("test", "age"): "age gap",
+    N.auroc_gap("test", "sex"): "sex gap",
+    N.EPSILON_PATIENT: "pat eps",
+    N.PATIENT_IMAGES: "k",
+}
+"""The console table's columns (trials.parquet column -> header); epsilons at the trial's delta, AUROCs macro."""
+SUMMARY_WIDTH = 100
+"""Console lines stay within this many characters (the tables for trial keys up to 40 characters: the key column is
+as wide as the longest key)."""
+NON_PRIVATE = "non-DP"
+NO_GUARANTEE_MARK = "*"
+
+
+def results_table(trials: pd.DataFrame) -> str:
+    """The console's results table: one row per trial (in the given order), epsilons and AUROCs to 3 decimals.
+
+    ``status`` is shown only when some trial did not finish; a non-private trial's target reads ``non-DP`` and its
+    spent epsilon ``-``; a private trial whose epsilon is no guarantee (``reproducible_noise``) has its target marked
+    ``*``. External test sets go into a second table (macro AUROC per external dataset), so both stay narrow.
+    """
+    columns = dict(SUMMARY_COLUMNS)
+    if "status" in trials and (trials["status"] == N.TERMINATED).all():
+        del columns["status"]
+    table = trials[[c for c in columns if c in trials.columns]].copy()
+    if "target_epsilon" in table:
+        finite = table["target_epsilon"].map(lambda e: isinstance(e, int | float) and math.isfinite(e))
+        unguaranteed = without_guarantee(trials)
+        table["target_epsilon"] = [
+            NON_PRIVATE if not ok else f"{e:g}{NO_GUARANTEE_MARK if bad else ''}"
+            for e, ok, bad in zip(trials["target_epsilon"], finite, unguaranteed, strict=True)
+        ]
+        for column in (N.EPSILON, N.EPSILON_PATIENT):
+            if column in table:
+                table[column] = [
+                    f"{v:.3f}" if ok and v == v else "-" for v, ok in zip(table[column], finite, strict=True)
+                ]
+    if N.PATIENT_IMAGES in table:  # a count; non-private trials have none
+        table[N.PATIENT_IMAGES] = [f"{v:.0f}" if v == v else "-" for v in table[N.PATIENT_IMAGES]]
+    table = table.rename(columns=columns)
+    with pd.option_context("display.width", 400, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
+        lines = [table.to_string(index=False)]
+        external = sorted(c for c in trials.columns if c.startswith("external/") and c.endswith("/auroc_macro"))
+        if external:
+            sites = trials[["trial", *external]].rename(columns={c: c.split("/")[1] for c in external})
+            lines += ["", "external test sets (macro AUROC of the selected model):", sites.to_string(index=False)]
+    if "target_epsilon" in trials and without_guarantee(trials).any():
+        lines.append(f"{NO_GUARANTEE_MARK} reproducible_noise: the noise replays from a published seed; no guarantee")
+    return "\n".join(lines)
+
+
+def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
+    """The results table, where the outputs are, the privacy cost of the search and any budget warning (with the
+    sweep's ``spec``, an Optuna sweep's adaptive tuning bounds too). Lines other than the tables' rows wrap at
+    `SUMMARY_WIDTH`."""
+    if spec is not None and spec.optuna is None:  # grid order (the sweep file's), not Ray's completion order
+        order = {trial_key(spec, point): i for i, point in enumerate(spec.grid())}
+        trials = trials.sort_values("trial", key=lambda keys: keys.map(order).fillna(len(order)), kind="stable")
+    lines = [
+        results_table(trials),
+        "",
+        textwrap.fill(GUARANTEE_TEXT, SUMMARY_WIDTH),
+        f"Each trial's guarantee in full: the `{N.GUARANTEE}` column of trials.parquet and MLflow param.",
+        "",
+        f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",
+        f"MLflow: {tracking_uri}\n  open the UI with `make ui` (http://127.0.0.1:5000)",
+    ]
+    wrap = functools.partial(
+        textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
+    )
+    costs = tuning_costs(trials)
+    adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
+    for dataset, cost in costs.items():
+        where = f" on {dataset}" if len(costs) > 1 else ""
+        if dataset in adaptive:
+            lines.append(
+                wrap(
+                    f"privacy of the whole search{where}: Optuna chose each trial from earlier results, so only "
+                    "bounds that hold under adaptive selection apply (private trials only):"
+                )
+            )
+            lines.extend(
+                wrap(f"  {bound.description}", subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+                for bound in adaptive[dataset]
+            )
+            lines.append(
+                wrap(f"  (composing the trials that happened to run, {cost.epsilon:.3g}, is not such a bound)")
+            )
+            continue
+        lines.append(
+            wrap(
+                f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
+                f"{cost.sentence}"
+            )
+        )
+    for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
+        lines.append(
+            wrap(
+                f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "
+                f"trial of the sweep, both units composed at the patient level (image-level trials as groups of "
+                f"their largest patient's images; PLD, label counts not included): epsilon={epsilon:.3g}"
+            )
+        )
+    if N.EPSILON in trials:
+        private = trials[trials["target_epsilon"].map(math.isfinite)]
+        over = private[private[N.EPSILON] > private["target_epsilon"]]
+        if len(over):
+            lines.append(f"WARNING: {len(over)} trials spent more epsilon than their target")
+    return "\n".join(lines)
