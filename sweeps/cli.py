@@ -1,4 +1,4 @@
-"""`dpsweep` command line: sweep, pretrain, prepare, audit, table, report, ui.
+"""`dpsweep` command line: sweep, pretrain, prepare, audit, table, ledger, report, ui.
 
 User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters: every
 `trainables.errors.UserError`) print one clear message and exit with status 2, before Ray or any trial starts.
@@ -110,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         "else mlflow",
     )
 
+    ledger = commands.add_parser(
+        "ledger",
+        help="the privacy ledger of a prepared dataset: every run on its training split, composed",
+        description="Compose every mechanism run recorded on a prepared dataset's training split (every sweep's "
+        "trials at their planned steps, audits, runs replaced by --fresh, by anyone): the epsilon of publishing "
+        "anything from all of them. Reads <data>/<dataset>/ledger/.",
+    )
+    ledger.add_argument("dataset", help="a prepared dataset's name, e.g. synthetic-a or chexpert")
+    ledger.add_argument("--data", help="prepared-data folder (default: $DPSWEEP_DATA, else data)")
+    ledger.add_argument("--delta", type=float, help="the delta to compose at (default: the smallest of the runs')")
+
     report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
     _spec_args(report)
 
@@ -125,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepare": _prepare,
             "audit": _audit,
             "table": _table,
+            "ledger": _ledger,
             "report": _report,
             "ui": _ui,
         }
@@ -231,6 +243,21 @@ def _table(args) -> int:
         f"{len(trials)} trials ({trials['status'].value_counts().to_dict()}), {len(results.epochs)} epoch rows, "
         f"from {results.origin}"
     )
+    return 0
+
+
+def _ledger(args) -> int:
+    from sweeps.ledger import describe_ledger
+
+    root = Path(args.data or os.environ.get("DPSWEEP_DATA") or "data")
+    if not (root / args.dataset).is_dir():
+        raise UserError(
+            f"ledger: no prepared dataset {args.dataset!r} under {root}/; name a dataset prepared there, or pass "
+            "--data with the folder that holds it"
+        )
+    if args.delta is not None and not 0 < args.delta < 1:
+        raise UserError(f"ledger: --delta {args.delta!r} must be in (0, 1), e.g. 6e-6")
+    print(describe_ledger(root, args.dataset, args.delta))
     return 0
 
 

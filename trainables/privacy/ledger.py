@@ -37,7 +37,7 @@ from dp_accounting import dp_event
 
 from trainables.config import PrivacyConfig
 
-__all__ = ["LEDGER_KINDS", "LedgerEntry", "LedgerTotal", "compose_ledger", "entry_for"]
+__all__ = ["LEDGER_KINDS", "LedgerEntry", "LedgerKind", "LedgerTotal", "compose_ledger", "entry_for"]
 
 LedgerKind = Literal["trial", "audit"]
 LEDGER_KINDS: tuple[str, ...] = ("trial", "audit")

@@ -1,0 +1,138 @@
+"""The privacy ledger from the driver's side: recording runs before they start, and the ledger in words.
+
+`trainables.privacy.ledger` composes, `trainables.data.ledger` stores; this module decides what a sweep records (every
+trial it creates, at its planned steps, before Ray runs it; audit runs; the runs a ``--fresh`` replaces) and how the
+dataset's total reads in the summary and `dpsweep ledger`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainables.config import PrivacyConfig
+from trainables.data.ledger import append_entries, ledger_dir, now, read_ledger, writer
+from trainables.privacy.ledger import LedgerEntry, LedgerKind, LedgerTotal, compose_ledger, entry_for
+
+__all__ = ["PlannedRun", "describe_ledger", "ledger_lines", "mark_runs", "record_runs", "recorded_runs"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A mechanism run about to be created on a dataset's training split.
+
+    Attributes:
+        run: its ledger id (unique per run: a resumed run keeps it, a ``--fresh`` rerun gets a new one).
+        sweep, trial: who makes it (the sweep and the trial key; audits ``<kind>:<audited trial key>``).
+        privacy: its planned privacy config (`trainables.privacy.planning.plan_privacy`).
+        patient_images: the training split's largest images per patient (None when not known).
+    """
+
+    run: str
+    sweep: str
+    trial: str
+    privacy: PrivacyConfig
+    patient_images: int | None
+
+
+def recorded_runs(data_root: str | Path, dataset: str) -> set[str]:
+    """The run ids already in the dataset's ledger."""
+    return {entry.run for entry in read_ledger(data_root, dataset)}
+
+
+def record_runs(
+    data_root: str | Path,
+    dataset: str,
+    runs: Iterable[PlannedRun],
+    *,
+    kind: LedgerKind = "trial",
+    status: str = "planned",
+) -> int:
+    """Append one row per run not yet in the dataset's ledger; returns how many were appended. Runs already recorded
+    are left alone (a resumed sweep records nothing twice)."""
+    known = recorded_runs(data_root, dataset)
+    user, host = writer()
+    time = now()
+    entries = [
+        entry_for(
+            planned.privacy,
+            run=planned.run,
+            kind=kind,
+            sweep=planned.sweep,
+            trial=planned.trial,
+            status=status,
+            patient_images=planned.patient_images,
+            time=time,
+            user=user,
+            host=host,
+        )
+        for planned in runs
+        if planned.run not in known
+    ]
+    append_entries(data_root, dataset, entries)
+    return len(entries)
+
+
+def mark_runs(data_root: str | Path, dataset: str, runs: Sequence[LedgerEntry], status: str) -> None:
+    """Append a status row (e.g. ``replaced``) for each of ``runs`` (their mechanism is already recorded)."""
+    if not runs:
+        return
+    user, host = writer()
+    time = now()
+    append_entries(
+        data_root,
+        dataset,
+        [dataclasses.replace(run, status=status, time=time, user=user, host=host) for run in runs],
+    )
+
+
+def ledger_lines(total: LedgerTotal) -> list[str]:
+    """The composition in a few lines (no heading)."""
+    if total.runs == 0:
+        return ["no run recorded yet"]
+    sweeps = ", ".join(f"{name} {count}" for name, count in total.by_sweep.items())
+    lines = [
+        f"{total.runs} runs ({total.private_runs} with a DP guarantee, {total.non_private_runs} without) "
+        f"from {len(total.by_sweep)} sweep(s): {sweeps}",
+    ]
+    image_runs = total.private_runs - total.patient_level_runs
+    if image_runs:
+        lines.append(
+            f"image level (add/remove one image, N public): epsilon {_eps(total.epsilon_rdp)} (RDP), "
+            f"{_eps(total.epsilon_pld)} (PLD) at delta {total.delta:g}; replace-one {_eps(total.epsilon_replace_one)} "
+            "(PLD)"
+        )
+    if total.epsilon_patient is None:
+        lines.append("patient level: unknown (an image-level run did not record its images per patient)")
+    elif total.private_runs:
+        lines.append(f"patient level (add/remove one patient with all images): epsilon {_eps(total.epsilon_patient)}")
+    if total.non_private_runs:
+        lines.append(
+            f"{total.non_private_runs} run(s) without a DP guarantee (non-private or reproducible_noise) trained on "
+            "this split: the totals hold only for releases holding none of their outputs"
+        )
+    statuses = ", ".join(f"{status} {count}" for status, count in sorted(total.statuses.items()))
+    lines.append(f"latest status: {statuses}")
+    return lines
+
+
+def describe_ledger(data_root: str | Path, dataset: str, delta: float | None = None) -> str:
+    """What `dpsweep ledger DATASET` prints."""
+    entries = read_ledger(data_root, dataset)
+    total = compose_ledger(entries, delta)
+    head = f"privacy ledger of {dataset} ({ledger_dir(data_root, dataset)}, {len(entries)} rows):"
+    body = [textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    ") for line in ledger_lines(total)]
+    meaning = (
+        "  The epsilon of publishing anything from every run recorded here together: every sweep, audit and replaced "
+        "run on this training split, each at its planned steps, by anyone. A sweep's own tuning epsilon is at most "
+        "this. The ledger never shrinks; see docs/design.md (the privacy ledger) for what resets it."
+    )
+    return "\n".join([head, *body, textwrap.fill(meaning, 100, subsequent_indent="  ")])
+
+
+def _eps(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.4g}"
