@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,11 +35,11 @@ from sweeps.plan import (
     plan_sweep,
     provenance_tags,
     spec_fingerprint,
-    trial_template,
 )
 from sweeps.results import experiment_records, run_ids, tuning_summary
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
+from trainables.config import is_private
 from trainables.models import ResolvedInit
 
 STATE_FORMAT = 2
@@ -213,7 +212,7 @@ def optuna_searcher(plan: SweepPlan) -> Any:
         for c in spec.cells()
     ]
     ranges = Ranges(**{name: getattr(o, name) for name in o.RANGES})
-    factory = OptunaTrialFactory(spec, trial_template(spec, plan.paths), plan.datasets, plan.inits, provenance_tags())
+    factory = OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags())
     sweep_dir = plan.paths.sweep_dir(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return PrivateOptunaSearch(
@@ -239,13 +238,13 @@ class OptunaTrialFactory:
     the searcher with the experiment)."""
 
     spec: SweepSpec
-    template: Any  # TrialConfig
+    paths: SweepPaths
     datasets: dict[str, DatasetPlan]
     inits: dict[tuple[str, str], ResolvedInit]
     provenance_tags: dict[str, str]
 
     def __call__(self, cell: Any, proposal: dict[str, Any]) -> dict[str, Any]:
-        private = math.isfinite(cell.target_epsilon)
+        private = is_private(cell.target_epsilon)
         point = GridPoint(
             model=cell.model,
             dataset=cell.dataset,
@@ -254,10 +253,11 @@ class OptunaTrialFactory:
             max_grad_norm=proposal.get("max_grad_norm", 0.0),
             lr=proposal["lr"],
             seed=self.spec.axes.seed[0],
+            privacy_unit=self.spec.axes.privacy_unit[0],  # image: Optuna sweeps are image-level
         )
         trial = make_trial(
             self.spec,
-            self.template,
+            self.paths,
             self.datasets[cell.dataset],
             self.inits[(cell.model, cell.init)],
             point,
