@@ -220,7 +220,8 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
             noise_multiplier=sigma,
             secure_mode=secure,
         ),
-        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode),
+        # pad_multiple: the padding granule must fit the physical batch (patient-level steps never pad)
+        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, pad_multiple=5, grad_sample_mode=mode),
     )
     final = run_tiny_trial(cfg).result.metrics
     assert final[M.STEPS] == steps
