@@ -34,6 +34,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import names as M
+from trainables.config import is_private
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.trial import is_final_report
 
@@ -97,7 +98,7 @@ class FeasibleOptunaSearch(OptunaSearch):
         super().__init__(space=self._space, **kwargs)
 
     def _space(self, trial) -> dict[str, Any]:
-        r, private = self.ranges, math.isfinite(self.cell.target_epsilon)
+        r, private = self.ranges, is_private(self.cell.target_epsilon)
         values = {
             "expected_batch_size": _suggest(trial, "expected_batch_size", r.expected_batch_size, log=True),
             "epochs": _suggest(trial, "epochs", r.epochs, log=False),
@@ -110,7 +111,7 @@ class FeasibleOptunaSearch(OptunaSearch):
 
     def planned_epsilon(self, proposal: dict[str, Any]) -> float:
         """Epsilon the proposal would spend over its planned steps (inf for the non-private baseline)."""
-        if not math.isfinite(self.cell.target_epsilon):
+        if not is_private(self.cell.target_epsilon):
             return math.inf
         q, steps = sample_rate_and_steps(
             self.cell.n_train, int(proposal["expected_batch_size"]), int(proposal["epochs"])
@@ -129,7 +130,7 @@ class FeasibleOptunaSearch(OptunaSearch):
             proposal = super().suggest(trial_id)
             epsilon = self.planned_epsilon(proposal)
             ot_trial = self._ot_trials[trial_id]
-            if not math.isfinite(self.cell.target_epsilon) or epsilon <= self.cell.target_epsilon:
+            if not is_private(self.cell.target_epsilon) or epsilon <= self.cell.target_epsilon:
                 ot_trial.set_user_attr("planned_epsilon", epsilon)
                 return {**proposal, "optuna_number": ot_trial.number, "planned_epsilon": epsilon}
             # Never trained: tell Optuna it violates the privacy constraint, then draw again.
@@ -189,9 +190,7 @@ class PrivateOptunaSearch(Searcher):
                 delta=delta,
                 accountant=accountant,
                 max_proposals=max_proposals,
-                label_count_noise_multiplier=label_count_noise_multiplier
-                if math.isfinite(cell.target_epsilon)
-                else None,
+                label_count_noise_multiplier=label_count_noise_multiplier if is_private(cell.target_epsilon) else None,
                 metric=metrics if len(metrics) > 1 else metrics[0],
                 mode=modes if len(modes) > 1 else modes[0],
                 sampler=_sampler(sampler, seed + i),
