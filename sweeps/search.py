@@ -152,7 +152,7 @@ class PrivateOptunaSearch(Searcher):
     Args:
         cells: the studies, in a stable order.
         make_point: ``(cell, proposal) -> {"point": ...}``, the same trial point grid mode runs.
-        objectives: objective names (`sweeps.spec.OBJECTIVES`).
+        objectives: objective names (`sweeps.schema.Objective`).
         trials_per_cell: trials launched per cell.
         study_prefix: Optuna study names are ``<study_prefix>/<cell key>``.
         storage_url: Optuna RDB storage (e.g. ``sqlite:///runs/<sweep>/optuna.db``), or None for in-memory.
