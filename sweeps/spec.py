@@ -49,7 +49,7 @@ from trainables.config import (
     TrainingSettings,
 )
 
-__all__ = ["GridPoint", "Objective", "SpecError", "SweepSpec", "load_spec", "parse_spec"]
+__all__ = ["AuditSpec", "GridPoint", "Objective", "SpecError", "SweepSpec", "load_spec", "parse_spec"]
 """The parser, and the types most readers import with it (defined in `sweeps.schema`)."""
 
 RENAMED = {
