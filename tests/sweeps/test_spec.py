@@ -250,7 +250,7 @@ def test_optuna_section_needs_search_optuna():
 def test_secure_and_reproducible_noise_together_are_refused():
     raw = smoke_dict()
     raw["privacy"] |= {"secure_mode": True, "reproducible_noise": True}
-    with pytest.raises(SpecError, match=r"privacy\.reproducible_noise = True with privacy\.secure_mode = True: secure"):
+    with pytest.raises(SpecError, match=r"privacy\.reproducible_noise = True with privacy\.secure_mode = True: they"):
         parse_spec(raw)
 
 
