@@ -11,7 +11,6 @@ refutes the claim at the stated confidence: the command then exits non-zero.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -20,6 +19,7 @@ import pandas as pd
 from sweeps.plan import Log, PlannedTrial, SweepPaths, plan_sweep
 from sweeps.spec import AuditSpec, SpecError, SweepSpec
 from trainables import names as N
+from trainables.config import is_private
 
 AUDIT_COLUMNS = {
     "trial": "trial",
@@ -36,7 +36,7 @@ AUDIT_COLUMNS = {
 
 def audited_trials(spec: SweepSpec, trials: list[PlannedTrial], audit: AuditSpec) -> list[PlannedTrial]:
     """The first planned trial of every private cell whose target the audit covers (all private ones by default)."""
-    targets = set(audit.target_epsilon) or {e for e in spec.axes.target_epsilon if math.isfinite(e)}
+    targets = set(audit.target_epsilon) or {e for e in spec.axes.target_epsilon if is_private(e)}
     chosen: dict[tuple[str, str, str, float], PlannedTrial] = {}
     for trial in trials:
         c = trial.config

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import math
 import textwrap
 from pathlib import Path
 from typing import Any
 
 from sweeps.plan import SweepPlan
 from sweeps.validate import NO_PATIENT_IDS
+from trainables.config import is_private
 from trainables.privacy.planning import schedule
 
 
@@ -69,7 +69,7 @@ def describe_plan(plan: SweepPlan) -> str:
                 sigma = plan.privacy_plans[(dataset.name, eps, unit)].noise_multiplier
                 lines.append(
                     f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}"
-                    if math.isfinite(eps)
+                    if is_private(eps)
                     else f"{indent}target epsilon inf: non-private baseline (no clipping, no noise)"
                 )
     if spec.optuna is not None:
@@ -133,7 +133,7 @@ def dry_run_report(plan: SweepPlan) -> str:
                 1,
                 epochs * n_train,
                 epochs,
-                math.isfinite(cell["target_epsilon"]),
+                is_private(cell["target_epsilon"]),
             )
             if estimate is None:
                 unknown.append(cell["model"])

@@ -30,12 +30,10 @@ from sweeps.plan import (
     cell_key,
     cell_prefix,
     cell_privacy,
-    label_count_noise_multiplier,
     make_trial,
     plan_sweep,
     provenance_tags,
     spec_fingerprint,
-    trial_template,
 )
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import GridPoint, SpecError, SweepSpec
@@ -211,11 +209,12 @@ def optuna_searcher(plan: SweepPlan) -> Any:
             c["init"],
             c["target_epsilon"],
             plan.datasets[c["dataset"]].n_train,
+            cell_privacy(spec, c["target_epsilon"], "image"),  # Optuna sweeps are image-level
         )
         for c in spec.cells()
     ]
     ranges = Ranges(**{name: getattr(o, name) for name in o.RANGES})
-    factory = OptunaTrialFactory(spec, trial_template(spec, plan.paths), plan.datasets, plan.inits, provenance_tags())
+    factory = OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags())
     sweep_dir = plan.paths.sweep_dir(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return PrivateOptunaSearch(
@@ -224,7 +223,6 @@ def optuna_searcher(plan: SweepPlan) -> Any:
         ranges=ranges,
         objectives=o.objectives,
         trials_per_cell=o.trials_per_target,
-        privacy=replace(spec.privacy, label_count_noise_multiplier=label_count_noise_multiplier(spec, private=True)),
         sampler=o.sampler,
         seed=o.seed,
         max_proposals=o.max_proposals,
@@ -239,7 +237,7 @@ class OptunaTrialFactory:
     the searcher with the experiment)."""
 
     spec: SweepSpec
-    template: Any  # TrialConfig
+    paths: SweepPaths
     datasets: dict[str, DatasetPlan]
     inits: dict[tuple[str, str], ResolvedInit]
     provenance_tags: dict[str, str]
@@ -253,6 +251,7 @@ class OptunaTrialFactory:
             max_grad_norm=proposal.get("max_grad_norm", 0.0),
             lr=proposal["lr"],
             seed=self.spec.axes.seed[0],
+            privacy_unit=self.spec.axes.privacy_unit[0],  # image: Optuna sweeps are image-level
         )
         dataset = self.datasets[cell.dataset]
         privacy = replace(
@@ -262,7 +261,7 @@ class OptunaTrialFactory:
         )
         trial = make_trial(
             self.spec,
-            self.template,
+            self.paths,
             dataset,
             self.inits[(cell.model, cell.init)],
             point,

@@ -2,7 +2,8 @@
 
     SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set), sigma per (dataset, target epsilon)
     calibrated on the sweep's accountant, resolved inits (running the pretrain stage for ``domain``), and one
-    `TrialConfig` per grid point, built from one template with `dataclasses.replace`.
+    `TrialConfig` per grid point, built in one construction from the sweep's settings and the point
+    (`make_trial`, `SweepSpec.trial_config`).
 
 What ``dpsweep sweep --dry-run`` prints is `sweeps.describe`'s.
 """
@@ -14,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pandas as pd
 
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
-from trainables.config import PrivacyConfig, PrivacyUnit, TrialConfig
+from trainables.config import PrivacyConfig, PrivacyUnit, TrialConfig, is_private
 from trainables.data.registry import ensure_prepared
 from trainables.models import InitError, ResolvedInit, resolve_init
 from trainables.pretrain import pretrain_dir, run_pretrain
@@ -146,11 +147,24 @@ def cell_prefix(spec: SweepSpec, model: str, dataset: str) -> str:
     return (f"{model}-" if len(spec.models) > 1 else "") + (f"{dataset}-" if len(spec.data.train) > 1 else "")
 
 
+FINGERPRINT_PRIVACY_PLACEHOLDERS: dict[str, Any] = {
+    "target_epsilon": math.inf,
+    "max_grad_norm": 1.0,
+    "privacy_unit": "image",
+    "noise_multiplier": 0.0,
+    "sample_rate": 0.0,
+    "steps": 0,
+}
+"""The per-trial fields `SweepSpec.privacy` carried, never read, until it held only the sweep's settings: hashed as
+before, so that a sweep started by an earlier dpsweep keeps its fingerprint and resumes."""
+
+
 def spec_fingerprint(spec: SweepSpec) -> str:
     """Hash of everything that defines the sweep's trials (not where its file lives, where it is tracked, or how it
     is audited)."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
+    settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -208,13 +222,13 @@ def plan_sweep(
                 inits[(model, name)] = ResolvedInit(name, "missing", model, None)
     trials = []
     if spec.search == "grid":
-        template, tags = trial_template(spec, paths), provenance_tags()
+        tags = provenance_tags()
         for point in spec.grid():
             dataset = datasets[point.dataset]
             trials.append(
                 make_trial(
                     spec,
-                    template,
+                    paths,
                     dataset,
                     inits[(point.model, point.init)],
                     point,
@@ -267,16 +281,24 @@ def _dataset_plans(
     return datasets, pretrain_n
 
 
+PLANNED_FIELDS = ("expected_batch_size", "epochs", "label_count_noise_multiplier", *PrivacyConfig.DERIVED)
+"""What a trial takes from its cell's planned privacy config (`make_trial`)."""
+
+
 def cell_privacy(spec: SweepSpec, target_epsilon: float, unit: PrivacyUnit) -> PrivacyConfig:
-    """The sweep's privacy settings for one target and unit, before planning: the label-count release decided
-    (`label_count_noise_multiplier`) and the image cap kept for patient-level trials only."""
-    private = math.isfinite(target_epsilon)
-    return replace(
-        spec.privacy,
+    """The privacy config of one (target, unit) cell before planning (`plan_privacy` fills sigma, q, steps): the
+    sweep's settings, the label-count release decided (`label_count_noise_multiplier`) and the image cap kept for
+    patient-level trials only. Its clip norm is the field's default: each trial takes only the planned fields
+    (`make_trial`), its clip norm is its grid point's."""
+    settings = {f.name: getattr(spec.privacy, f.name) for f in fields(spec.privacy)}
+    return PrivacyConfig(
+        **{
+            **settings,
+            "max_images_per_patient": spec.privacy.max_images_per_patient if unit == "patient" else None,
+            "label_count_noise_multiplier": label_count_noise_multiplier(spec, is_private(target_epsilon)),
+        },
         target_epsilon=target_epsilon,
         privacy_unit=unit,
-        label_count_noise_multiplier=label_count_noise_multiplier(spec, private),
-        max_images_per_patient=spec.privacy.max_images_per_patient if unit == "patient" else None,
     )
 
 
@@ -291,31 +313,9 @@ def provenance_tags() -> dict[str, str]:
     return {f"{N.TAG_PREFIX}{k}": v for k, v in provenance().items()}
 
 
-def trial_template(spec: SweepSpec, paths: SweepPaths) -> TrialConfig:
-    """The sweep-wide part of every trial's config; `make_trial` fills in the grid point."""
-    return TrialConfig(
-        sweep=spec.name,
-        dataset="",
-        data_root=str(paths.data_root),
-        image_size=spec.data.image_size,
-        model="",
-        init="",
-        privacy=spec.privacy,
-        speed=spec.speed,
-        weight_decay=spec.training.weight_decay,
-        input_mean=spec.data.input_mean,
-        input_std=spec.data.input_std,
-        pos_weight=spec.training.pos_weight,
-        model_selection=spec.training.model_selection,
-        test_every_epoch=spec.evaluation.test_every_epoch,
-        n_boot=spec.evaluation.n_boot,
-        age_edges=spec.evaluation.age_edges,
-    )
-
-
 def make_trial(
     spec: SweepSpec,
-    template: TrialConfig,
+    paths: SweepPaths,
     dataset: DatasetPlan,
     init: ResolvedInit,
     point: GridPoint,
@@ -325,22 +325,18 @@ def make_trial(
     provenance_tags: dict[str, str],
     extra_params: dict[str, Any] | None = None,
 ) -> PlannedTrial:
-    """One trial (grid point or Optuna proposal): its config, MLflow params (`TrialConfig.to_flat` plus the
-    training-set size and the search mode) and tags. ``privacy`` is the cell's planned privacy config (`plan_privacy`
-    for the point's dataset, target and unit); the point adds its clip norm."""
-    private = math.isfinite(point.target_epsilon)
+    """One trial (grid point or Optuna proposal): its config (`SweepSpec.trial_config` with the planned privacy),
+    MLflow params (`TrialConfig.to_flat` plus the training-set size and the search mode) and tags. ``privacy`` is
+    the cell's planned config (`plan_privacy` for the point's dataset, target and unit): the trial takes its planned
+    fields; its clip norm is the point's."""
+    private = is_private(point.target_epsilon)
     unit = point.privacy_unit
     n_records = dataset.n_records(unit)
-    config = replace(
-        template,
-        dataset=dataset.name,
-        model=point.model,
-        init=point.init,
+    config = spec.trial_config(
+        point,
+        data_root=str(paths.data_root),
         init_weights=init.weights,
-        lr=point.lr,
-        seed=point.seed,
-        external_datasets=tuple(name for name in spec.data.external if name != dataset.name),
-        privacy=replace(privacy, max_grad_norm=point.max_grad_norm),
+        **{name: getattr(privacy, name) for name in PLANNED_FIELDS},
     )
     p = config.privacy
     guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)

@@ -35,7 +35,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import names as M
-from trainables.config import PrivacyConfig
+from trainables.config import PrivacyConfig, is_private
 from trainables.privacy.planning import plan_privacy, planned_epsilon
 from trainables.trial import is_final_report
 
@@ -57,7 +57,9 @@ def objective_mode(objective: str) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One Optuna study: a (model, dataset, init, target epsilon) combination and its training-set size."""
+    """One Optuna study: a (model, dataset, init, target epsilon) combination, its training-set size and its privacy
+    config before planning (`sweeps.plan.cell_privacy`: delta, accountant, tolerance, label-count release); each
+    proposal sets its batch size, epochs and sigma."""
 
     key: str
     model: str
@@ -65,6 +67,7 @@ class Cell:
     init: str
     target_epsilon: float
     n_train: int
+    privacy: PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -79,27 +82,16 @@ class Ranges:
 
 
 class FeasibleOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects.
+    """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects."""
 
-    ``privacy``: the sweep's privacy settings (delta, accountant, tolerance, and the label-count release of a
-    private ``pos_weight: train`` cell); each proposal sets its target, batch size, epochs and sigma."""
-
-    def __init__(
-        self,
-        cell: Cell,
-        ranges: Ranges,
-        *,
-        privacy: PrivacyConfig,
-        max_proposals: int,
-        **kwargs,
-    ):
+    def __init__(self, cell: Cell, ranges: Ranges, *, max_proposals: int, **kwargs):
         self.cell, self.ranges = cell, ranges
-        self.privacy, self.max_proposals = privacy, max_proposals
+        self.max_proposals = max_proposals
         self.infeasible = 0
         super().__init__(space=self._space, **kwargs)
 
     def _space(self, trial) -> dict[str, Any]:
-        r, private = self.ranges, math.isfinite(self.cell.target_epsilon)
+        r, private = self.ranges, is_private(self.cell.target_epsilon)
         values = {
             "expected_batch_size": _suggest(trial, "expected_batch_size", r.expected_batch_size, log=True),
             "epochs": _suggest(trial, "epochs", r.epochs, log=False),
@@ -112,11 +104,10 @@ class FeasibleOptunaSearch(OptunaSearch):
 
     def planned_epsilon(self, proposal: dict[str, Any]) -> float:
         """Epsilon the proposal would spend over its planned steps (inf for the non-private baseline)."""
-        if not math.isfinite(self.cell.target_epsilon):
+        if not is_private(self.cell.target_epsilon):
             return math.inf
         privacy = dataclasses.replace(
-            self.privacy,
-            target_epsilon=self.cell.target_epsilon,
+            self.cell.privacy,
             expected_batch_size=int(proposal["expected_batch_size"]),
             epochs=int(proposal["epochs"]),
         )
@@ -129,7 +120,7 @@ class FeasibleOptunaSearch(OptunaSearch):
             proposal = super().suggest(trial_id)
             epsilon = self.planned_epsilon(proposal)
             ot_trial = self._ot_trials[trial_id]
-            if not math.isfinite(self.cell.target_epsilon) or epsilon <= self.cell.target_epsilon:
+            if not is_private(self.cell.target_epsilon) or epsilon <= self.cell.target_epsilon:
                 ot_trial.set_user_attr("planned_epsilon", epsilon)
                 return {**proposal, "optuna_number": ot_trial.number, "planned_epsilon": epsilon}
             # Never trained: tell Optuna it violates the privacy constraint, then draw again.
@@ -151,10 +142,8 @@ class PrivateOptunaSearch(Searcher):
     Args:
         cells: the studies, in a stable order.
         make_point: ``(cell, proposal) -> {"point": ...}``, the same trial point grid mode runs.
-        objectives: objective names (`sweeps.spec.OBJECTIVES`).
+        objectives: objective names (`sweeps.schema.Objective`).
         trials_per_cell: trials launched per cell.
-        privacy: the sweep's privacy settings (`FeasibleOptunaSearch`); the label-count release applies to private
-            cells only.
         study_prefix: Optuna study names are ``<study_prefix>/<cell key>``.
         storage_url: Optuna RDB storage (e.g. ``sqlite:///runs/<sweep>/optuna.db``), or None for in-memory.
     """
@@ -167,7 +156,6 @@ class PrivateOptunaSearch(Searcher):
         ranges: Ranges,
         objectives: tuple[str, ...],
         trials_per_cell: int,
-        privacy: PrivacyConfig,
         sampler: str,
         seed: int,
         max_proposals: int,
@@ -186,7 +174,6 @@ class PrivateOptunaSearch(Searcher):
             cell.key: FeasibleOptunaSearch(
                 cell,
                 ranges,
-                privacy=privacy,
                 max_proposals=max_proposals,
                 metric=metrics if len(metrics) > 1 else metrics[0],
                 mode=modes if len(modes) > 1 else modes[0],

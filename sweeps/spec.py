@@ -1,13 +1,14 @@
-"""SweepSpec: the sweep file's schema, validated at the edge, and its expansion into trial grid points.
+"""Reading a sweep file: YAML -> a validated `SweepSpec` (`load_spec`, `parse_spec`).
 
-A sweep file is YAML (reference: ``docs/sweep-spec.md``). Its sections reuse the trial's own config classes, so
-a setting has one name from the YAML to the optimizer: ``privacy:`` is a `PrivacyConfig` whose grid axes
-``target_epsilon`` and ``max_grad_norm`` are lists, ``speed:`` a `SpeedConfig`, ``pretrain:`` a `PretrainConfig`;
-``training.lr`` and ``training.seed`` are the grid axes of `TrialConfig.lr` and `TrialConfig.seed`; each
+A sweep file is YAML (reference: ``docs/sweep-spec.md``). Its types are `sweeps.schema`'s: each section that sets
+trial fields is the trial's own config class (`trainables.config`), so a setting has one name and one default from
+the YAML to the optimizer; ``privacy.target_epsilon``, ``privacy.max_grad_norm``, ``privacy.privacy_unit``,
+``training.lr`` and ``training.seed`` are lists, the grid axes (`GridAxes`) of the trial field they name; each
 ``optuna:`` range is named after the field it searches. Closed sets are the `Literal` types of
 `trainables.config`, checked in one place (`_coerce`).
 
-Any problem raises `SpecError` naming the field path, the value and the fix, before Ray or any trial starts.
+Any problem raises `SpecError` naming the field path, the value and the fix, before Ray or any trial starts: a
+section's config checks run as it is built, the sweep's rules and every trial's checks in `sweeps.validate`.
 Checks that need the data (delta < 1/N) or the weights (missing checkpoint files) run in `sweeps.plan`, still
 before any trial.
 """
@@ -15,22 +16,41 @@ before any trial.
 from __future__ import annotations
 
 import difflib
-import itertools
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from trainables.config import PretrainConfig, PrivacyConfig, PrivacyUnit, SpeedConfig
-from trainables.errors import UserError
+from sweeps.schema import (
+    AuditSpec,
+    DataSpec,
+    EarlyStoppingSpec,
+    GridAxes,
+    GridPoint,
+    Objective,
+    OptunaSpec,
+    ResourcesSpec,
+    SpecError,
+    SweepSpec,
+    TrackingSpec,
+)
+from sweeps.validate import spec_error, validate
+from trainables.config import (
+    ConfigError,
+    EvaluationSettings,
+    PretrainConfig,
+    PrivacyConfig,
+    PrivacySettings,
+    PrivacyUnit,
+    SpeedConfig,
+    TrainingSettings,
+)
 
-SearchMode = Literal["grid", "optuna"]
-Objective = Literal["auroc", "auroc_gap_sex", "auroc_gap_age"]  # validation split, selected epoch
-OptunaSampler = Literal["tpe", "random"]
-EarlyStoppingMethod = Literal["asha"]
+__all__ = ["AuditSpec", "GridPoint", "Objective", "SpecError", "SweepSpec", "load_spec", "parse_spec"]
+"""The parser, and the types most readers import with it (defined in `sweeps.schema`)."""
 
 RENAMED = {
     "privacy.epsilons": "privacy.target_epsilon",
@@ -42,179 +62,12 @@ RENAMED = {
 }
 """Spellings of earlier versions: refused with the new name (every field is named after the setting it sets)."""
 
-
-class SpecError(UserError, ValueError):
-    """A sweep file is invalid; the message names the field, the value and the fix."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    train: tuple[str, ...]  # one dataset or a list (a grid axis); each trial trains on one
-    external: tuple[str, ...] = ()
-    root: str = "data"
-    image_size: int = 64
-    synthetic_images: int | None = None  # images per synthetic dataset (None: the generator's default)
-    input_mean: float = 0.0  # inputs are (x - mean) / std with x in [0, 1]; 0 and 1 = the study's plain [0, 1]
-    input_std: float = 1.0
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """``training:`` besides its grid axes ``lr`` and ``seed`` (`GridAxes`); names are `TrialConfig`'s."""
-
-    weight_decay: float = 0.01
-    pos_weight: Literal["uniform", "train"] = "uniform"
-    model_selection: Literal["best_val", "last"] = "best_val"
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    n_boot: int = 1000
-    age_edges: tuple[float, ...] = (0, 40, 70, 100)
-    test_every_epoch: bool = True
-
-
-@dataclass(frozen=True)
-class ResourcesSpec:
-    cpu: float = 1
-    gpu: float = 0
-    max_concurrent: int = 0  # 0: as many as the cluster's resources allow
-    max_failures: int = 2
-
-
-@dataclass(frozen=True)
-class OptunaSpec:
-    """`search: optuna`: per (model, dataset, init, target epsilon) cell, an Optuna study over these ranges.
-
-    Each range is named after the trial field it sets and is ``[low, high]`` (searched; log scale for all but
-    epochs) or ``[value]`` (fixed)."""
-
-    trials_per_target: int = 8
-    max_concurrent: int = 2
-    objectives: tuple[Objective, ...] = ("auroc",)
-    noise_multiplier: tuple[float, ...] = (0.3, 5.0)
-    expected_batch_size: tuple[int, ...] = (16, 256)
-    epochs: tuple[int, ...] = (1, 5)
-    lr: tuple[float, ...] = (1e-4, 1e-2)
-    max_grad_norm: tuple[float, ...] = (0.5, 5.0)
-    sampler: OptunaSampler = "tpe"
-    seed: int = 0
-    max_proposals: int = 200  # infeasible proposals tolerated per launched trial before giving up
-
-    RANGES = ("noise_multiplier", "expected_batch_size", "epochs", "lr", "max_grad_norm")
-
-
-@dataclass(frozen=True)
-class EarlyStoppingSpec:
-    """ASHA on the per-epoch validation macro AUROC (off unless this section is given)."""
-
-    method: EarlyStoppingMethod = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
-
-
-@dataclass(frozen=True)
-class AuditSpec:
-    """``audit:`` settings of `dpsweep audit`: the one-run audit of Steinke, Nasr & Jagielski 2023.
-
-    One audit per kind per private (model, dataset, init, target epsilon) cell, on its first grid point."""
-
-    kind: tuple[Literal["white_box", "black_box"], ...] = ("white_box",)
-    m: int = 1000
-    confidence: float = 0.95
-    target_epsilon: tuple[float, ...] = ()  # which private targets to audit; empty: all of them
-    real_records: int | None = None  # white-box: train on the first this many real records (None: all)
-
-
-@dataclass(frozen=True)
-class TrackingSpec:
-    uri: str | None = None  # default: sqlite:///<runs>/mlflow.db
-    experiment: str | None = None  # default: the sweep's name
-
-
-@dataclass(frozen=True)
-class GridAxes:
-    """The trial fields a grid sweeps, besides model, dataset and init: each named after the field it sets.
-
-    ``max_grad_norm`` maps every model to its clip norms (a YAML list applies to every model)."""
-
-    target_epsilon: tuple[float, ...]
-    max_grad_norm: dict[str, tuple[float, ...]]
-    lr: tuple[float, ...] = (1e-3,)
-    seed: tuple[int, ...] = (0,)
-    privacy_unit: tuple[PrivacyUnit, ...] = ("image",)
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One trial of a grid: the values of every axis."""
-
-    model: str
-    dataset: str
-    init: str
-    target_epsilon: float
-    max_grad_norm: float
-    lr: float
-    seed: int
-    privacy_unit: PrivacyUnit = "image"
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """A whole sweep. ``source`` is the file it came from (for messages and relative paths).
-
-    ``privacy`` is the sweep-wide `PrivacyConfig` (its ``target_epsilon`` and ``max_grad_norm`` are set per trial
-    from ``axes``); ``pretrain`` carries the data section's input normalization."""
-
-    name: str
-    data: DataSpec
-    models: tuple[str, ...]  # YAML `model:` (one name or a list) or `models:`
-    inits: tuple[str, ...]
-    privacy: PrivacyConfig
-    axes: GridAxes
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    pretrain: PretrainConfig | None = None
-    init_weights: dict[str, str] = field(default_factory=dict)
-    search: SearchMode = "grid"
-    optuna: OptunaSpec | None = None
-    early_stopping: EarlyStoppingSpec | None = None
-    audit: AuditSpec | None = None
-    runs: str = "runs"
-    description: str = ""
-    source: str = ""
-
-    def cells(self) -> list[dict[str, Any]]:
-        """model x dataset x init x target epsilon: the grid's outer axes, and Optuna mode's studies."""
-        axes = itertools.product(self.models, self.data.train, self.inits, self.axes.target_epsilon)
-        return [dict(model=m, dataset=d, init=i, target_epsilon=e) for m, d, i, e in axes]
-
-    def grid(self) -> list[GridPoint]:
-        """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit, in a stable order."""
-        return [
-            GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u)
-            for cell in self.cells()
-            for c in self.axes.max_grad_norm[cell["model"]]
-            for lr in self.axes.lr
-            for s in self.axes.seed
-            for u in self.axes.privacy_unit
-        ]
-
-    def init_weights_for(self, init: str, model: str) -> str | None:
-        """The weight file given for ``init`` (``{model}`` in it is replaced by the architecture)."""
-        path = self.init_weights.get(init)
-        return None if path is None else path.replace("{model}", model)
-
-
 SECTIONS: dict[str, type] = {
     "data": DataSpec,
     "pretrain": PretrainConfig,
-    "privacy": PrivacyConfig,
-    "training": TrainingSpec,
-    "evaluation": EvaluationSpec,
+    "privacy": PrivacySettings,
+    "training": TrainingSettings,
+    "evaluation": EvaluationSettings,
     "resources": ResourcesSpec,
     "speed": SpeedConfig,
     "tracking": TrackingSpec,
@@ -293,10 +146,10 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
             raise SpecError(f"{source}: required field `{shown}` is missing")
     if values.get("search") == "optuna":
         for name in OptunaSpec.RANGES:
-            for section in ("privacy", "training"):
-                if name in (raw.get(section) or {}):
+            for grid_section in ("privacy", "training"):
+                if name in (raw.get(grid_section) or {}):
                     raise SpecError(
-                        f"{source}: `{section}.{name}` is a grid setting; with `search: optuna` give the "
+                        f"{source}: `{grid_section}.{name}` is a grid setting; with `search: optuna` give the "
                         f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)"
                     )
         values.setdefault("optuna", OptunaSpec())
@@ -305,7 +158,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
         raise SpecError(
             f"{source}: required field `privacy.target_epsilon` is missing; list targets such as [1, 3, 8, .inf]"
         )
-    clips = axes.get("max_grad_norm", (1.0,))
+    clips = axes.get("max_grad_norm", (PrivacyConfig.max_grad_norm,))  # the field's default, alone
     if not isinstance(clips, dict):
         clips = dict.fromkeys(values["models"], clips)
     axes["max_grad_norm"] = clips
@@ -313,8 +166,6 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
         data = values["data"]
         values["pretrain"] = replace(values["pretrain"], input_mean=data.input_mean, input_std=data.input_std)
     spec = SweepSpec(**values, axes=GridAxes(**axes))
-    from sweeps.validate import validate
-
     validate(spec)
     return spec
 
@@ -341,7 +192,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     missing = [n for n, f in known.items() if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise SpecError(f"{source}: required field `{prefix}.{missing[0]}` is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise spec_error(error, source) from None
 
 
 def _reject_unknown(raw: dict[str, Any], known: dict[str, Any], prefix: str, source: str) -> None:

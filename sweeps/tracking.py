@@ -42,6 +42,7 @@ from ray import tune
 from analysis.mlflow_source import experiment_artifact_location, run_artifact_repository, sqlite_path
 from sweeps.mlflow_ui import publish_views
 from trainables import names as M
+from trainables.config import is_private
 from trainables.names import (
     BUDGET_PARAM,
     EVALUATION_ARTIFACT_DIR,
@@ -185,7 +186,7 @@ class MlflowSweepCallback(tune.Callback):
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            private = math.isfinite(float(point["params"]["target_epsilon"]))
+            private = is_private(float(point["params"]["target_epsilon"]))
             tags = {
                 PARENT_TAG: self.parent_run_id,
                 SWEEP_TAG: self.sweep,

@@ -1,14 +1,34 @@
-"""Checks of a parsed sweep file that need no data: ranges, names, consistency (`validate`, called by
-`sweeps.spec.parse_spec`). Each failure raises `SpecError` naming the field, the value and the fix."""
+"""Checks of a parsed sweep file that need no data (`validate`, called by `sweeps.spec.parse_spec`).
+
+Two layers. The sweep's own rules live here: grid axes (empty, repeated), names and registries (models, datasets,
+inits), resources, the pretrain dataset, Optuna, the audit, and the privacy units' sweep-wide rules. A single
+trial's rules (ranges, and pairs such as the patient unit with the book-keeping engine) live in the config classes
+(`trainables.config`), checked on construction wherever a config is built; here they run on the config of every
+grid point, or in Optuna mode on each range's ends, so every trial's checks pass before Ray starts. `spec_error`
+turns a config's `ConfigError` into a `SpecError` naming the sweep file's field (``training.lr[1]``). Each failure
+names the field, the value and the fix.
+
+Imports the sweep's types (`sweeps.schema`), never its parser (`sweeps.spec`).
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
 import typing
+from dataclasses import fields
+from typing import Any
 
-from sweeps.spec import AuditSpec, Objective, OptunaSpec, SpecError, SweepSpec
-from trainables.config import PretrainConfig
+from sweeps.schema import AuditSpec, GridPoint, Objective, OptunaSpec, SpecError, SweepSpec
+from trainables.config import (
+    ConfigError,
+    DataSettings,
+    EvaluationSettings,
+    PretrainConfig,
+    TrainingSettings,
+    is_private,
+    shown,
+)
 
 
 def _require(condition: bool, spec: SweepSpec, message: str) -> None:
@@ -17,11 +37,11 @@ def _require(condition: bool, spec: SweepSpec, message: str) -> None:
 
 
 def validate(spec: SweepSpec) -> None:
-    """Field checks that need no data: ranges, names, consistency."""
+    """The sweep's rules, then every trial's config checks (`_validate_trials`)."""
     from trainables.data.registry import check_dataset_name
     from trainables.models import InitError, timm_tag_for
 
-    p, axes = spec.privacy, spec.axes
+    axes = spec.axes
     _require(bool(spec.name) and "/" not in spec.name, spec, f"name = {spec.name!r} must be a non-empty folder name")
     _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
     _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
@@ -54,26 +74,12 @@ def validate(spec: SweepSpec) -> None:
     _require(
         len(axes.target_epsilon) > 0, spec, "privacy.target_epsilon is empty; list targets such as [1, 3, 8, .inf]"
     )
-    for i, eps in enumerate(axes.target_epsilon):
-        _require(
-            eps > 0 and not math.isnan(eps),
-            spec,
-            f"privacy.target_epsilon[{i}] = {eps} must be > 0 (use .inf for the non-private baseline)",
-        )
-    _require(0 < p.delta < 1, spec, f"privacy.delta = {p.delta} must be in (0, 1), and below 1/N_train")
-    for model, clips in axes.max_grad_norm.items():
+    for model in axes.max_grad_norm:
         _require(
             model in spec.models,
             spec,
             f"privacy.max_grad_norm.{model}: {model!r} is not one of the sweep's models {list(spec.models)}",
         )
-        where = (
-            f"privacy.max_grad_norm.{model}"
-            if len(set(map(tuple, axes.max_grad_norm.values()))) > 1
-            else "privacy.max_grad_norm"
-        )
-        for i, clip in enumerate(clips):
-            _require(clip > 0 and math.isfinite(clip), spec, f"{where}[{i}] = {clip} must be a finite number > 0")
     if spec.search == "grid":
         for model in spec.models:
             _require(
@@ -81,56 +87,9 @@ def validate(spec: SweepSpec) -> None:
                 spec,
                 f"privacy.max_grad_norm has no entry for model {model!r}; add `{model}: C` to the mapping",
             )
-    _require(p.expected_batch_size >= 1, spec, f"privacy.expected_batch_size = {p.expected_batch_size} must be >= 1")
-    _require(p.epochs >= 1, spec, f"privacy.epochs = {p.epochs} must be >= 1")
-    sigma_c = p.label_count_noise_multiplier
-    _require(
-        sigma_c is None or spec.training.pos_weight == "train",
-        spec,
-        f"privacy.label_count_noise_multiplier = {sigma_c} is set but training.pos_weight is "
-        f"{spec.training.pos_weight!r}; it is the noise of the label counts that `pos_weight: train` releases: "
-        "remove it, or set training.pos_weight: train",
-    )
-    _require(
-        sigma_c is None or (sigma_c > 0 and math.isfinite(sigma_c)),
-        spec,
-        f"privacy.label_count_noise_multiplier = {sigma_c} must be a finite number > 0: exact label counts of "
-        "the private training set would make every record's loss depend on the others' labels outside the "
-        "accounted mechanism; leave it out for the default (20)",
-    )
-    _require(
-        not (p.secure_mode and p.reproducible_noise),
-        spec,
-        "privacy.secure_mode and privacy.reproducible_noise are both true: secure mode draws secret noise, "
-        "reproducible noise replays the published seed; keep one (reproducible_noise is for debugging only)",
-    )
-    _require(
-        0 < p.calibration_tolerance < 1,
-        spec,
-        f"privacy.calibration_tolerance = {p.calibration_tolerance} must be in (0, 1)",
-    )
-    for i, lr in enumerate(axes.lr):
-        _require(lr > 0, spec, f"training.lr[{i}] = {lr} must be > 0")
     _require(len(axes.seed) > 0, spec, "training.seed is empty; give at least one seed, e.g. [0]")
-    _require(spec.speed.max_physical_batch_size >= 1, spec, "speed.max_physical_batch_size must be >= 1")
-    _require(spec.speed.threads >= 1, spec, "speed.threads must be >= 1")
-    _require(
-        1 <= spec.speed.pad_multiple <= spec.speed.max_physical_batch_size,
-        spec,
-        f"speed.pad_multiple = {spec.speed.pad_multiple} must be between 1 and speed.max_physical_batch_size = "
-        f"{spec.speed.max_physical_batch_size} (rows a padded chunk is rounded up to; e.g. 8)",
-    )
     _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
     _validate_gpu_share(spec, spec.resources.gpu)
-    _require(spec.data.image_size >= 32, spec, f"data.image_size = {spec.data.image_size} must be >= 32")
-    _require(spec.data.input_std > 0, spec, f"data.input_std = {spec.data.input_std} must be > 0")
-    edges = spec.evaluation.age_edges
-    _require(
-        len(edges) >= 2 and list(edges) == sorted(set(edges)),
-        spec,
-        f"evaluation.age_edges = {list(edges)} must be strictly increasing, e.g. [0, 40, 70, 100]",
-    )
-    _require(spec.evaluation.n_boot >= 0, spec, "evaluation.n_boot must be >= 0")
     _require(len(spec.inits) > 0, spec, "inits is empty; list inits such as [random, domain]")
     _require(len(spec.data.train) > 0, spec, "data.train is empty; name the dataset(s) to train on")
     _require(
@@ -170,6 +129,103 @@ def validate(spec: SweepSpec) -> None:
     _validate_units(spec)
     if spec.audit is not None:
         _validate_audit(spec, spec.audit)
+    _validate_trials(spec)
+
+
+SWEEP_FILE_PATHS: dict[str, str] = {
+    **{f.name: f"data.{f.name}" for f in fields(DataSettings)},
+    **{f.name: f"training.{f.name}" for f in fields(TrainingSettings)},
+    **{f.name: f"evaluation.{f.name}" for f in fields(EvaluationSettings)},
+    "lr": "training.lr",
+    "seed": "training.seed",
+    "dataset": "data.train",
+    "external_datasets": "data.external",
+    "data_root": "data.root",
+    "sweep": "name",
+    "init": "inits",
+}
+"""The sweep file's path of a top-level `TrialConfig` field (``privacy.*``, ``speed.*``, ``pretrain.*``, ``model`` and
+``init_weights`` are spelled alike in both)."""
+
+OPTUNA_PATHS = {
+    "lr": "optuna.lr",
+    "privacy.max_grad_norm": "optuna.max_grad_norm",
+    "privacy.noise_multiplier": "optuna.noise_multiplier",
+    "privacy.expected_batch_size": "optuna.expected_batch_size",
+    "privacy.epochs": "optuna.epochs",
+}
+"""The trial fields an Optuna proposal sets: their ranges' paths."""
+
+
+def spec_error(error: ConfigError, source: str, path: str | None = None) -> SpecError:
+    """A config's `ConfigError` as the sweep file's `SpecError`: the same value and fix, at the sweep file's path
+    (``path``, by default the field's in `SWEEP_FILE_PATHS`)."""
+    where = path or SWEEP_FILE_PATHS.get(error.field, error.field)
+    return SpecError(f"{source}: {where} = {shown(error.value)}{error.problem}")
+
+
+def _validate_trials(spec: SweepSpec) -> None:
+    """Every trial's config checks (`trainables.config`), before Ray starts: a grid builds the config of each grid
+    point; Optuna mode builds each cell's at the low and at the high end of every range. The planner's derived
+    fields (sigma, q, steps, the label-count release's default) need the data: `sweeps.plan` fills them."""
+    data_root = spec.data.root
+    if spec.search == "grid":
+        for point in spec.grid():
+            init_weights = spec.init_weights_for(point.init, point.model)
+            try:
+                spec.trial_config(point, data_root=data_root, init_weights=init_weights)
+            except ConfigError as error:
+                raise spec_error(error, spec.source, _axis_path(spec, point, error.field)) from None
+        return
+    o = spec.optuna
+    assert o is not None
+    for cell in spec.cells():
+        private = is_private(cell["target_epsilon"])
+        for end in (0, -1):
+            point = GridPoint(
+                **cell,
+                max_grad_norm=o.max_grad_norm[end] if private else 0.0,
+                lr=o.lr[end],
+                seed=spec.axes.seed[0],
+                privacy_unit=spec.axes.privacy_unit[0],
+            )
+            try:
+                spec.trial_config(
+                    point,
+                    data_root=data_root,
+                    init_weights=spec.init_weights_for(point.init, point.model),
+                    expected_batch_size=o.expected_batch_size[end],
+                    epochs=o.epochs[end],
+                    noise_multiplier=o.noise_multiplier[end] if private else 0.0,
+                )
+            except ConfigError as error:
+                path = OPTUNA_PATHS.get(error.field) or _axis_path(spec, point, error.field)
+                raise spec_error(error, spec.source, path) from None
+
+
+def _axis_path(spec: SweepSpec, point: GridPoint, field: str) -> str | None:
+    """``axis[i]``: the sweep file's path of the grid-axis value ``point`` has for the trial field ``field`` (None:
+    not a grid axis)."""
+    axes = spec.axes
+    clips = f"privacy.max_grad_norm.{point.model}" if len(set(axes.max_grad_norm.values())) > 1 else None
+    values: dict[str, tuple[str, tuple[Any, ...], Any]] = {
+        "privacy.target_epsilon": ("privacy.target_epsilon", axes.target_epsilon, point.target_epsilon),
+        "privacy.max_grad_norm": (
+            clips or "privacy.max_grad_norm",
+            axes.max_grad_norm.get(point.model, ()),
+            point.max_grad_norm,
+        ),
+        "privacy.privacy_unit": ("privacy.privacy_unit", axes.privacy_unit, point.privacy_unit),
+        "lr": ("training.lr", axes.lr, point.lr),
+        "seed": ("training.seed", axes.seed, point.seed),
+        "dataset": ("data.train", spec.data.train, point.dataset),
+        "model": ("model", spec.models, point.model),
+        "init": ("inits", spec.inits, point.init),
+    }
+    if field not in values or values[field][2] not in values[field][1]:
+        return None
+    path, axis, value = values[field]
+    return f"{path}[{axis.index(value)}]"
 
 
 GPU_SHARE_STEP = 1e-4
@@ -204,9 +260,10 @@ NO_PATIENT_IDS: dict[str, str] = {"vindr-cxr": "VinDr-CXR publishes no patient i
 
 
 def _validate_units(spec: SweepSpec) -> None:
-    """``privacy.privacy_unit`` (a grid axis) and ``privacy.max_images_per_patient``."""
-    p, units = spec.privacy, spec.axes.privacy_unit
-    cap = p.max_images_per_patient
+    """``privacy.privacy_unit`` (a grid axis) and ``privacy.max_images_per_patient``: the sweep-wide rules. A
+    patient-level trial's own (the cap given and within the physical batch; no ``bk``, bf16, forced padding or
+    ``pos_weight: train``) are its config's."""
+    cap, units = spec.privacy.max_images_per_patient, spec.axes.privacy_unit
     if "patient" not in units:
         _require(
             cap is None,
@@ -215,20 +272,6 @@ def _validate_units(spec: SweepSpec) -> None:
             f"{list(units)}; it caps a patient-level trial's images: remove it, or add `patient` to the unit",
         )
         return
-    _require(
-        cap is not None and cap >= 1,
-        spec,
-        f"privacy.max_images_per_patient = {cap}: a patient-level sweep needs the public cap of images per "
-        "patient (patients with more contribute their first ones), a whole number >= 1, e.g. 4",
-    )
-    assert cap is not None
-    _require(
-        cap <= spec.speed.max_physical_batch_size,
-        spec,
-        f"privacy.max_images_per_patient = {cap} > speed.max_physical_batch_size = "
-        f"{spec.speed.max_physical_batch_size}: a patient's images are clipped together, so they must fit in one "
-        "physical batch; lower the cap or raise the physical batch",
-    )
     for name in spec.data.train:
         _require(
             name not in NO_PATIENT_IDS,
@@ -236,12 +279,6 @@ def _validate_units(spec: SweepSpec) -> None:
             f"privacy.privacy_unit: patient on data.train {name!r}: {NO_PATIENT_IDS.get(name)}, so a "
             "patient-level guarantee cannot be given there; train it with privacy_unit: image",
         )
-    _require(
-        spec.training.pos_weight == "uniform",
-        spec,
-        "training.pos_weight: train with privacy.privacy_unit: patient: the label-count release counts every "
-        "image of a patient, which its per-image sensitivity does not cover; use training.pos_weight: uniform",
-    )
     _require(
         spec.search == "grid",
         spec,
@@ -252,24 +289,10 @@ def _validate_units(spec: SweepSpec) -> None:
         spec,
         "an `audit:` section audits image-level records; remove it from a sweep with privacy.privacy_unit: patient",
     )
-    _require(
-        spec.speed.grad_sample_mode != "bk",
-        spec,
-        "privacy.privacy_unit: patient with speed.grad_sample_mode = 'bk': the book-keeping engine does not group "
-        "per-sample norms by patient yet (a patient's norm is the norm of its summed gradient); set "
-        "speed.grad_sample_mode: hooks or functorch",
-    )
-    _require(
-        spec.speed.precision == "fp32" and spec.speed.fixed_shapes != "on",
-        spec,
-        f"privacy.privacy_unit: patient with speed.precision = {spec.speed.precision!r}, speed.fixed_shapes = "
-        f"{spec.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
-        "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off",
-    )
 
 
 def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
-    private = [e for e in spec.axes.target_epsilon if math.isfinite(e)]
+    private = [e for e in spec.axes.target_epsilon if is_private(e)]
     _require(
         len(audit.kind) >= 1 and len(set(audit.kind)) == len(audit.kind),
         spec,
@@ -311,11 +334,6 @@ def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
             timm_tag_for(pretrain.init, model)
     except ValueError as error:
         raise SpecError(f"{spec.source}: pretrain: {error}") from None
-    _require(pretrain.init != "domain", spec, "pretrain.init cannot be 'domain' (it is what pretrain makes)")
-    _require(pretrain.epochs >= 1, spec, f"pretrain.epochs = {pretrain.epochs} must be >= 1")
-    _require(pretrain.lr > 0, spec, f"pretrain.lr = {pretrain.lr} must be > 0, e.g. 0.001")
-    _require(pretrain.batch_size >= 1, spec, f"pretrain.batch_size = {pretrain.batch_size} must be >= 1, e.g. 64")
-    _require(pretrain.weight_decay >= 0, spec, f"pretrain.weight_decay = {pretrain.weight_decay} must be >= 0")
     _require(
         pretrain.dataset not in spec.data.train,
         spec,

@@ -220,7 +220,8 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
             ),
             n_patients,
         ),
-        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, grad_sample_mode=mode),
+        # pad_multiple: the padding granule must fit the physical batch (patient-level steps never pad)
+        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, pad_multiple=5, grad_sample_mode=mode),
     )
     assert (cfg.privacy.sample_rate, cfg.privacy.steps) == (q, steps)
     sigma = cfg.privacy.noise_multiplier

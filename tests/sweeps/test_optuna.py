@@ -20,7 +20,8 @@ RANGES = Ranges(
 
 
 def cell(eps: float, key: str | None = None) -> Cell:
-    return Cell(key or f"random-eps{eps:g}", "test_convnext", "synthetic-a", "random", eps, N_TRAIN)
+    privacy = PrivacyConfig(target_epsilon=eps, delta=DELTA)
+    return Cell(key or f"random-eps{eps:g}", "test_convnext", "synthetic-a", "random", eps, N_TRAIN, privacy)
 
 
 def independent_epsilon(proposal: dict) -> float:
@@ -39,7 +40,6 @@ def make_searcher(cells, storage_url=None, trials=6, objectives=("auroc",)):
         ranges=RANGES,
         objectives=objectives,
         trials_per_cell=trials,
-        privacy=PrivacyConfig(delta=DELTA),
         sampler="tpe",
         seed=0,
         max_proposals=500,
@@ -137,9 +137,7 @@ def test_an_impossible_search_space_stops_with_the_fix():
     tight = Ranges(
         noise_multiplier=(0.1, 0.2), expected_batch_size=(256, 512), epochs=(50, 60), lr=(1e-3,), max_grad_norm=(1.0,)
     )
-    searcher = FeasibleOptunaSearch(
-        cell(0.5), tight, privacy=PrivacyConfig(delta=DELTA), max_proposals=5, metric="objective/auroc", mode="max"
-    )
+    searcher = FeasibleOptunaSearch(cell(0.5), tight, max_proposals=5, metric="objective/auroc", mode="max")
     with pytest.raises(
         RuntimeError,
         match=r"5 proposals in a row .* spend more than epsilon 0\.5; widen "

@@ -46,7 +46,7 @@ def edit(path: str, value) -> dict:
         ("privacy.max_grad_norm", [0], r"privacy\.max_grad_norm\[0\] = 0\.0 must be a finite number > 0"),
         ("privacy.delta", 1.5, r"privacy\.delta = 1\.5 must be in \(0, 1\)"),
         ("privacy.accountant", "gdp", r"privacy\.accountant = 'gdp'; choose one of \('rdp', 'prv'\)"),
-        ("privacy.epochs", 0, r"privacy\.epochs = 0 must be >= 1"),
+        ("privacy.epochs", 0, r"privacy\.epochs = 0 must be a whole number >= 1"),
         ("privacy.expected_batch_size", "lots", r"`privacy\.expected_batch_size` = 'lots' is not a valid int"),
         ("inits", ["random", "imagenett"], r"inits\[1\]: unknown init 'imagenett'"),
         ("data.train", "chexpertt", r"data\.train\[0\]: unknown dataset 'chexpertt'"),
@@ -62,7 +62,7 @@ def edit(path: str, value) -> dict:
         ("training.pos_weight", "balanced", r"training\.pos_weight = 'balanced'; choose one of \('uniform', 'train'\)"),
         ("search", "bayes", r"search = 'bayes'; choose one of \('grid', 'optuna'\)"),
         ("speed.grad_sample_mode", "ghost", r"speed\.grad_sample_mode = 'ghost'; choose one of"),
-        ("training.lr", [0.001, -1], r"training\.lr\[1\] = -1\.0 must be > 0"),
+        ("training.lr", [0.001, -1], r"training\.lr\[1\] = -1\.0 must be a finite number > 0"),
         ("evaluation.age_edges", [0, 70, 40], r"evaluation\.age_edges = \[0\.0, 70\.0, 40\.0\] must be strictly"),
     ],
 )
@@ -97,7 +97,7 @@ def test_renamed_fields_name_their_new_spelling(old, new):
 
 def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     """Every grid axis and every privacy/speed field of the sweep file is the TrialConfig field it sets."""
-    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_template
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial
     from trainables.models import ResolvedInit
     from trainables.privacy.planning import plan_privacy
 
@@ -110,7 +110,7 @@ def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     point = next(p for p in spec.grid() if p.target_epsilon == 3)
     trial = make_trial(
         spec,
-        trial_template(spec, paths),
+        paths,
         DatasetPlan("synthetic-a", 1000, 0.016, 189),
         ResolvedInit("random", "random", "test_convnext", None),
         point,
@@ -250,7 +250,7 @@ def test_optuna_section_needs_search_optuna():
 def test_secure_and_reproducible_noise_together_are_refused():
     raw = smoke_dict()
     raw["privacy"] |= {"secure_mode": True, "reproducible_noise": True}
-    with pytest.raises(SpecError, match=r"privacy\.secure_mode and privacy\.reproducible_noise are both true"):
+    with pytest.raises(SpecError, match=r"privacy\.reproducible_noise = True with privacy\.secure_mode = True: they"):
         parse_spec(raw)
 
 
@@ -267,7 +267,7 @@ def test_label_count_noise_is_only_for_pos_weight_train_and_never_zero():
 
 
 def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_release(tmp_path):
-    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_template
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial
     from trainables.models import ResolvedInit
     from trainables.privacy.planning import plan_privacy
 
@@ -279,7 +279,7 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
     configs = {
         p.target_epsilon: make_trial(
             spec,
-            trial_template(spec, paths),
+            paths,
             DatasetPlan("synthetic-a", 1770, 1 / 56, 168),
             init,
             p,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_template
+from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key
 from sweeps.spec import SpecError, load_spec, parse_spec
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
@@ -46,13 +46,16 @@ def test_single_unit_sweeps_keep_their_trial_keys():
     ("change", "expected"),
     [
         ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
-        ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level sweep needs"),
+        ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level trial needs"),
         ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
-        ({"training": {"pos_weight": "train"}}, "pos_weight: train with privacy.privacy_unit: patient"),
+        ({"training": {"pos_weight": "train"}}, "training.pos_weight = 'train' with privacy.privacy_unit = 'patient'"),
         ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
         ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
         ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
-        ({"speed": {"grad_sample_mode": "bk"}}, "the book-keeping engine does not group per-sample norms by patient"),
+        (
+            {"speed": {"grad_sample_mode": "bk"}},
+            "speed.grad_sample_mode = 'bk' with privacy.privacy_unit = 'patient': the book-keeping engine does not",
+        ),
     ],
 )
 def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
@@ -91,8 +94,8 @@ def test_patient_trials_are_planned_on_n_patients(tmp_path):
 
 def test_delta_is_checked_against_one_over_n_patients(tmp_path):
     spec = parse_spec(units_dict())
-    template = trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db"))
-    assert template.privacy.max_images_per_patient == 3
+    by_unit = {p.privacy_unit: spec.trial_config(p, data_root=str(tmp_path)).privacy for p in spec.grid()}
+    assert by_unit["patient"].max_images_per_patient == 3 and by_unit["image"].max_images_per_patient is None
     raw = units_dict()
     raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1038
     prepare_synthetic("synthetic-a", tmp_path, size=64)
@@ -105,7 +108,7 @@ def test_make_trial_sets_the_unit_of_the_point(tmp_path):
     point = next(p for p in spec.grid() if p.privacy_unit == "patient")
     trial = make_trial(
         spec,
-        trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db")),
+        SweepPaths(tmp_path, tmp_path, "sqlite:///x.db"),
         DatasetPlan("synthetic-a", 1000, 0.032, 96, n_patients=600),
         ResolvedInit("random", "random", "test_convnext", None),
         point,

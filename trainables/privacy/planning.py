@@ -23,7 +23,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from trainables.config import PrivacyConfig
+from trainables.config import PrivacyConfig, PrivacySettings
 from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon_spent,
@@ -38,8 +38,8 @@ class PlanError(ValueError):
     """A trial's (sigma, q, steps) do not belong to its data or would spend more than its target epsilon."""
 
 
-def schedule(privacy: PrivacyConfig, n_records: int) -> tuple[float, int]:
-    """(q, steps) of DP-SGD's Poisson sampling for N records at the config's expected batch size and epochs
+def schedule(privacy: PrivacySettings, n_records: int) -> tuple[float, int]:
+    """(q, steps) of DP-SGD's Poisson sampling for N records at the settings' expected batch size and epochs
     (`accounting.sample_rate_and_steps`: Opacus' convention), whether or not the trial is private.
 
     Raises:
