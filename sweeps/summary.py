@@ -114,8 +114,8 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
             continue
         lines.append(
             wrap(
-                f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon): "
-                f"{cost.sentence}"
+                f"privacy of releasing the best trial{where} after the whole sweep (not the per-trial epsilon; every "
+                f"trial that started, at its planned steps, label-count releases included): {cost.sentence}"
             )
         )
     for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
@@ -123,7 +123,8 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
             wrap(
                 f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "
                 f"trial of the sweep, both units composed at the patient level (image-level trials as groups of "
-                f"their largest patient's images; PLD, label counts not included): epsilon={epsilon:.3g}"
+                f"their largest patient's images; PLD, planned steps, label-count releases included): "
+                f"epsilon={epsilon:.3g}"
             )
         )
     if N.EPSILON in trials:

@@ -62,8 +62,9 @@ PATIENT_IMAGES_P99: Final = "privacy/patient_images_p99"  # that k (an observed 
 
 RELEASED_STEPS: Final = "privacy/released_steps"
 """Trials table: the DP-SGD steps behind everything a trial released so far (the final report's steps; for a
-stopped, failed or unfinished trial, its last reported epoch's; 0 when it reported nothing). The tuning cost
-composes every trial at these steps."""
+stopped, failed or unfinished trial, its last reported epoch's; 0 when it reported nothing): what it published.
+The tuning cost composes every trial that started at its planned steps (``steps``) instead: where a trial stopped
+may depend on the data (`sweeps.tuning_cost`)."""
 
 GUARANTEE: Final = "privacy/guarantee"
 """A trial's guarantee in words (an MLflow param and a trials.parquet column; `trainables.privacy.guarantee`):

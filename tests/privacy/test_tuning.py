@@ -89,6 +89,81 @@ def test_fixed_mixed_trials_equal_dp_accounting_composed_event():
     assert cost.epsilon == pytest.approx(direct_epsilon(dp_event.ComposedDpEvent(events)), rel=1e-12)
 
 
+# --- label-count releases (pos_weight: train) -------------------------------------------------
+
+SIGMA_C = 20.0
+# sigma calibrated (rdp, Opacus) so that the release and the smoke-scale steps together end at target 2.
+SIGMA_WITH_RELEASE = 1.005859375
+
+
+def with_release_event(sigma: float, q: float, steps: int, sigma_c: float = SIGMA_C) -> dp_event.DpEvent:
+    return dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(sigma_c), dpsgd_event(sigma, q, steps)])
+
+
+def test_a_trial_with_a_label_count_release_composes_it_before_its_steps():
+    """The bug of a one-trial pos_weight: train sweep: a tuning epsilon (1.982, the steps alone) below the trial's own
+    (1.991, release included). Composed as the trial accounts it, the tuning epsilon is at least the trial's."""
+    trial = TrialMechanism(SIGMA_WITH_RELEASE, Q, STEPS, label_count_noise_multiplier=SIGMA_C)
+    cost = tuning_epsilon([trial], DELTA)
+    expected = direct_epsilon(with_release_event(SIGMA_WITH_RELEASE, Q, STEPS))
+    assert cost.epsilon == pytest.approx(expected, rel=1e-12)
+    assert cost.epsilon == pytest.approx(1.9910896774332232, rel=1e-6)
+    own = epsilon_spent(SIGMA_WITH_RELEASE, Q, STEPS, DELTA, "rdp", label_count_noise_multiplier=SIGMA_C)
+    assert own <= 2.0 and cost.epsilon >= own and cost.per_trial_epsilon >= own
+    assert tuning_epsilon([TrialMechanism(SIGMA_WITH_RELEASE, Q, STEPS)], DELTA).epsilon < own  # the release left out
+
+
+def test_every_trial_s_label_count_release_is_composed():
+    trials = [TrialMechanism(s, Q, STEPS, label_count_noise_multiplier=SIGMA_C) for s in SIGMAS]
+    cost = tuning_epsilon([*trials, TrialMechanism(0.855, Q, STEPS)], DELTA)
+    events = [with_release_event(s, Q, STEPS) for s in SIGMAS] + [dpsgd_event(0.855, Q, STEPS)]
+    assert cost.epsilon == pytest.approx(direct_epsilon(dp_event.ComposedDpEvent(events)), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", RANDOM_METHODS)
+def test_random_count_repeats_the_whole_trial_release_included(method):
+    """Papernot-Steinke's Q runs one trial whole: its release and its steps, so Q's RDP curve includes the release."""
+    trial = TrialMechanism(SIGMA_WITH_RELEASE, Q, STEPS, label_count_noise_multiplier=SIGMA_C)
+    cost = tuning_epsilon([trial] * 3, DELTA, method)
+    event = dp_event.RepeatAndSelectDpEvent(with_release_event(SIGMA_WITH_RELEASE, Q, STEPS), 3.0, SHAPE_OF[method])
+    assert cost.epsilon == pytest.approx(direct_epsilon(event), rel=1e-12)
+    # Mixed with a trial without a release (curves cross or not): the order-wise maximum of the whole curves.
+    other = TrialMechanism(0.8, Q, STEPS)
+    mixed = tuning_epsilon([trial, other], DELTA, method, expected_trials=3.0)
+    accountant = RdpAccountant()
+    accountant.compose(with_release_event(SIGMA_WITH_RELEASE, Q, STEPS))
+    curve = np.maximum(accountant.rdp, rdp_curve(0.8, Q, STEPS))
+    orders = np.asarray(rdp_internals.DEFAULT_RDP_ORDERS)
+    rdp = rdp_internals._compute_rdp_repeat_and_select(orders, curve, 3.0, SHAPE_OF[method])
+    assert mixed.epsilon == pytest.approx(rdp_internals.compute_epsilon(orders, rdp, DELTA)[0], rel=1e-12)
+
+
+# --- reproducible_noise trials: private candidates without a guarantee ------------------------
+
+
+@pytest.mark.parametrize("method", TUNING_METHODS)
+@pytest.mark.parametrize("private_trials_only", [False, True])
+def test_reproducible_noise_trials_make_the_tuning_cost_infinite(method, private_trials_only):
+    replayed = [TrialMechanism(s, Q, STEPS, reproducible_noise=True) for s in SIGMAS]
+    cost = tuning_epsilon(replayed, DELTA, method, private_trials_only=private_trials_only)
+    assert cost.epsilon == math.inf and cost.per_trial_epsilon == math.inf and cost.n_reproducible == 3
+    assert "not DP (epsilon = inf)" in cost.sentence
+    assert "3 of the 3 trials use reproducible_noise (their noise replays from the seed logged with them)" in (
+        cost.sentence
+    )
+    # One among secret-noise trials is enough; non-private baselines left out do not hide it.
+    mixed = tuning_epsilon([*SMOKE_TRIALS, replayed[0]], DELTA, method, private_trials_only=True)
+    assert mixed.epsilon == math.inf and mixed.n_reproducible == 1 and mixed.n_non_private_excluded == 2
+    assert mixed.sentence.startswith("Private trials only (2 non-private trials excluded;")
+    assert "1 of the 7 trials use reproducible_noise" in mixed.sentence
+
+
+def test_non_private_and_reproducible_trials_are_both_named():
+    cost = tuning_epsilon([*SMOKE_TRIALS, TrialMechanism(1.0, Q, STEPS, reproducible_noise=True)], DELTA)
+    assert cost.epsilon == math.inf
+    assert "2 of the 9 trials are non-private and 1 of the 9 trials use reproducible_noise" in cost.sentence
+
+
 # --- random counts: Papernot & Steinke through RepeatAndSelectDpEvent -------------------------
 
 
@@ -249,6 +324,11 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
         ((1.0, 1.5, STEPS), r"sample_rate=1\.5"),
         ((1.0, Q, 0), r"steps=0 must be a whole number >= 1"),
         ((1.0, Q, 2.5), r"steps=2\.5 must be a whole number"),
+        ((1.0, Q, STEPS, 0.0), r"label_count_noise_multiplier=0\.0 must be None \(no label-count release\) or"),
+        ((1.0, Q, STEPS, math.inf), r"label_count_noise_multiplier=inf must be None"),
+        ((1.0, Q, STEPS, True), r"label_count_noise_multiplier=True must be None"),
+        ((0.0, Q, STEPS, 20.0), r"with noise_multiplier=0: a non-private trial makes no label-count release"),
+        ((1.0, Q, STEPS, None, "yes"), r"reproducible_noise='yes' must be True or False"),
     ],
 )
 def test_bad_trial_mechanism_raises(fields, message):
@@ -260,6 +340,10 @@ def test_trial_mechanism_normalises_numpy_scalars():
     trial = TrialMechanism(np.float32(0.5), np.float64(Q), np.int64(STEPS))
     assert type(trial.noise_multiplier) is float and type(trial.steps) is int
     assert trial.is_private and not TrialMechanism(0, Q, STEPS).is_private
+    released = TrialMechanism(0.5, Q, STEPS, np.float32(20.0), np.bool_(True))
+    assert type(released.label_count_noise_multiplier) is float and released.reproducible_noise is True
+    assert released.is_private and not released.has_guarantee and trial.has_guarantee
+    assert not TrialMechanism(0, Q, STEPS).has_guarantee
 
 
 # --- adaptive search (Optuna): a bound fixed in advance -------------------------------------------

@@ -1,74 +1,12 @@
-"""The privacy cost of a sweep counts everything its trials released, finished or not."""
+"""What the end of a sweep shows and writes: the console's results table and the one writer of the tables.
+
+The tuning cost is tested in tests/sweeps/test_tuning_cost.py."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
-from dp_accounting import dp_event
-from dp_accounting.rdp import RdpAccountant
-
-from analysis.tables import TrialRecord, build_tables
-from sweeps.tuning_cost import tuning_cost
 from trainables import names as N
-
-SIGMA, Q, STEPS, DELTA = 1.1, 0.02, 300, 1e-5
-
-
-def record(key: str, status: str, released_epochs: int, *, final: bool = False, sigma: float = SIGMA) -> TrialRecord:
-    per_epoch = STEPS // 3
-    epochs = [{N.EPOCH: e, N.STEPS: e * per_epoch, N.EPSILON: 0.5 * e} for e in range(1, released_epochs + 1)]
-    params = {
-        "noise_multiplier": sigma,
-        "sample_rate": Q if sigma else 0.0,
-        "steps": STEPS,
-        "delta": DELTA,
-        "target_epsilon": 2.0 if sigma else math.inf,
-        "dataset": "d",
-    }
-    return TrialRecord(
-        key=key,
-        status=status,
-        params=params,
-        epochs=epochs,
-        final={N.STEPS: STEPS, N.BEST_EPOCH: 3, N.EPSILON: 1.9} if final else {},
-    )
-
-
-def dp_accounting_epsilon(total_steps: int) -> float:
-    accountant = RdpAccountant()
-    accountant.compose(dp_event.PoissonSampledDpEvent(Q, dp_event.GaussianDpEvent(SIGMA)), total_steps)
-    return accountant.get_epsilon(DELTA)
-
-
-def test_unfinished_and_failed_trials_are_composed_at_the_steps_they_released():
-    trials, _ = build_tables(
-        [
-            record("a", N.TERMINATED, 3, final=True),
-            record("b", N.TERMINATED, 3, final=True),
-            record("c", N.INCOMPLETE, 1),  # interrupted after its first epoch: that epoch is in MLflow and the tables
-            record("d", N.ERROR, 2),  # failed in its third epoch after releasing two
-            record("e", N.INCOMPLETE, 0),  # never reported: released nothing
-        ]
-    )
-    assert list(trials[N.RELEASED_STEPS]) == [STEPS, STEPS, STEPS // 3, 2 * STEPS // 3, 0]
-    cost = tuning_cost(trials)
-    # Same (sigma, q) everywhere: composing the trials is one run of all their released steps together.
-    assert cost.epsilon == pytest.approx(dp_accounting_epsilon(3 * STEPS), rel=1e-6)
-    # Leaving the unfinished ones out (or counting the failed one at its planned steps) under-reports.
-    assert cost.epsilon > dp_accounting_epsilon(3 * STEPS - STEPS // 3) * 1.01
-
-
-def test_a_non_private_trial_that_released_anything_makes_selection_not_dp_unless_left_out():
-    trials, _ = build_tables([record("a", N.TERMINATED, 3, final=True), record("inf", N.INCOMPLETE, 1, sigma=0.0)])
-    cost = tuning_cost(trials)
-    assert cost.epsilon == pytest.approx(dp_accounting_epsilon(STEPS), rel=1e-6)
-    assert "private trials only" in cost.sentence.lower()
-
-
-def test_nothing_released_costs_nothing():
-    trials, _ = build_tables([record("a", N.INCOMPLETE, 0), record("b", N.INCOMPLETE, 0)])
-    assert tuning_cost(trials) is None
 
 
 def summary_trials(*, status: str = N.TERMINATED, reproducible: bool = False):

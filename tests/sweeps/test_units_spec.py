@@ -138,6 +138,8 @@ def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_comp
                 "sample_rate": 1 / 56,
                 "delta": 6e-6,
                 "target_epsilon": 1.0,
+                "status": N.TERMINATED,
+                "steps": 168,
                 N.RELEASED_STEPS: 168,
                 N.PATIENT_IMAGES: 3,
             },
@@ -149,7 +151,9 @@ def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_comp
                 "sample_rate": 1 / 33,
                 "delta": 6e-6,
                 "target_epsilon": 1.0,
-                N.RELEASED_STEPS: 99,
+                "status": N.STOPPED,  # at its planned steps, not the 33 it ran before ASHA stopped it
+                "steps": 99,
+                N.RELEASED_STEPS: 33,
                 N.PATIENT_IMAGES: float("nan"),
             },
         ]

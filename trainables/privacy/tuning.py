@@ -29,14 +29,21 @@ default orders 1.1-10.9, 11-63, 128, 256, 512, 1024, add/remove adjacency), whic
 theorems as ``RepeatAndSelectDpEvent``; we do not re-derive them. Trials are DP-SGD as in
 `trainables.privacy.accounting`: ``steps`` Poisson-sampled Gaussian steps with sampling rate q and
 noise multiplier sigma, event ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)),
-steps)``. Per-trial epsilons are reported with the same accountant so that they compare like for like
-with the tuning epsilon; they are within about 0.1% of Opacus's RDP epsilon that trials log (see
+steps)``, preceded, for a ``pos_weight: train`` trial, by its label-count release of noise multiplier
+sigma_c: event ``ComposedDpEvent([GaussianDpEvent(sigma_c), <the steps>])``, as
+`accounting.cross_check_epsilon` (each trial makes its own release, with fresh noise, so every trial's
+release is composed). ``steps`` are the trial's **planned** steps: where a trial stops (ASHA, an error, a
+kill) may depend on the data, so the bound fixed in advance composes the steps it could have taken.
+Per-trial epsilons are reported with the same accountant so that they compare like for like with the
+tuning epsilon; they are within about 0.1% of Opacus's RDP epsilon that trials log (see
 `accounting.cross_check_epsilon`).
 
 **Trials with different mechanisms (random methods).** A sweep's grid points may differ in sigma (one
 sigma per target epsilon), q or steps. The random-count theorems are about repeating *one* mechanism
 Q. We take Q = "pick one of the given trials uniformly at random, independently of the data, then
-train it and return (which trial, its output, its score)". Its RDP at every order alpha > 1 is at most
+run it whole (its label-count release, if it makes one, and its training) and return (which trial, its
+output, its score)": M_i below is trial i's whole mechanism, and its RDP curve eps_i is the release's
+plus the steps' (composition). Its RDP at every order alpha > 1 is at most
 the largest of the trials' RDPs at that order: with weights w_i = 1/k and outputs carrying the index
 i (disjoint supports), for neighbouring datasets D, D',
 
@@ -66,8 +73,9 @@ cell can train lies in its `AdmissibleSet` (the search ranges cut by the feasibi
 `dominating_runs`); k trials compose to at most k copies of it, whatever rule picked them. The tests run an
 adversary that picks, step by step, the admissible proposal that maximizes the composed epsilon: it never
 exceeds the bound, and on optuna-smoke's ranges it spends far more than a benign realized search logs.
-Beside it: `basic_composition_bound` (sum of the targets of the trials run, k x delta; Dwork & Roth 2014,
-Thm. 3.16) and `advanced_composition_bound` (Dwork, Rothblum & Vadhan 2010), both valid under adaptivity.
+Beside it: `basic_composition_bound` (sum of the targets of the trials the search may train, a count
+fixed in advance, k x delta; Dwork & Roth 2014, Thm. 3.16) and `advanced_composition_bound` (Dwork,
+Rothblum & Vadhan 2010), both valid under adaptivity.
 
 **Non-private trials.** A trial with sigma = 0 has no DP guarantee, and a release selected among
 trials that include it is not DP either: its tuning epsilon is ``inf`` and `tuning_epsilon` says so.
@@ -75,6 +83,11 @@ With ``private_trials_only=True`` the non-private trials are left out and the re
 "private trials only" in its sentence, is the cost of a search over the private trials alone: the
 right number when the non-private baselines are reference points that are never candidates for
 release (as in dpsweep's study), not when the released model may be a non-private one.
+
+**Reproducible-noise trials.** A ``privacy.reproducible_noise`` trial adds noise, but its noise and
+sampling replay from the seed logged with it, so its epsilon is no guarantee. Unlike a non-private
+baseline it is a private candidate for selection, so it is never left out: any such trial makes the
+tuning epsilon ``inf``, with ``private_trials_only`` or without, and the sentence says why.
 """
 
 from __future__ import annotations
@@ -124,21 +137,29 @@ DEFAULT_TNB_SHAPE = 1.0
 
 @dataclass(frozen=True)
 class TrialMechanism:
-    """One trial's DP-SGD run, as accounted for: Poisson-sampled Gaussian steps on the private data.
+    """One trial as accounted for: its label-count release, if any, then Poisson-sampled Gaussian steps on the
+    private data, at its **planned** steps (where a trial stops, early or by failure, may depend on the data).
 
     Attributes:
         noise_multiplier: sigma, noise standard deviation in units of the clip norm, >= 0; 0 means a
             non-private trial (infinite epsilon).
         sample_rate: q, the Poisson sampling probability of each example per step, in (0, 1].
         steps: number of DP-SGD steps of the trial, >= 1.
+        label_count_noise_multiplier: sigma_c of the Gaussian label-count release a ``pos_weight: train`` trial
+            makes before training (`trainables.privacy.label_counts`), or None (no release); a private trial only.
+        reproducible_noise: the trial's noise and sampling replay from its logged seed (``privacy.reproducible_noise``,
+            debugging): it adds noise and is a candidate for selection, but has no guarantee (infinite epsilon).
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    label_count_noise_multiplier: float | None = None
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
+        sigma_c = self.label_count_noise_multiplier
         if isinstance(sigma, bool) or not (isinstance(sigma, numbers.Real) and 0 <= sigma < math.inf):
             raise ValueError(
                 f"noise_multiplier={sigma!r} must be a finite number >= 0 (noise std in units of the clip "
@@ -151,22 +172,48 @@ class TrialMechanism:
             )
         if isinstance(steps, bool) or not (isinstance(steps, numbers.Integral) and steps >= 1):
             raise ValueError(f"steps={steps!r} must be a whole number >= 1 of DP-SGD steps")
+        if sigma_c is not None and (
+            isinstance(sigma_c, bool) or not (isinstance(sigma_c, numbers.Real) and 0 < sigma_c < math.inf)
+        ):
+            raise ValueError(
+                f"label_count_noise_multiplier={sigma_c!r} must be None (no label-count release) or a finite "
+                "number > 0 (noise std of the released counts in units of their sensitivity)"
+            )
+        if sigma_c is not None and sigma == 0:
+            raise ValueError(
+                f"label_count_noise_multiplier={sigma_c!r} with noise_multiplier=0: a non-private trial makes no "
+                "label-count release (it uses the exact counts); leave it None"
+            )
+        if not isinstance(self.reproducible_noise, bool | np.bool_):
+            raise ValueError(f"reproducible_noise={self.reproducible_noise!r} must be True or False")
         # Plain Python numbers inside (numpy scalars would leak into results and reprs).
         object.__setattr__(self, "noise_multiplier", float(sigma))
         object.__setattr__(self, "sample_rate", float(q))
         object.__setattr__(self, "steps", int(steps))
+        object.__setattr__(self, "label_count_noise_multiplier", None if sigma_c is None else float(sigma_c))
+        object.__setattr__(self, "reproducible_noise", bool(self.reproducible_noise))
 
     @property
     def is_private(self) -> bool:
-        """Whether the trial adds noise (sigma > 0) and so has a finite epsilon."""
+        """Whether the trial adds noise (sigma > 0): a private trial, a candidate of the private search (a
+        ``reproducible_noise`` one included, though its epsilon is no guarantee)."""
         return self.noise_multiplier > 0
 
+    @property
+    def has_guarantee(self) -> bool:
+        """Whether the trial's epsilon is a guarantee: private, with noise that does not replay from a logged seed."""
+        return self.is_private and not self.reproducible_noise
+
     def dp_event(self) -> dp_event.DpEvent:
-        """The trial as a dp-accounting event (only for a private trial)."""
-        return dp_event.SelfComposedDpEvent(
+        """The trial as a dp-accounting event (only for a private trial): ``ComposedDpEvent([GaussianDpEvent(sigma_c),
+        steps])`` with a label-count release (as `accounting.cross_check_epsilon`), the steps alone without."""
+        steps = dp_event.SelfComposedDpEvent(
             dp_event.PoissonSampledDpEvent(self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier)),
             self.steps,
         )
+        if self.label_count_noise_multiplier is None:
+            return steps
+        return dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(self.label_count_noise_multiplier), steps])
 
 
 @dataclass(frozen=True)
@@ -175,7 +222,7 @@ class TuningCost:
 
     Attributes:
         epsilon: epsilon of the released (best) trial after the whole search, dimensionless; ``inf``
-            when a non-private trial is among the candidates.
+            when a non-private or a ``reproducible_noise`` trial is among the candidates.
         delta: the delta of that guarantee (the same delta as the per-trial guarantee).
         method: one of `TUNING_METHODS`.
         reference: the published result the bound comes from.
@@ -183,9 +230,11 @@ class TuningCost:
         expected_trials: expected number of training runs the method implies: ``n_trials`` for
             ``fixed``, the mean of the random count otherwise.
         shape: the truncated negative binomial's eta; ``inf`` for Poisson; None for ``fixed``.
-        per_trial_epsilon: the largest single-trial epsilon at ``delta`` (same accountant).
+        per_trial_epsilon: the largest single-trial epsilon at ``delta`` (same accountant), label-count
+            release included; ``inf`` when a candidate has no guarantee.
         private_only: whether non-private trials were left out (``private_trials_only=True``).
         n_non_private_excluded: how many non-private trials were left out.
+        n_reproducible: how many candidates are ``reproducible_noise`` trials (each makes the epsilon ``inf``).
         sentence: one human sentence for the sweep summary, labelled with method and scope.
     """
 
@@ -199,6 +248,7 @@ class TuningCost:
     per_trial_epsilon: float
     private_only: bool
     n_non_private_excluded: int
+    n_reproducible: int
     sentence: str
 
 
@@ -220,8 +270,9 @@ def tuning_epsilon(
 
     Args:
         trials: the candidate trials' mechanisms, one per trial (repeat an entry for repeated runs,
-            e.g. seeds). For ``fixed`` these are exactly the trials run; for the random methods they
-            define Q, which draws one of them uniformly at random per run.
+            e.g. seeds), each with its label-count release. For ``fixed`` these are exactly the trials
+            run, at their planned steps; for the random methods they define Q, which draws one of them
+            uniformly at random per run and runs it whole (release and steps).
         delta: delta of the (epsilon, delta) guarantee, in (0, 1); the sweep's delta, e.g. 6e-6.
         method: one of `TUNING_METHODS`.
         expected_trials: random methods only: E[T], the mean number of runs, finite and >= 1;
@@ -229,7 +280,9 @@ def tuning_epsilon(
         shape: ``truncated_negative_binomial`` only: eta >= 0, finite (0 logarithmic, 1 geometric);
             defaults to `DEFAULT_TNB_SHAPE`. Smaller eta gives a smaller epsilon but a heavier tail of T.
         private_trials_only: leave non-private trials (sigma = 0) out and label the result "private
-            trials only"; otherwise any non-private trial makes the tuning epsilon ``inf``.
+            trials only"; otherwise any non-private trial makes the tuning epsilon ``inf``. A
+            ``reproducible_noise`` trial is never left out (it is a private candidate): it makes the
+            tuning epsilon ``inf`` either way.
 
     Returns:
         The `TuningCost`.
@@ -263,8 +316,9 @@ def tuning_epsilon(
             )
         trials = private
     mean, shape = _method_parameters(method, len(trials), expected_trials, shape)
+    n_reproducible = sum(trial.reproducible_noise for trial in private)
 
-    if len(private) < len(trials):
+    if not all(trial.has_guarantee for trial in trials):
         epsilon = per_trial = math.inf
     else:
         per_trial = max(_epsilon(_rdp_curve(trial), delta) for trial in trials)
@@ -281,6 +335,7 @@ def tuning_epsilon(
         per_trial_epsilon=per_trial,
         private_only=private_trials_only,
         n_non_private_excluded=n_excluded,
+        n_reproducible=n_reproducible,
         sentence=_sentence(
             method,
             len(trials),
@@ -292,6 +347,7 @@ def tuning_epsilon(
             private_trials_only,
             n_excluded,
             n_non_private=len(trials) - len(private),
+            n_reproducible=n_reproducible,
         ),
     )
 
@@ -338,7 +394,8 @@ def _accountant() -> RdpAccountant:
 
 @functools.lru_cache(maxsize=256)
 def _rdp_curve(trial: TrialMechanism) -> np.ndarray:
-    """The trial's RDP at each of dp-accounting's default orders (read-only; cached: 0.1-0.2 s each)."""
+    """The trial's RDP (label-count release included) at each of dp-accounting's default orders (read-only;
+    cached: 0.1-0.2 s each)."""
     accountant = _accountant()
     accountant.compose(trial.dp_event())
     curve: np.ndarray = accountant.rdp
@@ -382,6 +439,7 @@ def _sentence(
     private_only: bool,
     n_excluded: int,
     n_non_private: int,
+    n_reproducible: int = 0,
 ) -> str:
     """One labelled sentence for the sweep summary."""
     if method == "fixed":
@@ -393,17 +451,25 @@ def _sentence(
             f"a truncated-negative-binomial number of trials (eta={shape:g}) with mean {mean:g} "
             "(Papernot & Steinke 2022, Thm. 2)"
         )
-    if n_non_private:
-        return (
-            f"Tuning cost ({search}): not DP (epsilon = inf): {n_non_private} of the {n_trials} trials are "
-            "non-private and trained on the same data, so a trial selected among them has no privacy guarantee."
-        )
     scope = ""
     if private_only:
         scope = "Private trials only"
         if n_excluded:
             scope += f" ({n_excluded} non-private trials excluded; a release selected among all trials is not DP)"
         scope += ". "
+    reasons = []
+    if n_non_private:
+        reasons.append(f"{n_non_private} of the {n_trials} trials are non-private")
+    if n_reproducible:
+        reasons.append(
+            f"{n_reproducible} of the {n_trials} trials use reproducible_noise (their noise replays from the seed "
+            "logged with them)"
+        )
+    if reasons:
+        return (
+            f"{scope}Tuning cost ({search}): not DP (epsilon = inf): {' and '.join(reasons)} and trained on the "
+            "same data, so a trial selected among them has no privacy guarantee."
+        )
     return (
         f"{scope}Tuning cost ({search}): releasing the best trial after the whole search is "
         f"(epsilon={epsilon:.3g}, delta={delta:g})-DP; each trial alone is at most epsilon={per_trial:.3g}."
@@ -763,9 +829,11 @@ def adaptive_tuning_bound(
 def basic_composition_bound(targets: Sequence[float], delta: float) -> TuningBound:
     """(sum of targets, k x delta): basic composition of k trials, each (target, delta)-DP by construction.
 
-    Valid for adaptively chosen mechanisms (Dwork & Roth 2014, Thm. 3.16). ``targets`` are the targets of
-    the trials trained (one entry per trial, its cell's target epsilon); every trial ends at or below its
-    target with the same delta, so each is (target, delta)-DP.
+    Valid for adaptively chosen mechanisms (Dwork & Roth 2014, Thm. 3.16). ``targets`` has one entry per
+    trial the search may train, its cell's target epsilon: a count fixed in advance (each cell's
+    ``optuna.trials_per_target``), not the trials that happened to run, since how many ran (an interrupted or
+    failing search) may depend on the data. Every trial ends at or below its target with the same delta
+    (label-count release included), so each is (target, delta)-DP.
     """
     _check_targets(targets, delta)
     k, epsilon = len(targets), float(sum(targets))
