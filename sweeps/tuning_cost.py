@@ -60,14 +60,12 @@ def tuning_costs(trials: pd.DataFrame) -> dict[str, Any]:
 
 def patient_level_sweep_epsilon(trials: pd.DataFrame) -> dict[str, float]:
     """Per training set of a sweep with patient-level trials, epsilon for one patient of releasing every private trial
-    that started, at its planned steps (`trainables.privacy.units.composed_patient_pld`): patient-level trials at k =
-    1, image-level ones at k = their training split's largest images per patient (``privacy/patient_images``); each
+    that started, at its planned steps (`trainables.privacy.units.composed_patient_epsilon`): patient-level trials at
+    k = 1, image-level ones at k = their training split's largest images per patient (``privacy/patient_images``); each
     label-count release as a Gaussian of noise multiplier sigma_c / k (a patient's k images move the counts by at most
     k sensitivities; as the ledger, `trainables.privacy.ledger`). ``inf`` when a private trial uses
     ``reproducible_noise``. Empty when no trial is patient-level, or k is unknown (no image-level trial finished)."""
-    from dp_accounting.pld import privacy_loss_distribution as pld
-
-    from trainables.privacy.units import DEFAULT_VALUE_DISCRETIZATION, PatientMechanism, composed_patient_pld
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
 
     if "privacy_unit" not in trials or not (trials["privacy_unit"] == "patient").any():
         return {}
@@ -87,18 +85,13 @@ def patient_level_sweep_epsilon(trials: pd.DataFrame) -> dict[str, float]:
         if not all(trial.has_guarantee for trial, _ in trials_k):
             results[str(dataset)] = math.inf
             continue
-        distribution = composed_patient_pld(
-            [PatientMechanism(t.noise_multiplier, t.sample_rate, t.steps, k) for t, k in trials_k], delta
+        results[str(dataset)] = composed_patient_epsilon(
+            [
+                PatientMechanism(t.noise_multiplier, t.sample_rate, t.steps, k, t.label_count_noise_multiplier)
+                for t, k in trials_k
+            ],
+            delta,
         )
-        for trial, k in trials_k:
-            if trial.label_count_noise_multiplier is not None:
-                counts = pld.from_gaussian_mechanism(
-                    trial.label_count_noise_multiplier / k,
-                    pessimistic_estimate=True,
-                    value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION,
-                )
-                distribution = counts if distribution is None else distribution.compose(counts)
-        results[str(dataset)] = 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(delta))
     return results
 
 

@@ -232,27 +232,16 @@ def compose_ledger(entries: Sequence[LedgerEntry], delta: float | None = None) -
 
 
 def _patient_level_epsilon(private: Sequence[LedgerEntry], delta: float) -> float | None:
-    """Every private run for one patient: DP-SGD steps as Binomial(k, q) mixtures, label counts as Gaussians."""
-    from dp_accounting.pld import privacy_loss_distribution as pld
-
-    from trainables.privacy.units import DEFAULT_VALUE_DISCRETIZATION, PatientMechanism, composed_patient_pld
+    """Every private run for one patient (`trainables.privacy.units.composed_patient_epsilon`)."""
+    from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
 
     if any(r.privacy_unit == "image" and r.patient_images is None for r in private):
         return None
-    if not private:
-        return 0.0
-    mechanisms = [PatientMechanism(r.noise_multiplier, r.sample_rate, r.steps, _k(r)) for r in private if r.steps]
-    distribution = composed_patient_pld(mechanisms, delta)
-    for r in private:
-        if r.label_count_noise_multiplier is None:
-            continue
-        counts = pld.from_gaussian_mechanism(
-            r.label_count_noise_multiplier / _k(r),
-            pessimistic_estimate=True,
-            value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION,
-        )
-        distribution = counts if distribution is None else distribution.compose(counts)
-    return 0.0 if distribution is None else float(distribution.get_epsilon_for_delta(delta))
+    mechanisms = [
+        PatientMechanism(r.noise_multiplier, r.sample_rate, r.steps, _k(r), r.label_count_noise_multiplier)
+        for r in private
+    ]
+    return composed_patient_epsilon(mechanisms, delta)
 
 
 def _k(run: LedgerEntry) -> int:

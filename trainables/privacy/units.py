@@ -198,14 +198,18 @@ class PatientMechanism:
     largest images per patient for an image-level one (its k images per patient share each step's noise).
 
     Attributes:
-        noise_multiplier, sample_rate, steps: the trial's sigma, q (per record of its own unit) and released steps.
+        noise_multiplier, sample_rate, steps: the trial's sigma, q (per record of its own unit) and its steps.
         k: images of one patient that are separate records of the trial (1 for patient-level trials).
+        label_count_noise_multiplier: sigma_c of the trial's label-count release, or None. For one patient it is a
+            Gaussian of noise multiplier sigma_c / k: the patient's k records move the counts by at most k times one
+            record's sensitivity.
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     k: int
+    label_count_noise_multiplier: float | None = None
 
 
 def composed_patient_epsilon(
@@ -217,7 +221,8 @@ def composed_patient_epsilon(
     """Epsilon for one patient of releasing everything a set of trials on the same data released (a fixed set of
     trials, as a grid's; not adaptive selection): the composition of each trial's patient-level PLD (the
     Binomial(k, q) mixture of `patient_epsilon`, self-composed over its steps). Valid across privacy units, since
-    every trial is expressed at the patient level. Label-count releases are not included.
+    every trial is expressed at the patient level; each label-count release is composed as a Gaussian of noise
+    multiplier sigma_c / k (`PatientMechanism`).
 
     Returns:
         Epsilon at ``delta``; 0 for no steps, ``inf`` if any trial with steps has sigma 0.
@@ -247,6 +252,13 @@ def composed_patient_pld(
     distribution = None
     for m in mechanisms:
         _check(m.noise_multiplier, m.sample_rate, m.steps, delta, m.k)
+        if m.label_count_noise_multiplier is not None:
+            counts = pld.from_gaussian_mechanism(
+                float(m.label_count_noise_multiplier) / m.k,
+                pessimistic_estimate=True,
+                value_discretization_interval=value_discretization_interval,
+            )
+            distribution = counts if distribution is None else distribution.compose(counts)
         if m.steps == 0:
             continue
         if m.noise_multiplier == 0:
