@@ -2,7 +2,7 @@
 
 For every private (model, dataset, init, target epsilon) cell of a grid sweep (or the targets the ``audit:``
 section names), the cell's first grid point is planned exactly as the sweep plans it (same data, init, sigma, q,
-steps, clip, engine mode) and audited in one run with m canaries (`trainables.privacy.audit.run_audit`:
+steps, clip, engine mode) and audited in one run with m canaries (`trainables.audit.run_audit`:
 white-box Dirac gradient canaries through the engine's own clipping and noise, or black-box input canaries
 through the real trial loop). Results go to ``runs/<sweep>/audit.parquet``, to one MLflow run per audit under the
 sweep's parent run (role ``audit``), to the console and to the report. A lower bound above the claimed epsilon
@@ -50,7 +50,7 @@ def run_audits(
     spec: SweepSpec, paths: SweepPaths, *, kinds: tuple[str, ...] | None = None, m: int | None = None, log: Log = print
 ) -> pd.DataFrame:
     """Audit the sweep's private cells; write ``runs/<sweep>/audit.parquet`` and MLflow runs; return the table."""
-    from trainables.privacy.audit import run_audit
+    from trainables.audit import run_audit
 
     if spec.search != "grid":
         raise SpecError(

@@ -23,11 +23,22 @@ from trainables.data.loaders import load_trial_data
 from trainables.data.synthetic import prepare_synthetic
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
-from trainables.models import predict, resolve_init
+from trainables.models import create_model, predict, resolve_init
 from trainables.privacy.accounting import calibrate_noise_multiplier
+from trainables.privacy.patients import group_patients
 from trainables.privacy.planning import plan_privacy
+from trainables.privacy.randomness import mechanism_randomness
+from trainables.steps import (
+    BaselineStepper,
+    ImageDPStepper,
+    PatientDPStepper,
+    make_stepper,
+    per_sample_bce,
+    self_check_batch,
+    step_settings,
+)
 from trainables.throughput import throughput_metrics
-from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial
+from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial, training_records
 
 
 def config(sigma=1.2, q=0.1) -> TrialConfig:
@@ -213,17 +224,17 @@ def test_every_epoch_reports_system_metrics_from_expected_counts_only(tiny_site,
     """images/s of a private trial is q N images per step over wall time: the realized Poisson batch sizes (secret
     randomness of the mechanism) do not enter it, nor any other system metric; nothing of it is in the history.
     The batches are halved here, so a figure built from realized sizes would be about half of q N per step."""
-    import trainables.train as train_module
+    import trainables.steps as steps_module
 
     realized: list[int] = []
-    poisson = train_module.poisson_batches
+    poisson = steps_module.poisson_batches
 
     def halved(*args, **kwargs):
         for indices in poisson(*args, **kwargs):
             realized.append(len(indices) // 2)
             yield indices[: len(indices) // 2]
 
-    monkeypatch.setattr(train_module, "poisson_batches", halved)
+    monkeypatch.setattr(steps_module, "poisson_batches", halved)
     cfg = tiny_trial_config(tiny_site, target_epsilon, epochs=2)
     run = run_tiny_trial(cfg)
     n_train = len(load_trial_data(cfg).train)
@@ -384,3 +395,68 @@ def test_logged_metrics_are_recomputed_from_the_stored_predictions(tiny_site):
         sensitive_features=manifest["sex"].to_numpy()[known],
     )
     assert frame.difference() == pytest.approx(result.metrics[M.auroc_gap("test", "sex")], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steppers: one kind of step per trial, chosen once
+
+
+def _stepper(cfg: TrialConfig):
+    device = torch.device("cpu")
+    data = load_trial_data(cfg)
+    records = training_records(cfg, data.train, device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, resolve_init("random", cfg.model))
+    randomness = mechanism_randomness(cfg.privacy, cfg.seed, device)
+    stepper = make_stepper(
+        cfg, model, per_sample_bce(None, device), records, randomness, step_settings(cfg.speed, device), None
+    )
+    return stepper, records
+
+
+def test_the_step_kind_is_chosen_once_from_the_config(tiny_site):
+    ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
+    image = tiny_trial_config(tiny_site, 4.0, epochs=1)
+    patient = dataclasses.replace(
+        image,
+        speed=dataclasses.replace(image.speed, grad_sample_mode="hooks"),
+        privacy=plan_privacy(
+            dataclasses.replace(image.privacy, privacy_unit="patient", max_images_per_patient=2),
+            group_patients(ids, 2).n_patients,
+        ),
+    )
+    baseline, records = _stepper(tiny_trial_config(tiny_site, math.inf, epochs=1))
+    assert isinstance(baseline, BaselineStepper) and baseline.accountant is None
+    assert baseline.images_per_epoch == records.n_images and baseline.expected_images_per_step is None
+    dp, records = _stepper(image)
+    assert isinstance(dp, ImageDPStepper) and dp.accountant is dp.setup.accountant and dp.setup.patient_check is None
+    assert dp.expected_images_per_step == image.privacy.sample_rate * records.n_images
+    patients, records = _stepper(patient)
+    assert isinstance(patients, PatientDPStepper) and patients.setup.patient_check is not None
+    assert records.n_records == group_patients(ids, 2).n_patients < records.n_images
+    capped = sum(min(2, n) for n in np.unique(ids, return_counts=True)[1])
+    assert patients.images_per_epoch == capped and patients.expected_images_per_step == pytest.approx(
+        patient.privacy.sample_rate * capped
+    )
+
+
+def test_a_private_stepper_refuses_a_step_beyond_the_plan(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
+    stepper, _ = _stepper(cfg)
+    weights = copy.deepcopy(stepper.setup.wrapped._module.state_dict())
+    with pytest.raises(BudgetError, match=f"step {cfg.privacy.steps + 1} would exceed the {cfg.privacy.steps} planned"):
+        stepper.step(np.arange(4), cfg.privacy.steps + 1)
+    assert stepper.accountant.history == []  # refused before any noisy step or accounting
+    assert_identical(stepper.setup.wrapped._module.state_dict(), weights, "weights")
+    stepper.step(np.arange(4), cfg.privacy.steps)  # the last planned step is taken
+    assert stepper.accountant.history == [(cfg.privacy.noise_multiplier, cfg.privacy.sample_rate, 1)]
+
+
+def test_the_self_check_rows_come_from_the_public_seed(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
+    records = training_records(cfg, load_trial_data(cfg).train, torch.device("cpu"))
+    rows = torch.randperm(records.n_images, generator=torch.Generator().manual_seed(7))[:4].numpy()
+    x, y = self_check_batch(records, seed=7).images
+    expected_x, expected_y = records.source.batch(rows)
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)
+    assert not torch.equal(self_check_batch(records, seed=8).images[0], x)

@@ -7,7 +7,8 @@
 - **MLflow tags** that find a sweep's runs again, **trial statuses** of the tables, **file names** of checkpoints,
   caches and sweep outputs, the **stored-infinity** constant and `dataset_dir`.
 
-This module imports nothing heavy (no torch, Ray or MLflow): analysis and the driver use it alike.
+This module imports nothing heavy (no torch, Ray or MLflow) and nothing from ``trainables.data`` (the data modules
+import it): analysis and the driver use it alike.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from trainables.data.labels import LABELS
+LABELS: tuple[str, ...] = ("atelectasis", "cardiomegaly", "pleural_effusion", "pneumonia", "no_finding")
+"""The five study labels, in the fixed column order of every label matrix (per-label metric keys and prediction
+columns name them; `trainables.data.labels` re-exports them for the data modules)."""
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-epoch metrics, reported to Ray every epoch.

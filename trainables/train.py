@@ -1,7 +1,9 @@
 """The training loop of one trial: plain PyTorch + Opacus, no Ray. Read it top to bottom.
 
-    load data -> build model from its init -> (private) wrap it, verify per-sample gradients
-    -> for each epoch: Poisson-sampled DP-SGD steps -> validation AUROC + epsilon spent -> report/checkpoint
+    set up: load data -> build model from its init -> the stepper of the trial's kind, chosen once
+            (`trainables.steps`: non-private, image-level or patient-level DP-SGD; a private one is wrapped and its
+            per-sample gradients verified by `trainables.privacy.setup.make_private`) -> TrainState (+ resume)
+    -> for each epoch: the stepper's steps -> validation AUROC + epsilon spent -> report/checkpoint
     -> final: pick the epoch (best validation AUROC), evaluate on test and external test sets.
 
 `report(metrics, state)` is called once per epoch with the `TrainState.state_dict` checkpoint; the final
@@ -34,8 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from opacus.accountants.accountant import IAccountant
 from torch import nn
 
 from trainables import names as M
-from trainables.config import SpeedConfig, TrialConfig
+from trainables.config import TrialConfig
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data, train_batches
 from trainables.evaluate.bootstrap import dataset_bootstrap_seed
@@ -55,25 +56,18 @@ from trainables.evaluate.report import Evaluation, evaluate_split, fit_threshold
 from trainables.evaluate.utility import macro_auroc
 from trainables.models import ResolvedInit, create_model, predict
 from trainables.privacy import accounting
-from trainables.privacy.accounting import create_accountant, cross_check_epsilon
-from trainables.privacy.engine import (
-    check_per_sample_gradients,
-    make_dp_optimizer,
-    poisson_batches,
-    private_step,
-    wrap_model,
-)
-from trainables.privacy.label_counts import LabelCountRelease, PosWeight, account_release, train_pos_weight
-from trainables.privacy.patients import check_patient_gradients, group_patients, private_patient_step
+from trainables.privacy.accounting import cross_check_epsilon
+from trainables.privacy.label_counts import LabelCountRelease, PosWeight, train_pos_weight
+from trainables.privacy.patients import group_patients
 from trainables.privacy.planning import PlanError, check_plan
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 from trainables.privacy.units import images_per_patient, patient_epsilon
+from trainables.steps import BudgetError, TrainingRecords, make_stepper, per_sample_bce, step_settings
 from trainables.throughput import throughput_metrics
 
-GRAD_CHECK_SAMPLES = 4
-GRAD_CHECK_PATIENTS = 2
-"""Patient-level trials also check the grouped path on this many of the patients with the most (capped) images."""
+__all__ = ["BudgetError", "TrainState", "TrialResult", "train_trial"]
+
 CHECKPOINT_FORMAT = 2
 """Version of `TrainState.state_dict`. Format 1, the unversioned dict written before `TrainState`, is refused."""
 RESUME_IGNORED_KEYS = ("data_root",)
@@ -81,10 +75,6 @@ RESUME_IGNORED_KEYS = ("data_root",)
 
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
 Generator = torch.Generator | SecureRandom
-
-
-class BudgetError(RuntimeError):
-    """Training would spend more epsilon than the trial's target."""
 
 
 @dataclass
@@ -109,153 +99,108 @@ def train_trial(
     state: dict[str, Any] | None = None,
     data: TrialData | None = None,
 ) -> TrialResult:
-    """Train and evaluate one trial, resuming from the checkpoint ``state`` when given."""
+    """Train and evaluate one trial, resuming from the checkpoint ``state`` when given: set up, the epoch loop, the
+    final evaluation (module docstring)."""
+    privacy = cfg.privacy
+    refuse_unsupported(cfg)
     torch.set_num_threads(cfg.speed.threads)
     device = resolve_device(cfg.speed.device)
-    speed = step_settings(cfg.speed, device)  # fixed shapes, precision, CUDA kernels: speed only
-    privacy = cfg.privacy
+    settings = step_settings(cfg.speed, device)  # fixed shapes, precision, CUDA kernels: speed only
     data = data or load_trial_data(cfg)
-    n_train = len(data.train)
-    # The records Poisson sampling draws: images, or patients with their (capped) images.
-    patients = (
-        group_patients(data.train.split.patient_id, privacy.max_images_per_patient)
-        if privacy.is_private and privacy.privacy_unit == "patient"
-        else None
-    )
-    n_records = n_train if patients is None else patients.n_patients
-    if patients is not None and cfg.pos_weight == "train":
-        raise ValueError(
-            "training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
-            "counts of all of a patient's images would need a patient-level sensitivity); use uniform"
-        )
-    if patients is not None and cfg.speed.grad_sample_mode == "bk":
-        raise ValueError(
-            "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
-            "book-keeping engine does not group per-sample norms by patient yet"
-        )
-    if patients is not None and (cfg.speed.precision != "fp32" or cfg.speed.fixed_shapes == "on"):
-        raise ValueError(
-            f"privacy.privacy_unit: patient with speed.precision={cfg.speed.precision!r}, speed.fixed_shapes="
-            f"{cfg.speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
-            "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off"
-        )
-    if privacy.is_private:
-        check_planned_budget(cfg, n_records)
+    records = training_records(cfg, data.train, device)  # images, or patients with their (capped) images
+    check_planned_budget(cfg, records.n_records)
 
-    # Model, loss and optimizer; cfg.seed seeds the initialisation (not part of the DP mechanism).
+    # Model and loss; cfg.seed seeds the initialisation (not part of the DP mechanism).
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, init).to(device, memory_format=speed.memory_format)
+    model = create_model(cfg.model, init).to(device, memory_format=settings.memory_format)
     model.train()
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
     pos_weight = trial_pos_weight(cfg, data.train.split.labels, randomness, state)  # DP counts when private
+    release = None if pos_weight is None else pos_weight.release
     loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.values, device)
-
-    source = train_batches(data.train, device, cfg.speed.data_on_device)
-
-    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows in ascending index order, on the device (`trainables.data.loaders.TrainBatches`)."""
-        return source.batch(indices)
-
-    def patient_batch(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images in the given (patient-contiguous) order; the cache is read in sorted order."""
-        x, y = batch(images)
-        position = torch.from_numpy(np.argsort(np.argsort(images, kind="stable"), kind="stable")).to(device)
-        return x[position], y[position]
-
-    # The batch source and the step, chosen once: Poisson batches + DP-SGD, or shuffled batches + AdamW.
-    accountant = None
-    if privacy.is_private:
-        wrapped = wrap_model(model, cfg.speed.grad_sample_mode)
-        check_rows = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:GRAD_CHECK_SAMPLES]
-        check_per_sample_gradients(wrapped, loss_fn, *batch(check_rows.numpy()))
-        if patients is not None:  # the grouped path too: per-patient rows vs sums of torch.func gradients
-            order = torch.randperm(n_records, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-            most = sorted(order, key=lambda patient: -len(patients.images[patient]))  # stable: seeded ties
-            images, groups = patients.gather(np.array(most[:GRAD_CHECK_PATIENTS]))
-            check_patient_gradients(wrapped, loss_fn, *patient_batch(images), groups)
-        accountant = create_accountant(privacy.accountant)
-        if pos_weight is not None and pos_weight.release is not None and state is None:
-            account_release(accountant, pos_weight.release)  # a resumed trial restores it with its ledger
-        optimizer = make_dp_optimizer(
-            optimizer,
-            noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            expected_batch_size=privacy.expected_batch_size,
-            noise_generator=randomness.noise,
-            accountant=accountant,
-            sample_rate=privacy.sample_rate,
-        )
-        steps_per_epoch = privacy.steps // privacy.epochs
-
-        def epoch_batches() -> Iterator[torch.Tensor]:
-            return poisson_batches(n_records, privacy.sample_rate, steps_per_epoch, randomness.sampler)
-
-        def step(indices: np.ndarray) -> torch.Tensor | None:
-            if train.steps >= privacy.steps:
-                raise BudgetError(f"step {train.steps + 1} would exceed the {privacy.steps} planned steps")
-            if patients is None:
-                private_step(
-                    wrapped,
-                    optimizer,
-                    loss_fn,
-                    batch(indices),
-                    cfg.speed.max_physical_batch_size,
-                    pad_multiple=speed.pad_multiple,
-                    autocast_dtype=speed.autocast_dtype,
-                )
-            else:  # indices are patients: their images, one clipped gradient per patient
-                images, groups = patients.gather(indices)
-                private_patient_step(
-                    wrapped, optimizer, loss_fn, patient_batch(images), groups, cfg.speed.max_physical_batch_size
-                )
-            return None  # the private batch's loss is not clipped, noised or accounted: never released
-    else:
-
-        def epoch_batches() -> Iterator[torch.Tensor]:
-            return shuffled_batches(n_train, privacy.expected_batch_size, randomness.sampler)
-
-        def step(indices: np.ndarray) -> torch.Tensor | None:
-            return sgd_step(model, optimizer, loss_fn, batch(indices), speed.autocast_dtype)
-
+    # The kind of step, chosen once: shuffled batches + AdamW, or Poisson batches + verified DP-SGD (image or
+    # patient records). A resumed trial's ledger already holds its label-count release.
+    stepper = make_stepper(cfg, model, loss_fn, records, randomness, settings, release if state is None else None)
     train = TrainState(
         cfg,
         model,
-        optimizer,
-        accountant,
+        stepper.optimizer,
+        stepper.accountant,
         randomness.sampler,
         randomness.noise,
         randomness.secret_seeds,
-        None if pos_weight is None or pos_weight.release is None else pos_weight.release.to_dict(),
+        None if release is None else release.to_dict(),
     )
     if state is not None:
         train.load_state_dict(state)
 
-    # Throughput figures use expected counts only (q x the records' images per step), never the realized batches.
-    images_per_epoch = n_train if patients is None else sum(len(images) for images in patients.images)
-    expected_images_per_step = privacy.sample_rate * images_per_epoch if privacy.is_private else None
     while train.epoch < privacy.epochs:
         losses = []
         started, steps_before = time.perf_counter(), train.steps
-        for indices in epoch_batches():
-            losses.append(step(indices.numpy()))
+        for indices in stepper.epoch_batches():
+            losses.append(stepper.step(indices.numpy(), train.steps + 1))
             train.steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # once per epoch: the steps' kernels have finished
+        # Throughput figures use expected counts only (q x the records' images per step), never the realized batches.
         system = throughput_metrics(
-            time.perf_counter() - started, train.steps - steps_before, expected_images_per_step, images_per_epoch
+            time.perf_counter() - started,
+            train.steps - steps_before,
+            stepper.expected_images_per_step,
+            stepper.images_per_epoch,
         )
         train.epoch += 1
         metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
         if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
             metrics[M.TRAIN_LOSS] = mean_loss(losses)  # the epoch's one read of the step losses
-        metrics |= epoch_evaluation(cfg, model, data, accountant)
+        metrics |= epoch_evaluation(cfg, model, data, train.accountant)
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
             raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         train.record(metrics)
         report(metrics | system, train.state_dict())  # timing stays out of the history (names.SYSTEM_PREFIX)
 
     return final_evaluation(train, data)
+
+
+def refuse_unsupported(cfg: TrialConfig) -> None:
+    """Refuse the combinations a private patient-level trial does not support yet (before any data is read).
+
+    Single-config invariants: they belong in the config classes' checks and go away once those hold them.
+
+    Raises:
+        ValueError: ``pos_weight: train``, the ``bk`` engine, bf16 or fixed shapes with ``privacy_unit: patient``.
+    """
+    privacy, speed = cfg.privacy, cfg.speed
+    if not (privacy.is_private and privacy.privacy_unit == "patient"):
+        return
+    if cfg.pos_weight == "train":
+        raise ValueError(
+            "training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
+            "counts of all of a patient's images would need a patient-level sensitivity); use uniform"
+        )
+    if speed.grad_sample_mode == "bk":
+        raise ValueError(
+            "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
+            "book-keeping engine does not group per-sample norms by patient yet"
+        )
+    if speed.precision != "fp32" or speed.fixed_shapes == "on":
+        raise ValueError(
+            f"privacy.privacy_unit: patient with speed.precision={speed.precision!r}, speed.fixed_shapes="
+            f"{speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
+            "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off"
+        )
+
+
+def training_records(cfg: TrialConfig, train: CacheSplitDataset, device: torch.device) -> TrainingRecords:
+    """The training split as the steps see it: its batches on ``device`` and, for a private patient-level trial,
+    its images grouped by patient with the public cap applied (`trainables.privacy.patients.group_patients`)."""
+    privacy = cfg.privacy
+    patients = (
+        group_patients(train.split.patient_id, privacy.max_images_per_patient)
+        if privacy.is_private and privacy.privacy_unit == "patient"
+        else None
+    )
+    return TrainingRecords(train_batches(train, device, cfg.speed.data_on_device), len(train), patients)
 
 
 @dataclass
@@ -376,77 +321,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("speed.device = cuda but no GPU is visible to this trial; give trials resources.gpu > 0")
     return torch.device(name)
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """How training steps run on this device (`step_settings`); speed only, never the mechanism.
-
-    Attributes:
-        pad_multiple: the padding granule of fixed-shape chunks (``speed.fixed_shapes``), None for no padding.
-        autocast_dtype: ``torch.bfloat16`` under ``speed.precision: bf16``, else None.
-        memory_format: the model's memory format (channels-last under ``speed.cuda_tuning`` on CUDA).
-    """
-
-    pad_multiple: int | None
-    autocast_dtype: torch.dtype | None
-    memory_format: torch.memory_format
-
-
-def step_settings(speed: SpeedConfig, device: torch.device) -> StepSettings:
-    """Resolve the speed knobs for ``device``, and set the process-wide CUDA kernel flags (``speed.cuda_tuning``:
-    TF32 matmuls and convolutions, ``cudnn.benchmark``; all off when false). Nothing changes on the CPU."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.cuda_tuning
-        torch.backends.cudnn.benchmark = speed.cuda_tuning
-    return StepSettings(
-        pad_multiple=speed.pad_multiple
-        if speed.fixed_shapes == "on" or (speed.fixed_shapes == "auto" and cuda)
-        else None,
-        autocast_dtype=torch.bfloat16 if speed.precision == "bf16" else None,
-        memory_format=torch.channels_last if cuda and speed.cuda_tuning else torch.preserve_format,
-    )
-
-
-def per_sample_bce(
-    pos_weight: np.ndarray | None, device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Multi-label BCE with logits, averaged over labels: one loss per sample (float32 positive weights)."""
-    weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32).to(device)
-
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=weight, reduction="none"
-        ).mean(dim=1)
-
-    return loss
-
-
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """One epoch of the non-private baseline: a random permutation of ``range(n)`` cut into batches."""
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
-
-
-def sgd_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch: tuple[torch.Tensor, torch.Tensor],
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """One non-private step on the batch's mean loss (forward under autocast to ``autocast_dtype`` if given);
-    returns that loss as a detached 0-dim tensor on the device (read once per epoch, `mean_loss`)."""
-    x, y = batch
-    autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
-    with autocast:
-        loss = loss_fn(model(x), y).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
 
 
 def mean_loss(losses: list[torch.Tensor | None]) -> float:

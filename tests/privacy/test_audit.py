@@ -18,12 +18,14 @@ from scipy import special, stats
 from torch import nn
 
 from tests.test_train import prepare_tiny_site, tiny_trial_config
+from trainables import audit as audit_runners
+from trainables.audit import input_canaries, run_audit, white_box_audit, with_canaries
 from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.loaders import CacheSplitDataset
 from trainables.models import resolve_init
-from trainables.privacy import audit as audit_module
 from trainables.privacy import bk as bk_module
+from trainables.privacy import setup as private_setup
 from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
     create_accountant,
@@ -37,13 +39,9 @@ from trainables.privacy.audit import (
     audit_metric,
     epsilon_lower_bound,
     guess,
-    input_canaries,
     likelihood_ratio_scores,
     p_value,
     place_dirac_canaries,
-    run_audit,
-    white_box_audit,
-    with_canaries,
 )
 from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
 from trainables.privacy.planning import plan_privacy
@@ -312,7 +310,7 @@ def sigma_over_4(monkeypatch):
     def quarter_noise(optimizer, *, noise_multiplier, **kwargs):
         return make_dp_optimizer(optimizer, noise_multiplier=noise_multiplier / 4, **kwargs)
 
-    monkeypatch.setattr(audit_module, "make_dp_optimizer", quarter_noise)
+    monkeypatch.setattr(private_setup, "make_dp_optimizer", quarter_noise)  # the one DP optimizer of make_private
 
 
 def _sum_without_clipping(self):
@@ -400,7 +398,7 @@ def test_black_box_training_set_and_plan_follow_the_coins(tiny_site):
     x, y = enlarged.batch(np.arange(len(train), len(enlarged)))
     np.testing.assert_array_equal((x[:, 0].numpy() * 255).round(), images[included])
     np.testing.assert_array_equal(y.numpy(), labels[included])
-    planned = audit_module.recalibrated(cfg, len(enlarged))
+    planned = audit_runners.recalibrated(cfg, len(enlarged))
     assert (planned.privacy.sample_rate, planned.privacy.steps) == sample_rate_and_steps(len(enlarged), 16, 2)
     assert (
         epsilon_spent(
@@ -426,7 +424,7 @@ def test_black_box_audit_of_a_pos_weight_train_trial_plans_and_claims_its_label_
     the trial loop's budget check accepts it and the claim is the composition of both mechanisms."""
     cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, pos_weight="train", privacy_label_count_noise_multiplier=20.0)
     enlarged = len(open_cache(tiny_site / "synthetic-a" / "32").split("train")) + 7
-    planned = audit_module.recalibrated(cfg, enlarged)
+    planned = audit_runners.recalibrated(cfg, enlarged)
     without_release = plan_privacy(dataclasses.replace(cfg.privacy, label_count_noise_multiplier=None), enlarged)
     assert planned.privacy.label_count_noise_multiplier == 20.0
     assert planned.privacy.noise_multiplier > without_release.noise_multiplier  # the release costs budget

@@ -1,9 +1,11 @@
-"""The study's harmonized label set and demographic codings, shared by every dataset."""
+"""The study's harmonized label set (defined by the schema, `trainables.names.LABELS`) and demographic codings,
+shared by every dataset."""
 
 from __future__ import annotations
 
-LABELS: tuple[str, ...] = ("atelectasis", "cardiomegaly", "pleural_effusion", "pneumonia", "no_finding")
-"""The five study labels, in the fixed column order of every label matrix."""
+from trainables.names import LABELS
+
+__all__ = ["LABELS", "SEXES", "SPLITS"]
 
 SEXES: tuple[str, ...] = ("F", "M", "unknown")
 """Normalized sex codes in cache manifests."""

@@ -1,4 +1,5 @@
-"""Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846).
+"""Empirical privacy audit in one training run (Steinke, Nasr & Jagielski 2023, arXiv 2305.08846): the statistics
+and the white-box canaries; the runners that train (`trainables.audit`) sit beside the training loop.
 
 The test. m canaries (records the auditor made up) are each put into the training set by a secret fair coin
 ``S_i`` (+1 in, -1 out), independently. After training, the auditor scores every canary, guesses "in" for the
@@ -20,15 +21,15 @@ Choosing (k+, k-). We try a small fixed set of splits (`DEFAULT_GUESS_SPLITS`, f
 best, at level ``beta / len(splits)`` each: by the union bound the reported maximum exceeds the true epsilon
 with probability <= beta.
 
-White-box canaries (`run_white_box_audit`). Canary i is a Dirac gradient: ``D e_{j_i}`` at one parameter
-coordinate ``j_i`` (distinct coordinates, drawn by a public seeded rule), with ``D = CANARY_GRADIENT_FACTOR * C``
-far above the clip norm C. Canaries are records of the training set *as seen by the mechanism*: each included
-canary joins every step's Poisson batch with the trial's rate q, by the same sampling code and the same secret
-stream as the real records (`poisson_batches`), and its gradient row is appended to the per-sample gradients
-(`private_step(..., extra_grad_samples=...)`), so the engine's own clipping (L2 over all parameters, every
-grad-sample mode) brings it to C and the engine's own noise covers it. The bound therefore tests exactly the
-accountant's claim for the trial's (sigma, q, steps): DP-SGD with Poisson rate q, clip C, noise sigma C, steps
-steps, add/remove adjacency. (Canaries present at *every* step would not be subsampled, so a correct mechanism
+White-box canaries (`DiracCanaries`, run by `trainables.audit.white_box_audit`). Canary i is a Dirac gradient:
+``D e_{j_i}`` at one parameter coordinate ``j_i`` (distinct coordinates, drawn by a public seeded rule), with
+``D = CANARY_GRADIENT_FACTOR * C`` far above the clip norm C. Canaries are records of the training set *as seen by
+the mechanism*: each included canary joins every step's Poisson batch with the trial's rate q, by the same sampling
+code and the same secret stream as the real records (`poisson_batches`), and its gradient row is appended to the
+per-sample gradients (`private_step(..., extra_grad_samples=...)`), so the engine's own clipping (L2 over all
+parameters, every grad-sample mode) brings it to C and the engine's own noise covers it. The bound therefore tests
+exactly the accountant's claim for the trial's (sigma, q, steps): DP-SGD with Poisson rate q, clip C, noise sigma C,
+steps steps, add/remove adjacency. (Canaries present at *every* step would not be subsampled, so a correct mechanism
 could legitimately exceed the subsampled epsilon; we do not do that.) The auditor observes every step's noisy
 clipped sum (``p.grad`` after the step, times B/C: units of C), which the accountant's adaptive composition
 covers. Scores: ``likelihood_ratio`` (default; ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))``, the
@@ -36,27 +37,16 @@ Neyman-Pearson statistic of one Poisson-subsampled Gaussian canary at the claime
 (``sum_t x_t``). Real records train the model as usual (a few of them suffice: what matters is that the real
 step code runs); their gradients at canary coordinates only blur the scores.
 
-Black-box canaries (`run_black_box_audit`). m out-of-distribution images (uniform random pixels, public
-seeded) with random labels; included ones are appended to the training split and the real trial loop
-(`trainables.train.train_trial`) trains on it; the score is minus the trained model's loss on each canary.
-The trial loop derives q = 1/ceil(N'/B) and steps from the training set it gets, so they (and sigma,
-recalibrated to the same target epsilon) are computed for N' = N + (number of included canaries), exactly as
-the sweep would. Caveat: N' depends on the coins, so one canary can move (q, steps) when N' crosses a multiple
-of B; the DP claim treats the dataset size as public, as the whole project does (and Opacus). The black-box
-bound is far weaker than the white-box one.
-
 Secrets. The coins, the canaries' Poisson sampling and the DP noise come from generators seeded by
-``os.urandom`` (a `SecureRandom` in secure mode); nothing of them is returned or logged. The result
-(`AuditResult`) carries only counts and the bound.
+``os.urandom`` (a `SecureRandom` in secure mode; `secret_numpy_generator`, `secret_mechanism_streams`); nothing of
+them is returned or logged. The result (`AuditResult`) carries only counts and the bound.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,23 +56,8 @@ from scipy import special, stats
 from torch import nn
 
 from trainables import names
-from trainables.config import TrialConfig
-from trainables.data.cache import SplitData, open_cache
-from trainables.data.labels import LABELS
-from trainables.data.loaders import CacheSplitDataset, TrialData, evaluation_batches, load_trial_data
-from trainables.models import ResolvedInit, create_model
-from trainables.names import dataset_dir
-from trainables.privacy.accounting import create_accountant, epsilon_spent
-from trainables.privacy.engine import (
-    check_per_sample_gradients,
-    make_dp_optimizer,
-    poisson_batches,
-    private_step,
-    wrap_model,
-)
-from trainables.privacy.planning import plan_privacy, planned_epsilon
+from trainables.config import PrivacyConfig
 from trainables.privacy.secure import SecureRandom
-from trainables.train import GRAD_CHECK_SAMPLES, TrialResult, per_sample_bce, resolve_device, train_trial
 
 __all__ = [
     "AUDIT_KINDS",
@@ -96,15 +71,14 @@ __all__ = [
     "WHITE_BOX_SCORES",
     "audit_bound",
     "audit_metric",
+    "check_auditable",
     "epsilon_lower_bound",
     "guess",
     "likelihood_ratio_scores",
     "p_value",
     "place_dirac_canaries",
-    "run_audit",
-    "run_black_box_audit",
-    "run_white_box_audit",
-    "white_box_audit",
+    "secret_mechanism_streams",
+    "secret_numpy_generator",
 ]
 
 AuditKind = Literal["white_box", "black_box"]
@@ -326,12 +300,12 @@ def secret_numpy_generator() -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
 
 
-def _secret_mechanism_streams(
-    cfg: TrialConfig, device: torch.device
+def secret_mechanism_streams(
+    privacy: PrivacyConfig, device: torch.device
 ) -> tuple[torch.Generator | SecureRandom, torch.Generator | SecureRandom]:
     """(sampler, noise) streams of the trial's kind: `SecureRandom` in secure mode, else torch generators
-    seeded from ``os.urandom`` (the trial's own code paths, with secret seeds)."""
-    if cfg.privacy.secure_mode:
+    seeded from ``os.urandom`` (the trial's own code paths, with secret seeds), the noise one on ``device``."""
+    if privacy.secure_mode:
         rng = SecureRandom()
         return rng, rng
     sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
@@ -458,8 +432,12 @@ def place_dirac_canaries(model: nn.Module, m: int, gradient_norm: float, seed: i
     )
 
 
-def _check_private(cfg: TrialConfig) -> None:
-    privacy = cfg.privacy
+def check_auditable(privacy: PrivacyConfig) -> None:
+    """Refuse to audit a config without a claim: non-private, or not planned (no sigma, q or steps).
+
+    Raises:
+        ValueError: which, and how to plan it.
+    """
     if not privacy.is_private:
         raise ValueError("an audit needs a private trial (finite target epsilon); a non-private one has no claim")
     if not (privacy.noise_multiplier > 0 and 0 < privacy.sample_rate <= 1 and privacy.steps >= 1):
@@ -468,329 +446,3 @@ def _check_private(cfg: TrialConfig) -> None:
             f"steps={privacy.steps}); plan it as the sweep does (trainables.privacy.planning.plan_privacy) "
             "before auditing"
         )
-
-
-def _train_split(cfg: TrialConfig, data: TrialData | None) -> CacheSplitDataset:
-    if data is not None:
-        return data.train
-    cache = open_cache(dataset_dir(cfg.data_root, cfg.dataset, cfg.image_size))
-    return CacheSplitDataset(cache.split("train"), mean=cfg.input_mean, std=cfg.input_std)
-
-
-def run_white_box_audit(
-    cfg: TrialConfig,
-    init: ResolvedInit,
-    *,
-    m: int,
-    confidence: float = DEFAULT_CONFIDENCE,
-    score: WhiteBoxScore = "likelihood_ratio",
-    real_records: int | None = None,
-    data: TrialData | None = None,
-    canary_seed: int = 0,
-) -> AuditResult:
-    """White-box one-run audit of the trial's DP-SGD with m Dirac gradient canaries, on the trial's model
-    (``create_model(cfg.model, init)``); see `white_box_audit`.
-
-    Args:
-        data: a `trainables.train.TrialData` (only ``.train`` is used); default: the trial's cache.
-    """
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # a random init stays secret too
-    model = create_model(cfg.model, init)
-    return white_box_audit(
-        model,
-        _train_split(cfg, data),
-        cfg,
-        m=m,
-        confidence=confidence,
-        score=score,
-        real_records=real_records,
-        canary_seed=canary_seed,
-    )
-
-
-def white_box_audit(
-    model: nn.Module,
-    train: CacheSplitDataset,
-    cfg: TrialConfig,
-    *,
-    m: int,
-    confidence: float = DEFAULT_CONFIDENCE,
-    score: WhiteBoxScore = "likelihood_ratio",
-    real_records: int | None = None,
-    canary_seed: int = 0,
-) -> AuditResult:
-    """White-box one-run audit of ``cfg``'s DP-SGD mechanism on ``model`` with m Dirac gradient canaries.
-
-    Runs ``cfg.privacy.steps`` steps of the engine (``cfg.speed.grad_sample_mode``, per-sample gradient check
-    included) at the trial's (sigma, C, q, B): real records and included canaries Poisson-sampled at q by
-    `poisson_batches`, canary rows clipped and noised by the engine (`private_step`'s ``extra_grad_samples``),
-    AdamW at the trial's learning rate. Tests the claim ``epsilon_spent(sigma, q, steps, delta, accountant)``.
-
-    Args:
-        model: the untrained model (any module the engine accepts); it is trained in place.
-        train: the real training records.
-        m: canaries (distinct parameter coordinates; at most the model's trainable values).
-        score: ``likelihood_ratio`` (default) or ``sum``.
-        real_records: train on only the first this many records (cheap audits); None = all.
-        canary_seed: public seed of the canary coordinates.
-    """
-    _check_private(cfg)
-    if score not in WHITE_BOX_SCORES:
-        raise ValueError(f"white-box score {score!r} is not one of {WHITE_BOX_SCORES}")
-    start = time.perf_counter()
-    privacy, speed = cfg.privacy, cfg.speed
-    torch.set_num_threads(speed.threads)
-    device = resolve_device(speed.device)
-    n_real = len(train) if real_records is None else min(int(real_records), len(train))
-    if n_real < 1:
-        raise ValueError(f"real_records={real_records} must be >= 1 (the engine's gradient check needs a record)")
-
-    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = train.batch(np.sort(indices))
-        return x.to(device), y.to(device)
-
-    model = model.to(device)
-    model.train()
-    # Uniform BCE weights: the audit tests the clipping and noise of the step, which no loss weighting changes.
-    loss_fn = per_sample_bce(None, device)
-    wrapped = wrap_model(model, speed.grad_sample_mode)
-    check_per_sample_gradients(wrapped, loss_fn, *batch(np.arange(min(GRAD_CHECK_SAMPLES, n_real))))
-    sampler_rng, noise_rng = _secret_mechanism_streams(cfg, device)
-    accountant = create_accountant(privacy.accountant)
-    optimizer = make_dp_optimizer(
-        torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=privacy.expected_batch_size,
-        noise_generator=noise_rng,
-        accountant=accountant,
-        sample_rate=privacy.sample_rate,
-    )
-    canaries = place_dirac_canaries(model, m, CANARY_GRADIENT_FACTOR * privacy.max_grad_norm, seed=canary_seed)
-    coins = secret_numpy_generator()
-    included = coins.random(m) < 0.5
-    members = np.flatnonzero(included)  # record n_real + k of the mechanism's dataset is canary members[k]
-
-    to_units = privacy.expected_batch_size / privacy.max_grad_norm  # p.grad = noisy sum / B
-    observations = np.empty((privacy.steps, m), dtype=np.float64)
-    for step, indices in enumerate(
-        poisson_batches(n_real + len(members), privacy.sample_rate, privacy.steps, sampler_rng)
-    ):
-        chosen = indices.numpy()
-        real, canary_rows = chosen[chosen < n_real], members[chosen[chosen >= n_real] - n_real]
-        private_step(
-            wrapped,
-            optimizer,
-            loss_fn,
-            batch(real),
-            speed.max_physical_batch_size,
-            extra_grad_samples=canaries.grad_samples(model, canary_rows),
-        )
-        observations[step] = canaries.read(model) * to_units
-    if sum(n for _, _, n in accountant.history) != privacy.steps:
-        raise RuntimeError("the audit's privacy ledger does not match its steps")  # the engine skipped a step
-
-    if score == "likelihood_ratio":
-        scores = likelihood_ratio_scores(observations, privacy.noise_multiplier, privacy.sample_rate)
-    else:
-        scores = observations.sum(axis=0)
-    bound = audit_bound(scores, included, delta=privacy.delta, confidence=confidence)
-    claimed = epsilon_spent(
-        privacy.noise_multiplier, privacy.sample_rate, privacy.steps, privacy.delta, privacy.accountant
-    )
-    return _result(
-        "white_box",
-        bound,
-        claimed,
-        cfg,
-        score,
-        privacy.noise_multiplier,
-        privacy.sample_rate,
-        privacy.steps,
-        time.perf_counter() - start,
-    )
-
-
-def _result(
-    kind: str,
-    bound: AuditBound,
-    claimed: float,
-    cfg: TrialConfig,
-    score: str,
-    sigma: float,
-    q: float,
-    steps: int,
-    wall: float,
-) -> AuditResult:
-    return AuditResult(
-        kind=kind,
-        m=bound.m,
-        guesses=bound.outcome.guesses,
-        correct=bound.outcome.correct,
-        epsilon_lower_bound=bound.epsilon_lower_bound,
-        confidence=bound.confidence,
-        claimed_epsilon=claimed,
-        delta=cfg.privacy.delta,
-        wall_time_s=wall,
-        score=score,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=steps,
-        grad_sample_mode=cfg.speed.grad_sample_mode,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Black-box input canaries
-
-
-def input_canaries(m: int, image_size: int, n_labels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """m out-of-distribution canaries: uint8 uniform-noise images [m, size, size] and random 0/1 labels
-    float32 [m, n_labels] (public seeded: the auditor knows its canaries; only the coins are secret)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(m, image_size, image_size), dtype=np.uint8)
-    labels = (rng.random((m, n_labels)) < 0.5).astype(np.float32)
-    return images, labels
-
-
-def with_canaries(train: CacheSplitDataset, images: np.ndarray, labels: np.ndarray) -> CacheSplitDataset:
-    """The training split plus the given canary records appended (in memory; sex unknown, age missing,
-    one patient per canary), same input normalization."""
-    split = train.split
-    k = len(images)
-    combined = SplitData(
-        images=np.concatenate([np.asarray(split.images[split.rows]), images]),
-        rows=np.arange(len(split) + k, dtype=np.int64),
-        labels=np.concatenate([split.labels, labels.astype(np.float32)]),
-        sex=np.concatenate([split.sex, np.full(k, "unknown", dtype=split.sex.dtype)]),
-        age=np.concatenate([split.age, np.full(k, np.nan)]),
-        patient_id=np.concatenate(
-            [split.patient_id.astype(object), np.array([f"audit-canary-{i}" for i in range(k)], dtype=object)]
-        ),
-    )
-    return CacheSplitDataset(combined, mean=train.mean, std=train.std)
-
-
-def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
-    """``cfg`` with (q, steps, sigma) planned for ``n_train`` records as the sweep plans them
-    (`trainables.privacy.planning.plan_privacy`: same target epsilon, delta, accountant, tolerance and label-count
-    release), so `train_trial`'s budget check accepts the enlarged split."""
-    return dataclasses.replace(cfg, privacy=plan_privacy(cfg.privacy, n_train))
-
-
-def _trained_model(result: TrialResult) -> nn.Module:
-    """The trained model of a `train_trial` run."""
-    return result.model
-
-
-def run_black_box_audit(
-    cfg: TrialConfig,
-    init: ResolvedInit,
-    *,
-    m: int,
-    confidence: float = DEFAULT_CONFIDENCE,
-    data: TrialData | None = None,
-    canary_seed: int = 0,
-) -> AuditResult:
-    """Black-box one-run audit: train the real trial loop with m coin-included input canaries, score each by
-    minus the trained model's loss on it (module docstring for how q, steps and sigma follow the enlarged N).
-
-    Evaluation extras that release nothing about training (bootstrap, external sets, per-epoch test) are
-    switched off; the trial's seed is replaced by an ``os.urandom`` one so its noise and sampling are secret.
-
-    Args:
-        data: a `trainables.train.TrialData`; default: the trial's cache.
-    """
-    _check_private(cfg)
-    start = time.perf_counter()
-    light = dataclasses.replace(
-        cfg, n_boot=0, external_datasets=(), test_every_epoch=False, seed=int.from_bytes(os.urandom(4), "little") >> 1
-    )
-    base = data if data is not None else load_trial_data(light)
-    images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
-    coins = secret_numpy_generator()
-    included = coins.random(m) < 0.5
-    train = with_canaries(base.train, images[included], labels[included])
-    trial_cfg = recalibrated(light, len(train))
-
-    result = train_trial(trial_cfg, init, lambda metrics, state: None, data=TrialData(train, base.val, base.test))
-    model = _trained_model(result)
-    canary_set = CacheSplitDataset(
-        SplitData(
-            images=images,
-            rows=np.arange(m),
-            labels=labels,
-            sex=np.full(m, "unknown"),
-            age=np.full(m, np.nan),
-            patient_id=np.array([f"audit-canary-{i}" for i in range(m)]),
-        ),
-        mean=train.mean,
-        std=train.std,
-    )
-    scores = -_losses(
-        model, canary_set, per_sample_bce(None, next(model.parameters()).device), cfg.speed.eval_batch_size
-    )
-    bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
-    privacy = trial_cfg.privacy
-    claimed = planned_epsilon(privacy)
-    return _result(
-        "black_box",
-        bound,
-        claimed,
-        trial_cfg,
-        BLACK_BOX_SCORE,
-        privacy.noise_multiplier,
-        privacy.sample_rate,
-        privacy.steps,
-        time.perf_counter() - start,
-    )
-
-
-@torch.no_grad()
-def _losses(
-    model: nn.Module,
-    dataset: CacheSplitDataset,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch_size: int,
-) -> np.ndarray:
-    model.eval()
-    device = next(model.parameters()).device
-    out = [
-        loss_fn(model(x.to(device)), y.to(device)).double().cpu().numpy()
-        for x, y in evaluation_batches(dataset, batch_size)
-    ]
-    return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-
-def run_audit(
-    cfg: TrialConfig,
-    init: ResolvedInit,
-    *,
-    m: int,
-    kind: AuditKind,
-    confidence: float = DEFAULT_CONFIDENCE,
-    data: TrialData | None = None,
-    real_records: int | None = None,
-) -> AuditResult:
-    """One-run privacy audit of one planned private trial (what ``dpsweep audit`` calls per grid point).
-
-    Args:
-        cfg: a calibrated private trial config (as the sweep plans it).
-        init: its resolved init.
-        m: number of canaries.
-        kind: ``white_box`` (Dirac gradient canaries through the engine) or ``black_box`` (input canaries
-            through the real trial loop).
-        confidence: 1 - beta of the lower bound.
-        data: optional `trainables.train.TrialData` (default: the trial's prepared cache).
-        real_records: white-box only: train on the first this many real records (None = all).
-    """
-    if kind == "white_box":
-        return run_white_box_audit(cfg, init, m=m, confidence=confidence, real_records=real_records, data=data)
-    if kind == "black_box":
-        if real_records is not None:
-            raise ValueError("real_records applies to white-box audits only (black-box trains the whole trial)")
-        return run_black_box_audit(cfg, init, m=m, confidence=confidence, data=data)
-    raise ValueError(f"audit kind {kind!r} is not one of {AUDIT_KINDS}")
