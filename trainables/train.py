@@ -102,7 +102,6 @@ def train_trial(
     """Train and evaluate one trial, resuming from the checkpoint ``state`` when given: set up, the epoch loop, the
     final evaluation (module docstring)."""
     privacy = cfg.privacy
-    refuse_unsupported(cfg)
     torch.set_num_threads(cfg.speed.threads)
     device = resolve_device(cfg.speed.device)
     settings = step_settings(cfg.speed, device)  # fixed shapes, precision, CUDA kernels: speed only
@@ -160,35 +159,6 @@ def train_trial(
         report(metrics | system, train.state_dict())  # timing stays out of the history (names.SYSTEM_PREFIX)
 
     return final_evaluation(train, data)
-
-
-def refuse_unsupported(cfg: TrialConfig) -> None:
-    """Refuse the combinations a private patient-level trial does not support yet (before any data is read).
-
-    Single-config invariants: they belong in the config classes' checks and go away once those hold them.
-
-    Raises:
-        ValueError: ``pos_weight: train``, the ``bk`` engine, bf16 or fixed shapes with ``privacy_unit: patient``.
-    """
-    privacy, speed = cfg.privacy, cfg.speed
-    if not (privacy.is_private and privacy.privacy_unit == "patient"):
-        return
-    if cfg.pos_weight == "train":
-        raise ValueError(
-            "training.pos_weight: train is not available with privacy.privacy_unit: patient (the label "
-            "counts of all of a patient's images would need a patient-level sensitivity); use uniform"
-        )
-    if speed.grad_sample_mode == "bk":
-        raise ValueError(
-            "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the "
-            "book-keeping engine does not group per-sample norms by patient yet"
-        )
-    if speed.precision != "fp32" or speed.fixed_shapes == "on":
-        raise ValueError(
-            f"privacy.privacy_unit: patient with speed.precision={speed.precision!r}, speed.fixed_shapes="
-            f"{speed.fixed_shapes!r}: patient-level steps run in float32 and in chunks of whole patients, never "
-            "padded; set speed.precision: fp32 and speed.fixed_shapes: auto or off"
-        )
 
 
 def training_records(cfg: TrialConfig, train: CacheSplitDataset, device: torch.device) -> TrainingRecords:
