@@ -9,6 +9,8 @@ does not know is returned unchanged (it is still a valid, if raw, label).
 
 from __future__ import annotations
 
+import functools
+
 from trainables import names
 from trainables.data.labels import LABELS
 from trainables.evaluate.fairness import ATTRIBUTES
@@ -78,31 +80,48 @@ def metric_label(key: str) -> str:
     """
     if key in METRIC_LABELS:
         return METRIC_LABELS[key]
-    if key in _FAIRNESS_WORDS:  # a family alone, as a column of the fairness tables
-        return _FAIRNESS_WORDS[key]
+    return _fixed_labels().get(key) or _subgroup_label(key) or _external_label(key) or key
+
+
+@functools.cache
+def _fixed_labels() -> dict[str, str]:
+    """Labels of every key the name functions make from the fixed attributes, splits, families and labels (the first
+    rule that names a key wins)."""
+    labels = dict(_FAIRNESS_WORDS)  # a family alone, as a column of the fairness tables
     for attribute in ATTRIBUTES:
-        if key == names.auroc_gap_at_epoch(attribute):
-            return f"AUROC gap ({attribute}, per epoch)"
-        if key == names.val_selected_auroc_gap(attribute):
-            return f"Validation AUROC gap ({attribute}, selected epoch)"
+        labels.setdefault(names.auroc_gap_at_epoch(attribute), f"AUROC gap ({attribute}, per epoch)")
+        labels.setdefault(
+            names.val_selected_auroc_gap(attribute), f"Validation AUROC gap ({attribute}, selected epoch)"
+        )
         for split, word in SPLITS.items():
             prefix = "" if split == "test" else f"{word} "
             for family, words in _FAIRNESS_WORDS.items():
-                if key == names.fairness(split, family, attribute):
-                    return f"{prefix}{words} ({attribute})"
-            if key == names.auroc_gap_label_mean(split, attribute):
-                return f"{prefix}AUROC gap, label mean ({attribute})"
-            if key == names.worst_group_auroc(split, attribute):
-                return f"{prefix}Worst-group macro AUROC ({attribute})"
+                labels.setdefault(names.fairness(split, family, attribute), f"{prefix}{words} ({attribute})")
+            labels.setdefault(
+                names.auroc_gap_label_mean(split, attribute), f"{prefix}AUROC gap, label mean ({attribute})"
+            )
+            labels.setdefault(
+                names.worst_group_auroc(split, attribute), f"{prefix}Worst-group macro AUROC ({attribute})"
+            )
+    for split, word in SPLITS.items():
+        for label in LABELS:
+            labels.setdefault(names.auroc(split, label), f"{word} AUROC ({label.replace('_', ' ')})")
+    return labels
+
+
+def _subgroup_label(key: str) -> str | None:
+    """``<word> macro AUROC (<attribute> <group>)`` for a subgroup's AUROC key, any group name."""
+    for attribute in ATTRIBUTES:
+        for split, word in SPLITS.items():
             group = key.removeprefix(names.subgroup_auroc(split, attribute, ""))
             if group != key and group and key == names.subgroup_auroc(split, attribute, group):
                 return f"{word} macro AUROC ({attribute} {group})"
-    for split, word in SPLITS.items():
-        for label in LABELS:
-            if key == names.auroc(split, label):
-                return f"{word} AUROC ({label.replace('_', ' ')})"
+    return None
+
+
+def _external_label(key: str) -> str | None:
     if key.startswith("external/"):
         dataset = key.removeprefix("external/").rpartition("/")[0]
         if dataset and key == names.external_auroc(dataset):
             return f"External macro AUROC ({dataset})"
-    return key
+    return None

@@ -119,55 +119,71 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
         raw["models"] = raw.pop("model")
     top = {f.name: f for f in fields(SweepSpec) if f.name not in ("source", "axes")}
     _reject_unknown(raw, top, "", source)
-    top_types = typing.get_type_hints(SweepSpec)
-    values: dict[str, Any] = {"source": source}
-    axes: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in SECTIONS:
-            values[key] = _coerce(value, top_types[key], key, source)
-            continue
-        if value is None and key in OPTIONAL_SECTIONS:
-            values[key] = None
-            continue
-        if not isinstance(value, dict):
-            raise SpecError(f"{source}: `{key}` must be a mapping of settings, got {value!r}")
-        section = dict(value)
-        for path, (axis, kind) in AXES.items():
-            if path.startswith(f"{key}.") and path.split(".")[1] in section:
-                given = section.pop(path.split(".")[1])
-                if axis == "max_grad_norm" and isinstance(given, dict):
-                    axes[axis] = _clip_norms_by_model(given, source)
-                else:
-                    axes[axis] = _coerce(given, kind, path, source)
-        values[key] = _build(SECTIONS[key], section, key, source)
+    values, axes = _sections_and_axes(raw, source)
     for required in ("name", "data", "models", "inits", "privacy"):
         if required not in values:
             shown = "model" if required == "models" else required
             raise SpecError(f"{source}: required field `{shown}` is missing")
     if values.get("search") == "optuna":
-        for name in OptunaSpec.RANGES:
-            for grid_section in ("privacy", "training"):
-                if name in (raw.get(grid_section) or {}):
-                    raise SpecError(
-                        f"{source}: `{grid_section}.{name}` is a grid setting; with `search: optuna` give the "
-                        f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)"
-                    )
-        values.setdefault("optuna", OptunaSpec())
-        axes.setdefault("max_grad_norm", {})  # searched: `optuna.max_grad_norm`
+        _optuna_defaults(raw, values, axes, source)
     if "target_epsilon" not in axes:
         raise SpecError(
             f"{source}: required field `privacy.target_epsilon` is missing; list targets such as [1, 3, 8, .inf]"
         )
     clips = axes.get("max_grad_norm", (PrivacyConfig.max_grad_norm,))  # the field's default, alone
-    if not isinstance(clips, dict):
-        clips = dict.fromkeys(values["models"], clips)
-    axes["max_grad_norm"] = clips
+    axes["max_grad_norm"] = clips if isinstance(clips, dict) else dict.fromkeys(values["models"], clips)
     if values.get("pretrain") is not None and "data" in values:
         data = values["data"]
         values["pretrain"] = replace(values["pretrain"], input_mean=data.input_mean, input_std=data.input_std)
     spec = SweepSpec(**values, axes=GridAxes(**axes))
     validate(spec)
     return spec
+
+
+def _sections_and_axes(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sweep's top-level values and sections (`SECTIONS`, built), and the grid axes given inside them (`AXES`)."""
+    top_types = typing.get_type_hints(SweepSpec)
+    values: dict[str, Any] = {"source": source}
+    axes: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            values[key] = _coerce(value, top_types[key], key, source)
+        elif value is None and key in OPTIONAL_SECTIONS:
+            values[key] = None
+        elif not isinstance(value, dict):
+            raise SpecError(f"{source}: `{key}` must be a mapping of settings, got {value!r}")
+        else:
+            section = dict(value)
+            axes |= _axes_of_section(key, section, source)  # pops them from the section
+            values[key] = _build(SECTIONS[key], section, key, source)
+    return values, axes
+
+
+def _axes_of_section(key: str, section: dict[str, Any], source: str) -> dict[str, Any]:
+    """The grid axes given in section ``key``, removed from ``section``."""
+    axes: dict[str, Any] = {}
+    for path, (axis, kind) in AXES.items():
+        name = path.split(".")[1]
+        if path.startswith(f"{key}.") and name in section:
+            given = section.pop(name)
+            if axis == "max_grad_norm" and isinstance(given, dict):
+                axes[axis] = _clip_norms_by_model(given, source)
+            else:
+                axes[axis] = _coerce(given, kind, path, source)
+    return axes
+
+
+def _optuna_defaults(raw: dict[str, Any], values: dict[str, Any], axes: dict[str, Any], source: str) -> None:
+    """`search: optuna`: grid settings of the searched fields are refused; the section defaults; clips are searched."""
+    for name in OptunaSpec.RANGES:
+        for grid_section in ("privacy", "training"):
+            if name in (raw.get(grid_section) or {}):
+                raise SpecError(
+                    f"{source}: `{grid_section}.{name}` is a grid setting; with `search: optuna` give the "
+                    f"range `optuna.{name}` instead (e.g. [low, high], or [value] to fix it)"
+                )
+    values.setdefault("optuna", OptunaSpec())
+    axes.setdefault("max_grad_norm", {})  # searched: `optuna.max_grad_norm`
 
 
 def _clip_norms_by_model(given: dict[Any, Any], source: str) -> dict[str, tuple[float, ...]]:
@@ -232,27 +248,24 @@ def _coerce(value: Any, kind: Any, where: str, source: str) -> Any:
     if origin is tuple:
         items = value if isinstance(value, list) else [value]
         return tuple(_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(items))
+    scalar = _SCALARS.get(dict if origin is dict else kind)
+    if scalar is None:
+        raise AssertionError(f"unhandled type {kind} for {where}")
     try:
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return {str(k): str(v) for k, v in value.items()}
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind is str:
-            if isinstance(value, dict | list):
-                raise TypeError
-            return str(value)
+        return scalar(value)
     except (TypeError, ValueError):
         raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
-    raise AssertionError(f"unhandled type {kind} for {where}")
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(value)
+
+
+_SCALARS: dict[Any, Any] = {
+    dict: lambda v: {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else _refuse(v),
+    float: lambda v: _refuse(v) if isinstance(v, bool) else float(v),
+    int: lambda v: _refuse(v) if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) else int(v),
+    bool: lambda v: v if isinstance(v, bool) else _refuse(v),
+    str: lambda v: _refuse(v) if isinstance(v, dict | list) else str(v),
+}
+"""Scalar conversions of `_coerce`; each raises TypeError or ValueError for a value that is not of its kind."""
