@@ -26,8 +26,8 @@ setup: $(STAMP)  ## create .venv and install dpsweep with its dev tools
 sweep: $(STAMP)  ## run (or resume) the sweep in SPEC (default: the embedded synthetic smoke sweep)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dpsweep sweep $(SPEC)
 
-test: $(STAMP)  ## run all tests (fast and slow tiers)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP)  ## run all tests (fast and slow tiers); prints the 25 slowest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## run the fast tier only
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
