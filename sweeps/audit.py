@@ -16,10 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from sweeps.plan import Log, PlannedTrial, SweepPaths, plan_sweep
+from sweeps.plan import Log, SweepPaths, plan_sweep
 from sweeps.spec import AuditSpec, SpecError, SweepSpec
 from trainables import names as N
 from trainables.config import is_private
+from trainables.point import TrialPoint
 
 AUDIT_COLUMNS = {
     "trial": "trial",
@@ -34,10 +35,10 @@ AUDIT_COLUMNS = {
 }
 
 
-def audited_trials(spec: SweepSpec, trials: list[PlannedTrial], audit: AuditSpec) -> list[PlannedTrial]:
+def audited_trials(spec: SweepSpec, trials: list[TrialPoint], audit: AuditSpec) -> list[TrialPoint]:
     """The first planned trial of every private cell whose target the audit covers (all private ones by default)."""
     targets = set(audit.target_epsilon) or {e for e in spec.axes.target_epsilon if is_private(e)}
-    chosen: dict[tuple[str, str, str, float], PlannedTrial] = {}
+    chosen: dict[tuple[str, str, str, float], TrialPoint] = {}
     for trial in trials:
         c = trial.config
         cell = (c.model, c.dataset, c.init, c.privacy.target_epsilon)
@@ -93,7 +94,7 @@ def run_audits(
     return table
 
 
-def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: PlannedTrial, result: Any) -> None:
+def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: TrialPoint, result: Any) -> None:
     """One MLflow run per audit, a child of the sweep's parent run (never read back as a trial)."""
     import mlflow.tracking
     from mlflow.entities import Metric, Param

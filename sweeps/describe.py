@@ -123,23 +123,23 @@ def dry_run_report(plan: SweepPlan) -> str:
     else:
         epochs = max(spec.optuna.epochs)
         for cell in spec.cells():
-            n_train = plan.datasets[cell["dataset"]].n_train
+            n_train = plan.datasets[cell.dataset].n_train
             estimate = trial_gpu_seconds(
                 measured,
-                cell["model"],
+                cell.model,
                 spec.data.image_size,
                 spec.speed.grad_sample_mode,
                 n_train,
                 1,
                 epochs * n_train,
                 epochs,
-                is_private(cell["target_epsilon"]),
+                is_private(cell.target_epsilon),
             )
             if estimate is None:
-                unknown.append(cell["model"])
+                unknown.append(cell.model)
             else:
                 total += estimate[0] * spec.optuna.trials_per_target
-                bases.add(f"{cell['model']}: {estimate[1]}, at the largest epochs {epochs}")
+                bases.add(f"{cell.model}: {estimate[1]}, at the largest epochs {epochs}")
     if spec.pretrain is not None and "domain" in spec.inits and plan.pretrain_n:
         for model in spec.models:  # the pretrain stage: non-private, once per model (cached afterwards)
             estimate = trial_gpu_seconds(

@@ -14,37 +14,35 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
-from sweeps.plan import (
-    DatasetPlan,
-    Log,
-    SweepPaths,
-    SweepPlan,
-    cell_key,
-    cell_prefix,
-    cell_privacy,
-    make_trial,
-    plan_sweep,
-    provenance_tags,
-    spec_fingerprint,
-)
+from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint
 from sweeps.results import ray_results, run_ids
-from sweeps.spec import GridPoint, SpecError, SweepSpec
+from sweeps.spec import SpecError, SweepSpec
 from sweeps.tuning_cost import tuning_summary
 from trainables import names as N
-from trainables.models import ResolvedInit
-from trainables.privacy.planning import plan_privacy
+from trainables.point import POINT
 
-STATE_FORMAT = 2
-"""Version of ``sweep.json`` and of the sweep-file vocabulary it was planned with (2: fields named after the trial
-settings they set). A sweep started by an older dpsweep is refused with the way out, never half-resumed."""
+if TYPE_CHECKING:
+    from ray.tune import TuneConfig
+
+STATE_FORMAT = 3
+"""Version of ``sweep.json`` and of what the sweep was started with. 2: sweep-file fields named after the trial
+settings they set; 3: typed trial points (`trainables.point.TrialPoint`; the Optuna searcher Ray saves holds them). A
+grid sweep of format 2 resumes (`TrialPoint.from_ray` reads the points it gave Ray); an older sweep, or an Optuna
+sweep of format 2, is refused with the way out (`RESUMABLE_FORMATS`), never half-resumed."""
+RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {"grid": (2, STATE_FORMAT), "optuna": (STATE_FORMAT,)}
+"""Search mode -> the state formats a sweep of that mode resumes from."""
+FORMAT_CHANGES = {
+    1: "sweep-file fields were renamed",
+    2: "the Optuna searcher Ray saved holds types this dpsweep no longer has",
+}
+"""State format -> why a sweep of that format (and mode) cannot be resumed by this dpsweep."""
 
 
 def run_sweep(
@@ -58,11 +56,13 @@ def run_sweep(
         _remove_sweep(spec, paths)
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        if state.get("format") != STATE_FORMAT:
+        started = state.get("format", 1)
+        if started not in RESUMABLE_FORMATS[spec.search]:
+            change = FORMAT_CHANGES.get(started, "a format this dpsweep does not know")
             raise SpecError(
                 f"{spec.source}: the sweep {spec.name!r} in {paths.runs_root} was started by an earlier dpsweep "
-                f"(state format {state.get('format', 1)}, now {STATE_FORMAT}: sweep-file fields were renamed); its "
-                "results stay where they are; run again with --fresh to start it over, or change `name`"
+                f"(state format {started}, now {STATE_FORMAT}: {change}); its results stay where they are; run again "
+                "with --fresh to start it over, or change `name`"
             )
         if state["fingerprint"] != fingerprint:
             raise SpecError(
@@ -129,12 +129,10 @@ def run_sweep(
         log(f"resuming sweep {spec.name!r} from {experiment_path}")
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
     else:
-        callback = MlflowSweepCallback(paths.tracking_uri, experiment_id, parent, spec.name)
+        callback = MlflowSweepCallback(paths.tracking_uri, experiment_id, parent)
         tuner = tune.Tuner(
             trainable,
-            param_space=(
-                {"point": tune.grid_search([t.as_ray_point() for t in plan.trials])} if spec.search == "grid" else {}
-            ),
+            param_space=({POINT: tune.grid_search([t.to_ray() for t in plan.trials])} if spec.search == "grid" else {}),
             tune_config=_tune_config(plan),
             run_config=tune.RunConfig(
                 name=spec.name,
@@ -167,7 +165,7 @@ def run_sweep(
     return trials
 
 
-def _tune_config(plan: SweepPlan) -> Any:
+def _tune_config(plan: SweepPlan) -> TuneConfig:
     """Grid: one Ray trial per grid point. Optuna: `PrivateOptunaSearch` behind a concurrency limit.
     Either may use ASHA early stopping on the validation macro AUROC the trial would select so far (reported every
     epoch and in the final report, as Ray requires of a scheduler's metric)."""
@@ -191,88 +189,10 @@ def _tune_config(plan: SweepPlan) -> Any:
         )
     if spec.optuna is None:
         return tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent or None, scheduler=scheduler)
+    from sweeps.search import optuna_searcher
+
     searcher = ConcurrencyLimiter(optuna_searcher(plan), max_concurrent=spec.optuna.max_concurrent)
     return tune.TuneConfig(search_alg=searcher, num_samples=plan.n_trials, scheduler=scheduler)
-
-
-def optuna_searcher(plan: SweepPlan) -> Any:
-    """The sweep's `sweeps.search.PrivateOptunaSearch` (studies persisted in ``runs/<sweep>/optuna.db``)."""
-    from sweeps.search import Cell, PrivateOptunaSearch, Ranges
-
-    spec, o = plan.spec, plan.spec.optuna
-    assert o is not None
-    cells = [
-        Cell(
-            cell_prefix(spec, c["model"], c["dataset"]) + cell_key(c["init"], c["target_epsilon"]),
-            c["model"],
-            c["dataset"],
-            c["init"],
-            c["target_epsilon"],
-            plan.datasets[c["dataset"]].n_train,
-            cell_privacy(spec, c["target_epsilon"], "image"),  # Optuna sweeps are image-level
-        )
-        for c in spec.cells()
-    ]
-    ranges = Ranges(**{name: getattr(o, name) for name in o.RANGES})
-    factory = OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags())
-    sweep_dir = plan.paths.sweep_dir(spec)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    return PrivateOptunaSearch(
-        cells,
-        factory,
-        ranges=ranges,
-        objectives=o.objectives,
-        trials_per_cell=o.trials_per_target,
-        sampler=o.sampler,
-        seed=o.seed,
-        max_proposals=o.max_proposals,
-        study_prefix=spec.name,
-        storage_url=f"sqlite:///{sweep_dir / N.OPTUNA_DB_FILE}",
-    )
-
-
-@dataclass(frozen=True)
-class OptunaTrialFactory:
-    """Turns an Optuna proposal for a cell into the same Ray trial point grid mode runs (picklable: Ray saves
-    the searcher with the experiment)."""
-
-    spec: SweepSpec
-    paths: SweepPaths
-    datasets: dict[str, DatasetPlan]
-    inits: dict[tuple[str, str], ResolvedInit]
-    provenance_tags: dict[str, str]
-
-    def __call__(self, cell: Any, proposal: dict[str, Any]) -> dict[str, Any]:
-        point = GridPoint(
-            model=cell.model,
-            dataset=cell.dataset,
-            init=cell.init,
-            target_epsilon=cell.target_epsilon,
-            max_grad_norm=proposal.get("max_grad_norm", 0.0),
-            lr=proposal["lr"],
-            seed=self.spec.axes.seed[0],
-            privacy_unit=self.spec.axes.privacy_unit[0],  # image: Optuna sweeps are image-level
-        )
-        dataset = self.datasets[cell.dataset]
-        privacy = replace(
-            cell_privacy(self.spec, cell.target_epsilon, point.privacy_unit),
-            expected_batch_size=int(proposal["expected_batch_size"]),
-            epochs=int(proposal["epochs"]),
-        )
-        trial = make_trial(
-            self.spec,
-            self.paths,
-            dataset,
-            self.inits[(cell.model, cell.init)],
-            point,
-            f"{cell.key}-t{proposal['optuna_number']:03d}",
-            privacy=plan_privacy(
-                privacy, dataset.n_records(point.privacy_unit), noise_multiplier=proposal.get("noise_multiplier")
-            ),
-            provenance_tags=self.provenance_tags,
-            extra_params={"optuna_trial": proposal["optuna_number"], "planned_epsilon": proposal["planned_epsilon"]},
-        )
-        return {"point": trial.as_ray_point()}
 
 
 def _write_state(path: Path, fingerprint: str, status: str) -> None:

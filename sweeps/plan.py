@@ -21,11 +21,13 @@ from typing import Any
 
 import pandas as pd
 
+from sweeps.schema import TrialName
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
-from trainables.config import PrivacyConfig, PrivacyUnit, TrialConfig, is_private
+from trainables.config import PrivacyConfig, PrivacyUnit, is_private
 from trainables.data.registry import ensure_prepared
 from trainables.models import InitError, ResolvedInit, resolve_init
+from trainables.point import TrialPoint, run_tags
 from trainables.pretrain import pretrain_dir, run_pretrain
 from trainables.privacy.guarantee import guarantee_statement, has_dp_guarantee
 from trainables.privacy.label_counts import DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER
@@ -62,26 +64,6 @@ class SweepPaths:
 
 
 @dataclass(frozen=True)
-class PlannedTrial:
-    """One grid point, ready for Ray: its key, config, resolved init, and what MLflow records."""
-
-    key: str
-    config: TrialConfig
-    init: ResolvedInit
-    params: dict[str, Any]
-    tags: dict[str, str]
-
-    def as_ray_point(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "trial": self.config.to_flat(),
-            "init": asdict(self.init),
-            "params": self.params,
-            "tags": self.tags,
-        }
-
-
-@dataclass(frozen=True)
 class DatasetPlan:
     """A training set's size and, for the sweep's batch size and epochs, its (image-level) sampling rate and steps.
 
@@ -113,7 +95,7 @@ class DatasetPlan:
 class SweepPlan:
     spec: SweepSpec
     paths: SweepPaths
-    trials: list[PlannedTrial]  # grid mode; empty for search: optuna (trials are proposed while it runs)
+    trials: list[TrialPoint]  # grid mode; empty for search: optuna (trials are proposed while it runs)
     datasets: dict[str, DatasetPlan]
     privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = field(default_factory=dict)
     """(dataset, target epsilon, unit) -> the planned privacy config of that cell (`plan_privacy`; grid mode)."""
@@ -129,22 +111,22 @@ class SweepPlan:
         return len(self.trials)
 
 
-def trial_key(spec: SweepSpec, point: GridPoint) -> str:
+def trial_name(spec: SweepSpec, point: GridPoint) -> TrialName:
     """``<init>-eps<eps>-clip<C>-lr<lr>-seed<seed>``, prefixed by the model and dataset when the sweep has
     several of them (``convnext_small-chexpert-imagenet-eps1-...``), and followed by ``-image``/``-patient`` when it
-    has both privacy units."""
-    key = f"{cell_key(point.init, point.target_epsilon)}-clip{point.max_grad_norm:g}-lr{point.lr:g}-seed{point.seed}"
-    unit = f"-{point.privacy_unit}" if len(spec.axes.privacy_unit) > 1 else ""
-    return cell_prefix(spec, point.model, point.dataset) + key + unit
+    has both privacy units; run name ``<init> ε<eps> c<C> lr<lr> s<seed>`` with the same prefix and unit."""
+    name = point.cell.name.then(
+        f"-clip{point.max_grad_norm:g}-lr{point.lr:g}-seed{point.seed}",
+        f" c{point.max_grad_norm:g} lr{point.lr:g} s{point.seed}",
+    )
+    if len(spec.axes.privacy_unit) > 1:
+        name = name.then(f"-{point.privacy_unit}", f" {point.privacy_unit}")
+    return name
 
 
-def cell_key(init: str, target_epsilon: float) -> str:
-    eps = "inf" if math.isinf(target_epsilon) else f"{target_epsilon:g}"
-    return f"{init}-eps{eps}"
-
-
-def cell_prefix(spec: SweepSpec, model: str, dataset: str) -> str:
-    return (f"{model}-" if len(spec.models) > 1 else "") + (f"{dataset}-" if len(spec.data.train) > 1 else "")
+def trial_key(spec: SweepSpec, point: GridPoint) -> str:
+    """The grid point's key (`trial_name`)."""
+    return trial_name(spec, point).key
 
 
 FINGERPRINT_PRIVACY_PLACEHOLDERS: dict[str, Any] = {
@@ -232,7 +214,7 @@ def plan_sweep(
                     dataset,
                     inits[(point.model, point.init)],
                     point,
-                    trial_key(spec, point),
+                    trial_name(spec, point),
                     privacy=privacy_plans[(dataset.name, point.target_epsilon, point.privacy_unit)],
                     provenance_tags=tags,
                 )
@@ -319,17 +301,18 @@ def make_trial(
     dataset: DatasetPlan,
     init: ResolvedInit,
     point: GridPoint,
-    key: str,
+    name: TrialName,
     *,
     privacy: PrivacyConfig,
     provenance_tags: dict[str, str],
     extra_params: dict[str, Any] | None = None,
-) -> PlannedTrial:
-    """One trial (grid point or Optuna proposal): its config (`SweepSpec.trial_config` with the planned privacy),
-    MLflow params (`TrialConfig.to_flat` plus the training-set size and the search mode) and tags. ``privacy`` is
-    the cell's planned config (`plan_privacy` for the point's dataset, target and unit): the trial takes its planned
-    fields; its clip norm is the point's."""
-    private = is_private(point.target_epsilon)
+) -> TrialPoint:
+    """One trial (grid point or Optuna proposal), the one place a trial is made: its config
+    (`SweepSpec.trial_config` with the planned privacy), MLflow params (`TrialConfig.to_flat` plus the training-set
+    size and the search mode), its run's tags (`trainables.point.run_tags`, the privacy setup, ``provenance_tags``)
+    and its key and run name (``name``: `trial_name`, or an Optuna proposal's). ``privacy`` is the cell's planned
+    config (`plan_privacy` for the point's dataset, target and unit): the trial takes its planned fields; its clip
+    norm is the point's."""
     unit = point.privacy_unit
     n_records = dataset.n_records(unit)
     config = spec.trial_config(
@@ -354,7 +337,6 @@ def make_trial(
         for k, v in {
             "privacy_unit": p.privacy_unit,
             "accountant": p.accountant,
-            "private": str(private).lower(),
             "adjacency": f"add/remove one {p.privacy_unit}; N_{'train' if unit == 'image' else 'patients'} treated as "
             "public",
             "dp_guarantee": str(has_dp_guarantee(p)).lower(),
@@ -367,7 +349,9 @@ def make_trial(
             "search": spec.search,
         }.items()
     }
-    return PlannedTrial(key, config, init, params, {**tags, **provenance_tags})
+    return TrialPoint(
+        name.key, name.run_name, config, init, params, {**run_tags(name.key, config), **tags, **provenance_tags}
+    )
 
 
 def _resolve(

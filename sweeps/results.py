@@ -29,6 +29,7 @@ from analysis.tables import (
 from sweeps.plan import SweepPaths
 from sweeps.spec import SweepSpec
 from trainables import names as N
+from trainables.point import POINT, TrialPoint
 
 TableSource = Literal["auto", "ray", "mlflow"]
 TABLE_SOURCES: tuple[str, ...] = ("auto", "ray", "mlflow")
@@ -106,7 +107,7 @@ def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "au
 
 
 def trial_record(
-    point: dict[str, Any], final: dict[str, Any], history: pd.DataFrame | None, status: str, error: str | None
+    point: TrialPoint, final: dict[str, Any], history: pd.DataFrame | None, status: str, error: str | None
 ) -> TrialRecord:
     """One trial as a plain record for `analysis.tables.build_tables` (analysis never imports Ray).
 
@@ -124,11 +125,11 @@ def trial_record(
             history = history[history[N.BEST_EPOCH].isna()]
         epoch_rows = history.to_dict("records")
     return TrialRecord(
-        key=point["key"],
+        key=point.key,
         status=N.TERMINATED if finished and status != N.ERROR else status,
         error=error,
-        params=point["params"],
-        tags=point["tags"],
+        params=point.params,
+        tags=point.tags,
         final=final if finished else {},
         epochs=epoch_rows,
     )
@@ -157,7 +158,7 @@ def experiment_records(experiment: Path) -> list[TrialRecord]:
             saved = folder.final_report()
             if saved is not None:
                 final, history = saved, folder.final_table(N.EPOCHS_FILE)
-        records.append(trial_record(trial.config["point"], final, history, status, error))
+        records.append(trial_record(TrialPoint.from_ray(trial.config[POINT]), final, history, status, error))
     return records
 
 

@@ -13,6 +13,7 @@ grid point in one construction, so every config check sees a real trial.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -129,17 +130,73 @@ class GridAxes:
 
 
 @dataclass(frozen=True)
-class GridPoint:
-    """One trial of a grid: the values of every axis."""
+class TrialName:
+    """A trial's key and its MLflow run name, written from the same parts (so distinct keys keep distinct names).
+
+    Attributes:
+        key: unique in the sweep: Ray's trial point, the ``dpsweep.trial_key`` tag, the tables' ``trial`` column
+            (``random-eps8-clip1-lr0.002-seed0``).
+        run_name: short, for the MLflow runs list (``random ε8 c1 lr0.002 s0``).
+    """
+
+    key: str
+    run_name: str
+
+    def then(self, key_part: str, name_part: str) -> TrialName:
+        """This name followed by one more part: ``then("-t007", " t007")``."""
+        return TrialName(self.key + key_part, self.run_name + name_part)
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One (model, dataset, init, target epsilon) combination: the grid's outer axes, and one Optuna study.
+
+    ``prefix`` is ``<model>-`` and ``<dataset>-`` when the sweep has several of them (`SweepSpec.cells`)."""
 
     model: str
     dataset: str
     init: str
     target_epsilon: float
+    prefix: str = ""
+
+    @property
+    def name(self) -> TrialName:
+        """``<prefix><init>-eps<eps>`` (``eps8``, ``eps0.5``, ``epsinf``), named ``<prefix><init> ε<eps>`` (``ε∞``)."""
+        private = not math.isinf(self.target_epsilon)
+        eps = f"{self.target_epsilon:g}" if private else "inf"
+        stem = f"{self.prefix}{self.init}"
+        return TrialName(f"{stem}-eps{eps}", f"{stem} ε{eps if private else '∞'}")
+
+    @property
+    def key(self) -> str:
+        return self.name.key
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One trial of a grid (or an Optuna proposal): its cell and the values of the inner axes."""
+
+    cell: GridCell
     max_grad_norm: float
     lr: float
     seed: int
     privacy_unit: PrivacyUnit
+
+    @property
+    def model(self) -> str:
+        return self.cell.model
+
+    @property
+    def dataset(self) -> str:
+        return self.cell.dataset
+
+    @property
+    def init(self) -> str:
+        return self.cell.init
+
+    @property
+    def target_epsilon(self) -> float:
+        return self.cell.target_epsilon
 
 
 @dataclass(frozen=True)
@@ -170,17 +227,21 @@ class SweepSpec:
     description: str = ""
     source: str = ""
 
-    def cells(self) -> list[dict[str, Any]]:
-        """model x dataset x init x target epsilon: the grid's outer axes, and Optuna mode's studies."""
+    def cells(self) -> list[GridCell]:
+        """model x dataset x init x target epsilon: the grid's outer axes, and Optuna mode's studies, in a stable
+        order. Their keys name the model and the dataset when the sweep has several."""
         axes = itertools.product(self.models, self.data.train, self.inits, self.axes.target_epsilon)
-        return [dict(model=m, dataset=d, init=i, target_epsilon=e) for m, d, i, e in axes]
+        return [GridCell(m, d, i, e, self._cell_prefix(m, d)) for m, d, i, e in axes]
+
+    def _cell_prefix(self, model: str, dataset: str) -> str:
+        return (f"{model}-" if len(self.models) > 1 else "") + (f"{dataset}-" if len(self.data.train) > 1 else "")
 
     def grid(self) -> list[GridPoint]:
         """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit, in a stable order."""
         return [
-            GridPoint(**cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u)
+            GridPoint(cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u)
             for cell in self.cells()
-            for c in self.axes.max_grad_norm[cell["model"]]
+            for c in self.axes.max_grad_norm[cell.model]
             for lr in self.axes.lr
             for s in self.axes.seed
             for u in self.axes.privacy_unit

@@ -3,7 +3,12 @@
 The sweep's cells (model x dataset x init x target epsilon) each get their own Optuna study, persisted in
 ``runs/<sweep>/optuna.db`` (study ``<sweep>/<cell>``). One Ray Tune searcher, `PrivateOptunaSearch`, hands
 out trials round-robin over the cells, ``optuna.trials_per_target`` per cell, behind Ray's
-``ConcurrencyLimiter``.
+``ConcurrencyLimiter``; `launch` gets it from `optuna_searcher`.
+
+    SweepSpec.cells --study_cells--> [StudyCell] --FeasibleOptunaSearch.propose--> Proposal
+    --OptunaTrialFactory (sweeps.plan.make_trial, as in grid mode)--> TrialPoint --to_ray--> Ray
+
+The ranges are the ``optuna:`` section's (`sweeps.schema.OptunaSpec`, named after the trial fields they set).
 
 **Feasibility comes first.** Every proposal (noise multiplier sigma, expected batch size B, epochs, lr, clip)
 is checked with the sweep's accountant before it becomes a trial: planned as any trial is
@@ -29,15 +34,22 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags
+from sweeps.schema import GridCell, GridPoint, OptunaSampler, OptunaSpec, SweepSpec
 from trainables import names as M
 from trainables.config import PrivacyConfig, is_private
+from trainables.models import ResolvedInit
+from trainables.point import POINT, TrialPoint
 from trainables.privacy.planning import plan_privacy, planned_epsilon
 from trainables.trial import is_final_report
+
+if TYPE_CHECKING:
+    import optuna
 
 TRAINING_ITERATION = "training_iteration"
 CONSTRAINT = "epsilon_over_target"
@@ -56,128 +68,217 @@ def objective_mode(objective: str) -> str:
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One Optuna study: a (model, dataset, init, target epsilon) combination, its training-set size and its privacy
+class StudyCell:
+    """One Optuna study: a grid cell (model, dataset, init, target epsilon), its training-set size and its privacy
     config before planning (`sweeps.plan.cell_privacy`: delta, accountant, tolerance, label-count release); each
     proposal sets its batch size, epochs and sigma."""
 
-    key: str
-    model: str
-    dataset: str
-    init: str
-    target_epsilon: float
+    cell: GridCell
     n_train: int
     privacy: PrivacyConfig
 
+    @property
+    def key(self) -> str:
+        return self.cell.key
+
 
 @dataclass(frozen=True)
-class Ranges:
-    """What Optuna searches: ``(low, high)`` pairs (searched) or one value (fixed)."""
+class Proposal:
+    """A proposal the accountant accepted (`FeasibleOptunaSearch.propose`): the values Optuna chose, its Optuna trial
+    number and the epsilon its plan spends (inf for the non-private baseline, which searches no sigma and no clip)."""
 
-    noise_multiplier: tuple[float, ...]
-    expected_batch_size: tuple[int, ...]
-    epochs: tuple[int, ...]
-    lr: tuple[float, ...]
-    max_grad_norm: tuple[float, ...]
+    number: int
+    expected_batch_size: int
+    epochs: int
+    lr: float
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    planned_epsilon: float
+
+
+def study_cells(spec: SweepSpec, datasets: dict[str, DatasetPlan]) -> list[StudyCell]:
+    """The sweep's studies, one per cell (`SweepSpec.cells`), in its stable order; Optuna sweeps are image-level."""
+    return [
+        StudyCell(c, datasets[c.dataset].n_train, cell_privacy(spec, c.target_epsilon, "image")) for c in spec.cells()
+    ]
+
+
+def optuna_searcher(plan: SweepPlan) -> PrivateOptunaSearch:
+    """The sweep's searcher: one study per cell, persisted in ``runs/<sweep>/optuna.db``, proposing the trials that
+    `OptunaTrialFactory` makes."""
+    spec = plan.spec
+    assert spec.optuna is not None
+    sweep_dir = plan.paths.sweep_dir(spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return PrivateOptunaSearch(
+        study_cells(spec, plan.datasets),
+        OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags()),
+        settings=spec.optuna,
+        study_prefix=spec.name,
+        storage_url=f"sqlite:///{sweep_dir / M.OPTUNA_DB_FILE}",
+    )
+
+
+@dataclass(frozen=True)
+class OptunaTrialFactory:
+    """Turns an accepted proposal for a study into a trial, made as grid mode makes one (`sweeps.plan.make_trial`);
+    picklable: Ray saves the searcher with the experiment."""
+
+    spec: SweepSpec
+    paths: SweepPaths
+    datasets: dict[str, DatasetPlan]
+    inits: dict[tuple[str, str], ResolvedInit]
+    provenance_tags: dict[str, str]
+
+    def __call__(self, study: StudyCell, proposal: Proposal) -> TrialPoint:
+        cell = study.cell
+        point = GridPoint(
+            cell,
+            max_grad_norm=proposal.max_grad_norm or 0.0,  # the baseline clips nothing
+            lr=proposal.lr,
+            seed=self.spec.axes.seed[0],
+            privacy_unit=self.spec.axes.privacy_unit[0],  # image: Optuna sweeps are image-level
+        )
+        dataset = self.datasets[cell.dataset]
+        privacy = dataclasses.replace(
+            cell_privacy(self.spec, cell.target_epsilon, point.privacy_unit),
+            expected_batch_size=proposal.expected_batch_size,
+            epochs=proposal.epochs,
+        )
+        number = f"{proposal.number:03d}"
+        return make_trial(
+            self.spec,
+            self.paths,
+            dataset,
+            self.inits[(cell.model, cell.init)],
+            point,
+            cell.name.then(f"-t{number}", f" t{number}"),
+            privacy=plan_privacy(
+                privacy, dataset.n_records(point.privacy_unit), noise_multiplier=proposal.noise_multiplier
+            ),
+            provenance_tags=self.provenance_tags,
+            extra_params={"optuna_trial": proposal.number, "planned_epsilon": proposal.planned_epsilon},
+        )
+
+
+MakeTrial = Callable[[StudyCell, Proposal], TrialPoint]
+"""What turns an accepted proposal into a trial (`OptunaTrialFactory`)."""
 
 
 class FeasibleOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch for one cell, which never returns a proposal the accountant rejects."""
+    """Ray's OptunaSearch for one study, which never proposes what the accountant rejects (`propose`).
 
-    def __init__(self, cell: Cell, ranges: Ranges, *, max_proposals: int, **kwargs):
-        self.cell, self.ranges = cell, ranges
-        self.max_proposals = max_proposals
+    Args:
+        cell: the study's cell.
+        settings: the sweep's ``optuna:`` section: its ranges and ``max_proposals``.
+        kwargs: `OptunaSearch`'s (metric, mode, sampler, study name, storage).
+    """
+
+    def __init__(self, cell: StudyCell, settings: OptunaSpec, **kwargs: Any):
+        self.cell, self.settings = cell, settings
         self.infeasible = 0
         super().__init__(space=self._space, **kwargs)
 
-    def _space(self, trial) -> dict[str, Any]:
-        r, private = self.ranges, is_private(self.cell.target_epsilon)
+    @property
+    def private(self) -> bool:
+        return is_private(self.cell.cell.target_epsilon)
+
+    def _space(self, trial: optuna.Trial) -> dict[str, float | int]:
+        o = self.settings
         values = {
-            "expected_batch_size": _suggest(trial, "expected_batch_size", r.expected_batch_size, log=True),
-            "epochs": _suggest(trial, "epochs", r.epochs, log=False),
-            "lr": _suggest(trial, "lr", r.lr, log=True),
+            "expected_batch_size": _suggest(trial, "expected_batch_size", o.expected_batch_size, log=True),
+            "epochs": _suggest(trial, "epochs", o.epochs, log=False),
+            "lr": _suggest(trial, "lr", o.lr, log=True),
         }
-        if private:
-            values["noise_multiplier"] = _suggest(trial, "noise_multiplier", r.noise_multiplier, log=True)
-            values["max_grad_norm"] = _suggest(trial, "max_grad_norm", r.max_grad_norm, log=True)
+        if self.private:
+            values["noise_multiplier"] = _suggest(trial, "noise_multiplier", o.noise_multiplier, log=True)
+            values["max_grad_norm"] = _suggest(trial, "max_grad_norm", o.max_grad_norm, log=True)
         return values
 
-    def planned_epsilon(self, proposal: dict[str, Any]) -> float:
-        """Epsilon the proposal would spend over its planned steps (inf for the non-private baseline)."""
-        if not is_private(self.cell.target_epsilon):
+    def planned_epsilon(self, values: dict[str, Any]) -> float:
+        """Epsilon Optuna's values would spend over their planned steps (inf for the non-private baseline)."""
+        if not self.private:
             return math.inf
         privacy = dataclasses.replace(
-            self.cell.privacy,
-            expected_batch_size=int(proposal["expected_batch_size"]),
-            epochs=int(proposal["epochs"]),
+            self.cell.privacy, expected_batch_size=int(values["expected_batch_size"]), epochs=int(values["epochs"])
         )
         return planned_epsilon(
-            plan_privacy(privacy, self.cell.n_train, noise_multiplier=float(proposal["noise_multiplier"]))
+            plan_privacy(privacy, self.cell.n_train, noise_multiplier=float(values["noise_multiplier"]))
         )
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        for _ in range(self.max_proposals):
-            proposal = super().suggest(trial_id)
-            epsilon = self.planned_epsilon(proposal)
+    def propose(self, trial_id: str) -> Proposal:
+        """The next proposal within the cell's target; the rejected ones are told to Optuna and never trained.
+
+        Raises:
+            RuntimeError: ``optuna.max_proposals`` proposals in a row spend more than the target.
+        """
+        target = self.cell.cell.target_epsilon
+        for _ in range(self.settings.max_proposals):
+            values = super().suggest(trial_id)
+            assert values is not None  # a define-by-run space always proposes
+            epsilon = self.planned_epsilon(values)
             ot_trial = self._ot_trials[trial_id]
-            if not is_private(self.cell.target_epsilon) or epsilon <= self.cell.target_epsilon:
-                ot_trial.set_user_attr("planned_epsilon", epsilon)
-                return {**proposal, "optuna_number": ot_trial.number, "planned_epsilon": epsilon}
-            # Never trained: tell Optuna it violates the privacy constraint, then draw again.
             ot_trial.set_user_attr("planned_epsilon", epsilon)
-            ot_trial.set_constraint(CONSTRAINT, epsilon - self.cell.target_epsilon)
+            if not self.private or epsilon <= target:
+                sigma, clip = values.get("noise_multiplier"), values.get("max_grad_norm")
+                return Proposal(
+                    number=ot_trial.number,
+                    expected_batch_size=int(values["expected_batch_size"]),
+                    epochs=int(values["epochs"]),
+                    lr=float(values["lr"]),
+                    noise_multiplier=None if sigma is None else float(sigma),
+                    max_grad_norm=None if clip is None else float(clip),
+                    planned_epsilon=epsilon,
+                )
+            # Never trained: tell Optuna it violates the privacy constraint, then draw again.
+            ot_trial.set_constraint(CONSTRAINT, epsilon - target)
+            assert self._ot_study is not None  # set up in __init__: the space and metric are given
             self._ot_study.tell(ot_trial, state=_pruned())
             del self._ot_trials[trial_id]
             self.infeasible += 1
         raise RuntimeError(
-            f"optuna: {self.max_proposals} proposals in a row for {self.cell.key} spend more than epsilon "
-            f"{self.cell.target_epsilon:g}; widen optuna.noise_multiplier upwards or lower optuna.epochs / "
-            "optuna.expected_batch_size"
+            f"optuna: {self.settings.max_proposals} proposals in a row for {self.cell.key} spend more than epsilon "
+            f"{target:g}; widen optuna.noise_multiplier upwards or lower optuna.epochs / optuna.expected_batch_size"
         )
 
 
 class PrivateOptunaSearch(Searcher):
-    """Round-robin over the cells' `FeasibleOptunaSearch` studies; returns whole dpsweep trial points.
+    """Round-robin over the cells' `FeasibleOptunaSearch` studies; suggests whole dpsweep trial points.
 
     Args:
         cells: the studies, in a stable order.
-        make_point: ``(cell, proposal) -> {"point": ...}``, the same trial point grid mode runs.
-        objectives: objective names (`sweeps.schema.Objective`).
-        trials_per_cell: trials launched per cell.
+        make_trial: turns an accepted proposal into the trial (`OptunaTrialFactory`); Ray gets its `TrialPoint.to_ray`
+            under ``point``, as in grid mode.
+        settings: the sweep's ``optuna:`` section: ranges, objectives (`sweeps.schema.Objective`), trials per cell,
+            sampler and its seed (cell i's sampler is seeded ``seed + i``), ``max_proposals``.
         study_prefix: Optuna study names are ``<study_prefix>/<cell key>``.
         storage_url: Optuna RDB storage (e.g. ``sqlite:///runs/<sweep>/optuna.db``), or None for in-memory.
     """
 
     def __init__(
         self,
-        cells: list[Cell],
-        make_point: Callable[[Cell, dict[str, Any]], dict[str, Any]],
+        cells: list[StudyCell],
+        make_trial: MakeTrial,
         *,
-        ranges: Ranges,
-        objectives: tuple[str, ...],
-        trials_per_cell: int,
-        sampler: str,
-        seed: int,
-        max_proposals: int,
+        settings: OptunaSpec,
         study_prefix: str,
         storage_url: str | None,
     ):
-        self.objectives = objectives
-        metrics = [f"objective/{o}" for o in objectives]
-        modes = [objective_mode(o) for o in objectives]
+        self.objectives = settings.objectives
+        metrics = [f"objective/{o}" for o in self.objectives]
+        modes = [objective_mode(o) for o in self.objectives]
         # No metric at the Ray level: trials report validation keys that this class maps to the objectives
         # (Ray would otherwise insist that every report carries "objective/...").
         super().__init__(metric=None, mode=None)
-        self.cells, self.make_point, self.trials_per_cell = cells, make_point, trials_per_cell
+        self.cells, self.make_trial, self.trials_per_cell = cells, make_trial, settings.trials_per_target
         self.storage_url = storage_url
         self.searchers = {
             cell.key: FeasibleOptunaSearch(
                 cell,
-                ranges,
-                max_proposals=max_proposals,
+                settings,
                 metric=metrics if len(metrics) > 1 else metrics[0],
                 mode=modes if len(modes) > 1 else modes[0],
-                sampler=_sampler(sampler, seed + i),
+                sampler=_sampler(settings.sampler, settings.seed + i),
                 study_name=f"{study_prefix}/{cell.key}",
                 storage=_storage(storage_url),
             )
@@ -192,12 +293,12 @@ class PrivateOptunaSearch(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         open_cells = [c for c in self.cells if self.launched[c.key] < self.trials_per_cell]
         if not open_cells:
-            return Searcher.FINISHED
+            return Searcher.FINISHED  # type: ignore[return-value]  # Ray's end marker is a str
         cell = min(open_cells, key=lambda c: self.launched[c.key])  # round-robin, stable order on ties
-        proposal = self.searchers[cell.key].suggest(trial_id)
+        proposal = self.searchers[cell.key].propose(trial_id)
         self.launched[cell.key] += 1
         self.trial_cell[trial_id] = cell.key
-        return self.make_point(cell, proposal)
+        return {POINT: self.make_trial(cell, proposal).to_ray()}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         values = self._objective_values(result, selected=False)
@@ -243,7 +344,8 @@ class PrivateOptunaSearch(Searcher):
             self.__dict__.update(pickle.load(file))
 
 
-def _suggest(trial, name: str, bounds: tuple, log: bool):
+def _suggest(trial: optuna.Trial, name: str, bounds: tuple[float, ...] | tuple[int, ...], log: bool) -> float | int:
+    """Optuna's value for one range: ``[value]`` fixed, ``[low, high]`` searched (integers for integer bounds)."""
     if len(bounds) == 1:
         return bounds[0]
     low, high = bounds
@@ -252,13 +354,13 @@ def _suggest(trial, name: str, bounds: tuple, log: bool):
     return trial.suggest_float(name, float(low), float(high), log=log)
 
 
-def _pruned():
+def _pruned() -> optuna.trial.TrialState:
     from optuna.trial import TrialState
 
     return TrialState.PRUNED
 
 
-def _sampler(name: str, seed: int):
+def _sampler(name: OptunaSampler, seed: int) -> optuna.samplers.BaseSampler:
     import optuna
 
     if name == "random":
@@ -266,7 +368,7 @@ def _sampler(name: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)  # reads each trial's privacy constraint
 
 
-def _storage(url: str | None):
+def _storage(url: str | None) -> optuna.storages.RDBStorage | None:
     if url is None:
         return None
     import optuna

@@ -7,9 +7,10 @@ was killed is restarted by Ray from its final checkpoint and reports the same fi
 
 What a child run holds (Ray's results and trials.parquet keep everything, unchanged):
 
-- name: `child_run_name` (short; the key is the ``dpsweep.trial_key`` tag); tags: the trial's provenance and
-  ``dpsweep.private`` (`names.PRIVATE_TAG`); params: the trial's parameters and ``budget`` (`names.BUDGET_PARAM`:
-  ``eps=<target>`` or ``non-private``).
+- name, tags and params: the trial point's (`trainables.point.TrialPoint`, made with the trial): its short run name
+  (the key is the ``dpsweep.trial_key`` tag), its tags (sweep, role, key, ``dpsweep.private``, privacy setup,
+  provenance) plus the parent run and Ray's trial id, which only the driver knows; its params and ``budget``
+  (`names.BUDGET_PARAM`: ``eps=<target>`` or ``non-private``).
 - metrics: only headlines (`names.is_headline`, at most `names.MAX_HEADLINES` keys): every per-epoch metric at
   step = epoch, the final report's headlines at step 0. No infinite value is logged (MLflow's SQL stores cannot
   hold one): the only infinity a trial reports is a non-private run's epsilon, which therefore has no epsilon
@@ -30,6 +31,7 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +44,20 @@ from ray import tune
 from analysis.mlflow_source import experiment_artifact_location, run_artifact_repository, sqlite_path
 from sweeps.mlflow_ui import publish_views
 from trainables import names as M
-from trainables.config import is_private
 from trainables.names import (
-    BUDGET_PARAM,
     EVALUATION_ARTIFACT_DIR,
     FINAL_FILE,
     FINAL_MARKER,
     METRICS_FILE,
     PARENT_TAG,
-    PRIVATE_TAG,
     RAY_TRIAL_ID_TAG,
     REPORT_ARTIFACT_DIR,
     ROLE_TAG,
     SWEEP_TAG,
     TRIAL_KEY_TAG,
-    budget_value,
     is_headline,
 )
+from trainables.point import POINT, TrialPoint
 from trainables.trial import is_final_report
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -116,28 +115,6 @@ def find_parent_run(client: MlflowClient, experiment_id: str, sweep: str) -> str
     return found[0].info.run_id if found else None
 
 
-_RUN_NAME_PARTS = (
-    (re.compile(r"-epsinf(?=-|$)"), " ε∞"),
-    (re.compile(r"-eps"), " ε"),
-    (re.compile(r"-clip"), " c"),
-    (re.compile(r"-lr"), " lr"),
-    (re.compile(r"-seed"), " s"),
-    (re.compile(r"-t(?=\d+$)"), " t"),
-    (re.compile(r"-(?=(image|patient)$)"), " "),
-)
-
-
-def child_run_name(key: str) -> str:
-    """A trial's short run name for the MLflow runs list: ``random-eps8-clip1-lr0.002-seed0`` ->
-    ``random ε8 c1 lr0.002 s0``, ``imagenet-epsinf-t003`` -> ``imagenet ε∞ t003`` (model and dataset prefixes and
-    the privacy-unit suffix stay). Keys hold no spaces and every separator maps to a distinct space-led token, so
-    distinct keys keep distinct names."""
-    name = key
-    for pattern, replacement in _RUN_NAME_PARTS:
-        name = pattern.sub(replacement, name)
-    return name
-
-
 class MlflowSweepCallback(tune.Callback):
     """Ray Tune callback logging every trial as a child run of the sweep's parent run.
 
@@ -145,14 +122,12 @@ class MlflowSweepCallback(tune.Callback):
         tracking_uri: MLflow tracking URI (sqlite file or server).
         experiment_id: the sweep's experiment.
         parent_run_id: the sweep's parent run.
-        sweep: sweep name (tag on every run).
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.sweep = sweep
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
         self._logged_epochs: dict[str, set[int]] = {}
@@ -168,9 +143,11 @@ class MlflowSweepCallback(tune.Callback):
         return self._client
 
     def run_for(self, trial) -> str:
-        """The trial's child run: found by its key under this sweep's parent, else created with params."""
-        point = trial.config["point"]
-        key = point["key"]
+        """The trial's child run: found by its key under this sweep's parent, else created with the point's run
+        name, tags and params (`trainables.point.TrialPoint`) and the two tags only the driver knows: the parent
+        run and Ray's trial id."""
+        point = TrialPoint.from_ray(trial.config[POINT])
+        key = point.key
         if key in self._runs:
             return self._runs[key]
         found = self.client.search_runs(
@@ -186,19 +163,10 @@ class MlflowSweepCallback(tune.Callback):
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            private = is_private(float(point["params"]["target_epsilon"]))
-            tags = {
-                PARENT_TAG: self.parent_run_id,
-                SWEEP_TAG: self.sweep,
-                ROLE_TAG: "trial",
-                TRIAL_KEY_TAG: key,
-                RAY_TRIAL_ID_TAG: trial.trial_id,
-                **point["tags"],
-                PRIVATE_TAG: str(private).lower(),
-            }
-            run = self.client.create_run(self.experiment_id, run_name=child_run_name(key), tags=tags)
+            tags = {**point.tags, PARENT_TAG: self.parent_run_id, RAY_TRIAL_ID_TAG: trial.trial_id}
+            run = self.client.create_run(self.experiment_id, run_name=point.run_name, tags=tags)
             run_id = run.info.run_id
-            params = {**point["params"], BUDGET_PARAM: budget_value(point["params"]["target_epsilon"])}
+            params = point.mlflow_params()
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self._logged_epochs[run_id] = set()
         self._runs[key] = run_id
@@ -218,7 +186,7 @@ class MlflowSweepCallback(tune.Callback):
         reported = trial_metrics(result)
         if is_final:
             # The whole report first, as an artifact: the marker metric (logged last) then implies it exists.
-            self._log_final_metrics(run_id, trial.config["point"]["key"], reported)
+            self._log_final_metrics(run_id, TrialPoint.from_ray(trial.config[POINT]).key, reported)
             reported = {k: v for k, v in reported.items() if is_headline(k)}
         metrics = [Metric(metric_key(k), float(v), timestamp, epoch) for k, v in reported.items() if not math.isinf(v)]
         metrics.sort(key=lambda metric: metric.key == FINAL_MARKER)  # the marker goes last (in the last batch)
@@ -328,7 +296,7 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._start = self._start or time.monotonic()
-        key = trial.config["point"]["key"].ljust(self.key_width)
+        key = TrialPoint.from_ray(trial.config[POINT]).key.ljust(self.key_width)
         epsilon = result.get(M.EPSILON, math.nan)
         spent = "non-DP" if math.isinf(epsilon) else f"eps {epsilon:.3f}"  # a baseline spends no finite epsilon
         if is_final_report(result):
@@ -341,7 +309,7 @@ class ProgressCallback(tune.Callback):
             )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"  FAILED {trial.config['point']['key']}: see {trial.local_path}")
+        self.log(f"  FAILED {TrialPoint.from_ray(trial.config[POINT]).key}: see {trial.local_path}")
         self.log(self.status(trials))
 
     def status(self, trials: list[Any], finishing: Any = None) -> str:
@@ -370,7 +338,7 @@ def finish_parent(
     parent_run_id: str,
     status: str,
     summary: dict[str, float] | None = None,
-    artifacts: list[Path] = (),
+    artifacts: Sequence[Path] = (),
 ) -> None:
     """End the sweep's parent run, with its summary metrics (the tuning epsilon: finite, it composes private trials
     only) and artifacts (parquet tables get a ``.csv`` twin, `log_with_preview`), after refreshing the experiment's

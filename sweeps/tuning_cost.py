@@ -213,9 +213,7 @@ def adaptive_tuning_bounds(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, l
     for dataset, group in trials.groupby("dataset", sort=False):
         n_train = int(group["n_train"].iloc[0])
         targets = [
-            float(c["target_epsilon"])
-            for c in spec.cells()
-            if c["dataset"] == dataset and math.isfinite(c["target_epsilon"])
+            float(c.target_epsilon) for c in spec.cells() if c.dataset == dataset and math.isfinite(c.target_epsilon)
         ]
         cells = [
             (

@@ -180,10 +180,10 @@ def _validate_trials(spec: SweepSpec) -> None:
     o = spec.optuna
     assert o is not None
     for cell in spec.cells():
-        private = is_private(cell["target_epsilon"])
+        private = is_private(cell.target_epsilon)
         for end in (0, -1):
             point = GridPoint(
-                **cell,
+                cell,
                 max_grad_norm=o.max_grad_norm[end] if private else 0.0,
                 lr=o.lr[end],
                 seed=spec.axes.seed[0],

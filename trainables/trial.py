@@ -1,6 +1,6 @@
 """The Ray Tune function trainable: a thin adapter around `trainables.train.train_trial`.
 
-The only module that imports ``ray.tune``. It turns Ray's config into a `TrialConfig`, resumes from Ray's
+The only module that imports ``ray.tune``. It reads Ray's config as a `trainables.point.TrialPoint`, resumes from Ray's
 latest checkpoint (weights, optimizer, privacy ledger, RNG streams), and persists one checkpoint per
 epoch plus a final one holding the evaluation tables.
 """
@@ -17,18 +17,17 @@ import ray
 import torch
 from ray import tune
 
-from trainables.config import TrialConfig
-from trainables.models import ResolvedInit
 from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID
 from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
+from trainables.point import POINT, TrialPoint
 from trainables.train import train_trial
 
 
 def dp_trial(config: dict[str, Any]) -> None:
-    """Ray entry point. ``config["point"]`` holds ``trial`` (flat TrialConfig) and ``init`` (ResolvedInit)."""
-    point = config["point"]
-    cfg = TrialConfig.from_flat(point["trial"])
-    init = ResolvedInit(**point["init"])
+    """Ray entry point. ``config["point"]`` is the trial point (`TrialPoint.to_ray`): its config and init are
+    trained."""
+    point = TrialPoint.from_ray(config[POINT])
+    cfg, init = point.config, point.init
 
     state = None
     checkpoint = tune.get_checkpoint()

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,11 +47,11 @@ from mlflow.tracking import MlflowClient
 
 from sweeps.spec import SweepSpec, parse_spec
 from tests.ray_files import read_json
+from tests.sweeps.points import tiny_point
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
-from trainables.config import TrialConfig
-from trainables.models import ResolvedInit
 from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG, TRIALS_FILE
+from trainables.point import POINT, TrialPoint
 from trainables.privacy.accounting import epsilon_spent
 from trainables.train import train_trial
 from trainables.trial import DONE, FINAL_FILE, NODE_ID
@@ -511,10 +511,8 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_one_point_per_step(i
 def test_interrupted_trials_end_exactly_like_uninterrupted_ones(interrupted):
     # Each trial was interrupted (worker kill; driver kill and Ctrl-C): train it again here, without a stop.
     for key, trial in interrupted.on_disk.items():
-        point = trial.point()
-        reference = train_trial(
-            TrialConfig.from_flat(point["trial"]), ResolvedInit(**point["init"]), report=lambda metrics, state: None
-        ).metrics
+        point = TrialPoint.from_ray(trial.point())
+        reference = train_trial(point.config, point.init, report=lambda metrics, state: None).metrics
         reported = json.loads(final_metrics(trial.final_results[-1]))
         differ = {k: (v, reference[k]) for k, v in reported.items() if not same_number(v, reference[k])}
         assert not differ, f"{key}: final metrics differ from an uninterrupted run: {differ}"
@@ -544,7 +542,6 @@ def test_a_finished_trial_restarted_reports_its_final_result_again_without_train
     from ray import tune
 
     from trainables import trial as trial_module
-    from trainables.config import PrivacyConfig
     from trainables.trial import dp_trial
 
     final = {M.EPSILON: 1.99, M.TEST_AUROC_MACRO: 0.7, M.BEST_EPOCH: 3, NODE_ID: "node", DONE: True}
@@ -565,20 +562,7 @@ def test_a_finished_trial_restarted_reports_its_final_result_again_without_train
         ),
     )
     monkeypatch.setattr(trial_module, "train_trial", no_training)
-    cfg = TrialConfig(
-        sweep=NAME,
-        dataset="synthetic-a",
-        data_root=str(tmp_path),
-        image_size=32,
-        model="test_convnext",
-        init="random",
-        init_weights=None,
-        lr=1e-3,
-        seed=0,
-        privacy=PrivacyConfig(target_epsilon=2.0),
-    )
-    init = ResolvedInit(name="random", kind="random", timm_name="test_convnext", weights=None)
-    dp_trial({"point": {"trial": cfg.to_flat(), "init": asdict(init)}})
+    dp_trial({POINT: tiny_point(2.0, sweep=NAME).to_ray()})
     assert reports == [(final, None)]  # the same result; the final checkpoint stays Ray's latest, not saved again
     assert sorted(p.name for p in tmp_path.iterdir()) == [FINAL_FILE]
 
@@ -595,15 +579,13 @@ def test_a_final_result_reported_again_is_logged_once(tmp_path):
     client = MlflowClient(uri)
     experiment = get_or_create_experiment(client, NAME, tmp_path / "artifacts")
     parent = get_or_create_parent_run(client, experiment, NAME, {})
-    trial = SimpleNamespace(
-        trial_id="t0", config={"point": {"key": "k", "tags": {}, "params": {"lr": 0.1, "target_epsilon": 1.0}}}
-    )
+    trial = SimpleNamespace(trial_id="t0", config={POINT: tiny_point(1.0, sweep=NAME, key="k").to_ray()})
     epoch = {M.EPOCH: 1, M.EPSILON: 0.5, M.STEPS: 9, DONE: False}
     final = {M.EPSILON: 0.5, M.STEPS: 9, M.BEST_EPOCH: 1, M.TEST_AUROC_MACRO: 0.7, DONE: True}
     # Ray stamps every report with the time it was made (MLflow drops only exact duplicates, same time included).
     reports = [{**result, "timestamp": time} for time, result in enumerate((epoch, final, epoch, final, epoch, final))]
 
-    callback = MlflowSweepCallback(uri, experiment, parent, NAME)
+    callback = MlflowSweepCallback(uri, experiment, parent)
     for result in reports[:4]:
         callback.on_trial_result(0, [], trial, result)
     resumed = pickle.loads(pickle.dumps(callback))

@@ -30,7 +30,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps import mlflow_ui as ui
-from sweeps.tracking import child_run_name
+from sweeps.plan import trial_name
 from tests.browser import HeadlessChromium, require_chromium
 from tests.sweeps.local_sweep import local_sweep
 from tests.sweeps.tiny import tiny_yaml
@@ -140,8 +140,9 @@ def finished_sweep(tmp_path_factory) -> tuple[Path, list[Trial]]:
         if run.info.status == "FINISHED"
     ]
     assert len(trials) == len(table) == 2
+    run_names = {name.key: name.run_name for name in (trial_name(spec, point) for point in spec.grid())}
     for run in runs:  # the names the runs list shows are the short ones
-        assert run.info.run_name == child_run_name(run.data.tags[TRIAL_KEY_TAG])
+        assert run.info.run_name == run_names[run.data.tags[TRIAL_KEY_TAG]]
     return paths.runs_root, trials
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from sweeps.tracking import ProgressCallback
+from tests.sweeps.points import tiny_point
 from trainables import names as N
+from trainables.point import POINT
 
 
 def trial(key: str, status: str) -> SimpleNamespace:
-    return SimpleNamespace(config={"point": {"key": key}}, status=status, local_path="/x")
+    return SimpleNamespace(config={POINT: tiny_point(2.0, key=key).to_ray()}, status=status, local_path="/x")
 
 
 def test_epoch_and_done_lines_are_aligned_and_the_status_counts_trials():

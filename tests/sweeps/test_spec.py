@@ -97,7 +97,7 @@ def test_renamed_fields_name_their_new_spelling(old, new):
 
 def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
     """Every grid axis and every privacy/speed field of the sweep file is the TrialConfig field it sets."""
-    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_name
     from trainables.models import ResolvedInit
     from trainables.privacy.planning import plan_privacy
 
@@ -114,7 +114,7 @@ def test_one_name_from_the_sweep_file_to_the_trial_config(tmp_path):
         DatasetPlan("synthetic-a", 1000, 0.016, 189),
         ResolvedInit("random", "random", "test_convnext", None),
         point,
-        "k",
+        trial_name(spec, point),
         privacy=plan_privacy(cell_privacy(spec, 3.0, "image"), 1000, noise_multiplier=1.1),
         provenance_tags={},
     )
@@ -267,7 +267,7 @@ def test_label_count_noise_is_only_for_pos_weight_train_and_never_zero():
 
 
 def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_release(tmp_path):
-    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial
+    from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, trial_name
     from trainables.models import ResolvedInit
     from trainables.privacy.planning import plan_privacy
 
@@ -283,7 +283,7 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
             DatasetPlan("synthetic-a", 1770, 1 / 56, 168),
             init,
             p,
-            "k",
+            trial_name(spec, p),
             privacy=plan_privacy(cell_privacy(spec, p.target_epsilon, "image"), 1770),
             provenance_tags={},
         ).config

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.launch import run_sweep
-from sweeps.tracking import child_run_name
+from sweeps.plan import trial_name
 from tests.sweeps.local_sweep import local_sweep
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
@@ -159,7 +159,8 @@ def test_dpsweep_table_from_ray_writes_the_files_the_sweep_wrote(tiny_sweep, tmp
 def test_child_runs_release_headlines_and_no_fake_epsilon(tiny_sweep):
     """What a trial releases to MLflow: at most 40 headline metrics, a private run's epsilon exactly its trial's
     accounted epsilon (per epoch too), a non-private run no epsilon at all; the rest in artifact tables."""
-    _, paths, trials = tiny_sweep
+    spec, paths, trials = tiny_sweep
+    run_names = {name.key: name.run_name for name in (trial_name(spec, point) for point in spec.grid())}
     client = MlflowClient(paths.tracking_uri)
     epochs = pd.read_parquet(paths.runs_root / "tiny" / "epochs.parquet")
     rows = trials.set_index("trial")
@@ -181,7 +182,7 @@ def test_child_runs_release_headlines_and_no_fake_epsilon(tiny_sweep):
             assert (params[M.BUDGET_PARAM], tags[M.PRIVATE_TAG]) == ("non-private", "false")
             assert not [k for k in metrics if "epsilon" in k] and not history
             assert all(math.isinf(e) for e in trajectory)
-        assert run.info.run_name == child_run_name(key) and len(run.info.run_name) < len(key)
+        assert run.info.run_name == run_names[key] and len(run.info.run_name) < len(key)
         files = {a.path.removeprefix("evaluation/") for a in run_artifacts(client, paths.tracking_uri, run_id)}
         assert {"metrics.parquet", "metrics.csv"} <= files
         for table in ("groups", "bootstrap", "epochs", "predictions"):  # each with the preview the UI shows

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key
+from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_name
 from sweeps.spec import SpecError, load_spec, parse_spec
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
@@ -112,7 +112,7 @@ def test_make_trial_sets_the_unit_of_the_point(tmp_path):
         DatasetPlan("synthetic-a", 1000, 0.032, 96, n_patients=600),
         ResolvedInit("random", "random", "test_convnext", None),
         point,
-        "k",
+        trial_name(spec, point),
         privacy=plan_privacy(cell_privacy(spec, point.target_epsilon, "patient"), 600, noise_multiplier=1.1),
         provenance_tags={},
     )
