@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
+from sweeps.ledger import SweepLedger, ledger_metrics, write_ledger_summary
 from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import SpecError, SweepSpec
@@ -53,7 +55,9 @@ def run_sweep(
     state_file = sweep_dir / N.SWEEP_STATE_FILE
     fingerprint = spec_fingerprint(spec)
     if fresh:
+        _replace_in_ledger(spec, paths, state_file)
         _remove_sweep(spec, paths)
+    state: dict[str, Any] = {}
     if state_file.exists():
         state = json.loads(state_file.read_text())
         started = state.get("format", 1)
@@ -72,6 +76,7 @@ def run_sweep(
         if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
             log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
             return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
+    instance = state.get("instance") or uuid.uuid4().hex[:12]  # this run of the sweep: its ledger runs
 
     plan = plan_sweep(spec, paths, log=log)
     import mlflow.tracking
@@ -86,8 +91,15 @@ def run_sweep(
             "$MLFLOW_TRACKING_URI), or remove it to use runs/mlflow.db"
         ) from None
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_state(state_file, fingerprint, "running")
+    _write_state(state_file, fingerprint, "running", instance)
     log(describe_plan(plan))
+    ledger = SweepLedger(
+        str(paths.data_root),
+        spec.name,
+        instance,
+        {name: dataset.patient_images for name, dataset in plan.datasets.items()},
+    )
+    ledger.record(plan.trials)  # grid trials, before any runs; Optuna's factory records each trial it makes
 
     import ray
     from mlflow.entities import Param
@@ -133,7 +145,7 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space=({POINT: tune.grid_search([t.to_ray() for t in plan.trials])} if spec.search == "grid" else {}),
-            tune_config=_tune_config(plan),
+            tune_config=_tune_config(plan, ledger),
             run_config=tune.RunConfig(
                 name=spec.name,
                 storage_path=str(paths.ray_storage),
@@ -154,18 +166,21 @@ def run_sweep(
     results.write(sweep_dir)
     trials = results.trials
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
-    _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
+    _write_state(state_file, fingerprint, "complete" if complete else "incomplete", instance)
+    ended = dict(zip(trials["trial"].astype(str), trials["status"].astype(str), strict=True))
+    ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
+    ledger_file = write_ledger_summary(sweep_dir / N.LEDGER_SUMMARY_FILE, paths.data_root, spec.data.train)
     finish_parent(
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=tuning_summary(spec, trials),
-        artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE],
+        summary=tuning_summary(spec, trials) | ledger_metrics(spec, paths.data_root),
+        artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE, ledger_file],
     )
     return trials
 
 
-def _tune_config(plan: SweepPlan) -> TuneConfig:
+def _tune_config(plan: SweepPlan, ledger: SweepLedger) -> TuneConfig:
     """Grid: one Ray trial per grid point. Optuna: `PrivateOptunaSearch` behind a concurrency limit.
     Either may use ASHA early stopping on the validation macro AUROC the trial would select so far (reported every
     epoch and in the final report, as Ray requires of a scheduler's metric)."""
@@ -191,13 +206,29 @@ def _tune_config(plan: SweepPlan) -> TuneConfig:
         return tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent or None, scheduler=scheduler)
     from sweeps.search import optuna_searcher
 
-    searcher = ConcurrencyLimiter(optuna_searcher(plan), max_concurrent=spec.optuna.max_concurrent)
+    searcher = ConcurrencyLimiter(optuna_searcher(plan, ledger), max_concurrent=spec.optuna.max_concurrent)
     return tune.TuneConfig(search_alg=searcher, num_samples=plan.n_trials, scheduler=scheduler)
 
 
-def _write_state(path: Path, fingerprint: str, status: str) -> None:
+def _write_state(path: Path, fingerprint: str, status: str, instance: str) -> None:
+    """``sweep.json``: the format, the settings' fingerprint, the status and the instance (this run of the sweep,
+    whose trials are its runs in the privacy ledger; kept on resume, new after ``--fresh``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": STATE_FORMAT, "fingerprint": fingerprint, "status": status}, indent=2))
+    state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "status": status, "instance": instance}
+    path.write_text(json.dumps(state, indent=2))
+
+
+LEDGER_STATUS = {"TERMINATED": "finished", "STOPPED": "stopped", "ERROR": "error"}
+"""A trial's status in the trial table -> its run's status in the ledger (others: lower-cased)."""
+
+
+def _replace_in_ledger(spec: SweepSpec, paths: SweepPaths, state_file: Path) -> None:
+    """--fresh: the runs of the instance being replaced stay in the ledger (they trained on the data), marked."""
+    if not state_file.exists():
+        return
+    instance = json.loads(state_file.read_text()).get("instance")
+    if instance:
+        SweepLedger(str(paths.data_root), spec.name, instance, {}).mark(spec.data.train, {"*": "replaced"})
 
 
 def _remove_sweep(spec: SweepSpec, paths: SweepPaths) -> None:

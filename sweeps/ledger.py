@@ -8,17 +8,32 @@ dataset's total reads in the summary and `dpsweep ledger`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeps.schema import SweepSpec
+from trainables import names as N
 from trainables.config import PrivacyConfig
 from trainables.data.ledger import append_entries, ledger_dir, now, read_ledger, writer
+from trainables.point import TrialPoint
 from trainables.privacy.ledger import LedgerEntry, LedgerKind, LedgerTotal, compose_ledger, entry_for
 
-__all__ = ["PlannedRun", "describe_ledger", "ledger_lines", "mark_runs", "record_runs", "recorded_runs"]
+__all__ = [
+    "PlannedRun",
+    "SweepLedger",
+    "describe_ledger",
+    "ledger_lines",
+    "ledger_metrics",
+    "ledger_totals",
+    "write_ledger_summary",
+    "mark_runs",
+    "record_runs",
+    "recorded_runs",
+]
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,87 @@ class PlannedRun:
     trial: str
     privacy: PrivacyConfig
     patient_images: int | None
+
+
+@dataclass(frozen=True)
+class SweepLedger:
+    """What one sweep instance records in its datasets' ledgers (picklable: the Optuna factory holds one).
+
+    Attributes:
+        data_root: the prepared-data folder (each dataset's ledger lives under it).
+        sweep: the sweep's name.
+        instance: the id of this run of the sweep, drawn when it first starts and kept on resume (``sweep.json``);
+            ``--fresh`` draws a new one, so a rerun's trials are new runs while a resumed trial is the same run.
+        patient_images: per training set, its largest number of images of one patient (None when unknown).
+    """
+
+    data_root: str
+    sweep: str
+    instance: str
+    patient_images: dict[str, int | None]
+
+    def run_id(self, trial_key: str) -> str:
+        return f"{self.sweep}/{self.instance}/{trial_key}"
+
+    def record(self, trials: Iterable[TrialPoint]) -> int:
+        """Record trials before they run, each at its planned privacy (once: a resumed trial is known)."""
+        by_dataset: dict[str, list[PlannedRun]] = {}
+        for trial in trials:
+            dataset = trial.config.dataset
+            by_dataset.setdefault(dataset, []).append(
+                PlannedRun(
+                    run=self.run_id(trial.key),
+                    sweep=self.sweep,
+                    trial=trial.key,
+                    privacy=trial.config.privacy,
+                    patient_images=self.patient_images.get(dataset),
+                )
+            )
+        return sum(record_runs(self.data_root, dataset, runs) for dataset, runs in by_dataset.items())
+
+    def mark(self, datasets: Iterable[str], statuses: dict[str, str], instance: str | None = None) -> None:
+        """Append a status row for each of this sweep's recorded runs whose trial key is in ``statuses`` and whose
+        status changes (``instance``: another instance of the sweep, e.g. the one ``--fresh`` replaces)."""
+        prefix = f"{self.sweep}/{instance or self.instance}/"
+        for dataset in dict.fromkeys(datasets):
+            latest: dict[str, LedgerEntry] = {}
+            for entry in read_ledger(self.data_root, dataset):
+                if entry.run.startswith(prefix):
+                    latest[entry.run] = entry
+            changed: dict[str, list[LedgerEntry]] = {}
+            for entry in latest.values():
+                status = statuses.get(entry.trial, statuses.get("*"))
+                if status is not None and status != entry.status:
+                    changed.setdefault(status, []).append(entry)
+            for status, entries in changed.items():
+                mark_runs(self.data_root, dataset, entries, status)
+
+
+def ledger_totals(data_root: str | Path, datasets: Iterable[str]) -> dict[str, LedgerTotal]:
+    """Each dataset's ledger composed (`compose_ledger`)."""
+    return {dataset: compose_ledger(read_ledger(data_root, dataset)) for dataset in dict.fromkeys(datasets)}
+
+
+def ledger_metrics(spec: SweepSpec, data_root: str | Path) -> dict[str, float]:
+    """The parent run's ``privacy/ledger_epsilon`` per training set (``/<dataset>`` suffixed with several), where the
+    ledger holds an image-level private run."""
+    totals = ledger_totals(data_root, spec.data.train)
+    return {
+        N.LEDGER_EPSILON if len(spec.data.train) == 1 else f"{N.LEDGER_EPSILON}/{dataset}": total.epsilon_rdp
+        for dataset, total in totals.items()
+        if total.private_runs > total.patient_level_runs
+    }
+
+
+def write_ledger_summary(path: Path, data_root: str | Path, datasets: Iterable[str]) -> Path:
+    """``runs/<sweep>/ledger.json``: each training set's ledger total when the sweep ended (the report reads it;
+    `dpsweep ledger` gives the current one)."""
+    summary = {
+        dataset: {"written": now(), **dataclasses.asdict(total)}
+        for dataset, total in ledger_totals(data_root, datasets).items()
+    }
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path
 
 
 def recorded_runs(data_root: str | Path, dataset: str) -> set[str]:

@@ -70,7 +70,9 @@ class DatasetPlan:
     ``estimated``: the dataset is not prepared (dry runs only); ``n_train`` and ``n_patients`` are then the documented
     estimates of `sweeps.estimate` and sigma is recalibrated on the real N when the sweep runs. ``n_patients``: the
     training split's distinct patients (the records of ``privacy_unit: patient``); None when the dataset has no real
-    patient ids (every patient id is an image id)."""
+    patient ids (every patient id is an image id). ``patient_images``: the training split's largest number of images of
+    one patient (1 without patient ids; None when estimated), the k of an image-level run's patient-level view in the
+    privacy ledger (`trainables.privacy.ledger`)."""
 
     name: str
     n_train: int
@@ -78,6 +80,7 @@ class DatasetPlan:
     steps: int
     estimated: bool = False
     n_patients: int | None = None
+    patient_images: int | None = None
 
     def n_records(self, unit: str) -> int:
         """N of the privacy unit: training images, or training patients."""
@@ -240,7 +243,7 @@ def _dataset_plans(
                 raise SpecError(f"{spec.source}: data: {error}") from None
             notes.append(str(error))
             n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
-            n_patients = ESTIMATED_TRAIN_PATIENTS.get(name)
+            n_patients, patient_images = ESTIMATED_TRAIN_PATIENTS.get(name), None
         else:
             manifest = pd.read_parquet(
                 N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
@@ -250,6 +253,7 @@ def _dataset_plans(
             n_train, estimated = len(train), False
             has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
             n_patients = int(train["patient_id"].nunique()) if has_ids else None
+            patient_images = int(train["patient_id"].value_counts().max()) if has_ids and len(train) else 1
         if name in spec.data.train:
             if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
                 raise SpecError(
@@ -257,7 +261,7 @@ def _dataset_plans(
                     f"larger than {name}'s {n_train} training images; choose at most {n_train}"
                 )
             q, steps = schedule(spec.privacy, n_train)
-            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients)
+            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients, patient_images)
         if name in pretrain:
             pretrain_n = n_train
     return datasets, pretrain_n

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.ledger import SweepLedger
 from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags
 from sweeps.schema import GridCell, GridPoint, OptunaSampler, OptunaSpec, SweepSpec
 from trainables import names as M
@@ -103,16 +104,16 @@ def study_cells(spec: SweepSpec, datasets: dict[str, DatasetPlan]) -> list[Study
     ]
 
 
-def optuna_searcher(plan: SweepPlan) -> PrivateOptunaSearch:
+def optuna_searcher(plan: SweepPlan, ledger: SweepLedger | None = None) -> PrivateOptunaSearch:
     """The sweep's searcher: one study per cell, persisted in ``runs/<sweep>/optuna.db``, proposing the trials that
-    `OptunaTrialFactory` makes."""
+    `OptunaTrialFactory` makes (and records in the datasets' privacy ledgers before they run, given ``ledger``)."""
     spec = plan.spec
     assert spec.optuna is not None
     sweep_dir = plan.paths.sweep_dir(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return PrivateOptunaSearch(
         study_cells(spec, plan.datasets),
-        OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags()),
+        OptunaTrialFactory(spec, plan.paths, plan.datasets, plan.inits, provenance_tags(), ledger),
         settings=spec.optuna,
         study_prefix=spec.name,
         storage_url=f"sqlite:///{sweep_dir / M.OPTUNA_DB_FILE}",
@@ -129,6 +130,8 @@ class OptunaTrialFactory:
     datasets: dict[str, DatasetPlan]
     inits: dict[tuple[str, str], ResolvedInit]
     provenance_tags: dict[str, str]
+    ledger: SweepLedger | None = None
+    """Where each trial is recorded before Ray runs it (the training set's privacy ledger); None in tests."""
 
     def __call__(self, study: StudyCell, proposal: Proposal) -> TrialPoint:
         cell = study.cell
@@ -146,7 +149,7 @@ class OptunaTrialFactory:
             epochs=proposal.epochs,
         )
         number = f"{proposal.number:03d}"
-        return make_trial(
+        trial = make_trial(
             self.spec,
             self.paths,
             dataset,
@@ -159,6 +162,9 @@ class OptunaTrialFactory:
             provenance_tags=self.provenance_tags,
             extra_params={"optuna_trial": proposal.number, "planned_epsilon": proposal.planned_epsilon},
         )
+        if self.ledger is not None:
+            self.ledger.record([trial])
+        return trial
 
 
 MakeTrial = Callable[[StudyCell, Proposal], TrialPoint]

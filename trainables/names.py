@@ -75,9 +75,12 @@ the (epsilon, delta) statement with unit, adjacency, accountant and what is outs
 
 # Sweep-level, on the MLflow parent run.
 TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private trial after the whole sweep
-"""Grid: RDP composition of every private trial at its released steps. Optuna: the worst-case RDP composition
-that holds under adaptive selection (`trainables.privacy.tuning.adaptive_tuning_bound`)."""
+"""Grid: RDP composition of every private trial that started, at its planned steps. Optuna: the worst-case RDP
+composition that holds under adaptive selection (`trainables.privacy.tuning.adaptive_tuning_bound`)."""
 TUNING_EPSILON_BASIC: Final = "privacy/tuning_epsilon_basic"  # Optuna: basic composition of the trials' targets
+LEDGER_EPSILON: Final = "privacy/ledger_epsilon"  # the training set's whole ledger when the sweep ended
+"""Image-level RDP composition of every private run recorded on the sweep's training set, by any sweep, audit or
+rerun (`trainables.privacy.ledger.compose_ledger`); at least the sweep's own tuning epsilon."""
 
 # Keys of a trial's final report that are not metrics (kept as trials.parquet columns, not logged to MLflow).
 DONE: Final = "done"
@@ -387,6 +390,7 @@ MANIFEST_FILE: Final = "manifest.parquet"
 CARD_FILE: Final = "card.json"
 IMAGES_FILE: Final = "images.npy"
 PRETRAINED_WEIGHTS_FILE: Final = "model.safetensors"
+LEDGER_SUMMARY_FILE: Final = "ledger.json"  # runs/<sweep>/ledger.json: its datasets' ledger totals when it ended
 AUDIT_FILE: Final = "audit.parquet"  # runs/<sweep>/audit.parquet: `dpsweep audit`'s results
 EVALUATION_ARTIFACT_DIR: Final = "evaluation"
 """Artifact folder of a child run: its full final metrics (`METRICS_FILE`), and once finished its ``groups``,
