@@ -250,6 +250,7 @@ def test_key_is_drawn_once_kept_private_and_shared_by_every_size(tmp_path, capsy
     assert moved(patient_splits(out / "chexpert" / str(SIZE)), patient_splits(out / "chexpert" / "8")) == []
     console = capsys.readouterr()
     assert f"split key id {key_id(fixtures.SPLIT_KEY)}" in console.out
+    assert console.err.count(f"drew a new split key for chexpert: {key_file} (private") == 1  # where, never what
 
     key = fixtures.SPLIT_KEY
     secrets = [key.hex(), key.hex().upper(), base64.b64encode(key).decode(), repr(key), str(list(key))]

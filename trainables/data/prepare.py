@@ -54,6 +54,7 @@ from trainables.data.preprocess import PreprocessSettings, UnreadableImage
 from trainables.data.splits import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
+    SPLIT_KEY_FILE,
     SplitKeyError,
     assign_splits,
     key_id,
@@ -157,7 +158,12 @@ def prepare_dataset(
 
     attributes = {f"{ATTRIBUTE_PREFIX}{key}": np.asarray(v, dtype=str) for key, v in table.patient_attributes.items()}
     records = records.assign(**attributes)
-    key, _ = resolve_split_key(Path(out) / name, split_key)
+    key, how = resolve_split_key(Path(out) / name, split_key)
+    if how == "drawn":
+        _say(
+            f"drew a new split key for {name}: {Path(out) / name / SPLIT_KEY_FILE} (private, like the cache; keep it "
+            "and pass it with --split-key to prepare a new release of the dataset elsewhere)"
+        )
     split, split_method = assign_splits(
         records["patient_id"].to_numpy(dtype=str),
         records["official_split"].to_numpy(dtype=str),
