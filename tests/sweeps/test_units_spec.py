@@ -94,9 +94,9 @@ def test_delta_is_checked_against_one_over_n_patients(tmp_path):
     template = trial_template(spec, SweepPaths(tmp_path, tmp_path, "sqlite:///x.db"))
     assert template.privacy.max_images_per_patient == 3
     raw = units_dict()
-    raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1038
+    raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1047
     prepare_synthetic("synthetic-a", tmp_path, size=64)
-    with pytest.raises(SpecError, match=r"N = training patients\): delta=0.001 >= 1/N=0.000963391 for N=1038"):
+    with pytest.raises(SpecError, match=r"N = training patients\): delta=0.001 >= 1/N=0.00095511 for N=1047"):
         plan_sweep(parse_spec(raw), SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)
 
 
