@@ -54,12 +54,12 @@ from trainables.data.preprocess import PreprocessSettings, UnreadableImage
 from trainables.data.splits import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
-    SPLIT_KEY_FILE,
     SplitKeyError,
     assign_splits,
     key_id,
     read_split_key,
     resolve_split_key,
+    split_key_path,
 )
 
 UNCERTAIN_POLICIES: tuple[str, ...] = ("drop", "zeros", "ones")
@@ -161,7 +161,7 @@ def prepare_dataset(
     key, how = resolve_split_key(Path(out) / name, split_key)
     if how == "drawn":
         _say(
-            f"drew a new split key for {name}: {Path(out) / name / SPLIT_KEY_FILE} (private, like the cache; keep it "
+            f"drew a new split key for {name}: {split_key_path(out, name)} (private, like the cache; keep it "
             "and pass it with --split-key to prepare a new release of the dataset elsewhere)"
         )
     split, split_method = assign_splits(
