@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         help="turn a real dataset into the preprocessing cache",
         description="Read a dataset as distributed (metadata files and images, see docs/datasets.md), preprocess "
         "every image (grayscale, resize, min-max to [0, 1], uint8, histogram equalization) into "
-        "<out>/<dataset>/<size>/, split patient-disjointly into train/val/test, and print its card "
+        "<out>/<dataset>/<size>/, split patient-disjointly into train/val/test by a keyed hash of each patient's id "
+        "(key: <out>/<dataset>/split.key, private like the cache), and print its card "
         "(counts, prevalence, demographics, excluded and skipped rows with reasons). Resumable: run it "
         f"again after an interruption. Datasets: {', '.join(PREPARABLE)}.",
     )
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--letterbox", action="store_true", help="keep aspect ratio (pad) instead of stretching")
     prepare.add_argument("--no-equalize", action="store_true", help="skip histogram equalization")
     prepare.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the patient-wise split where the dataset has no official one (default 0)",
+        "--split-key",
+        type=Path,
+        metavar="FILE",
+        help="reuse this split key (the <out>/<dataset>/split.key of an earlier preparation, e.g. for a new release "
+        "or another --out): each patient's split comes from a keyed hash of its id, so with the same key adding "
+        "patients moves nobody else (default: the key beside the prepared dataset, else a new secret one)",
     )
     prepare.add_argument("--patients-csv", type=Path, help="mimic-cxr: MIMIC-IV patients.csv(.gz) for sex and age")
     prepare.add_argument("--master-list", type=Path, help="uka-cxr: the master list (default master_list.csv)")
@@ -207,7 +210,7 @@ def _prepare(args) -> int:
             uncertain=args.uncertain,
             letterbox=args.letterbox,
             equalize=not args.no_equalize,
-            seed=args.seed,
+            split_key=args.split_key,
             **options,
         )
     except (DatasetError, FileNotFoundError, ValueError) as error:

@@ -84,11 +84,11 @@ def test_epsilon_of_a_lost_ledger_would_be_under_reported():
 # ----------------------------------------------------------------------------------------------------
 # A tiny trial end to end (also used by tests/privacy/test_secure.py)
 
-TINY_DATASET, TINY_SIZE, TINY_IMAGES, TINY_BATCH = "synthetic-a", 32, 200, 16  # 144 training images, q = 1/9
+TINY_DATASET, TINY_SIZE, TINY_IMAGES, TINY_BATCH = "synthetic-a", 32, 240, 16  # 178 training images, q = 1/12
 
 
 def prepare_tiny_site(data_root: Path) -> Path:
-    """The tiny synthetic site the end-to-end trial tests train on (32 px, 200 images)."""
+    """The tiny synthetic site the end-to-end trial tests train on (32 px, 240 images)."""
     prepare_synthetic(TINY_DATASET, data_root, size=TINY_SIZE, n_images=TINY_IMAGES)
     return data_root
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 from pathlib import Path
 
@@ -19,6 +20,22 @@ from PIL import Image
 
 SHAPE = (40, 32)
 """Source image shape (rows, columns); deliberately not square."""
+
+SPLIT_KEY = hashlib.sha256(b"dpsweep tests split key 4").digest()
+"""The split key of the tests' preparations, so their splits are reproducible (a real preparation draws one from
+``os.urandom``). Keyed splits of 5-14 patients can leave a split empty: this is the first key of
+``sha256(b"dpsweep tests split key {i}")`` (i = 4) under which every fixture below fills train, val and test with
+the settings its tests use."""
+
+
+def place_split_key(out: Path, dataset: str, key: bytes = SPLIT_KEY) -> Path:
+    """Write ``key`` where `prepare_dataset` looks for the dataset's split key (``out/dataset/split.key``), unless a
+    key is there already; returns that file."""
+    path = Path(out) / dataset / "split.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key)
+    return path
 
 
 def make_pixels(seed: int, shape: tuple[int, int] = SHAPE, high: int = 255) -> np.ndarray:

@@ -17,6 +17,7 @@ from trainables.data.cache import CARD_FILE, open_cache
 from trainables.data.labels import LABELS
 from trainables.data.prepare import DatasetError, format_card, prepare_dataset
 from trainables.data.preprocess import PreprocessSettings, load_and_preprocess, preprocess_pixels
+from trainables.data.splits import split_uniforms
 
 SIZE = 16
 NAN = float("nan")
@@ -24,6 +25,7 @@ UKA_PATTERN = "UKA_preprocessed/{subset}/{image_id}.jpg"
 
 
 def prepare(name: str, root: Path, out: Path, **kwargs):
+    fixtures.place_split_key(out, name)
     return open_cache(prepare_dataset(name, root, size=SIZE, out=out, workers=1, **kwargs))
 
 
@@ -53,11 +55,22 @@ def splits_of(cache) -> dict[str, str]:
     return dict(zip(cache.manifest["image_id"], cache.manifest["split"], strict=True))
 
 
-def check_seeded_split(cache, test_patients: int, val_patients: int) -> None:
+def check_keyed_split(
+    cache, test_patients: int, val_patients: int, *, official_test: bool = False, val_fraction: float = 0.1
+) -> None:
+    """Patient-disjoint, with these counts (binomial draws, pinned for the tests' fixed key), and each patient's split
+    decided by its own id's uniforms under that key (test: below 0.2 unless the test split is official; val: a
+    non-test patient below ``val_fraction``)."""
     per_patient = cache.manifest.groupby("patient_id")["split"].agg(set)
     assert all(len(s) == 1 for s in per_patient)  # patient-disjoint
-    counts = per_patient.map(lambda s: next(iter(s))).value_counts()
+    split = per_patient.map(lambda s: next(iter(s)))
+    counts = split.value_counts()
     assert counts.get("test", 0) == test_patients and counts.get("val", 0) == val_patients
+    u_test, u_val = split_uniforms(split.index.to_numpy(dtype=str), fixtures.SPLIT_KEY)
+    if not official_test:
+        np.testing.assert_array_equal(split.to_numpy() == "test", u_test < 0.2)
+    train_side = split.to_numpy() != "test"
+    np.testing.assert_array_equal(split.to_numpy()[train_side] == "val", u_val[train_side] < val_fraction)
 
 
 def edit(path: Path, old: str, new: str, line: int | None = None) -> None:
@@ -115,7 +128,7 @@ def test_chexpert_images(chexpert, tmp_path):
     cache = prepare("chexpert", chexpert, tmp_path / "data")
     check_images(cache, CHEXPERT_EXPECTED)
     check_pixels(cache, chexpert)
-    check_seeded_split(cache, test_patients=2, val_patients=1)  # 10 patients: 0.2 * 10, 0.1 * 8
+    check_keyed_split(cache, test_patients=1, val_patients=1)  # 10 patients, under fixtures.SPLIT_KEY
     assert cache.manifest["site"].eq("chexpert").all()
     assert cache.manifest.set_index("image_id").loc["patient00001/study1/view1_frontal", "source_path"] == (
         "train/patient00001/study1/view1_frontal.jpg"
@@ -320,7 +333,7 @@ def test_chestxray14_images(cxr14, tmp_path):
     check_pixels(cache, cxr14)
     splits = splits_of(cache)
     assert {k for k, v in splits.items() if v == "test"} == {"00000003_000.png", "00000003_001.png"}
-    check_seeded_split(cache, test_patients=1, val_patients=1)  # validation: round(0.1 * 9 train patients)
+    check_keyed_split(cache, 1, 1, official_test=True)  # official test; validation of the 9 train patients
     assert card_of(cache)["metadata_issues"] == {"age outside [0, 120] set to missing": 1}
     assert set(cache.manifest["source_path"].str.split("/").str[0]) == {"images_001", "images_002"}
 
@@ -398,7 +411,7 @@ def test_padchest_images(padchest, tmp_path):
     cache = prepare("padchest", padchest, tmp_path / "data")
     check_images(cache, PADCHEST_EXPECTED)
     check_pixels(cache, padchest)
-    check_seeded_split(cache, test_patients=3, val_patients=1)  # 14 patients kept: round(2.8), round(1.1)
+    check_keyed_split(cache, test_patients=2, val_patients=1)  # 14 patients kept, under fixtures.SPLIT_KEY
     card = card_of(cache)
     assert card["excluded"] == {"projection L": 1, "projection COSTAL": 1, "uncertain label (policy drop)": 0}
     assert card["skipped"] == [{"source_path": "0/p06_b.png", "reason": "no labels in the CSV"}]
@@ -495,7 +508,7 @@ def test_vindr_images(vindr, tmp_path):
     check_pixels(cache, vindr)  # includes two MONOCHROME1 files
     splits = splits_of(cache)
     assert {k for k, v in splits.items() if v == "test"} == {k for k, v in VINDR_EXPECTED.items() if v[1] == "test"}
-    assert sum(v == "val" for v in splits.values()) == 1  # round(0.1 * 6) carved from train
+    assert sum(v == "val" for v in splits.values()) == 1  # carved from the 6 train patients (fixtures.SPLIT_KEY)
     assert (cache.manifest["patient_id"] == cache.manifest["image_id"]).all()
     assert card_of(cache)["metadata_issues"] == {
         "PatientSex missing or not F/M (sex unknown)": 2,
@@ -588,7 +601,7 @@ def test_vindr_kaggle_images_and_missing_label(vindr_kaggle, tmp_path):
     cache = prepare("vindr-cxr-kaggle", vindr_kaggle, tmp_path / "data", val_fraction=0.3)
     check_images(cache, VINDR_KAGGLE_EXPECTED)
     check_pixels(cache, vindr_kaggle)
-    check_seeded_split(cache, test_patients=1, val_patients=1)  # 5 images: round(1.0), round(0.3 * 4)
+    check_keyed_split(cache, 2, 2, val_fraction=0.3)  # 5 images, under fixtures.SPLIT_KEY
     assert (cache.manifest["patient_id"] == cache.manifest["image_id"]).all()
     assert not cache.manifest["source_path"].str.startswith("test/").any()  # Kaggle's test set is unlabeled
     card = card_of(cache)

@@ -18,7 +18,6 @@ from trainables.data.prepare import (
     DatasetError,
     PrepareInterrupted,
     apply_uncertain_policy,
-    assign_splits,
     format_card,
     prepare_dataset,
 )
@@ -124,36 +123,7 @@ def test_settings_validation():
         PreprocessSettings(size=4)
 
 
-# --- splits and uncertain policy -----------------------------------------------------------------------
-
-
-def test_seeded_split_is_patient_disjoint_with_exact_counts():
-    patients = np.repeat([f"p{i:02d}" for i in range(50)], [1 + i % 3 for i in range(50)])
-    split, method = assign_splits(patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2)
-    frame = pd.DataFrame({"patient": patients, "split": split})
-    assert (frame.groupby("patient")["split"].nunique() == 1).all()
-    per_split = frame.drop_duplicates("patient")["split"].value_counts()
-    assert per_split["test"] == 10 and per_split["val"] == 4 and per_split["train"] == 36  # 0.2*50, 0.1*40
-    assert "seeded patient-wise" in method and "seed 3" in method
-    again, _ = assign_splits(patients, np.full(len(patients), ""), seed=3, val_fraction=0.1, test_fraction=0.2)
-    other, _ = assign_splits(patients, np.full(len(patients), ""), seed=4, val_fraction=0.1, test_fraction=0.2)
-    np.testing.assert_array_equal(split, again)
-    assert not np.array_equal(split, other)
-
-
-def test_official_split_kept_and_validation_carved_from_train_only():
-    patients = np.array([f"p{i}" for i in range(20)] + ["t1", "t2"])
-    official = np.array(["train"] * 20 + ["test"] * 2)
-    split, method = assign_splits(patients, official, seed=0, val_fraction=0.25, test_fraction=0.2)
-    assert list(split[-2:]) == ["test", "test"]
-    assert (split[:20] == "val").sum() == 5 and (split[:20] == "test").sum() == 0
-    assert method.startswith("official split; validation = 0.25")
-    with_val = np.array(["train"] * 18 + ["val"] * 2 + ["test"] * 2)
-    split, method = assign_splits(patients, with_val, seed=0, val_fraction=0.25, test_fraction=0.2)
-    np.testing.assert_array_equal(split, with_val)
-    assert method == "official split; official validation split"
-    with pytest.raises(ValueError, match="official_split is given for 2 of 22"):
-        assign_splits(patients, np.array([""] * 20 + ["test"] * 2), seed=0, val_fraction=0.1, test_fraction=0.2)
+# --- uncertain policy (splits: tests/data/test_splits.py) ----------------------------------------------
 
 
 def test_uncertain_policies():
@@ -197,6 +167,7 @@ def chexpert_root(tmp_path):
 
 
 def _prepare(root, out, **kwargs):
+    fixtures.place_split_key(out, "chexpert")
     return prepare_dataset("chexpert", root, size=SIZE, out=out, workers=kwargs.pop("workers", 1), **kwargs)
 
 
@@ -296,7 +267,7 @@ def test_card_lists_skipped_images(chexpert_root, tmp_path):
     assert card["uncertain_labels_before_policy"] == {
         "atelectasis": 1, "cardiomegaly": 0, "pleural_effusion": 1, "pneumonia": 2, "no_finding": 0
     }  # fmt: skip
-    assert card["settings"]["uncertain"] == "drop" and card["splits"]["test"]["patients"] == 2
+    assert card["settings"]["uncertain"] == "drop" and card["splits"]["test"]["patients"] == 1  # SPLIT_KEY
     assert sum(entry["sex"]["F"] for entry in card["demographics"].values()) == card["sex"]["F"]
     manifest = open_cache(out).manifest
     assert set(reasons).isdisjoint(manifest["source_path"])
@@ -309,8 +280,9 @@ def test_prepare_command_prints_the_card_once(chexpert_root, tmp_path, capsys):
     from sweeps.cli import main
 
     out = tmp_path / "data"
+    key = fixtures.place_split_key(tmp_path / "keys", "chexpert")
     args = ["prepare", "chexpert", "--root", str(chexpert_root), "--size", str(SIZE), "--out", str(out)]
-    assert main([*args, "--workers", "1", "--uncertain", "zeros"]) == 0
+    assert main([*args, "--workers", "1", "--uncertain", "zeros", "--split-key", str(key)]) == 0
     text = capsys.readouterr().out
     card = json.loads((out / "chexpert" / str(SIZE) / CARD_FILE).read_text())
     assert text == format_card(card) + "\n" + f"prepared: {out / 'chexpert' / str(SIZE)}\n"

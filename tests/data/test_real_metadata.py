@@ -10,7 +10,10 @@ the real `prepare_dataset`, and checks:
 - splits are patient-disjoint, with a validation split;
 - every image's labels, sex and age equal what this file derives from the CSV on its own (plain ``csv``
   parsing and the protocol's rules written out again here, not the adapters' code), and label counts,
-  sex/age coverage and images per patient equal both that derivation and golden numbers pinned below.
+  sex/age coverage and images per patient equal both that derivation and golden numbers pinned below;
+- on CheXpert's first 3,000 patients: adding one patient and preparing again with ``--split-key`` moves nobody.
+
+The preparations use the tests' fixed split key (``fixtures.SPLIT_KEY``), except the last, which draws one.
 
 What the wheel does not ship is made here and said so: ChestX-ray14's official ``train_val_list.txt`` /
 ``test_list.txt`` (a patient rule stands in for them) and CheXpert's ``valid.csv`` (header only).
@@ -99,6 +102,7 @@ def workdir(tmp_path):
 
 
 def prepare(name: str, root: Path, out: Path, **kwargs):
+    fixtures.place_split_key(out, name)
     folder = prepare_dataset(name, root, size=SIZE, out=out, workers=1, **kwargs)
     return open_cache(folder), json.loads((folder / CARD_FILE).read_text())
 
@@ -444,3 +448,48 @@ def test_vindr_kaggle_released_metadata(workdir):
         "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion", "Pleural thickening",
         "Pneumothorax", "Pulmonary fibrosis",
     }  # the 14 local findings and "No finding": no pneumonia anywhere  # fmt: skip
+
+
+def test_chexpert_adding_a_patient_with_the_split_key_moves_nobody(workdir):
+    """The released train.csv's first 3,000 patients, prepared with a freshly drawn key; then the next patient with
+    a kept image is added and the dataset prepared again elsewhere with ``--split-key``: no other patient moves."""
+    from sweeps.cli import main
+
+    header, rows = read_rows(released_file("chexpert_train.csv.gz"))
+    column = {name: header.index(name) for name in ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_FIVE)}
+    patients = list(dict.fromkeys(row[column["Path"]].split("/")[2] for row in rows))
+    first = set(patients[:3000])
+
+    def kept(row) -> bool:
+        return (
+            row[column["Frontal/Lateral"]] == "Frontal"
+            and row[column["AP/PA"]] not in ("LL", "RL")
+            and all(row[column[name]] != "-1.0" for name in CHEXPERT_FIVE)
+        )
+
+    added = next(p for p in patients[3000:] if any(kept(r) for r in rows if r[column["Path"]].split("/")[2] == p))
+    jpeg = workdir / "placeholder.jpg"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(jpeg, quality=95)
+
+    def release(name: str, members: set[str]) -> Path:
+        root = workdir / name / "CheXpert-v1.0-small"
+        chosen = [row for row in rows if row[column["Path"]].split("/")[2] in members]
+        fixtures.write_csv(root / "train.csv", header, chosen)
+        (root / "valid.csv").write_text(",".join(header) + "\n")
+        link_all(jpeg, root, (row[column["Path"]].split("/", 1)[1] for row in chosen))
+        return root
+
+    def prepare_release(root: Path, out: Path, *extra: str) -> pd.Series:
+        args = ["prepare", "chexpert", "--root", str(root), "--size", str(SIZE), "--out", str(out), "--workers", "1"]
+        assert main([*args, *extra]) == 0
+        manifest = open_cache(out / "chexpert" / str(SIZE)).manifest
+        return manifest.drop_duplicates("patient_id").set_index("patient_id")["split"]
+
+    before = prepare_release(release("release1", first), workdir / "data1")  # key drawn from os.urandom
+    key = workdir / "data1" / "chexpert" / "split.key"
+    after = prepare_release(release("release2", first | {added}), workdir / "data2", "--split-key", str(key))
+    assert set(after.index) - set(before.index) == {added} and len(before) > 2000
+    common = before.index
+    assert (before[common] != after[common]).sum() == 0  # nobody moved
+    shares = before.value_counts(normalize=True)
+    assert abs(shares["test"] - 0.2) < 4 * math.sqrt(0.16 / len(before))  # binomial around the fraction

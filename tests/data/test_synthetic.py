@@ -1,6 +1,6 @@
 """The synthetic twin: determinism, cohort structure, the cache contract, visible findings, subgroup gaps.
 
-Thresholds marked "measured" come from runs of this generator (GENERATOR_VERSION 1, seed 0) and keep a
+Thresholds marked "measured" come from runs of this generator (GENERATOR_VERSION 2, seed 0) and keep a
 margin; a change that moves them is a change of the dataset, so bump GENERATOR_VERSION with it.
 """
 
@@ -133,13 +133,15 @@ def test_manifest_contract_and_cohort_structure(name):
     age_rise = manifest.groupby("patient_id")["age"].agg(lambda a: (np.diff(a.to_numpy()) >= 0).all())
     assert age_rise.all()  # a patient's later images are not younger
 
-    # Patient-disjoint splits (validate_manifest) with the planned share of *patients* per split.
+    # Patient-disjoint splits (validate_manifest); each patient is drawn on its own (a keyed hash of its id), so
+    # the share of *patients* per split is binomial around SPLIT_FRACTIONS: within 4 standard deviations.
     split_per_patient = manifest.groupby("patient_id")["split"].first()
     shares = split_per_patient.value_counts(normalize=True)
     for split, fraction in SPLIT_FRACTIONS.items():
-        assert shares[split] == pytest.approx(fraction, abs=0.002), split
+        sd = np.sqrt(fraction * (1 - fraction) / len(split_per_patient))
+        assert shares[split] == pytest.approx(fraction, abs=4 * sd), split
         image_share = (manifest["split"] == split).mean()
-        assert image_share == pytest.approx(fraction, abs=0.03), split
+        assert image_share == pytest.approx(fraction, abs=4 * sd + 0.01), split
 
     findings = manifest[list(FINDINGS)].to_numpy(dtype=bool)
     assert np.array_equal(manifest["no_finding"].to_numpy(dtype=bool), ~findings.any(axis=1))
@@ -325,8 +327,8 @@ def test_labels_are_learnable_from_pixels(pixel_classifier):
     manifest, labels, scores = pixel_classifier
     test = (manifest["split"] == "test").to_numpy()
     per_label = {label: roc_auc_score(labels[test, k], scores[test, k]) for k, label in enumerate(LABELS)}
-    assert _macro_auroc(labels, scores, test) > 0.75  # measured 0.82 (seeds 0-3: 0.81-0.83)
-    assert min(per_label.values()) > 0.6, per_label  # measured: pneumonia 0.70 is the hardest
+    assert _macro_auroc(labels, scores, test) > 0.75  # measured 0.80 (seeds 0-3: 0.80-0.83)
+    assert min(per_label.values()) > 0.6, per_label  # measured: pneumonia 0.67 is the hardest
 
 
 def test_older_patients_are_harder(pixel_classifier):
@@ -335,7 +337,7 @@ def test_older_patients_are_harder(pixel_classifier):
     age = manifest["age"].to_numpy()
     young = _macro_auroc(labels, scores, held_out & (age < 40))
     old = _macro_auroc(labels, scores, held_out & (age >= 70))
-    assert young - old > 0.05, (young, old)  # measured 0.89 vs 0.75 (seeds 0-3: gap 0.07-0.14)
+    assert young - old > 0.05, (young, old)  # measured 0.82 vs 0.72 (seeds 0-3: gap 0.08-0.15)
 
 
 # --- the cache ----------------------------------------------------------------------------------------

@@ -373,7 +373,7 @@ def tiny_site(tmp_path_factory):
 
 
 def test_white_box_audit_of_a_planned_trial(tiny_site):
-    # test_convnext on the tiny site, eps = 4 over 2 epochs (18 steps at q = 1/9): weak, but the whole path runs.
+    # test_convnext on the tiny site, eps = 4 over 2 epochs (24 steps at q = 1/12): weak, but the whole path runs.
     cfg = tiny_trial_config(tiny_site, 4.0)
     result = run_audit(cfg, resolve_init("random", cfg.model), m=200, kind="white_box", real_records=16)
     assert result.kind == "white_box" and result.score == "likelihood_ratio" and result.steps == cfg.privacy.steps

@@ -2,7 +2,7 @@
 dp-accounting), exact counts of a private set are refused, the noise has the stated scale and is secret,
 and the sensitivity problem of exact counts (clipped sum moving by more than C) is gone given the release.
 
-Golden values computed once with opacus 1.6.0 / dp-accounting 0.6.0 (smoke scale: N = 1770 training images
+Golden values computed once with opacus 1.6.0 / dp-accounting 0.6.0 (smoke scale: N = 1777 training images
 of synthetic-a, B = 32, 3 epochs, so q = 1/56 and 168 steps; delta 6e-6; sigma_c = 20).
 """
 
@@ -37,7 +37,7 @@ from trainables.privacy.label_counts import (
 from trainables.privacy.secure import SecureRandom
 
 DELTA = 6e-6
-N_TRAIN = 1770  # synthetic-a's training split (trainables.data.synthetic.sample_cohort)
+N_TRAIN = 1777  # synthetic-a's training split (trainables.data.synthetic.sample_cohort)
 Q, STEPS = sample_rate_and_steps(N_TRAIN, 32, 3)
 SIGMA_C = 20.0
 

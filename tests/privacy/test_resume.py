@@ -45,8 +45,8 @@ from trainables.privacy.accounting import epsilon_spent
 from trainables.privacy.planning import plan_privacy
 
 REPO = Path(__file__).resolve().parents[2]
-DATASET, IMAGE_SIZE, N_IMAGES = "synthetic-a", 32, 200  # 144 training images
-BATCH, EPOCHS, STEPS_PER_EPOCH = 16, 3, 9  # q = 1/ceil(144/16) = 1/9, 27 steps
+DATASET, IMAGE_SIZE, N_IMAGES = "synthetic-a", 32, 200  # 150 training images
+BATCH, EPOCHS, STEPS_PER_EPOCH = 16, 3, 10  # q = 1/ceil(150/16) = 1/10, 30 steps
 TARGET_EPSILON, DELTA = 4.0, 1e-5
 STOP = worker.StopPoint(after_epoch=1, batch=4)  # halt with 3 steps of epoch 2 done, only in memory
 WORKER_TIMEOUT_S = 300
@@ -200,7 +200,7 @@ def test_resumed_dp_trial_ends_with_the_uninterrupted_privacy_ledger(killed_and_
     privacy = run.cfg.privacy
     reference, resumed = (_outputs(d) for d in (run.reference, run.resumed))
     planned = EPOCHS * STEPS_PER_EPOCH
-    # The trajectory is the accountant's epsilon after 9, 18, 27 steps; it ends at (not over) the target.
+    # The trajectory is the accountant's epsilon after 10, 20, 30 steps; it ends at (not over) the target.
     expected_trajectory = [
         epsilon_spent(privacy.noise_multiplier, privacy.sample_rate, STEPS_PER_EPOCH * epoch, DELTA)
         for epoch in range(1, EPOCHS + 1)
@@ -251,7 +251,7 @@ def test_resumed_non_private_trial_ends_like_the_uninterrupted_one(data_root, tm
 
     reference_out, resumed_out = _outputs(reference), _outputs(resumed)
     assert [e[M.EPOCH] for e in resumed_out.epochs] == [1, 2, 3]
-    assert resumed_out.final[M.STEPS] == EPOCHS * STEPS_PER_EPOCH  # ceil(144/16) shuffled batches per epoch
+    assert resumed_out.final[M.STEPS] == EPOCHS * STEPS_PER_EPOCH  # ceil(150/16) shuffled batches per epoch
     assert resumed_out.final[M.EPSILON] == math.inf and resumed_out.state["accountant"] is None
     _assert_same_run(resumed_out, reference_out)
 

@@ -347,10 +347,10 @@ def test_trial_mechanism_normalises_numpy_scalars():
 
 
 # --- adaptive search (Optuna): a bound fixed in advance -------------------------------------------
-# N = 1770 is synthetic-a's training split (trainables.data.synthetic.sample_cohort), as in optuna-smoke.
+# N = 1777 is synthetic-a's training split (trainables.data.synthetic.sample_cohort), as in optuna-smoke.
 
 
-N_SMOKE = 1770
+N_SMOKE = 1777
 SMALL = AdmissibleSet(N_SMOKE, 2.0, DELTA, (0.4, 4.0), (28, 36), (1, 3))  # 9 batch sizes x 3 epochs
 
 
@@ -499,7 +499,7 @@ def test_adaptive_bound_errors():
 
 @pytest.mark.slow
 def test_optuna_smoke_scale_gap():
-    # sweeps/optuna-smoke.yaml: targets 2 and 8, 3 trials each, sigma 0.4-4, B 16-128, epochs 1-3, N = 1770.
+    # sweeps/optuna-smoke.yaml: targets 2 and 8, 3 trials each, sigma 0.4-4, B 16-128, epochs 1-3, N = 1777.
     cells = [(AdmissibleSet(N_SMOKE, target, DELTA, (0.4, 4.0), (16, 128), (1, 3)), 3) for target in (2.0, 8.0)]
     bound = adaptive_tuning_bound(cells)
     assert bound.epsilon == pytest.approx(12.559437615128985, rel=1e-6)

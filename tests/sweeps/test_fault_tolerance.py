@@ -64,7 +64,7 @@ STOP_GRACE_S = 10
 POLL_S = 0.1
 SETTLE_S = 0.2  # after a report, for the experiment-state save Tune makes at the end of the same loop iteration
 
-# 200 images: 144 training images, 9 Poisson batches of expected size 16 per epoch; each trial takes one CPU, and
+# 200 images: 150 training images, 10 Poisson batches of expected size 16 per epoch; each trial takes one CPU, and
 # `dpsweep sweep` starts a local Ray with all CPUs, so the two trials train side by side (given 2 cores).
 SPEC = tiny_yaml(
     name="faults",

@@ -280,11 +280,11 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
         p.target_epsilon: make_trial(
             spec,
             paths,
-            DatasetPlan("synthetic-a", 1770, 1 / 56, 168),
+            DatasetPlan("synthetic-a", 1777, 1 / 56, 168),
             init,
             p,
             trial_name(spec, p),
-            privacy=plan_privacy(cell_privacy(spec, p.target_epsilon, "image"), 1770),
+            privacy=plan_privacy(cell_privacy(spec, p.target_epsilon, "image"), 1777),
             provenance_tags={},
         ).config
         for p in spec.grid()
@@ -292,5 +292,5 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
     }
     assert configs[1.0].privacy.label_count_noise_multiplier == 20.0  # the default release
     assert configs[math.inf].privacy.label_count_noise_multiplier is None  # a baseline counts exactly
-    plain = plan_privacy(dataclasses.replace(configs[1.0].privacy, label_count_noise_multiplier=None), 1770)
+    plain = plan_privacy(dataclasses.replace(configs[1.0].privacy, label_count_noise_multiplier=None), 1777)
     assert configs[1.0].privacy.noise_multiplier > plain.noise_multiplier  # calibrated with the release

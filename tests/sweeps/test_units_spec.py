@@ -97,9 +97,9 @@ def test_delta_is_checked_against_one_over_n_patients(tmp_path):
     by_unit = {p.privacy_unit: spec.trial_config(p, data_root=str(tmp_path)).privacy for p in spec.grid()}
     assert by_unit["patient"].max_images_per_patient == 3 and by_unit["image"].max_images_per_patient is None
     raw = units_dict()
-    raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1038
+    raw["privacy"] |= {"privacy_unit": "patient", "delta": 1 / 1000}  # above 1/N_patients = 1/1047
     prepare_synthetic("synthetic-a", tmp_path, size=64)
-    with pytest.raises(SpecError, match=r"N = training patients\): delta=0.001 >= 1/N=0.000963391 for N=1038"):
+    with pytest.raises(SpecError, match=r"N = training patients\): delta=0.001 >= 1/N=0.00095511 for N=1047"):
         plan_sweep(parse_spec(raw), SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)
 
 

@@ -6,6 +6,9 @@ Layout of one prepared dataset at one image size (``<data_root>/<dataset>/<size>
     manifest.parquet   one row per image; row ``i`` describes ``images[i]``
     card.json          the dataset card: counts, prevalence, demographic coverage, skipped images
 
+A real dataset's split key, ``<data_root>/<dataset>/split.key``, sits beside its sizes
+(`trainables.data.splits`): private material, like the cache.
+
 Manifest columns (see ``MANIFEST_COLUMNS``): ``image_id`` (unique str), ``patient_id`` (str),
 ``split`` (train/val/test, patient-disjoint), one int8 0/1 column per label in ``LABELS``, ``sex``
 (F/M/unknown), ``age`` (float years, NaN when missing - never 0), ``view`` (str), ``site`` (str),
@@ -24,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.labels import LABELS, SEXES, SPLITS
+from trainables.data.splits import check_split_current
 from trainables.names import CARD_FILE, IMAGES_FILE, MANIFEST_FILE  # noqa: F401 (re-exported to the data modules)
 
 MANIFEST_COLUMNS: dict[str, str] = {
@@ -196,11 +200,18 @@ class Cache:
 
 
 def open_cache(path: Path) -> Cache:
-    """Open a prepared dataset folder (``<data_root>/<dataset>/<size>``) without reading pixels."""
+    """Open a prepared dataset folder (``<data_root>/<dataset>/<size>``) without reading pixels.
+
+    Raises:
+        CacheError: a file is missing or the manifest breaks the contract.
+        trainables.data.splits.StaleSplitError: a real dataset prepared with the former seeded split (the message
+            holds the command that re-splits it).
+    """
     images_path, manifest_path = path / IMAGES_FILE, path / MANIFEST_FILE
     for required in (images_path, manifest_path):
         if not required.exists():
             raise CacheError(f"{required} is missing: the dataset at {path} is not prepared (run `dpsweep prepare`)")
+    check_split_current(path)
     images = np.load(images_path, mmap_mode="r")
     manifest = pd.read_parquet(manifest_path)
     validate_manifest(manifest, n_images=len(images), where=str(manifest_path))

@@ -5,11 +5,13 @@ Pipeline (`prepare_dataset`):
 1. The dataset's adapter (`trainables.data.adapters`) reads the official label/metadata files into one
    record per candidate image: harmonized labels with the uncertain code -1, official split (if any),
    sex F/M/unknown, age in years (NaN = missing), view, path. View filtering happens there.
-2. Splits (`assign_splits`) are drawn *before* the uncertain policy, so the test patients do not depend
-   on it: official splits are kept; otherwise a seeded ``test_fraction`` of patients is the test split.
-   Unless the dataset has an official validation split, ``val_fraction`` of the training patients
-   become validation. Fractions are of patients, rounded to the nearest whole patient; splits are
-   patient-disjoint.
+2. Splits (`trainables.data.splits.assign_splits`) are drawn *before* the uncertain policy, so the test
+   patients do not depend on it: official splits are kept; otherwise a patient is in test with probability
+   ``test_fraction`` and a training patient in validation with probability ``val_fraction`` (unless the
+   dataset has an official validation split), each decided by a keyed hash of the patient's own id, so adding
+   or removing a patient moves nobody else. The key is the dataset's ``split.key`` beside the prepared sizes
+   (`trainables.data.splits.resolve_split_key`: reused, given with ``split_key``, or drawn once from
+   ``os.urandom``); the card records its id, never the key. Splits are patient-disjoint; counts are binomial.
 3. The uncertain policy (`apply_uncertain_policy`): ``drop`` removes every image with -1 in any of the
    five labels; ``zeros`` / ``ones`` recode -1 as 0 / 1. Blank ("not mentioned") is already 0.
 4. Pixels (`trainables.data.preprocess`), in parallel over images, streamed one row at a time into a
@@ -49,6 +51,16 @@ from trainables.data.adapters.base import UNCERTAIN
 from trainables.data.cache import MANIFEST_COLUMNS, dataset_card, images_per_patient_summary, write_cache
 from trainables.data.labels import LABELS, SEXES, SPLITS
 from trainables.data.preprocess import PreprocessSettings, UnreadableImage
+from trainables.data.splits import (
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    SplitKeyError,
+    assign_splits,
+    key_id,
+    read_split_key,
+    resolve_split_key,
+    split_key_path,
+)
 
 UNCERTAIN_POLICIES: tuple[str, ...] = ("drop", "zeros", "ones")
 """How the uncertain label code (-1) is resolved: drop the image, or read it as 0 or as 1."""
@@ -70,6 +82,7 @@ __all__ = [
     "UNCERTAIN_POLICIES",
     "DatasetError",
     "PrepareInterrupted",
+    "SplitKeyError",
     "apply_uncertain_policy",
     "assign_splits",
     "format_card",
@@ -93,9 +106,9 @@ def prepare_dataset(
     uncertain: str = "drop",
     letterbox: bool = False,
     equalize: bool = True,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
+    split_key: Path | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
     stop_after: int | None = None,
     **adapter_options: object,
 ) -> Path:
@@ -110,9 +123,11 @@ def prepare_dataset(
         uncertain: uncertain-label policy, one of `UNCERTAIN_POLICIES`.
         letterbox: keep the aspect ratio and pad with black instead of stretching.
         equalize: histogram equalization (the study: on).
-        seed: seed of the patient-wise split draws (only where no official split exists, and for validation).
-        val_fraction: share of training patients moved to validation (when no official validation split).
-        test_fraction: share of patients in the test split (only when no official split exists).
+        split_key: a split key file to reuse (e.g. the ``split.key`` of an earlier preparation of this dataset,
+            for a new release or another data root); copied to ``out/name/split.key``. None: the key already
+            there, else a new one drawn from ``os.urandom``. Never logged or written to the card.
+        val_fraction: probability that a training patient is in validation (when no official validation split).
+        test_fraction: probability that a patient is in test (only when no official split exists).
         stop_after: preprocess at most this many images in this call, then keep the work and raise
             `PrepareInterrupted` (for resumable chunked runs and tests).
         **adapter_options: dataset-specific options, e.g. ``patients_csv`` for ``mimic-cxr`` (see
@@ -124,11 +139,15 @@ def prepare_dataset(
     Raises:
         DatasetError: unknown dataset or option, bad setting, missing root or file, malformed files, or
             a split left empty.
+        SplitKeyError: the split key file is unreadable or malformed, or not the key of the dataset's other
+            prepared sizes.
         PrepareInterrupted: ``stop_after`` images were processed and more remain.
     """
     adapter = get_adapter(name)
     settings = _check_settings(size, letterbox, equalize)
-    _check_options(workers, uncertain, seed, val_fraction, test_fraction, stop_after)
+    _check_options(workers, uncertain, val_fraction, test_fraction, stop_after)
+    if split_key is not None:
+        read_split_key(split_key)  # a bad key file fails before the dataset is read
     root = Path(root)
     table = adapter.read(root, **adapter_options)
     records = table.records
@@ -139,10 +158,16 @@ def prepare_dataset(
 
     attributes = {f"{ATTRIBUTE_PREFIX}{key}": np.asarray(v, dtype=str) for key, v in table.patient_attributes.items()}
     records = records.assign(**attributes)
+    key, how = resolve_split_key(Path(out) / name, split_key)
+    if how == "drawn":
+        _say(
+            f"drew a new split key for {name}: {split_key_path(out, name)} (private, like the cache; keep it "
+            "and pass it with --split-key to prepare a new release of the dataset elsewhere)"
+        )
     split, split_method = assign_splits(
         records["patient_id"].to_numpy(dtype=str),
         records["official_split"].to_numpy(dtype=str),
-        seed=seed,
+        key=key,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
     )
@@ -193,12 +218,12 @@ def prepare_dataset(
             "letterbox": settings.letterbox,
             "equalize": settings.equalize,
             "uncertain": uncertain,
-            "seed": seed,
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "adapter_options": {k: str(v) for k, v in adapter_options.items() if v is not None},
         },
         "split_method": split_method,
+        "split_key_id": key_id(key),
         "notes": list(table.notes),
         "uncertain_labels_before_policy": uncertain_counts,
         "excluded": excluded,
@@ -220,63 +245,6 @@ def prepare_dataset(
     write_cache(out_dir, images_file, manifest[list(MANIFEST_COLUMNS)], card)
     partial.remove()
     return out_dir
-
-
-def assign_splits(
-    patient_id: np.ndarray,
-    official_split: np.ndarray,
-    *,
-    seed: int,
-    val_fraction: float,
-    test_fraction: float,
-) -> tuple[np.ndarray, str]:
-    """Patient-disjoint train/val/test per image.
-
-    Official splits are kept as they are. Without one (every ``official_split`` is ``""``), the test
-    patients are the first ``round(test_fraction * P)`` of a permutation of the sorted unique patient ids
-    drawn with ``numpy.random.default_rng([seed, 0])``. Without an official validation split, the first
-    ``round(val_fraction * P_train)`` training patients of a ``default_rng([seed, 1])`` permutation become
-    validation. ``round`` is to the nearest integer, halves up.
-
-    Args:
-        patient_id: str [n].
-        official_split: str [n], each ``"train"``, ``"val"``, ``"test"``, or ``""`` for none.
-        seed: seed of both draws.
-        val_fraction: share of training patients moved to validation.
-        test_fraction: share of all patients in test (only without an official split).
-
-    Returns:
-        (split per image, a one-line description of the method for the dataset card).
-    """
-    patient_id = np.asarray(patient_id, dtype=str)
-    official = np.asarray(official_split, dtype=str)
-    has_official = official != ""
-    if has_official.any() and not has_official.all():
-        raise ValueError(f"official_split is given for {int(has_official.sum())} of {len(official)} images only")
-    if has_official.any():
-        unknown = sorted(set(official) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"official splits {unknown} are not in {SPLITS}")
-        split = official.astype(object)
-        method = "official split"
-    else:
-        split = np.full(len(patient_id), "train", dtype=object)
-        test_patients = _draw_patients(np.unique(patient_id), test_fraction, seed, stream=0)
-        split[np.isin(patient_id, test_patients)] = "test"
-        method = f"seeded patient-wise split: test = {test_fraction:g} of patients (seed {seed})"
-    if not (split == "val").any():
-        train = split == "train"
-        val_patients = _draw_patients(np.unique(patient_id[train]), val_fraction, seed, stream=1)
-        split[train & np.isin(patient_id, val_patients)] = "val"
-        method += f"; validation = {val_fraction:g} of training patients (seed {seed})"
-    else:
-        method += "; official validation split"
-    return split.astype(str), method
-
-
-def _draw_patients(patients: np.ndarray, fraction: float, seed: int, stream: int) -> np.ndarray:
-    count = int(np.floor(fraction * len(patients) + 0.5))
-    return np.random.default_rng([seed, stream]).permutation(patients)[:count]
 
 
 def apply_uncertain_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
@@ -417,7 +385,8 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
     for label, reason in card.get("labels_missing", {}).items():
         lines.append(f"  label missing: {label} (manifest column is 0 = unknown; {reason})")
     if "split_method" in card:
-        lines.append(f"  split: {card['split_method']}")
+        key = f" (split key id {card['split_key_id']})" if card.get("split_key_id") else ""
+        lines.append(f"  split: {card['split_method']}{key}")
     for key, title in (("excluded", "excluded"), ("metadata_issues", "metadata issues")):
         entries = {k: v for k, v in card.get(key, {}).items() if v}
         if entries:
@@ -446,7 +415,8 @@ def _check_splits_not_empty(manifest: pd.DataFrame, name: str, context: str) -> 
     if empty:
         raise DatasetError(
             f"{name}: split(s) {empty} would be empty ({len(manifest)} usable images {context}); check the "
-            "dataset files, or for a very small dataset raise val_fraction/test_fraction"
+            "dataset files, or for a very small dataset raise val_fraction/test_fraction (each patient is drawn on "
+            "its own, so a few patients can leave a split empty)"
         )
 
 
@@ -458,14 +428,12 @@ def _check_settings(size: int, letterbox: bool, equalize: bool) -> PreprocessSet
 
 
 def _check_options(
-    workers: int, uncertain: str, seed: int, val_fraction: float, test_fraction: float, stop_after: int | None
+    workers: int, uncertain: str, val_fraction: float, test_fraction: float, stop_after: int | None
 ) -> None:
     if not isinstance(workers, int) or workers < 1:
         raise DatasetError(f"workers must be an integer >= 1, got {workers!r}")
     if uncertain not in UNCERTAIN_POLICIES:
         raise DatasetError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
-    if not isinstance(seed, int | np.integer):
-        raise DatasetError(f"seed must be an integer, got {seed!r}")
     for field, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < value < 1:
             raise DatasetError(f"{field} must be in (0, 1), got {value!r}")

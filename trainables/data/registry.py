@@ -7,6 +7,7 @@ from pathlib import Path
 from trainables.data.adapters import ADAPTERS, PREPARABLE
 from trainables.data.cache import MANIFEST_FILE
 from trainables.data.labels import LABELS
+from trainables.data.splits import check_split_current
 from trainables.data.synthetic import SYNTHETIC_DATASETS, prepare_synthetic
 from trainables.names import dataset_dir
 
@@ -44,7 +45,8 @@ def check_dataset_name(name: str) -> None:
 
 def ensure_prepared(name: str, data_root: Path, image_size: int, synthetic_images: int | None = None) -> Path:
     """The prepared cache folder of a dataset: synthetic twins are generated here; real datasets must
-    have been prepared with `dpsweep prepare` (an error says the exact command otherwise)."""
+    have been prepared with `dpsweep prepare` (an error says the exact command otherwise), with the keyed split
+    (`trainables.data.splits.StaleSplitError`, a ValueError, holds the command that re-splits an older one)."""
     check_dataset_name(name)
     if name in SYNTHETIC_DATASETS:
         return prepare_synthetic(name, data_root, size=image_size, n_images=synthetic_images)
@@ -54,4 +56,5 @@ def ensure_prepared(name: str, data_root: Path, image_size: int, synthetic_image
             f"dataset {name!r} is not prepared at {folder}; run `dpsweep prepare {name} --root /path/to/{name} "
             f"--size {image_size} --out {data_root}` first (see docs/datasets.md)"
         )
+    check_split_current(folder)
     return folder

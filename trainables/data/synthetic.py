@@ -40,9 +40,9 @@ the image's right). Coordinates below are normalized to [-1, 1] across the image
   volume loss), more rotation and more AP films (mimicking cardiomegaly). Men have a wider thorax
   and slightly more cardiomegaly and pneumonia; women have breast shadows over the lung bases.
   Measured: a logistic regression on 16x16 block-averaged pixels, trained on the train split of
-  ``synthetic-source`` (seed 0), scores a macro AUROC of 0.82 on its test split, and 0.89 on ages
-  [0, 40) vs 0.76 on [70, 100) over the held-out (val + test) patients; seeds 0-3 gave gaps of
-  0.06-0.13. (The predecessor study saw 0.90 vs 0.81 on VinDr-CXR.)
+  ``synthetic-source`` (seed 0), scores a macro AUROC of 0.80 on its test split, and 0.82 on ages
+  [0, 40) vs 0.72 on [70, 100) over the held-out (val + test) patients; seeds 0-3 gave gaps of
+  0.08-0.15 (generator version 2). (The predecessor study saw 0.90 vs 0.81 on VinDr-CXR.)
 - Sites: each applies its own acquisition (gamma, contrast, offset, heel-effect gradient, blur,
   noise, a corner marker) and has its own age mix, AP share and prevalence shift; the finding
   features themselves are the same everywhere, so a model pretrained on the source transfers.
@@ -54,7 +54,12 @@ signal-dependent Gaussian noise (sd = noise_sd x noise_gain x (0.35 + 0.65 sqrt(
 site's tone curve to uint8. Each image's random textures and noise come from its own seed, so its
 pixels do not depend on the other images or on the chunking.
 
-Splits are patient-disjoint, about 70/10/20 % of *patients* (``SPLIT_FRACTIONS``). No histogram
+Splits are patient-disjoint, about 70/10/20 % of *patients* (``SPLIT_FRACTIONS``), by the same keyed hash of
+each patient's id as real datasets (`trainables.data.splits.keyed_split`: adding a patient moves nobody else), so
+the counts are binomial. Real datasets draw a secret key from ``os.urandom``; the twin is public synthetic data
+and must stay deterministic, so its key is derived from the site's name and the generator seed
+(`synthetic_split_key`). The first key of that sequence that leaves no split empty is used: attempt 0 for
+every cohort of more than a few dozen patients, a later one only for the tiny cohorts of tests. No histogram
 equalization or min-max scaling is applied: site intensity differences are part of the shift.
 """
 
@@ -71,13 +76,15 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.cache import CARD_FILE, IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, write_cache
-from trainables.data.labels import LABELS
+from trainables.data.labels import LABELS, SPLITS
+from trainables.data.splits import keyed_split
 from trainables.names import dataset_dir
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
-"""Bump whenever a change alters any generated pixel or manifest value (invalidates prepared copies)."""
+GENERATOR_VERSION = "2"
+"""Bump whenever a change alters any generated pixel or manifest value (invalidates prepared copies). 2: keyed
+splits (`trainables.data.splits`) instead of a seeded permutation; pixels, labels and demographics unchanged."""
 
 NO_FINDING = "no_finding"
 FINDINGS: tuple[str, ...] = tuple(label for label in LABELS if label != NO_FINDING)
@@ -85,7 +92,8 @@ FINDINGS: tuple[str, ...] = tuple(label for label in LABELS if label != NO_FINDI
 ``no_finding`` is derived from them."""
 
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.1, "test": 0.2}
-"""Share of *patients* per split (image shares differ slightly because patients have 1-3 images)."""
+"""Expected share of *patients* per split (each patient is drawn on its own, so the realized shares are binomial;
+image shares differ slightly more because patients have 1-3 images)."""
 
 MIN_SIZE = 32
 """Smallest supported image side in pixels."""
@@ -320,7 +328,7 @@ def sample_cohort(name: str, n_images: int | None = None, seed: int = 0) -> tupl
     n = _check_n_images(profile, n_images)
     _check_seed(seed)
     rng = np.random.default_rng(_seed_sequence(name, seed))
-    return _sample(profile, n, rng)
+    return _sample(profile, n, rng, seed)
 
 
 def prepare_synthetic(name: str, data_root: Path, size: int = 64, n_images: int | None = None, seed: int = 0) -> Path:
@@ -437,7 +445,7 @@ def _why_not_identical(out_dir: Path, expected: dict) -> str | None:
 # The cohort: patients, images, labels, splits and scene parameters
 
 
-def _sample(profile: SiteProfile, n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, Scenes]:
+def _sample(profile: SiteProfile, n: int, rng: np.random.Generator, seed: int) -> tuple[pd.DataFrame, Scenes]:
     # Patients, with 1-3 images each; the last patient is trimmed so that there are exactly n images.
     counts = rng.choice([1, 2, 3], size=n, p=IMAGES_PER_PATIENT_P)
     ends = np.cumsum(counts)
@@ -587,7 +595,7 @@ def _sample(profile: SiteProfile, n: int, rng: np.random.Generator) -> tuple[pd.
         {
             "image_id": [f"{pid}-v{v}" for pid, v in zip(patient_ids[patient], visit, strict=True)],
             "patient_id": patient_ids[patient],
-            "split": _assign_splits(n_patients, rng)[patient],
+            "split": _assign_splits(patient_ids, profile.name, seed)[patient],
             "atelectasis": atelectasis,
             "cardiomegaly": cardiomegaly,
             "pleural_effusion": pleural_effusion,
@@ -603,13 +611,33 @@ def _sample(profile: SiteProfile, n: int, rng: np.random.Generator) -> tuple[pd.
     return manifest[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS), scenes
 
 
-def _assign_splits(n_patients: int, rng: np.random.Generator) -> np.ndarray:
-    """Split labels per patient: a seeded shuffle, then ``SPLIT_FRACTIONS`` of patients, each split >= 1."""
-    n_val = max(1, round(SPLIT_FRACTIONS["val"] * n_patients))
-    n_test = max(1, round(SPLIT_FRACTIONS["test"] * n_patients))
-    n_train = n_patients - n_val - n_test
-    ordered = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test, dtype=object)
-    return ordered[rng.permutation(n_patients)]
+MAX_SPLIT_KEY_ATTEMPTS = 10_000
+"""Keys tried for a tiny cohort before giving up (4 patients, the smallest, succeed with probability ~0.17 each)."""
+
+
+def synthetic_split_key(name: str, seed: int, attempt: int = 0) -> bytes:
+    """The twin's split key: SHA-256 of a fixed text, the site name, the seed and the attempt number.
+
+    Public and deterministic, unlike a real dataset's key (drawn from ``os.urandom`` and kept secret).
+    """
+    return hashlib.sha256(f"dpsweep synthetic split key\0{name}\0{int(seed)}\0{attempt}".encode()).digest()
+
+
+def _assign_splits(patient_ids: np.ndarray, name: str, seed: int) -> np.ndarray:
+    """Split per patient: `keyed_split` with ``SPLIT_FRACTIONS`` under the first `synthetic_split_key` that leaves
+    no split empty (validation is drawn among non-test patients, so its probability is val / (1 - test))."""
+    test_fraction = SPLIT_FRACTIONS["test"]
+    val_fraction = SPLIT_FRACTIONS["val"] / (1.0 - test_fraction)
+    for attempt in range(MAX_SPLIT_KEY_ATTEMPTS):
+        split = keyed_split(
+            patient_ids,
+            synthetic_split_key(name, seed, attempt),
+            test_fraction=test_fraction,
+            val_fraction=val_fraction,
+        )
+        if set(split.tolist()) == set(SPLITS):
+            return split
+    raise RuntimeError(f"{name}: no split key in {MAX_SPLIT_KEY_ATTEMPTS} attempts fills every split")
 
 
 # ----------------------------------------------------------------------------------------------------

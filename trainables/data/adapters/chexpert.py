@@ -12,7 +12,8 @@ Root: the ``CheXpert-v1.0`` folder (or ``CheXpert-v1.0-small``) holding ``train.
   decubitus film or a mislabelled lateral; the file names say ``frontal``). The study uses standard frontal
   films, so these are excluded and counted in the card.
 - Split: none official (the small official validation set is pooled with train); the study used a
-  custom 20 % patient-wise test split, so ``prepare`` draws a seeded patient-disjoint split.
+  custom 20 % patient-wise test split, so ``prepare`` draws a keyed patient-disjoint split
+  (`trainables.data.splits`).
 - Ids: patient ``patient00001`` from the path; image id ``patient00001/study1/view1_frontal``.
 """
 
@@ -104,7 +105,7 @@ def load(root: Path) -> SourceTable:
         "sex from 'Sex' (Female/Male/Unknown); age from 'Age' in years, 0 = missing",
         "frontal images only (rows marked Frontal with AP/PA LL or RL excluded); valid.csv pooled with "
         "train.csv; no official test split "
-        "(seeded patient-wise split)",
+        "(keyed patient-wise split)",
     )
     return SourceTable(records=records, excluded=+excluded, notes=notes, issues=+issues)
 

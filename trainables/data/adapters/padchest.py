@@ -19,8 +19,8 @@ the image folders ``0/`` ... ``54/`` named by the ``ImageDir`` column.
   ``PatientBirth`` (a year), in whole years. ``PatientBirth`` is checked for patients whose images
   disagree (the card lists them); each image keeps its own value.
 - Views: ``Projection`` PA, AP, AP_horizontal kept (the group's choice); others excluded and counted.
-- Split: none official; the study used a custom 20 % test split, so ``prepare`` draws a seeded
-  patient-disjoint split.
+- Split: none official; the study used a custom 20 % test split, so ``prepare`` draws a keyed
+  patient-disjoint split (`trainables.data.splits`).
 - Ids: patient ``PatientID``; image ``ImageID``; file ``<ImageDir>/<ImageID>``.
 """
 
@@ -165,7 +165,7 @@ def load(root: Path) -> SourceTable:
         "a term not listed is negative (no uncertain code); no_finding = 'normal' listed and none of the four "
         "findings ('normal' next to a finding: the finding is kept, no_finding = 0, counted)",
         "sex from 'PatientSex_DICOM' (O, blank and the released 'nan' = unknown); age = study year - 'PatientBirth'",
-        "projections PA, AP, AP_horizontal; no official split (seeded patient-wise split)",
+        "projections PA, AP, AP_horizontal; no official split (keyed patient-wise split)",
     )
     issues = Counter(
         {

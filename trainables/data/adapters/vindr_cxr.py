@@ -29,8 +29,8 @@ says so; it is prepared as ``vindr-cxr-kaggle`` (`KAGGLE_ADAPTER`):
   says so and `trainables.data.registry` keeps sweeps from using the dataset. ``class_name`` must be one of
   the 15 Kaggle classes and agree with ``class_id``; a reader may not mark ``No finding`` next to a box.
 - Demographics, views, ids: as above (DICOM headers; each image is its own patient).
-- Split: none official (Kaggle's test images are unlabeled and not used): seeded image-wise split of the
-  15,000 training images.
+- Split: none official (Kaggle's test images are unlabeled and not used): keyed image-wise split of the
+  15,000 training images (each image is its own patient).
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def load_kaggle(root: Path) -> SourceTable:
         "pneumonia is missing: the Kaggle copy has no image-level labels (its manifest column is 0 = unknown)",
         f"readers per image: { {k: v for k, v in sorted(readers.items())} }",
         "sex from DICOM PatientSex; age from DICOM PatientAge (e.g. 045Y), zero or malformed = missing",
-        "all views; no official labeled test split (Kaggle's test/ images are unlabeled and not used): seeded "
+        "all views; no official labeled test split (Kaggle's test/ images are unlabeled and not used): keyed "
         "image-wise split; no patient ids published: patient_id = image_id",
     )
     issues["PatientAge zero or outside [0, 120] (age missing)"] += zero + implausible
