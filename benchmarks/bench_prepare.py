@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loader import describe_machine, synthetic_radiograph  # noqa: E402
+from bench_loader import describe_machine, synthetic_radiograph
 
 CHILD = r"""
 import json, resource, sys, time

@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_dp_step  # noqa: E402 - from this folder
-import bench_trial_step  # noqa: E402
-from bench_trial_step import Case  # noqa: E402
+import bench_dp_step  # from this folder
+import bench_trial_step
+from bench_trial_step import Case
 
 RESULTS = Path(__file__).parent / "results"
 

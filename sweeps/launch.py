@@ -84,7 +84,7 @@ def run_sweep(
     client = mlflow.tracking.MlflowClient(paths.tracking_uri)
     try:
         client.search_experiments(max_results=1)
-    except Exception as error:  # noqa: BLE001 - any failure of the store is the user's URI to fix
+    except Exception as error:  # any failure of the store is the user's URI to fix
         raise SpecError(
             f"{spec.source}: tracking.uri: the MLflow tracking store {paths.tracking_uri!r} cannot be "
             f"used ({type(error).__name__}: {str(error)[:300]}); fix `tracking.uri` (or "

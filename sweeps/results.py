@@ -176,7 +176,7 @@ def _mlflow_run_ids(spec: SweepSpec, paths: SweepPaths) -> dict[str, str]:
             [experiment.experiment_id], f"tags.`{N.SWEEP_TAG}` = '{spec.name}' and tags.`{N.ROLE_TAG}` = 'sweep'"
         )
         return run_ids(client, experiment.experiment_id, parents[0].info.run_id) if parents else {}
-    except Exception as error:  # noqa: BLE001 - tables are still useful without run ids; say so
+    except Exception as error:  # tables are still useful without run ids; say so
         print(f"warning: MLflow run ids not added ({error})")
         return {}
 

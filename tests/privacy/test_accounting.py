@@ -355,7 +355,7 @@ def test_concurrent_cache_writers_never_leave_a_partial_file(tmp_path):
         try:
             for i in range(25):
                 accounting._store_noise_multiplier(cache, f"writer{writer}-{i}", 1.0 + i, 2.0)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as error:  # reported by the assertion below
             failures.append(error)
 
     def read() -> None:
@@ -363,7 +363,7 @@ def test_concurrent_cache_writers_never_leave_a_partial_file(tmp_path):
             if cache.exists():
                 try:
                     assert json.loads(cache.read_text())["entries"]
-                except BaseException as error:  # noqa: BLE001
+                except BaseException as error:
                     failures.append(error)
 
     writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]

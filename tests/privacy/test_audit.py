@@ -167,7 +167,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(900, 5))
 
 
-def LOSS(logits, targets):  # noqa: N802 - the trial's per-sample multi-label BCE
+def LOSS(logits, targets):  # the trial's per-sample multi-label BCE
     return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
 

@@ -31,7 +31,7 @@ from trainables.privacy.secure import SecureRandom
 F64_TOLERANCE, F32_TOLERANCE = 1e-10, 1e-4
 
 
-def LOSS(logits, targets):  # noqa: N802 - the per-sample multi-label BCE a trial trains with
+def LOSS(logits, targets):  # the per-sample multi-label BCE a trial trains with
     return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
 

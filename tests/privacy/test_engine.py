@@ -31,7 +31,7 @@ def inputs(n: int = 6, size: int = 32, seed: int = 1):
     return torch.rand(n, 1, size, size, generator=g), (torch.rand(n, 5, generator=g) > 0.5).float()
 
 
-def LOSS(logits, targets):  # noqa: N802 - the per-sample multi-label BCE a trial trains with
+def LOSS(logits, targets):  # the per-sample multi-label BCE a trial trains with
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
 

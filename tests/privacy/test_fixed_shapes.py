@@ -30,7 +30,7 @@ BF16_TOLERANCE = 1e-5
 same slack as the float32 tests in test_bk.py); seen: ~1e-7."""
 
 
-def LOSS(logits, targets):  # noqa: N802 - the per-sample multi-label BCE a trial trains with
+def LOSS(logits, targets):  # the per-sample multi-label BCE a trial trains with
     return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
 

@@ -66,7 +66,7 @@ class CheckpointWatcher(threading.Thread):
             for state_file in set(self.ray_dir.rglob(M.CHECKPOINT_STATE_FILE)) - seen:
                 try:
                     state = torch.load(state_file, map_location="cpu", weights_only=False)
-                except Exception:  # noqa: BLE001 - being written, or already replaced: try again next round
+                except Exception:  # being written, or already replaced: try again next round
                     continue
                 seen.add(state_file)
                 self.seeds.update((state.get("secret_seeds") or {}).values())

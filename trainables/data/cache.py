@@ -28,7 +28,7 @@ import pandas as pd
 
 from trainables.data.labels import LABELS, SEXES, SPLITS
 from trainables.data.splits import check_split_current
-from trainables.names import CARD_FILE, IMAGES_FILE, MANIFEST_FILE  # noqa: F401 (re-exported to the data modules)
+from trainables.names import CARD_FILE, IMAGES_FILE, MANIFEST_FILE  # re-exported to the data modules
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "string",

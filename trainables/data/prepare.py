@@ -337,10 +337,25 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
     """
     lines = [
         f"{card.get('dataset', '?')} ({card.get('title', '')}) at {card.get('size')} px: "
-        f"{card.get('n_images')} images, {card.get('n_patients')} patients"
+        f"{card.get('n_images')} images, {card.get('n_patients')} patients",
+        *_card_splits(card),
+        *_card_demographics(card),
+        *_card_provenance(card),
+        *_card_skipped(card, max_skipped),
     ]
-    header = f"  {'split':<6}{'images':>9}{'patients':>10}" + "".join(f"{label:>18}" for label in LABELS)
-    lines.append(header)
+    timing = card.get("prepare_timing")
+    if timing and timing.get("images"):
+        lines.append(
+            f"  preprocessed {timing['images']} image(s) in {timing['seconds']:.1f} s with {timing['workers']} "
+            f"worker(s): {timing['images_per_second']:.1f} images/s, "
+            f"{timing['images_per_second_per_worker']:.1f} per worker"
+        )
+    return "\n".join(lines)
+
+
+def _card_splits(card: dict) -> list[str]:
+    """The per-split table (images, patients, prevalence) and images per patient per split."""
+    lines = [f"  {'split':<6}{'images':>9}{'patients':>10}" + "".join(f"{label:>18}" for label in LABELS)]
     for split, entry in card.get("splits", {}).items():
         prevalence = entry.get("prevalence", {})
         cells = "".join(
@@ -357,6 +372,12 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
             "  images per patient (min/median/p99/max): "
             + ", ".join(f"{split} {c['min']}/{c['median']:g}/{c['p99']}/{c['max']}" for split, c in per_patient.items())
         )
+    return lines
+
+
+def _card_demographics(card: dict) -> list[str]:
+    """Patient ids, sex, ages per split, views and images per patient."""
+    lines = []
     if "patient_ids" in card:
         lines.append(f"  patient ids: {card['patient_ids']}")
     if "sex" in card:
@@ -376,37 +397,38 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
             f"p99 {per_patient['p99']}, max {per_patient['max']}"
             + (f" ({per_patient['note']})" if per_patient.get("note") else "")
         )
-    for attribute, entry in card.get("inconsistent_patients", {}).items():
-        lines.append(
-            f"  patients whose images disagree on {attribute}: {entry['patients']} (e.g. "
-            + "; ".join(entry["examples"][:3])
-            + ")"
-        )
+    return lines
+
+
+def _card_provenance(card: dict) -> list[str]:
+    """Inconsistent patients, missing labels, the split rule, exclusions and metadata issues."""
+    lines = [
+        f"  patients whose images disagree on {attribute}: {entry['patients']} (e.g. "
+        + "; ".join(entry["examples"][:3])
+        + ")"
+        for attribute, entry in card.get("inconsistent_patients", {}).items()
+    ]
     for label, reason in card.get("labels_missing", {}).items():
         lines.append(f"  label missing: {label} (manifest column is 0 = unknown; {reason})")
     if "split_method" in card:
         key = f" (split key id {card['split_key_id']})" if card.get("split_key_id") else ""
         lines.append(f"  split: {card['split_method']}{key}")
-    for key, title in (("excluded", "excluded"), ("metadata_issues", "metadata issues")):
-        entries = {k: v for k, v in card.get(key, {}).items() if v}
+    for field_name, title in (("excluded", "excluded"), ("metadata_issues", "metadata issues")):
+        entries = {k: v for k, v in card.get(field_name, {}).items() if v}
         if entries:
             lines.append(f"  {title}: " + "; ".join(f"{k}: {v}" for k, v in entries.items()))
+    return lines
+
+
+def _card_skipped(card: dict, max_skipped: int) -> list[str]:
     skipped = card.get("skipped", [])
-    if skipped:
-        lines.append(f"  skipped {len(skipped)} image(s):")
-        lines.extend(f"    {entry['source_path']}: {entry['reason']}" for entry in skipped[:max_skipped])
-        if len(skipped) > max_skipped:
-            lines.append(f"    ... and {len(skipped) - max_skipped} more (see card.json)")
-    else:
-        lines.append("  skipped: none")
-    timing = card.get("prepare_timing")
-    if timing and timing.get("images"):
-        lines.append(
-            f"  preprocessed {timing['images']} image(s) in {timing['seconds']:.1f} s with {timing['workers']} "
-            f"worker(s): {timing['images_per_second']:.1f} images/s, "
-            f"{timing['images_per_second_per_worker']:.1f} per worker"
-        )
-    return "\n".join(lines)
+    if not skipped:
+        return ["  skipped: none"]
+    lines = [f"  skipped {len(skipped)} image(s):"]
+    lines.extend(f"    {entry['source_path']}: {entry['reason']}" for entry in skipped[:max_skipped])
+    if len(skipped) > max_skipped:
+        lines.append(f"    ... and {len(skipped) - max_skipped} more (see card.json)")
+    return lines
 
 
 def _check_splits_not_empty(manifest: pd.DataFrame, name: str, context: str) -> None:

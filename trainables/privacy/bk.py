@@ -175,7 +175,7 @@ def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor) 
 class LayerRule:
     """How to turn one module's input and output gradient into per-sample norms and clipped sums."""
 
-    def check(self, path: str, module: nn.Module) -> None:  # noqa: B027 - optional override
+    def check(self, path: str, module: nn.Module) -> None:  # optional override
         """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
 
     def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
