@@ -166,6 +166,7 @@ def _load(args):
 def _sweep(args) -> int:
     from sweeps.describe import dry_run_report
     from sweeps.launch import run_sweep
+    from sweeps.ledger import sweep_ledger_text
     from sweeps.plan import plan_sweep
     from sweeps.summary import summary_text
 
@@ -176,6 +177,7 @@ def _sweep(args) -> int:
         return DRY_RUN_BLOCKED if plan.notes else 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
+    print(sweep_ledger_text(paths.data_root, spec.data.train))
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "ledger_lines",
     "ledger_metrics",
     "ledger_totals",
+    "sweep_ledger_text",
     "write_ledger_summary",
     "mark_runs",
     "record_runs",
@@ -214,6 +215,19 @@ def ledger_lines(total: LedgerTotal) -> list[str]:
     statuses = ", ".join(f"{status} {count}" for status, count in sorted(total.statuses.items()))
     lines.append(f"latest status: {statuses}")
     return lines
+
+
+def sweep_ledger_text(data_root: str | Path, datasets: Iterable[str], width: int = 100) -> str:
+    """The summary's lines on each training set's ledger, beside the sweep's own tuning cost."""
+    lines = []
+    for dataset, total in ledger_totals(data_root, datasets).items():
+        intro = (
+            f"privacy ledger of {dataset} (every run recorded on its training split: this sweep, other sweeps, "
+            f"audits, replaced runs; `dpsweep ledger {dataset}`): "
+        )
+        body = "; ".join(ledger_lines(total)[:-1] or ledger_lines(total))
+        lines.append(textwrap.fill(intro + body, width, subsequent_indent="  ", break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 def describe_ledger(data_root: str | Path, dataset: str, delta: float | None = None) -> str:
