@@ -379,10 +379,8 @@ def test_a_release_holds_no_number_of_a_non_private_trial(tiny_sweep, tmp_path, 
 
     privacy = (out / PRIVACY_FILE).read_text()
     assert privacy.splitlines()[2].startswith("**Epsilon of this bundle: ")
-    for row in private.itertuples():
-        assert (
-            f"| `{row.trial}` | TERMINATED | image | 2 | {epsilon_text(getattr(row, 'privacy/epsilon'))} |" in privacy
-        )
+    for key, epsilon in zip(private["trial"], private[M.EPSILON], strict=True):
+        assert f"| `{key}` | TERMINATED | image | 2 | {epsilon_text(epsilon)} |" in privacy
     tuning = tuning_cost(private).epsilon
     assert f"epsilon {epsilon_text(tuning)} at delta {spec.privacy.delta:g} (2 trials)" in privacy
     assert f"**Epsilon of this bundle: {epsilon_text(tuning)} on synthetic-a**" in privacy
