@@ -419,6 +419,11 @@ def _tuning_section(spec: SweepSpec, everything: pd.DataFrame, released: pd.Data
     whole = tuning_costs(everything)
     for dataset, cost in released_costs.items():
         line = f"- `{dataset}`: epsilon {epsilon_text(cost.epsilon)} at delta {cost.delta:g} ({cost.n_trials} trials)"
+        if cost.n_non_private_excluded:
+            line += (
+                f"; private trials only: the {cost.n_non_private_excluded} non-private trial(s) released here are "
+                "outside it"
+            )
         other = whole.get(dataset)
         if other is not None and (other.epsilon != cost.epsilon or other.n_trials != cost.n_trials):
             line += (
@@ -443,7 +448,7 @@ def _tuning_section(spec: SweepSpec, everything: pd.DataFrame, released: pd.Data
 
 
 def _ledger_section(paths: SweepPaths, released: pd.DataFrame, private: pd.DataFrame) -> str:
-    from trainables.data.ledger import ledger_dir, read_ledger
+    from trainables.data.ledger import LEDGER_DIR, read_ledger
     from trainables.privacy.ledger import compose_ledger
 
     lines = [
@@ -456,7 +461,7 @@ def _ledger_section(paths: SweepPaths, released: pd.DataFrame, private: pd.DataF
     for dataset in dict.fromkeys(released["dataset"]):
         entries = read_ledger(paths.data_root, str(dataset))
         if not entries:
-            lines.append(f"- `{dataset}`: no runs recorded ({ledger_dir(paths.data_root, str(dataset))} holds none).")
+            lines.append(f"- `{dataset}`: no runs recorded (its `{LEDGER_DIR}/` beside the prepared data is empty).")
             continue
         total = compose_ledger(entries, delta)
         lines.append(f"- `{dataset}`: " + "; ".join(ledger_lines(total)) + ".")
@@ -474,6 +479,11 @@ def _not_covered_section(released: pd.DataFrame, without: pd.DataFrame, predicti
             "- **Patients with several images**, in image-level trials: protected only at "
             f"`{N.EPSILON_PATIENT}` (group privacy for their k images), not at the image epsilon."
         )
+    items.append(
+        "- **Dataset sizes**: N (`n_train`) and, for image-level trials, the largest images per patient (k) are "
+        "released and treated as public metadata of the dataset; strictly they depend on the data and are not "
+        "accounted."
+    )
     if len(without):
         items.append(
             f"- **{len(without)} trial(s) without a DP guarantee** (non-private or reproducible_noise), included with "
