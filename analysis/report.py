@@ -97,6 +97,19 @@ def write_report(
     """
     tables = load_tables(sweep_dir, ray_experiment_dir)
     out_dir = Path(out_dir) if out_dir is not None else tables.sweep_dir / REPORT_DIR
+    return render_report(tables, out_dir, group_by, data_root)
+
+
+def render_report(
+    tables: SweepTables,
+    out_dir: str | Path,
+    group_by: Sequence[str] = DEFAULT_GROUP_BY,
+    data_root: str | Path | None = None,
+) -> Path:
+    """Render the report of tables already read (`write_report` reads them from a sweep folder; `dpsweep release`
+    passes the released trials' tables) into ``out_dir``; returns the path of its ``index.html``. Arguments as
+    `write_report`'s."""
+    out_dir = Path(out_dir)
     for folder, suffixes in ((FIGURES_DIR, (".png", ".svg")), (TABLES_DIR, (".csv", ".tex"))):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
         for stale in (out_dir / folder).iterdir():  # a previous report's files: only this one's are linked

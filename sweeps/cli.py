@@ -1,4 +1,4 @@
-"""`dpsweep` command line: sweep, pretrain, prepare, audit, table, ledger, report, ui.
+"""`dpsweep` command line: sweep, pretrain, prepare, audit, table, ledger, report, release, ui.
 
 User errors (bad sweep file, unprepared data, missing weights, bad privacy parameters: every
 `trainables.errors.UserError`) print one clear message and exit with status 2, before Ray or any trial starts.
@@ -127,6 +127,30 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="write runs/<sweep>/report/index.html (tables and figures)")
     _spec_args(report)
 
+    release = commands.add_parser(
+        "release",
+        help="write a shareable bundle of what the sweep's epsilon covers (private trials, PRIVACY.md)",
+        description="Copy the trials with a DP guarantee out of a sweep's tables into a new folder: tables (parquet "
+        "and CSV), their report and, on request, their final model weights, with PRIVACY.md stating the per-trial, "
+        "tuning and ledger epsilons, unit, adjacency and accountant, what is not covered, and every file. Never "
+        "copies checkpoints, seeds, the ledger, the data or train/loss. See docs/outputs.md.",
+    )
+    _spec_args(release)
+    release.add_argument("--out", required=True, type=Path, help="the bundle's folder (new or empty)")
+    release.add_argument(
+        "--include-non-private",
+        action="store_true",
+        help="also release the non-private and reproducible_noise trials (the bundle's epsilon is then inf)",
+    )
+    release.add_argument(
+        "--models", action="store_true", help="also copy each finished released trial's selected weights"
+    )
+    release.add_argument(
+        "--predictions",
+        action="store_true",
+        help="also release the per-image test scores (row-level data on test patients, not covered by any epsilon)",
+    )
+
     ui = commands.add_parser("ui", help="serve the MLflow UI for the sweeps' runs on 127.0.0.1")
     ui.add_argument("--runs", default="runs")
     ui.add_argument("--port", type=int, default=5000)
@@ -141,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "table": _table,
             "ledger": _ledger,
             "report": _report,
+            "release": _release,
             "ui": _ui,
         }
         return commands_by_name[args.command](args)
@@ -284,6 +309,26 @@ def _report(args) -> int:
         print(f"report not logged to MLflow: {error}")
     else:
         print(f"report logged to MLflow: {logged}")
+    return 0
+
+
+def _release(args) -> int:
+    from sweeps.release import PRIVACY_FILE, write_release
+
+    spec, paths = _load(args)
+    release = write_release(
+        spec,
+        paths,
+        args.out,
+        include_non_private=args.include_non_private,
+        models=args.models,
+        predictions=args.predictions,
+    )
+    epsilon = ", ".join(f"{dataset} {value:.4g}" for dataset, value in release.epsilon.items())
+    print(
+        f"release: {release.out} ({len(release.trials)} trials, {len(release.files)} files); epsilon of the bundle: "
+        f"{epsilon or 'none'}; read {release.out / PRIVACY_FILE} before sharing it"
+    )
     return 0
 
 

@@ -15,6 +15,9 @@ What a child run holds (Ray's results and trials.parquet keep everything, unchan
   step = epoch, the final report's headlines at step 0. No infinite value is logged (MLflow's SQL stores cannot
   hold one): the only infinity a trial reports is a non-private run's epsilon, which therefore has no epsilon
   metric at all.
+- never ``train/loss`` (`NOT_SHARED`): a non-private trial's training loss is computed on the private training
+  images with no DP mechanism; Ray's results and ``runs/<sweep>/epochs.parquet`` keep it, the experiment does not
+  (neither as a metric nor as a column of a logged table).
 - artifacts under ``evaluation/``: ``metrics.parquet`` (the whole final report, long form) with its ``metrics.csv``
   preview, logged before the final headlines, whose marker (`FINAL_MARKER`) goes last; and once the trial ends,
   the final checkpoint's tables (``groups``, ``bootstrap``, ``epochs``, ``predictions``), each parquet with a
@@ -65,6 +68,10 @@ PREVIEW_MAX_ROWS = 20_000
 """A parquet artifact gets a ``.csv`` twin (which the MLflow UI previews; it does not preview parquet) when it has
 at most this many rows: the evaluation tables always, the per-image predictions of small test sets only."""
 _BATCH = 900  # MLflow caps a batch at 1000 metrics
+NOT_SHARED: frozenset[str] = frozenset({M.TRAIN_LOSS})
+"""Metrics, and table columns, never logged to the shared experiment: ``train/loss``, the mean loss of a non-private
+trial's training batches, is computed on the private training images with no DP mechanism (private trials never
+report it). Ray's results and ``runs/<sweep>/epochs.parquet`` keep it, labelled (docs/outputs.md)."""
 
 
 def metric_key(name: str) -> str:
@@ -228,12 +235,13 @@ class MlflowSweepCallback(tune.Callback):
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float | int]:
-    """The metrics of one Ray result: our keys (``split/family/name`` and ``epoch``) with a number value; not Ray's
-    bookkeeping (``timestamp``, ``training_iteration``, ...), ``done``, or strings (``ray/node_id``)."""
+    """The metrics of one Ray result that MLflow gets: our keys (``split/family/name`` and ``epoch``) with a number
+    value; not Ray's bookkeeping (``timestamp``, ``training_iteration``, ...), ``done``, strings (``ray/node_id``) or
+    `NOT_SHARED` metrics."""
     return {
         k: v
         for k, v in result.items()
-        if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool)
+        if ("/" in k or k == M.EPOCH) and isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_SHARED
     }
 
 
@@ -255,15 +263,27 @@ def log_with_preview(
     repository: Any, table: Path, artifact_path: str | None = None, skip: set[str] | frozenset[str] = frozenset()
 ) -> None:
     """Log a parquet file and, when it has at most `PREVIEW_MAX_ROWS` rows, a ``.csv`` twin beside it (MLflow's UI
-    previews CSV, not parquet); file names in ``skip`` are logged already."""
-    if table.name not in skip:
-        repository.log_artifact(str(table), artifact_path)
-    rows = pq.ParquetFile(table).metadata.num_rows
-    if rows <= PREVIEW_MAX_ROWS and table.with_suffix(".csv").name not in skip:
-        with tempfile.TemporaryDirectory() as folder:
+    previews CSV, not parquet); file names in ``skip`` are logged already. A table with a `NOT_SHARED` column is
+    logged, under its own name, without it."""
+    with tempfile.TemporaryDirectory() as folder:
+        table = _shared_copy(table, Path(folder))
+        if table.name not in skip:
+            repository.log_artifact(str(table), artifact_path)
+        rows = pq.ParquetFile(table).metadata.num_rows
+        if rows <= PREVIEW_MAX_ROWS and table.with_suffix(".csv").name not in skip:
             twin = Path(folder) / table.with_suffix(".csv").name
             pd.read_parquet(table).to_csv(twin, index=False)
             repository.log_artifact(str(twin), artifact_path)
+
+
+def _shared_copy(table: Path, folder: Path) -> Path:
+    """``table`` itself, or, when it has `NOT_SHARED` columns, a copy without them in ``folder``."""
+    hidden = [c for c in pq.read_schema(table).names if c in NOT_SHARED]
+    if not hidden:
+        return table
+    copy = folder / table.name
+    pd.read_parquet(table).drop(columns=hidden).to_parquet(copy, index=False)
+    return copy
 
 
 class ProgressCallback(tune.Callback):

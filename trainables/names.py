@@ -377,6 +377,7 @@ ENDED: Final[tuple[str, ...]] = (TERMINATED, STOPPED)
 # Files.
 CHECKPOINT_STATE_FILE: Final = "state.pt"  # a trial's epoch checkpoint (private material: holds the RNG states)
 FINAL_FILE: Final = "final.json"  # a trial's final report, in its final checkpoint
+FINAL_WEIGHTS_FILE: Final = "model.safetensors"  # a trial's selected weights (state dict only), in its final checkpoint
 TRIALS_FILE: Final = "trials.parquet"
 EPOCHS_FILE: Final = "epochs.parquet"
 GROUPS_FILE: Final = "groups.parquet"

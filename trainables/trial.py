@@ -2,7 +2,8 @@
 
 The only module that imports ``ray.tune``. It reads Ray's config as a `trainables.point.TrialPoint`, resumes from Ray's
 latest checkpoint (weights, optimizer, privacy ledger, RNG streams), and persists one checkpoint per
-epoch plus a final one holding the evaluation tables.
+epoch plus a final one holding the final report, the evaluation tables and the selected model's weights
+(`write_final_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import ray
 import torch
 from ray import tune
 
-from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID
+from trainables.models import save_weights
+from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, FINAL_WEIGHTS_FILE, NODE_ID
 from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
 from trainables.point import POINT, TrialPoint
-from trainables.train import train_trial
+from trainables.train import TrialResult, train_trial
 
 
 def dp_trial(config: dict[str, Any]) -> None:
@@ -50,9 +52,21 @@ def dp_trial(config: dict[str, Any]) -> None:
     final = train_trial(cfg, init, report_epoch, state)
     metrics = {**_json_safe(final.metrics), NODE_ID: ray.get_runtime_context().get_node_id(), DONE: True}
     with tempfile.TemporaryDirectory() as folder:
-        write_tables(Path(folder), final.tables)
-        (Path(folder) / FINAL_FILE).write_text(json.dumps(metrics))
+        write_final_checkpoint(Path(folder), final, metrics)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def write_final_checkpoint(folder: Path, final: TrialResult, metrics: dict[str, Any]) -> None:
+    """A finished trial's final checkpoint: its evaluation tables (`write_tables`), the selected model's weights
+    (`FINAL_WEIGHTS_FILE`, safetensors) and, last, the final report (`FINAL_FILE`, which marks the checkpoint final).
+
+    The weights are ``model.state_dict()`` alone, the parameters and buffers under their names: no optimizer state,
+    RNG state or seed. For a private trial they are DP-SGD's output (the epoch chosen on validation), covered by the
+    trial's epsilon like every number computed from them; ``dpsweep release --models`` publishes them. Load them with
+    `trainables.models.load_weights` into the trial's model."""
+    write_tables(folder, final.tables)
+    save_weights(final.model, folder / FINAL_WEIGHTS_FILE)
+    (folder / FINAL_FILE).write_text(json.dumps(metrics))
 
 
 def write_tables(folder: Path, tables: dict[str, pd.DataFrame]) -> None:

@@ -207,6 +207,17 @@ def test_the_parent_run_refuses_an_infinite_summary(tmp_path):
     assert client.get_run(parent).data.metrics == {M.TUNING_EPSILON: 3.5}
 
 
+def test_no_run_logs_a_training_loss(fake_store):
+    """Every epoch report carried ``train/loss`` (a non-private trial's is computed on private images with no
+    mechanism): no run holds it, as a metric or in its final metrics artifact."""
+    found = read_sweep(fake_store.uri, SWEEP, SWEEP)
+    for key, run_id in found.run_ids.items():
+        assert M.TRAIN_LOSS not in fake_store.client.get_run(run_id).data.metrics, key
+        assert not fake_store.client.get_metric_history(run_id, M.TRAIN_LOSS), key
+    for record in found.records:
+        assert M.TRAIN_LOSS not in record.final and not any(M.TRAIN_LOSS in epoch for epoch in record.epochs)
+
+
 def test_child_runs_are_named_by_their_points(fake_store):
     """Each child run has its trial point's run name (the names themselves: `tests.sweeps.test_points`)."""
     found = read_sweep(fake_store.uri, SWEEP, SWEEP)
@@ -217,6 +228,9 @@ def test_child_runs_are_named_by_their_points(fake_store):
 def test_tables_equal_those_built_from_the_same_results_directly(fake_store):
     trials, epochs = tables_from_mlflow(fake_store.uri, SWEEP, SWEEP)
     expected_trials, expected_epochs = build_tables(fake_store.records)
+    # train/loss never reaches the shared experiment (`sweeps.tracking.NOT_SHARED`): only Ray's tables hold it.
+    assert M.TRAIN_LOSS in expected_epochs and M.TRAIN_LOSS not in epochs
+    expected_epochs = expected_epochs.drop(columns=M.TRAIN_LOSS)
     assert trials["trial"].tolist() == list(SCRIPT)  # Ray's trial order (trial ids)
     assert dict(zip(trials["trial"], trials["status"], strict=True)) == {
         "random-eps2": "TERMINATED",
@@ -524,6 +538,9 @@ def test_resumed_sweep_tables_agree_between_ray_and_mlflow(real_sweep):
 
     keys = ["trial", "epoch"]
     ray_epochs, ml_epochs = (e.sort_values(keys).reset_index(drop=True) for e in (ray_epochs, ml_epochs))
+    # MLflow never holds train/loss (`sweeps.tracking.NOT_SHARED`); Ray's table keeps the non-private trial's.
+    assert ray_epochs[M.TRAIN_LOSS].notna().any() and M.TRAIN_LOSS not in ml_epochs
+    ray_epochs = ray_epochs.drop(columns=M.TRAIN_LOSS)
     assert len(ml_epochs) == 4 and sorted(ml_epochs.columns) == sorted(ray_epochs.columns)
     pd.testing.assert_frame_equal(ml_epochs[ray_epochs.columns], ray_epochs)  # val AUROC, epsilon per epoch, ...
 
@@ -598,6 +615,25 @@ def test_parquet_artifacts_get_a_csv_twin_when_small(tmp_path, monkeypatch):
     tracking.log_with_preview(repository, tmp_path / "small.parquet", "evaluation", skip={"small.parquet"})
     assert (tmp_path / "artifacts" / "evaluation" / "small.parquet").read_bytes() == b"kept"
     assert (tmp_path / "artifacts" / "evaluation" / "small.csv").exists()
+
+
+def test_a_logged_table_loses_its_training_loss_column(tmp_path):
+    """An epoch table (a child run's ``evaluation/epochs.parquet``, the parent run's ``epochs.parquet``) reaches
+    the experiment without ``train/loss``, parquet and CSV twin alike; the file on disk keeps it."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    from sweeps import tracking
+
+    epochs = pd.DataFrame(
+        {"trial": ["b", "b"], M.EPOCH: [1, 2], M.TRAIN_LOSS: [0.7, 0.6], M.VAL_AUROC_MACRO: [0.5, 0.6]}
+    )
+    epochs.to_parquet(tmp_path / EPOCHS_FILE, index=False)
+    repository = LocalArtifactRepository(str(tmp_path / "artifacts"))
+    tracking.log_with_preview(repository, tmp_path / EPOCHS_FILE)
+    logged = pd.read_parquet(tmp_path / "artifacts" / EPOCHS_FILE)
+    pd.testing.assert_frame_equal(logged, epochs.drop(columns=M.TRAIN_LOSS))
+    assert M.TRAIN_LOSS not in (tmp_path / "artifacts" / "epochs.csv").read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / EPOCHS_FILE), epochs)
 
 
 def test_artifact_locations_are_relative_to_the_store_where_one_serves_them(tmp_path):

@@ -2,7 +2,9 @@
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -289,3 +291,127 @@ def served_artifact(runs, run_id: str, path: str) -> dict[str, bytes]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_non_private_train_loss_stays_in_the_sweeps_own_table(tiny_sweep, tmp_path):
+    """A non-private trial's train/loss (computed on the private training images, no mechanism) is in epochs.parquet
+    and nowhere in the shared MLflow experiment: no child-run metric, no column of a logged epoch table."""
+    from analysis.mlflow_source import download, run_artifact_repository
+
+    spec, paths, trials = tiny_sweep
+    epochs = pd.read_parquet(paths.sweep_dir(spec) / M.EPOCHS_FILE)
+    baseline = epochs[~epochs["target_epsilon"].map(math.isfinite)]
+    assert len(baseline) and baseline[M.TRAIN_LOSS].notna().all()
+    client = MlflowClient(paths.tracking_uri)
+    parent = client.get_run(trials["mlflow_run_id"].iloc[0]).data.tags[PARENT_TAG]
+    logged = [(run_id, f"evaluation/{M.EPOCHS_FILE}") for run_id in trials["mlflow_run_id"]] + [(parent, M.EPOCHS_FILE)]
+    for run_id, path in logged:
+        assert M.TRAIN_LOSS not in client.get_run(run_id).data.metrics
+        assert not client.get_metric_history(run_id, M.TRAIN_LOSS)
+        repository = run_artifact_repository(client, paths.tracking_uri, run_id)
+        table = pd.read_parquet(download(repository, path, tmp_path / run_id))
+        assert len(table) and M.TRAIN_LOSS not in table.columns, path
+        twin = download(repository, path.replace(".parquet", ".csv"), tmp_path / run_id)
+        assert M.TRAIN_LOSS not in Path(twin).read_text().splitlines()[0]
+
+
+def release_leaks(out: Path, keys: set[str], numbers: np.ndarray) -> list[str]:
+    """Files under ``out`` that hold one of the trial ``keys`` or one of ``numbers`` (exactly, in a parquet cell, or
+    written at full precision in a text file)."""
+    leaks = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            cells = table.select_dtypes("number").to_numpy(dtype=float).ravel()
+            if ("trial" in table and not keys.isdisjoint(table["trial"])) or np.isin(cells, numbers).any():
+                leaks.append(str(path))
+        elif path.suffix in (".csv", ".md", ".html", ".tex", ".svg"):
+            text = path.read_text(encoding="utf-8")
+            if any(key in text for key in keys) or any(repr(float(n)) in text for n in numbers):
+                leaks.append(str(path))
+        else:
+            assert path.suffix in (".png", ".safetensors"), path  # figures and weights: nothing else is released
+    return leaks
+
+
+def test_a_release_holds_no_number_of_a_non_private_trial(tiny_sweep, tmp_path, capsys):
+    """`dpsweep release --models` on the sweep: no file holds a baseline's key or numbers (test and external AUROC,
+    per-epoch validation AUROC, train/loss), PRIVACY.md names each trial's, the tuning and the ledger epsilon, the
+    weights are the final checkpoints' and nothing else of the checkpoints is copied. With --include-non-private the
+    same check finds the baselines, and the bundle's epsilon is inf."""
+    from analysis.tables import ray_trial_folders
+    from sweeps.cli import main
+    from sweeps.ledger import ledger_lines
+    from sweeps.release import PRIVACY_FILE, epsilon_text
+    from sweeps.tuning_cost import tuning_cost
+    from trainables.data.ledger import read_ledger
+    from trainables.models import create_model, load_weights, resolve_init
+    from trainables.privacy.ledger import compose_ledger
+
+    spec, paths, trials = tiny_sweep
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(TINY)
+    command = ["release", str(spec_file), "--runs", str(paths.runs_root), "--data", str(paths.data_root)]
+    private = trials[trials["target_epsilon"].map(math.isfinite)]
+    baseline = trials[~trials["target_epsilon"].map(math.isfinite)]
+    epochs = pd.read_parquet(paths.sweep_dir(spec) / M.EPOCHS_FILE)
+    baseline_epochs = epochs[epochs["trial"].isin(baseline["trial"])]
+    numbers = np.concatenate(
+        [
+            baseline[[M.TEST_AUROC_MACRO, M.external_auroc("synthetic-b")]].to_numpy(dtype=float).ravel(),
+            baseline_epochs[[M.VAL_AUROC_MACRO, M.TRAIN_LOSS]].to_numpy(dtype=float).ravel(),
+        ]
+    )
+    assert len(numbers) == 2 * 2 + 2 * 2 * 2 and np.isfinite(numbers).all()
+    keys = set(baseline["trial"])
+
+    out = tmp_path / "bundle"
+    assert main([*command, "--out", str(out), "--models"]) == 0
+    assert "epsilon of the bundle: synthetic-a" in capsys.readouterr().out
+    assert release_leaks(out, keys, numbers) == []
+    released = pd.read_parquet(out / "tables" / M.TRIALS_FILE)
+    assert sorted(released["trial"]) == sorted(private["trial"])
+    assert not {"mlflow_run_id", "data_root", "init_weights"} & set(released.columns)
+    assert not any(
+        c == M.TRAIN_LOSS or c.startswith(M.SYSTEM_PREFIX) for c in pd.read_parquet(out / "tables" / M.EPOCHS_FILE)
+    )
+    assert not (out / "tables" / M.PREDICTIONS_FILE).exists()  # row-level test data: only with --predictions
+
+    privacy = (out / PRIVACY_FILE).read_text()
+    assert privacy.splitlines()[2].startswith("**Epsilon of this bundle: ")
+    for key, epsilon in zip(private["trial"], private[M.EPSILON], strict=True):
+        assert f"| `{key}` | TERMINATED | image | 2 | {epsilon_text(epsilon)} |" in privacy
+    tuning = tuning_cost(private).epsilon
+    assert f"epsilon {epsilon_text(tuning)} at delta {spec.privacy.delta:g} (2 trials)" in privacy
+    assert f"**Epsilon of this bundle: {epsilon_text(tuning)} on synthetic-a**" in privacy
+    entries = read_ledger(paths.data_root, "synthetic-a")
+    ledger = "; ".join(ledger_lines(compose_ledger(entries, spec.privacy.delta))) if entries else "no runs recorded"
+    assert f"- `synthetic-a`: {ledger}" in privacy
+    for words in (
+        "one training image",
+        "add/remove adjacency",
+        f"`{spec.privacy.accountant}`",
+        "Per-image predictions",
+    ):
+        assert words in privacy, words
+    listed = {line[3:-1] for line in privacy.split("## Files in this bundle")[1].splitlines() if line.startswith("- `")}
+    assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+    finals = {folder.key: folder.final_checkpoint() for folder in ray_trial_folders(paths.ray_experiment(spec))}
+    names = set(create_model(spec.models[0], resolve_init("random", spec.models[0])).state_dict())
+    assert sorted(p.name for p in (out / "models").iterdir()) == sorted(f"{k}.safetensors" for k in private["trial"])
+    for key in private["trial"]:
+        weights = out / "models" / f"{key}.safetensors"
+        assert weights.read_bytes() == (finals[key] / M.FINAL_WEIGHTS_FILE).read_bytes()
+        assert set(load_weights(weights)) == names
+    assert not {M.FINAL_FILE, M.CHECKPOINT_STATE_FILE, M.RAY_PARAMS_FILE} & {p.name for p in out.rglob("*")}
+
+    everything = tmp_path / "everything"
+    assert main([*command, "--out", str(everything), "--include-non-private", "--predictions"]) == 0
+    assert "epsilon of the bundle: synthetic-a inf" in capsys.readouterr().out
+    privacy = (everything / PRIVACY_FILE).read_text()
+    assert privacy.splitlines()[2].startswith("**Epsilon of this bundle: inf.**")
+    assert all(f"`{key}` (non-private baseline)" in privacy for key in keys)
+    leaks = release_leaks(everything, keys, numbers)
+    assert str(everything / "tables" / M.TRIALS_FILE) in leaks and str(everything / "tables" / "trials.csv") in leaks
+    assert (everything / "tables" / M.PREDICTIONS_FILE).exists()
