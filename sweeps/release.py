@@ -145,7 +145,8 @@ def write_release(
         )
     released = _released_tables(tables, chosen, out)
     weights = _final_weights(spec, paths, released.trials) if models else {}
-    privacy = _privacy_sections(spec, paths, tables.trials, released.trials, chosen, predictions, bool(weights))
+    missing = [str(k) for k in released.trials["trial"] if str(k) not in weights] if models else []
+    privacy = _privacy_sections(spec, paths, tables.trials, released.trials, chosen, predictions, models, missing)
 
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(out / TABLES_DIR, released, predictions)
@@ -274,6 +275,7 @@ def _privacy_sections(
     chosen: pd.Series,
     predictions: bool,
     models: bool,
+    without_weights: list[str],
 ) -> _Privacy:
     """PRIVACY.md without its file list (known once everything is written)."""
     guaranteed = has_guarantee(released)
@@ -311,7 +313,7 @@ def _privacy_sections(
     sections.append(_trials_section(released, guaranteed))
     sections.append(_tuning_section(spec, everything, released, costs))
     sections.append(_ledger_section(paths, released, private))
-    sections.append(_not_covered_section(released, without, predictions, models))
+    sections.append(_not_covered_section(released, without, predictions, models, without_weights))
     return _Privacy(sections, epsilon)
 
 
@@ -468,7 +470,9 @@ def _ledger_section(paths: SweepPaths, released: pd.DataFrame, private: pd.DataF
     return "\n\n".join(lines[:2] + ["\n".join(lines[2:])])
 
 
-def _not_covered_section(released: pd.DataFrame, without: pd.DataFrame, predictions: bool, models: bool) -> str:
+def _not_covered_section(
+    released: pd.DataFrame, without: pd.DataFrame, predictions: bool, models: bool, without_weights: list[str]
+) -> str:
     items = [
         "- **Validation and test images** (and the external test sets): the models are selected and thresholded on "
         "validation and evaluated on test; those images are not protected by any epsilon here. The tables and "
@@ -506,6 +510,12 @@ def _not_covered_section(released: pd.DataFrame, without: pd.DataFrame, predicti
             "- **Model weights** (`models/`): each finished released trial's selected weights, DP-SGD's output, "
             "covered by its epsilon like every number computed from them (`model.state_dict()` only: no optimizer, "
             "RNG state or seed)."
+            + (
+                f" Released without weights ({len(without_weights)}: not finished, or finished before dpsweep kept "
+                "the selected weights): " + ", ".join(f"`{key}`" for key in without_weights) + "."
+                if without_weights
+                else ""
+            )
         )
     items += [
         "- **Never in a release**: checkpoints (secret noise seeds, optimizer and RNG states), the ledger, the data "
