@@ -243,9 +243,13 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.heading("Empirical privacy audit")
         page.note(
             "One-run audit (Steinke, Nasr &amp; Jagielski 2023) of the first grid point of each audited cell: "
-            "m canaries, each included by a secret fair coin. The lower bound holds with the stated "
-            "confidence; a bound above the claimed epsilon refutes the claim, one below it is consistent "
-            "with it (a single run cannot show a claim is tight)."
+            "m canaries, each included by a secret fair coin. The audits of one <code>dpsweep audit</code> are one "
+            "family: each lower bound holds at the stated (Bonferroni-corrected) confidence, all of them together at "
+            "the command's confidence; a claim is refuted when its Holm-adjusted p-value is below 1 - that "
+            "confidence. A bound below the claim is consistent with it (a single run cannot show a claim is tight); "
+            "no outcome can give more than the ceiling. White-box canaries are gradient rows clipped after the "
+            "engine's per-sample norms, so they never meet the bk engine's per-layer rules; the black-box audit "
+            "trains through the trial's own engine and covers them."
         )
         columns = [
             "trial",
@@ -254,8 +258,11 @@ def _summary(page: _Page, tables: SweepTables) -> None:
             "claimed_epsilon",
             "epsilon_lower_bound",
             "confidence",
+            "epsilon_ceiling",
             "correct",
             "guesses",
+            "claim_p_value",
+            "holm_p_value",
             "violates_claim",
         ]
         page.table(audit[[c for c in columns if c in audit]], "privacy_audit", index=False)

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         description="One-run privacy audit (Steinke, Nasr & Jagielski 2023) of the first grid point of every private "
         "(model, dataset, init, epsilon) cell, or of the targets the sweep file's `audit:` section names. "
         "Prints the empirical epsilon lower bound beside the claimed epsilon, writes "
-        "runs/<sweep>/audit.parquet and one MLflow run per audit; exits 1 if a bound refutes a claim.",
+        "runs/<sweep>/audit.parquet and one MLflow run per audit; exits 1 if a claim is refuted (Holm over all "
+        "the command's audits).",
     )
     _spec_args(audit)
     audit.add_argument(
@@ -97,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         "mislabeled random images trained by the real trial loop (repeat for both; default: the "
         "sweep file's audit.kind, else white_box)",
     )
-    audit.add_argument("--m", type=int, help="canaries per audit (default: audit.m, else 1000)")
+    audit.add_argument(
+        "--m",
+        type=int,
+        help="canaries per audit (default: audit.m, else 1000): more canaries raise the largest epsilon an audit "
+        "can refute (its 'eps ceiling') while the theorem's 2 m delta term stays small",
+    )
 
     table = commands.add_parser(
         "table",

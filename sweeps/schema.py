@@ -100,7 +100,9 @@ class EarlyStoppingSpec:
 class AuditSpec:
     """``audit:`` settings of `dpsweep audit`: the one-run audit of Steinke, Nasr & Jagielski 2023.
 
-    One audit per kind per private (model, dataset, init, target epsilon) cell, on its first grid point."""
+    One audit per kind per private (model, dataset, init, target epsilon) cell, on its first grid point. ``m`` is the
+    exposure knob (more canaries, each its own Poisson-subsampled record; its power limit is printed per audit as the
+    epsilon ceiling); ``confidence`` is for all the command's audits together (Bonferroni bounds, Holm refutations)."""
 
     kind: tuple[Literal["white_box", "black_box"], ...] = ("white_box",)
     m: int = 1000

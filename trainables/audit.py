@@ -8,21 +8,26 @@ noisy update at its coordinate.
 
 Black-box canaries (`run_black_box_audit`). m out-of-distribution images (uniform random pixels, public
 seeded) with random labels; included ones are appended to the training split and the real trial loop
-(`trainables.train.train_trial`) trains on it; the score is minus the trained model's loss on each canary.
+(`trainables.train.train_trial`) trains on it with the trial's engine (``speed.grad_sample_mode``, ``bk`` by
+default); the score is minus the trained model's loss on each canary. Its canaries are ordinary records, so they go
+through everything the white-box canaries skip, the book-keeping engine's per-layer norm rules included.
 The trial loop derives q = 1/ceil(N'/B) and steps from the training set it gets, so they (and sigma,
 recalibrated to the same target epsilon) are computed for N' = N + (number of included canaries), exactly as
 the sweep would. Caveat: N' depends on the coins, so one canary can move (q, steps) when N' crosses a multiple
 of B; the DP claim treats the dataset size as public, as the whole project does (and Opacus). The black-box
 bound is far weaker than the white-box one.
 
-Secrets: the coins, the sampling, the noise and a random init come from ``os.urandom``; nothing of them is returned
-or logged (`trainables.privacy.audit`).
+Secrets: the coins, the sampling and the noise come from ``os.urandom`` with full entropy (128-bit
+`trainables.privacy.randomness.secret_seed` through ``generator_from_seed``, or a `SecureRandom`); nothing of them is
+returned or logged (`trainables.privacy.audit`). The white-box model's random init is drawn the same way
+(`secret_global_rng`); the black-box one is the trial's own (``cfg.seed``, public, as in every trial: the guarantee
+holds for any init independent of the data), and its mechanism streams are the trial loop's secret ones
+(``privacy.reproducible_noise`` is switched off for the audit).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 
@@ -49,8 +54,10 @@ from trainables.privacy.audit import (
     WhiteBoxScore,
     audit_bound,
     check_auditable,
+    epsilon_ceiling,
     likelihood_ratio_scores,
     place_dirac_canaries,
+    secret_global_rng,
     secret_mechanism_streams,
     secret_numpy_generator,
 )
@@ -95,8 +102,8 @@ def run_white_box_audit(
     Args:
         data: a `trainables.data.loaders.TrialData` (only ``.train`` is used); default: the trial's cache.
     """
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)  # a random init stays secret too
-    model = create_model(cfg.model, init)
+    with secret_global_rng():  # a random init: 128 bits reach timm's draws from the global generator
+        model = create_model(cfg.model, init)
     return white_box_audit(
         model,
         _train_split(cfg, data),
@@ -126,6 +133,8 @@ def white_box_audit(
     included) at the trial's (sigma, C, q, B): real records and included canaries Poisson-sampled at q by
     `poisson_batches`, canary rows clipped and noised by the engine (`private_step`'s ``extra_grad_samples``),
     AdamW at the trial's learning rate. Tests the claim ``epsilon_spent(sigma, q, steps, delta, accountant)``.
+    Canary rows are clipped as whole explicit rows after the real samples' norms are computed, so ``bk``'s per-layer
+    rules (instantiated or ghost norms) never see one: the black-box audit is what covers them.
 
     Args:
         model: the untrained model (any module the engine accepts); it is trained in place.
@@ -239,6 +248,8 @@ def _result(
         sample_rate=q,
         steps=steps,
         grad_sample_mode=cfg.speed.grad_sample_mode,
+        claim_p_value=bound.claim_p_value(claimed),
+        epsilon_ceiling=epsilon_ceiling(bound.m, delta=cfg.privacy.delta, confidence=bound.confidence),
     )
 
 
@@ -297,8 +308,11 @@ def run_black_box_audit(
     """Black-box one-run audit: train the real trial loop with m coin-included input canaries, score each by
     minus the trained model's loss on it (module docstring for how q, steps and sigma follow the enlarged N).
 
-    Evaluation extras that release nothing about training (bootstrap, external sets, per-epoch test) are
-    switched off; the trial's seed is replaced by an ``os.urandom`` one so its noise and sampling are secret.
+    The trial's engine (``cfg.speed.grad_sample_mode``) trains it, per-layer rules and all. Evaluation extras that
+    release nothing about training (bootstrap, external sets, per-epoch test) are switched off, and so is
+    ``privacy.reproducible_noise``: the trial loop then draws its sampling and noise from fresh 128-bit secret seeds
+    (`trainables.privacy.randomness.mechanism_randomness`). ``cfg.seed`` (public) still seeds the init, as in the
+    trial.
 
     Args:
         data: a `trainables.data.loaders.TrialData`; default: the trial's cache.
@@ -306,7 +320,11 @@ def run_black_box_audit(
     check_auditable(cfg.privacy)
     start = time.perf_counter()
     light = dataclasses.replace(
-        cfg, n_boot=0, external_datasets=(), test_every_epoch=False, seed=int.from_bytes(os.urandom(4), "little") >> 1
+        cfg,
+        n_boot=0,
+        external_datasets=(),
+        test_every_epoch=False,
+        privacy=dataclasses.replace(cfg.privacy, reproducible_noise=False),
     )
     base = data if data is not None else load_trial_data(light)
     images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
@@ -383,9 +401,10 @@ def run_audit(
         cfg: a calibrated private trial config (as the sweep plans it).
         init: its resolved init.
         m: number of canaries.
-        kind: ``white_box`` (Dirac gradient canaries through the engine) or ``black_box`` (input canaries
-            through the real trial loop).
-        confidence: 1 - beta of the lower bound.
+        kind: ``white_box`` (Dirac gradient canaries through the engine's clipping and noise) or ``black_box``
+            (input canaries through the real trial loop and the trial's engine, ``bk`` per-layer rules included).
+        confidence: 1 - beta of the lower bound (one of a family of n audits:
+            `trainables.privacy.audit.bonferroni_confidence`).
         data: optional `trainables.data.loaders.TrialData` (default: the trial's prepared cache).
         real_records: white-box only: train on the first this many real records (None = all).
     """

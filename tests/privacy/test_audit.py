@@ -24,7 +24,10 @@ from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.loaders import CacheSplitDataset
 from trainables.models import resolve_init
+from trainables.privacy import audit as privacy_audit_module
 from trainables.privacy import bk as bk_module
+from trainables.privacy import engine as engine_module
+from trainables.privacy import randomness as randomness_module
 from trainables.privacy import setup as private_setup
 from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
@@ -34,11 +37,17 @@ from trainables.privacy.accounting import (
 )
 from trainables.privacy.audit import (
     DEFAULT_GUESS_SPLITS,
+    AuditError,
     AuditResult,
+    GuessOutcome,
     audit_bound,
     audit_metric,
+    bonferroni_confidence,
+    claim_p_value,
+    epsilon_ceiling,
     epsilon_lower_bound,
     guess,
+    holm_adjusted_p_values,
     likelihood_ratio_scores,
     p_value,
     place_dirac_canaries,
@@ -148,6 +157,56 @@ def test_audit_bound_pays_the_union_bound_over_rules():
         m=2000, guesses=one.outcome.guesses, correct=one.outcome.correct, delta=1e-5, beta=beta_each
     )
     assert same_rule < one.epsilon_lower_bound  # the same guesses are worth less when 8 rules were tried
+
+
+def test_holm_step_down_on_a_known_example():
+    # Sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06.
+    adjusted = holm_adjusted_p_values([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(adjusted, [0.03, 0.06, 0.06, 0.02], rtol=1e-12)
+    assert list(adjusted < 0.05) == [True, False, False, True]  # Bonferroni (p < 0.0125) would refute only 0.005
+    np.testing.assert_allclose(holm_adjusted_p_values([0.3, 0.6]), [0.6, 0.6])  # capped, then monotone
+    assert holm_adjusted_p_values([0.7, 0.9, 0.2]).max() == 1.0
+    with pytest.raises(ValueError, match="p-values in"):
+        holm_adjusted_p_values([0.1, 1.5])
+
+
+def test_one_audit_is_its_own_family():
+    assert holm_adjusted_p_values([0.0123]).tolist() == [0.0123]
+    assert bonferroni_confidence(0.95, 1) == 0.95
+    assert bonferroni_confidence(0.95, 5) == pytest.approx(0.99, abs=1e-15)
+
+
+def test_claim_p_value_pays_for_the_rules_and_agrees_with_the_bound():
+    outcomes = (GuessOutcome(10, 0, 9), GuessOutcome(100, 0, 80))
+    each = [p_value(1.0, m=1000, guesses=o.guesses, correct=o.correct, delta=1e-5) for o in outcomes]
+    assert claim_p_value(1.0, outcomes, m=1000, delta=1e-5) == pytest.approx(2 * min(each), rel=1e-12)
+    assert claim_p_value(1.0, outcomes[:1], m=1000, delta=1e-5) == each[0]
+    # Simulated randomized-response audits: a bound above the claim is a refutation of it (p < beta), and a
+    # refutation leaves the bound at most one grid step (0.001) below the claim.
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        included = rng.random(1000) < 0.5
+        scores = np.where(included == (rng.random(1000) < special.expit(2.0)), 1.0, -1.0) + rng.random(1000) * 1e-3
+        bound = audit_bound(scores, included, delta=1e-5, rng=rng)
+        for claim in (0.5, 1.0, 1.5, 1.8, 2.0):
+            refuted = bound.claim_p_value(claim) < 0.05
+            assert refuted or bound.epsilon_lower_bound <= claim
+            assert not refuted or bound.epsilon_lower_bound > claim - 0.001
+
+
+def test_epsilon_ceiling_is_the_all_correct_bound_and_the_delta_term_caps_it():
+    # The (0.25, 0.25) rule, all 500 guesses right, at 0.05 / 8: the largest bound of m = 1000 canaries.
+    ceiling = epsilon_ceiling(1000, delta=6e-6, confidence=0.95)
+    assert ceiling == epsilon_lower_bound(m=1000, guesses=500, correct=500, delta=6e-6, beta=0.05 / 8)
+    assert ceiling == pytest.approx(4.53, abs=0.005)
+    larger = [epsilon_ceiling(m, delta=6e-6, confidence=0.95) for m in (4000, 10000, 50000)]
+    assert larger[0] == pytest.approx(5.73, abs=0.005) and larger[1] == pytest.approx(5.94, abs=0.005)
+    assert larger[2] < larger[1]  # 2 m delta grows with m: more canaries stop helping
+    assert epsilon_ceiling(1000, delta=6e-6, confidence=1 - 0.05 / 6) < ceiling  # a family of 6 pays for it
+    # An oracle (scores = the coins) reaches the ceiling and nothing passes it.
+    included = np.random.default_rng(0).random(1000) < 0.5
+    oracle = audit_bound(included.astype(float), included, delta=6e-6, rng=np.random.default_rng(1))
+    assert oracle.epsilon_lower_bound == ceiling
 
 
 def test_likelihood_ratio_score_is_the_poisson_gaussian_log_likelihood_ratio():
@@ -408,15 +467,79 @@ def test_black_box_training_set_and_plan_follow_the_coins(tiny_site):
     )
 
 
-def test_black_box_audit_runs_the_trial_loop(tiny_site):
+def test_black_box_audit_runs_the_trial_loop_through_the_trials_engine(tiny_site, monkeypatch):
     cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
+    assert cfg.speed.grad_sample_mode == "bk"  # the default engine, whose per-layer rules white-box canaries skip
+    book_keeping_steps = []
+    step = engine_module._book_keeping_step
+    monkeypatch.setattr(
+        engine_module, "_book_keeping_step", lambda *args: book_keeping_steps.append(len(args[3][0])) or step(*args)
+    )
     result = run_audit(cfg, resolve_init("random", cfg.model), m=64, kind="black_box")
     assert result.kind == "black_box" and result.score == "negative_loss" and result.m == 64
+    assert result.grad_sample_mode == "bk" and len(book_keeping_steps) == result.steps  # every step, bk's own code
     assert result.claimed_epsilon <= 4.0 and 0 <= result.epsilon_lower_bound <= result.claimed_epsilon
     assert set(result.to_metrics()) == {
         audit_metric("black_box", n)
-        for n in ("epsilon_lower_bound", "claimed_epsilon", "m", "guesses", "correct", "confidence", "wall_time_s")
+        for n in (
+            "epsilon_lower_bound",
+            "claimed_epsilon",
+            "m",
+            "guesses",
+            "correct",
+            "confidence",
+            "wall_time_s",
+            "claim_p_value",
+            "epsilon_ceiling",
+        )
     }
+    assert result.epsilon_ceiling == epsilon_ceiling(64, delta=cfg.privacy.delta, confidence=0.95)
+    assert 0 < result.claim_p_value <= 1
+
+
+class RecordingGenerator(torch.Generator):
+    """A torch generator that records every ``manual_seed`` (the class's own method cannot be patched)."""
+
+    seeds: list[int] = []
+
+    def manual_seed(self, seed):
+        RecordingGenerator.seeds.append(int(seed))
+        return super().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kind", ["white_box", "black_box"])
+def test_audits_seed_with_full_entropy_and_release_no_seed(tiny_site, monkeypatch, kind):
+    """Every secret stream (coins aside: numpy, 256 bits) gets a 128-bit seed through `generator_from_seed`; no
+    ``manual_seed`` (32 bits kept on the CPU) sees anything but the public ``cfg.seed``. Reproducible noise is asked
+    for and must be ignored (it would seed the sampler and the noise with 1 and 2)."""
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, seed=7, privacy_reproducible_noise=True)
+    secret, seeded = [], []
+    draw = randomness_module.secret_seed
+
+    def recording_secret_seed():
+        secret.append(draw())
+        return secret[-1]
+
+    manual_seed = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeded.append(int(seed)) or manual_seed(seed))
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    monkeypatch.setattr(RecordingGenerator, "seeds", seeded)
+    monkeypatch.setattr(randomness_module, "secret_seed", recording_secret_seed)
+    monkeypatch.setattr(privacy_audit_module, "secret_seed", recording_secret_seed)
+    result = run_audit(
+        cfg, resolve_init("random", cfg.model), m=32, kind=kind, real_records=16 if kind == "white_box" else None
+    )
+    # white-box: the init, the sampler and the noise; black-box: the trial loop's sampler and noise
+    assert len(secret) == (3 if kind == "white_box" else 2) and all(s >= 2**64 for s in secret)
+    assert set(seeded) <= {cfg.seed}  # the trial's public seed (black-box: its init and self-check records)
+    released = [*dataclasses.asdict(result).values(), *result.to_metrics().values()]
+    assert not any("seed" in name for name in dataclasses.asdict(result))
+    assert not any(
+        value == s or value == s % 2**32 or value == s % 2**64
+        for s in secret
+        for value in released
+        if isinstance(value, int | float)
+    )
 
 
 def test_black_box_audit_of_a_pos_weight_train_trial_plans_and_claims_its_label_count_release(tiny_site):
@@ -443,3 +566,9 @@ def test_audits_refuse_non_private_or_uncalibrated_trials(tiny_site):
         )
     with pytest.raises(ValueError, match="audit kind"):
         run_audit(tiny_trial_config(tiny_site, 4.0), resolve_init("random", "test_convnext"), m=10, kind="grey")
+
+
+def test_more_canaries_than_coordinates_is_a_user_error(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0)
+    with pytest.raises(AuditError, match=r"m = 10000000: white-box canaries need distinct coordinates of the model; "):
+        run_audit(cfg, resolve_init("random", cfg.model), m=10**7, kind="white_box", real_records=16)

@@ -13,6 +13,7 @@ from sweeps.cli import main
 from sweeps.spec import SpecError, parse_spec
 from tests.sweeps.tiny import tiny_spec
 from trainables import names as N
+from trainables.privacy.audit import AuditResult, epsilon_ceiling
 
 
 def write_spec(tmp_path, **audit):
@@ -36,8 +37,15 @@ def test_audit_reports_a_lower_bound_beside_the_claim_in_the_table_mlflow_and_co
     table = pd.read_parquet(runs / "audited" / N.AUDIT_FILE)
     assert list(table["trial"]) == ["random-eps2-clip1-lr0.002-seed0"]  # only the named target; first grid point
     row = table.iloc[0]
-    assert row["kind"] == "white_box" and row["m"] == 200 and row["confidence"] == 0.95
+    assert row["kind"] == "white_box" and row["m"] == 200 and row["confidence"] == 0.95  # one audit: no correction
+    assert row["audits"] == 1 and row["family_confidence"] == 0.95 and row["holm_p_value"] == row["claim_p_value"]
     assert 0 <= row["epsilon_lower_bound"] <= row["claimed_epsilon"] <= 2.0 and not row["violates_claim"]
+    assert (
+        row["epsilon_lower_bound"]
+        <= row["epsilon_ceiling"]
+        == epsilon_ceiling(200, delta=row["delta"], confidence=0.95)
+    )
+    assert "bk engine's per-layer rules never see them" in out
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("audited")
     (run,) = client.search_runs([experiment.experiment_id], f"tags.`{N.ROLE_TAG}` = 'audit'")
@@ -45,6 +53,71 @@ def test_audit_reports_a_lower_bound_beside_the_claim_in_the_table_mlflow_and_co
     assert run.data.metrics[N.audit_metric("white_box", "epsilon_lower_bound")] == pytest.approx(
         row["epsilon_lower_bound"]
     )
+    assert run.data.metrics[N.audit_metric("white_box", "holm_p_value")] == pytest.approx(row["holm_p_value"])
+    assert run.data.tags[f"{N.TAG_PREFIX}audit_violates_claim"] == "False"
+
+
+# Hand-made claim p-values of 2 cells x 2 kinds. Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03,
+# 0.06, 0.04 -> adjusted 0.02, 0.03, 0.06, 0.06: two refuted at 0.05 (Bonferroni, p < 0.0125, would refute one).
+CLAIM_P_VALUES = {
+    (2.0, "white_box"): 0.01,
+    (2.0, "black_box"): 0.04,
+    (8.0, "white_box"): 0.005,
+    (8.0, "black_box"): 0.03,
+}
+
+
+def test_a_family_of_audits_is_bonferroni_bounded_and_holm_refuted(tmp_path, monkeypatch, capsys):
+    import trainables.audit
+
+    asked = []
+
+    def fake_audit(cfg, init, *, m, kind, confidence, real_records):
+        asked.append(confidence)
+        claim = cfg.privacy.target_epsilon
+        return AuditResult(
+            kind,
+            m,
+            10,
+            9,
+            0.5,
+            confidence,
+            claim,
+            1e-5,
+            0.1,
+            "sum",
+            1.0,
+            0.1,
+            10,
+            "bk",
+            claim_p_value=CLAIM_P_VALUES[(claim, kind)],
+            epsilon_ceiling=3.0,
+        )
+
+    monkeypatch.setattr(trainables.audit, "run_audit", fake_audit)
+    spec_file = write_spec(tmp_path, target_epsilon=[], kind=["white_box", "black_box"])
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    assert main(["audit", str(spec_file), "--runs", str(runs), "--data", str(data)]) == 1
+    assert asked == [pytest.approx(1 - 0.05 / 4)] * 4  # every bound at beta / 4
+    table = pd.read_parquet(runs / "audited" / N.AUDIT_FILE)
+    by_cell = table.set_index(["target_epsilon", "kind"])
+    expected = {(2.0, "white_box"): 0.03, (2.0, "black_box"): 0.06, (8.0, "white_box"): 0.02, (8.0, "black_box"): 0.06}
+    for cell, holm in expected.items():
+        assert by_cell.loc[cell, "holm_p_value"] == pytest.approx(holm)
+        assert by_cell.loc[cell, "violates_claim"] == (holm < 0.05)
+    assert (table["audits"] == 4).all() and (table["family_confidence"] == 0.95).all()
+    out = capsys.readouterr().out
+    assert "Bonferroni over the 4 audit(s)" in out and "CLAIM REFUTED for 2 audit(s)" in out
+    assert "Black-box audits trained through the trial's own engine (bk)" in out
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("audited")
+    audits = client.search_runs([experiment.experiment_id], f"tags.`{N.ROLE_TAG}` = 'audit'")
+    assert sorted(r.data.tags[f"{N.TAG_PREFIX}audit_violates_claim"] for r in audits) == [
+        "False",
+        "False",
+        "True",
+        "True",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,17 @@ Choosing (k+, k-). We try a small fixed set of splits (`DEFAULT_GUESS_SPLITS`, f
 best, at level ``beta / len(splits)`` each: by the union bound the reported maximum exceeds the true epsilon
 with probability <= beta.
 
+Testing the claim. ``claim_p_value`` is a p-value of "the mechanism is (claimed epsilon, delta)-DP": the theorem's
+bound at the claim itself, the smallest over the rules times their number. Several audits (the cells of one
+``dpsweep audit``) are one family: each bound is computed at ``beta / n`` (`bonferroni_confidence`: all n bounds
+hold together with probability >= 1 - beta) and a claim is refuted when its Holm-adjusted p-value
+(`holm_adjusted_p_values`) is below beta (family-wise error <= beta). With one audit both are the plain test.
+
+Power. Whatever the mechanism, the bound cannot exceed the one every guess being right gives (`epsilon_ceiling`,
+about ``ln(r / ln(1/beta'))`` for r guesses at level beta'): a claim above it cannot be refuted at that level. More
+canaries raise it only while the theorem's ``2 m delta`` term stays small against beta' (at delta = 6e-6 and
+one audit the best split's ceiling is 4.5 at m = 1000, 5.7 at m = 4000, 5.9 at m = 10000 and falls beyond).
+
 White-box canaries (`DiracCanaries`, run by `trainables.audit.white_box_audit`). Canary i is a Dirac gradient:
 ``D e_{j_i}`` at one parameter coordinate ``j_i`` (distinct coordinates, drawn by a public seeded rule), with
 ``D = CANARY_GRADIENT_FACTOR * C`` far above the clip norm C. Canaries are records of the training set *as seen by
@@ -35,18 +46,30 @@ clipped sum (``p.grad`` after the step, times B/C: units of C), which the accoun
 covers. Scores: ``likelihood_ratio`` (default; ``sum_t log(1 - q + q exp((x_t - 1/2) / sigma^2))``, the
 Neyman-Pearson statistic of one Poisson-subsampled Gaussian canary at the claimed sigma) or ``sum``
 (``sum_t x_t``). Real records train the model as usual (a few of them suffice: what matters is that the real
-step code runs); their gradients at canary coordinates only blur the scores.
+step code runs); their gradients at canary coordinates only blur the scores. What the white-box audit cannot see:
+canary rows are explicit per-sample gradients added after the engine has computed the real samples' norms, so the
+per-layer rules of the book-keeping engine (``bk``: instantiated per-sample gradients or ghost norms, per layer) never
+touch a canary; a bug there cannot show. The black-box audit trains through the trial's own engine and covers them.
 
-Secrets. The coins, the canaries' Poisson sampling and the DP noise come from generators seeded by
-``os.urandom`` (a `SecureRandom` in secure mode; `secret_numpy_generator`, `secret_mechanism_streams`); nothing of
-them is returned or logged. The result (`AuditResult`) carries only counts and the bound.
+More exposure. Each canary's exposure is fixed by the mechanism (Poisson rate q over the trial's steps); more
+canaries (a larger m) is the only valid lever: each is its own record, so about ``m q / 2`` canaries join each step.
+Repeating a canary in a step, or putting it in every step, would test a group or an unsubsampled mechanism, whose
+epsilon legitimately exceeds the claim.
+
+Secrets. The coins, the canaries' Poisson sampling and the DP noise come from ``os.urandom`` with full entropy:
+the sampling and the noise from torch generators whose whole state is derived from a 128-bit
+`trainables.privacy.randomness.secret_seed` (`trainables.privacy.randomness.generator_from_seed`; ``manual_seed``
+would keep 32 bits) or a `SecureRandom` in secure mode (`secret_mechanism_streams`; `secret_global_rng` for a random
+init); the coins and tie-breaks from numpy generators seeded with 256 bits (`secret_numpy_generator`). Nothing of
+them is returned or logged: the result (`AuditResult`) carries only counts, the bound and p-values.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,11 +80,14 @@ from torch import nn
 
 from trainables import names
 from trainables.config import PrivacyConfig
+from trainables.errors import UserError
+from trainables.privacy.randomness import generator_from_seed, secret_seed
 from trainables.privacy.secure import SecureRandom
 
 __all__ = [
     "AUDIT_KINDS",
     "AuditBound",
+    "AuditError",
     "AuditResult",
     "CANARY_GRADIENT_FACTOR",
     "DEFAULT_CONFIDENCE",
@@ -71,12 +97,17 @@ __all__ = [
     "WHITE_BOX_SCORES",
     "audit_bound",
     "audit_metric",
+    "bonferroni_confidence",
     "check_auditable",
+    "claim_p_value",
+    "epsilon_ceiling",
     "epsilon_lower_bound",
     "guess",
+    "holm_adjusted_p_values",
     "likelihood_ratio_scores",
     "p_value",
     "place_dirac_canaries",
+    "secret_global_rng",
     "secret_mechanism_streams",
     "secret_numpy_generator",
 ]
@@ -118,6 +149,13 @@ GUESSES = "guesses"
 CORRECT = "correct"
 CONFIDENCE = "confidence"
 WALL_TIME_S = "wall_time_s"
+CLAIM_P_VALUE = "claim_p_value"
+EPSILON_CEILING = "epsilon_ceiling"
+HOLM_P_VALUE = "holm_p_value"  # logged by `dpsweep audit` once its family of audits is done (`sweeps.audit`)
+
+
+class AuditError(UserError, ValueError):
+    """An audit's setting the model or data cannot meet (such as more canaries than coordinates); says the fix."""
 
 
 def audit_metric(kind: str, name: str) -> str:
@@ -211,6 +249,64 @@ def guess(scores: np.ndarray, included: np.ndarray, n_in: int, n_out: int, rng: 
     return GuessOutcome(n_in=n_in, n_out=n_out, correct=correct)
 
 
+def claim_p_value(claimed_epsilon: float, outcomes: Sequence[GuessOutcome], *, m: int, delta: float) -> float:
+    """A p-value of the claim "the mechanism is (``claimed_epsilon``, delta)-DP" from every rule tried.
+
+    Each rule's `p_value` at the claim bounds P[>= its correct count] under the claim, so P[p_value <= a] <= a; the
+    smallest over the rules, times their number, capped at 1, is again a p-value (union bound, as for the bound).
+    It uses no grid: a claim can be refuted (p < beta) while the bound at beta, rounded down to the grid of
+    `epsilon_lower_bound`, sits up to 0.001 below it.
+    """
+    if not outcomes:
+        raise ValueError("need the outcome of at least one guessing rule")
+    smallest = min(p_value(claimed_epsilon, m=m, guesses=o.guesses, correct=o.correct, delta=delta) for o in outcomes)
+    return min(1.0, len(outcomes) * smallest)
+
+
+def bonferroni_confidence(confidence: float, audits: int) -> float:
+    """The confidence of each of ``audits`` bounds such that all hold together with probability >= ``confidence``:
+    ``1 - (1 - confidence) / audits``."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if audits < 1:
+        raise ValueError(f"need at least one audit, got {audits}")
+    return 1 - (1 - confidence) / audits
+
+
+def holm_adjusted_p_values(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (same order as given): rejecting every hypothesis whose adjusted
+    p-value is below beta keeps the family-wise error <= beta, whatever the dependence between the tests.
+
+    Sorted ascending p_(1) <= ... <= p_(n): ``adj_(j) = max_{k <= j} min(1, (n - k + 1) p_(k))``. With one p-value
+    it is that p-value.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"need a 1-d sequence of p-values in [0, 1], got {p_values}")
+    order = np.argsort(p, kind="stable")
+    n = len(p)
+    stepped = np.minimum(1.0, (n - np.arange(n)) * p[order])
+    adjusted = np.empty(n, dtype=np.float64)
+    adjusted[order] = np.maximum.accumulate(stepped)
+    return adjusted
+
+
+def epsilon_ceiling(
+    m: int, *, delta: float, confidence: float, splits: Sequence[tuple[float, float]] = DEFAULT_GUESS_SPLITS
+) -> float:
+    """The largest bound `audit_bound` can report with m canaries: every guess of the best rule right.
+
+    A claim at or above it cannot be refuted by any outcome (the audit's power limit, whatever the mechanism).
+    """
+    if not splits:
+        raise ValueError("need at least one (k+, k-) split")
+    beta = (1 - confidence) / len(splits)
+    return max(
+        epsilon_lower_bound(m=m, guesses=r, correct=r, delta=delta, beta=beta)
+        for r in {math.floor(frac_in * m) + math.floor(frac_out * m) for frac_in, frac_out in splits}
+    )
+
+
 @dataclass(frozen=True)
 class AuditBound:
     """The best bound over the tried guessing rules.
@@ -221,6 +317,8 @@ class AuditBound:
         m: canaries.
         confidence: 1 - beta.
         rules_tried: number of (k+, k-) splits; each bound was computed at beta / rules_tried.
+        outcomes: every rule's outcome, in the order of the splits (for `claim_p_value`).
+        delta: the delta of the claim tested.
     """
 
     epsilon_lower_bound: float
@@ -228,6 +326,12 @@ class AuditBound:
     m: int
     confidence: float
     rules_tried: int
+    outcomes: tuple[GuessOutcome, ...]
+    delta: float
+
+    def claim_p_value(self, claimed_epsilon: float) -> float:
+        """`claim_p_value` of ``claimed_epsilon`` from these outcomes."""
+        return claim_p_value(claimed_epsilon, self.outcomes, m=self.m, delta=self.delta)
 
 
 def audit_bound(
@@ -266,13 +370,15 @@ def audit_bound(
     m = len(scores)
     beta = (1 - confidence) / len(splits)
     best: tuple[float, GuessOutcome] | None = None
+    outcomes = []
     for frac_in, frac_out in splits:
         outcome = guess(scores, included, math.floor(frac_in * m), math.floor(frac_out * m), rng)
+        outcomes.append(outcome)
         bound = epsilon_lower_bound(m=m, guesses=outcome.guesses, correct=outcome.correct, delta=delta, beta=beta)
         if best is None or bound > best[0]:
             best = (bound, outcome)
     assert best is not None
-    return AuditBound(best[0], best[1], m, confidence, len(splits))
+    return AuditBound(best[0], best[1], m, confidence, len(splits), tuple(outcomes), delta)
 
 
 def likelihood_ratio_scores(observations: np.ndarray, noise_multiplier: float, sample_rate: float) -> np.ndarray:
@@ -303,14 +409,28 @@ def secret_numpy_generator() -> np.random.Generator:
 def secret_mechanism_streams(
     privacy: PrivacyConfig, device: torch.device
 ) -> tuple[torch.Generator | SecureRandom, torch.Generator | SecureRandom]:
-    """(sampler, noise) streams of the trial's kind: `SecureRandom` in secure mode, else torch generators
-    seeded from ``os.urandom`` (the trial's own code paths, with secret seeds), the noise one on ``device``."""
+    """(sampler, noise) streams of the trial's kind: `SecureRandom` in secure mode, else torch generators whose
+    whole state comes from a fresh 128-bit `secret_seed` (the default mode of
+    `trainables.privacy.randomness.mechanism_randomness`, whatever ``privacy.reproducible_noise`` says), the noise
+    one on ``device``."""
     if privacy.secure_mode:
         rng = SecureRandom()
         return rng, rng
-    sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    noise = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    return sampler, noise
+    return generator_from_seed(secret_seed()), generator_from_seed(secret_seed(), device)
+
+
+@contextmanager
+def secret_global_rng() -> Iterator[None]:
+    """Inside the block, torch's global CPU generator has a whole state derived from a fresh 128-bit
+    `secret_seed` (`generator_from_seed`); the caller's state is restored after it.
+
+    For code that draws from the global generator, such as timm's random init (``torch.manual_seed`` would keep 32
+    bits). The init need not be secret for the guarantee (it holds for any init independent of the data); this only
+    keeps an audit's run unreproducible from anything logged.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(generator_from_seed(secret_seed()).get_state())
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,6 +454,8 @@ class AuditResult:
         score: the canary score used (``likelihood_ratio``, ``sum``, ``negative_loss``).
         noise_multiplier, sample_rate, steps: the mechanism's claimed parameters.
         grad_sample_mode: the engine mode audited.
+        claim_p_value: `claim_p_value` of the claimed epsilon (the per-audit test; a family of audits adjusts it).
+        epsilon_ceiling: `epsilon_ceiling` at (m, delta, confidence): the largest bound any outcome could give.
     """
 
     kind: str
@@ -350,10 +472,13 @@ class AuditResult:
     sample_rate: float
     steps: int
     grad_sample_mode: str
+    claim_p_value: float
+    epsilon_ceiling: float
 
     @property
     def violates_claim(self) -> bool:
-        """True when the bound exceeds the claimed epsilon: the claim is refuted at ``confidence``."""
+        """True when the bound exceeds the claimed epsilon: the claim is refuted at ``confidence`` (this audit
+        alone; ``dpsweep audit`` decides on a family of audits by Holm's test of their ``claim_p_value``)."""
         return self.epsilon_lower_bound > self.claimed_epsilon
 
     def to_metrics(self) -> dict[str, float]:
@@ -366,6 +491,8 @@ class AuditResult:
             CORRECT: self.correct,
             CONFIDENCE: self.confidence,
             WALL_TIME_S: self.wall_time_s,
+            CLAIM_P_VALUE: self.claim_p_value,
+            EPSILON_CEILING: self.epsilon_ceiling,
         }
         return {audit_metric(self.kind, name): float(value) for name, value in values.items()}
 
@@ -421,7 +548,10 @@ def place_dirac_canaries(model: nn.Module, m: int, gradient_norm: float, seed: i
     sizes = np.array([n for _, n in named], dtype=np.int64)
     total = int(sizes.sum())
     if not 1 <= m <= total:
-        raise ValueError(f"m={m} canaries need distinct coordinates: choose 1 <= m <= {total} (trainable values)")
+        raise AuditError(
+            f"m = {m}: white-box canaries need distinct coordinates of the model; choose 1 <= m <= {total} (its "
+            "trainable values)"
+        )
     flat = np.sort(np.random.default_rng(seed).choice(total, size=m, replace=False))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(offsets, flat, side="right") - 1
