@@ -15,15 +15,18 @@ exits non-zero. With one audit both are the plain test (`trainables.privacy.audi
 
 from __future__ import annotations
 
+import functools
+import uuid
 from dataclasses import asdict, replace
 from typing import Any
 
 import pandas as pd
 
-from sweeps.plan import Log, SweepPaths, plan_sweep
+from sweeps.ledger import PlannedRun, record_runs
+from sweeps.plan import DatasetPlan, Log, SweepPaths, plan_sweep
 from sweeps.spec import AuditSpec, SpecError, SweepSpec
 from trainables import names as N
-from trainables.config import is_private
+from trainables.config import PrivacyConfig, is_private
 from trainables.point import TrialPoint
 from trainables.privacy.audit import HOLM_P_VALUE, AuditKind, bonferroni_confidence, holm_adjusted_p_values
 
@@ -79,6 +82,7 @@ def run_audits(
         raise SpecError(f"{spec.source}: no private grid point to audit (privacy.target_epsilon has only .inf)")
     audits = len(chosen) * len(audit.kind)
     confidence = bonferroni_confidence(audit.confidence, audits)
+    command = uuid.uuid4().hex[:12]  # this `dpsweep audit`: its runs in the datasets' privacy ledgers
     done = []
     for trial in chosen:
         for kind in audit.kind:
@@ -90,6 +94,9 @@ def run_audits(
                 kind=kind,
                 confidence=confidence,
                 real_records=audit.real_records if kind == "white_box" else None,
+                record=functools.partial(
+                    _record_audit, spec, paths, trial, f"{kind}:{trial.key}", command, plan.datasets
+                ),
             )
             done.append((trial, result, _log_to_mlflow(spec, paths, trial, result)))
     holm = holm_adjusted_p_values([result.claim_p_value for _, result, _ in done])
@@ -116,6 +123,28 @@ def run_audits(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table.to_parquet(sweep_dir / N.AUDIT_FILE, index=False)
     return table
+
+
+def _record_audit(
+    spec: SweepSpec,
+    paths: SweepPaths,
+    trial: TrialPoint,
+    name: str,
+    command: str,
+    datasets: dict[str, DatasetPlan],
+    privacy: PrivacyConfig,
+) -> None:
+    """Record an audit run in its training set's privacy ledger before it trains (run
+    ``<sweep>/audit-<command id>/<kind>:<trial>``)."""
+    dataset = trial.config.dataset
+    run = PlannedRun(
+        run=f"{spec.name}/audit-{command}/{name}",
+        sweep=spec.name,
+        trial=name,
+        privacy=privacy,
+        patient_images=datasets[dataset].patient_images,
+    )
+    record_runs(paths.data_root, dataset, [run], kind="audit")
 
 
 def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: TrialPoint, result: Any) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainables.config import TrialConfig
+from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, evaluation_batches, load_trial_data
@@ -67,6 +67,9 @@ from trainables.privacy.setup import SelfCheckBatch, make_private
 from trainables.steps import GRAD_CHECK_SAMPLES, per_sample_bce
 from trainables.train import TrialResult, resolve_device, train_trial
 
+RecordRun = Callable[[PrivacyConfig], None]
+"""Called with an audit run's privacy config before the run trains on the private split (the privacy ledger)."""
+
 __all__ = [
     "input_canaries",
     "recalibrated",
@@ -95,13 +98,18 @@ def run_white_box_audit(
     real_records: int | None = None,
     data: TrialData | None = None,
     canary_seed: int = 0,
+    record: RecordRun | None = None,
 ) -> AuditResult:
     """White-box one-run audit of the trial's DP-SGD with m Dirac gradient canaries, on the trial's model
     (``create_model(cfg.model, init)``); see `white_box_audit`.
 
     Args:
         data: a `trainables.data.loaders.TrialData` (only ``.train`` is used); default: the trial's cache.
+        record: called with the run's privacy config before it trains (the privacy ledger): the trial's DP-SGD steps,
+            without a label-count release (the white-box audit makes none).
     """
+    if record is not None:
+        record(dataclasses.replace(cfg.privacy, label_count_noise_multiplier=None))
     with secret_global_rng():  # a random init: 128 bits reach timm's draws from the global generator
         model = create_model(cfg.model, init)
     return white_box_audit(
@@ -304,6 +312,7 @@ def run_black_box_audit(
     confidence: float = DEFAULT_CONFIDENCE,
     data: TrialData | None = None,
     canary_seed: int = 0,
+    record: RecordRun | None = None,
 ) -> AuditResult:
     """Black-box one-run audit: train the real trial loop with m coin-included input canaries, score each by
     minus the trained model's loss on it (module docstring for how q, steps and sigma follow the enlarged N).
@@ -316,6 +325,8 @@ def run_black_box_audit(
 
     Args:
         data: a `trainables.data.loaders.TrialData`; default: the trial's cache.
+        record: called with the run's privacy config (planned for the enlarged split, label-count release included)
+            before it trains: the privacy ledger.
     """
     check_auditable(cfg.privacy)
     start = time.perf_counter()
@@ -332,6 +343,8 @@ def run_black_box_audit(
     included = coins.random(m) < 0.5
     train = with_canaries(base.train, images[included], labels[included])
     trial_cfg = recalibrated(light, len(train))
+    if record is not None:
+        record(trial_cfg.privacy)
 
     result = train_trial(trial_cfg, init, lambda metrics, state: None, data=TrialData(train, base.val, base.test))
     model = _trained_model(result)
@@ -394,6 +407,7 @@ def run_audit(
     confidence: float = DEFAULT_CONFIDENCE,
     data: TrialData | None = None,
     real_records: int | None = None,
+    record: RecordRun | None = None,
 ) -> AuditResult:
     """One-run privacy audit of one planned private trial (what ``dpsweep audit`` calls per grid point).
 
@@ -407,11 +421,15 @@ def run_audit(
             `trainables.privacy.audit.bonferroni_confidence`).
         data: optional `trainables.data.loaders.TrialData` (default: the trial's prepared cache).
         real_records: white-box only: train on the first this many real records (None = all).
+        record: called with the audit run's privacy config before it trains on the private split (the privacy
+            ledger, `sweeps.audit`).
     """
     if kind == "white_box":
-        return run_white_box_audit(cfg, init, m=m, confidence=confidence, real_records=real_records, data=data)
+        return run_white_box_audit(
+            cfg, init, m=m, confidence=confidence, real_records=real_records, data=data, record=record
+        )
     if kind == "black_box":
         if real_records is not None:
             raise ValueError("real_records applies to white-box audits only (black-box trains the whole trial)")
-        return run_black_box_audit(cfg, init, m=m, confidence=confidence, data=data)
+        return run_black_box_audit(cfg, init, m=m, confidence=confidence, data=data, record=record)
     raise ValueError(f"audit kind {kind!r} is not one of {AUDIT_KINDS}")
