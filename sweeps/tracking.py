@@ -11,9 +11,10 @@ What a child run holds (Ray's results and trials.parquet keep everything, unchan
   ``dpsweep.private`` (`names.PRIVATE_TAG`); params: the trial's parameters and ``budget`` (`names.BUDGET_PARAM`:
   ``eps=<target>`` or ``non-private``).
 - metrics: only headlines (`names.is_headline`, at most `names.MAX_HEADLINES` keys): every per-epoch metric at
-  step = epoch, the final report's headlines at step 0. No infinite value is logged (MLflow's SQL stores cannot
-  hold one): the only infinity a trial reports is a non-private run's epsilon, which therefore has no epsilon
-  metric at all.
+  step = epoch, the final report's headlines at step 0. A private trial's metrics all carry the run's start time as
+  their timestamp (Ray's per-report times would time its epochs, docs/design.md "Timing figures"). No infinite value
+  is logged (MLflow's SQL stores cannot hold one): the only infinity a trial reports is a non-private run's epsilon,
+  which therefore has no epsilon metric at all.
 - artifacts under ``evaluation/``: ``metrics.parquet`` (the whole final report, long form) with its ``metrics.csv``
   preview, logged before the final headlines, whose marker (`FINAL_MARKER`) goes last; and once the trial ends,
   the final checkpoint's tables (``groups``, ``bootstrap``, ``epochs``, ``predictions``), each parquet with a
@@ -155,11 +156,19 @@ class MlflowSweepCallback(tune.Callback):
         self.sweep = sweep
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
+        self._start_ms: dict[str, int] = {}  # run id -> its start time: the timestamp of a private trial's metrics
         self._logged_epochs: dict[str, set[int]] = {}
         self._logged_final: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "_runs": {}, "_logged_epochs": {}, "_logged_final": set()}
+        return {
+            **self.__dict__,
+            "_client": None,
+            "_runs": {},
+            "_start_ms": {},
+            "_logged_epochs": {},
+            "_logged_final": set(),
+        }
 
     @property
     def client(self) -> MlflowClient:
@@ -179,6 +188,7 @@ class MlflowSweepCallback(tune.Callback):
         )
         if found:
             run_id = found[0].info.run_id
+            self._start_ms[run_id] = found[0].info.start_time
             history = self.client.get_metric_history(run_id, M.EPOCH)
             self._logged_epochs[run_id] = {int(m.value) for m in history}
             if FINAL_MARKER in found[0].data.metrics:
@@ -198,6 +208,7 @@ class MlflowSweepCallback(tune.Callback):
             }
             run = self.client.create_run(self.experiment_id, run_name=child_run_name(key), tags=tags)
             run_id = run.info.run_id
+            self._start_ms[run_id] = run.info.start_time
             params = {**point["params"], BUDGET_PARAM: budget_value(point["params"]["target_epsilon"])}
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self._logged_epochs[run_id] = set()
@@ -215,6 +226,8 @@ class MlflowSweepCallback(tune.Callback):
         if logged:
             return  # reported again after a restart (a finished trial re-reports its final result): logged already
         timestamp = int(result.get("timestamp", 0)) * 1000
+        if math.isfinite(result.get(M.EPSILON, math.inf)):  # private: Ray's report times would time its epochs
+            timestamp = self._start_ms[run_id]
         reported = trial_metrics(result)
         if is_final:
             # The whole report first, as an artifact: the marker metric (logged last) then implies it exists.
