@@ -215,7 +215,9 @@ def _replace_one_reference(sigma: float, q: float, steps: int, delta: float, cou
     if count_sigma is not None:
         parts.append(pld.from_gaussian_mechanism(count_sigma, sensitivity=1.0))
     if steps:
-        replaced = pld.from_gaussian_mechanism(sigma, sampling_prob=q, neighboring_relation=NeighboringRelation.REPLACE_ONE)
+        replaced = pld.from_gaussian_mechanism(
+            sigma, sampling_prob=q, neighboring_relation=NeighboringRelation.REPLACE_ONE
+        )
         parts.append(replaced.self_compose(steps))
     total = parts[0] if len(parts) == 1 else parts[0].compose(parts[1])
     return total.get_epsilon_for_delta(delta)

@@ -63,9 +63,9 @@ def test_the_console_table_shows_status_when_a_trial_did_not_finish_and_marks_se
 def test_the_summary_states_the_adjacency_and_the_replace_one_reading_per_target():
     """One statement of the adjacency (add/remove, N public) and the replace-one epsilon of each target: the largest
     of its trials with a guarantee (a reproducible_noise trial has none; the non-private baseline no target)."""
-    import pandas as pd
-
     from pathlib import Path
+
+    import pandas as pd
 
     from sweeps.summary import SUMMARY_WIDTH, summary_text
 
