@@ -21,6 +21,7 @@ SPLITS: dict[str, str] = {"test": "Test", "val": "Validation"}
 METRIC_LABELS: dict[str, str] = {
     names.EPSILON: "ε spent",
     names.EPSILON_AT_BEST_EPOCH: "ε spent at the selected epoch",
+    names.EPSILON_REPLACE_ONE: "ε spent, read as replace-one",
     names.EPSILON_PATIENT: "ε per patient (largest patient)",
     names.EPSILON_PATIENT_P99: "ε per patient (99th percentile)",
     names.PATIENT_IMAGES: "Images of the largest patient",
@@ -28,6 +29,7 @@ METRIC_LABELS: dict[str, str] = {
     names.STEPS: "DP-SGD steps",
     names.RELEASED_STEPS: "Released DP-SGD steps",
     names.TUNING_EPSILON: "Tuning ε",
+    names.SYSTEM_TOTAL_TRAIN_S: "Training time (s)",
     names.EPOCH: "Epoch",
     names.TRAIN_LOSS: "Training loss",
     names.VAL_LOSS: "Validation loss",

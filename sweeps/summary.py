@@ -21,6 +21,7 @@ SUMMARY_COLUMNS = {
     "status": "status",
     "target_epsilon": "target",
     N.EPSILON: "spent",
+    N.EPSILON_REPLACE_ONE: "repl",
     "noise_multiplier": "sigma",
     N.VAL_SELECTED_AUROC_MACRO: "val",
     N.TEST_AUROC_MACRO: "test",
@@ -29,10 +30,13 @@ SUMMARY_COLUMNS = {
     N.EPSILON_PATIENT: "pat eps",
     N.PATIENT_IMAGES: "k",
 }
-"""The console table's columns (trials.parquet column -> header); epsilons at the trial's delta, AUROCs macro."""
+"""The console table's columns (trials.parquet column -> header); epsilons at the trial's delta (``spent``: add/remove
+one record with N public, the guarantee; ``repl``: the same run read as replace-one, `adjacency_line`), AUROCs
+macro."""
 SUMMARY_WIDTH = 100
-"""Console lines stay within this many characters (the tables for trial keys up to 40 characters: the key column is
-as wide as the longest key)."""
+"""Console lines stay within this many characters: the text wraps at it, and the results table (its key column is as
+wide as the longest trial key) fits for keys up to 37 characters when every trial finished (a status column adds
+11)."""
 NON_PRIVATE = "non-DP"
 NO_GUARANTEE_MARK = "*"
 
@@ -55,13 +59,15 @@ def results_table(trials: pd.DataFrame) -> str:
             NON_PRIVATE if not ok else f"{e:g}{NO_GUARANTEE_MARK if bad else ''}"
             for e, ok, bad in zip(trials["target_epsilon"], finite, unguaranteed, strict=True)
         ]
-        for column in (N.EPSILON, N.EPSILON_PATIENT):
+        for column in (N.EPSILON, N.EPSILON_REPLACE_ONE, N.EPSILON_PATIENT):
             if column in table:
                 table[column] = [
                     f"{v:.3f}" if ok and v == v else "-" for v, ok in zip(table[column], finite, strict=True)
                 ]
     if N.PATIENT_IMAGES in table:  # a count; non-private trials have none
         table[N.PATIENT_IMAGES] = [f"{v:.0f}" if v == v else "-" for v in table[N.PATIENT_IMAGES]]
+    for column in table.select_dtypes("float").columns:  # as text: no sign column, so the table stays narrow
+        table[column] = [f"{v:.3f}" if v == v else "-" for v in table[column]]
     table = table.rename(columns=columns)
     with pd.option_context("display.width", 400, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
         lines = [table.to_string(index=False)]
@@ -72,6 +78,27 @@ def results_table(trials: pd.DataFrame) -> str:
     if "target_epsilon" in trials and without_guarantee(trials).any():
         lines.append(f"{NO_GUARANTEE_MARK} reproducible_noise: the noise replays from a published seed; no guarantee")
     return "\n".join(lines)
+
+
+def adjacency_line(trials: pd.DataFrame) -> str:
+    """The adjacency the epsilons use, and the replace-one reading of the private trials per target: the largest
+    `names.EPSILON_REPLACE_ONE` of the trials with a guarantee at each target epsilon (the ``repl`` column)."""
+    line = (
+        "Adjacency: add/remove one record (an image; a patient with privacy_unit patient), the number of records N "
+        "treated as public."
+    )
+    if N.EPSILON_REPLACE_ONE not in trials or "target_epsilon" not in trials:
+        return line
+    targets = pd.to_numeric(trials["target_epsilon"], errors="coerce")
+    guaranteed = trials[targets.map(math.isfinite) & ~without_guarantee(trials)]
+    replaced = guaranteed.groupby("target_epsilon")[N.EPSILON_REPLACE_ONE].max().dropna()
+    if replaced.empty:
+        return line
+    readings = ", ".join(f"{epsilon:.3f} at target {target:g}" for target, epsilon in replaced.items())
+    return (
+        f"{line} A public N fixes the size, which strictly means replace-one adjacency: read so (dp-accounting PLD, "
+        f"column repl), the same runs spend epsilon {readings}."
+    )
 
 
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
@@ -85,6 +112,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
         results_table(trials),
         "",
         textwrap.fill(GUARANTEE_TEXT, SUMMARY_WIDTH),
+        textwrap.fill(adjacency_line(trials), SUMMARY_WIDTH),
         f"Each trial's guarantee in full: the `{N.GUARANTEE}` column of trials.parquet and MLflow param.",
         "",
         f"tables: {sweep_dir / N.TRIALS_FILE}, {sweep_dir / N.EPOCHS_FILE}",

@@ -12,9 +12,10 @@ What a child run holds (Ray's results and trials.parquet keep everything, unchan
   provenance) plus the parent run and Ray's trial id, which only the driver knows; its params and ``budget``
   (`names.BUDGET_PARAM`: ``eps=<target>`` or ``non-private``).
 - metrics: only headlines (`names.is_headline`, at most `names.MAX_HEADLINES` keys): every per-epoch metric at
-  step = epoch, the final report's headlines at step 0. No infinite value is logged (MLflow's SQL stores cannot
-  hold one): the only infinity a trial reports is a non-private run's epsilon, which therefore has no epsilon
-  metric at all.
+  step = epoch, the final report's headlines at step 0. A private trial's metrics all carry the run's start time as
+  their timestamp (Ray's per-report times would time its epochs, docs/design.md "Timing figures"). No infinite value
+  is logged (MLflow's SQL stores cannot hold one): the only infinity a trial reports is a non-private run's epsilon,
+  which therefore has no epsilon metric at all.
 - never ``train/loss`` (`NOT_SHARED`): a non-private trial's training loss is computed on the private training
   images with no DP mechanism; Ray's results and ``runs/<sweep>/epochs.parquet`` keep it, the experiment does not
   (neither as a metric nor as a column of a logged table).
@@ -137,11 +138,19 @@ class MlflowSweepCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
+        self._start_ms: dict[str, int] = {}  # run id -> its start time: the timestamp of a private trial's metrics
         self._logged_epochs: dict[str, set[int]] = {}
         self._logged_final: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "_runs": {}, "_logged_epochs": {}, "_logged_final": set()}
+        return {
+            **self.__dict__,
+            "_client": None,
+            "_runs": {},
+            "_start_ms": {},
+            "_logged_epochs": {},
+            "_logged_final": set(),
+        }
 
     @property
     def client(self) -> MlflowClient:
@@ -163,6 +172,7 @@ class MlflowSweepCallback(tune.Callback):
         )
         if found:
             run_id = found[0].info.run_id
+            self._start_ms[run_id] = found[0].info.start_time
             history = self.client.get_metric_history(run_id, M.EPOCH)
             self._logged_epochs[run_id] = {int(m.value) for m in history}
             if FINAL_MARKER in found[0].data.metrics:
@@ -173,6 +183,7 @@ class MlflowSweepCallback(tune.Callback):
             tags = {**point.tags, PARENT_TAG: self.parent_run_id, RAY_TRIAL_ID_TAG: trial.trial_id}
             run = self.client.create_run(self.experiment_id, run_name=point.run_name, tags=tags)
             run_id = run.info.run_id
+            self._start_ms[run_id] = run.info.start_time
             params = point.mlflow_params()
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
             self._logged_epochs[run_id] = set()
@@ -190,6 +201,8 @@ class MlflowSweepCallback(tune.Callback):
         if logged:
             return  # reported again after a restart (a finished trial re-reports its final result): logged already
         timestamp = int(result.get("timestamp", 0)) * 1000
+        if math.isfinite(result.get(M.EPSILON, math.inf)):  # private: Ray's report times would time its epochs
+            timestamp = self._start_ms[run_id]
         reported = trial_metrics(result)
         if is_final:
             # The whole report first, as an artifact: the marker metric (logged last) then implies it exists.

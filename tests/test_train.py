@@ -24,7 +24,7 @@ from trainables.data.synthetic import prepare_synthetic
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
 from trainables.models import create_model, predict, resolve_init
-from trainables.privacy.accounting import calibrate_noise_multiplier
+from trainables.privacy.accounting import calibrate_noise_multiplier, replace_one_epsilon
 from trainables.privacy.patients import group_patients
 from trainables.privacy.planning import plan_privacy
 from trainables.privacy.randomness import mechanism_randomness
@@ -136,8 +136,9 @@ class TinyRun:
     system: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None) -> TinyRun:
-    """Train ``cfg`` in this process (optionally resuming ``state``), keeping every epoch's report."""
+def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None, **options: Any) -> TinyRun:
+    """Train ``cfg`` in this process (optionally resuming ``state``; ``options`` go to `train_trial`), keeping every
+    epoch's report."""
     epochs, states, system = [], [], []
 
     def report(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
@@ -146,7 +147,7 @@ def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None) -> Tin
         system.append(timing)
         states.append(copy.deepcopy(epoch_state))
 
-    result = train_trial(cfg, resolve_init("random", cfg.model), report, state)
+    result = train_trial(cfg, resolve_init("random", cfg.model), report, state, **options)
     return TinyRun(epochs, states, result, system)
 
 
@@ -220,10 +221,14 @@ def test_throughput_metrics_are_counts_over_wall_time():
 
 
 @pytest.mark.parametrize("target_epsilon", [4.0, math.inf])
-def test_every_epoch_reports_system_metrics_from_expected_counts_only(tiny_site, monkeypatch, target_epsilon):
-    """images/s of a private trial is q N images per step over wall time: the realized Poisson batch sizes (secret
-    randomness of the mechanism) do not enter it, nor any other system metric; nothing of it is in the history.
-    The batches are halved here, so a figure built from realized sizes would be about half of q N per step."""
+def test_system_metrics_use_expected_counts_and_a_private_trial_reports_no_epoch_time(
+    tiny_site, monkeypatch, target_epsilon
+):
+    """A non-private trial reports its system metrics every epoch; a private trial reports none of them per epoch
+    (an epoch's wall time tracks its secret Poisson batch sizes), only the run's total training seconds in its final
+    report, which every trial carries. images/s (what `epoch_timing` sees in process, private trials included) is
+    q N images per step over wall time: the batches are halved here, so a figure built from realized sizes would be
+    about half of q N per step. Nothing of it is in the history."""
     import trainables.steps as steps_module
 
     realized: list[int] = []
@@ -236,20 +241,25 @@ def test_every_epoch_reports_system_metrics_from_expected_counts_only(tiny_site,
 
     monkeypatch.setattr(steps_module, "poisson_batches", halved)
     cfg = tiny_trial_config(tiny_site, target_epsilon, epochs=2)
-    run = run_tiny_trial(cfg)
+    timings: list[dict[str, float]] = []
+    run = run_tiny_trial(cfg, epoch_timing=timings.append)
     n_train = len(load_trial_data(cfg).train)
     steps_per_epoch = cfg.privacy.steps // cfg.privacy.epochs
-    assert len(run.system) == cfg.privacy.epochs
-    for epoch, system in zip(run.epochs, run.system, strict=True):
+    private = cfg.privacy.is_private
+    assert run.system == ([{}] * cfg.privacy.epochs if private else timings)
+    assert len(timings) == cfg.privacy.epochs
+    for epoch, system in zip(run.epochs, timings, strict=True):
         assert set(system) == set(M.SYSTEM_METRICS)
         assert all(math.isfinite(v) and v > 0 for v in system.values()), system
         seconds = system[M.SYSTEM_TRAIN_S]
         assert system[M.SYSTEM_STEP_S] == seconds / steps_per_epoch
         assert system[M.SYSTEM_STEPS_PER_S] == steps_per_epoch / seconds
-        expected_images = cfg.privacy.sample_rate * n_train * steps_per_epoch if cfg.privacy.is_private else n_train
+        expected_images = cfg.privacy.sample_rate * n_train * steps_per_epoch if private else n_train
         assert system[M.SYSTEM_IMAGES_PER_S] * seconds == pytest.approx(expected_images, rel=1e-12)
         assert not any(key.startswith(M.SYSTEM_PREFIX) for key in epoch)
-    if cfg.privacy.is_private:  # the halved batches were used: realized counts are far from q N per step
+    final_system = {k: v for k, v in run.result.metrics.items() if k.startswith(M.SYSTEM_PREFIX)}
+    assert final_system == {M.SYSTEM_TOTAL_TRAIN_S: sum(t[M.SYSTEM_TRAIN_S] for t in timings)}
+    if private:  # the halved batches were used: realized counts are far from q N per step
         assert len(realized) == cfg.privacy.steps
         assert sum(realized) < 0.75 * cfg.privacy.sample_rate * n_train * cfg.privacy.steps
     for state in run.states:  # the checkpoint's history holds results only
@@ -347,6 +357,11 @@ def test_private_pos_weight_train_spends_its_label_count_release_inside_the_targ
     )
     assert final[M.EPSILON] == pytest.approx(reference.get_epsilon(privacy.delta), rel=0.01)
     assert final[M.EPSILON_CROSS_CHECK_RDP] == pytest.approx(reference.get_epsilon(privacy.delta), rel=1e-6)
+    # The replace-one reading of the same event (N fixed), the release included: above the add/remove PLD.
+    assert final[M.EPSILON_REPLACE_ONE] == replace_one_epsilon(
+        sigma, privacy.sample_rate, privacy.steps, privacy.delta, label_count_noise_multiplier=20.0
+    )
+    assert final[M.EPSILON_REPLACE_ONE] > final[M.EPSILON_CROSS_CHECK_PLD]
     # The release sits first in the ledger and in the checkpoint; resuming reuses it (no second draw).
     state = run.states[0]
     assert state["accountant"]["history"][0] == (20.0, 1.0, 1) and state["label_counts"] is not None

@@ -33,10 +33,11 @@ STEPS: Final = "privacy/steps"  # DP-SGD steps taken so far (logical batches)
 TEST_AUROC_MACRO_AT_EPOCH: Final = "test/auroc_macro_at_epoch"  # for epsilon-binned tables; never used to select
 # also per epoch: auroc_gap("val", attribute) and, with test_every_epoch, auroc_gap_at_epoch(attribute)
 
-# System metrics: how fast the machine trained, reported every epoch next to the results (timing figures of the
-# machine, not results; `train.throughput_metrics`). Not in the checkpoint's history: two runs of one trial differ in
-# them and nowhere else. Computed from wall time and public counts only; docs/design.md "Timing figures" says what
-# they can reveal.
+# System metrics: how fast the machine trained (timing figures of the machine, not results; `train.throughput_metrics`).
+# Non-private trials report them every epoch next to the results; private trials never report a per-epoch time (an
+# epoch's wall time tracks its secret Poisson batch sizes), only `SYSTEM_TOTAL_TRAIN_S` in the final report, which
+# every trial carries. Not in the checkpoint's history: two runs of one trial differ in them and nowhere else.
+# docs/design.md "Timing figures" says what they can reveal.
 SYSTEM_PREFIX: Final = "system/"
 SYSTEM_TRAIN_S: Final = "system/train_s"  # wall seconds of the epoch's training steps (no evaluation)
 SYSTEM_STEP_S: Final = "system/step_s"  # mean wall seconds per logical batch (one DP-SGD step) in that time
@@ -45,6 +46,10 @@ SYSTEM_IMAGES_PER_S: Final = "system/images_per_s"
 """Training images per second from *expected* counts: private trials q x (training images of the sampled records) per
 step times steps per second, never the realized Poisson batch sizes; non-private trials N per epoch."""
 SYSTEM_METRICS: Final = (SYSTEM_TRAIN_S, SYSTEM_STEP_S, SYSTEM_STEPS_PER_S, SYSTEM_IMAGES_PER_S)
+"""The per-epoch system metrics: non-private trials only."""
+SYSTEM_TOTAL_TRAIN_S: Final = "system/total_train_s"
+"""Final report, every trial: wall seconds of all the training steps the reporting process ran (a resumed trial: the
+epochs since its resume; NaN when it trained none), the one timing figure a private trial releases."""
 
 # Final, reported once after training.
 TEST_AUROC_MACRO: Final = "test/auroc_macro"
@@ -55,6 +60,9 @@ of the epoch it would select if stopped now (ASHA's metric)."""
 EPSILON_AT_BEST_EPOCH: Final = "privacy/epsilon_at_best_epoch"
 EPSILON_CROSS_CHECK_RDP: Final = "privacy/epsilon_dp_accounting_rdp"
 EPSILON_CROSS_CHECK_PLD: Final = "privacy/epsilon_dp_accounting_pld"
+EPSILON_REPLACE_ONE: Final = "privacy/epsilon_replace_one"
+"""Private trials: the same run's epsilon under replace-one adjacency (N fixed; dp-accounting PLD,
+`trainables.privacy.accounting.replace_one_epsilon`), beside ``privacy/epsilon``'s add/remove one with N public."""
 EPSILON_PATIENT: Final = "privacy/epsilon_patient"
 """Image-level private trials: epsilon at the trial's delta for the training split's patient with the most images
 (`PATIENT_IMAGES` of them): the tight PLD of the k-image group (`trainables.privacy.units.patient_epsilon`). The
@@ -291,16 +299,18 @@ FINAL_HEADLINES: Final[tuple[str, ...]] = (
     EPSILON_AT_BEST_EPOCH,
     EPSILON_CROSS_CHECK_RDP,
     EPSILON_CROSS_CHECK_PLD,
+    EPSILON_REPLACE_ONE,
     EPSILON_PATIENT,
     PATIENT_IMAGES,
     EPSILON_PATIENT_P99,
     PATIENT_IMAGES_P99,
+    SYSTEM_TOTAL_TRAIN_S,
 )
 """The final report's fixed headline keys; ``external/<dataset>/auroc_macro`` of every external set is one too."""
 MAX_HEADLINES: Final = 40
 """Most metric keys one child run may carry: 14 per-epoch keys reach MLflow (`EPOCH_HEADLINES` less train loss or
-epsilon, and val/loss, which no trial reports today; the 4 system metrics included), 17 more final keys, and one per
-external set: 36 with the paper's 5 external sets."""
+epsilon, and val/loss, which no trial reports today; the 4 system metrics, which only non-private runs report,
+included), 19 more final keys, and one per external set: 38 with the paper's 5 external sets."""
 
 
 def is_headline(key: str) -> bool:
@@ -314,8 +324,9 @@ def is_headline(key: str) -> bool:
     ``test/fairness/worst_group_auroc/{sex,age}``, ``val/best_epoch`` (`FINAL_MARKER`),
     ``val/selected/auroc_macro``, ``val/selected/fairness/auroc_gap/{sex,age}``, ``privacy/epsilon``,
     ``privacy/steps``, ``privacy/epsilon_at_best_epoch``, the dp-accounting cross-checks
-    ``privacy/epsilon_dp_accounting_{rdp,pld}``, ``privacy/epsilon_patient(_p99)`` with
-    ``privacy/patient_images(_p99)``, and ``external/<dataset>/auroc_macro`` per external set. A non-private run
+    ``privacy/epsilon_dp_accounting_{rdp,pld}``, ``privacy/epsilon_replace_one``, ``privacy/epsilon_patient(_p99)``
+    with ``privacy/patient_images(_p99)``, ``system/total_train_s`` and ``external/<dataset>/auroc_macro`` per external
+    set. The per-epoch ``system/`` figures are non-private runs' only. A non-private run
     logs none of the epsilon keys (its epsilon is infinite; `PRIVATE_TAG` and `BUDGET_PARAM` say non-private).
     """
     if key in _HEADLINES:

@@ -1,7 +1,8 @@
 """An epoch's system metrics: how fast a trial trained (`trainables.names.SYSTEM_METRICS`).
 
-Pure arithmetic on the epoch's wall time and public counts; what these timing figures can reveal about the training
-data is discussed in docs/design.md ("Timing figures").
+Pure arithmetic on the epoch's wall time and public counts. Every figure here is derived from the wall time, which
+tracks a private epoch's secret Poisson batch sizes: only non-private trials report them (`trainables.train`); a
+private trial releases its run's total training time alone (docs/design.md, "Timing figures").
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@
 metrics, evaluation tables and selected model come back as a `TrialResult`. Resuming from a checkpoint
 continues with exactly the same step count, accountant history and RNG streams.
 
-What a private trial releases: per epoch, the validation (and test) metrics and epsilon spent, and at the end
-the selected model's evaluation. The loss of the private Poisson batches is not released (it is not clipped,
-noised or accounted); non-private trials report ``train/loss``.
+What a private trial releases (the full list: docs/design.md, "What a private trial releases"): per epoch, the
+validation (and test) metrics and epsilon spent, and at the end the selected model's evaluation, its epsilons and the
+run's total training time. The loss of the private Poisson batches is not released (it is not clipped, noised or
+accounted), nor is any per-epoch time (it tracks the secret batch sizes); non-private trials report ``train/loss``
+and per-epoch ``system/`` timing figures.
 
 Randomness (`trainables.privacy.randomness`). ``cfg.seed`` is published (an MLflow param), so it seeds only
 what is not part of the DP mechanism: model initialisation, the rows of the per-sample-gradient check and the
@@ -56,7 +58,7 @@ from trainables.evaluate.report import Evaluation, evaluate_split, fit_threshold
 from trainables.evaluate.utility import macro_auroc
 from trainables.models import ResolvedInit, create_model, predict
 from trainables.privacy import accounting
-from trainables.privacy.accounting import cross_check_epsilon
+from trainables.privacy.accounting import cross_check_epsilon, replace_one_epsilon
 from trainables.privacy.label_counts import LabelCountRelease, PosWeight, train_pos_weight
 from trainables.privacy.patients import group_patients
 from trainables.privacy.planning import PlanError, check_plan
@@ -98,9 +100,15 @@ def train_trial(
     report: Report,
     state: dict[str, Any] | None = None,
     data: TrialData | None = None,
+    epoch_timing: Callable[[dict[str, float]], None] | None = None,
 ) -> TrialResult:
     """Train and evaluate one trial, resuming from the checkpoint ``state`` when given: set up, the epoch loop, the
-    final evaluation (module docstring)."""
+    final evaluation (module docstring).
+
+    ``epoch_timing`` receives every epoch's system metrics (`trainables.throughput.throughput_metrics`), private
+    trials' included, inside this process: for in-process measurements (benchmarks) only. ``report`` carries them
+    for non-private trials alone; never pass a private trial's to anything that logs or publishes.
+    """
     privacy = cfg.privacy
     torch.set_num_threads(cfg.speed.threads)
     device = resolve_device(cfg.speed.device)
@@ -141,12 +149,11 @@ def train_trial(
             train.steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # once per epoch: the steps' kernels have finished
+        seconds = time.perf_counter() - started
+        train.train_seconds += seconds
         # Throughput figures use expected counts only (q x the records' images per step), never the realized batches.
         system = throughput_metrics(
-            time.perf_counter() - started,
-            train.steps - steps_before,
-            stepper.expected_images_per_step,
-            stepper.images_per_epoch,
+            seconds, train.steps - steps_before, stepper.expected_images_per_step, stepper.images_per_epoch
         )
         train.epoch += 1
         metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
@@ -156,7 +163,11 @@ def train_trial(
         if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
             raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
         train.record(metrics)
-        report(metrics | system, train.state_dict())  # timing stays out of the history (names.SYSTEM_PREFIX)
+        # Timing stays out of the history (names.SYSTEM_PREFIX), and a private epoch's time is never reported: it
+        # tracks the epoch's secret Poisson batch sizes (docs/design.md, "Timing figures").
+        report(dict(metrics) if privacy.is_private else metrics | system, train.state_dict())
+        if epoch_timing is not None:
+            epoch_timing(system)
 
     return final_evaluation(train, data)
 
@@ -203,6 +214,9 @@ class TrainState:
     """The selected epoch (1-based; 0 before the first)."""
     best_score: float = -math.inf
     best_weights: dict[str, torch.Tensor] | None = None
+    train_seconds: float = 0.0
+    """Wall seconds of the training steps this process ran (`names.SYSTEM_TOTAL_TRAIN_S`); not in the checkpoint:
+    two runs of one trial differ in it."""
 
     @property
     def selected(self) -> dict[str, Any]:
@@ -455,11 +469,20 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         )
         metrics[M.EPSILON_CROSS_CHECK_RDP] = cross["rdp"]
         metrics[M.EPSILON_CROSS_CHECK_PLD] = cross["pld"]
+        metrics[M.EPSILON_REPLACE_ONE] = replace_one_epsilon(  # the same run with N fixed (names.EPSILON_REPLACE_ONE)
+            privacy.noise_multiplier,
+            privacy.sample_rate,
+            train.steps,
+            privacy.delta,
+            label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+        )
         if privacy.privacy_unit == "image":
             metrics |= patient_epsilons(cfg, train.steps, data.train.split.patient_id)
     else:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
+    # The run's one timing figure (a private trial reports no per-epoch time); NaN if this process trained no epoch.
+    metrics[M.SYSTEM_TOTAL_TRAIN_S] = train.train_seconds if train.train_seconds > 0 else math.nan
     parts = {
         "groups": [evaluation.groups.assign(dataset=cfg.dataset)],
         "bootstrap": [evaluation.bootstrap.reset_index().assign(dataset=cfg.dataset)],

@@ -32,6 +32,7 @@ from trainables.privacy.accounting import (
     calibrate_noise_multiplier,
     cross_check_epsilon,
     epsilon_spent,
+    replace_one_epsilon,
     sample_rate_and_steps,
     validate_privacy_parameters,
 )
@@ -114,6 +115,8 @@ def test_epsilon_spent_edge_cases():
     assert epsilon_spent(0.0, SMOKE_Q, 1, DELTA, accountant="prv") == math.inf
     assert cross_check_epsilon(1.0, SMOKE_Q, 0, DELTA) == {"rdp": 0.0, "pld": 0.0}
     assert cross_check_epsilon(0.0, SMOKE_Q, 5, DELTA) == {"rdp": math.inf, "pld": math.inf}
+    assert replace_one_epsilon(1.0, SMOKE_Q, 0, DELTA) == 0.0
+    assert replace_one_epsilon(0.0, SMOKE_Q, 5, DELTA) == math.inf
     assert isinstance(epsilon_spent(1.0, SMOKE_Q, 10, DELTA), float)
 
 
@@ -135,6 +138,8 @@ def test_epsilon_spent_rejects_bad_arguments_naming_them(arguments, message):
         epsilon_spent(*arguments)
     with pytest.raises(ValueError, match=message):
         cross_check_epsilon(*arguments)
+    with pytest.raises(ValueError, match=message):
+        replace_one_epsilon(*arguments)
 
 
 def test_epsilon_is_monotone_in_steps_sample_rate_and_noise():
@@ -190,6 +195,66 @@ def test_cross_check_against_dp_accounting(golden: Golden):
     if golden.prv is not None:
         # Opacus PRV (upper end of its 0.01 error band, one direction) vs PLD (add and remove directions)
         assert checked["pld"] <= golden.prv <= checked["pld"] + 0.02
+
+
+# ---------------------------------------------------------------------------------------- replace-one reading
+
+# The smoke plan's cell at target 1 (N = 1770 images, B = 32, 3 epochs: q = 1/56, 168 steps), calibrated by RDP.
+SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS = 1.37109375, 1 / 56, 168
+
+
+def _replace_one_reference(sigma: float, q: float, steps: int, delta: float, count_sigma: float | None = None) -> float:
+    """Built from dp-accounting's PLD constructors directly, not through an accountant: the subsampled Gaussian under
+    REPLACE adjacency (both orderings) self-composed, after the label-count release as the plain Gaussian pair
+    N(0, sigma_c^2) vs N(1, sigma_c^2) (the counts' replace-one L2 sensitivity is sqrt(5), their noise std sigma_c
+    sqrt(5))."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    parts = []
+    if count_sigma is not None:
+        parts.append(pld.from_gaussian_mechanism(count_sigma, sensitivity=1.0))
+    if steps:
+        replaced = pld.from_gaussian_mechanism(
+            sigma, sampling_prob=q, neighboring_relation=NeighboringRelation.REPLACE_ONE
+        )
+        parts.append(replaced.self_compose(steps))
+    total = parts[0] if len(parts) == 1 else parts[0].compose(parts[1])
+    return total.get_epsilon_for_delta(delta)
+
+
+def test_golden_replace_one_epsilon_of_the_smoke_plans_target_1():
+    """Issue 22: read as replace-one (what a public N implies), the smoke grid's target 1 is about 1.38, not 0.995."""
+    add_remove = epsilon_spent(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA)
+    assert 0.99 <= add_remove <= 1.0
+    replaced = replace_one_epsilon(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA)
+    assert replaced == pytest.approx(1.38, abs=0.005)
+    assert replaced == pytest.approx(1.3784331231697788, rel=1e-9)
+    reference = _replace_one_reference(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA)
+    assert replaced == pytest.approx(reference, rel=1e-6)
+    # one replaced record moves the clipped sum by up to 2C: above the add/remove PLD of the same run
+    assert replaced > 1.5 * cross_check_epsilon(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA)["pld"]
+
+
+def test_replace_one_composes_the_label_count_release_at_its_own_sensitivity():
+    """Replacing one image changes each label's count by at most 1: sensitivity sqrt(5), as under add/remove, so the
+    release costs what a Gaussian of noise multiplier sigma_c costs, not twice its shift (dp-accounting's default
+    for a Gaussian under REPLACE_ONE)."""
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    sigma_c = 20.0
+    replaced = replace_one_epsilon(
+        SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA, label_count_noise_multiplier=sigma_c
+    )
+    reference = _replace_one_reference(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA, sigma_c)
+    assert replaced == pytest.approx(reference, rel=1e-4)
+    assert replaced > replace_one_epsilon(SMOKE_PLAN_SIGMA, SMOKE_PLAN_Q, SMOKE_PLAN_STEPS, DELTA)
+    doubled = PLDAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    doubled.compose(dp_event.GaussianDpEvent(sigma_c))
+    alone = replace_one_epsilon(1.0, SMOKE_PLAN_Q, 0, DELTA, label_count_noise_multiplier=sigma_c)
+    assert alone == pytest.approx(_replace_one_reference(1.0, SMOKE_PLAN_Q, 0, DELTA, sigma_c), rel=1e-6)
+    assert alone < 0.6 * doubled.get_epsilon(DELTA)
 
 
 def test_opacus_and_dp_accounting_rdp_agree_exactly_at_integer_orders():

@@ -307,7 +307,7 @@ class RunOutputs:
 
 def _outputs(run_dir: Path) -> RunOutputs:
     return RunOutputs(
-        final=json.loads((run_dir / worker.FINAL_FILE).read_text()),
+        final=split_system_metrics(json.loads((run_dir / worker.FINAL_FILE).read_text()))[0],  # no timing
         epochs=[split_system_metrics(record["metrics"])[0] for record in worker.read_epochs(run_dir)],  # no timing
         tables={name: pd.read_parquet(run_dir / f"{name}.parquet") for name in TABLES},
         weights=torch.load(run_dir / worker.FINAL_MODEL_FILE, weights_only=True),
@@ -325,7 +325,7 @@ def _assert_same_run(actual: RunOutputs, expected: RunOutputs) -> None:
 
 
 def split_system_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(results, system metrics) of one epoch report."""
+    """(results, system metrics) of one epoch report or final report."""
     system = {k: v for k, v in metrics.items() if k.startswith(M.SYSTEM_PREFIX)}
     return {k: v for k, v in metrics.items() if k not in system}, system
 

@@ -22,6 +22,7 @@ def summary_trials(*, status: str = N.TERMINATED, reproducible: bool = False):
                 "target_epsilon": eps,
                 "reproducible_noise": reproducible and eps == 1.0,
                 N.EPSILON: 0.987 * eps,
+                N.EPSILON_REPLACE_ONE: {1.0: 1.378, 8.0: 7.351}.get(eps, math.nan),
                 N.EPSILON_PATIENT: 2.5 * eps,
                 N.PATIENT_IMAGES: 4,
                 "noise_multiplier": 1.2 if math.isfinite(eps) else 0.0,
@@ -44,7 +45,8 @@ def test_the_console_table_is_narrow_and_says_non_private_instead_of_an_infinite
     assert "status" not in lines[0]  # every trial finished: no column saying so
     row = next(line for line in lines if line.lstrip().startswith("imagenet-epsinf"))
     assert "non-DP" in row and "inf" not in row.split("imagenet-epsinf")[1]
-    assert "7.896" in next(line for line in lines if line.lstrip().startswith("imagenet-eps8"))  # 0.987 * 8
+    assert "7.896 7.351" in next(line for line in lines if line.lstrip().startswith("imagenet-eps8"))  # spent, repl
+    assert lines[0].split()[2:4] == ["spent", "repl"]
     assert "external test sets" in text and "padchest" in text
 
 
@@ -56,6 +58,28 @@ def test_the_console_table_shows_status_when_a_trial_did_not_finish_and_marks_se
     row = next(line for line in text.splitlines() if line.lstrip().startswith("imagenet-eps1-"))
     assert "1*" in row
     assert "no guarantee" in text.splitlines()[-1]
+
+
+def test_the_summary_states_the_adjacency_and_the_replace_one_reading_per_target():
+    """One statement of the adjacency (add/remove, N public) and the replace-one epsilon of each target: the largest
+    of its trials with a guarantee (a reproducible_noise trial has none; the non-private baseline no target)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from sweeps.summary import SUMMARY_WIDTH, summary_text
+
+    trials, sweep_dir = summary_trials(), Path("runs/smoke")
+    again = trials.iloc[[0]].assign(trial="imagenet-eps1-clip1-lr0.0005-seed1", **{N.EPSILON_REPLACE_ONE: 1.401})
+    seeded = trials.iloc[[1]].assign(trial="seeded", reproducible_noise=True, **{N.EPSILON_REPLACE_ONE: 9.0})
+    text = summary_text(pd.concat([trials, again, seeded], ignore_index=True), sweep_dir, "sqlite:///x.db")
+    flat = " ".join(text.split())
+    assert "Adjacency: add/remove one record (an image; a patient with privacy_unit patient), the number of " in flat
+    assert "records N treated as public." in flat
+    assert "the same runs spend epsilon 1.401 at target 1, 7.351 at target 8." in flat
+    assert max(len(line) for line in text.splitlines()) <= SUMMARY_WIDTH
+    older = summary_text(trials.drop(columns=N.EPSILON_REPLACE_ONE), sweep_dir, "sqlite:///x.db")  # an older sweep
+    assert "N treated as public." in " ".join(older.split()) and "replace-one" not in older
 
 
 def test_the_one_writer_writes_evaluation_tables_only_where_some_trial_has_them(tmp_path):

@@ -7,15 +7,21 @@ The mechanism accounted for everywhere in this module is DP-SGD as Opacus runs i
 * **Per-sample clipping** to L2 norm C and **Gaussian noise** N(0, (sigma * C)^2) added to the sum
   of clipped gradients; ``noise_multiplier`` is sigma, the noise standard deviation in units of C.
 * **``steps`` identical steps** (same sigma and q), composed.
-* **Add/remove adjacency**: neighbouring datasets differ by adding or removing one example. The
-  privacy unit is whatever one dataset row is (one image in dpsweep by default).
+* **Add/remove adjacency, N public**: neighbouring datasets differ by adding or removing one example,
+  and the number of examples N is treated as public (q and the step count are derived from it and
+  released). The privacy unit is whatever one dataset row is (one image in dpsweep by default). A
+  public N strictly only fits neighbours of the same size, i.e. **replace-one** adjacency, under which
+  one record can move the clipped sum by 2C: `replace_one_epsilon` gives the same run's epsilon read
+  that way (dp-accounting PLD), reported beside the add/remove epsilon and never used to calibrate
+  (smoke sweep, delta 6e-6: targets 1, 3, 8 read 1.378, 2.968, 7.351).
 * **(epsilon, delta)-DP**: epsilon is dimensionless (natural-log scale); delta is a probability,
   which must be well below 1/N for the guarantee to mean anything (`validate_privacy_parameters`).
 
 Epsilon is an *input* of a trial: `calibrate_noise_multiplier` finds the smallest sigma whose
 epsilon after the planned steps does not exceed the target, and `epsilon_spent` reports the epsilon
 of any prefix of training. Both use the same Opacus accountant, so the trajectory ends at (not over)
-the target. `cross_check_epsilon` recomputes epsilon with Google's ``dp-accounting`` package.
+the target. `cross_check_epsilon` recomputes epsilon with Google's ``dp-accounting`` package;
+`replace_one_epsilon` reads the same run under replace-one adjacency.
 
 Accountants (`ACCOUNTANTS`), both upper bounds on the true epsilon:
 
@@ -52,9 +58,13 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
 
 __all__ = [
     "ACCOUNTANTS",
@@ -66,6 +76,7 @@ __all__ = [
     "check_ledger",
     "cross_check_epsilon",
     "epsilon_spent",
+    "replace_one_epsilon",
     "sample_rate_and_steps",
     "validate_privacy_parameters",
 ]
@@ -528,10 +539,74 @@ def cross_check_epsilon(
     if noise_multiplier == 0 and steps > 0:
         return {"rdp": math.inf, "pld": math.inf}
     # Imported here: only the final cross-check needs Google's package (keeps trial start-up light).
-    from dp_accounting import dp_event
     from dp_accounting.pld import PLDAccountant
     from dp_accounting.privacy_accountant import NeighboringRelation
     from dp_accounting.rdp import RdpAccountant
+
+    event = _dp_accounting_event(noise_multiplier, sample_rate, steps, label_count_noise_multiplier)
+    rdp = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    pld = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    rdp.compose(event)
+    pld.compose(event)
+    return {"rdp": float(rdp.get_epsilon(delta)), "pld": float(pld.get_epsilon(delta))}
+
+
+def replace_one_epsilon(
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    label_count_noise_multiplier: float | None = None,
+) -> float:
+    """Epsilon of the same run under **replace-one** adjacency (N fixed), from dp-accounting's PLD.
+
+    dpsweep accounts add/remove of one record and treats N as public (module docstring). Strictly, a released N
+    fixes the dataset's size, and the neighbours of a fixed size differ by replacing one record: a replaced record
+    can move the clipped sum by 2C, not C. This is the epsilon of that reading, reported beside the add/remove one
+    (never used to calibrate): ``PLDAccountant(neighboring_relation=REPLACE_ONE)`` (value discretization 1e-4,
+    pessimistic rounding, both orderings) on ``SelfComposedDpEvent(PoissonSampledDpEvent(q,
+    GaussianDpEvent(sigma)), steps)``. The smoke sweep's target 1 (sigma 1.37109375, q 1/56, 168 steps, delta
+    6e-6; RDP add/remove 0.995, PLD add/remove 0.846) reads 1.378; targets 3 and 8 read 2.968 and 7.351.
+
+    The label-count release (`trainables.privacy.label_counts`) is composed first as ``GaussianDpEvent(2 sigma_c)``:
+    dp-accounting doubles a Gaussian's sensitivity under REPLACE_ONE, but replacing one image changes each label's
+    count by at most 1 either way, so the counts' L2 sensitivity stays sqrt(5), exactly the add/remove one, and
+    the release's replace-one loss is that of noise multiplier sigma_c (doubling it cancels dp-accounting's
+    doubling).
+
+    Args:
+        noise_multiplier, sample_rate, steps, delta, label_count_noise_multiplier: as `cross_check_epsilon`.
+
+    Returns:
+        Epsilon (dimensionless); 0.0 when nothing was released, ``inf`` for sigma = 0 with at least one step.
+        0.1-3 s per call at the study's scales.
+
+    Raises:
+        ValueError: an argument is outside its domain.
+    """
+    _check_noise_multiplier(noise_multiplier)
+    _check_run(sample_rate, steps, delta)
+    _check_label_count_noise_multiplier(label_count_noise_multiplier)
+    if steps == 0 and label_count_noise_multiplier is None:
+        return 0.0
+    if noise_multiplier == 0 and steps > 0:
+        return math.inf
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    count_sigma = None if label_count_noise_multiplier is None else 2 * float(label_count_noise_multiplier)
+    pld = PLDAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    pld.compose(_dp_accounting_event(noise_multiplier, sample_rate, steps, count_sigma))
+    return float(pld.get_epsilon(delta))
+
+
+def _dp_accounting_event(
+    noise_multiplier: float, sample_rate: float, steps: int, label_count_noise_multiplier: float | None
+) -> dp_event.DpEvent:
+    """dp-accounting's event of a trial: the label-count release ``GaussianDpEvent(sigma_c)`` (when there is one)
+    followed by ``steps`` Poisson-sampled Gaussian steps (when there are any)."""
+    from dp_accounting import dp_event
 
     events: list[dp_event.DpEvent] = []
     if label_count_noise_multiplier is not None:
@@ -543,12 +618,7 @@ def cross_check_epsilon(
                 int(steps),
             )
         )
-    event = events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
-    rdp = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
-    pld = PLDAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
-    rdp.compose(event)
-    pld.compose(event)
-    return {"rdp": float(rdp.get_epsilon(delta)), "pld": float(pld.get_epsilon(delta))}
+    return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
 
 
 def validate_privacy_parameters(
