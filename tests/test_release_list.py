@@ -127,7 +127,7 @@ def logged(tmp_path_factory) -> Logged:
         metrics={key for report in (*epochs, final) for key in report},
         params=params,
         tags=tags,
-        sweep_params=set(sweep_params(plan)) | set(tuning_summary(spec, table)),
+        sweep_params=set(sweep_params(plan)) | set(tuning_summary(spec, table)) | {M.LEDGER_EPSILON},
         columns=set(table.columns) | set(epoch_table.columns),
     )
 
@@ -135,7 +135,7 @@ def logged(tmp_path_factory) -> Logged:
 def _planned(runs: Path) -> tuple[Any, Any, list[Any]]:
     """An image-level ``pos_weight: train`` trial and a patient-level trial from the units sweep file, and a plan
     holding them (sigma given, nothing calibrated)."""
-    from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags
+    from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags, trial_name
     from sweeps.spec import parse_spec
     from trainables.models import ResolvedInit
     from trainables.privacy.planning import plan_privacy
@@ -155,7 +155,14 @@ def _planned(runs: Path) -> tuple[Any, Any, list[Any]]:
         privacy = plan_privacy(cell_privacy(spec, point.target_epsilon, unit), n, noise_multiplier=1.1)
         trials.append(
             make_trial(
-                spec, paths, dataset, init, point, f"k-{unit}", privacy=privacy, provenance_tags=provenance_tags()
+                spec,
+                paths,
+                dataset,
+                init,
+                point,
+                trial_name(spec, point),
+                privacy=privacy,
+                provenance_tags=provenance_tags(),
             )
         )
     spec = parse_spec(raw)
@@ -193,26 +200,37 @@ def test_a_private_trials_mlflow_metrics_carry_the_run_start_not_its_report_time
     from mlflow.tracking import MlflowClient
 
     from sweeps.tracking import MlflowSweepCallback, get_or_create_experiment, get_or_create_parent_run
+    from tests.sweeps.points import planned_points
+    from trainables.point import POINT
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = get_or_create_experiment(client, "s", tmp_path / "artifacts")
-    callback = MlflowSweepCallback(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}), "s")
+    callback = MlflowSweepCallback(uri, experiment, get_or_create_parent_run(client, experiment, "s", {}))
     start = 1_700_000_000
-    for key, epsilon in (("private", 0.5), ("baseline", math.inf)):
-        target = 1.0 if math.isfinite(epsilon) else math.inf
-        trial = SimpleNamespace(
-            trial_id=key, config={"point": {"key": key, "tags": {}, "params": {"target_epsilon": target}}}
-        )
+    points = {point.config.privacy.is_private: point for point in planned_points(parse_tiny())}
+    keys = {}
+    for name, epsilon in (("private", 0.5), ("baseline", math.inf)):
+        point = points[math.isfinite(epsilon)]
+        keys[name] = point.key
+        trial = SimpleNamespace(trial_id=name, config={POINT: point.to_ray()})
         for epoch in (1, 2):
             result = {M.EPOCH: epoch, M.EPSILON: epsilon * epoch, M.VAL_AUROC_MACRO: 0.6, "timestamp": start + epoch}
             callback.on_trial_result(0, [], trial, result)
         final = {M.EPSILON: epsilon * 2, M.BEST_EPOCH: 2, M.SYSTEM_TOTAL_TRAIN_S: 7.0, "timestamp": start + 9}
         callback.on_trial_result(0, [], trial, {**final, M.DONE: True})
     for key in ("private", "baseline"):
-        (run,) = client.search_runs([experiment], f"tags.`{M.TRIAL_KEY_TAG}` = '{key}'")
+        (run,) = client.search_runs([experiment], f"tags.`{M.TRIAL_KEY_TAG}` = '{keys[key]}'")
         stamps = {m.timestamp for name in run.data.metrics for m in client.get_metric_history(run.info.run_id, name)}
         if key == "private":
             assert stamps == {run.info.start_time}
         else:
             assert stamps == {1000 * (start + t) for t in (1, 2, 9)}
+
+
+def parse_tiny():
+    """The tiny sweep (`tests.sweeps.tiny`): one private target and the baseline."""
+    from sweeps.spec import parse_spec
+    from tests.sweeps.tiny import tiny_spec
+
+    return parse_spec(tiny_spec())
