@@ -17,10 +17,10 @@ import ray
 import torch
 from ray import tune
 
-from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID
+from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, NODE_ID, STOPPED
 from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
 from trainables.point import POINT, TrialPoint
-from trainables.train import train_trial
+from trainables.train import SCRUBBED, train_trial
 
 
 def dp_trial(config: dict[str, Any]) -> None:
@@ -41,6 +41,10 @@ def dp_trial(config: dict[str, Any]) -> None:
                 tune.report(json.loads(final_file.read_text()))
                 return
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+            if state.get(SCRUBBED) == STOPPED:
+                # ASHA had stopped the trial and the driver scrubbed its checkpoint (`sweeps.scrub`) before Ray saved
+                # the stop (a driver killed in between restarts the trial): it stays stopped, trained nothing.
+                return
 
     def report_epoch(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
         with tempfile.TemporaryDirectory() as folder:
