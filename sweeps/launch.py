@@ -70,6 +70,9 @@ def run_sweep(
                 "change `name`, or run again with --fresh to delete the old sweep's results"
             )
         if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
+            from sweeps.scrub import scrub_ended_trials
+
+            scrub_ended_trials(paths.ray_experiment(spec), complete=True)  # a sweep completed by an earlier dpsweep
             log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
             return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
 
@@ -94,6 +97,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from sweeps.scrub import ScrubSecretsCallback, scrub_ended_trials
     from sweeps.tracking import (
         MlflowSweepCallback,
         ProgressCallback,
@@ -142,6 +146,7 @@ def run_sweep(
                     ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
                     CSVLoggerCallback(),
                     JsonLoggerCallback(),
+                    ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
                 ],
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -154,6 +159,7 @@ def run_sweep(
     results.write(sweep_dir)
     trials = results.trials
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
+    scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete")
     finish_parent(
         paths.tracking_uri,
@@ -201,7 +207,8 @@ def _write_state(path: Path, fingerprint: str, status: str) -> None:
 
 
 def _remove_sweep(spec: SweepSpec, paths: SweepPaths) -> None:
-    """--fresh: delete the sweep's tables and Ray state (MLflow runs are kept, the parent is recreated)."""
+    """--fresh: delete the sweep's tables and Ray state, every trial checkpoint and the secrets of unfinished trials
+    included (MLflow runs are kept, the parent is recreated)."""
     for folder in (paths.sweep_dir(spec), paths.ray_experiment(spec)):
         if folder.exists():
             shutil.rmtree(folder)
