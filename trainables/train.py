@@ -20,8 +20,9 @@ non-private baseline's shuffling (the bootstrap has a fixed seed per dataset). A
 and noise come from:
 
 - by default, generators seeded from ``os.urandom``; their seeds and states are kept only in the checkpoint,
-  so a resumed trial continues the same secret streams bit for bit. Checkpoints are private material: never
-  log or publish them. Two runs of the same private config draw different noise.
+  so a resumed trial continues the same secret streams bit for bit, until the trial ends (`scrub_secrets`).
+  Checkpoints are private material: never log or publish them. Two runs of the same private config draw
+  different noise.
 - with ``privacy.secure_mode``, a `SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key). There is nothing
   to checkpoint: a resumed trial draws from a new key. That keeps the guarantee: the steps lost with a killed
   process released nothing (a trial reports only together with its checkpoint), and the steps after the resume
