@@ -18,16 +18,20 @@ checkpoint). ``dpsweep sweep --fresh`` deletes the sweep's whole Ray folder. Ray
 configs and results, searcher and scheduler state) never held a secret.
 
 An ERROR trial is scrubbed too, so running an incomplete sweep again (Ray restarts its ERROR trials) fails such a
-trial again with `trainables.train.ScrubbedCheckpointError`, unless it had failed before its first checkpoint. A
-STOPPED trial that Ray restarts because a killed driver had not saved the stop ends again without training
-(`trainables.trial`).
+trial again with `trainables.train.ScrubbedCheckpointError`, unless it had failed before its first checkpoint. So does
+a trial whose worker died on its last attempt: Ray (2.60) saves it as still running, so the trial table calls it
+INCOMPLETE, but the driver saw the error and scrubbed it. A STOPPED trial that Ray restarts because a killed driver
+had not saved the stop ends again without training (`trainables.trial`). An epoch checkpoint that cannot be read
+(a copy a dying worker left unfinished, never registered by Ray) is deleted.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import tune
 
 from trainables import names as N
@@ -46,6 +50,21 @@ def _scrub(path: Path, ended: str) -> bool:
         return scrub_checkpoint(path, ended)
     except FileNotFoundError:  # Ray deleted the checkpoint meanwhile (a newer one replaced it)
         return False
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        if _readable(path):
+            raise  # the rewrite failed, not the file
+        # A copy cut short by a dying worker, which Ray never registered: it cannot be resumed, but its bytes may
+        # hold secrets.
+        path.unlink(missing_ok=True)
+        return True
+
+
+def _readable(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        return False
+    return True
 
 
 def ended_as(trial: Any) -> str | None:

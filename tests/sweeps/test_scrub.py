@@ -92,6 +92,16 @@ def test_an_ended_trial_loses_every_secret_of_every_checkpoint(tmp_path, hook, l
     assert (folder / "checkpoint_000002" / FINAL_FILE).read_text() == "{}"
 
 
+def test_an_unreadable_checkpoint_of_an_ended_trial_is_deleted(tmp_path):
+    """A copy cut short by a dying worker (never registered by Ray): it cannot be resumed, its bytes hold secrets."""
+    folder, _ = trial_folder(tmp_path / "trial")
+    cut = folder / "checkpoint_000001" / M.CHECKPOINT_STATE_FILE
+    cut.write_bytes(cut.read_bytes()[:4000])
+    trial = SimpleNamespace(path=str(folder), status="RUNNING", last_result={M.EPOCH: 1})
+    ScrubSecretsCallback().on_trial_error(0, [trial], trial)
+    assert not cut.exists() and [s[SCRUBBED] for s in states(folder)] == [M.ERROR]
+
+
 def test_a_trial_that_ray_recovers_keeps_its_secrets(tmp_path):
     """A worker that dies is not an end: Ray restarts the trial from its checkpoint, which must resume exactly."""
     folder, spellings = trial_folder(tmp_path / "trial")
