@@ -113,5 +113,9 @@ class ScrubSecretsCallback(tune.Callback):
 
     @staticmethod
     def _scrub(trial: Any, ended: str) -> None:
-        if trial.path is not None:
-            scrub_trial(Path(trial.path), ended)
+        try:
+            folder = trial.path
+        except RuntimeError:  # a trial removed before it started has no folder (Ray raises rather than say None)
+            return
+        if folder is not None:
+            scrub_trial(Path(folder), ended)

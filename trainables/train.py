@@ -317,8 +317,9 @@ def scrub_secrets(state: dict[str, Any], ended: str) -> dict[str, Any]:
     mechanism's secrets (`SECRET_KEYS`) and marked `SCRUBBED` = ``ended``; ``state`` itself is not changed.
 
     An ended trial is never resumed, and with its secrets its checkpoint would let whoever holds it replay the
-    trial's Poisson batches and noise bit for bit, subtract the noise from the model updates and read the clipped
-    gradients of the batches (a membership attack DP-SGD's epsilon does not bound). Removed:
+    trial's Poisson batches and noise bit for bit: knowing the other records, one trains the trial with and without
+    a record and compares both with the released model, a membership attack DP-SGD's epsilon does not bound
+    (docs/design.md, "Randomness"). Removed:
 
     - ``secret_seeds``: the default mode's 128-bit ``os.urandom`` seeds of the sampler and noise generators.
     - ``sampler_rng``, ``noise_rng``: the generators' states. They give the streams from the checkpoint on and,
