@@ -74,6 +74,9 @@ def run_sweep(
                 "change `name`, or run again with --fresh to delete the old sweep's results"
             )
         if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
+            from sweeps.scrub import scrub_ended_trials
+
+            scrub_ended_trials(paths.ray_experiment(spec), complete=True)  # a sweep completed by an earlier dpsweep
             log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
             return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
     instance = state.get("instance") or uuid.uuid4().hex[:12]  # this run of the sweep: its ledger runs
@@ -106,6 +109,7 @@ def run_sweep(
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from sweeps.scrub import ScrubSecretsCallback, scrub_ended_trials
     from sweeps.tracking import (
         MlflowSweepCallback,
         ProgressCallback,
@@ -154,6 +158,7 @@ def run_sweep(
                     ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
                     CSVLoggerCallback(),
                     JsonLoggerCallback(),
+                    ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
                 ],
                 verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -166,6 +171,7 @@ def run_sweep(
     results.write(sweep_dir)
     trials = results.trials
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
+    scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete", instance)
     ended = dict(zip(trials["trial"].astype(str), trials["status"].astype(str), strict=True))
     ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
@@ -232,7 +238,8 @@ def _replace_in_ledger(spec: SweepSpec, paths: SweepPaths, state_file: Path) -> 
 
 
 def _remove_sweep(spec: SweepSpec, paths: SweepPaths) -> None:
-    """--fresh: delete the sweep's tables and Ray state (MLflow runs are kept, the parent is recreated)."""
+    """--fresh: delete the sweep's tables and Ray state, every trial checkpoint and the secrets of unfinished trials
+    included (MLflow runs are kept, the parent is recreated)."""
     for folder in (paths.sweep_dir(spec), paths.ray_experiment(spec)):
         if folder.exists():
             shutil.rmtree(folder)

@@ -22,8 +22,9 @@ non-private baseline's shuffling (the bootstrap has a fixed seed per dataset). A
 and noise come from:
 
 - by default, generators seeded from ``os.urandom``; their seeds and states are kept only in the checkpoint,
-  so a resumed trial continues the same secret streams bit for bit. Checkpoints are private material: never
-  log or publish them. Two runs of the same private config draw different noise.
+  so a resumed trial continues the same secret streams bit for bit, until the trial ends (`scrub_secrets`).
+  Checkpoints are private material: never log or publish them. Two runs of the same private config draw
+  different noise.
 - with ``privacy.secure_mode``, a `SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key). There is nothing
   to checkpoint: a resumed trial draws from a new key. That keeps the guarantee: the steps lost with a killed
   process released nothing (a trial reports only together with its checkpoint), and the steps after the resume
@@ -37,9 +38,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +56,7 @@ from trainables import names as M
 from trainables.config import TrialConfig
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data, train_batches
+from trainables.errors import UserError
 from trainables.evaluate.bootstrap import dataset_bootstrap_seed
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import Evaluation, evaluate_split, fit_thresholds
@@ -68,12 +73,27 @@ from trainables.privacy.units import images_per_patient, patient_epsilon
 from trainables.steps import BudgetError, TrainingRecords, make_stepper, per_sample_bce, step_settings
 from trainables.throughput import throughput_metrics
 
-__all__ = ["BudgetError", "TrainState", "TrialResult", "train_trial"]
+__all__ = [
+    "BudgetError",
+    "ScrubbedCheckpointError",
+    "TrainState",
+    "TrialResult",
+    "scrub_checkpoint",
+    "scrub_secrets",
+    "train_trial",
+]
 
 CHECKPOINT_FORMAT = 2
 """Version of `TrainState.state_dict`. Format 1, the unversioned dict written before `TrainState`, is refused."""
 RESUME_IGNORED_KEYS = ("data_root",)
 """Config keys that may differ between a checkpoint and its resume (a moved data folder changes nothing)."""
+SECRET_KEYS = ("secret_seeds", "sampler_rng", "noise_rng", "torch_rng")
+"""What `scrub_secrets` removes from a checkpoint (its docstring says why each)."""
+SCRUBBED = "scrubbed"
+"""The checkpoint key `scrub_secrets` adds: how the trial had ended (a trial status of `trainables.names`, or
+`SWEEP_COMPLETE`). A checkpoint without it is resumable."""
+SWEEP_COMPLETE = "sweep complete"
+"""`SCRUBBED` of a checkpoint scrubbed because its whole sweep had ended."""
 
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]
 Generator = torch.Generator | SecureRandom
@@ -192,7 +212,7 @@ class TrainState:
     counters and the selection are plain fields. Selection (``cfg.model_selection``): ``best_val`` keeps the
     epoch with the highest validation macro AUROC (NaN counts as -inf; the first such epoch on ties), ``last``
     the latest epoch. A private trial's checkpoint holds its secret seeds and generator states: it is private
-    material, never logged or published.
+    material, never logged or published, and loses them when the trial ends (`scrub_secrets`).
     """
 
     cfg: TrialConfig
@@ -260,9 +280,17 @@ class TrainState:
         """Resume from a `state_dict` of the same trial configuration (``RESUME_IGNORED_KEYS`` aside).
 
         Raises:
+            ScrubbedCheckpointError: the checkpoint lost its secrets when the trial ended (`scrub_secrets`).
             ValueError: another checkpoint format, or another trial configuration.
             BudgetError: the privacy ledger does not account for exactly the steps taken.
         """
+        if state.get(SCRUBBED) is not None:
+            raise ScrubbedCheckpointError(
+                f"this epoch-{state['epoch']} checkpoint of a trial of sweep {state['config'].get('sweep')!r} cannot "
+                f"be resumed: the trial had ended ({state[SCRUBBED]}), so its secret seeds and generator states were "
+                "removed and it cannot continue its secret noise and sampling streams; start it afresh (`dpsweep "
+                "sweep --fresh` for a whole sweep)"
+            )
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint format {state.get('format', 1)} cannot be resumed by this version (format "
@@ -292,6 +320,70 @@ class TrainState:
             state["best_score"],
             state["best_weights"],
         )
+
+
+class ScrubbedCheckpointError(UserError, ValueError):
+    """A resume from a checkpoint whose secrets `scrub_secrets` removed."""
+
+
+def scrub_secrets(state: dict[str, Any], ended: str) -> dict[str, Any]:
+    """The checkpoint ``state`` (a `TrainState.state_dict`) of a trial that ended as ``ended``, without the
+    mechanism's secrets (`SECRET_KEYS`) and marked `SCRUBBED` = ``ended``; ``state`` itself is not changed.
+
+    An ended trial is never resumed, and with its secrets its checkpoint would let whoever holds it replay the
+    trial's Poisson batches and noise bit for bit: knowing the other records, one trains the trial with and without
+    a record and compares both with the released model, a membership attack DP-SGD's epsilon does not bound
+    (docs/design.md, "Randomness"). Removed:
+
+    - ``secret_seeds``: the default mode's 128-bit ``os.urandom`` seeds of the sampler and noise generators.
+    - ``sampler_rng``, ``noise_rng``: the generators' states. They give the streams from the checkpoint on and,
+      since the Mersenne Twister's step can be inverted, the CPU sampler's earlier draws too. (Of a secure-mode
+      trial they are None; of a non-private or ``reproducible_noise`` trial they come from the published seed:
+      removed all the same, one rule for every trial.)
+    - ``torch_rng``: the global CPU stream, seeded from the public ``cfg.seed`` for the model's initialisation.
+      Nothing of the mechanism draws from it: Poisson sampling and noise use their own generators, timm's drop
+      path is off and the models have no dropout, so it does not move after the initialisation (measured on
+      test_convnext: the same state after every epoch) and holds nothing secret today. It is removed anyway:
+      only a resume uses it, and a later draw from it during the private steps (dropout on a Poisson batch,
+      whose size is secret) would make it a function of the batches.
+
+    Kept: the selected epoch's and the last weights, the optimizer, the accountant's ledger, the history and the
+    selection, the label-count release and the config: the mechanism's outputs and what is computed from them
+    (docs/design.md, "What a private trial releases"), which the selected model and the tables need.
+    `TrainState.load_state_dict` refuses the result: it cannot continue the secret streams, and a resume with fresh
+    randomness would silently break the promise that a resumed trial ends exactly as an uninterrupted one.
+
+    Args:
+        state: the checkpoint.
+        ended: how the trial ended (``names.TERMINATED``, ``STOPPED`` or ``ERROR``, or `SWEEP_COMPLETE`); the
+            trainable reads it when Ray restarts a trial that had ended (`trainables.trial`).
+    """
+    return {**{k: v for k, v in state.items() if k not in SECRET_KEYS}, SCRUBBED: ended}
+
+
+def scrub_checkpoint(path: Path, ended: str) -> bool:
+    """Replace the checkpoint file ``path`` (a saved `TrainState.state_dict`) by its `scrub_secrets` version, through
+    a temporary file in the same folder renamed over it: a crash leaves the old or the new file, never half of one.
+
+    Only the file is replaced; the disk blocks of the old one are freed, not overwritten.
+
+    Returns:
+        Whether the file was rewritten (False: it was scrubbed already).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get(SCRUBBED) is not None:
+        return False
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(scrub_secrets(state, ended), file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ epoch plus a final one holding the final report, the evaluation tables and the s
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ import torch
 from ray import tune
 
 from trainables.models import save_weights
-from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, FINAL_WEIGHTS_FILE, NODE_ID
+from trainables.names import BEST_EPOCH, DONE, FINAL_FILE, FINAL_WEIGHTS_FILE, NODE_ID, STOPPED
 from trainables.names import CHECKPOINT_STATE_FILE as STATE_FILE
 from trainables.point import POINT, TrialPoint
-from trainables.train import TrialResult, train_trial
+from trainables.train import SCRUBBED, TrialResult, train_trial
 
 
 def dp_trial(config: dict[str, Any]) -> None:
@@ -43,9 +44,15 @@ def dp_trial(config: dict[str, Any]) -> None:
                 tune.report(json.loads(final_file.read_text()))
                 return
             state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+            if state.get(SCRUBBED) == STOPPED:
+                # ASHA had stopped the trial and the driver scrubbed its checkpoint (`sweeps.scrub`) before Ray saved
+                # the stop (a driver killed in between restarts the trial): it stays stopped, trained nothing.
+                return
 
     def report_epoch(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
-        with tempfile.TemporaryDirectory() as folder:
+        # Staged inside the trial's own folder (private material, scrubbed with it: `sweeps.scrub`), never in /tmp: a
+        # worker killed while Ray takes the checkpoint would leave the secret seeds behind there.
+        with tempfile.TemporaryDirectory(dir=_staging_dir()) as folder:
             torch.save(epoch_state, Path(folder) / STATE_FILE)
             tune.report({**metrics, DONE: False}, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -54,6 +61,16 @@ def dp_trial(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_final_checkpoint(Path(folder), final, metrics)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _staging_dir() -> str | None:
+    """The trial's own folder in the sweep's Ray storage (``runs/ray/<sweep>/<trial>``), where its checkpoints are
+    staged, when that storage is a local (or mounted shared) folder; else None (the system's temporary folder)."""
+    try:
+        path = tune.get_context().get_storage().trial_fs_path
+    except Exception:  # no Tune session (a test calling dp_trial's pieces directly), or another Ray's API
+        return None
+    return str(path) if path and os.path.isdir(path) else None
 
 
 def write_final_checkpoint(folder: Path, final: TrialResult, metrics: dict[str, Any]) -> None:

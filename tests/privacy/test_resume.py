@@ -36,6 +36,7 @@ import pytest
 import torch
 
 from tests.privacy import resume_worker as worker
+from tests.secret_bytes import found_in, generator_spellings, seed_spellings
 from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import open_cache
@@ -43,6 +44,7 @@ from trainables.data.synthetic import prepare_synthetic
 from trainables.models import ResolvedInit, resolve_init
 from trainables.privacy.accounting import epsilon_spent
 from trainables.privacy.planning import plan_privacy
+from trainables.train import SCRUBBED, SECRET_KEYS, ScrubbedCheckpointError, scrub_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET, IMAGE_SIZE, N_IMAGES = "synthetic-a", 32, 200  # 150 training images
@@ -289,6 +291,46 @@ def test_checkpoint_of_another_trial_configuration_is_refused(epoch_1_checkpoint
     with pytest.raises(ValueError, match="different trial configuration"):
         worker.run(run_dir, cfg=other)
     assert (run_dir / worker.STATE_FILE).read_bytes() == checkpoint, "a refused resume must not touch the checkpoint"
+    assert len(worker.read_epochs(run_dir)) == 1 and not (run_dir / worker.FINAL_FILE).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# An ended trial's checkpoint: scrubbed of its secrets, then never resumed
+
+
+def test_scrubbed_checkpoint_keeps_the_model_and_loses_every_secret(epoch_1_checkpoint, tmp_path):
+    run_dir = shutil.copytree(epoch_1_checkpoint, tmp_path / "run")
+    path = run_dir / worker.STATE_FILE
+    before = torch.load(path, weights_only=False)
+    secrets = {f"{name} seed": seed_spellings(seed) for name, seed in before["secret_seeds"].items()}
+    secrets |= {name: generator_spellings(before[name]) for name in ("sampler_rng", "noise_rng")}
+    spellings = set().union(*secrets.values())
+    seen = set(found_in([path], spellings)[str(path)])
+    assert all(forms & seen for forms in secrets.values()), "the scan must see every secret before"
+
+    assert scrub_checkpoint(path, M.STOPPED)
+    after = torch.load(path, weights_only=False)
+    assert after[SCRUBBED] == M.STOPPED and not set(SECRET_KEYS) & set(after)
+    assert not found_in([path], spellings)
+    kept = {k: v for k, v in before.items() if k not in SECRET_KEYS}
+    assert_identical({k: v for k, v in after.items() if k != SCRUBBED}, kept, "what a scrubbed checkpoint keeps")
+    assert {"model", "best_weights", "optimizer", "accountant", "history"} <= kept.keys()
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in epoch_1_checkpoint.iterdir())
+    scrubbed = path.read_bytes()
+    assert not scrub_checkpoint(path, M.ERROR) and path.read_bytes() == scrubbed  # scrubbed once: the first end stays
+
+
+def test_a_scrubbed_checkpoint_is_refused_with_the_way_out(epoch_1_checkpoint, tmp_path):
+    run_dir = shutil.copytree(epoch_1_checkpoint, tmp_path / "run")
+    scrub_checkpoint(run_dir / worker.STATE_FILE, M.ERROR)
+    checkpoint = (run_dir / worker.STATE_FILE).read_bytes()
+    with pytest.raises(
+        ScrubbedCheckpointError,
+        match=r"epoch-1 checkpoint of a trial of sweep 'resume-test' cannot be resumed: the trial had ended \(ERROR\), "
+        r"so its secret seeds and generator states were removed .*start it afresh \(`dpsweep sweep --fresh`",
+    ):
+        worker.run(run_dir)
+    assert (run_dir / worker.STATE_FILE).read_bytes() == checkpoint
     assert len(worker.read_epochs(run_dir)) == 1 and not (run_dir / worker.FINAL_FILE).exists()
 
 

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -53,7 +54,7 @@ from trainables import names as M
 from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG, TRIALS_FILE
 from trainables.point import POINT, TrialPoint
 from trainables.privacy.accounting import epsilon_spent
-from trainables.train import train_trial
+from trainables.train import SCRUBBED, SECRET_KEYS, train_trial
 from trainables.trial import DONE, FINAL_FILE, NODE_ID
 
 DPSWEEP = Path(sys.executable).with_name("dpsweep")
@@ -293,6 +294,16 @@ class Interrupted:
     trials: pd.DataFrame
     on_disk: dict[str, TrialOnDisk]
     num_failures: dict[str, int]
+    checkpoints_after_ctrl_c: dict[str, set[str]]
+    checkpoints_at_end: dict[str, set[str]]
+
+
+def checkpoint_keys(experiment: Path) -> dict[str, set[str]]:
+    """The keys of every epoch checkpoint (``state.pt``) in the experiment, by its folder relative to it."""
+    return {
+        str(path.relative_to(experiment)): set(torch.load(path, map_location="cpu", weights_only=False))
+        for path in experiment.rglob(M.CHECKPOINT_STATE_FILE)
+    }
 
 
 def ray_trials(experiment: Path) -> dict[str, Any]:
@@ -356,6 +367,7 @@ def interrupted(tmp_path_factory) -> Interrupted:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"Ctrl-C did not stop the sweep:\n{sweep.log('run2.log')}") from None
         state_after_ctrl_c = json.loads((sweep.runs / NAME / "sweep.json").read_text())
+        checkpoints_after_ctrl_c = checkpoint_keys(sweep.experiment)
         left_after_ctrl_c = sweep.wait_until_gone()
         sweep.kill_all()
 
@@ -389,6 +401,8 @@ def interrupted(tmp_path_factory) -> Interrupted:
             sweep.trials_table(),
             sweep.trials_on_disk(),
             num_failures,
+            checkpoints_after_ctrl_c,
+            checkpoint_keys(sweep.experiment),
         )
     finally:
         sweep.cleanup()
@@ -455,6 +469,19 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_running_it_again_finishes_it(interru
     trial = run.on_disk[run.training_key]
     assert trial.epoch_results[: len(epochs_at_ctrl_c)] == epochs_at_ctrl_c
     assert set(trial.pids[len(epochs_at_ctrl_c) :]).isdisjoint(r["pid"] for r in epochs_at_ctrl_c)
+
+
+@pytest.mark.slow
+def test_an_interrupted_trial_keeps_its_secrets_until_its_sweep_completes(interrupted):
+    """The sweep that Ctrl-C ended incomplete left the interrupted trial's checkpoint resumable (run 3 resumed it
+    exactly); once the sweep is complete, no checkpoint keeps generator states (`sweeps.scrub`). This sweep's noise is
+    reproducible: its checkpoints carry generator states but no secret seeds (`test_secret_noise.py` has those)."""
+    run = interrupted
+    folder = run.on_disk[run.training_key].folder.name
+    kept = [keys for path, keys in run.checkpoints_after_ctrl_c.items() if Path(path).parts[0] == folder]
+    assert kept and all(set(SECRET_KEYS) <= keys and SCRUBBED not in keys for keys in kept), kept
+    for checkpoint, keys in run.checkpoints_at_end.items():  # Ray keeps only a finished trial's final checkpoint
+        assert SCRUBBED in keys and not set(SECRET_KEYS) & keys, checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------

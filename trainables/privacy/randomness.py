@@ -6,8 +6,12 @@ replaying a trial from its logged config reproduces its noise, and a membership 
 other records can compare both worlds. So a private trial draws its streams from one of:
 
 - ``default``: two ``torch.Generator`` streams seeded from ``os.urandom`` (`secret_seed`, 128 bits each),
-  never from ``cfg.seed``. The seeds and the generators' states are kept only in the trial's checkpoints,
-  so resume stays bit-exact; checkpoints are therefore private material. The generators are not
+  never from ``cfg.seed``. The seeds and the generators' states are kept only in the trial's epoch checkpoints,
+  so resume stays bit-exact; checkpoints are therefore private material. They stay there only while the trial
+  can be resumed: when it ends (TERMINATED, STOPPED by ASHA, ERROR after its retries) the sweep's driver removes
+  them from every checkpoint of the trial (`trainables.train.scrub_secrets`, `sweeps.scrub`), and again at the end
+  of every sweep; a trial of an interrupted sweep (INCOMPLETE) keeps them until the sweep is resumed and completes,
+  and ``dpsweep sweep --fresh`` deletes the sweep's checkpoints. The generators are not
   cryptographically secure (Mersenne Twister on the CPU, Philox on CUDA) and the noise is plain
   floating-point Gaussian noise: the guarantee assumes both are ideal (``secure_mode`` removes that).
 - ``secure``: ``privacy.secure_mode``, a `SecureRandom` (ChaCha20 under a fresh ``os.urandom`` key, the
@@ -106,7 +110,7 @@ class MechanismRandomness:
         sampler: batch membership (Poisson sampling; the non-private trial's shuffling), on the CPU.
         noise: the Gaussian noise, on the gradients' device; None for a non-private trial.
         secret_seeds: ``{"sampler": int, "noise": int}`` from ``os.urandom`` in the default mode, else None.
-            Private material: only a trial's checkpoint may hold it.
+            Private material: only the checkpoints of a trial that has not ended may hold it.
     """
 
     mode: RandomnessMode
