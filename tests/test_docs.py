@@ -132,3 +132,35 @@ def test_named_make_targets_and_dpsweep_commands_exist():
             unknown += [f"{page.name}: make {t}" for t in named_targets if t not in targets]
             unknown += [f"{page.name}: dpsweep {c}" for c in named_commands if c not in commands]
     assert not unknown, unknown
+
+
+def module_map() -> str:
+    """docs/design.md's "Module map" section."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    return text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_module_map_names_every_module():
+    """Every module of sweeps/ and trainables/ (and each analysis/ and trainables/data, evaluate sub-package as a
+    row) is in docs/design.md's module map, so a newcomer finds each one's job."""
+    table = module_map()
+    named = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        folder = ""
+        for item in re.findall(r"`([\w/.]+)`", row.split(" | ")[0]):
+            path = item.removesuffix(".py")
+            if "/" in path:
+                folder = path.rsplit("/", 1)[0]
+            named.add(path if "/" in path else f"{folder}/{path}")
+    modules = [
+        path.relative_to(ROOT).with_suffix("").as_posix()
+        for folder in ("sweeps", "trainables", "trainables/privacy")
+        for path in sorted((ROOT / folder).glob("*.py"))
+        if not path.name.startswith("_")
+    ]
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"modules missing from docs/design.md's module map: {missing}"
+    for package in ("trainables/data/", "trainables/evaluate/", "analysis/"):
+        assert f"`{package}`" in table, package
