@@ -22,11 +22,12 @@ from typing import Any
 
 import pandas as pd
 
-from sweeps.ledger import PlannedRun, record_runs
+from sweeps.ledger import PlannedRun, mark_runs, record_runs
 from sweeps.plan import DatasetPlan, Log, SweepPaths, plan_sweep
 from sweeps.spec import AuditSpec, SpecError, SweepSpec
 from trainables import names as N
 from trainables.config import PrivacyConfig, is_private
+from trainables.data.ledger import read_ledger
 from trainables.point import TrialPoint
 from trainables.privacy.audit import HOLM_P_VALUE, AuditKind, bonferroni_confidence, holm_adjusted_p_values
 
@@ -98,6 +99,7 @@ def run_audits(
                     _record_audit, spec, paths, trial, f"{kind}:{trial.key}", command, plan.datasets
                 ),
             )
+            _mark_audit(paths, trial, f"{spec.name}/audit-{command}/{kind}:{trial.key}")
             done.append((trial, result, _log_to_mlflow(spec, paths, trial, result)))
     holm = holm_adjusted_p_values([result.claim_p_value for _, result, _ in done])
     rows = []
@@ -145,6 +147,12 @@ def _record_audit(
         patient_images=datasets[dataset].patient_images,
     )
     record_runs(paths.data_root, dataset, [run], kind="audit")
+
+
+def _mark_audit(paths: SweepPaths, trial: TrialPoint, run: str) -> None:
+    """The audit run ended: a ``finished`` row in the ledger (its mechanism is recorded already)."""
+    entries = [entry for entry in read_ledger(paths.data_root, trial.config.dataset) if entry.run == run]
+    mark_runs(paths.data_root, trial.config.dataset, entries[-1:], "finished")
 
 
 def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: TrialPoint, result: Any) -> str:

@@ -1,6 +1,6 @@
-"""The privacy ledger end to end: two sweeps and a `--fresh` rerun on one synthetic training set compose, in
-`dpsweep ledger`, to dp-accounting's composition of every private trial they ran (taken from their own trial tables,
-not from the ledger)."""
+"""The privacy ledger end to end: two sweeps, an audit and a `--fresh` rerun on one synthetic training set compose, in
+`dpsweep ledger`, to dp-accounting's composition of every private run they made (taken from their own trial and audit
+tables, not from the ledger)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import yaml
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
+from sweeps.audit import run_audits
 from sweeps.cli import main
 from sweeps.launch import run_sweep
 from sweeps.ledger import sweep_ledger_text
@@ -53,21 +54,27 @@ def three_runs(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tables = [run_sweep(specs[0], paths[0]), run_sweep(specs[1], paths[1])]
+        audit = run_audits(specs[0], paths[0], kinds=("white_box",), m=20, log=lambda line: None)
         tables.append(run_sweep(specs[0], paths[0], fresh=True))
     finally:
         ray.shutdown()
-    yield root, specs, tables
+    yield root, specs, tables, audit
 
 
-def test_the_ledger_composes_every_private_trial_of_every_run(three_runs, capsys):
-    root, specs, (first, other, rerun) = three_runs
+def test_the_ledger_composes_every_private_run_of_every_sweep_and_audit(three_runs, capsys):
+    root, specs, (first, other, rerun), audit = three_runs
     entries = read_ledger(root / "data", "synthetic-a")
     total = compose_ledger(entries)
-    assert (total.runs, total.private_runs, total.non_private_runs) == (5, 3, 2)  # baselines counted apart
-    assert total.by_sweep == {"tiny": 4, "other": 1}
-    assert total.statuses == {"replaced": 2, "finished": 3}  # the --fresh rerun replaced the first run's two trials
+    assert (total.runs, total.private_runs, total.non_private_runs) == (6, 4, 2)  # baselines counted apart
+    assert total.by_sweep == {"tiny": 5, "other": 1}  # two trials, the audit, the rerun's two trials
+    assert total.statuses == {"replaced": 2, "finished": 4}  # --fresh replaced the first run's two trials
+    (white_box,) = audit.itertuples()
+    audit_event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(white_box.sample_rate, dp_event.GaussianDpEvent(white_box.noise_multiplier)),
+        white_box.steps,
+    )
     expected = RdpAccountant()
-    for event in events_of(first) + events_of(other) + events_of(rerun):
+    for event in [*events_of(first), *events_of(other), audit_event, *events_of(rerun)]:
         expected.compose(event)
     assert total.epsilon_rdp == pytest.approx(expected.get_epsilon(total.delta), rel=1e-9)
     # at least every sweep's own tuning epsilon; the rerun's first run is not in its own
@@ -76,7 +83,7 @@ def test_the_ledger_composes_every_private_trial_of_every_run(three_runs, capsys
     assert main(["ledger", "synthetic-a", "--data", str(root / "data")]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert f"epsilon {total.epsilon_rdp:.4g} (RDP)" in printed
-    assert "5 runs (3 with a DP guarantee, 2 without)" in printed
+    assert "6 runs (4 with a DP guarantee, 2 without)" in printed
     summary = " ".join(sweep_ledger_text(root / "data", ["synthetic-a"]).split())
     assert f"epsilon {total.epsilon_rdp:.4g} (RDP)" in summary and "`dpsweep ledger synthetic-a`" in summary
 
@@ -84,7 +91,7 @@ def test_the_ledger_composes_every_private_trial_of_every_run(three_runs, capsys
 def test_the_sweep_records_its_ledger_total_beside_its_tables(three_runs):
     import json
 
-    root, _, _ = three_runs
+    root, _, _, _ = three_runs
     summary = json.loads((root / "runs" / "tiny" / N.LEDGER_SUMMARY_FILE).read_text())
     total = compose_ledger(read_ledger(root / "data", "synthetic-a"))
     assert summary["synthetic-a"]["epsilon_rdp"] == pytest.approx(total.epsilon_rdp, rel=1e-12)
