@@ -225,8 +225,9 @@ ENDED_EARLY = "secret-ended"
 VICTIM_SEED, STOPPED_SEEDS = 0, (3, 4)
 # Three private trials, one after the other. At lr 1e-5 the weights barely move in two epochs, so a trial's validation
 # AUROC is its initialisation's, which its public seed fixes (on these 200 images of the twin's generator version 2:
-# seed 0 0.60, seed 3 0.585, seed 4 0.35; a few thousandths from run to run). The first (seed 0) has its worker killed after its first epoch and no
-# retry left: ERROR. ASHA (reduction factor 100: a trial below the best so far at epoch 1 stops) stops the other two.
+# seed 0 0.60, seed 3 0.585, seed 4 0.35; a few thousandths from run to run). The first (seed 0) has its worker
+# killed after its first epoch and no retry left: ERROR. ASHA (reduction factor 100: a trial below the best so far at
+# epoch 1 stops) stops the other two.
 ENDED_EARLY_SPEC = tiny_yaml(
     name=ENDED_EARLY,
     data={"synthetic_images": 200},
