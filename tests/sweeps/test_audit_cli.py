@@ -13,7 +13,9 @@ from sweeps.cli import main
 from sweeps.spec import SpecError, parse_spec
 from tests.sweeps.tiny import tiny_spec
 from trainables import names as N
+from trainables.data.ledger import read_ledger
 from trainables.privacy.audit import AuditResult, epsilon_ceiling
+from trainables.privacy.ledger import compose_ledger
 
 
 def write_spec(tmp_path, **audit):
@@ -72,8 +74,9 @@ def test_a_family_of_audits_is_bonferroni_bounded_and_holm_refuted(tmp_path, mon
 
     asked = []
 
-    def fake_audit(cfg, init, *, m, kind, confidence, real_records):
+    def fake_audit(cfg, init, *, m, kind, confidence, real_records, record):
         asked.append(confidence)
+        record(cfg.privacy)  # as the real runners do before training
         claim = cfg.privacy.target_epsilon
         return AuditResult(
             kind,
@@ -106,6 +109,10 @@ def test_a_family_of_audits_is_bonferroni_bounded_and_holm_refuted(tmp_path, mon
         assert by_cell.loc[cell, "holm_p_value"] == pytest.approx(holm)
         assert by_cell.loc[cell, "violates_claim"] == (holm < 0.05)
     assert (table["audits"] == 4).all() and (table["family_confidence"] == 0.95).all()
+    # each audit is a run on the training split: recorded in its ledger before it trained, finished after
+    ledger = read_ledger(data, "synthetic-a")
+    audit_runs = {entry.run for entry in ledger if entry.kind == "audit"}
+    assert len(audit_runs) == 4 and compose_ledger(ledger).statuses == {"finished": 4}
     out = capsys.readouterr().out
     assert "Bonferroni over the 4 audit(s)" in out and "CLAIM REFUTED for 2 audit(s)" in out
     assert "Black-box audits trained through the trial's own engine (bk)" in out
