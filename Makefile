@@ -48,7 +48,7 @@ bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:$(PORT) (make ui PORT=5123)
 	$(VENV)/bin/dpsweep ui --runs runs --port $(PORT)
 
-lint: $(STAMP)  ## ruff check, ruff format --check, mypy (strict on trainables/privacy and trainables/evaluate)
+lint: $(STAMP)  ## ruff check, ruff format --check, mypy (strict on the packages in pyproject.toml [tool.mypy] files)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy

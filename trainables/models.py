@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
 import torch
-from timm.models import get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
 from trainables.data.labels import LABELS
@@ -80,7 +81,7 @@ def timm_tag_for(init: str, model: str) -> str | None:
     return timm_name
 
 
-def _pretrained_cfg(timm_name: str):
+def _pretrained_cfg(timm_name: str) -> PretrainedCfg | None:
     try:
         return get_pretrained_cfg(timm_name)
     except RuntimeError:  # timm raises for a tag its architecture does not have
@@ -135,10 +136,13 @@ def resolve_init(
     cached = find_in_hf_cache(timm_name)
     if cached is None:
         cfg = get_pretrained_cfg(timm_name)
+        set_weights = f"set `init_weights: {{{init}: /path/to/model.safetensors}}` in the sweep file"
+        if cfg is None or not cfg.hf_hub_id:  # timm knows no Hugging Face repository to download from
+            raise InitError(f"weights for init {init!r} ({timm_name}) are not available offline; {set_weights}")
         raise InitError(
             f"weights for init {init!r} ({timm_name}) are not available offline. Either download them once on a "
             f"machine with internet (`huggingface-cli download {cfg.hf_hub_id}`, then copy ~/.cache/huggingface) "
-            f"or set `init_weights: {{{init}: /path/to/model.safetensors}}` in the sweep file"
+            f"or {set_weights}"
         )
     return ResolvedInit(init, "timm", timm_name, str(cached))
 
@@ -149,7 +153,7 @@ def create_model(model: str, init: ResolvedInit, num_classes: int = len(LABELS))
     Pretrained RGB stems are folded to one channel by timm (sum over RGB). ``drop_path_rate`` is 0: DP
     requires a deterministic forward per sample (Opacus' functorch path re-runs it).
     """
-    common = dict(num_classes=num_classes, in_chans=1, drop_path_rate=0.0)
+    common: dict[str, Any] = dict(num_classes=num_classes, in_chans=1, drop_path_rate=0.0)
     if init.kind == "random":
         return timm.create_model(model, pretrained=False, **common)
     if init.kind == "timm":
@@ -157,6 +161,8 @@ def create_model(model: str, init: ResolvedInit, num_classes: int = len(LABELS))
             init.timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=init.weights), **common
         )
     if init.kind == "checkpoint":
+        if init.weights is None:
+            raise InitError(f"init {init.name!r} is a checkpoint init without a weight file")
         net = timm.create_model(model, pretrained=False, **common)
         net.load_state_dict(load_weights(Path(init.weights)))
         return net

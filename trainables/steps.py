@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -191,7 +191,7 @@ class _DPStepper:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.setup.optimizer
+        return cast(torch.optim.Optimizer, self.setup.optimizer)  # Opacus ships no type hints; a DPOptimizer is one
 
     @property
     def accountant(self) -> IAccountant:
@@ -364,6 +364,6 @@ def sgd_step(
     with autocast:
         loss = loss_fn(model(x), y).mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward has no annotations
     optimizer.step()
     return loss.detach()

@@ -53,7 +53,7 @@ from opacus.accountants.accountant import IAccountant
 from torch import nn
 
 from trainables import names as M
-from trainables.config import TrialConfig
+from trainables.config import ConfigError, TrialConfig
 from trainables.data.labels import LABELS
 from trainables.data.loaders import CacheSplitDataset, TrialData, load_trial_data, train_batches
 from trainables.errors import UserError
@@ -139,7 +139,8 @@ def train_trial(
 
     # Model and loss; cfg.seed seeds the initialisation (not part of the DP mechanism).
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, init).to(device, memory_format=settings.memory_format)
+    # torch's stubs lack Module.to(device, memory_format=...), which Module.to accepts (torch._C._nn._parse_to)
+    model = create_model(cfg.model, init).to(device, memory_format=settings.memory_format)  # type: ignore[call-overload]
     model.train()
     randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
     pos_weight = trial_pos_weight(cfg, data.train.split.labels, randomness, state)  # DP counts when private
@@ -196,11 +197,14 @@ def training_records(cfg: TrialConfig, train: CacheSplitDataset, device: torch.d
     """The training split as the steps see it: its batches on ``device`` and, for a private patient-level trial,
     its images grouped by patient with the public cap applied (`trainables.privacy.patients.group_patients`)."""
     privacy = cfg.privacy
-    patients = (
-        group_patients(train.split.patient_id, privacy.max_images_per_patient)
-        if privacy.is_private and privacy.privacy_unit == "patient"
-        else None
-    )
+    patients = None
+    if privacy.is_private and privacy.privacy_unit == "patient":
+        cap = privacy.max_images_per_patient
+        if cap is None:  # PrivacyConfig refuses this when it is built; a config that got around it stops here
+            raise ConfigError(
+                "privacy.max_images_per_patient", cap, ": a patient-level trial needs the public cap, e.g. 4"
+            )
+        patients = group_patients(train.split.patient_id, cap)
     return TrainingRecords(train_batches(train, device, cfg.speed.data_on_device), len(train), patients)
 
 
@@ -519,6 +523,8 @@ def trial_pos_weight(
 def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
     """Test and external-test metrics of the selected epoch's weights; thresholds fitted on validation."""
     cfg, model, privacy = train.cfg, train.model, train.cfg.privacy
+    if train.best_weights is None:
+        raise RuntimeError(f"no epoch was selected after {train.epoch} epoch(s): the trial has no weights to evaluate")
     model.load_state_dict(train.best_weights)
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
     thresholds = fit_thresholds(val_labels, val_scores)

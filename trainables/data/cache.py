@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from trainables.data.labels import LABELS, SEXES, SPLITS
 from trainables.data.splits import check_split_current
-from trainables.names import CARD_FILE, IMAGES_FILE, MANIFEST_FILE  # re-exported to the data modules
+from trainables.names import CARD_FILE as CARD_FILE  # `as`: re-exported to the data modules
+from trainables.names import IMAGES_FILE as IMAGES_FILE
+from trainables.names import MANIFEST_FILE as MANIFEST_FILE
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "string",
@@ -83,7 +86,9 @@ def validate_manifest(manifest: pd.DataFrame, n_images: int | None = None, where
         raise CacheError(f"{where}: patient {patient!r} is in splits {splits}; splits must be patient-disjoint")
 
 
-def write_cache(out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame, card: dict | None = None) -> Path:
+def write_cache(
+    out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame, card: dict[str, Any] | None = None
+) -> Path:
     """Validate and write one prepared dataset; files are written atomically (tmp + rename).
 
     Args:
@@ -93,22 +98,24 @@ def write_cache(out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame
         manifest: one row per image in the same order, with ``MANIFEST_COLUMNS``.
         card: extra dataset-card fields (e.g. skipped images); counts are added here.
     """
-    source = images if isinstance(images, Path) else None
-    if source is not None:
-        images = np.load(source, mmap_mode="r")  # header only: shape and dtype
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise CacheError(f"images must be uint8 [N, H, W], got {images.dtype} {images.shape}")
+    source: Path | None
+    if isinstance(images, Path):
+        source, array = images, np.load(images, mmap_mode="r")  # header only: shape and dtype
+    else:
+        source, array = None, images
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise CacheError(f"images must be uint8 [N, H, W], got {array.dtype} {array.shape}")
     manifest = manifest.reset_index(drop=True)
-    validate_manifest(manifest, n_images=len(images), where=str(out_dir))
+    validate_manifest(manifest, n_images=len(array), where=str(out_dir))
     manifest = manifest[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = int(images.shape[1])
+    size = int(array.shape[1])
     if source is not None:
-        del images
+        del array
         source.replace(out_dir / IMAGES_FILE)
     else:
         tmp = out_dir / (IMAGES_FILE + ".tmp.npy")
-        np.save(tmp, np.ascontiguousarray(images))
+        np.save(tmp, np.ascontiguousarray(array))
         tmp.replace(out_dir / IMAGES_FILE)
     tmp_manifest = out_dir / (MANIFEST_FILE + ".tmp")
     manifest.to_parquet(tmp_manifest, index=False)
@@ -118,7 +125,7 @@ def write_cache(out_dir: Path, images: np.ndarray | Path, manifest: pd.DataFrame
     return out_dir
 
 
-def images_per_patient_summary(patient_id: pd.Series | np.ndarray) -> dict | None:
+def images_per_patient_summary(patient_id: pd.Series | np.ndarray) -> dict[str, int | float] | None:
     """Images per patient: ``patients``, ``min``, ``median``, ``p99`` and ``max`` over patients; None when empty.
 
     p99 is the nearest-rank percentile, an observed count: the smallest count that at least 99 % of patients do not
@@ -137,9 +144,13 @@ def images_per_patient_summary(patient_id: pd.Series | np.ndarray) -> dict | Non
     }
 
 
-def dataset_card(manifest: pd.DataFrame, size: int) -> dict:
+def dataset_card(manifest: pd.DataFrame, size: int) -> dict[str, Any]:
     """Counts per split, label prevalence per split, and demographic coverage."""
-    card: dict = {"n_images": int(len(manifest)), "n_patients": int(manifest["patient_id"].nunique()), "size": size}
+    card: dict[str, Any] = {
+        "n_images": int(len(manifest)),
+        "n_patients": int(manifest["patient_id"].nunique()),
+        "size": size,
+    }
     card["splits"] = {}
     for split in SPLITS:
         part = manifest[manifest["split"] == split]

@@ -8,8 +8,9 @@ operations, so the numbers are the same whichever source a trial uses.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,20 +35,20 @@ def normalise(pixels: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return x
 
 
-class CacheSplitDataset(Dataset):
+class CacheSplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """One split as (image, labels): image float32 [1, H, W], labels float32 [n_labels].
 
     Pixels are scaled to [0, 1], then ``(x - mean) / std`` with fixed, public constants (default 0 and 1:
     the study's plain [0, 1] inputs). No augmentation, as in the study under DP.
     """
 
-    def __init__(self, split: SplitData, mean: float = 0.0, std: float = 1.0):
+    def __init__(self, split: SplitData, mean: float = 0.0, std: float = 1.0) -> None:
         if std <= 0:
             raise ValueError(f"input std must be > 0, got {std}")
         self.split = split
         self.mean, self.std = mean, std
 
-    def _pixels(self, rows) -> torch.Tensor:
+    def _pixels(self, rows: np.ndarray | np.integer[Any]) -> torch.Tensor:
         return normalise(torch.from_numpy(np.asarray(self.split.images[rows], dtype=np.uint8)), self.mean, self.std)
 
     def __len__(self) -> int:
@@ -119,7 +120,7 @@ def train_batches(dataset: CacheSplitDataset, device: torch.device, data_on_devi
     return HostImages(dataset, device)
 
 
-def evaluation_batches(dataset: CacheSplitDataset, batch_size: int):
+def evaluation_batches(dataset: CacheSplitDataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential (x, y) batches over a whole split, for evaluation."""
     n = len(dataset)
     for start in range(0, n, batch_size):
@@ -144,6 +145,8 @@ def load_trial_data(cfg: TrialConfig) -> TrialData:
         return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
 
     return TrialData(
-        *(dataset(cfg.dataset, s) for s in ("train", "val", "test")),
+        train=dataset(cfg.dataset, "train"),
+        val=dataset(cfg.dataset, "val"),
+        test=dataset(cfg.dataset, "test"),
         external={name: dataset(name, "test") for name in cfg.external_datasets},
     )

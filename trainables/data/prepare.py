@@ -38,8 +38,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -200,7 +201,7 @@ def prepare_dataset(
     done = partial.status == DONE
     skipped = [*table.skipped] + [
         {"source_path": manifest["source_path"].iloc[i], "reason": partial.reasons[i]}
-        for i in np.flatnonzero(partial.status == SKIPPED)
+        for i in np.flatnonzero(partial.status == SKIPPED).tolist()
     ]
     manifest = manifest[done].reset_index(drop=True)
     _check_splits_not_empty(manifest, name, f"after skipping {len(skipped)} unreadable image(s)")
@@ -209,7 +210,7 @@ def prepare_dataset(
         "sex": manifest["sex"].to_numpy(dtype=str),
         **{key.removeprefix(ATTRIBUTE_PREFIX): manifest[key].to_numpy(dtype=str) for key in attributes},
     }
-    card = {
+    card: dict[str, Any] = {
         "dataset": name,
         "title": adapter.title,
         "root": str(root),
@@ -266,9 +267,9 @@ def apply_uncertain_policy(labels: np.ndarray, policy: str) -> tuple[np.ndarray,
     return labels, keep
 
 
-def demographic_coverage(manifest: pd.DataFrame) -> dict:
+def demographic_coverage(manifest: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Per split: sex counts, number of images with a known age, and age median/min/max in years."""
-    coverage = {}
+    coverage: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
         part = manifest[manifest["split"] == split]
         age = part["age"].to_numpy(dtype=np.float64)
@@ -285,20 +286,20 @@ def demographic_coverage(manifest: pd.DataFrame) -> dict:
     return coverage
 
 
-def images_per_patient(patient_id: np.ndarray, *, image_is_patient: bool = False) -> dict:
+def images_per_patient(patient_id: np.ndarray, *, image_is_patient: bool = False) -> dict[str, Any]:
     """Images per patient: min, median, p99 and max over patients.
 
     p99 is the nearest-rank percentile: the smallest count that at least 99 % of patients do not exceed
     (``numpy.percentile(method="inverted_cdf")``). ``image_is_patient`` adds the statement that the dataset
     has no patient ids, so every count is 1 by construction.
     """
-    entry: dict = images_per_patient_summary(patient_id) or {}
+    entry: dict[str, Any] = images_per_patient_summary(patient_id) or {}
     if image_is_patient:
         entry["note"] = "each image is its own patient: the dataset publishes no patient id (patient_id = image_id)"
     return entry
 
 
-def inconsistent_patients(patient_id: np.ndarray, attributes: dict[str, np.ndarray]) -> dict:
+def inconsistent_patients(patient_id: np.ndarray, attributes: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Patients whose images disagree on a value that belongs to the patient (sex, birth year, ...).
 
     A patient disagrees when their images carry two or more different *recorded* values; unknown or blank
@@ -312,7 +313,7 @@ def inconsistent_patients(patient_id: np.ndarray, attributes: dict[str, np.ndarr
         name -> ``{"patients": count, "examples": ["<patient>: <value> x<images>, ...", ...]}`` for the
         first `EXAMPLES` such patients in sorted id order; attributes without any are left out.
     """
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, values in attributes.items():
         frame = pd.DataFrame({"patient": np.asarray(patient_id, dtype=str), "value": np.asarray(values, dtype=str)})
         frame = frame[~frame["value"].isin(["", "unknown"])]
@@ -328,7 +329,7 @@ def inconsistent_patients(patient_id: np.ndarray, attributes: dict[str, np.ndarr
     return out
 
 
-def format_card(card: dict, max_skipped: int = 20) -> str:
+def format_card(card: dict[str, Any], max_skipped: int = 20) -> str:
     """The dataset card as text: counts and prevalence per split, demographics, exclusions, skipped images.
 
     Args:
@@ -353,7 +354,7 @@ def format_card(card: dict, max_skipped: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _card_splits(card: dict) -> list[str]:
+def _card_splits(card: dict[str, Any]) -> list[str]:
     """The per-split table (images, patients, prevalence) and images per patient per split."""
     lines = [f"  {'split':<6}{'images':>9}{'patients':>10}" + "".join(f"{label:>18}" for label in LABELS)]
     for split, entry in card.get("splits", {}).items():
@@ -375,7 +376,7 @@ def _card_splits(card: dict) -> list[str]:
     return lines
 
 
-def _card_demographics(card: dict) -> list[str]:
+def _card_demographics(card: dict[str, Any]) -> list[str]:
     """Patient ids, sex, ages per split, views and images per patient."""
     lines = []
     if "patient_ids" in card:
@@ -400,7 +401,7 @@ def _card_demographics(card: dict) -> list[str]:
     return lines
 
 
-def _card_provenance(card: dict) -> list[str]:
+def _card_provenance(card: dict[str, Any]) -> list[str]:
     """Inconsistent patients, missing labels, the split rule, exclusions and metadata issues."""
     lines = [
         f"  patients whose images disagree on {attribute}: {entry['patients']} (e.g. "
@@ -420,7 +421,7 @@ def _card_provenance(card: dict) -> list[str]:
     return lines
 
 
-def _card_skipped(card: dict, max_skipped: int) -> list[str]:
+def _card_skipped(card: dict[str, Any], max_skipped: int) -> list[str]:
     skipped = card.get("skipped", [])
     if not skipped:
         return ["  skipped: none"]
@@ -481,7 +482,7 @@ class _Partial:
         self._fd: int | None = os.open(path / "images.npy", os.O_RDWR)
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict, size: int) -> _Partial:
+    def open(cls, path: Path, fingerprint: dict[str, Any], size: int) -> _Partial:
         n = fingerprint["n_images"]
         plan = path / "plan.json"
         if plan.is_file():
@@ -510,10 +511,10 @@ class _Partial:
         data = np.ascontiguousarray(pixels, dtype=np.uint8)
         if data.shape != (self.size, self.size):
             raise ValueError(f"row {index}: expected a {self.size}x{self.size} image, got {data.shape}")
-        os.pwrite(self._fd, data.tobytes(), self.offset + index * self.row_bytes)
+        os.pwrite(self._open_fd(), data.tobytes(), self.offset + index * self.row_bytes)
 
     def flush(self) -> None:
-        os.fsync(self._fd)
+        os.fsync(self._open_fd())
         skip_index = np.array(sorted(self.reasons), dtype=np.int64)
         skip_reason = np.array([self.reasons[i] for i in skip_index.tolist()], dtype=str)
         tmp = self.path / "progress.tmp.npz"
@@ -535,6 +536,13 @@ class _Partial:
                 for row in rows[start : start + chunk].tolist():
                     writer.write(os.pread(reader.fileno(), self.row_bytes, self.offset + row * self.row_bytes))
         return target
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise RuntimeError(
+                f"{self.path / 'images.npy'} was closed (images_file, close or remove ran); no more writes"
+            )
+        return self._fd
 
     def close(self) -> None:
         if self._fd is not None:
@@ -570,7 +578,7 @@ def _preprocess_all(
     workers: int,
     stop_after: int | None,
     name: str,
-) -> dict:
+) -> dict[str, int | float]:
     """Fill every PENDING row of ``partial``, saving progress as it goes (see `_Partial`).
 
     Returns:
@@ -592,12 +600,12 @@ def _preprocess_all(
     started = time.perf_counter()
     results = _run_jobs(jobs, settings, workers)
     try:
-        for index, pixels, reason in results:
-            if pixels is None:
-                partial.reasons[index] = reason
+        for index, outcome in results:
+            if isinstance(outcome, str):
+                partial.reasons[index] = outcome
                 partial.status[index] = SKIPPED
             else:
-                partial.write(index, pixels)
+                partial.write(index, outcome)
                 partial.status[index] = DONE
             since_flush += 1
             bar.update(1)
@@ -632,7 +640,7 @@ def _preprocess_all(
 
 def _run_jobs(
     jobs: list[tuple[int, str]], settings: PreprocessSettings, workers: int
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+) -> Generator[tuple[int, np.ndarray | str], None, None]:
     """Results in completion order: in this process for ``workers == 1``, else in a spawn process pool."""
     work = functools.partial(_preprocess_one, settings=settings)
     if workers == 1 or len(jobs) <= 1:
@@ -645,12 +653,13 @@ def _run_jobs(
         yield from pool.imap_unordered(work, jobs, chunksize=chunksize)
 
 
-def _preprocess_one(job: tuple[int, str], settings: PreprocessSettings) -> tuple[int, np.ndarray | None, str | None]:
+def _preprocess_one(job: tuple[int, str], settings: PreprocessSettings) -> tuple[int, np.ndarray | str]:
+    """``(index, pixels)``, or ``(index, why it was skipped)`` for an unreadable image."""
     index, path = job
     try:
-        return index, preprocess.load_and_preprocess(Path(path), settings), None
+        return index, preprocess.load_and_preprocess(Path(path), settings)
     except UnreadableImage as error:
-        return index, None, str(error)
+        return index, str(error)
 
 
 def _say(message: str) -> None:

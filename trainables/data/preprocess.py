@@ -191,7 +191,8 @@ def equalize_histogram(image: np.ndarray) -> np.ndarray:
     scale = np.float32(255.0) / np.float32(total - histogram[lowest])
     lut = np.round((cumulative - histogram[lowest]).astype(np.float32) * scale)
     lut[:lowest] = 0
-    return np.clip(lut, 0, 255).astype(np.uint8)[image]
+    equalized: np.ndarray = np.clip(lut, 0, 255).astype(np.uint8)[image]
+    return equalized
 
 
 def preprocess_pixels(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:

@@ -38,6 +38,7 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -312,7 +313,7 @@ def check_split_current(folder: Path) -> None:
     )
 
 
-def resplit_command(card: dict, folder: Path) -> str:
+def resplit_command(card: dict[str, Any], folder: Path) -> str:
     """The ``dpsweep prepare`` command that prepares ``folder`` again with the settings its card records."""
     settings = card.get("settings", {})
     words = [

@@ -71,6 +71,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -393,9 +394,9 @@ def _seed_sequence(name: str, seed: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), name_key])
 
 
-def _card_identity(profile: SiteProfile, size: int, n_images: int, seed: int) -> dict:
+def _card_identity(profile: SiteProfile, size: int, n_images: int, seed: int) -> dict[str, Any]:
     """The card fields that identify a prepared copy (JSON-normalized, so they compare to a read card)."""
-    identity = {
+    identity: dict[str, Any] = {
         "synthetic": True,
         "dataset": profile.name,
         "seed": int(seed),
@@ -403,7 +404,8 @@ def _card_identity(profile: SiteProfile, size: int, n_images: int, seed: int) ->
         "requested": {"size": int(size), "n_images": int(n_images)},
         "site_profile": dataclasses.asdict(profile),
     }
-    return json.loads(json.dumps(identity))
+    normalized: dict[str, Any] = json.loads(json.dumps(identity))
+    return normalized
 
 
 def _images_digest(images: np.ndarray) -> str:
@@ -417,7 +419,7 @@ def _manifest_digest(manifest: pd.DataFrame) -> str:
     return hashlib.sha256(row_hashes.tobytes()).hexdigest()
 
 
-def _why_not_identical(out_dir: Path, expected: dict) -> str | None:
+def _why_not_identical(out_dir: Path, expected: dict[str, Any]) -> str | None:
     """None when ``out_dir`` holds exactly the copy described by ``expected``; else the reason it does not."""
     card_path = out_dir / CARD_FILE
     if not card_path.exists():
@@ -484,7 +486,8 @@ def _sample(profile: SiteProfile, n: int, rng: np.random.Generator, seed: int) -
     shared = 0.55 * frailty_p[patient] + 0.45 * acuity + profile.prevalence_shift
 
     def bernoulli(logit: np.ndarray) -> np.ndarray:
-        return rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        drawn: np.ndarray = rng.random(n) < 1.0 / (1.0 + np.exp(-logit))
+        return drawn
 
     cardiomegaly = bernoulli(-2.6 + 0.65 * age_z + 0.3 * male + 1.3 * heart_p[patient] + 0.3 * shared)
     pneumonia = bernoulli(-2.5 + 0.35 * age_z + 0.2 * male + shared)
@@ -655,6 +658,11 @@ def render_scenes(scenes: Scenes, size: int) -> np.ndarray:
     return out
 
 
+# A scene parameter in the rendering helpers: a scalar (a float32 one keeps the arithmetic in float32) or an array
+# that broadcasts against [B, H, W] pixels.
+Broadcastable: TypeAlias = float | np.floating[Any] | np.ndarray
+
+
 def _col(values: np.ndarray) -> np.ndarray:
     """Per-image values as a [B, 1, 1] float32 column that broadcasts against [B, H, W] pixel arrays."""
     return np.asarray(values, dtype=np.float32)[:, None, None]
@@ -670,7 +678,8 @@ def _smooth_field_matrix(k: int, size: int) -> np.ndarray:
     centers = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     spacing = 2.0 / (k - 1)
     weights = np.exp(-0.5 * ((centers[:, None] - nodes[None, :]) / (0.7 * spacing)) ** 2)
-    return (weights / np.linalg.norm(weights, axis=1, keepdims=True)).astype(np.float32)
+    matrix: np.ndarray = (weights / np.linalg.norm(weights, axis=1, keepdims=True)).astype(np.float32)
+    return matrix
 
 
 def _blur_matrices(sigma_px: np.ndarray, size: int) -> np.ndarray:
@@ -678,10 +687,11 @@ def _blur_matrices(sigma_px: np.ndarray, size: int) -> np.ndarray:
     index = np.arange(size, dtype=np.float32)
     distance2 = (index[:, None] - index[None, :]) ** 2
     weights = np.exp(-distance2[None] / (2.0 * _col(sigma_px) ** 2))
-    return weights / weights.sum(axis=2, keepdims=True)
+    normalized: np.ndarray = weights / weights.sum(axis=2, keepdims=True)
+    return normalized
 
 
-def _soft(distance: np.ndarray, edge: float | np.ndarray) -> np.ndarray:
+def _soft(distance: np.ndarray, edge: Broadcastable) -> np.ndarray:
     """Indicator of ``distance > 0`` with a linear ramp from -edge/2 to +edge/2 (anti-aliasing).
 
     A ramp rather than a sigmoid: transcendental functions dominate the rendering time.
@@ -692,13 +702,22 @@ def _soft(distance: np.ndarray, edge: float | np.ndarray) -> np.ndarray:
 def _abs_power(value: np.ndarray, power: int) -> np.ndarray:
     """``|value| ** power`` for a small integer power, by multiplication (``**`` is 20x slower)."""
     magnitude = np.abs(value) if power % 2 else value
-    result = magnitude * magnitude
+    result: np.ndarray = magnitude * magnitude
     for _ in range(power - 2):
         result = result * magnitude
     return result
 
 
-def _inside_superellipse(x, y, cx, cy, hw, hh, power: int, edge: float) -> np.ndarray:
+def _inside_superellipse(
+    x: np.ndarray,
+    y: np.ndarray,
+    cx: Broadcastable,
+    cy: Broadcastable,
+    hw: Broadcastable,
+    hh: Broadcastable,
+    power: int,
+    edge: Broadcastable,
+) -> np.ndarray:
     """Smooth mask of ``(|x-cx|/hw)^p + (|y-cy|/hh)^p < 1`` (integer p >= 2).
 
     The signed distance to the boundary is approximated to first order, ``(1 - level) * min(hw, hh) / p``.
@@ -708,7 +727,7 @@ def _inside_superellipse(x, y, cx, cy, hw, hh, power: int, edge: float) -> np.nd
     return _soft((1.0 - level) * scale, edge)
 
 
-def _bump(distance2: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
+def _bump(distance2: np.ndarray, radius: Broadcastable) -> np.ndarray:
     """``(1 - d^2 / R^2)^2`` inside radius R, 0 outside: a Gaussian-like blob with compact support.
 
     Compared with ``exp``, it is cheap and it keeps a finding strictly inside its region.
@@ -717,7 +736,9 @@ def _bump(distance2: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
     return inside * inside
 
 
-def _segment_distance(x, y, x0, y0, x1, y1) -> tuple[np.ndarray, np.ndarray]:
+def _segment_distance(
+    x: np.ndarray, y: np.ndarray, x0: Broadcastable, y0: Broadcastable, x1: Broadcastable, y1: Broadcastable
+) -> tuple[np.ndarray, np.ndarray]:
     """Distance from each pixel to the segment (x0, y0)-(x1, y1), and the position t in [0, 1] along it."""
     dx, dy = x1 - x0, y1 - y0
     t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-6), 0.0, 1.0)
@@ -886,7 +907,8 @@ def _render_chunk(s: Scenes, size: int) -> np.ndarray:
     levels = np.rint(np.clip(intensity, 0.0, 1.0) * (_TONE_LEVELS - 1)).astype(np.intp)
     tone = _tone_tables(s)
     rows = np.arange(len(s), dtype=np.intp)[:, None, None] * _TONE_LEVELS
-    return np.take(tone.ravel(), levels + rows)
+    pixels: np.ndarray = np.take(tone.ravel(), levels + rows)
+    return pixels
 
 
 def _position(upright: np.ndarray, s: Scenes) -> np.ndarray:
@@ -910,7 +932,8 @@ def _position(upright: np.ndarray, s: Scenes) -> np.ndarray:
     bottom_left, bottom_right = np.take(flat, index + size), np.take(flat, index + (size + 1))
     top = top_left + dc * (top_right - top_left)
     bottom = bottom_left + dc * (bottom_right - bottom_left)
-    return top + dr * (bottom - top)
+    moved: np.ndarray = top + dr * (bottom - top)
+    return moved
 
 
 def _tone_tables(s: Scenes) -> np.ndarray:

@@ -258,13 +258,14 @@ def map_values(table: pd.DataFrame, column: str, mapping: Mapping[str, str], pat
             f"{path}: line {line(path, table.index[i])}, column {column!r}: {what} {raw.iloc[i]!r} is not a "
             f"known code; expected one of {sorted(mapping)}"
         )
-    return mapped.to_numpy(dtype=object).astype(str)
+    codes: np.ndarray = mapped.to_numpy(dtype=object).astype(str)
+    return codes
 
 
 def parse_numbers(table: pd.DataFrame, column: str, path: Path, what: str) -> np.ndarray:
     """Parse a numeric column; blank becomes NaN, anything else non-numeric raises `DatasetError`."""
     raw = table[column].astype(str).str.strip()
-    values = pd.to_numeric(raw.where(raw != ""), errors="coerce").to_numpy(dtype=np.float64)
+    values: np.ndarray = pd.to_numeric(raw.where(raw != ""), errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(values) & (raw != "").to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

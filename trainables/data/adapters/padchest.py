@@ -187,7 +187,7 @@ def load(root: Path) -> SourceTable:
 
 def _parse_terms(table: pd.DataFrame, path: Path) -> list[frozenset[str]]:
     """The set of stripped, lower-cased terms of each row's ``Labels`` list (empty set: no labels)."""
-    out = []
+    out: list[frozenset[str]] = []
     for index, value in zip(table.index, table["Labels"].astype(str), strict=True):
         text = value.strip()
         if text in ("", "nan", "None"):
