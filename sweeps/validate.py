@@ -138,6 +138,8 @@ SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A sweep's name: a plain folder name (``runs/<name>/``), never ``..`` or a path."""
 MAX_FAILURES = 100
 """The most retries `resources.max_failures` may ask for (Ray reads -1 as "retry forever")."""
+MAX_CANARIES = 100_000
+"""The most canaries of an audit (``audit.m``)."""
 MAX_SYNTHETIC_IMAGES = 1_000_000
 """The most images of a synthetic dataset (the twin is for tests and demos; real training sets have < 200 000)."""
 
@@ -430,6 +432,12 @@ def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
         f"audit.kind = {list(audit.kind)}: give white_box, black_box or both, once each",
     )
     _require(audit.m >= 10, spec, f"audit.m = {audit.m} canaries must be >= 10 (the study-scale audit uses 1000)")
+    _require(
+        audit.m <= MAX_CANARIES,
+        spec,
+        f"audit.m = {audit.m} canaries is more than {MAX_CANARIES} (each is a record the audit holds and trains on); "
+        "the study-scale audit uses 1000",
+    )
     _require(0 < audit.confidence < 1, spec, f"audit.confidence = {audit.confidence} must be in (0, 1), e.g. 0.95")
     _require(
         audit.real_records is None or audit.real_records >= 1,
@@ -438,6 +446,12 @@ def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
     )
     _require(spec.search == "grid", spec, "an `audit:` section needs search: grid (it audits planned grid points)")
     _require(bool(private), spec, "an `audit:` section needs a private target in privacy.target_epsilon")
+    _require(
+        len(set(audit.target_epsilon)) == len(audit.target_epsilon),
+        spec,
+        f"audit.target_epsilon = {list(audit.target_epsilon)} lists a target twice: each is audited once; remove "
+        "the repeat",
+    )
     for i, eps in enumerate(audit.target_epsilon):
         _require(
             eps in private,
