@@ -160,9 +160,10 @@ def _parse_yaml(text: str, path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError(f"{path}: malformed YAML{where}: {error.problem}; fix the syntax") from None
     except yaml.reader.ReaderError as error:
+        character = chr(error.character) if isinstance(error.character, int) else error.character
+        line = text.count("\n", 0, error.position) + 1
         raise SpecError(
-            f"{path}: character {error.character!r} at offset {error.position} is not allowed in YAML "
-            "(a control character); remove it"
+            f"{path}: character {character!r} at line {line} is not allowed in YAML (a control character); remove it"
         ) from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: malformed YAML: {error}; fix the syntax") from None
@@ -205,8 +206,8 @@ def _refuse_duplicates(node: yaml.Node, path: str, active: set[int], done: set[i
     """Raise `SweepYamlError` for a key given twice in a mapping under ``node`` (``path``: its sweep-file path)."""
     if id(node) in active:
         raise SweepYamlError(
-            f"`{path}` contains an alias of itself (line {node.start_mark.line + 1}), which makes an infinite value; "
-            "remove the alias"
+            f"`{path}` is an alias of a value that contains it (line {node.start_mark.line + 1}), which makes an "
+            "infinite value; remove the alias"
         )
     if id(node) in done or not isinstance(node, yaml.CollectionNode):
         return
@@ -390,19 +391,33 @@ def _coerce(value: Any, kind: Any, where: str, source: str) -> Any:
         raise AssertionError(f"unhandled type {kind} for {where}")
     try:
         return scalar(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    except (TypeError, ValueError, OverflowError):
+        name = "dict" if origin is dict else getattr(kind, "__name__", kind)
+        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {name}; {_KIND_FIXES[name]}") from None
 
 
 def _refuse(value: Any) -> Any:
     raise TypeError(value)
 
 
+def _text(value: Any) -> str:
+    return _refuse(value) if isinstance(value, dict | list) else str(value)
+
+
+_KIND_FIXES = {
+    "dict": "give a mapping of names to paths, e.g. {imagenet: weights/{model}.safetensors}",
+    "float": "give a number, e.g. 0.5 or 1e-5 (.inf is infinity)",
+    "int": "give a whole number, e.g. 32",
+    "bool": "write true or false",
+    "str": "give one text value, not a list or mapping",
+}
+
+
 _SCALARS: dict[Any, Any] = {
-    dict: lambda v: {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else _refuse(v),
+    dict: lambda v: {str(k): _text(x) for k, x in v.items()} if isinstance(v, dict) else _refuse(v),
     float: lambda v: _refuse(v) if isinstance(v, bool) else float(v),
     int: lambda v: _refuse(v) if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) else int(v),
     bool: lambda v: v if isinstance(v, bool) else _refuse(v),
-    str: lambda v: _refuse(v) if isinstance(v, dict | list) else str(v),
+    str: _text,
 }
 """Scalar conversions of `_coerce`; each raises TypeError or ValueError for a value that is not of its kind."""

@@ -49,6 +49,8 @@ def validate(spec: SweepSpec) -> None:
         f"name = {spec.name!r} must be a non-empty folder name of at most 100 letters, digits, '.', '_' and '-', "
         "starting with a letter or digit (it names runs/<name>/, which --fresh deletes), e.g. smoke-v2",
     )
+    for where, folder, default in (("runs", spec.runs, "runs"), ("data.root", spec.data.root, "data")):
+        _require(folder.strip() != "", spec, f"{where} is empty; name a folder, or leave it out (default {default})")
     _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
     _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
     grid_axes = [
@@ -240,7 +242,7 @@ def rdp_epsilon_floor(delta: float) -> float:
     """The least epsilon the ``rdp`` accountant reports at ``delta``, however much noise is added: Opacus's
     conversion from Renyi DP (`opacus.accountants.analysis.rdp.get_privacy_spent`) with every order's divergence
     0 (infinite noise), ``min over orders a of (log(1/delta) - log a) / (a - 1) + log((a - 1) / a)``. A target at
-    or below it cannot be calibrated, whatever the data (6e-6: 0.111; 1e-10: 0.289)."""
+    or below it cannot be calibrated, whatever the data (delta 6e-6: 0.111; 1e-10: 0.289)."""
     return min((-math.log(delta) - math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in RDP_ORDERS)
 
 
