@@ -102,11 +102,12 @@ def validate(spec: SweepSpec) -> None:
         spec,
         f"data.train lists a dataset twice: {list(spec.data.train)}",
     )
-    repeated = sorted({name for name in spec.data.external if spec.data.external.count(name) > 1})
+    external = spec.data.external
+    twice = sorted({name for name in external if external.count(name) > 1})
     _require(
-        not repeated,
+        not twice,
         spec,
-        f"data.external = {list(spec.data.external)} lists {repeated} twice: each is evaluated once; remove the repeat",
+        f"data.external = {list(external)} lists {twice} twice: each is evaluated once; remove the repeat",
     )
     for name, weights in spec.init_weights.items():
         _require(
@@ -212,24 +213,14 @@ def _validate_resources(spec: SweepSpec, resources: ResourcesSpec) -> None:
 
 
 def _validate_synthetic_images(spec: SweepSpec, n_images: int | None) -> None:
-    """``data.synthetic_images`` is in the generator's range, and some dataset of the sweep is synthetic."""
-    from trainables.data.synthetic import MIN_IMAGES, SYNTHETIC_DATASETS
+    """``data.synthetic_images`` is in the generator's range."""
+    from trainables.data.synthetic import MIN_IMAGES
 
-    if n_images is None:
-        return
     _require(
-        MIN_IMAGES <= n_images <= MAX_SYNTHETIC_IMAGES,
+        n_images is None or MIN_IMAGES <= n_images <= MAX_SYNTHETIC_IMAGES,
         spec,
         f"data.synthetic_images = {n_images} must be a whole number from {MIN_IMAGES} (the generator's smallest "
         f"cohort) to {MAX_SYNTHETIC_IMAGES}, or left out for the generator's default (2500)",
-    )
-    pretrain = (spec.pretrain.dataset,) if spec.pretrain is not None else ()
-    used = [name for name in (*spec.data.train, *spec.data.external, *pretrain) if name in SYNTHETIC_DATASETS]
-    _require(
-        bool(used),
-        spec,
-        f"data.synthetic_images = {n_images} is set but the sweep uses no synthetic dataset "
-        f"({', '.join(SYNTHETIC_DATASETS)}), so it would change nothing; remove it",
     )
 
 
