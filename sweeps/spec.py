@@ -1,6 +1,7 @@
 """Reading a sweep file: YAML -> a validated `SweepSpec` (`load_spec`, `parse_spec`).
 
-A sweep file is YAML (reference: ``docs/sweep-spec.md``). Its types are `sweeps.schema`'s: each section that sets
+A sweep file is YAML (reference: ``docs/sweep-spec.md``), read strictly (`read_sweep_yaml`, `SweepLoader`): UTF-8,
+no key given twice, only ``true``/``false`` as booleans. Its types are `sweeps.schema`'s: each section that sets
 trial fields is the trial's own config class (`trainables.config`), so a setting has one name and one default from
 the YAML to the optimizer; ``privacy.target_epsilon``, ``privacy.max_grad_norm``, ``privacy.privacy_unit``,
 ``training.lr`` and ``training.seed`` are lists, the grid axes (`GridAxes`) of the trial field they name; each

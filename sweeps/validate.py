@@ -8,6 +8,10 @@ grid point, or in Optuna mode on each range's ends, so every trial's checks pass
 turns a config's `ConfigError` into a `SpecError` naming the sweep file's field (``training.lr[1]``). Each failure
 names the field, the value and the fix.
 
+Everything but the names is checked without numpy, pandas, torch or Opacus (the rdp accountant's epsilon floor is
+spelled out here, `rdp_epsilon_floor`), so a mistake in a sweep file is reported in well under a second; the dataset,
+model and init names, which need the registries (pandas; timm and torch), come last (`_validate_names`).
+
 Imports the sweep's types (`sweeps.schema`), never its parser (`sweeps.spec`).
 """
 
@@ -350,7 +354,7 @@ def _axis_path(spec: SweepSpec, point: GridPoint, field: str) -> str | None:
 
 
 GPU_SHARE_STEP = 1e-4
-"""Ray counts resource shares in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
+"""Ray counts resource shares (CPUs and GPUs) in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
 
 
 def _require_ray_share(spec: SweepSpec, where: str, amount: float) -> None:
