@@ -18,6 +18,9 @@ DRY_RUN_BLOCKED = 3
 """Exit status of a dry run that ends with "before running it for real" notes (data to prepare, weights to provide):
 the plan is valid but the sweep cannot run yet."""
 TABLE_SOURCES = ("auto", "ray", "mlflow")  # sweeps.results.TABLE_SOURCES (not imported: keeps --help fast)
+PREPARABLE = ("chexpert", "mimic-cxr", "chestxray14", "padchest", "vindr-cxr", "uka-cxr", "vindr-cxr-kaggle")
+"""`trainables.data.adapters.PREPARABLE` (not imported: the adapters import pandas, which would cost a second before
+any sweep file is read; a test ties the two)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
     _spec_args(pretrain)
-
-    from trainables.data.adapters import PREPARABLE
 
     prepare = commands.add_parser(
         "prepare",
@@ -187,24 +188,33 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from sweeps.plan import SweepPaths
+    """The sweep file, read and checked before anything heavy is imported (torch, Ray, MLflow take seconds: a
+    mistake in the file is reported without them), and its paths."""
     from sweeps.spec import load_spec
 
     spec = load_spec(args.spec)
+    from sweeps.plan import SweepPaths
+
     return spec, SweepPaths.for_spec(spec, args.runs, args.data)
 
 
 def _sweep(args) -> int:
+    spec, paths = _load(args)
     from sweeps.describe import dry_run_report
-    from sweeps.launch import run_sweep
+    from sweeps.launch import check_sweep_state, run_sweep
     from sweeps.ledger import sweep_ledger_text
     from sweeps.plan import plan_sweep
     from sweeps.summary import summary_text
+    from trainables.names import TRIALS_FILE
 
-    spec, paths = _load(args)
     if args.dry_run:
+        state = {} if args.fresh else check_sweep_state(spec, paths)  # what the real run would refuse
         plan = plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)
         print(dry_run_report(plan))
+        if state.get("status") == "complete" and (paths.sweep_dir(spec) / TRIALS_FILE).exists():
+            print(
+                f"\nsweep {spec.name!r} is complete in {paths.runs_root}: it would run nothing (--fresh runs it again)"
+            )
         return DRY_RUN_BLOCKED if plan.notes else 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
@@ -213,10 +223,10 @@ def _sweep(args) -> int:
 
 
 def _pretrain(args) -> int:
+    spec, paths = _load(args)
     from sweeps.plan import ensure_pretrained
     from trainables.data.registry import ensure_prepared
 
-    spec, paths = _load(args)
     if spec.pretrain is None:
         raise UserError(f"{spec.source} has no `pretrain:` section")
     try:
@@ -256,9 +266,9 @@ def _prepare(args) -> int:
 
 
 def _audit(args) -> int:
+    spec, paths = _load(args)
     from sweeps.audit import audit_summary, run_audits
 
-    spec, paths = _load(args)
     if args.m is not None and args.m < 10:
         raise UserError(f"--m {args.m}: an audit needs at least 10 canaries (1000 is the usual)")
     table = run_audits(spec, paths, kinds=tuple(args.kind) if args.kind else None, m=args.m)
@@ -268,10 +278,10 @@ def _audit(args) -> int:
 
 
 def _table(args) -> int:
+    spec, paths = _load(args)
     from sweeps.results import rebuild_tables
     from sweeps.summary import summary_text
 
-    spec, paths = _load(args)
     results = rebuild_tables(spec, paths, args.source)
     trials = results.trials
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
@@ -298,9 +308,9 @@ def _ledger(args) -> int:
 
 
 def _report(args) -> int:
+    spec, paths = _load(args)
     from analysis.report import write_report
 
-    spec, paths = _load(args)
     sweep_dir = paths.sweep_dir(spec)
     if not (sweep_dir / "trials.parquet").exists():
         raise UserError(f"no trial table at {sweep_dir / 'trials.parquet'}; run `dpsweep sweep {args.spec}` first")
@@ -319,9 +329,9 @@ def _report(args) -> int:
 
 
 def _release(args) -> int:
+    spec, paths = _load(args)
     from sweeps.release import PRIVACY_FILE, write_release
 
-    spec, paths = _load(args)
     release = write_release(
         spec,
         paths,

@@ -57,28 +57,13 @@ def run_sweep(
     if fresh:
         _replace_in_ledger(spec, paths, state_file)
         _remove_sweep(spec, paths)
-    state: dict[str, Any] = {}
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        started = state.get("format", 1)
-        if started not in RESUMABLE_FORMATS[spec.search]:
-            change = FORMAT_CHANGES.get(started, "a format this dpsweep does not know")
-            raise SpecError(
-                f"{spec.source}: the sweep {spec.name!r} in {paths.runs_root} was started by an earlier dpsweep "
-                f"(state format {started}, now {STATE_FORMAT}: {change}); its results stay where they are; run again "
-                "with --fresh to start it over, or change `name`"
-            )
-        if state["fingerprint"] != fingerprint:
-            raise SpecError(
-                f"{spec.source}: a sweep named {spec.name!r} already exists in {paths.runs_root} with other settings; "
-                "change `name`, or run again with --fresh to delete the old sweep's results"
-            )
-        if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
-            from sweeps.scrub import scrub_ended_trials
+    state = check_sweep_state(spec, paths)
+    if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
+        from sweeps.scrub import scrub_ended_trials
 
-            scrub_ended_trials(paths.ray_experiment(spec), complete=True)  # a sweep completed by an earlier dpsweep
-            log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
-            return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
+        scrub_ended_trials(paths.ray_experiment(spec), complete=True)  # a sweep completed by an earlier dpsweep
+        log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
+        return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
     instance = state.get("instance") or uuid.uuid4().hex[:12]  # this run of the sweep: its ledger runs
 
     plan = plan_sweep(spec, paths, log=log)
@@ -184,6 +169,38 @@ def run_sweep(
         artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE, ledger_file],
     )
     return trials
+
+
+def check_sweep_state(spec: SweepSpec, paths: SweepPaths) -> dict[str, Any]:
+    """The state (``sweep.json``) of an earlier run of this sweep, {} if none; raise `SpecError` if this dpsweep
+    cannot continue it with this sweep file (another state format, other settings). `run_sweep` and the dry run
+    (``dpsweep sweep --dry-run``) both ask it, so a dry run refuses what the real run would."""
+    state_file = paths.sweep_dir(spec) / N.SWEEP_STATE_FILE
+    if not state_file.exists():
+        return {}
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as error:
+        state = error
+    if not isinstance(state, dict) or "fingerprint" not in state:
+        raise SpecError(
+            f"{spec.source}: the sweep's state file {state_file} is unreadable or incomplete ({state!r:.200}); run "
+            "again with --fresh to start the sweep over, or change `name`"
+        )
+    started = state.get("format", 1)
+    if started not in RESUMABLE_FORMATS[spec.search]:
+        change = FORMAT_CHANGES.get(started, "a format this dpsweep does not know")
+        raise SpecError(
+            f"{spec.source}: the sweep {spec.name!r} in {paths.runs_root} was started by an earlier dpsweep "
+            f"(state format {started}, now {STATE_FORMAT}: {change}); its results stay where they are; run again "
+            "with --fresh to start it over, or change `name`"
+        )
+    if state["fingerprint"] != spec_fingerprint(spec):
+        raise SpecError(
+            f"{spec.source}: a sweep named {spec.name!r} already exists in {paths.runs_root} with other settings; "
+            "change `name`, or run again with --fresh to delete the old sweep's results"
+        )
+    return state
 
 
 def _tune_config(plan: SweepPlan, ledger: SweepLedger) -> TuneConfig:

@@ -10,11 +10,14 @@ What ``dpsweep sweep --dry-run`` prints is `sweeps.describe`'s.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,8 @@ from sweeps.schema import TrialName
 from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
 from trainables.config import PrivacyConfig, PrivacyUnit, is_private
-from trainables.data.registry import ensure_prepared
+from trainables.data.registry import check_dataset_name, ensure_prepared, prepared_folder
+from trainables.data.synthetic import SYNTHETIC_DATASETS, sample_cohort
 from trainables.models import InitError, ResolvedInit, resolve_init
 from trainables.point import TrialPoint, run_tags
 from trainables.pretrain import pretrain_dir, run_pretrain
@@ -158,8 +162,31 @@ def plan_sweep(
 ) -> SweepPlan:
     """Everything that can fail because of the user's input, checked before any trial starts.
 
-    ``dry_run``: nothing is trained or required: unprepared real datasets use their documented size estimate
-    and missing weights become notes (`SweepPlan.notes`) instead of errors."""
+    ``dry_run``: nothing is trained, required or written: synthetic datasets are drawn in memory, unprepared real
+    datasets use their documented size estimate, missing weights become notes (`SweepPlan.notes`) instead of errors,
+    and calibration works on a temporary copy of the cache (`_calibration_cache`)."""
+    with _calibration_cache(paths, dry_run) as cache_path:
+        return _plan_sweep(spec, paths, run_pretrain_stage, dry_run, log, cache_path)
+
+
+@contextlib.contextmanager
+def _calibration_cache(paths: SweepPaths, dry_run: bool) -> Iterator[Path]:
+    """The calibration cache planning reads and extends: the runs folder's, or for a dry run a temporary copy of it
+    (deleted afterwards, so that a dry run writes nothing and still reuses earlier calibrations)."""
+    cache = paths.runs_root / N.CALIBRATION_CACHE_FILE
+    if not dry_run:
+        yield cache
+        return
+    with tempfile.TemporaryDirectory(prefix="dpsweep-dry-run-") as folder:
+        copy = Path(folder) / cache.name
+        if cache.is_file():
+            shutil.copyfile(cache, copy)
+        yield copy
+
+
+def _plan_sweep(
+    spec: SweepSpec, paths: SweepPaths, run_pretrain_stage: bool, dry_run: bool, log: Log, cache_path: Path
+) -> SweepPlan:
     notes: list[str] = []
     datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
     p = spec.privacy
@@ -185,9 +212,7 @@ def plan_sweep(
                 ) from None
             if spec.search == "grid":
                 try:
-                    privacy_plans[(dataset.name, eps, unit)] = plan_privacy(
-                        privacy, n_records, cache_path=paths.runs_root / N.CALIBRATION_CACHE_FILE
-                    )
+                    privacy_plans[(dataset.name, eps, unit)] = plan_privacy(privacy, n_records, cache_path=cache_path)
                 except ValueError as error:
                     raise SpecError(
                         f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
@@ -228,8 +253,8 @@ def plan_sweep(
 def _dataset_plans(
     spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: list[str]
 ) -> tuple[dict[str, DatasetPlan], int | None]:
-    """Prepare (or, for a dry run, estimate) every dataset the sweep reads; plans for the training sets and the
-    pretrain dataset's training-split size."""
+    """Prepare (for a dry run: draw, read or estimate, `_manifest`) every dataset the sweep reads; plans for the
+    training sets and the pretrain dataset's training-split size."""
     from sweeps.estimate import ESTIMATED_TRAIN_IMAGES, ESTIMATED_TRAIN_PATIENTS
 
     datasets: dict[str, DatasetPlan] = {}
@@ -237,7 +262,7 @@ def _dataset_plans(
     pretrain = [spec.pretrain.dataset] if spec.pretrain else []
     for name in dict.fromkeys((*spec.data.train, *spec.data.external, *pretrain)):
         try:
-            ensure_prepared(name, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
+            manifest = _manifest(spec, paths, name, dry_run)
         except (FileNotFoundError, ValueError) as error:
             if not (dry_run and name in ESTIMATED_TRAIN_IMAGES):
                 raise SpecError(f"{spec.source}: data: {error}") from None
@@ -245,10 +270,6 @@ def _dataset_plans(
             n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
             n_patients, patient_images = ESTIMATED_TRAIN_PATIENTS.get(name), None
         else:
-            manifest = pd.read_parquet(
-                N.dataset_dir(paths.data_root, name, spec.data.image_size) / N.MANIFEST_FILE,
-                columns=["split", "image_id", "patient_id"],
-            )
             train = manifest[manifest["split"] == "train"]
             n_train, estimated = len(train), False
             has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
@@ -265,6 +286,27 @@ def _dataset_plans(
         if name in pretrain:
             pretrain_n = n_train
     return datasets, pretrain_n
+
+
+def _manifest(spec: SweepSpec, paths: SweepPaths, name: str, dry_run: bool) -> pd.DataFrame:
+    """A dataset's image list (columns split, image_id, patient_id). The real run prepares the dataset first
+    (`ensure_prepared`: a synthetic one is generated); a dry run writes nothing: a synthetic dataset's list is drawn
+    in memory (`sample_cohort`: the cohort its preparation would write, without pixels) and a real one's is read
+    where it is prepared (`prepared_folder`, else FileNotFoundError as from `ensure_prepared`).
+
+    Raises:
+        FileNotFoundError: a real dataset is not prepared.
+        ValueError: an unknown dataset, or a real one prepared with an outdated split.
+    """
+    columns = ["split", "image_id", "patient_id"]
+    if not dry_run:
+        folder = ensure_prepared(name, paths.data_root, spec.data.image_size, spec.data.synthetic_images)
+    elif name in SYNTHETIC_DATASETS:
+        return sample_cohort(name, spec.data.synthetic_images)[0][columns]
+    else:
+        check_dataset_name(name)
+        folder = prepared_folder(name, paths.data_root, spec.data.image_size)
+    return pd.read_parquet(folder / N.MANIFEST_FILE, columns=columns)
 
 
 PLANNED_FIELDS = ("expected_batch_size", "epochs", "label_count_noise_multiplier", *PrivacyConfig.DERIVED)

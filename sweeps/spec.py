@@ -1,6 +1,7 @@
 """Reading a sweep file: YAML -> a validated `SweepSpec` (`load_spec`, `parse_spec`).
 
-A sweep file is YAML (reference: ``docs/sweep-spec.md``). Its types are `sweeps.schema`'s: each section that sets
+A sweep file is YAML (reference: ``docs/sweep-spec.md``), read strictly (`read_sweep_yaml`, `SweepLoader`): UTF-8,
+no key given twice, only ``true``/``false`` as booleans. Its types are `sweeps.schema`'s: each section that sets
 trial fields is the trial's own config class (`trainables.config`), so a setting has one name and one default from
 the YAML to the optimizer; ``privacy.target_epsilon``, ``privacy.max_grad_norm``, ``privacy.privacy_unit``,
 ``training.lr`` and ``training.seed`` are lists, the grid axes (`GridAxes`) of the trial field they name; each
@@ -16,6 +17,7 @@ before any trial.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import MISSING, fields, replace
@@ -97,17 +99,154 @@ NOT_SETTABLE = {
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file; raise `SpecError` on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"sweep file {path} does not exist; pass a path such as sweeps/smoke.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}; fix the syntax") from None
+    return parse_spec(read_sweep_yaml(path), source=str(path))
+
+
+def read_sweep_yaml(path: Path) -> dict[str, Any]:
+    """The sweep file's mapping of sections, read strictly: UTF-8, YAML without duplicate keys (at any depth),
+    recursive aliases or YAML 1.1's ``yes``/``no``/``on``/``off`` booleans (`SweepLoader`).
+
+    Raises:
+        SpecError: the path is missing, a directory or unreadable, the text is not UTF-8 or not such YAML, or
+            holds no mapping of sections.
+    """
+    raw = _parse_yaml(_read_text(path), path)
+    if raw is None:
+        raise SpecError(
+            f"{path} is empty (no settings, only blank lines or comments); write a sweep into it, e.g. start from "
+            "a copy of sweeps/smoke.yaml (reference: docs/sweep-spec.md)"
+        )
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections (name, data, model, ...), got {type(raw).__name__}")
-    return parse_spec(raw, source=str(path))
+    return raw
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, or a `SpecError` that says why there is none (never a traceback)."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        example = f", e.g. {path / inside[0]}" if inside else ""
+        raise SpecError(f"{path} is a directory, not a sweep file; pass the YAML file of the sweep{example}")
+    if not path.exists():
+        raise SpecError(f"sweep file {path} does not exist; pass a path such as sweeps/smoke.yaml")
+    if not path.is_file():  # a FIFO or a device: reading one may never end
+        raise SpecError(f"{path} is not a regular file; pass a YAML file such as sweeps/smoke.yaml")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise SpecError(
+            f"{path}: permission denied reading the sweep file; make it readable (chmod u+r {path})"
+        ) from None
+    except OSError as error:
+        raise SpecError(f"{path}: the sweep file cannot be read ({error.strerror or error}); fix the file") from None
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is allowed
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        utf16 = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise SpecError(
+            f"{path}: byte 0x{data[error.start]:02x} at line {line}, column {column} (byte offset {error.start}) is "
+            f"not UTF-8{utf16}; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or remove the character"
+        ) from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        return yaml.load(text, Loader=SweepLoader)  # a SafeLoader
+    except SweepYamlError as error:
+        raise SpecError(f"{path}: {error}") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: malformed YAML{where}: {error.problem}; fix the syntax") from None
+    except yaml.reader.ReaderError as error:
+        character = chr(error.character) if isinstance(error.character, int) else error.character
+        line = text.count("\n", 0, error.position) + 1
+        raise SpecError(
+            f"{path}: character {character!r} at line {line} is not allowed in YAML (a control character); remove it"
+        ) from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: malformed YAML: {error}; fix the syntax") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML is nested too deeply to be a sweep file; fix the brackets") from None
+
+
+class SweepYamlError(yaml.YAMLError):
+    """YAML that parses but would not mean what it says (a duplicate key, a recursive alias)."""
+
+
+class SweepLoader(yaml.SafeLoader):
+    """PyYAML's `SafeLoader`, refusing what would silently change a sweep:
+
+    - a key given twice in one mapping, at any depth (YAML loaders keep the last one without a word: ``epochs: 3``
+      then ``epochs: 50`` trains 50 epochs; a second ``privacy:`` section replaces the first);
+    - an alias inside the value it refers to (an infinite value);
+    - YAML 1.1's ``yes``/``no``/``on``/``off`` as booleans (``fixed_shapes: on`` must stay the string ``on``):
+      only ``true`` and ``false`` are booleans, as in YAML 1.2.
+
+    Merge keys (``<<: *defaults``) keep their meaning: keys written beside them override the merged ones.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicates(node, "", set(), set())
+        return super().construct_document(node)
+
+
+SweepLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _refuse_duplicates(node: yaml.Node, path: str, active: set[int], done: set[int]) -> None:
+    """Raise `SweepYamlError` for a key given twice in a mapping under ``node`` (``path``: its sweep-file path)."""
+    if id(node) in active:
+        raise SweepYamlError(
+            f"`{path}` is an alias of a value that contains it (line {node.start_mark.line + 1}), which makes an "
+            "infinite value; remove the alias"
+        )
+    if id(node) in done or not isinstance(node, yaml.CollectionNode):
+        return
+    active.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{path}[{i}]", active, done)
+    else:
+        first: dict[tuple[str, str], tuple[yaml.Node, yaml.Node]] = {}
+        for key, value in node.value:
+            name = f"{path}.{key.value}" if path and isinstance(key, yaml.ScalarNode) else str(key.value)
+            if key.tag == "tag:yaml.org,2002:merge":
+                _refuse_duplicates(value, path, active, done)
+                continue
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in first:
+                    raise SweepYamlError(_duplicate_message(name, *first[(key.tag, key.value)], key, value))
+                first[(key.tag, key.value)] = (key, value)
+            _refuse_duplicates(value, name, active, done)
+    active.discard(id(node))
+    done.add(id(node))
+
+
+def _duplicate_message(name: str, key: yaml.Node, value: yaml.Node, again: yaml.Node, new: yaml.Node) -> str:
+    lines = (key.start_mark.line + 1, again.start_mark.line + 1)
+    if isinstance(value, yaml.MappingNode) and isinstance(new, yaml.MappingNode):
+        return (
+            f"`{name}` appears twice (lines {lines[0]} and {lines[1]}): YAML would keep only the second section and "
+            f"silently drop every setting of the first; merge them into one `{name}:` section"
+        )
+    first, last = (v.value if isinstance(v, yaml.ScalarNode) else NODE_KINDS[v.id] for v in (value, new))
+    return (
+        f"`{name}` is given twice (line {lines[0]}: {first}, line {lines[1]}: {last}): YAML would silently keep "
+        f"only the last ({last}); remove one of them"
+    )
+
+
+NODE_KINDS = {"mapping": "a mapping", "sequence": "a list"}
 
 
 def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
@@ -253,19 +392,33 @@ def _coerce(value: Any, kind: Any, where: str, source: str) -> Any:
         raise AssertionError(f"unhandled type {kind} for {where}")
     try:
         return scalar(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    except (TypeError, ValueError, OverflowError):
+        name = "dict" if origin is dict else getattr(kind, "__name__", kind)
+        raise SpecError(f"{source}: `{where}` = {value!r} is not a valid {name}; {_KIND_FIXES[name]}") from None
 
 
 def _refuse(value: Any) -> Any:
     raise TypeError(value)
 
 
+def _text(value: Any) -> str:
+    return _refuse(value) if isinstance(value, dict | list) else str(value)
+
+
+_KIND_FIXES = {
+    "dict": "give a mapping of names to paths, e.g. {imagenet: weights/{model}.safetensors}",
+    "float": "give a number, e.g. 0.5 or 1e-5 (.inf is infinity)",
+    "int": "give a whole number, e.g. 32",
+    "bool": "write true or false",
+    "str": "give one text value, not a list or mapping",
+}
+
+
 _SCALARS: dict[Any, Any] = {
-    dict: lambda v: {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else _refuse(v),
+    dict: lambda v: {str(k): _text(x) for k, x in v.items()} if isinstance(v, dict) else _refuse(v),
     float: lambda v: _refuse(v) if isinstance(v, bool) else float(v),
     int: lambda v: _refuse(v) if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) else int(v),
     bool: lambda v: v if isinstance(v, bool) else _refuse(v),
-    str: lambda v: _refuse(v) if isinstance(v, dict | list) else str(v),
+    str: _text,
 }
 """Scalar conversions of `_coerce`; each raises TypeError or ValueError for a value that is not of its kind."""

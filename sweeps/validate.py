@@ -8,6 +8,10 @@ grid point, or in Optuna mode on each range's ends, so every trial's checks pass
 turns a config's `ConfigError` into a `SpecError` naming the sweep file's field (``training.lr[1]``). Each failure
 names the field, the value and the fix.
 
+Everything but the names is checked without numpy, pandas, torch or Opacus (the rdp accountant's epsilon floor is
+spelled out here, `rdp_epsilon_floor`), so a mistake in a sweep file is reported in well under a second; the dataset,
+model and init names, which need the registries (pandas; timm and torch), come last (`_validate_names`).
+
 Imports the sweep's types (`sweeps.schema`), never its parser (`sweeps.spec`).
 """
 
@@ -15,12 +19,14 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import typing
 from dataclasses import fields
 from typing import Any
 
-from sweeps.schema import AuditSpec, GridPoint, Objective, OptunaSpec, SpecError, SweepSpec
+from sweeps.schema import AuditSpec, GridPoint, Objective, OptunaSpec, ResourcesSpec, SpecError, SweepSpec
 from trainables.config import (
+    MAX_SEED,
     ConfigError,
     DataSettings,
     EvaluationSettings,
@@ -37,16 +43,20 @@ def _require(condition: bool, spec: SweepSpec, message: str) -> None:
 
 
 def validate(spec: SweepSpec) -> None:
-    """The sweep's rules, then every trial's config checks (`_validate_trials`)."""
-    from trainables.data.registry import check_dataset_name
-    from trainables.models import InitError, timm_tag_for
-
+    """The sweep's rules, then every trial's config checks (`_validate_trials`), then the dataset, model and init
+    names (`_validate_names`). The names need the registries (pandas; timm, and torch with it), whose imports take
+    seconds: they come last, so that every other mistake is reported in a fraction of that."""
     axes = spec.axes
-    _require(bool(spec.name) and "/" not in spec.name, spec, f"name = {spec.name!r} must be a non-empty folder name")
+    _require(
+        len(spec.name) <= 100 and SWEEP_NAME.fullmatch(spec.name) is not None,
+        spec,
+        f"name = {spec.name!r} must be a non-empty folder name of at most 100 letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit (it names runs/<name>/, which --fresh deletes), e.g. smoke-v2",
+    )
+    for where, folder, default in (("runs", spec.runs, "runs"), ("data.root", spec.data.root, "data")):
+        _require(folder.strip() != "", spec, f"{where} is empty; name a folder, or leave it out (default {default})")
     _require(len(spec.models) > 0, spec, "model is empty; name a timm architecture such as convnext_small")
     _require(len(set(spec.models)) == len(spec.models), spec, f"model lists a name twice: {list(spec.models)}")
-    for i, model in enumerate(spec.models):
-        _validate_model_name(spec, f"model[{i}]" if len(spec.models) > 1 else "model", model)
     grid_axes = [
         ("privacy.target_epsilon", axes.target_epsilon),
         ("training.lr", axes.lr),
@@ -88,8 +98,7 @@ def validate(spec: SweepSpec) -> None:
                 f"privacy.max_grad_norm has no entry for model {model!r}; add `{model}: C` to the mapping",
             )
     _require(len(axes.seed) > 0, spec, "training.seed is empty; give at least one seed, e.g. [0]")
-    _require(spec.resources.cpu > 0, spec, f"resources.cpu = {spec.resources.cpu} must be > 0")
-    _validate_gpu_share(spec, spec.resources.gpu)
+    _validate_resources(spec, spec.resources)
     _require(len(spec.inits) > 0, spec, "inits is empty; list inits such as [random, domain]")
     _require(len(spec.data.train) > 0, spec, "data.train is empty; name the dataset(s) to train on")
     _require(
@@ -97,21 +106,19 @@ def validate(spec: SweepSpec) -> None:
         spec,
         f"data.train lists a dataset twice: {list(spec.data.train)}",
     )
-    for field_name, name in [
-        *((f"data.train[{i}]", n) for i, n in enumerate(spec.data.train)),
-        *((f"data.external[{i}]", n) for i, n in enumerate(spec.data.external)),
-    ]:
-        try:
-            check_dataset_name(name)
-        except ValueError as error:
-            raise SpecError(f"{spec.source}: {field_name}: {error}") from None
-    for model in spec.models:
-        for i, init in enumerate(spec.inits):
-            try:
-                timm_tag_for(init, model)
-            except InitError as error:
-                raise SpecError(f"{spec.source}: inits[{i}]: {error}") from None
-    for name in spec.init_weights:
+    external = spec.data.external
+    twice = sorted({name for name in external if external.count(name) > 1})
+    _require(
+        not twice,
+        spec,
+        f"data.external = {list(external)} lists {twice} twice: each is evaluated once; remove the repeat",
+    )
+    for name, weights in spec.init_weights.items():
+        _require(
+            weights.strip() != "",
+            spec,
+            f"init_weights.{name} is empty; give the weight file (.safetensors or .pth), or remove the entry",
+        )
         _require(
             name in spec.inits or (spec.pretrain is not None and name == spec.pretrain.init),
             spec,
@@ -130,6 +137,124 @@ def validate(spec: SweepSpec) -> None:
     if spec.audit is not None:
         _validate_audit(spec, spec.audit)
     _validate_trials(spec)
+    _validate_reachable(spec)
+    _validate_names(spec)
+
+
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A sweep's name: a plain folder name (``runs/<name>/``), never ``..`` or a path."""
+MAX_FAILURES = 100
+"""The most retries `resources.max_failures` may ask for (Ray reads -1 as "retry forever")."""
+MAX_CANARIES = 100_000
+"""The most canaries of an audit (``audit.m``)."""
+MAX_SYNTHETIC_IMAGES = 1_000_000
+"""The most images of a synthetic dataset (the twin is for tests and demos; real training sets have < 200 000)."""
+
+
+def _validate_names(spec: SweepSpec) -> None:
+    """The datasets are in the registry (`trainables.data.registry`), the synthetic ones' size in range; the models
+    are timm architectures, the inits (and the pretrain stage's) resolve for every model."""
+    from trainables.data.registry import check_dataset_name
+
+    pretrain = [("pretrain.dataset", spec.pretrain.dataset)] if spec.pretrain is not None else []
+    for field_name, name in [
+        *((f"data.train[{i}]", n) for i, n in enumerate(spec.data.train)),
+        *((f"data.external[{i}]", n) for i, n in enumerate(spec.data.external)),
+        *pretrain,
+    ]:
+        try:
+            check_dataset_name(name)
+        except ValueError as error:
+            raise SpecError(f"{spec.source}: {field_name}: {error}") from None
+    _validate_synthetic_images(spec, spec.data.synthetic_images)
+    from trainables.models import InitError, timm_tag_for
+
+    for i, model in enumerate(spec.models):
+        _validate_model_name(spec, f"model[{i}]" if len(spec.models) > 1 else "model", model)
+    for model in spec.models:
+        for i, init in enumerate(spec.inits):
+            try:
+                timm_tag_for(init, model)
+            except InitError as error:
+                raise SpecError(f"{spec.source}: inits[{i}]: {error}") from None
+        if spec.pretrain is not None:
+            try:
+                timm_tag_for(spec.pretrain.init, model)
+            except InitError as error:
+                raise SpecError(f"{spec.source}: pretrain.init: {error}") from None
+
+
+def _validate_resources(spec: SweepSpec, resources: ResourcesSpec) -> None:
+    cpu = resources.cpu
+    _require(
+        math.isfinite(cpu) and cpu > 0,
+        spec,
+        f"resources.cpu = {cpu!r} must be a finite number > 0: the CPUs each trial reserves, e.g. 1",
+    )
+    _require_ray_share(spec, "resources.cpu", cpu)
+    _validate_gpu_share(spec, resources.gpu)
+    _require(
+        resources.max_concurrent >= 0,
+        spec,
+        f"resources.max_concurrent = {resources.max_concurrent} must be a whole number >= 0: the most trials at "
+        "once, or 0 for as many as the cluster's resources allow (there is no -1)",
+    )
+    failures = resources.max_failures
+    _require(
+        failures >= 0,
+        spec,
+        f"resources.max_failures = {failures}: Ray reads a negative number as 'retry a failing trial forever', so a "
+        "trial that fails every time would never end; give the retries of a failed trial, a whole number from 0 to "
+        f"{MAX_FAILURES} (default 2)",
+    )
+    _require(
+        failures <= MAX_FAILURES,
+        spec,
+        f"resources.max_failures = {failures} retries of a failed trial is more than {MAX_FAILURES}: a trial that "
+        "fails every time would be retried for hours; give a whole number from 0 to "
+        f"{MAX_FAILURES} (default 2)",
+    )
+
+
+def _validate_synthetic_images(spec: SweepSpec, n_images: int | None) -> None:
+    """``data.synthetic_images`` is in the generator's range."""
+    from trainables.data.synthetic import MIN_IMAGES
+
+    _require(
+        n_images is None or MIN_IMAGES <= n_images <= MAX_SYNTHETIC_IMAGES,
+        spec,
+        f"data.synthetic_images = {n_images} must be a whole number from {MIN_IMAGES} (the generator's smallest "
+        f"cohort) to {MAX_SYNTHETIC_IMAGES}, or left out for the generator's default (2500)",
+    )
+
+
+RDP_ORDERS: tuple[float, ...] = (*(1 + x / 10 for x in range(1, 100)), *range(12, 64))
+"""The Renyi orders the ``rdp`` accountant minimises over: Opacus's `RDPAccountant.DEFAULT_ALPHAS` (a test ties
+them), spelled out here so that checking a sweep file needs no Opacus (nor torch)."""
+
+
+def rdp_epsilon_floor(delta: float) -> float:
+    """The least epsilon the ``rdp`` accountant reports at ``delta``, however much noise is added: Opacus's
+    conversion from Renyi DP (`opacus.accountants.analysis.rdp.get_privacy_spent`) with every order's divergence
+    0 (infinite noise), ``min over orders a of (log(1/delta) - log a) / (a - 1) + log((a - 1) / a)``. A target at
+    or below it cannot be calibrated, whatever the data (delta 6e-6: 0.111; 1e-10: 0.289)."""
+    return min((-math.log(delta) - math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in RDP_ORDERS)
+
+
+def _validate_reachable(spec: SweepSpec) -> None:
+    """Every private target lies above the ``rdp`` accountant's floor at the sweep's delta (`rdp_epsilon_floor`)."""
+    p = spec.privacy
+    if p.accountant != "rdp":
+        return
+    floor = rdp_epsilon_floor(p.delta)
+    for i, eps in enumerate(spec.axes.target_epsilon):
+        _require(
+            not is_private(eps) or eps > floor,
+            spec,
+            f"privacy.target_epsilon[{i}] = {eps:g} cannot be reached: at privacy.delta = {p.delta:g} the rdp "
+            f"accountant certifies no epsilon below {floor:.4g}, however much noise is added; raise the target "
+            "above it, raise delta (still well below 1/N_train), or use privacy.accountant: prv",
+        )
 
 
 SWEEP_FILE_PATHS: dict[str, str] = {
@@ -229,7 +354,18 @@ def _axis_path(spec: SweepSpec, point: GridPoint, field: str) -> str | None:
 
 
 GPU_SHARE_STEP = 1e-4
-"""Ray counts resource shares in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
+"""Ray counts resource shares (CPUs and GPUs) in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
+
+
+def _require_ray_share(spec: SweepSpec, where: str, amount: float) -> None:
+    """Ray counts resources in steps of `GPU_SHARE_STEP` and rounds anything finer."""
+    shares = amount / GPU_SHARE_STEP
+    _require(
+        abs(shares - round(shares)) < 1e-6,
+        spec,
+        f"{where} = {amount!r} has more than 4 decimals, which Ray rounds; give "
+        f"{math.floor(shares + 1e-6) * GPU_SHARE_STEP:.4f} (rounded down, so that as many trials fit)",
+    )
 
 
 def _validate_gpu_share(spec: SweepSpec, gpu: float) -> None:
@@ -246,13 +382,7 @@ def _validate_gpu_share(spec: SweepSpec, gpu: float) -> None:
         f"resources.gpu = {gpu!r}: more than one GPU per trial must be a whole number (Ray cannot split a "
         f"trial over {gpu!r} GPUs); {fix}",
     )
-    shares = gpu / GPU_SHARE_STEP
-    _require(
-        abs(shares - round(shares)) < 1e-6,
-        spec,
-        f"resources.gpu = {gpu!r} has more than 4 decimals, which Ray rounds; give "
-        f"{math.floor(shares + 1e-6) * GPU_SHARE_STEP:.4f} (rounded down, so that as many trials fit on a GPU)",
-    )
+    _require_ray_share(spec, "resources.gpu", gpu)
 
 
 NO_PATIENT_IDS: dict[str, str] = {"vindr-cxr": "VinDr-CXR publishes no patient ids (each image is its own patient)"}
@@ -299,6 +429,12 @@ def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
         f"audit.kind = {list(audit.kind)}: give white_box, black_box or both, once each",
     )
     _require(audit.m >= 10, spec, f"audit.m = {audit.m} canaries must be >= 10 (the study-scale audit uses 1000)")
+    _require(
+        audit.m <= MAX_CANARIES,
+        spec,
+        f"audit.m = {audit.m} canaries is more than {MAX_CANARIES} (each is a record the audit holds and trains on); "
+        "the study-scale audit uses 1000",
+    )
     _require(0 < audit.confidence < 1, spec, f"audit.confidence = {audit.confidence} must be in (0, 1), e.g. 0.95")
     _require(
         audit.real_records is None or audit.real_records >= 1,
@@ -307,6 +443,12 @@ def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:
     )
     _require(spec.search == "grid", spec, "an `audit:` section needs search: grid (it audits planned grid points)")
     _require(bool(private), spec, "an `audit:` section needs a private target in privacy.target_epsilon")
+    _require(
+        len(set(audit.target_epsilon)) == len(audit.target_epsilon),
+        spec,
+        f"audit.target_epsilon = {list(audit.target_epsilon)} lists a target twice: each is audited once; remove "
+        "the repeat",
+    )
     for i, eps in enumerate(audit.target_epsilon):
         _require(
             eps in private,
@@ -325,20 +467,20 @@ def _validate_model_name(spec: SweepSpec, where: str, model: str) -> None:
 
 
 def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
-    from trainables.data.registry import check_dataset_name
-    from trainables.models import timm_tag_for
-
-    try:
-        check_dataset_name(pretrain.dataset)
-        for model in spec.models:
-            timm_tag_for(pretrain.init, model)
-    except ValueError as error:
-        raise SpecError(f"{spec.source}: pretrain: {error}") from None
+    """The pretrain stage's dataset is neither a private training set nor an external test set (it and ``init``
+    are checked against the registries with the other names, `_validate_names`)."""
     _require(
         pretrain.dataset not in spec.data.train,
         spec,
         f"pretrain.dataset = {pretrain.dataset!r} is a private training set (data.train); pretraining "
         "must use a public dataset, or the domain init leaks the private data outside DP",
+    )
+    _require(
+        pretrain.dataset not in spec.data.external,
+        spec,
+        f"pretrain.dataset = {pretrain.dataset!r} is an external test set (data.external): a domain init trained on "
+        "it has seen that set, so its AUROC there would not be external; pretrain on another public dataset, or "
+        f"remove {pretrain.dataset!r} from data.external",
     )
 
 
@@ -355,6 +497,13 @@ def _validate_search(spec: SweepSpec) -> None:
         _require(o.trials_per_target >= 1, spec, f"optuna.trials_per_target = {o.trials_per_target} must be >= 1")
         _require(o.max_concurrent >= 1, spec, f"optuna.max_concurrent = {o.max_concurrent} must be >= 1")
         _require(o.max_proposals >= 1, spec, f"optuna.max_proposals = {o.max_proposals} must be >= 1")
+        top_seed = MAX_SEED - (len(spec.cells()) - 1)
+        _require(
+            0 <= o.seed <= top_seed,
+            spec,
+            f"optuna.seed = {o.seed} must be a whole number from 0 to {top_seed} (study i's sampler is seeded "
+            "optuna.seed + i, and samplers take seeds below 2**32), e.g. 0",
+        )
         _require(
             len(o.objectives) >= 1 and len(set(o.objectives)) == len(o.objectives),
             spec,
@@ -377,6 +526,17 @@ def _validate_search(spec: SweepSpec) -> None:
             )
     if stop is not None:
         _require(stop.grace_period >= 1, spec, f"early_stopping.grace_period = {stop.grace_period} must be >= 1 epoch")
+        epochs = max(o.epochs) if o is not None else spec.privacy.epochs
+        where = "the largest of optuna.epochs" if o is not None else "privacy.epochs"
         _require(
-            stop.reduction_factor >= 2, spec, f"early_stopping.reduction_factor = {stop.reduction_factor} must be >= 2"
+            stop.grace_period <= epochs,
+            spec,
+            f"early_stopping.grace_period = {stop.grace_period} is more than {where} = {epochs}: ASHA would never "
+            f"stop a trial (Ray refuses it); give at most {epochs}, or remove the `early_stopping:` section",
+        )
+        _require(
+            stop.reduction_factor >= 2,
+            spec,
+            f"early_stopping.reduction_factor = {stop.reduction_factor} must be >= 2 (ASHA keeps 1/reduction_factor "
+            "of the trials at each rung), e.g. 2 or 3",
         )

@@ -10,6 +10,11 @@ from dataclasses import fields, replace
 import pytest
 
 from trainables.config import (
+    MAX_BOOTSTRAP,
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
+    MAX_TARGET_EPSILON,
+    MIN_DELTA,
     NESTED,
     ConfigError,
     DataSettings,
@@ -112,6 +117,11 @@ def test_a_valid_config_builds_and_round_trips_with_the_same_flat_keys():
         make(age_edges=(0, 65, math.inf), n_boot=0),  # inf closes the last age bin
         make(pos_weight="train", privacy={"label_count_noise_multiplier": 20.0}),
         make(speed={"max_physical_batch_size": 8, "pad_multiple": 8}),
+        # The ends of the ranges.
+        make(privacy={"delta": MIN_DELTA, "target_epsilon": MAX_TARGET_EPSILON}, seed=MAX_SEED),
+        make(privacy={"target_epsilon": 0.02, "calibration_tolerance": 0.01}),
+        make(input_mean=1.0, input_std=0.01, image_size=MAX_IMAGE_SIZE, n_boot=MAX_BOOTSTRAP),
+        make(lr=0.5, weight_decay=1.99),  # lr x weight_decay < 1
     ],
 )
 def test_valid_edge_cases_build_and_round_trip(valid):
@@ -241,6 +251,31 @@ INVALID = [
     ({"privacy": {"noise_multiplier": math.inf}}, "privacy.noise_multiplier", "must be a finite number >= 0"),
     ({"privacy": {"sample_rate": 1.5}}, "privacy.sample_rate", r"must be in \[0, 1\]"),
     ({"privacy": {"steps": -1}}, "privacy.steps", "whole number >= 0"),
+    # Numbers that would fail inside a trial, or that no accountant can work with.
+    ({"seed": MAX_SEED + 1}, "seed", r"= 4294967296 must be at most 2\*\*32 - 1"),
+    ({"input_mean": 1.5}, "input_mean", r"must be a finite number in \[0, 1\] \(pixels are in \[0, 1\]\)"),
+    ({"input_mean": -0.5}, "input_mean", r"in \[0, 1\]"),
+    ({"input_std": 2.0}, "input_std", r"= 2\.0 must be in \[0\.01, 1\]"),
+    ({"input_std": 1e-300}, "input_std", r"must be in \[0\.01, 1\]"),
+    ({"image_size": MAX_IMAGE_SIZE + 1}, "image_size", "must be at most 4096 pixels"),
+    ({"n_boot": MAX_BOOTSTRAP + 1}, "n_boot", "must be at most 100000"),
+    ({"age_edges": (-5, 40)}, "age_edges", r"= \[-5, 40\] must start at an age >= 0"),
+    ({"age_edges": (-math.inf, 40)}, "age_edges", "must start at an age >= 0"),
+    (
+        {"lr": 0.5, "weight_decay": 2.0},
+        "weight_decay",
+        r"= 2\.0 with training\.lr = 0\.5: AdamW multiplies every weight by 1 - lr x weight_decay = 0 at each step",
+    ),
+    ({"privacy": {"delta": 1e-300}}, "privacy.delta", r"= 1e-300 is unreasonably small: below 1e-10"),
+    ({"privacy": {"delta": 9e-11}}, "privacy.delta", "is unreasonably small"),
+    ({"privacy": {"target_epsilon": 1e9}}, "privacy.target_epsilon", r"= 1000000000\.0 is too large to mean anything"),
+    ({"privacy": {"target_epsilon": 100.5}}, "privacy.target_epsilon", "is too large"),
+    (
+        {"privacy": {"target_epsilon": 1e-9}},
+        "privacy.target_epsilon",
+        r"= 1e-09 is not above privacy\.calibration_tolerance = 0\.01",
+    ),
+    ({"privacy": {"target_epsilon": 0.01}}, "privacy.target_epsilon", "is not above privacy.calibration_tolerance"),
 ]
 
 
@@ -278,6 +313,8 @@ def test_config_errors_are_user_errors_that_survive_pickling():
         ({"init": "domain"}, "pretrain.init"),
         ({"dataset": ""}, "pretrain.dataset"),
         ({"input_std": -1.0}, "input_std"),
+        ({"seed": MAX_SEED + 1}, "pretrain.seed"),
+        ({"lr": 0.1, "weight_decay": 10.0}, "pretrain.weight_decay"),
     ],
 )
 def test_pretrain_configs_check_themselves(changes, field):

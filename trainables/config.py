@@ -53,6 +53,22 @@ PosWeight = Literal["uniform", "train"]
 ModelSelection = Literal["best_val", "last"]
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed: numpy's legacy generators (Optuna's samplers) take seeds below 2**32."""
+MIN_DELTA = 1e-10
+"""The smallest delta: below it calibration stops working (the rdp accountant cannot certify epsilon below 0.29 at
+delta 1e-10, nor below 11 at 1e-300, however much noise is added; prv's floating-point error exceeds delta near
+1e-13), and no dataset needs it (delta well below 1/N: 1e-5 to 1e-8)."""
+MAX_TARGET_EPSILON = 100.0
+"""The largest finite target epsilon: a bound on a likelihood ratio of e^100 protects nothing, and the accountants
+lose their footing above it (rdp's bound then rests on its smallest order, prv overflows near 700); a non-private
+baseline is ``.inf``."""
+MAX_IMAGE_SIZE = 4096
+"""The largest image side in pixels: beyond the native resolution of chest X-ray datasets (about 3000 px)."""
+MAX_BOOTSTRAP = 100_000
+"""The most bootstrap replicates: each re-scores every test set (n_boot x N indices held at once)."""
+
+
 class ConfigError(UserError, ValueError):
     """A config value breaks an invariant of its class; the message is ``<field> = <value><problem>``.
 
@@ -107,6 +123,26 @@ def _check_whole(field: str, value: Any, minimum: int, unit: str = "") -> None:
     _check(_whole(value, minimum), field, value, f" must be a whole number >= {minimum}{unit}")
 
 
+def _check_seed(field: str, value: Any) -> None:
+    _check_whole(field, value, 0)
+    _check(
+        value <= MAX_SEED, field, value, f" must be at most 2**32 - 1 = {MAX_SEED} (the seeds numpy and Optuna take)"
+    )
+
+
+def _check_weight_decay(field: str, weight_decay: Any, lr: Any, lr_field: str) -> None:
+    """AdamW's decoupled decay multiplies every weight by ``1 - lr * weight_decay`` at each step: at 1 or more the
+    weights are zeroed or flip sign every step, so nothing is learned."""
+    _check(
+        weight_decay * lr < 1,
+        field,
+        weight_decay,
+        f" with {lr_field} = {lr!r}: AdamW multiplies every weight by 1 - lr x weight_decay = "
+        f"{1 - lr * weight_decay:.3g} at each step, which zeroes or flips the weights; keep lr x weight_decay well "
+        "below 1 (e.g. weight_decay 0.01)",
+    )
+
+
 def _check_name(field: str, value: Any, what: str) -> None:
     _check(isinstance(value, str) and value != "", field, value, f" must name {what}")
 
@@ -128,8 +164,19 @@ class InputNormalization(_Checked):
     input_std: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(_finite(self.input_mean), "input_mean", self.input_mean, " must be a finite number, e.g. 0.5")
+        _check(
+            _finite(self.input_mean) and 0 <= self.input_mean <= 1,
+            "input_mean",
+            self.input_mean,
+            " must be a finite number in [0, 1] (pixels are in [0, 1]), e.g. 0.5 (0: no centring)",
+        )
         _check_positive("input_std", self.input_std, "0.25")
+        _check(
+            0.01 <= self.input_std <= 1,
+            "input_std",
+            self.input_std,
+            " must be in [0.01, 1]: pixels in [0, 1] have a std of at most 0.5, and 1 means no scaling; e.g. 0.25",
+        )
         super().__post_init__()
 
 
@@ -146,6 +193,12 @@ class DataSettings(InputNormalization):
 
     def __post_init__(self) -> None:
         _check_whole("image_size", self.image_size, 32, " (pixels: ConvNeXt downsamples by 32)")
+        _check(
+            self.image_size <= MAX_IMAGE_SIZE,
+            "image_size",
+            self.image_size,
+            f" must be at most {MAX_IMAGE_SIZE} pixels (beyond the datasets' native resolution); the study uses 224",
+        )
         super().__post_init__()
 
 
@@ -190,6 +243,12 @@ class EvaluationSettings(_Checked):
 
     def __post_init__(self) -> None:
         _check_whole("n_boot", self.n_boot, 0)
+        _check(
+            self.n_boot <= MAX_BOOTSTRAP,
+            "n_boot",
+            self.n_boot,
+            f" must be at most {MAX_BOOTSTRAP} (each replicate re-scores every test set); 1000 is the usual",
+        )
         edges = self.age_edges
         example = ", e.g. [0, 40, 70, 100]"
         _check(len(edges) >= 2, "age_edges", edges, f": give at least two edges (years){example}")
@@ -200,6 +259,7 @@ class EvaluationSettings(_Checked):
             edges,
             f" must be strictly increasing{example}",
         )
+        _check(edges[0] >= 0, "age_edges", edges, f" must start at an age >= 0{example}")
         super().__post_init__()
 
 
@@ -247,6 +307,14 @@ class PrivacySettings(_Checked):
             "privacy.delta",
             self.delta,
             " must be in (0, 1), and below 1/N_train, e.g. 1e-5",
+        )
+        _check(
+            self.delta >= MIN_DELTA,
+            "privacy.delta",
+            self.delta,
+            f" is unreasonably small: below {MIN_DELTA:g} no noise can be calibrated for it (the rdp accountant's "
+            "epsilon stays above the targets however much noise is added; prv's floating point fails), and nothing "
+            "is gained; choose a delta well below 1/N_train, e.g. 1e-5 to 1e-8",
         )
         _check_whole("privacy.expected_batch_size", self.expected_batch_size, 1, " (records per logical batch)")
         _check_whole("privacy.epochs", self.epochs, 1)
@@ -318,6 +386,23 @@ class PrivacyConfig(PrivacySettings):
             eps,
             " must be > 0 (use .inf for the non-private baseline)",
         )
+        if self.is_private:
+            _check(
+                eps <= MAX_TARGET_EPSILON,
+                "privacy.target_epsilon",
+                eps,
+                f" is too large to mean anything: above {MAX_TARGET_EPSILON:g} the bound (a likelihood ratio of up to "
+                "e^epsilon) protects no one and the accountants cannot calibrate reliably; use a target up to "
+                f"{MAX_TARGET_EPSILON:g}, or .inf for the non-private baseline",
+            )
+            tolerance = self.calibration_tolerance
+            _check(
+                eps > tolerance,
+                "privacy.target_epsilon",
+                eps,
+                f" is not above privacy.calibration_tolerance = {tolerance!r}: calibration ends in [target - "
+                "tolerance, target], which must hold epsilons > 0; raise the target or lower the tolerance",
+            )
         clip = self.max_grad_norm
         if self.is_private:
             _check(_finite(clip) and clip > 0, "privacy.max_grad_norm", clip, " must be a finite number > 0")
@@ -458,7 +543,8 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         _check_name("model", self.model, "a timm architecture, e.g. 'convnext_small'")
         _check_name("init", self.init, "an init, e.g. 'random'")
         _check_positive("lr", self.lr, "0.001")
-        _check_whole("seed", self.seed, 0)
+        _check_weight_decay("weight_decay", self.weight_decay, self.lr, "training.lr")
+        _check_seed("seed", self.seed)
         self._check_sections()
 
     def _check_sections(self) -> None:
@@ -582,5 +668,6 @@ class PretrainConfig(InputNormalization):
             self.weight_decay,
             " must be a finite number >= 0, e.g. 0.01",
         )
-        _check_whole("pretrain.seed", self.seed, 0)
+        _check_weight_decay("pretrain.weight_decay", self.weight_decay, self.lr, "pretrain.lr")
+        _check_seed("pretrain.seed", self.seed)
         super().__post_init__()

@@ -11,6 +11,7 @@ import yaml
 from sweeps.cli import main
 from sweeps.plan import SweepPaths, plan_sweep
 from sweeps.spec import SpecError, parse_spec
+from trainables import names as N
 
 SMALL = {
     "name": "small",
@@ -165,7 +166,7 @@ def test_paper_dry_run_works_offline_without_data_or_weights(tmp_path):
         "weights for init 'dinov3' (convnext_tiny.dinov3_lvd1689m) are not available offline" in flat
     )  # notes wrap at 100 characters
     assert "pretrain stage (convnext_small on mimic-cxr" in out
-    assert not (tmp_path / "runs" / "ray").exists()
+    assert sorted(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
 def test_secure_mode_reaches_every_trial_and_its_tags(tmp_path):
@@ -174,3 +175,42 @@ def test_secure_mode_reaches_every_trial_and_its_tags(tmp_path):
     assert all(t.config.privacy.secure_mode for t in plan.trials)
     assert {t.tags["dpsweep.secure_mode"] for t in plan.trials} == {"true"}
     assert {t.params["secure_mode"] for t in plan.trials} == {True}
+
+
+def test_a_dry_run_writes_nothing_and_plans_what_the_real_run_plans(tmp_path, monkeypatch, capsys):
+    """No data, no calibration cache, no runs/ (relative folders resolve in the working folder, left empty): the
+    synthetic twin is drawn in memory, with the N the real run prepares, so sigma is the same."""
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep_file = write(tmp_path, {**SMALL, "data": {**SMALL["data"], "external": ["synthetic-b"]}})
+    monkeypatch.chdir(work)
+    assert main(["sweep", str(sweep_file), "--dry-run"]) == 0
+    assert "random-eps1-clip1-lr0.001-seed0: sigma=" in capsys.readouterr().out
+    assert sorted(work.iterdir()) == []
+    spec = parse_spec(yaml.safe_load(sweep_file.read_text()), source=str(sweep_file))
+    paths = SweepPaths.for_spec(spec)
+    dry = plan_sweep(spec, paths, dry_run=True)
+    assert sorted(work.iterdir()) == []
+    real = plan_sweep(spec, paths)
+    assert (work / "data" / "synthetic-a").is_dir() and (work / "runs").is_dir()
+    assert dry.datasets == real.datasets and dry.privacy_plans == real.privacy_plans
+    assert [t.config for t in dry.trials] == [t.config for t in real.trials]
+
+
+def test_a_dry_run_reads_the_calibration_cache_without_writing_it(tmp_path):
+    spec = parse_spec(SMALL, source="small.yaml")
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    plan_sweep(spec, paths)
+    cache = tmp_path / "runs" / N.CALIBRATION_CACHE_FILE
+    before = cache.read_bytes()
+    wider = parse_spec({**SMALL, "privacy": {**SMALL["privacy"], "target_epsilon": [1, 2, 8]}}, source="small.yaml")
+    plan = plan_sweep(wider, paths, dry_run=True)  # eps 2 is calibrated anew, in a temporary copy
+    assert cache.read_bytes() == before
+    assert plan.privacy_plans[("synthetic-a", 2.0, "image")].noise_multiplier > 0
+
+
+def test_the_command_line_lists_the_preparable_datasets_without_importing_them():
+    from sweeps.cli import PREPARABLE
+    from trainables.data.adapters import PREPARABLE as ADAPTERS
+
+    assert PREPARABLE == ADAPTERS

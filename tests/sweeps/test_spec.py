@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.spec import SpecError, load_spec, parse_spec
+from sweeps.spec import SpecError, load_spec, parse_spec, read_sweep_yaml
+from sweeps.validate import RDP_ORDERS, rdp_epsilon_floor
 
 SMOKE = Path(__file__).resolve().parents[2] / "sweeps" / "smoke.yaml"
 
@@ -294,3 +295,60 @@ def test_private_pos_weight_train_trials_are_calibrated_with_their_label_count_r
     assert configs[math.inf].privacy.label_count_noise_multiplier is None  # a baseline counts exactly
     plain = plan_privacy(dataclasses.replace(configs[1.0].privacy, label_count_noise_multiplier=None), 1777)
     assert configs[1.0].privacy.noise_multiplier > plain.noise_multiplier  # calibrated with the release
+
+
+# Reading the file strictly (`sweeps.spec.SweepLoader`); the refusals themselves are in test_bad_inputs.py.
+
+
+def test_yaml_1_1_words_stay_strings_and_only_true_and_false_are_booleans(tmp_path):
+    """``fixed_shapes: on`` is the setting ``on``, not YAML 1.1's boolean True (which the field would refuse)."""
+    text = yaml.safe_dump(smoke_dict()).replace("  threads: 1\n", "  threads: 1\n  fixed_shapes: on\n")
+    text = text.replace("  test_every_epoch: true\n", "  test_every_epoch: false\n")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    spec = load_spec(path)
+    assert spec.speed.fixed_shapes == "on"
+    assert spec.evaluation.test_every_epoch is False
+    assert read_sweep_yaml(_written(tmp_path, "a: yes\nb: No\nc: off\nd: TRUE\n")) == {
+        "a": "yes",
+        "b": "No",
+        "c": "off",
+        "d": True,
+    }
+
+
+def _written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "some.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_merge_keys_keep_their_meaning_and_duplicates_are_found_at_any_depth(tmp_path):
+    merged = "base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n"
+    assert read_sweep_yaml(_written(tmp_path, merged)) == {"base": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}}
+    deep = "a:\n- b: 1\n- b: 2\n  c: {d: [1, {e: 1, e: 2}]}\n"
+    with pytest.raises(SpecError, match=r"`a\[1\]\.c\.d\[1\]\.e` is given twice \(line 4: 1, line 4: 2\)"):
+        read_sweep_yaml(_written(tmp_path, deep))
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "smoke.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + SMOKE.read_bytes())
+    assert load_spec(path).name == "smoke"
+
+
+def test_the_rdp_floor_is_opacus_own():
+    """`rdp_epsilon_floor` spells out Opacus's orders and conversion so that validation needs no Opacus: tie both,
+    and check the floor is what calibration meets (targets just above it calibrate, just below do not)."""
+    from opacus.accountants import RDPAccountant
+
+    from trainables.privacy.accounting import calibrate_noise_multiplier, epsilon_spent
+
+    assert list(RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS
+    floor = rdp_epsilon_floor(6e-6)
+    assert floor == pytest.approx(0.1111, abs=1e-4)
+    assert rdp_epsilon_floor(1e-10) == pytest.approx(0.2886, abs=1e-4)
+    assert floor < epsilon_spent(1e4, 1 / 8, 16, 6e-6, "rdp") < floor + 1e-6
+    assert calibrate_noise_multiplier(1.05 * floor, 6e-6, 1 / 8, 16, tolerance=0.001) > 0
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_noise_multiplier(0.999 * floor, 6e-6, 1 / 8, 16, tolerance=0.001)

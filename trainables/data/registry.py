@@ -50,6 +50,12 @@ def ensure_prepared(name: str, data_root: Path, image_size: int, synthetic_image
     check_dataset_name(name)
     if name in SYNTHETIC_DATASETS:
         return prepare_synthetic(name, data_root, size=image_size, n_images=synthetic_images)
+    return prepared_folder(name, data_root, image_size)
+
+
+def prepared_folder(name: str, data_root: Path, image_size: int) -> Path:
+    """The cache folder of a real dataset prepared by `dpsweep prepare`, found without writing anything (an error
+    says the exact command otherwise; `ensure_prepared`'s checks of a real dataset)."""
     folder = dataset_dir(data_root, name, image_size)
     if not (folder / MANIFEST_FILE).exists():
         raise FileNotFoundError(
