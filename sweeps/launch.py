@@ -22,7 +22,7 @@ import pandas as pd
 
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
-from sweeps.ledger import SweepLedger, ledger_metrics, write_ledger_summary
+from sweeps.ledger import SweepLedger, ledger_metrics
 from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import SpecError, SweepSpec
@@ -153,14 +153,14 @@ def run_sweep(
     tuner.fit()
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
     results = ray_results(experiment_path, run_ids(client, experiment_id, parent))
-    results.write(sweep_dir)
     trials = results.trials
+    ended = dict(zip(trials["trial"].astype(str), trials["status"].astype(str), strict=True))
+    ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
+    results.write(sweep_dir, ledger=(paths.data_root, spec.data.train))
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
     _write_state(state_file, fingerprint, "complete" if complete else "incomplete", instance)
-    ended = dict(zip(trials["trial"].astype(str), trials["status"].astype(str), strict=True))
-    ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
-    ledger_file = write_ledger_summary(sweep_dir / N.LEDGER_SUMMARY_FILE, paths.data_root, spec.data.train)
+    ledger_file = sweep_dir / N.LEDGER_SUMMARY_FILE
     finish_parent(
         paths.tracking_uri,
         parent,

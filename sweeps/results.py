@@ -11,6 +11,7 @@ The privacy cost of the search is `sweeps.tuning_cost`; the console summary `swe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,10 +53,18 @@ class SweepResults:
     evaluation: EvaluationTables | None
     origin: str
 
-    def write(self, sweep_dir: Path) -> list[Path]:
-        """Write the tables into ``sweep_dir`` (`analysis.tables.write_sweep_tables`): the end of a sweep and
-        `dpsweep table` both write through here, so they write the same files. Returns the files written."""
-        return write_sweep_tables(sweep_dir, self.trials, self.epochs, self.evaluation)
+    def write(self, sweep_dir: Path, ledger: tuple[Path, Sequence[str]] | None = None) -> list[Path]:
+        """Write the tables into ``sweep_dir`` (`analysis.tables.write_sweep_tables`) and, given ``ledger`` (the data
+        root and the training sets), their privacy ledgers' totals (`sweeps.ledger.write_ledger_summary`,
+        ``ledger.json``): the end of a sweep and `dpsweep table` both write through here, so they write the same
+        files. Returns the files written."""
+        written = write_sweep_tables(sweep_dir, self.trials, self.epochs, self.evaluation)
+        if ledger is not None:
+            from sweeps.ledger import write_ledger_summary
+
+            data_root, datasets = ledger
+            written.append(write_ledger_summary(sweep_dir / N.LEDGER_SUMMARY_FILE, data_root, datasets))
+        return written
 
 
 def ray_results(experiment: Path, mlflow_runs: dict[str, str]) -> SweepResults:
@@ -102,7 +111,7 @@ def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "au
         results = ray_results(experiment, _mlflow_run_ids(spec, paths))
     else:
         results = mlflow_results(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name)
-    results.write(paths.sweep_dir(spec))
+    results.write(paths.sweep_dir(spec), ledger=(paths.data_root, spec.data.train))
     return results
 
 

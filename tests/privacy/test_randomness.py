@@ -197,6 +197,7 @@ def test_default_mode_resumes_the_same_secret_streams_bit_exactly(tiny_site):
     resumed = run_tiny_trial(cfg, state=torch.load(buffer, weights_only=False))
     assert [e[M.EPOCH] for e in resumed.epochs] == [2, 3]
     assert_identical(resumed.epochs, uninterrupted.epochs[1:], "epochs after the resume")
+
     def results(metrics: dict) -> dict:  # the run's training seconds are wall time, never equal
         return {k: v for k, v in metrics.items() if not k.startswith(M.SYSTEM_PREFIX)}
 

@@ -142,14 +142,18 @@ def test_dpsweep_table_from_ray_writes_the_files_the_sweep_wrote(tiny_sweep, tmp
     at_the_end = sweep_dir.with_name("tiny-at-the-end")
     sweep_dir.rename(at_the_end)
     try:
-        assert main(["table", str(spec_file), "--runs", str(paths.runs_root), "--source", "ray"]) == 0
+        runs, data = str(paths.runs_root), str(paths.data_root)
+        assert main(["table", str(spec_file), "--runs", runs, "--data", data, "--source", "ray"]) == 0
         out = capsys.readouterr().out
         assert f"from Ray results at {paths.ray_experiment(spec)}" in out and "privacy of releasing the best" in out
         written = sorted(p.name for p in sweep_dir.iterdir())
         assert written == sorted(p.name for p in at_the_end.iterdir() if p.name != M.SWEEP_STATE_FILE)
-        assert written == sorted([M.TRIALS_FILE, M.EPOCHS_FILE, M.GROUPS_FILE, M.BOOTSTRAP_FILE, M.PREDICTIONS_FILE])
-        for file in written:
+        tables = [M.TRIALS_FILE, M.EPOCHS_FILE, M.GROUPS_FILE, M.BOOTSTRAP_FILE, M.PREDICTIONS_FILE]
+        assert written == sorted([*tables, M.LEDGER_SUMMARY_FILE])
+        for file in tables:
             pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / file), pd.read_parquet(at_the_end / file))
+        ledger_now, ledger_then = (json.loads((d / M.LEDGER_SUMMARY_FILE).read_text()) for d in (sweep_dir, at_the_end))
+        assert ledger_now["synthetic-a"]["epsilon_rdp"] == ledger_then["synthetic-a"]["epsilon_rdp"] > 0
         pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / M.TRIALS_FILE), trials)
         epochs = pd.read_parquet(sweep_dir / M.EPOCHS_FILE)
         assert len(epochs) == len(trials) * 2 and not any(c.startswith("config/") for c in epochs.columns)
