@@ -90,7 +90,7 @@ SEED_COLUMNS = {
 """The seed table's metrics (trials.parquet column -> header), left to right; the last ones are left out when the
 table would be wider than `SUMMARY_WIDTH` (the report has every metric)."""
 SEED_CELL_HEADERS = {"model": "model", "dataset": "dataset", "init": "init", "privacy_unit": "unit"}
-"""Cell columns shown when they differ between cells (``target`` always is)."""
+"""Cell columns: ``init`` and ``target`` always shown, the others where cells differ in them."""
 
 
 def seed_table(trials: pd.DataFrame) -> str | None:
@@ -98,7 +98,7 @@ def seed_table(trials: pd.DataFrame) -> str | None:
     metric over seeds as ``mean +/- sd (n)`` and the 95% Student-t interval of the test AUROC's mean, the learning
     rate and clip norm chosen within each seed on validation (`analysis.views.seed_summary`); None when no cell has
     finished trials of more than one seed. One seed leaves sd and interval ``-``. Model, dataset and privacy unit are
-    columns only where cells differ in them; metric columns are left out from the right (and named below the table)
+    columns only where cells differ in them (init and target always are); metric columns are left out from the right (and named below the table)
     until it fits `SUMMARY_WIDTH`, the cell columns, the test AUROC and its interval always stay."""
     if not views.several_seeds(trials):
         return None
@@ -118,7 +118,7 @@ def seed_table(trials: pd.DataFrame) -> str | None:
                 row["95% interval"] = "-" if low != low else f"[{low:.3f}, {high:.3f}]"
         rows.append(row)
     table = pd.DataFrame(rows)
-    shown = [c for c in cells if c != "target_epsilon" and table[c].nunique(dropna=False) > 1]
+    shown = [c for c in cells if c == "init" or (c != "target_epsilon" and table[c].nunique(dropna=False) > 1)]
     table = table[shown + [c for c in table.columns if c not in cells]].rename(columns=SEED_CELL_HEADERS)
     text = table.to_string(index=False)
     left_out: list[str] = []
