@@ -98,8 +98,9 @@ def seed_table(trials: pd.DataFrame) -> str | None:
     metric over seeds as ``mean +/- sd (n)`` and the 95% Student-t interval of the test AUROC's mean, the learning
     rate and clip norm chosen within each seed on validation (`analysis.views.seed_summary`); None when no cell has
     finished trials of more than one seed. One seed leaves sd and interval ``-``. Model, dataset and privacy unit are
-    columns only where cells differ in them (init and target always are); metric columns are left out from the right (and named below the table)
-    until it fits `SUMMARY_WIDTH`, the cell columns, the test AUROC and its interval always stay."""
+    columns only where cells differ in them (init and target always are); metric columns are left out from the right
+    (and named below the table) until it fits `SUMMARY_WIDTH`; the cell columns, the test AUROC and its interval
+    always stay."""
     if not views.several_seeds(trials):
         return None
     metrics = [m for m in SEED_COLUMNS if m in trials.columns]
