@@ -28,6 +28,10 @@ rebuild ``trials.parquet`` and ``epochs.parquet`` in the same schema as the Ray 
   numbers reach MLflow: a trial's string-valued results (``ray/node_id``) are not in these tables.
 - Artifacts are read through `artifact_repository`: a sqlite store's ``mlflow-artifacts:/`` locations resolve
   to the ``mlartifacts/`` folder beside the database (`experiment_artifact_location`), so a moved store reads.
+  MLflow's own client does the same once dpsweep is installed: `mlflow_artifacts_repository` is registered for
+  that scheme (the ``mlflow.artifact_repository`` entry point in ``pyproject.toml``), so
+  ``mlflow.artifacts.download_artifacts(run_id=..., artifact_path=..., tracking_uri="sqlite:///runs/mlflow.db")``
+  and ``MlflowClient("sqlite:///runs/mlflow.db").list_artifacts(run_id)`` work without a server.
 
 **Status**, as `sweeps.launch.trial_record` decides it from Ray's results: ``TERMINATED`` when the final
 report arrived (`FINAL_MARKER` at step 0) and the run is not ``FAILED``;
@@ -232,18 +236,45 @@ def artifact_repository(tracking_uri: str, artifact_uri: str):
         TableError: a ``mlflow-artifacts:`` URI on a store that is neither sqlite nor a server.
     """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
-    parsed = urllib.parse.urlparse(artifact_uri)
-    if parsed.scheme != ARTIFACTS_SCHEME or _is_server(tracking_uri):
+    if urllib.parse.urlparse(artifact_uri).scheme != ARTIFACTS_SCHEME or _is_server(tracking_uri):
         return get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
-    root = local_artifact_root(tracking_uri)
-    if root is None:
+    local = _local_repository(artifact_uri, tracking_uri)
+    if local is None:
         raise TableError(
             f"artifact location {artifact_uri} needs a tracking server or a sqlite store, but the tracking URI is "
             f"{tracking_uri}; use the server's http:// URI"
         )
-    return LocalArtifactRepository(str(root / parsed.path.lstrip("/")))
+    return local
+
+
+def mlflow_artifacts_repository(artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None):
+    """MLflow's artifact repository for a ``mlflow-artifacts:`` URI, as dpsweep registers it with MLflow (the
+    ``mlflow.artifact_repository`` entry point named ``mlflow-artifacts`` in ``pyproject.toml``; MLflow registers
+    plugins after its own schemes, so this one is used in every process of an environment where dpsweep is installed).
+
+    With a sqlite tracking URI (given, else MLflow's current one) the URI is the folder beside the database, as in
+    `artifact_repository`: MLflow's own client, which refuses such a URI without a server, then reads and writes a
+    sqlite store's artifacts wherever the store was moved. With any other tracking URI it is MLflow's own
+    ``MlflowArtifactsRepository`` (a tracking server's proxy), unchanged.
+    """
+    import mlflow
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    local = _local_repository(artifact_uri, tracking_uri or mlflow.get_tracking_uri())
+    if local is not None:
+        return local
+    return MlflowArtifactsRepository(artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def _local_repository(artifact_uri: str, tracking_uri: str):
+    """The local folder of a ``mlflow-artifacts:/<path>`` URI beside a sqlite store; None for any other store."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    root = local_artifact_root(tracking_uri)
+    if root is None:
+        return None
+    return LocalArtifactRepository(str(root / urllib.parse.urlparse(artifact_uri).path.lstrip("/")))
 
 
 def run_artifact_repository(client, tracking_uri: str, run_id: str):

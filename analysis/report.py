@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import pareto, plots, subgroups, views
-from analysis.export import format_number, write_table
+from analysis.export import TableFiles, format_number, write_table
+from analysis.metric_labels import metric_label
 from analysis.tables import FINISHED, GUARANTEE_TEXT, SweepTables, TableError, load_tables, without_guarantee
 from trainables import names
 
@@ -122,6 +123,7 @@ def render_report(
     _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
     _final_models(page, tables, selection)
+    _over_seeds(page, tables)
     _intersectional(page, tables, selection, group_by, data_root)
     _pareto(page, tables)
     _trajectories(page, tables)
@@ -152,16 +154,25 @@ class _Page:
         if frame.empty:
             self.note("(empty: no finished trial falls here)")
             return
-        if name in self.table_names:
-            raise ValueError(f"report: table name {name!r} used twice")
-        self.table_names.add(name)
-        files = write_table(frame, self.out_dir / TABLES_DIR, name, index=index, caption=caption)
+        files = self._write(frame, name, index, caption)
         classes = "dataframe notes" if notes else "dataframe"
         body = frame.to_html(float_format=_fmt, na_rep="-", index=index, border=0, classes=classes, escape=True)
         body = re.sub(r"(<thead>.*?</thead>)", lambda m: _breakable_headers(m.group(1)), body, flags=re.S)
         self.parts.append(f'<div class="wide">{body}</div>')
         links = (self._link(files.csv, "CSV"), self._link(files.tex, "LaTeX"))
         self.parts.append(f'<p class="files">{html.escape(name)}: {" · ".join(links)}</p>')
+
+    def files(self, frame: pd.DataFrame, name: str, what: str) -> None:
+        """Write ``frame`` as ``tables/<name>.csv`` and ``.tex`` without showing it; a line links both."""
+        files = self._write(frame, name, index=False)
+        links = (self._link(files.csv, "CSV"), self._link(files.tex, "LaTeX"))
+        self.parts.append(f'<p class="files">{html.escape(what)} ({html.escape(name)}): {" · ".join(links)}</p>')
+
+    def _write(self, frame: pd.DataFrame, name: str, index: bool, caption: str | None = None) -> TableFiles:
+        if name in self.table_names:
+            raise ValueError(f"report: table name {name!r} used twice")
+        self.table_names.add(name)
+        return write_table(frame, self.out_dir / TABLES_DIR, name, index=index, caption=caption)
 
     def figure(self, name: str, make: Callable[[Path], object], caption: str) -> None:
         """Draw a figure with ``make(path)`` (which writes the SVG and PNG of `analysis.plots.save_figure`), show
@@ -403,11 +414,50 @@ def _final_models(page: _Page, tables: SweepTables, selection: pd.DataFrame) -> 
         "<code>p_2_better</code> the reverse. A p-value of 0 means no replicate contradicted, i.e. p &lt; "
         "1/<code>n_replicates</code>. Uncorrected for the number of comparisons."
     )
+    if views.several_seeds(trials):  # compared seed by seed: never the best seed of one init against another's
+        page.note(
+            "With several seeds each seed's models are compared (the trial of each cell chosen within the seed, "
+            "<code>seed</code> a cell column); the p-values are not pooled over seeds."
+        )
+        selection = views.final_selection(trials, tables.epochs, by=(*views.DEFAULT_BY, views.SEED))
     page.table(
         _format_p_values(views.paired_p_values(trials, selection, tables.evaluation.bootstrap)),
         "paired_bootstrap",
         index=False,
     )
+
+
+def _over_seeds(page: _Page, tables: SweepTables) -> None:
+    """Mean, sd and 95% interval over seeds of each test metric, per cell (`analysis.views.seed_summary`)."""
+    trials = tables.trials
+    page.heading("Over seeds: mean, sd and 95% interval per cell")
+    if not views.several_seeds(trials):
+        page.note(
+            "Every cell (model, training dataset, init, privacy unit, target epsilon) has finished trials of one "
+            "seed only: there is nothing to aggregate (a grid with several <code>training.seed</code> values gets "
+            "mean, sd and interval over seeds here)."
+        )
+        return
+    page.note(
+        "Per cell (model, training dataset, init, privacy unit, <em>target</em> epsilon) and seed, the learning rate "
+        "and clip norm are chosen on validation as above (the trial with the best validation macro AUROC at its "
+        "selected epoch; test never chooses); each test metric of those trials is then summarised over the seeds: "
+        "<code>n</code> seeds with a defined value, their <code>mean</code>, the sample standard deviation "
+        "<code>sd</code> (ddof = 1) and the 95% Student-t interval <code>mean ± t(0.975, n − 1) · sd / √n</code> "
+        "(<code>ci_low</code>, <code>ci_high</code>); '-' where one seed leaves sd and interval undefined. The seed "
+        "fixes what is not the DP mechanism (model initialisation, non-private shuffling); every trial draws fresh "
+        "secret noise and batches, so the spread includes their variation."
+    )
+    summary = views.seed_summary(trials, tables.epochs)
+    cells = views.seed_cell_columns(trials)
+    shown = [*cells, views.N_SEEDS, views.MEAN, views.SD, views.CI_LOW, views.CI_HIGH]
+    for metric in dict.fromkeys(summary[views.METRIC]):
+        page.note(f"<b>{html.escape(metric_label(metric))}</b> (<code>{html.escape(metric)}</code>):")
+        rows = summary[summary[views.METRIC] == metric]
+        page.table(rows[shown], f"seeds_{_slug(metric)}", index=False)
+    page.files(summary, "seeds", "Every metric in one table")
+    page.note("The trial chosen per cell and seed:")
+    page.table(views.seed_selection(trials, tables.epochs), "seed_selection", index=False)
 
 
 def _pareto(page: _Page, tables: SweepTables) -> None:
@@ -530,6 +580,11 @@ def _trajectories(page: _Page, tables: SweepTables) -> None:
         lambda p: plots.epsilon_trajectories(tables.epochs, save_to=p),
         "Epsilon spent after each epoch under the trial's accountant and delta; dotted: bin edges.",
     )
+
+
+def _slug(metric: str) -> str:
+    """A metric key as part of a file name: ``test/fairness/auroc_gap/sex`` -> ``test_fairness_auroc_gap_sex``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", metric).strip("_")
 
 
 def _fmt(value: float) -> str:

@@ -27,6 +27,15 @@ epsilons) fall into one cell (model, dataset, init, bin), the reported one is th
 validation macro AUROC at its selected epoch; ties go to the lower spent epsilon, then to the trial key
 in sort order. Every view keeps ``trial`` so a number can be traced back, and ``candidate_trials``
 counts the trials the cell chose from. Only finished trials (``status == "TERMINATED"``) take part.
+
+**Over seeds** (`seed_selection`, `seed_summary`). The views above report one trial per cell, the best on
+validation over every seed. The seed views instead keep each seed: per cell (model, dataset, init, privacy unit,
+*target* epsilon: `SEED_CELL`) and seed, the trial with the best validation macro AUROC at its selected epoch (the
+learning rate, clip norm and whatever else the grid tunes are chosen within the seed, as above; test never
+chooses), then each test metric of those trials is summarised over the seeds: n (seeds with a defined value), the
+mean, the sample standard deviation (ddof = 1) and the 95% Student-t interval mean +/- t(0.975, n - 1) sd / sqrt(n)
+(`mean_over_seeds`); with one seed the sd and interval are NaN. Paired bootstrap comparisons stay per seed
+(`paired_p_values` on `final_selection` with ``seed`` among its cell columns).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy.special import stdtrit
 
 from analysis.subgroups import group_gaps, group_metrics  # noqa: F401 (views from stored predictions, re-exported)
 from analysis.tables import FINISHED, without_guarantee
@@ -310,7 +320,22 @@ def final_selection(
     finished = _finished(trials, by, extra=(names.EPSILON,))
     frame = finished[[TRIAL, *by, names.EPSILON]].copy()
     frame[BIN] = assign_bins(frame[names.EPSILON], bins)
-    frame = frame[frame[BIN].notna()]
+    frame = _with_selection_score(frame[frame[BIN].notna()], finished, epochs)
+    return _choose(frame, [*by, BIN], score=names.VAL_AUROC_MACRO)[
+        [*by, BIN, TRIAL, names.EPSILON, names.BEST_EPOCH, names.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
+    ]
+
+
+def _with_selection_score(frame: pd.DataFrame, finished: pd.DataFrame, epochs: pd.DataFrame | None) -> pd.DataFrame:
+    """``frame`` (rows of ``finished``, by ``trial``) with ``val/best_epoch`` and, as ``val/auroc_macro``, the
+    validation macro AUROC of that epoch: read from the epochs table; without one (``epochs`` None), the trial's own
+    report of the same number (``val/selected/auroc_macro``). NaN where neither is known."""
+    frame = frame.copy()
+    if epochs is None:
+        for column in (names.BEST_EPOCH, names.VAL_SELECTED_AUROC_MACRO):
+            values = finished.set_index(TRIAL)[column] if column in finished else pd.Series(dtype=float)
+            frame[column] = frame[TRIAL].map(values).astype(float)
+        return frame.rename(columns={names.VAL_SELECTED_AUROC_MACRO: names.VAL_AUROC_MACRO})
     if names.BEST_EPOCH in finished.columns and {TRIAL, names.EPOCH, names.VAL_AUROC_MACRO} <= set(epochs):
         best = finished[[TRIAL, names.BEST_EPOCH]].dropna()
         scores = best.merge(
@@ -319,13 +344,156 @@ def final_selection(
             right_on=[TRIAL, names.EPOCH],
             how="inner",
         )
-        frame = frame.merge(scores[[TRIAL, names.BEST_EPOCH, names.VAL_AUROC_MACRO]], on=TRIAL, how="left")
-    else:
-        frame[names.BEST_EPOCH] = np.nan
-        frame[names.VAL_AUROC_MACRO] = np.nan
-    return _choose(frame, [*by, BIN], score=names.VAL_AUROC_MACRO)[
-        [*by, BIN, TRIAL, names.EPSILON, names.BEST_EPOCH, names.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
+        return frame.merge(scores[[TRIAL, names.BEST_EPOCH, names.VAL_AUROC_MACRO]], on=TRIAL, how="left")
+    frame[names.BEST_EPOCH] = np.nan
+    frame[names.VAL_AUROC_MACRO] = np.nan
+    return frame
+
+
+SEED = "seed"
+SEED_CELL: tuple[str, ...] = ("model", "dataset", "init", "privacy_unit", "target_epsilon")
+"""Cells of the seed views: the trials of one cell differ only in seed and in what the grid tunes (lr, clip)."""
+SEED_CONFIDENCE = 0.95
+"""Coverage of the seed views' Student-t interval."""
+METRIC = "metric"
+N_SEEDS, MEAN, SD, CI_LOW, CI_HIGH = "n", "mean", "sd", "ci_low", "ci_high"
+"""Columns of `seed_summary`: seeds with a defined value, their mean, sample sd and 95% t-interval."""
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """A metric over seeds (`mean_over_seeds`).
+
+    Attributes:
+        n: seeds with a defined (non-NaN) value.
+        mean: their mean (NaN when n = 0).
+        sd: sample standard deviation, ddof = 1 (NaN when n < 2).
+        ci_low: lower end of the Student-t interval (NaN when n < 2).
+        ci_high: upper end.
+    """
+
+    n: int
+    mean: float
+    sd: float
+    ci_low: float
+    ci_high: float
+
+
+def mean_over_seeds(values: ArrayLike, confidence: float = SEED_CONFIDENCE) -> SeedSpread:
+    """n, mean, sd and the two-sided Student-t interval ``mean +/- t((1 + confidence) / 2, n - 1) * sd / sqrt(n)`` of
+    the defined values (NaN left out): the interval for the mean over seeds, treating the seeds as independent draws
+    of the training randomness that the seed fixes (not the DP noise, which no seed fixes)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"mean_over_seeds: confidence must lie in (0, 1), got {confidence}")
+    array = np.asarray(values, dtype=np.float64)
+    array = array[~np.isnan(array)]
+    n = len(array)
+    if n == 0:
+        return SeedSpread(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(array.mean())
+    if n == 1:
+        return SeedSpread(1, mean, math.nan, math.nan, math.nan)
+    sd = float(array.std(ddof=1))
+    half = float(stdtrit(n - 1, (1 + confidence) / 2)) * sd / math.sqrt(n)
+    return SeedSpread(n, mean, sd, mean - half, mean + half)
+
+
+def seed_cell_columns(trials: pd.DataFrame) -> list[str]:
+    """The `SEED_CELL` columns the trial table has (tables of older sweeps may lack ``privacy_unit``)."""
+    return [c for c in SEED_CELL if c in trials.columns]
+
+
+def several_seeds(trials: pd.DataFrame, by: Sequence[str] | None = None) -> bool:
+    """Whether some seed cell has finished trials of more than one seed (then the seed views say more than the
+    per-cell views)."""
+    by = seed_cell_columns(trials) if by is None else list(by)
+    if SEED not in trials or not {TRIAL, "status", *by} <= set(trials.columns):
+        return False
+    finished = _finished(trials, by)
+    return bool(len(finished)) and bool((finished.groupby(by, dropna=False)[SEED].nunique() > 1).any())
+
+
+def seed_metrics(trials: pd.DataFrame) -> list[str]:
+    """What the seed views summarise, those the trial table has: test macro AUROC, the test subgroup AUROC gap per
+    attribute (`ATTRIBUTES` order), macro AUROC per external test set (`external_datasets` order)."""
+    wanted = [
+        names.TEST_AUROC_MACRO,
+        *(names.auroc_gap("test", a) for a in ATTRIBUTES),
+        *(names.external_auroc(d) for d in external_datasets(trials)),
     ]
+    return [m for m in wanted if m in trials.columns]
+
+
+def seed_selection(
+    trials: pd.DataFrame, epochs: pd.DataFrame | None = None, by: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Per cell (``by``) and seed, the finished trial whose selected epoch has the best validation macro AUROC
+    (ties: lower spent epsilon, then trial key): the learning rate and clip norm chosen within each seed.
+
+    Args:
+        trials: the trial table (``seed`` and the ``by`` columns).
+        epochs: the epoch table, for the validation AUROC of each trial's selected epoch (as `final_selection`);
+            None: the trials' own ``val/selected/auroc_macro`` (the same number, e.g. in the console summary).
+        by: the cell columns (default `seed_cell_columns`).
+
+    Returns:
+        One row per (cell, seed) with a finished trial: ``by``, ``seed``, ``trial``, ``privacy/epsilon``,
+        ``val/best_epoch``, ``val/auroc_macro`` and ``candidate_trials`` (trials of that cell and seed); sorted by
+        ``by`` then seed.
+    """
+    by = seed_cell_columns(trials) if by is None else list(by)
+    finished = _finished(trials, by, extra=(SEED, names.EPSILON))
+    frame = _with_selection_score(finished[[TRIAL, *by, SEED, names.EPSILON]], finished, epochs)
+    return _choose(frame, [*by, SEED], score=names.VAL_AUROC_MACRO)[
+        [*by, SEED, TRIAL, names.EPSILON, names.BEST_EPOCH, names.VAL_AUROC_MACRO, CANDIDATE_TRIALS]
+    ]
+
+
+def seed_summary(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame | None = None,
+    metrics: Sequence[str] | None = None,
+    by: Sequence[str] | None = None,
+    confidence: float = SEED_CONFIDENCE,
+) -> pd.DataFrame:
+    """Each test metric of the `seed_selection` trials summarised over seeds, per cell (`mean_over_seeds`).
+
+    Args:
+        trials: the trial table.
+        epochs: as in `seed_selection`.
+        metrics: trial-table columns to summarise (default `seed_metrics`).
+        by: the cell columns (default `seed_cell_columns`).
+        confidence: the interval's coverage.
+
+    Returns:
+        One row per cell and metric (cells sorted as ``by``, metrics in the given order): ``by``, ``metric``, ``n``
+        (seeds with a defined value), ``mean``, ``sd``, ``ci_low``, ``ci_high`` and ``seeds`` (the seeds that had
+        a finished trial, e.g. ``"0, 1"``).
+    """
+    by = seed_cell_columns(trials) if by is None else list(by)
+    metrics = seed_metrics(trials) if metrics is None else list(metrics)
+    _require(trials, [TRIAL, *metrics], "trial table")
+    chosen = seed_selection(trials, epochs, by)
+    values = chosen[[*by, SEED, TRIAL]].merge(trials[[TRIAL, *metrics]], on=TRIAL, how="left")
+    rows = []
+    for cell, group in values.groupby(by, sort=False, dropna=False):
+        key = dict(zip(by, cell if isinstance(cell, tuple) else (cell,), strict=True))
+        seeds = ", ".join(str(s) for s in group[SEED])
+        for metric in metrics:
+            spread = mean_over_seeds(group[metric].to_numpy(dtype=np.float64), confidence)
+            rows.append(
+                {
+                    **key,
+                    METRIC: metric,
+                    N_SEEDS: spread.n,
+                    MEAN: spread.mean,
+                    SD: spread.sd,
+                    CI_LOW: spread.ci_low,
+                    CI_HIGH: spread.ci_high,
+                    "seeds": seeds,
+                }
+            )
+    return pd.DataFrame(rows, columns=[*by, METRIC, N_SEEDS, MEAN, SD, CI_LOW, CI_HIGH, "seeds"])
 
 
 PATIENT_EPSILON = "patient_epsilon"

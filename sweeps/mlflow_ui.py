@@ -12,24 +12,32 @@ MLflow 3.17 does with it (read in its sources and checked in headless Chromium, 
   the URLs carry only the key (and ``compareRunsMode=CHART`` for the chart view);
 - ``runsExpanded``, ``runsPinned``, ``runsHidden``, ``runsVisibilityMap`` and ``autoRefreshEnabled`` are never
   taken from a shared view (they stay the browser's own): a view cannot open a parent run over its children, so
-  the views *group* the runs by the ``dpsweep.sweep`` tag instead (groups are open by default);
-- a filter does not hide a matching child's parent (the UI fetches missing parents), so the sweep's parent run is
-  a row of its group;
-- column widths apply only to the columns named in ``columnOrder``.
+  the views *group* the runs instead (groups are open by default);
+- a group row shows each metric aggregated over its runs (the views: the average), so the groups are the cells a
+  reader compares, init x budget (``groupByKeys`` over both params): never private and non-private runs together.
+  The sweep's parent run has neither param and sits in its own group (``init: (none), budget: (none)``);
+- a filter does not hide a matching child's parent (the UI fetches missing parents);
+- the runs table pins the check box, run name and creation date columns to the left; column widths apply only to
+  the columns named in ``columnOrder``;
+- a chart colours each run with the colour in its ``mlflow.runColor`` tag (the tag the UI's own colour picker
+  writes), else with one derived from its run id.
 
 The two views (`publish_views`):
 
-- ``dpsweep-runs``, the runs table: one open group per sweep holding its parent run and trials, the headline columns
-  (`headline_columns`: init, budget, clip norm, learning rate, spent epsilon, test macro AUROC, the test AUROC gap
-  per fairness attribute, each external set's macro AUROC) right after the run name.
-- ``dpsweep-charts``, the chart view of the trials (``tags.`dpsweep.role` = 'trial'``, each run its own point):
-  a scatter per utility or fairness headline against the ``budget`` param (``eps=<target>`` or ``non-private``, a
-  category, so the non-private baselines are points beside the private runs; a chart of ``privacy/epsilon`` would
-  drop them), then parallel coordinates over init, budget and those metrics.
+- ``dpsweep-runs``, the runs table grouped by init x budget, the headline columns (`headline_columns`: spent
+  epsilon, test macro AUROC, the test AUROC gap per fairness attribute, each external set's macro AUROC, then init,
+  budget, clip norm, learning rate) right after the pinned columns, narrow enough that the metrics of the sweep's
+  own test set show without scrolling in a 1600-pixel-wide window; the duration column last. (MLflow keeps metric
+  and param columns each under one header group: a column order that splits a group loses the columns after it.)
+- ``dpsweep-charts``, the chart view of the trials (``tags.`dpsweep.role` = 'trial'``, each run its own point,
+  coloured by its init: `INIT_COLORS`): a scatter per utility or fairness headline against the ``budget`` param
+  (``eps=<target>`` or ``non-private``, a category, so the non-private baselines are points beside the private
+  runs; a chart of ``privacy/epsilon`` would drop them), then parallel coordinates over init, budget and those
+  metrics. Init is the colour and budget the x axis: init x epsilon at a glance.
 
 Both are written when the sweep's experiment is created or reused (`sweeps.tracking.get_or_create_experiment`) and
-refreshed from the runs by ``dpsweep ui`` (which then knows the external sets), so a user's own saved views must
-use other names.
+refreshed from the runs when the sweep ends and by ``dpsweep ui`` (which then know the external sets and colour
+the trials that have no colour yet), so a user's own saved views must use other names.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from trainables import names as M
-from trainables.names import BUDGET_PARAM, HEADLINE_ATTRIBUTES, ROLE_TAG, SWEEP_TAG
+from trainables.names import BUDGET_PARAM, HEADLINE_ATTRIBUTES, ROLE_TAG
 
 SHARE_TAG_PREFIX = "mlflow.sharedViewState."
 """MLflow's experiment-tag prefix of a saved (shared) experiment-page view; the rest of the key is the share key."""
@@ -59,11 +67,26 @@ MAX_TAG_VALUE = 5000
 
 HEADLINE_PARAMS: tuple[str, ...] = ("init", BUDGET_PARAM, "max_grad_norm", "lr")
 TRIALS_FILTER = f"tags.`{ROLE_TAG}` = 'trial'"
-SWEEP_GROUPS = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": SWEEP_TAG}]}
+CELL_GROUPS = {
+    "aggregateFunction": "average",
+    "groupByKeys": [{"mode": "param", "groupByData": "init"}, {"mode": "param", "groupByData": BUDGET_PARAM}],
+}
+"""One group per init x budget: a group row averages the runs of one cell (seeds, learning rates, clip norms),
+never private with non-private runs."""
 RUN_NAME_COLUMN = "attributes.`Run Name`"
-LEADING_COLUMNS: tuple[str, ...] = (RUN_NAME_COLUMN, "runDateAndNestInfo", "duration")
-"""The runs table's first columns (ids as MLflow 3.17 names them: run name, created, duration)."""
-RUN_NAME_WIDTH, METRIC_WIDTH = 280, 170  # pixels; MLflow applies widths only to the columns of `columnOrder`
+CREATED_COLUMN, DURATION_COLUMN = "runDateAndNestInfo", "duration"  # ids as MLflow 3.17 names them
+RUN_NAME_WIDTH, CREATED_WIDTH = 310, 130
+"""Pixels of the pinned run name (fits ``init: domain, budget: non-private``) and creation date columns."""
+CHARACTER_WIDTH, HEADER_PADDING, VALUE_WIDTH, PARAM_WIDTH = 6, 44, 150, 105
+"""A metric column shows its whole header (about 6 pixels per character of the name in MLflow 3.17's header font,
+plus the sort icon and padding) and a run's whole value (17 significant digits), as measured in headless Chromium."""
+RUN_COLOR_TAG = "mlflow.runColor"
+"""The run tag whose colour MLflow's charts draw a run in (the UI's colour picker writes it too)."""
+INIT_COLORS: dict[str, str] = {"random": "#c83243", "domain": "#137dae", "imagenet": "#308613", "dinov3": "#8a63bf"}
+"""Each named init's colour in the charts (coral, turquoise, lime, purple: MLflow's own run palette)."""
+OTHER_INIT_COLORS: tuple[str, ...] = ("#a6630c", "#b45091", "#434a93", "#04867d", "#de7921")
+"""Colours of inits named otherwise (a timm tag, a weight file), picked by a hash of the name: two of them may share
+one."""
 CHART_RUNS = 1000
 """How many runs a chart draws (MLflow's default draws only the first 10 or 100)."""
 _EXTERNAL = re.compile(r"^external/(.+)/auroc_macro$")
@@ -114,30 +137,46 @@ def headline_metrics(external: Sequence[str] = ()) -> list[str]:
 
 
 def headline_columns(external: Sequence[str] = ()) -> list[str]:
-    """The runs table's visible columns: `HEADLINE_PARAMS`, then `headline_metrics`."""
-    return [column("params", p) for p in HEADLINE_PARAMS] + [column("metrics", m) for m in headline_metrics(external)]
+    """The runs table's visible columns, in order: `headline_metrics`, then `HEADLINE_PARAMS` (MLflow keeps the
+    metric and the param columns each under one header group, so the metrics come first together)."""
+    return [column("metrics", m) for m in headline_metrics(external)] + [column("params", p) for p in HEADLINE_PARAMS]
+
+
+def metric_width(metric: str) -> int:
+    """Pixels that show a metric column's whole header and a run's value in MLflow 3.17's runs table."""
+    return max(VALUE_WIDTH, CHARACTER_WIDTH * len(metric) + HEADER_PADDING)
+
+
+def init_color(init: str) -> str:
+    """The colour a run of this init is drawn in: `INIT_COLORS`, else one of `OTHER_INIT_COLORS` by a hash of the
+    name (stable across sweeps and machines)."""
+    return INIT_COLORS.get(init) or OTHER_INIT_COLORS[zlib.crc32(init.encode()) % len(OTHER_INIT_COLORS)]
 
 
 def runs_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
-    """The runs-table view: the runs grouped by sweep (the group, open, holds the sweep's parent run and its trials),
-    headline columns visible, the run name column wide enough for trial names."""
+    """The runs-table view: the runs grouped by init x budget (`CELL_GROUPS`; groups are open), the headline columns
+    right after the pinned ones, each as wide as its header, the duration last."""
+    columns = headline_columns(external)
     return {
         **SEARCH_FACETS_DEFAULTS,
         **UI_STATE_DEFAULTS,
-        "selectedColumns": headline_columns(external),
-        "columnOrder": [*LEADING_COLUMNS, *headline_columns(external)],
+        "selectedColumns": columns,
+        "columnOrder": [RUN_NAME_COLUMN, CREATED_COLUMN, *columns, DURATION_COLUMN],
         "columnWidths": {
             RUN_NAME_COLUMN: RUN_NAME_WIDTH,
-            **{column("metrics", m): METRIC_WIDTH for m in headline_metrics(external)},
+            CREATED_COLUMN: CREATED_WIDTH,
+            **{column("params", p): PARAM_WIDTH for p in HEADLINE_PARAMS},
+            **{column("metrics", m): metric_width(m) for m in headline_metrics(external)},
         },
-        "groupBy": SWEEP_GROUPS,
+        "groupBy": CELL_GROUPS,
     }
 
 
 def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
-    """The chart view of the trials, each run its own point (not the group's average): one scatter per headline
-    utility or fairness metric against the budget category (2 a row), then parallel coordinates over init, budget and
-    those metrics (full width). MLflow appends its own sections for the other metrics below."""
+    """The chart view of the trials, each run its own point (not the group's average) in its init's colour (the
+    ``mlflow.runColor`` tags `publish_views` sets): one scatter per headline utility or fairness metric against the
+    budget category (2 a row), then parallel coordinates over init, budget and those metrics (full width). MLflow
+    appends its own sections for the other metrics below."""
     budget_axis = {"key": BUDGET_PARAM, "type": "PARAM"}
     utility = [m for m in headline_metrics(external) if m != M.EPSILON]  # non-private runs log no epsilon
     sections = [
@@ -179,7 +218,7 @@ def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
         **UI_STATE_DEFAULTS,
         "searchFilter": TRIALS_FILTER,
         "selectedColumns": headline_columns(external),
-        "groupBy": SWEEP_GROUPS,
+        "groupBy": CELL_GROUPS,
         "useGroupedValuesInCharts": False,
         "compareRunCharts": charts,
         "compareRunSections": sections,
@@ -246,11 +285,12 @@ def view_paths(name: str, experiment_id: str) -> ExperimentViews:
 
 
 def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) -> ExperimentViews:
-    """Write (or refresh) the experiment's two dpsweep views from the runs it holds now.
+    """Write (or refresh) the experiment's two dpsweep views from the runs it holds now, and colour its trials.
 
     The external datasets (columns and charts) are those some trial logged an ``external/<dataset>/auroc_macro``
     for. A view whose state did not change is left as it is (its ``updatedAt`` too); one that did keeps its
-    ``createdAt``.
+    ``createdAt``. A trial without a ``mlflow.runColor`` tag gets its init's colour (`init_color`); a colour a user
+    picked in the UI stays.
 
     Args:
         client: an ``mlflow.tracking.MlflowClient`` of the store.
@@ -260,6 +300,10 @@ def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) ->
     experiment = client.get_experiment(experiment_id)
     trials = client.search_runs([experiment_id], TRIALS_FILTER, max_results=1000)
     external = sorted({found.group(1) for run in trials for key in run.data.metrics if (found := _EXTERNAL.match(key))})
+    for run in trials:
+        init = run.data.params.get("init")
+        if init is not None and RUN_COLOR_TAG not in run.data.tags:
+            client.set_tag(run.info.run_id, RUN_COLOR_TAG, init_color(init))
     states = {RUNS_VIEW: runs_view_state(external), CHARTS_VIEW: charts_view_state(external)}
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     for key, state in states.items():

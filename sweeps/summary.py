@@ -7,9 +7,11 @@ import functools
 import math
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from analysis import views
 from analysis.tables import GUARANTEE_TEXT, without_guarantee
 from sweeps.plan import trial_key
 from sweeps.spec import SweepSpec
@@ -80,6 +82,65 @@ def results_table(trials: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+SEED_COLUMNS = {
+    N.TEST_AUROC_MACRO: "test AUROC",
+    N.auroc_gap("test", "age"): "age gap",
+    N.auroc_gap("test", "sex"): "sex gap",
+}
+"""The seed table's metrics (trials.parquet column -> header), left to right; the last ones are left out when the
+table would be wider than `SUMMARY_WIDTH` (the report has every metric)."""
+SEED_CELL_HEADERS = {"model": "model", "dataset": "dataset", "init": "init", "privacy_unit": "unit"}
+"""Cell columns: ``init`` and ``target`` always shown, the others where cells differ in them."""
+
+
+def seed_table(trials: pd.DataFrame) -> str | None:
+    """Per cell (model, dataset, init, privacy unit, target epsilon; `analysis.views.SEED_CELL`), each headline test
+    metric over seeds as ``mean +/- sd (n)`` and the 95% Student-t interval of the test AUROC's mean, the learning
+    rate and clip norm chosen within each seed on validation (`analysis.views.seed_summary`); None when no cell has
+    finished trials of more than one seed. One seed leaves sd and interval ``-``. Model, dataset and privacy unit are
+    columns only where cells differ in them (init and target always are); metric columns are left out from the right
+    (and named below the table) until it fits `SUMMARY_WIDTH`; the cell columns, the test AUROC and its interval
+    always stay."""
+    if not views.several_seeds(trials):
+        return None
+    metrics = [m for m in SEED_COLUMNS if m in trials.columns]
+    cells = views.seed_cell_columns(trials)
+    rows = []
+    for key, group in views.seed_summary(trials, metrics=metrics).groupby(cells, sort=False, dropna=False):
+        row: dict[str, Any] = dict(zip(cells, key, strict=True))
+        if "target_epsilon" in row:
+            target = float(row["target_epsilon"])
+            row["target"] = f"{target:g}" if math.isfinite(target) else NON_PRIVATE
+        for spread in group.itertuples(index=False):
+            metric, mean, sd, n = (getattr(spread, c) for c in (views.METRIC, views.MEAN, views.SD, views.N_SEEDS))
+            row[SEED_COLUMNS[metric]] = f"{_three(mean)} +/- {_three(sd)} ({n})"
+            if metric == N.TEST_AUROC_MACRO:
+                low, high = spread.ci_low, spread.ci_high
+                row["95% interval"] = "-" if low != low else f"[{low:.3f}, {high:.3f}]"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    shown = [c for c in cells if c == "init" or (c != "target_epsilon" and table[c].nunique(dropna=False) > 1)]
+    table = table[shown + [c for c in table.columns if c not in cells]].rename(columns=SEED_CELL_HEADERS)
+    text = table.to_string(index=False)
+    left_out: list[str] = []
+    while max(map(len, text.splitlines())) > SUMMARY_WIDTH and len(table.columns) > len(shown) + 3:
+        left_out.insert(0, table.columns[-1])
+        table = table.iloc[:, :-1]
+        text = table.to_string(index=False)
+    intro = (
+        "over seeds, per cell: mean +/- sd (n seeds) of the model chosen in each seed on validation (learning rate, "
+        "clip norm); the test AUROC mean's 95% t-interval"
+    )
+    lines = [textwrap.fill(intro, SUMMARY_WIDTH), text]
+    if left_out:
+        lines.append(f"(left out for width: {', '.join(left_out)}; the report has every metric)")
+    return "\n".join(lines)
+
+
+def _three(value: float) -> str:
+    return "-" if value != value else f"{value:.3f}"
+
+
 def adjacency_line(trials: pd.DataFrame) -> str:
     """The adjacency the epsilons use, and the replace-one reading of the private trials per target: the largest
     `names.EPSILON_REPLACE_ONE` of the trials with a guarantee at each target epsilon (the ``repl`` column)."""
@@ -108,8 +169,10 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     if spec is not None and spec.optuna is None:  # grid order (the sweep file's), not Ray's completion order
         order = {trial_key(spec, point): i for i, point in enumerate(spec.grid())}
         trials = trials.sort_values("trial", key=lambda keys: keys.map(order).fillna(len(order)), kind="stable")
+    seeds = seed_table(trials)
     lines = [
         results_table(trials),
+        *(["", seeds] if seeds else []),
         "",
         textwrap.fill(GUARANTEE_TEXT, SUMMARY_WIDTH),
         textwrap.fill(adjacency_line(trials), SUMMARY_WIDTH),

@@ -2,9 +2,12 @@
 
 A finished tiny sweep (one private trial at epsilon 2 and its non-private baseline, with an external set) is served
 by `dpsweep ui` exactly as `make ui` runs it, on a free loopback port; the test opens the two URLs that command
-prints and checks what the page shows: the runs table (children grouped under their sweep, headline columns with
-the values MLflow holds) and the chart view (the non-private baseline plotted beside the private run against the
-``budget`` param). Screenshots go to ``$DPSWEEP_UI_SCREENSHOTS`` when set (else the test's temporary folder).
+prints and checks what the page shows: the runs table (in a 1600-pixel-wide window the headline metric columns
+are in view without scrolling; each trial in the group of its init x budget, never averaged with another budget;
+headline columns with the values MLflow holds) and the chart view (the non-private baseline plotted beside the
+private run against the ``budget`` param, every point in its init's colour). Screenshots go to
+``$DPSWEEP_UI_SCREENSHOTS`` when set (else the test's temporary folder): ``mlflow-runs.png`` at 1600 pixels,
+``mlflow-runs-wide.png`` with every column, ``mlflow-charts.png``, ``mlflow-charts-parallel.png``.
 Chromium and the server run in process sessions of their own, killed afterwards even on failure. Skipped where no
 Chromium is installed (Debian package ``chromium``).
 
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,7 @@ SERVER_START_S = 90  # `dpsweep ui` publishes the views (a few s of imports), th
 SERVER_STOP_GRACE_S = 10
 PAGE_TIMEOUT_S = 60  # a cold page on 2 shared cores: bundle download, parse, runs fetch, render
 TABLE_SIZE = (2560, 1200)  # wide enough that ag-grid renders every headline column (it virtualises the rest)
-CHART_SIZE = (1600, 1200)
+CHART_SIZE = (1600, 1200)  # a laptop's browser window: the runs view's headline metrics must show at this width
 EXTERNAL = "synthetic-b"
 SPEC = tiny_yaml(name="ui", data={"external": [EXTERNAL]})
 
@@ -70,6 +73,22 @@ CHARTS_JS = """Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot
   points: plot.querySelectorAll('.scatterlayer .point').length,
 }))"""
 CARD = "[data-testid=experiment-view-compare-runs-card]"  # one chart card of the chart view
+# Left and right edge (CSS pixels) of every runs-table header cell and of the table's visible area, once the given
+# columns all lie within that area (else null).
+IN_VIEW_JS = """((wanted) => {
+  const area = document.querySelector('.ag-body-viewport').getBoundingClientRect();
+  const columns = {};
+  for (const header of document.querySelectorAll('.ag-header-cell[col-id]')) {
+    const box = header.getBoundingClientRect();
+    columns[header.getAttribute('col-id')] = [box.left, box.right];
+  }
+  const shown = wanted.every(id => columns[id] && area.left <= columns[id][0] && columns[id][1] <= area.right);
+  return shown ? {area: [area.left, area.right], columns} : null;
+})"""
+# The fill colour of every point of the scatter whose y axis is the given metric.
+POINT_COLOURS_JS = """((metric) => Array.from(document.querySelectorAll('.js-plotly-plot'))
+  .filter(plot => plot.querySelector('.ytitle') && plot.querySelector('.ytitle').textContent === metric)
+  .flatMap(plot => Array.from(plot.querySelectorAll('.scatterlayer .point')).map(p => p.style.fill)))"""
 # MLflow 3.17 opens its Assistant side panel on a first visit; closed for the screenshots only (no check uses it).
 CLOSE_ASSISTANT_JS = """(() => {
   const button = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
@@ -140,6 +159,8 @@ def finished_sweep(tmp_path_factory) -> tuple[Path, list[Trial]]:
         if run.info.status == "FINISHED"
     ]
     assert len(trials) == len(table) == 2
+    for run in runs:  # coloured by init when the sweep ended
+        assert run.data.tags[ui.RUN_COLOR_TAG] == ui.init_color(run.data.params["init"])
     run_names = {name.key: name.run_name for name in (trial_name(spec, point) for point in spec.grid())}
     for run in runs:  # the names the runs list shows are the short ones
         assert run.info.run_name == run_names[run.data.tags[TRIAL_KEY_TAG]]
@@ -236,33 +257,61 @@ def test_non_private_runs_say_so_and_log_no_epsilon(finished_sweep):
     assert 0 < budgets["eps=2"].metrics[M.EPSILON] <= 2
 
 
+def wait_for_rows(browser: HeadlessChromium, names: list[str], columns: Sequence[str] = ()) -> dict:
+    """The runs table once every named run has a row and every given column is rendered."""
+    return browser.wait_for(
+        f"(() => {{ const t = {TABLE_JS}; const names = {json.dumps(names)};"
+        f" const columns = {json.dumps(list(columns))};"
+        " const shown = t.rows.map(r => r['attributes.`Run Name`']);"
+        " return names.every(n => shown.includes(n)) && columns.every(c => t.headers.includes(c)) ? t : null; })()",
+        PAGE_TIMEOUT_S,
+        f"rows of the child runs {names} with columns {columns}",
+    )
+
+
 @pytest.mark.slow
-def test_runs_list_shows_the_children_grouped_under_the_sweep_with_headline_columns(served, browser, screenshots):
+def test_runs_list_shows_the_headline_metrics_at_1600_pixels_and_groups_by_init_and_budget(
+    served, browser, screenshots
+):
+    browser.open(served.runs_url)
+    names = [trial.name for trial in served.trials]
+    first = [ui.column("metrics", m) for m in (M.EPSILON, M.TEST_AUROC_MACRO)]
+    try:
+        wait_for_rows(browser, names)
+        # as MLflow first opens, its Assistant panel takes the right of the window: epsilon and AUROC still show
+        browser.wait_for(f"{IN_VIEW_JS}({json.dumps(first)})", PAGE_TIMEOUT_S, f"columns {first} in view")
+        browser.evaluate(CLOSE_ASSISTANT_JS)
+        # without it (closed once, it stays closed), every headline metric of the sweep's own test set
+        headline = [ui.column("metrics", m) for m in ui.headline_metrics()]
+        browser.wait_for(f"{IN_VIEW_JS}({json.dumps(headline)})", PAGE_TIMEOUT_S, f"columns {headline} in view")
+    finally:
+        capture(browser, screenshots / "mlflow-runs.png")
+
     browser.call(
         "Emulation.setDeviceMetricsOverride",
         {"width": TABLE_SIZE[0], "height": TABLE_SIZE[1], "deviceScaleFactor": 1, "mobile": False},
     )
-    browser.open(served.runs_url)
-    names = [trial.name for trial in served.trials]
-    try:
-        table = browser.wait_for(
-            f"(() => {{ const t = {TABLE_JS}; const names = {json.dumps(names)};"
-            " const shown = t.rows.map(r => r['attributes.`Run Name`']);"
-            " return names.every(n => shown.includes(n)) ? t : null; })()",
-            PAGE_TIMEOUT_S,
-            f"rows of the child runs {names}",
-        )
-    finally:
-        capture(browser, screenshots / "mlflow-runs.png")
     headline = ui.headline_columns([EXTERNAL])
-    assert set(headline) <= set(table["headers"]), table["headers"]
+    try:
+        table = wait_for_rows(browser, names, headline)  # ag-grid renders the columns the wider window shows
+    finally:
+        capture(browser, screenshots / "mlflow-runs-wide.png")
     rows = table["rows"]
     run_names = [row.get("attributes.`Run Name`", "") for row in rows]
-    group = next(i for i, name in enumerate(run_names) if "Group: ui" in name)
+    groups = {
+        i: found.groups()
+        for i, name in enumerate(run_names)
+        if (found := re.search(r"init: (\S+), budget: (\S+)", name))
+    }
     by_name = {name: i for i, name in enumerate(run_names)}
     for trial in served.trials:
         index = by_name[trial.name]
-        assert index > group, (group, run_names)  # listed inside the sweep's (open) group
+        group = max(i for i in groups if i < index)  # the (open) group the trial is listed in
+        assert groups[group] == ("random", trial.budget), (groups, run_names)
+        # the group row averages only this cell's runs: here the trial alone
+        assert float(rows[group][ui.column("metrics", M.TEST_AUROC_MACRO)].split()[0]) == pytest.approx(
+            trial.metrics[M.TEST_AUROC_MACRO], rel=1e-9
+        )
         row = rows[index]
         assert row[ui.column("params", "init")] == "random"
         assert row[ui.column("params", BUDGET_PARAM)] == trial.budget
@@ -294,6 +343,10 @@ def test_chart_view_plots_the_non_private_baseline_beside_the_private_run(served
     assert sorted(drawn[M.TEST_AUROC_MACRO]["xticks"]) == sorted(t.budget for t in served.trials)
     for metric in set(drawn) & set(utility):  # the others (below the fold) may not be drawn yet
         assert drawn[metric]["points"] == finished, (metric, drawn[metric])
+    # Each point in its init's colour (both trials are random-init; MLflow's own colours differ per run).
+    red, green, blue = (int(ui.init_color("random")[i : i + 2], 16) for i in (1, 3, 5))
+    colours = browser.evaluate(f"{POINT_COLOURS_JS}({json.dumps(M.TEST_AUROC_MACRO)})")
+    assert colours == [f"rgb({red}, {green}, {blue})"] * finished, colours
     # Below: parallel coordinates (MLflow's own d3 chart) with the budget as a category axis, baseline included.
     browser.evaluate(
         f"document.querySelectorAll({json.dumps(CARD)}).forEach((c, i, all) => {{"
@@ -321,15 +374,20 @@ def test_views_name_the_headline_columns_and_fit_in_an_experiment_tag():
     for state in (ui.runs_view_state(externals), ui.charts_view_state(externals)):
         assert set(state) == set(ui.UI_STATE_DEFAULTS) | set(ui.SEARCH_FACETS_DEFAULTS)
         assert state["selectedColumns"] == [
-            "params.`init`",
-            "params.`budget`",
-            "params.`max_grad_norm`",
-            "params.`lr`",
             "metrics.`privacy/epsilon`",
             "metrics.`test/auroc_macro`",
             "metrics.`test/fairness/auroc_gap/sex`",
             "metrics.`test/fairness/auroc_gap/age`",
             *(f"metrics.`external/{name}/auroc_macro`" for name in externals),
+            "params.`init`",
+            "params.`budget`",
+            "params.`max_grad_norm`",
+            "params.`lr`",
+        ]
+        # groups: one per init x budget, never private and non-private runs in one average
+        assert state["groupBy"]["groupByKeys"] == [
+            {"mode": "param", "groupByData": "init"},
+            {"mode": "param", "groupByData": "budget"},
         ]
         text = ui.envelope("view", state, 1, 2)
         assert len(text) <= ui.MAX_TAG_VALUE
@@ -339,6 +397,32 @@ def test_views_name_the_headline_columns_and_fit_in_an_experiment_tag():
     assert [c["yaxis"]["key"] for c in scatters] == [M.TEST_AUROC_MACRO, *ui.headline_metrics(externals)[2:]]
     assert all(c["xaxis"] == {"key": BUDGET_PARAM, "type": "PARAM"} for c in scatters)
     assert M.EPSILON not in json.dumps(charts)  # non-private runs have none: a chart of it would drop them
+
+
+def test_the_runs_view_puts_the_headline_metrics_first_and_sizes_them_by_their_names():
+    state = ui.runs_view_state(["padchest"])
+    order = state["columnOrder"]
+    assert order[:2] == [ui.RUN_NAME_COLUMN, ui.CREATED_COLUMN] and order[-1] == ui.DURATION_COLUMN
+    assert order[2:-1] == state["selectedColumns"]
+    widths = state["columnWidths"]
+    assert set(widths) <= set(order)  # MLflow sizes only the columns of columnOrder
+    assert widths[ui.column("metrics", M.TEST_AUROC_MACRO)] == ui.VALUE_WIDTH  # a short name: as wide as a value
+    gap = M.auroc_gap("test", "sex")
+    assert widths[ui.column("metrics", gap)] == ui.CHARACTER_WIDTH * len(gap) + ui.HEADER_PADDING
+    # The metrics of the sweep's own test set end within a 1600-pixel window: 1600 less MLflow 3.17's side bar and
+    # margins is the 1346 pixels the grid showed in headless Chromium, of which the check box column takes 73.
+    pinned = 73 + widths[ui.RUN_NAME_COLUMN] + widths[ui.CREATED_COLUMN]
+    assert pinned + sum(widths[ui.column("metrics", m)] for m in ui.headline_metrics()) <= 1346
+    # On a first visit MLflow's Assistant panel leaves the grid 938 pixels: spent epsilon and test AUROC still fit.
+    assert pinned + sum(widths[ui.column("metrics", m)] for m in (M.EPSILON, M.TEST_AUROC_MACRO)) <= 938
+
+
+def test_each_init_has_its_colour():
+    assert ui.init_color("random") != ui.init_color("domain")
+    assert len(set(ui.INIT_COLORS.values())) == len(ui.INIT_COLORS)
+    assert ui.init_color("convnext_small.fb_in22k") in ui.OTHER_INIT_COLORS  # stable: a hash of the name
+    assert ui.init_color("convnext_small.fb_in22k") == ui.init_color("convnext_small.fb_in22k")
+    assert not set(ui.OTHER_INIT_COLORS) & set(ui.INIT_COLORS.values())
 
 
 def test_a_view_too_large_for_a_tag_is_refused():
@@ -366,6 +450,14 @@ def test_publish_views_follows_the_store_and_rewrites_only_on_change(tmp_path):
     ui.publish_views(client, experiment_id, now_ms=3000)  # nothing changed: nothing rewritten
     again = json.loads(client.get_experiment(experiment_id).tags[ui.SHARE_TAG_PREFIX + ui.RUNS_VIEW])
     assert again["updatedAt"] == 2000
+    # trials get their init's colour; a colour picked in the UI (the same tag) stays; the parent run gets none
+    picked = client.create_run(experiment_id, tags={ROLE_TAG: "trial", ui.RUN_COLOR_TAG: "#000000"})
+    for run in (child, picked):
+        client.log_param(run.info.run_id, "init", "domain")
+    ui.publish_views(client, experiment_id, now_ms=4000)
+    assert client.get_run(child.info.run_id).data.tags[ui.RUN_COLOR_TAG] == ui.init_color("domain")
+    assert client.get_run(picked.info.run_id).data.tags[ui.RUN_COLOR_TAG] == "#000000"
+    assert ui.RUN_COLOR_TAG not in client.get_run(parent.info.run_id).data.tags
     assert [v.experiment_id for v in ui.publish_sweep_views(client)] == [experiment_id]  # not the Default one
 
 

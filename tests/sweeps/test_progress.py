@@ -31,3 +31,38 @@ def test_epoch_and_done_lines_are_aligned_and_the_status_counts_trials():
     assert lines[2].startswith("  done   random-eps1")
     assert lines[3].startswith("  [2/4 done, 1 running, 1 pending |") and "ETA" in lines[3]
     assert all(len(line) <= 100 for line in lines)
+
+
+def test_the_summary_shows_mean_sd_and_n_over_seeds_per_cell_within_100_characters():
+    """The hand-made two-seed table of `tests.analysis.test_seeds` (numbers computed by hand there)."""
+    from sweeps.summary import SUMMARY_WIDTH, seed_table
+    from tests.analysis.test_seeds import hand_trials
+
+    trials = hand_trials()
+    trials[N.auroc_gap("test", "sex")] = 0.02
+    text = seed_table(trials)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= SUMMARY_WIDTH, text
+    header = next(line for line in lines if line.split()[:2] == ["init", "target"])
+    assert header.split() == ["init", "target", "test", "AUROC", "95%", "interval", "age", "gap", "sex", "gap"]
+    rows = {tuple(line.split()[:2]): line for line in lines[lines.index(header) + 1 :]}
+    assert (
+        rows[("random", "1")].split()[2:]
+        == "0.670 +/- 0.042 (2) [0.289, 1.051] 0.100 +/- - (1) 0.020 +/- 0.000 (2)".split()
+    )
+    assert rows[("random", "non-DP")].split()[2:8] == "0.830 +/- 0.036 (3) [0.740, 0.920]".split()
+    assert rows[("domain", "1")].split()[2:7] == "0.750 +/- - (1) -".split()  # one seed: no sd, no interval
+    assert seed_table(trials[trials["seed"] == 0]) is None  # one seed per cell: no table
+
+
+def test_the_seed_table_leaves_metrics_out_rather_than_grow_past_100_characters():
+    from sweeps.summary import SUMMARY_WIDTH, seed_table
+    from tests.analysis.test_seeds import hand_trials
+
+    trials = hand_trials()
+    trials[N.auroc_gap("test", "sex")] = 0.02
+    trials.loc[trials["init"] == "domain", ["model", "dataset"]] = ["convnext_small", "chexpert"]  # shown: they differ
+    text = seed_table(trials)
+    assert max(map(len, text.splitlines())) <= SUMMARY_WIDTH, text
+    assert "model" in text and "95% interval" in text
+    assert text.splitlines()[-1] == "(left out for width: sex gap; the report has every metric)"
