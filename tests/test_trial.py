@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
+from tests.factories import prepare_tiny_site, run_tiny_trial, tiny_trial_config
 from trainables import names as M
 from trainables.data.labels import LABELS
 from trainables.data.loaders import load_trial_data
