@@ -59,7 +59,10 @@ def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int 
         elif name in _TOP_LEVEL:
             top[name] = value
         else:
-            raise TypeError(f"tiny_trial_config: {name!r} is no TrialConfig, PrivacyConfig or SpeedConfig field")
+            raise TypeError(
+                f"tiny_trial_config: {name!r} is not a flat field name (`TrialConfig.to_flat`'s); pass the fields "
+                "of privacy and speed themselves, e.g. grad_sample_mode='hooks'"
+            )
     top = {
         "sweep": "tiny",
         "dataset": TINY_DATASET,

@@ -23,7 +23,6 @@ from trainables.evaluate.report import evaluate_split
 from trainables.models import create_model, predict, resolve_init
 from trainables.privacy.accounting import calibrate_noise_multiplier, replace_one_epsilon
 from trainables.privacy.patients import group_patients
-from trainables.privacy.planning import plan_privacy
 from trainables.privacy.randomness import mechanism_randomness
 from trainables.steps import (
     BaselineStepper,
@@ -342,13 +341,8 @@ def _stepper(cfg: TrialConfig):
 def test_the_step_kind_is_chosen_once_from_the_config(tiny_site):
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     image = tiny_trial_config(tiny_site, 4.0, epochs=1)
-    patient = dataclasses.replace(
-        image,
-        speed=dataclasses.replace(image.speed, grad_sample_mode="hooks"),
-        privacy=plan_privacy(
-            dataclasses.replace(image.privacy, privacy_unit="patient", max_images_per_patient=2),
-            group_patients(ids, 2).n_patients,
-        ),
+    patient = tiny_trial_config(
+        tiny_site, 4.0, epochs=1, grad_sample_mode="hooks", privacy_unit="patient", max_images_per_patient=2
     )
     baseline, records = _stepper(tiny_trial_config(tiny_site, math.inf, epochs=1))
     assert isinstance(baseline, BaselineStepper) and baseline.accountant is None

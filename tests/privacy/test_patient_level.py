@@ -28,7 +28,6 @@ from trainables.privacy.patients import (
     private_patient_step,
     sum_grad_samples_by_patient,
 )
-from trainables.privacy.planning import plan_privacy
 from trainables.privacy.units import images_per_patient, patient_epsilon
 from trainables.train import BudgetError
 
@@ -200,21 +199,17 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
     n_patients = group_patients(ids, 3).n_patients
     assert n_patients < len(ids)
     q, steps = sample_rate_and_steps(n_patients, 8, 2)  # the plan's q and steps, derived here independently
-    base = tiny_trial_config(tiny_site, 4.0, epochs=2)
-    cfg = dataclasses.replace(
-        base,
-        privacy=plan_privacy(
-            dataclasses.replace(
-                base.privacy,
-                privacy_unit="patient",
-                max_images_per_patient=3,
-                expected_batch_size=8,
-                secure_mode=secure,
-            ),
-            n_patients,
-        ),
-        # pad_multiple: the padding granule must fit the physical batch (patient-level steps never pad)
-        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, pad_multiple=5, grad_sample_mode=mode),
+    cfg = tiny_trial_config(
+        tiny_site,
+        4.0,
+        epochs=2,
+        privacy_unit="patient",
+        max_images_per_patient=3,
+        expected_batch_size=8,
+        secure_mode=secure,
+        max_physical_batch_size=5,
+        pad_multiple=5,  # the padding granule must fit the physical batch (patient-level steps never pad)
+        grad_sample_mode=mode,
     )
     assert (cfg.privacy.sample_rate, cfg.privacy.steps) == (q, steps)
     sigma = cfg.privacy.noise_multiplier
@@ -233,15 +228,15 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
 
 
 def test_patient_level_trial_resumes_exactly(tiny_site):
-    ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
-    base = tiny_trial_config(tiny_site, 4.0, epochs=2, grad_sample_mode="hooks")  # not bk yet
-    cfg = dataclasses.replace(
-        base,
+    cfg = tiny_trial_config(
+        tiny_site,
+        4.0,
+        epochs=2,
         test_every_epoch=False,
-        privacy=plan_privacy(
-            dataclasses.replace(base.privacy, privacy_unit="patient", max_images_per_patient=2, expected_batch_size=8),
-            group_patients(ids, 2).n_patients,
-        ),
+        privacy_unit="patient",
+        max_images_per_patient=2,
+        expected_batch_size=8,
+        grad_sample_mode="hooks",  # not bk yet
     )
     run = run_tiny_trial(cfg)
     resumed = run_tiny_trial(cfg, run.states[0])
