@@ -344,7 +344,7 @@ def test_pretrain_configs_check_themselves(changes, field):
 )
 def test_a_config_error_in_a_sweep_file_names_its_yaml_path(path, value, expected):
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import edit
+    from tests.sweeps.sweep_files import edit
 
     with pytest.raises(SpecError, match=expected):
         parse_spec(edit(path, value), source="smoke.yaml")
@@ -352,7 +352,7 @@ def test_a_config_error_in_a_sweep_file_names_its_yaml_path(path, value, expecte
 
 def test_per_model_clip_norms_are_named_by_model_and_index():
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import smoke_dict
+    from tests.sweeps.sweep_files import smoke_dict
 
     raw = smoke_dict()
     raw["model"] = ["test_convnext", "convnext_tiny"]
@@ -366,7 +366,7 @@ def test_per_model_clip_norms_are_named_by_model_and_index():
 def test_every_grid_point_is_checked_not_only_the_first():
     """A clip norm of 0 is fine for the non-private baseline and refused for the private point of the same grid."""
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import smoke_dict
+    from tests.sweeps.sweep_files import smoke_dict
 
     raw = smoke_dict()
     raw["privacy"] |= {"target_epsilon": [math.inf, 4.0], "max_grad_norm": [1.0, 0.0]}
@@ -379,7 +379,7 @@ def test_optuna_sweeps_check_the_trial_of_every_cell():
     import yaml
 
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import OPTUNA
+    from tests.sweeps.sweep_files import OPTUNA
 
     raw = yaml.safe_load(OPTUNA.read_text())
     raw["privacy"]["label_count_noise_multiplier"] = 20
@@ -391,7 +391,7 @@ def test_optuna_sweeps_check_the_trial_of_every_cell():
 
 def test_the_sweep_privacy_section_holds_no_per_trial_placeholder():
     from sweeps.spec import load_spec
-    from tests.sweeps.test_spec import SMOKE
+    from tests.sweeps.sweep_files import SMOKE
 
     spec = load_spec(SMOKE)
     per_trial = {"target_epsilon", "max_grad_norm", "privacy_unit", *PrivacyConfig.DERIVED}
@@ -438,7 +438,7 @@ def test_validation_imports_the_types_not_the_parser():
 )
 def test_sweep_files_set_the_speed_knobs_under_speed(field, value):
     from sweeps.spec import parse_spec
-    from tests.sweeps.test_spec import smoke_dict
+    from tests.sweeps.sweep_files import smoke_dict
 
     raw = smoke_dict()
     raw["speed"] = {**raw.get("speed", {}), field: value}
@@ -455,7 +455,7 @@ def test_sweep_files_set_the_speed_knobs_under_speed(field, value):
 )
 def test_bad_speed_knobs_are_refused_naming_field_value_and_choices(field, value, expected):
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import smoke_dict
+    from tests.sweeps.sweep_files import smoke_dict
 
     raw = smoke_dict()
     raw["speed"] = {**raw.get("speed", {}), field: value}
@@ -469,7 +469,7 @@ def test_bad_speed_knobs_are_refused_naming_field_value_and_choices(field, value
 def test_patient_level_sweeps_refuse_bf16_and_forced_padding(knob, field):
     # Patient-level chunks hold whole patients and run in float32: a knob they cannot honour is an error, not ignored.
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_units_spec import units_dict
+    from tests.sweeps.sweep_files import units_dict
 
     raw = units_dict()
     raw["speed"] = {**raw["speed"], **knob}
@@ -480,7 +480,7 @@ def test_patient_level_sweeps_refuse_bf16_and_forced_padding(knob, field):
 @pytest.mark.parametrize("multiple", [0, 65])
 def test_pad_multiple_must_fit_the_physical_batch(multiple):
     from sweeps.spec import SpecError, parse_spec
-    from tests.sweeps.test_spec import smoke_dict
+    from tests.sweeps.sweep_files import smoke_dict
 
     raw = smoke_dict()
     raw["speed"] = {**raw.get("speed", {}), "max_physical_batch_size": 64, "pad_multiple": multiple}

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from analysis.tables import TrialRecord, build_tables
-from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
+from tests.factories import prepare_tiny_site, run_tiny_trial, tiny_trial_config
 from trainables import names as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def logged(tmp_path_factory) -> Logged:
         3.0,
         epochs=1,
         pos_weight="train",
-        privacy_label_count_noise_multiplier=20.0,
+        label_count_noise_multiplier=20.0,
         n_boot=10,
         external_datasets=("synthetic-b",),
     )

@@ -3,10 +3,7 @@
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,19 +11,18 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from tests.privacy.test_resume import assert_identical, split_system_metrics
+from tests.asserts import assert_identical
+from tests.factories import TINY_DATASET, TINY_SIZE, pinned_config, run_tiny_trial, tiny_trial_config
 from trainables import names as M
-from trainables.config import PrivacyConfig, TrialConfig
+from trainables.config import TrialConfig
 from trainables.data.cache import open_cache
 from trainables.data.labels import LABELS
 from trainables.data.loaders import load_trial_data
-from trainables.data.synthetic import prepare_synthetic
 from trainables.evaluate.fairness import subgroup_auroc_gaps
 from trainables.evaluate.report import evaluate_split
 from trainables.models import create_model, predict, resolve_init
 from trainables.privacy.accounting import calibrate_noise_multiplier, replace_one_epsilon
 from trainables.privacy.patients import group_patients
-from trainables.privacy.planning import plan_privacy
 from trainables.privacy.randomness import mechanism_randomness
 from trainables.steps import (
     BaselineStepper,
@@ -38,22 +34,7 @@ from trainables.steps import (
     step_settings,
 )
 from trainables.throughput import throughput_metrics
-from trainables.train import BudgetError, TrainState, TrialResult, check_ledger, train_trial, training_records
-
-
-def config(sigma=1.2, q=0.1) -> TrialConfig:
-    return TrialConfig(
-        sweep="s",
-        dataset="d",
-        data_root="/d",
-        image_size=32,
-        model="test_convnext",
-        init="random",
-        init_weights=None,
-        lr=1e-3,
-        seed=0,
-        privacy=PrivacyConfig(target_epsilon=2.0, noise_multiplier=sigma, sample_rate=q, steps=30),
-    )
+from trainables.train import BudgetError, TrainState, check_ledger, training_records
 
 
 def accountant(*steps):
@@ -65,13 +46,13 @@ def accountant(*steps):
 
 
 def test_consistent_ledger_passes():
-    check_ledger(accountant((1.2, 0.1, 10)), config(), 10)
+    check_ledger(accountant((1.2, 0.1, 10)), pinned_config(), 10)
 
 
 @pytest.mark.parametrize("ledger", [(), ((1.2, 0.1, 9),), ((1.0, 0.1, 10),), ((1.2, 0.05, 10),)])
 def test_lost_short_or_foreign_ledger_is_refused(ledger):
     with pytest.raises(BudgetError, match="inconsistent ledger"):
-        check_ledger(accountant(*ledger), config(), 10)
+        check_ledger(accountant(*ledger), pinned_config(), 10)
 
 
 def test_epsilon_of_a_lost_ledger_would_be_under_reported():
@@ -82,79 +63,7 @@ def test_epsilon_of_a_lost_ledger_would_be_under_reported():
 
 
 # ----------------------------------------------------------------------------------------------------
-# A tiny trial end to end (also used by tests/privacy/test_secure.py)
-
-TINY_DATASET, TINY_SIZE, TINY_IMAGES, TINY_BATCH = "synthetic-a", 32, 240, 16  # 178 training images, q = 1/12
-
-
-def prepare_tiny_site(data_root: Path) -> Path:
-    """The tiny synthetic site the end-to-end trial tests train on (32 px, 240 images)."""
-    prepare_synthetic(TINY_DATASET, data_root, size=TINY_SIZE, n_images=TINY_IMAGES)
-    return data_root
-
-
-def tiny_trial_config(data_root: Path, target_epsilon: float = 4.0, epochs: int = 2, **changes) -> TrialConfig:
-    """A `test_convnext` trial on the tiny site, calibrated like the sweep launcher does; ``changes`` replace
-    TrialConfig fields, or PrivacyConfig fields when prefixed ``privacy_``."""
-    n_train = len(open_cache(data_root / TINY_DATASET / str(TINY_SIZE)).split("train"))
-    privacy_changes = {k.removeprefix("privacy_"): v for k, v in changes.items() if k.startswith("privacy_")}
-    privacy = plan_privacy(
-        PrivacyConfig(
-            target_epsilon=target_epsilon, delta=1e-5, expected_batch_size=TINY_BATCH, epochs=epochs, **privacy_changes
-        ),
-        n_train,
-    )
-    top = {k: v for k, v in changes.items() if not k.startswith("privacy_")}
-    return TrialConfig(
-        **{
-            **dict(
-                sweep="tiny",
-                dataset=TINY_DATASET,
-                data_root=str(data_root),
-                image_size=TINY_SIZE,
-                model="test_convnext",
-                init="random",
-                init_weights=None,
-                lr=1e-3,
-                seed=0,
-                n_boot=0,
-            ),
-            **top,
-        },
-        privacy=privacy,
-    )
-
-
-@dataclass
-class TinyRun:
-    """Every epoch's report split into its results (``epochs``, equal between runs that replay alike) and its
-    system metrics (``system``: timing, different in every run), the epoch checkpoints and the result."""
-
-    epochs: list[dict[str, Any]]
-    states: list[dict[str, Any]]
-    result: TrialResult
-    system: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
-def run_tiny_trial(cfg: TrialConfig, state: dict[str, Any] | None = None, **options: Any) -> TinyRun:
-    """Train ``cfg`` in this process (optionally resuming ``state``; ``options`` go to `train_trial`), keeping every
-    epoch's report."""
-    epochs, states, system = [], [], []
-
-    def report(metrics: dict[str, Any], epoch_state: dict[str, Any] | None) -> None:
-        results, timing = split_system_metrics(metrics)
-        epochs.append(results)
-        system.append(timing)
-        states.append(copy.deepcopy(epoch_state))
-
-    result = train_trial(cfg, resolve_init("random", cfg.model), report, state, **options)
-    return TinyRun(epochs, states, result, system)
-
-
-@pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory) -> Path:
-    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
-
+# A tiny trial end to end
 
 ATTRIBUTES = ("sex", "age")
 
@@ -302,7 +211,7 @@ def _train_state(cfg: TrialConfig, seed: int) -> TrainState:
 
 
 def test_train_state_round_trips_through_its_state_dict():
-    cfg = config()
+    cfg = pinned_config()
     state = _train_state(cfg, 0)
     state.model(torch.ones(2, 3)).sum().backward()
     state.optimizer.step()  # optimizer moments to carry
@@ -325,10 +234,10 @@ def test_train_state_round_trips_through_its_state_dict():
 
 
 def test_checkpoint_written_before_train_state_is_refused_clearly():
-    state = _train_state(config(), 0)
+    state = _train_state(pinned_config(), 0)
     old = {k: v for k, v in state.state_dict().items() if k != "format"}  # format 1 carried no version
     with pytest.raises(ValueError, match="checkpoint format 1 cannot be resumed"):
-        _train_state(config(), 0).load_state_dict(old)
+        _train_state(pinned_config(), 0).load_state_dict(old)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +249,7 @@ def test_private_pos_weight_train_spends_its_label_count_release_inside_the_targ
     from dp_accounting.rdp import RdpAccountant
 
     base = tiny_trial_config(tiny_site, 3.0, epochs=2)
-    cfg = tiny_trial_config(tiny_site, 3.0, epochs=2, pos_weight="train", privacy_label_count_noise_multiplier=20.0)
+    cfg = tiny_trial_config(tiny_site, 3.0, epochs=2, pos_weight="train", label_count_noise_multiplier=20.0)
     privacy, sigma = cfg.privacy, cfg.privacy.noise_multiplier
     assert sigma == calibrate_noise_multiplier(
         3.0, privacy.delta, privacy.sample_rate, privacy.steps, label_count_noise_multiplier=20.0
@@ -432,13 +341,8 @@ def _stepper(cfg: TrialConfig):
 def test_the_step_kind_is_chosen_once_from_the_config(tiny_site):
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     image = tiny_trial_config(tiny_site, 4.0, epochs=1)
-    patient = dataclasses.replace(
-        image,
-        speed=dataclasses.replace(image.speed, grad_sample_mode="hooks"),
-        privacy=plan_privacy(
-            dataclasses.replace(image.privacy, privacy_unit="patient", max_images_per_patient=2),
-            group_patients(ids, 2).n_patients,
-        ),
+    patient = tiny_trial_config(
+        tiny_site, 4.0, epochs=1, grad_sample_mode="hooks", privacy_unit="patient", max_images_per_patient=2
     )
     baseline, records = _stepper(tiny_trial_config(tiny_site, math.inf, epochs=1))
     assert isinstance(baseline, BaselineStepper) and baseline.accountant is None

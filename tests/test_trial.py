@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
+from tests.factories import run_tiny_trial, tiny_trial_config
 from trainables import names as M
 from trainables.data.labels import LABELS
 from trainables.data.loaders import load_trial_data
@@ -16,9 +16,8 @@ from trainables.trial import write_final_checkpoint
 
 
 @pytest.fixture(scope="module")
-def private_run(tmp_path_factory):
-    site = prepare_tiny_site(tmp_path_factory.mktemp("data"))
-    cfg = tiny_trial_config(site, 4.0, epochs=2)
+def private_run(tiny_site):
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=2)
     return cfg, run_tiny_trial(cfg)
 
 

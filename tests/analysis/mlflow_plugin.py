@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = "mlflow.artifact_repository"
@@ -42,3 +43,36 @@ def plugin_env(folder: Path) -> dict[str, str]:
         paths.append(str(folder))
     inherited = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, *([inherited] if inherited else [])])}
+
+
+SWEEP = "smoke"  # the experiment the docs' block names
+
+
+def write_store(runs: Path) -> dict[str, Any]:
+    """A sweep's experiment, parent run and two trial runs, each with its own ``evaluation/metrics.parquet``, written
+    as a sweep writes them; returns run id -> the table logged."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from analysis import mlflow_source
+    from sweeps.tracking import get_or_create_experiment, get_or_create_parent_run
+    from trainables import names as M
+
+    runs.mkdir(parents=True)
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = get_or_create_experiment(client, SWEEP, runs / "mlartifacts")
+    parent = get_or_create_parent_run(client, experiment, SWEEP, {})
+    logged = {}
+    for index, init in enumerate(("random", "domain")):
+        run_id = client.create_run(
+            experiment, run_name=init, tags={M.ROLE_TAG: "trial", M.PARENT_TAG: parent, M.SWEEP_TAG: SWEEP}
+        ).info.run_id
+        table = pd.DataFrame({"metric": [M.TEST_AUROC_MACRO], "value": [0.6 + index / 8], "integer": [False]})
+        file = runs.parent / "metrics.parquet"
+        table.to_parquet(file, index=False)
+        mlflow_source.run_artifact_repository(client, uri, run_id).log_artifact(str(file), M.EVALUATION_ARTIFACT_DIR)
+        file.unlink()
+        client.set_terminated(run_id)
+        logged[run_id] = table
+    return logged

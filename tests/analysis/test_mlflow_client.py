@@ -21,10 +21,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import mlflow_source
-from tests.analysis.mlflow_plugin import ROOT, declared_entry_point, plugin_env
+from tests.analysis.mlflow_plugin import ROOT, SWEEP, declared_entry_point, plugin_env, write_store
 from trainables import names as M
 
-SWEEP = "smoke"  # the experiment the docs' block names
 DOCS = ROOT / "docs" / "outputs.md"
 README = ROOT / "README.md"
 
@@ -42,31 +41,6 @@ def readme_line() -> str:
     found = re.findall(r"`(mlflow\.artifacts\.download_artifacts\([^`]*\))`", README.read_text())
     assert len(found) == 1, found
     return found[0]
-
-
-def write_store(runs: Path) -> dict[str, pd.DataFrame]:
-    """A sweep's experiment, parent run and two trial runs, each with its own ``evaluation/metrics.parquet``, written
-    as a sweep writes them; returns run id -> the table logged."""
-    from sweeps.tracking import get_or_create_experiment, get_or_create_parent_run
-
-    runs.mkdir(parents=True)
-    uri = f"sqlite:///{runs / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = get_or_create_experiment(client, SWEEP, runs / "mlartifacts")
-    parent = get_or_create_parent_run(client, experiment, SWEEP, {})
-    logged = {}
-    for index, init in enumerate(("random", "domain")):
-        run_id = client.create_run(
-            experiment, run_name=init, tags={M.ROLE_TAG: "trial", M.PARENT_TAG: parent, M.SWEEP_TAG: SWEEP}
-        ).info.run_id
-        table = pd.DataFrame({"metric": [M.TEST_AUROC_MACRO], "value": [0.6 + index / 8], "integer": [False]})
-        file = runs.parent / "metrics.parquet"
-        table.to_parquet(file, index=False)
-        mlflow_source.run_artifact_repository(client, uri, run_id).log_artifact(str(file), M.EVALUATION_ARTIFACT_DIR)
-        file.unlink()
-        client.set_terminated(run_id)
-        logged[run_id] = table
-    return logged
 
 
 def run_python(code: str, cwd: Path, plugin: Path) -> str:

@@ -83,8 +83,7 @@ def test_study_views_notebook_executes_on_a_fixture_sweep(tmp_path, monkeypatch)
 def test_mlflow_runs_notebook_reads_every_artifact_with_mlflows_client(tmp_path, monkeypatch):
     """The store a sweep writes, read by the notebook with MLflow's own client and no server (the kernel has
     dpsweep's entry point, as a kernel of the project's venv does)."""
-    from tests.analysis.mlflow_plugin import plugin_env
-    from tests.analysis.test_mlflow_client import SWEEP, write_store
+    from tests.analysis.mlflow_plugin import SWEEP, plugin_env, write_store
 
     logged = write_store(tmp_path / "project" / "runs")
     monkeypatch.setenv("PYTHONPATH", plugin_env(tmp_path / "plugin")["PYTHONPATH"])

@@ -17,7 +17,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from scipy import special, stats
 from torch import nn
 
-from tests.test_train import prepare_tiny_site, tiny_trial_config
+from tests.factories import tiny_trial_config
 from trainables import audit as audit_runners
 from trainables.audit import input_canaries, run_audit, white_box_audit, with_canaries
 from trainables.config import PrivacyConfig, SpeedConfig, TrialConfig
@@ -426,11 +426,6 @@ def test_no_clipping_miss_probability():
 # The audit of a planned trial (what `dpsweep audit` runs): timm model, the trial's data, metrics
 
 
-@pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory):
-    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
-
-
 def test_white_box_audit_of_a_planned_trial(tiny_site):
     # test_convnext on the tiny site, eps = 4 over 2 epochs (24 steps at q = 1/12): weak, but the whole path runs.
     cfg = tiny_trial_config(tiny_site, 4.0)
@@ -512,7 +507,7 @@ def test_audits_seed_with_full_entropy_and_release_no_seed(tiny_site, monkeypatc
     """Every secret stream (coins aside: numpy, 256 bits) gets a 128-bit seed through `generator_from_seed`; no
     ``manual_seed`` (32 bits kept on the CPU) sees anything but the public ``cfg.seed``. Reproducible noise is asked
     for and must be ignored (it would seed the sampler and the noise with 1 and 2)."""
-    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, seed=7, privacy_reproducible_noise=True)
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, seed=7, reproducible_noise=True)
     secret, seeded = [], []
     draw = randomness_module.secret_seed
 
@@ -545,7 +540,7 @@ def test_audits_seed_with_full_entropy_and_release_no_seed(tiny_site, monkeypatc
 def test_black_box_audit_of_a_pos_weight_train_trial_plans_and_claims_its_label_count_release(tiny_site):
     """The audit re-plans sigma for the enlarged split with the trial's label-count release (as the sweep does), so
     the trial loop's budget check accepts it and the claim is the composition of both mechanisms."""
-    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, pos_weight="train", privacy_label_count_noise_multiplier=20.0)
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, pos_weight="train", label_count_noise_multiplier=20.0)
     enlarged = len(open_cache(tiny_site / "synthetic-a" / "32").split("train")) + 7
     planned = audit_runners.recalibrated(cfg, enlarged)
     without_release = plan_privacy(dataclasses.replace(cfg.privacy, label_count_noise_multiplier=None), enlarged)

@@ -15,7 +15,6 @@ from timm.layers.norm import LayerNorm2d
 from torch import nn
 
 import trainables.privacy.bk as bk
-from trainables.config import SpeedConfig
 from trainables.privacy.bk import BookKeepingModule, UnsupportedModuleError, clipped_sum_step
 from trainables.privacy.engine import (
     GRAD_SAMPLE_MODES,
@@ -386,7 +385,7 @@ def test_extra_grad_sample_rows_are_clipped_like_samples_and_added_once(mode):
 
 
 def test_private_trial_in_bk_mode_equals_functorch_mode(tmp_path):
-    from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
+    from tests.factories import prepare_tiny_site, run_tiny_trial, tiny_trial_config
     from trainables import names as M
 
     site = prepare_tiny_site(tmp_path)
@@ -397,8 +396,9 @@ def test_private_trial_in_bk_mode_equals_functorch_mode(tmp_path):
                 site,
                 4.0,
                 epochs=1,
-                privacy_reproducible_noise=True,
-                speed=SpeedConfig(grad_sample_mode=mode, max_physical_batch_size=8),
+                reproducible_noise=True,
+                grad_sample_mode=mode,
+                max_physical_batch_size=8,
             )
         )
         for mode in ("bk", "functorch")

@@ -9,16 +9,9 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from tests.privacy.test_engine import LOSS, inputs, small_convnext
-from tests.test_train import (  # noqa: F401 (fixture)
-    TINY_DATASET,
-    TINY_SIZE,
-    run_tiny_trial,
-    tiny_site,
-    tiny_trial_config,
-)
+from tests.factories import TINY_DATASET, TINY_SIZE, run_tiny_trial, tiny_trial_config
+from tests.privacy.models import LOSS, inputs, small_convnext
 from trainables import names as M
-from trainables.config import SpeedConfig
 from trainables.data.cache import open_cache
 from trainables.privacy.accounting import cross_check_epsilon, sample_rate_and_steps
 from trainables.privacy.engine import (
@@ -35,12 +28,11 @@ from trainables.privacy.patients import (
     private_patient_step,
     sum_grad_samples_by_patient,
 )
-from trainables.privacy.planning import plan_privacy
 from trainables.privacy.units import images_per_patient, patient_epsilon
 from trainables.train import BudgetError
 
 
-def test_image_level_trial_reports_the_epsilon_of_its_largest_patient(tiny_site):  # noqa: F811
+def test_image_level_trial_reports_the_epsilon_of_its_largest_patient(tiny_site):
     cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
     final = run_tiny_trial(cfg).result.metrics
     ids = open_cache(tiny_site / cfg.dataset / str(cfg.image_size)).split("train").patient_id
@@ -55,7 +47,7 @@ def test_image_level_trial_reports_the_epsilon_of_its_largest_patient(tiny_site)
     assert final[M.EPSILON_PATIENT] >= final[M.EPSILON_PATIENT_P99]
 
 
-def test_non_private_trial_reports_no_patient_epsilon(tiny_site):  # noqa: F811
+def test_non_private_trial_reports_no_patient_epsilon(tiny_site):
     final = run_tiny_trial(tiny_trial_config(tiny_site, float("inf"), epochs=1)).result.metrics
     assert M.EPSILON_PATIENT not in final
 
@@ -202,26 +194,22 @@ def test_patients_per_batch_follow_binomial():
 
 
 @pytest.mark.parametrize(("mode", "secure"), [("hooks", False), ("functorch", True)])
-def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_site, mode, secure):  # noqa: F811
+def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_site, mode, secure):
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
     n_patients = group_patients(ids, 3).n_patients
     assert n_patients < len(ids)
     q, steps = sample_rate_and_steps(n_patients, 8, 2)  # the plan's q and steps, derived here independently
-    base = tiny_trial_config(tiny_site, 4.0, epochs=2)
-    cfg = dataclasses.replace(
-        base,
-        privacy=plan_privacy(
-            dataclasses.replace(
-                base.privacy,
-                privacy_unit="patient",
-                max_images_per_patient=3,
-                expected_batch_size=8,
-                secure_mode=secure,
-            ),
-            n_patients,
-        ),
-        # pad_multiple: the padding granule must fit the physical batch (patient-level steps never pad)
-        speed=dataclasses.replace(base.speed, max_physical_batch_size=5, pad_multiple=5, grad_sample_mode=mode),
+    cfg = tiny_trial_config(
+        tiny_site,
+        4.0,
+        epochs=2,
+        privacy_unit="patient",
+        max_images_per_patient=3,
+        expected_batch_size=8,
+        secure_mode=secure,
+        max_physical_batch_size=5,
+        pad_multiple=5,  # the padding granule must fit the physical batch (patient-level steps never pad)
+        grad_sample_mode=mode,
     )
     assert (cfg.privacy.sample_rate, cfg.privacy.steps) == (q, steps)
     sigma = cfg.privacy.noise_multiplier
@@ -239,16 +227,16 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
         )
 
 
-def test_patient_level_trial_resumes_exactly(tiny_site):  # noqa: F811
-    ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
-    base = tiny_trial_config(tiny_site, 4.0, epochs=2, speed=SpeedConfig(grad_sample_mode="hooks"))  # not bk yet
-    cfg = dataclasses.replace(
-        base,
+def test_patient_level_trial_resumes_exactly(tiny_site):
+    cfg = tiny_trial_config(
+        tiny_site,
+        4.0,
+        epochs=2,
         test_every_epoch=False,
-        privacy=plan_privacy(
-            dataclasses.replace(base.privacy, privacy_unit="patient", max_images_per_patient=2, expected_batch_size=8),
-            group_patients(ids, 2).n_patients,
-        ),
+        privacy_unit="patient",
+        max_images_per_patient=2,
+        expected_batch_size=8,
+        grad_sample_mode="hooks",  # not bk yet
     )
     run = run_tiny_trial(cfg)
     resumed = run_tiny_trial(cfg, run.states[0])

@@ -5,7 +5,6 @@ private batch loss is never released. Each test fails if that breaks."""
 import dataclasses
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.privacy.test_resume import assert_identical
-from tests.test_train import TinyRun, prepare_tiny_site, run_tiny_trial, tiny_trial_config
+from tests.asserts import assert_identical
+from tests.factories import TinyRun, run_tiny_trial, split_system_metrics, tiny_trial_config
 from trainables import names as M
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.loaders import load_trial_data
@@ -117,11 +116,6 @@ def test_guarantee_statement():
 # Trials
 
 
-@pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory) -> Path:
-    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
-
-
 def val_aurocs(run: TinyRun) -> list[float]:
     return [e[M.VAL_AUROC_MACRO] for e in run.epochs]
 
@@ -145,7 +139,7 @@ def test_two_runs_of_a_non_private_trial_are_identical(tiny_site):
 
 
 def test_reproducible_noise_replays_the_published_seed(tiny_site):
-    cfg = tiny_trial_config(tiny_site, privacy_reproducible_noise=True)
+    cfg = tiny_trial_config(tiny_site, reproducible_noise=True)
     first, second = run_tiny_trial(cfg), run_tiny_trial(cfg)
     assert_identical(second.epochs, first.epochs, "epochs")
     assert_identical(second.states[-1], first.states[-1], "final checkpoint")
@@ -197,11 +191,11 @@ def test_default_mode_resumes_the_same_secret_streams_bit_exactly(tiny_site):
     resumed = run_tiny_trial(cfg, state=torch.load(buffer, weights_only=False))
     assert [e[M.EPOCH] for e in resumed.epochs] == [2, 3]
     assert_identical(resumed.epochs, uninterrupted.epochs[1:], "epochs after the resume")
-
-    def results(metrics: dict) -> dict:  # the run's training seconds are wall time, never equal
-        return {k: v for k, v in metrics.items() if not k.startswith(M.SYSTEM_PREFIX)}
-
-    assert_identical(results(resumed.result.metrics), results(uninterrupted.result.metrics), "final metrics")
+    assert_identical(  # not the runs' training seconds: timing differs
+        split_system_metrics(resumed.result.metrics)[0],
+        split_system_metrics(uninterrupted.result.metrics)[0],
+        "final metrics",
+    )
     assert_identical(resumed.states[-1], uninterrupted.states[-1], "final checkpoint")
     for name, table in uninterrupted.result.tables.items():
         pd.testing.assert_frame_equal(resumed.result.tables[name], table, check_exact=True, obj=name)

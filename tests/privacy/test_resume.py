@@ -35,15 +35,15 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.asserts import assert_identical
+from tests.factories import split_system_metrics, tiny_trial_config
 from tests.privacy import resume_worker as worker
 from tests.secret_bytes import found_in, generator_spellings, seed_spellings
 from trainables import names as M
-from trainables.config import PrivacyConfig, TrialConfig
-from trainables.data.cache import open_cache
+from trainables.config import TrialConfig
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import ResolvedInit, resolve_init
 from trainables.privacy.accounting import epsilon_spent
-from trainables.privacy.planning import plan_privacy
 from trainables.train import SCRUBBED, SECRET_KEYS, ScrubbedCheckpointError, scrub_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,35 +65,24 @@ def data_root(tmp_path_factory) -> Path:
 def trial_config(
     data_root: Path, target_epsilon: float, model_selection: str = "best_val", reproducible_noise: bool = False
 ) -> TrialConfig:
-    """A 3-epoch trial on the tiny synthetic site, calibrated like the sweep launcher does it."""
-    n_train = len(open_cache(data_root / DATASET / str(IMAGE_SIZE)).split("train"))
-    privacy = plan_privacy(
-        PrivacyConfig(
-            target_epsilon=target_epsilon,
-            delta=DELTA,
-            max_grad_norm=1.0,
-            expected_batch_size=BATCH,
-            epochs=EPOCHS,
-            reproducible_noise=reproducible_noise,
-        ),
-        n_train,
-    )
-    assert privacy.steps == EPOCHS * STEPS_PER_EPOCH, "fixture data changed"
-    assert privacy.sample_rate == (1 / STEPS_PER_EPOCH if privacy.is_private else 0.0)
-    return TrialConfig(
+    """A 3-epoch trial on this module's synthetic site, calibrated like the sweep launcher does it."""
+    cfg = tiny_trial_config(
+        data_root,
+        target_epsilon,
+        EPOCHS,
         sweep="resume-test",
         dataset=DATASET,
-        data_root=str(data_root),
         image_size=IMAGE_SIZE,
-        model="test_convnext",
-        init="random",
-        init_weights=None,
-        lr=1e-3,
-        seed=0,
         n_boot=20,
         model_selection=model_selection,
-        privacy=privacy,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        expected_batch_size=BATCH,
+        reproducible_noise=reproducible_noise,
     )
+    assert cfg.privacy.steps == EPOCHS * STEPS_PER_EPOCH, "fixture data changed"
+    assert cfg.privacy.sample_rate == (1 / STEPS_PER_EPOCH if cfg.privacy.is_private else 0.0)
+    return cfg
 
 
 def random_init() -> ResolvedInit:
@@ -364,29 +353,3 @@ def _assert_same_run(actual: RunOutputs, expected: RunOutputs) -> None:
         pd.testing.assert_frame_equal(actual.tables[name], expected.tables[name], check_exact=True, obj=name)
     assert_identical(actual.weights, expected.weights, "selected weights")
     assert_identical(actual.state, expected.state, "final checkpoint")
-
-
-def split_system_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(results, system metrics) of one epoch report or final report."""
-    system = {k: v for k, v in metrics.items() if k.startswith(M.SYSTEM_PREFIX)}
-    return {k: v for k, v in metrics.items() if k not in system}, system
-
-
-def assert_identical(actual: Any, expected: Any, where: str) -> None:
-    """Bit-for-bit equality of nested dicts/lists/tuples of tensors and numbers (NaN equals NaN)."""
-    assert type(actual) is type(expected), f"{where}: {type(actual).__name__} != {type(expected).__name__}"
-    if isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), f"{where}: keys differ: {set(actual) ^ set(expected)}"
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_identical(a, e, f"{where}[{i}]")
-    elif isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, f"{where}: dtype/shape differ"
-        assert torch.equal(actual, expected), f"{where}: values differ"
-    elif isinstance(expected, float) and math.isnan(expected):
-        assert math.isnan(actual), f"{where}: {actual!r} != nan"
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"

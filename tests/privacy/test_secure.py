@@ -13,8 +13,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
-from tests.privacy.test_engine import inputs, small_convnext
-from tests.test_train import prepare_tiny_site, run_tiny_trial, tiny_trial_config
+from tests.factories import run_tiny_trial, tiny_trial_config
+from tests.privacy.models import inputs, small_convnext
 from trainables import names as M
 from trainables.privacy.engine import SecureDPOptimizer, make_dp_optimizer, poisson_batches, private_step, wrap_model
 from trainables.privacy.secure import CHUNK_VALUES, SecureRandom
@@ -140,11 +140,6 @@ def test_secure_source_cannot_be_saved_or_copied():
         pickle.dumps(SecureRandom())
     with pytest.raises(TypeError, match="secret"):
         copy.deepcopy(SecureRandom())
-
-
-@pytest.fixture(scope="module")
-def tiny_site(tmp_path_factory):
-    return prepare_tiny_site(tmp_path_factory.mktemp("data"))
 
 
 def test_secure_trial_spends_exactly_the_planned_epsilon_and_resumes_with_a_fresh_key(tiny_site):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from tests.privacy.test_engine import LOSS, inputs, small_convnext
+from tests.privacy.models import LOSS, inputs, small_convnext
 from trainables.config import PrivacyConfig
 from trainables.privacy import setup as private_setup
 from trainables.privacy.bk import BookKeepingModule

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from sweeps.spec import SweepSpec, parse_spec
+from tests.ports import LOOPBACK, free_port
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
 from trainables.names import TRIALS_FILE
@@ -43,7 +43,6 @@ from trainables.trial import NODE_ID
 pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).with_name("ray")
-LOOPBACK = "127.0.0.1"
 OBJECT_STORE_BYTES = 200 * 1024**2  # per node; Ray's default (30% of RAM per node) is far more than needed
 START_TIMEOUT_S = 120
 DRIVER_TIMEOUT_S = 300
@@ -96,13 +95,6 @@ class ClusterSweep:
     port: int
     driver_gcs_address: str
     node_ids: frozenset[str]
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 class LocalRayCluster:

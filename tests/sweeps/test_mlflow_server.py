@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import yaml
 from sweeps.launch import run_sweep
 from sweeps.plan import SweepPaths
 from sweeps.spec import SweepSpec, parse_spec
+from tests.ports import LOOPBACK, free_port
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
 from trainables.names import PARENT_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_KEY_TAG
@@ -38,7 +38,6 @@ from trainables.trial import NODE_ID
 pytestmark = pytest.mark.slow
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
-LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 60
 STOP_GRACE_S = 10
 
@@ -61,13 +60,6 @@ class ServedSweep:
     trials: pd.DataFrame
     url: str
     root: Path
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def rest(

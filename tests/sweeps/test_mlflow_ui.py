@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,13 +34,13 @@ from mlflow.tracking import MlflowClient
 from sweeps import mlflow_ui as ui
 from sweeps.plan import trial_name
 from tests.browser import HeadlessChromium, require_chromium
+from tests.ports import LOOPBACK, free_port
 from tests.sweeps.local_sweep import local_sweep
 from tests.sweeps.tiny import tiny_yaml
 from trainables import names as M
 from trainables.names import BUDGET_PARAM, PRIVATE_TAG, ROLE_TAG, TRIAL_KEY_TAG
 
 REPO = Path(__file__).resolve().parents[2]
-LOOPBACK = "127.0.0.1"
 SERVER_START_S = 90  # `dpsweep ui` publishes the views (a few s of imports), then MLflow takes 4-8 s
 SERVER_STOP_GRACE_S = 10
 PAGE_TIMEOUT_S = 60  # a cold page on 2 shared cores: bundle download, parse, runs fetch, render
@@ -115,13 +114,6 @@ class Served:
     runs_url: str
     charts_url: str
     printed: str
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_epoch_and_done_lines_are_aligned_and_the_status_counts_trials():
 def test_the_summary_shows_mean_sd_and_n_over_seeds_per_cell_within_100_characters():
     """The hand-made two-seed table of `tests.analysis.test_seeds` (numbers computed by hand there)."""
     from sweeps.summary import SUMMARY_WIDTH, seed_table
-    from tests.analysis.test_seeds import hand_trials
+    from tests.analysis.seed_tables import hand_trials
 
     trials = hand_trials()
     trials[N.auroc_gap("test", "sex")] = 0.02
@@ -57,7 +57,7 @@ def test_the_summary_shows_mean_sd_and_n_over_seeds_per_cell_within_100_characte
 
 def test_the_seed_table_leaves_metrics_out_rather_than_grow_past_100_characters():
     from sweeps.summary import SUMMARY_WIDTH, seed_table
-    from tests.analysis.test_seeds import hand_trials
+    from tests.analysis.seed_tables import hand_trials
 
     trials = hand_trials()
     trials[N.auroc_gap("test", "sex")] = 0.02

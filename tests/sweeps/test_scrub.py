@@ -20,10 +20,10 @@ from sweeps.launch import _remove_sweep
 from sweeps.plan import SweepPaths
 from sweeps.scrub import ScrubSecretsCallback, scrub_ended_trials
 from sweeps.spec import parse_spec
+from tests.factories import pinned_config
 from tests.secret_bytes import found_in, generator_spellings, seed_spellings
 from tests.sweeps.points import tiny_point
 from tests.sweeps.tiny import tiny_yaml
-from tests.test_train import config
 from trainables import names as M
 from trainables.data.labels import LABELS
 from trainables.names import DONE, FINAL_FILE
@@ -40,7 +40,7 @@ def write_checkpoint(path: Path) -> set[bytes]:
     seeds = {"sampler": secret_seed(), "noise": secret_seed()}
     model = nn.Linear(3, len(LABELS))
     state = TrainState(
-        config(),
+        pinned_config(),
         model,
         torch.optim.AdamW(model.parameters()),
         RDPAccountant(),

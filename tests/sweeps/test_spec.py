@@ -10,12 +10,7 @@ import yaml
 
 from sweeps.spec import SpecError, load_spec, parse_spec, read_sweep_yaml
 from sweeps.validate import RDP_ORDERS, rdp_epsilon_floor
-
-SMOKE = Path(__file__).resolve().parents[2] / "sweeps" / "smoke.yaml"
-
-
-def smoke_dict() -> dict:
-    return yaml.safe_load(SMOKE.read_text())
+from tests.sweeps.sweep_files import OPTUNA, SMOKE, edit, smoke_dict
 
 
 def test_smoke_spec_is_valid_and_expands_to_the_grid():
@@ -27,16 +22,6 @@ def test_smoke_spec_is_valid_and_expands_to_the_grid():
     ) * len(axes.seed)
     assert {p.init for p in grid} == {"random", "domain"}
     assert {p.target_epsilon for p in grid} == {1.0, 3.0, 8.0, math.inf}
-
-
-def edit(path: str, value) -> dict:
-    raw = smoke_dict()
-    *parents, leaf = path.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    node[leaf] = value
-    return raw
 
 
 @pytest.mark.parametrize(
@@ -204,9 +189,6 @@ def test_init_weights_can_name_one_file_per_model():
     spec = parse_spec(raw)
     assert spec.init_weights_for("imagenet", "convnext_tiny") == "/w/convnext_tiny.fb_in1k.safetensors"
     assert spec.init_weights_for("dinov3", "convnext_tiny") is None
-
-
-OPTUNA = Path(__file__).resolve().parents[2] / "sweeps" / "optuna-smoke.yaml"
 
 
 def test_optuna_smoke_spec_is_valid():

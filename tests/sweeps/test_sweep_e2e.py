@@ -265,7 +265,7 @@ def served_artifact(runs, run_id: str, path: str) -> dict[str, bytes]:
     import urllib.request
 
     from sweeps.cli import ui_command
-    from tests.sweeps.test_mlflow_server import free_port
+    from tests.ports import free_port
 
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_name
 from sweeps.spec import SpecError, load_spec, parse_spec
+from tests.sweeps.sweep_files import SWEEPS, UNITS, units_dict
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
 from trainables.models import ResolvedInit
 from trainables.privacy.accounting import epsilon_spent, sample_rate_and_steps
 from trainables.privacy.planning import plan_privacy
-
-SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
-UNITS = SWEEPS / "units-smoke.yaml"
-
-
-def units_dict() -> dict:
-    return yaml.safe_load(UNITS.read_text())
 
 
 def test_units_sweep_runs_both_units_side_by_side_with_suffixed_keys():
