@@ -52,10 +52,6 @@ def test_single_unit_sweeps_keep_their_trial_keys():
         ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
         ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
         ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
-        (
-            {"speed": {"grad_sample_mode": "bk"}},
-            "speed.grad_sample_mode = 'bk' with privacy.privacy_unit = 'patient': the book-keeping engine does not",
-        ),
     ],
 )
 def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
