@@ -153,7 +153,7 @@ def check_patient_gradients_with(wrapped, x, y, engine_groups, claimed):
         patients.sum_grad_samples_by_patient = original
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "bk"])
 @pytest.mark.parametrize("physical", [6, 3])  # one chunk, and virtual batches (chunks of whole patients)
 def test_removing_one_patient_changes_the_clipped_sum_by_at_most_C(mode, physical):
     x, y = inputs(len(GROUPS))
@@ -239,9 +239,10 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
         )
 
 
-def test_patient_level_trial_resumes_exactly(tiny_site):  # noqa: F811
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_patient_level_trial_resumes_exactly(tiny_site, mode):  # noqa: F811
     ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
-    base = tiny_trial_config(tiny_site, 4.0, epochs=2, speed=SpeedConfig(grad_sample_mode="hooks"))  # not bk yet
+    base = tiny_trial_config(tiny_site, 4.0, epochs=2, speed=SpeedConfig(grad_sample_mode=mode))
     cfg = dataclasses.replace(
         base,
         test_every_epoch=False,
