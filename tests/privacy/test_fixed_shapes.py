@@ -210,7 +210,12 @@ def test_bf16_per_sample_values_are_float32_before_clipping(monkeypatch):
 
 
 def _numbers(run) -> tuple[list, dict, dict]:
-    metrics = {k: v for k, v in run.result.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    """Everything a run released but its wall time (``system/total_train_s``, different in every run)."""
+    metrics = {
+        k: v
+        for k, v in run.result.metrics.items()
+        if not (isinstance(v, float) and math.isnan(v)) and k != M.SYSTEM_TOTAL_TRAIN_S
+    }
     return run.epochs, metrics, run.result.model.state_dict()
 
 
