@@ -113,6 +113,8 @@ def test_a_valid_config_builds_and_round_trips_with_the_same_flat_keys():
     [
         make(privacy={"target_epsilon": math.inf, "max_grad_norm": 0.0}),  # Optuna's non-private baselines clip nothing
         make(privacy=PATIENT, speed={"grad_sample_mode": "hooks"}),
+        make(privacy=PATIENT),  # bk, the default engine, groups norms by patient
+        make(privacy=PATIENT, speed={"precision": "bf16", "fixed_shapes": "on", "max_physical_batch_size": 8}),
         make(privacy={**PATIENT, "target_epsilon": math.inf}, speed={"grad_sample_mode": "functorch"}),
         make(age_edges=(0, 65, math.inf), n_boot=0),  # inf closes the last age bin
         make(pos_weight="train", privacy={"label_count_noise_multiplier": 20.0}),
@@ -150,21 +152,6 @@ def test_unknown_keys_are_refused():
 
 INVALID = [
     # The pairs across sections.
-    (
-        {"privacy": PATIENT},
-        "speed.grad_sample_mode",
-        r"= 'bk' with privacy\.privacy_unit = 'patient': the book-keeping",
-    ),
-    (
-        {"privacy": PATIENT, "speed": {"grad_sample_mode": "hooks", "precision": "bf16"}},
-        "speed.precision",
-        r"= 'bf16' with privacy\.privacy_unit = 'patient': patient-level steps run in float32",
-    ),
-    (
-        {"privacy": PATIENT, "speed": {"grad_sample_mode": "hooks", "fixed_shapes": "on"}},
-        "speed.fixed_shapes",
-        "never padded",
-    ),
     (
         {"privacy": PATIENT, "speed": {"grad_sample_mode": "hooks"}, "pos_weight": "train"},
         "pos_weight",
@@ -290,8 +277,10 @@ def test_invalid_configs_raise_naming_the_field(changes, field, problem):
 
 
 def test_a_config_changed_by_replace_is_checked_again():
-    with pytest.raises(ConfigError, match="speed.grad_sample_mode"):
-        replace(make(), privacy=replace(make().privacy, **PATIENT))
+    with pytest.raises(ConfigError, match="privacy.max_images_per_patient"):  # a cap above the physical batch
+        replace(
+            make(speed={"max_physical_batch_size": 2, "pad_multiple": 2}), privacy=replace(make().privacy, **PATIENT)
+        )
 
 
 def test_config_errors_are_user_errors_that_survive_pickling():
@@ -463,18 +452,18 @@ def test_bad_speed_knobs_are_refused_naming_field_value_and_choices(field, value
         parse_spec(raw)
 
 
-@pytest.mark.parametrize(
-    ("knob", "field"), [({"precision": "bf16"}, "precision"), ({"fixed_shapes": "on"}, "fixed_shapes")]
-)
-def test_patient_level_sweeps_refuse_bf16_and_forced_padding(knob, field):
-    # Patient-level chunks hold whole patients and run in float32: a knob they cannot honour is an error, not ignored.
-    from sweeps.spec import SpecError, parse_spec
+@pytest.mark.parametrize("knob", [{"grad_sample_mode": "bk"}, {"precision": "bf16"}, {"fixed_shapes": "on"}])
+def test_patient_level_sweeps_take_every_engine_and_speed_knob(knob):
+    # Patient-level chunks hold whole patients, in every engine, padded and in bf16 as image-level ones.
+    from sweeps.spec import parse_spec
     from tests.sweeps.sweep_files import units_dict
 
     raw = units_dict()
     raw["speed"] = {**raw["speed"], **knob}
-    with pytest.raises(SpecError, match=rf"speed\.{field} = '\w+' with privacy\.privacy_unit = 'patient'"):
-        parse_spec(raw)
+    spec = parse_spec(raw)
+    patient = next(p for p in spec.grid() if p.privacy_unit == "patient")
+    speed = spec.trial_config(patient, data_root="data").speed
+    assert {field: getattr(speed, field) for field in knob} == knob
 
 
 @pytest.mark.parametrize("multiple", [0, 65])

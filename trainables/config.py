@@ -24,7 +24,7 @@ checked where a sweep file is read (`sweeps.spec`) against `typing.get_args` of 
 
 **Checked on construction.** Every class checks its own fields in ``__post_init__`` (the classes `TrialConfig`
 inherits cooperatively, so it checks them all) and `TrialConfig` the pairs across sections (a patient-level trial
-with the book-keeping engine, bf16, forced padding or ``pos_weight: train``). A violation raises `ConfigError`
+with ``pos_weight: train``, or a cap above the physical batch). A violation raises `ConfigError`
 naming the field's path in the trial config (``privacy.delta``, ``speed.pad_multiple``, ``lr``), the value and the
 fix, wherever the config is built: the planner, the pretrain stage, the audit, a benchmark or a test.
 `sweeps.validate` turns it into a `SpecError` naming the sweep file's field (``training.lr[1]``).
@@ -457,7 +457,8 @@ class SpeedConfig(_Checked):
             rows; padded rows contribute exactly nothing (no loss, no per-sample gradient row, no norm;
             `trainables.privacy.chunks`). ``auto``: on CUDA only, where each new shape costs cudnn planning and
             allocator churn; on the CPU padded rows would be pure extra work. Results equal the unpadded step up to
-            float rounding (bit for bit when no chunk is padded; tested in every mode). Image-level trials only.
+            float rounding (bit for bit when no chunk is padded; tested in every mode). Patient-level trials cut
+            chunks between patients and pad each one; padding rows belong to no patient.
         pad_multiple: the padding granule of ``fixed_shapes`` (rows, at most ``max_physical_batch_size``): at most
             ``max_physical_batch_size / pad_multiple`` shapes, fewer than ``pad_multiple`` wasted rows per step. Set
             it to ``max_physical_batch_size`` for a single shape (then every step runs whole chunks: for an expected
@@ -561,26 +562,6 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         if p.privacy_unit != "patient":
             return
         patient = " with privacy.privacy_unit = 'patient'"
-        _check(
-            s.grad_sample_mode != "bk",
-            "speed.grad_sample_mode",
-            s.grad_sample_mode,
-            f"{patient}: the book-keeping engine does not group per-sample norms by patient yet (a patient's norm is "
-            "the norm of its summed gradient); set speed.grad_sample_mode: hooks or functorch",
-        )
-        _check(
-            s.precision == "fp32",
-            "speed.precision",
-            s.precision,
-            f"{patient}: patient-level steps run in float32; set speed.precision: fp32",
-        )
-        _check(
-            s.fixed_shapes != "on",
-            "speed.fixed_shapes",
-            s.fixed_shapes,
-            f"{patient}: patient-level steps run in chunks of whole patients, never padded; set speed.fixed_shapes: "
-            "auto or off",
-        )
         _check(
             self.pos_weight == "uniform",
             "pos_weight",

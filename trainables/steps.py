@@ -234,16 +234,25 @@ class ImageDPStepper(_DPStepper):
 @dataclass(frozen=True, kw_only=True)
 class PatientDPStepper(_DPStepper):
     """Patient-level DP-SGD (`trainables.privacy.patients`): the records are patients; a batch's indices are
-    patients, who bring their (capped) images; one clipped gradient per patient. Float32, never padded."""
+    patients, who bring their (capped) images; one clipped gradient per patient, in chunks of whole patients (each
+    padded to ``settings.pad_multiple`` when fixed shapes are on, under bf16 autocast when set)."""
 
     patients: PatientIndex
+    settings: StepSettings
 
     def step(self, indices: np.ndarray, number: int) -> None:
         self.check_budget(number)
         images, groups = self.patients.gather(indices)
         batch = patient_batch(self.source, images)
         private_patient_step(
-            self.setup.wrapped, self.setup.optimizer, self.loss_fn, batch, groups, self.max_physical_batch_size
+            self.setup.wrapped,
+            self.setup.optimizer,
+            self.loss_fn,
+            batch,
+            groups,
+            self.max_physical_batch_size,
+            pad_multiple=self.settings.pad_multiple,
+            autocast_dtype=self.settings.autocast_dtype,
         )
 
 
@@ -314,6 +323,7 @@ def make_stepper(
         n_records=records.n_records,
         images_per_epoch=records.images_per_epoch,
         patients=records.patients,
+        settings=settings,
     )
 
 

@@ -466,9 +466,9 @@ def test_black_box_audit_runs_the_trial_loop_through_the_trials_engine(tiny_site
     cfg = tiny_trial_config(tiny_site, 4.0, epochs=1)
     assert cfg.speed.grad_sample_mode == "bk"  # the default engine, whose per-layer rules white-box canaries skip
     book_keeping_steps = []
-    step = engine_module._book_keeping_step
+    step = engine_module.book_keeping_step
     monkeypatch.setattr(
-        engine_module, "_book_keeping_step", lambda *args: book_keeping_steps.append(len(args[3][0])) or step(*args)
+        engine_module, "book_keeping_step", lambda *args: book_keeping_steps.append(len(args[3][0])) or step(*args)
     )
     result = run_audit(cfg, resolve_init("random", cfg.model), m=64, kind="black_box")
     assert result.kind == "black_box" and result.score == "negative_loss" and result.m == 64

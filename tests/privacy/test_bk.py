@@ -11,10 +11,10 @@ import pytest
 import timm
 import torch
 from opacus.accountants import RDPAccountant
-from timm.layers.norm import LayerNorm2d
 from torch import nn
 
 import trainables.privacy.bk as bk
+from tests.privacy.bk_models import LOSS, MixedLayers, convnext, inputs
 from trainables.privacy.bk import BookKeepingModule, UnsupportedModuleError, clipped_sum_step
 from trainables.privacy.engine import (
     GRAD_SAMPLE_MODES,
@@ -28,28 +28,6 @@ from trainables.privacy.engine import (
 from trainables.privacy.secure import SecureRandom
 
 F64_TOLERANCE, F32_TOLERANCE = 1e-10, 1e-4
-
-
-def LOSS(logits, targets):  # the per-sample multi-label BCE a trial trains with
-    return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
-
-
-def convnext(name: str = "test_convnext", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A 1-channel, 5-label timm ConvNeXt with layer scales drawn in [0.5, 1.5] (timm's 1e-6 init would make
-    every gradient behind a layer scale ~1e-6 and hide errors there)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=5, in_chans=1, drop_path_rate=0.0).to(dtype)
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if param_name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def inputs(n: int = 4, size: int = 32, dtype: torch.dtype = torch.float32, seed: int = 1, channels: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, channels, size, size, generator=g).to(dtype)
-    return x, (torch.rand(n, 5, generator=g) > 0.5).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,34 +79,12 @@ def test_every_parameter_kind_is_covered_and_checked():
         assert expected in names
 
 
-class _Mixed(nn.Module):
-    """Every supported layer kind outside ConvNeXt's own shapes: grouped/strided/dilated/padded convs on
-    channels-last inputs, an overlapping dense conv (F.unfold path), Linear on 4-D and 2-D inputs, LayerNorms."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 6, 3, stride=2, padding=1, groups=2)  # 1 input, 3 outputs per group
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=2, dilation=2, groups=2, bias=False)  # 3 inputs, 4 outputs per group
-        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)  # dense, overlapping patches
-        self.norm2d = LayerNorm2d(8)
-        self.dw = nn.Conv2d(8, 16, 5, padding=2, groups=8)  # channel multiplier 2
-        self.ln = nn.LayerNorm(16)
-        self.fc4d = nn.Linear(16, 12)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))  # channels-last strides
-        x = self.dw(self.norm2d(self.conv3(self.conv2(x))))
-        x = self.fc4d(self.ln(x.permute(0, 2, 3, 1)))  # [B, H, W, C] as in timm's ConvNeXt MLP
-        return self.head(x.mean((1, 2)))
-
-
 @pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated"])
 def test_ghost_and_instantiated_branches_give_the_same_results(monkeypatch, choice):
     if choice != "cost model":
         monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice == "all ghost")
     torch.manual_seed(0)
-    model = _Mixed().double()
+    model = MixedLayers().double()
     check = check_per_sample_gradients(wrap_model(model, "bk"), LOSS, *inputs(5, 12, torch.float64, channels=2))
     assert check.max_relative_error < F64_TOLERANCE, check
     assert check.n_parameters == 15
@@ -148,8 +104,8 @@ def test_cost_model_instantiates_early_stages_and_ghosts_late_ones():
 def test_self_check_catches_a_broken_layer_scale_rule(monkeypatch):
     original = bk.ConvNeXtLayerScaleRule.per_sample
 
-    def broken(self, module, a, g, names):  # forgets the 1/2 .. 3/2 scale of one channel
-        grads = original(self, module, a, g, names)
+    def broken(self, module, a, g, names, **options):  # forgets the 1/2 .. 3/2 scale of one channel
+        grads = original(self, module, a, g, names, **options)
         for name, per_sample in grads.instantiated.items():
             per_sample[:, 0] *= 1.01
             grads.norms_sq[name] = per_sample.pow(2).sum(1)

@@ -145,7 +145,7 @@ def check_patient_gradients_with(wrapped, x, y, engine_groups, claimed):
         patients.sum_grad_samples_by_patient = original
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "bk"])
 @pytest.mark.parametrize("physical", [6, 3])  # one chunk, and virtual batches (chunks of whole patients)
 def test_removing_one_patient_changes_the_clipped_sum_by_at_most_C(mode, physical):
     x, y = inputs(len(GROUPS))
@@ -227,7 +227,8 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
         )
 
 
-def test_patient_level_trial_resumes_exactly(tiny_site):
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_patient_level_trial_resumes_exactly(tiny_site, mode):
     cfg = tiny_trial_config(
         tiny_site,
         4.0,
@@ -236,7 +237,7 @@ def test_patient_level_trial_resumes_exactly(tiny_site):
         privacy_unit="patient",
         max_images_per_patient=2,
         expected_batch_size=8,
-        grad_sample_mode="hooks",  # not bk yet
+        grad_sample_mode=mode,
     )
     run = run_tiny_trial(cfg)
     resumed = run_tiny_trial(cfg, run.states[0])

@@ -86,10 +86,27 @@ def patient_check():
     return SelfCheckBatch((x[:4], y[:4]), (x, y, GROUPS))
 
 
-def test_patient_level_setup_also_checks_the_grouped_path():
-    _, setup = build(privacy=PATIENT, check=patient_check())
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_patient_level_setup_also_checks_the_grouped_path(mode):
+    _, setup = build(mode, privacy=PATIENT, check=patient_check())
     assert setup.patient_check is not None and setup.patient_check.n_samples == 2  # two patients, summed
     assert setup.patient_check.max_relative_error < 1e-3
+    assert isinstance(setup.wrapped, BookKeepingModule) == (mode == "bk")
+
+
+def test_a_wrong_grouped_bk_rule_refuses_to_set_up(monkeypatch):
+    # Per-patient ghost norms taken as sums of image norms (the cross-image terms left out): the image rows are right,
+    # so only the grouped self-check can stop it, before any optimizer exists.
+    import trainables.privacy.bk as bk
+
+    monkeypatch.setattr(
+        bk, "patient_ghost_norm_sq", lambda image_norms_sq, a, g, patients: patients.sum_rows(image_norms_sq)
+    )
+    made = []
+    monkeypatch.setattr(private_setup, "make_dp_optimizer", lambda *a, **k: made.append(1))
+    with pytest.raises(PerSampleGradientError, match="per-patient norm"):
+        build("bk", privacy=PATIENT, check=patient_check())
+    assert not made
 
 
 def test_the_grouped_check_runs_on_the_given_patients(monkeypatch):
@@ -110,7 +127,6 @@ def test_the_grouped_check_runs_on_the_given_patients(monkeypatch):
     [
         (PATIENT, SelfCheckBatch(inputs(4)), "hooks", "whole patients"),  # a patient-level run cannot skip it
         (PRIVACY, patient_check(), "hooks", "image rows only"),
-        (PATIENT, patient_check(), "bk", "hooks or functorch"),
         (PrivacyConfig(target_epsilon=math.inf), SelfCheckBatch(inputs(4)), "hooks", "private config"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_name
 from sweeps.spec import SpecError, load_spec, parse_spec
@@ -43,10 +44,6 @@ def test_single_unit_sweeps_keep_their_trial_keys():
         ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
         ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
         ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
-        (
-            {"speed": {"grad_sample_mode": "bk"}},
-            "speed.grad_sample_mode = 'bk' with privacy.privacy_unit = 'patient': the book-keeping engine does not",
-        ),
     ],
 )
 def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
@@ -155,3 +152,23 @@ def test_tuning_cost_of_a_mixed_sweep_is_per_unit_and_the_patient_level_one_comp
     )
     assert patient_level_sweep_epsilon(trials) == {"d": expected}
     assert patient_level_sweep_epsilon(trials[trials["privacy_unit"] == "image"]) == {}  # image-only: none
+
+
+@pytest.mark.slow
+def test_the_units_sweep_runs_both_units_in_bk_end_to_end(tmp_path_factory):
+    """units-smoke.yaml as shipped (bk for both units), shrunk to one epsilon, one epoch and 32 px on a local Ray."""
+    from tests.sweeps.local_sweep import local_sweep
+    from trainables import names as M
+
+    raw = units_dict()
+    assert raw["speed"]["grad_sample_mode"] == "bk"
+    raw["privacy"] |= {"target_epsilon": [8], "epochs": 1}
+    raw["data"] |= {"image_size": 32, "synthetic_images": 600}
+    raw["evaluation"] |= {"n_boot": 10}
+    with local_sweep(tmp_path_factory, yaml.safe_dump(raw), "units-smoke.yaml") as (_, _, trials):
+        assert (trials["status"] == "TERMINATED").all(), trials[["trial", "status", "error"]]
+        assert sorted(trials["privacy_unit"]) == ["image", "patient"]
+        assert (trials["grad_sample_mode"] == "bk").all()
+        assert (trials[M.EPSILON] <= 8).all() and (trials[M.EPSILON] >= 8 - 0.01).all()
+        patient = trials[trials["privacy_unit"] == "patient"].iloc[0]
+        assert patient["n_patients"] < trials[trials["privacy_unit"] == "image"].iloc[0]["n_train"]

@@ -39,6 +39,18 @@ Padding (``speed.fixed_shapes``, `trainables.privacy.chunks`): only a chunk's fi
 backward starts from their losses only (a padded row's output gradients are exactly zero), and clip factors and
 clipped sums are taken over those rows only.
 
+Patients (``privacy.privacy_unit: patient``, `trainables.privacy.patients`): the record is a patient p with images
+I_p, its gradient the sum ``G_p = sum_{i in I_p} G_i`` and its factor ``c_p = min(1, C / (||G_p|| + 1e-6))``. Given
+each real row's patient (`PatientRows`; a chunk holds whole patients), every layer's contribution is regrouped
+right after its rule (`LayerGrads.by_patient`): instantiated per-image gradients are summed per patient before the
+norm; a ghost layer's norm is the **group ghost norm** ``||G_p||^2 = sum_{(i,t),(j,s) in I_p x T} (a_{i,t} .
+a_{j,s})(g_{i,t} . g_{j,s})``, the images' own ghost norms plus the cross-image terms (`patient_ghost_norm_sq`), not
+a sum of image norms. Totals and factors are per patient; the clipped sum of a ghost layer scales each image's rows
+by its patient's factor, ``sum_p c_p G_p = sum_i c_{p(i)} G_i``. The cost model sees a patient of k images as k T
+positions: with k the chunk's largest patient it decides on ``k T`` (the cross terms cost up to (k+1)/2 times the
+image-level ghost norm, while instantiated gradients shrink to one per patient). Padding rows belong to no patient
+and contribute nothing. A chunk of one-image patients computes exactly what the image-level path does.
+
 Coverage: every trainable parameter must belong to a module with a rule in `RULES` (matched by exact type,
 as a subclass may change the forward), or be a timm ConvNeXt block's layer scale ``gamma``
 (`ConvNeXtLayerScaleRule`). Anything else is an `UnsupportedModuleError` naming the module: no parameter is
@@ -53,6 +65,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers.norm import LayerNorm as TimmLayerNorm
@@ -61,7 +74,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from trainables.privacy.chunks import physical_chunks
+from trainables.privacy.chunks import PhysicalChunk, patient_physical_chunks, physical_chunks
 
 CLIP_EPSILON = 1e-6
 """Opacus' clip factor ``min(1, C / (norm + 1e-6))``: the same constant, so bk equals the other modes."""
@@ -100,8 +113,8 @@ def prefers_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
     """The cost model: ghost norm iff instantiated per-sample gradients would outgrow the layer's a and g.
 
     Args:
-        positions: T, positions per sample over which the layer shares its weight (pixels of a conv's output,
-            tokens; 1 for a plain [B, d] linear layer).
+        positions: T, positions per record over which the layer shares its weight (pixels of a conv's output,
+            tokens; 1 for a plain [B, d] linear layer); for patients, k T with k the chunk's largest patient.
         d_in: inputs per position (a conv's ``in_channels * kernel area``).
         d_out: outputs per position.
     """
@@ -109,7 +122,55 @@ def prefers_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------
-# What one layer contributes: per-sample squared norms now, the clipped sum once the clip factors are known.
+# Patients: which rows of a chunk are one record.
+
+
+@dataclass(frozen=True)
+class PatientRows:
+    """The real rows of a patient-level chunk grouped into its records, the patients (`PatientRows.of`).
+
+    Attributes:
+        of_row: [n_real] each real row's patient, 0..n_patients-1 (long, on the chunk's device).
+        n_patients: P, the records of the chunk.
+        largest: k, the most images of one patient in the chunk (the cost model's factor on positions).
+        pairs: row indices (i, j), i < j, of every pair of images of one patient (on the chunk's device): the
+            cross-image terms of the group ghost norm.
+    """
+
+    of_row: torch.Tensor
+    n_patients: int
+    largest: int
+    pairs: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, groups: np.ndarray, device: torch.device) -> PatientRows:
+        """From each real row's patient label, patient-contiguous: a run of equal labels is one patient (as
+        `trainables.privacy.chunks.patient_chunks` and the Opacus modes' grouping read them). Computed on the host,
+        where the labels are, and copied to ``device`` without waiting for it."""
+        labels = np.asarray(groups)
+        of_row = np.cumsum(np.r_[True, labels[1:] != labels[:-1]]) - 1 if labels.size else np.zeros(0, np.int64)
+        sizes = np.bincount(of_row)
+        largest = int(sizes.max()) if sizes.size else 0
+        first, second = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for offset in range(1, largest):  # patient-contiguous: rows i and i + offset of one patient
+            rows = np.flatnonzero(of_row[:-offset] == of_row[offset:])
+            first.append(rows)
+            second.append(rows + offset)
+
+        def on_device(rows: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(rows.astype(np.int64)).to(device, non_blocking=True)
+
+        pairs = (on_device(np.concatenate(first)), on_device(np.concatenate(second)))
+        return cls(on_device(of_row), len(sizes), largest, pairs)
+
+    def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-patient sums [P, ...] of per-row values [>= n_real, ...] (rows after the real ones are ignored)."""
+        summed = torch.zeros((self.n_patients, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        return summed.index_add_(0, self.of_row, rows[: len(self.of_row)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# What one layer contributes: per-record squared norms now, the clipped sum once the clip factors are known.
 
 
 @dataclass
@@ -117,14 +178,18 @@ class LayerGrads:
     """One module's per-sample contribution, between the backward pass and the clipped sum.
 
     Attributes:
-        norms_sq: parameter name (in the model) -> per-sample squared norms [B] of that parameter's gradient.
-        instantiated: parameter name -> per-sample gradients [B, *shape] (small layers, norms, biases).
-        ghost: parameter name -> (a [B, T, d_in], g [B, T, d_out]) whose clipped sum is ``(c g)^T a``.
+        norms_sq: parameter name (in the model) -> per-record squared norms [B] (or [P] patients) of that
+            parameter's gradient.
+        instantiated: parameter name -> per-record gradients [B or P, *shape] (small layers, norms, biases).
+        ghost: parameter name -> (a [B, T, d_in], g [B, T, d_out]) of the images, whose clipped sum is ``(c g)^T a``.
+        ghost_records: for patients, each real image row's patient [n_real]: a ghost layer's rows are scaled by their
+            patient's factor. None: the rows are the records.
     """
 
     norms_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     instantiated: dict[str, torch.Tensor] = field(default_factory=dict)
     ghost: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ghost_records: torch.Tensor | None = None
 
     def add_instantiated(self, name: str, per_sample: torch.Tensor) -> None:
         self.instantiated[name] = per_sample
@@ -135,18 +200,33 @@ class LayerGrads:
         self.norms_sq[name] = ghost_norm_sq(a, g)
 
     def clipped_sums(self, factors: torch.Tensor, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-        """``sum_i factors_i g_i`` over the first ``len(factors)`` samples (the real rows of a padded chunk) per
-        parameter, shaped like the parameter; TF32 off (`full_float32`)."""
+        """``sum_r factors_r g_r`` over the first ``len(factors)`` records (the real rows of a padded chunk, or its
+        patients) per parameter, shaped like the parameter; TF32 off (`full_float32`)."""
         n = len(factors)
+        row_factors = factors if self.ghost_records is None else factors[self.ghost_records]
+        m = len(row_factors)
         sums = {}
         with full_float32():
             for name, per_sample in self.instantiated.items():
                 flat = per_sample[:n].reshape(n, -1)
                 sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
             for name, (a, g) in self.ghost.items():
-                scaled = g[:n] * factors.to(g.dtype)[:, None, None]
-                sums[name] = torch.einsum("bto,bti->oi", scaled, a[:n]).contiguous().reshape(shapes[name])
+                scaled = g[:m] * row_factors.to(g.dtype)[:, None, None]
+                sums[name] = torch.einsum("bto,bti->oi", scaled, a[:m]).contiguous().reshape(shapes[name])
         return sums
+
+    def by_patient(self, patients: PatientRows) -> LayerGrads:
+        """This layer with patients as the records: instantiated per-image gradients summed per patient (then
+        normed), ghost layers normed by `patient_ghost_norm_sq` and kept per image (`ghost_records`)."""
+        grouped = LayerGrads(ghost_records=patients.of_row)
+        for name, image_norms_sq in self.norms_sq.items():  # the rule's order, in which the float64 total adds up
+            if name in self.ghost:
+                a, g = self.ghost[name]
+                grouped.ghost[name] = (a, g)
+                grouped.norms_sq[name] = patient_ghost_norm_sq(image_norms_sq, a, g, patients)
+            else:
+                grouped.add_instantiated(name, patients.sum_rows(self.instantiated[name]))
+        return grouped
 
 
 def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -159,10 +239,33 @@ def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
-def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor) -> None:
-    """Per-sample weight gradient ``g_i^T a_i`` of a position-shared linear map; a [B, T, d_in], g [B, T, d_out]."""
+def patient_ghost_norm_sq(
+    image_norms_sq: torch.Tensor, a: torch.Tensor, g: torch.Tensor, patients: PatientRows
+) -> torch.Tensor:
+    """Per-patient ``||sum_{i in I_p} g_i^T a_i||_F^2`` [P] without forming any gradient: the images' own ghost norms
+    ``image_norms_sq`` [>= n_real] (the terms i = j) plus the cross-image terms ``2 sum_{i < j in I_p} sum_{t,s}
+    (a_{i,t} . a_{j,s})(g_{i,t} . g_{j,s})`` (`PatientRows.pairs`). Not the sum of the image norms, which would
+    leave out the cross terms and misjudge (mostly underrate) a patient's norm.
+
+    Args:
+        a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients (B >= n_real rows).
+    """
+    total = patients.sum_rows(image_norms_sq)
+    first, second = patients.pairs
+    step = max(len(a), 1)  # at most B pairs at once: the memory of the images' own ghost norms
+    with full_float32():
+        for start in range(0, len(first), step):
+            i, j = first[start : start + step], second[start : start + step]
+            cross = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).sum((1, 2))
+            total.index_add_(0, patients.of_row[i], 2 * cross)
+    return total
+
+
+def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor, group_size: int) -> None:
+    """Per-sample weight gradient ``g_i^T a_i`` of a position-shared linear map; a [B, T, d_in], g [B, T, d_out];
+    ``group_size`` images (at most) are summed into one record (`LayerRule.per_sample`)."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-    if prefers_ghost_norm(positions, d_in, d_out):
+    if prefers_ghost_norm(positions * group_size, d_in, d_out):
         lg.add_ghost(name, a, g)
     else:
         lg.add_instantiated(name, torch.bmm(g.transpose(1, 2), a))
@@ -178,12 +281,16 @@ class LayerRule:
     def check(self, path: str, module: nn.Module) -> None:  # optional override
         """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
+    def per_sample(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+    ) -> LayerGrads:
         """Per-sample gradients (or ghost factors) of ``module``'s trainable direct parameters.
 
         Args:
             a: the module's input; g: the gradient of ``sum_i loss_i`` with respect to its output.
             names: direct parameter attribute (``weight``) -> full name in the model, trainable ones only.
+            group_size: the most rows that will be summed into one record (the chunk's largest patient; 1 for
+                images): the cost model counts a ghost norm's positions times this (`LayerGrads.by_patient` groups).
         """
         raise NotImplementedError
 
@@ -191,12 +298,14 @@ class LayerRule:
 class LinearRule(LayerRule):
     """``nn.Linear`` on [B, d], [B, T, d] or channels-last [B, H, W, d] inputs (timm ConvNeXt's Mlp)."""
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
+    def per_sample(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+    ) -> LayerGrads:
         lg = LayerGrads()
         batch = len(a)
         a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
         if "weight" in names:
-            _linear_weight(lg, names["weight"], a3, g3)
+            _linear_weight(lg, names["weight"], a3, g3, group_size)
         if "bias" in names:
             lg.add_instantiated(names["bias"], g3.sum(1))
         return lg
@@ -219,14 +328,16 @@ class Conv2dRule(LayerRule):
                 "is not supported by grad_sample_mode 'bk' (zero padding given as numbers only)"
             )
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
+    def per_sample(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+    ) -> LayerGrads:
         assert isinstance(module, nn.Conv2d)
         lg = LayerGrads()
         if "weight" in names:
             if module.groups == 1:
                 patches = _unfold(module, a)  # [B, T, d_in]
                 g3 = g.flatten(2).transpose(1, 2)  # [B, T, C_out]
-                _linear_weight(lg, names["weight"], patches, g3)
+                _linear_weight(lg, names["weight"], patches, g3, group_size)
             else:
                 lg.add_instantiated(names["weight"], _grouped_conv_per_sample(module, a, g))
         if "bias" in names:
@@ -290,7 +401,9 @@ class LayerNormRule(LayerRule):
     def __init__(self, channels_dim: int | None = None) -> None:
         self.channels_dim = channels_dim  # 1 for LayerNorm2d; None: the trailing normalized_shape dims
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
+    def per_sample(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+    ) -> LayerGrads:
         assert isinstance(module, nn.LayerNorm)
         lg = LayerGrads()
         batch = len(a)
@@ -321,7 +434,9 @@ class ConvNeXtLayerScaleRule(LayerRule):
                 "drop_path_rate=0 (a deterministic forward per sample)"
             )
 
-    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str]) -> LayerGrads:
+    def per_sample(
+        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+    ) -> LayerGrads:
         assert isinstance(module, ConvNeXtBlock)
         lg = LayerGrads()
         if "gamma" in names:
@@ -363,30 +478,33 @@ class _Site:
 
 @dataclass
 class PerSampleResult:
-    """What one physical batch contributes: per-sample norms, and clipped sums on request.
+    """What one physical batch contributes: per-record norms, and clipped sums on request. The records are the
+    samples (rows), or for a patient-level chunk its patients.
 
     Attributes:
-        norms_sq: full parameter name -> per-sample squared gradient norms [B] (float32, or float64 for a float64
-            model); padded rows (from ``n_real`` on) are exactly 0.
-        norms: per-sample total gradient norms over all trainable parameters [B] (float64).
+        norms_sq: full parameter name -> per-record squared gradient norms, [B] per row (padded rows, from
+            ``n_real`` on, exactly 0) or [P] per patient (float32, or float64 for a float64 model).
+        norms: per-record total gradient norms over all trainable parameters, [B] or [P] (float64).
         loss: per-sample losses of the real rows [n_real], detached.
-        n_real: the leading rows that are records (the rest is padding).
+        n_real: the leading rows that are images (the rest is padding).
+        n_records: the leading entries of ``norms`` that are records: ``n_real``, or P.
     """
 
     norms_sq: dict[str, torch.Tensor]
     norms: torch.Tensor
     loss: torch.Tensor
     n_real: int
+    n_records: int
     _layers: list[LayerGrads]
     _shapes: dict[str, torch.Size]
 
     def clip_factors(self, max_grad_norm: float) -> torch.Tensor:
-        """Opacus' per-sample factors ``min(1, C / (norm + 1e-6))`` of the real rows [n_real] (float64)."""
-        return clip_factors(self.norms[: self.n_real], max_grad_norm)
+        """Opacus' per-record factors ``min(1, C / (norm + 1e-6))`` [n_records] (float64)."""
+        return clip_factors(self.norms[: self.n_records], max_grad_norm)
 
     def clipped_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``sum_i factors_i g_i`` over the first ``len(factors)`` rows, for every trainable parameter (full name ->
-        tensor shaped like it)."""
+        """``sum_r factors_r g_r`` over the first ``len(factors)`` records, for every trainable parameter (full name
+        -> tensor shaped like it)."""
         sums: dict[str, torch.Tensor] = {}
         for layer in self._layers:
             sums.update(layer.clipped_sums(factors, self._shapes))
@@ -411,6 +529,7 @@ class BookKeepingModule(nn.Module):
         self._module = module
         self._sites: list[_Site] = []
         self._recording = False
+        self._patients: PatientRows | None = None  # while recording a patient-level chunk
         self._handles: list[RemovableHandle] = []
         owners: dict[int, str] = {}
         for path, child in module.named_modules(remove_duplicate=False):
@@ -479,10 +598,18 @@ class BookKeepingModule(nn.Module):
             return  # no gradient will reach it; caught after the backward
 
         def on_grad(grad: torch.Tensor) -> None:
-            activation = site.activation
+            activation, patients = site.activation, self._patients
             assert activation is not None
             # bf16 autocast: the per-sample work runs in float32 on the (exactly) upcast values
-            site.grads = site.rule.per_sample(site.module, upcast(activation), upcast(grad.detach()), site.names)
+            grads = site.rule.per_sample(
+                site.module,
+                upcast(activation),
+                upcast(grad.detach()),
+                site.names,
+                group_size=1 if patients is None else max(patients.largest, 1),
+            )
+            # grouped here, so that per-image gradients live no longer than this hook
+            site.grads = grads if patients is None else grads.by_patient(patients)
             site.activation = None  # kept only through a ghost layer's LayerGrads, if at all
 
         output.register_hook(on_grad)  # type: ignore[no-untyped-call]
@@ -496,14 +623,14 @@ class BookKeepingModule(nn.Module):
         return {name: p for name, p in self._module.named_parameters() if p.requires_grad}
 
     @contextmanager
-    def _recording_on(self) -> Iterator[None]:
+    def _recording_on(self, patients: PatientRows | None) -> Iterator[None]:
         for site in self._sites:
             site.activation, site.grads, site.calls = None, None, 0
-        self._recording = True
+        self._recording, self._patients = True, patients
         try:
             yield
         finally:
-            self._recording = False
+            self._recording, self._patients = False, None
 
     def per_sample(
         self,
@@ -512,31 +639,38 @@ class BookKeepingModule(nn.Module):
         y: torch.Tensor,
         n_real: int | None = None,
         autocast_dtype: torch.dtype | None = None,
+        groups: np.ndarray | None = None,
     ) -> PerSampleResult:
-        """One forward and one input-gradient backward on a physical batch: per-sample norms, clipped sums.
+        """One forward and one input-gradient backward on a physical batch: per-record norms, clipped sums.
 
         Per-sample gradients are those of each sample's own loss ``loss_fn(model(x), y)[i]`` (no division by
-        the batch size). Parameter ``.grad`` fields are left untouched.
+        the batch size); a patient's is the sum of its images'. Parameter ``.grad`` fields are left untouched.
 
         Args:
-            n_real: only rows ``[0, n_real)`` are records (default: all); the backward starts from their losses
+            n_real: only rows ``[0, n_real)`` are images (default: all); the backward starts from their losses
                 only, so every later row (padding) gets exactly zero output gradients, norms and contributions.
             autocast_dtype: run the forward under ``torch.autocast`` to this dtype (``bfloat16``); the per-sample
                 norms and sums are still float32 (module docstring).
+            groups: patient-level: each real row's patient label [n_real], patient-contiguous (`PatientRows.of`);
+                the records are then the patients. None: each row is a record.
 
         Raises:
             UnsupportedModuleError: a module ran twice, or a layer's output got no gradient (it does not depend
                 on the input ``x``, which the input-gradient backward needs).
+            ValueError: ``n_real`` out of range, or ``groups`` not one label per real row.
         """
         n_real = len(x) if n_real is None else n_real
         if not 0 <= n_real <= len(x):
             raise ValueError(f"n_real={n_real} must be between 0 and the chunk's {len(x)} rows")
+        if groups is not None and len(groups) != n_real:
+            raise ValueError(f"groups has {len(groups)} patient labels for {n_real} real rows")
+        patients = None if groups is None else PatientRows.of(groups, x.device)
         x = x.detach().requires_grad_(True)  # the backward targets x, so no parameter gradient is formed
         autocast = (
             nullcontext() if autocast_dtype is None else torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
         )
         try:
-            with self._recording_on():
+            with self._recording_on(patients):
                 with autocast:
                     loss = loss_fn(self._module(x), y)
                 (input_grad,) = torch.autograd.grad(loss[:n_real].sum(), [x])
@@ -558,7 +692,8 @@ class BookKeepingModule(nn.Module):
         if missing:  # cannot happen with the coverage check above; never release an unclipped parameter
             raise UnsupportedModuleError(f"no per-sample gradient for {sorted(missing)}")
         total = torch.stack([v.to(torch.float64) for v in norms_sq.values()]).sum(0).sqrt()
-        return PerSampleResult(norms_sq, total, loss[:n_real].detach(), n_real, layers, shapes)
+        n_records = n_real if patients is None else patients.n_patients
+        return PerSampleResult(norms_sq, total, loss[:n_real].detach(), n_real, n_records, layers, shapes)
 
     def remove_hooks(self) -> None:
         """Detach the hooks from the model (before wrapping it again)."""
@@ -619,24 +754,33 @@ def clipped_sum_step(
     *,
     pad_multiple: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The clipped sum ``sum_i c_i g_i`` of one logical batch, accumulated over physical chunks.
+    """The clipped sum ``sum_r c_r g_r`` of one logical batch over its records, accumulated over physical chunks.
 
     Args:
-        pad_multiple: fixed shapes: the last chunk zero-padded to a multiple of this many rows (`physical_chunks`);
-            padded rows contribute nothing. None: no padding.
+        pad_multiple: fixed shapes: the last chunk zero-padded to a multiple of this many rows (`physical_chunks`;
+            for patients every chunk, `patient_physical_chunks`); padded rows contribute nothing. None: no padding.
         autocast_dtype: see `BookKeepingModule.per_sample`.
+        groups: patient-level: each image's patient, patient-contiguous (`trainables.privacy.patients.PatientIndex.
+            gather`); chunks then hold whole patients and each patient's summed gradient is clipped as one record.
+            None: each image is a record.
 
     Returns:
-        (full parameter name -> clipped sum (zeros for an empty batch), mean per-sample loss of the real rows as a
+        (full parameter name -> clipped sum (zeros for an empty batch), mean per-image loss of the real rows as a
         0-dim tensor on the batch's device (NaN if empty); nothing is read back to the host).
     """
     x, y = batch
     parameters = wrapped.trainable_parameters()
     sums: dict[str, torch.Tensor] = {}
     total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for chunk in physical_chunks(x, y, max_physical_batch_size, pad_multiple):
-        result = wrapped.per_sample(loss_fn, chunk.x, chunk.y, chunk.n_real, autocast_dtype)
+    chunks: Iterator[tuple[PhysicalChunk, np.ndarray | None]] = (
+        ((chunk, None) for chunk in physical_chunks(x, y, max_physical_batch_size, pad_multiple))
+        if groups is None
+        else patient_physical_chunks(x, y, groups, max_physical_batch_size, pad_multiple)
+    )
+    for chunk, chunk_groups in chunks:
+        result = wrapped.per_sample(loss_fn, chunk.x, chunk.y, chunk.n_real, autocast_dtype, chunk_groups)
         for name, value in result.clipped_sums(result.clip_factors(max_grad_norm)).items():
             sums[name] = sums[name] + value if name in sums else value
         total_loss = total_loss + result.loss.sum()

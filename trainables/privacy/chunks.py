@@ -11,6 +11,10 @@ padded row's loss gradient is exactly zero, not a zero-weighted value), and cut 
 before any norm, clip factor or sum (`trainables.privacy.engine.private_step`,
 `trainables.privacy.bk.clipped_sum_step`). Padding therefore changes no released number and no accounting: the
 logical batch size is the number of real records, and the accountant sees the same (sigma, q) step.
+
+Patient-level batches (`patient_physical_chunks`) are cut only between patients (`patient_chunks`: a patient split
+over two chunks would be clipped twice), so any chunk may be short; each is padded the same way, its padding rows
+belonging to no patient.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -53,15 +58,69 @@ def physical_chunks(
     Raises:
         ValueError: ``size`` or ``pad_multiple`` < 1, or ``x`` and ``y`` of different lengths.
     """
+    _check_batch(x, y, size, pad_multiple)
+    for start in range(0, len(x), size):
+        yield padded_chunk(x[start : start + size], y[start : start + size], size, pad_multiple)
+
+
+def padded_chunk(x: torch.Tensor, y: torch.Tensor, size: int, pad_multiple: int | None) -> PhysicalChunk:
+    """The records ``x``/``y`` (at most ``size``) as one chunk, zero rows appended up to `padded_rows`."""
+    n_real = len(x)
+    rows = padded_rows(n_real, size, pad_multiple)
+    if rows > n_real:
+        x = torch.cat([x, x.new_zeros((rows - n_real, *x.shape[1:]))])
+        y = torch.cat([y, y.new_zeros((rows - n_real, *y.shape[1:]))])
+    return PhysicalChunk(x, y, n_real)
+
+
+def patient_chunks(groups: np.ndarray | torch.Tensor, max_physical_batch_size: int) -> list[slice]:
+    """Cut a patient-contiguous batch into chunks of whole patients, each at most ``max_physical_batch_size`` images.
+
+    Args:
+        groups: per image, its patient; a patient's images are adjacent (`trainables.privacy.patients.PatientIndex.
+            gather`).
+
+    Raises:
+        ValueError: one patient has more images than ``max_physical_batch_size``.
+    """
+    groups = np.asarray(groups)
+    if groups.size == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], len(groups)]
+    if (ends - starts).max() > max_physical_batch_size:
+        raise ValueError(
+            f"a patient has {(ends - starts).max()} images in the batch, more than "
+            f"speed.max_physical_batch_size={max_physical_batch_size}; its images cannot share a chunk"
+        )
+    chunks, chunk_start = [], 0
+    for start, end in zip(starts, ends, strict=True):
+        if end - chunk_start > max_physical_batch_size:
+            chunks.append(slice(chunk_start, int(start)))
+            chunk_start = int(start)
+    chunks.append(slice(chunk_start, len(groups)))
+    return chunks
+
+
+def patient_physical_chunks(
+    x: torch.Tensor, y: torch.Tensor, groups: np.ndarray, size: int, pad_multiple: int | None = None
+) -> Iterator[tuple[PhysicalChunk, np.ndarray]]:
+    """Chunks of whole patients (`patient_chunks`), each zero-padded to `padded_rows` when ``pad_multiple`` is given,
+    with the patients of its real rows (``groups`` of those rows).
+
+    Raises:
+        ValueError: as `physical_chunks`, ``groups`` not one per image, or a patient larger than ``size``.
+    """
+    _check_batch(x, y, size, pad_multiple)
+    groups = np.asarray(groups)
+    if len(groups) != len(x):
+        raise ValueError(f"a batch has {len(x)} images but {len(groups)} patient entries")
+    for part in patient_chunks(groups, size):
+        yield padded_chunk(x[part], y[part], size, pad_multiple), groups[part]
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor, size: int, pad_multiple: int | None) -> None:
     if size < 1 or (pad_multiple is not None and pad_multiple < 1):
         raise ValueError(f"physical chunk size and pad multiple must be >= 1, got {size} and {pad_multiple}")
     if len(x) != len(y):
         raise ValueError(f"a batch has {len(x)} images but {len(y)} label rows")
-    for start in range(0, len(x), size):
-        xb, yb = x[start : start + size], y[start : start + size]
-        n_real = len(xb)
-        rows = padded_rows(n_real, size, pad_multiple)
-        if rows > n_real:
-            xb = torch.cat([xb, xb.new_zeros((rows - n_real, *xb.shape[1:]))])
-            yb = torch.cat([yb, yb.new_zeros((rows - n_real, *yb.shape[1:]))])
-        yield PhysicalChunk(xb, yb, n_real)

@@ -37,6 +37,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants.accountant import IAccountant
@@ -49,6 +50,7 @@ from torch.func import functional_call, grad, vmap
 from trainables.config import GradSampleMode
 from trainables.privacy.bk import (
     BookKeepingModule,
+    PatientRows,
     PerSampleLoss,
     clip_factors,
     clipped_sum_step,
@@ -239,13 +241,17 @@ def check_book_keeping(
     x: torch.Tensor,
     y: torch.Tensor,
     tolerance: float = 1e-3,
+    groups: np.ndarray | None = None,
 ) -> GradientCheck:
-    """Verify book-keeping against ``torch.func``: every parameter's per-sample norms and clipped sums.
+    """Verify book-keeping against ``torch.func``: every parameter's per-record norms and clipped sums.
 
-    Compared on ``x`` (a few samples): (1) per sample and parameter, the gradient norm (relative error vs the
-    reference norm); (2) per parameter, the clipped sum ``sum_i c_i g_i`` at two clip norms: the median of the
-    reference per-sample total norms (about half the samples clipped, half not; the engine's own factors vs
-    the reference's) and infinity (the plain sum, which pins every per-sample gradient's direction in sum).
+    Compared on ``x`` (a few records): (1) per record and parameter, the gradient norm (relative error vs the
+    reference norm); (2) per parameter, the clipped sum ``sum_r c_r g_r`` at two clip norms: the median of the
+    reference per-record total norms (about half the records clipped, half not; the engine's own factors vs
+    the reference's) and infinity (the plain sum, which pins every per-record gradient's direction in sum).
+    With ``groups`` (patient-level: each row's patient, patient-contiguous, as `BookKeepingModule.per_sample` takes
+    them) the records are patients and the reference gradient of a patient is the sum of its images' ``torch.func``
+    gradients, so a grouped rule that summed image norms (leaving out the cross-image terms) is caught.
     References and errors are reduced in float64 (a float32 norm over 28M entries is itself off by ~1e-3).
     The model runs in its current mode (train mode in a trial); nothing is updated and no budget is spent.
 
@@ -253,19 +259,23 @@ def check_book_keeping(
         PerSampleGradientError: a parameter is missing, or any relative error exceeds ``tolerance``.
     """
     module = wrapped._module
+    unit = "sample" if groups is None else "patient"
     with full_float32():  # so that GPU rounding (~1e-3) can neither hide nor fake a mismatch
         reference = reference_per_sample_gradients(without_hooks(module), loss_fn, x, y)
-        result = wrapped.per_sample(loss_fn, x, y)
-        n = len(x)
+        result = wrapped.per_sample(loss_fn, x, y, groups=groups)
+        if groups is not None:  # per patient: the sums of its images' gradients
+            patients = PatientRows.of(groups, x.device)
+            reference = {name: patients.sum_rows(g.to(torch.float64)) for name, g in reference.items()}
+        n = result.n_records
         missing = sorted(set(reference) - set(result.norms_sq))
         if missing:
-            raise PerSampleGradientError(f"parameters {missing} get no per-sample norm from the bk engine")
+            raise PerSampleGradientError(f"parameters {missing} get no per-{unit} norm from the bk engine")
         ref_norms = {name: g.reshape(n, -1).to(torch.float64).norm(dim=1) for name, g in reference.items()}
         ref_total = torch.stack(list(ref_norms.values())).pow(2).sum(0).sqrt()
         errors: dict[str, float] = {}
         for name, ref in ref_norms.items():
             engine = result.norms_sq[name].to(torch.float64).clamp_min(0).sqrt()
-            errors[f"{name} (per-sample norm)"] = ((engine - ref).abs() / ref.clamp_min(1e-12)).max().item()
+            errors[f"{name} (per-{unit} norm)"] = ((engine - ref).abs() / ref.clamp_min(1e-12)).max().item()
         for label, clip in (("clipped sum", ref_total.median().item()), ("sum", math.inf)):
             engine_sums = result.clipped_sums(clip_factors(result.norms, clip))
             ref_factors = clip_factors(ref_total, clip)
@@ -276,9 +286,9 @@ def check_book_keeping(
     check = GradientCheck(errors[worst_name], worst_name, n, len(reference))
     if not check.max_relative_error <= tolerance:  # NaN fails too
         raise PerSampleGradientError(
-            f"book-keeping per-sample norms or clipped sums are wrong: relative error {check.max_relative_error:.3g} "
-            f"> {tolerance:g} at {worst_name}; clipping would not bound each sample's contribution, so this trial "
-            "refuses to train"
+            f"book-keeping per-{unit} norms or clipped sums are wrong: relative error "
+            f"{check.max_relative_error:.3g} > {tolerance:g} at {worst_name}; clipping would not bound each {unit}'s "
+            "contribution, so this trial refuses to train"
         )
     return check
 
@@ -389,7 +399,7 @@ def private_step(
             for what they stand for.
     """
     if isinstance(wrapped, BookKeepingModule):
-        return _book_keeping_step(
+        return book_keeping_step(
             wrapped,
             optimizer,
             loss_fn,
@@ -421,7 +431,7 @@ def private_step(
             loss = loss_fn(wrapped(chunk.x), chunk.y)[: chunk.n_real]  # padded rows: exactly zero gradients
         torch.autograd.backward(loss.sum())  # loss_reduction="sum" (wrap_model)
         total_loss = total_loss + loss.detach().sum()
-        _real_grad_samples(wrapped, chunk.n_real)
+        real_grad_samples(wrapped, chunk.n_real)
         last = i == len(chunks) - 1
         if last:
             _append_grad_samples(wrapped, extra_grad_samples)
@@ -431,7 +441,7 @@ def private_step(
     return total_loss / n
 
 
-def _real_grad_samples(wrapped: GradSampleModule, n_real: int) -> None:
+def real_grad_samples(wrapped: GradSampleModule, n_real: int) -> None:
     """Keep only the real rows of each ``p.grad_sample`` (padded rows never reach Opacus' clipping), in float32
     if autocast left them in bfloat16 (Opacus would otherwise take bf16 norms of them)."""
     for p in wrapped.parameters():
@@ -462,20 +472,23 @@ def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Ten
         p.grad_sample = torch.cat([p.grad_sample, extra.to(p.device, p.dtype)])
 
 
-def _book_keeping_step(
+def book_keeping_step(
     wrapped: BookKeepingModule,
     optimizer: DPOptimizer,
     loss_fn: PerSampleLoss,
     batch: tuple[torch.Tensor, torch.Tensor],
     max_physical_batch_size: int,
-    extra_grad_samples: Mapping[str, torch.Tensor] | None,
-    pad_multiple: int | None,
-    autocast_dtype: torch.dtype | None,
+    extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
+    pad_multiple: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    groups: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """`private_step` for ``bk``: the engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``)
-    handed to Opacus' DPOptimizer as ``p.summed_grad``; then Opacus' own ``add_noise`` (std sigma*C;
-    `SecureDPOptimizer`'s in secure mode), ``scale_grad`` (division by the expected batch size), accountant hook
-    and the wrapped optimizer's step: the same noise and accounting as the other modes, once per logical batch."""
+    """`private_step` for ``bk`` (and `trainables.privacy.patients.private_patient_step`, with ``groups``): the
+    engine's clipped sum (all chunks, clipped with ``optimizer.max_grad_norm``; per patient when ``groups`` is given,
+    `clipped_sum_step`) handed to Opacus' DPOptimizer as ``p.summed_grad``; then Opacus' own ``add_noise`` (std
+    sigma*C; `SecureDPOptimizer`'s in secure mode), ``scale_grad`` (division by the expected batch size), accountant
+    hook and the wrapped optimizer's step: the same noise and accounting as the other modes, once per logical
+    batch."""
     parameters = wrapped.trainable_parameters()
     if {id(p) for p in optimizer.params} != {id(p) for p in parameters.values()}:
         raise ValueError("the DP optimizer's parameters are not the wrapped model's trainable parameters")
@@ -489,6 +502,7 @@ def _book_keeping_step(
         extra_grad_samples,
         pad_multiple=pad_multiple,
         autocast_dtype=autocast_dtype,
+        groups=groups,
     )
     for name, p in parameters.items():
         # Opacus' per-parameter attributes (set on nn.Parameter at run time)

@@ -20,32 +20,47 @@ Mechanism (one step), on top of `trainables.privacy.engine`:
 Adjacency: add/remove one patient with all its images; the accountant sees the usual Poisson-subsampled Gaussian
 over (sigma, q, steps) with N_patients records. N_patients and the cap are public; delta must be < 1/N_patients.
 
-Virtual batches: Opacus clips each physical chunk's ``grad_sample`` rows when the chunk is processed, so a patient
-split over two chunks would be clipped twice (sensitivity 2C). `patient_chunks` therefore cuts a logical batch only
-between patients (at most ``max_physical_batch_size`` images per chunk; the cap must not exceed it).
+Virtual batches: every engine clips each physical chunk's records when the chunk is processed, so a patient split
+over two chunks would be clipped twice (sensitivity 2C). `patient_chunks` therefore cuts a logical batch only
+between patients (at most ``max_physical_batch_size`` images per chunk; the cap must not exceed it). Under fixed
+shapes each such chunk is zero-padded (`trainables.privacy.chunks.patient_physical_chunks`); padding rows belong to
+no patient and contribute nothing, as for images. Under bf16 the per-image values are upcast to float32 before
+grouping, norms and clipping, as for images.
 
-The reduction happens on ``p.grad_sample`` after each chunk's backward (`sum_grad_samples_by_patient`), so it works
-with every mode that fills ``grad_sample`` (``hooks``, ``functorch``). A mode that computes only per-sample *norms*
-(book-keeping / ghost clipping) needs the norm of each patient's summed gradient, which is not the sum of its images'
-norms: per layer, ||sum_i a_i^T b_i||^2 over the patient's images i (group ghost norms: the Gram matrices of
-activations and backprops restricted to the patient's rows), and the clip factor applied per patient.
+Every mode, one record per patient:
+
+* ``hooks``, ``functorch``: after each chunk's backward the per-image ``p.grad_sample`` rows are summed per patient
+  (`sum_grad_samples_by_patient`) before Opacus clips them.
+* ``bk`` (book-keeping, `trainables.privacy.bk`), which never forms whole per-sample gradients: each layer's
+  per-image pieces are grouped right after the backward reaches it: instantiated gradients summed per patient, ghost
+  norms taken over the patient's rows (group ghost norms: the Gram matrices of activations and output gradients
+  over all positions of all its images, cross-image terms included; the sum of its images' norms would be wrong);
+  the clip factor is the patient's, and each image's rows enter the clipped sum scaled by it.
+
+The self-check (`check_patient_gradients`) compares each patient's gradient (``hooks``/``functorch``: the grouped
+rows; ``bk``: per-patient norms and clipped sums) with sums of ``torch.func`` per-image gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from trainables.privacy.bk import PerSampleLoss, full_float32
+from trainables.privacy.bk import BookKeepingModule, PerSampleLoss, full_float32
+from trainables.privacy.chunks import patient_chunks, patient_physical_chunks
 from trainables.privacy.engine import (
     GradientCheck,
     PerSampleGradientError,
+    WrappedModel,
+    book_keeping_step,
+    check_book_keeping,
     private_step,
+    real_grad_samples,
     reference_per_sample_gradients,
     without_hooks,
 )
@@ -115,31 +130,6 @@ def group_patients(patient_ids: Sequence[str] | np.ndarray, max_images_per_patie
     )
 
 
-def patient_chunks(groups: np.ndarray | torch.Tensor, max_physical_batch_size: int) -> list[slice]:
-    """Cut a patient-contiguous batch into chunks of whole patients, each at most ``max_physical_batch_size`` images.
-
-    Raises:
-        ValueError: one patient has more images than ``max_physical_batch_size``.
-    """
-    groups = np.asarray(groups)
-    if groups.size == 0:
-        return []
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    ends = np.r_[starts[1:], len(groups)]
-    if (ends - starts).max() > max_physical_batch_size:
-        raise ValueError(
-            f"a patient has {(ends - starts).max()} images in the batch, more than "
-            f"speed.max_physical_batch_size={max_physical_batch_size}; its images cannot share a chunk"
-        )
-    chunks, chunk_start = [], 0
-    for start, end in zip(starts, ends, strict=True):
-        if end - chunk_start > max_physical_batch_size:
-            chunks.append(slice(chunk_start, int(start)))
-            chunk_start = int(start)
-    chunks.append(slice(chunk_start, len(groups)))
-    return chunks
-
-
 def sum_grad_samples_by_patient(module: torch.nn.Module, groups: torch.Tensor) -> None:
     """Replace every trainable parameter's per-image ``grad_sample`` rows by per-patient sums.
 
@@ -162,32 +152,55 @@ def sum_grad_samples_by_patient(module: torch.nn.Module, groups: torch.Tensor) -
 
 
 def private_patient_step(
-    wrapped: GradSampleModule,
+    wrapped: WrappedModel,
     optimizer: DPOptimizer,
     loss_fn: PerSampleLoss,
     batch: tuple[torch.Tensor, torch.Tensor],
     groups: np.ndarray,
     max_physical_batch_size: int,
+    *,
+    pad_multiple: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One patient-level DP-SGD step on a patient-contiguous logical batch (see the module docstring).
 
-    Chunks hold whole patients; after each chunk's backward its rows are summed per patient, the optimizer clips
-    and accumulates them; noise is added and the accountant advanced once, at the last chunk. An empty batch is a
-    noisy step too (`trainables.privacy.engine.private_step`). Returns the mean per-image loss as a 0-dim tensor on the
-    batch's device (NaN when empty), without reading it back to the host.
+    Chunks hold whole patients; each chunk's records are its patients (``bk``: grouped inside the engine; the other
+    modes: the chunk's ``grad_sample`` rows summed per patient), the optimizer clips and accumulates them; noise is
+    added and the accountant advanced once, at the last chunk. An empty batch is a noisy step too
+    (`trainables.privacy.engine.private_step`). Returns the mean per-image loss as a 0-dim tensor on the batch's
+    device (NaN when empty), without reading it back to the host.
+
+    Args:
+        groups: each image's patient (`PatientIndex.gather`), patient-contiguous.
+        pad_multiple: fixed shapes: each chunk zero-padded to a multiple of this many rows (at most
+            ``max_physical_batch_size``); None: no padding. Padding rows contribute nothing.
+        autocast_dtype: ``torch.bfloat16`` for ``speed.precision: bf16`` (as `trainables.privacy.engine.private_step`).
     """
     x, y = batch
     if len(x) == 0:
         return private_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size)
-    group_tensor = torch.as_tensor(groups)
-    chunks = patient_chunks(groups, max_physical_batch_size)
+    if isinstance(wrapped, BookKeepingModule):
+        return book_keeping_step(
+            wrapped,
+            optimizer,
+            loss_fn,
+            batch,
+            max_physical_batch_size,
+            pad_multiple=pad_multiple,
+            autocast_dtype=autocast_dtype,
+            groups=groups,
+        )
+    chunks = list(patient_physical_chunks(x, y, groups, max_physical_batch_size, pad_multiple))
+    autocast = nullcontext() if autocast_dtype is None else torch.autocast(x.device.type, dtype=autocast_dtype)
     total_loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for i, chunk in enumerate(chunks):
+    for i, (chunk, chunk_groups) in enumerate(chunks):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(wrapped(x[chunk]), y[chunk])
-        loss.sum().backward()  # type: ignore[no-untyped-call]  # loss_reduction="sum" (engine.wrap_model)
+        with autocast:
+            loss = loss_fn(wrapped(chunk.x), chunk.y)[: chunk.n_real]  # padded rows: exactly zero gradients
+        torch.autograd.backward(loss.sum())  # loss_reduction="sum" (engine.wrap_model)
         total_loss = total_loss + loss.detach().sum()
-        sum_grad_samples_by_patient(wrapped, group_tensor[chunk])
+        real_grad_samples(wrapped, chunk.n_real)  # padded rows dropped, bf16 rows upcast
+        sum_grad_samples_by_patient(wrapped, torch.as_tensor(chunk_groups))
         optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
         with full_float32():  # Opacus' clipping and sum without TF32 (speed.cuda_tuning)
             optimizer.step()
@@ -195,22 +208,25 @@ def private_patient_step(
 
 
 def check_patient_gradients(
-    wrapped: GradSampleModule,
+    wrapped: WrappedModel,
     loss_fn: PerSampleLoss,
     x: torch.Tensor,
     y: torch.Tensor,
     groups: np.ndarray,
     tolerance: float = 1e-3,
 ) -> GradientCheck:
-    """Verify the grouped path: the engine's per-patient rows equal sums of ``torch.func`` per-image gradients.
+    """Verify the grouped path: the engine's per-patient gradients equal sums of ``torch.func`` per-image gradients.
 
     One forward/backward of ``x`` (patient-contiguous, ``groups`` as in `PatientIndex.gather`) through the engine,
     the same `sum_grad_samples_by_patient` as training, compared per patient and parameter with the reference;
-    all gradients are cleared afterwards (nothing is updated, no budget spent).
+    all gradients are cleared afterwards (nothing is updated, no budget spent). For ``bk``, which forms no per-patient
+    gradient, `trainables.privacy.engine.check_book_keeping` compares per-patient norms and clipped sums.
 
     Raises:
         PerSampleGradientError: a relative error above ``tolerance``.
     """
+    if isinstance(wrapped, BookKeepingModule):
+        return check_book_keeping(wrapped, loss_fn, x, y, tolerance, groups=groups)
     module = wrapped._module
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -5,8 +5,8 @@ Every run that trains privately (a trial, the white-box audit, the step benchmar
 
 1. wrap the model for per-sample clipping (`trainables.privacy.engine.wrap_model`, ``speed.grad_sample_mode``);
 2. verify its per-sample gradients against ``torch.func`` on a few records before any step (the image rows; for a
-   patient-level run also the grouped path, per-patient sums over a few whole patients): a wrong engine refuses to
-   train instead of clipping wrong gradients;
+   patient-level run also the grouped path, per-patient sums over a few whole patients, in every mode): a wrong
+   engine refuses to train instead of clipping wrong gradients;
 3. a fresh accountant (``privacy.accountant``), with the label-count release of ``pos_weight: train`` accounted first
    when the run made one now (a resumed trial's checkpointed ledger already holds it);
 4. the DP optimizer around the caller's optimizer: clip to C, noise sigma C from the given source, divide by the
@@ -28,7 +28,7 @@ from torch import nn
 
 from trainables.config import PrivacyConfig
 from trainables.privacy.accounting import create_accountant
-from trainables.privacy.bk import BookKeepingModule, PerSampleLoss
+from trainables.privacy.bk import PerSampleLoss
 from trainables.privacy.engine import (
     GradientCheck,
     WrappedModel,
@@ -103,8 +103,7 @@ def make_private(
             ledger (restored from a checkpoint) already holds it.
 
     Raises:
-        ValueError: a non-private config, a self-check batch that does not match the privacy unit, or a mode that
-            cannot group by patient (``bk``).
+        ValueError: a non-private config, or a self-check batch that does not match the privacy unit.
         PerSampleGradientError: the engine's per-sample (or per-patient) gradients are wrong.
     """
     if not privacy.is_private:
@@ -119,11 +118,6 @@ def make_private(
     image_check = check_per_sample_gradients(wrapped, loss_fn, *check.images)
     patient_check = None
     if check.patients is not None:
-        if isinstance(wrapped, BookKeepingModule):
-            raise ValueError(
-                "privacy.privacy_unit: patient needs speed.grad_sample_mode hooks or functorch: the book-keeping "
-                "engine does not group per-sample norms by patient yet"
-            )
         patient_check = check_patient_gradients(wrapped, loss_fn, *check.patients)
     accountant = create_accountant(privacy.accountant)
     if label_count_release is not None:
