@@ -50,7 +50,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -78,6 +78,12 @@ from trainables.names import (
     TERMINATED,
     TRIAL_KEY_TAG,
 )
+
+if TYPE_CHECKING:  # for annotations only: the functions below import MLflow where they use it
+    from mlflow.entities import Run
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.tracking import MlflowClient
 
 INTEGER_METRICS: tuple[str, ...] = (names.EPOCH, names.STEPS, names.BEST_EPOCH)
 """Metrics the trials report as ``int`` (MLflow returns every metric as a float)."""
@@ -226,7 +232,7 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
     return None if path is None else path.parent / MLFLOW_ARTIFACTS_DIR
 
 
-def artifact_repository(tracking_uri: str, artifact_uri: str):
+def artifact_repository(tracking_uri: str, artifact_uri: str) -> ArtifactRepository:
     """An MLflow ``ArtifactRepository`` for ``artifact_uri`` as seen from ``tracking_uri``: for a sqlite store a
     ``mlflow-artifacts:/<path>`` URI is the local folder ``local_artifact_root(tracking_uri)/<path>`` (MLflow's
     client only resolves that scheme through a tracking server); anything else is MLflow's own repository
@@ -248,7 +254,9 @@ def artifact_repository(tracking_uri: str, artifact_uri: str):
     return local
 
 
-def mlflow_artifacts_repository(artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None):
+def mlflow_artifacts_repository(
+    artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None
+) -> ArtifactRepository:
     """MLflow's artifact repository for a ``mlflow-artifacts:`` URI, as dpsweep registers it with MLflow (the
     ``mlflow.artifact_repository`` entry point named ``mlflow-artifacts`` in ``pyproject.toml``; MLflow registers
     plugins after its own schemes, so this one is used in every process of an environment where dpsweep is installed).
@@ -267,7 +275,7 @@ def mlflow_artifacts_repository(artifact_uri: str, tracking_uri: str | None = No
     return MlflowArtifactsRepository(artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
-def _local_repository(artifact_uri: str, tracking_uri: str):
+def _local_repository(artifact_uri: str, tracking_uri: str) -> LocalArtifactRepository | None:
     """The local folder of a ``mlflow-artifacts:/<path>`` URI beside a sqlite store; None for any other store."""
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
@@ -277,18 +285,20 @@ def _local_repository(artifact_uri: str, tracking_uri: str):
     return LocalArtifactRepository(str(root / urllib.parse.urlparse(artifact_uri).path.lstrip("/")))
 
 
-def run_artifact_repository(client, tracking_uri: str, run_id: str):
+def run_artifact_repository(client: MlflowClient, tracking_uri: str, run_id: str) -> ArtifactRepository:
     """`artifact_repository` of one run's artifact root (``<experiment location>/<run id>/artifacts``)."""
     return artifact_repository(tracking_uri, client.get_run(run_id).info.artifact_uri)
 
 
-def download(repository, path: str, folder: Path) -> str:
+def download(repository: ArtifactRepository, path: str, folder: Path) -> str:
     """Download one artifact into ``folder`` (created), without MLflow's progress bar; returns the local path."""
     folder.mkdir(parents=True, exist_ok=True)
     previous = os.environ.get(_PROGRESS_BAR)
     os.environ[_PROGRESS_BAR] = "false"
     try:
-        return repository.download_artifacts(path, str(folder))
+        # MLflow leaves download_artifacts unannotated (it returns the local path)
+        local: str = repository.download_artifacts(path, str(folder))  # type: ignore[no-untyped-call]
+        return local
     finally:
         if previous is None:
             del os.environ[_PROGRESS_BAR]
@@ -324,7 +334,7 @@ def parse_param(text: str) -> Any:
     return value if isinstance(value, int | float | bool | type(None)) else text
 
 
-def _record(client, tracking_uri: str, run) -> TrialRecord:
+def _record(client: MlflowClient, tracking_uri: str, run: Run) -> TrialRecord:
     run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
     by_step = _values_by_step(client, run)
     marked = FINAL_MARKER in by_step.pop(FINAL_STEP, {})  # without it the driver died while logging: not arrived
@@ -348,7 +358,7 @@ def _record(client, tracking_uri: str, run) -> TrialRecord:
     )
 
 
-def read_final_metrics(client, tracking_uri: str, run_id: str) -> dict[str, float | int]:
+def read_final_metrics(client: MlflowClient, tracking_uri: str, run_id: str) -> dict[str, float | int]:
     """A child run's whole final report from its ``evaluation/metrics.parquet`` artifact (`names.METRICS_FILE`):
     metric -> value, ``int`` where the trial reported an ``int``, infinities as ``inf``.
 
@@ -372,7 +382,7 @@ def read_final_metrics(client, tracking_uri: str, run_id: str) -> dict[str, floa
     }
 
 
-def _values_by_step(client, run) -> dict[int, dict[str, Any]]:
+def _values_by_step(client: MlflowClient, run: Run) -> dict[int, dict[str, Any]]:
     """step -> {metric: value}. A metric whose latest entry sits at the final step was logged only there
     (epochs use steps >= 1), so that entry is all there is; only the per-epoch metrics need their history
     (a handful of calls per run instead of one per final metric)."""
@@ -404,9 +414,10 @@ def _value(key: str, value: float) -> float | int:
     return value
 
 
-def _search(client, experiment_id: str, filter_string: str) -> list:
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
     """Every run matching the filter, newest first (MLflow pages its answers)."""
-    runs, token = [], None
+    runs: list[Run] = []
+    token: str | None = None
     while True:
         page = client.search_runs(
             [experiment_id], filter_string, max_results=_PAGE, order_by=["attributes.start_time DESC"], page_token=token

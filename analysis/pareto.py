@@ -98,7 +98,8 @@ def pareto_ranks(values: np.ndarray) -> np.ndarray:
 
 def non_dominated(values: np.ndarray) -> np.ndarray:
     """Boolean mask [n] of the points no other point dominates (all to be minimized; see `pareto_ranks`)."""
-    return pareto_ranks(values) == 1
+    mask: np.ndarray = pareto_ranks(values) == 1  # numpy types an array comparison as Any
+    return mask
 
 
 def _domination_matrix(values: np.ndarray) -> np.ndarray:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.metric_labels import metric_label
 from analysis.pareto import FRONT_ID, ON_FRONT, front_table, non_dominated
@@ -83,7 +85,7 @@ def save_png(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def dodge_factors(positions: np.ndarray, order: Sequence[tuple]) -> np.ndarray:
+def dodge_factors(positions: np.ndarray, order: Sequence[tuple[Any, ...]]) -> np.ndarray:
     """Multiplicative x offsets [n] that spread points sharing a position on a log axis (module docstring).
 
     Args:
@@ -102,7 +104,7 @@ def dodge_factors(positions: np.ndarray, order: Sequence[tuple]) -> np.ndarray:
         members = np.flatnonzero(rounded == value)
         if len(members) < 2:
             continue
-        ranked = sorted(members, key=lambda i: order[i])
+        ranked = sorted(members, key=lambda i: order[int(i)])
         for rank, i in enumerate(ranked):
             factors[i] = 10 ** (DODGE_DECADES * (rank - (len(members) - 1) / 2))
     return factors
@@ -156,7 +158,9 @@ def pareto_plot(
         fairness: the fairness-gap column of the second panel (linear axis, lower is better); None or a column
             absent from ``front`` for one panel only.
     """
-    two = fairness is not None and fairness in front and front[fairness].notna().any()
+    if fairness is not None and not (fairness in front and front[fairness].notna().any()):
+        fairness = None  # absent or empty: one panel
+    two = fairness is not None
     figure = Figure(figsize=(10.4 if two else 6.4, 4.4))
     axes = figure.subplots(1, 2 if two else 1, squeeze=False, sharey=True)[0]
     ax = axes[0]
@@ -226,7 +230,7 @@ def pareto_plot(
     ax.set_ylabel(metric_label(y))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    if two:
+    if fairness is not None:
         axes[1].set_xlabel(f"{metric_label(fairness)} (lower is fairer)")
         axes[1].grid(alpha=0.3)
     figure.suptitle(
@@ -292,7 +296,8 @@ def cross_dataset_heatmap(
     axes[0].set_ylabel(f"{metric_label(rows)} | training dataset", fontsize=8)
     if image is not None:
         colorbar = figure.colorbar(image, ax=list(axes), shrink=0.8, label="Macro AUROC")
-        colorbar.solids.set_rasterized(False)  # matplotlib rasterizes long colour ramps; keep the SVG all vector
+        if colorbar.solids is not None:  # None only for a contour set's colorbar, which has no colour ramp
+            colorbar.solids.set_rasterized(False)  # matplotlib rasterizes long colour ramps; keep the SVG all vector
     figure.suptitle("Cross-dataset macro AUROC (final models)", fontsize=10)
     return _finish(figure, save_to, tight=False)
 
@@ -339,7 +344,9 @@ def epsilon_trajectories(
             ms=4,
             label=trial,
         )
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # matplotlib's default AutoLocator is one
+        locator.set_params(integer=True)
     top = float(finite[names.EPSILON].max())
     for edge in sorted({b.high for b in bins if math.isfinite(b.high)}):
         if edge <= top * 1.5:
@@ -380,7 +387,7 @@ class _EpsilonAxis:
 
     def decorate(self, ax: Axes) -> None:
         ax.set_xscale("log")
-        ticks = []
+        ticks: list[float] = []
         for tick in self.ticks:  # the trials' epsilons, thinned so that no two tick labels collide
             if not ticks or math.log10(tick / ticks[-1]) >= TICK_SPACING_DECADES:
                 ticks.append(tick)

@@ -10,8 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainables.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: the commands import what they need when they run (--help stays fast)
+    from sweeps.plan import SweepPaths
+    from sweeps.schema import SweepSpec
 
 DEFAULT_SPEC = "sweeps/smoke.yaml"
 DRY_RUN_BLOCKED = 3
@@ -187,7 +192,7 @@ def _spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="prepared-data folder (default: the spec's data.root, or $DPSWEEP_DATA)")
 
 
-def _load(args):
+def _load(args: argparse.Namespace) -> tuple[SweepSpec, SweepPaths]:
     """The sweep file, read and checked before anything heavy is imported (torch, Ray, MLflow take seconds: a
     mistake in the file is reported without them), and its paths."""
     from sweeps.spec import load_spec
@@ -198,7 +203,7 @@ def _load(args):
     return spec, SweepPaths.for_spec(spec, args.runs, args.data)
 
 
-def _sweep(args) -> int:
+def _sweep(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.describe import dry_run_report
     from sweeps.launch import check_sweep_state, run_sweep
@@ -222,7 +227,7 @@ def _sweep(args) -> int:
     return 0 if len(trials) and (trials["status"] == "TERMINATED").all() else 1
 
 
-def _pretrain(args) -> int:
+def _pretrain(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.plan import ensure_pretrained
     from trainables.data.registry import ensure_prepared
@@ -238,7 +243,7 @@ def _pretrain(args) -> int:
     return 0
 
 
-def _prepare(args) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     from trainables.data.prepare import DatasetError, format_card, prepare_dataset
 
     options = {"patients_csv": args.patients_csv, "master_list": args.master_list, "image_pattern": args.image_pattern}
@@ -265,7 +270,7 @@ def _prepare(args) -> int:
     return 0
 
 
-def _audit(args) -> int:
+def _audit(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.audit import audit_summary, run_audits
 
@@ -277,7 +282,7 @@ def _audit(args) -> int:
     return 1 if table["violates_claim"].any() else 0
 
 
-def _table(args) -> int:
+def _table(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.results import rebuild_tables
     from sweeps.summary import summary_text
@@ -292,7 +297,7 @@ def _table(args) -> int:
     return 0
 
 
-def _ledger(args) -> int:
+def _ledger(args: argparse.Namespace) -> int:
     from sweeps.ledger import describe_ledger
 
     root = Path(args.data or os.environ.get("DPSWEEP_DATA") or "data")
@@ -307,7 +312,7 @@ def _ledger(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _report(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from analysis.report import write_report
 
@@ -328,7 +333,7 @@ def _report(args) -> int:
     return 0
 
 
-def _release(args) -> int:
+def _release(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.release import PRIVACY_FILE, write_release
 
@@ -371,7 +376,7 @@ def ui_command(runs: Path, port: int) -> list[str]:
     ]
 
 
-def _ui(args) -> int:
+def _ui(args: argparse.Namespace) -> int:
     runs = Path(args.runs).resolve()
     db = runs / "mlflow.db"
     if not db.exists():

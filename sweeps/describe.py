@@ -165,7 +165,7 @@ def dry_run_report(plan: SweepPlan) -> str:
     lines.append(wrap(describe_gpu_hours(total, unknown, bases, measured), "  "))
     if spec.resources.gpu > 0 or spec.speed.device == "cuda":
         precision = spec.speed.precision
-        cases = {
+        cases: set[tuple[str, int, str, int, str]] = {
             (model, spec.data.image_size, spec.speed.grad_sample_mode, spec.speed.max_physical_batch_size, precision)
             for model in spec.models
         }

@@ -141,8 +141,8 @@ def run_sweep(
                 callbacks=[
                     callback,
                     ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
-                    CSVLoggerCallback(),
-                    JsonLoggerCallback(),
+                    CSVLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
+                    JsonLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
                     ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
                 ],
                 verbose=0,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ray import tune
@@ -37,6 +37,9 @@ from ray import tune
 from trainables import names as N
 from trainables.train import SWEEP_COMPLETE, scrub_checkpoint
 from trainables.trial import is_final_report
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 
 def scrub_trial(folder: Path, ended: str) -> list[Path]:
@@ -68,7 +71,7 @@ def _readable(path: Path) -> bool:
     return True
 
 
-def ended_as(trial: Any) -> str | None:
+def ended_as(trial: Trial) -> str | None:
     """How a trial of Ray's saved state ended: ``names.ERROR``, ``TERMINATED`` or ``STOPPED`` (`completed_as`);
     None while it has not ended (pending, running, paused)."""
     if trial.status == "ERROR":
@@ -76,7 +79,7 @@ def ended_as(trial: Any) -> str | None:
     return completed_as(trial) if trial.status == "TERMINATED" else None
 
 
-def completed_as(trial: Any) -> str:
+def completed_as(trial: Trial) -> str:
     """``names.TERMINATED`` for a trial whose last result is its final report, else ``STOPPED`` (by the
     scheduler, after an epoch report)."""
     return N.TERMINATED if is_final_report(trial.last_result or {}) else N.STOPPED
@@ -105,15 +108,15 @@ class ScrubSecretsCallback(tune.Callback):
     scheduler) and on its error after the last retry, not on a failure Ray recovers from. Holds no state, so the
     copy Ray pickles with the experiment and restores on a resume is the same."""
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         # Ray calls this before it sets the trial's status to TERMINATED.
         self._scrub(trial, completed_as(trial))
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._scrub(trial, N.ERROR)
 
     @staticmethod
-    def _scrub(trial: Any, ended: str) -> None:
+    def _scrub(trial: Trial, ended: str) -> None:
         try:
             folder = trial.path
         except RuntimeError:  # a trial removed before it started has no folder (Ray raises rather than say None)

@@ -293,7 +293,7 @@ class PrivateOptunaSearch(Searcher):
         self.launched = {cell.key: 0 for cell in cells}
         self.trial_cell: dict[str, str] = {}
 
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
         return True  # metric and mode are fixed by the sweep file's objectives
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:

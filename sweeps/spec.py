@@ -172,11 +172,11 @@ def _parse_yaml(text: str, path: Path) -> Any:
         raise SpecError(f"{path}: the YAML is nested too deeply to be a sweep file; fix the brackets") from None
 
 
-class SweepYamlError(yaml.YAMLError):
+class SweepYamlError(yaml.YAMLError):  # type: ignore[misc]  # PyYAML ships no type hints
     """YAML that parses but would not mean what it says (a duplicate key, a recursive alias)."""
 
 
-class SweepLoader(yaml.SafeLoader):
+class SweepLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """PyYAML's `SafeLoader`, refusing what would silently change a sweep:
 
     - a key given twice in one mapping, at any depth (YAML loaders keep the last one without a word: ``epochs: 3``

@@ -35,9 +35,9 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -63,6 +63,11 @@ from trainables.names import (
 )
 from trainables.point import POINT, TrialPoint
 from trainables.trial import is_final_report
+
+if TYPE_CHECKING:
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from ray.tune.experiment import Trial
+    from ray.tune.stopper import Stopper
 
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /:]")
 PREVIEW_MAX_ROWS = 20_000
@@ -110,7 +115,8 @@ def get_or_create_parent_run(client: MlflowClient, experiment_id: str, sweep: st
     if found is not None:
         return found
     run = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep, ROLE_TAG: "sweep", **tags})
-    return run.info.run_id
+    run_id: str = run.info.run_id  # MLflow's untyped @searchable_attribute makes it Any
+    return run_id
 
 
 def find_parent_run(client: MlflowClient, experiment_id: str, sweep: str) -> str | None:
@@ -158,7 +164,7 @@ class MlflowSweepCallback(tune.Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def run_for(self, trial) -> str:
+    def run_for(self, trial: Trial) -> str:
         """The trial's child run: found by its key under this sweep's parent, else created with the point's run
         name, tags and params (`trainables.point.TrialPoint`) and the two tags only the driver knows: the parent
         run and Ray's trial id."""
@@ -171,7 +177,7 @@ class MlflowSweepCallback(tune.Callback):
             f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = '{key}'",
         )
         if found:
-            run_id = found[0].info.run_id
+            run_id: str = found[0].info.run_id  # MLflow's untyped @searchable_attribute makes it Any
             self._start_ms[run_id] = found[0].info.start_time
             history = self.client.get_metric_history(run_id, M.EPOCH)
             self._logged_epochs[run_id] = {int(m.value) for m in history}
@@ -190,10 +196,12 @@ class MlflowSweepCallback(tune.Callback):
         self._runs[key] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.run_for(trial)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
         run_id = self.run_for(trial)
         is_final = is_final_report(result)  # not `done` alone: Ray sets it on an early-stopped trial's epoch
         epoch = int(result.get(M.EPOCH, 0))
@@ -217,7 +225,7 @@ class MlflowSweepCallback(tune.Callback):
         else:
             self._logged_final.add(run_id)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_id = self.run_for(trial)
         checkpoint = trial.checkpoint
         if checkpoint is not None:
@@ -226,10 +234,10 @@ class MlflowSweepCallback(tune.Callback):
                     self._log_tables(run_id, Path(folder))
         self.client.set_terminated(run_id, "FINISHED")
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.client.set_terminated(self.run_for(trial), "FAILED")
 
-    def _repository(self, run_id: str):
+    def _repository(self, run_id: str) -> ArtifactRepository:
         return run_artifact_repository(self.client, self.tracking_uri, run_id)
 
     def _log_final_metrics(self, run_id: str, key: str, metrics: dict[str, float | int]) -> None:
@@ -237,7 +245,8 @@ class MlflowSweepCallback(tune.Callback):
             table = metrics_table(key, metrics)
             table.to_parquet(Path(folder) / METRICS_FILE, index=False)
             table.drop(columns="integer").to_csv(Path(folder) / Path(METRICS_FILE).with_suffix(".csv"), index=False)
-            self._repository(run_id).log_artifacts(folder, EVALUATION_ARTIFACT_DIR)
+            repository = self._repository(run_id)  # its log_artifacts is unannotated in MLflow
+            repository.log_artifacts(folder, EVALUATION_ARTIFACT_DIR)  # type: ignore[no-untyped-call]
 
     def _log_tables(self, run_id: str, folder: Path) -> None:
         repository = self._repository(run_id)
@@ -273,7 +282,10 @@ def metrics_table(key: str, metrics: dict[str, float | int]) -> pd.DataFrame:
 
 
 def log_with_preview(
-    repository: Any, table: Path, artifact_path: str | None = None, skip: set[str] | frozenset[str] = frozenset()
+    repository: ArtifactRepository,
+    table: Path,
+    artifact_path: str | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Log a parquet file and, when it has at most `PREVIEW_MAX_ROWS` rows, a ``.csv`` twin beside it (MLflow's UI
     previews CSV, not parquet); file names in ``skip`` are logged already. A table with a `NOT_SHARED` column is
@@ -281,12 +293,12 @@ def log_with_preview(
     with tempfile.TemporaryDirectory() as folder:
         table = _shared_copy(table, Path(folder))
         if table.name not in skip:
-            repository.log_artifact(str(table), artifact_path)
+            repository.log_artifact(str(table), artifact_path)  # type: ignore[no-untyped-call]  # unannotated in MLflow
         rows = pq.ParquetFile(table).metadata.num_rows
         if rows <= PREVIEW_MAX_ROWS and table.with_suffix(".csv").name not in skip:
             twin = Path(folder) / table.with_suffix(".csv").name
             pd.read_parquet(table).to_csv(twin, index=False)
-            repository.log_artifact(str(twin), artifact_path)
+            repository.log_artifact(str(twin), artifact_path)  # type: ignore[no-untyped-call]  # unannotated in MLflow
 
 
 def _shared_copy(table: Path, folder: Path) -> Path:
@@ -309,9 +321,9 @@ class ProgressCallback(tune.Callback):
         log: where lines go (default: print, flushed).
     """
 
-    def __init__(self, n_trials: int = 0, key_width: int = 0, log=None):
+    def __init__(self, n_trials: int = 0, key_width: int = 0, log: Callable[[str], object] | None = None):
         self.n_trials, self.key_width = n_trials, key_width
-        self.log = log or functools.partial(print, flush=True)
+        self.log: Callable[[str], object] = log or functools.partial(print, flush=True)
         self._start: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
@@ -321,13 +333,22 @@ class ProgressCallback(tune.Callback):
         self.__dict__.update(state)
         self.log = functools.partial(print, flush=True)
 
-    def setup(self, **info):  # Tune calls it when the run (or a resumed run) starts: the clock of "elapsed"
+    def setup(
+        self,
+        stop: Stopper | None = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        # Tune calls it when the run (or a resumed run) starts: the clock of "elapsed"
         self._start = time.monotonic()
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._start = self._start or time.monotonic()
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
         self._start = self._start or time.monotonic()
         key = TrialPoint.from_ray(trial.config[POINT]).key.ljust(self.key_width)
         epsilon = result.get(M.EPSILON, math.nan)
@@ -341,11 +362,11 @@ class ProgressCallback(tune.Callback):
                 f"{result.get(M.VAL_AUROC_MACRO, math.nan):.3f}  {spent}"
             )
 
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.log(f"  FAILED {TrialPoint.from_ray(trial.config[POINT]).key}: see {trial.local_path}")
         self.log(self.status(trials))
 
-    def status(self, trials: list[Any], finishing: Any = None) -> str:
+    def status(self, trials: list[Trial], finishing: Trial | None = None) -> str:
         """``[3/8 done, 2 running, 3 pending | 4m10s elapsed, ETA 7m00s]``."""
         states = [t.status for t in trials]
         done = sum(s in ("TERMINATED", "ERROR") for s in states) + (
@@ -391,7 +412,7 @@ def finish_parent(
         if path.suffix == ".parquet":
             log_with_preview(repository, path)
         else:
-            repository.log_artifact(str(path))
+            repository.log_artifact(str(path))  # type: ignore[no-untyped-call]  # unannotated in MLflow
     # The saved views again, now that the trials logged their external sets (their columns and charts): a tracking
     # server's users never run `dpsweep ui`, which refreshes them too.
     publish_views(client, client.get_run(parent_run_id).info.experiment_id)
@@ -416,6 +437,6 @@ def log_report(tracking_uri: str, experiment: str, sweep: str, folder: Path) -> 
         raise LookupError(f"no MLflow parent run of sweep {sweep!r} in experiment {experiment!r} at {tracking_uri}")
     repository = run_artifact_repository(client, tracking_uri, parent)
     if any(a.path == REPORT_ARTIFACT_DIR for a in repository.list_artifacts()):
-        repository.delete_artifacts(REPORT_ARTIFACT_DIR)
-    repository.log_artifacts(str(folder), REPORT_ARTIFACT_DIR)
+        repository.delete_artifacts(REPORT_ARTIFACT_DIR)  # type: ignore[no-untyped-call]  # unannotated in MLflow
+    repository.log_artifacts(str(folder), REPORT_ARTIFACT_DIR)  # type: ignore[no-untyped-call]  # unannotated in MLflow
     return f"{client.get_run(parent).info.artifact_uri}/{REPORT_ARTIFACT_DIR}"
