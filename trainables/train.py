@@ -70,7 +70,7 @@ from trainables.privacy.planning import PlanError, check_plan
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
 from trainables.privacy.secure import SecureRandom
 from trainables.privacy.units import images_per_patient, patient_epsilon
-from trainables.steps import BudgetError, TrainingRecords, make_stepper, per_sample_bce, step_settings
+from trainables.steps import BudgetError, Stepper, TrainingRecords, make_stepper, per_sample_bce, step_settings
 from trainables.throughput import throughput_metrics
 
 __all__ = [
@@ -163,27 +163,7 @@ def train_trial(
         train.load_state_dict(state)
 
     while train.epoch < privacy.epochs:
-        losses = []
-        started, steps_before = time.perf_counter(), train.steps
-        for indices in stepper.epoch_batches():
-            losses.append(stepper.step(indices.numpy(), train.steps + 1))
-            train.steps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # once per epoch: the steps' kernels have finished
-        seconds = time.perf_counter() - started
-        train.train_seconds += seconds
-        # Throughput figures use expected counts only (q x the records' images per step), never the realized batches.
-        system = throughput_metrics(
-            seconds, train.steps - steps_before, stepper.expected_images_per_step, stepper.images_per_epoch
-        )
-        train.epoch += 1
-        metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
-        if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
-            metrics[M.TRAIN_LOSS] = mean_loss(losses)  # the epoch's one read of the step losses
-        metrics |= epoch_evaluation(cfg, model, data, train.accountant)
-        if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
-            raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
-        train.record(metrics)
+        metrics, system = run_epoch(train, stepper, data, device)
         # Timing stays out of the history (names.SYSTEM_PREFIX), and a private epoch's time is never reported: it
         # tracks the epoch's secret Poisson batch sizes (docs/design.md, "Timing figures").
         report(dict(metrics) if privacy.is_private else metrics | system, train.state_dict())
@@ -191,6 +171,41 @@ def train_trial(
             epoch_timing(system)
 
     return final_evaluation(train, data)
+
+
+def run_epoch(
+    train: TrainState, stepper: Stepper, data: TrialData, device: torch.device
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One epoch: the stepper's batches and steps, then the epoch's evaluation and epsilon, recorded in ``train``.
+
+    Returns:
+        (the epoch's metrics, its system timing figures: throughput from expected counts, never the realized batches).
+
+    Raises:
+        BudgetError: the epsilon spent exceeds the target.
+    """
+    cfg, privacy = train.cfg, train.cfg.privacy
+    losses = []
+    started, steps_before = time.perf_counter(), train.steps
+    for indices in stepper.epoch_batches():
+        losses.append(stepper.step(indices.numpy(), train.steps + 1))
+        train.steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # once per epoch: the steps' kernels have finished
+    seconds = time.perf_counter() - started
+    train.train_seconds += seconds
+    system = throughput_metrics(
+        seconds, train.steps - steps_before, stepper.expected_images_per_step, stepper.images_per_epoch
+    )
+    train.epoch += 1
+    metrics: dict[str, Any] = {M.EPOCH: train.epoch, M.STEPS: train.steps}
+    if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
+        metrics[M.TRAIN_LOSS] = mean_loss(losses)  # the epoch's one read of the step losses
+    metrics |= epoch_evaluation(cfg, train.model, data, train.accountant)
+    if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
+        raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
+    train.record(metrics)
+    return metrics, system
 
 
 def training_records(cfg: TrialConfig, train: CacheSplitDataset, device: torch.device) -> TrainingRecords:
