@@ -40,7 +40,6 @@ def test_single_unit_sweeps_keep_their_trial_keys():
         ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
         ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level trial needs"),
         ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
-        ({"training": {"pos_weight": "train"}}, "training.pos_weight = 'train' with privacy.privacy_unit = 'patient'"),
         ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
         ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
         ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
