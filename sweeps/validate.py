@@ -415,11 +415,6 @@ def _validate_units(spec: SweepSpec) -> None:
         f"privacy.privacy_unit = {list(units)}: search: optuna runs one study per cell for one privacy unit; give "
         "one unit (image or patient), or use search: grid to compare both",
     )
-    _require(
-        spec.audit is None,
-        spec,
-        "an `audit:` section audits image-level records; remove it from a sweep with privacy.privacy_unit: patient",
-    )
 
 
 def _validate_audit(spec: SweepSpec, audit: AuditSpec) -> None:

@@ -7,6 +7,7 @@ import yaml
 
 from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_name
 from sweeps.spec import SpecError, load_spec, parse_spec
+from tests.sweeps.points import tiny_optuna_spec
 from tests.sweeps.sweep_files import SWEEPS, UNITS, units_dict
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
@@ -52,6 +53,23 @@ def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
     with pytest.raises(SpecError) as error:
         parse_spec(raw, source="units.yaml")
     assert expected in str(error.value)
+
+
+def test_the_patient_unit_takes_pos_weight_train_bf16_an_audit_and_optuna():
+    raw = units_dict()
+    raw["training"]["pos_weight"] = "train"
+    raw["speed"] |= {"grad_sample_mode": "bk", "precision": "bf16"}
+    raw["audit"] = {"m": 100, "kind": ["white_box", "black_box"]}
+    spec = parse_spec(raw, source="units.yaml")
+    assert spec.audit is not None and spec.speed.precision == "bf16" and spec.training.pos_weight == "train"
+    patient = next(p for p in spec.grid() if p.privacy_unit == "patient")
+    assert spec.trial_config(patient, data_root="/d").pos_weight == "train"
+
+    patient_only = {"privacy_unit": "patient", "max_images_per_patient": 3}
+    optuna = tiny_optuna_spec(privacy=patient_only, training={"pos_weight": "train"}, speed={"precision": "bf16"})
+    assert optuna.search == "optuna" and optuna.axes.privacy_unit == ("patient",)
+    with pytest.raises(SpecError, match=r"search: optuna runs one study per cell for one privacy unit; give one"):
+        tiny_optuna_spec(privacy={**patient_only, "privacy_unit": ["image", "patient"]})
 
 
 def test_a_prepared_dataset_without_patient_ids_is_refused_by_the_plan():
