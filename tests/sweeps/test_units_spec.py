@@ -189,3 +189,13 @@ def test_the_units_sweep_runs_both_units_in_bk_end_to_end(tmp_path_factory):
         assert (trials[M.EPSILON] <= 8).all() and (trials[M.EPSILON] >= 8 - 0.01).all()
         patient = trials[trials["privacy_unit"] == "patient"].iloc[0]
         assert patient["n_patients"] < trials[trials["privacy_unit"] == "image"].iloc[0]["n_train"]
+
+
+def test_an_optuna_batch_range_above_the_patients_is_refused_by_the_plan(tmp_path):
+    spec = tiny_optuna_spec(
+        privacy={"privacy_unit": "patient", "max_images_per_patient": 3},
+        optuna={"expected_batch_size": [16, 5000]},
+    )
+    refused = r"the largest of optuna\.expected_batch_size = 5000 is larger than synthetic-a's \d+ training patients"
+    with pytest.raises(SpecError, match=refused):
+        plan_sweep(spec, SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)
