@@ -1,8 +1,9 @@
 """`dpsweep audit SPEC`: an empirical lower bound on each audited trial's epsilon, beside the epsilon it claims.
 
-For every private (model, dataset, init, target epsilon) cell of a grid sweep (or the targets the ``audit:``
-section names), the cell's first grid point is planned exactly as the sweep plans it (same data, init, sigma, q,
-steps, clip, engine mode) and audited in one run with m canaries (`trainables.audit.run_audit`:
+For every private (model, dataset, init, target epsilon, privacy unit) cell of a grid sweep (or the targets the
+``audit:`` section names), the cell's first grid point is planned exactly as the sweep plans it (same data, init,
+sigma, q, steps, clip, engine mode, unit) and audited in one run with m canaries (`trainables.audit.run_audit`;
+at the patient level each canary is a patient record and the claim the patient-level epsilon:
 white-box Dirac gradient canaries through the engine's own clipping and noise, or black-box input canaries
 through the real trial loop with the trial's engine). Results go to ``runs/<sweep>/audit.parquet``, to one MLflow
 run per audit under the sweep's parent run (role ``audit``), to the console and to the report.
@@ -34,6 +35,7 @@ from trainables.privacy.audit import HOLM_P_VALUE, AuditKind, bonferroni_confide
 AUDIT_COLUMNS = {
     "trial": "trial",
     "kind": "kind",
+    "privacy_unit": "unit",
     "m": "m",
     "claimed_epsilon": "eps claimed",
     "epsilon_lower_bound": "eps lower bound",
@@ -49,12 +51,13 @@ AUDIT_COLUMNS = {
 
 
 def audited_trials(spec: SweepSpec, trials: list[TrialPoint], audit: AuditSpec) -> list[TrialPoint]:
-    """The first planned trial of every private cell whose target the audit covers (all private ones by default)."""
+    """The first planned trial of every private cell (model, dataset, init, target, privacy unit) whose target the
+    audit covers (all private ones by default)."""
     targets = set(audit.target_epsilon) or {e for e in spec.axes.target_epsilon if is_private(e)}
-    chosen: dict[tuple[str, str, str, float], TrialPoint] = {}
+    chosen: dict[tuple[str, str, str, float, str], TrialPoint] = {}
     for trial in trials:
         c = trial.config
-        cell = (c.model, c.dataset, c.init, c.privacy.target_epsilon)
+        cell = (c.model, c.dataset, c.init, c.privacy.target_epsilon, c.privacy.privacy_unit)
         if c.privacy.is_private and c.privacy.target_epsilon in targets:
             chosen.setdefault(cell, trial)
     return list(chosen.values())
@@ -181,6 +184,7 @@ def _log_to_mlflow(spec: SweepSpec, paths: SweepPaths, trial: TrialPoint, result
     )
     params = {
         "kind": result.kind,
+        "privacy_unit": result.privacy_unit,
         "m": result.m,
         "score": result.score,
         "grad_sample_mode": result.grad_sample_mode,
@@ -239,6 +243,12 @@ def audit_summary(table: pd.DataFrame) -> str:
             "White-box canaries are gradient rows clipped after the engine's per-sample norms, so the bk engine's "
             "per-layer rules never see them: only a black-box audit (--kind black_box, trained through the trial's "
             "engine) covers those rules."
+        )
+    if (table["privacy_unit"] == "patient").any():
+        lines.append(
+            "Patient-level audits (unit patient): each canary is a patient record (white-box: one canary gradient "
+            "per patient, sampled at the patient rate; black-box: a canary patient of max_images_per_patient "
+            "mislabeled images), so their claims and bounds are epsilons per patient."
         )
     if (table["kind"] == "black_box").any():
         engines = ", ".join(sorted(set(table.loc[table["kind"] == "black_box", "grad_sample_mode"])))

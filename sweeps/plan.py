@@ -196,10 +196,16 @@ def _plan_sweep(
             n_records = dataset.n_records(unit)
         except SpecError as error:
             raise SpecError(f"{spec.source}: {error}") from None
-        if spec.optuna is None and p.expected_batch_size > n_records:
+        # Optuna: the range's high end, which the adaptive tuning bound covers (`sweeps.tuning_cost`).
+        batch, where = (
+            (p.expected_batch_size, "privacy.expected_batch_size")
+            if spec.optuna is None
+            else (max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size")
+        )
+        if batch > n_records:
             raise SpecError(
-                f"{spec.source}: privacy.expected_batch_size = {p.expected_batch_size} is larger than "
-                f"{dataset.name}'s {n_records} training {unit}s; choose at most {n_records}"
+                f"{spec.source}: {where} = {batch} is larger than {dataset.name}'s {n_records} training {unit}s; "
+                f"choose at most {n_records}"
             )
         for i, eps in enumerate(spec.axes.target_epsilon):
             privacy = cell_privacy(spec, eps, unit)

@@ -12,7 +12,8 @@ The ranges are the ``optuna:`` section's (`sweeps.schema.OptunaSpec`, named afte
 
 **Feasibility comes first.** Every proposal (noise multiplier sigma, expected batch size B, epochs, lr, clip)
 is checked with the sweep's accountant before it becomes a trial: planned as any trial is
-(`trainables.privacy.planning.plan_privacy`: q = 1/ceil(N/B), steps = epochs x ceil(N/B)), a proposal whose planned
+(`trainables.privacy.planning.plan_privacy`: q = 1/ceil(N/B), steps = epochs x ceil(N/B), N the cell's records:
+training images, or training patients for ``privacy_unit: patient``, with B then in patients), a proposal whose planned
 epsilon exceeds the cell's target is never trained. It is told to Optuna as a pruned trial carrying the constraint
 ``epsilon - target`` (> 0: infeasible), so the TPE sampler learns to avoid that region (Optuna's constrained TPE),
 and the next proposal is drawn; ``optuna.max_proposals`` infeasible proposals in a row stop the sweep with a message.
@@ -43,7 +44,7 @@ from sweeps.ledger import SweepLedger
 from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags
 from sweeps.schema import GridCell, GridPoint, OptunaSampler, OptunaSpec, SweepSpec
 from trainables import names as M
-from trainables.config import PrivacyConfig, is_private
+from trainables.config import PrivacyConfig, PrivacyUnit, is_private
 from trainables.models import ResolvedInit
 from trainables.point import POINT, TrialPoint
 from trainables.privacy.planning import plan_privacy, planned_epsilon
@@ -70,13 +71,24 @@ def objective_mode(objective: str) -> str:
 
 @dataclass(frozen=True)
 class StudyCell:
-    """One Optuna study: a grid cell (model, dataset, init, target epsilon), its training-set size and its privacy
-    config before planning (`sweeps.plan.cell_privacy`: delta, accountant, tolerance, label-count release); each
-    proposal sets its batch size, epochs and sigma."""
+    """One Optuna study: a grid cell (model, dataset, init, target epsilon) at the sweep's privacy unit, the number of
+    records N it plans over (training images, or training patients: `sweeps.plan.DatasetPlan.n_records`) and its
+    privacy config before planning (`sweeps.plan.cell_privacy`: delta, accountant, tolerance, label-count release,
+    the unit and its image cap); each proposal sets its batch size, epochs and sigma."""
 
     cell: GridCell
-    n_train: int
+    n_records: int
     privacy: PrivacyConfig
+
+    @property
+    def privacy_unit(self) -> PrivacyUnit:
+        return self.privacy.privacy_unit
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A searcher saved before patient-level studies (Ray's experiment state) named N ``n_train``: its images.
+        if "n_train" in state:
+            state = {**{k: v for k, v in state.items() if k != "n_train"}, "n_records": state["n_train"]}
+        self.__dict__.update(state)
 
     @property
     def key(self) -> str:
@@ -98,9 +110,12 @@ class Proposal:
 
 
 def study_cells(spec: SweepSpec, datasets: dict[str, DatasetPlan]) -> list[StudyCell]:
-    """The sweep's studies, one per cell (`SweepSpec.cells`), in its stable order; Optuna sweeps are image-level."""
+    """The sweep's studies, one per cell (`SweepSpec.cells`), in its stable order, at the sweep's one privacy unit
+    (`sweeps.validate` refuses an Optuna sweep with two)."""
+    (unit,) = spec.axes.privacy_unit
     return [
-        StudyCell(c, datasets[c.dataset].n_train, cell_privacy(spec, c.target_epsilon, "image")) for c in spec.cells()
+        StudyCell(c, datasets[c.dataset].n_records(unit), cell_privacy(spec, c.target_epsilon, unit))
+        for c in spec.cells()
     ]
 
 
@@ -140,13 +155,11 @@ class OptunaTrialFactory:
             max_grad_norm=proposal.max_grad_norm or 0.0,  # the baseline clips nothing
             lr=proposal.lr,
             seed=self.spec.axes.seed[0],
-            privacy_unit=self.spec.axes.privacy_unit[0],  # image: Optuna sweeps are image-level
+            privacy_unit=study.privacy_unit,
         )
         dataset = self.datasets[cell.dataset]
         privacy = dataclasses.replace(
-            cell_privacy(self.spec, cell.target_epsilon, point.privacy_unit),
-            expected_batch_size=proposal.expected_batch_size,
-            epochs=proposal.epochs,
+            study.privacy, expected_batch_size=proposal.expected_batch_size, epochs=proposal.epochs
         )
         number = f"{proposal.number:03d}"
         trial = make_trial(
@@ -156,9 +169,7 @@ class OptunaTrialFactory:
             self.inits[(cell.model, cell.init)],
             point,
             cell.name.then(f"-t{number}", f" t{number}"),
-            privacy=plan_privacy(
-                privacy, dataset.n_records(point.privacy_unit), noise_multiplier=proposal.noise_multiplier
-            ),
+            privacy=plan_privacy(privacy, study.n_records, noise_multiplier=proposal.noise_multiplier),
             provenance_tags=self.provenance_tags,
             extra_params={"optuna_trial": proposal.number, "planned_epsilon": proposal.planned_epsilon},
         )
@@ -209,7 +220,7 @@ class FeasibleOptunaSearch(OptunaSearch):
             self.cell.privacy, expected_batch_size=int(values["expected_batch_size"]), epochs=int(values["epochs"])
         )
         return planned_epsilon(
-            plan_privacy(privacy, self.cell.n_train, noise_multiplier=float(values["noise_multiplier"]))
+            plan_privacy(privacy, self.cell.n_records, noise_multiplier=float(values["noise_multiplier"]))
         )
 
     def propose(self, trial_id: str) -> Proposal:

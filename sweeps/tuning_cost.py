@@ -200,6 +200,10 @@ def adaptive_tuning_bounds(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, l
     - basic composition of each cell's ``optuna.trials_per_target`` trials at its target (Dwork and Roth 2014,
       Thm. 3.16): the count fixed in advance, not the trials that ran.
 
+    Proposals are planned over the cell's records (`sweeps.search.StudyCell`), so the admissible set is too: N is the
+    training images (``n_train``), or for a patient-level sweep the training patients (``n_patients``) with epsilon
+    per patient.
+
     None for a sweep whose trials use ``privacy.reproducible_noise``: no bound holds (their noise replays from the
     logged seed), and `tuning_cost` says so. The realized-curve composition of `tuning_cost` is not such a bound; the
     summary says so."""
@@ -209,16 +213,17 @@ def adaptive_tuning_bounds(spec: SweepSpec, trials: pd.DataFrame) -> dict[str, l
     if o is None or spec.privacy.reproducible_noise or "dataset" not in trials or trials.empty:
         return {}
     p = spec.privacy
+    (unit,) = spec.axes.privacy_unit  # an Optuna sweep has one (`sweeps.validate`)
     bounds: dict[str, list[Any]] = {}
     for dataset, group in trials.groupby("dataset", sort=False):
-        n_train = int(group["n_train"].iloc[0])
+        n_records = int(group["n_train" if unit == "image" else "n_patients"].iloc[0])
         targets = [
             float(c.target_epsilon) for c in spec.cells() if c.dataset == dataset and math.isfinite(c.target_epsilon)
         ]
         cells = [
             (
                 AdmissibleSet(
-                    n_train,
+                    n_records,
                     target,
                     p.delta,
                     noise_multiplier=_range(o.noise_multiplier),

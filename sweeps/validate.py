@@ -2,7 +2,7 @@
 
 Two layers. The sweep's own rules live here: grid axes (empty, repeated), names and registries (models, datasets,
 inits), resources, the pretrain dataset, Optuna, the audit, and the privacy units' sweep-wide rules. A single
-trial's rules (ranges, and pairs such as the patient unit with ``pos_weight: train``) live in the config classes
+trial's rules (ranges, and pairs such as the patient unit's cap and the physical batch) live in the config classes
 (`trainables.config`), checked on construction wherever a config is built; here they run on the config of every
 grid point, or in Optuna mode on each range's ends, so every trial's checks pass before Ray starts. `spec_error`
 turns a config's `ConfigError` into a `SpecError` naming the sweep file's field (``training.lr[1]``). Each failure
@@ -391,8 +391,8 @@ NO_PATIENT_IDS: dict[str, str] = {"vindr-cxr": "VinDr-CXR publishes no patient i
 
 def _validate_units(spec: SweepSpec) -> None:
     """``privacy.privacy_unit`` (a grid axis) and ``privacy.max_images_per_patient``: the sweep-wide rules. A
-    patient-level trial's own (the cap given and within the physical batch; no ``pos_weight: train``) are its
-    config's."""
+    patient-level trial's own (the cap given and within the physical batch) are its config's. Optuna searches one
+    unit: its studies are cells without a unit axis (`sweeps.search.study_cells`)."""
     cap, units = spec.privacy.max_images_per_patient, spec.axes.privacy_unit
     if "patient" not in units:
         _require(
@@ -410,14 +410,10 @@ def _validate_units(spec: SweepSpec) -> None:
             "patient-level guarantee cannot be given there; train it with privacy_unit: image",
         )
     _require(
-        spec.search == "grid",
+        spec.search == "grid" or len(units) == 1,
         spec,
-        "privacy.privacy_unit: patient needs search: grid (Optuna's feasibility checks count images); use a grid",
-    )
-    _require(
-        spec.audit is None,
-        spec,
-        "an `audit:` section audits image-level records; remove it from a sweep with privacy.privacy_unit: patient",
+        f"privacy.privacy_unit = {list(units)}: search: optuna runs one study per cell for one privacy unit; give "
+        "one unit (image or patient), or use search: grid to compare both",
     )
 
 

@@ -4,7 +4,10 @@ the trial's model, read its data and train, so they sit beside the training loop
 White-box (`run_white_box_audit`, `white_box_audit`): ``privacy.steps`` DP-SGD steps of the engine built by
 `trainables.privacy.setup.make_private` at the trial's (sigma, C, q, B), with m Dirac gradient canaries
 (`trainables.privacy.audit.DiracCanaries`) Poisson-sampled beside a few real records; scored per canary from the
-noisy update at its coordinate.
+noisy update at its coordinate. The records are the trial's: images, or for ``privacy_unit: patient`` patients (each
+with its first ``max_images_per_patient`` images, clipped as one record by the trial's patient step) sampled at the
+patient rate; each canary is one more such record, its gradient one Dirac row, so the claim tested is the
+patient-level epsilon.
 
 Black-box canaries (`run_black_box_audit`). m out-of-distribution images (uniform random pixels, public
 seeded) with random labels; included ones are appended to the training split and the real trial loop
@@ -13,9 +16,10 @@ default); the score is minus the trained model's loss on each canary. Its canari
 through everything the white-box canaries skip, the book-keeping engine's per-layer norm rules included.
 The trial loop derives q = 1/ceil(N'/B) and steps from the training set it gets, so they (and sigma,
 recalibrated to the same target epsilon) are computed for N' = N + (number of included canaries), exactly as
-the sweep would. Caveat: N' depends on the coins, so one canary can move (q, steps) when N' crosses a multiple
-of B; the DP claim treats the dataset size as public, as the whole project does (and Opacus). The black-box
-bound is far weaker than the white-box one.
+the sweep would. At the patient level a canary is a patient of ``max_images_per_patient`` such images (the most a
+patient brings), N counts patients and a canary's score is minus its images' summed loss. Caveat: N' depends on
+the coins, so one canary can move (q, steps) when N' crosses a multiple of B; the DP claim treats the dataset size
+as public, as the whole project does (and Opacus). The black-box bound is far weaker than the white-box one.
 
 Secrets: the coins, the sampling and the noise come from ``os.urandom`` with full entropy (128-bit
 `trainables.privacy.randomness.secret_seed` through ``generator_from_seed``, or a `SecureRandom`); nothing of them is
@@ -38,7 +42,7 @@ from torch import nn
 from trainables.config import PrivacyConfig, TrialConfig
 from trainables.data.cache import SplitData, open_cache
 from trainables.data.labels import LABELS
-from trainables.data.loaders import CacheSplitDataset, TrialData, evaluation_batches, load_trial_data
+from trainables.data.loaders import CacheSplitDataset, HostImages, TrialData, evaluation_batches, load_trial_data
 from trainables.models import ResolvedInit, create_model
 from trainables.names import dataset_dir
 from trainables.privacy.accounting import epsilon_spent
@@ -62,9 +66,10 @@ from trainables.privacy.audit import (
     secret_numpy_generator,
 )
 from trainables.privacy.engine import poisson_batches, private_step
+from trainables.privacy.patients import PatientIndex, group_patients, private_patient_step
 from trainables.privacy.planning import plan_privacy, planned_epsilon
-from trainables.privacy.setup import SelfCheckBatch, make_private
-from trainables.steps import GRAD_CHECK_SAMPLES, per_sample_bce
+from trainables.privacy.setup import PrivateSetup, SelfCheckBatch, make_private
+from trainables.steps import GRAD_CHECK_PATIENTS, GRAD_CHECK_SAMPLES, TrainingRecords, patient_batch, per_sample_bce
 from trainables.train import TrialResult, resolve_device, train_trial
 
 RecordRun = Callable[[PrivacyConfig], None]
@@ -144,12 +149,18 @@ def white_box_audit(
     Canary rows are clipped as whole explicit rows after the real samples' norms are computed, so ``bk``'s per-layer
     rules (instantiated or ghost norms) never see one: the black-box audit is what covers them.
 
+    Patient level (``privacy_unit: patient``): the real records are patients (`group_patients`, the trial's cap), a
+    step is the trial's `private_patient_step` (each sampled patient's images summed and clipped as one record), q and
+    steps are the trial's patient-level ones, and each canary is a record of its own beside the patients: one Dirac
+    row, the gradient of a canary patient, Poisson-sampled at the patient rate. The claim is then the patient-level
+    epsilon.
+
     Args:
         model: the untrained model (any module the engine accepts); it is trained in place.
-        train: the real training records.
+        train: the real training images.
         m: canaries (distinct parameter coordinates; at most the model's trainable values).
         score: ``likelihood_ratio`` (default) or ``sum``.
-        real_records: train on only the first this many records (cheap audits); None = all.
+        real_records: train on only the first this many records (images, or patients; cheap audits); None = all.
         canary_seed: public seed of the canary coordinates.
     """
     check_auditable(cfg.privacy)
@@ -159,32 +170,26 @@ def white_box_audit(
     privacy, speed = cfg.privacy, cfg.speed
     torch.set_num_threads(speed.threads)
     device = resolve_device(speed.device)
-    n_real = len(train) if real_records is None else min(int(real_records), len(train))
-    if n_real < 1:
-        raise ValueError(f"real_records={real_records} must be >= 1 (the engine's gradient check needs a record)")
-
-    def batch(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = train.batch(np.sort(indices))
-        return x.to(device), y.to(device)
+    records = _real_records(cfg, train, real_records, device)
+    n_real = records.n_records
 
     model = model.to(device)
     model.train()
     # Uniform BCE weights: the audit tests the clipping and noise of the step, which no loss weighting changes.
     loss_fn = per_sample_bce(None, device)
     sampler_rng, noise_rng = secret_mechanism_streams(privacy, device)
-    # Its records are single rows (real images and Dirac canaries), whatever the trial's privacy unit; the claim
-    # tested is that of (sigma, q, steps) without a label-count release.
+    # The trial's records (images or patients) and Dirac canaries, one record each; the claim tested is that of
+    # (sigma, q, steps) without a label-count release.
     setup = make_private(
         model,
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
         loss_fn,
-        privacy=dataclasses.replace(privacy, privacy_unit="image", max_images_per_patient=None),
+        privacy=privacy,
         grad_sample_mode=speed.grad_sample_mode,
-        check=SelfCheckBatch(batch(np.arange(min(GRAD_CHECK_SAMPLES, n_real)))),
+        check=_self_check_batch(records),
         noise=noise_rng,
         label_count_release=None,
     )
-    wrapped, optimizer, accountant = setup.wrapped, setup.optimizer, setup.accountant
     canaries = place_dirac_canaries(model, m, CANARY_GRADIENT_FACTOR * privacy.max_grad_norm, seed=canary_seed)
     coins = secret_numpy_generator()
     included = coins.random(m) < 0.5
@@ -197,16 +202,9 @@ def white_box_audit(
     ):
         chosen = indices.numpy()
         real, canary_rows = chosen[chosen < n_real], members[chosen[chosen >= n_real] - n_real]
-        private_step(
-            wrapped,
-            optimizer,
-            loss_fn,
-            batch(real),
-            speed.max_physical_batch_size,
-            extra_grad_samples=canaries.grad_samples(model, canary_rows),
-        )
+        _step(setup, loss_fn, records, real, canaries.grad_samples(model, canary_rows), speed.max_physical_batch_size)
         observations[step] = canaries.read(model) * to_units
-    if sum(n for _, _, n in accountant.history) != privacy.steps:
+    if sum(n for _, _, n in setup.accountant.history) != privacy.steps:
         raise RuntimeError("the audit's privacy ledger does not match its steps")  # the engine skipped a step
 
     if score == "likelihood_ratio":
@@ -227,6 +225,68 @@ def white_box_audit(
         privacy.sample_rate,
         privacy.steps,
         time.perf_counter() - start,
+    )
+
+
+def _real_records(
+    cfg: TrialConfig, train: CacheSplitDataset, real_records: int | None, device: torch.device
+) -> TrainingRecords:
+    """The white-box audit's real records, as the trial's steps see them: the first ``real_records`` images, or for a
+    patient-level trial the first ``real_records`` patients with their capped images (all when None)."""
+    if real_records is not None and real_records < 1:
+        raise ValueError(f"real_records={real_records} must be >= 1 (the engine's gradient check needs a record)")
+    source = HostImages(train, device)
+    if cfg.privacy.privacy_unit == "image":
+        n_real = len(train) if real_records is None else min(int(real_records), len(train))
+        return TrainingRecords(source, n_real)
+    cap = cfg.privacy.max_images_per_patient
+    assert cap is not None  # PrivacyConfig requires the cap of a patient-level trial
+    patients = group_patients(train.split.patient_id, cap)
+    if real_records is not None:
+        patients = PatientIndex(patients.images[: int(real_records)], cap, patients.n_images_left_out)
+    return TrainingRecords(source, len(train), patients)
+
+
+def _self_check_batch(records: TrainingRecords) -> SelfCheckBatch:
+    """The self-check's records: the first `GRAD_CHECK_SAMPLES` real images and, for patients, the
+    `GRAD_CHECK_PATIENTS` real patients with the most images (the first on ties; no seed is drawn)."""
+    patients = records.patients
+    if patients is None:
+        return SelfCheckBatch(records.source.batch(np.arange(min(GRAD_CHECK_SAMPLES, records.n_images))))
+    images = np.sort(np.concatenate(patients.images))[:GRAD_CHECK_SAMPLES]
+    most = np.argsort([-len(p) for p in patients.images], kind="stable")[:GRAD_CHECK_PATIENTS]
+    patient_images, groups = patients.gather(most)
+    return SelfCheckBatch(records.source.batch(images), (*patient_batch(records.source, patient_images), groups))
+
+
+def _step(
+    setup: PrivateSetup,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    records: TrainingRecords,
+    real: np.ndarray,
+    canary_rows: dict[str, torch.Tensor],
+    max_physical_batch_size: int,
+) -> None:
+    """One noisy step on the sampled real records (images, or patients with their images) and canary rows."""
+    if records.patients is None:
+        private_step(
+            setup.wrapped,
+            setup.optimizer,
+            loss_fn,
+            records.source.batch(real),
+            max_physical_batch_size,
+            extra_grad_samples=canary_rows,
+        )
+        return
+    images, groups = records.patients.gather(real)
+    private_patient_step(
+        setup.wrapped,
+        setup.optimizer,
+        loss_fn,
+        patient_batch(records.source, images),
+        groups,
+        max_physical_batch_size,
+        extra_grad_samples=canary_rows,
     )
 
 
@@ -258,6 +318,7 @@ def _result(
         grad_sample_mode=cfg.speed.grad_sample_mode,
         claim_p_value=bound.claim_p_value(claimed),
         epsilon_ceiling=epsilon_ceiling(bound.m, delta=cfg.privacy.delta, confidence=bound.confidence),
+        privacy_unit=cfg.privacy.privacy_unit,
     )
 
 
@@ -274,29 +335,43 @@ def input_canaries(m: int, image_size: int, n_labels: int, seed: int = 0) -> tup
     return images, labels
 
 
-def with_canaries(train: CacheSplitDataset, images: np.ndarray, labels: np.ndarray) -> CacheSplitDataset:
-    """The training split plus the given canary records appended (in memory; sex unknown, age missing,
-    one patient per canary), same input normalization."""
+def with_canaries(
+    train: CacheSplitDataset, images: np.ndarray, labels: np.ndarray, images_per_canary: int = 1
+) -> CacheSplitDataset:
+    """The training split plus the given canary images appended (in memory; sex unknown, age missing), same input
+    normalization; every ``images_per_canary`` consecutive images are one canary patient."""
     split = train.split
     k = len(images)
+    if k % images_per_canary:
+        raise ValueError(f"{k} canary images do not make whole canaries of {images_per_canary} images")
     combined = SplitData(
         images=np.concatenate([np.asarray(split.images[split.rows]), images]),
         rows=np.arange(len(split) + k, dtype=np.int64),
         labels=np.concatenate([split.labels, labels.astype(np.float32)]),
         sex=np.concatenate([split.sex, np.full(k, "unknown", dtype=split.sex.dtype)]),
         age=np.concatenate([split.age, np.full(k, np.nan)]),
-        patient_id=np.concatenate(
-            [split.patient_id.astype(object), np.array([f"audit-canary-{i}" for i in range(k)], dtype=object)]
-        ),
+        patient_id=np.concatenate([split.patient_id.astype(object), _canary_patients(k, images_per_canary)]),
     )
     return CacheSplitDataset(combined, mean=train.mean, std=train.std)
 
 
-def recalibrated(cfg: TrialConfig, n_train: int) -> TrialConfig:
-    """``cfg`` with (q, steps, sigma) planned for ``n_train`` records as the sweep plans them
+def _canary_patients(n_images: int, images_per_canary: int) -> np.ndarray:
+    """Patient ids of ``n_images`` canary images, ``images_per_canary`` consecutive images per canary patient."""
+    return np.array([f"audit-canary-{i // images_per_canary}" for i in range(n_images)], dtype=object)
+
+
+def recalibrated(cfg: TrialConfig, n_records: int) -> TrialConfig:
+    """``cfg`` with (q, steps, sigma) planned for ``n_records`` records (images, or patients) as the sweep plans them
     (`trainables.privacy.planning.plan_privacy`: same target epsilon, delta, accountant, tolerance and label-count
     release), so `train_trial`'s budget check accepts the enlarged split."""
-    return dataclasses.replace(cfg, privacy=plan_privacy(cfg.privacy, n_train))
+    return dataclasses.replace(cfg, privacy=plan_privacy(cfg.privacy, n_records))
+
+
+def _n_records(cfg: TrialConfig, train: CacheSplitDataset) -> int:
+    """N of the trial's unit on a training split: its images, or its patients."""
+    if cfg.privacy.privacy_unit == "image":
+        return len(train)
+    return len(np.unique(train.split.patient_id.astype(str)))
 
 
 def _trained_model(result: TrialResult) -> nn.Module:
@@ -316,6 +391,8 @@ def run_black_box_audit(
 ) -> AuditResult:
     """Black-box one-run audit: train the real trial loop with m coin-included input canaries, score each by
     minus the trained model's loss on it (module docstring for how q, steps and sigma follow the enlarged N).
+    At the patient level each canary is a patient of ``max_images_per_patient`` canary images, scored by minus their
+    summed loss, and N counts patients.
 
     The trial's engine (``cfg.speed.grad_sample_mode``) trains it, per-layer rules and all. Evaluation extras that
     release nothing about training (bootstrap, external sets, per-epoch test) are switched off, and so is
@@ -338,31 +415,36 @@ def run_black_box_audit(
         privacy=dataclasses.replace(cfg.privacy, reproducible_noise=False),
     )
     base = data if data is not None else load_trial_data(light)
-    images, labels = input_canaries(m, cfg.image_size, len(LABELS), seed=canary_seed)
+    per_canary = cfg.privacy.max_images_per_patient if cfg.privacy.privacy_unit == "patient" else 1
+    assert per_canary is not None  # PrivacyConfig requires the cap of a patient-level trial
+    images, labels = input_canaries(m * per_canary, cfg.image_size, len(LABELS), seed=canary_seed)
     coins = secret_numpy_generator()
     included = coins.random(m) < 0.5
-    train = with_canaries(base.train, images[included], labels[included])
-    trial_cfg = recalibrated(light, len(train))
+    rows = np.repeat(included, per_canary)  # canary i's images are rows i * per_canary ... (i + 1) * per_canary - 1
+    train = with_canaries(base.train, images[rows], labels[rows], per_canary)
+    trial_cfg = recalibrated(light, _n_records(light, train))
     if record is not None:
         record(trial_cfg.privacy)
 
     result = train_trial(trial_cfg, init, lambda metrics, state: None, data=TrialData(train, base.val, base.test))
     model = _trained_model(result)
+    n_images = m * per_canary
     canary_set = CacheSplitDataset(
         SplitData(
             images=images,
-            rows=np.arange(m),
+            rows=np.arange(n_images),
             labels=labels,
-            sex=np.full(m, "unknown"),
-            age=np.full(m, np.nan),
-            patient_id=np.array([f"audit-canary-{i}" for i in range(m)]),
+            sex=np.full(n_images, "unknown"),
+            age=np.full(n_images, np.nan),
+            patient_id=_canary_patients(n_images, per_canary).astype(str),
         ),
         mean=train.mean,
         std=train.std,
     )
-    scores = -_losses(
+    losses = _losses(
         model, canary_set, per_sample_bce(None, next(model.parameters()).device), cfg.speed.eval_batch_size
     )
+    scores = -losses.reshape(m, per_canary).sum(axis=1)
     bound = audit_bound(scores, included, delta=cfg.privacy.delta, confidence=confidence)
     privacy = trial_cfg.privacy
     claimed = planned_epsilon(privacy)

@@ -23,8 +23,8 @@ settings and its grid point (`sweeps.schema.SweepSpec.trial_config`). Closed set
 checked where a sweep file is read (`sweeps.spec`) against `typing.get_args` of the same types.
 
 **Checked on construction.** Every class checks its own fields in ``__post_init__`` (the classes `TrialConfig`
-inherits cooperatively, so it checks them all) and `TrialConfig` the pairs across sections (a patient-level trial
-with ``pos_weight: train``, or a cap above the physical batch). A violation raises `ConfigError`
+inherits cooperatively, so it checks them all) and `TrialConfig` the pairs across sections (a label-count noise
+without ``pos_weight: train``, or a patient cap above the physical batch). A violation raises `ConfigError`
 naming the field's path in the trial config (``privacy.delta``, ``speed.pad_multiple``, ``lr``), the value and the
 fix, wherever the config is built: the planner, the pretrain stage, the audit, a benchmark or a test.
 `sweeps.validate` turns it into a `SpecError` naming the sweep file's field (``training.lr[1]``).
@@ -287,8 +287,10 @@ class PrivacySettings(_Checked):
             trial has no DP guarantee; default False: their seeds come from ``os.urandom`` and stay secret.
         calibration_tolerance: how far below the target the calibrated epsilon may end (never above it).
         label_count_noise_multiplier: sigma_c of the Gaussian label-count release that ``pos_weight: train``
-            needs (`trainables.privacy.label_counts`; composed into the trial's budget). The planner sets it
-            (default 20) for private ``pos_weight: train`` trials and leaves it None otherwise.
+            needs (`trainables.privacy.label_counts`; composed into the trial's budget; in units of the count
+            vector's sensitivity for the trial's record: sqrt(L) per image, ``max_images_per_patient`` x sqrt(L)
+            per patient). The planner sets it (default 20) for private ``pos_weight: train`` trials and leaves it
+            None otherwise.
     """
 
     delta: float = 6e-6
@@ -561,14 +563,6 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         )
         if p.privacy_unit != "patient":
             return
-        patient = " with privacy.privacy_unit = 'patient'"
-        _check(
-            self.pos_weight == "uniform",
-            "pos_weight",
-            self.pos_weight,
-            f"{patient}: the label-count release counts every image of a patient, which its per-image sensitivity "
-            "does not cover; use training.pos_weight: uniform",
-        )
         cap = p.max_images_per_patient
         _check(
             cap is not None and cap <= s.max_physical_batch_size,

@@ -64,7 +64,7 @@ from trainables.evaluate.utility import macro_auroc
 from trainables.models import ResolvedInit, create_model, predict
 from trainables.privacy import accounting
 from trainables.privacy.accounting import cross_check_epsilon, replace_one_epsilon
-from trainables.privacy.label_counts import LabelCountRelease, PosWeight, train_pos_weight
+from trainables.privacy.label_counts import LabelCountRelease, PosWeight, patient_labels, train_pos_weight
 from trainables.privacy.patients import group_patients
 from trainables.privacy.planning import PlanError, check_plan
 from trainables.privacy.randomness import MechanismRandomness, mechanism_randomness
@@ -143,7 +143,7 @@ def train_trial(
     model = create_model(cfg.model, init).to(device, memory_format=settings.memory_format)  # type: ignore[call-overload]
     model.train()
     randomness = mechanism_randomness(privacy, cfg.seed, device)  # secret unless reproducible_noise (its docstring)
-    pos_weight = trial_pos_weight(cfg, data.train.split.labels, randomness, state)  # DP counts when private
+    pos_weight = trial_pos_weight(cfg, data.train.split.labels, records, randomness, state)  # DP when private
     release = None if pos_weight is None else pos_weight.release
     loss_fn = per_sample_bce(None if pos_weight is None else pos_weight.values, device)
     # The kind of step, chosen once: shuffled batches + AdamW, or Poisson batches + verified DP-SGD (image or
@@ -515,12 +515,23 @@ def patient_epsilons(cfg: TrialConfig, steps: int, patient_ids: np.ndarray) -> d
 
 
 def trial_pos_weight(
-    cfg: TrialConfig, labels: np.ndarray, randomness: MechanismRandomness, state: dict[str, Any] | None
+    cfg: TrialConfig,
+    labels: np.ndarray,
+    records: TrainingRecords,
+    randomness: MechanismRandomness,
+    state: dict[str, Any] | None,
 ) -> PosWeight | None:
     """The BCE positive weights: none (``uniform``), or for ``train`` the Gaussian-noised label counts of a private
-    trial (an accounted release, reused from the checkpoint on resume) or exact counts of a non-private one."""
+    trial (an accounted release, reused from the checkpoint on resume) or exact counts of a non-private one.
+
+    ``labels`` are the training split's; a private patient-level trial counts only the images its patients train on
+    (each one's first ``max_images_per_patient``, ``records.patients``), so that removing a patient moves each count
+    by at most the cap (`trainables.privacy.label_counts`, sensitivity K sqrt(L))."""
     if cfg.pos_weight == "uniform":
         return None
+    patients = records.patients
+    if patients is not None:
+        labels = patient_labels(labels, patients.images)
     saved = (state or {}).get("label_counts")
     return train_pos_weight(
         labels,
@@ -528,6 +539,7 @@ def trial_pos_weight(
         noise_multiplier=cfg.privacy.label_count_noise_multiplier,
         rng=randomness.noise if isinstance(randomness.noise, SecureRandom) else None,
         restored=None if saved is None else LabelCountRelease.from_dict(saved),
+        max_images_per_patient=None if patients is None else patients.max_images_per_patient,
     )
 
 

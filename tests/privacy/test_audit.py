@@ -27,6 +27,7 @@ from trainables.models import resolve_init
 from trainables.privacy import audit as privacy_audit_module
 from trainables.privacy import bk as bk_module
 from trainables.privacy import engine as engine_module
+from trainables.privacy import patients as patients_module
 from trainables.privacy import randomness as randomness_module
 from trainables.privacy import setup as private_setup
 from trainables.privacy.accounting import (
@@ -53,6 +54,7 @@ from trainables.privacy.audit import (
     place_dirac_canaries,
 )
 from trainables.privacy.engine import make_dp_optimizer, private_step, wrap_model
+from trainables.privacy.patients import group_patients, private_patient_step
 from trainables.privacy.planning import plan_privacy
 
 GRAD_SAMPLE_MODES = ["bk", "hooks", "functorch"]
@@ -277,6 +279,39 @@ def test_extra_grad_samples_are_clipped_and_summed_like_records(mode, batch_size
     )
 
 
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("groups", [[0, 0, 1, 2, 2, 2], []])
+def test_extra_grad_samples_are_records_of_their_own_beside_a_batchs_patients(mode, groups):
+    # sigma = 0: canary rows in a patient-level step are clipped and summed as whole records, never grouped with a
+    # patient's images (in chunks of whole patients, the last one carrying the rows).
+    clip, expected_batch = 0.5, 4
+    n = len(groups)
+    x = torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = (torch.rand(n, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    updates = []
+    for with_extra in (False, True):
+        model = tiny_model()
+        optimizer = make_dp_optimizer(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=clip,
+            expected_batch_size=expected_batch,
+            noise_generator=torch.Generator().manual_seed(2),
+            accountant=create_accountant("rdp"),
+            sample_rate=0.1,
+        )
+        canaries = place_dirac_canaries(model, 3, gradient_norm=100.0, seed=0)
+        extra = canaries.grad_samples(model, np.array([0, 1, 2, 2])) if with_extra else None
+        private_patient_step(
+            wrap_model(model, mode), optimizer, LOSS, (x, y), np.array(groups), 3, extra_grad_samples=extra
+        )
+        updates.append(canaries.read(model))
+    factor = clip / (100.0 + 1e-6)  # Opacus' clip factor C / (norm + 1e-6)
+    np.testing.assert_allclose(
+        updates[1] - updates[0], np.array([1, 1, 2]) * 100.0 * factor / expected_batch, rtol=1e-5, atol=1e-7
+    )
+
+
 def test_extra_grad_samples_are_validated():
     model = tiny_model()
     wrapped = wrap_model(model, "hooks")
@@ -415,6 +450,55 @@ def test_white_box_audit_catches_disabled_clipping(mode, clipping_disabled):
     assert result.violates_claim and result.epsilon_lower_bound > 4.0, result
 
 
+# Patient level: the same claim and canaries, the real records 20 patients of 1-4 images (50 images), each clipped as
+# one record by the trial's patient step; each canary is one more patient record (one Dirac row) at the patient rate.
+# The canaries' score model is the image-level one above (real records only blur it), so are the false-alarm and
+# miss probabilities.
+
+
+def random_patient_split() -> CacheSplitDataset:
+    split = random_train_split().split
+    ids = np.repeat(np.arange(20), [1, 2, 3, 4] * 5)  # 50 images
+    return CacheSplitDataset(dataclasses.replace(split, patient_id=ids.astype(str)))
+
+
+@functools.cache
+def claimed_patient_config(mode: str) -> TrialConfig:
+    cfg = claimed_config(mode)
+    privacy = dataclasses.replace(cfg.privacy, privacy_unit="patient", max_images_per_patient=4)
+    return dataclasses.replace(cfg, privacy=privacy)
+
+
+def patient_audit(mode: str, monkeypatch: pytest.MonkeyPatch) -> AuditResult:
+    """The white-box audit at the patient level; every step must be the trial's patient step with patient groups."""
+    groups_seen = []
+    step = audit_runners.private_patient_step
+
+    def patient_step(wrapped, optimizer, loss_fn, batch, groups, *args, **kwargs):
+        groups_seen.append(np.asarray(groups))
+        return step(wrapped, optimizer, loss_fn, batch, groups, *args, **kwargs)
+
+    monkeypatch.setattr(audit_runners, "private_patient_step", patient_step)
+    result = white_box_audit(tiny_model(), random_patient_split(), claimed_patient_config(mode), m=M)
+    assert len(groups_seen) == STEPS
+    assert any(len(g) > len(set(g.tolist())) for g in groups_seen)  # some step clipped a patient of several images
+    return result
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_patient_level_white_box_audit_of_a_correct_mechanism_stays_below_its_claim(mode, monkeypatch):
+    result = patient_audit(mode, monkeypatch)
+    assert result.privacy_unit == "patient" and result.sample_rate == Q and result.steps == STEPS
+    assert result.claimed_epsilon == pytest.approx(CLAIM_EPSILON, abs=0.01) and result.claimed_epsilon <= 2.0
+    assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon and not result.violates_claim
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_patient_level_white_box_audit_catches_a_quarter_of_the_noise(mode, sigma_over_4, monkeypatch):
+    result = patient_audit(mode, monkeypatch)
+    assert result.privacy_unit == "patient" and result.violates_claim, result
+
+
 def test_no_clipping_miss_probability():
     p_sampled = 0.5 * (1 - (1 - Q) ** STEPS)
     assert stats.binom.cdf(0.2 * M - 1, M, p_sampled) < 1e-100
@@ -490,6 +574,61 @@ def test_black_box_audit_runs_the_trial_loop_through_the_trials_engine(tiny_site
     }
     assert result.epsilon_ceiling == epsilon_ceiling(64, delta=cfg.privacy.delta, confidence=0.95)
     assert 0 < result.claim_p_value <= 1
+
+
+def test_white_box_audit_of_a_planned_patient_level_trial_claims_the_patient_epsilon(tiny_site):
+    # The smoke-cell path at the patient level: q and steps per patient, bound below the patient-level claim (m = 200
+    # cannot bound above ~2.96 at 95%, see the ceiling, so a correct mechanism cannot be refuted at claim 4).
+    cfg = tiny_trial_config(tiny_site, 4.0, privacy_unit="patient", max_images_per_patient=3)
+    n_patients = group_patients(open_cache(tiny_site / "synthetic-a" / "32").split("train").patient_id, 3).n_patients
+    assert (cfg.privacy.sample_rate, cfg.privacy.steps) == sample_rate_and_steps(n_patients, 16, 2)
+    result = run_audit(cfg, resolve_init("random", cfg.model), m=200, kind="white_box", real_records=16)
+    assert result.privacy_unit == "patient" and (result.sample_rate, result.steps) == (
+        cfg.privacy.sample_rate,
+        cfg.privacy.steps,
+    )
+    assert result.claimed_epsilon == epsilon_spent(
+        cfg.privacy.noise_multiplier, cfg.privacy.sample_rate, cfg.privacy.steps, cfg.privacy.delta
+    )
+    assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon <= 4.0
+
+
+def test_black_box_audit_of_a_patient_level_trial_trains_canary_patients(tiny_site, monkeypatch):
+    """Each canary is a patient of max_images_per_patient mislabeled noise images; the split grows by the included
+    canary patients, (q, steps, sigma) are planned on N_patients', and the trial loop's patient steps train them."""
+    cfg = tiny_trial_config(tiny_site, 4.0, epochs=1, privacy_unit="patient", max_images_per_patient=3)
+    base = open_cache(tiny_site / "synthetic-a" / "32").split("train")
+    n_patients = group_patients(base.patient_id, 3).n_patients
+    trained = []
+    train_trial = audit_runners.train_trial
+
+    def recording_train_trial(trial_cfg, init, report, data):
+        trained.append((trial_cfg, data.train.split))
+        return train_trial(trial_cfg, init, report, data=data)
+
+    grouped_steps = []
+    step = patients_module.book_keeping_step
+
+    def recording_step(*args, **kwargs):
+        grouped_steps.append(kwargs.get("groups"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(audit_runners, "train_trial", lambda c, i, r, data: recording_train_trial(c, i, r, data))
+    monkeypatch.setattr(patients_module, "book_keeping_step", recording_step)
+    result = run_audit(cfg, resolve_init("random", cfg.model), m=32, kind="black_box")
+    ((trial_cfg, split),) = trained
+    added = split.patient_id[len(base) :].astype(str)
+    canaries, sizes = np.unique(added, return_counts=True)
+    assert (
+        len(added) == 3 * len(canaries) and (sizes == 3).all() and all(c.startswith("audit-canary-") for c in canaries)
+    )
+    p = trial_cfg.privacy
+    assert p.privacy_unit == "patient" and p.max_images_per_patient == 3
+    assert (p.sample_rate, p.steps) == sample_rate_and_steps(n_patients + len(canaries), 16, 1)
+    assert all(g is not None for g in grouped_steps) and len(grouped_steps) <= p.steps  # empty batches: no bk call
+    assert result.privacy_unit == "patient" and result.m == 32 and result.claimed_epsilon <= 4.0
+    assert (result.sample_rate, result.steps) == (p.sample_rate, p.steps)
+    assert 0 <= result.epsilon_lower_bound <= result.claimed_epsilon
 
 
 class RecordingGenerator(torch.Generator):

@@ -8,6 +8,7 @@ of synthetic-a, B = 32, 3 epochs, so q = 1/56 and 168 steps; delta 6e-6; sigma_c
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -31,9 +32,11 @@ from trainables.privacy.label_counts import (
     LabelCountRelease,
     account_release,
     count_sensitivity,
+    patient_labels,
     release_label_counts,
     train_pos_weight,
 )
+from trainables.privacy.patients import group_patients
 from trainables.privacy.secure import SecureRandom
 
 DELTA = 6e-6
@@ -274,6 +277,101 @@ def test_release_validation():
 
 def test_default_is_the_documented_one():
     assert DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER == SIGMA_C
+
+
+# --- patient-level counts: sensitivity K sqrt(L) -----------------------------------------------------
+
+
+def counts_over_capped_images(labels: np.ndarray, patient_ids: np.ndarray, cap: int) -> np.ndarray:
+    """What a patient-level trial counts: the positives of the images its patients train on (first ``cap`` each)."""
+    return patient_labels(labels, group_patients(patient_ids, cap).images).sum(axis=0, dtype=np.int64)
+
+
+def largest_change_removing_a_patient(labels: np.ndarray, patient_ids: np.ndarray, cap: int) -> float:
+    """max over the table's patients of ||c(D) - c(D without that patient)||_2, recounted from scratch each time."""
+    full = counts_over_capped_images(labels, patient_ids, cap)
+    largest = 0.0
+    for patient in np.unique(patient_ids):
+        kept = patient_ids != patient
+        rest = counts_over_capped_images(labels[kept], patient_ids[kept], cap) if kept.any() else 0 * full
+        largest = max(largest, float(np.linalg.norm(full - rest)))
+    return largest
+
+
+@pytest.mark.parametrize(("n_labels", "cap"), [(1, 1), (1, 3), (2, 2), (3, 1), (3, 3), (5, 2)])
+def test_patient_count_sensitivity_is_the_cap_times_sqrt_l_by_brute_force(n_labels, cap):
+    """Every possible patient of up to cap + 1 images (one more than the cap: the extra image is never counted), each
+    image any of the 2^L label rows, added to a fixed background table: removing it moves the count vector by at most
+    K sqrt(L), and a patient of K all-positive images moves it by exactly that."""
+    bound = count_sensitivity(n_labels, cap)
+    assert bound == cap * math.sqrt(n_labels)
+    rows = [np.array(r, dtype=np.uint8) for r in itertools.product((0, 1), repeat=n_labels)]
+    rng = np.random.default_rng(0)
+    background = (rng.random((7, n_labels)) < 0.5).astype(np.uint8)
+    background_ids = np.array(["a", "a", "b", "c", "c", "c", "d"])
+    largest = 0.0
+    for n_images in range(1, cap + 2):
+        for patient in itertools.product(rows, repeat=n_images):
+            if len(rows) ** n_images > 4096 and rng.random() > 0.05:
+                continue  # (5 labels, 3 images: a 5% sample of the 32768 patients; every patient for the rest)
+            labels = np.concatenate([background, np.stack(patient)])
+            ids = np.concatenate([background_ids, np.full(n_images, "p")])
+            full = counts_over_capped_images(labels, ids, cap)
+            change = float(np.linalg.norm(full - counts_over_capped_images(background, background_ids, cap)))
+            assert change <= bound * (1 + 1e-12), (patient, change, bound)
+            largest = max(largest, change)
+    assert largest == pytest.approx(bound, rel=1e-12)  # reached: K images positive for every label
+
+
+def test_removing_any_patient_of_random_tables_moves_the_counts_by_at_most_the_bound():
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n, n_labels, cap = int(rng.integers(4, 30)), int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        labels = (rng.random((n, n_labels)) < rng.random()).astype(np.uint8)
+        ids = rng.integers(0, max(2, n // 3), n).astype(str)  # some patients above the cap
+        change = largest_change_removing_a_patient(labels, ids, cap)
+        assert change <= count_sensitivity(n_labels, cap) * (1 + 1e-12), trial
+    # The bound is reached in such a table: a patient with the cap's worth of all-positive images (and one more).
+    labels = np.concatenate([np.ones((4, 3), np.uint8), (rng.random((10, 3)) < 0.5).astype(np.uint8)])
+    ids = np.array(["p"] * 4 + [str(i % 4) for i in range(10)])
+    assert largest_change_removing_a_patient(labels, ids, 3) == pytest.approx(3 * math.sqrt(3), rel=1e-12)
+    # Counting every image of the patient (no cap) would move it by more: the cap is what the bound rests on.
+    uncapped = np.linalg.norm(labels[ids == "p"].sum(axis=0))
+    assert uncapped > count_sensitivity(3, 3)
+
+
+def test_patient_release_has_the_patient_sensitivity_and_noise_scale():
+    labels = labels_with(n=200, n_labels=4)
+    draws = np.array([release_label_counts(labels, 2.0, max_images_per_patient=3).noisy_positives for _ in range(3000)])
+    std = 2.0 * 3 * math.sqrt(4)  # sigma_c x K sqrt(L)
+    np.testing.assert_array_less(np.abs(draws.mean(axis=0) - labels.sum(axis=0)), 4 * std / math.sqrt(3000))
+    np.testing.assert_allclose(draws.std(axis=0), std, rtol=0.06)
+    release = release_label_counts(labels, 2.0, max_images_per_patient=3)
+    assert (release.sensitivity, release.max_images_per_patient) == (3 * math.sqrt(4), 3)
+    assert LabelCountRelease.from_dict(release.to_dict()) == release
+    with pytest.raises(ValueError, match=r"max_images_per_patient x sqrt\(n_labels\)"):
+        LabelCountRelease((1.0, 2.0), 100, SIGMA_C, math.sqrt(2), 3)  # the image sensitivity for a patient release
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        count_sensitivity(5, 0)
+
+
+def test_an_image_level_checkpoint_without_the_cap_still_reads():
+    saved = {"noisy_positives": [3.0, 4.0], "n_train": 50, "noise_multiplier": SIGMA_C, "sensitivity": math.sqrt(2)}
+    release = LabelCountRelease.from_dict(saved)
+    assert release.max_images_per_patient is None and release.sensitivity == count_sensitivity(2)
+
+
+def test_a_resumed_patient_level_trial_needs_the_same_cap():
+    labels = labels_with()
+    first = train_pos_weight(labels, target_epsilon=3.0, noise_multiplier=SIGMA_C, max_images_per_patient=2)
+    assert first.release is not None and first.release.max_images_per_patient == 2
+    saved = LabelCountRelease.from_dict(first.release.to_dict())
+    again = train_pos_weight(
+        labels, target_epsilon=3.0, noise_multiplier=SIGMA_C, restored=saved, max_images_per_patient=2
+    )
+    assert again.release == first.release
+    with pytest.raises(ValueError, match=r"images per patient 2\) does not match this trial"):
+        train_pos_weight(labels, target_epsilon=3.0, noise_multiplier=SIGMA_C, restored=saved)
 
 
 # --- the sensitivity problem of exact counts, and why the release fixes it -----------------------

@@ -114,6 +114,26 @@ def test_patient_level_total_sees_image_runs_at_k_and_their_label_counts_at_sigm
     assert unknown_k.epsilon_patient is None
 
 
+def test_a_patient_level_label_count_release_is_composed_at_its_own_sigma_c() -> None:
+    """A patient-level run's release was noised for the patient sensitivity K sqrt(L) already: one patient sees it
+    at sigma_c (k = 1), the same Gaussian its own accountant composed, never at sigma_c / K."""
+    from trainables.privacy.units import patient_epsilon
+
+    patient = entry("p/1", privacy_unit="patient", sigma=1.1, q=1 / 33, steps=99, patient_images=None)
+    with_counts = dataclasses.replace(patient, label_count_noise_multiplier=20.0)
+    total = compose_ledger([with_counts])
+    assert total.epsilon_patient == composed_patient_epsilon([PatientMechanism(1.1, 1 / 33, 99, 1, 20.0)], DELTA)
+    assert total.epsilon_patient == pytest.approx(
+        patient_epsilon(1.1, 1 / 33, 99, DELTA, 1, label_count_noise_multiplier=20.0), rel=1e-12
+    )
+    # The run's own mechanism: the release as GaussianDpEvent(sigma_c), then its steps (PLD within its rounding).
+    own = by_hand([dp_event.GaussianDpEvent(20.0), sgd(1.1, 1 / 33, 99)])["pld"]
+    assert total.epsilon_patient == pytest.approx(own, rel=5e-3)
+    assert total.epsilon_patient > compose_ledger([patient]).epsilon_patient  # the release costs budget
+    at_k = composed_patient_epsilon([PatientMechanism(1.1, 1 / 33, 99, 1, 20.0 / 3)], DELTA)
+    assert total.epsilon_patient < at_k  # dividing by K again would double-count the cap
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -13,7 +13,12 @@ from tests.factories import TINY_DATASET, TINY_SIZE, run_tiny_trial, tiny_trial_
 from tests.privacy.models import LOSS, inputs, small_convnext
 from trainables import names as M
 from trainables.data.cache import open_cache
-from trainables.privacy.accounting import cross_check_epsilon, sample_rate_and_steps
+from trainables.privacy.accounting import (
+    accountant_history,
+    cross_check_epsilon,
+    epsilon_spent,
+    sample_rate_and_steps,
+)
 from trainables.privacy.engine import (
     PerSampleGradientError,
     make_dp_optimizer,
@@ -21,6 +26,7 @@ from trainables.privacy.engine import (
     reference_per_sample_gradients,
     wrap_model,
 )
+from trainables.privacy.label_counts import LabelCountRelease
 from trainables.privacy.patients import (
     check_patient_gradients,
     group_patients,
@@ -225,6 +231,39 @@ def test_patient_level_trial_accounts_patients_and_matches_dp_accounting(tiny_si
                 cfg, privacy=dataclasses.replace(cfg.privacy, privacy_unit="image", max_images_per_patient=None)
             )
         )
+
+
+def test_patient_level_trial_releases_the_counts_of_its_patients_capped_images(tiny_site):
+    """``pos_weight: train`` at the patient level: the counts are over the images the patients train on (the cap
+    applied), noised for the patient sensitivity K sqrt(L), and accounted first in the patient-level accountant; the
+    trial's epsilon is the composition, within its target."""
+    ids = open_cache(tiny_site / TINY_DATASET / str(TINY_SIZE)).split("train").patient_id
+    patients = group_patients(ids, 2)
+    assert patients.n_images_left_out > 0  # the twin has patients of 3 images: the cap leaves some out
+    cfg = tiny_trial_config(
+        tiny_site,
+        4.0,
+        epochs=1,
+        test_every_epoch=False,
+        privacy_unit="patient",
+        max_images_per_patient=2,
+        expected_batch_size=8,
+        pos_weight="train",
+        label_count_noise_multiplier=20.0,
+    )
+    p = cfg.privacy
+    assert (p.sample_rate, p.steps) == sample_rate_and_steps(patients.n_patients, 8, 1)
+    run = run_tiny_trial(cfg)
+    state = run.states[-1]
+    release = LabelCountRelease.from_dict(state["label_counts"])
+    capped = sum(len(images) for images in patients.images)
+    assert (release.n_train, release.max_images_per_patient) == (capped, 2) and capped < len(ids)
+    assert release.sensitivity == 2 * np.sqrt(5) and release.noise_multiplier == 20.0
+    assert state["accountant"]["history"] == accountant_history(p.noise_multiplier, p.sample_rate, p.steps, 20.0)
+    final = run.result.metrics
+    with_release = epsilon_spent(p.noise_multiplier, p.sample_rate, p.steps, p.delta, label_count_noise_multiplier=20.0)
+    assert final[M.EPSILON] == pytest.approx(with_release, rel=1e-9) and with_release <= 4.0
+    assert epsilon_spent(p.noise_multiplier, p.sample_rate, p.steps, p.delta) < with_release
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk"])

@@ -369,7 +369,7 @@ def admissible_proposals(admissible: AdmissibleSet) -> list[tuple[float, float, 
     proposals = []
     for batch_size in range(admissible.expected_batch_size[0], admissible.expected_batch_size[1] + 1):
         for epochs in range(admissible.epochs[0], admissible.epochs[1] + 1):
-            q, steps = sample_rate_and_steps(admissible.n_train, batch_size, epochs)
+            q, steps = sample_rate_and_steps(admissible.n_records, batch_size, epochs)
             sigma = max(
                 calibrate_noise_multiplier(admissible.target_epsilon, DELTA, q, steps), admissible.noise_multiplier[0]
             )

@@ -147,3 +147,34 @@ def test_the_audit_section_does_not_change_the_sweep_fingerprint(tmp_path):
     with_audit = parse_spec(yaml.safe_load(write_spec(tmp_path).read_text()))
     without = parse_spec({k: v for k, v in yaml.safe_load(write_spec(tmp_path).read_text()).items() if k != "audit"})
     assert spec_fingerprint(with_audit) == spec_fingerprint(without)
+
+
+def test_a_units_sweep_audits_each_privacy_unit_of_a_cell():
+    from sweeps.audit import audited_trials
+    from sweeps.spec import AuditSpec
+    from tests.sweeps.points import planned_points
+    from tests.sweeps.sweep_files import units_dict
+
+    spec = parse_spec(units_dict())
+    chosen = audited_trials(spec, planned_points(spec), AuditSpec(target_epsilon=(3.0,)))
+    assert sorted(t.config.privacy.privacy_unit for t in chosen) == ["image", "patient"]
+    assert {t.key for t in chosen} == {
+        "random-eps3-clip1-lr0.0005-seed0-image",
+        "random-eps3-clip1-lr0.0005-seed0-patient",
+    }
+
+
+def test_a_patient_level_audit_claims_and_bounds_the_patient_epsilon(tmp_path, capsys):
+    raw = yaml.safe_load(write_spec(tmp_path).read_text())
+    raw["privacy"] |= {"privacy_unit": "patient", "max_images_per_patient": 3}
+    spec_file = tmp_path / "audited.yaml"
+    spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    assert main(["audit", str(spec_file), "--runs", str(runs), "--data", str(data)]) == 0
+    row = pd.read_parquet(runs / "audited" / N.AUDIT_FILE).iloc[0]
+    assert row["privacy_unit"] == "patient" and row["kind"] == "white_box"
+    assert 0 <= row["epsilon_lower_bound"] <= row["claimed_epsilon"] <= 2.0 and not row["violates_claim"]
+    (entry,) = [e for e in read_ledger(data, "synthetic-a") if e.kind == "audit" and e.status == "planned"]
+    assert entry.privacy_unit == "patient" and entry.sample_rate == row["sample_rate"]
+    assert entry.label_count_noise_multiplier is None  # the white-box audit releases no label counts
+    assert "Patient-level audits (unit patient)" in capsys.readouterr().out

@@ -169,3 +169,28 @@ def test_an_impossible_search_space_stops_with_the_fix():
         r"optuna\.noise_multiplier upwards",
     ):
         searcher.propose("t0")
+
+
+def test_a_patient_level_search_plans_every_proposal_over_the_patients():
+    """The admissible set, the feasibility check and the trial all use N_patients (q and steps per patient)."""
+    optuna = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(SETTINGS).items()}
+    spec = tiny_optuna_spec(
+        privacy={"target_epsilon": [1.0], "delta": DELTA, "privacy_unit": "patient", "max_images_per_patient": 3},
+        training={"pos_weight": "train"},
+        optuna={**optuna, "trials_per_target": 4},
+    )
+    (cell,) = cells(spec)
+    n_patients = N_TRAIN // 2  # tests.sweeps.points.datasets
+    assert (cell.privacy_unit, cell.n_records) == ("patient", n_patients)
+    assert cell.privacy.max_images_per_patient == 3 and cell.privacy.label_count_noise_multiplier == 20.0
+    searcher = make_searcher(spec)
+    for i in range(4):
+        point = suggest(searcher, f"t{i}")
+        p = point.config.privacy
+        assert (p.privacy_unit, p.max_images_per_patient, point.params["n_patients"]) == ("patient", 3, n_patients)
+        q, steps = sample_rate_and_steps(n_patients, p.expected_batch_size, p.epochs)
+        assert (p.sample_rate, p.steps) == (q, steps)
+        eps = epsilon_spent(p.noise_multiplier, q, steps, DELTA, "rdp", label_count_noise_multiplier=20.0)
+        assert eps <= 1.0 and point.params["planned_epsilon"] == pytest.approx(eps)
+        finish(searcher, f"t{i}", auroc=0.6)
+    assert searcher.infeasible > 0

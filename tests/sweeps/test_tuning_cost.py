@@ -308,3 +308,21 @@ def test_an_optuna_sweep_with_reproducible_noise_has_no_bound(tmp_path):
     assert adaptive_tuning_bounds(spec, trials) == {} and tuning_summary(spec, trials) == {}
     text = " ".join(summary_text(trials, Path(tmp_path), "sqlite:///mlflow.db", spec).split())
     assert "not DP (epsilon = inf)" in text and "adaptive selection" not in text
+
+
+def test_a_patient_level_optuna_sweep_bounds_the_search_over_its_patients():
+    """The admissible set of a patient-level cell is planned over N_patients (B in patients), as its proposals were."""
+    from trainables.privacy.tuning import AdmissibleSet, adaptive_tuning_bound
+
+    spec = tiny_optuna(privacy_unit="patient", max_images_per_patient=3, target_epsilon=[2, math.inf])
+    trials = table(record("a", N.TERMINATED, 3, final=True), record("inf", N.TERMINATED, 3, final=True, sigma=0.0))
+    trials["n_train"], trials["n_patients"] = 400, 150
+    worst, _ = adaptive_tuning_bounds(spec, trials)[DATASET]
+    o = spec.optuna
+    assert o is not None
+
+    def bound(n_records: int) -> float:
+        cell = AdmissibleSet(n_records, 2.0, spec.privacy.delta, (0.5, 3.0), (32, 34), (1, 1))
+        return adaptive_tuning_bound([(cell, o.trials_per_target)]).epsilon
+
+    assert worst.epsilon == pytest.approx(bound(150)) and worst.epsilon != pytest.approx(bound(400))

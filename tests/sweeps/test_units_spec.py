@@ -7,6 +7,7 @@ import yaml
 
 from sweeps.plan import DatasetPlan, SweepPaths, cell_privacy, make_trial, plan_sweep, trial_key, trial_name
 from sweeps.spec import SpecError, load_spec, parse_spec
+from tests.sweeps.points import tiny_optuna_spec
 from tests.sweeps.sweep_files import SWEEPS, UNITS, units_dict
 from trainables.data.cache import open_cache
 from trainables.data.synthetic import prepare_synthetic
@@ -40,7 +41,6 @@ def test_single_unit_sweeps_keep_their_trial_keys():
         ({"data": {"train": "vindr-cxr"}}, "'vindr-cxr': VinDr-CXR publishes no patient ids"),
         ({"privacy": {"max_images_per_patient": None}}, "max_images_per_patient = None: a patient-level trial needs"),
         ({"privacy": {"max_images_per_patient": 100}}, "must fit in one physical batch"),
-        ({"training": {"pos_weight": "train"}}, "training.pos_weight = 'train' with privacy.privacy_unit = 'patient'"),
         ({"privacy": {"privacy_unit": ["image", "pixel"]}}, "choose one of ('image', 'patient')"),
         ({"privacy": {"privacy_unit": ["image", "image"]}}, "lists ['image'] twice"),
         ({"privacy": {"privacy_unit": "image"}}, "max_images_per_patient = 3 is set but privacy.privacy_unit"),
@@ -53,6 +53,23 @@ def test_bad_unit_settings_are_refused_naming_the_field(change, expected):
     with pytest.raises(SpecError) as error:
         parse_spec(raw, source="units.yaml")
     assert expected in str(error.value)
+
+
+def test_the_patient_unit_takes_pos_weight_train_bf16_an_audit_and_optuna():
+    raw = units_dict()
+    raw["training"]["pos_weight"] = "train"
+    raw["speed"] |= {"grad_sample_mode": "bk", "precision": "bf16"}
+    raw["audit"] = {"m": 100, "kind": ["white_box", "black_box"]}
+    spec = parse_spec(raw, source="units.yaml")
+    assert spec.audit is not None and spec.speed.precision == "bf16" and spec.training.pos_weight == "train"
+    patient = next(p for p in spec.grid() if p.privacy_unit == "patient")
+    assert spec.trial_config(patient, data_root="/d").pos_weight == "train"
+
+    patient_only = {"privacy_unit": "patient", "max_images_per_patient": 3}
+    optuna = tiny_optuna_spec(privacy=patient_only, training={"pos_weight": "train"}, speed={"precision": "bf16"})
+    assert optuna.search == "optuna" and optuna.axes.privacy_unit == ("patient",)
+    with pytest.raises(SpecError, match=r"search: optuna runs one study per cell for one privacy unit; give one"):
+        tiny_optuna_spec(privacy={**patient_only, "privacy_unit": ["image", "patient"]})
 
 
 def test_a_prepared_dataset_without_patient_ids_is_refused_by_the_plan():
@@ -172,3 +189,13 @@ def test_the_units_sweep_runs_both_units_in_bk_end_to_end(tmp_path_factory):
         assert (trials[M.EPSILON] <= 8).all() and (trials[M.EPSILON] >= 8 - 0.01).all()
         patient = trials[trials["privacy_unit"] == "patient"].iloc[0]
         assert patient["n_patients"] < trials[trials["privacy_unit"] == "image"].iloc[0]["n_train"]
+
+
+def test_an_optuna_batch_range_above_the_patients_is_refused_by_the_plan(tmp_path):
+    spec = tiny_optuna_spec(
+        privacy={"privacy_unit": "patient", "max_images_per_patient": 3},
+        optuna={"expected_batch_size": [16, 5000]},
+    )
+    refused = r"the largest of optuna\.expected_batch_size = 5000 is larger than synthetic-a's \d+ training patients"
+    with pytest.raises(SpecError, match=refused):
+        plan_sweep(spec, SweepPaths(tmp_path / "runs", tmp_path, "sqlite:///x.db"), dry_run=True)

@@ -51,6 +51,12 @@ canary rows are explicit per-sample gradients added after the engine has compute
 per-layer rules of the book-keeping engine (``bk``: instantiated per-sample gradients or ghost norms, per layer) never
 touch a canary; a bug there cannot show. The black-box audit trains through the trial's own engine and covers them.
 
+Patient level. For a ``privacy_unit: patient`` trial the records are patients (each clipped as one record, its images'
+gradients summed) sampled at the patient rate, and each canary is one more patient record: one Dirac row, Poisson-
+sampled with the patients, appended after the per-patient grouping so that it is never summed into a patient
+(`trainables.privacy.patients.private_patient_step`). The claim is the patient-level (sigma, q, steps) epsilon; the
+statistics above are unchanged, a canary being a record of the mechanism either way.
+
 More exposure. Each canary's exposure is fixed by the mechanism (Poisson rate q over the trial's steps); more
 canaries (a larger m) is the only valid lever: each is its own record, so about ``m q / 2`` canaries join each step.
 Repeating a canary in a step, or putting it in every step, would test a group or an unsubsampled mechanism, whose
@@ -456,6 +462,8 @@ class AuditResult:
         grad_sample_mode: the engine mode audited.
         claim_p_value: `claim_p_value` of the claimed epsilon (the per-audit test; a family of audits adjusts it).
         epsilon_ceiling: `epsilon_ceiling` at (m, delta, confidence): the largest bound any outcome could give.
+        privacy_unit: the audited trial's record, ``image`` or ``patient``: each canary is one such record, and the
+            claim and the bound are epsilons per record (per patient for ``patient``).
     """
 
     kind: str
@@ -474,6 +482,7 @@ class AuditResult:
     grad_sample_mode: str
     claim_p_value: float
     epsilon_ceiling: float
+    privacy_unit: str = "image"
 
     @property
     def violates_claim(self) -> bool:

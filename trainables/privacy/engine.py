@@ -417,7 +417,7 @@ def private_step(
         for p in wrapped.parameters():
             if p.requires_grad:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        _append_grad_samples(wrapped, extra_grad_samples)
+        append_grad_samples(wrapped, extra_grad_samples)
         with full_float32():
             optimizer.step()
         return torch.full((), math.nan, device=x.device)
@@ -434,7 +434,7 @@ def private_step(
         real_grad_samples(wrapped, chunk.n_real)
         last = i == len(chunks) - 1
         if last:
-            _append_grad_samples(wrapped, extra_grad_samples)
+            append_grad_samples(wrapped, extra_grad_samples)
         optimizer.signal_skip_step(do_skip=not last)
         with full_float32():  # Opacus' norms, clip factors and clipped sum (an einsum) without TF32
             optimizer.step()
@@ -449,7 +449,7 @@ def real_grad_samples(wrapped: GradSampleModule, n_real: int) -> None:
             p.grad_sample = upcast(p.grad_sample[:n_real])
 
 
-def _append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Tensor] | None) -> None:
+def append_grad_samples(wrapped: GradSampleModule, rows: Mapping[str, torch.Tensor] | None) -> None:
     """Opacus modes: explicit rows (see `private_step`) become extra per-sample gradients of every trainable
     parameter (zero rows where a parameter is not named), clipped by Opacus' clip_and_accumulate."""
     if not rows:

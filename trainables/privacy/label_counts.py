@@ -10,13 +10,24 @@ refused for a private trial (`train_pos_weight` raises).
 **The mechanism.** The per-label positive counts ``c = sum_i y_i`` (``y_i`` in {0, 1}^L, one row per
 image) are released once, before training, with the Gaussian mechanism:
 
-    c~ = c + N(0, (sigma_c * Delta)^2 I_L),    Delta = sqrt(L)
+    c~ = c + N(0, (sigma_c * Delta)^2 I_L),    Delta = sqrt(L)  (K sqrt(L) for patients, below)
 
 * **Adjacency**: add/remove one image (the privacy unit of the trial, as DP-SGD's). ``c`` changes by one
   row ``y_i``, whose L2 norm is at most ``sqrt(L)`` when any label combination is possible (multi-label;
   the study's five labels, ``no_finding`` included, are not assumed exclusive). ``Delta = sqrt(L)``
   therefore holds for every dataset without looking at it; if the labels were mutually exclusive it would
   be 1, which we do not exploit.
+* **Patients** (``privacy_unit: patient``, cap K = ``max_images_per_patient``): the record is a patient with
+  the images it trains on (its first K, `trainables.privacy.patients.group_patients`), and the counts are
+  over exactly those images, so ``c`` changes by ``sum_{i in I_p} y_i``, each coordinate at most
+  ``|I_p| <= K``: ``Delta = K sqrt(L)``, reached by a patient with K images that are positive for every
+  label (`count_sensitivity`; tests enumerate every patient of small label tables). We count images, not
+  patients with a label: ``pos_weight`` is the image-level ratio negatives/positives the loss is taken
+  over, which patient counts (sensitivity sqrt(L)) would estimate only when every patient had one image.
+  The price is K times the noise in images at the same sigma_c (and the same epsilon): 20 x 4 x sqrt(5) ~
+  180 images per count at K = 4. The release is accounted at the patient level as ``GaussianDpEvent(
+  sigma_c)``, like the image-level one at the image level (the privacy ledger's patient-level view takes a
+  patient-level run at k = 1 with this sigma_c, `trainables.privacy.ledger`).
 * **Accounting**: a Gaussian mechanism of sensitivity Delta with noise std ``sigma_c * Delta`` has the
   RDP of noise multiplier ``sigma_c`` (alpha / (2 sigma_c^2)): Opacus history entry ``(sigma_c, 1.0, 1)``,
   dp-accounting ``GaussianDpEvent(sigma_c)``. It is composed with the DP-SGD steps in the trial's
@@ -25,7 +36,8 @@ image) are released once, before training, with the Gaussian mechanism:
 * **N is public.** The number of training images N is treated as public, the convention Opacus and
   dpsweep already use when they set q = 1 / ceil(N / B) from ``len(dataset)``. Strict add/remove
   adjacency would make N private as well; we do not account for it, and say so in every docstring that
-  uses N.
+  uses N. For patients N is the patients' capped images, a function of the images per patient, which are
+  treated as public metadata (`trainables.privacy.units`), like N_patients.
 * **Post-processing**: the released counts are clamped to [1, N - 1] and turned into
   ``pos_weight = (N - c~) / c~``. Everything the trial does with them afterwards is post-processing of
   an accounted release, so DP-SGD's clipped sum, *given* the released weights, has sensitivity C again
@@ -48,7 +60,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +75,7 @@ __all__ = [
     "PosWeight",
     "account_release",
     "count_sensitivity",
+    "patient_labels",
     "release_label_counts",
     "train_pos_weight",
 ]
@@ -72,15 +85,25 @@ DEFAULT_LABEL_COUNT_NOISE_MULTIPLIER = 20.0
 docstring for what it costs and how much it moves the weights."""
 
 
-def count_sensitivity(n_labels: int) -> float:
-    """L2 sensitivity of the per-label positive-count vector under add/remove of one image: sqrt(L).
+def count_sensitivity(n_labels: int, max_images_per_patient: int | None = None) -> float:
+    """L2 sensitivity of the per-label positive-count vector under add/remove of one record.
+
+    One image (``max_images_per_patient`` None): its label row, at most sqrt(L). One patient whose images are
+    counted, at most K = ``max_images_per_patient`` of them: the sum of its rows, each coordinate at most K, so
+    K sqrt(L) (module docstring).
 
     Args:
         n_labels: L, the number of labels (each image's label row is in {0, 1}^L).
+        max_images_per_patient: K for a patient-level release, None for an image-level one.
     """
     if isinstance(n_labels, bool) or not (isinstance(n_labels, numbers.Integral) and n_labels >= 1):
         raise ValueError(f"n_labels={n_labels!r} must be a whole number >= 1")
-    return math.sqrt(int(n_labels))
+    cap = max_images_per_patient
+    if cap is None:
+        return math.sqrt(int(n_labels))
+    if isinstance(cap, bool) or not (isinstance(cap, numbers.Integral) and cap >= 1):
+        raise ValueError(f"max_images_per_patient={cap!r} must be a whole number >= 1, or None (image records)")
+    return int(cap) * math.sqrt(int(n_labels))
 
 
 @dataclass(frozen=True)
@@ -89,15 +112,20 @@ class LabelCountRelease:
 
     Attributes:
         noisy_positives: c~, the released counts per label (before clamping), in images.
-        n_train: N, the number of training images (treated as public, see the module docstring).
+        n_train: N, the number of training images counted (for patients: their capped images; treated as public,
+            see the module docstring).
         noise_multiplier: sigma_c; the noise std per count was ``sigma_c * sensitivity``.
-        sensitivity: Delta = sqrt(L), the L2 sensitivity the noise was scaled to.
+        sensitivity: Delta, the L2 sensitivity the noise was scaled to: sqrt(L), or K sqrt(L) for patients
+            (`count_sensitivity`).
+        max_images_per_patient: K of a patient-level release; None for an image-level one (and in checkpoints
+            written before patient-level releases existed).
     """
 
     noisy_positives: tuple[float, ...]
     n_train: int
     noise_multiplier: float
     sensitivity: float
+    max_images_per_patient: int | None = None
 
     def __post_init__(self) -> None:
         if not self.noisy_positives or not all(math.isfinite(c) for c in self.noisy_positives):
@@ -106,9 +134,12 @@ class LabelCountRelease:
             raise ValueError(f"n_train={self.n_train!r} must be a whole number >= 2 of training images")
         if not (0 < self.noise_multiplier < math.inf):
             raise ValueError(f"noise_multiplier={self.noise_multiplier!r} must be a finite number > 0")
-        expected = count_sensitivity(len(self.noisy_positives))
+        expected = count_sensitivity(len(self.noisy_positives), self.max_images_per_patient)
         if self.sensitivity != expected:
-            raise ValueError(f"sensitivity={self.sensitivity!r} must be sqrt(n_labels) = {expected!r}")
+            formula = (
+                "sqrt(n_labels)" if self.max_images_per_patient is None else "max_images_per_patient x sqrt(n_labels)"
+            )
+            raise ValueError(f"sensitivity={self.sensitivity!r} must be {formula} = {expected!r}")
         object.__setattr__(self, "noisy_positives", tuple(float(c) for c in self.noisy_positives))
         object.__setattr__(self, "n_train", int(self.n_train))
         object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
@@ -125,6 +156,7 @@ class LabelCountRelease:
             "n_train": self.n_train,
             "noise_multiplier": self.noise_multiplier,
             "sensitivity": self.sensitivity,
+            "max_images_per_patient": self.max_images_per_patient,
         }
 
     @classmethod
@@ -134,9 +166,29 @@ class LabelCountRelease:
         if not isinstance(positives, list | tuple):
             raise ValueError(f"noisy_positives={positives!r} must be a list of counts")
         n_train, sigma, sensitivity = values["n_train"], values["noise_multiplier"], values["sensitivity"]
-        if not (isinstance(n_train, int) and isinstance(sigma, float) and isinstance(sensitivity, float)):
+        cap = values.get("max_images_per_patient")  # absent in image-level checkpoints of earlier versions
+        if not (
+            isinstance(n_train, int)
+            and isinstance(sigma, float)
+            and isinstance(sensitivity, float)
+            and (cap is None or isinstance(cap, int))
+        ):
             raise ValueError(f"not a label-count release: {dict(values)!r}")
-        return cls(tuple(float(c) for c in positives), n_train, sigma, sensitivity)
+        return cls(tuple(float(c) for c in positives), n_train, sigma, sensitivity, cap)
+
+
+def patient_labels(labels: np.ndarray, patient_images: Sequence[np.ndarray]) -> np.ndarray:
+    """The label rows a patient-level release counts: the images each patient trains on (``PatientIndex.images``:
+    its first ``max_images_per_patient``), in the split's order; images of patients beyond their cap are left out.
+
+    Args:
+        labels: [N, L] labels of the whole training split.
+        patient_images: per patient, the indices into the split of the images it contributes.
+    """
+    labels = np.asarray(labels)
+    rows = np.sort(np.concatenate(patient_images)) if len(patient_images) else np.zeros(0, dtype=np.int64)
+    selected: np.ndarray = labels[rows]
+    return selected
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -149,19 +201,27 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def release_label_counts(
-    labels: np.ndarray, noise_multiplier: float, rng: SecureRandom | None = None
+    labels: np.ndarray,
+    noise_multiplier: float,
+    rng: SecureRandom | None = None,
+    *,
+    max_images_per_patient: int | None = None,
 ) -> LabelCountRelease:
     """Release the per-label positive counts of the training split with the Gaussian mechanism.
 
-    Noise std per count ``noise_multiplier * sqrt(L)`` (module docstring: add/remove of one image, N public).
-    The caller must account for the release as ``(noise_multiplier, 1.0, 1)`` in the trial's accountant
-    (`trainables.privacy.accounting.accountant_history`) and must call this once per trial.
+    Noise std per count ``noise_multiplier * sensitivity`` (`count_sensitivity`; module docstring: add/remove of
+    one record, N public). The caller must account for the release as ``(noise_multiplier, 1.0, 1)`` in the trial's
+    accountant (`trainables.privacy.accounting.accountant_history`; a patient-level trial's accountant is over
+    patients) and must call this once per trial.
 
     Args:
-        labels: [N, L] 0/1 labels of the private training split.
+        labels: [N, L] 0/1 labels of the private training split: every image, or for a patient-level trial exactly
+            the images its patients train on (each patient's first K, `trainables.privacy.patients.PatientIndex`):
+            the sensitivity K sqrt(L) holds only if no patient has more than K rows here.
         noise_multiplier: sigma_c > 0, finite.
         rng: a `SecureRandom` in secure mode; None draws from a numpy generator keyed by 32 bytes of
             ``os.urandom`` (secret, never logged, not reproducible).
+        max_images_per_patient: K of a patient-level trial; None for an image-level one.
 
     Returns:
         The `LabelCountRelease`.
@@ -172,7 +232,7 @@ def release_label_counts(
     ):
         raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number > 0")
     n_train, n_labels = labels.shape
-    sensitivity = count_sensitivity(n_labels)
+    sensitivity = count_sensitivity(n_labels, max_images_per_patient)
     if rng is None:
         standard = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little"))).standard_normal(
             n_labels
@@ -181,7 +241,9 @@ def release_label_counts(
         standard = rng.standard_normal(n_labels).numpy()
     positives = labels.sum(axis=0, dtype=np.float64)
     noisy = positives + float(noise_multiplier) * sensitivity * standard
-    return LabelCountRelease(tuple(float(c) for c in noisy), n_train, float(noise_multiplier), sensitivity)
+    return LabelCountRelease(
+        tuple(float(c) for c in noisy), n_train, float(noise_multiplier), sensitivity, max_images_per_patient
+    )
 
 
 @dataclass(frozen=True)
@@ -205,6 +267,7 @@ def train_pos_weight(
     noise_multiplier: float | None,
     rng: SecureRandom | None = None,
     restored: LabelCountRelease | None = None,
+    max_images_per_patient: int | None = None,
 ) -> PosWeight:
     """Positive weights for ``training.pos_weight: train``: DP counts for a private trial, exact otherwise.
 
@@ -214,14 +277,17 @@ def train_pos_weight(
     (``target_epsilon = inf``) counts exactly, clamped alike.
 
     Args:
-        labels: [N, L] 0/1 labels of the training split.
+        labels: [N, L] 0/1 labels of the training images the trial trains on (for patients: their capped images,
+            as `release_label_counts`).
         target_epsilon: the trial's target epsilon (> 0; ``inf`` for a non-private baseline).
         noise_multiplier: sigma_c of the release (``privacy.label_count_noise_multiplier``); must be a
             finite number > 0 for a private trial; ignored for a non-private one.
         rng: as `release_label_counts`.
         restored: the release a resumed trial saved in its checkpoint (`LabelCountRelease.from_dict`): reused,
             never drawn again (a second draw would be a second, unaccounted release). Must match the labels'
-            N and L and ``noise_multiplier``.
+            N and L, ``noise_multiplier`` and ``max_images_per_patient``.
+        max_images_per_patient: K of a patient-level trial (the release's sensitivity is K sqrt(L)); None for an
+            image-level one.
 
     Raises:
         ValueError: a private trial asked for exact counts (``noise_multiplier`` None or 0), a restored
@@ -245,18 +311,21 @@ def train_pos_weight(
         )
     if restored is not None:
         n_train, n_labels = labels.shape
-        if (restored.n_train, len(restored.noisy_positives), restored.noise_multiplier) != (
-            n_train,
-            n_labels,
-            float(noise_multiplier),
-        ):
+        saved = (
+            restored.n_train,
+            len(restored.noisy_positives),
+            restored.noise_multiplier,
+            restored.max_images_per_patient,
+        )
+        if saved != (n_train, n_labels, float(noise_multiplier), max_images_per_patient):
             raise ValueError(
                 f"the checkpoint's label-count release (N={restored.n_train}, {len(restored.noisy_positives)} labels, "
-                f"noise multiplier {restored.noise_multiplier}) does not match this trial (N={n_train}, {n_labels} "
-                f"labels, {noise_multiplier}); refusing to resume"
+                f"noise multiplier {restored.noise_multiplier}, images per patient "
+                f"{restored.max_images_per_patient}) does not match this trial (N={n_train}, {n_labels} labels, "
+                f"{noise_multiplier}, {max_images_per_patient}); refusing to resume"
             )
         return PosWeight(restored.pos_weight(), restored)
-    release = release_label_counts(labels, noise_multiplier, rng)
+    release = release_label_counts(labels, noise_multiplier, rng, max_images_per_patient=max_images_per_patient)
     return PosWeight(release.pos_weight(), release)
 
 

@@ -43,7 +43,7 @@ rows; ``bk``: per-patient norms and clipped sums) with sums of ``torch.func`` pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -57,6 +57,7 @@ from trainables.privacy.engine import (
     GradientCheck,
     PerSampleGradientError,
     WrappedModel,
+    append_grad_samples,
     book_keeping_step,
     check_book_keeping,
     private_step,
@@ -161,6 +162,7 @@ def private_patient_step(
     *,
     pad_multiple: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    extra_grad_samples: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One patient-level DP-SGD step on a patient-contiguous logical batch (see the module docstring).
 
@@ -175,10 +177,13 @@ def private_patient_step(
         pad_multiple: fixed shapes: each chunk zero-padded to a multiple of this many rows (at most
             ``max_physical_batch_size``); None: no padding. Padding rows contribute nothing.
         autocast_dtype: ``torch.bfloat16`` for ``speed.precision: bf16`` (as `trainables.privacy.engine.private_step`).
+        extra_grad_samples: explicit gradient rows, each one more *record* beside the batch's patients (the
+            white-box audit's canary patients): clipped to C as a whole row and added to the clipped sum before the
+            noise, as in `trainables.privacy.engine.private_step`; never grouped with an image.
     """
     x, y = batch
     if len(x) == 0:
-        return private_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size)
+        return private_step(wrapped, optimizer, loss_fn, batch, max_physical_batch_size, extra_grad_samples)
     if isinstance(wrapped, BookKeepingModule):
         return book_keeping_step(
             wrapped,
@@ -186,6 +191,7 @@ def private_patient_step(
             loss_fn,
             batch,
             max_physical_batch_size,
+            extra_grad_samples,
             pad_multiple=pad_multiple,
             autocast_dtype=autocast_dtype,
             groups=groups,
@@ -201,7 +207,10 @@ def private_patient_step(
         total_loss = total_loss + loss.detach().sum()
         real_grad_samples(wrapped, chunk.n_real)  # padded rows dropped, bf16 rows upcast
         sum_grad_samples_by_patient(wrapped, torch.as_tensor(chunk_groups))
-        optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+        last = i == len(chunks) - 1
+        if last:
+            append_grad_samples(wrapped, extra_grad_samples)  # after the grouping: each row is its own record
+        optimizer.signal_skip_step(do_skip=not last)
         with full_float32():  # Opacus' clipping and sum without TF32 (speed.cuda_tuning)
             optimizer.step()
     return total_loss / len(x)

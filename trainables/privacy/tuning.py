@@ -522,10 +522,11 @@ class AdmissibleSet:
     ``epsilon_spent(sigma, q(N, B), steps(N, B, epochs), delta, accountant) <= target_epsilon`` (with the
     label-count release when the trial makes one). Learning rate and clip norm do not change the
     mechanism's RDP (noise is sigma x C on a sum clipped to C). q and steps follow
-    `accounting.sample_rate_and_steps`; N is public.
+    `accounting.sample_rate_and_steps`; N is public. N counts the cell's records: training images, or training
+    patients for a patient-level cell (B is then in patients and the RDP is over patients).
 
     Attributes:
-        n_train: N, training images of the cell's dataset.
+        n_records: N, the records of the cell's training set (images, or patients).
         target_epsilon: the cell's target, finite and > 0.
         delta: the sweep's delta.
         noise_multiplier: sigma's range (low, high), inclusive; low == high for a fixed value.
@@ -535,7 +536,7 @@ class AdmissibleSet:
         label_count_noise_multiplier: sigma_c of each trial's label-count release, or None.
     """
 
-    n_train: int
+    n_records: int
     target_epsilon: float
     delta: float
     noise_multiplier: tuple[float, float]
@@ -556,8 +557,8 @@ class AdmissibleSet:
             ):
                 kind = "whole numbers" if integral else "numbers"
                 raise ValueError(f"{name}={value!r} must be a (low, high) pair of {kind} with 0 < low <= high")
-        if self.expected_batch_size[1] > self.n_train:
-            raise ValueError(f"expected_batch_size={self.expected_batch_size!r} exceeds n_train={self.n_train}")
+        if self.expected_batch_size[1] > self.n_records:
+            raise ValueError(f"expected_batch_size={self.expected_batch_size!r} exceeds n_records={self.n_records}")
 
 
 @dataclass(frozen=True)
@@ -643,7 +644,7 @@ def _dominating_runs(a: AdmissibleSet, sigma_rtol: float) -> tuple[DominatingRun
 
     groups: dict[tuple[float, int], list[int]] = {}
     for batch_size in range(int(a.expected_batch_size[0]), int(a.expected_batch_size[1]) + 1):
-        groups.setdefault(sample_rate_and_steps(a.n_train, batch_size, 1), []).append(batch_size)
+        groups.setdefault(sample_rate_and_steps(a.n_records, batch_size, 1), []).append(batch_size)
 
     runs: list[DominatingRun] = []
     epochs_values = range(int(a.epochs[0]), int(a.epochs[1]) + 1)
