@@ -78,8 +78,8 @@ class LockHolder:
         )
 
     def describe(self) -> str:
-        """``pid 1234 on host gpu-3, since 2026-12-01T10:00:00+01:00: `dpsweep sweep smoke.yaml```."""
-        return f"pid {self.pid} on host {self.host}, since {self.started}: `{self.command}`"
+        """``pid 1234 on host gpu-3 since 2026-12-01T10:00:00+01:00 (`dpsweep sweep smoke.yaml`)``."""
+        return f"pid {self.pid} on host {self.host} since {self.started} (`{self.command}`)"
 
     @property
     def on_this_host(self) -> bool:
@@ -157,7 +157,7 @@ def held_note(sweep_dir: Path, sweep: str) -> str | None:
     holder = live_holder(sweep_dir)
     if holder is None:
         return None
-    return f"sweep {sweep!r} is in use now ({holder.describe()})"
+    return f"sweep {sweep!r} is in use now by {holder.describe()}"
 
 
 def _acquire(sweep_dir: Path, sweep: str, me: LockHolder, log: Log) -> None:
@@ -221,16 +221,16 @@ class _Release:
 
 
 def _held_message(sweep_dir: Path, sweep: str, holder: LockHolder, refused: str) -> str:
-    where = f"{lock_path(sweep_dir)}"
+    lock = lock_path(sweep_dir)
     if holder.on_this_host:
         return (
-            f"sweep {sweep!r} is in use by pid {holder.pid} ({holder.describe()}), so {refused} is refused; wait for "
-            f"it to end, or stop it (kill {holder.pid}), then run again (lock: {where})"
+            f"sweep {sweep!r} is in use by {holder.describe()}, so {refused} is refused; wait for it to end, or stop "
+            f"it (kill {holder.pid}), then run again (lock: {lock})"
         )
     return (
-        f"sweep {sweep!r} is in use by pid {holder.pid} on another host ({holder.describe()}), so {refused} is "
-        f"refused; that process cannot be checked from {socket.gethostname()}: wait for it to end, or if it is gone "
-        f"(its machine stopped), delete {where} and run again"
+        f"sweep {sweep!r} is in use by {holder.describe()}, on another host, so {refused} is refused; that process "
+        f"cannot be checked from {socket.gethostname()}: wait for it to end, or if it is gone (its machine stopped), "
+        f"delete {lock} and run again"
     )
 
 
