@@ -110,10 +110,6 @@ class SweepState:
         draft.write_text(json.dumps(state, indent=2))
         draft.replace(path)
 
-    @property
-    def trial_keys(self) -> set[str]:
-        return {key for part in self.parts for key in part.trials}
-
 
 @dataclass(frozen=True)
 class SettingChange:
