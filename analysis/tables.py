@@ -396,8 +396,36 @@ class RayTrialFolder:
         return pd.read_parquet(path) if path is not None and path.is_file() else None
 
 
+EXTENSION_PART = "extension-{}"
+"""The Ray experiment of a sweep's n-th extension (n >= 1: new grid values added to a sweep that ran, `sweeps.state`),
+a folder inside the sweep's own Ray experiment folder (`ray_part_dir`)."""
+
+
+def ray_part_dir(ray_experiment_dir: str | Path, part: int) -> Path:
+    """The Ray experiment folder of a sweep's part: ``runs/ray/<sweep>`` for its first grid (part 0), and
+    ``runs/ray/<sweep>/extension-<n>`` for its n-th extension, so that the sweep's Ray state stays one folder."""
+    ray_dir = Path(ray_experiment_dir)
+    return ray_dir / EXTENSION_PART.format(part) if part else ray_dir
+
+
+def ray_experiment_parts(ray_experiment_dir: str | Path) -> list[Path]:
+    """The Ray experiment folders of a sweep's parts that exist (`ray_part_dir`), in order: the sweep's own folder,
+    then one per extension."""
+    parts = [Path(ray_experiment_dir)]
+    while (folder := ray_part_dir(ray_experiment_dir, len(parts))).is_dir():
+        parts.append(folder)
+    return parts
+
+
+def ray_state_saved(ray_part: Path) -> bool:
+    """Whether Ray saved its experiment state in the folder (``experiment_state-<time>.json``): an extension whose
+    driver was stopped before Ray started it has none, and no trials."""
+    return any(ray_part.glob("experiment_state-*.json"))
+
+
 def ray_trial_folders(ray_experiment_dir: str | Path) -> list[RayTrialFolder]:
-    """The trial folders of a Ray experiment folder (subfolders holding ``params.json``), in name order.
+    """The trial folders of a sweep's Ray experiment folder (subfolders holding ``params.json``), in name order, and
+    then those of each of its extensions (`ray_experiment_parts`).
 
     Raises:
         TableError: the folder does not exist, a trial folder holds no trial key, or two trial folders carry the
@@ -406,7 +434,12 @@ def ray_trial_folders(ray_experiment_dir: str | Path) -> list[RayTrialFolder]:
     ray_dir = Path(ray_experiment_dir)
     if not ray_dir.is_dir():
         raise TableError(f"Ray experiment folder {ray_dir} does not exist")
-    trials = [RayTrialFolder(p) for p in sorted(ray_dir.iterdir()) if (p / RAY_PARAMS_FILE).is_file()]
+    trials = [
+        RayTrialFolder(p)
+        for part in ray_experiment_parts(ray_dir)
+        for p in sorted(part.iterdir())
+        if (p / RAY_PARAMS_FILE).is_file()
+    ]
     seen: dict[str, Path] = {}
     for trial in trials:
         key = trial.key

@@ -206,20 +206,17 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, SweepPaths]:
 def _sweep(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.describe import dry_run_report
-    from sweeps.launch import check_sweep_state, run_sweep
+    from sweeps.launch import SweepCheck, check_sweep_state, describe_sweep_state, run_sweep
     from sweeps.ledger import sweep_ledger_text
     from sweeps.plan import plan_sweep
     from sweeps.summary import summary_text
-    from trainables.names import TRIALS_FILE
 
     if args.dry_run:
-        state = {} if args.fresh else check_sweep_state(spec, paths)  # what the real run would refuse
+        check = SweepCheck() if args.fresh else check_sweep_state(spec, paths)  # what the real run would refuse
         plan = plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)
         print(dry_run_report(plan))
-        if state.get("status") == "complete" and (paths.sweep_dir(spec) / TRIALS_FILE).exists():
-            print(
-                f"\nsweep {spec.name!r} is complete in {paths.runs_root}: it would run nothing (--fresh runs it again)"
-            )
+        for line in describe_sweep_state(spec, paths, check):
+            print(f"\n{line}")
         return DRY_RUN_BLOCKED if plan.notes else 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
@@ -273,10 +270,12 @@ def _prepare(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
     from sweeps.audit import audit_summary, run_audits
+    from sweeps.lock import sweep_lock
 
     if args.m is not None and args.m < 10:
         raise UserError(f"--m {args.m}: an audit needs at least 10 canaries (1000 is the usual)")
-    table = run_audits(spec, paths, kinds=tuple(args.kind) if args.kind else None, m=args.m)
+    with sweep_lock(paths.sweep_dir(spec), spec.name):  # it writes runs/<sweep>/ too: not while the sweep runs
+        table = run_audits(spec, paths, kinds=tuple(args.kind) if args.kind else None, m=args.m)
     print(audit_summary(table))
     print(f"\naudit table: {paths.sweep_dir(spec) / 'audit.parquet'}")
     return 1 if table["violates_claim"].any() else 0
@@ -284,9 +283,13 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
+    from sweeps.lock import held_note
     from sweeps.results import rebuild_tables
     from sweeps.summary import summary_text
 
+    note = held_note(paths.sweep_dir(spec), spec.name)
+    if note is not None:
+        print(f"{note}: these tables are a snapshot; the sweep rewrites them when it ends")
     results = rebuild_tables(spec, paths, args.source)
     trials = results.trials
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
@@ -335,7 +338,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _release(args: argparse.Namespace) -> int:
     spec, paths = _load(args)
+    from sweeps.lock import refuse_while_held
     from sweeps.release import PRIVACY_FILE, write_release
+
+    refuse_while_held(paths.sweep_dir(spec), spec.name, "a release of its tables")
 
     release = write_release(
         spec,

@@ -1,11 +1,15 @@
 """Run a sweep: its plan (`sweeps.plan`), then Ray Tune + MLflow, then the trial tables (`sweeps.results`).
 
-    SweepSpec --plan_sweep--> SweepPlan --run_sweep--> MLflow parent run + Tuner.fit() or Tuner.restore()
+    SweepSpec --plan_sweep--> SweepPlan --run_sweep--> MLflow parent run + Tuner.fit() or Tuner.restore() per part
     --> runs/<sweep>/trials.parquet, epochs.parquet (+ MLflow child runs, the parent's tuning cost)
 
-``runs/<sweep>/sweep.json`` records the sweep's fingerprint (`sweeps.plan.spec_fingerprint`), the state-file
-format and whether it is complete: a complete sweep is not rerun, an incomplete one resumes, a changed sweep
-file under the same name is refused (``--fresh`` starts over).
+One command at a time runs a sweep: `run_sweep` holds ``runs/<sweep>/sweep.lock`` (`sweeps.lock`) throughout.
+``runs/<sweep>/sweep.json`` (`sweeps.state.SweepState`) records the sweep's settings and fingerprint
+(`sweeps.plan.spec_settings`), the state-file format, whether it is complete, and its parts: a complete sweep is not
+rerun, an incomplete one resumes, a sweep file that only adds grid values runs the new trials as a new part of the
+same sweep (an extension: its own Ray experiment, `analysis.tables.ray_part_dir`; the same MLflow parent run, ledger
+instance and tables), and any other change under the same name is refused naming each changed field
+(``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,48 +28,97 @@ import pandas as pd
 from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is imported)
 from sweeps.describe import describe_plan, sweep_params
 from sweeps.ledger import SweepLedger, ledger_metrics
-from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint
+from sweeps.lock import held_note, sweep_lock
+from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint, spec_settings, trial_key
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import SpecError, SweepSpec
+from sweeps.state import EXTENDABLE, OTHER_SETTING, Part, SettingChange, SweepState, refusal, setting_changes
 from sweeps.tuning_cost import tuning_summary
 from trainables import names as N
-from trainables.point import POINT
+from trainables.point import POINT, TrialPoint
 
 if TYPE_CHECKING:
     from ray.tune import TuneConfig
 
-STATE_FORMAT = 3
+STATE_FORMAT = 4
 """Version of ``sweep.json`` and of what the sweep was started with. 2: sweep-file fields named after the trial
-settings they set; 3: typed trial points (`trainables.point.TrialPoint`; the Optuna searcher Ray saves holds them). A
-grid sweep of format 2 resumes (`TrialPoint.from_ray` reads the points it gave Ray); an older sweep, or an Optuna
-sweep of format 2, is refused with the way out (`RESUMABLE_FORMATS`), never half-resumed."""
-RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {"grid": (2, STATE_FORMAT), "optuna": (STATE_FORMAT,)}
+settings they set; 3: typed trial points (`trainables.point.TrialPoint`; the Optuna searcher Ray saves holds them);
+4: the settings and the parts (first grid, extensions) recorded (`sweeps.state`), so that a dpsweep that knows
+neither refuses the sweep rather than resume its first part alone. A grid sweep of format 2 resumes
+(`TrialPoint.from_ray` reads the points it gave Ray); an older sweep, or an Optuna sweep of format 2, is refused with
+the way out (`RESUMABLE_FORMATS`), never half-resumed. A state of format 2 or 3 records no settings: its sweep
+resumes, but is not extended."""
+RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {"grid": (2, 3, STATE_FORMAT), "optuna": (3, STATE_FORMAT)}
 """Search mode -> the state formats a sweep of that mode resumes from."""
 FORMAT_CHANGES = {
     1: "sweep-file fields were renamed",
     2: "the Optuna searcher Ray saved holds types this dpsweep no longer has",
 }
 """State format -> why a sweep of that format (and mode) cannot be resumed by this dpsweep."""
+COMPLETE, INCOMPLETE, RUNNING = "complete", "incomplete", "running"
+
+
+@dataclass(frozen=True)
+class SweepCheck:
+    """What running the sweep file would do with the sweep of its name in the runs folder (`check_sweep_state`).
+
+    Attributes:
+        state: the sweep's ``sweep.json``; None for a new sweep.
+        parts: its parts so far (a state written before parts: one, its grid); () for a new sweep.
+        changes: the grid values the sweep file adds to the sweep as it ran (an extension); () when unchanged.
+        new_trials: the keys of the grid points no part holds: the trials an extension (or a new grid sweep) adds.
+    """
+
+    state: SweepState | None = None
+    parts: tuple[Part, ...] = ()
+    changes: tuple[SettingChange, ...] = ()
+    new_trials: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """The sweep ran to its end and the file adds nothing: nothing to run."""
+        return self.state is not None and self.state.status == COMPLETE and not self.new_trials
+
+    @property
+    def extends(self) -> bool:
+        return self.state is not None and bool(self.new_trials)
 
 
 def run_sweep(
     spec: SweepSpec, paths: SweepPaths, *, address: str | None = None, fresh: bool = False, log: Log = print
 ) -> pd.DataFrame:
-    """Run (or resume) a sweep end to end and return its trial table."""
+    """Run (or resume, or extend) a sweep end to end and return its trial table.
+
+    Holds the sweep's lock (`sweeps.lock.sweep_lock`) from before ``--fresh`` deletes anything to the end.
+
+    Raises:
+        sweeps.lock.SweepLockedError: another command runs the sweep now.
+        SpecError: the sweep exists with settings this file cannot resume or extend (`check_sweep_state`), or the
+            plan fails (`sweeps.plan.plan_sweep`).
+    """
+    with sweep_lock(paths.sweep_dir(spec), spec.name, log):
+        return _run_sweep(spec, paths, address, fresh, log)
+
+
+def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: bool, log: Log) -> pd.DataFrame:
     sweep_dir = paths.sweep_dir(spec)
     state_file = sweep_dir / N.SWEEP_STATE_FILE
     fingerprint = spec_fingerprint(spec)
     if fresh:
         _replace_in_ledger(spec, paths, state_file)
         _remove_sweep(spec, paths)
-    state = check_sweep_state(spec, paths)
-    if state.get("status") == "complete" and (sweep_dir / N.TRIALS_FILE).exists():
+    check = check_sweep_state(spec, paths)
+    if check.complete and (sweep_dir / N.TRIALS_FILE).exists():
         from sweeps.scrub import scrub_ended_trials
 
         scrub_ended_trials(paths.ray_experiment(spec), complete=True)  # a sweep completed by an earlier dpsweep
         log(f"sweep {spec.name!r} is complete; nothing to run (use --fresh to run it again)")
         return pd.read_parquet(sweep_dir / N.TRIALS_FILE)
-    instance = state.get("instance") or uuid.uuid4().hex[:12]  # this run of the sweep: its ledger runs
+    # this run of the sweep: its ledger runs (kept on resume and extension)
+    instance = (check.state.instance if check.state else None) or uuid.uuid4().hex[:12]
+    parts = list(check.parts)
+    if check.new_trials or not parts:
+        parts.append(Part(check.new_trials))
 
     plan = plan_sweep(spec, paths, log=log)
     import mlflow.tracking
@@ -78,30 +132,26 @@ def run_sweep(
             f"used ({type(error).__name__}: {str(error)[:300]}); fix `tracking.uri` (or "
             "$MLFLOW_TRACKING_URI), or remove it to use runs/mlflow.db"
         ) from None
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_state(state_file, fingerprint, "running", instance)
+    settings = spec_settings(spec)
+    SweepState(STATE_FORMAT, fingerprint, RUNNING, instance, settings, tuple(parts)).write(state_file)
     log(describe_plan(plan))
+    if check.extends:
+        log(f"extending sweep {spec.name!r} {extension_summary(check)}")
     ledger = SweepLedger(
         str(paths.data_root),
         spec.name,
         instance,
         {name: dataset.patient_images for name, dataset in plan.datasets.items()},
     )
-    ledger.record(plan.trials)  # grid trials, before any runs; Optuna's factory records each trial it makes
+    # grid trials, before any runs (those recorded already, on an earlier run of this instance, are not recorded
+    # again: an extension records its new trials); Optuna's factory records each trial it makes
+    ledger.record(plan.trials)
 
     import ray
-    from mlflow.entities import Param
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from sweeps.scrub import ScrubSecretsCallback, scrub_ended_trials
-    from sweeps.tracking import (
-        MlflowSweepCallback,
-        ProgressCallback,
-        finish_parent,
-        get_or_create_experiment,
-        get_or_create_parent_run,
-    )
+    from sweeps.scrub import scrub_ended_trials
+    from sweeps.tracking import finish_parent, get_or_create_experiment, get_or_create_parent_run
     from trainables.trial import dp_trial
 
     experiment_id = get_or_create_experiment(
@@ -110,7 +160,7 @@ def run_sweep(
     parent = get_or_create_parent_run(
         client, experiment_id, spec.name, {"dpsweep.fingerprint": fingerprint, "dpsweep.spec": spec.source}
     )
-    client.log_batch(parent, params=[Param(k, str(v)) for k, v in sweep_params(plan).items()])
+    _log_parent_params(client, parent, sweep_params(plan), check, len(parts) - 1, fingerprint)
     ray_address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if ray_address:
@@ -126,31 +176,12 @@ def run_sweep(
             )
     trainable = tune.with_resources(dp_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     experiment_path = paths.ray_experiment(spec)
-    if tune.Tuner.can_restore(str(experiment_path)):
-        log(f"resuming sweep {spec.name!r} from {experiment_path}")
-        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
-    else:
-        callback = MlflowSweepCallback(paths.tracking_uri, experiment_id, parent)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=({POINT: tune.grid_search([t.to_ray() for t in plan.trials])} if spec.search == "grid" else {}),
-            tune_config=_tune_config(plan, ledger),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=str(paths.ray_storage),
-                callbacks=[
-                    callback,
-                    ProgressCallback(plan.n_trials, max((len(t.key) for t in plan.trials), default=0)),
-                    CSVLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
-                    JsonLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
-                    ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
-                ],
-                verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-            ),
-        )
-    tuner.fit()
+    for index, part in enumerate(parts):
+        if part.status == COMPLETE:
+            continue
+        grid = _part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit()
+        if len(grid) > grid.num_terminated + grid.num_errors:
+            break  # interrupted (Ctrl-C): the later parts wait for the next run
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
     results = ray_results(experiment_path, run_ids(client, experiment_id, parent))
     trials = results.trials
@@ -159,7 +190,9 @@ def run_sweep(
     results.write(sweep_dir, ledger=(paths.data_root, spec.data.train))
     complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
-    _write_state(state_file, fingerprint, "complete" if complete else "incomplete", instance)
+    parts = [replace(part, status=_part_status(part, ended, complete)) for part in parts]
+    status = COMPLETE if complete else INCOMPLETE
+    SweepState(STATE_FORMAT, fingerprint, status, instance, settings, tuple(parts)).write(state_file)
     ledger_file = sweep_dir / N.LEDGER_SUMMARY_FILE
     finish_parent(
         paths.tracking_uri,
@@ -167,40 +200,172 @@ def run_sweep(
         "FINISHED" if complete else "FAILED",
         summary=tuning_summary(spec, trials) | ledger_metrics(spec, paths.data_root),
         artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE, ledger_file],
+        step=len(parts) - 1,
     )
     return trials
 
 
-def check_sweep_state(spec: SweepSpec, paths: SweepPaths) -> dict[str, Any]:
-    """The state (``sweep.json``) of an earlier run of this sweep, {} if none; raise `SpecError` if this dpsweep
-    cannot continue it with this sweep file (another state format, other settings). `run_sweep` and the dry run
-    (``dpsweep sweep --dry-run``) both ask it, so a dry run refuses what the real run would."""
+def _part_tuner(
+    plan: SweepPlan,
+    ledger: SweepLedger,
+    trainable: Any,
+    index: int,
+    part: Part,
+    experiment_id: str,
+    parent: str,
+    log: Log,
+) -> Any:
+    """The Tuner of one part of the sweep (its first grid, or an extension: `analysis.tables.ray_part_dir`): Ray's
+    saved experiment restored (its errored trials run again), or a new one of the part's trials."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from analysis.tables import ray_part_dir
+    from sweeps.scrub import ScrubSecretsCallback
+    from sweeps.tracking import MlflowSweepCallback, ProgressCallback
+
+    spec = plan.spec
+    folder = ray_part_dir(plan.paths.ray_experiment(spec), index)
+    extension = f" (extension {index})" if index else ""
+    if tune.Tuner.can_restore(str(folder)):
+        log(f"resuming sweep {spec.name!r}{extension} from {folder}")
+        return tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+    trials = [t for t in plan.trials if t.key in set(part.trials)]
+    callback = MlflowSweepCallback(plan.paths.tracking_uri, experiment_id, parent)
+    return tune.Tuner(
+        trainable,
+        param_space=({POINT: tune.grid_search([t.to_ray() for t in trials])} if spec.search == "grid" else {}),
+        tune_config=_tune_config(plan, ledger),
+        run_config=tune.RunConfig(
+            name=folder.name,
+            storage_path=str(folder.parent),
+            callbacks=[
+                callback,
+                ProgressCallback(len(trials) if spec.search == "grid" else plan.n_trials, _key_width(trials)),
+                CSVLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
+                JsonLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
+                ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
+            ],
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        ),
+    )
+
+
+def _key_width(trials: list[TrialPoint]) -> int:
+    return max((len(t.key) for t in trials), default=0)
+
+
+def _part_status(part: Part, ended: dict[str, str], sweep_complete: bool) -> str:
+    """A part is complete when each of its trials ended (an Optuna search's one part: when the sweep is)."""
+    if not part.trials:
+        return COMPLETE if sweep_complete else INCOMPLETE
+    return COMPLETE if all(ended.get(key) in N.ENDED for key in part.trials) else INCOMPLETE
+
+
+def _log_parent_params(
+    client: Any,
+    parent: str,
+    params: dict[str, Any],
+    check: SweepCheck,
+    extension: int,
+    fingerprint: str,
+) -> None:
+    """The sweep-wide settings on the parent run. MLflow params cannot change: an extension's parent keeps the values
+    the sweep started with, gains the params it did not have, and records the extension in the tag
+    ``dpsweep.extension.<n>`` (what it added, the trials then) and its settings' fingerprint in
+    ``dpsweep.fingerprint``."""
+    from mlflow.entities import Param
+
+    if check.extends:
+        logged = client.get_run(parent).data.params
+        params = {k: v for k, v in params.items() if k not in logged}
+        client.set_tag(parent, f"{N.TAG_PREFIX}extension.{extension}", extension_summary(check, shown=0))
+        client.set_tag(parent, f"{N.TAG_PREFIX}fingerprint", fingerprint)
+        client.update_run(parent, "RUNNING")
+    client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()])
+
+
+def extension_summary(check: SweepCheck, shown: int = 10) -> str:
+    """``(training.seed: [0] -> [0, 1]): 2 new trials (2 kept as they ran): <key>, <key>``, naming at most ``shown``
+    of the new trials."""
+    added = "; ".join(str(change) for change in check.changes)
+    kept = len({key for part in check.parts for key in part.trials})
+    names = ", ".join(check.new_trials[:shown]) + (", ..." if len(check.new_trials) > shown else "")
+    return f"({added}): {len(check.new_trials)} new trials ({kept} kept as they ran)" + (f": {names}" if shown else "")
+
+
+def check_sweep_state(spec: SweepSpec, paths: SweepPaths) -> SweepCheck:
+    """What running ``spec`` would do with the sweep of its name (`SweepCheck`): start it, resume it, find it
+    complete, or extend it with the trials of grid values it adds; raise `SpecError` if this dpsweep cannot continue
+    it with this sweep file (another state format, settings changed other than by added grid values: each changed
+    field is named, with its old and new value). `run_sweep` and the dry run (``dpsweep sweep --dry-run``) both ask
+    it, so a dry run refuses what the real run would."""
     state_file = paths.sweep_dir(spec) / N.SWEEP_STATE_FILE
     if not state_file.exists():
-        return {}
+        return SweepCheck(new_trials=tuple(grid_keys(spec)))
     try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as error:
-        state = error
-    if not isinstance(state, dict) or "fingerprint" not in state:
+        state = SweepState.from_json(json.loads(state_file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise SpecError(
-            f"{spec.source}: the sweep's state file {state_file} is unreadable or incomplete ({state!r:.200}); run "
+            f"{spec.source}: the sweep's state file {state_file} is unreadable or incomplete ({error!r:.200}); run "
             "again with --fresh to start the sweep over, or change `name`"
-        )
-    started = state.get("format", 1)
-    if started not in RESUMABLE_FORMATS[spec.search]:
-        change = FORMAT_CHANGES.get(started, "a format this dpsweep does not know")
+        ) from None
+    if state.format not in RESUMABLE_FORMATS[spec.search]:
+        change = FORMAT_CHANGES.get(state.format, "a format this dpsweep does not know")
         raise SpecError(
             f"{spec.source}: the sweep {spec.name!r} in {paths.runs_root} was started by an earlier dpsweep "
-            f"(state format {started}, now {STATE_FORMAT}: {change}); its results stay where they are; run again "
+            f"(state format {state.format}, now {STATE_FORMAT}: {change}); its results stay where they are; run again "
             "with --fresh to start it over, or change `name`"
         )
-    if state["fingerprint"] != spec_fingerprint(spec):
+    keys = grid_keys(spec)
+    parts = state.parts or (Part(tuple(keys), state.status),)  # a state written before parts: its grid
+    ran = {key for part in parts for key in part.trials}
+    check = SweepCheck(state, parts, (), tuple(key for key in keys if key not in ran))
+    if state.fingerprint == spec_fingerprint(spec):
+        return check
+    exists = f"{spec.source}: a sweep named {spec.name!r} already exists in {paths.runs_root} with other settings"
+    way_out = "change `name`, or run again with --fresh to delete the old sweep's results"
+    if state.settings is None:
+        raise SpecError(f"{exists} (its sweep.json, written by an earlier dpsweep, does not record which); {way_out}")
+    changes = setting_changes(state.settings, spec_settings(spec))
+    refused = {str(change): refusal(change, state.settings) for change in changes}
+    if any(reason is not None for reason in refused.values()) or not ran <= set(keys):
+        lines = [
+            f"  {change}" + ("" if reason is None else f" ({reason})" if reason != OTHER_SETTING else "")
+            for change, reason in refused.items()
+        ]
+        extendable = ", ".join(EXTENDABLE[:-1]) + f" or {EXTENDABLE[-1]}"
         raise SpecError(
-            f"{spec.source}: a sweep named {spec.name!r} already exists in {paths.runs_root} with other settings; "
-            "change `name`, or run again with --fresh to delete the old sweep's results"
+            f"{exists}:\n" + "\n".join(lines) + f"\nonly values added to {extendable} (with the init_weights or "
+            "pretrain of an added init) extend a sweep; run the file it ran with, "
+            f"{way_out}"
         )
-    return state
+    return replace(check, changes=tuple(changes))
+
+
+def grid_keys(spec: SweepSpec) -> list[str]:
+    """The trial keys of the sweep's grid (none for an Optuna search: its trials are proposed as it runs)."""
+    return [trial_key(spec, point) for point in spec.grid()] if spec.search == "grid" else []
+
+
+def describe_sweep_state(spec: SweepSpec, paths: SweepPaths, check: SweepCheck) -> list[str]:
+    """What the dry run says of the sweep in the runs folder: held by a running command, complete, incomplete, or
+    extended (which new trials the real run would run)."""
+    lines = []
+    note = held_note(paths.sweep_dir(spec), spec.name)
+    if note is not None:
+        lines.append(f"{note}: the real run would be refused until it ends")
+    if check.complete and (paths.sweep_dir(spec) / N.TRIALS_FILE).exists():
+        lines.append(
+            f"sweep {spec.name!r} is complete in {paths.runs_root}: it would run nothing (--fresh runs it again)"
+        )
+    elif check.extends:
+        lines.append(f"sweep {spec.name!r} in {paths.runs_root} would be extended {extension_summary(check)}")
+    elif check.state is not None:
+        lines.append(f"sweep {spec.name!r} in {paths.runs_root} is {check.state.status}: the real run resumes it")
+    return lines
 
 
 def _tune_config(plan: SweepPlan, ledger: SweepLedger) -> TuneConfig:
@@ -233,14 +398,6 @@ def _tune_config(plan: SweepPlan, ledger: SweepLedger) -> TuneConfig:
     return tune.TuneConfig(search_alg=searcher, num_samples=plan.n_trials, scheduler=scheduler)
 
 
-def _write_state(path: Path, fingerprint: str, status: str, instance: str) -> None:
-    """``sweep.json``: the format, the settings' fingerprint, the status and the instance (this run of the sweep,
-    whose trials are its runs in the privacy ledger; kept on resume, new after ``--fresh``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "status": status, "instance": instance}
-    path.write_text(json.dumps(state, indent=2))
-
-
 LEDGER_STATUS = {"TERMINATED": "finished", "STOPPED": "stopped", "ERROR": "error"}
 """A trial's status in the trial table -> its run's status in the ledger (others: lower-cased)."""
 
@@ -255,11 +412,17 @@ def _replace_in_ledger(spec: SweepSpec, paths: SweepPaths, state_file: Path) -> 
 
 
 def _remove_sweep(spec: SweepSpec, paths: SweepPaths) -> None:
-    """--fresh: delete the sweep's tables and Ray state, every trial checkpoint and the secrets of unfinished trials
-    included (MLflow runs are kept, the parent is recreated)."""
-    for folder in (paths.sweep_dir(spec), paths.ray_experiment(spec)):
-        if folder.exists():
-            shutil.rmtree(folder)
+    """--fresh: delete the sweep's tables and Ray state (its extensions' included), every trial checkpoint and the
+    secrets of unfinished trials included (MLflow runs are kept, the parent is recreated). The lock this run holds
+    stays."""
+    sweep_dir = paths.sweep_dir(spec)
+    for path in sweep_dir.iterdir() if sweep_dir.is_dir() else ():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name != N.SWEEP_LOCK_FILE:
+            path.unlink()
+    if paths.ray_experiment(spec).exists():
+        shutil.rmtree(paths.ray_experiment(spec))
     import mlflow.tracking
 
     client = mlflow.tracking.MlflowClient(paths.tracking_uri)

@@ -148,13 +148,24 @@ FINGERPRINT_PRIVACY_PLACEHOLDERS: dict[str, Any] = {
 before, so that a sweep started by an earlier dpsweep keeps its fingerprint and resumes."""
 
 
-def spec_fingerprint(spec: SweepSpec) -> str:
-    """Hash of everything that defines the sweep's trials (not where its file lives, where it is tracked, or how it
-    is audited)."""
+def spec_settings(spec: SweepSpec) -> dict[str, Any]:
+    """Everything that defines the sweep's trials (not where its file lives, where it is tracked, or how it is
+    audited), as plain JSON values: what `spec_fingerprint` hashes and ``sweep.json`` records, so that a later run
+    of the sweep can name what changed (`sweeps.state`)."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plain: dict[str, Any] = json.loads(_settings_json(settings))
+    return plain
+
+
+def spec_fingerprint(spec: SweepSpec) -> str:
+    """Hash of the sweep's settings (`spec_settings`)."""
+    return hashlib.sha256(_settings_json(spec_settings(spec)).encode()).hexdigest()[:16]
+
+
+def _settings_json(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def plan_sweep(

@@ -25,6 +25,8 @@ from analysis.tables import (
     TrialRecord,
     build_tables,
     collect_trial_tables,
+    ray_experiment_parts,
+    ray_state_saved,
     write_sweep_tables,
 )
 from sweeps.plan import SweepPaths
@@ -145,7 +147,17 @@ def trial_record(
 
 
 def experiment_records(experiment: Path) -> list[TrialRecord]:
-    """Records of every trial in a Ray experiment folder, finished or not."""
+    """Records of every trial in a sweep's Ray experiment folder and its extensions' (`ray_experiment_parts`; an
+    extension Ray has not started yet has none), finished or not."""
+    return [
+        record
+        for i, part in enumerate(ray_experiment_parts(experiment))
+        if i == 0 or ray_state_saved(part)
+        for record in _part_records(part)
+    ]
+
+
+def _part_records(experiment: Path) -> list[TrialRecord]:
     from ray.tune import ExperimentAnalysis
 
     from trainables.trial import is_final_report

@@ -86,20 +86,23 @@ def completed_as(trial: Trial) -> str:
 
 
 def scrub_ended_trials(experiment: Path, complete: bool) -> list[Path]:
-    """Scrub the checkpoints of every trial of the Ray experiment folder ``experiment`` that has ended, as Ray's saved
-    state records it; with ``complete`` (every trial ended), of every trial folder in it. Returns the files rewritten.
-    """
+    """Scrub the checkpoints of every trial of the sweep's Ray experiment folder ``experiment`` (and of its
+    extensions, inside it) that has ended, as Ray's saved state records it; with ``complete`` (every trial ended), of
+    every trial folder in it. Returns the files rewritten."""
     if not experiment.is_dir():
         return []
     if complete:
         return [path for folder in sorted(experiment.iterdir()) for path in scrub_trial(folder, SWEEP_COMPLETE)]
     from ray.tune import ExperimentAnalysis
 
+    from analysis.tables import ray_experiment_parts, ray_state_saved
+
     scrubbed = []
-    for trial in ExperimentAnalysis(str(experiment)).trials:
-        ended = ended_as(trial)
-        if ended is not None and trial.path is not None:
-            scrubbed += scrub_trial(Path(trial.path), ended)
+    for part in ray_experiment_parts(experiment):  # the sweep's first grid, then each extension
+        for trial in ExperimentAnalysis(str(part)).trials if ray_state_saved(part) else []:
+            ended = ended_as(trial)
+            if ended is not None and trial.path is not None:
+                scrubbed += scrub_trial(Path(trial.path), ended)
     return scrubbed
 
 

@@ -393,10 +393,12 @@ def finish_parent(
     status: str,
     summary: dict[str, float] | None = None,
     artifacts: Sequence[Path] = (),
+    step: int = 0,
 ) -> None:
     """End the sweep's parent run, with its summary metrics (the tuning epsilon: finite, it composes private trials
     only) and artifacts (parquet tables get a ``.csv`` twin, `log_with_preview`), after refreshing the experiment's
-    saved UI views (`sweeps.mlflow_ui.publish_views`).
+    saved UI views (`sweeps.mlflow_ui.publish_views`). ``step``: the summary's step, the sweep's part (0; n for its
+    n-th extension, whose summary covers all its trials: a higher step makes it the run's latest value).
 
     Raises:
         ValueError: a summary value is infinite (MLflow cannot hold it; nothing is logged).
@@ -406,7 +408,7 @@ def finish_parent(
         infinite = sorted(k for k, v in summary.items() if math.isinf(v))
         if infinite:
             raise ValueError(f"parent run summary {infinite} is infinite; MLflow cannot hold it")
-        client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), float(v), 0, 0) for k, v in summary.items()])
+        client.log_batch(parent_run_id, metrics=[Metric(metric_key(k), float(v), 0, step) for k, v in summary.items()])
     repository = run_artifact_repository(client, tracking_uri, parent_run_id)
     for path in artifacts:
         if path.suffix == ".parquet":

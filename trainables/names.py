@@ -396,6 +396,7 @@ PREDICTIONS_FILE: Final = "predictions.parquet"  # the selected model's per-imag
 BOOTSTRAP_FILE: Final = "bootstrap.parquet"
 RAY_PARAMS_FILE: Final = "params.json"
 SWEEP_STATE_FILE: Final = "sweep.json"  # runs/<sweep>/sweep.json: fingerprint and status of a sweep
+SWEEP_LOCK_FILE: Final = "sweep.lock"  # runs/<sweep>/sweep.lock: the command running the sweep (sweeps.lock)
 CALIBRATION_CACHE_FILE: Final = "calibration_cache.json"
 OPTUNA_DB_FILE: Final = "optuna.db"
 MANIFEST_FILE: Final = "manifest.parquet"

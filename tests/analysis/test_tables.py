@@ -146,3 +146,20 @@ def test_a_ray_trial_folder_reads_its_final_checkpoint_and_nothing_before_it_fin
     assert unfinished.final_checkpoint() is None and unfinished.final_report() is None
     assert unfinished.final_table(GROUPS_FILE) is None
     assert RayTrialFolder(done) == finished
+
+
+def test_an_extensions_trials_are_read_with_the_sweeps_own(tmp_path):
+    """An extension (new grid values added to a sweep that ran) is a Ray experiment inside the sweep's folder
+    (`ray_part_dir`): the trial folders, and the evaluation tables collected from them, are those of every part."""
+    from analysis.tables import ray_experiment_parts, ray_part_dir, ray_trial_folders
+
+    ray_dir = tmp_path / "ray" / SWEEP
+    first, extension = TRIALS[0], TRIALS[2]
+    write_ray_trial(ray_dir / "trial_a", first)
+    write_ray_trial(ray_part_dir(ray_dir, 1) / "trial_a", extension)
+    assert ray_experiment_parts(ray_dir) == [ray_dir, ray_dir / "extension-1"]
+    assert [t.key for t in ray_trial_folders(ray_dir)] == [first.key, extension.key]
+    assert sorted(collect_trial_tables(ray_dir).bootstrap["trial"].unique()) == sorted([first.key, extension.key])
+    write_ray_trial(ray_part_dir(ray_dir, 2) / "trial_b", first)  # a trial in two parts: a stale folder
+    with pytest.raises(TableError, match="appears twice"):
+        ray_trial_folders(ray_dir)

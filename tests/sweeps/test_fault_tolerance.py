@@ -14,6 +14,9 @@ three ways:
    epoch, the process group gets SIGINT, as a terminal's Ctrl-C sends it. Ray Tune saves its state and stops, the
    driver exits with status 1 (sweep incomplete), and ``dpsweep sweep`` run a third time finishes the sweep.
 
+While the first run holds the sweep's lock, a second `dpsweep sweep` of the same file exits 2 naming the first's PID
+(`sweeps.lock`); the run after the driver kill takes over the killed driver's stale lock, and Ctrl-C releases it.
+
 The sweep must end as an uninterrupted one would: every trial TERMINATED and trained once (no epoch reported to
 Ray twice, no metric logged to MLflow twice at a step, no finished trial trained again), one MLflow parent run and
 one child run per trial key, each trial's privacy ledger at exactly the planned steps and
@@ -296,6 +299,9 @@ class Interrupted:
     num_failures: dict[str, int]
     checkpoints_after_ctrl_c: dict[str, set[str]]
     checkpoints_at_end: dict[str, set[str]]
+    first_driver_pid: int
+    second_returncode: int
+    second_output: str
 
 
 def checkpoint_keys(experiment: Path) -> dict[str, set[str]]:
@@ -320,6 +326,9 @@ def interrupted(tmp_path_factory) -> Interrupted:
         # Run 1: SIGKILL one trial's worker after its first epoch; SIGKILL the whole driver process group right
         # after the other trial's final report.
         driver = sweep.start("sweep", "run1.log")
+        lock = sweep.runs / NAME / M.SWEEP_LOCK_FILE
+        wait_for(lock.exists, driver, sweep, "run1.log", "the sweep's lock")
+        second_returncode, second_output = sweep.run("sweep", "second.log")  # the same sweep, while it runs
 
         def first_epoch_reported() -> TrialOnDisk | None:
             return next((t for t in sweep.trials_on_disk().values() if t.epochs and not t.final_results), None)
@@ -345,6 +354,7 @@ def interrupted(tmp_path_factory) -> Interrupted:
         final_file_at_driver_kill = at_driver_kill[finished.key].final_file().read_bytes()
         sweep.kill_all()
         driver_kill_returncode = driver.wait(timeout=30)
+        first_driver = driver
         ray_status_at_driver_kill = {key: trial.status for key, trial in ray_trials(sweep.experiment).items()}
         table_returncode, table_output = sweep.run("table", "table.log")
         table_at_driver_kill = sweep.trials_table()
@@ -403,6 +413,9 @@ def interrupted(tmp_path_factory) -> Interrupted:
             num_failures,
             checkpoints_after_ctrl_c,
             checkpoint_keys(sweep.experiment),
+            first_driver.pid,
+            second_returncode,
+            second_output,
         )
     finally:
         sweep.cleanup()
@@ -437,6 +450,24 @@ def test_table_after_a_driver_kill_marks_the_finished_trial_terminated_and_the_o
     status = run.table_at_driver_kill["status"].to_dict()
     assert status == {run.finished_key: "TERMINATED", run.training_key: "INCOMPLETE"}, status
     assert run.table_at_driver_kill.loc[run.finished_key, M.EPSILON] == run.trials.loc[run.finished_key, M.EPSILON]
+
+
+@pytest.mark.slow
+def test_a_second_sweep_of_a_running_sweep_exits_2_naming_the_first_ones_pid(interrupted):
+    run = interrupted
+    assert run.second_returncode == 2, run.second_output[-3000:]
+    assert f"sweep {NAME!r} is in use by pid {run.first_driver_pid} on host" in run.second_output
+    assert "Traceback" not in run.second_output
+    # the driver it refused trained each trial once (`test_every_trial_ran_each_epoch_once...`)
+
+
+@pytest.mark.slow
+def test_the_killed_drivers_lock_is_taken_over_and_ctrl_c_releases_the_lock(interrupted):
+    run = interrupted
+    stale = f"taking over the stale lock of a command no longer running (pid {run.first_driver_pid} on host"
+    assert stale in run.ctrl_c_output
+    assert "taking over" not in run.output, "the run stopped by Ctrl-C left its lock behind"
+    assert not (run.sweep.runs / NAME / M.SWEEP_LOCK_FILE).exists()
 
 
 @pytest.mark.slow

@@ -251,10 +251,10 @@ def test_a_grid_sweep_started_before_typed_points_resumes_an_optuna_one_is_refus
     optuna = tiny_optuna_spec(name="old-optuna")
     write_state(optuna, paths, 2)
     with pytest.raises(
-        SpecError, match=r"state format 2, now 3: the Optuna searcher Ray saved .* run again with --fresh"
+        SpecError, match=r"state format 2, now 4: the Optuna searcher Ray saved .* run again with --fresh"
     ):
         run_sweep(optuna, paths, log=lambda line: None)
     older = parse_spec(tiny_spec(name="older"), source="older.yaml")
     write_state(older, paths, 1)
-    with pytest.raises(SpecError, match=r"state format 1, now 3: sweep-file fields were renamed"):
+    with pytest.raises(SpecError, match=r"state format 1, now 4: sweep-file fields were renamed"):
         run_sweep(older, paths, log=lambda line: None)

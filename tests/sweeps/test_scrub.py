@@ -16,6 +16,7 @@ import yaml
 from opacus.accountants import RDPAccountant
 from torch import nn
 
+from analysis.tables import ray_part_dir
 from sweeps.launch import _remove_sweep
 from sweeps.plan import SweepPaths
 from sweeps.scrub import ScrubSecretsCallback, scrub_ended_trials
@@ -114,10 +115,10 @@ def test_a_trial_that_ray_recovers_keeps_its_secrets(tmp_path):
 def test_the_end_of_a_complete_sweep_scrubs_every_trial(tmp_path):
     experiment = tmp_path / "ray" / "sweep"
     spellings = set()
-    for name in ("trial_a", "trial_b"):
+    for name in ("trial_a", "trial_b", "extension-1/trial_c"):  # an extension's trials: inside the sweep's folder
         spellings |= trial_folder(experiment / name)[1]
     (experiment / "experiment_state-2026.json").write_text("{}")
-    assert len(scrub_ended_trials(experiment, complete=True)) == 4
+    assert len(scrub_ended_trials(experiment, complete=True)) == 6
     assert all(s[SCRUBBED] == SWEEP_COMPLETE for s in states(experiment))
     assert not found_in(files(experiment), spellings)
     assert scrub_ended_trials(experiment, complete=True) == []  # scrubbed once
@@ -128,9 +129,13 @@ def test_fresh_deletes_every_checkpoint_of_the_sweep(tmp_path):
     spec = parse_spec(yaml.safe_load(tiny_yaml()), source="tiny.yaml")
     paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
     _, spellings = trial_folder(paths.ray_experiment(spec) / "dp_trial_0")
+    spellings |= trial_folder(ray_part_dir(paths.ray_experiment(spec), 1) / "dp_trial_1")[1]  # an extension's
     paths.sweep_dir(spec).mkdir(parents=True)
+    (paths.sweep_dir(spec) / M.SWEEP_STATE_FILE).write_text("{}")
+    (paths.sweep_dir(spec) / M.SWEEP_LOCK_FILE).write_text("{}")  # the lock of the run that starts over: kept
     _remove_sweep(spec, paths)
-    assert not paths.ray_experiment(spec).exists() and not paths.sweep_dir(spec).exists()
+    assert not paths.ray_experiment(spec).exists()
+    assert [p.name for p in paths.sweep_dir(spec).iterdir()] == [M.SWEEP_LOCK_FILE]
     assert not found_in(files(paths.runs_root), spellings)
 
 
