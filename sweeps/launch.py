@@ -24,6 +24,7 @@ from sweeps import quiet  # noqa: F401 (silences Ray's known noise before Ray is
 from sweeps.describe import describe_plan, sweep_params
 from sweeps.ledger import SweepLedger, ledger_metrics
 from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint
+from sweeps.preflight import preflight
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import SpecError, SweepSpec
 from sweeps.tuning_cost import tuning_summary
@@ -51,6 +52,7 @@ def run_sweep(
     spec: SweepSpec, paths: SweepPaths, *, address: str | None = None, fresh: bool = False, log: Log = print
 ) -> pd.DataFrame:
     """Run (or resume) a sweep end to end and return its trial table."""
+    preflight(spec, paths, address=address, dry_run=False)  # the environment, before anything is written
     sweep_dir = paths.sweep_dir(spec)
     state_file = sweep_dir / N.SWEEP_STATE_FILE
     fingerprint = spec_fingerprint(spec)
