@@ -11,7 +11,7 @@ dry run's exit 0 means the real run can start here.
 What it checks, in this order (cheap first):
 
 1. **Ray**: ``--address`` or ``$RAY_ADDRESS`` is ``local``, ``auto`` (a cluster started on this machine), ``host:port``
-   or ``ray://host:port``, and answers a TCP connection within `CONNECT_TIMEOUT_S`.
+   or ``ray://host:port``, and a gRPC server answers there within `CONNECT_TIMEOUT_S` (`_not_grpc`).
 2. **Resources**: one trial's ``resources.cpu`` and ``resources.gpu`` fit on one node: this machine for a local Ray
    (``os.cpu_count()``, the GPUs torch sees), the Ray this process is connected to, or, in the real run only, the
    alive nodes of the cluster at the address (joined for a moment; a dry run does not join a cluster, which would
@@ -21,9 +21,9 @@ What it checks, in this order (cheap first):
    (``--data``, ``$DPSWEEP_DATA``: each training set's privacy ledger, synthetic datasets not yet generated) are
    folders or can be created, and are writable (`os.access`; the real run also creates and deletes a temporary file
    in them).
-4. **Tracking**: a ``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``) of a scheme MLflow 3 serves (a plain folder or
-   ``file:`` only with ``MLFLOW_ALLOW_FILE_STORE``), an SQLite file that is a database in a writable folder, a
-   server or database that answers within `CONNECT_TIMEOUT_S`.
+4. **Tracking**: the store of ``tracking.uri`` (or ``$MLFLOW_TRACKING_URI``, else ``runs/mlflow.db``) has a scheme
+   MLflow 3 serves (a plain folder or ``file:`` only with ``MLFLOW_ALLOW_FILE_STORE``): an SQLite file that is a
+   database (or new) in a writable folder, a server or database that answers within `CONNECT_TIMEOUT_S`.
 5. **Models**: every (model, init) is built as its trials build it, on the meta device (no memory, no download;
    `trainables.models.create_meta_model`): the init's weight file is read as a checkpoint and its tensors matched to
    the model's; a batch of ``data.image_size`` images goes through it; for a sweep with private targets it is
@@ -119,8 +119,8 @@ class RayTarget:
 
 def ray_target(address: str | None) -> RayTarget:
     """The Ray `run_sweep` would start or join for ``address`` (else ``$RAY_ADDRESS``), its address checked: the
-    form Ray reads, and a TCP connection within `CONNECT_TIMEOUT_S` (Ray itself would hang or fail with a
-    traceback).
+    form Ray reads, and a gRPC answer within `CONNECT_TIMEOUT_S` (`_not_grpc`; Ray itself would hang for minutes or
+    fail with a traceback).
 
     Raises:
         PreflightError: a malformed address, no running cluster for ``auto``, or nothing answering at the address.
@@ -144,11 +144,12 @@ def ray_target(address: str | None) -> RayTarget:
             f"or {clear} to run on a local Ray"
         )
     host = match["host"].strip("[]")
-    problem = _unreachable(host, port)
+    problem = _unreachable(host, port) if _env_true("RAY_USE_TLS") else _not_grpc(host, port)
     if problem:
         raise PreflightError(
-            f"{where}: nothing answers at {host}:{port} ({problem}); start the cluster there (`ray start --head`) or "
-            f"fix the address, or {clear} to run on a local Ray"
+            f"{where}: no Ray cluster answers at {host}:{port} ({problem}); start the cluster there (`ray start "
+            f"--head`) or fix the address (the head's GCS port, 6379 by default, or ray://host:10001), or {clear} to "
+            "run on a local Ray"
         )
     return RayTarget(given, where, host, port)
 
@@ -165,6 +166,30 @@ def _running_cluster(where: str) -> str:
             "`ray start --head`, give its address, or leave --address and RAY_ADDRESS unset to run on a local Ray"
         ) from None
     return found or "local"
+
+
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""The HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server (a Ray head's GCS, a Ray Client server)
+answers with a SETTINGS frame of its own (frame type 4, the fourth byte)."""
+
+
+def _not_grpc(host: str, port: int) -> str | None:
+    """Why host:port is not a gRPC server answering within `CONNECT_TIMEOUT_S` (None: it is one). Ray's own
+    connection to a port that accepts connections but is not its GCS (a dashboard's, a silent one) retries for
+    minutes; a cluster with TLS (``RAY_USE_TLS``) is only checked for a connection (`_unreachable`)."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as connection:
+            connection.sendall(HTTP2_HELLO)
+            answer = connection.recv(9)
+    except socket.gaierror:
+        return f"host {host!r} is unknown"
+    except TimeoutError:
+        return f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    except OSError as error:
+        return error.strerror or str(error)
+    if len(answer) < 4 or answer[3] != 4:
+        return "something answers there, but not as a Ray cluster does (gRPC)"
+    return None
 
 
 def _unreachable(host: str, port: int) -> str | None:
@@ -270,11 +295,11 @@ def _check_folders(spec: SweepSpec, paths: SweepPaths, probe: bool) -> None:
     runs = as_given(paths.runs_field, paths.runs_root)
     for folder in (paths.runs_root, paths.sweep_dir(spec), paths.ray_experiment(spec), paths.runs_root / "mlartifacts"):
         _check_writable(folder, runs, "the sweep's tables, checkpoints and MLflow store go there", probe)
+    from trainables.data.ledger import ledger_dir
+
     data = as_given(paths.data_field, paths.data_root)
     for name in dict.fromkeys((*spec.data.train, *_synthetic_to_generate(spec, paths))):
         if name in spec.data.train:
-            from trainables.data.ledger import ledger_dir
-
             purpose = f"the privacy ledger of {name} is kept there"
             _check_writable(ledger_dir(paths.data_root, name), data, purpose, probe)
         else:
@@ -286,6 +311,8 @@ def _check_writable(folder: Path, where: str, purpose: str, probe: bool) -> None
     """``folder`` is a writable folder, or can be created in one (``where``: the field and value it comes from)."""
     existing = _existing_part(folder)
     fix = "name a writable folder, or make it writable"
+    if existing.is_symlink() and not existing.exists():
+        raise PreflightError(f"{where}: {existing} is a link to nothing ({purpose}); {fix}")
     if not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
         raise PreflightError(f"{where}: {folder} {what}, not a folder ({purpose}); {fix}")
@@ -305,7 +332,7 @@ def _check_writable(folder: Path, where: str, purpose: str, probe: bool) -> None
 
 def _existing_part(path: Path) -> Path:
     """``path``, or the nearest of its parents that exists (what must be writable for it to be created)."""
-    while not path.exists() and path != path.parent:
+    while not path.exists() and not path.is_symlink() and path != path.parent:
         path = path.parent
     return path
 
@@ -318,20 +345,20 @@ def _read_only_filesystem(path: Path) -> bool:
 
 
 def _check_tracking(paths: SweepPaths) -> None:
-    """The tracking URI given in ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` (the default, ``<runs>/mlflow.db``,
-    is checked with ``runs``): a scheme MLflow 3 serves, reachable, writable."""
-    if not paths.tracking_field:
-        return
+    """The tracking store of ``tracking.uri`` or ``$MLFLOW_TRACKING_URI``, else ``<runs>/mlflow.db``: a scheme
+    MLflow 3 serves, reachable, writable."""
     uri = paths.tracking_uri
-    where = as_given(paths.tracking_field, uri)
-    drop = "or remove it to use runs/mlflow.db"
+    if paths.tracking_field:
+        where, drop = as_given(paths.tracking_field, uri), ", or remove it to use runs/mlflow.db"
+    else:  # the default store, in the runs folder
+        where, drop = f"{as_given(paths.runs_field, paths.runs_root)} (its MLflow store {uri})", ""
     scheme = urlsplit(uri).scheme.lower()
     base = scheme.split("+")[0]
     if base in ("", "file"):
         if not _env_true("MLFLOW_ALLOW_FILE_STORE"):
             raise PreflightError(
                 f"{where} is a folder (MLflow's file store), which MLflow 3 refuses; give a database such as "
-                f"sqlite:///path/mlflow.db or a server such as http://host:5000, {drop} (or set "
+                f"sqlite:///path/mlflow.db or a server such as http://host:5000{drop} (or set "
                 "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway)"
             )
         folder = Path(urlsplit(uri).path if base == "file" else uri).expanduser().resolve()
@@ -343,23 +370,23 @@ def _check_tracking(paths: SweepPaths) -> None:
         if problem:
             raise PreflightError(
                 f"{where}: the MLflow server does not answer ({problem}); start it (`mlflow server --host ... "
-                f"--port ...`) or fix the address, {drop}"
+                f"--port ...`) or fix the address{drop}"
             )
     elif base in DATABASE_PORTS:
         parts = urlsplit(uri)
         if not parts.hostname:
-            raise PreflightError(f"{where} names no database host; give {base}://user:password@host:port/db, {drop}")
+            raise PreflightError(f"{where} names no database host; give {base}://user:password@host:port/db{drop}")
         port = parts.port or DATABASE_PORTS[base]
         problem = _unreachable(parts.hostname, port)
         if problem:
             raise PreflightError(
                 f"{where}: the database server does not answer at {parts.hostname}:{port} ({problem}); start it or "
-                f"fix the address, {drop}"
+                f"fix the address{drop}"
             )
     elif base not in UNCHECKED_SCHEMES:
         raise PreflightError(
             f"{where}: MLflow has no tracking store for the scheme {scheme!r}; give sqlite:///path/mlflow.db, "
-            f"http(s)://host:port (a tracking server) or a database URI ({', '.join(DATABASE_PORTS)}), {drop}"
+            f"http(s)://host:port (a tracking server) or a database URI ({', '.join(DATABASE_PORTS)}){drop}"
         )
 
 
@@ -370,18 +397,23 @@ def _check_sqlite(uri: str, where: str, drop: str) -> None:
     if rest in ("", "/", "/:memory:"):
         raise PreflightError(
             f"{where} is an in-memory database, which every MLflow client of the sweep would see empty; give a file, "
-            f"sqlite:///path/mlflow.db, {drop}"
+            f"sqlite:///path/mlflow.db{drop}"
         )
     path = Path(rest[1:] if rest.startswith("/") else rest).expanduser().resolve()
     if path.is_dir():
         raise PreflightError(f"{where}: {path} is a folder, not a database file; name a file such as {path}/mlflow.db")
     if path.exists():
-        with open(path, "rb") as file:
-            header = file.read(16)
+        try:
+            with open(path, "rb") as file:
+                header = file.read(16)
+        except OSError as error:
+            raise PreflightError(
+                f"{where}: the database {path} cannot be read ({error.strerror}); fix its permissions"
+            ) from None
         if header and header != b"SQLite format 3\x00":
-            raise PreflightError(f"{where}: {path} is not an SQLite database; name a new file, {drop}")
+            raise PreflightError(f"{where}: {path} is not an SQLite database; name a new file{drop}")
         if not os.access(path, os.W_OK):
-            raise PreflightError(f"{where}: the database {path} is not writable; make it writable, {drop}")
+            raise PreflightError(f"{where}: the database {path} is not writable; make it writable{drop}")
     _check_writable(path.parent, where, "SQLite writes its journal beside the database", probe=False)
 
 

@@ -44,7 +44,7 @@ NO_GPU = torch.cuda.device_count() == 0
 
 @dataclass(frozen=True)
 class Env:
-    """One problem: edits to `BASE`, extra command-line arguments, environment variables and empty files to create
+    """One problem: edits to `BASE`, extra command-line arguments, environment variables and text files to create
     (paths under the test's folder), the field (flag, variable) the message must name and the value it must show
     (None: none checked). ``runs``/``data``: pass ``--runs``/``--data`` (under the test's folder) unless the case sets
     them another way."""
@@ -68,18 +68,20 @@ def env(named: str, value: str | None, *, id: str, gpu: bool = False, **options:
 class Places:
     """What a case's placeholders stand for: ``{tmp}`` the test's folder, ``{file}`` a text file in it, ``{weights}``
     the folder of `weight_files`, ``{closed}`` a port nothing listens on, ``{silent}`` a port that accepts
-    connections and never answers, ``{ro}`` a read-only folder (only created when a case names it)."""
+    connections and never answers, ``{web}`` the port of an HTTP server, ``{ro}`` a read-only folder (the last three
+    only made when a case names them)."""
 
     tmp: Path
     weights: Path
     closed: int
-    silent: int
-    ro: Path | None
+    silent: int = 0
+    web: int = 0
+    ro: Path | None = None
 
     def fill(self, value: Any) -> Any:
         if isinstance(value, str):
             names = {"tmp": self.tmp, "file": self.tmp / "a-file", "weights": self.weights, "ro": self.ro}
-            return value.format(closed=self.closed, silent=self.silent, **names)
+            return value.format(closed=self.closed, silent=self.silent, web=self.web, **names)
         if isinstance(value, dict):
             return {self.fill(k): self.fill(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
@@ -223,6 +225,7 @@ TRACKING = [
     env(
         "$MLFLOW_TRACKING_URI = 'foo://bar'", "scheme 'foo'", id="env-scheme", env={"MLFLOW_TRACKING_URI": "foo://bar"}
     ),
+    env("--runs {tmp}/runs", "mlflow.db is not an SQLite database", id="default-store-text", files=("runs/mlflow.db",)),
 ]
 
 RAY = [
@@ -235,6 +238,9 @@ RAY = [
     env("--address 127.0.0.1:70000", "not a Ray address", id="flag-port-range", args=("--address", "127.0.0.1:70000")),
     env("--address http://head:8265", "not a Ray address", id="flag-dashboard", args=("--address", "http://head:8265")),
     env("--address 127.0.0.1:", "Connection refused", id="flag-down", args=("--address", "127.0.0.1:{closed}")),
+    # Ray's own connection to a port that is not a cluster's retried for minutes.
+    env("--address 127.0.0.1:", "no answer within 1 s", id="flag-silent", args=("--address", "127.0.0.1:{silent}")),
+    env("$RAY_ADDRESS", "not as a Ray cluster does", id="env-web-server", env={"RAY_ADDRESS": "127.0.0.1:{web}"}),
 ]
 
 CASES = [*RESOURCES, *MODELS, *WEIGHTS, *FOLDERS, *TRACKING, *RAY]
@@ -293,6 +299,31 @@ def silent_port() -> Iterator[int]:
         yield server.getsockname()[1]
 
 
+class Health(http.server.BaseHTTPRequestHandler):
+    """``GET /health``: 200 OK, as an MLflow server answers it; anything else 404."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web_port() -> Iterator[int]:
+    """The port of an HTTP server on the loopback interface."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch, tmp_path) -> None:
     """No variable of the caller's leaks in; relative folders resolve in an empty working folder; short timeouts."""
@@ -320,11 +351,12 @@ def places_for(case: Env, tmp_path: Path, request: pytest.FixtureRequest, weight
     (tmp_path / "text.db").write_text("not a database\n")
     for name in case.files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
+        (tmp_path / name).write_text("not what it should be\n")
     uses = repr(case)
     ro = request.getfixturevalue("read_only") if "{ro}" in uses else None
     silent = request.getfixturevalue("silent_port") if "{silent}" in uses else 0
-    places = Places(tmp_path, weight_files, free_port(), silent, ro)
+    web = request.getfixturevalue("web_port") if "{web}" in uses else 0
+    places = Places(tmp_path, weight_files, free_port(), silent, web, ro)
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(places.fill(edited(case.edits))))
     return places
 
@@ -440,29 +472,12 @@ def test_a_sweep_that_can_run_here_still_dry_runs_with_exit_0(
     assert files_under(tmp_path) == before
 
 
-def test_a_tracking_server_that_answers_passes(tmp_path, monkeypatch, capsys):
+def test_a_tracking_server_that_answers_passes(tmp_path, web_port, monkeypatch, capsys):
     """Any HTTP answer counts (MLflow's own first call, in the real run, says more if it is not MLflow's)."""
-
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-            self.wfile.write(b"OK")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        case = Env(edits={"tracking.uri": f"http://{LOOPBACK}:{server.server_address[1]}"})
-        places = Places(tmp_path, tmp_path, 0, 0, None)
-        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(edited(case.edits)))
-        assert run_case(case, places, monkeypatch, dry_run=True) == 0, capsys.readouterr().err
-    finally:
-        server.shutdown()
-        server.server_close()
+    case = Env(edits={"tracking.uri": f"http://{LOOPBACK}:{web_port}"})
+    places = Places(tmp_path, tmp_path, 0)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(edited(case.edits)))
+    assert run_case(case, places, monkeypatch, dry_run=True) == 0, capsys.readouterr().err
 
 
 UI = [
