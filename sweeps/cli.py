@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument(
         "--dry-run",
         action="store_true",
-        help="plan only: print trials, sigma and GPU-hours, run nothing; exit 0 if the sweep could run "
-        f"now, {DRY_RUN_BLOCKED} if it ends with notes of what to prepare first",
+        help="plan only: print trials, sigma and GPU-hours, run nothing; exit 0 if the sweep could run here "
+        f"now, {DRY_RUN_BLOCKED} if it ends with notes of what to prepare first, 2 if this environment cannot run it "
+        "(too few CPUs or GPUs, a model or weight file the trials cannot use, folders, tracking store, Ray address)",
     )
 
     pretrain = commands.add_parser("pretrain", help="run the sweep's pretrain stage (the `domain` init)")
@@ -209,14 +210,23 @@ def _sweep(args: argparse.Namespace) -> int:
     from sweeps.launch import SweepCheck, check_sweep_state, describe_sweep_state, run_sweep
     from sweeps.ledger import sweep_ledger_text
     from sweeps.plan import plan_sweep
+    from sweeps.preflight import PreflightError, preflight
     from sweeps.summary import summary_text
 
     if args.dry_run:
         check = SweepCheck() if args.fresh else check_sweep_state(spec, paths)  # what the real run would refuse
+        try:  # the environment, as the real run checks it first (`run_sweep`); reported after the plan
+            preflight(spec, paths, address=args.address, dry_run=True)
+        except PreflightError as error:
+            problem: PreflightError | None = error
+        else:
+            problem = None
         plan = plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)
         print(dry_run_report(plan))
         for line in describe_sweep_state(spec, paths, check):
             print(f"\n{line}")
+        if problem is not None:
+            raise problem
         return DRY_RUN_BLOCKED if plan.notes else 0
     trials = run_sweep(spec, paths, address=args.address, fresh=args.fresh)
     print(summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec))
@@ -383,10 +393,10 @@ def ui_command(runs: Path, port: int) -> list[str]:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from sweeps.preflight import check_ui
+
     runs = Path(args.runs).resolve()
-    db = runs / "mlflow.db"
-    if not db.exists():
-        raise UserError(f"no MLflow database at {db}; run `make sweep` first")
+    db = check_ui(runs, args.port)  # before any link is printed
     command = ui_command(runs, args.port)
     from sweeps.mlflow_ui import sweep_view_lines
 

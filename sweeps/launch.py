@@ -30,6 +30,7 @@ from sweeps.describe import describe_plan, sweep_params
 from sweeps.ledger import SweepLedger, ledger_metrics
 from sweeps.lock import held_note, sweep_lock
 from sweeps.plan import Log, SweepPaths, SweepPlan, plan_sweep, spec_fingerprint, spec_settings, trial_key
+from sweeps.preflight import preflight
 from sweeps.results import ray_results, run_ids
 from sweeps.spec import SpecError, SweepSpec
 from sweeps.state import EXTENDABLE, OTHER_SETTING, Part, SettingChange, SweepState, refusal, setting_changes
@@ -89,13 +90,16 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run (or resume, or extend) a sweep end to end and return its trial table.
 
-    Holds the sweep's lock (`sweeps.lock.sweep_lock`) from before ``--fresh`` deletes anything to the end.
+    Checks the environment first (`sweeps.preflight.preflight`), before anything is written; then holds the sweep's
+    lock (`sweeps.lock.sweep_lock`) from before ``--fresh`` deletes anything to the end.
 
     Raises:
+        sweeps.preflight.PreflightError: this environment cannot run the sweep.
         sweeps.lock.SweepLockedError: another command runs the sweep now.
         SpecError: the sweep exists with settings this file cannot resume or extend (`check_sweep_state`), or the
             plan fails (`sweeps.plan.plan_sweep`).
     """
+    preflight(spec, paths, address=address, dry_run=False)
     with sweep_lock(paths.sweep_dir(spec), spec.name, log):
         return _run_sweep(spec, paths, address, fresh, log)
 

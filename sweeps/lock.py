@@ -110,7 +110,7 @@ def read_holder(sweep_dir: Path) -> LockHolder | None:
     writing it) reads as a dead holder on this host."""
     try:
         text = lock_path(sweep_dir).read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock (or no folder: `runs` is a file, refused by preflight)
         return None
     try:
         return LockHolder(**json.loads(text))

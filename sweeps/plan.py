@@ -43,18 +43,36 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class SweepPaths:
-    """Absolute locations of everything a sweep reads and writes."""
+    """Absolute locations of everything a sweep reads and writes.
+
+    ``runs_field``, ``data_field`` and ``tracking_field`` say where each came from, for messages: the sweep file's
+    field (``runs``, ``data.root``, ``tracking.uri``), a flag (``--runs``, ``--data``) or an environment variable
+    (``$DPSWEEP_RUNS``, ``$DPSWEEP_DATA``, ``$MLFLOW_TRACKING_URI``); ``tracking_field`` is empty for the default
+    store, ``<runs>/mlflow.db``."""
 
     runs_root: Path
     data_root: Path
     tracking_uri: str
+    runs_field: str = field(default="runs", compare=False)
+    data_field: str = field(default="data.root", compare=False)
+    tracking_field: str = field(default="tracking.uri", compare=False)
 
     @classmethod
     def for_spec(cls, spec: SweepSpec, runs: str | None = None, data: str | None = None) -> SweepPaths:
-        runs_root = Path(runs or os.environ.get("DPSWEEP_RUNS") or spec.runs).resolve()
-        data_root = Path(data or os.environ.get("DPSWEEP_DATA") or spec.data.root).resolve()
-        uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_root / 'mlflow.db'}"
-        return cls(runs_root, data_root, uri)
+        env = os.environ.get
+        runs_field, runs_folder = _first_given(
+            ("--runs", runs), ("$DPSWEEP_RUNS", env("DPSWEEP_RUNS")), ("runs", spec.runs)
+        )
+        data_field, data_folder = _first_given(
+            ("--data", data), ("$DPSWEEP_DATA", env("DPSWEEP_DATA")), ("data.root", spec.data.root)
+        )
+        runs_root, data_root = Path(runs_folder).resolve(), Path(data_folder).resolve()
+        tracking_field, uri = _first_given(
+            ("tracking.uri", spec.tracking.uri),
+            ("$MLFLOW_TRACKING_URI", env("MLFLOW_TRACKING_URI")),
+            ("", f"sqlite:///{runs_root / 'mlflow.db'}"),
+        )
+        return cls(runs_root, data_root, uri, runs_field, data_field, tracking_field)
 
     def sweep_dir(self, spec: SweepSpec) -> Path:
         return self.runs_root / spec.name
@@ -65,6 +83,14 @@ class SweepPaths:
 
     def ray_experiment(self, spec: SweepSpec) -> Path:
         return self.ray_storage / spec.name
+
+
+def _first_given(*choices: tuple[str, str | None]) -> tuple[str, str]:
+    """The first (where, value) whose value is given (not None or empty); the last one is the default."""
+    for where, value in choices:
+        if value:
+            return where, value
+    raise AssertionError("the default is always given")
 
 
 @dataclass(frozen=True)

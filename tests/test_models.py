@@ -4,7 +4,15 @@ import pytest
 import timm
 import torch
 
-from trainables.models import InitError, ResolvedInit, create_model, resolve_init, save_weights
+from trainables.models import (
+    InitError,
+    ResolvedInit,
+    WeightsFileError,
+    create_meta_model,
+    create_model,
+    resolve_init,
+    save_weights,
+)
 
 
 def test_random_init_builds_a_one_channel_five_label_model():
@@ -68,3 +76,36 @@ def test_domain_checkpoint_keeps_its_head(tmp_path):
     assert ResolvedInit("domain", "checkpoint", "test_convnext", str(path)) == resolve_init(
         "domain", "test_convnext", domain_checkpoint=path
     )
+
+
+def test_the_meta_model_is_the_model_a_trial_builds(tmp_path):
+    """`create_meta_model` builds what `create_model` builds (every tensor's name, shape and dtype), for each kind
+    of init, on the meta device: no memory, and the weight file read for names and shapes only."""
+    torch.manual_seed(0)
+    save_weights(timm.create_model("test_convnext", num_classes=1000), tmp_path / "rgb.safetensors")
+    save_weights(
+        create_model("test_convnext", resolve_init("random", "test_convnext")), tmp_path / "domain.safetensors"
+    )
+    inits = [
+        resolve_init("random", "test_convnext"),
+        resolve_init("test_convnext.r160_in1k", "test_convnext", weights_file=str(tmp_path / "rgb.safetensors")),
+        resolve_init("domain", "test_convnext", domain_checkpoint=tmp_path / "domain.safetensors"),
+    ]
+    for init in inits:
+        real, meta = create_model("test_convnext", init), create_meta_model("test_convnext", init)
+        assert {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()} == {
+            k: (v.shape, v.dtype) for k, v in real.state_dict().items()
+        }, init.kind
+        assert {v.device.type for v in meta.state_dict().values()} == {"meta"}
+
+
+def test_a_weight_file_that_is_not_the_models_checkpoint_is_refused_naming_it(tmp_path):
+    text = tmp_path / "weights.safetensors"
+    text.write_text("see the shared drive\n")
+    other = tmp_path / "other.safetensors"
+    save_weights(timm.create_model("test_convnext2"), other)
+    for path, problem in ((text, "is not a safetensors file"), (other, "does not hold test_convnext.r160_in1k")):
+        init = resolve_init("test_convnext.r160_in1k", "test_convnext", weights_file=str(path))
+        with pytest.raises(WeightsFileError, match=problem) as raised:
+            create_meta_model("test_convnext", init)
+        assert raised.value.path == path

@@ -9,7 +9,6 @@ are not sweep files. Most cases fail before any heavy import (`test_spec_errors_
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -24,31 +23,12 @@ import pytest
 import yaml
 
 from sweeps.cli import main
+from tests.sweeps.refusals import BASE, assert_refused, edited
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE: dict[str, Any] = {
-    "name": "bad-inputs",
-    "data": {"train": "synthetic-a", "external": ["synthetic-b"], "image_size": 32, "synthetic_images": 60},
-    "model": "test_convnext",
-    "inits": ["random"],
-    "privacy": {"target_epsilon": [1, 8], "expected_batch_size": 8, "epochs": 2},
-}
-"""A valid sweep: 60 synthetic images, so that the cases that get as far as planning plan in a moment."""
 PRETRAIN: dict[str, Any] = {"pretrain.dataset": "synthetic-source"}
 OPTUNA: dict[str, Any] = {"search": "optuna", "privacy": {"target_epsilon": [1, 8]}}
 """`search: optuna`, without the grid settings of the fields it searches."""
-
-
-def edited(edits: dict[str, Any]) -> dict[str, Any]:
-    """`BASE` with ``{"section.field": value}`` set (sections created as needed)."""
-    raw = copy.deepcopy(BASE)
-    for path, value in edits.items():
-        *parents, leaf = path.split(".")
-        node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
 
 
 def dry_run(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -57,15 +37,6 @@ def dry_run(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ["sweep", str(sweep_file), "--dry-run", "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data")]
     )
     return status, capsys.readouterr().err
-
-
-def assert_refused(status: int, err: str, field: str, value: str | None) -> None:
-    assert status == 2, err
-    assert err.startswith("dpsweep: error: ") and err.count("dpsweep: error:") == 1, err
-    assert "Traceback" not in err
-    assert field in err, f"{field!r} not named in: {err}"
-    if value is not None:
-        assert value in err, f"value {value!r} not named in: {err}"
 
 
 @dataclass(frozen=True)

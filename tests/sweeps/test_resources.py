@@ -15,6 +15,7 @@ from sweeps.estimate import describe_gpu_hours, describe_trials_per_gpu, fit_sha
 from sweeps.measurements import RESULTS_DIR, load_measurements
 from sweeps.spec import SpecError, parse_spec
 from tests.sweeps.local_sweep import local_sweep
+from tests.sweeps.refusals import paper_dry_run_status
 from tests.sweeps.tiny import tiny_spec, tiny_yaml
 from trainables import names as M
 
@@ -164,7 +165,7 @@ def test_paper_dry_run_cites_the_measurements_it_uses(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 3, result.stderr
+    assert result.returncode == paper_dry_run_status(), result.stderr  # 2: no GPU here, refused after the plan
     text = " ".join(result.stdout.split())  # the dry run wraps its lines at 100 characters
     (line,) = [part for part in text.split("GPU-hours estimate")[1:2]]
     assert "from the fixed-shape DP-step benchmark benchmarks/results/dp_step-cuda-h200.json" in line
