@@ -1,0 +1,100 @@
+"""Nested training subsets (``data.train_fraction``): whole patients, nested, of size ceil(f x P), ordered by a keyed
+hash under a label of its own (independent of the split decisions), stable when a patient is added."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+
+import numpy as np
+import pytest
+
+from trainables.data.splits import (
+    SPLIT_KEY_FILE,
+    SUBSET_KEY_LABEL,
+    SubsetError,
+    keyed_split,
+    public_subset_key,
+    subset_key,
+    subset_order,
+    train_subset,
+)
+from trainables.errors import UserError
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def images_of(n_patients: int, seed: int = 0) -> np.ndarray:
+    """Patient ids per image: 1-4 images per patient, images of different patients interleaved."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat([f"p{i:04d}" for i in range(n_patients)], rng.integers(1, 5, n_patients))
+    return ids[rng.permutation(len(ids))]
+
+
+def test_order_is_hmac_of_the_id_under_the_derived_key():
+    ids = np.array(["b", "a", "c", "a", "d"])
+    order_key = hmac.new(KEY, SUBSET_KEY_LABEL, hashlib.sha256).digest()
+    expected = sorted({"a", "b", "c", "d"}, key=lambda p: hmac.new(order_key, p.encode(), hashlib.sha256).digest())
+    assert subset_order(ids, KEY).tolist() == expected
+
+
+@pytest.mark.parametrize("n_patients", [1, 7, 400])
+def test_subsets_are_whole_patients_of_size_ceil_f_p_and_nested(n_patients):
+    ids = images_of(n_patients)
+    previous = np.zeros(len(ids), dtype=bool)
+    for fraction in FRACTIONS:
+        mask = train_subset(ids, KEY, fraction)
+        kept = set(ids[mask].tolist())
+        assert len(kept) == math.ceil(fraction * n_patients)
+        assert not kept & set(ids[~mask].tolist())  # no patient split across the subset's edge
+        assert (mask >= previous).all()  # nested: the smaller subset lies inside
+        previous = mask
+    assert previous.all()  # fraction 1 keeps every image
+
+
+def test_the_key_decides_and_the_call_does_not():
+    ids = images_of(300)
+    half = train_subset(ids, KEY, 0.5)
+    assert (train_subset(ids[::-1], KEY, 0.5) == half[::-1]).all()  # the images' order plays no part
+    assert (train_subset(ids, KEY, 0.5) == half).all()  # no seed, no state: the same subset every time
+    assert not (train_subset(ids, OTHER_KEY, 0.5) == half).all()
+
+
+def test_the_order_is_independent_of_the_split_decisions():
+    """Under one key, membership of the half subset is uncorrelated with the split hash's test decision."""
+    patients = np.array([f"q{i:05d}" for i in range(4000)])
+    in_half = train_subset(patients, KEY, 0.5)
+    in_test = keyed_split(patients, KEY, test_fraction=0.5, val_fraction=0.0) == "test"
+    agreement = (in_half == in_test).mean()
+    assert abs(agreement - 0.5) < 4 * 0.5 / math.sqrt(len(patients))  # 4 standard errors
+
+
+def test_adding_a_patient_changes_a_subset_by_it_and_at_most_one_other():
+    ids = images_of(200)
+    for extra in (f"new{i}" for i in range(30)):
+        grown = np.append(ids, [extra, extra])
+        for fraction in FRACTIONS[:-1]:
+            before = set(ids[train_subset(ids, KEY, fraction)].tolist())
+            after = set(grown[train_subset(grown, KEY, fraction)].tolist()) - {extra}
+            assert len(before ^ after) <= 1
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.5, math.nan, math.inf, True, "0.5", None])
+def test_bad_fractions_are_refused(fraction):
+    with pytest.raises(SubsetError, match="train_fraction") as error:
+        train_subset(np.array(["a"]), KEY, fraction)
+    assert isinstance(error.value, UserError)
+
+
+def test_the_key_is_the_split_key_file_else_public_and_a_lost_key_is_refused(tmp_path):
+    assert subset_key(tmp_path, "synthetic-a") == public_subset_key("synthetic-a") != public_subset_key("b")
+    (tmp_path / "real" / "64").mkdir(parents=True)
+    (tmp_path / "real" / "64" / "card.json").write_text(json.dumps({"split_key_id": "0123456789abcdef"}))
+    with pytest.raises(SubsetError, match=f"restore the dataset's {SPLIT_KEY_FILE}"):
+        subset_key(tmp_path, "real")
+    (tmp_path / "real" / SPLIT_KEY_FILE).write_bytes(KEY)
+    assert subset_key(tmp_path, "real") == KEY
