@@ -3,6 +3,7 @@ hash under a label of its own (independent of the split decisions), stable when 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -98,3 +99,61 @@ def test_the_key_is_the_split_key_file_else_public_and_a_lost_key_is_refused(tmp
         subset_key(tmp_path, "real")
     (tmp_path / "real" / SPLIT_KEY_FILE).write_bytes(KEY)
     assert subset_key(tmp_path, "real") == KEY
+
+
+def test_a_trial_loads_the_nested_subset_of_its_training_split_and_whole_val_and_test(tmp_path):
+    from tests.factories import TINY_DATASET, TINY_SIZE, prepare_tiny_site
+    from trainables.config import PrivacyConfig, TrialConfig
+    from trainables.data.cache import open_cache
+    from trainables.data.loaders import load_trial_data
+
+    prepare_tiny_site(tmp_path)
+    full = open_cache(tmp_path / TINY_DATASET / str(TINY_SIZE)).split("train")
+    n_patients = len(set(full.patient_id.tolist()))
+
+    base = TrialConfig(
+        sweep="s",
+        dataset=TINY_DATASET,
+        data_root=str(tmp_path),
+        model="test_convnext",
+        init="random",
+        image_size=TINY_SIZE,
+        privacy=PrivacyConfig(target_epsilon=math.inf),
+    )
+
+    data = {f: load_trial_data(dataclasses.replace(base, train_fraction=f)) for f in (0.25, 0.5, 1.0)}
+    patients = {f: set(d.train.split.patient_id.tolist()) for f, d in data.items()}
+    assert len(patients[0.25]) == math.ceil(0.25 * n_patients) and len(patients[1.0]) == n_patients
+    assert patients[0.25] <= patients[0.5] <= patients[1.0]
+    keep = train_subset(full.patient_id, public_subset_key(TINY_DATASET), 0.5)
+    assert (data[0.5].train.split.rows == full.rows[keep]).all()  # the twin's public key, rows in split order
+    assert (data[0.5].train.split.labels == full.labels[keep]).all()
+    for split in ("val", "test"):
+        assert (getattr(data[0.25], split).split.rows == getattr(data[1.0], split).split.rows).all()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.01, math.nan, -1.0])
+def test_a_trial_config_refuses_a_fraction_outside_0_1(fraction):
+    from trainables.config import ConfigError, PrivacyConfig, TrialConfig
+
+    with pytest.raises(ConfigError, match=r"train_fraction = .* must be a number in \(0, 1\]"):
+        TrialConfig(
+            sweep="s",
+            dataset="d",
+            data_root="/d",
+            model="m",
+            init="random",
+            privacy=PrivacyConfig(target_epsilon=math.inf),
+            train_fraction=fraction,
+        )
+
+
+def test_the_flat_config_carries_the_fraction_only_below_1():
+    from trainables.config import PrivacyConfig, TrialConfig
+
+    base = dict(sweep="s", dataset="d", data_root="/d", model="m", init="random")
+    whole = TrialConfig(**base, privacy=PrivacyConfig(target_epsilon=math.inf))
+    quarter = TrialConfig(**base, privacy=PrivacyConfig(target_epsilon=math.inf), train_fraction=0.25)
+    assert "train_fraction" not in whole.to_flat()
+    assert quarter.to_flat()["train_fraction"] == 0.25
+    assert TrialConfig.from_flat(quarter.to_flat()) == quarter and TrialConfig.from_flat(whole.to_flat()) == whole
