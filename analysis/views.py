@@ -557,7 +557,7 @@ def with_train_fraction(trials: pd.DataFrame) -> pd.DataFrame:
 
 def several_train_fractions(trials: pd.DataFrame) -> bool:
     """Whether the trials trained on more than one training fraction (a data-scale sweep)."""
-    return with_train_fraction(trials)[TRAIN_FRACTION].nunique() > 1
+    return bool(with_train_fraction(trials)[TRAIN_FRACTION].nunique() > 1)
 
 
 def utility_by_train_size(

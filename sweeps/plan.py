@@ -499,7 +499,7 @@ def make_trial(
     )
     p = config.privacy
     guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)
-    patients = {"n_patients": n_records} if unit == "patient" else {}
+    patients: dict[str, float] = {"n_patients": n_records} if unit == "patient" else {}
     if spec.axes.train_fraction != (1.0,):  # a data-scale sweep: every trial says its fraction and N_patients
         counted = {} if dataset.n_patients is None else {"n_patients": dataset.n_patients}
         patients = {"train_fraction": point.train_fraction, **counted, **patients}
