@@ -24,14 +24,17 @@ SCALE = {"data": {"train_fraction": FRACTIONS}, "privacy": {"target_epsilon": [2
 
 
 def subset_by_hand(fraction: float) -> tuple[int, int]:
-    """(images, patients) of synthetic-a's training subset (600 images), drawn here from the rule itself: the first
-    ceil(f P) patients by HMAC-SHA256 under the twin's public key's derived order key."""
+    """(images, patients) of synthetic-a's training subset (600 images), drawn here from the rule itself: the patients
+    whose HMAC-SHA256 under the twin's public key's derived key maps below f."""
     manifest = sample_cohort("synthetic-a", 600)[0]
     train = manifest[manifest["split"] == "train"]
     public = hashlib.sha256(b"dpsweep public subset key\0synthetic-a").digest()
     order_key = hmac.new(public, SUBSET_KEY_LABEL, hashlib.sha256).digest()
-    patients = sorted(set(train["patient_id"]), key=lambda p: hmac.new(order_key, p.encode(), hashlib.sha256).digest())
-    kept = set(patients[: math.ceil(fraction * len(patients))])
+    kept = {
+        p
+        for p in set(train["patient_id"])
+        if int(hmac.new(order_key, p.encode(), hashlib.sha256).hexdigest()[:16], 16) // 2**11 / 2**53 < fraction
+    }
     return int(train["patient_id"].isin(kept).sum()), len(kept)
 
 
