@@ -172,11 +172,12 @@ def runs_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
-def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
+def charts_view_state(external: Sequence[str] = (), data_scale: bool = False) -> dict[str, Any]:
     """The chart view of the trials, each run its own point (not the group's average) in its init's colour (the
     ``mlflow.runColor`` tags `publish_views` sets): one scatter per headline utility or fairness metric against the
     budget category (2 a row), then parallel coordinates over init, budget and those metrics (full width). MLflow
-    appends its own sections for the other metrics below."""
+    appends its own sections for the other metrics below. ``data_scale`` (a sweep with ``data.train_fraction``):
+    one more scatter, test macro AUROC against the ``n_train`` param (the subset's training images)."""
     budget_axis = {"key": BUDGET_PARAM, "type": "PARAM"}
     utility = [m for m in headline_metrics(external) if m != M.EPSILON]  # non-private runs log no epsilon
     sections = [
@@ -202,6 +203,18 @@ def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
         }
         for index, metric in enumerate(utility)
     ]
+    if data_scale:
+        charts.append(
+            {
+                **common,
+                "uuid": "dpsweep-n-train",
+                "type": "SCATTER",
+                "displayName": f"{M.TEST_AUROC_MACRO} by n_train",
+                "xaxis": {"key": "n_train", "type": "PARAM"},
+                "yaxis": {"key": M.TEST_AUROC_MACRO, "type": "METRIC"},
+                "metricSectionId": sections[0]["uuid"],
+            }
+        )
     charts.append(
         {
             **common,
@@ -304,7 +317,8 @@ def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) ->
         init = run.data.params.get("init")
         if init is not None and RUN_COLOR_TAG not in run.data.tags:
             client.set_tag(run.info.run_id, RUN_COLOR_TAG, init_color(init))
-    states = {RUNS_VIEW: runs_view_state(external), CHARTS_VIEW: charts_view_state(external)}
+    data_scale = any("train_fraction" in run.data.params for run in trials)
+    states = {RUNS_VIEW: runs_view_state(external), CHARTS_VIEW: charts_view_state(external, data_scale)}
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     for key, state in states.items():
         tag = SHARE_TAG_PREFIX + key

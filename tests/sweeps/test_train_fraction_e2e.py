@@ -65,3 +65,18 @@ def test_the_report_plots_auroc_against_n_train(scale_sweep):
     table = pd.read_csv(sweep_dir / "report" / "tables" / "utility_by_train_size.csv")
     assert sorted(table["n_train"].tolist()) == sorted(trials["n_train"].astype(int).tolist())
     assert table["bin"].unique().tolist() == ["(3, 10]"]
+
+
+def test_the_mlflow_chart_view_plots_test_auroc_against_n_train(scale_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from sweeps import mlflow_ui as ui
+
+    _, paths, trials = scale_sweep
+    client = MlflowClient(paths.tracking_uri)
+    experiment = client.get_experiment_by_name("scale")
+    _, state, _ = ui.read_envelope(experiment.tags[ui.SHARE_TAG_PREFIX + ui.CHARTS_VIEW])
+    assert any(c["xaxis"] == {"key": "n_train", "type": "PARAM"} for c in state["compareRunCharts"] if "xaxis" in c)
+    children = client.search_runs([experiment.experiment_id], ui.TRIALS_FILTER)
+    logged = sorted((float(r.data.params["train_fraction"]), int(r.data.params["n_train"])) for r in children)
+    assert logged == sorted(zip(trials["train_fraction"].astype(float), trials["n_train"].astype(int), strict=True))
