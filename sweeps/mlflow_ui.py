@@ -33,7 +33,8 @@ The two views (`publish_views`):
   coloured by its init: `INIT_COLORS`): a scatter per utility or fairness headline against the ``budget`` param
   (``eps=<target>`` or ``non-private``, a category, so the non-private baselines are points beside the private
   runs; a chart of ``privacy/epsilon`` would drop them), then parallel coordinates over init, budget and those
-  metrics. Init is the colour and budget the x axis: init x epsilon at a glance.
+  metrics. Init is the colour and budget the x axis: init x epsilon at a glance. A data-scale sweep (trials with a
+  ``train_fraction`` param) also gets test macro AUROC against the ``n_train`` param.
 
 Both are written when the sweep's experiment is created or reused (`sweeps.tracking.get_or_create_experiment`) and
 refreshed from the runs when the sweep ends and by ``dpsweep ui`` (which then know the external sets and colour
