@@ -95,6 +95,12 @@ def _first_given(*choices: tuple[str, str | None]) -> tuple[str, str]:
     raise AssertionError("the default is always given")
 
 
+def plan_key(dataset: str, train_fraction: float = 1.0) -> str:
+    """A dataset plan's key in `SweepPlan.privacy_plans` and `SweepPlan.subsets`: the dataset's name for the whole
+    training split, ``<name>[train_fraction=<f>]`` for a subset."""
+    return dataset if train_fraction == 1 else f"{dataset}[train_fraction={train_fraction:g}]"
+
+
 @dataclass(frozen=True)
 class DatasetPlan:
     """A training set's size and, for the sweep's batch size and epochs, its (image-level) sampling rate and steps.
@@ -119,9 +125,8 @@ class DatasetPlan:
 
     @property
     def key(self) -> str:
-        """The plan's key in `SweepPlan.privacy_plans` and `SweepPlan.subsets`: the dataset's name for the whole
-        training split, ``<name>[train_fraction=<f>]`` for a subset."""
-        return self.name if self.train_fraction == 1 else f"{self.name}[train_fraction={self.train_fraction:g}]"
+        """`plan_key` of this plan."""
+        return plan_key(self.name, self.train_fraction)
 
     def n_records(self, unit: str) -> int:
         """N of the privacy unit: training images, or training patients."""
@@ -154,7 +159,7 @@ class SweepPlan:
         """The plan of ``dataset``'s training split, or of its subset of ``train_fraction``."""
         if train_fraction == 1:
             return self.datasets[dataset]
-        return self.subsets[DatasetPlan(dataset, 0, 0.0, 0, train_fraction=train_fraction).key]
+        return self.subsets[plan_key(dataset, train_fraction)]
 
     def dataset_plans(self) -> list[DatasetPlan]:
         """Every dataset plan: each training set, then its subsets in the order of ``data.train_fraction``."""
@@ -313,11 +318,8 @@ def _plan_sweep(
     if spec.search == "grid":
         tags = provenance_tags()
         for point in spec.grid():
-            dataset = (
-                datasets[point.dataset]
-                if point.train_fraction == 1
-                else subsets[_subset_key(point.dataset, point.train_fraction)]
-            )
+            key = plan_key(point.dataset, point.train_fraction)
+            dataset = datasets[key] if point.train_fraction == 1 else subsets[key]
             trials.append(
                 make_trial(
                     spec,
@@ -333,10 +335,6 @@ def _plan_sweep(
     return SweepPlan(
         spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n, subsets
     )
-
-
-def _subset_key(dataset: str, train_fraction: float) -> str:
-    return DatasetPlan(dataset, 0, 0.0, 0, train_fraction=train_fraction).key
 
 
 def _subset_fix(dataset: DatasetPlan) -> str:
