@@ -1,9 +1,9 @@
 """Plan a sweep: everything a user's input can make fail, checked before any trial starts (no Ray, no MLflow).
 
-    SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set), sigma per (dataset, target epsilon)
-    calibrated on the sweep's accountant, resolved inits (running the pretrain stage for ``domain``), and one
-    `TrialConfig` per grid point, built in one construction from the sweep's settings and the point
-    (`make_trial`, `SweepSpec.trial_config`).
+    SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set, and per nested subset of
+    ``data.train_fraction``), sigma per (dataset or subset, target epsilon) calibrated on the sweep's accountant,
+    resolved inits (running the pretrain stage for ``domain``), and one `TrialConfig` per grid point, built in one
+    construction from the sweep's settings and the point (`make_trial`, `SweepSpec.trial_config`).
 
 What ``dpsweep sweep --dry-run`` prints is `sweeps.describe`'s.
 """
