@@ -163,3 +163,28 @@ def test_the_flat_config_carries_the_fraction_only_below_1():
     assert "train_fraction" not in whole.to_flat()
     assert quarter.to_flat()["train_fraction"] == 0.25
     assert TrialConfig.from_flat(quarter.to_flat()) == quarter and TrialConfig.from_flat(whole.to_flat()) == whole
+
+
+def test_both_batch_sources_gather_the_subsets_rows(tmp_path):
+    import torch
+
+    from tests.factories import TINY_DATASET, TINY_SIZE, prepare_tiny_site
+    from trainables.config import PrivacyConfig, TrialConfig
+    from trainables.data.loaders import DeviceImages, HostImages, load_trial_data
+
+    prepare_tiny_site(tmp_path)
+    config = TrialConfig(
+        sweep="s",
+        dataset=TINY_DATASET,
+        data_root=str(tmp_path),
+        model="test_convnext",
+        init="random",
+        image_size=TINY_SIZE,
+        privacy=PrivacyConfig(target_epsilon=math.inf),
+        train_fraction=0.5,
+    )
+    train = load_trial_data(config).train
+    indices = np.array([len(train) - 1, 0, 3])
+    host, device = (kind(train, torch.device("cpu")).batch(indices) for kind in (HostImages, DeviceImages))
+    assert all(torch.equal(a, b) for a, b in zip(host, device, strict=True))
+    assert torch.equal(host[1], torch.from_numpy(train.split.labels[np.sort(indices)]))
