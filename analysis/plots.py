@@ -32,7 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from analysis.metric_labels import metric_label
 from analysis.pareto import FRONT_ID, ON_FRONT, front_table, non_dominated
 from analysis.tables import FINISHED
-from analysis.views import STUDY_BINS, EpsilonBin
+from analysis.views import BIN, N_TRAIN, STUDY_BINS, EpsilonBin
 from trainables import names
 
 PNG_DPI = 300
@@ -451,6 +451,63 @@ def _metric_vs_epsilon(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(title=metric_label(by), fontsize=8)
+    return _finish(figure, save_to)
+
+
+def metrics_vs_train_size(
+    view: pd.DataFrame,
+    metrics: Sequence[str] = (names.TEST_AUROC_MACRO,),
+    by: str = "init",
+    save_to: str | Path | None = None,
+) -> Figure:
+    """Each metric against the number of training images, one line per ``by`` value, one panel per epsilon bin.
+
+    Args:
+        view: `analysis.views.utility_by_train_size` (one row per cell: ``by``, train fraction, bin, ``n_train`` and
+            the metrics).
+        metrics: one row of panels each (e.g. test macro AUROC, then a fairness gap); a metric the view lacks is
+            left out.
+        by: the column whose values are the lines (the init).
+
+    Panels are the bins that hold a row, in the bins' order; the x axis is N_train on a log scale (base 2), shared
+    by all panels; a line joins one group's points in order of N."""
+    metrics = [m for m in metrics if m in view]
+    rows = view[view[[N_TRAIN, *metrics]].notna().all(axis=1)] if metrics else view.iloc[:0]
+    bins = [b for b in (view[BIN].cat.categories if hasattr(view[BIN], "cat") else []) if (rows[BIN] == b).any()]
+    if not bins:
+        figure = Figure(figsize=(6.4, 4.4))
+        return _empty(figure, figure.add_subplot(), "no finished trial with N_train and the metric", save_to)
+    figure = Figure(figsize=(3.4 * len(bins) + 0.8, 3.0 * len(metrics) + 0.6))
+    axes = figure.subplots(len(metrics), len(bins), squeeze=False, sharex=True, sharey="row")
+    groups = list(dict.fromkeys(rows[by].astype(str)))
+    for column, bin_label in enumerate(bins):
+        in_bin = rows[rows[BIN] == bin_label]
+        for row, metric in enumerate(metrics):
+            ax = axes[row][column]
+            for index, group in enumerate(groups):
+                points = in_bin[in_bin[by].astype(str) == group].sort_values(N_TRAIN, kind="stable")
+                if points.empty:
+                    continue
+                ax.plot(
+                    points[N_TRAIN].to_numpy(dtype=float),
+                    points[metric].to_numpy(dtype=float),
+                    color=f"C{index}",
+                    marker=_MARKERS[index % len(_MARKERS)],
+                    ls=_LINESTYLES[index % len(_LINESTYLES)],
+                    lw=1.2,
+                    label=group,
+                    gid=f"line {group} {bin_label} {metric}",
+                )
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                title = "non-private" if bin_label == "inf" else f"ε spent in {bin_label}"
+                ax.set_title(title, fontsize=10)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("N_train (training images, log scale)")
+            if column == 0:
+                ax.set_ylabel(metric_label(metric))
+    axes[0][0].legend(title=metric_label(by), fontsize=8)
     return _finish(figure, save_to)
 
 

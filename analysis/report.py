@@ -119,6 +119,8 @@ def render_report(
     page = _Page(out_dir)
     _summary(page, tables)
     tables = _study_unit(page, tables)
+    _data_scale(page, tables)
+    tables = _study_fraction(page, tables)
     _binned_auroc(page, tables)
     _binned_fairness(page, tables)
     selection = views.final_selection(tables.trials, tables.epochs)
@@ -299,6 +301,50 @@ def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
     )
     epochs = tables.epochs[tables.epochs["trial"].isin(image["trial"])] if "trial" in tables.epochs else tables.epochs
     return replace(tables, trials=image.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
+
+
+SCALE_FIGURE = "auroc_vs_n_train"
+"""The data-scale figure's file name (``figures/auroc_vs_n_train.{svg,png}``)."""
+
+
+def _data_scale(page: _Page, tables: SweepTables) -> None:
+    """Utility and fairness against N_train per init and epsilon bin (sweeps with several ``data.train_fraction``)."""
+    if not views.several_train_fractions(tables.trials):
+        return
+    view = views.utility_by_train_size(tables.trials, tables.epochs)
+    gaps = [m for m in (names.auroc_gap("test", a) for a in ("age", "sex")) if m in view][:1]
+    page.heading("Data scale: test AUROC and fairness against the number of training images")
+    page.note(
+        "Each trial trained on a nested, patient-level subset of the training split (<code>data.train_fraction"
+        "</code>: the first share of its patients in a keyed order, so a smaller subset lies inside every larger "
+        "one; validation and test are whole). Its q, steps and noise were planned for the subset's own N_train. Per "
+        "cell (init, fraction, bin of the epsilon spent by the whole run), the trial with the best validation macro "
+        "AUROC at its selected epoch; its final test numbers. Test never chooses."
+    )
+    page.figure(
+        SCALE_FIGURE,
+        lambda path: plots.metrics_vs_train_size(view, [names.TEST_AUROC_MACRO, *gaps], save_to=path),
+        "Test macro AUROC"
+        + (f" (top) and {metric_label(gaps[0])} (bottom)" if gaps else "")
+        + " against N_train (log scale), one line per init, one panel per epsilon bin.",
+    )
+    page.table(view, "utility_by_train_size", index=False)
+
+
+def _study_fraction(page: _Page, tables: SweepTables) -> SweepTables:
+    """A data-scale sweep: the study's sections below keep the trials on the largest training fraction (fractions
+    would otherwise compete in one cell); the data-scale section above compares them."""
+    trials = views.with_train_fraction(tables.trials)
+    if trials[views.TRAIN_FRACTION].nunique() < 2:
+        return tables
+    largest = trials[views.TRAIN_FRACTION].max()
+    kept = tables.trials[trials[views.TRAIN_FRACTION] == largest]
+    page.note(
+        f"The sections below are the study's views of the {len(kept)} trials on training fraction {largest:g}; "
+        "the other fractions appear in the data-scale section above."
+    )
+    epochs = tables.epochs[tables.epochs["trial"].isin(kept["trial"])] if "trial" in tables.epochs else tables.epochs
+    return replace(tables, trials=kept.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
 
 
 def _units(page: _Page, trials: pd.DataFrame) -> None:

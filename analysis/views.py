@@ -536,6 +536,52 @@ def units_at_patient_epsilon(
     return chosen[[*by, BIN, "privacy_unit", TRIAL, PATIENT_EPSILON, names.EPSILON, *metrics, CANDIDATE_TRIALS]]
 
 
+TRAIN_FRACTION = "train_fraction"
+"""The share of the training patients a trial trained on (``data.train_fraction``; 1 where a table lacks it)."""
+N_TRAIN = "n_train"
+"""Training images of a trial (of its subset, with ``data.train_fraction`` below 1)."""
+SCALE_METRICS: tuple[str, ...] = UNIT_METRICS
+"""What `utility_by_train_size` reports per cell: test macro AUROC and the test AUROC gaps by age and sex."""
+
+
+def with_train_fraction(trials: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` with a float `TRAIN_FRACTION` column: 1 where it is missing (sweeps before the axis, and trials on
+    the whole split of sweeps without it) and a numeric `N_TRAIN` (MLflow gives params as text)."""
+    trials = trials.copy()
+    fraction = trials[TRAIN_FRACTION] if TRAIN_FRACTION in trials else pd.Series(np.nan, trials.index)
+    trials[TRAIN_FRACTION] = pd.to_numeric(fraction, errors="coerce").fillna(1.0).astype(float)
+    if N_TRAIN in trials:
+        trials[N_TRAIN] = pd.to_numeric(trials[N_TRAIN], errors="coerce")
+    return trials
+
+
+def several_train_fractions(trials: pd.DataFrame) -> bool:
+    """Whether the trials trained on more than one training fraction (a data-scale sweep)."""
+    return bool(with_train_fraction(trials)[TRAIN_FRACTION].nunique() > 1)
+
+
+def utility_by_train_size(
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    bins: Sequence[EpsilonBin] = STUDY_BINS,
+    by: Sequence[str] = DEFAULT_BY,
+) -> pd.DataFrame:
+    """Utility and fairness against the number of training images: per cell (``by``, train fraction, bin of the
+    final spent epsilon) the trial `final_selection` reports (best validation macro AUROC at its selected epoch; test
+    never chooses), with its N_train and final test metrics.
+
+    Returns:
+        One row per non-empty cell: ``by``, `TRAIN_FRACTION`, ``bin``, ``trial``, ``privacy/epsilon``,
+        ``val/best_epoch``, ``val/auroc_macro``, ``candidate_trials``, `N_TRAIN` and the `SCALE_METRICS` the table
+        has; sorted by ``by``, fraction, bin.
+    """
+    trials = with_train_fraction(trials)
+    _require(trials, [N_TRAIN], "trial table")
+    selection = final_selection(trials, epochs, bins, by=(*by, TRAIN_FRACTION))
+    metrics = [m for m in SCALE_METRICS if m in trials]
+    return selection.merge(trials[[TRIAL, N_TRAIN, *metrics]], on=TRIAL, how="left")
+
+
 def external_datasets(trials: pd.DataFrame) -> list[str]:
     """External test sets that have a macro AUROC column (``external/<name>/auroc_macro``), in column order."""
     found = []

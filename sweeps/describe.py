@@ -43,14 +43,14 @@ def describe_plan(plan: SweepPlan) -> str:
         f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
         f"(delta={p.delta:g}, accountant={p.accountant})"
     ]
-    for dataset in plan.datasets.values():
+    for dataset in plan.dataset_plans():
         approx = "~" if dataset.estimated else "="
         patients = (
             f"{approx}{dataset.n_patients}"
             if dataset.n_patients is not None
             else (" unknown" if dataset.estimated and dataset.name not in NO_PATIENT_IDS else ": none (no patient ids)")
         )
-        line = f"  {dataset.name}: N_train{approx}{dataset.n_train}" + (
+        line = f"  {dataset.key}: N_train{approx}{dataset.n_train}" + (
             " (estimate: not prepared)" if dataset.estimated else ""
         )
         image_only = spec.axes.privacy_unit == ("image",)
@@ -66,7 +66,7 @@ def describe_plan(plan: SweepPlan) -> str:
                 lines.append(f"    privacy unit {unit}: q={q:.5g}, steps={steps}")
                 indent = "      "
             for eps in spec.axes.target_epsilon:
-                sigma = plan.privacy_plans[(dataset.name, eps, unit)].noise_multiplier
+                sigma = plan.privacy_plans[(dataset.key, eps, unit)].noise_multiplier
                 lines.append(
                     f"{indent}target epsilon {eps:g}: noise multiplier {sigma:.4f}"
                     if is_private(eps)
@@ -98,7 +98,7 @@ def dry_run_report(plan: SweepPlan) -> str:
                 f"  {trial.key}: sigma={privacy.noise_multiplier:.4f}, q={privacy.sample_rate:.5g}, "
                 f"steps={privacy.steps}"
             )
-            dataset = plan.datasets[trial.config.dataset]
+            dataset = plan.dataset_plan(trial.config.dataset, trial.config.train_fraction)
             images_per_batch = (
                 privacy.expected_batch_size
                 if privacy.privacy_unit == "image"

@@ -33,7 +33,8 @@ The two views (`publish_views`):
   coloured by its init: `INIT_COLORS`): a scatter per utility or fairness headline against the ``budget`` param
   (``eps=<target>`` or ``non-private``, a category, so the non-private baselines are points beside the private
   runs; a chart of ``privacy/epsilon`` would drop them), then parallel coordinates over init, budget and those
-  metrics. Init is the colour and budget the x axis: init x epsilon at a glance.
+  metrics. Init is the colour and budget the x axis: init x epsilon at a glance. A data-scale sweep (trials with a
+  ``train_fraction`` param) also gets test macro AUROC against the ``n_train`` param.
 
 Both are written when the sweep's experiment is created or reused (`sweeps.tracking.get_or_create_experiment`) and
 refreshed from the runs when the sweep ends and by ``dpsweep ui`` (which then know the external sets and colour
@@ -172,11 +173,12 @@ def runs_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
     }
 
 
-def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
+def charts_view_state(external: Sequence[str] = (), data_scale: bool = False) -> dict[str, Any]:
     """The chart view of the trials, each run its own point (not the group's average) in its init's colour (the
     ``mlflow.runColor`` tags `publish_views` sets): one scatter per headline utility or fairness metric against the
     budget category (2 a row), then parallel coordinates over init, budget and those metrics (full width). MLflow
-    appends its own sections for the other metrics below."""
+    appends its own sections for the other metrics below. ``data_scale`` (a sweep with ``data.train_fraction``):
+    one more scatter, test macro AUROC against the ``n_train`` param (the subset's training images)."""
     budget_axis = {"key": BUDGET_PARAM, "type": "PARAM"}
     utility = [m for m in headline_metrics(external) if m != M.EPSILON]  # non-private runs log no epsilon
     sections = [
@@ -202,6 +204,18 @@ def charts_view_state(external: Sequence[str] = ()) -> dict[str, Any]:
         }
         for index, metric in enumerate(utility)
     ]
+    if data_scale:
+        charts.append(
+            {
+                **common,
+                "uuid": "dpsweep-n-train",
+                "type": "SCATTER",
+                "displayName": f"{M.TEST_AUROC_MACRO} by n_train",
+                "xaxis": {"key": "n_train", "type": "PARAM"},
+                "yaxis": {"key": M.TEST_AUROC_MACRO, "type": "METRIC"},
+                "metricSectionId": sections[0]["uuid"],
+            }
+        )
     charts.append(
         {
             **common,
@@ -304,7 +318,8 @@ def publish_views(client: Any, experiment_id: str, now_ms: int | None = None) ->
         init = run.data.params.get("init")
         if init is not None and RUN_COLOR_TAG not in run.data.tags:
             client.set_tag(run.info.run_id, RUN_COLOR_TAG, init_color(init))
-    states = {RUNS_VIEW: runs_view_state(external), CHARTS_VIEW: charts_view_state(external)}
+    data_scale = any("train_fraction" in run.data.params for run in trials)
+    states = {RUNS_VIEW: runs_view_state(external), CHARTS_VIEW: charts_view_state(external, data_scale)}
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     for key, state in states.items():
         tag = SHARE_TAG_PREFIX + key

@@ -1,9 +1,9 @@
 """Plan a sweep: everything a user's input can make fail, checked before any trial starts (no Ray, no MLflow).
 
-    SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set), sigma per (dataset, target epsilon)
-    calibrated on the sweep's accountant, resolved inits (running the pretrain stage for ``domain``), and one
-    `TrialConfig` per grid point, built in one construction from the sweep's settings and the point
-    (`make_trial`, `SweepSpec.trial_config`).
+    SweepSpec --plan_sweep--> SweepPlan: prepared data (N per training set, and per nested subset of
+    ``data.train_fraction``), sigma per (dataset or subset, target epsilon) calibrated on the sweep's accountant,
+    resolved inits (running the pretrain stage for ``domain``), and one `TrialConfig` per grid point, built in one
+    construction from the sweep's settings and the point (`make_trial`, `SweepSpec.trial_config`).
 
 What ``dpsweep sweep --dry-run`` prints is `sweeps.describe`'s.
 """
@@ -11,6 +11,7 @@ What ``dpsweep sweep --dry-run`` prints is `sweeps.describe`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from sweeps.spec import GridPoint, SpecError, SweepSpec
 from trainables import names as N
 from trainables.config import PrivacyConfig, PrivacyUnit, is_private
 from trainables.data.registry import check_dataset_name, ensure_prepared, prepared_folder
+from trainables.data.splits import subset_key, train_subset
 from trainables.data.synthetic import SYNTHETIC_DATASETS, sample_cohort
 from trainables.models import InitError, ResolvedInit, resolve_init
 from trainables.point import TrialPoint, run_tags
@@ -93,6 +95,12 @@ def _first_given(*choices: tuple[str, str | None]) -> tuple[str, str]:
     raise AssertionError("the default is always given")
 
 
+def plan_key(dataset: str, train_fraction: float = 1.0) -> str:
+    """A dataset plan's key in `SweepPlan.privacy_plans` and `SweepPlan.subsets`: the dataset's name for the whole
+    training split, ``<name>[train_fraction=<f>]`` for a subset."""
+    return dataset if train_fraction == 1 else f"{dataset}[train_fraction={train_fraction:g}]"
+
+
 @dataclass(frozen=True)
 class DatasetPlan:
     """A training set's size and, for the sweep's batch size and epochs, its (image-level) sampling rate and steps.
@@ -111,6 +119,14 @@ class DatasetPlan:
     estimated: bool = False
     n_patients: int | None = None
     patient_images: int | None = None
+    train_fraction: float = 1.0
+    """The nested subset of the training patients this plan is for (`trainables.data.splits.train_subset`): N,
+    N_patients, k, q and steps are the subset's."""
+
+    @property
+    def key(self) -> str:
+        """`plan_key` of this plan."""
+        return plan_key(self.name, self.train_fraction)
 
     def n_records(self, unit: str) -> int:
         """N of the privacy unit: training images, or training patients."""
@@ -129,12 +145,29 @@ class SweepPlan:
     spec: SweepSpec
     paths: SweepPaths
     trials: list[TrialPoint]  # grid mode; empty for search: optuna (trials are proposed while it runs)
-    datasets: dict[str, DatasetPlan]
+    datasets: dict[str, DatasetPlan]  # the whole training splits, by dataset name
     privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = field(default_factory=dict)
-    """(dataset, target epsilon, unit) -> the planned privacy config of that cell (`plan_privacy`; grid mode)."""
+    """(dataset plan's key, target epsilon, unit) -> the planned privacy config of that cell (`plan_privacy`; grid
+    mode). The key is the dataset's name, or a subset's `DatasetPlan.key`."""
     inits: dict[tuple[str, str], ResolvedInit] = field(default_factory=dict)  # (model, init) -> weights
     notes: tuple[str, ...] = ()  # dry run: what must be fixed before the sweep can run
     pretrain_n: int | None = None  # training images of the pretrain dataset (the domain init), if any
+    subsets: dict[str, DatasetPlan] = field(default_factory=dict)
+    """The nested training subsets of ``data.train_fraction`` below 1, by `DatasetPlan.key`."""
+
+    def dataset_plan(self, dataset: str, train_fraction: float = 1.0) -> DatasetPlan:
+        """The plan of ``dataset``'s training split, or of its subset of ``train_fraction``."""
+        if train_fraction == 1:
+            return self.datasets[dataset]
+        return self.subsets[plan_key(dataset, train_fraction)]
+
+    def dataset_plans(self) -> list[DatasetPlan]:
+        """Every dataset plan: each training set, then its subsets in the order of ``data.train_fraction``."""
+        return [
+            plan
+            for name, whole in self.datasets.items()
+            for plan in (whole, *(s for s in self.subsets.values() if s.name == name))
+        ]
 
     @property
     def n_trials(self) -> int:
@@ -146,14 +179,18 @@ class SweepPlan:
 
 def trial_name(spec: SweepSpec, point: GridPoint) -> TrialName:
     """``<init>-eps<eps>-clip<C>-lr<lr>-seed<seed>``, prefixed by the model and dataset when the sweep has
-    several of them (``convnext_small-chexpert-imagenet-eps1-...``), and followed by ``-image``/``-patient`` when it
-    has both privacy units; run name ``<init> ε<eps> c<C> lr<lr> s<seed>`` with the same prefix and unit."""
+    several of them (``convnext_small-chexpert-imagenet-eps1-...``), followed by ``-image``/``-patient`` when it
+    has both privacy units and by ``-frac<f>`` for a training subset (``data.train_fraction`` below 1: a trial on the
+    whole split keeps the key it had before the axis existed, so fractions extend a sweep); run name ``<init>
+    ε<eps> c<C> lr<lr> s<seed>`` with the same prefix, unit and `` frac<f>``."""
     name = point.cell.name.then(
         f"-clip{point.max_grad_norm:g}-lr{point.lr:g}-seed{point.seed}",
         f" c{point.max_grad_norm:g} lr{point.lr:g} s{point.seed}",
     )
     if len(spec.axes.privacy_unit) > 1:
         name = name.then(f"-{point.privacy_unit}", f" {point.privacy_unit}")
+    if point.train_fraction != 1:
+        name = name.then(f"-frac{point.train_fraction:g}", f" frac{point.train_fraction:g}")
     return name
 
 
@@ -181,6 +218,8 @@ def spec_settings(spec: SweepSpec) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
+    if spec.axes.train_fraction == (1.0,):  # the default, as sweeps before the axis: same fingerprint, resumable
+        del settings["axes"]["train_fraction"]
     plain: dict[str, Any] = json.loads(_settings_json(settings))
     return plain
 
@@ -225,10 +264,11 @@ def _plan_sweep(
     spec: SweepSpec, paths: SweepPaths, run_pretrain_stage: bool, dry_run: bool, log: Log, cache_path: Path
 ) -> SweepPlan:
     notes: list[str] = []
-    datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
+    datasets, subsets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
     p = spec.privacy
     privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = {}
-    for dataset, unit in ((d, u) for d in datasets.values() for u in spec.axes.privacy_unit):
+    plans = (*datasets.values(), *subsets.values())
+    for dataset, unit in ((d, u) for d in plans for u in spec.axes.privacy_unit):
         try:
             n_records = dataset.n_records(unit)
         except SpecError as error:
@@ -241,8 +281,8 @@ def _plan_sweep(
         )
         if batch > n_records:
             raise SpecError(
-                f"{spec.source}: {where} = {batch} is larger than {dataset.name}'s {n_records} training {unit}s; "
-                f"choose at most {n_records}"
+                f"{spec.source}: {where} = {batch} is larger than {dataset.key}'s {n_records} training {unit}s; "
+                f"choose at most {n_records}" + _subset_fix(dataset)
             )
         for i, eps in enumerate(spec.axes.target_epsilon):
             privacy = cell_privacy(spec, eps, unit)
@@ -251,14 +291,15 @@ def _plan_sweep(
             except ValueError as error:
                 unit_note = "" if unit == "image" else ", N = training patients"
                 raise SpecError(
-                    f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.name}{unit_note}): {error}"
+                    f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.key}{unit_note}): {error}"
+                    + _subset_fix(dataset)
                 ) from None
             if spec.search == "grid":
                 try:
-                    privacy_plans[(dataset.name, eps, unit)] = plan_privacy(privacy, n_records, cache_path=cache_path)
+                    privacy_plans[(dataset.key, eps, unit)] = plan_privacy(privacy, n_records, cache_path=cache_path)
                 except ValueError as error:
                     raise SpecError(
-                        f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.name}): no noise "
+                        f"{spec.source}: privacy.target_epsilon[{i}] = {eps:g} ({dataset.key}): no noise "
                         f"multiplier meets it ({error}); raise the target, or lower "
                         "privacy.calibration_tolerance below it"
                     ) from None
@@ -277,7 +318,8 @@ def _plan_sweep(
     if spec.search == "grid":
         tags = provenance_tags()
         for point in spec.grid():
-            dataset = datasets[point.dataset]
+            key = plan_key(point.dataset, point.train_fraction)
+            dataset = datasets[key] if point.train_fraction == 1 else subsets[key]
             trials.append(
                 make_trial(
                     spec,
@@ -286,21 +328,33 @@ def _plan_sweep(
                     inits[(point.model, point.init)],
                     point,
                     trial_name(spec, point),
-                    privacy=privacy_plans[(dataset.name, point.target_epsilon, point.privacy_unit)],
+                    privacy=privacy_plans[(dataset.key, point.target_epsilon, point.privacy_unit)],
                     provenance_tags=tags,
                 )
             )
-    return SweepPlan(spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n)
+    return SweepPlan(
+        spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n, subsets
+    )
+
+
+def _subset_fix(dataset: DatasetPlan) -> str:
+    """The fix a subset's planning error adds."""
+    if dataset.train_fraction == 1:
+        return ""
+    return f" (data.train_fraction = {dataset.train_fraction:g} trains on {dataset.n_train} images); or raise it"
 
 
 def _dataset_plans(
     spec: SweepSpec, paths: SweepPaths, dry_run: bool, notes: list[str]
-) -> tuple[dict[str, DatasetPlan], int | None]:
+) -> tuple[dict[str, DatasetPlan], dict[str, DatasetPlan], int | None]:
     """Prepare (for a dry run: draw, read or estimate, `_manifest`) every dataset the sweep reads; plans for the
-    training sets and the pretrain dataset's training-split size."""
+    training sets, for their subsets (``data.train_fraction`` below 1, by `DatasetPlan.key`) and the pretrain
+    dataset's training-split size."""
     from sweeps.estimate import ESTIMATED_TRAIN_IMAGES, ESTIMATED_TRAIN_PATIENTS
 
     datasets: dict[str, DatasetPlan] = {}
+    subsets: dict[str, DatasetPlan] = {}
+    fractions = [f for f in spec.axes.train_fraction if f != 1]
     pretrain_n = None
     pretrain = [spec.pretrain.dataset] if spec.pretrain else []
     for name in dict.fromkeys((*spec.data.train, *spec.data.external, *pretrain)):
@@ -312,23 +366,54 @@ def _dataset_plans(
             notes.append(str(error))
             n_train, estimated = ESTIMATED_TRAIN_IMAGES[name], True
             n_patients, patient_images = ESTIMATED_TRAIN_PATIENTS.get(name), None
+            train = None
         else:
             train = manifest[manifest["split"] == "train"]
             n_train, estimated = len(train), False
-            has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
-            n_patients = int(train["patient_id"].nunique()) if has_ids else None
-            patient_images = int(train["patient_id"].value_counts().max()) if has_ids and len(train) else 1
+            n_patients, patient_images = _patients(train)
         if name in spec.data.train:
-            if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
-                raise SpecError(
-                    f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
-                    f"larger than {name}'s {n_train} training images; choose at most {n_train}"
-                )
-            q, steps = schedule(spec.privacy, n_train)
-            datasets[name] = DatasetPlan(name, n_train, q, steps, estimated, n_patients, patient_images)
+            datasets[name] = _dataset_plan(spec, name, n_train, estimated, n_patients, patient_images)
+            for fraction in fractions:
+                if train is None:  # estimated: the subset's share of the estimates
+                    n_sub = math.ceil(fraction * n_train)
+                    patients_sub = None if n_patients is None else math.ceil(fraction * n_patients)
+                    plan = _dataset_plan(spec, name, n_sub, True, patients_sub, None, fraction)
+                else:
+                    keep = train_subset(train["patient_id"].to_numpy(), subset_key(paths.data_root, name), fraction)
+                    subset = train[keep]
+                    plan = _dataset_plan(spec, name, len(subset), False, *_patients(subset), fraction)
+                subsets[plan.key] = plan
         if name in pretrain:
             pretrain_n = n_train
-    return datasets, pretrain_n
+    return datasets, subsets, pretrain_n
+
+
+def _patients(train: pd.DataFrame) -> tuple[int | None, int]:
+    """(N_patients, the largest number of images of one patient) of a training split; (None, 1) without patient
+    ids (every patient id an image id)."""
+    has_ids = bool((train["patient_id"].astype(str) != train["image_id"].astype(str)).any())
+    n_patients = int(train["patient_id"].nunique()) if has_ids else None
+    return n_patients, int(train["patient_id"].value_counts().max()) if has_ids and len(train) else 1
+
+
+def _dataset_plan(
+    spec: SweepSpec,
+    name: str,
+    n_train: int,
+    estimated: bool,
+    n_patients: int | None,
+    patient_images: int | None,
+    train_fraction: float = 1.0,
+) -> DatasetPlan:
+    """The plan of a training set (or subset) of ``n_train`` images: its image-level q and steps."""
+    plan = DatasetPlan(name, n_train, 0.0, 0, estimated, n_patients, patient_images, train_fraction)
+    if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
+        raise SpecError(
+            f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
+            f"larger than {plan.key}'s {n_train} training images; choose at most {n_train}" + _subset_fix(plan)
+        )
+    q, steps = schedule(spec.privacy, n_train)
+    return dataclasses.replace(plan, sample_rate=q, steps=steps)
 
 
 def _manifest(spec: SweepSpec, paths: SweepPaths, name: str, dry_run: bool) -> pd.DataFrame:
@@ -412,7 +497,10 @@ def make_trial(
     )
     p = config.privacy
     guarantee = guarantee_statement(p, n_records, pos_weight=config.pos_weight)
-    patients = {"n_patients": n_records} if unit == "patient" else {}
+    patients: dict[str, float] = {"n_patients": n_records} if unit == "patient" else {}
+    if spec.axes.train_fraction != (1.0,):  # a data-scale sweep: every trial says its fraction and N_patients
+        counted = {} if dataset.n_patients is None else {"n_patients": dataset.n_patients}
+        patients = {"train_fraction": point.train_fraction, **counted, **patients}
     params = {
         **{k: str(v) if isinstance(v, list) else v for k, v in config.to_flat().items()},
         "n_train": dataset.n_train,

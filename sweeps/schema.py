@@ -6,8 +6,8 @@ import this module; it imports neither). A section that sets trial fields *is* t
 `EvaluationSettings`, ``speed:`` a `SpeedConfig`, ``pretrain:`` a `PretrainConfig`, and ``data:`` a `DataSpec`,
 which is `DataSettings` plus the dataset lists and folders. The grid axes (``privacy.target_epsilon``,
 ``privacy.max_grad_norm``, ``privacy.privacy_unit``, ``training.lr``, ``training.seed``, ``data.train``,
-``model``, ``inits``) are lists of one trial field's values; `SweepSpec.trial_config` builds the trial of one
-grid point in one construction, so every config check sees a real trial.
+``data.train_fraction``, ``model``, ``inits``) are lists of one trial field's values; `SweepSpec.trial_config`
+builds the trial of one grid point in one construction, so every config check sees a real trial.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ class GridAxes:
     lr: tuple[float, ...] = (TrialConfig.lr,)
     seed: tuple[int, ...] = (TrialConfig.seed,)
     privacy_unit: tuple[PrivacyUnit, ...] = (PrivacyConfig.privacy_unit,)
+    train_fraction: tuple[float, ...] = (TrialConfig.train_fraction,)
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class GridPoint:
     lr: float
     seed: int
     privacy_unit: PrivacyUnit
+    train_fraction: float = TrialConfig.train_fraction
 
     @property
     def model(self) -> str:
@@ -239,14 +241,16 @@ class SweepSpec:
         return (f"{model}-" if len(self.models) > 1 else "") + (f"{dataset}-" if len(self.data.train) > 1 else "")
 
     def grid(self) -> list[GridPoint]:
-        """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit, in a stable order."""
+        """The grid points: model x dataset x init x epsilon x clip x lr x seed x privacy unit x train fraction, in a
+        stable order."""
         return [
-            GridPoint(cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u)
+            GridPoint(cell, max_grad_norm=c, lr=lr, seed=s, privacy_unit=u, train_fraction=f)
             for cell in self.cells()
             for c in self.axes.max_grad_norm[cell.model]
             for lr in self.axes.lr
             for s in self.axes.seed
             for u in self.axes.privacy_unit
+            for f in self.axes.train_fraction
         ]
 
     def init_weights_for(self, init: str, model: str) -> str | None:
@@ -284,6 +288,7 @@ class SweepSpec:
             init_weights=init_weights,
             lr=point.lr,
             seed=point.seed,
+            train_fraction=point.train_fraction,
             privacy=PrivacyConfig(
                 **{
                     **_values(self.privacy),

@@ -4,8 +4,8 @@ A sweep file is YAML (reference: ``docs/sweep-spec.md``), read strictly (`read_s
 no key given twice, only ``true``/``false`` as booleans. Its types are `sweeps.schema`'s: each section that sets
 trial fields is the trial's own config class (`trainables.config`), so a setting has one name and one default from
 the YAML to the optimizer; ``privacy.target_epsilon``, ``privacy.max_grad_norm``, ``privacy.privacy_unit``,
-``training.lr`` and ``training.seed`` are lists, the grid axes (`GridAxes`) of the trial field they name; each
-``optuna:`` range is named after the field it searches. Closed sets are the `Literal` types of
+``training.lr``, ``training.seed`` and ``data.train_fraction`` are lists, the grid axes (`GridAxes`) of the trial
+field they name; each ``optuna:`` range is named after the field it searches. Closed sets are the `Literal` types of
 `trainables.config`, checked in one place (`_coerce`).
 
 Any problem raises `SpecError` naming the field path, the value and the fix, before Ray or any trial starts: a
@@ -84,6 +84,7 @@ AXES: dict[str, tuple[str, Any]] = {
     "training.lr": ("lr", tuple[float, ...]),
     "training.seed": ("seed", tuple[int, ...]),
     "privacy.privacy_unit": ("privacy_unit", tuple[PrivacyUnit, ...]),
+    "data.train_fraction": ("train_fraction", tuple[float, ...]),
 }
 """Grid axes given inside their sections: field path -> (`GridAxes` field, type)."""
 NOT_SETTABLE = {

@@ -19,10 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXTENDABLE = ("privacy.target_epsilon", "privacy.max_grad_norm", "training.lr", "training.seed", "inits")
+EXTENDABLE = (
+    "privacy.target_epsilon",
+    "privacy.max_grad_norm",
+    "training.lr",
+    "training.seed",
+    "inits",
+    "data.train_fraction",
+)
 """Sweep-file fields whose added values extend a sweep: each adds trials and leaves every old trial's config and key
-as they were. Not ``model``, ``data.train`` or ``privacy.privacy_unit``: a second value of one of those renames every
-trial (its key gains the model, the dataset or the unit)."""
+as they were (a trial on the whole training split has no fraction in its key). Not ``model``, ``data.train`` or
+``privacy.privacy_unit``: a second value of one of those renames every trial (its key gains the model, the dataset or
+the unit)."""
+DEFAULT_TRAIN_FRACTION = [1.0]
+"""``data.train_fraction`` of settings that do not record it (`sweeps.plan.spec_settings` leaves the default out)."""
 DOMAIN_INIT = "domain"  # the init the `pretrain:` section makes
 SETTINGS_FIELDS = {
     "axes.target_epsilon": "privacy.target_epsilon",
@@ -30,6 +40,7 @@ SETTINGS_FIELDS = {
     "axes.lr": "training.lr",
     "axes.seed": "training.seed",
     "axes.privacy_unit": "privacy.privacy_unit",
+    "axes.train_fraction": "data.train_fraction",
     "models": "model",
 }
 """Path in `sweeps.plan.spec_settings` -> the sweep-file field it comes from (where they differ)."""
@@ -147,6 +158,10 @@ def refusal(change: SettingChange, old_settings: dict[str, Any]) -> str | None:
         return "an Optuna search is not extended"
     old_inits = old_settings.get("inits") or []
     name = change.field
+    if name == "data.train_fraction":
+        old = DEFAULT_TRAIN_FRACTION if change.old is ABSENT else change.old
+        new = DEFAULT_TRAIN_FRACTION if change.new is ABSENT else change.new
+        change = SettingChange(name, old, new)
     if name in EXTENDABLE or name.startswith("privacy.max_grad_norm."):
         if change.old is ABSENT or change.new is ABSENT:
             return "the models changed"

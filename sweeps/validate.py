@@ -63,6 +63,7 @@ def validate(spec: SweepSpec) -> None:
         ("training.seed", axes.seed),
         ("inits", spec.inits),
         ("privacy.privacy_unit", axes.privacy_unit),
+        ("data.train_fraction", axes.train_fraction),
         *(
             (f"privacy.max_grad_norm.{m}" if len(axes.max_grad_norm) > 1 else "privacy.max_grad_norm", clips)
             for m, clips in axes.max_grad_norm.items()
@@ -263,6 +264,7 @@ SWEEP_FILE_PATHS: dict[str, str] = {
     **{f.name: f"evaluation.{f.name}" for f in fields(EvaluationSettings)},
     "lr": "training.lr",
     "seed": "training.seed",
+    "train_fraction": "data.train_fraction",
     "dataset": "data.train",
     "external_datasets": "data.external",
     "data_root": "data.root",
@@ -343,6 +345,7 @@ def _axis_path(spec: SweepSpec, point: GridPoint, field: str) -> str | None:
         "privacy.privacy_unit": ("privacy.privacy_unit", axes.privacy_unit, point.privacy_unit),
         "lr": ("training.lr", axes.lr, point.lr),
         "seed": ("training.seed", axes.seed, point.seed),
+        "train_fraction": ("data.train_fraction", axes.train_fraction, point.train_fraction),
         "dataset": ("data.train", spec.data.train, point.dataset),
         "model": ("model", spec.models, point.model),
         "init": ("inits", spec.inits, point.init),
@@ -510,6 +513,12 @@ def _validate_search(spec: SweepSpec) -> None:
             len(spec.axes.seed) == 1,
             spec,
             f"training.seed = {list(spec.axes.seed)}: search: optuna uses one seed per study; give one",
+        )
+        _require(
+            spec.axes.train_fraction == (1.0,),
+            spec,
+            f"data.train_fraction = {list(spec.axes.train_fraction)}: search: optuna trains on the whole training "
+            "split; remove data.train_fraction, or use search: grid to sweep the data scale",
         )
         for name in OptunaSpec.RANGES:
             bounds = getattr(o, name)

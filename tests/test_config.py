@@ -126,6 +126,7 @@ def test_a_valid_config_builds_and_round_trips_with_the_same_flat_keys():
         make(privacy={"target_epsilon": 0.02, "calibration_tolerance": 0.01}),
         make(input_mean=1.0, input_std=0.01, image_size=MAX_IMAGE_SIZE, n_boot=MAX_BOOTSTRAP),
         make(lr=0.5, weight_decay=1.99),  # lr x weight_decay < 1
+        make(train_fraction=0.25),  # a nested subset of the training patients
     ],
 )
 def test_valid_edge_cases_build_and_round_trip(valid):
@@ -136,7 +137,7 @@ def test_every_field_name_is_unique_across_the_nested_configs():
     """`to_flat` drops the section prefix, so a name may belong to one config only."""
     names = [f.name for f in fields(TrialConfig) if f.name not in NESTED]
     names += [f.name for kind in (PrivacyConfig, SpeedConfig) for f in fields(kind)]
-    assert len(names) == len(set(names)) == len(FLAT_KEYS)
+    assert len(names) == len(set(names)) == len(FLAT_KEYS) + 1  # + train_fraction: flat only below 1
 
 
 def test_each_setting_is_declared_once():

@@ -524,6 +524,9 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
             of everything that is not the DP mechanism (model init, shuffling of non-private trials, evaluation,
             the self-check's samples).
         external_datasets: datasets whose test split the final model is also evaluated on.
+        train_fraction: the share of the training split's patients the trial trains on (``data.train_fraction``, a
+            grid axis), in (0, 1]: the nested, patient-level subset of `trainables.data.splits.train_subset`;
+            validation and test are never subsampled. N (images, patients), q and steps are the subset's.
     """
 
     sweep: str
@@ -537,6 +540,7 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
     privacy: PrivacyConfig
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     external_datasets: tuple[str, ...] = ()
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -548,6 +552,12 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         _check_positive("lr", self.lr, "0.001")
         _check_weight_decay("weight_decay", self.weight_decay, self.lr, "training.lr")
         _check_seed("seed", self.seed)
+        _check(
+            _finite(self.train_fraction) and 0 < self.train_fraction <= 1,
+            "train_fraction",
+            self.train_fraction,
+            " must be a number in (0, 1], the share of training patients, e.g. 0.25 (1: the whole training split)",
+        )
         self._check_sections()
 
     def _check_sections(self) -> None:
@@ -574,10 +584,13 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
 
     def to_flat(self) -> dict[str, Any]:
         """One flat dict of every field, nested ones included under their own (unique) names: Ray's param space,
-        the trial's MLflow params and its trials.parquet columns. Tuples become lists."""
+        the trial's MLflow params and its trials.parquet columns. Tuples become lists. ``train_fraction`` only when
+        below 1, so a trial on the whole training split has the keys (params, columns) of the trials before it."""
         flat: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "train_fraction" and value == 1:
+                continue
             if f.name in NESTED:
                 flat.update({g.name: getattr(value, g.name) for g in fields(value)})
             else:

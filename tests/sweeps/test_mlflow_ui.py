@@ -391,6 +391,15 @@ def test_views_name_the_headline_columns_and_fit_in_an_experiment_tag():
     assert M.EPSILON not in json.dumps(charts)  # non-private runs have none: a chart of it would drop them
 
 
+def test_a_data_scale_sweep_charts_test_auroc_against_n_train():
+    plain, scale = ui.charts_view_state(["nih"]), ui.charts_view_state(["nih"], data_scale=True)
+    added = [c for c in scale["compareRunCharts"] if c not in plain["compareRunCharts"]]
+    assert [(c["type"], c["xaxis"], c["yaxis"]) for c in added] == [
+        ("SCATTER", {"key": "n_train", "type": "PARAM"}, {"key": M.TEST_AUROC_MACRO, "type": "METRIC"})
+    ]
+    assert len(ui.envelope("view", scale, 1, 2)) <= ui.MAX_TAG_VALUE
+
+
 def test_the_runs_view_puts_the_headline_metrics_first_and_sizes_them_by_their_names():
     state = ui.runs_view_state(["padchest"])
     order = state["columnOrder"]

@@ -85,6 +85,10 @@ def test_an_added_seed_extends_the_sweep_with_exactly_its_trials(tmp_path):
             {"inits": ["random", "domain"], "pretrain": {"dataset": "synthetic-source", "epochs": 1}},
             ["domain-eps2-clip1-lr0.002-seed0"],
         ),
+        (  # a sweep without the axis gains subsets of its training split: its trial keeps its key
+            {"data": {"train_fraction": [0.25, 0.5, 1.0]}},
+            ["random-eps2-clip1-lr0.002-seed0-frac0.25", "random-eps2-clip1-lr0.002-seed0-frac0.5"],
+        ),
     ],
 )
 def test_added_targets_lrs_clips_and_inits_extend_the_sweep(tmp_path, edit, added):
@@ -113,6 +117,7 @@ def test_a_changed_setting_is_refused_naming_each_field_with_old_and_new_value(t
             "privacy.privacy_unit: [image] -> [image, patient]",
         ),
         ({"init_weights": {"random": "w.safetensors"}}, "init_weights.random: (not set) -> w.safetensors"),
+        ({"data": {"train_fraction": [0.5]}}, "data.train_fraction: (not set) -> [0.5] (removes 1.0)"),
     ],
 )
 def test_removed_values_and_axes_that_rename_trials_are_refused(tmp_path, edit, line):

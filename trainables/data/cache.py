@@ -182,6 +182,17 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def take(self, keep: np.ndarray) -> SplitData:
+        """The rows where ``keep`` (bool [n]) is true, in their order."""
+        return SplitData(
+            images=self.images,
+            rows=self.rows[keep],
+            labels=self.labels[keep],
+            sex=self.sex[keep],
+            age=self.age[keep],
+            patient_id=self.patient_id[keep],
+        )
+
 
 @dataclass(frozen=True)
 class Cache:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from trainables.config import TrialConfig
 from trainables.data.cache import SplitData, open_cache
+from trainables.data.splits import subset_key, train_subset
 from trainables.names import dataset_dir
 
 DATA_ON_DEVICE_BUDGET = 0.1
@@ -138,14 +139,19 @@ class TrialData:
 
 
 def load_trial_data(cfg: TrialConfig) -> TrialData:
-    """Open the trial's dataset (train, val, test) and the test split of each external dataset."""
+    """Open the trial's dataset (train, val, test) and the test split of each external dataset; the training split
+    is the nested subset of ``cfg.train_fraction`` of its patients (`trainables.data.splits.train_subset`)."""
 
     def dataset(name: str, split: str) -> CacheSplitDataset:
         cache = open_cache(dataset_dir(cfg.data_root, name, cfg.image_size))
         return CacheSplitDataset(cache.split(split), mean=cfg.input_mean, std=cfg.input_std)
 
+    train = dataset(cfg.dataset, "train")
+    if cfg.train_fraction < 1:
+        keep = train_subset(train.split.patient_id, subset_key(cfg.data_root, cfg.dataset), cfg.train_fraction)
+        train = CacheSplitDataset(train.split.take(keep), mean=cfg.input_mean, std=cfg.input_std)
     return TrialData(
-        train=dataset(cfg.dataset, "train"),
+        train=train,
         val=dataset(cfg.dataset, "val"),
         test=dataset(cfg.dataset, "test"),
         external={name: dataset(name, "test") for name in cfg.external_datasets},

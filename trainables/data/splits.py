@@ -28,6 +28,21 @@ SHA-256), which tells whether two preparations used the same key and reveals not
 Caches prepared before (a card with a ``split_method`` but no ``split_key_id``) are refused where a sweep or trial
 opens them (`check_split_current`), with the ``dpsweep prepare`` command that re-splits them; a fully official
 split (official train, validation and test) is the same under both rules and stays usable.
+
+Nested training subsets (``data.train_fraction``, `train_subset`). A trial on a fraction f of the training split
+trains on the training patients (all of their images) whose subset uniform is below f: ``u_subset`` is the top 53
+bits of ``HMAC-SHA256(k', patient id)[0:8]`` divided by 2^53, where ``k' = HMAC-SHA256(k, SUBSET_KEY_LABEL)`` is
+derived from the split key under its own label, so it is independent of the split's uniforms (which hash the ids
+under ``k`` itself). Validation and test are never subsampled. What holds, as for the split: a subset is whole
+patients; the subsets of one key are nested (0.25 inside 0.5 inside 1); the seed, the trial and the other datasets
+play no part; and a patient's membership depends on its own id and the key only, so adding or removing a patient
+moves nobody else in or out of any subset. A trial's add/remove neighbours on the training split are therefore
+add/remove neighbours (or equal) on its subset, and its guarantee carries over unchanged. (Taking the first
+ceil(f x P) patients of a keyed order instead would give exact sizes, but adding one patient could push the
+boundary patient out: neighbouring datasets would give subsets that differ in two patients.) Sizes are binomial,
+about f x P patients; the subset's own N is what the planner uses and releases. A dataset without a key file (the
+synthetic twin, whose split key is public anyway, or a cache written by other code) uses `public_subset_key` of its
+name.
 """
 
 from __future__ import annotations
@@ -56,6 +71,8 @@ DEFAULT_TEST_FRACTION = 0.2
 """Share of patients drawn for test (where no official split exists; the study's 20 %)."""
 FULLY_OFFICIAL = "official split; official validation split"
 """The split method of a dataset whose three splits are all official (no key decides anything)."""
+SUBSET_KEY_LABEL = b"dpsweep nested training subsets"
+"""The label the subsets' key is derived under (`subset_uniforms`): a domain of its own beside the split's."""
 
 __all__ = [
     "DEFAULT_TEST_FRACTION",
@@ -65,15 +82,20 @@ __all__ = [
     "SPLIT_KEY_FILE",
     "SplitKeyError",
     "StaleSplitError",
+    "SubsetError",
     "assign_splits",
     "check_split_current",
     "key_id",
     "keyed_split",
+    "public_subset_key",
     "read_split_key",
     "resolve_split_key",
     "resplit_command",
     "split_key_path",
     "split_uniforms",
+    "subset_key",
+    "subset_uniforms",
+    "train_subset",
 ]
 
 
@@ -173,6 +195,88 @@ def assign_splits(
     else:
         method += "; official validation split"
     return split.astype(str), method
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nested training subsets
+
+
+class SubsetError(UserError, ValueError):
+    """A training subset cannot be drawn: a bad fraction, or a real dataset whose split key file is missing."""
+
+
+def subset_uniforms(patient_ids: np.ndarray, key: bytes) -> np.ndarray:
+    """Each patient id's subset uniform on [0, 1) under ``key`` (module docstring): the top 53 bits of
+    ``HMAC-SHA256(HMAC-SHA256(key, SUBSET_KEY_LABEL), id)[0:8]`` (big endian) divided by 2^53.
+
+    Args:
+        patient_ids: str [n] (repeats allowed: equal ids give equal values).
+        key: the dataset's split key (`subset_key`).
+
+    Returns:
+        float64 [n].
+    """
+    order_key = hmac.digest(key, SUBSET_KEY_LABEL, "sha256")
+    unique, inverse = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    values = np.empty(len(unique))
+    for i, patient in enumerate(unique.tolist()):
+        digest = hmac.digest(order_key, patient.encode("utf-8"), "sha256")
+        values[i] = (int.from_bytes(digest[0:8], "big") >> 11) / 2.0**53
+    return values[inverse]
+
+
+def train_subset(patient_ids: np.ndarray, key: bytes, fraction: float) -> np.ndarray:
+    """Which training images belong to the nested subset of ``fraction``: every image of the patients whose
+    `subset_uniforms` value is below ``fraction`` (about ``fraction`` of the patients; binomial).
+
+    Args:
+        patient_ids: str [n], the training split's patient id per image.
+        key: the dataset's split key (`subset_key`).
+        fraction: in (0, 1]; 1 keeps every image.
+
+    Returns:
+        bool [n].
+
+    Raises:
+        SubsetError: ``fraction`` is not in (0, 1].
+    """
+    ids = np.asarray(patient_ids, dtype=str)
+    if isinstance(fraction, bool) or not (isinstance(fraction, int | float) and 0 < fraction <= 1):
+        raise SubsetError(f"train_fraction = {fraction!r} must be a number in (0, 1], e.g. 0.25 (1: every patient)")
+    if fraction == 1:
+        return np.ones(len(ids), dtype=bool)
+    return subset_uniforms(ids, key) < fraction
+
+
+def public_subset_key(dataset: str) -> bytes:
+    """The subsets' key of a dataset without a split key file: SHA-256 of a fixed text and its name (public)."""
+    return hashlib.sha256(f"dpsweep public subset key\0{dataset}".encode()).digest()
+
+
+def subset_key(data_root: str | Path, dataset: str) -> bytes:
+    """The key that draws ``dataset``'s training subsets (`train_subset`): its split key file
+    (`split_key_path`), or `public_subset_key` where it has none and no prepared size records a key (the synthetic
+    twin; caches written by other code).
+
+    Raises:
+        SubsetError: a prepared size's card records a split key (``split_key_id``) but the key file is missing (the
+            subsets would silently change); restore the key.
+    """
+    path = split_key_path(data_root, dataset)
+    if path.exists():
+        return read_split_key(path)
+    for card_path in sorted((Path(data_root) / dataset).glob(f"*/{CARD_FILE}")):
+        try:
+            recorded = json.loads(card_path.read_text()).get("split_key_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded is not None:
+            raise SubsetError(
+                f"data.train_fraction on {dataset}: {path} is missing, but {card_path.parent} was split with a key "
+                f"(id {recorded}), which also draws the nested training subsets; restore the dataset's "
+                f"{SPLIT_KEY_FILE} there, or use data.train_fraction: 1"
+            )
+    return public_subset_key(dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------
