@@ -135,9 +135,15 @@ class SweepPlan:
     inits: dict[tuple[str, str], ResolvedInit] = field(default_factory=dict)  # (model, init) -> weights
     notes: tuple[str, ...] = ()  # dry run: what must be fixed before the sweep can run
     pretrain_n: int | None = None  # training images of the pretrain dataset (the domain init), if any
+    selections: dict[str, Any] = field(default_factory=dict)
+    """search: private_selection: cell key -> its calibrated selection (`sweeps.selection.CellSelection`)."""
 
     @property
     def n_trials(self) -> int:
+        """The trials the sweep runs; for a private selection the trials it releases at most (one per cell): how
+        many candidates run is secret."""
+        if self.spec.search == "private_selection":
+            return len(self.spec.cells())
         if self.spec.search == "optuna":
             assert self.spec.optuna is not None
             return len(self.spec.cells()) * self.spec.optuna.trials_per_target
@@ -179,6 +185,8 @@ def spec_settings(spec: SweepSpec) -> dict[str, Any]:
     audited), as plain JSON values: what `spec_fingerprint` hashes and ``sweep.json`` records, so that a later run
     of the sweep can name what changed (`sweeps.state`)."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
+    if settings["selection"] is None:  # absent from sweeps started before private selection: same fingerprint
+        del settings["selection"]
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
     plain: dict[str, Any] = json.loads(_settings_json(settings))
@@ -235,9 +243,11 @@ def _plan_sweep(
             raise SpecError(f"{spec.source}: {error}") from None
         # Optuna: the range's high end, which the adaptive tuning bound covers (`sweeps.tuning_cost`).
         batch, where = (
-            (p.expected_batch_size, "privacy.expected_batch_size")
-            if spec.optuna is None
-            else (max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size")
+            (max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size")
+            if spec.optuna is not None
+            else (max(spec.selection.expected_batch_size), "the largest of selection.expected_batch_size")
+            if spec.selection is not None
+            else (p.expected_batch_size, "privacy.expected_batch_size")
         )
         if batch > n_records:
             raise SpecError(
@@ -262,6 +272,11 @@ def _plan_sweep(
                         f"multiplier meets it ({error}); raise the target, or lower "
                         "privacy.calibration_tolerance below it"
                     ) from None
+    selections: dict[str, Any] = {}
+    if spec.search == "private_selection":
+        from sweeps.selection import plan_selections
+
+        selections = plan_selections(spec, datasets, cache_path)
     inits: dict[tuple[str, str], ResolvedInit] = {}
     for model in spec.models:
         for name in spec.inits:
@@ -290,7 +305,9 @@ def _plan_sweep(
                     provenance_tags=tags,
                 )
             )
-    return SweepPlan(spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n)
+    return SweepPlan(
+        spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n, selections
+    )
 
 
 def _dataset_plans(
@@ -319,7 +336,7 @@ def _dataset_plans(
             n_patients = int(train["patient_id"].nunique()) if has_ids else None
             patient_images = int(train["patient_id"].value_counts().max()) if has_ids and len(train) else 1
         if name in spec.data.train:
-            if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
+            if spec.search == "grid" and spec.privacy.expected_batch_size > n_train:
                 raise SpecError(
                     f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
                     f"larger than {name}'s {n_train} training images; choose at most {n_train}"
