@@ -234,21 +234,13 @@ def _plan_sweep(
 ) -> SweepPlan:
     notes: list[str] = []
     datasets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
-    p = spec.privacy
     privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = {}
     for dataset, unit in ((d, u) for d in datasets.values() for u in spec.axes.privacy_unit):
         try:
             n_records = dataset.n_records(unit)
         except SpecError as error:
             raise SpecError(f"{spec.source}: {error}") from None
-        # Optuna: the range's high end, which the adaptive tuning bound covers (`sweeps.tuning_cost`).
-        batch, where = (
-            (max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size")
-            if spec.optuna is not None
-            else (max(spec.selection.expected_batch_size), "the largest of selection.expected_batch_size")
-            if spec.selection is not None
-            else (p.expected_batch_size, "privacy.expected_batch_size")
-        )
+        batch, where = _largest_batch(spec)
         if batch > n_records:
             raise SpecError(
                 f"{spec.source}: {where} = {batch} is larger than {dataset.name}'s {n_records} training {unit}s; "
@@ -272,11 +264,7 @@ def _plan_sweep(
                         f"multiplier meets it ({error}); raise the target, or lower "
                         "privacy.calibration_tolerance below it"
                     ) from None
-    selections: dict[str, Any] = {}
-    if spec.search == "private_selection":
-        from sweeps.selection import plan_selections
-
-        selections = plan_selections(spec, datasets, cache_path)
+    selections = _selections(spec, datasets, cache_path)
     inits: dict[tuple[str, str], ResolvedInit] = {}
     for model in spec.models:
         for name in spec.inits:
@@ -308,6 +296,25 @@ def _plan_sweep(
     return SweepPlan(
         spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n, selections
     )
+
+
+def _selections(spec: SweepSpec, datasets: dict[str, DatasetPlan], cache_path: Path) -> dict[str, Any]:
+    """A private selection's calibrated cells (`sweeps.selection.plan_selections`); none for other searches."""
+    if spec.search != "private_selection":
+        return {}
+    from sweeps.selection import plan_selections
+
+    return dict(plan_selections(spec, datasets, cache_path))
+
+
+def _largest_batch(spec: SweepSpec) -> tuple[int, str]:
+    """The largest expected batch a trial may use, and where the sweep file sets it. Optuna: the range's high end, which
+    the adaptive tuning bound covers (`sweeps.tuning_cost`); private selection: the largest choice."""
+    if spec.optuna is not None:
+        return max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size"
+    if spec.selection is not None:
+        return max(spec.selection.expected_batch_size), "the largest of selection.expected_batch_size"
+    return spec.privacy.expected_batch_size, "privacy.expected_batch_size"
 
 
 def _dataset_plans(
