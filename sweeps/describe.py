@@ -143,8 +143,10 @@ def dry_run_report(plan: SweepPlan) -> str:
                 bases.add(f"{trial.config.model}: {estimate[1]}")
     else:
         # Optuna: its trials per study; private selection: the expected number of candidates (K itself is secret)
-        epochs = max(spec.optuna.epochs) if spec.optuna is not None else max(spec.selection.epochs)  # type: ignore[union-attr]
-        per_cell = spec.optuna.trials_per_target if spec.optuna is not None else spec.selection.mean_trials  # type: ignore[union-attr]
+        search = spec.optuna or spec.selection
+        assert search is not None
+        epochs = max(search.epochs)
+        per_cell = spec.optuna.trials_per_target if spec.optuna is not None else search.mean_trials
         for cell in spec.cells():
             n_train = plan.datasets[cell.dataset].n_train
             estimate = trial_gpu_seconds(
