@@ -41,6 +41,8 @@ from trainables.point import POINT, TrialPoint
 if TYPE_CHECKING:
     from ray.tune import TuneConfig
 
+    from sweeps.selection import SelectionRun
+
 STATE_FORMAT = 4
 """Version of ``sweep.json`` and of what the sweep was started with. 2: sweep-file fields named after the trial
 settings they set; 3: typed trial points (`trainables.point.TrialPoint`; the Optuna searcher Ray saves holds them);
@@ -154,13 +156,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
     # grid trials, before any runs (those recorded already, on an earlier run of this instance, are not recorded
     # again: an extension records its new trials); Optuna's factory records each trial it makes
     ledger.record(plan.trials)
-    selection = None
-    if spec.search == "private_selection":
-        from sweeps.selection import SelectionRun, selection_paths_note
-
-        selection = SelectionRun.prepare(plan)  # the secret draws, before anything runs
-        selection.record(ledger)  # each cell once, as its selection
-        log(selection_paths_note(paths, spec))
+    selection = _prepare_selection(plan, ledger, log)
 
     import ray
     from ray import tune
@@ -195,24 +191,13 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         if part.status == COMPLETE:
             continue
         if selection is not None:
-            if selection.points:  # a Poisson draw may leave every cell without candidates
-                selection.tuner(trainable, experiment_path).fit()
+            selection.run(trainable)
             continue
         grid = _part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit()
         if len(grid) > grid.num_terminated + grid.num_errors:
             break  # interrupted (Ctrl-C): the later parts wait for the next run
-    released, selection_summary = None, {}
-    if selection is not None:
-        from sweeps.selection import write_public_summary
-
-        # Winners are picked, logged and tabled only once every candidate ended; until then nothing is released.
-        selection_ended = selection.ended(experiment_path)
-        winners = selection.publish(experiment_path, paths.tracking_uri, experiment_id, parent) if selection_ended else {}
-        released = {key for key in winners.values() if key is not None}
-        if selection_ended:
-            write_public_summary(sweep_dir, selection.public_summary(winners))
-            ledger.mark(spec.data.train, dict.fromkeys(plan.selections, "finished"))
-        selection_summary = selection.summary_metrics()
+    outcome = selection.finish(experiment_id, parent, ledger) if selection is not None else None
+    released = outcome.released if outcome is not None else None
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
     results = ray_results(experiment_path, run_ids(client, experiment_id, parent), released)
     trials = results.trials
@@ -220,8 +205,8 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
     if selection is None:
         ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
     results.write(sweep_dir, ledger=(paths.data_root, spec.data.train))
-    if selection is not None:
-        complete = selection_ended
+    if outcome is not None:
+        complete = outcome.ended
     else:
         complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
@@ -233,7 +218,8 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=(selection_summary or tuning_summary(spec, trials)) | ledger_metrics(spec, paths.data_root),
+        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, trials))
+        | ledger_metrics(spec, paths.data_root),
         artifacts=[
             sweep_dir / N.TRIALS_FILE,
             sweep_dir / N.EPOCHS_FILE,
@@ -243,6 +229,19 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         step=len(parts) - 1,
     )
     return trials
+
+
+def _prepare_selection(plan: SweepPlan, ledger: SweepLedger, log: Log) -> SelectionRun | None:
+    """A private selection's candidates (`sweeps.selection.SelectionRun.prepare`: the secret draws, before anything
+    runs), each cell recorded once in the ledger; None for other searches."""
+    if plan.spec.search != "private_selection":
+        return None
+    from sweeps.selection import SelectionRun, selection_paths_note
+
+    selection = SelectionRun.prepare(plan)
+    selection.record(ledger)
+    log(selection_paths_note(plan.paths, plan.spec))
+    return selection
 
 
 def _part_tuner(

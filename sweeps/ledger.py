@@ -242,13 +242,21 @@ def ledger_lines(total: LedgerTotal) -> list[str]:
         f"from {len(total.by_sweep)} sweep(s): {sweeps}",
     ]
     image_runs = total.private_runs - total.patient_level_runs
-    if image_runs:
+    selection = math.isnan(total.epsilon_pld)  # PLD cannot account a private selection (`compose_ledger`)
+    if image_runs and selection:
+        lines.append(
+            f"image level (add/remove one image, N public): epsilon {_eps(total.epsilon_rdp)} (RDP) at delta "
+            f"{total.delta:g}; PLD and replace-one not computed (a private selection's bound is RDP only)"
+        )
+    elif image_runs:
         lines.append(
             f"image level (add/remove one image, N public): epsilon {_eps(total.epsilon_rdp)} (RDP), "
             f"{_eps(total.epsilon_pld)} (PLD) at delta {total.delta:g}; replace-one {_eps(total.epsilon_replace_one)} "
             "(PLD)"
         )
-    if total.epsilon_patient is None:
+    if total.epsilon_patient is None and selection:
+        lines.append("patient level: not computed (a private selection is accounted at the image level only)")
+    elif total.epsilon_patient is None:
         lines.append("patient level: unknown (an image-level run did not record its images per patient)")
     elif total.private_runs:
         lines.append(f"patient level (add/remove one patient with all images): epsilon {_eps(total.epsilon_patient)}")

@@ -36,8 +36,16 @@ import numpy as np
 from sweeps.plan import DatasetPlan, SweepPaths, SweepPlan, cell_privacy, make_trial, provenance_tags
 from sweeps.schema import GridCell, GridPoint, SelectionSpec, SpecError, SweepSpec
 from trainables import names as N
+from trainables.config import PrivacyUnit
 from trainables.point import POINT, TrialPoint
-from trainables.privacy.selection import SelectionPlan, TrialCount, plan_selection, selection_rdp_epsilon
+from trainables.privacy.selection import (
+    SelectionPlan,
+    TrialCount,
+    plan_mechanisms,
+    plan_selection,
+    selection_rdp_epsilon,
+)
+from trainables.privacy.tuning import TrialMechanism
 
 if TYPE_CHECKING:
     from sweeps.ledger import SweepLedger
@@ -71,7 +79,7 @@ class CellSelection:
     """
 
     cell: GridCell
-    unit: str
+    unit: PrivacyUnit
     n_records: int
     plan: SelectionPlan
 
@@ -110,9 +118,7 @@ class CellSelection:
         """``random-eps2: target 2, single-run epsilon 1.62, tuning-inclusive 1.99 (logarithmic, E[K]=4)``."""
         count = self.plan.count
         shape = f", shape {count.shape:g}" if count.distribution == "negative_binomial" and count.shape else ""
-        sigmas = ", ".join(
-            f"B={b} E={e}: sigma {p.noise_multiplier:.4f}" for (b, e), p in self.plan.candidates.items()
-        )
+        sigmas = ", ".join(f"B={b} E={e}: sigma {p.noise_multiplier:.4f}" for (b, e), p in self.plan.candidates.items())
         return (
             f"{self.key}: target {self.cell.target_epsilon:g}, single-run epsilon {self.plan.single_run_epsilon:.4g}, "
             f"tuning-inclusive epsilon {self.plan.epsilon:.4g} ({count.distribution}, E[K]={count.mean:g}{shape}); "
@@ -222,6 +228,21 @@ def write_private(path: Path, payload: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class SelectionOutcome:
+    """What a private selection's run released (`SelectionRun.finish`).
+
+    Attributes:
+        released: the winners' trial keys (the only trials in the tables and MLflow).
+        ended: every candidate ended (the sweep is complete).
+        metrics: the parent run's selection metrics (`SelectionRun.summary_metrics`).
+    """
+
+    released: set[str]
+    ended: bool
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class SelectionRun:
     """A private-selection sweep's candidates and, once they ran, its winners (`prepare`, then `publish`).
 
@@ -289,6 +310,11 @@ class SelectionRun:
             ),
         )
 
+    def run(self, trainable: Any) -> None:
+        """Run (or resume) every candidate (`tuner`); nothing when no cell drew one (Poisson K = 0 everywhere)."""
+        if self.points:
+            self.tuner(trainable, self.plan.paths.ray_experiment(self.plan.spec)).fit()
+
     def ended(self, experiment: Path) -> bool:
         """Whether every candidate ended (finished or failed after its retries): only then are winners picked."""
         if not self.points:
@@ -326,6 +352,19 @@ class SelectionRun:
                 publish_winner(callback, folders[key])
         return winners
 
+    def finish(self, experiment_id: str, parent: str, ledger: SweepLedger) -> SelectionOutcome:
+        """The end of the candidates' run: once every candidate ended, each cell's winner is picked and published
+        (`publish`), ``selection.json`` written and the cells marked finished in the ledger; until then nothing is
+        released."""
+        paths, spec = self.plan.paths, self.plan.spec
+        experiment = paths.ray_experiment(spec)
+        if not self.ended(experiment):
+            return SelectionOutcome(set(), False, self.summary_metrics())
+        winners = self.publish(experiment, paths.tracking_uri, experiment_id, parent)
+        write_public_summary(paths.sweep_dir(spec), self.public_summary(winners))
+        ledger.mark(spec.data.train, dict.fromkeys(self.plan.selections, "finished"))
+        return SelectionOutcome({key for key in winners.values() if key is not None}, True, self.summary_metrics())
+
     def public_summary(self, winners: dict[str, str | None]) -> dict[str, Any]:
         """``selection.json``: the sweep's distribution and each cell's public plan and winner (never K)."""
         spec = self.plan.spec
@@ -351,15 +390,39 @@ class SelectionRun:
 def selection_tuning_epsilons(spec: SweepSpec, cells: Sequence[CellSelection]) -> dict[str, float]:
     """Per training set, the RDP composition of its cells' selections: the epsilon of releasing every cell's winner
     (``privacy/tuning_epsilon``, ``/<dataset>`` suffixed with several datasets)."""
-    by_dataset: dict[str, list[SelectionPlan]] = {}
+    by_dataset: dict[str, list[tuple[list[TrialMechanism], TrialCount]]] = {}
     for cell in cells:
-        by_dataset.setdefault(cell.cell.dataset, []).append(cell.plan)
+        by_dataset.setdefault(cell.cell.dataset, []).append((plan_mechanisms(cell.plan), cell.plan.count))
     return {
         (N.TUNING_EPSILON if len(spec.data.train) == 1 else f"{N.TUNING_EPSILON}/{dataset}"): selection_rdp_epsilon(
             plans, spec.privacy.delta
         )
         for dataset, plans in by_dataset.items()
     }
+
+
+def released_selection_epsilons(sweep_dir: Path, released: set[str], delta: float) -> dict[str, float]:
+    """Per training set, the RDP composition of the selections of the cells whose winner is in ``released`` (read from
+    ``selection.json``): the epsilon of publishing those winners (`dpsweep release`)."""
+    path = sweep_dir / PUBLIC_FILE
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    by_dataset: dict[str, list[tuple[list[TrialMechanism], TrialCount]]] = {}
+    for cell in summary["cells"]:
+        if cell["winner"] in released:
+            count = TrialCount(cell["distribution"], cell["mean_trials"], cell["shape"])
+            mechanisms = [
+                TrialMechanism(
+                    c["noise_multiplier"],
+                    c["sample_rate"],
+                    c["steps"],
+                    label_count_noise_multiplier=c["label_count_noise_multiplier"],
+                )
+                for c in cell["candidates"]
+            ]
+            by_dataset.setdefault(cell["dataset"], []).append((mechanisms, count))
+    return {dataset: selection_rdp_epsilon(cells, delta) for dataset, cells in by_dataset.items()}
 
 
 def _point(plan: SweepPlan, candidate: Candidate, tags: dict[str, str]) -> TrialPoint:
@@ -372,7 +435,7 @@ def _point(plan: SweepPlan, candidate: Candidate, tags: dict[str, str]) -> Trial
         max_grad_norm=candidate.max_grad_norm,
         lr=candidate.lr,
         seed=spec.axes.seed[0],
-        privacy_unit=selection.unit,  # type: ignore[arg-type]  # the sweep's one unit
+        privacy_unit=selection.unit,
     )
     return make_trial(
         spec,

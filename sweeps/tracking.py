@@ -406,7 +406,13 @@ class CellProgressCallback(tune.Callback):
         self.__dict__.update(state)
         self.log = functools.partial(print, flush=True)
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self,
+        stop: Stopper | None = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
         self._start = time.monotonic()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

@@ -541,7 +541,9 @@ def _validate_selection(spec: SweepSpec) -> None:
     for name in s.RANGES:
         bounds = getattr(s, name)
         _require(
-            len(bounds) in (1, 2) and all(b > 0 and math.isfinite(b) for b in bounds) and list(bounds) == sorted(bounds),
+            len(bounds) in (1, 2)
+            and all(b > 0 and math.isfinite(b) for b in bounds)
+            and list(bounds) == sorted(bounds),
             spec,
             f"selection.{name} = {list(bounds)}: give [low, high] with 0 < low <= high (drawn log-uniformly), or "
             "[value]",

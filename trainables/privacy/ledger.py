@@ -131,23 +131,28 @@ class LedgerEntry:
         only); a private selection's ``RepeatAndSelectDpEvent`` of its candidates (module docstring)."""
         if self.selection_mean is not None:
             candidates = [
-                self._run_event(sigma, q, steps) for sigma, q, steps in dict.fromkeys(self.selection_candidates)
+                _run_event(sigma, q, steps, self.label_count_noise_multiplier)
+                for sigma, q, steps in dict.fromkeys(self.selection_candidates)
             ]
             inner = candidates[0] if len(candidates) == 1 else dp_event.ComposedDpEvent(candidates)
             shape = math.inf if self.selection_shape is None else float(self.selection_shape)
             return dp_event.RepeatAndSelectDpEvent(inner, float(self.selection_mean), shape)
-        return self._run_event(self.noise_multiplier, self.sample_rate, self.steps)
+        return _run_event(self.noise_multiplier, self.sample_rate, self.steps, self.label_count_noise_multiplier)
 
-    def _run_event(self, noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
-        events: list[dp_event.DpEvent] = []
-        if self.label_count_noise_multiplier is not None:
-            events.append(dp_event.GaussianDpEvent(float(self.label_count_noise_multiplier)))
-        if steps:
-            step = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
-            events.append(dp_event.SelfComposedDpEvent(step, int(steps)))
-        if not events:
-            return dp_event.NoOpDpEvent()
-        return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
+
+def _run_event(
+    noise_multiplier: float, sample_rate: float, steps: int, label_count_noise_multiplier: float | None
+) -> dp_event.DpEvent:
+    """One run's event: its label-count release, then its steps."""
+    events: list[dp_event.DpEvent] = []
+    if label_count_noise_multiplier is not None:
+        events.append(dp_event.GaussianDpEvent(float(label_count_noise_multiplier)))
+    if steps:
+        step = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
+        events.append(dp_event.SelfComposedDpEvent(step, int(steps)))
+    if not events:
+        return dp_event.NoOpDpEvent()
+    return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
 
 
 def entry_for(
