@@ -112,6 +112,37 @@ def test_a_selection_that_would_break_its_bound_is_refused(edits, message):
     assert message in str(error.value)
 
 
+def test_candidates_are_drawn_secretly_once_and_read_back_to_resume(tmp_path, monkeypatch):
+    import stat
+
+    import sweeps.selection
+    from sweeps.selection import DRAWS_FILE, SelectionRun
+
+    spec = parse_spec(copy.deepcopy(SELECTION))
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    plan = plan_sweep(spec, paths, run_pretrain_stage=False, dry_run=True)
+    counts = iter([3, 0])  # the second cell draws K = 0 (possible under Poisson): it has no candidate
+    monkeypatch.setattr(sweeps.selection, "draw_trial_count", lambda count, rng: next(counts))
+    first = SelectionRun.prepare(plan)
+    assert [c.cell for c in first.candidates] == ["random-eps2"] * 3
+    assert len({c.id for c in first.candidates}) == 3
+    for point, candidate in zip(first.points, first.candidates, strict=True):
+        assert point.key == f"random-eps2-sel{candidate.id}"  # a random id, no running index
+        assert point.config.lr == candidate.lr and 0.001 <= candidate.lr <= 0.004
+        assert point.config.privacy.max_grad_norm == candidate.max_grad_norm and 0.5 <= candidate.max_grad_norm <= 2
+        planned = plan.selections["random-eps2"].plan.candidates[(64, 1)]
+        assert point.config.privacy.noise_multiplier == planned.noise_multiplier
+        assert point.config.privacy.target_epsilon == 2  # the cell's target; its own epsilon is the single-run one
+    draws = paths.ray_experiment(spec) / DRAWS_FILE
+    assert stat.S_IMODE(draws.stat().st_mode) == 0o600  # private material, like the trials' checkpoints
+    monkeypatch.setattr(sweeps.selection, "draw_trial_count", lambda count, rng: pytest.fail("drawn again"))
+    again = SelectionRun.prepare(plan)  # a resumed sweep: the same candidates, no new draw
+    assert again.candidates == first.candidates and [p.key for p in again.points] == [p.key for p in first.points]
+    summary = again.public_summary({"random-eps2": again.points[0].key, "random-eps4": None})
+    assert [cell["winner"] for cell in summary["cells"]] == [again.points[0].key, None]
+    assert all(c.id not in json.dumps(summary) for c in again.candidates[1:])
+
+
 @pytest.fixture(scope="module")
 def selection_sweep(tmp_path_factory):
     """The sweep run with each cell's K known (`K`), its console output captured."""
@@ -222,3 +253,26 @@ def test_the_number_of_candidates_appears_in_no_output(selection_sweep):
     assert all(row.selection_mean == 2.0 for row in rows)
     ledger_summary = (paths.sweep_dir(spec) / N.LEDGER_SUMMARY_FILE).read_text()
     assert json.loads(ledger_summary)["synthetic-a"]["runs"] == len(K)
+
+
+@pytest.mark.slow
+def test_table_and_release_hold_the_winners_alone_at_the_selections_epsilon(selection_sweep, tmp_path):
+    from sweeps.release import write_release
+    from sweeps.results import rebuild_tables
+    from sweeps.selection import released_selection_epsilons
+
+    spec, paths, trials, _ = selection_sweep
+    rebuilt = rebuild_tables(spec, paths, "ray")  # `dpsweep table` reads the Ray folder, which holds every candidate
+    assert sorted(rebuilt.trials["trial"]) == sorted(trials["trial"])
+    assert set(rebuilt.evaluation.groups["trial"]) == set(trials["trial"])
+    release = write_release(spec, paths, tmp_path / "release", models=True)
+    assert sorted(release.trials) == sorted(trials["trial"])
+    composed = released_selection_epsilons(paths.sweep_dir(spec), set(trials["trial"]), spec.privacy.delta)
+    assert release.epsilon == composed and composed["synthetic-a"] > 4  # targets 2 and 4 composed: more than 4
+    secret = [c["id"] for c in candidates(paths, spec) if not any(c["id"] in key for key in trials["trial"])]
+    for path in (tmp_path / "release").rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("latin-1")
+            assert not any(candidate_id in text for candidate_id in secret), path
+    assert "Tuning epsilon (private selection)" in (tmp_path / "release" / "PRIVACY.md").read_text()
+    assert (tmp_path / "release" / "report" / "tables" / "private_selection.csv").is_file()
