@@ -258,7 +258,8 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
         )
         note = f"per-trial evaluation tables read from {sweep_dir}"
     elif default_ray_dir.is_dir():
-        evaluation = collect_trial_tables(default_ray_dir)
+        # Only the trials of the table: a private selection's Ray folder also holds candidates never released.
+        evaluation = evaluation_of_trials(collect_trial_tables(default_ray_dir), set(trials["trial"]))
         note = f"per-trial evaluation tables collected from the final checkpoints under {default_ray_dir}"
     else:
         note = (
@@ -266,6 +267,21 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
             f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out"
         )
     return SweepTables(sweep_dir, trials, epochs, evaluation, note)
+
+
+def evaluation_of_trials(evaluation: EvaluationTables, keys: set[str]) -> EvaluationTables:
+    """The evaluation tables' rows of the trials in ``keys``."""
+
+    def kept(table: pd.DataFrame) -> pd.DataFrame:
+        return table[table["trial"].isin(keys)].reset_index(drop=True) if "trial" in table else table
+
+    predictions = evaluation.predictions
+    return EvaluationTables(
+        kept(evaluation.groups),
+        kept(evaluation.bootstrap),
+        evaluation.source,
+        None if predictions is None else kept(predictions),
+    )
 
 
 def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:
