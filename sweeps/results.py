@@ -25,6 +25,7 @@ from analysis.tables import (
     TrialRecord,
     build_tables,
     collect_trial_tables,
+    evaluation_of_trials,
     ray_experiment_parts,
     ray_state_saved,
     write_sweep_tables,
@@ -83,22 +84,9 @@ def ray_results(experiment: Path, mlflow_runs: dict[str, str], released: set[str
     evaluation = collect_trial_tables(experiment)
     if released is not None:
         records = [record for record in records if record.key in released]
-        evaluation = _released_evaluation(evaluation, released)
+        evaluation = evaluation_of_trials(evaluation, released)
     trials, epochs = build_tables(records, mlflow_runs)
     return SweepResults(trials, epochs, evaluation, f"Ray results at {experiment}")
-
-
-def _released_evaluation(evaluation: EvaluationTables, released: set[str]) -> EvaluationTables:
-    def kept(table: pd.DataFrame) -> pd.DataFrame:
-        return table[table["trial"].isin(released)].reset_index(drop=True) if "trial" in table else table
-
-    predictions = evaluation.predictions
-    return EvaluationTables(
-        groups=kept(evaluation.groups),
-        bootstrap=kept(evaluation.bootstrap),
-        source=evaluation.source,
-        predictions=kept(predictions) if predictions is not None else None,
-    )
 
 
 def mlflow_results(tracking_uri: str, experiment: str, sweep: str) -> SweepResults:

@@ -276,3 +276,19 @@ def test_table_and_release_hold_the_winners_alone_at_the_selections_epsilon(sele
             assert not any(candidate_id in text for candidate_id in secret), path
     assert "Tuning epsilon (private selection)" in (tmp_path / "release" / "PRIVACY.md").read_text()
     assert (tmp_path / "release" / "report" / "tables" / "private_selection.csv").is_file()
+
+
+@pytest.mark.slow
+def test_analysis_reading_the_ray_folder_sees_the_winners_alone(selection_sweep, tmp_path):
+    import shutil
+
+    from analysis.tables import load_tables
+
+    spec, paths, trials, _ = selection_sweep
+    sweep_dir = tmp_path / "runs" / spec.name  # the tables without their evaluation files: read from Ray's folder
+    shutil.copytree(paths.sweep_dir(spec), sweep_dir, ignore=shutil.ignore_patterns("groups*", "bootstrap*"))
+    (tmp_path / "runs" / "ray").mkdir()
+    (tmp_path / "runs" / "ray" / spec.name).symlink_to(paths.ray_experiment(spec))
+    tables = load_tables(sweep_dir)
+    assert "final checkpoints" in tables.evaluation_note
+    assert set(tables.evaluation.groups["trial"]) == set(trials["trial"])
