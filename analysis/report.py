@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import re
 import struct
 import time
@@ -204,6 +205,35 @@ class _Page:
         )
 
 
+def _private_selection(page: _Page, path: Path) -> None:
+    """A private selection's cells (``selection.json``, `sweeps.selection`): each released trial's epsilon is its whole
+    cell's, tuning included; the single-run epsilon each candidate was calibrated to; the trial count's distribution.
+    Nothing where the sweep is not one."""
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    shape = f", shape {summary['shape']:g}" if summary.get("shape") is not None else ""
+    page.note(
+        "Private selection (Papernot &amp; Steinke 2022): each cell ran a secret number of candidates K "
+        f"({html.escape(summary['distribution'])}, E[K] = {summary['mean_trials']:g}{shape}) with hyperparameters "
+        "drawn at random, and released only its best by validation. The tuning-inclusive epsilon below covers the "
+        "whole cell, the choice included; each candidate alone was calibrated to the single-run epsilon."
+    )
+    rows = pd.DataFrame(
+        [
+            {
+                "cell": cell["cell"],
+                "target_epsilon": cell["target_epsilon"],
+                "tuning_inclusive_epsilon": cell["epsilon"],
+                "single_run_epsilon": cell["single_run_epsilon"],
+                "released": cell["winner"] or "none (no candidate finished)",
+            }
+            for cell in summary["cells"]
+        ]
+    )
+    page.table(rows, "private_selection", index=False)
+
+
 def _summary(page: _Page, tables: SweepTables) -> None:
     trials = tables.trials
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -219,6 +249,7 @@ def _summary(page: _Page, tables: SweepTables) -> None:
         page.table(pd.DataFrame({"value": provenance}).rename_axis("setting"), "provenance")
     page.heading("The guarantee")
     page.note(html.escape(GUARANTEE_TEXT))
+    _private_selection(page, tables.sweep_dir / names.SELECTION_FILE)
     if names.GUARANTEE in trials:
         page.table(trials[["trial", names.GUARANTEE]], "guarantee", index=False)
     if names.EPSILON_PATIENT in trials and trials[names.EPSILON_PATIENT].notna().any():

@@ -223,7 +223,9 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
     one was used: (1) the final checkpoints under ``ray_experiment_dir`` when it is given (it must exist);
     (2) ``sweep_dir/groups.parquet`` and ``sweep_dir/bootstrap.parquet`` (as written by
     `write_evaluation_tables`; with ``sweep_dir/predictions.parquet`` where present); (3) the final
-    checkpoints under `default_ray_experiment_dir`; (4) none (``evaluation`` is None).
+    checkpoints under `default_ray_experiment_dir`; (4) none (``evaluation`` is None). From a Ray folder, only
+    the rows of the trials in ``trials.parquet`` are kept (a private selection's also holds candidates never
+    released).
 
     Raises:
         TableError: ``trials.parquet`` or ``epochs.parquet`` is missing or lacks its key columns, a trial
@@ -243,7 +245,7 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
                 f"Ray experiment folder {ray_experiment_dir} does not exist; pass the folder that holds "
                 "the sweep's trial folders (runs/ray/<sweep>)"
             )
-        evaluation = collect_trial_tables(ray_experiment_dir)
+        evaluation = evaluation_of_trials(collect_trial_tables(ray_experiment_dir), set(trials["trial"]))
         note = f"per-trial evaluation tables collected from the final checkpoints under {ray_experiment_dir}"
     elif (sweep_dir / GROUPS_FILE).exists() and (sweep_dir / BOOTSTRAP_FILE).exists():
         evaluation = EvaluationTables(
@@ -258,7 +260,7 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
         )
         note = f"per-trial evaluation tables read from {sweep_dir}"
     elif default_ray_dir.is_dir():
-        evaluation = collect_trial_tables(default_ray_dir)
+        evaluation = evaluation_of_trials(collect_trial_tables(default_ray_dir), set(trials["trial"]))
         note = f"per-trial evaluation tables collected from the final checkpoints under {default_ray_dir}"
     else:
         note = (
@@ -266,6 +268,21 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
             f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out"
         )
     return SweepTables(sweep_dir, trials, epochs, evaluation, note)
+
+
+def evaluation_of_trials(evaluation: EvaluationTables, keys: set[str]) -> EvaluationTables:
+    """The evaluation tables' rows of the trials in ``keys``."""
+
+    def kept(table: pd.DataFrame) -> pd.DataFrame:
+        return table[table["trial"].isin(keys)].reset_index(drop=True) if "trial" in table else table
+
+    predictions = evaluation.predictions
+    return EvaluationTables(
+        kept(evaluation.groups),
+        kept(evaluation.bootstrap),
+        evaluation.source,
+        None if predictions is None else kept(predictions),
+    )
 
 
 def collect_trial_tables(ray_experiment_dir: str | Path) -> EvaluationTables:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.plan import SweepPlan
+from sweeps.schema import SelectionSpec
 from sweeps.validate import NO_PATIENT_IDS
 from trainables.config import is_private
 from trainables.privacy.planning import schedule
@@ -34,13 +35,29 @@ def sweep_params(plan: SweepPlan) -> dict[str, Any]:
         "privacy_unit": ",".join(spec.axes.privacy_unit),
         "search": spec.search,
         "secure_mode": p.secure_mode,
+        **(selection_params(spec.selection) if spec.selection is not None else {}),
+    }
+
+
+def selection_params(selection: SelectionSpec) -> dict[str, Any]:
+    """A private selection's parent-run params: the trial count's distribution and its ranges (never a drawn K)."""
+    return {
+        "selection_distribution": selection.distribution,
+        "selection_mean_trials": selection.mean_trials,
+        **({"selection_shape": selection.shape} if selection.shape is not None else {}),
+        **{f"selection_{name}": list(getattr(selection, name)) for name in (*selection.RANGES, *selection.CHOICES)},
     }
 
 
 def describe_plan(plan: SweepPlan) -> str:
     spec, p = plan.spec, plan.spec.privacy
+    trials = (
+        f"{plan.n_trials} cells, one released trial each at most"
+        if spec.search == "private_selection"
+        else f"{plan.n_trials} trials"
+    )
     lines = [
-        f"sweep {spec.name!r}: {plan.n_trials} trials ({spec.search}) of {', '.join(spec.models)} "
+        f"sweep {spec.name!r}: {trials} ({spec.search}) of {', '.join(spec.models)} "
         f"(delta={p.delta:g}, accountant={p.accountant})"
     ]
     for dataset in plan.dataset_plans():
@@ -54,10 +71,10 @@ def describe_plan(plan: SweepPlan) -> str:
             " (estimate: not prepared)" if dataset.estimated else ""
         )
         image_only = spec.axes.privacy_unit == ("image",)
-        if spec.search != "optuna" and image_only:
+        if spec.search == "grid" and image_only:
             line += f", q={dataset.sample_rate:.5g}, steps={dataset.steps}"
         lines.append(f"{line}; N_patients{patients}")
-        if spec.search == "optuna":
+        if spec.search != "grid":
             continue
         for unit in spec.axes.privacy_unit:
             indent = "    "
@@ -80,6 +97,10 @@ def describe_plan(plan: SweepPlan) -> str:
             f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
             f"at once; searched: {ranges}"
         )
+    if spec.selection is not None:
+        from sweeps.selection import describe_selections
+
+        lines.extend(describe_selections(plan))
     return "\n".join(lines)
 
 
@@ -121,7 +142,11 @@ def dry_run_report(plan: SweepPlan) -> str:
                 total += estimate[0]
                 bases.add(f"{trial.config.model}: {estimate[1]}")
     else:
-        epochs = max(spec.optuna.epochs)
+        # Optuna: its trials per study; private selection: the expected number of candidates (K itself is secret)
+        search = spec.optuna or spec.selection
+        assert search is not None
+        epochs = max(search.epochs)
+        per_cell = spec.optuna.trials_per_target if spec.optuna is not None else search.mean_trials
         for cell in spec.cells():
             n_train = plan.datasets[cell.dataset].n_train
             estimate = trial_gpu_seconds(
@@ -138,7 +163,7 @@ def dry_run_report(plan: SweepPlan) -> str:
             if estimate is None:
                 unknown.append(cell.model)
             else:
-                total += estimate[0] * spec.optuna.trials_per_target
+                total += estimate[0] * per_cell
                 bases.add(f"{cell.model}: {estimate[1]}, at the largest epochs {epochs}")
     if spec.pretrain is not None and "domain" in spec.inits and plan.pretrain_n:
         for model in spec.models:  # the pretrain stage: non-private, once per model (cached afterwards)

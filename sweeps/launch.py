@@ -41,6 +41,8 @@ from trainables.point import POINT, TrialPoint
 if TYPE_CHECKING:
     from ray.tune import TuneConfig
 
+    from sweeps.selection import SelectionRun
+
 STATE_FORMAT = 4
 """Version of ``sweep.json`` and of what the sweep was started with. 2: sweep-file fields named after the trial
 settings they set; 3: typed trial points (`trainables.point.TrialPoint`; the Optuna searcher Ray saves holds them);
@@ -49,7 +51,11 @@ neither refuses the sweep rather than resume its first part alone. A grid sweep 
 (`TrialPoint.from_ray` reads the points it gave Ray); an older sweep, or an Optuna sweep of format 2, is refused with
 the way out (`RESUMABLE_FORMATS`), never half-resumed. A state of format 2 or 3 records no settings: its sweep
 resumes, but is not extended."""
-RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {"grid": (2, 3, STATE_FORMAT), "optuna": (3, STATE_FORMAT)}
+RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {
+    "grid": (2, 3, STATE_FORMAT),
+    "optuna": (3, STATE_FORMAT),
+    "private_selection": (STATE_FORMAT,),
+}
 """Search mode -> the state formats a sweep of that mode resumes from."""
 FORMAT_CHANGES = {
     1: "sweep-file fields were renamed",
@@ -150,6 +156,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
     # grid trials, before any runs (those recorded already, on an earlier run of this instance, are not recorded
     # again: an extension records its new trials); Optuna's factory records each trial it makes
     ledger.record(plan.trials)
+    selection = _prepare_selection(plan, ledger, log)
 
     import ray
     from ray import tune
@@ -183,16 +190,25 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
     for index, part in enumerate(parts):
         if part.status == COMPLETE:
             continue
+        if selection is not None:
+            selection.run(trainable)
+            continue
         grid = _part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit()
         if len(grid) > grid.num_terminated + grid.num_errors:
             break  # interrupted (Ctrl-C): the later parts wait for the next run
+    outcome = selection.finish(experiment_id, parent, ledger) if selection is not None else None
+    released = outcome.released if outcome is not None else None
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
-    results = ray_results(experiment_path, run_ids(client, experiment_id, parent))
+    results = ray_results(experiment_path, run_ids(client, experiment_id, parent), released)
     trials = results.trials
     ended = dict(zip(trials["trial"].astype(str), trials["status"].astype(str), strict=True))
-    ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
+    if selection is None:
+        ledger.mark(spec.data.train, {key: LEDGER_STATUS.get(status, status.lower()) for key, status in ended.items()})
     results.write(sweep_dir, ledger=(paths.data_root, spec.data.train))
-    complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
+    if outcome is not None:
+        complete = outcome.ended
+    else:
+        complete = len(trials) == plan.n_trials and trials["status"].isin(N.ENDED).all()
     scrub_ended_trials(experiment_path, complete)  # INCOMPLETE trials keep their secrets to resume (sweeps.scrub)
     parts = [replace(part, status=_part_status(part, ended, complete)) for part in parts]
     status = COMPLETE if complete else INCOMPLETE
@@ -202,11 +218,30 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=tuning_summary(spec, trials) | ledger_metrics(spec, paths.data_root),
-        artifacts=[sweep_dir / N.TRIALS_FILE, sweep_dir / N.EPOCHS_FILE, ledger_file],
+        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, trials))
+        | ledger_metrics(spec, paths.data_root),
+        artifacts=[
+            sweep_dir / N.TRIALS_FILE,
+            sweep_dir / N.EPOCHS_FILE,
+            ledger_file,
+            *([sweep_dir / N.SELECTION_FILE] if (sweep_dir / N.SELECTION_FILE).is_file() else []),
+        ],
         step=len(parts) - 1,
     )
     return trials
+
+
+def _prepare_selection(plan: SweepPlan, ledger: SweepLedger, log: Log) -> SelectionRun | None:
+    """A private selection's candidates (`sweeps.selection.SelectionRun.prepare`: the secret draws, before anything
+    runs), each cell recorded once in the ledger; None for other searches."""
+    if plan.spec.search != "private_selection":
+        return None
+    from sweeps.selection import SelectionRun, selection_paths_note
+
+    selection = SelectionRun.prepare(plan)
+    selection.record(ledger)
+    log(selection_paths_note(plan.paths, plan.spec))
+    return selection
 
 
 def _part_tuner(

@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sweeps.schema import SweepSpec
 from trainables import names as N
@@ -21,6 +22,10 @@ from trainables.config import PrivacyConfig
 from trainables.data.ledger import append_entries, ledger_dir, now, read_ledger, writer
 from trainables.point import TrialPoint
 from trainables.privacy.ledger import LedgerEntry, LedgerKind, LedgerTotal, compose_ledger, entry_for
+
+if TYPE_CHECKING:
+    from sweeps.selection import CellSelection
+    from trainables.privacy.selection import SelectionPlan
 
 __all__ = [
     "PlannedRun",
@@ -46,6 +51,8 @@ class PlannedRun:
         sweep, trial: who makes it (the sweep and the trial key; audits ``<kind>:<audited trial key>``).
         privacy: its planned privacy config (`trainables.privacy.planning.plan_privacy`).
         patient_images: the training split's largest images per patient (None when not known).
+        selection: a private selection's plan (the run is the whole cell, `privacy` its first candidate); None for
+            an ordinary run.
     """
 
     run: str
@@ -53,6 +60,7 @@ class PlannedRun:
     trial: str
     privacy: PrivacyConfig
     patient_images: int | None
+    selection: SelectionPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,25 @@ class SweepLedger:
                     trial=trial.key,
                     privacy=trial.config.privacy,
                     patient_images=self.patient_images.get(dataset),
+                )
+            )
+        return sum(record_runs(self.data_root, dataset, runs) for dataset, runs in by_dataset.items())
+
+    def record_selection(self, cells: Iterable[CellSelection]) -> int:
+        """Record each cell of a private selection before its candidates run, once, as one run (its key the cell's):
+        the ledger sees the selection, never how many candidates it ran."""
+        by_dataset: dict[str, list[PlannedRun]] = {}
+        for cell in cells:
+            dataset = cell.cell.dataset
+            first = next(iter(cell.plan.candidates.values()))
+            by_dataset.setdefault(dataset, []).append(
+                PlannedRun(
+                    run=self.run_id(cell.key),
+                    sweep=self.sweep,
+                    trial=cell.key,
+                    privacy=first,
+                    patient_images=self.patient_images.get(dataset),
+                    selection=cell.plan,
                 )
             )
         return sum(record_runs(self.data_root, dataset, runs) for dataset, runs in by_dataset.items())
@@ -155,23 +182,41 @@ def record_runs(
     user, host = writer()
     time = now()
     entries = [
-        entry_for(
-            planned.privacy,
-            run=planned.run,
-            kind=kind,
-            sweep=planned.sweep,
-            trial=planned.trial,
-            status=status,
-            patient_images=planned.patient_images,
-            time=time,
-            user=user,
-            host=host,
+        _with_selection(
+            entry_for(
+                planned.privacy,
+                run=planned.run,
+                kind=kind,
+                sweep=planned.sweep,
+                trial=planned.trial,
+                status=status,
+                patient_images=planned.patient_images,
+                time=time,
+                user=user,
+                host=host,
+            ),
+            planned.selection,
         )
         for planned in runs
         if planned.run not in known
     ]
     append_entries(data_root, dataset, entries)
     return len(entries)
+
+
+def _with_selection(entry: LedgerEntry, selection: SelectionPlan | None) -> LedgerEntry:
+    """The entry of a private selection's cell: its count's mean and shape and its distinct candidates."""
+    if selection is None:
+        return entry
+    shape = selection.count.dp_shape
+    return dataclasses.replace(
+        entry,
+        selection_mean=float(selection.count.mean),
+        selection_shape=None if math.isinf(shape) else shape,
+        selection_candidates=tuple(
+            (float(p.noise_multiplier), float(p.sample_rate), int(p.steps)) for p in selection.candidates.values()
+        ),
+    )
 
 
 def mark_runs(data_root: str | Path, dataset: str, runs: Sequence[LedgerEntry], status: str) -> None:
@@ -197,13 +242,21 @@ def ledger_lines(total: LedgerTotal) -> list[str]:
         f"from {len(total.by_sweep)} sweep(s): {sweeps}",
     ]
     image_runs = total.private_runs - total.patient_level_runs
-    if image_runs:
+    selection = math.isnan(total.epsilon_pld)  # PLD cannot account a private selection (`compose_ledger`)
+    if image_runs and selection:
+        lines.append(
+            f"image level (add/remove one image, N public): epsilon {_eps(total.epsilon_rdp)} (RDP) at delta "
+            f"{total.delta:g}; PLD and replace-one not computed (a private selection's bound is RDP only)"
+        )
+    elif image_runs:
         lines.append(
             f"image level (add/remove one image, N public): epsilon {_eps(total.epsilon_rdp)} (RDP), "
             f"{_eps(total.epsilon_pld)} (PLD) at delta {total.delta:g}; replace-one {_eps(total.epsilon_replace_one)} "
             "(PLD)"
         )
-    if total.epsilon_patient is None:
+    if total.epsilon_patient is None and selection:
+        lines.append("patient level: not computed (a private selection is accounted at the image level only)")
+    elif total.epsilon_patient is None:
         lines.append("patient level: unknown (an image-level run did not record its images per patient)")
     elif total.private_runs:
         lines.append(f"patient level (add/remove one patient with all images): epsilon {_eps(total.epsilon_patient)}")

@@ -169,8 +169,15 @@ class SweepPlan:
             for plan in (whole, *(s for s in self.subsets.values() if s.name == name))
         ]
 
+    selections: dict[str, Any] = field(default_factory=dict)
+    """search: private_selection: cell key -> its calibrated selection (`sweeps.selection.CellSelection`)."""
+
     @property
     def n_trials(self) -> int:
+        """The trials the sweep runs; for a private selection the trials it releases at most (one per cell): how
+        many candidates run is secret."""
+        if self.spec.search == "private_selection":
+            return len(self.spec.cells())
         if self.spec.search == "optuna":
             assert self.spec.optuna is not None
             return len(self.spec.cells()) * self.spec.optuna.trials_per_target
@@ -216,6 +223,8 @@ def spec_settings(spec: SweepSpec) -> dict[str, Any]:
     audited), as plain JSON values: what `spec_fingerprint` hashes and ``sweep.json`` records, so that a later run
     of the sweep can name what changed (`sweeps.state`)."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
+    if settings["selection"] is None:  # absent from sweeps started before private selection: same fingerprint
+        del settings["selection"]
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
     if spec.axes.train_fraction == (1.0,):  # the default, as sweeps before the axis: same fingerprint, resumable
@@ -265,7 +274,6 @@ def _plan_sweep(
 ) -> SweepPlan:
     notes: list[str] = []
     datasets, subsets, pretrain_n = _dataset_plans(spec, paths, dry_run, notes)
-    p = spec.privacy
     privacy_plans: dict[tuple[str, float, str], PrivacyConfig] = {}
     plans = (*datasets.values(), *subsets.values())
     for dataset, unit in ((d, u) for d in plans for u in spec.axes.privacy_unit):
@@ -273,12 +281,7 @@ def _plan_sweep(
             n_records = dataset.n_records(unit)
         except SpecError as error:
             raise SpecError(f"{spec.source}: {error}") from None
-        # Optuna: the range's high end, which the adaptive tuning bound covers (`sweeps.tuning_cost`).
-        batch, where = (
-            (p.expected_batch_size, "privacy.expected_batch_size")
-            if spec.optuna is None
-            else (max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size")
-        )
+        batch, where = _largest_batch(spec)
         if batch > n_records:
             raise SpecError(
                 f"{spec.source}: {where} = {batch} is larger than {dataset.key}'s {n_records} training {unit}s; "
@@ -303,6 +306,7 @@ def _plan_sweep(
                         f"multiplier meets it ({error}); raise the target, or lower "
                         "privacy.calibration_tolerance below it"
                     ) from None
+    selections = _selections(spec, datasets, cache_path)
     inits: dict[tuple[str, str], ResolvedInit] = {}
     for model in spec.models:
         for name in spec.inits:
@@ -333,7 +337,16 @@ def _plan_sweep(
                 )
             )
     return SweepPlan(
-        spec, paths, trials, datasets, privacy_plans, inits, tuple(dict.fromkeys(notes)), pretrain_n, subsets
+        spec,
+        paths,
+        trials,
+        datasets,
+        privacy_plans,
+        inits,
+        tuple(dict.fromkeys(notes)),
+        pretrain_n,
+        subsets,
+        selections,
     )
 
 
@@ -342,6 +355,25 @@ def _subset_fix(dataset: DatasetPlan) -> str:
     if dataset.train_fraction == 1:
         return ""
     return f" (data.train_fraction = {dataset.train_fraction:g} trains on {dataset.n_train} images); or raise it"
+
+
+def _selections(spec: SweepSpec, datasets: dict[str, DatasetPlan], cache_path: Path) -> dict[str, Any]:
+    """A private selection's calibrated cells (`sweeps.selection.plan_selections`); none for other searches."""
+    if spec.search != "private_selection":
+        return {}
+    from sweeps.selection import plan_selections
+
+    return dict(plan_selections(spec, datasets, cache_path))
+
+
+def _largest_batch(spec: SweepSpec) -> tuple[int, str]:
+    """The largest expected batch a trial may use, and where the sweep file sets it. Optuna: the range's high end, which
+    the adaptive tuning bound covers (`sweeps.tuning_cost`); private selection: the largest choice."""
+    if spec.optuna is not None:
+        return max(spec.optuna.expected_batch_size), "the largest of optuna.expected_batch_size"
+    if spec.selection is not None:
+        return max(spec.selection.expected_batch_size), "the largest of selection.expected_batch_size"
+    return spec.privacy.expected_batch_size, "privacy.expected_batch_size"
 
 
 def _dataset_plans(
@@ -407,7 +439,7 @@ def _dataset_plan(
 ) -> DatasetPlan:
     """The plan of a training set (or subset) of ``n_train`` images: its image-level q and steps."""
     plan = DatasetPlan(name, n_train, 0.0, 0, estimated, n_patients, patient_images, train_fraction)
-    if spec.optuna is None and spec.privacy.expected_batch_size > n_train:
+    if spec.search == "grid" and spec.privacy.expected_batch_size > n_train:
         raise SpecError(
             f"{spec.source}: privacy.expected_batch_size = {spec.privacy.expected_batch_size} is "
             f"larger than {plan.key}'s {n_train} training images; choose at most {n_train}" + _subset_fix(plan)

@@ -582,6 +582,8 @@ def disk_need(spec: SweepSpec, paths: SweepPaths, model_bytes: dict[str, int], c
     1); under ``data.root``, each synthetic dataset not yet generated (one byte per pixel)."""
     if spec.search == "grid":
         trial_models = [point.model for point in spec.grid()]
+    elif spec.selection is not None:  # the expected number of candidates (their number is secret)
+        trial_models = [cell.model for cell in spec.cells() for _ in range(math.ceil(spec.selection.mean_trials))]
     else:
         assert spec.optuna is not None
         trial_models = [cell.model for cell in spec.cells() for _ in range(spec.optuna.trials_per_target)]

@@ -150,6 +150,8 @@ def write_release(
 
     out.mkdir(parents=True, exist_ok=True)
     _write_tables(out / TABLES_DIR, released, predictions)
+    if (sweep_dir / N.SELECTION_FILE).is_file():  # a private selection's public plan: the report shows it
+        shutil.copyfile(sweep_dir / N.SELECTION_FILE, out / N.SELECTION_FILE)
     from analysis.report import render_report  # matplotlib: only when a release is written
 
     render_report(released, out / REPORT_DIR, data_root=paths.data_root)
@@ -281,7 +283,7 @@ def _privacy_sections(
     guaranteed = has_guarantee(released)
     without = released[~guaranteed.to_numpy()]
     private = released[guaranteed.to_numpy()]
-    costs = _bundle_costs(spec, released)
+    costs = _bundle_costs(spec, paths, released)
     epsilon = {dataset: (math.inf if len(without) else eps) for dataset, eps in costs.items()}
     if len(without) and not epsilon:
         epsilon = {str(d): math.inf for d in released["dataset"].unique()}
@@ -317,9 +319,14 @@ def _privacy_sections(
     return _Privacy(sections, epsilon)
 
 
-def _bundle_costs(spec: SweepSpec, released: pd.DataFrame) -> dict[str, float]:
+def _bundle_costs(spec: SweepSpec, paths: SweepPaths, released: pd.DataFrame) -> dict[str, float]:
     """Per training set (and unit, when both are released) the epsilon of publishing every released trial: Optuna
-    sweeps' worst-case adaptive bound, grid sweeps' composition of the released trials (`tuning_costs`)."""
+    sweeps' worst-case adaptive bound, grid sweeps' composition of the released trials (`tuning_costs`), private
+    selections' composition of the released cells' selection bounds (`sweeps.selection`)."""
+    if spec.search == "private_selection":  # each released winner costs its whole cell's selection
+        from sweeps.selection import released_selection_epsilons
+
+        return released_selection_epsilons(paths.sweep_dir(spec), set(released["trial"]), spec.privacy.delta)
     adaptive = adaptive_tuning_bounds(spec, released)
     costs = {dataset: cost.epsilon for dataset, cost in tuning_costs(released).items()}
     return costs | {dataset: bounds[0].epsilon for dataset, bounds in adaptive.items()}
@@ -411,6 +418,16 @@ def _trials_section(released: pd.DataFrame, guaranteed: pd.Series) -> str:
 
 
 def _tuning_section(spec: SweepSpec, everything: pd.DataFrame, released: pd.DataFrame, costs: dict[str, float]) -> str:
+    if spec.search == "private_selection":
+        selected = "\n".join(
+            f"- `{d}`: epsilon {epsilon_text(e)} at delta {spec.privacy.delta:g}." for d, e in costs.items()
+        )
+        return (
+            "## Tuning epsilon (private selection)\n\nEach released trial is the best, by validation, of a secret "
+            "number of candidates of its cell (Papernot & Steinke 2022); its cell's epsilon includes that choice "
+            f"(`{N.SELECTION_FILE}`: the distribution, the single-run and the tuning-inclusive epsilon). The released "
+            "cells' selections composed (RDP):\n\n" + (selected or "- no cell released a winner: nothing to compose.")
+        )
     lines = [
         "## Tuning epsilon (all released trials together)",
         "Publishing several trials trained on the same data, or the best of them, costs more than any one trial: the "

@@ -25,6 +25,7 @@ from analysis.tables import (
     TrialRecord,
     build_tables,
     collect_trial_tables,
+    evaluation_of_trials,
     ray_experiment_parts,
     ray_state_saved,
     write_sweep_tables,
@@ -69,16 +70,23 @@ class SweepResults:
         return written
 
 
-def ray_results(experiment: Path, mlflow_runs: dict[str, str]) -> SweepResults:
+def ray_results(experiment: Path, mlflow_runs: dict[str, str], released: set[str] | None = None) -> SweepResults:
     """The tables of every trial in a Ray experiment folder (INCOMPLETE ones included), with the finished trials'
     evaluation tables from their final checkpoints.
 
     Args:
         experiment: the Ray experiment folder (``runs/ray/<sweep>``).
         mlflow_runs: trial key -> MLflow child run id, for the ``mlflow_run_id`` column.
+        released: a private selection's winners (`sweeps.selection`): only these trials' rows; the other candidates
+            stay in the Ray folder (private storage). None: every trial.
     """
-    trials, epochs = build_tables(experiment_records(experiment), mlflow_runs)
-    return SweepResults(trials, epochs, collect_trial_tables(experiment), f"Ray results at {experiment}")
+    records = experiment_records(experiment)
+    evaluation = collect_trial_tables(experiment)
+    if released is not None:
+        records = [record for record in records if record.key in released]
+        evaluation = evaluation_of_trials(evaluation, released)
+    trials, epochs = build_tables(records, mlflow_runs)
+    return SweepResults(trials, epochs, evaluation, f"Ray results at {experiment}")
 
 
 def mlflow_results(tracking_uri: str, experiment: str, sweep: str) -> SweepResults:
@@ -110,7 +118,12 @@ def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "au
                 f"no Ray results for sweep {spec.name!r} at {experiment}; run "
                 f"`dpsweep sweep {spec.source}`, or use --source mlflow"
             )
-        results = ray_results(experiment, _mlflow_run_ids(spec, paths))
+        released = None
+        if spec.search == "private_selection":
+            from sweeps.selection import read_winners
+
+            released = read_winners(paths.sweep_dir(spec)) or set()  # no winners known yet: nothing released
+        results = ray_results(experiment, _mlflow_run_ids(spec, paths), released)
     else:
         results = mlflow_results(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name)
     results.write(paths.sweep_dir(spec), ledger=(paths.data_root, spec.data.train))

@@ -30,9 +30,10 @@ from trainables.config import (
 )
 from trainables.errors import UserError
 
-SearchMode = Literal["grid", "optuna"]
+SearchMode = Literal["grid", "optuna", "private_selection"]
 Objective = Literal["auroc", "auroc_gap_sex", "auroc_gap_age"]  # validation split, selected epoch
 OptunaSampler = Literal["tpe", "random"]
+TrialCountDistribution = Literal["logarithmic", "geometric", "negative_binomial", "poisson"]
 EarlyStoppingMethod = Literal["asha"]
 
 
@@ -85,6 +86,28 @@ class OptunaSpec:
     max_proposals: int = 200  # infeasible proposals tolerated per launched trial before giving up
 
     RANGES = ("noise_multiplier", "expected_batch_size", "epochs", "lr", "max_grad_norm")
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """`search: private_selection` (Papernot & Steinke 2022): per (model, dataset, init, target epsilon) cell, a secret
+    number of candidate trials K from ``distribution`` with mean ``mean_trials`` (``shape``: eta of
+    ``negative_binomial`` only), each with hyperparameters drawn at random; only the best (by validation) is released.
+
+    ``lr`` and ``max_grad_norm`` are ``[low, high]`` (drawn log-uniformly) or ``[value]`` (fixed);
+    ``expected_batch_size`` and ``epochs`` are lists of choices (one drawn uniformly; every combination is
+    calibrated in advance, `trainables.privacy.selection.plan_selection`)."""
+
+    distribution: TrialCountDistribution = "logarithmic"
+    mean_trials: float = 4.0
+    shape: float | None = None
+    lr: tuple[float, ...] = (1e-4, 1e-2)
+    max_grad_norm: tuple[float, ...] = (0.5, 5.0)
+    expected_batch_size: tuple[int, ...] = (PrivacyConfig.expected_batch_size,)
+    epochs: tuple[int, ...] = (PrivacyConfig.epochs,)
+
+    RANGES = ("lr", "max_grad_norm")
+    CHOICES = ("expected_batch_size", "epochs")
 
 
 @dataclass(frozen=True)
@@ -225,6 +248,7 @@ class SweepSpec:
     init_weights: dict[str, str] = field(default_factory=dict)
     search: SearchMode = "grid"
     optuna: OptunaSpec | None = None
+    selection: SelectionSpec | None = None
     early_stopping: EarlyStoppingSpec | None = None
     audit: AuditSpec | None = None
     runs: str = "runs"

@@ -35,6 +35,7 @@ from sweeps.schema import (
     Objective,
     OptunaSpec,
     ResourcesSpec,
+    SelectionSpec,
     SpecError,
     SweepSpec,
     TrackingSpec,
@@ -74,10 +75,11 @@ SECTIONS: dict[str, type] = {
     "speed": SpeedConfig,
     "tracking": TrackingSpec,
     "optuna": OptunaSpec,
+    "selection": SelectionSpec,
     "early_stopping": EarlyStoppingSpec,
     "audit": AuditSpec,
 }
-OPTIONAL_SECTIONS = ("pretrain", "optuna", "early_stopping", "audit")
+OPTIONAL_SECTIONS = ("pretrain", "optuna", "selection", "early_stopping", "audit")
 AXES: dict[str, tuple[str, Any]] = {
     "privacy.target_epsilon": ("target_epsilon", tuple[float, ...]),
     "privacy.max_grad_norm": ("max_grad_norm", tuple[float, ...]),
@@ -266,6 +268,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
             raise SpecError(f"{source}: required field `{shown}` is missing")
     if values.get("search") == "optuna":
         _optuna_defaults(raw, values, axes, source)
+    if values.get("search") == "private_selection":
+        _selection_defaults(raw, values, axes, source)
     if "target_epsilon" not in axes:
         raise SpecError(
             f"{source}: required field `privacy.target_epsilon` is missing; list targets such as [1, 3, 8, .inf]"
@@ -324,6 +328,41 @@ def _optuna_defaults(raw: dict[str, Any], values: dict[str, Any], axes: dict[str
                 )
     values.setdefault("optuna", OptunaSpec())
     axes.setdefault("max_grad_norm", {})  # searched: `optuna.max_grad_norm`
+
+
+SELECTION_GRID_FIELDS = {
+    "training.lr": "selection.lr",
+    "privacy.max_grad_norm": "selection.max_grad_norm",
+    "privacy.expected_batch_size": "selection.expected_batch_size",
+    "privacy.epochs": "selection.epochs",
+}
+"""Grid settings of the fields a private selection draws at random: their `SelectionSpec` paths."""
+
+
+def _selection_defaults(raw: dict[str, Any], values: dict[str, Any], axes: dict[str, Any], source: str) -> None:
+    """`search: private_selection`: grid settings of the drawn fields, Optuna and ASHA are refused with the reason;
+    the section defaults; clips are drawn (`selection.max_grad_norm`)."""
+    for grid_path, path in SELECTION_GRID_FIELDS.items():
+        section, name = grid_path.split(".")
+        if name in (raw.get(section) or {}):
+            raise SpecError(
+                f"{source}: `{grid_path}` is a grid setting; with `search: private_selection` each candidate draws it "
+                f"from `{path}` instead (e.g. [low, high], or [value] to fix it)"
+            )
+    if raw.get("optuna") is not None:
+        raise SpecError(
+            f"{source}: `optuna:` cannot be used with `search: private_selection`: Optuna chooses each trial from "
+            "earlier results, but the private-selection bound needs candidates drawn independently of the data; "
+            "remove the `optuna:` section, or use `search: optuna`"
+        )
+    if raw.get("early_stopping") is not None:
+        raise SpecError(
+            f"{source}: `early_stopping:` (ASHA) cannot be used with `search: private_selection`: the bound needs "
+            "every candidate to run its planned steps (where ASHA stops a trial depends on the data, and a stopped "
+            "trial's count would reveal K); remove the `early_stopping:` section"
+        )
+    values.setdefault("selection", SelectionSpec())
+    axes.setdefault("max_grad_norm", {})  # drawn: `selection.max_grad_norm`
 
 
 def _clip_norms_by_model(given: dict[Any, Any], source: str) -> dict[str, tuple[float, ...]]:

@@ -166,7 +166,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     """The results table, where the outputs are, the privacy cost of the search and any budget warning (with the
     sweep's ``spec``, an Optuna sweep's adaptive tuning bounds too). Lines other than the tables' rows wrap at
     `SUMMARY_WIDTH`."""
-    if spec is not None and spec.optuna is None:  # grid order (the sweep file's), not Ray's completion order
+    if spec is not None and spec.search == "grid":  # grid order (the sweep file's), not Ray's completion order
         order = {trial_key(spec, point): i for i, point in enumerate(spec.grid())}
         trials = trials.sort_values("trial", key=lambda keys: keys.map(order).fillna(len(order)), kind="stable")
     seeds = seed_table(trials)
@@ -184,7 +184,14 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     wrap = functools.partial(
         textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
     )
-    costs = tuning_costs(trials)
+    if spec is not None and spec.search == "private_selection":
+        from sweeps.selection import summary_lines
+
+        # The cost is each cell's selection bound, not a composition of the released trials.
+        lines.extend(wrap(line, subsequent_indent="    ") for line in summary_lines(sweep_dir))
+        costs = {}
+    else:
+        costs = tuning_costs(trials)
     adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
     for dataset, cost in costs.items():
         where = f" on {dataset}" if len(costs) > 1 else ""

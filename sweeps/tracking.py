@@ -382,6 +382,60 @@ class ProgressCallback(tune.Callback):
         )
 
 
+class CellProgressCallback(tune.Callback):
+    """Console progress of a private selection (`sweeps.selection`): one line when all of a cell's candidates have
+    ended, with the count of cells done; never a trial's key, epoch, result or count (each would reveal the secret
+    number of candidates).
+
+    Args:
+        cell_of: candidate trial key -> its cell's key.
+        cells: every cell's key, in the sweep's order.
+        log: where lines go (default: print, flushed).
+    """
+
+    def __init__(self, cell_of: dict[str, str], cells: list[str], log: Callable[[str], object] | None = None):
+        self.cell_of, self.cells = cell_of, cells
+        self.log: Callable[[str], object] = log or functools.partial(print, flush=True)
+        self._start: float | None = None
+        self._announced: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
+        return {**self.__dict__, "log": None, "_start": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.log = functools.partial(print, flush=True)
+
+    def setup(
+        self,
+        stop: Stopper | None = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        self._start = time.monotonic()
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._cells_ended(trials, trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._cells_ended(trials, trial)
+
+    def _cells_ended(self, trials: list[Trial], finishing: Trial) -> None:
+        ended = {TrialPoint.from_ray(finishing.config[POINT]).key} | {
+            TrialPoint.from_ray(t.config[POINT]).key for t in trials if t.status in ("TERMINATED", "ERROR")
+        }
+        pending = {cell for key, cell in self.cell_of.items() if key not in ended}
+        for cell in self.cells:
+            if cell not in pending and cell not in self._announced:
+                self._announced.add(cell)
+                elapsed = time.monotonic() - (self._start or time.monotonic())
+                self.log(
+                    f"  cell {cell}: candidates ended  [{len(self._announced)}/{len(self.cells)} cells done | "
+                    f"{_clock(elapsed)} elapsed]"
+                )
+
+
 def _clock(seconds: float) -> str:
     minutes, rest = divmod(int(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{rest:02d}s"

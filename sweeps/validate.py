@@ -71,7 +71,7 @@ def validate(spec: SweepSpec) -> None:
     ]
     for where, values in grid_axes:
         _require(
-            spec.search == "optuna" and where.startswith("privacy.max_grad_norm") or len(values) > 0,
+            spec.search != "grid" and where.startswith("privacy.max_grad_norm") or len(values) > 0,
             spec,
             f"{where} is empty, which makes a sweep of no trials; give at least one value",
         )
@@ -291,6 +291,41 @@ def spec_error(error: ConfigError, source: str, path: str | None = None) -> Spec
     return SpecError(f"{source}: {where} = {shown(error.value)}{error.problem}")
 
 
+SELECTION_PATHS = {
+    "lr": "selection.lr",
+    "privacy.max_grad_norm": "selection.max_grad_norm",
+    "privacy.expected_batch_size": "selection.expected_batch_size",
+    "privacy.epochs": "selection.epochs",
+}
+"""The trial fields a private selection draws: their paths."""
+
+
+def _validate_selection_trials(spec: SweepSpec) -> None:
+    """A private selection's candidates at the low and the high end of every range and choice."""
+    s = spec.selection
+    assert s is not None
+    for cell in spec.cells():
+        for end in (0, -1):
+            point = GridPoint(
+                cell,
+                max_grad_norm=s.max_grad_norm[end],
+                lr=s.lr[end],
+                seed=spec.axes.seed[0],
+                privacy_unit=spec.axes.privacy_unit[0],
+            )
+            try:
+                spec.trial_config(
+                    point,
+                    data_root=spec.data.root,
+                    init_weights=spec.init_weights_for(point.init, point.model),
+                    expected_batch_size=sorted(s.expected_batch_size)[end],
+                    epochs=sorted(s.epochs)[end],
+                )
+            except ConfigError as error:
+                path = SELECTION_PATHS.get(error.field) or _axis_path(spec, point, error.field)
+                raise spec_error(error, spec.source, path) from None
+
+
 def _validate_trials(spec: SweepSpec) -> None:
     """Every trial's config checks (`trainables.config`), before Ray starts: a grid builds the config of each grid
     point; Optuna mode builds each cell's at the low and at the high end of every range. The planner's derived
@@ -303,6 +338,9 @@ def _validate_trials(spec: SweepSpec) -> None:
                 spec.trial_config(point, data_root=data_root, init_weights=init_weights)
             except ConfigError as error:
                 raise spec_error(error, spec.source, _axis_path(spec, point, error.field)) from None
+        return
+    if spec.selection is not None:
+        _validate_selection_trials(spec)
         return
     o = spec.optuna
     assert o is not None
@@ -415,8 +453,8 @@ def _validate_units(spec: SweepSpec) -> None:
     _require(
         spec.search == "grid" or len(units) == 1,
         spec,
-        f"privacy.privacy_unit = {list(units)}: search: optuna runs one study per cell for one privacy unit; give "
-        "one unit (image or patient), or use search: grid to compare both",
+        f"privacy.privacy_unit = {list(units)}: search: {spec.search} runs one study per cell for one privacy unit; "
+        "give one unit (image or patient), or use search: grid to compare both",
     )
 
 
@@ -483,9 +521,81 @@ def _validate_pretrain(spec: SweepSpec, pretrain: PretrainConfig) -> None:
     )
 
 
+def _validate_selection(spec: SweepSpec) -> None:
+    """`search: private_selection`: the trial count's distribution, the ranges and choices, and what the bound
+    needs (private targets only, one seed, a guarantee for every candidate)."""
+    from trainables.privacy.selection import TrialCount
+
+    s = spec.selection
+    assert s is not None
+    try:
+        TrialCount(s.distribution, s.mean_trials, s.shape)
+    except ValueError as error:
+        field = "selection.shape" if "shape" in str(error) else "selection.mean_trials"
+        value = s.shape if field == "selection.shape" else s.mean_trials
+        raise SpecError(
+            f"{spec.source}: {field} = {value!r} does not fit selection.distribution = {s.distribution!r} ({error}); "
+            + (
+                "give a finite shape > 0 for negative_binomial, or leave `shape` out for the others"
+                if field == "selection.shape"
+                else "give the expected number of candidates per cell, e.g. 4 (at least 1)"
+            )
+        ) from None
+    for name in s.RANGES:
+        bounds = getattr(s, name)
+        _require(
+            len(bounds) in (1, 2)
+            and all(b > 0 and math.isfinite(b) for b in bounds)
+            and list(bounds) == sorted(bounds),
+            spec,
+            f"selection.{name} = {list(bounds)}: give [low, high] with 0 < low <= high (drawn log-uniformly), or "
+            "[value]",
+        )
+    for name in s.CHOICES:
+        choices = getattr(s, name)
+        _require(
+            len(choices) >= 1 and all(c >= 1 for c in choices) and len(set(choices)) == len(choices),
+            spec,
+            f"selection.{name} = {list(choices)}: give one or more distinct whole numbers >= 1 to choose from",
+        )
+    for i, eps in enumerate(spec.axes.target_epsilon):
+        _require(
+            is_private(eps),
+            spec,
+            f"privacy.target_epsilon[{i}] = {eps:g}: search: private_selection selects among private candidates only "
+            "(a non-private baseline has no epsilon to calibrate against the selection); remove it and run "
+            "baselines in a grid sweep",
+        )
+    _require(
+        len(spec.axes.seed) == 1,
+        spec,
+        f"training.seed = {list(spec.axes.seed)}: search: private_selection uses one seed per cell; give one",
+    )
+    _require(
+        spec.axes.train_fraction == (1.0,),
+        spec,
+        f"data.train_fraction = {list(spec.axes.train_fraction)}: search: private_selection selects on the whole "
+        "training split; remove data.train_fraction, or use search: grid to sweep the data scale",
+    )
+    _require(
+        not spec.privacy.reproducible_noise,
+        spec,
+        "privacy.reproducible_noise = True: a private selection needs candidates with a guarantee (replayable noise "
+        "has none); set it to false",
+    )
+
+
 def _validate_search(spec: SweepSpec) -> None:
     o, stop = spec.optuna, spec.early_stopping
-    if spec.search == "grid":
+    _require(
+        spec.selection is None or spec.search == "private_selection",
+        spec,
+        f"a `selection:` section is given but search = {spec.search!r}; set `search: private_selection`, or remove "
+        "the section",
+    )
+    if spec.search == "private_selection":
+        _validate_selection(spec)
+    elif spec.search == "grid":
         _require(
             o is None,
             spec,

@@ -86,6 +86,10 @@ TUNING_EPSILON: Final = "privacy/tuning_epsilon"  # releasing the best private t
 """Grid: RDP composition of every private trial that started, at its planned steps. Optuna: the worst-case RDP
 composition that holds under adaptive selection (`trainables.privacy.tuning.adaptive_tuning_bound`)."""
 TUNING_EPSILON_BASIC: Final = "privacy/tuning_epsilon_basic"  # Optuna: basic composition of the trials' targets
+SELECTION_EPSILON: Final = "privacy/selection_epsilon"  # private selection, ``/<cell>``: the cell's tuning-inclusive
+"""`search: private_selection`: the epsilon of a cell's whole selection (its secret number of candidates and the release
+of its best, Papernot & Steinke), at most the cell's target; ``privacy/tuning_epsilon`` composes the cells."""
+SELECTION_SINGLE_RUN_EPSILON: Final = "privacy/selection_single_run_epsilon"  # ``/<cell>``: each candidate's alone
 LEDGER_EPSILON: Final = "privacy/ledger_epsilon"  # the training set's whole ledger when the sweep ended
 """Image-level RDP composition of every private run recorded on the sweep's training set, by any sweep, audit or
 rerun (`trainables.privacy.ledger.compose_ledger`); at least the sweep's own tuning epsilon."""
@@ -395,6 +399,8 @@ GROUPS_FILE: Final = "groups.parquet"
 PREDICTIONS_FILE: Final = "predictions.parquet"  # the selected model's per-image scores (test and external sets)
 BOOTSTRAP_FILE: Final = "bootstrap.parquet"
 RAY_PARAMS_FILE: Final = "params.json"
+RAY_RESULT_FILE: Final = "result.json"  # a Ray trial folder's reports, one JSON object per line
+SELECTION_FILE: Final = "selection.json"  # runs/<sweep>/selection.json: a private selection's public plan and winners
 SWEEP_STATE_FILE: Final = "sweep.json"  # runs/<sweep>/sweep.json: fingerprint and status of a sweep
 SWEEP_LOCK_FILE: Final = "sweep.lock"  # runs/<sweep>/sweep.lock: the command running the sweep (sweeps.lock)
 CALIBRATION_CACHE_FILE: Final = "calibration_cache.json"

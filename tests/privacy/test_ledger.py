@@ -149,3 +149,32 @@ def test_a_patient_level_label_count_release_is_composed_at_its_own_sigma_c() ->
 def test_a_malformed_entry_is_refused(changes, message) -> None:
     with pytest.raises(ValueError, match=message):
         entry(**({"run": "x"} | changes))
+
+
+def test_a_private_selection_is_one_run_composed_as_repeat_and_select() -> None:
+    # one cell of a private selection (E[K] = 4, geometric) beside an ordinary trial: RDP only, RepeatAndSelect once
+    cell = entry(
+        "selection-cell",
+        sigma=1.8,
+        selection_mean=4.0,
+        selection_shape=1.0,
+        selection_candidates=[[1.8, 1 / 56, 168]],  # as read back from JSON
+    )
+    total = compose_ledger([cell, entry("trial", sigma=2.0)])
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_event.RepeatAndSelectDpEvent(sgd(1.8, 1 / 56, 168), 4.0, 1.0))
+    alone = float(accountant.get_epsilon(DELTA))
+    accountant.compose(sgd(2.0, 1 / 56, 168))
+    assert total.epsilon_rdp == pytest.approx(float(accountant.get_epsilon(DELTA)), rel=1e-9)
+    assert compose_ledger([cell]).epsilon_rdp == pytest.approx(alone, rel=1e-9)
+    assert math.isnan(total.epsilon_pld) and math.isnan(total.epsilon_replace_one) and total.epsilon_patient is None
+    assert cell.selection_candidates == ((1.8, 1 / 56, 168),) and total.runs == 2
+    poisson = dataclasses.replace(cell, selection_shape=None)  # Poisson's infinite shape is stored as None
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_event.RepeatAndSelectDpEvent(sgd(1.8, 1 / 56, 168), 4.0, math.inf))
+    assert compose_ledger([poisson]).epsilon_rdp == pytest.approx(float(accountant.get_epsilon(DELTA)), rel=1e-9)
+
+
+def test_a_selection_needs_its_mean_and_candidates() -> None:
+    with pytest.raises(ValueError, match="private selection needs both"):
+        entry("cell", selection_mean=4.0)

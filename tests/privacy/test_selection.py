@@ -12,7 +12,13 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
 from trainables.config import PrivacyConfig
-from trainables.privacy.selection import TrialCount, plan_selection, selection_epsilon
+from trainables.privacy.selection import (
+    TrialCount,
+    plan_mechanisms,
+    plan_selection,
+    selection_epsilon,
+    selection_rdp_epsilon,
+)
 from trainables.privacy.tuning import TrialMechanism
 
 N, DELTA = 1777, 6e-6
@@ -63,6 +69,9 @@ def test_several_shapes_are_calibrated_together_below_the_target():
     for (batch, epochs), planned in plan.candidates.items():
         assert (planned.expected_batch_size, planned.epochs) == (batch, epochs)
         assert planned.target_epsilon == plan.single_run_epsilon  # each alone at the single-run epsilon
+    # the cells' composition (a sweep's tuning epsilon, a release's) of this one cell is its own epsilon
+    assert selection_rdp_epsilon([(plan_mechanisms(plan), plan.count)], DELTA) == pytest.approx(plan.epsilon, rel=1e-9)
+    assert selection_rdp_epsilon([(plan_mechanisms(plan), plan.count)] * 2, DELTA) > plan.epsilon
 
 
 def test_label_count_releases_are_part_of_each_run():

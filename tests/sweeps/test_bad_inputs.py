@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN: dict[str, Any] = {"pretrain.dataset": "synthetic-source"}
 OPTUNA: dict[str, Any] = {"search": "optuna", "privacy": {"target_epsilon": [1, 8]}}
 """`search: optuna`, without the grid settings of the fields it searches."""
+SELECTION: dict[str, Any] = {"search": "private_selection", "privacy": {"target_epsilon": [1, 8]}}
+"""`search: private_selection`, without the grid settings of the fields it draws."""
 
 
 def dry_run(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -129,6 +131,7 @@ NUMBERS = [
     bad("data.train_fraction", [True], "`data.train_fraction[0]`", "True is not a valid float"),
     bad("data.train_fraction", [0.05], shown="0.05 trains on"),  # fewer images than the batch: known from the data
     bad("data.train_fraction", [0.5], shown="[0.5]: search: optuna trains on the whole training split", **OPTUNA),
+    bad("data.train_fraction", [0.5], shown="[0.5]: search: private_selection selects on the whole", **SELECTION),
     bad("speed.max_physical_batch_size", 0),
     bad("speed.threads", 0),
     bad("speed.pad_multiple", 0),
@@ -145,6 +148,27 @@ NUMBERS = [
     bad("optuna.seed", -1, **OPTUNA),
     bad("optuna.seed", 2**32, **OPTUNA),
     bad("optuna.lr", [0.001], shown="with `search: optuna` give the range", training__lr=[0.001], **OPTUNA),
+    bad("selection.mean_trials", 0.5, shown="0.5 does not fit selection.distribution", **SELECTION),
+    bad("selection.shape", 2.0, shown="2.0 does not fit selection.distribution = 'logarithmic'", **SELECTION),
+    bad("selection.distribution", "negative_binomial", "selection.shape", "None", **SELECTION),
+    bad("selection.distribution", "uniform", shown="'uniform'; choose one of", **SELECTION),
+    bad("selection.lr", [0.01, 0.001], shown="[0.01, 0.001]: give [low, high] with 0 < low <= high", **SELECTION),
+    bad("selection.max_grad_norm", [0, 1], shown="[0.0, 1.0]", **SELECTION),
+    bad("selection.epochs", [0], shown="[0]: give one or more distinct whole numbers >= 1", **SELECTION),
+    bad("selection.expected_batch_size", [8, 8], shown="[8, 8]", **SELECTION),
+    bad("selection.expected_batch_size", [100], shown="100 is larger than synthetic-a's", **SELECTION),
+    bad("selection.lr", [0.001], "`training.lr` is a grid setting", None, training__lr=[0.001], **SELECTION),
+    bad("selection.mean_trials", 4, "`selection:` section is given but search = 'grid'", None),
+    bad(
+        "privacy",
+        {"target_epsilon": [1, math.inf]},
+        "privacy.target_epsilon[1] = inf",
+        None,
+        search="private_selection",
+    ),
+    bad("training.seed", [0, 1], shown="[0, 1]: search: private_selection uses one seed", **SELECTION),
+    bad("early_stopping.grace_period", 1, "`early_stopping:` (ASHA) cannot be used", None, **SELECTION),
+    bad("optuna.trials_per_target", 2, "`optuna:` cannot be used with `search: private_selection`", None, **SELECTION),
     bad("early_stopping.grace_period", 0),
     bad("early_stopping.grace_period", 10, shown="10 is more than privacy.epochs = 2"),
     bad("early_stopping.reduction_factor", 1),

@@ -118,3 +118,22 @@ def test_dpsweep_ledger_refuses_bad_input_with_exit_2(tmp_path, capsys, argv, me
     (tmp_path / "synthetic-a").mkdir()
     assert main([*argv, "--data", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_selection_is_recorded_once_and_rows_written_before_it_still_read(tmp_path):
+    import json
+
+    from trainables.privacy.selection import TrialCount, plan_selection
+
+    plan = plan_selection(PLANNED, N, [(32, 3), (64, 3)], TrialCount("poisson", 3.0))
+    record_runs(tmp_path, "d", [dataclasses.replace(planned("s/cell"), selection=plan), planned("s/1")])
+    old = {k: v for k, v in dataclasses.asdict(read_ledger(tmp_path, "d")[1]).items() if not k.startswith("selection")}
+    (ledger_dir(tmp_path, "d") / "0000-old.jsonl").write_text(json.dumps(old | {"run": "s/old"}) + "\n")
+    rows = {row.run: row for row in read_ledger(tmp_path, "d")}
+    cell = rows["s/cell"]
+    assert cell.selection_mean == 3.0 and cell.selection_shape is None  # Poisson: infinite shape, stored as None
+    assert cell.selection_candidates == tuple(
+        (p.noise_multiplier, p.sample_rate, p.steps) for p in plan.candidates.values()
+    )
+    assert rows["s/old"].selection_mean is None  # a row from before private selection: an ordinary run
+    assert compose_ledger([cell]).epsilon_rdp >= plan.epsilon  # the composed candidates bound their maximum

@@ -88,6 +88,10 @@ def append_entries(data_root: str | Path, dataset: str, entries: Iterable[Ledger
     return target
 
 
+OPTIONAL_FIELDS = frozenset({"selection_mean", "selection_shape", "selection_candidates"})
+"""Fields a row written before private selection lacks (their defaults: an ordinary run)."""
+
+
 def read_ledger(data_root: str | Path, dataset: str) -> list[LedgerEntry]:
     """Every row of the dataset's ledger, oldest first; empty when it has none.
 
@@ -107,7 +111,7 @@ def read_ledger(data_root: str | Path, dataset: str) -> list[LedgerEntry]:
         for number, line in enumerate(lines, start=1):
             try:
                 row = json.loads(line)
-                if set(row) != known:
+                if not OPTIONAL_FIELDS <= known or not known - OPTIONAL_FIELDS <= set(row) <= known:
                     raise ValueError(f"fields {sorted(set(row) ^ known)} differ from a ledger entry's")
                 entries.append(LedgerEntry(**row))
             except (ValueError, TypeError) as error:

@@ -18,6 +18,12 @@ point (ASHA, a failure, a kill) may depend on the data, so the bound fixed in ad
   with its noise multiplier divided by k (a patient's k images move the counts by at most k times one image's
   sensitivity). Only when every image-level run recorded its k.
 
+* **Private selection** (`search: private_selection`): a cell's candidates are one run, recorded once whatever their
+  secret number K: ``RepeatAndSelectDpEvent(candidate, E[K], shape)`` (Papernot & Steinke), the candidate being the
+  composition of the cell's distinct planned candidate mechanisms (exactly the candidate when there is one shape; an
+  upper bound of their order-wise maximum otherwise). dp-accounting's PLD cannot account it: with such a run the PLD
+  and replace-one totals are NaN and the patient-level one is None; the RDP total holds.
+
 A run without a DP guarantee (a non-private baseline, or a ``reproducible_noise`` trial whose noise is replayable
 from its logged seed) cannot be composed: it is counted apart (`LedgerTotal.non_private_runs`) and the totals hold
 only for releases that contain none of its outputs. The ledger never forgets: rows are appended, never rewritten
@@ -64,6 +70,10 @@ class LedgerEntry:
         accountant: the accountant the run calibrated with (the composition uses dp-accounting's).
         time: when the row was written (UTC, ISO 8601).
         user, host: who wrote the row, where.
+        selection_mean, selection_shape: a private selection's E[K] and its count's shape (dp-accounting's: 0
+            logarithmic, 1 geometric, eta; None for Poisson, whose shape is infinite); mean None: an ordinary run.
+        selection_candidates: a private selection's distinct planned candidates, (sigma, q, steps) each; the
+            mechanism fields then hold the first.
     """
 
     run: str
@@ -83,8 +93,17 @@ class LedgerEntry:
     time: str
     user: str
     host: str
+    selection_mean: float | None = None
+    selection_shape: float | None = None
+    selection_candidates: tuple[tuple[float, float, int], ...] = ()
 
     def __post_init__(self) -> None:
+        # JSON gives lists back: the candidates as the tuples they were written from
+        object.__setattr__(
+            self, "selection_candidates", tuple((float(s), float(q), int(n)) for s, q, n in self.selection_candidates)
+        )
+        if (self.selection_mean is None) != (not self.selection_candidates):
+            raise ValueError("a private selection needs both its mean number of runs and its candidates")
         if not self.run:
             raise ValueError("a ledger entry needs a run id")
         if self.kind not in LEDGER_KINDS:
@@ -103,18 +122,37 @@ class LedgerEntry:
         if self.patient_images is not None and self.patient_images < 1:
             raise ValueError(f"patient_images={self.patient_images!r} must be >= 1")
 
+    @property
+    def is_selection(self) -> bool:
+        return self.selection_mean is not None
+
     def dp_event(self) -> dp_event.DpEvent:
         """The run as a dp-accounting event at its own unit: its label-count release, then its steps (private runs
-        only)."""
-        events: list[dp_event.DpEvent] = []
-        if self.label_count_noise_multiplier is not None:
-            events.append(dp_event.GaussianDpEvent(float(self.label_count_noise_multiplier)))
-        if self.steps:
-            step = dp_event.PoissonSampledDpEvent(self.sample_rate, dp_event.GaussianDpEvent(self.noise_multiplier))
-            events.append(dp_event.SelfComposedDpEvent(step, int(self.steps)))
-        if not events:
-            return dp_event.NoOpDpEvent()
-        return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
+        only); a private selection's ``RepeatAndSelectDpEvent`` of its candidates (module docstring)."""
+        if self.selection_mean is not None:
+            candidates = [
+                _run_event(sigma, q, steps, self.label_count_noise_multiplier)
+                for sigma, q, steps in dict.fromkeys(self.selection_candidates)
+            ]
+            inner = candidates[0] if len(candidates) == 1 else dp_event.ComposedDpEvent(candidates)
+            shape = math.inf if self.selection_shape is None else float(self.selection_shape)
+            return dp_event.RepeatAndSelectDpEvent(inner, float(self.selection_mean), shape)
+        return _run_event(self.noise_multiplier, self.sample_rate, self.steps, self.label_count_noise_multiplier)
+
+
+def _run_event(
+    noise_multiplier: float, sample_rate: float, steps: int, label_count_noise_multiplier: float | None
+) -> dp_event.DpEvent:
+    """One run's event: its label-count release, then its steps."""
+    events: list[dp_event.DpEvent] = []
+    if label_count_noise_multiplier is not None:
+        events.append(dp_event.GaussianDpEvent(float(label_count_noise_multiplier)))
+    if steps:
+        step = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
+        events.append(dp_event.SelfComposedDpEvent(step, int(steps)))
+    if not events:
+        return dp_event.NoOpDpEvent()
+    return events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events)
 
 
 def entry_for(
@@ -162,9 +200,12 @@ class LedgerTotal:
         delta: the delta the epsilons are at (default: the smallest delta of the private runs).
         runs: distinct runs in the ledger; ``private_runs`` of them have a guarantee, ``non_private_runs`` do not.
         epsilon_rdp: image-level runs composed with dp-accounting's RDP accountant (add/remove); 0 when none.
-        epsilon_pld: the same with its PLD accountant (add/remove, pessimistic, discretization 1e-4).
-        epsilon_replace_one: the same with PLD under replace-one adjacency (the reading that a public N implies).
-        epsilon_patient: every private run at the patient level (PLD); None when an image-level run lacks k.
+        epsilon_pld: the same with its PLD accountant (add/remove, pessimistic, discretization 1e-4); NaN with a
+            private selection among the runs (PLD cannot account one).
+        epsilon_replace_one: the same with PLD under replace-one adjacency (the reading that a public N implies);
+            NaN likewise.
+        epsilon_patient: every private run at the patient level (PLD); None when an image-level run lacks k, or with
+            a private selection among the runs.
         patient_level_runs: private runs whose records are patients (in ``epsilon_patient`` only).
         statuses: rows' latest status per run, counted.
         by_sweep: distinct runs per sweep.
@@ -214,16 +255,17 @@ def compose_ledger(entries: Sequence[LedgerEntry], delta: float | None = None) -
     replace = PLDAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     for run in image:
         event = run.dp_event()
-        for accountant in (rdp, pld, replace):
+        for accountant in (rdp,) if run.is_selection else (rdp, pld, replace):
             accountant.compose(event)
+    pld_known = not any(run.is_selection for run in image)
     return LedgerTotal(
         delta=float(delta),
         runs=len(runs),
         private_runs=len(private),
         non_private_runs=len(runs) - len(private),
         epsilon_rdp=float(rdp.get_epsilon(delta)) if image else 0.0,
-        epsilon_pld=float(pld.get_epsilon(delta)) if image else 0.0,
-        epsilon_replace_one=float(replace.get_epsilon(delta)) if image else 0.0,
+        epsilon_pld=(float(pld.get_epsilon(delta)) if image else 0.0) if pld_known else math.nan,
+        epsilon_replace_one=(float(replace.get_epsilon(delta)) if image else 0.0) if pld_known else math.nan,
         epsilon_patient=_patient_level_epsilon(private, delta),
         patient_level_runs=sum(r.privacy_unit == "patient" for r in private),
         statuses=dict(Counter(latest[r.run].status for r in runs)),
@@ -235,7 +277,7 @@ def _patient_level_epsilon(private: Sequence[LedgerEntry], delta: float) -> floa
     """Every private run for one patient (`trainables.privacy.units.composed_patient_epsilon`)."""
     from trainables.privacy.units import PatientMechanism, composed_patient_epsilon
 
-    if any(r.privacy_unit == "image" and r.patient_images is None for r in private):
+    if any((r.privacy_unit == "image" and r.patient_images is None) or r.is_selection for r in private):
         return None
     mechanisms = [
         PatientMechanism(r.noise_multiplier, r.sample_rate, r.steps, _k(r), r.label_count_noise_multiplier)

@@ -31,9 +31,18 @@ from dp_accounting.rdp import rdp_privacy_accountant as _rdp_internals
 from trainables.config import PrivacyConfig
 from trainables.privacy.accounting import MAX_NOISE_MULTIPLIER, epsilon_spent
 from trainables.privacy.planning import plan_privacy, schedule
-from trainables.privacy.tuning import TrialMechanism, tuning_epsilon
+from trainables.privacy.tuning import TrialMechanism, _epsilon, _rdp_curve, tuning_epsilon
 
-__all__ = ["DISTRIBUTIONS", "SelectionPlan", "TrialCount", "plan_selection", "selection_epsilon"]
+__all__ = [
+    "DISTRIBUTIONS",
+    "SelectionPlan",
+    "TrialCount",
+    "plan_selection",
+    "selection_epsilon",
+    "plan_mechanisms",
+    "selection_rdp_curve",
+    "selection_rdp_epsilon",
+]
 
 Distribution = Literal["logarithmic", "geometric", "negative_binomial", "poisson"]
 DISTRIBUTIONS: tuple[str, ...] = ("logarithmic", "geometric", "negative_binomial", "poisson")
@@ -219,3 +228,23 @@ def plan_selection(
         else:
             high = middle
     return SelectionPlan(best_epsilon, best_single, best_plans, count)
+
+
+def selection_rdp_curve(candidates: Sequence[TrialMechanism], count: TrialCount) -> np.ndarray:
+    """The RDP curve of a cell's whole selection at dp-accounting's default orders: Papernot & Steinke's bound on the
+    candidates' order-wise maximal curve (`selection_epsilon` before its conversion to epsilon)."""
+    q_curve = np.max([_rdp_curve(m) for m in candidates], axis=0)
+    orders = np.asarray(_rdp_internals.DEFAULT_RDP_ORDERS)
+    curve: np.ndarray = _rdp_internals._compute_rdp_repeat_and_select(orders, q_curve, count.mean, count.dp_shape)
+    return curve
+
+
+def selection_rdp_epsilon(cells: Sequence[tuple[Sequence[TrialMechanism], TrialCount]], delta: float) -> float:
+    """Epsilon at ``delta`` of releasing every cell's winner, each cell given by its candidates and its count: the RDP
+    composition of the cells' selections (one cell: its `selection_epsilon`)."""
+    return _epsilon(np.sum([selection_rdp_curve(c, count) for c, count in cells], axis=0), delta)
+
+
+def plan_mechanisms(plan: SelectionPlan) -> list[TrialMechanism]:
+    """A calibrated cell's candidate mechanisms (one per shape)."""
+    return [_mechanism(p) for p in plan.candidates.values()]
