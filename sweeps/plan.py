@@ -171,6 +171,9 @@ class SweepPlan:
 
     selections: dict[str, Any] = field(default_factory=dict)
     """search: private_selection: cell key -> its calibrated selection (`sweeps.selection.CellSelection`)."""
+    proxy: Any = None
+    """search: proxy: its phase-1 plan (`sweeps.proxy.ProxyPlan`: the public dataset and the proxy trials); the
+    private trials of phase 2 are made once phase 1 ranked its candidates (`sweeps.proxy.ProxyRun`)."""
 
     @property
     def n_trials(self) -> int:
@@ -178,6 +181,8 @@ class SweepPlan:
         many candidates run is secret."""
         if self.spec.search == "private_selection":
             return len(self.spec.cells())
+        if self.proxy is not None:  # phase 1's proxy trials, then one private trial per cell (top_k = 1)
+            return len(self.proxy.trials) + len(self.spec.cells())
         if self.spec.search == "optuna":
             assert self.spec.optuna is not None
             return len(self.spec.cells()) * self.spec.optuna.trials_per_target
@@ -225,6 +230,8 @@ def spec_settings(spec: SweepSpec) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     if settings["selection"] is None:  # absent from sweeps started before private selection: same fingerprint
         del settings["selection"]
+    if settings["proxy"] is None:  # absent from sweeps started before search: proxy: same fingerprint
+        del settings["proxy"]
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
     if spec.axes.train_fraction == (1.0,):  # the default, as sweeps before the axis: same fingerprint, resumable
@@ -297,7 +304,7 @@ def _plan_sweep(
                     f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.key}{unit_note}): {error}"
                     + _subset_fix(dataset)
                 ) from None
-            if spec.search == "grid":
+            if spec.search in ("grid", "proxy"):
                 try:
                     privacy_plans[(dataset.key, eps, unit)] = plan_privacy(privacy, n_records, cache_path=cache_path)
                 except ValueError as error:
@@ -336,6 +343,11 @@ def _plan_sweep(
                     provenance_tags=tags,
                 )
             )
+    proxy = None
+    if spec.search == "proxy":
+        from sweeps.proxy import plan_proxy
+
+        proxy = plan_proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
     return SweepPlan(
         spec,
         paths,
@@ -347,6 +359,7 @@ def _plan_sweep(
         pretrain_n,
         subsets,
         selections,
+        proxy,
     )
 
 
