@@ -121,7 +121,7 @@ def run_tags(key: str, config: TrialConfig) -> dict[str, str]:
         SWEEP_TAG: config.sweep,
         ROLE_TAG: TRIAL_ROLE,
         TRIAL_KEY_TAG: key,
-        PRIVATE_TAG: str(is_private(config.privacy.target_epsilon) and not config.proxy).lower(),
+        PRIVATE_TAG: str(is_private(config.privacy.target_epsilon)).lower(),
     }
 
 
