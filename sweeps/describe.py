@@ -97,6 +97,10 @@ def describe_plan(plan: SweepPlan) -> str:
             f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
             f"at once; searched: {ranges}"
         )
+    if plan.proxy is not None:
+        from sweeps.proxy import describe_proxy
+
+        lines.extend(describe_proxy(plan))
     if spec.selection is not None:
         from sweeps.selection import describe_selections
 

@@ -193,8 +193,11 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         if selection is not None:
             selection.run(trainable)
             continue
-        grid = _part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit()
-        if len(grid) > grid.num_terminated + grid.num_errors:
+        if plan.proxy is not None:
+            part_ended = _run_proxy(plan, ledger, trainable, experiment_id, parent, log)
+        else:
+            part_ended = _all_ended(_part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit())
+        if not part_ended:
             break  # interrupted (Ctrl-C): the later parts wait for the next run
     outcome = selection.finish(experiment_id, parent, ledger) if selection is not None else None
     released = outcome.released if outcome is not None else None
@@ -218,7 +221,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, trials))
+        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, _private_phase(trials)))
         | ledger_metrics(spec, paths.data_root),
         artifacts=[
             sweep_dir / N.TRIALS_FILE,
@@ -229,6 +232,30 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         step=len(parts) - 1,
     )
     return trials
+
+
+def _all_ended(grid: Any) -> bool:
+    """Whether every trial of a fitted Ray part ended (not interrupted)."""
+    return bool(len(grid) == grid.num_terminated + grid.num_errors)
+
+
+def _run_proxy(plan: SweepPlan, ledger: SweepLedger, trainable: Any, experiment_id: str, parent: str, log: Log) -> bool:
+    """search: proxy: phase 1 on public data, then phase 2's private trials, each phase its own Ray part
+    (`sweeps.proxy.ProxyRun`); False when interrupted."""
+    from sweeps.proxy import ProxyRun
+
+    def tuner(phase: SweepPlan, ray_part: int, trials: list[TrialPoint]) -> Any:
+        part = Part(tuple(t.key for t in trials))
+        return _part_tuner(phase, ledger, trainable, ray_part, part, experiment_id, parent, log)
+
+    return ProxyRun(plan).run(tuner, ledger, log)
+
+
+def _private_phase(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that trained on private data: a proxy sweep's phase 1 runs on public data (`sweeps.proxy`)."""
+    from sweeps.proxy import private_phase
+
+    return private_phase(trials)
 
 
 def _prepare_selection(plan: SweepPlan, ledger: SweepLedger, log: Log) -> SelectionRun | None:
@@ -273,14 +300,14 @@ def _part_tuner(
     callback = MlflowSweepCallback(plan.paths.tracking_uri, experiment_id, parent)
     return tune.Tuner(
         trainable,
-        param_space=({POINT: tune.grid_search([t.to_ray() for t in trials])} if spec.search == "grid" else {}),
+        param_space=({POINT: tune.grid_search([t.to_ray() for t in trials])} if spec.optuna is None else {}),
         tune_config=_tune_config(plan, ledger),
         run_config=tune.RunConfig(
             name=folder.name,
             storage_path=str(folder.parent),
             callbacks=[
                 callback,
-                ProgressCallback(len(trials) if spec.search == "grid" else plan.n_trials, _key_width(trials)),
+                ProgressCallback(len(trials) if spec.optuna is None else plan.n_trials, _key_width(trials)),
                 CSVLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
                 JsonLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
                 ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)

@@ -343,11 +343,7 @@ def _plan_sweep(
                     provenance_tags=tags,
                 )
             )
-    proxy = None
-    if spec.search == "proxy":
-        from sweeps.proxy import plan_proxy
-
-        proxy = plan_proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
+    proxy = _proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
     return SweepPlan(
         spec,
         paths,
@@ -377,6 +373,24 @@ def _selections(spec: SweepSpec, datasets: dict[str, DatasetPlan], cache_path: P
     from sweeps.selection import plan_selections
 
     return dict(plan_selections(spec, datasets, cache_path))
+
+
+def _proxy(
+    spec: SweepSpec,
+    paths: SweepPaths,
+    datasets: dict[str, DatasetPlan],
+    privacy_plans: dict[tuple[str, float, str], PrivacyConfig],
+    inits: dict[tuple[str, str], ResolvedInit],
+    dry_run: bool,
+    notes: list[str],
+) -> Any:
+    """A proxy search's phase 1 (`sweeps.proxy.plan_proxy`); None for other searches."""
+    if spec.search != "proxy":
+        return None
+    from sweeps.proxy import plan_proxy
+
+    proxy: Any = plan_proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
+    return proxy
 
 
 def _largest_batch(spec: SweepSpec) -> tuple[int, str]:

@@ -115,8 +115,8 @@ class ProxySpec:
     """`search: proxy`: phase 1 runs the sweep's grid on the public dataset ``dataset`` with TAN scaling (Sander et al.,
     ICML 2023): each grid point's private reference plan (B_ref = ``privacy.expected_batch_size``, its steps S, its
     calibrated sigma_ref) is simulated at expected batch ``batch_size`` (B_sim) with sigma_sim = sigma_ref x B_sim /
-    B_ref for the same S steps; phase 2 trains each cell's ``top_k`` best proxy candidates (by validation) on the private
-    data (`sweeps.proxy`)."""
+    B_ref for the same S steps; phase 2 trains each cell's ``top_k`` best proxy candidates (by validation) on the
+    private data (`sweeps.proxy`)."""
 
     dataset: str = ""
     batch_size: int = 16
