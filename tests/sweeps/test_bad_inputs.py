@@ -31,6 +31,8 @@ OPTUNA: dict[str, Any] = {"search": "optuna", "privacy": {"target_epsilon": [1, 
 """`search: optuna`, without the grid settings of the fields it searches."""
 SELECTION: dict[str, Any] = {"search": "private_selection", "privacy": {"target_epsilon": [1, 8]}}
 """`search: private_selection`, without the grid settings of the fields it draws."""
+PROXY: dict[str, Any] = {"search": "proxy", "proxy.dataset": "synthetic-source"}
+"""`search: proxy` tuning on the twin's public source dataset."""
 
 
 def dry_run(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -169,6 +171,20 @@ NUMBERS = [
     bad("training.seed", [0, 1], shown="[0, 1]: search: private_selection uses one seed", **SELECTION),
     bad("early_stopping.grace_period", 1, "`early_stopping:` (ASHA) cannot be used", None, **SELECTION),
     bad("optuna.trials_per_target", 2, "`optuna:` cannot be used with `search: private_selection`", None, **SELECTION),
+    bad("proxy.dataset", "synthetic-a", shown="'synthetic-a' is one of data.train", search="proxy"),
+    bad("proxy.dataset", "nih", shown="unknown dataset 'nih'", search="proxy"),
+    bad("search", "proxy", "search: proxy needs `proxy.dataset`", None),
+    bad("proxy.batch_size", 0, **PROXY),
+    bad("proxy.batch_size", 100_000, shown="100000 is larger than synthetic-source's", **PROXY),
+    bad("proxy.top_k", 3, shown="3: only 1 is supported", **PROXY),
+    bad("proxy.top_k", 1, "a `proxy:` section is given but search = 'grid'", None),
+    bad("privacy.target_epsilon", [1, math.inf], "privacy.target_epsilon[1] = inf", None, **PROXY),
+    bad("privacy.privacy_unit", "patient", shown="['patient']: search: proxy simulates image-level", **PROXY),
+    bad("data.train_fraction", [0.5], shown="[0.5]: search: proxy plans each cell on the whole", **PROXY),
+    bad(
+        "early_stopping.grace_period", 1, "`early_stopping:` (ASHA) cannot be used with `search: proxy`", None, **PROXY
+    ),
+    bad("optuna.trials_per_target", 2, "`optuna:` cannot be used with `search: proxy`", None, **PROXY),
     bad("early_stopping.grace_period", 0),
     bad("early_stopping.grace_period", 10, shown="10 is more than privacy.epochs = 2"),
     bad("early_stopping.reduction_factor", 1),
