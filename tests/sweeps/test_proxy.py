@@ -111,7 +111,8 @@ def proxy_sweep(tmp_path_factory):
 @pytest.mark.slow
 def test_proxy_k1_spends_exactly_the_cells_target_on_the_private_data(proxy_sweep):
     from sweeps.results import experiment_records
-    from trainables.privacy.ledger import compose_ledger, read_ledger
+    from trainables.data.ledger import read_ledger
+    from trainables.privacy.ledger import compose_ledger
 
     spec, paths, trials = proxy_sweep
     records = {r.key: r for r in experiment_records(paths.ray_experiment(spec))}
