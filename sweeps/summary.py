@@ -162,6 +162,12 @@ def adjacency_line(trials: pd.DataFrame) -> str:
     )
 
 
+def _private_phase(trials: pd.DataFrame) -> pd.DataFrame:
+    from sweeps.proxy import private_phase
+
+    return private_phase(trials)
+
+
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
     """The results table, where the outputs are, the privacy cost of the search and any budget warning (with the
     sweep's ``spec``, an Optuna sweep's adaptive tuning bounds too). Lines other than the tables' rows wrap at
@@ -191,7 +197,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
         lines.extend(wrap(line, subsequent_indent="    ") for line in summary_lines(sweep_dir))
         costs = {}
     else:
-        costs = tuning_costs(trials)
+        costs = tuning_costs(_private_phase(trials))  # a proxy sweep's phase 1 trained on public data
     adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
     for dataset, cost in costs.items():
         where = f" on {dataset}" if len(costs) > 1 else ""
@@ -216,7 +222,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
                 f"trial that started, at its planned steps, label-count releases included): {cost.sentence}"
             )
         )
-    for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
+    for dataset, epsilon in patient_level_sweep_epsilon(_private_phase(trials)).items():
         lines.append(
             wrap(
                 f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "

@@ -148,3 +148,31 @@ def test_proxy_k1_spends_exactly_the_cells_target_on_the_private_data(proxy_swee
     assert [c["candidate"] for c in chosen if c["chosen"]] == [best]
     table = pd.read_parquet(paths.sweep_dir(spec) / N.TRIALS_FILE)
     assert sorted(table[PHASE_PARAM]) == ["private", "proxy", "proxy"]
+
+
+@pytest.mark.slow
+def test_phase_one_is_tagged_proxy_in_mlflow_and_kept_out_of_the_reports_epsilon_tables(proxy_sweep):
+    import mlflow.tracking
+
+    from analysis.report import write_report
+    from sweeps.summary import summary_text
+
+    spec, paths, trials = proxy_sweep
+    client = mlflow.tracking.MlflowClient(paths.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.name)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{N.ROLE_TAG}` = 'trial'")
+    phases = {run.data.tags[N.TRIAL_KEY_TAG]: run.data.tags.get(PHASE_TAG) for run in runs}
+    assert sorted(phases.values()) == ["private", "proxy", "proxy"]
+    for run in runs:
+        proxy = run.data.tags.get(PHASE_TAG) == "proxy"
+        assert run.data.params[N.BUDGET_PARAM] == ("proxy eps=2" if proxy else "eps=2")
+        assert (N.EPSILON in run.data.metrics) is not proxy
+    index = write_report(paths.sweep_dir(spec))
+    page = index.read_text()
+    assert "Proxy phase (public data, not accounted)" in page
+    proxy_table = pd.read_csv(index.parent / "tables" / "proxy_phase.csv")
+    assert sorted(proxy_table["chosen"]) == [False, True] and sorted(proxy_table["rank"]) == [1, 2]
+    others = [p for p in (index.parent / "tables").glob("*.csv") if p.name != "proxy_phase.csv"]
+    assert others and not any("-proxy" in p.read_text() for p in others)
+    text = summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec)
+    assert "-proxy" in text and "synthetic-source" not in text  # no tuning cost on the public set
