@@ -36,6 +36,15 @@ def sweep_params(plan: SweepPlan) -> dict[str, Any]:
         "search": spec.search,
         "secure_mode": p.secure_mode,
         **(selection_params(spec.selection) if spec.selection is not None else {}),
+        **(
+            {
+                "proxy_dataset": spec.proxy.dataset,
+                "proxy_batch_size": spec.proxy.batch_size,
+                "proxy_top_k": spec.proxy.top_k,
+            }
+            if spec.proxy is not None
+            else {}
+        ),
     }
 
 
