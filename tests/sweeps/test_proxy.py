@@ -176,3 +176,30 @@ def test_phase_one_is_tagged_proxy_in_mlflow_and_kept_out_of_the_reports_epsilon
     assert others and not any("-proxy" in p.read_text() for p in others)
     text = summary_text(trials, paths.sweep_dir(spec), paths.tracking_uri, spec)
     assert "-proxy" in text and "synthetic-source" not in text  # no tuning cost on the public set
+
+
+@pytest.mark.slow
+def test_a_resumed_proxy_sweep_keeps_phase_one_and_records_phase_two_once(proxy_sweep):
+    """Runs last (it reruns the module's sweep): phase 2 lost, as if interrupted before it ran; the rerun restores
+    phase 1 as it was and trains the same candidate, recorded once in the ledger."""
+    import shutil
+
+    from sweeps.launch import run_sweep
+    from trainables.data.ledger import read_ledger
+
+    spec, paths, before = proxy_sweep
+    experiment = paths.ray_experiment(spec)
+    phase1 = {path: path.read_bytes() for path in experiment.glob("*/result.json")}
+    assert len(phase1) == 2
+    shutil.rmtree(experiment / "extension-1")
+    state_file = paths.sweep_dir(spec) / N.SWEEP_STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["status"] = "incomplete"
+    for part in state["parts"]:
+        part["status"] = "incomplete"
+    state_file.write_text(json.dumps(state))
+    after = run_sweep(spec, paths, log=lambda _: None)
+    assert {path: path.read_bytes() for path in experiment.glob("*/result.json")} == phase1  # not retrained
+    assert sorted(after["trial"]) == sorted(before["trial"])
+    assert (after["status"] == N.TERMINATED).all()
+    assert len({entry.run for entry in read_ledger(paths.data_root, "synthetic-a")}) == 1
