@@ -55,6 +55,7 @@ RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {
     "grid": (2, 3, STATE_FORMAT),
     "optuna": (3, STATE_FORMAT),
     "private_selection": (STATE_FORMAT,),
+    "proxy": (STATE_FORMAT,),
 }
 """Search mode -> the state formats a sweep of that mode resumes from."""
 FORMAT_CHANGES = {
