@@ -201,7 +201,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         if not part_ended:
             break  # interrupted (Ctrl-C): the later parts wait for the next run
     outcome = selection.finish(experiment_id, parent, ledger) if selection is not None else None
-    released = outcome.released if outcome is not None else None
+    released = outcome.released if outcome is not None else _proxy_released(plan)
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
     results = ray_results(experiment_path, run_ids(client, experiment_id, parent), released)
     trials = results.trials
@@ -222,7 +222,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, _private_phase(trials)))
+        summary=(outcome.metrics if outcome is not None else _summary_metrics(plan, trials))
         | ledger_metrics(spec, paths.data_root),
         artifacts=[
             sweep_dir / N.TRIALS_FILE,
@@ -249,14 +249,26 @@ def _run_proxy(plan: SweepPlan, ledger: SweepLedger, trainable: Any, experiment_
         part = Part(tuple(t.key for t in trials))
         return _part_tuner(phase, ledger, trainable, ray_part, part, experiment_id, parent, log)
 
-    return ProxyRun(plan).run(tuner, ledger, log)
+    return ProxyRun(plan).run(tuner, trainable, ledger, (experiment_id, parent), log)
 
 
-def _private_phase(trials: pd.DataFrame) -> pd.DataFrame:
-    """The trials that trained on private data: a proxy sweep's phase 1 runs on public data (`sweeps.proxy`)."""
-    from sweeps.proxy import private_phase
+def _proxy_released(plan: SweepPlan) -> set[str] | None:
+    """A proxy sweep's tabled trials (`sweeps.proxy.released_trials`); None (every trial) for other sweeps."""
+    if plan.proxy is None:
+        return None
+    from sweeps.proxy import released_trials
 
-    return private_phase(trials)
+    return released_trials(plan)
+
+
+def _summary_metrics(plan: SweepPlan, trials: pd.DataFrame) -> dict[str, float]:
+    """The parent run's tuning cost: of the trials that trained on private data (`sweeps.proxy.summary_metrics` for a
+    proxy sweep, whose phase 1 ran on public data)."""
+    if plan.proxy is None:
+        return tuning_summary(plan.spec, trials)
+    from sweeps.proxy import summary_metrics
+
+    return summary_metrics(plan, trials)
 
 
 def _prepare_selection(plan: SweepPlan, ledger: SweepLedger, log: Log) -> SelectionRun | None:

@@ -28,28 +28,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from sweeps import selection as selection_module
 from sweeps.plan import (
     DatasetPlan,
     Log,
     SweepPaths,
     SweepPlan,
     _manifest,
+    cell_privacy,
     make_trial,
     provenance_tags,
     trial_name,
 )
-from sweeps.schema import GridCell, GridPoint, SpecError, SweepSpec
+from sweeps.schema import GridCell, GridPoint, SelectionSpec, SpecError, SweepSpec
+from sweeps.selection import (
+    DRAWS_FILE,
+    Candidate,
+    CellSelection,
+    SelectionRun,
+    secret_generator,
+    trial_count,
+    write_private,
+)
 from trainables import names as N
 from trainables.config import PrivacyConfig
 from trainables.models import ResolvedInit
 from trainables.point import TrialPoint
+from trainables.privacy.selection import plan_selection
 
 PHASE_PARAM = "phase"
 """The trial param (and trials.parquet column) of a proxy sweep's trials: `PROXY_PHASE` or `PRIVATE_PHASE`."""
@@ -109,6 +123,9 @@ class ProxyPlan:
     batch_size: int
     top_k: int
     candidates: tuple[ProxyCandidate, ...]
+    selections: dict[str, CellSelection] = dataclasses.field(default_factory=dict)
+    """``top_k`` above 1: each cell's private selection among its top k (`plan_cell_selections`), whose candidate
+    plan is also each of its grid points' reference."""
 
     @property
     def trials(self) -> list[TrialPoint]:
@@ -148,13 +165,74 @@ def plan_proxy(
             f"training images; choose at most {n_public}"
         )
     public = DatasetPlan(proxy.dataset, n_public, proxy.batch_size / n_public, 0, estimated)
+    selections = plan_cell_selections(spec, datasets) if proxy.top_k > 1 else {}
+    shape = (spec.privacy.expected_batch_size, spec.privacy.epochs)
     tags = provenance_tags()
     candidates = []
     for point in spec.grid():
-        reference = privacy_plans[(point.dataset, point.target_epsilon, point.privacy_unit)]
+        if selections:  # phase 2 runs the selection's candidate plan: simulate that one
+            reference = selections[point.cell.key].plan.candidates[shape]
+        else:
+            reference = privacy_plans[(point.dataset, point.target_epsilon, point.privacy_unit)]
         trial = proxy_trial(spec, paths, public, inits[(point.model, point.init)], point, reference, tags)
         candidates.append(ProxyCandidate(point, reference, trial))
-    return ProxyPlan(public, proxy.batch_size, proxy.top_k, tuple(candidates))
+    return ProxyPlan(public, proxy.batch_size, proxy.top_k, tuple(candidates), selections)
+
+
+def plan_cell_selections(spec: SweepSpec, datasets: dict[str, DatasetPlan]) -> dict[str, CellSelection]:
+    """``proxy.top_k`` above 1: each cell's private selection (Papernot & Steinke; `sweeps.selection`), K from the
+    ``selection:`` section's distribution (its defaults without one), one candidate shape (the sweep's
+    ``privacy.expected_batch_size`` and ``epochs``), calibrated so the cell's tuning-inclusive epsilon is its target.
+
+    Raises:
+        SpecError: a target the selection cannot meet.
+    """
+    count = trial_count(spec.selection or SelectionSpec())
+    shape = [(spec.privacy.expected_batch_size, spec.privacy.epochs)]
+    unit = spec.axes.privacy_unit[0]
+    plans = {}
+    for cell in spec.cells():
+        n_records = datasets[cell.dataset].n_records(unit)
+        try:
+            plan = plan_selection(cell_privacy(spec, cell.target_epsilon, unit), n_records, shape, count)
+        except ValueError as error:
+            raise SpecError(
+                f"{spec.source}: privacy.target_epsilon = {cell.target_epsilon:g} with proxy.top_k = "
+                f"{spec.proxy.top_k if spec.proxy else 1} ({cell.dataset}): {error}"
+            ) from None
+        plans[cell.key] = CellSelection(cell, unit, n_records, plan)
+    return plans
+
+
+def draw_from_top_k(proxy: ProxyPlan, ranked: list[Ranked], rng: np.random.Generator) -> list[Candidate]:
+    """Each cell's secret K (`sweeps.selection.draw_trial_count`) and its candidates, each one of the cell's top k
+    proxy candidates drawn uniformly (with replacement), from secret randomness. The top k depend on public data only,
+    so the candidates are independent of the private data, as the selection bound requires."""
+    shape = next(iter(next(iter(proxy.selections.values())).plan.candidates))
+    candidates = []
+    for cell in ranked:
+        top = cell.ranking[: proxy.top_k]
+        selection = proxy.selections[cell.cell.key]
+        ids: set[str] = set()
+        for _ in range(selection_module.draw_trial_count(selection.plan.count, rng)):
+            if not top:  # no proxy candidate finished: the cell's selection releases nothing
+                break
+            chosen, _ = top[int(rng.integers(len(top)))]
+            candidate_id = secrets.token_hex(3)
+            while candidate_id in ids:
+                candidate_id = secrets.token_hex(3)
+            ids.add(candidate_id)
+            candidates.append(
+                Candidate(
+                    cell=cell.cell.key,
+                    id=candidate_id,
+                    lr=chosen.point.lr,
+                    max_grad_norm=chosen.point.max_grad_norm,
+                    expected_batch_size=shape[0],
+                    epochs=shape[1],
+                )
+            )
+    return candidates
 
 
 def proxy_trial(
@@ -307,9 +385,10 @@ class ProxyRun:
         assert proxy is not None
         return proxy
 
-    def run(self, tuner: PartTuner, ledger: Any, log: Log) -> bool:
+    def run(self, tuner: PartTuner, trainable: Any, ledger: Any, tracking: tuple[str, str], log: Log) -> bool:
         """Phase 1 (its finished trials kept on resume), then per cell the best candidate's private trial, recorded in
-        the ledger before it runs. Returns False when interrupted before phase 2 ended."""
+        the ledger before it runs, or with ``top_k`` above 1 a private selection among the top k (`select`).
+        ``tracking``: the MLflow experiment id and parent run. Returns False when interrupted before phase 2 ended."""
         phase1 = self.proxy.trials
         grid = tuner(dataclasses.replace(self.plan, trials=phase1), PROXY_PART, phase1).fit()
         if len(grid) > grid.num_terminated + grid.num_errors:  # interrupted: phase 2 waits for the next run
@@ -320,6 +399,8 @@ class ProxyRun:
         summary_path = self.plan.paths.sweep_dir(self.plan.spec) / PROXY_FILE
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(public_summary(self.proxy, ranked, scores), indent=2))
+        if self.proxy.top_k > 1:
+            return self.select(ranked, trainable, ledger, tracking)
         trials = []
         for cell in ranked:
             if cell.chosen is None:
@@ -333,6 +414,56 @@ class ProxyRun:
             return True
         private = tuner(dataclasses.replace(self.plan, trials=trials), PRIVATE_PART, trials).fit()
         return bool(len(private) == private.num_terminated + private.num_errors)
+
+    def select(self, ranked: list[Ranked], trainable: Any, ledger: Any, tracking: tuple[str, str]) -> bool:
+        """Phase 2 with ``top_k`` above 1: each cell's private selection (`sweeps.selection.SelectionRun`, Ray part
+        `PRIVATE_PART`): K and the candidates drawn secretly from the top k (`draw_from_top_k`; read back from the
+        private draws file on resume), each cell recorded once in the ledger, only each cell's winner published."""
+        plan = dataclasses.replace(self.plan, selections=self.proxy.selections)
+        experiment = plan.paths.ray_experiment(plan.spec)
+        path = experiment / DRAWS_FILE
+        if path.is_file():
+            candidates = [Candidate(**row) for row in json.loads(path.read_text())["candidates"]]
+        else:
+            candidates = draw_from_top_k(self.proxy, ranked, secret_generator())
+            write_private(path, {"candidates": [dataclasses.asdict(c) for c in candidates]})
+        tags = provenance_tags()
+        points = []
+        for candidate in candidates:
+            point = selection_module._point(plan, candidate, tags)
+            params, point_tags = {**point.params, PHASE_PARAM: PRIVATE_PHASE}, {**point.tags, PHASE_TAG: PRIVATE_PHASE}
+            points.append(dataclasses.replace(point, params=params, tags=point_tags))
+        selection = SelectionRun(plan, tuple(candidates), tuple(points))
+        selection.record(ledger)
+        if points:
+            from analysis.tables import ray_part_dir
+
+            selection.tuner(trainable, ray_part_dir(experiment, PRIVATE_PART)).fit()
+        return bool(selection.finish(*tracking, ledger).ended)
+
+
+def released_trials(plan: SweepPlan) -> set[str] | None:
+    """The trials a proxy sweep's tables hold: with ``top_k`` above 1, phase 1 and each cell's winner (the other
+    candidates stay in the Ray folder, private storage); None (every trial) otherwise."""
+    if plan.proxy is None or plan.proxy.top_k == 1:
+        return None
+    winners = selection_module.read_winners(plan.paths.sweep_dir(plan.spec)) or set()
+    return {trial.key for trial in plan.proxy.trials} | winners
+
+
+def summary_metrics(plan: SweepPlan, trials: pd.DataFrame) -> dict[str, float]:
+    """The parent run's privacy metrics of a proxy sweep: phase 2's tuning cost (phase 1 trained on public data), or
+    with ``top_k`` above 1 each cell's selection epsilons and their composition (as `search: private_selection`)."""
+    from sweeps.tuning_cost import tuning_summary
+
+    proxy = plan.proxy
+    if proxy is None or proxy.top_k == 1:
+        return tuning_summary(plan.spec, private_phase(trials))
+    metrics: dict[str, float] = {}
+    for key, cell in proxy.selections.items():
+        metrics[f"{N.SELECTION_EPSILON}/{key}"] = cell.plan.epsilon
+        metrics[f"{N.SELECTION_SINGLE_RUN_EPSILON}/{key}"] = cell.plan.single_run_epsilon
+    return metrics | selection_module.selection_tuning_epsilons(plan.spec, list(proxy.selections.values()))
 
 
 def private_phase(trials: pd.DataFrame) -> pd.DataFrame:
@@ -359,6 +490,14 @@ def describe_proxy(plan: SweepPlan) -> list[str]:
             f"    {c.key}: sigma_sim {p.noise_multiplier:.4f}, q_sim {p.sample_rate:.5g}, S {p.steps} "
             f"(reference sigma {r.noise_multiplier:.4f}, q {r.sample_rate:.5g})"
         )
+    if proxy.selections:
+        lines.append(
+            f"  phase 2 (private): per cell a private selection among the top-{proxy.top_k} of phase 1 by proxy "
+            "validation AUROC (a secret number of candidates K, each one of the top k drawn at random; only the best "
+            "by validation released; the ledger records each cell's selection only):"
+        )
+        lines.extend(f"    {cell.describe()}" for cell in proxy.selections.values())
+        return lines
     lines.append(
         f"  phase 2 (private): per cell the top-{proxy.top_k} of phase 1 by proxy validation AUROC, trained on the "
         "private data at the cell's target epsilon (the ledger records these only):"

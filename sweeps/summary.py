@@ -190,7 +190,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     wrap = functools.partial(
         textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
     )
-    if spec is not None and spec.search == "private_selection":
+    if spec is not None and (spec.search == "private_selection" or (spec.proxy is not None and spec.proxy.top_k > 1)):
         from sweeps.selection import summary_lines
 
         # The cost is each cell's selection bound, not a composition of the released trials.

@@ -24,7 +24,16 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from sweeps.schema import AuditSpec, GridPoint, Objective, OptunaSpec, ResourcesSpec, SpecError, SweepSpec
+from sweeps.schema import (
+    AuditSpec,
+    GridPoint,
+    Objective,
+    OptunaSpec,
+    ResourcesSpec,
+    SelectionSpec,
+    SpecError,
+    SweepSpec,
+)
 from trainables.config import (
     MAX_SEED,
     ConfigError,
@@ -615,11 +624,26 @@ def _validate_proxy(spec: SweepSpec) -> None:
         "runs; sigma is scaled by B_sim / privacy.expected_batch_size), e.g. 16",
     )
     _require(
-        proxy.top_k == 1,
+        isinstance(proxy.top_k, int) and not isinstance(proxy.top_k, bool) and proxy.top_k >= 1,
         spec,
-        f"proxy.top_k = {proxy.top_k!r}: only 1 is supported (phase 2 trains each cell's best proxy candidate once, "
-        "at the cell's target epsilon); a private selection among the top k is not implemented yet; use top_k: 1",
+        f"proxy.top_k = {proxy.top_k!r} must be a whole number >= 1: 1 trains each cell's best proxy candidate once at "
+        "its target; k > 1 runs a private selection among the top k (K from the `selection:` section)",
     )
+    if proxy.top_k > 1:
+        _require(
+            len(spec.axes.seed) == 1,
+            spec,
+            f"training.seed = {list(spec.axes.seed)}: proxy.top_k > 1 runs a private selection with one seed per "
+            "cell; give one seed, or use top_k: 1",
+        )
+        _validate_trial_count(spec)
+    else:
+        _require(
+            spec.selection is None,
+            spec,
+            "a `selection:` section is given but proxy.top_k = 1 (one private trial per cell, no selection); set "
+            "proxy.top_k above 1 for a private selection among the top k, or remove the section",
+        )
     _require(
         spec.optuna is None,
         spec,
@@ -653,10 +677,24 @@ def _validate_proxy(spec: SweepSpec) -> None:
     )
 
 
+def _validate_trial_count(spec: SweepSpec) -> None:
+    """The ``selection:`` section's distribution of K (its defaults without one) is one the selection bound takes."""
+    from trainables.privacy.selection import TrialCount
+
+    s = spec.selection or SelectionSpec()
+    try:
+        TrialCount(s.distribution, s.mean_trials, s.shape)
+    except ValueError as error:
+        raise SpecError(
+            f"{spec.source}: selection.mean_trials = {s.mean_trials!r} / selection.shape = {s.shape!r} do not fit "
+            f"selection.distribution = {s.distribution!r} ({error}); e.g. mean_trials: 4"
+        ) from None
+
+
 def _validate_search(spec: SweepSpec) -> None:
     o, stop = spec.optuna, spec.early_stopping
     _require(
-        spec.selection is None or spec.search == "private_selection",
+        spec.selection is None or spec.search in ("private_selection", "proxy"),
         spec,
         f"a `selection:` section is given but search = {spec.search!r}; set `search: private_selection`, or remove "
         "the section",
