@@ -19,8 +19,10 @@ Two phases, one `dpsweep sweep`:
         target, an ordinary grid trial (its grid key, ``phase = private``): the cell's epsilon is exactly its target,
         and the ledger records only these trials
 
-``runs/<sweep>/proxy.json`` (`PROXY_FILE`) holds every candidate's proxy score, rank and the chosen ones.
-``proxy.top_k`` above 1 (a private selection among the top k) is refused for now.
+``runs/<sweep>/proxy.json`` (`PROXY_FILE`) holds every candidate's proxy score, rank and the chosen ones. With
+``proxy.top_k`` above 1, phase 2 is a private selection among each cell's top k (`ProxyRun.select`, reusing
+`sweeps.selection`: secret K and draws, one calibrated shape, only each cell's winner released, the ledger recording
+each cell's selection once); phase 1 then simulates the selection's single-run sigma.
 """
 
 from __future__ import annotations
