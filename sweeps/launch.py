@@ -409,6 +409,11 @@ def check_sweep_state(spec: SweepSpec, paths: SweepPaths) -> SweepCheck:
     if state.settings is None:
         raise SpecError(f"{exists} (its sweep.json, written by an earlier dpsweep, does not record which); {way_out}")
     changes = setting_changes(state.settings, spec_settings(spec))
+    if spec.search == "proxy":  # its phase 2 is chosen from the whole of phase 1: new grid values cannot be added
+        raise SpecError(
+            f"{exists} ({', '.join(str(change) for change in changes)}); a proxy sweep cannot be extended (phase 2 is "
+            f"chosen from all of phase 1); {way_out}"
+        )
     refused = {str(change): refusal(change, state.settings) for change in changes}
     if any(reason is not None for reason in refused.values()) or not ran <= set(keys):
         lines = [

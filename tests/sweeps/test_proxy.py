@@ -203,3 +203,19 @@ def test_a_resumed_proxy_sweep_keeps_phase_one_and_records_phase_two_once(proxy_
     assert sorted(after["trial"]) == sorted(before["trial"])
     assert (after["status"] == N.TERMINATED).all()
     assert len({entry.run for entry in read_ledger(paths.data_root, "synthetic-a")}) == 1
+
+
+def test_a_proxy_sweep_with_other_grid_values_is_refused_not_extended(tmp_path):
+    from sweeps.launch import STATE_FORMAT, check_sweep_state
+    from sweeps.plan import spec_fingerprint, spec_settings
+    from sweeps.spec import SpecError
+    from sweeps.state import Part, SweepState
+
+    ran, _ = proxy_plan(tmp_path)
+    paths = SweepPaths.for_spec(ran, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    state = SweepState(STATE_FORMAT, spec_fingerprint(ran), "complete", "abc", spec_settings(ran), (Part(()),))
+    state.write(paths.sweep_dir(ran) / N.SWEEP_STATE_FILE)
+    assert check_sweep_state(ran, paths).complete
+    more, _ = proxy_plan(tmp_path, training={"lr": [0.002, 0.0002, 0.001]})
+    with pytest.raises(SpecError, match="a proxy sweep cannot be extended"):
+        check_sweep_state(more, paths)
