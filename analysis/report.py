@@ -28,7 +28,15 @@ import pandas as pd
 from analysis import pareto, plots, subgroups, views
 from analysis.export import TableFiles, format_number, write_table
 from analysis.metric_labels import metric_label
-from analysis.tables import FINISHED, GUARANTEE_TEXT, SweepTables, TableError, load_tables, without_guarantee
+from analysis.tables import (
+    FINISHED,
+    GUARANTEE_TEXT,
+    SweepTables,
+    TableError,
+    evaluation_of_trials,
+    load_tables,
+    without_guarantee,
+)
 from trainables import names
 
 REPORT_DIR = "report"
@@ -118,7 +126,9 @@ def render_report(
             if stale.is_file() and stale.suffix in suffixes:
                 stale.unlink()
     page = _Page(out_dir)
+    tables, proxy = _without_proxy_phase(tables)
     _summary(page, tables)
+    _proxy_phase(page, tables.sweep_dir / PROXY_FILE, proxy)
     tables = _study_unit(page, tables)
     _data_scale(page, tables)
     tables = _study_fraction(page, tables)
@@ -232,6 +242,55 @@ def _private_selection(page: _Page, path: Path) -> None:
         ]
     )
     page.table(rows, "private_selection", index=False)
+
+
+PROXY_FILE = "proxy.json"
+"""``runs/<sweep>/proxy.json`` of a ``search: proxy`` sweep (`sweeps.proxy.PROXY_FILE`)."""
+
+
+def _without_proxy_phase(tables: SweepTables) -> tuple[SweepTables, int]:
+    """The tables of the trials that trained on private data, and how many proxy trials were left out: a ``search:
+    proxy`` sweep's phase 1 (``phase = proxy``, public data, no epsilon) is never in an epsilon bin, the Pareto front or
+    the headline tables."""
+    trials = tables.trials
+    if "phase" not in trials:
+        return tables, 0
+    proxy = trials["phase"].astype(str) == "proxy"
+    kept = trials[~proxy].reset_index(drop=True)
+    keys = set(kept["trial"])
+    epochs = tables.epochs
+    if "trial" in epochs:
+        epochs = epochs[epochs["trial"].isin(keys)].reset_index(drop=True)
+    evaluation = None if tables.evaluation is None else evaluation_of_trials(tables.evaluation, keys)
+    return replace(tables, trials=kept, epochs=epochs, evaluation=evaluation), int(proxy.sum())
+
+
+def _proxy_phase(page: _Page, path: Path, n_proxy: int) -> None:
+    """A proxy sweep's phase 1 (``proxy.json``): each candidate's proxy validation AUROC on the public dataset, its rank
+    in its cell and whether phase 2 trained it on the private data. Nothing where the sweep is not one."""
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    page.heading("Proxy phase (public data, not accounted)")
+    page.note(
+        f"Phase 1 ran {n_proxy} proxy trials on the public dataset <code>{html.escape(summary['dataset'])}</code> "
+        f"with TAN scaling (expected batch {summary['batch_size']}, sigma scaled by B_sim / B_ref, the private "
+        f"reference's steps); they are not private results and appear in no table below. Per cell the top "
+        f"{summary['top_k']} by proxy validation AUROC was trained on the private data (phase 2, the trials below)."
+    )
+    rows = pd.DataFrame(
+        [
+            {
+                "cell": c["cell"],
+                "candidate": c["candidate"],
+                "proxy_val_auroc": c["proxy_val_auroc"],
+                "rank": c["rank"],
+                "chosen": c["chosen"],
+            }
+            for c in summary["candidates"]
+        ]
+    )
+    page.table(rows, "proxy_phase", index=False)
 
 
 def _summary(page: _Page, tables: SweepTables) -> None:

@@ -36,6 +36,15 @@ def sweep_params(plan: SweepPlan) -> dict[str, Any]:
         "search": spec.search,
         "secure_mode": p.secure_mode,
         **(selection_params(spec.selection) if spec.selection is not None else {}),
+        **(
+            {
+                "proxy_dataset": spec.proxy.dataset,
+                "proxy_batch_size": spec.proxy.batch_size,
+                "proxy_top_k": spec.proxy.top_k,
+            }
+            if spec.proxy is not None
+            else {}
+        ),
     }
 
 
@@ -97,6 +106,10 @@ def describe_plan(plan: SweepPlan) -> str:
             f"{o.trials_per_target} trials, objectives {list(o.objectives)}, at most {o.max_concurrent} "
             f"at once; searched: {ranges}"
         )
+    if plan.proxy is not None:
+        from sweeps.proxy import describe_proxy
+
+        lines.extend(describe_proxy(plan))
     if spec.selection is not None:
         from sweeps.selection import describe_selections
 

@@ -55,6 +55,7 @@ RESUMABLE_FORMATS: dict[str, tuple[int, ...]] = {
     "grid": (2, 3, STATE_FORMAT),
     "optuna": (3, STATE_FORMAT),
     "private_selection": (STATE_FORMAT,),
+    "proxy": (STATE_FORMAT,),
 }
 """Search mode -> the state formats a sweep of that mode resumes from."""
 FORMAT_CHANGES = {
@@ -193,11 +194,14 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         if selection is not None:
             selection.run(trainable)
             continue
-        grid = _part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit()
-        if len(grid) > grid.num_terminated + grid.num_errors:
+        if plan.proxy is not None:
+            part_ended = _run_proxy(plan, ledger, trainable, experiment_id, parent, log)
+        else:
+            part_ended = _all_ended(_part_tuner(plan, ledger, trainable, index, part, experiment_id, parent, log).fit())
+        if not part_ended:
             break  # interrupted (Ctrl-C): the later parts wait for the next run
     outcome = selection.finish(experiment_id, parent, ledger) if selection is not None else None
-    released = outcome.released if outcome is not None else None
+    released = outcome.released if outcome is not None else _proxy_released(plan)
     # runs/<sweep>/: the same tables, through the same writer, as `dpsweep table --source ray`
     results = ray_results(experiment_path, run_ids(client, experiment_id, parent), released)
     trials = results.trials
@@ -218,7 +222,7 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         paths.tracking_uri,
         parent,
         "FINISHED" if complete else "FAILED",
-        summary=(outcome.metrics if outcome is not None else tuning_summary(spec, trials))
+        summary=(outcome.metrics if outcome is not None else _summary_metrics(plan, trials))
         | ledger_metrics(spec, paths.data_root),
         artifacts=[
             sweep_dir / N.TRIALS_FILE,
@@ -229,6 +233,42 @@ def _run_sweep(spec: SweepSpec, paths: SweepPaths, address: str | None, fresh: b
         step=len(parts) - 1,
     )
     return trials
+
+
+def _all_ended(grid: Any) -> bool:
+    """Whether every trial of a fitted Ray part ended (not interrupted)."""
+    return bool(len(grid) == grid.num_terminated + grid.num_errors)
+
+
+def _run_proxy(plan: SweepPlan, ledger: SweepLedger, trainable: Any, experiment_id: str, parent: str, log: Log) -> bool:
+    """search: proxy: phase 1 on public data, then phase 2's private trials, each phase its own Ray part
+    (`sweeps.proxy.ProxyRun`); False when interrupted."""
+    from sweeps.proxy import ProxyRun
+
+    def tuner(phase: SweepPlan, ray_part: int, trials: list[TrialPoint]) -> Any:
+        part = Part(tuple(t.key for t in trials))
+        return _part_tuner(phase, ledger, trainable, ray_part, part, experiment_id, parent, log)
+
+    return ProxyRun(plan).run(tuner, trainable, ledger, (experiment_id, parent), log)
+
+
+def _proxy_released(plan: SweepPlan) -> set[str] | None:
+    """A proxy sweep's tabled trials (`sweeps.proxy.released_trials`); None (every trial) for other sweeps."""
+    if plan.proxy is None:
+        return None
+    from sweeps.proxy import released_trials
+
+    return released_trials(plan)
+
+
+def _summary_metrics(plan: SweepPlan, trials: pd.DataFrame) -> dict[str, float]:
+    """The parent run's tuning cost: of the trials that trained on private data (`sweeps.proxy.summary_metrics` for a
+    proxy sweep, whose phase 1 ran on public data)."""
+    if plan.proxy is None:
+        return tuning_summary(plan.spec, trials)
+    from sweeps.proxy import summary_metrics
+
+    return summary_metrics(plan, trials)
 
 
 def _prepare_selection(plan: SweepPlan, ledger: SweepLedger, log: Log) -> SelectionRun | None:
@@ -273,14 +313,14 @@ def _part_tuner(
     callback = MlflowSweepCallback(plan.paths.tracking_uri, experiment_id, parent)
     return tune.Tuner(
         trainable,
-        param_space=({POINT: tune.grid_search([t.to_ray() for t in trials])} if spec.search == "grid" else {}),
+        param_space=({POINT: tune.grid_search([t.to_ray() for t in trials])} if spec.optuna is None else {}),
         tune_config=_tune_config(plan, ledger),
         run_config=tune.RunConfig(
             name=folder.name,
             storage_path=str(folder.parent),
             callbacks=[
                 callback,
-                ProgressCallback(len(trials) if spec.search == "grid" else plan.n_trials, _key_width(trials)),
+                ProgressCallback(len(trials) if spec.optuna is None else plan.n_trials, _key_width(trials)),
                 CSVLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
                 JsonLoggerCallback(),  # type: ignore[no-untyped-call]  # Ray leaves its __init__ unannotated
                 ScrubSecretsCallback(),  # an ended trial's checkpoints lose their secrets (sweeps.scrub)
@@ -369,6 +409,11 @@ def check_sweep_state(spec: SweepSpec, paths: SweepPaths) -> SweepCheck:
     if state.settings is None:
         raise SpecError(f"{exists} (its sweep.json, written by an earlier dpsweep, does not record which); {way_out}")
     changes = setting_changes(state.settings, spec_settings(spec))
+    if spec.search == "proxy":  # its phase 2 is chosen from the whole of phase 1: new grid values cannot be added
+        raise SpecError(
+            f"{exists} ({', '.join(str(change) for change in changes)}); a proxy sweep cannot be extended (phase 2 is "
+            f"chosen from all of phase 1); {way_out}"
+        )
     refused = {str(change): refusal(change, state.settings) for change in changes}
     if any(reason is not None for reason in refused.values()) or not ran <= set(keys):
         lines = [

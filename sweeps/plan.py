@@ -171,6 +171,9 @@ class SweepPlan:
 
     selections: dict[str, Any] = field(default_factory=dict)
     """search: private_selection: cell key -> its calibrated selection (`sweeps.selection.CellSelection`)."""
+    proxy: Any = None
+    """search: proxy: its phase-1 plan (`sweeps.proxy.ProxyPlan`: the public dataset and the proxy trials); the
+    private trials of phase 2 are made once phase 1 ranked its candidates (`sweeps.proxy.ProxyRun`)."""
 
     @property
     def n_trials(self) -> int:
@@ -178,6 +181,8 @@ class SweepPlan:
         many candidates run is secret."""
         if self.spec.search == "private_selection":
             return len(self.spec.cells())
+        if self.proxy is not None:  # phase 1's proxy trials, then one private trial per cell (top_k = 1)
+            return len(self.proxy.trials) + len(self.spec.cells())
         if self.spec.search == "optuna":
             assert self.spec.optuna is not None
             return len(self.spec.cells()) * self.spec.optuna.trials_per_target
@@ -225,6 +230,8 @@ def spec_settings(spec: SweepSpec) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(spec).items() if k not in ("source", "description", "audit")}
     if settings["selection"] is None:  # absent from sweeps started before private selection: same fingerprint
         del settings["selection"]
+    if settings["proxy"] is None:  # absent from sweeps started before search: proxy: same fingerprint
+        del settings["proxy"]
     settings["tracking"] = {k: v for k, v in settings["tracking"].items() if k != "uri"}
     settings["privacy"] = {**FINGERPRINT_PRIVACY_PLACEHOLDERS, **settings["privacy"]}
     if spec.axes.train_fraction == (1.0,):  # the default, as sweeps before the axis: same fingerprint, resumable
@@ -297,7 +304,7 @@ def _plan_sweep(
                     f"{spec.source}: privacy.target_epsilon[{i}] / privacy.delta ({dataset.key}{unit_note}): {error}"
                     + _subset_fix(dataset)
                 ) from None
-            if spec.search == "grid":
+            if spec.search in ("grid", "proxy"):
                 try:
                     privacy_plans[(dataset.key, eps, unit)] = plan_privacy(privacy, n_records, cache_path=cache_path)
                 except ValueError as error:
@@ -336,6 +343,7 @@ def _plan_sweep(
                     provenance_tags=tags,
                 )
             )
+    proxy = _proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
     return SweepPlan(
         spec,
         paths,
@@ -347,6 +355,7 @@ def _plan_sweep(
         pretrain_n,
         subsets,
         selections,
+        proxy,
     )
 
 
@@ -364,6 +373,24 @@ def _selections(spec: SweepSpec, datasets: dict[str, DatasetPlan], cache_path: P
     from sweeps.selection import plan_selections
 
     return dict(plan_selections(spec, datasets, cache_path))
+
+
+def _proxy(
+    spec: SweepSpec,
+    paths: SweepPaths,
+    datasets: dict[str, DatasetPlan],
+    privacy_plans: dict[tuple[str, float, str], PrivacyConfig],
+    inits: dict[tuple[str, str], ResolvedInit],
+    dry_run: bool,
+    notes: list[str],
+) -> Any:
+    """A proxy search's phase 1 (`sweeps.proxy.plan_proxy`); None for other searches."""
+    if spec.search != "proxy":
+        return None
+    from sweeps.proxy import plan_proxy
+
+    proxy: Any = plan_proxy(spec, paths, datasets, privacy_plans, inits, dry_run, notes)
+    return proxy
 
 
 def _largest_batch(spec: SweepSpec) -> tuple[int, str]:

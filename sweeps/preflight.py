@@ -580,7 +580,7 @@ def disk_need(spec: SweepSpec, paths: SweepPaths, model_bytes: dict[str, int], c
     """A lower bound of what the sweep writes: under ``runs``, every trial's final weights and tables, and one epoch
     checkpoint (`EPOCH_CHECKPOINT_COPIES` model-sized tensors) per trial running at once (``concurrent``, at least
     1); under ``data.root``, each synthetic dataset not yet generated (one byte per pixel)."""
-    if spec.search == "grid":
+    if spec.search in ("grid", "proxy"):  # proxy: its phase 1 (phase 2 adds one trial per cell)
         trial_models = [point.model for point in spec.grid()]
     elif spec.selection is not None:  # the expected number of candidates (their number is secret)
         trial_models = [cell.model for cell in spec.cells() for _ in range(math.ceil(spec.selection.mean_trials))]

@@ -123,6 +123,12 @@ def rebuild_tables(spec: SweepSpec, paths: SweepPaths, source: TableSource = "au
             from sweeps.selection import read_winners
 
             released = read_winners(paths.sweep_dir(spec)) or set()  # no winners known yet: nothing released
+        elif spec.proxy is not None and spec.proxy.top_k > 1:  # phase 1 and each cell's winner (sweeps.proxy)
+            from sweeps.proxy import PROXY_SUFFIX
+            from sweeps.selection import read_winners
+
+            proxies = {r.key for r in experiment_records(experiment) if r.key.endswith(PROXY_SUFFIX[0])}
+            released = proxies | (read_winners(paths.sweep_dir(spec)) or set())
         results = ray_results(experiment, _mlflow_run_ids(spec, paths), released)
     else:
         results = mlflow_results(paths.tracking_uri, spec.tracking.experiment or spec.name, spec.name)

@@ -30,7 +30,7 @@ from trainables.config import (
 )
 from trainables.errors import UserError
 
-SearchMode = Literal["grid", "optuna", "private_selection"]
+SearchMode = Literal["grid", "optuna", "private_selection", "proxy"]
 Objective = Literal["auroc", "auroc_gap_sex", "auroc_gap_age"]  # validation split, selected epoch
 OptunaSampler = Literal["tpe", "random"]
 TrialCountDistribution = Literal["logarithmic", "geometric", "negative_binomial", "poisson"]
@@ -108,6 +108,19 @@ class SelectionSpec:
 
     RANGES = ("lr", "max_grad_norm")
     CHOICES = ("expected_batch_size", "epochs")
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """`search: proxy`: phase 1 runs the sweep's grid on the public dataset ``dataset`` with TAN scaling (Sander et al.,
+    ICML 2023): each grid point's private reference plan (B_ref = ``privacy.expected_batch_size``, its steps S, its
+    calibrated sigma_ref) is simulated at expected batch ``batch_size`` (B_sim) with sigma_sim = sigma_ref x B_sim /
+    B_ref for the same S steps; phase 2 trains each cell's ``top_k`` best proxy candidates (by validation) on the
+    private data (`sweeps.proxy`)."""
+
+    dataset: str = ""
+    batch_size: int = 16
+    top_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,7 @@ class SweepSpec:
     search: SearchMode = "grid"
     optuna: OptunaSpec | None = None
     selection: SelectionSpec | None = None
+    proxy: ProxySpec | None = None
     early_stopping: EarlyStoppingSpec | None = None
     audit: AuditSpec | None = None
     runs: str = "runs"

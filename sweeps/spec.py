@@ -34,6 +34,7 @@ from sweeps.schema import (
     GridPoint,
     Objective,
     OptunaSpec,
+    ProxySpec,
     ResourcesSpec,
     SelectionSpec,
     SpecError,
@@ -76,10 +77,11 @@ SECTIONS: dict[str, type] = {
     "tracking": TrackingSpec,
     "optuna": OptunaSpec,
     "selection": SelectionSpec,
+    "proxy": ProxySpec,
     "early_stopping": EarlyStoppingSpec,
     "audit": AuditSpec,
 }
-OPTIONAL_SECTIONS = ("pretrain", "optuna", "selection", "early_stopping", "audit")
+OPTIONAL_SECTIONS = ("pretrain", "optuna", "selection", "proxy", "early_stopping", "audit")
 AXES: dict[str, tuple[str, Any]] = {
     "privacy.target_epsilon": ("target_epsilon", tuple[float, ...]),
     "privacy.max_grad_norm": ("max_grad_norm", tuple[float, ...]),

@@ -162,6 +162,12 @@ def adjacency_line(trials: pd.DataFrame) -> str:
     )
 
 
+def _private_phase(trials: pd.DataFrame) -> pd.DataFrame:
+    from sweeps.proxy import private_phase
+
+    return private_phase(trials)
+
+
 def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec: SweepSpec | None = None) -> str:
     """The results table, where the outputs are, the privacy cost of the search and any budget warning (with the
     sweep's ``spec``, an Optuna sweep's adaptive tuning bounds too). Lines other than the tables' rows wrap at
@@ -184,14 +190,14 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
     wrap = functools.partial(
         textwrap.fill, width=SUMMARY_WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False
     )
-    if spec is not None and spec.search == "private_selection":
+    if spec is not None and (spec.search == "private_selection" or (spec.proxy is not None and spec.proxy.top_k > 1)):
         from sweeps.selection import summary_lines
 
         # The cost is each cell's selection bound, not a composition of the released trials.
         lines.extend(wrap(line, subsequent_indent="    ") for line in summary_lines(sweep_dir))
         costs = {}
     else:
-        costs = tuning_costs(trials)
+        costs = tuning_costs(_private_phase(trials))  # a proxy sweep's phase 1 trained on public data
     adaptive = adaptive_tuning_bounds(spec, trials) if spec is not None else {}
     for dataset, cost in costs.items():
         where = f" on {dataset}" if len(costs) > 1 else ""
@@ -216,7 +222,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
                 f"trial that started, at its planned steps, label-count releases included): {cost.sentence}"
             )
         )
-    for dataset, epsilon in patient_level_sweep_epsilon(trials).items():
+    for dataset, epsilon in patient_level_sweep_epsilon(_private_phase(trials)).items():
         lines.append(
             wrap(
                 f"privacy for one patient{f' on {dataset}' if len(costs) > 1 else ''} of releasing every private "

@@ -353,6 +353,8 @@ class ProgressCallback(tune.Callback):
         key = TrialPoint.from_ray(trial.config[POINT]).key.ljust(self.key_width)
         epsilon = result.get(M.EPSILON, math.nan)
         spent = "non-DP" if math.isinf(epsilon) else f"eps {epsilon:.3f}"  # a baseline spends no finite epsilon
+        if M.EPSILON not in result:  # a proxy trial (public data, `sweeps.proxy`) reports none
+            spent = "proxy (public data)"
         if is_final_report(result):
             self.log(f"  done   {key}  test AUROC {result.get(M.TEST_AUROC_MACRO, math.nan):.3f}  {spent}")
             self.log(self.status(trials, finishing=trial))

@@ -24,7 +24,16 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from sweeps.schema import AuditSpec, GridPoint, Objective, OptunaSpec, ResourcesSpec, SpecError, SweepSpec
+from sweeps.schema import (
+    AuditSpec,
+    GridPoint,
+    Objective,
+    OptunaSpec,
+    ResourcesSpec,
+    SelectionSpec,
+    SpecError,
+    SweepSpec,
+)
 from trainables.config import (
     MAX_SEED,
     ConfigError,
@@ -71,7 +80,7 @@ def validate(spec: SweepSpec) -> None:
     ]
     for where, values in grid_axes:
         _require(
-            spec.search != "grid" and where.startswith("privacy.max_grad_norm") or len(values) > 0,
+            spec.search not in GRID_SEARCHES and where.startswith("privacy.max_grad_norm") or len(values) > 0,
             spec,
             f"{where} is empty, which makes a sweep of no trials; give at least one value",
         )
@@ -91,7 +100,7 @@ def validate(spec: SweepSpec) -> None:
             spec,
             f"privacy.max_grad_norm.{model}: {model!r} is not one of the sweep's models {list(spec.models)}",
         )
-    if spec.search == "grid":
+    if spec.search in GRID_SEARCHES:
         for model in spec.models:
             _require(
                 model in axes.max_grad_norm,
@@ -158,10 +167,12 @@ def _validate_names(spec: SweepSpec) -> None:
     from trainables.data.registry import check_dataset_name
 
     pretrain = [("pretrain.dataset", spec.pretrain.dataset)] if spec.pretrain is not None else []
+    proxy = [("proxy.dataset", spec.proxy.dataset)] if spec.proxy is not None else []
     for field_name, name in [
         *((f"data.train[{i}]", n) for i, n in enumerate(spec.data.train)),
         *((f"data.external[{i}]", n) for i, n in enumerate(spec.data.external)),
         *pretrain,
+        *proxy,
     ]:
         try:
             check_dataset_name(name)
@@ -331,7 +342,7 @@ def _validate_trials(spec: SweepSpec) -> None:
     point; Optuna mode builds each cell's at the low and at the high end of every range. The planner's derived
     fields (sigma, q, steps, the label-count release's default) need the data: `sweeps.plan` fills them."""
     data_root = spec.data.root
-    if spec.search == "grid":
+    if spec.search in GRID_SEARCHES:
         for point in spec.grid():
             init_weights = spec.init_weights_for(point.init, point.model)
             try:
@@ -585,16 +596,118 @@ def _validate_selection(spec: SweepSpec) -> None:
     )
 
 
+GRID_SEARCHES = ("grid", "proxy")
+"""The searches whose trials are the grid's points (`search: proxy` runs its grid on public data first)."""
+
+
+def _validate_proxy(spec: SweepSpec) -> None:
+    """`search: proxy`: the public dataset (named, not trained on privately), B_sim, top_k, and what the two phases
+    cannot do (`sweeps.proxy`)."""
+    proxy = spec.proxy
+    _require(
+        proxy is not None and proxy.dataset != "",
+        spec,
+        "search: proxy needs `proxy.dataset`: the public dataset phase 1 tunes on (e.g. synthetic-source, or a public "
+        "chest X-ray set); add a `proxy:` section with `dataset: <name>`",
+    )
+    assert proxy is not None
+    _require(
+        proxy.dataset not in spec.data.train,
+        spec,
+        f"proxy.dataset = {proxy.dataset!r} is one of data.train {list(spec.data.train)}: phase 1 trains on it without "
+        "any privacy accounting, so it must be public data the sweep does not protect; name another (public) dataset",
+    )
+    _require(
+        isinstance(proxy.batch_size, int) and not isinstance(proxy.batch_size, bool) and proxy.batch_size >= 1,
+        spec,
+        f"proxy.batch_size = {proxy.batch_size!r} must be a whole number >= 1 (the expected batch B_sim of the proxy "
+        "runs; sigma is scaled by B_sim / privacy.expected_batch_size), e.g. 16",
+    )
+    _require(
+        isinstance(proxy.top_k, int) and not isinstance(proxy.top_k, bool) and proxy.top_k >= 1,
+        spec,
+        f"proxy.top_k = {proxy.top_k!r} must be a whole number >= 1: 1 trains each cell's best proxy candidate once at "
+        "its target; k > 1 runs a private selection among the top k (K from the `selection:` section)",
+    )
+    if proxy.top_k > 1:
+        _require(
+            len(spec.axes.seed) == 1,
+            spec,
+            f"training.seed = {list(spec.axes.seed)}: proxy.top_k > 1 runs a private selection with one seed per "
+            "cell; give one seed, or use top_k: 1",
+        )
+        _validate_trial_count(spec)
+    else:
+        _require(
+            spec.selection is None,
+            spec,
+            "a `selection:` section is given but proxy.top_k = 1 (one private trial per cell, no selection); set "
+            "proxy.top_k above 1 for a private selection among the top k, or remove the section",
+        )
+    _require(
+        spec.optuna is None,
+        spec,
+        "`optuna:` cannot be used with `search: proxy`: phase 1 runs the sweep's grid on the public dataset; remove "
+        "the `optuna:` section, or use search: optuna",
+    )
+    _require(
+        spec.early_stopping is None,
+        spec,
+        "`early_stopping:` (ASHA) cannot be used with `search: proxy`: phase 1 ranks every proxy candidate by its "
+        "selected validation AUROC, and phase 2 runs one trial per cell to its planned steps; remove the section",
+    )
+    for i, eps in enumerate(spec.axes.target_epsilon):
+        _require(
+            is_private(eps),
+            spec,
+            f"privacy.target_epsilon[{i}] = {eps:g}: search: proxy simulates private runs (TAN scaling of their "
+            "noise), and a non-private baseline has no noise to scale; remove it and run baselines in a grid sweep",
+        )
+    _require(
+        spec.axes.privacy_unit == ("image",),
+        spec,
+        f"privacy.privacy_unit = {list(spec.axes.privacy_unit)}: search: proxy simulates image-level runs on the "
+        "public dataset; use privacy_unit: image, or search: grid",
+    )
+    _require(
+        spec.axes.train_fraction == (1.0,),
+        spec,
+        f"data.train_fraction = {list(spec.axes.train_fraction)}: search: proxy plans each cell on the whole training "
+        "split; remove data.train_fraction, or use search: grid to sweep the data scale",
+    )
+
+
+def _validate_trial_count(spec: SweepSpec) -> None:
+    """The ``selection:`` section's distribution of K (its defaults without one) is one the selection bound takes."""
+    from trainables.privacy.selection import TrialCount
+
+    s = spec.selection or SelectionSpec()
+    try:
+        TrialCount(s.distribution, s.mean_trials, s.shape)
+    except ValueError as error:
+        raise SpecError(
+            f"{spec.source}: selection.mean_trials = {s.mean_trials!r} / selection.shape = {s.shape!r} do not fit "
+            f"selection.distribution = {s.distribution!r} ({error}); e.g. mean_trials: 4"
+        ) from None
+
+
 def _validate_search(spec: SweepSpec) -> None:
     o, stop = spec.optuna, spec.early_stopping
     _require(
-        spec.selection is None or spec.search == "private_selection",
+        spec.selection is None or spec.search in ("private_selection", "proxy"),
         spec,
         f"a `selection:` section is given but search = {spec.search!r}; set `search: private_selection`, or remove "
         "the section",
     )
+    _require(
+        spec.proxy is None or spec.search == "proxy",
+        spec,
+        f"a `proxy:` section is given but search = {spec.search!r}; set `search: proxy`, or remove the section",
+    )
     if spec.search == "private_selection":
         _validate_selection(spec)
+    elif spec.search == "proxy":
+        _validate_proxy(spec)
     elif spec.search == "grid":
         _require(
             o is None,

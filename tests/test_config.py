@@ -137,7 +137,7 @@ def test_every_field_name_is_unique_across_the_nested_configs():
     """`to_flat` drops the section prefix, so a name may belong to one config only."""
     names = [f.name for f in fields(TrialConfig) if f.name not in NESTED]
     names += [f.name for kind in (PrivacyConfig, SpeedConfig) for f in fields(kind)]
-    assert len(names) == len(set(names)) == len(FLAT_KEYS) + 1  # + train_fraction: flat only below 1
+    assert len(names) == len(set(names)) == len(FLAT_KEYS) + 2  # + train_fraction, proxy: flat only when set
 
 
 def test_each_setting_is_declared_once():

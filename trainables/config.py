@@ -527,6 +527,10 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         train_fraction: the share of the training split's patients the trial trains on (``data.train_fraction``, a
             grid axis), in (0, 1]: the nested, patient-level subset of `trainables.data.splits.train_subset`;
             validation and test are never subsampled. N (images, patients), q and steps are the subset's.
+        proxy: a phase-1 trial of ``search: proxy`` (`sweeps.proxy`): DP-SGD on a *public* dataset at a TAN-scaled
+            (sigma, q) for the steps of a private reference plan, which it runs exactly (``privacy.steps`` over
+            ``privacy.epochs``). Not private and not accounted (public data): its plan is not checked against the
+            target and it reports no epsilon. Only in `to_flat` when true.
     """
 
     sweep: str
@@ -541,6 +545,7 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     external_datasets: tuple[str, ...] = ()
     train_fraction: float = 1.0
+    proxy: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -563,6 +568,14 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
     def _check_sections(self) -> None:
         """The rules across sections."""
         p, s = self.privacy, self.speed
+        if self.proxy:
+            _check(
+                p.is_private and p.steps >= p.epochs and p.steps % p.epochs == 0 and p.sample_rate > 0,
+                "privacy.steps",
+                p.steps,
+                f" of a proxy trial must be a positive multiple of privacy.epochs = {p.epochs} with a sample rate > 0 "
+                "(it runs its private reference's steps exactly, epoch by epoch)",
+            )
         sigma_c = p.label_count_noise_multiplier
         _check(
             sigma_c is None or self.pos_weight == "train",
@@ -589,7 +602,7 @@ class TrialConfig(DataSettings, TrainingSettings, EvaluationSettings):
         flat: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "train_fraction" and value == 1:
+            if (f.name == "train_fraction" and value == 1) or (f.name == "proxy" and not value):
                 continue
             if f.name in NESTED:
                 flat.update({g.name: getattr(value, g.name) for g in fields(value)})

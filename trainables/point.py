@@ -60,8 +60,10 @@ class TrialPoint:
 
     @property
     def budget(self) -> str:
-        """The ``budget`` param (`names.budget_value`): ``eps=<target>`` or ``non-private``."""
-        return budget_value(self.config.privacy.target_epsilon)
+        """The ``budget`` param (`names.budget_value`): ``eps=<target>`` or ``non-private``; a proxy trial's
+        (`TrialConfig.proxy`, public data) ``proxy eps=<target>``, never binned as a private result."""
+        budget = budget_value(self.config.privacy.target_epsilon)
+        return f"proxy {budget}" if self.config.proxy else budget
 
     def mlflow_params(self) -> dict[str, Any]:
         """What the child run logs as params: `params` and the ``budget`` (which is no trial parameter: the tables

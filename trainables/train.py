@@ -135,7 +135,8 @@ def train_trial(
     settings = step_settings(cfg.speed, device)  # fixed shapes, precision, CUDA kernels: speed only
     data = data or load_trial_data(cfg)
     records = training_records(cfg, data.train, device)  # images, or patients with their (capped) images
-    check_planned_budget(cfg, records.n_records)
+    if not cfg.proxy:  # a proxy trial trains on public data at a simulated plan (`TrialConfig.proxy`)
+        check_planned_budget(cfg, records.n_records)
 
     # Model and loss; cfg.seed seeds the initialisation (not part of the DP mechanism).
     torch.manual_seed(cfg.seed)
@@ -202,7 +203,7 @@ def run_epoch(
     if not privacy.is_private:  # a private trial's batch losses are None: nothing to release
         metrics[M.TRAIN_LOSS] = mean_loss(losses)  # the epoch's one read of the step losses
     metrics |= epoch_evaluation(cfg, train.model, data, train.accountant)
-    if metrics[M.EPSILON] > privacy.target_epsilon:  # inf > inf is False: only private trials can fail it
+    if metrics.get(M.EPSILON, math.nan) > privacy.target_epsilon:  # inf > inf, nan > x are False
         raise BudgetError(f"epsilon spent {metrics[M.EPSILON]:.4f} > target {privacy.target_epsilon}")
     train.record(metrics)
     return metrics, system
@@ -433,10 +434,9 @@ def epoch_evaluation(
     """Validation macro AUROC, epsilon spent so far (inf when non-private), validation subgroup gaps, and with
     ``test_every_epoch`` the test ones (never used to select)."""
     val_scores, val_labels = predict(model, data.val, cfg.speed.eval_batch_size)
-    metrics = {
-        M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores),
-        M.EPSILON: accountant.get_epsilon(cfg.privacy.delta) if accountant else math.inf,
-    }
+    metrics = {M.VAL_AUROC_MACRO: macro_auroc(val_labels, val_scores)}
+    if not cfg.proxy:  # a proxy trial's data is public: no epsilon (`TrialConfig.proxy`)
+        metrics[M.EPSILON] = accountant.get_epsilon(cfg.privacy.delta) if accountant else math.inf
     for attribute, gap in _gaps(cfg, val_labels, val_scores, data.val).items():
         metrics[M.auroc_gap("val", attribute)] = gap
     if cfg.test_every_epoch:
@@ -583,6 +583,7 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         metrics[M.val_selected_auroc_gap(attribute)] = selected.get(M.auroc_gap("val", attribute), math.nan)
     if train.accountant is not None:
         check_ledger(train.accountant, cfg, train.steps)
+    if train.accountant is not None and not cfg.proxy:  # a proxy trial's data is public: it reports no epsilon
         metrics[M.EPSILON] = train.accountant.get_epsilon(privacy.delta)
         metrics[M.EPSILON_AT_BEST_EPOCH] = selected[M.EPSILON]
         cross = cross_check_epsilon(
@@ -603,7 +604,7 @@ def final_evaluation(train: TrainState, data: TrialData) -> TrialResult:
         )
         if privacy.privacy_unit == "image":
             metrics |= patient_epsilons(cfg, train.steps, data.train.split.patient_id)
-    else:
+    elif train.accountant is None:
         metrics[M.EPSILON] = math.inf
         metrics[M.EPSILON_AT_BEST_EPOCH] = math.inf
     # The run's one timing figure (a private trial reports no per-epoch time); NaN if this process trained no epoch.

@@ -31,6 +31,8 @@ OPTUNA: dict[str, Any] = {"search": "optuna", "privacy": {"target_epsilon": [1, 
 """`search: optuna`, without the grid settings of the fields it searches."""
 SELECTION: dict[str, Any] = {"search": "private_selection", "privacy": {"target_epsilon": [1, 8]}}
 """`search: private_selection`, without the grid settings of the fields it draws."""
+PROXY: dict[str, Any] = {"search": "proxy", "proxy.dataset": "synthetic-source"}
+"""`search: proxy` tuning on the twin's public source dataset."""
 
 
 def dry_run(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -169,6 +171,23 @@ NUMBERS = [
     bad("training.seed", [0, 1], shown="[0, 1]: search: private_selection uses one seed", **SELECTION),
     bad("early_stopping.grace_period", 1, "`early_stopping:` (ASHA) cannot be used", None, **SELECTION),
     bad("optuna.trials_per_target", 2, "`optuna:` cannot be used with `search: private_selection`", None, **SELECTION),
+    bad("proxy.dataset", "synthetic-a", shown="'synthetic-a' is one of data.train", search="proxy"),
+    bad("proxy.dataset", "nih", shown="unknown dataset 'nih'", search="proxy"),
+    bad("search", "proxy", "search: proxy needs `proxy.dataset`", None),
+    bad("proxy.batch_size", 0, **PROXY),
+    bad("proxy.batch_size", 100_000, shown="100000 is larger than synthetic-source's", **PROXY),
+    bad("proxy.top_k", 0, shown="0 must be a whole number >= 1", **PROXY),
+    bad("training.seed", [0, 1], shown="[0, 1]: proxy.top_k > 1 runs a private selection", proxy__top_k=2, **PROXY),
+    bad("selection.mean_trials", 0.5, shown="0.5", proxy__top_k=2, **PROXY),
+    bad("selection.mean_trials", 3, "`selection:` section is given but proxy.top_k = 1", None, **PROXY),
+    bad("proxy.top_k", 1, "a `proxy:` section is given but search = 'grid'", None),
+    bad("privacy.target_epsilon", [1, math.inf], "privacy.target_epsilon[1] = inf", None, **PROXY),
+    bad("privacy.privacy_unit", "patient", shown="['patient']: search: proxy simulates image-level", **PROXY),
+    bad("data.train_fraction", [0.5], shown="[0.5]: search: proxy plans each cell on the whole", **PROXY),
+    bad(
+        "early_stopping.grace_period", 1, "`early_stopping:` (ASHA) cannot be used with `search: proxy`", None, **PROXY
+    ),
+    bad("optuna.trials_per_target", 2, "`optuna:` cannot be used with `search: proxy`", None, **PROXY),
     bad("early_stopping.grace_period", 0),
     bad("early_stopping.grace_period", 10, shown="10 is more than privacy.epochs = 2"),
     bad("early_stopping.reduction_factor", 1),

@@ -46,7 +46,7 @@ def test_smoke_spec_is_valid_and_expands_to_the_grid():
         ("privacy.accountant", True, r"privacy\.accountant = True; choose one of"),
         ("privacy.noise_multiplier", 1.0, r"`privacy\.noise_multiplier` cannot be set in a sweep file: it is derived"),
         ("training.pos_weight", "balanced", r"training\.pos_weight = 'balanced'; choose one of \('uniform', 'train'\)"),
-        ("search", "bayes", r"search = 'bayes'; choose one of \('grid', 'optuna', 'private_selection'\)"),
+        ("search", "bayes", r"search = 'bayes'; choose one of \('grid', 'optuna', 'private_selection', 'proxy'\)"),
         ("speed.grad_sample_mode", "ghost", r"speed\.grad_sample_mode = 'ghost'; choose one of"),
         ("training.lr", [0.001, -1], r"training\.lr\[1\] = -1\.0 must be a finite number > 0"),
         ("evaluation.age_edges", [0, 70, 40], r"evaluation\.age_edges = \[0\.0, 70\.0, 40\.0\] must be strictly"),
