@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 LINT_PATHS := trainables sweeps analysis tests benchmarks
 PORT ?= 5000
 
-.PHONY: help setup sweep test test-fast prepare report bench ui lint clean
+.PHONY: help setup sweep test test-fast prepare report bench bench-search ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench: $(STAMP)  ## benchmarks; JSON results under benchmarks/results/
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_dp_step.py
 	$(PY) benchmarks/bench_trial_step.py
+
+bench-search: $(STAMP)  ## grid vs private selection vs public proxy on a larger twin (not in CI; long)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_search.py
 
 ui: $(STAMP)  ## serve the MLflow UI for runs/ on http://127.0.0.1:$(PORT) (make ui PORT=5123)
 	$(VENV)/bin/dpsweep ui --runs runs --port $(PORT)

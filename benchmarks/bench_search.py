@@ -10,8 +10,8 @@ private grid's ranking of the same candidates.
 
     python benchmarks/bench_search.py [--quick] [--out PATH] [--work DIR]
 
-The full run: 20,000 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid of 4
-lrs x 2 clips; ``--quick`` a tiny version (600 images, 1 init, 1 target, 2 lrs, 1 epoch) to check the script works.
+The full run: 20,000 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid of 5
+lrs x 2 clips (10 candidates per cell); ``--quick`` a tiny version (600 images, 1 init, 1 target, 2 lrs, 1 epoch) to check the script works.
 ``--out`` defaults to benchmarks/results/search-cpu.json (``search-cpu-quick.json`` with ``--quick``).
 """
 
@@ -53,7 +53,7 @@ def base_spec(quick: bool) -> dict[str, Any]:
         "inits": ["random", "domain"],
         "pretrain": {"dataset": "synthetic-source", "epochs": 2},
         "privacy": {"target_epsilon": [2, 8], "max_grad_norm": [0.5, 2.0], "expected_batch_size": 256, "epochs": 3},
-        "training": {"lr": [0.0003, 0.001, 0.003, 0.01]},
+        "training": {"lr": [0.0003, 0.001, 0.002, 0.005, 0.01]},  # 10 candidates per cell: proxy k=1 trains 1 of 10
         "evaluation": {"n_boot": 50},
         "resources": {"cpu": 1},
     }
@@ -107,12 +107,21 @@ def run_variant(raw: dict[str, Any], work: Path) -> tuple[Any, Any, pd.DataFrame
 
 
 def compute(trials: pd.DataFrame) -> dict[str, float]:
-    """Sample-passes (steps x expected batch) and training seconds of the trials that ran."""
+    """Sample-passes (steps x expected batch) and training seconds of the trials that ran, in all and on the private
+    data alone (a proxy sweep's phase 1 trains on the public set)."""
+    from sweeps.proxy import PHASE_PARAM
+
     ran = trials[trials["status"] == N.TERMINATED]
+    private = ran if PHASE_PARAM not in ran else ran[ran[PHASE_PARAM].astype(str) != "proxy"]
+    passes = ran["steps"] * ran["expected_batch_size"]
+    seconds = ran.get(N.SYSTEM_TOTAL_TRAIN_S, pd.Series(0.0, index=ran.index)).fillna(0)
     return {
-        "sample_passes": float((ran["steps"] * ran["expected_batch_size"]).sum()),
-        "train_seconds": float(ran.get(N.SYSTEM_TOTAL_TRAIN_S, pd.Series(dtype=float)).fillna(0).sum()),
+        "sample_passes": float(passes.sum()),
+        "private_sample_passes": float(passes[private.index].sum()),
+        "train_seconds": float(seconds.sum()),
+        "private_train_seconds": float(seconds[private.index].sum()),
         "trials_run": len(ran),
+        "private_trials_run": len(private),
     }
 
 
