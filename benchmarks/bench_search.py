@@ -11,7 +11,8 @@ private grid's ranking of the same candidates.
     python benchmarks/bench_search.py [--quick] [--out PATH] [--work DIR]
 
 The full run: 20,000 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid of 5
-lrs x 2 clips (10 candidates per cell); ``--quick`` a tiny version (600 images, 1 init, 1 target, 2 lrs, 1 epoch) to check the script works.
+lrs x 2 clips (10 candidates per cell); ``--quick`` a tiny version (600 images, 1 init, 1 target, 2 lrs, 1 epoch)
+to check the script works.
 ``--out`` defaults to benchmarks/results/search-cpu.json (``search-cpu-quick.json`` with ``--quick``).
 """
 
