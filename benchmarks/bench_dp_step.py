@@ -10,6 +10,9 @@ only). Every private mode is set up by `trainables.privacy.setup.make_private`, 
 against torch.func on 4 samples (and, for the patient modes, on whole patients) must pass (``check``: its max
 relative error); ``stock-hooks`` is wrapped by hand and records the check's error text instead.
 
+Denormal floats are flushed to zero in every mode (``torch.set_flush_denormal``, x86 CPUs): unflushed, they stalled
+the non-private step's AdamW and backward erratically, by up to 2x.
+
 Peak memory: after the timed rounds, one more step per mode, each from the same state (model and optimizer
 state only: every mode's gradients, per-sample gradients and clipped sums freed): CUDA ``max_memory_allocated``
 minus what was allocated before the step; CPU the peak resident set during the step (``/proc/self/statm``
@@ -262,6 +265,10 @@ def run_case(
     import torch
 
     torch.set_num_threads(threads)
+    # Denormal floats (timm's 1e-6 layer scales make some gradients and AdamW moments tiny) stalled the CPU's
+    # non-private step erratically (AdamW 0.1-4.3 s, the step 8.7-20.8 s on convnext_tiny 224 px; steady 7.4 s
+    # flushed), so every mode runs with them flushed to zero: the same arithmetic for all, a stable baseline.
+    torch.set_flush_denormal(True)
     steps, checks, resets = _make_steps(model_name, size, modes, batch, device)
     patients = {m: np.bincount(patient_groups(batch, PATIENT_MODES[m])).tolist() for m in modes if m in PATIENT_MODES}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
