@@ -5,7 +5,8 @@ timed by wrapping the engine's pieces (no change to its code): the forward; the 
 per-layer hooks; each layer's per-sample rule in the backward hook (norms: ghost or instantiated, depthwise, norms,
 layer scales, biases), grouped by layer kind; the per-patient regrouping (patient unit); each layer's clipped sum, by
 layer kind; the optimizer (noise, scaling, AdamW). The non-private step: forward, backward (input and weight
-gradients), AdamW. Every timer is ``time.perf_counter`` around synchronous CPU work (CUDA: synchronized).
+gradients), AdamW. Every timer is ``time.perf_counter`` around synchronous CPU work (CUDA: synchronized). Run it
+with ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to see the page faults `bench_dp_step` pays.
 
     python benchmarks/profile_bk_step.py --model convnext_tiny --size 224 --rounds 3
     python benchmarks/profile_bk_step.py --model convnext_atto --size 64 --mode bk-patient --rounds 10
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as bench_dp_step.run_case
     import bench_dp_step  # benchmarks/ is on sys.path when run as a script
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
