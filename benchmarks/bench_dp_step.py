@@ -3,11 +3,15 @@
 For each case (model, image size, device), one fresh process builds the model once per mode and then times the
 modes *interleaved* (round after round, every mode once per round), so that load drifting on a shared machine
 hits all of them alike; each mode's step time is the median over rounds. Modes: ``nonprivate`` (AdamW step),
-``bk`` / ``hooks`` / ``functorch`` (a full `private_step`: clipping, noise, accounting, AdamW) and
-``stock-hooks`` (stock Opacus GradSampleModule, *wrong* on ConvNeXt, timed for reference only). Every private
-mode is set up by `trainables.privacy.setup.make_private`, the trials' recipe, whose self-check against torch.func
-on 4 samples must pass (``check``: its max relative error); ``stock-hooks`` is wrapped by hand and records the
-check's error text instead.
+``bk`` / ``hooks`` / ``functorch`` (a full `private_step`: clipping, noise, accounting, AdamW), ``bk-patient`` and
+``bk-patient-10`` (a full patient-level `private_patient_step` in bk on the same 32 images, grouped into patients:
+`patient_groups`) and ``stock-hooks`` (stock Opacus GradSampleModule, *wrong* on ConvNeXt, timed for reference
+only). Every private mode is set up by `trainables.privacy.setup.make_private`, the trials' recipe, whose self-check
+against torch.func on 4 samples (and, for the patient modes, on whole patients) must pass (``check``: its max
+relative error); ``stock-hooks`` is wrapped by hand and records the check's error text instead.
+
+Denormal floats are flushed to zero in every mode (``torch.set_flush_denormal``, x86 CPUs): unflushed, they stalled
+the non-private step's AdamW and backward erratically, by up to 2x.
 
 Peak memory: after the timed rounds, one more step per mode, each from the same state (model and optimizer
 state only: every mode's gradients, per-sample gradients and clipped sums freed): CUDA ``max_memory_allocated``
@@ -18,6 +22,10 @@ every 0.5 ms) minus the resident set before it, with glibc's mmap threshold pinn
     python benchmarks/bench_dp_step.py                 # make bench: CPU cases (+ the GPU case when one is present)
     python benchmarks/bench_dp_step.py --model convnext_atto --size 64 --modes nonprivate,bk --out /tmp/r.json
 
+`make bench` runs `CPU_CASES`, each with its own modes and rounds: the slow reference modes only where a step is
+short, so that the three cases stay near 10 minutes on this project's idle 2-core machine (`--modes` and `--rounds`
+narrow every case).
+
 Output JSON: ``{"machine": ..., "records": [one per (model, size, device, mode)]}``; each record holds
 ``step_s`` (median), ``ratio_vs_nonprivate``, ``peak_mem_mib``, ``peak_mem_ratio_vs_nonprivate`` and the load
 average seen, since absolute times on a shared machine are inflated.
@@ -26,6 +34,7 @@ average seen, since absolute times on a shared machine are inflated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import multiprocessing as mp
@@ -34,14 +43,53 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("nonprivate", "bk", "hooks", "functorch", "stock-hooks")
-CPU_CASES = (("convnext_atto", 64), ("convnext_tiny", 128))
-GPU_CASES = (("convnext_small", 224),)
+import numpy as np
+
+MODES = ("nonprivate", "bk", "bk-patient", "bk-patient-10", "hooks", "functorch", "stock-hooks")
+PATIENT_MODES = {"bk-patient": 3, "bk-patient-10": 10}
+"""Patient-level modes -> the most images of one patient (the cap ``max_images_per_patient``)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One `make bench` case: a model at one image size, the modes timed together and the rounds."""
+
+    model: str
+    size: int
+    modes: tuple[str, ...] = MODES
+    rounds: int = 5
+
+
+CPU_CASES = (
+    Case("convnext_atto", 64, rounds=10),
+    Case("convnext_tiny", 128, ("nonprivate", "bk", "hooks", "functorch", "stock-hooks")),
+    Case("convnext_tiny", 224, ("nonprivate", "bk", "bk-patient"), rounds=6),
+)
+GPU_CASES = (Case("convnext_small", 224, ("nonprivate", "bk", "hooks", "functorch", "stock-hooks")),)
 RESULTS = Path(__file__).parent / "results"
 MMAP_THRESHOLD = str(128 * 1024)
+
+
+def patient_groups(n_images: int, largest: int, seed: int = 0) -> np.ndarray:
+    """Each image's patient, patient-contiguous, for a batch of ``n_images`` images (drawn deterministically).
+
+    ``largest`` 3: patients of 1, 2 or 3 images with the synthetic twin's probabilities
+    (`trainables.data.synthetic.IMAGES_PER_PATIENT_P`), the last one trimmed to fill the batch. Larger: one patient
+    of ``largest`` images first (a patient with many studies, as in CheXpert or MIMIC), then twin-like patients.
+    """
+    from trainables.data.synthetic import IMAGES_PER_PATIENT_P
+
+    rng = np.random.default_rng(seed)
+    counts = rng.choice([1, 2, 3], size=n_images, p=IMAGES_PER_PATIENT_P)
+    if largest > 3:
+        counts = np.r_[largest, counts]
+    patient = np.repeat(np.arange(len(counts)), counts)[:n_images]
+    return patient.astype(np.int64)
 
 
 class _RssSampler:
@@ -74,8 +122,26 @@ class _RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device: str):
-    """One (model, optimizer, step function, check result) per mode, each on its own copy of the model."""
+@dataclass
+class ModeStep:
+    """One mode's step on its own copy of the model.
+
+    Attributes:
+        step: one full training step on the case's batch.
+        reset: frees the mode's gradients (and per-sample gradients, clipped sums) between steps.
+        check: the self-check's max relative error (``stock-hooks``: its error text); None for ``nonprivate``.
+        model: the model (``nonprivate``) or its wrapper; optimizer: AdamW or the DP optimizer around it.
+    """
+
+    step: Callable[[], None]
+    reset: Callable[[], None]
+    check: float | str | None
+    model: Any
+    optimizer: Any
+
+
+def make_modes(model_name: str, size: int, modes: list[str], batch: int, device: str) -> dict[str, ModeStep]:
+    """One `ModeStep` per mode, each on its own copy of the model (same seed, same batch)."""
     import timm
     import torch
     from opacus import GradSampleModule
@@ -88,6 +154,7 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
         make_dp_optimizer,
         private_step,
     )
+    from trainables.privacy.patients import private_patient_step
     from trainables.privacy.setup import SelfCheckBatch, make_private
 
     # The mechanism's numbers do not change a step's cost: sigma 1, C 1, q 0.01 (target_epsilon only marks it private).
@@ -106,7 +173,7 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
     def loss_fn(logits, targets):
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 
-    steps, checks, resets = {}, {}, {}
+    made = {}
     for mode in modes:
         torch.manual_seed(0)
         model = timm.create_model(model_name, num_classes=5, in_chans=1, drop_path_rate=0.0).to(device)
@@ -118,15 +185,18 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
                 loss_fn(model(x), y).mean().backward()
                 optimizer.step()
 
-            resets[mode] = lambda optimizer=optimizer: optimizer.zero_grad(set_to_none=True)
-        elif mode == "stock-hooks":
+            made[mode] = ModeStep(step, lambda o=optimizer: o.zero_grad(set_to_none=True), None, model, optimizer)
+            continue
+        largest = PATIENT_MODES.get(mode)
+        if mode == "stock-hooks":
             # Known wrong on ConvNeXt (timed for reference only): make_private would refuse it at its self-check, so
             # this one mode is wrapped by hand, its check's error recorded, and stepped anyway.
             wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")  # as wrap_model
+            check: float | str
             try:
-                checks[mode] = check_per_sample_gradients(wrapped, loss_fn, x[:4], y[:4]).max_relative_error
+                check = check_per_sample_gradients(wrapped, loss_fn, x[:4], y[:4]).max_relative_error
             except PerSampleGradientError as error:
-                checks[mode] = str(error)
+                check = str(error)
             dp_optimizer = make_dp_optimizer(
                 optimizer,
                 noise_multiplier=privacy.noise_multiplier,
@@ -136,7 +206,7 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
                 accountant=create_accountant(privacy.accountant),
                 sample_rate=privacy.sample_rate,
             )
-        else:
+        elif largest is None:
             setup = make_private(
                 model,
                 optimizer,
@@ -147,16 +217,45 @@ def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device
                 noise=torch.Generator(device=device).manual_seed(1),
                 label_count_release=None,
             )
-            checks[mode] = setup.check.max_relative_error
+            check, wrapped, dp_optimizer = setup.check.max_relative_error, setup.wrapped, setup.optimizer
+        else:
+            groups = patient_groups(batch, largest)
+            n_check = int(np.searchsorted(groups, groups[min(3, batch - 1)], side="right"))  # whole patients, >= 4
+            setup = make_private(
+                model,
+                optimizer,
+                loss_fn,
+                privacy=dataclasses.replace(privacy, privacy_unit="patient", max_images_per_patient=largest),
+                grad_sample_mode="bk",
+                check=SelfCheckBatch((x[:4], y[:4]), (x[:n_check], y[:n_check], groups[:n_check])),
+                noise=torch.Generator(device=device).manual_seed(1),
+                label_count_release=None,
+            )
+            assert setup.patient_check is not None
+            check = max(setup.check.max_relative_error, setup.patient_check.max_relative_error)
             wrapped, dp_optimizer = setup.wrapped, setup.optimizer
-        if mode != "nonprivate":
+        if largest is None:
 
             def step(wrapped=wrapped, dp_optimizer=dp_optimizer):
                 private_step(wrapped, dp_optimizer, loss_fn, (x, y), max_physical_batch_size=batch)
 
-            resets[mode] = lambda dp_optimizer=dp_optimizer: dp_optimizer.zero_grad(set_to_none=True)
-        steps[mode] = step
-    return steps, checks, resets
+        else:
+
+            def step(wrapped=wrapped, dp_optimizer=dp_optimizer, groups=groups):
+                private_patient_step(wrapped, dp_optimizer, loss_fn, (x, y), groups, max_physical_batch_size=batch)
+
+        made[mode] = ModeStep(step, lambda o=dp_optimizer: o.zero_grad(set_to_none=True), check, wrapped, dp_optimizer)
+    return made
+
+
+def _make_steps(model_name: str, size: int, modes: list[str], batch: int, device: str):
+    """(step, check, reset) per mode, from `make_modes` (`bench_trial_step`'s interface)."""
+    made = make_modes(model_name, size, modes, batch, device)
+    return (
+        {m: s.step for m, s in made.items()},
+        {m: s.check for m, s in made.items() if s.check is not None},
+        {m: s.reset for m, s in made.items()},
+    )
 
 
 def run_case(
@@ -166,7 +265,12 @@ def run_case(
     import torch
 
     torch.set_num_threads(threads)
+    # Denormal floats (timm's 1e-6 layer scales make some gradients and AdamW moments tiny) stalled the CPU's
+    # non-private step erratically (AdamW 0.1-4.3 s, the step 8.7-20.8 s on convnext_tiny 224 px; steady 7.4 s
+    # flushed), so every mode runs with them flushed to zero: the same arithmetic for all, a stable baseline.
+    torch.set_flush_denormal(True)
     steps, checks, resets = _make_steps(model_name, size, modes, batch, device)
+    patients = {m: np.bincount(patient_groups(batch, PATIENT_MODES[m])).tolist() for m in modes if m in PATIENT_MODES}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -219,6 +323,7 @@ def run_case(
                 "check": checks.get(mode),
                 "load_average_1min": [load_before, load_after],
             }
+            | ({"images_per_patient": patients[mode]} if mode in patients else {})
         )
         print(
             f"{model_name} {size}px {device} {mode}: {step_s:.3f} s/step"
@@ -288,21 +393,26 @@ def main() -> None:
     parser.add_argument("--model", help="one case: timm model name (with --size)")
     parser.add_argument("--size", type=int, help="one case: image size in pixels")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="one case: default cpu")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument(
+        "--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all for one case, each case's own)"
+    )
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5, help="timed interleaved rounds after one warm-up round")
+    parser.add_argument(
+        "--rounds", type=int, help="timed interleaved rounds after one warm-up round (default: 5, or each case's own)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="output JSON (default benchmarks/results/dp_step-<device>.json)")
     args = parser.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = sorted(set(modes) - set(MODES))
+    modes = None if args.modes is None else [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes or ()) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {MODES}")
     if (args.model is None) != (args.size is None):
         parser.error("--model and --size go together")
     if args.model:
         device = args.device or "cpu"
-        records = measure(args.model, args.size, device, modes, args.batch, args.rounds, args.threads)
+        case = Case(args.model, args.size, tuple(modes or MODES), args.rounds or 5)
+        records = measure(case.model, case.size, device, list(case.modes), args.batch, case.rounds, args.threads)
         write(records, device, args.out or RESULTS / f"dp_step-{device}.json")
         return
     import torch
@@ -312,8 +422,11 @@ def main() -> None:
     for device, cases in plan:
         records = [
             r
-            for model_name, size in cases
-            for r in measure(model_name, size, device, modes, args.batch, args.rounds, args.threads)
+            for case in cases
+            if (case_modes := [m for m in case.modes if modes is None or m in modes])
+            for r in measure(
+                case.model, case.size, device, case_modes, args.batch, args.rounds or case.rounds, args.threads
+            )
         ]
         everything += records
         if args.out is None:

@@ -79,15 +79,32 @@ def test_every_parameter_kind_is_covered_and_checked():
         assert expected in names
 
 
-@pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated"])
+@pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated", "all ghost, blocks of 5"])
 def test_ghost_and_instantiated_branches_give_the_same_results(monkeypatch, choice):
     if choice != "cost model":
-        monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice == "all ghost")
+        monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice.startswith("all ghost"))
+    if choice.endswith("blocks of 5"):  # 36 and 144 positions in uneven blocks, the off-diagonal ones counted twice
+        monkeypatch.setattr(bk, "GHOST_BLOCK_POSITIONS", 5)
     torch.manual_seed(0)
     model = MixedLayers().double()
     check = check_per_sample_gradients(wrap_model(model, "bk"), LOSS, *inputs(5, 12, torch.float64, channels=2))
     assert check.max_relative_error < F64_TOLERANCE, check
     assert check.n_parameters == 15
+
+
+@pytest.mark.parametrize(("positions", "d_in", "d_out"), [(1, 7, 3), (13, 4, 9), (300, 9, 4)])
+def test_ghost_norm_and_clipped_sum_equal_explicit_per_sample_gradients(positions, d_in, d_out):
+    # 300 positions: 3 blocks of 100 (GHOST_BLOCK_POSITIONS 128); d_in < d_out scales a, d_in > d_out scales g
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, positions, d_in, generator=g, dtype=torch.float64)
+    out = torch.randn(5, positions, d_out, generator=g, dtype=torch.float64)
+    factors = torch.rand(5, generator=g, dtype=torch.float64)
+    per_sample = torch.einsum("bto,bti->boi", out, a)
+    expected_norms_sq = per_sample.square().sum((1, 2))
+    expected_sum = torch.einsum("b,boi->oi", factors, per_sample)
+    norms_sq = bk.ghost_norm_sq(a, out)
+    assert ((norms_sq - expected_norms_sq).abs() / expected_norms_sq).max() < 1e-12
+    assert (bk.ghost_clipped_sum(a, out, factors) - expected_sum).norm() / expected_sum.norm() < 1e-12
 
 
 def test_cost_model_instantiates_early_stages_and_ghosts_late_ones():

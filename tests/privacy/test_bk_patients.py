@@ -77,11 +77,13 @@ def test_per_patient_norms_and_clipped_sums_equal_torch_func_sums(name, dtype, t
         assert relative(sums[param], torch.einsum("p,p...->...", factors, g)) <= tolerance, param
 
 
-@pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated"])
+@pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated", "all ghost, blocks of 5"])
 def test_ghost_and_instantiated_branches_give_the_same_patient_numbers(monkeypatch, choice):
     # Every other layer shape (grouped, strided, dilated convs; Linear on 4-D and 2-D inputs), forced to either branch
     if choice != "cost model":
-        monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice == "all ghost")
+        monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice.startswith("all ghost"))
+    if choice.endswith("blocks of 5"):  # the images' own ghost norms in uneven position blocks
+        monkeypatch.setattr(bk, "GHOST_BLOCK_POSITIONS", 5)
     torch.manual_seed(0)
     wrapped = wrap_model(MixedLayers().double(), "bk")
     x, y = inputs(6, 12, torch.float64, channels=2)

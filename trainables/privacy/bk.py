@@ -28,7 +28,7 @@ otherwise the ghost norm adds less than one weight-gradient's work and stores no
 rule therefore bounds both the extra time (one weight gradient per layer at most) and the extra memory (the
 layer's own activations) and never changes results beyond float rounding: both branches compute the same
 norm. Grouped (depthwise) convolutions get exact per-sample weight gradients from one grouped convolution
-forward with the batch folded into the groups (`_grouped_conv_per_sample`).
+forward per sample with its output gradients as kernels (`_grouped_conv_per_sample`).
 
 Precision: the per-sample work of steps 2-4 always runs in float32 (or the model's float64) with TF32 off
 (`full_float32`), whatever the model's forward and backward ran in: under ``speed.precision: bf16`` the stored ``a``
@@ -211,8 +211,7 @@ class LayerGrads:
                 flat = per_sample[:n].reshape(n, -1)
                 sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
             for name, (a, g) in self.ghost.items():
-                scaled = g[:m] * row_factors.to(g.dtype)[:, None, None]
-                sums[name] = torch.einsum("bto,bti->oi", scaled, a[:m]).contiguous().reshape(shapes[name])
+                sums[name] = ghost_clipped_sum(a[:m], g[:m], row_factors).reshape(shapes[name])
         return sums
 
     def by_patient(self, patients: PatientRows) -> LayerGrads:
@@ -229,14 +228,47 @@ class LayerGrads:
         return grouped
 
 
+GHOST_BLOCK_POSITIONS = 128
+"""The ghost norm's position blocks hold at most this many positions (`ghost_norm_sq`)."""
+
+
 def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample ``||g_i^T a_i||_F^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)`` without forming g_i^T a_i.
+
+    The double sum is symmetric in (t, s): with the positions cut into k blocks of at most `GHOST_BLOCK_POSITIONS`,
+    only the blocks on and above the diagonal are computed, the off-diagonal ones counted twice ((k + 1) / 2k of the
+    full products' work; a ConvNeXt's 14 x 14 stage: 3/4).
 
     Args:
         a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients.
     """
+    positions = a.shape[1]
+    n_blocks = max(1, -(-positions // GHOST_BLOCK_POSITIONS))
+    edges = [positions * k // n_blocks for k in range(n_blocks + 1)]
+    blocks = [(a[:, lo:hi], g[:, lo:hi]) for lo, hi in zip(edges, edges[1:], strict=False)]
+    total = torch.zeros(len(a), dtype=a.dtype, device=a.device)
     with full_float32():
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        for k, (a_k, g_k) in enumerate(blocks):
+            for m, (a_m, g_m) in enumerate(blocks[k:], start=k):
+                term = torch.bmm(a_k, a_m.transpose(1, 2)).mul_(torch.bmm(g_k, g_m.transpose(1, 2))).sum((1, 2))
+                total += term if m == k else 2 * term
+    return total
+
+
+def ghost_clipped_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i g_i^T a_i`` [d_out, d_in] as one matmul over all rows and positions, the layer's ordinary
+    weight-gradient cost: the factors scale the narrower of ``a`` and ``g`` (the fewer values to multiply), and the
+    product reads [B T, d] views of both where their layouts allow (a channels-last Linear's, without a copy).
+
+    Args:
+        a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients; factors: [B] each row's factor.
+    """
+    scale = factors.to(g.dtype)[:, None, None]
+    if a.shape[2] <= g.shape[2]:
+        a = a * scale
+    else:
+        g = g * scale
+    return g.reshape(-1, g.shape[2]).T @ a.reshape(-1, a.shape[2])
 
 
 def patient_ghost_norm_sq(
@@ -361,36 +393,30 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_conv_per_sample(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution, as one grouped
-    convolution *forward* with the batch folded into the groups and the output gradients as kernels.
+    """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution, each sample's as one
+    grouped convolution *forward* with its output gradients as kernels.
 
     ``G[b, o, i, u, v] = sum_{h,w} g[b, o, h, w] a_pad[b, c(o, i), h s + u d, w s + v d]`` is a correlation of the
     padded input with ``g``: stride d (the layer's dilation), dilation s (its stride), cropped to the kernel size.
-    The input channels within a group (C_in/groups) become the folded convolution's batch and (sample, group)
-    pairs its groups. On a depthwise 7x7 conv this was 7-50x faster than the convolution's own weight-gradient
-    kernel run per sample or on the folded batch (CPU, 1 thread, batch 32).
+    Per sample, the input channels within a group (C_in/groups) become the convolution's batch and the output
+    channels its kernels, in the layer's own groups. One sample at a time, ``a`` and ``g`` are read in place (a
+    ConvNeXt's channels-last activations as they are): folding the batch into the groups instead needed two copies
+    of both and was about 2x slower on a depthwise 7x7 conv (CPU, batch 32, glibc's mmap threshold pinned as in
+    `benchmarks/bench_dp_step.py`); both were 7-50x faster than the convolution's own weight-gradient kernel.
     """
     batch, c_in = a.shape[:2]
     groups = conv.groups
-    c_in_group, c_out_group = c_in // groups, conv.out_channels // groups
+    c_in_group = c_in // groups
     kh, kw = conv.kernel_size
-    folded_a = (
-        a.reshape(batch, groups, c_in_group, *a.shape[2:])
-        .transpose(0, 2)
-        .reshape(c_in_group, groups * batch, *a.shape[2:])
-    )  # [C_in/G, G*B, H, W], groups ordered (g, b)
-    if g.shape[2] * g.shape[3] <= 4:  # 2 x 2 kernels: oneDNN's channels-last path was 18x faster (CPU, 1 thread)
-        folded_a = folded_a.contiguous(memory_format=torch.channels_last)
-    folded_g = (
-        g.reshape(batch, groups, c_out_group, *g.shape[2:])
-        .transpose(0, 1)
-        .reshape(groups * batch * c_out_group, 1, *g.shape[2:])
-    )  # kernels ordered (g, b, o)
-    out = F.conv2d(
-        folded_a, folded_g, stride=conv.dilation, padding=conv.padding, dilation=conv.stride, groups=groups * batch
-    )[..., :kh, :kw]  # [C_in/G, (g, b, o), >=kh, >=kw]
-    out = out.reshape(c_in_group, groups, batch, c_out_group, kh, kw)
-    return out.permute(2, 1, 3, 0, 4, 5).reshape(batch, conv.out_channels, c_in_group, kh, kw)
+    out = a.new_empty(batch, conv.out_channels, c_in_group, kh, kw)
+    for b in range(batch):
+        inputs = a[b].reshape(groups, c_in_group, *a.shape[2:]).transpose(0, 1)  # [C_in/G, G, H, W]
+        kernels = g[b].unsqueeze(1)  # [C_out, 1, H_out, W_out], ordered (group, output) as the weight
+        correlation = F.conv2d(
+            inputs, kernels, stride=conv.dilation, padding=conv.padding, dilation=conv.stride, groups=groups
+        )  # [C_in/G, C_out, >=kh, >=kw]
+        out[b] = correlation[..., :kh, :kw].transpose(0, 1)
+    return out
 
 
 class LayerNormRule(LayerRule):
@@ -412,7 +438,7 @@ class LayerNormRule(LayerRule):
         shape = (batch, -1, *module.normalized_shape)
         if "weight" in names:
             xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)  # the forward's own kernel
-            lg.add_instantiated(names["weight"], (g * xhat).reshape(shape).sum(1))
+            lg.add_instantiated(names["weight"], xhat.mul_(g).reshape(shape).sum(1))  # in place: one buffer less
         if "bias" in names:
             lg.add_instantiated(names["bias"], g.reshape(shape).sum(1))
         return lg
