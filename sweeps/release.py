@@ -135,8 +135,11 @@ def write_release(
             f"`dpsweep table {spec.source}` (or run `dpsweep sweep {spec.source}`)"
         )
     tables = load_tables(sweep_dir)
+    from sweeps.proxy import private_phase
+
     guaranteed = has_guarantee(tables.trials)
-    chosen = guaranteed | include_non_private
+    # A proxy sweep's phase 1 trained on public data: its ranking is in proxy.json, its runs are no private result.
+    chosen = (guaranteed | include_non_private) & tables.trials.index.isin(private_phase(tables.trials).index)
     if not chosen.any():
         raise ReleaseError(
             f"sweep {spec.name!r}: none of its {len(tables.trials)} trials has a DP guarantee (non-private or "

@@ -151,6 +151,18 @@ def test_proxy_k1_spends_exactly_the_cells_target_on_the_private_data(proxy_swee
 
 
 @pytest.mark.slow
+def test_a_proxy_sweeps_release_holds_phase_two_alone_at_its_target(proxy_sweep, tmp_path):
+    from sweeps.release import write_release
+
+    spec, paths, trials = proxy_sweep
+    release = write_release(spec, paths, tmp_path / "release")
+    assert release.trials == list(trials.loc[trials[PHASE_PARAM] == "private", "trial"])
+    assert set(release.epsilon) == {"synthetic-a"} and release.epsilon["synthetic-a"] <= 2 + 1e-9
+    published = pd.read_parquet(tmp_path / "release" / "tables" / N.TRIALS_FILE)
+    assert set(published["trial"]) == set(release.trials)
+
+
+@pytest.mark.slow
 def test_phase_one_is_tagged_proxy_in_mlflow_and_kept_out_of_the_reports_epsilon_tables(proxy_sweep):
     import mlflow.tracking
 
