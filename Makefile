@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 LINT_PATHS := trainables sweeps analysis tests benchmarks
 PORT ?= 5000
 
-.PHONY: help setup sweep test test-fast prepare report bench bench-search ui lint clean
+.PHONY: help setup sweep test test-all test-fast prepare report bench bench-search ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,7 +26,10 @@ setup: $(STAMP)  ## create .venv and install dpsweep with its dev tools
 sweep: $(STAMP)  ## run (or resume) the sweep in SPEC (default: the embedded synthetic smoke sweep)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dpsweep sweep $(SPEC)
 
-test: $(STAMP)  ## run all tests (fast and slow tiers); prints the 25 slowest
+test: $(STAMP)  ## run the tests (fast and slow tiers, not the heavy one); prints the 25 slowest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not heavy" --durations=25 $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## run every test, the heavy tier too (Ray cluster, killed workers, ...; about 6 minutes more)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## run the fast tier only

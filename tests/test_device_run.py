@@ -28,6 +28,7 @@ def test_without_cuda_it_exits_2_with_a_message():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_the_cpu_path_writes_what_the_dry_run_reads(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import device_run

@@ -498,6 +498,7 @@ def test_adaptive_bound_errors():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_optuna_smoke_scale_gap():
     # sweeps/optuna-smoke.yaml: targets 2 and 8, 3 trials each, sigma 0.4-4, B 16-128, epochs 1-3, N = 1777.
     cells = [(AdmissibleSet(N_SMOKE, target, DELTA, (0.4, 4.0), (16, 128), (1, 3)), 3) for target in (2.0, 8.0)]

@@ -40,7 +40,7 @@ from trainables import names as M
 from trainables.names import TRIALS_FILE
 from trainables.trial import NODE_ID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # `make test-all`
 
 RAY = Path(sys.executable).with_name("ray")
 OBJECT_STORE_BYTES = 200 * 1024**2  # per node; Ray's default (30% of RAM per node) is far more than needed

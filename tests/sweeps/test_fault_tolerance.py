@@ -426,6 +426,7 @@ def interrupted(tmp_path_factory) -> Interrupted:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_killed_worker_trial_is_restarted_from_its_checkpoint_in_the_same_driver_run(interrupted):
     run = interrupted
     key = run.worker_killed_key
@@ -443,6 +444,7 @@ def test_killed_worker_trial_is_restarted_from_its_checkpoint_in_the_same_driver
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_table_after_a_driver_kill_marks_the_finished_trial_terminated_and_the_other_incomplete(interrupted):
     run = interrupted
     assert run.driver_kill_returncode == -signal.SIGKILL
@@ -453,6 +455,7 @@ def test_table_after_a_driver_kill_marks_the_finished_trial_terminated_and_the_o
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_a_second_sweep_of_a_running_sweep_exits_2_naming_the_first_ones_pid(interrupted):
     run = interrupted
     assert run.second_returncode == 2, run.second_output[-3000:]
@@ -462,6 +465,7 @@ def test_a_second_sweep_of_a_running_sweep_exits_2_naming_the_first_ones_pid(int
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_the_killed_drivers_lock_is_taken_over_and_ctrl_c_releases_the_lock(interrupted):
     run = interrupted
     stale = f"taking over the stale lock of a command no longer running (pid {run.first_driver_pid} on host"
@@ -471,6 +475,7 @@ def test_the_killed_drivers_lock_is_taken_over_and_ctrl_c_releases_the_lock(inte
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_killed_driver_resumes_without_training_the_finished_trial_again(interrupted):
     run = interrupted
     assert f"resuming sweep {NAME!r}" in run.ctrl_c_output
@@ -490,6 +495,7 @@ def test_killed_driver_resumes_without_training_the_finished_trial_again(interru
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_ctrl_c_stops_the_sweep_cleanly_and_running_it_again_finishes_it(interrupted):
     run = interrupted
     assert run.ctrl_c_returncode == 1, run.ctrl_c_output[-3000:]  # `dpsweep sweep`: 1 = not every trial finished
@@ -503,6 +509,7 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_running_it_again_finishes_it(interru
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_an_interrupted_trial_keeps_its_secrets_until_its_sweep_completes(interrupted):
     """The sweep that Ctrl-C ended incomplete left the interrupted trial's checkpoint resumable (run 3 resumed it
     exactly); once the sweep is complete, no checkpoint keeps generator states (`sweeps.scrub`). This sweep's noise is
@@ -520,6 +527,7 @@ def test_an_interrupted_trial_keeps_its_secrets_until_its_sweep_completes(interr
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_every_trial_ran_each_epoch_once_and_ends_at_its_planned_ledger(interrupted):
     trials, spec = interrupted.trials, interrupted.sweep.spec
     assert sorted(trials.index) == sorted(f"random-eps{e:g}-clip1-lr0.002-seed0" for e in spec.axes.target_epsilon)
@@ -544,6 +552,7 @@ def test_every_trial_ran_each_epoch_once_and_ends_at_its_planned_ledger(interrup
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_mlflow_has_one_parent_and_one_child_per_trial_with_one_point_per_step(interrupted):
     client = MlflowClient(f"sqlite:///{interrupted.sweep.runs / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(NAME)
@@ -565,6 +574,7 @@ def test_mlflow_has_one_parent_and_one_child_per_trial_with_one_point_per_step(i
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # Opacus on a frozen input
 def test_interrupted_trials_end_exactly_like_uninterrupted_ones(interrupted):
     # Each trial was interrupted (worker kill; driver kill and Ctrl-C): train it again here, without a stop.
@@ -577,6 +587,7 @@ def test_interrupted_trials_end_exactly_like_uninterrupted_ones(interrupted):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`
 def test_no_ray_process_outlives_a_dpsweep_command(interrupted):
     assert not interrupted.left_after_ctrl_c and not interrupted.left_after_end
 
