@@ -311,18 +311,12 @@ def _shared_copy(table: Path, folder: Path) -> Path:
     return copy
 
 
-class ProgressCallback(tune.Callback):
-    """One short aligned line per trial epoch and per finished trial, and after each finished trial the sweep's
-    status (done / running / pending, elapsed, ETA), instead of Ray's wide status tables.
+class _ConsoleCallback(tune.Callback):
+    """A console callback's clock and printer: ``log`` (default: print, flushed) is dropped when Ray pickles the
+    callback with the experiment state and restored as print; ``_start`` (the clock of "elapsed") restarts when Tune
+    starts the run or resumes it."""
 
-    Args:
-        n_trials: trials the sweep will run (for "k of N" and the ETA).
-        key_width: width the trial keys are padded to (the longest key).
-        log: where lines go (default: print, flushed).
-    """
-
-    def __init__(self, n_trials: int = 0, key_width: int = 0, log: Callable[[str], object] | None = None):
-        self.n_trials, self.key_width = n_trials, key_width
+    def __init__(self, log: Callable[[str], object] | None = None):
         self.log: Callable[[str], object] = log or functools.partial(print, flush=True)
         self._start: float | None = None
 
@@ -340,8 +334,22 @@ class ProgressCallback(tune.Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
-        # Tune calls it when the run (or a resumed run) starts: the clock of "elapsed"
         self._start = time.monotonic()
+
+
+class ProgressCallback(_ConsoleCallback):
+    """One short aligned line per trial epoch and per finished trial, and after each finished trial the sweep's
+    status (done / running / pending, elapsed, ETA), instead of Ray's wide status tables.
+
+    Args:
+        n_trials: trials the sweep will run (for "k of N" and the ETA).
+        key_width: width the trial keys are padded to (the longest key).
+        log: where lines go (default: print, flushed).
+    """
+
+    def __init__(self, n_trials: int = 0, key_width: int = 0, log: Callable[[str], object] | None = None):
+        super().__init__(log)
+        self.n_trials, self.key_width = n_trials, key_width
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._start = self._start or time.monotonic()
@@ -384,7 +392,7 @@ class ProgressCallback(tune.Callback):
         )
 
 
-class CellProgressCallback(tune.Callback):
+class CellProgressCallback(_ConsoleCallback):
     """Console progress of a private selection (`sweeps.selection`): one line when all of a cell's candidates have
     ended, with the count of cells done; never a trial's key, epoch, result or count (each would reveal the secret
     number of candidates).
@@ -396,26 +404,9 @@ class CellProgressCallback(tune.Callback):
     """
 
     def __init__(self, cell_of: dict[str, str], cells: list[str], log: Callable[[str], object] | None = None):
+        super().__init__(log)
         self.cell_of, self.cells = cell_of, cells
-        self.log: Callable[[str], object] = log or functools.partial(print, flush=True)
-        self._start: float | None = None
         self._announced: set[str] = set()
-
-    def __getstate__(self) -> dict[str, Any]:  # Ray pickles callbacks with the experiment state
-        return {**self.__dict__, "log": None, "_start": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.log = functools.partial(print, flush=True)
-
-    def setup(
-        self,
-        stop: Stopper | None = None,
-        num_samples: int | None = None,
-        total_num_samples: int | None = None,
-        **info: Any,
-    ) -> None:
-        self._start = time.monotonic()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._cells_ended(trials, trial)

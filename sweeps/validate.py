@@ -409,6 +409,21 @@ GPU_SHARE_STEP = 1e-4
 """Ray counts resource shares (CPUs and GPUs) in steps of 0.0001 (`ray_constants.MIN_RESOURCE_GRANULARITY`)."""
 
 
+def _require_one_seed(spec: SweepSpec, why: str) -> None:
+    """A search that runs each cell (or study) once: ``why`` says so and gives the fix."""
+    _require(len(spec.axes.seed) == 1, spec, f"training.seed = {list(spec.axes.seed)}: {why}")
+
+
+def _require_whole_split(spec: SweepSpec, why: str) -> None:
+    """A search that trains on the whole training split (no data-scale axis): ``why`` says so."""
+    _require(
+        spec.axes.train_fraction == (1.0,),
+        spec,
+        f"data.train_fraction = {list(spec.axes.train_fraction)}: {why}; remove data.train_fraction, or use "
+        "search: grid to sweep the data scale",
+    )
+
+
 def _require_ray_share(spec: SweepSpec, where: str, amount: float) -> None:
     """Ray counts resources in steps of `GPU_SHARE_STEP` and rounds anything finer."""
     shares = amount / GPU_SHARE_STEP
@@ -577,17 +592,8 @@ def _validate_selection(spec: SweepSpec) -> None:
             "(a non-private baseline has no epsilon to calibrate against the selection); remove it and run "
             "baselines in a grid sweep",
         )
-    _require(
-        len(spec.axes.seed) == 1,
-        spec,
-        f"training.seed = {list(spec.axes.seed)}: search: private_selection uses one seed per cell; give one",
-    )
-    _require(
-        spec.axes.train_fraction == (1.0,),
-        spec,
-        f"data.train_fraction = {list(spec.axes.train_fraction)}: search: private_selection selects on the whole "
-        "training split; remove data.train_fraction, or use search: grid to sweep the data scale",
-    )
+    _require_one_seed(spec, "search: private_selection uses one seed per cell; give one")
+    _require_whole_split(spec, "search: private_selection selects on the whole training split")
     _require(
         not spec.privacy.reproducible_noise,
         spec,
@@ -630,11 +636,8 @@ def _validate_proxy(spec: SweepSpec) -> None:
         "its target; k > 1 runs a private selection among the top k (K from the `selection:` section)",
     )
     if proxy.top_k > 1:
-        _require(
-            len(spec.axes.seed) == 1,
-            spec,
-            f"training.seed = {list(spec.axes.seed)}: proxy.top_k > 1 runs a private selection with one seed per "
-            "cell; give one seed, or use top_k: 1",
+        _require_one_seed(
+            spec, "proxy.top_k > 1 runs a private selection with one seed per cell; give one seed, or use top_k: 1"
         )
         _validate_trial_count(spec)
     else:
@@ -669,12 +672,7 @@ def _validate_proxy(spec: SweepSpec) -> None:
         f"privacy.privacy_unit = {list(spec.axes.privacy_unit)}: search: proxy simulates image-level runs on the "
         "public dataset; use privacy_unit: image, or search: grid",
     )
-    _require(
-        spec.axes.train_fraction == (1.0,),
-        spec,
-        f"data.train_fraction = {list(spec.axes.train_fraction)}: search: proxy plans each cell on the whole training "
-        "split; remove data.train_fraction, or use search: grid to sweep the data scale",
-    )
+    _require_whole_split(spec, "search: proxy plans each cell on the whole training split")
 
 
 def _validate_trial_count(spec: SweepSpec) -> None:
@@ -732,17 +730,8 @@ def _validate_search(spec: SweepSpec) -> None:
             f"optuna.objectives = {list(o.objectives)}: give one or more distinct objectives from "
             f"{typing.get_args(Objective)}",
         )
-        _require(
-            len(spec.axes.seed) == 1,
-            spec,
-            f"training.seed = {list(spec.axes.seed)}: search: optuna uses one seed per study; give one",
-        )
-        _require(
-            spec.axes.train_fraction == (1.0,),
-            spec,
-            f"data.train_fraction = {list(spec.axes.train_fraction)}: search: optuna trains on the whole training "
-            "split; remove data.train_fraction, or use search: grid to sweep the data scale",
-        )
+        _require_one_seed(spec, "search: optuna uses one seed per study; give one")
+        _require_whole_split(spec, "search: optuna trains on the whole training split")
         for name in OptunaSpec.RANGES:
             bounds = getattr(o, name)
             _require(
