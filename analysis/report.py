@@ -19,7 +19,6 @@ import re
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,9 +32,11 @@ from analysis.tables import (
     GUARANTEE_TEXT,
     SweepTables,
     TableError,
-    evaluation_of_trials,
+    image_unit_only,
+    largest_train_fraction,
     load_tables,
     without_guarantee,
+    without_proxy_phase,
 )
 from trainables import names
 
@@ -126,7 +127,7 @@ def render_report(
             if stale.is_file() and stale.suffix in suffixes:
                 stale.unlink()
     page = _Page(out_dir)
-    tables, proxy = _without_proxy_phase(tables)
+    tables, proxy = without_proxy_phase(tables)
     _summary(page, tables)
     _proxy_phase(page, tables.sweep_dir / PROXY_FILE, proxy)
     tables = _study_unit(page, tables)
@@ -248,23 +249,6 @@ PROXY_FILE = "proxy.json"
 """``runs/<sweep>/proxy.json`` of a ``search: proxy`` sweep (`sweeps.proxy.PROXY_FILE`)."""
 
 
-def _without_proxy_phase(tables: SweepTables) -> tuple[SweepTables, int]:
-    """The tables of the trials that trained on private data, and how many proxy trials were left out: a ``search:
-    proxy`` sweep's phase 1 (``phase = proxy``, public data, no epsilon) is never in an epsilon bin, the Pareto front or
-    the headline tables."""
-    trials = tables.trials
-    if "phase" not in trials:
-        return tables, 0
-    proxy = trials["phase"].astype(str) == "proxy"
-    kept = trials[~proxy].reset_index(drop=True)
-    keys = set(kept["trial"])
-    epochs = tables.epochs
-    if "trial" in epochs:
-        epochs = epochs[epochs["trial"].isin(keys)].reset_index(drop=True)
-    evaluation = None if tables.evaluation is None else evaluation_of_trials(tables.evaluation, keys)
-    return replace(tables, trials=kept, epochs=epochs, evaluation=evaluation), int(proxy.sum())
-
-
 def _proxy_phase(page: _Page, path: Path, n_proxy: int) -> None:
     """A proxy sweep's phase 1 (``proxy.json``): each candidate's proxy validation AUROC on the public dataset, its rank
     in its cell and whether phase 2 trained it on the private data. Nothing where the sweep is not one."""
@@ -381,16 +365,13 @@ def _summary(page: _Page, tables: SweepTables) -> None:
 def _study_unit(page: _Page, tables: SweepTables) -> SweepTables:
     """A sweep with both units: the study's sections below keep the image-level trials (epsilons of different units
     never share a bin); the units view above compares the two."""
-    trials = tables.trials
-    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
-        return tables
-    image = trials[trials["privacy_unit"] == "image"]
-    page.note(
-        f"The sections below are the study's views of the {len(image)} image-level trials only (image "
-        "epsilon); the patient-level trials appear in the comparison above."
-    )
-    epochs = tables.epochs[tables.epochs["trial"].isin(image["trial"])] if "trial" in tables.epochs else tables.epochs
-    return replace(tables, trials=image.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
+    image, patient_trials = image_unit_only(tables)
+    if patient_trials:
+        page.note(
+            f"The sections below are the study's views of the {len(image.trials)} image-level trials only (image "
+            "epsilon); the patient-level trials appear in the comparison above."
+        )
+    return image
 
 
 SCALE_FIGURE = "auroc_vs_n_train"
@@ -424,17 +405,13 @@ def _data_scale(page: _Page, tables: SweepTables) -> None:
 def _study_fraction(page: _Page, tables: SweepTables) -> SweepTables:
     """A data-scale sweep: the study's sections below keep the trials on the largest training fraction (fractions
     would otherwise compete in one cell); the data-scale section above compares them."""
-    trials = views.with_train_fraction(tables.trials)
-    if trials[views.TRAIN_FRACTION].nunique() < 2:
-        return tables
-    largest = trials[views.TRAIN_FRACTION].max()
-    kept = tables.trials[trials[views.TRAIN_FRACTION] == largest]
-    page.note(
-        f"The sections below are the study's views of the {len(kept)} trials on training fraction {largest:g}; "
-        "the other fractions appear in the data-scale section above."
-    )
-    epochs = tables.epochs[tables.epochs["trial"].isin(kept["trial"])] if "trial" in tables.epochs else tables.epochs
-    return replace(tables, trials=kept.reset_index(drop=True), epochs=epochs.reset_index(drop=True))
+    kept, largest = largest_train_fraction(tables)
+    if largest is not None:
+        page.note(
+            f"The sections below are the study's views of the {len(kept.trials)} trials on training fraction "
+            f"{largest:g}; the other fractions appear in the data-scale section above."
+        )
+    return kept
 
 
 def _units(page: _Page, trials: pd.DataFrame) -> None:

@@ -19,7 +19,7 @@ per-epoch metrics (``epoch``, ``privacy/epsilon``, ``val/auroc_macro``, ...).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,49 @@ def load_tables(sweep_dir: str | Path, ray_experiment_dir: str | Path | None = N
             f"folder {default_ray_dir} exists, so views that need per-replicate AUROCs are left out"
         )
     return SweepTables(sweep_dir, trials, epochs, evaluation, note)
+
+
+def restricted(tables: SweepTables, keep: pd.Series) -> SweepTables:
+    """The tables of the trials where ``keep`` (one bool per row of ``tables.trials``) holds: their trial, epoch and
+    evaluation rows."""
+    trials = tables.trials[keep.to_numpy(bool)].reset_index(drop=True)
+    keys = set(trials["trial"])
+    epochs = tables.epochs
+    if "trial" in epochs:
+        epochs = epochs[epochs["trial"].isin(keys)].reset_index(drop=True)
+    evaluation = None if tables.evaluation is None else evaluation_of_trials(tables.evaluation, keys)
+    return replace(tables, trials=trials, epochs=epochs, evaluation=evaluation)
+
+
+def without_proxy_phase(tables: SweepTables) -> tuple[SweepTables, int]:
+    """The tables of the trials that trained on private data, and how many proxy trials were left out: a ``search:
+    proxy`` sweep's phase 1 (``phase = proxy``, public data, no epsilon) is never in an epsilon bin, the Pareto front or
+    the headline tables."""
+    if "phase" not in tables.trials:
+        return tables, 0
+    proxy = tables.trials["phase"].astype(str) == "proxy"
+    return restricted(tables, ~proxy), int(proxy.sum())
+
+
+def image_unit_only(tables: SweepTables) -> tuple[SweepTables, int]:
+    """A sweep with both privacy units: its image-level trials (epsilons of different units never share a bin), and
+    how many patient-level trials were left out; any other sweep unchanged (0)."""
+    trials = tables.trials
+    if "privacy_unit" not in trials or trials["privacy_unit"].nunique() < 2:
+        return tables, 0
+    image = trials["privacy_unit"] == "image"
+    return restricted(tables, image), int((~image).sum())
+
+
+def largest_train_fraction(tables: SweepTables) -> tuple[SweepTables, float | None]:
+    """A data-scale sweep (several ``data.train_fraction``): its trials on the largest fraction (fractions would
+    otherwise compete in one cell) and that fraction; any other sweep unchanged (None)."""
+    given = tables.trials.get("train_fraction", pd.Series(1.0, index=tables.trials.index))
+    fraction = pd.to_numeric(given, errors="coerce").fillna(1.0)  # MLflow gives params as text; 1 where missing
+    if fraction.nunique() < 2:
+        return tables, None
+    largest = float(fraction.max())
+    return restricted(tables, fraction == largest), largest
 
 
 def evaluation_of_trials(evaluation: EvaluationTables, keys: set[str]) -> EvaluationTables:

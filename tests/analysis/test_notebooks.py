@@ -96,3 +96,26 @@ def test_mlflow_runs_notebook_reads_every_artifact_with_mlflows_client(tmp_path,
     assert f"metrics: {len(logged)} rows from {len(logged)} trial(s)" in text  # every trial's downloaded table
     for table in logged.values():
         assert f"{table['value'].item():g}" in text
+
+
+def test_study_views_notebook_leaves_out_the_proxy_phase_and_plots_the_data_scale(tmp_path, monkeypatch):
+    """As the report does: a proxy sweep's phase-1 trial (public data, no epsilon) appears in no view, and a
+    data-scale sweep gets the AUROC-against-N figure while the study's views keep the largest fraction."""
+    import pandas as pd
+
+    sweep_dir = make_sweep(tmp_path / "runs")
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    trials["phase"] = trials["trial"].map({"random-eps3": "proxy"}).fillna("private")
+    fraction = trials["trial"].map({"random-eps1": 0.5, "random-eps1-lr": 0.25})
+    trials["train_fraction"] = fraction
+    trials["n_train"] = (400 * fraction.fillna(1.0)).astype(int)
+    trials.to_parquet(sweep_dir / "trials.parquet", index=False)
+    monkeypatch.setenv("DPSWEEP_SWEEP_DIR", str(sweep_dir))
+    outputs = execute(NOTEBOOK_DIR / "study_views.ipynb", tmp_path, monkeypatch)
+    text = "\n".join(str(o.get("data", {}).get("text/html", "")) + str(o.get("text", "")) for o in outputs)
+    assert "left out: 1 proxy-phase trials" in text
+    assert "the views below keep the 6 trials on training fraction 1" in text  # 9 - 1 proxy - 2 on subsets
+    assert "random-eps3" not in text  # the proxy trial's key is in no table
+    assert "<td>100</td>" in text and "<td>200</td>" in text  # the data-scale table's N_train of the subsets
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 6  # the report's five figures and the data-scale one
