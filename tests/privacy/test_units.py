@@ -136,3 +136,45 @@ def test_composition_across_units_at_the_patient_level() -> None:
     patient_alone = composed_patient_epsilon([patient_trial], SMOKE_DELTA)
     assert max(alone, patient_alone) < both < alone + patient_alone  # composition: more than each, below basic
     assert composed_patient_epsilon([], SMOKE_DELTA) == 0.0
+
+
+def test_equal_mechanisms_compose_as_one_built_once() -> None:
+    """A grid's trials share a few (sigma, q, k): the composition builds each once and self-composes it. The result
+    is the trial-by-trial composition, built here with dp-accounting directly (one PLD per trial, composed in turn)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    from trainables.privacy.units import (
+        DEFAULT_VALUE_DISCRETIZATION,
+        PatientMechanism,
+        composed_patient_epsilon,
+    )
+
+    a = PatientMechanism(SIGMA_EPS_1, SMOKE_Q, SMOKE_STEPS, 3, 20.0)
+    b = PatientMechanism(1.6328125, 1 / 33, 40, 2)
+    trials = [a, b, a, a, b]
+    expected = None
+    for m in trials:
+        parts = []
+        if m.label_count_noise_multiplier is not None:
+            parts.append(
+                pld.from_gaussian_mechanism(
+                    m.label_count_noise_multiplier / m.k,
+                    pessimistic_estimate=True,
+                    value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION,
+                )
+            )
+        pmf = [math.comb(m.k, j) * m.sample_rate**j * (1 - m.sample_rate) ** (m.k - j) for j in range(m.k + 1)]
+        parts.append(
+            pld.from_mixture_gaussian_mechanism(
+                m.noise_multiplier,
+                [float(j) for j in range(m.k + 1)],
+                pmf,
+                pessimistic_estimate=True,
+                value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION,
+            ).self_compose(m.steps)
+        )
+        for part in parts:
+            expected = part if expected is None else expected.compose(part)
+    assert expected is not None
+    golden = expected.get_epsilon_for_delta(SMOKE_DELTA)
+    assert composed_patient_epsilon(trials, SMOKE_DELTA) == pytest.approx(golden, rel=1e-4)

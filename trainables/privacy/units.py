@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -249,29 +250,39 @@ def composed_patient_pld(
     """
     from dp_accounting.pld import privacy_loss_distribution as pld
 
-    distribution = None
+    # Equal mechanisms are built once and self-composed: the label-count releases by their sigma_c / k, the steps by
+    # (sigma, q, k) with their steps summed (a grid's trials share a few; each mixture PLD takes seconds to build).
+    releases: Counter[float] = Counter()
+    steps: Counter[tuple[float, float, int]] = Counter()
     for m in mechanisms:
         _check(m.noise_multiplier, m.sample_rate, m.steps, delta, m.k)
         if m.label_count_noise_multiplier is not None:
-            counts = pld.from_gaussian_mechanism(
-                float(m.label_count_noise_multiplier) / m.k,
-                pessimistic_estimate=True,
-                value_discretization_interval=value_discretization_interval,
-            )
-            distribution = counts if distribution is None else distribution.compose(counts)
+            releases[float(m.label_count_noise_multiplier) / m.k] += 1
         if m.steps == 0:
             continue
         if m.noise_multiplier == 0:
             raise ValueError("a non-private trial (sigma 0) has no finite privacy loss distribution")
-        shifts, probabilities = _shift_distribution(int(m.k), float(m.sample_rate))
-        one = pld.from_mixture_gaussian_mechanism(
-            float(m.noise_multiplier),
-            shifts,
-            probabilities,
-            pessimistic_estimate=True,
-            value_discretization_interval=value_discretization_interval,
-        ).self_compose(int(m.steps))
-        distribution = one if distribution is None else distribution.compose(one)
+        steps[(float(m.noise_multiplier), float(m.sample_rate), int(m.k))] += int(m.steps)
+    parts = [
+        pld.from_gaussian_mechanism(
+            sigma_c, pessimistic_estimate=True, value_discretization_interval=value_discretization_interval
+        ).self_compose(count)
+        for sigma_c, count in releases.items()
+    ]
+    for (sigma, q, k), count in steps.items():
+        shifts, probabilities = _shift_distribution(k, q)
+        parts.append(
+            pld.from_mixture_gaussian_mechanism(
+                sigma,
+                shifts,
+                probabilities,
+                pessimistic_estimate=True,
+                value_discretization_interval=value_discretization_interval,
+            ).self_compose(count)
+        )
+    distribution = None
+    for part in parts:
+        distribution = part if distribution is None else distribution.compose(part)
     return distribution
 
 
