@@ -2,7 +2,8 @@
 public-proxy search (TAN scaling) with top_k 1 and 3. Not run in CI.
 
 Per cell (init x target epsilon) it reports the tuning-inclusive epsilon (grid: RDP composition of the cell's trials,
-`sweeps.tuning_cost.tuning_cost`; private selection and proxy k > 1: the selection's; proxy k = 1: the one trial's),
+`sweeps.tuning_cost.tuning_cost`; private selection and proxy k > 1: the selection's; proxy k = 1: the one trial's own
+accountant's, as the ledger records it),
 the compute spent (sample-passes: steps x expected batch, summed over every trial that ran, proxy ones included; and
 their training seconds), the best test macro AUROC of what the cell releases (selected by validation), and for the
 proxy Kendall's tau between the proxy's ranking of the grid candidates (validation AUROC on the public set) and the
@@ -10,9 +11,10 @@ private grid's ranking of the same candidates.
 
     python benchmarks/bench_search.py [--quick] [--out PATH] [--work DIR]
 
-The full run: 20,000 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid of 5
-lrs x 2 clips (10 candidates per cell); ``--quick`` a tiny version (600 images, 1 init, 1 target, 2 lrs, 1 epoch)
-to check the script works.
+The full run: about 14,300 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid
+of 5 lrs x 2 clips (10 candidates per cell), the proxy's phase 1 at B_sim = 64; ``--quick`` a tiny version (600
+images, 1 init, 1 target, 2 lrs, 1 epoch) to check the script works. The benchmark reads the sweeps' private storage
+(every candidate of a selection, its count included): a measurement on synthetic data, never a release.
 ``--out`` defaults to benchmarks/results/search-cpu.json (``search-cpu-quick.json`` with ``--quick``).
 """
 
@@ -23,6 +25,7 @@ import copy
 import json
 import math
 import platform
+import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -49,11 +52,11 @@ def base_spec(quick: bool) -> dict[str, Any]:
             "resources": {"cpu": 1},
         }
     return {
-        "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 28_000},  # ~20,000 training images
+        "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 20_000},  # ~14,300 training images
         "model": "test_convnext",
         "inits": ["random", "domain"],
         "pretrain": {"dataset": "synthetic-source", "epochs": 2},
-        "privacy": {"target_epsilon": [2, 8], "max_grad_norm": [0.5, 2.0], "expected_batch_size": 256, "epochs": 3},
+        "privacy": {"target_epsilon": [2, 8], "max_grad_norm": [0.5, 2.0], "expected_batch_size": 256, "epochs": 2},
         "training": {"lr": [0.0003, 0.001, 0.002, 0.005, 0.01]},  # 10 candidates per cell: proxy k=1 trains 1 of 10
         "evaluation": {"n_boot": 50},
         "resources": {"cpu": 1},
@@ -82,7 +85,7 @@ def variants(quick: bool) -> dict[str, dict[str, Any]]:
     proxies = {}
     for k in (1, 3):
         proxy = {**copy.deepcopy(base), "name": f"bench-proxy-k{k}", "search": "proxy"}
-        proxy["proxy"] = {"dataset": "synthetic-source", "batch_size": 16, "top_k": k}
+        proxy["proxy"] = {"dataset": "synthetic-source", "batch_size": 64, "top_k": k}
         if k > 1:
             proxy["selection"] = {"distribution": "logarithmic", "mean_trials": 2 if quick else 4}
         proxies[f"proxy_k{k}"] = proxy
@@ -169,6 +172,8 @@ def summarize(
         rows = private_rows[cell_of(private_rows) == cell]
         if cell in selections:
             epsilon = selections[cell]
+        elif len(rows) == 1:  # one trial (proxy k = 1): its own accountant's epsilon, as the ledger records it
+            epsilon = float(rows[N.EPSILON].iloc[0])
         else:
             cost = tuning_cost(rows)
             epsilon = math.nan if cost is None else float(cost.epsilon)
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"search-cpu{'-quick' if args.quick else ''}.json"
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     grid_table = None
     try:
@@ -209,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "written": datetime.now(UTC).isoformat(),
                 "quick": args.quick,
+                "total_wall_seconds": time.perf_counter() - started,
+                "commit": subprocess.run(
+                    ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+                ).stdout.strip(),
                 "machine": {"platform": platform.platform(), "python": platform.python_version()},
                 "settings": base_spec(args.quick),
                 "results": results,
