@@ -645,14 +645,16 @@ def _size(n_bytes: int) -> str:
 
 
 def _synthetic_to_generate(spec: SweepSpec, paths: SweepPaths) -> list[str]:
-    """The synthetic datasets the real run will generate (those not yet prepared at the sweep's image size)."""
+    """The synthetic datasets the real run will generate (those not yet prepared at the sweep's image size): training,
+    external, pretraining and proxy sets."""
     from trainables import names as N
     from trainables.data.synthetic import SYNTHETIC_DATASETS
 
     pretrain = [spec.pretrain.dataset] if spec.pretrain is not None else []
+    proxy = [spec.proxy.dataset] if spec.proxy is not None else []  # a proxy sweep's phase 1 trains on it
     return [
         name
-        for name in dict.fromkeys((*spec.data.train, *spec.data.external, *pretrain))
+        for name in dict.fromkeys((*spec.data.train, *spec.data.external, *pretrain, *proxy))
         if name in SYNTHETIC_DATASETS and not (_dataset_dir(spec, paths, name) / N.MANIFEST_FILE).exists()
     ]
 

@@ -445,6 +445,21 @@ def test_the_disk_need_counts_weights_checkpoints_and_synthetic_data(tmp_path):
     assert runs.bytes == 2 * 1000 + 1 * 4 * 1000 + 2 * 64 * 1024  # at least one trial runs
 
 
+def test_the_disk_need_counts_the_proxy_dataset_a_proxy_sweep_generates(tmp_path):
+    """A proxy sweep's phase 1 trains on ``proxy.dataset``: generated at the sweep's size and count when missing."""
+    from sweeps.plan import SweepPaths
+    from sweeps.spec import parse_spec
+
+    spec = parse_spec(edited({"search": "proxy", "proxy": {"dataset": "synthetic-source", "batch_size": 4}}))
+    paths = SweepPaths.for_spec(spec, runs=str(tmp_path / "runs"), data=str(tmp_path / "data"))
+    _, *data = sweeps.preflight.disk_need(spec, paths, {"test_convnext": 1000}, concurrent=2)
+    assert [(need.folder.parent.name, need.bytes) for need in data] == [
+        ("synthetic-a", 61440),
+        ("synthetic-b", 61440),
+        ("synthetic-source", 61440),
+    ]
+
+
 GOOD = [
     pytest.param({}, (), {}, id="base"),
     pytest.param({"model": "resnet50", "privacy.target_epsilon": [float("inf")]}, (), {}, id="batchnorm-baseline"),
@@ -525,7 +540,7 @@ def test_a_cluster_too_small_for_one_trial_is_refused_by_the_real_run(tmp_path, 
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(edited({"resources.cpu": 2})))
     before = files_under(tmp_path)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     capsys.readouterr()  # Ray's own start-up lines
     try:
         status = main(["sweep", str(sweep_file), "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data")])
