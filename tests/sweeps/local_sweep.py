@@ -21,7 +21,7 @@ def local_sweep(
     root = tmp_path_factory.mktemp("sweep")
     spec = parse_spec(yaml.safe_load(text), source=source)
     paths = SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data"))
-    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
     try:
         yield spec, paths, run_sweep(spec, paths)
     finally:

@@ -51,7 +51,7 @@ def three_runs(tmp_path_factory):
     other = tiny_spec(name="other", privacy={"target_epsilon": [3], "epochs": 1}, training={"pos_weight": "train"})
     specs = [parse_spec(yaml.safe_load(yaml.safe_dump(raw)), source=f"{raw['name']}.yaml") for raw in (first, other)]
     paths = [SweepPaths.for_spec(spec, runs=str(root / "runs"), data=str(root / "data")) for spec in specs]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tables = [run_sweep(specs[0], paths[0]), run_sweep(specs[1], paths[1])]
         audit = run_audits(specs[0], paths[0], kinds=("white_box",), m=20, log=lambda line: None)

@@ -157,7 +157,7 @@ def served_sweep(tmp_path_factory) -> Iterator[ServedSweep]:
         assert paths.tracking_uri == server.url
         # Ready before Ray starts: Ray binds random ports and once took the one picked for the server.
         server.wait_until_ready()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             trials = run_sweep(spec, paths)
         finally:

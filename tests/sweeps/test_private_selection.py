@@ -159,7 +159,7 @@ def selection_sweep(tmp_path_factory):
     console = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(console):
         patch.setattr(sweeps.selection, "draw_trial_count", lambda count, rng: next(counts))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             trials = run_sweep(spec, paths)
         finally:

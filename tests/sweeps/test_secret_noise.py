@@ -49,7 +49,7 @@ def two_runs(tmp_path_factory):
     runs = {}
     watcher = CheckpointWatcher(root / "runs" / "ray")
     watcher.start()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for name in NAMES:
             spec = parse_spec(yaml.safe_load(tiny_yaml(name=name, data={"synthetic_images": 400})), source=name)
@@ -293,7 +293,7 @@ def ended_early(tmp_path_factory):
 
     watcher.start()
     killer.start()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(scrub, "scrub_checkpoint", read_then_scrub)

@@ -173,7 +173,7 @@ def extended(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("extend")
     base, grown = spec_of(), spec_of(training={"seed": [0, 1]})
     paths = SweepPaths.for_spec(base, runs=str(root / "runs"), data=str(root / "data"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         before = run_sweep(base, paths)
         seen = {"folders": [f.key for f in ray_trial_folders(paths.ray_experiment(base))], "mlflow": mlflow_runs(paths)}
