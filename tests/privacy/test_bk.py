@@ -50,6 +50,32 @@ def test_norms_and_clipped_sums_equal_torch_func_on_every_parameter(name, dtype,
     assert check.n_parameters == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+def test_the_scratch_buffer_is_kept_across_steps_and_changes_no_value():
+    """The layer scales' and ghost layers' temporaries go to one buffer kept by the wrapper (`bk.Scratch`): the
+    same memory at the second step with the same values, and those of fresh tensors up to the order of a sum (the
+    buffer is contiguous where a fresh product may be channels-last): float64, within 1e-12."""
+    model = convnext("convnext_atto", torch.float64)  # ghost layers in its last stages, a layer scale per block
+    wrapped = BookKeepingModule(model)
+    x, y = inputs(4, dtype=torch.float64)
+    first = wrapped.per_sample(LOSS, x, y)
+    first_sums = first.clipped_sums(first.clip_factors(1.0))
+    buffer = wrapped._scratch._buffer
+    assert buffer is not None and any(layer.ghost for layer in first._layers)
+    second = wrapped.per_sample(LOSS, x, y)
+    second_sums = second.clipped_sums(second.clip_factors(1.0))
+    assert wrapped._scratch._buffer is not None and wrapped._scratch._buffer.data_ptr() == buffer.data_ptr()
+    wrapped._scratch = None  # the rules and clipped sums then make fresh tensors
+    fresh = wrapped.per_sample(LOSS, x, y)
+    for layer in fresh._layers:
+        assert layer.scratch is None
+    fresh_sums = fresh.clipped_sums(fresh.clip_factors(1.0))
+    assert torch.equal(first.norms, second.norms)
+    assert ((first.norms - fresh.norms).abs() / fresh.norms).max() < 1e-12
+    for name, value in fresh_sums.items():
+        assert torch.equal(first_sums[name], second_sums[name]), name
+        assert (first_sums[name] - value).norm() <= 1e-12 * value.norm(), name
+
+
 @pytest.mark.slow
 def test_convnext_small_the_paper_model_is_exact_on_every_parameter():
     model = convnext("convnext_small", torch.float64)

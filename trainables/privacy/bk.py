@@ -121,6 +121,34 @@ def prefers_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
     return d_in * d_out > positions * (d_in + d_out)
 
 
+class Scratch:
+    """One buffer, kept across steps, for the short-lived elementwise temporaries of the per-sample work (a layer
+    scale's ``a * g``, a ghost layer's factor-scaled rows): each is reduced or multiplied away before the next is
+    taken, so one buffer of the largest serves them all. Large fresh tensors are mapped and zeroed page by page at
+    every step (glibc serves allocations above its mmap threshold, at most 32 MiB, with fresh pages); a ConvNeXt's
+    first stage at 224 px has 38 MiB temporaries at batch 32, and the persistent buffer pays those faults once."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` with ``like``'s dtype and device, uninitialized; valid until the next
+        `take`."""
+        n = math.prod(shape)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < n or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffer = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buffer[:n].view(shape)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
+    """``a * b`` (broadcast), into ``scratch`` when given."""
+    if scratch is None:
+        return a * b
+    shape = torch.broadcast_shapes(a.shape, b.shape)  # type: ignore[no-untyped-call]  # unannotated in torch
+    return torch.mul(a, b, out=scratch.take(shape, like=a))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Patients: which rows of a chunk are one record.
 
@@ -184,12 +212,14 @@ class LayerGrads:
         ghost: parameter name -> (a [B, T, d_in], g [B, T, d_out]) of the images, whose clipped sum is ``(c g)^T a``.
         ghost_records: for patients, each real image row's patient [n_real]: a ghost layer's rows are scaled by their
             patient's factor. None: the rows are the records.
+        scratch: the buffer of the clipped sums' temporaries (`Scratch`; None: fresh tensors).
     """
 
     norms_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     instantiated: dict[str, torch.Tensor] = field(default_factory=dict)
     ghost: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     ghost_records: torch.Tensor | None = None
+    scratch: Scratch | None = None
 
     def add_instantiated(self, name: str, per_sample: torch.Tensor) -> None:
         self.instantiated[name] = per_sample
@@ -211,13 +241,13 @@ class LayerGrads:
                 flat = per_sample[:n].reshape(n, -1)
                 sums[name] = (factors.to(flat.dtype) @ flat).reshape(shapes[name])
             for name, (a, g) in self.ghost.items():
-                sums[name] = ghost_clipped_sum(a[:m], g[:m], row_factors).reshape(shapes[name])
+                sums[name] = ghost_clipped_sum(a[:m], g[:m], row_factors, self.scratch).reshape(shapes[name])
         return sums
 
     def by_patient(self, patients: PatientRows) -> LayerGrads:
         """This layer with patients as the records: instantiated per-image gradients summed per patient (then
         normed), ghost layers normed by `patient_ghost_norm_sq` and kept per image (`ghost_records`)."""
-        grouped = LayerGrads(ghost_records=patients.of_row)
+        grouped = LayerGrads(ghost_records=patients.of_row, scratch=self.scratch)
         for name, image_norms_sq in self.norms_sq.items():  # the rule's order, in which the float64 total adds up
             if name in self.ghost:
                 a, g = self.ghost[name]
@@ -255,19 +285,22 @@ def ghost_norm_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def ghost_clipped_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def ghost_clipped_sum(
+    a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor, scratch: Scratch | None = None
+) -> torch.Tensor:
     """``sum_i c_i g_i^T a_i`` [d_out, d_in] as one matmul over all rows and positions, the layer's ordinary
     weight-gradient cost: the factors scale the narrower of ``a`` and ``g`` (the fewer values to multiply), and the
     product reads [B T, d] views of both where their layouts allow (a channels-last Linear's, without a copy).
 
     Args:
         a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients; factors: [B] each row's factor.
+        scratch: where the scaled rows go (`Scratch`; None: a fresh tensor).
     """
     scale = factors.to(g.dtype)[:, None, None]
     if a.shape[2] <= g.shape[2]:
-        a = a * scale
+        a = _product(a, scale, scratch)
     else:
-        g = g * scale
+        g = _product(g, scale, scratch)
     return g.reshape(-1, g.shape[2]).T @ a.reshape(-1, a.shape[2])
 
 
@@ -314,7 +347,13 @@ class LayerRule:
         """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
 
     def per_sample(
-        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        names: Mapping[str, str],
+        group_size: int = 1,
+        scratch: Scratch | None = None,
     ) -> LayerGrads:
         """Per-sample gradients (or ghost factors) of ``module``'s trainable direct parameters.
 
@@ -323,6 +362,7 @@ class LayerRule:
             names: direct parameter attribute (``weight``) -> full name in the model, trainable ones only.
             group_size: the most rows that will be summed into one record (the chunk's largest patient; 1 for
                 images): the cost model counts a ghost norm's positions times this (`LayerGrads.by_patient` groups).
+            scratch: the buffer for elementwise temporaries (`Scratch`; None: fresh tensors).
         """
         raise NotImplementedError
 
@@ -331,7 +371,13 @@ class LinearRule(LayerRule):
     """``nn.Linear`` on [B, d], [B, T, d] or channels-last [B, H, W, d] inputs (timm ConvNeXt's Mlp)."""
 
     def per_sample(
-        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        names: Mapping[str, str],
+        group_size: int = 1,
+        scratch: Scratch | None = None,
     ) -> LayerGrads:
         lg = LayerGrads()
         batch = len(a)
@@ -361,7 +407,13 @@ class Conv2dRule(LayerRule):
             )
 
     def per_sample(
-        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        names: Mapping[str, str],
+        group_size: int = 1,
+        scratch: Scratch | None = None,
     ) -> LayerGrads:
         assert isinstance(module, nn.Conv2d)
         lg = LayerGrads()
@@ -428,7 +480,13 @@ class LayerNormRule(LayerRule):
         self.channels_dim = channels_dim  # 1 for LayerNorm2d; None: the trailing normalized_shape dims
 
     def per_sample(
-        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        names: Mapping[str, str],
+        group_size: int = 1,
+        scratch: Scratch | None = None,
     ) -> LayerGrads:
         assert isinstance(module, nn.LayerNorm)
         lg = LayerGrads()
@@ -461,13 +519,19 @@ class ConvNeXtLayerScaleRule(LayerRule):
             )
 
     def per_sample(
-        self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: Mapping[str, str], group_size: int = 1
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        names: Mapping[str, str],
+        group_size: int = 1,
+        scratch: Scratch | None = None,
     ) -> LayerGrads:
         assert isinstance(module, ConvNeXtBlock)
         lg = LayerGrads()
         if "gamma" in names:
             mlp_out = a if module.use_conv_mlp else a.permute(0, 3, 1, 2)
-            lg.add_instantiated(names["gamma"], (mlp_out * g).sum((2, 3)))
+            lg.add_instantiated(names["gamma"], _product(mlp_out, g, scratch).sum((2, 3)))
         return lg
 
 
@@ -556,6 +620,7 @@ class BookKeepingModule(nn.Module):
         self._sites: list[_Site] = []
         self._recording = False
         self._patients: PatientRows | None = None  # while recording a patient-level chunk
+        self._scratch: Scratch | None = Scratch()  # the per-sample temporaries' buffer, kept across steps
         self._handles: list[RemovableHandle] = []
         owners: dict[int, str] = {}
         for path, child in module.named_modules(remove_duplicate=False):
@@ -633,7 +698,9 @@ class BookKeepingModule(nn.Module):
                 upcast(grad.detach()),
                 site.names,
                 group_size=1 if patients is None else max(patients.largest, 1),
+                scratch=self._scratch,
             )
+            grads.scratch = self._scratch
             # grouped here, so that per-image gradients live no longer than this hook
             site.grads = grads if patients is None else grads.by_patient(patients)
             site.activation = None  # kept only through a ghost layer's LayerGrads, if at all
