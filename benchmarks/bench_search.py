@@ -11,7 +11,7 @@ private grid's ranking of the same candidates.
 
     python benchmarks/bench_search.py [--quick] [--out PATH] [--work DIR]
 
-The full run: about 14,300 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid
+The full run: 14,054 training images at 32 px, test_convnext, inits random and domain, targets 2 and 8, a grid
 of 5 lrs x 2 clips (10 candidates per cell), the proxy's phase 1 at B_sim = 64; ``--quick`` a tiny version (600
 images, 1 init, 1 target, 2 lrs, 1 epoch) to check the script works. The benchmark reads the sweeps' private storage
 (every candidate of a selection, its count included): a measurement on synthetic data, never a release.
@@ -52,7 +52,7 @@ def base_spec(quick: bool) -> dict[str, Any]:
             "resources": {"cpu": 1},
         }
     return {
-        "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 20_000},  # ~14,300 training images
+        "data": {"train": "synthetic-a", "image_size": 32, "synthetic_images": 20_000},  # 14,054 training images
         "model": "test_convnext",
         "inits": ["random", "domain"],
         "pretrain": {"dataset": "synthetic-source", "epochs": 2},
