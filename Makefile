@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= sweeps/smoke.yaml
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 LINT_PATHS := trainables sweeps analysis tests benchmarks
 PORT ?= 5000
 
@@ -26,8 +27,8 @@ setup: $(STAMP)  ## create .venv and install dpsweep with its dev tools
 sweep: $(STAMP)  ## run (or resume) the sweep in SPEC (default: the embedded synthetic smoke sweep)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dpsweep sweep $(SPEC)
 
-test: $(STAMP)  ## run the tests (fast and slow tiers, not the heavy one); prints the 25 slowest
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not heavy" --durations=25 $(PYTEST_ARGS)
+test: $(STAMP)  ## run the tests (fast and slow tiers, not the heavy one) in $(TEST_WORKERS) processes; prints the 25 slowest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not heavy" -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-all: $(STAMP)  ## run every test, the heavy tier too (Ray cluster, killed workers, ...; about 6 minutes more)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=25 $(PYTEST_ARGS)
