@@ -302,11 +302,17 @@ def image_unit_only(tables: SweepTables) -> tuple[SweepTables, int]:
     return restricted(tables, image), int((~image).sum())
 
 
+def train_fractions(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's share of the training patients (``data.train_fraction``) as a float: 1 where the column or a value
+    is missing (sweeps before the axis, trials on the whole split); MLflow gives params as text."""
+    given = trials["train_fraction"] if "train_fraction" in trials else pd.Series(float("nan"), index=trials.index)
+    return pd.to_numeric(given, errors="coerce").fillna(1.0).astype(float)
+
+
 def largest_train_fraction(tables: SweepTables) -> tuple[SweepTables, float | None]:
     """A data-scale sweep (several ``data.train_fraction``): its trials on the largest fraction (fractions would
     otherwise compete in one cell) and that fraction; any other sweep unchanged (None)."""
-    given = tables.trials.get("train_fraction", pd.Series(1.0, index=tables.trials.index))
-    fraction = pd.to_numeric(given, errors="coerce").fillna(1.0)  # MLflow gives params as text; 1 where missing
+    fraction = train_fractions(tables.trials)
     if fraction.nunique() < 2:
         return tables, None
     largest = float(fraction.max())

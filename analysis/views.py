@@ -51,7 +51,7 @@ from numpy.typing import ArrayLike
 from scipy.special import stdtrit
 
 from analysis.subgroups import group_gaps, group_metrics  # noqa: F401 (views from stored predictions, re-exported)
-from analysis.tables import FINISHED, without_guarantee
+from analysis.tables import FINISHED, train_fractions, without_guarantee
 from trainables import names
 from trainables.evaluate.bootstrap import paired_p_value
 from trainables.evaluate.fairness import ATTRIBUTES
@@ -548,8 +548,7 @@ def with_train_fraction(trials: pd.DataFrame) -> pd.DataFrame:
     """``trials`` with a float `TRAIN_FRACTION` column: 1 where it is missing (sweeps before the axis, and trials on
     the whole split of sweeps without it) and a numeric `N_TRAIN` (MLflow gives params as text)."""
     trials = trials.copy()
-    fraction = trials[TRAIN_FRACTION] if TRAIN_FRACTION in trials else pd.Series(np.nan, trials.index)
-    trials[TRAIN_FRACTION] = pd.to_numeric(fraction, errors="coerce").fillna(1.0).astype(float)
+    trials[TRAIN_FRACTION] = train_fractions(trials)
     if N_TRAIN in trials:
         trials[N_TRAIN] = pd.to_numeric(trials[N_TRAIN], errors="coerce")
     return trials
