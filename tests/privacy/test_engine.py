@@ -12,6 +12,7 @@ from opacus.optimizers import DPOptimizer
 
 from tests.privacy.models import LOSS, inputs, small_convnext
 from trainables.privacy.engine import (
+    GeneratorDPOptimizer,
     PerSampleGradientError,
     check_per_sample_gradients,
     make_dp_optimizer,
@@ -106,10 +107,50 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch():
 
 
 def test_default_noise_is_opacus_own_from_the_seeded_generator():
-    # Secure mode must not leak into the default path: Opacus' DPOptimizer, our generator, reproducible noise.
+    # Secure mode must not leak into the default path: Opacus' draws from our generator, reproducible noise.
     _, _, optimizer, _ = _dp_setup(1.0, 1.0, 8)
-    assert type(optimizer) is DPOptimizer and not optimizer.secure_mode
+    assert type(optimizer) is GeneratorDPOptimizer and not optimizer.secure_mode
     assert optimizer.generator.initial_seed() == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generator_noise_is_bit_for_bit_opacus_add_noise(dtype):
+    # GeneratorDPOptimizer draws into a reused buffer and adds in place: p.grad, and the generator's state after,
+    # must equal Opacus 1.6's own add_noise exactly, over shapes that take every branch of torch's normal_ fill
+    # (under 16 values, a multiple of 16, a ragged tail), two steps running (the buffer reused), and no noise left
+    # behind in the buffer.
+    shapes = [(3,), (5, 7), (16,), (4, 8, 3, 3), (1000,), (2,)]
+    sigma, clip = 1.3, 0.7
+
+    def noised(optimizer_type):
+        params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+        generator = torch.Generator().manual_seed(11)
+        optimizer = optimizer_type(
+            torch.optim.SGD(params, lr=0.1),
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            expected_batch_size=4,
+            generator=generator,
+        )
+        grads = []
+        for step in range(2):
+            sums = [torch.arange(p.numel(), dtype=dtype).reshape(p.shape) / (step + 3) for p in params]
+            for p, summed in zip(params, sums, strict=True):
+                p.summed_grad = summed
+            optimizer.add_noise()
+            grads.append([p.grad.clone() for p in params])
+            optimizer.zero_grad(set_to_none=True)
+        return grads, generator.get_state(), optimizer
+
+    ours, our_state, optimizer = noised(GeneratorDPOptimizer)
+    opacus, opacus_state, _ = noised(DPOptimizer)
+    for ours_step, opacus_step in zip(ours, opacus, strict=True):
+        for mine, theirs in zip(ours_step, opacus_step, strict=True):
+            assert mine.dtype == dtype and torch.equal(mine, theirs)
+    assert torch.equal(our_state, opacus_state)
+    assert optimizer._noise_buffers and all(not b.any() for b in optimizer._noise_buffers.values())
+    noise = torch.cat([(g - torch.arange(g.numel(), dtype=dtype).reshape(g.shape) / 4).reshape(-1) for g in ours[1]])
+    assert noise.std().item() == pytest.approx(sigma * clip, rel=0.1)  # the draws are noise of std sigma * C
 
 
 def test_poisson_batch_sizes_follow_binomial():
