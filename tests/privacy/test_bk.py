@@ -105,10 +105,15 @@ def test_every_parameter_kind_is_covered_and_checked():
         assert expected in names
 
 
-@pytest.mark.parametrize("choice", ["cost model", "all ghost", "all instantiated", "all ghost, blocks of 5"])
+@pytest.mark.parametrize(
+    "choice",
+    ["cost model", "all ghost", "all instantiated", "all ghost, blocks of 5", "grouped folded", "grouped looped"],
+)
 def test_ghost_and_instantiated_branches_give_the_same_results(monkeypatch, choice):
-    if choice != "cost model":
+    if choice.startswith("all"):
         monkeypatch.setattr(bk, "prefers_ghost_norm", lambda *shape: choice.startswith("all ghost"))
+    if choice.startswith("grouped"):  # the three grouped convs (6 x 6 outputs) with the batch folded, or one by one
+        monkeypatch.setattr(bk, "GROUPED_CONV_FOLD_PIXELS", (0, 10**9) if choice.endswith("folded") else (1, 0))
     if choice.endswith("blocks of 5"):  # 36 and 144 positions in uneven blocks, the off-diagonal ones counted twice
         monkeypatch.setattr(bk, "GHOST_BLOCK_POSITIONS", 5)
     torch.manual_seed(0)

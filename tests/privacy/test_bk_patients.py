@@ -106,7 +106,13 @@ def test_the_cost_model_counts_a_patients_images_as_positions():
 def test_patient_rows_pair_every_two_images_of_a_patient_once():
     rows = PatientRows.of(np.array([7, 7, 7, 2, 5, 5]), torch.device("cpu"))
     assert rows.of_row.tolist() == [0, 0, 0, 1, 2, 2] and (rows.n_patients, rows.largest) == (3, 3)
-    assert sorted(zip(*(p.tolist() for p in rows.pairs), strict=True)) == [(0, 1), (0, 2), (1, 2), (4, 5)]
+    pairs = [
+        (pairs.lo + i, pairs.lo + i + pairs.offset, patient)
+        for pairs in rows.offsets
+        for i, patient in zip(pairs.first.tolist(), pairs.patient.tolist(), strict=True)
+    ]
+    assert sorted(pairs) == [(0, 1, 0), (0, 2, 0), (1, 2, 0), (4, 5, 2)]
+    assert all(pairs.lo + pairs.first.max() < pairs.hi for pairs in rows.offsets)
     assert rows.sum_rows(torch.arange(8.0)).tolist() == [3.0, 3.0, 9.0]  # rows after the real six are ignored
 
 

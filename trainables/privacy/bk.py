@@ -27,8 +27,8 @@ instantiating is also the cheaper in time (the ghost norm would add B T^2 (d_in+
 otherwise the ghost norm adds less than one weight-gradient's work and stores nothing of size d_in d_out. The
 rule therefore bounds both the extra time (one weight gradient per layer at most) and the extra memory (the
 layer's own activations) and never changes results beyond float rounding: both branches compute the same
-norm. Grouped (depthwise) convolutions get exact per-sample weight gradients from one grouped convolution
-forward per sample with its output gradients as kernels (`_grouped_conv_per_sample`).
+norm. Grouped (depthwise) convolutions get exact per-sample weight gradients from grouped convolution forwards
+with the output gradients as kernels, one per sample or one for the batch (`_grouped_conv_per_sample`).
 
 Precision: the per-sample work of steps 2-4 always runs in float32 (or the model's float64) with TF32 off
 (`full_float32`), whatever the model's forward and backward ran in: under ``speed.precision: bf16`` the stored ``a``
@@ -154,6 +154,26 @@ def _product(a: torch.Tensor, b: torch.Tensor, scratch: Scratch | None) -> torch
 
 
 @dataclass(frozen=True)
+class PairsAtOffset:
+    """The pairs of images (i, i + offset) of one patient at one row distance ``offset``: in a patient-contiguous chunk
+    every pair of images of one patient is (i, i + offset) for one offset below its size.
+
+    Attributes:
+        offset: the distance j - i of these pairs' rows.
+        lo, hi: their first rows i lie in ``[lo, hi)`` (`patient_ghost_norm_sq` takes the rows of that span and the
+            span ``offset`` later as views: no gather).
+        first: each pair's i - lo (long, on the chunk's device).
+        patient: each pair's patient (long, on the chunk's device).
+    """
+
+    offset: int
+    lo: int
+    hi: int
+    first: torch.Tensor
+    patient: torch.Tensor
+
+
+@dataclass(frozen=True)
 class PatientRows:
     """The real rows of a patient-level chunk grouped into its records, the patients (`PatientRows.of`).
 
@@ -161,14 +181,14 @@ class PatientRows:
         of_row: [n_real] each real row's patient, 0..n_patients-1 (long, on the chunk's device).
         n_patients: P, the records of the chunk.
         largest: k, the most images of one patient in the chunk (the cost model's factor on positions).
-        pairs: row indices (i, j), i < j, of every pair of images of one patient (on the chunk's device): the
-            cross-image terms of the group ghost norm.
+        offsets: every pair of images of one patient, grouped by their rows' distance 1..k-1 (`PairsAtOffset`):
+            the cross-image terms of the group ghost norm.
     """
 
     of_row: torch.Tensor
     n_patients: int
     largest: int
-    pairs: tuple[torch.Tensor, torch.Tensor]
+    offsets: tuple[PairsAtOffset, ...]
 
     @classmethod
     def of(cls, groups: np.ndarray, device: torch.device) -> PatientRows:
@@ -179,17 +199,16 @@ class PatientRows:
         of_row = np.cumsum(np.r_[True, labels[1:] != labels[:-1]]) - 1 if labels.size else np.zeros(0, np.int64)
         sizes = np.bincount(of_row)
         largest = int(sizes.max()) if sizes.size else 0
-        first, second = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        for offset in range(1, largest):  # patient-contiguous: rows i and i + offset of one patient
-            rows = np.flatnonzero(of_row[:-offset] == of_row[offset:])
-            first.append(rows)
-            second.append(rows + offset)
 
         def on_device(rows: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(rows.astype(np.int64)).to(device, non_blocking=True)
 
-        pairs = (on_device(np.concatenate(first)), on_device(np.concatenate(second)))
-        return cls(on_device(of_row), len(sizes), largest, pairs)
+        offsets = []
+        for offset in range(1, largest):  # the largest patient has a pair at every offset below its size
+            rows = np.flatnonzero(of_row[:-offset] == of_row[offset:])
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            offsets.append(PairsAtOffset(offset, lo, hi, on_device(rows - lo), on_device(of_row[rows])))
+        return cls(on_device(of_row), len(sizes), largest, tuple(offsets))
 
     def sum_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-patient sums [P, ...] of per-row values [>= n_real, ...] (rows after the real ones are ignored)."""
@@ -309,20 +328,24 @@ def patient_ghost_norm_sq(
 ) -> torch.Tensor:
     """Per-patient ``||sum_{i in I_p} g_i^T a_i||_F^2`` [P] without forming any gradient: the images' own ghost norms
     ``image_norms_sq`` [>= n_real] (the terms i = j) plus the cross-image terms ``2 sum_{i < j in I_p} sum_{t,s}
-    (a_{i,t} . a_{j,s})(g_{i,t} . g_{j,s})`` (`PatientRows.pairs`). Not the sum of the image norms, which would
+    (a_{i,t} . a_{j,s})(g_{i,t} . g_{j,s})`` (`PatientRows.offsets`). Not the sum of the image norms, which would
     leave out the cross terms and misjudge (mostly underrate) a patient's norm.
+
+    The pairs at one row distance are taken from two slices of ``a`` and ``g`` spanning their rows (views): the
+    span's other rows are computed and dropped, which cost less than gathering the pairs' rows (the gathers were 84%
+    of this function's time at convnext_atto's stage 3, 64 px, batch 32, patients of 1-3 images, on this CPU).
 
     Args:
         a: [B, T, d_in] layer inputs; g: [B, T, d_out] output gradients (B >= n_real rows).
     """
     total = patients.sum_rows(image_norms_sq)
-    first, second = patients.pairs
-    step = max(len(a), 1)  # at most B pairs at once: the memory of the images' own ghost norms
     with full_float32():
-        for start in range(0, len(first), step):
-            i, j = first[start : start + step], second[start : start + step]
-            cross = (torch.bmm(a[i], a[j].transpose(1, 2)) * torch.bmm(g[i], g[j].transpose(1, 2))).sum((1, 2))
-            total.index_add_(0, patients.of_row[i], 2 * cross)
+        for pairs in patients.offsets:  # rows [lo, hi) against the rows offset later, as views of a and g
+            lo, hi, offset = pairs.lo, pairs.hi, pairs.offset
+            a_i, a_j = a[lo:hi], a[lo + offset : hi + offset]
+            g_i, g_j = g[lo:hi], g[lo + offset : hi + offset]
+            cross = (torch.bmm(a_i, a_j.transpose(1, 2)) * torch.bmm(g_i, g_j.transpose(1, 2))).sum((1, 2))
+            total.index_add_(0, pairs.patient, 2 * cross[pairs.first])
     return total
 
 
@@ -444,29 +467,50 @@ def _unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride).transpose(1, 2)
 
 
+GROUPED_CONV_FOLD_PIXELS = (16, 64)
+"""`_grouped_conv_per_sample` folds the batch into one convolution when its output has this many pixels (bounds
+included); otherwise it loops over the samples."""
+
+
 def _grouped_conv_per_sample(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution, each sample's as one
-    grouped convolution *forward* with its output gradients as kernels.
+    """Per-sample weight gradients [B, C_out, C_in/groups, k_h, k_w] of a grouped convolution, as grouped
+    convolution *forwards* with the output gradients as kernels.
 
     ``G[b, o, i, u, v] = sum_{h,w} g[b, o, h, w] a_pad[b, c(o, i), h s + u d, w s + v d]`` is a correlation of the
     padded input with ``g``: stride d (the layer's dilation), dilation s (its stride), cropped to the kernel size.
-    Per sample, the input channels within a group (C_in/groups) become the convolution's batch and the output
-    channels its kernels, in the layer's own groups. One sample at a time, ``a`` and ``g`` are read in place (a
-    ConvNeXt's channels-last activations as they are): folding the batch into the groups instead needed two copies
-    of both and was about 2x slower on a depthwise 7x7 conv (CPU, batch 32, glibc's mmap threshold pinned as in
-    `benchmarks/bench_dp_step.py`); both were 7-50x faster than the convolution's own weight-gradient kernel.
+    The input channels within a group (C_in/groups) become the convolution's batch and the output channels its
+    kernels. Two ways, the same sums:
+    - one sample at a time, in the layer's own groups, ``a`` and ``g`` read in place (a ConvNeXt's channels-last
+      activations as they are);
+    - the batch folded into the groups (B groups times as many, one call), which copies ``a`` and ``g`` once.
+    On this CPU (2 threads, batch 32, the depthwise 7x7 convs of convnext_atto at 64 px and convnext_tiny at 224 px,
+    glibc's mmap threshold pinned as in `benchmarks/bench_dp_step.py`, the two interleaved) the fold was faster at
+    4 x 4 to 8 x 8 output pixels (1.2-1.6x: there the B calls' own overhead dominates), the loop at 2 x 2 (1.5x) and
+    at 14 x 14 to 56 x 56 (1.3-1.5x), about even at 16 x 16: the fold is taken within `GROUPED_CONV_FOLD_PIXELS`.
+    Both were 7-50x faster than the convolution's own weight-gradient kernel.
     """
     batch, c_in = a.shape[:2]
     groups = conv.groups
     c_in_group = c_in // groups
     kh, kw = conv.kernel_size
+
+    def correlate(inputs: torch.Tensor, kernels: torch.Tensor, groups: int) -> torch.Tensor:
+        padding = (int(conv.padding[0]), int(conv.padding[1]))  # numeric (Conv2dRule.check)
+        return F.conv2d(inputs, kernels, stride=conv.dilation, padding=padding, dilation=conv.stride, groups=groups)
+
+    fewest, most = GROUPED_CONV_FOLD_PIXELS
+    if fewest <= g.shape[2] * g.shape[3] <= most:
+        inputs = a.reshape(batch * groups, c_in_group, *a.shape[2:]).transpose(0, 1)  # [C_in/G, B G, H, W]
+        kernels = g.reshape(batch * conv.out_channels, 1, *g.shape[2:])  # ordered (sample, group, output)
+        correlation = correlate(inputs, kernels, batch * groups)  # [C_in/G, B C_out, >=kh, >=kw]
+        folded = correlation[..., :kh, :kw].reshape(c_in_group, batch, conv.out_channels, kh, kw)
+        per_sample: torch.Tensor = folded.permute(1, 2, 0, 3, 4)
+        return per_sample
     out = a.new_empty(batch, conv.out_channels, c_in_group, kh, kw)
     for b in range(batch):
         inputs = a[b].reshape(groups, c_in_group, *a.shape[2:]).transpose(0, 1)  # [C_in/G, G, H, W]
         kernels = g[b].unsqueeze(1)  # [C_out, 1, H_out, W_out], ordered (group, output) as the weight
-        correlation = F.conv2d(
-            inputs, kernels, stride=conv.dilation, padding=conv.padding, dilation=conv.stride, groups=groups
-        )  # [C_in/G, C_out, >=kh, >=kw]
+        correlation = correlate(inputs, kernels, groups)  # [C_in/G, C_out, >=kh, >=kw]
         out[b] = correlation[..., :kh, :kw].transpose(0, 1)
     return out
 
