@@ -47,8 +47,9 @@ norm; a ghost layer's norm is the **group ghost norm** ``||G_p||^2 = sum_{(i,t),
 a_{j,s})(g_{i,t} . g_{j,s})``, the images' own ghost norms plus the cross-image terms (`patient_ghost_norm_sq`), not
 a sum of image norms. Totals and factors are per patient; the clipped sum of a ghost layer scales each image's rows
 by its patient's factor, ``sum_p c_p G_p = sum_i c_{p(i)} G_i``. The cost model sees a patient of k images as k T
-positions: with k the chunk's largest patient it decides on ``k T`` (the cross terms cost up to (k+1)/2 times the
-image-level ghost norm, while instantiated gradients shrink to one per patient). Padding rows belong to no patient
+positions: with k the chunk's largest patient it decides on ``k T`` (with the cross terms, computed per row distance
+1..k-1 over spans of up to B rows, a ghost norm costs up to k times the image-level one, as a ghost norm over k T
+positions would; instantiated gradients shrink to one per patient). Padding rows belong to no patient
 and contribute nothing. A chunk of one-image patients computes exactly what the image-level path does.
 
 Coverage: every trainable parameter must belong to a module with a rule in `RULES` (matched by exact type,
