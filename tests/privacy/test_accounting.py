@@ -169,6 +169,18 @@ def test_golden_rdp_calibration(golden: Golden):
         assert epsilon_spent(sigma, q, steps, DELTA, accountant="prv") == pytest.approx(golden.prv, rel=1e-6)
 
 
+def test_calibration_with_the_label_count_release_warns_only_about_what_it_returns():
+    # The check that the release alone leaves budget probes one tiny release (the optimal order is the largest by
+    # design): it used to print Opacus' edge-of-grid warning once per cell of sweeps/paper.yaml's dry run. The
+    # calibrated trial's own epsilon (recomputed outside the probes) sits inside the grid and still warns if not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = calibrate_noise_multiplier(3.0, DELTA, 0.0047619, 4200, label_count_noise_multiplier=20.0)
+    assert epsilon_spent(sigma, 0.0047619, 4200, DELTA, label_count_noise_multiplier=20.0) <= 3.0
+    with pytest.warns(UserWarning, match="Optimal order is the largest alpha"):  # the probe's own epsilon
+        epsilon_spent(1.0, 0.0047619, 0, DELTA, label_count_noise_multiplier=20.0)
+
+
 def test_golden_prv_calibration_needs_less_noise_than_rdp():
     sigma = calibrate_noise_multiplier(3.0, DELTA, SMOKE_Q, SMOKE_STEPS, accountant="prv")
     assert sigma == 0.796875

@@ -11,6 +11,7 @@ SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 SMOKE = SWEEPS / "smoke.yaml"
 OPTUNA = SWEEPS / "optuna-smoke.yaml"
 UNITS = SWEEPS / "units-smoke.yaml"
+SELECTION = SWEEPS / "selection-smoke.yaml"
 
 
 def smoke_dict() -> dict:

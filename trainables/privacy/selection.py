@@ -29,7 +29,7 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_internals
 
 from trainables.config import PrivacyConfig
-from trainables.privacy.accounting import MAX_NOISE_MULTIPLIER, epsilon_spent
+from trainables.privacy.accounting import MAX_NOISE_MULTIPLIER, epsilon_spent, probing
 from trainables.privacy.planning import plan_privacy, schedule
 from trainables.privacy.tuning import TrialMechanism, _epsilon, _rdp_curve, tuning_epsilon
 
@@ -142,14 +142,15 @@ def _lowest_reachable(privacy: PrivacyConfig, n_records: int, shapes: Sequence[t
     for batch, epochs in shapes:
         shaped = dataclasses.replace(privacy, expected_batch_size=batch, epochs=epochs)
         q, steps = schedule(shaped, n_records)
-        epsilon = epsilon_spent(
-            MAX_NOISE_MULTIPLIER / 2,
-            q,
-            steps,
-            privacy.delta,
-            privacy.accountant,
-            label_count_noise_multiplier=privacy.label_count_noise_multiplier,
-        )
+        with probing():  # at the noisiest sigma the optimal order is the largest, by design
+            epsilon = epsilon_spent(
+                MAX_NOISE_MULTIPLIER / 2,
+                q,
+                steps,
+                privacy.delta,
+                privacy.accountant,
+                label_count_noise_multiplier=privacy.label_count_noise_multiplier,
+            )
         floor = max(floor, epsilon)
     return max(2 * privacy.calibration_tolerance, 1.01 * floor + privacy.calibration_tolerance)
 
@@ -190,14 +191,17 @@ def plan_selection(
     target, tolerance = privacy.target_epsilon, privacy.calibration_tolerance
 
     def planned(single: float) -> dict[tuple[int, int], PrivacyConfig]:
-        return {
-            (b, e): plan_privacy(
-                dataclasses.replace(privacy, target_epsilon=single, expected_batch_size=b, epochs=e),
-                n_records,
-                cache_path=cache_path,
-            )
-            for b, e in dict.fromkeys(shapes)
-        }
+        # A candidate's single-run epsilon is a search step (from the floor up), never reported: the cell's
+        # reported epsilon is the selection's, dp-accounting's over its own orders (`selection_epsilon`).
+        with probing():
+            return {
+                (b, e): plan_privacy(
+                    dataclasses.replace(privacy, target_epsilon=single, expected_batch_size=b, epochs=e),
+                    n_records,
+                    cache_path=cache_path,
+                )
+                for b, e in dict.fromkeys(shapes)
+            }
 
     def selected(plans: dict[tuple[int, int], PrivacyConfig]) -> float:
         return selection_epsilon([_mechanism(p) for p in plans.values()], privacy.delta, count)
