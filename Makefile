@@ -30,8 +30,8 @@ sweep: $(STAMP)  ## run (or resume) the sweep in SPEC (default: the embedded syn
 test: $(STAMP)  ## run the tests (fast and slow tiers, not the heavy one) in $(TEST_WORKERS) processes; prints the 25 slowest
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not heavy" -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
-test-all: $(STAMP)  ## run every test, the heavy tier too (Ray cluster, killed workers, ...; about 6 minutes more)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+test-all: $(STAMP)  ## run every test, the heavy tier too (Ray cluster, killed workers, ...; about 3 minutes more), in $(TEST_WORKERS) processes
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## run the fast tier only
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
