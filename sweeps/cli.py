@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweeps import quiet  # noqa: F401 (known console noise off before any command imports Ray or dp-accounting)
 from trainables.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: the commands import what they need when they run (--help stays fast)

@@ -28,13 +28,10 @@ QUIET_LOG_MESSAGES = {
         "Generated new authentication token",
     ),
     "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
-    "absl": ("_compute_log_a_frac failed to converge",),
 }
 """Exact log lines silenced (never whole loggers or levels): Ray's notice that a local cluster uses token auth (it
-does, we keep it on), MLflow's one-time table creation, and dp-accounting's notice that its series for the sampled
-Gaussian's RDP at a fractional order (1.1-1.3 in a selection's planning) did not converge: it then returns an infinite
-RDP at that order, which drops the order from the minimum over orders, so the epsilon stays an upper bound (the
-other orders'); dozens of such lines per dry run said nothing a user could act on."""
+does, we keep it on), and MLflow's one-time table creation. (dp-accounting's one known line is silenced by
+`trainables.privacy`, in every process that accounts.)"""
 
 
 class _DropMessages(logging.Filter):

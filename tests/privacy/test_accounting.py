@@ -181,6 +181,31 @@ def test_calibration_with_the_label_count_release_warns_only_about_what_it_retur
         epsilon_spent(1.0, 0.0047619, 0, DELTA, label_count_noise_multiplier=20.0)
 
 
+def test_dp_accountings_non_convergence_line_is_dropped_and_its_order_excluded(caplog):
+    # At q 0.083, sigma 0.79 (a short trial of bench_trial_step) dp-accounting's series for order 1.3 does not
+    # converge: it logs a line and returns inf, which excludes the order (the epsilon stays the other orders' upper
+    # bound). Importing trainables.privacy drops exactly that line, in every process that accounts.
+    import logging
+
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    import trainables.privacy
+
+    absl = logging.getLogger("absl")
+    (notice_filter,) = [f for f in absl.filters if type(f).__name__ == "_DropNotice"]
+    with caplog.at_level(logging.WARNING):
+        assert rdp_privacy_accountant._compute_log_a_frac(0.083333, 0.791504, 1.3) == math.inf
+        absl.warning("another absl line")
+    assert [r.getMessage() for r in caplog.records] == ["another absl line"]
+    absl.removeFilter(notice_filter)
+    try:
+        with caplog.at_level(logging.WARNING):
+            rdp_privacy_accountant._compute_log_a_frac(0.083333, 0.791504, 1.3)
+    finally:
+        absl.addFilter(notice_filter)
+    assert caplog.records[-1].getMessage().startswith(trainables.privacy.DP_ACCOUNTING_NOTICE)
+
+
 def test_golden_prv_calibration_needs_less_noise_than_rdp():
     sigma = calibrate_noise_multiplier(3.0, DELTA, SMOKE_Q, SMOKE_STEPS, accountant="prv")
     assert sigma == 0.796875

@@ -93,7 +93,6 @@ def test_planning_the_shipped_selection_prints_no_accounting_noise(tmp_path, rec
     # warnings (the floor probe and the candidates' calibrations, search steps that are never reported) and ~20 of
     # dp-accounting's "_compute_log_a_frac failed to converge" lines (an order dropped from the minimum, the epsilon
     # still an upper bound); neither is anything a user can act on.
-    import sweeps.cli  # noqa: F401 (installs the known-noise filters, as `dpsweep` does before any command)
     from sweeps.spec import load_spec
     from tests.sweeps.sweep_files import SELECTION as SELECTION_FILE
 
