@@ -232,7 +232,7 @@ def summary_text(trials: pd.DataFrame, sweep_dir: Path, tracking_uri: str, spec:
             )
         )
     if N.EPSILON in trials:
-        private = trials[trials["target_epsilon"].map(math.isfinite)]
+        private = trials[trials["target_epsilon"].map(math.isfinite).astype(bool)]  # a bool mask even with no rows
         over = private[private[N.EPSILON] > private["target_epsilon"]]
         if len(over):
             lines.append(f"WARNING: {len(over)} trials spent more epsilon than their target")

@@ -51,7 +51,7 @@ def test_every_launched_trial_meets_its_target(optuna_sweep):
     spec, _, trials = optuna_sweep
     assert len(trials) == 2 * 3
     assert trials["status"].isin(["TERMINATED", "STOPPED"]).all(), trials[["trial", "status", "error"]]
-    private = trials[trials["target_epsilon"].map(math.isfinite)]
+    private = trials[trials["target_epsilon"].map(math.isfinite).astype(bool)]
     assert len(private) == 3
     for row in private.itertuples():
         planned = epsilon_spent(row.noise_multiplier, row.sample_rate, row.steps, row.delta, "rdp")
@@ -63,7 +63,8 @@ def test_every_launched_trial_meets_its_target(optuna_sweep):
     assert done[M.TEST_AUROC_MACRO].notna().all()  # a final evaluation, not an early-stopped epoch report
     stopped = trials[trials["status"] == "STOPPED"]
     assert stopped[M.TEST_AUROC_MACRO].isna().all()
-    stopped_private = stopped[stopped["target_epsilon"].map(math.isfinite)]
+    # astype(bool): ASHA may stop no trial, and an empty mask of dtype object would select columns, not rows
+    stopped_private = stopped[stopped["target_epsilon"].map(math.isfinite).astype(bool)]
     assert (stopped_private[M.EPSILON] <= stopped_private["target_epsilon"]).all()  # its last epoch's, spent
     assert {t.split("-t")[0] for t in trials["trial"]} == {"random-eps2", "random-epsinf"}
 
