@@ -152,8 +152,8 @@ def test_cost_model_instantiates_early_stages_and_ghosts_late_ones():
 def test_self_check_catches_a_broken_layer_scale_rule(monkeypatch):
     original = bk.ConvNeXtLayerScaleRule.per_sample
 
-    def broken(self, module, a, g, names, **options):  # forgets the 1/2 .. 3/2 scale of one channel
-        grads = original(self, module, a, g, names, **options)
+    def broken(self, module, a, g, call):  # forgets the 1/2 .. 3/2 scale of one channel
+        grads = original(self, module, a, g, call)
         for name, per_sample in grads.instantiated.items():
             per_sample[:, 0] *= 1.01
             grads.norms_sq[name] = per_sample.pow(2).sum(1)

@@ -352,7 +352,7 @@ def patient_ghost_norm_sq(
 
 def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor, group_size: int) -> None:
     """Per-sample weight gradient ``g_i^T a_i`` of a position-shared linear map; a [B, T, d_in], g [B, T, d_out];
-    ``group_size`` images (at most) are summed into one record (`LayerRule.per_sample`)."""
+    ``group_size`` images (at most) are summed into one record (`RuleCall.group_size`)."""
     positions, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     if prefers_ghost_norm(positions * group_size, d_in, d_out):
         lg.add_ghost(name, a, g)
@@ -364,29 +364,34 @@ def _linear_weight(lg: LayerGrads, name: str, a: torch.Tensor, g: torch.Tensor, 
 # Rules: one per supported module type. A rule maps (module, its input a, its output gradient g) to LayerGrads.
 
 
+@dataclass(frozen=True)
+class RuleCall:
+    """What one rule call needs besides the module, its input and its output gradient.
+
+    Attributes:
+        names: direct parameter attribute (``weight``) -> full name in the model, trainable ones only.
+        group_size: the most rows that will be summed into one record (the chunk's largest patient; 1 for images): the
+            cost model counts a ghost norm's positions times this (`LayerGrads.by_patient` groups).
+        scratch: the buffer for elementwise temporaries (`Scratch`; None: fresh tensors).
+    """
+
+    names: Mapping[str, str]
+    group_size: int = 1
+    scratch: Scratch | None = None
+
+
 class LayerRule:
     """How to turn one module's input and output gradient into per-sample norms and clipped sums."""
 
     def check(self, path: str, module: nn.Module) -> None:  # optional override
         """Raise `UnsupportedModuleError` if this instance of the type is configured in an unsupported way."""
 
-    def per_sample(
-        self,
-        module: nn.Module,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        names: Mapping[str, str],
-        group_size: int = 1,
-        scratch: Scratch | None = None,
-    ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, call: RuleCall) -> LayerGrads:
         """Per-sample gradients (or ghost factors) of ``module``'s trainable direct parameters.
 
         Args:
             a: the module's input; g: the gradient of ``sum_i loss_i`` with respect to its output.
-            names: direct parameter attribute (``weight``) -> full name in the model, trainable ones only.
-            group_size: the most rows that will be summed into one record (the chunk's largest patient; 1 for
-                images): the cost model counts a ghost norm's positions times this (`LayerGrads.by_patient` groups).
-            scratch: the buffer for elementwise temporaries (`Scratch`; None: fresh tensors).
+            call: the parameters' names, the records' size and the scratch buffer (`RuleCall`).
         """
         raise NotImplementedError
 
@@ -394,20 +399,13 @@ class LayerRule:
 class LinearRule(LayerRule):
     """``nn.Linear`` on [B, d], [B, T, d] or channels-last [B, H, W, d] inputs (timm ConvNeXt's Mlp)."""
 
-    def per_sample(
-        self,
-        module: nn.Module,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        names: Mapping[str, str],
-        group_size: int = 1,
-        scratch: Scratch | None = None,
-    ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, call: RuleCall) -> LayerGrads:
         lg = LayerGrads()
         batch = len(a)
         a3, g3 = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+        names = call.names
         if "weight" in names:
-            _linear_weight(lg, names["weight"], a3, g3, group_size)
+            _linear_weight(lg, names["weight"], a3, g3, call.group_size)
         if "bias" in names:
             lg.add_instantiated(names["bias"], g3.sum(1))
         return lg
@@ -430,22 +428,14 @@ class Conv2dRule(LayerRule):
                 "is not supported by grad_sample_mode 'bk' (zero padding given as numbers only)"
             )
 
-    def per_sample(
-        self,
-        module: nn.Module,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        names: Mapping[str, str],
-        group_size: int = 1,
-        scratch: Scratch | None = None,
-    ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, call: RuleCall) -> LayerGrads:
         assert isinstance(module, nn.Conv2d)
-        lg = LayerGrads()
+        lg, names = LayerGrads(), call.names
         if "weight" in names:
             if module.groups == 1:
                 patches = _unfold(module, a)  # [B, T, d_in]
                 g3 = g.flatten(2).transpose(1, 2)  # [B, T, C_out]
-                _linear_weight(lg, names["weight"], patches, g3, group_size)
+                _linear_weight(lg, names["weight"], patches, g3, call.group_size)
             else:
                 lg.add_instantiated(names["weight"], _grouped_conv_per_sample(module, a, g))
         if "bias" in names:
@@ -524,17 +514,9 @@ class LayerNormRule(LayerRule):
     def __init__(self, channels_dim: int | None = None) -> None:
         self.channels_dim = channels_dim  # 1 for LayerNorm2d; None: the trailing normalized_shape dims
 
-    def per_sample(
-        self,
-        module: nn.Module,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        names: Mapping[str, str],
-        group_size: int = 1,
-        scratch: Scratch | None = None,
-    ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, call: RuleCall) -> LayerGrads:
         assert isinstance(module, nn.LayerNorm)
-        lg = LayerGrads()
+        lg, names = LayerGrads(), call.names
         batch = len(a)
         if self.channels_dim is not None:  # LayerNorm2d: move channels last, as its forward does
             a, g = a.movedim(self.channels_dim, -1), g.movedim(self.channels_dim, -1)
@@ -563,20 +545,12 @@ class ConvNeXtLayerScaleRule(LayerRule):
                 "drop_path_rate=0 (a deterministic forward per sample)"
             )
 
-    def per_sample(
-        self,
-        module: nn.Module,
-        a: torch.Tensor,
-        g: torch.Tensor,
-        names: Mapping[str, str],
-        group_size: int = 1,
-        scratch: Scratch | None = None,
-    ) -> LayerGrads:
+    def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, call: RuleCall) -> LayerGrads:
         assert isinstance(module, ConvNeXtBlock)
         lg = LayerGrads()
-        if "gamma" in names:
+        if "gamma" in call.names:
             mlp_out = a if module.use_conv_mlp else a.permute(0, 3, 1, 2)
-            lg.add_instantiated(names["gamma"], _product(mlp_out, g, scratch).sum((2, 3)))
+            lg.add_instantiated(call.names["gamma"], _product(mlp_out, g, call.scratch).sum((2, 3)))
         return lg
 
 
@@ -737,14 +711,8 @@ class BookKeepingModule(nn.Module):
             activation, patients = site.activation, self._patients
             assert activation is not None
             # bf16 autocast: the per-sample work runs in float32 on the (exactly) upcast values
-            grads = site.rule.per_sample(
-                site.module,
-                upcast(activation),
-                upcast(grad.detach()),
-                site.names,
-                group_size=1 if patients is None else max(patients.largest, 1),
-                scratch=self._scratch,
-            )
+            call = RuleCall(site.names, 1 if patients is None else max(patients.largest, 1), self._scratch)
+            grads = site.rule.per_sample(site.module, upcast(activation), upcast(grad.detach()), call)
             grads.scratch = self._scratch
             # grouped here, so that per-image gradients live no longer than this hook
             site.grads = grads if patients is None else grads.by_patient(patients)
